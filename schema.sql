@@ -1,0 +1,1168 @@
+-- tokenledger schema.
+--
+-- Applying this file again is a no-op: tables use IF NOT EXISTS, functions
+-- CREATE OR REPLACE, triggers are dropped and re-created. service/db.py holds
+-- an advisory lock while it runs so that replicas starting together do not
+-- interleave. The version row at the bottom must match
+-- service.db.SCHEMA_VERSION; /readyz fails while the database is behind.
+--
+-- Conventions
+--   * Amounts are BIGINT credits. A transaction's entries sum to zero.
+--   * Balance-critical writes are PL/pgSQL functions (tl_op_*) called once per
+--     request: rows are locked in one global order (idempotency key, then
+--     account rows by ascending id, then system-account shard rows by
+--     ascending account id), and nothing leaves the database until commit.
+--   * Errors raised here carry their own SQLSTATE in class TL (TLAxx = 404,
+--     TLBxx = 409, TLCxx = 422, TLDxx = 400); service/errors.py maps them.
+--     MESSAGE is the stable error code, DETAIL the human text, HINT a JSON
+--     object of machine-readable extras.
+
+SET client_min_messages = warning;
+
+-- ---------------------------------------------------------------------------
+-- Tables
+-- ---------------------------------------------------------------------------
+
+CREATE TABLE IF NOT EXISTS schema_version (
+    version    integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS departments (
+    id         text PRIMARY KEY,
+    name       text NOT NULL,
+    parent     text REFERENCES departments (id),
+    created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    updated_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    CONSTRAINT departments_id_format CHECK (id ~ '^[a-z0-9][a-z0-9._-]{0,63}$'),
+    CONSTRAINT departments_name_length CHECK (length(name) BETWEEN 1 AND 200),
+    CONSTRAINT departments_not_own_parent CHECK (parent IS DISTINCT FROM id)
+);
+
+CREATE TABLE IF NOT EXISTS employees (
+    id            text PRIMARY KEY,
+    name          text NOT NULL,
+    email         text NOT NULL,
+    department    text NOT NULL REFERENCES departments (id),
+    status        text NOT NULL DEFAULT 'active',
+    offboarded_at timestamptz,
+    created_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
+    updated_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
+    CONSTRAINT employees_id_format CHECK (id ~ '^[a-z0-9][a-z0-9._-]{0,63}$'),
+    CONSTRAINT employees_name_length CHECK (length(name) BETWEEN 1 AND 200),
+    CONSTRAINT employees_email_format CHECK (email ~ '^[^@\s]+@[^@\s]+$' AND length(email) <= 320),
+    CONSTRAINT employees_status_valid CHECK (status IN ('active', 'offboarded')),
+    CONSTRAINT employees_offboarded_at_set CHECK ((status = 'offboarded') = (offboarded_at IS NOT NULL))
+);
+CREATE INDEX IF NOT EXISTS employees_department_idx ON employees (department);
+
+-- An account is a balance with an address. Wallets (employee:*) and
+-- department budgets (department:*) hold lots and are bounded below by
+-- -overdraft_limit. System accounts are unbounded and, because nearly every
+-- operation touches one of them, keep their balance in shard rows
+-- (account_shards) instead of the account row: see README "System accounts".
+CREATE TABLE IF NOT EXISTS accounts (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    address         text NOT NULL,
+    type            text NOT NULL,
+    ref             text NOT NULL,
+    asset           text NOT NULL DEFAULT 'CREDIT',
+    posted          bigint NOT NULL DEFAULT 0,
+    reserved        bigint NOT NULL DEFAULT 0,
+    version         bigint NOT NULL DEFAULT 0,
+    overdraft_limit bigint NOT NULL DEFAULT 0,
+    shard_count     integer NOT NULL DEFAULT 1,
+    status          text NOT NULL DEFAULT 'open',
+    created_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+    updated_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+    CONSTRAINT accounts_address_key UNIQUE (address),
+    CONSTRAINT accounts_type_valid CHECK (type IN ('employee', 'department', 'system')),
+    CONSTRAINT accounts_address_matches CHECK (address = type || ':' || ref),
+    CONSTRAINT accounts_ref_format CHECK (ref ~ '^[a-z0-9][a-z0-9._-]{0,63}$'),
+    CONSTRAINT accounts_status_valid CHECK (status IN ('open', 'closed')),
+    CONSTRAINT accounts_reserved_nonnegative CHECK (reserved >= 0),
+    CONSTRAINT accounts_overdraft_nonnegative CHECK (overdraft_limit >= 0),
+    -- Invariant 3, as a backstop: the functions check first and answer
+    -- insufficient_credits; this firing means a bug.
+    CONSTRAINT accounts_available_within_limit
+        CHECK (type = 'system' OR posted - reserved >= -overdraft_limit),
+    CONSTRAINT accounts_shards_only_system CHECK (shard_count BETWEEN 1 AND 256 AND (shard_count = 1 OR type = 'system')),
+    CONSTRAINT accounts_sharded_row_unused CHECK (shard_count = 1 OR (posted = 0 AND version = 0))
+);
+
+CREATE TABLE IF NOT EXISTS account_shards (
+    account_id bigint NOT NULL REFERENCES accounts (id),
+    shard      integer NOT NULL,
+    posted     bigint NOT NULL DEFAULT 0,
+    version    bigint NOT NULL DEFAULT 0,
+    updated_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (account_id, shard),
+    CONSTRAINT account_shards_shard_nonnegative CHECK (shard >= 0)
+);
+
+CREATE TABLE IF NOT EXISTS transactions (
+    id         uuid PRIMARY KEY,
+    kind       text NOT NULL,
+    memo       text,
+    metadata   jsonb NOT NULL DEFAULT '{}'::jsonb,
+    details    jsonb NOT NULL DEFAULT '{}'::jsonb,
+    actor      text,
+    request_id text,
+    reverses   uuid REFERENCES transactions (id),
+    created_at timestamptz NOT NULL,
+    CONSTRAINT transactions_kind_valid CHECK (kind IN
+        ('grant', 'debit', 'usage', 'transfer', 'capture', 'expiry', 'void', 'reversal')),
+    -- A transaction is reversed at most once.
+    CONSTRAINT transactions_reverses_key UNIQUE (reverses),
+    CONSTRAINT transactions_reversal_has_target CHECK ((kind = 'reversal') = (reverses IS NOT NULL)),
+    CONSTRAINT transactions_metadata_object CHECK (jsonb_typeof(metadata) = 'object')
+);
+CREATE INDEX IF NOT EXISTS transactions_kind_idx ON transactions (kind, id DESC);
+
+CREATE TABLE IF NOT EXISTS entries (
+    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    transaction_id uuid NOT NULL REFERENCES transactions (id),
+    account_id     bigint NOT NULL REFERENCES accounts (id),
+    shard          integer NOT NULL DEFAULT 0,
+    asset          text NOT NULL,
+    amount         bigint NOT NULL,
+    balance_after  bigint NOT NULL,
+    version        bigint NOT NULL,
+    created_at     timestamptz NOT NULL,
+    CONSTRAINT entries_amount_nonzero CHECK (amount <> 0),
+    CONSTRAINT entries_version_positive CHECK (version > 0),
+    -- Versions of an account (or of one shard of a system account) never repeat.
+    CONSTRAINT entries_account_version_key UNIQUE (account_id, shard, version)
+);
+CREATE INDEX IF NOT EXISTS entries_account_idx ON entries (account_id, id DESC);
+CREATE INDEX IF NOT EXISTS entries_account_time_idx ON entries (account_id, shard, created_at DESC, version DESC);
+CREATE INDEX IF NOT EXISTS entries_transaction_idx ON entries (transaction_id);
+CREATE INDEX IF NOT EXISTS entries_account_transaction_idx ON entries (account_id, transaction_id);
+
+-- A lot is a block of credits in a lot-holding account (wallet or
+-- department). remaining changes only together with a lot_movements row, so
+-- remaining = sum(movements) always (invariant 4, checked by audit).
+CREATE TABLE IF NOT EXISTS lots (
+    id                   uuid PRIMARY KEY,
+    account_id           bigint NOT NULL REFERENCES accounts (id),
+    amount               bigint NOT NULL,
+    remaining            bigint NOT NULL,
+    reserved             bigint NOT NULL DEFAULT 0,
+    priority             integer NOT NULL DEFAULT 100,
+    effective_at         timestamptz NOT NULL,
+    expires_at           timestamptz,
+    grant_transaction_id uuid NOT NULL REFERENCES transactions (id),
+    funded_by            bigint NOT NULL REFERENCES accounts (id),
+    source_lot_id        uuid REFERENCES lots (id),
+    status               text NOT NULL DEFAULT 'active',
+    created_at           timestamptz NOT NULL,
+    CONSTRAINT lots_amount_positive CHECK (amount > 0),
+    CONSTRAINT lots_remaining_within_amount CHECK (remaining BETWEEN 0 AND amount),
+    CONSTRAINT lots_reserved_within_remaining CHECK (reserved BETWEEN 0 AND remaining),
+    CONSTRAINT lots_priority_range CHECK (priority BETWEEN 0 AND 1000),
+    CONSTRAINT lots_expiry_after_start CHECK (expires_at IS NULL OR expires_at > effective_at),
+    CONSTRAINT lots_status_valid CHECK (status IN ('active', 'voided'))
+);
+-- Consumption order (DESIGN.md): priority, expires_at NULLS LAST, effective_at, id.
+CREATE INDEX IF NOT EXISTS lots_consumption_idx ON lots
+    (account_id, priority, expires_at NULLS LAST, effective_at, id)
+    WHERE status = 'active' AND remaining > 0;
+CREATE INDEX IF NOT EXISTS lots_due_idx ON lots (expires_at)
+    WHERE status = 'active' AND remaining > 0 AND expires_at IS NOT NULL;
+
+CREATE TABLE IF NOT EXISTS lot_movements (
+    transaction_id uuid NOT NULL REFERENCES transactions (id),
+    lot_id         uuid NOT NULL REFERENCES lots (id),
+    amount         bigint NOT NULL,
+    PRIMARY KEY (transaction_id, lot_id),
+    CONSTRAINT lot_movements_amount_nonzero CHECK (amount <> 0)
+);
+CREATE INDEX IF NOT EXISTS lot_movements_lot_idx ON lot_movements (lot_id);
+
+-- Idempotency records live in the same database transaction as the effect
+-- (STYLE.md habit 3). status_code 0 never survives a commit: the row is
+-- inserted and completed by tl_execute in one transaction.
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    caller       text NOT NULL,
+    key          text NOT NULL,
+    request_hash bytea NOT NULL,
+    status_code  integer NOT NULL,
+    body         jsonb NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (caller, key),
+    CONSTRAINT idempotency_keys_key_format CHECK (key ~ '^[\x20-\x7e]{1,255}$')
+);
+CREATE INDEX IF NOT EXISTS idempotency_keys_created_idx ON idempotency_keys (created_at);
+
+-- ---------------------------------------------------------------------------
+-- Triggers: the journal is append-only (invariant 7) and balanced (invariant 1)
+-- ---------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION tl_forbid_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION USING
+        ERRCODE = 'TLE01',
+        MESSAGE = 'journal_immutable',
+        DETAIL = format('%s on %s is not allowed: the journal is append-only; correct with a reversal',
+                        TG_OP, TG_TABLE_NAME);
+END $$;
+
+DROP TRIGGER IF EXISTS transactions_immutable ON transactions;
+CREATE TRIGGER transactions_immutable BEFORE UPDATE OR DELETE ON transactions
+    FOR EACH ROW EXECUTE FUNCTION tl_forbid_change();
+DROP TRIGGER IF EXISTS transactions_no_truncate ON transactions;
+CREATE TRIGGER transactions_no_truncate BEFORE TRUNCATE ON transactions
+    FOR EACH STATEMENT EXECUTE FUNCTION tl_forbid_change();
+DROP TRIGGER IF EXISTS entries_immutable ON entries;
+CREATE TRIGGER entries_immutable BEFORE UPDATE OR DELETE ON entries
+    FOR EACH ROW EXECUTE FUNCTION tl_forbid_change();
+DROP TRIGGER IF EXISTS entries_no_truncate ON entries;
+CREATE TRIGGER entries_no_truncate BEFORE TRUNCATE ON entries
+    FOR EACH STATEMENT EXECUTE FUNCTION tl_forbid_change();
+DROP TRIGGER IF EXISTS lot_movements_immutable ON lot_movements;
+CREATE TRIGGER lot_movements_immutable BEFORE UPDATE OR DELETE ON lot_movements
+    FOR EACH ROW EXECUTE FUNCTION tl_forbid_change();
+DROP TRIGGER IF EXISTS lot_movements_no_truncate ON lot_movements;
+CREATE TRIGGER lot_movements_no_truncate BEFORE TRUNCATE ON lot_movements
+    FOR EACH STATEMENT EXECUTE FUNCTION tl_forbid_change();
+
+-- Checked at commit, once per entry row: the entries of the row's
+-- transaction sum to zero per asset and there are at least two.
+CREATE OR REPLACE FUNCTION tl_check_balanced() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_bad text;
+    v_count integer;
+BEGIN
+    SELECT count(*) INTO v_count FROM entries WHERE transaction_id = NEW.transaction_id;
+    SELECT asset INTO v_bad FROM entries WHERE transaction_id = NEW.transaction_id
+        GROUP BY asset HAVING sum(amount) <> 0 LIMIT 1;
+    IF v_bad IS NOT NULL OR v_count < 2 THEN
+        RAISE EXCEPTION USING
+            ERRCODE = 'TLE02',
+            MESSAGE = 'transaction_unbalanced',
+            DETAIL = format('transaction %s: entries do not sum to zero per asset (asset %s, %s entries)',
+                            NEW.transaction_id, coalesce(v_bad, '-'), v_count);
+    END IF;
+    RETURN NULL;
+END $$;
+
+DROP TRIGGER IF EXISTS entries_balanced ON entries;
+CREATE CONSTRAINT TRIGGER entries_balanced AFTER INSERT ON entries
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION tl_check_balanced();
+
+-- ---------------------------------------------------------------------------
+-- Small helpers
+-- ---------------------------------------------------------------------------
+
+-- A time-ordered UUID (version 7 layout) so that ids sort roughly by
+-- creation without any global sequence.
+CREATE OR REPLACE FUNCTION tl_uuid7() RETURNS uuid
+LANGUAGE sql VOLATILE AS $$
+    SELECT encode(
+        set_bit(set_bit(
+            overlay(uuid_send(gen_random_uuid())
+                    PLACING substring(int8send(floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint) FROM 3)
+                    FROM 1 FOR 6),
+            52, 1), 53, 1),
+        'hex')::uuid
+$$;
+
+CREATE OR REPLACE FUNCTION tl_ts(p timestamptz) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT to_char(p AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+$$;
+
+CREATE OR REPLACE FUNCTION tl_public_id(p_prefix text, p uuid) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN p IS NULL THEN NULL ELSE p_prefix || replace(p::text, '-', '') END
+$$;
+
+CREATE OR REPLACE FUNCTION tl_raise(p_state text, p_code text, p_detail text, p_extra jsonb DEFAULT '{}'::jsonb)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION USING ERRCODE = p_state, MESSAGE = p_code, DETAIL = p_detail, HINT = p_extra::text;
+END $$;
+
+-- The operation's clock: the caller's injected time (tests) or the wall
+-- clock read after the row locks are held, so that within one account
+-- created_at never runs backwards against version.
+CREATE OR REPLACE FUNCTION tl_now(p_ctx jsonb) RETURNS timestamptz
+LANGUAGE sql VOLATILE AS $$
+    SELECT coalesce((p_ctx ->> 'now')::timestamptz, clock_timestamp())
+$$;
+
+-- The shard of a system account this backend writes to. Spreading by
+-- backend keeps two concurrent transactions off the same row almost always.
+CREATE OR REPLACE FUNCTION tl_shard(p_shard_count integer) RETURNS integer
+LANGUAGE sql STABLE AS $$
+    SELECT pg_backend_pid() % p_shard_count
+$$;
+
+CREATE OR REPLACE FUNCTION tl_account_id(p_address text) RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT id FROM accounts WHERE address = p_address
+$$;
+
+-- Resolves an address or raises the right not-found code for its type.
+CREATE OR REPLACE FUNCTION tl_require_account(p_address text) RETURNS accounts
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v accounts;
+BEGIN
+    SELECT * INTO v FROM accounts WHERE address = p_address;
+    IF NOT FOUND THEN
+        IF p_address LIKE 'employee:%' THEN
+            PERFORM tl_raise('TLA02', 'employee_not_found', format('no employee %s', substr(p_address, 10)),
+                             jsonb_build_object('employee', substr(p_address, 10)));
+        ELSIF p_address LIKE 'department:%' THEN
+            PERFORM tl_raise('TLA03', 'department_not_found', format('no department %s', substr(p_address, 12)),
+                             jsonb_build_object('department', substr(p_address, 12)));
+        END IF;
+        PERFORM tl_raise('TLA01', 'account_not_found', format('no account %s', p_address),
+                         jsonb_build_object('account', p_address));
+    END IF;
+    RETURN v;
+END $$;
+
+-- Locks the given non-system accounts in ascending id order (the global
+-- lock order) and the given system accounts' shard rows for this backend,
+-- also in ascending account id order, after them.
+CREATE OR REPLACE FUNCTION tl_lock(p_accounts bigint[], p_system text[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM accounts WHERE id = ANY (p_accounts) AND type <> 'system' ORDER BY id FOR UPDATE;
+    PERFORM 1 FROM account_shards s JOIN accounts a ON a.id = s.account_id
+        WHERE a.address = ANY (p_system) AND s.shard = tl_shard(a.shard_count)
+        ORDER BY s.account_id FOR UPDATE OF s;
+END $$;
+
+CREATE OR REPLACE FUNCTION tl_require_open(p accounts) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p.status <> 'open' THEN
+        PERFORM tl_raise('TLB02', 'account_closed', format('account %s is closed', p.address),
+                         jsonb_build_object('account', p.address));
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION tl_new_transaction(
+    p_kind text, p_now timestamptz, p_ctx jsonb,
+    p_memo text DEFAULT NULL, p_metadata jsonb DEFAULT '{}'::jsonb, p_details jsonb DEFAULT '{}'::jsonb,
+    p_reverses uuid DEFAULT NULL)
+RETURNS uuid LANGUAGE plpgsql AS $$
+DECLARE
+    v_id uuid := tl_uuid7();
+BEGIN
+    INSERT INTO transactions (id, kind, memo, metadata, details, actor, request_id, reverses, created_at)
+    VALUES (v_id, p_kind, p_memo, coalesce(nullif(p_metadata, 'null'::jsonb), '{}'::jsonb),
+            coalesce(nullif(p_details, 'null'::jsonb), '{}'::jsonb),
+            p_ctx ->> 'actor', p_ctx ->> 'request_id', p_reverses, p_now);
+    RETURN v_id;
+END $$;
+
+-- Applies one leg to an account's balance and journals it. The caller holds
+-- the row lock (tl_lock). Sharded system accounts post to this backend's shard.
+CREATE OR REPLACE FUNCTION tl_post_entry(p_txn uuid, p_account bigint, p_amount bigint, p_now timestamptz)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_shard_count integer;
+    v_asset text;
+    v_shard integer := 0;
+    v_posted bigint;
+    v_version bigint;
+BEGIN
+    SELECT shard_count, asset INTO v_shard_count, v_asset FROM accounts WHERE id = p_account;
+    IF v_shard_count > 1 THEN
+        v_shard := tl_shard(v_shard_count);
+        UPDATE account_shards SET posted = posted + p_amount, version = version + 1, updated_at = p_now
+            WHERE account_id = p_account AND shard = v_shard
+            RETURNING posted, version INTO v_posted, v_version;
+    ELSE
+        UPDATE accounts SET posted = posted + p_amount, version = version + 1, updated_at = p_now
+            WHERE id = p_account
+            RETURNING posted, version INTO v_posted, v_version;
+    END IF;
+    INSERT INTO entries (transaction_id, account_id, shard, asset, amount, balance_after, version, created_at)
+    VALUES (p_txn, p_account, v_shard, v_asset, p_amount, v_posted, v_version, p_now);
+END $$;
+
+CREATE OR REPLACE FUNCTION tl_move_lot(p_txn uuid, p_lot uuid, p_amount bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE lots SET remaining = remaining + p_amount WHERE id = p_lot;
+    INSERT INTO lot_movements (transaction_id, lot_id, amount) VALUES (p_txn, p_lot, p_amount);
+END $$;
+
+CREATE OR REPLACE FUNCTION tl_new_lot(
+    p_txn uuid, p_account bigint, p_amount bigint, p_priority integer, p_effective_at timestamptz,
+    p_expires_at timestamptz, p_funded_by bigint, p_source_lot uuid, p_now timestamptz)
+RETURNS uuid LANGUAGE plpgsql AS $$
+DECLARE
+    v_id uuid := tl_uuid7();
+BEGIN
+    INSERT INTO lots (id, account_id, amount, remaining, priority, effective_at, expires_at,
+                      grant_transaction_id, funded_by, source_lot_id, created_at)
+    VALUES (v_id, p_account, p_amount, 0, p_priority, p_effective_at, p_expires_at,
+            p_txn, p_funded_by, p_source_lot, p_now);
+    PERFORM tl_move_lot(p_txn, v_id, p_amount);
+    RETURN v_id;
+END $$;
+
+-- Expires the due lots of one locked lot-holding account: their unreserved
+-- remainder moves to system:expired in one `expiry` transaction. Every write
+-- that touches a wallet calls this first (DESIGN.md, Expiry).
+CREATE OR REPLACE FUNCTION tl_expire_due(p_account bigint, p_now timestamptz, p_ctx jsonb)
+RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    v_total bigint;
+    v_txn uuid;
+    v_lot record;
+    v_count integer := 0;
+BEGIN
+    SELECT sum(remaining - reserved) INTO v_total FROM lots
+        WHERE account_id = p_account AND status = 'active' AND remaining > reserved
+          AND expires_at <= p_now;
+    IF v_total IS NULL OR v_total = 0 THEN
+        RETURN 0;
+    END IF;
+    v_txn := tl_new_transaction('expiry', p_now, p_ctx);
+    FOR v_lot IN
+        SELECT id, remaining - reserved AS free FROM lots
+        WHERE account_id = p_account AND status = 'active' AND remaining > reserved AND expires_at <= p_now
+        ORDER BY priority, expires_at NULLS LAST, effective_at, id
+    LOOP
+        PERFORM tl_move_lot(v_txn, v_lot.id, -v_lot.free);
+        v_count := v_count + 1;
+    END LOOP;
+    PERFORM tl_post_entry(v_txn, p_account, -v_total, p_now);
+    PERFORM tl_post_entry(v_txn, tl_account_id('system:expired'), v_total, p_now);
+    RETURN v_total;
+END $$;
+
+-- Spendable credits of a lot-holding account at p_now: live lots' unreserved remainder.
+CREATE OR REPLACE FUNCTION tl_spendable(p_account bigint, p_now timestamptz) RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(sum(remaining - reserved), 0)::bigint FROM lots
+    WHERE account_id = p_account AND status = 'active' AND remaining > reserved
+      AND effective_at <= p_now AND (expires_at IS NULL OR expires_at > p_now)
+$$;
+
+-- Takes p_amount from the live lots of a locked account in consumption order
+-- and returns the pieces taken, so that a transfer can carry their expiry.
+CREATE OR REPLACE FUNCTION tl_consume(p_txn uuid, p_account accounts, p_amount bigint, p_now timestamptz)
+RETURNS TABLE (lot_id uuid, taken bigint, expires_at timestamptz, priority integer, funded_by bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_left bigint := p_amount;
+    v_lot record;
+    v_take bigint;
+    v_available bigint;
+BEGIN
+    v_available := tl_spendable(p_account.id, p_now);
+    IF v_available < p_amount THEN
+        PERFORM tl_raise('TLB01', 'insufficient_credits',
+            format('%s has %s credits available; %s requested', p_account.address, v_available, p_amount),
+            jsonb_build_object('account', p_account.address, 'available', v_available, 'requested', p_amount));
+    END IF;
+    FOR v_lot IN
+        SELECT l.id, l.remaining - l.reserved AS free, l.expires_at, l.priority, l.funded_by FROM lots l
+        WHERE l.account_id = p_account.id AND l.status = 'active' AND l.remaining > l.reserved
+          AND l.effective_at <= p_now AND (l.expires_at IS NULL OR l.expires_at > p_now)
+        ORDER BY l.priority, l.expires_at NULLS LAST, l.effective_at, l.id
+    LOOP
+        v_take := least(v_lot.free, v_left);
+        PERFORM tl_move_lot(p_txn, v_lot.id, -v_take);
+        lot_id := v_lot.id; taken := v_take; expires_at := v_lot.expires_at;
+        priority := v_lot.priority; funded_by := v_lot.funded_by;
+        RETURN NEXT;
+        v_left := v_left - v_take;
+        EXIT WHEN v_left = 0;
+    END LOOP;
+    ASSERT v_left = 0, 'tl_consume: spendable credits changed under a held lock';
+END $$;
+
+-- ---------------------------------------------------------------------------
+-- JSON shapes of the resources (one place, so a replay is byte-identical)
+-- ---------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION tl_transaction_json(p_id uuid) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'id', tl_public_id('txn_', t.id),
+        'kind', t.kind,
+        'entries', coalesce((
+            SELECT jsonb_agg(jsonb_build_object(
+                       'account', a.address, 'amount', e.amount, 'balance_after', e.balance_after,
+                       'version', e.version, 'asset', e.asset) ORDER BY e.id)
+            FROM entries e JOIN accounts a ON a.id = e.account_id
+            WHERE e.transaction_id = t.id), '[]'::jsonb),
+        'lots', coalesce((
+            SELECT jsonb_agg(jsonb_build_object('lot_id', tl_public_id('lot_', m.lot_id), 'amount', m.amount)
+                             ORDER BY m.lot_id)
+            FROM lot_movements m WHERE m.transaction_id = t.id), '[]'::jsonb),
+        'memo', t.memo,
+        'metadata', t.metadata,
+        'details', t.details,
+        'actor', t.actor,
+        'request_id', t.request_id,
+        'reverses', tl_public_id('txn_', t.reverses),
+        'reversed_by', (SELECT tl_public_id('txn_', r.id) FROM transactions r WHERE r.reverses = t.id),
+        'created_at', tl_ts(t.created_at))
+    FROM transactions t WHERE t.id = p_id
+$$;
+
+CREATE OR REPLACE FUNCTION tl_lot_json(p_id uuid) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'id', tl_public_id('lot_', l.id),
+        'account', a.address,
+        'amount', l.amount,
+        'remaining', l.remaining,
+        'reserved', l.reserved,
+        'priority', l.priority,
+        'effective_at', tl_ts(l.effective_at),
+        'expires_at', tl_ts(l.expires_at),
+        'status', l.status,
+        'funded_by', f.address,
+        'grant_transaction_id', tl_public_id('txn_', l.grant_transaction_id))
+    FROM lots l JOIN accounts a ON a.id = l.account_id JOIN accounts f ON f.id = l.funded_by
+    WHERE l.id = p_id
+$$;
+
+-- The balance view at p_now. Lots that expired at or before p_now count as
+-- expired even when no sweeper has written their expiry yet.
+CREATE OR REPLACE FUNCTION tl_account_json(p_id bigint, p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    a accounts;
+    v_posted bigint;
+    v_version bigint;
+    v_updated timestamptz;
+    v_due bigint := 0;
+    v_pending bigint := 0;
+    v_available bigint;
+    v_expiring jsonb := '[]'::jsonb;
+BEGIN
+    SELECT * INTO a FROM accounts WHERE id = p_id;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF a.shard_count > 1 THEN
+        SELECT coalesce(sum(posted), 0), coalesce(sum(version), 0), max(updated_at)
+            INTO v_posted, v_version, v_updated FROM account_shards WHERE account_id = a.id;
+    ELSE
+        v_posted := a.posted; v_version := a.version; v_updated := a.updated_at;
+    END IF;
+    IF a.type <> 'system' THEN
+        SELECT coalesce(sum(remaining - reserved) FILTER (WHERE expires_at <= p_now), 0),
+               coalesce(sum(remaining - reserved) FILTER (WHERE effective_at > p_now
+                                                          AND (expires_at IS NULL OR expires_at > p_now)), 0)
+            INTO v_due, v_pending
+            FROM lots WHERE account_id = a.id AND status = 'active' AND remaining > reserved;
+        SELECT coalesce(jsonb_agg(jsonb_build_object('amount', x.amount, 'expires_at', tl_ts(x.expires_at))
+                                  ORDER BY x.expires_at), '[]'::jsonb)
+            INTO v_expiring
+            FROM (SELECT expires_at, sum(remaining - reserved) AS amount FROM lots
+                  WHERE account_id = a.id AND status = 'active' AND remaining > reserved
+                    AND expires_at > p_now AND expires_at IS NOT NULL
+                  GROUP BY expires_at ORDER BY expires_at LIMIT 50) x;
+    END IF;
+    v_posted := v_posted - v_due;
+    v_available := v_posted - a.reserved - v_pending;
+    RETURN jsonb_build_object(
+        'address', a.address,
+        'type', a.type,
+        'asset', a.asset,
+        'posted', v_posted,
+        'reserved', a.reserved,
+        'pending', v_pending,
+        'available', CASE WHEN a.type = 'system' THEN NULL ELSE v_available END,
+        'overdraft_limit', CASE WHEN a.type = 'system' THEN NULL ELSE a.overdraft_limit END,
+        'status', a.status,
+        'version', v_version,
+        'expiring', v_expiring,
+        'updated_at', tl_ts(v_updated));
+END $$;
+
+-- The posted balance of an account as of an instant: the balance_after of
+-- its last entry at or before it (per shard for system accounts).
+CREATE OR REPLACE FUNCTION tl_balance_at(p_account bigint, p_at timestamptz) RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(sum(x.balance_after), 0)::bigint
+    FROM generate_series(0, (SELECT shard_count - 1 FROM accounts WHERE id = p_account)) s
+    CROSS JOIN LATERAL (
+        SELECT e.balance_after FROM entries e
+        WHERE e.account_id = p_account AND e.shard = s AND e.created_at <= p_at
+        ORDER BY e.created_at DESC, e.version DESC LIMIT 1) x
+$$;
+
+CREATE OR REPLACE FUNCTION tl_department_json(p_id text) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object('id', d.id, 'name', d.name, 'parent', d.parent,
+                              'account', 'department:' || d.id,
+                              'created_at', tl_ts(d.created_at), 'updated_at', tl_ts(d.updated_at))
+    FROM departments d WHERE d.id = p_id
+$$;
+
+CREATE OR REPLACE FUNCTION tl_employee_json(p_id text, p_now timestamptz) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object('id', e.id, 'name', e.name, 'email', e.email, 'department', e.department,
+                              'status', e.status, 'offboarded_at', tl_ts(e.offboarded_at),
+                              'created_at', tl_ts(e.created_at), 'updated_at', tl_ts(e.updated_at),
+                              'wallet', tl_account_json(tl_account_id('employee:' || e.id), p_now))
+    FROM employees e WHERE e.id = p_id
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Directory
+-- ---------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION tl_op_put_department(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_id text := p_args ->> 'id';
+    v_parent text := p_args ->> 'parent';
+    v_created boolean;
+BEGIN
+    IF v_parent IS NOT NULL THEN
+        IF NOT EXISTS (SELECT 1 FROM departments WHERE id = v_parent) THEN
+            PERFORM tl_raise('TLA03', 'department_not_found', format('parent department %s does not exist', v_parent),
+                             jsonb_build_object('department', v_parent));
+        END IF;
+        -- Refuse a parent chain that leads back to this department.
+        IF EXISTS (WITH RECURSIVE up(id, parent) AS (
+                       SELECT id, parent FROM departments WHERE id = v_parent
+                       UNION SELECT d.id, d.parent FROM departments d JOIN up ON d.id = up.parent)
+                   SELECT 1 FROM up WHERE id = v_id) THEN
+            PERFORM tl_raise('TLD01', 'invalid_request', format('parent %s would make a cycle', v_parent),
+                             jsonb_build_object('path', '$.parent'));
+        END IF;
+    END IF;
+    INSERT INTO departments (id, name, parent) VALUES (v_id, p_args ->> 'name', v_parent)
+    ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, parent = EXCLUDED.parent, updated_at = clock_timestamp()
+    RETURNING (xmax = 0) INTO v_created;
+    INSERT INTO accounts (address, type, ref) VALUES ('department:' || v_id, 'department', v_id)
+    ON CONFLICT (address) DO NOTHING;
+    RETURN jsonb_build_object('created', v_created, 'body', tl_department_json(v_id));
+END $$;
+
+CREATE OR REPLACE FUNCTION tl_op_put_employee(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_id text := p_args ->> 'id';
+    v_dept text := p_args ->> 'department';
+    v_created boolean;
+    v_status text;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM departments WHERE id = v_dept) THEN
+        PERFORM tl_raise('TLA03', 'department_not_found', format('department %s does not exist', v_dept),
+                         jsonb_build_object('department', v_dept));
+    END IF;
+    SELECT status INTO v_status FROM employees WHERE id = v_id FOR UPDATE;
+    IF v_status = 'offboarded' THEN
+        PERFORM tl_raise('TLB02', 'account_closed', format('employee %s was offboarded; their wallet is closed', v_id),
+                         jsonb_build_object('account', 'employee:' || v_id));
+    END IF;
+    INSERT INTO employees (id, name, email, department) VALUES (v_id, p_args ->> 'name', p_args ->> 'email', v_dept)
+    ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, email = EXCLUDED.email,
+                                   department = EXCLUDED.department, updated_at = clock_timestamp()
+    RETURNING (xmax = 0) INTO v_created;
+    INSERT INTO accounts (address, type, ref) VALUES ('employee:' || v_id, 'employee', v_id)
+    ON CONFLICT (address) DO NOTHING;
+    RETURN jsonb_build_object('created', v_created, 'body', tl_employee_json(v_id, tl_now(p_ctx)));
+END $$;
+
+-- ---------------------------------------------------------------------------
+-- Grants, debits, transfers, voids, reversals, offboarding
+-- ---------------------------------------------------------------------------
+
+-- Issues a grant: a new lot in the employee's wallet, funded by
+-- system:issuance or by a department's own lots. A department-funded lot
+-- never outlives the department credits it was made of.
+CREATE OR REPLACE FUNCTION tl_op_grant(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    w accounts;
+    f accounts;
+    v_amount bigint := (p_args ->> 'amount')::bigint;
+    v_expires timestamptz := (p_args ->> 'expires_at')::timestamptz;
+    v_effective timestamptz := (p_args ->> 'effective_at')::timestamptz;
+    v_priority integer := coalesce((p_args ->> 'priority')::integer, 100);
+    v_now timestamptz;
+    v_txn uuid;
+    v_lot uuid;
+    v_min_expiry timestamptz;
+BEGIN
+    w := tl_require_account('employee:' || (p_args ->> 'employee'));
+    f := tl_require_account(coalesce(p_args ->> 'funded_by', 'system:issuance'));
+    IF f.type = 'system' AND f.address <> 'system:issuance' OR f.type = 'employee' THEN
+        PERFORM tl_raise('TLD01', 'invalid_request',
+            format('grants are funded by system:issuance or a department, not %s', f.address),
+            jsonb_build_object('path', '$.funded_by'));
+    END IF;
+    PERFORM tl_lock(ARRAY[w.id, f.id], ARRAY['system:expired', f.address]);
+    v_now := tl_now(p_ctx);
+    SELECT * INTO w FROM accounts WHERE id = w.id;
+    SELECT * INTO f FROM accounts WHERE id = f.id;
+    PERFORM tl_require_open(w);
+    PERFORM tl_require_open(f);
+    IF w.asset <> f.asset THEN
+        PERFORM tl_raise('TLB03', 'asset_mismatch', format('%s holds %s, %s holds %s', f.address, f.asset, w.address, w.asset),
+                         jsonb_build_object('from_asset', f.asset, 'to_asset', w.asset));
+    END IF;
+    v_effective := coalesce(v_effective, v_now);
+    IF v_expires IS NOT NULL AND v_expires <= greatest(v_effective, v_now) THEN
+        PERFORM tl_raise('TLD01', 'invalid_request', 'expires_at must be later than now and than effective_at',
+                         jsonb_build_object('path', '$.expires_at'));
+    END IF;
+    PERFORM tl_expire_due(w.id, v_now, p_ctx);
+    v_txn := tl_new_transaction('grant', v_now, p_ctx, p_args ->> 'memo', coalesce(p_args -> 'metadata', '{}'::jsonb),
+                                jsonb_build_object('reason', p_args ->> 'reason'));
+    IF f.type <> 'system' THEN
+        PERFORM tl_expire_due(f.id, v_now, p_ctx);
+        SELECT min(c.expires_at) INTO v_min_expiry FROM tl_consume(v_txn, f, v_amount, v_now) c;
+        IF v_min_expiry IS NOT NULL AND (v_expires IS NULL OR v_min_expiry < v_expires) THEN
+            v_expires := v_min_expiry;
+        END IF;
+    END IF;
+    v_lot := tl_new_lot(v_txn, w.id, v_amount, v_priority, v_effective, v_expires, f.id, NULL, v_now);
+    PERFORM tl_post_entry(v_txn, f.id, -v_amount, v_now);
+    PERFORM tl_post_entry(v_txn, w.id, v_amount, v_now);
+    RETURN jsonb_build_object('transaction', tl_transaction_json(v_txn), 'lot', tl_lot_json(v_lot));
+END $$;
+
+CREATE OR REPLACE FUNCTION tl_op_debit(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    w accounts;
+    v_amount bigint := (p_args ->> 'amount')::bigint;
+    v_now timestamptz;
+    v_txn uuid;
+BEGIN
+    w := tl_require_account(p_args ->> 'account');
+    IF w.type = 'system' THEN
+        PERFORM tl_raise('TLD01', 'invalid_request', 'debits draw on a wallet or a department account',
+                         jsonb_build_object('path', '$.account'));
+    END IF;
+    PERFORM tl_lock(ARRAY[w.id], ARRAY['system:expired', 'system:usage']);
+    v_now := tl_now(p_ctx);
+    SELECT * INTO w FROM accounts WHERE id = w.id;
+    PERFORM tl_require_open(w);
+    PERFORM tl_expire_due(w.id, v_now, p_ctx);
+    v_txn := tl_new_transaction('debit', v_now, p_ctx, p_args ->> 'memo', coalesce(p_args -> 'metadata', '{}'::jsonb));
+    PERFORM 1 FROM tl_consume(v_txn, w, v_amount, v_now);
+    PERFORM tl_post_entry(v_txn, w.id, -v_amount, v_now);
+    PERFORM tl_post_entry(v_txn, tl_account_id('system:usage'), v_amount, v_now);
+    RETURN tl_transaction_json(v_txn);
+END $$;
+
+-- Moves credits between lot-holding accounts (or to and from
+-- system:issuance). Credits keep their expiry and priority: each consumed
+-- piece becomes a lot of its own in the receiving account.
+CREATE OR REPLACE FUNCTION tl_op_transfer(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    s accounts;
+    d accounts;
+    v_amount bigint := (p_args ->> 'amount')::bigint;
+    v_now timestamptz;
+    v_txn uuid;
+    v_piece record;
+BEGIN
+    s := tl_require_account(p_args ->> 'from');
+    d := tl_require_account(p_args ->> 'to');
+    IF s.id = d.id THEN
+        PERFORM tl_raise('TLD01', 'invalid_request', 'from and to are the same account',
+                         jsonb_build_object('path', '$.to'));
+    END IF;
+    IF s.type = 'system' AND s.address <> 'system:issuance' THEN
+        PERFORM tl_raise('TLD01', 'invalid_request', format('%s cannot be transferred from', s.address),
+                         jsonb_build_object('path', '$.from'));
+    END IF;
+    IF d.type = 'system' AND d.address <> 'system:issuance' THEN
+        PERFORM tl_raise('TLD01', 'invalid_request', format('%s cannot be transferred to', d.address),
+                         jsonb_build_object('path', '$.to'));
+    END IF;
+    PERFORM tl_lock(ARRAY[s.id, d.id], ARRAY['system:expired', 'system:issuance']);
+    v_now := tl_now(p_ctx);
+    SELECT * INTO s FROM accounts WHERE id = s.id;
+    SELECT * INTO d FROM accounts WHERE id = d.id;
+    PERFORM tl_require_open(s);
+    PERFORM tl_require_open(d);
+    IF s.asset <> d.asset THEN
+        PERFORM tl_raise('TLB03', 'asset_mismatch', format('%s holds %s, %s holds %s', s.address, s.asset, d.address, d.asset),
+                         jsonb_build_object('from_asset', s.asset, 'to_asset', d.asset));
+    END IF;
+    IF s.type <> 'system' THEN PERFORM tl_expire_due(s.id, v_now, p_ctx); END IF;
+    IF d.type <> 'system' THEN PERFORM tl_expire_due(d.id, v_now, p_ctx); END IF;
+    v_txn := tl_new_transaction('transfer', v_now, p_ctx, p_args ->> 'memo', coalesce(p_args -> 'metadata', '{}'::jsonb));
+    IF s.type = 'system' THEN
+        IF d.type <> 'system' THEN
+            PERFORM tl_new_lot(v_txn, d.id, v_amount, 100, v_now, NULL, s.id, NULL, v_now);
+        END IF;
+    ELSE
+        FOR v_piece IN SELECT * FROM tl_consume(v_txn, s, v_amount, v_now) LOOP
+            IF d.type <> 'system' THEN
+                PERFORM tl_new_lot(v_txn, d.id, v_piece.taken, v_piece.priority, v_now, v_piece.expires_at,
+                                   v_piece.funded_by, v_piece.lot_id, v_now);
+            END IF;
+        END LOOP;
+    END IF;
+    PERFORM tl_post_entry(v_txn, s.id, -v_amount, v_now);
+    PERFORM tl_post_entry(v_txn, d.id, v_amount, v_now);
+    RETURN tl_transaction_json(v_txn);
+END $$;
+
+-- Returns a lot's unspent, unreserved remainder to the account that funded
+-- it (as a new lot with the same expiry when that is a department).
+CREATE OR REPLACE FUNCTION tl_void_lots(p_txn uuid, p_account accounts, p_lots uuid[], p_now timestamptz)
+RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    v_lot record;
+    v_total bigint := 0;
+    v_funder accounts;
+BEGIN
+    FOR v_lot IN
+        SELECT l.* FROM lots l WHERE l.id = ANY (p_lots) AND l.status = 'active'
+        ORDER BY l.priority, l.expires_at NULLS LAST, l.effective_at, l.id
+    LOOP
+        UPDATE lots SET status = 'voided' WHERE id = v_lot.id;
+        IF v_lot.remaining - v_lot.reserved > 0 THEN
+            PERFORM tl_move_lot(p_txn, v_lot.id, -(v_lot.remaining - v_lot.reserved));
+            SELECT * INTO v_funder FROM accounts WHERE id = v_lot.funded_by;
+            IF v_funder.type <> 'system' THEN
+                PERFORM tl_new_lot(p_txn, v_funder.id, v_lot.remaining - v_lot.reserved, v_lot.priority, p_now,
+                                   v_lot.expires_at, v_funder.id, v_lot.id, p_now);
+            END IF;
+            PERFORM tl_post_entry(p_txn, v_funder.id, v_lot.remaining - v_lot.reserved, p_now);
+            v_total := v_total + (v_lot.remaining - v_lot.reserved);
+        END IF;
+    END LOOP;
+    IF v_total > 0 THEN
+        PERFORM tl_post_entry(p_txn, p_account.id, -v_total, p_now);
+    END IF;
+    RETURN v_total;
+END $$;
+
+-- The accounts that funded the live lots of an account: they receive voided
+-- remainders and so must be locked with it.
+CREATE OR REPLACE FUNCTION tl_funders(p_account bigint) RETURNS bigint[]
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(array_agg(DISTINCT funded_by), '{}') FROM lots
+    WHERE account_id = p_account AND status = 'active' AND remaining > 0
+$$;
+
+CREATE OR REPLACE FUNCTION tl_op_void_lot(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    l lots;
+    w accounts;
+    v_now timestamptz;
+    v_txn uuid;
+BEGIN
+    SELECT * INTO l FROM lots WHERE id = (p_args ->> 'lot_id')::uuid;
+    IF NOT FOUND THEN
+        PERFORM tl_raise('TLA06', 'lot_not_found', format('no lot %s', p_args ->> 'lot'),
+                         jsonb_build_object('lot', p_args ->> 'lot'));
+    END IF;
+    PERFORM tl_lock(ARRAY[l.account_id, l.funded_by], ARRAY['system:expired', 'system:issuance']);
+    v_now := tl_now(p_ctx);
+    SELECT * INTO w FROM accounts WHERE id = l.account_id;
+    PERFORM tl_require_open(w);
+    PERFORM tl_expire_due(w.id, v_now, p_ctx);
+    SELECT * INTO l FROM lots WHERE id = l.id;
+    IF l.status <> 'active' OR l.remaining - l.reserved = 0 THEN
+        PERFORM tl_raise('TLB05', 'lot_not_active',
+            format('lot %s has nothing to void (status %s, %s remaining, %s reserved)',
+                   p_args ->> 'lot', CASE WHEN l.status = 'active' AND l.expires_at <= v_now THEN 'expired' ELSE l.status END,
+                   l.remaining, l.reserved),
+            jsonb_build_object('lot', p_args ->> 'lot', 'status',
+                CASE WHEN l.status = 'active' AND l.expires_at <= v_now THEN 'expired'
+                     WHEN l.status = 'active' THEN 'depleted' ELSE l.status END));
+    END IF;
+    v_txn := tl_new_transaction('void', v_now, p_ctx, p_args ->> 'memo', '{}'::jsonb,
+                                jsonb_build_object('lot_id', tl_public_id('lot_', l.id)));
+    PERFORM tl_void_lots(v_txn, w, ARRAY[l.id], v_now);
+    RETURN tl_transaction_json(v_txn);
+END $$;
+
+-- Reverses a grant, debit or transfer exactly: every entry and every lot
+-- movement is negated, so consumed lots get their credits back. A restored
+-- lot that has expired meanwhile expires again at once.
+CREATE OR REPLACE FUNCTION tl_op_reverse(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    o transactions;
+    v_accounts bigint[];
+    v_system text[];
+    v_now timestamptz;
+    v_txn uuid;
+    v_acc accounts;
+    v_mv record;
+    v_lot lots;
+    v_e record;
+BEGIN
+    SELECT * INTO o FROM transactions WHERE id = (p_args ->> 'transaction_id')::uuid;
+    IF NOT FOUND THEN
+        PERFORM tl_raise('TLA04', 'transaction_not_found', format('no transaction %s', p_args ->> 'transaction'),
+                         jsonb_build_object('transaction', p_args ->> 'transaction'));
+    END IF;
+    IF o.kind NOT IN ('grant', 'debit', 'transfer') THEN
+        PERFORM tl_raise('TLD01', 'invalid_request', format('a %s transaction cannot be reversed', o.kind),
+                         jsonb_build_object('path', '$', 'kind', o.kind));
+    END IF;
+    SELECT array_agg(DISTINCT e.account_id) FILTER (WHERE a.type <> 'system'),
+           array_agg(DISTINCT a.address) FILTER (WHERE a.type = 'system')
+        INTO v_accounts, v_system
+        FROM entries e JOIN accounts a ON a.id = e.account_id WHERE e.transaction_id = o.id;
+    PERFORM tl_lock(coalesce(v_accounts, '{}'), coalesce(v_system, '{}') || ARRAY['system:expired']);
+    v_now := tl_now(p_ctx);
+    IF EXISTS (SELECT 1 FROM transactions WHERE reverses = o.id) THEN
+        PERFORM tl_raise('TLB06', 'already_reversed', format('transaction %s was already reversed', p_args ->> 'transaction'),
+                         jsonb_build_object('reversed_by',
+                             (SELECT tl_public_id('txn_', id) FROM transactions WHERE reverses = o.id)));
+    END IF;
+    FOR v_acc IN SELECT * FROM accounts WHERE id = ANY (coalesce(v_accounts, '{}')) ORDER BY id LOOP
+        PERFORM tl_require_open(v_acc);
+        PERFORM tl_expire_due(v_acc.id, v_now, p_ctx);
+    END LOOP;
+    v_txn := tl_new_transaction('reversal', v_now, p_ctx, p_args ->> 'memo', '{}'::jsonb,
+                                jsonb_build_object('reversed_kind', o.kind), o.id);
+    FOR v_mv IN SELECT m.lot_id, m.amount FROM lot_movements m WHERE m.transaction_id = o.id ORDER BY m.lot_id LOOP
+        SELECT * INTO v_lot FROM lots WHERE id = v_mv.lot_id;
+        IF v_lot.status <> 'active' THEN
+            PERFORM tl_raise('TLB05', 'lot_not_active',
+                format('lot %s was voided; the transaction can no longer be reversed', tl_public_id('lot_', v_lot.id)),
+                jsonb_build_object('lot', tl_public_id('lot_', v_lot.id), 'status', v_lot.status));
+        END IF;
+        IF v_mv.amount > 0 AND v_lot.remaining - v_lot.reserved < v_mv.amount THEN
+            PERFORM tl_raise('TLB01', 'insufficient_credits',
+                format('lot %s has %s of the %s credits this reversal must take back',
+                       tl_public_id('lot_', v_lot.id), v_lot.remaining - v_lot.reserved, v_mv.amount),
+                jsonb_build_object('account', (SELECT address FROM accounts WHERE id = v_lot.account_id),
+                                   'available', v_lot.remaining - v_lot.reserved, 'requested', v_mv.amount));
+        END IF;
+        PERFORM tl_move_lot(v_txn, v_mv.lot_id, -v_mv.amount);
+    END LOOP;
+    FOR v_e IN SELECT account_id, sum(amount) AS amount FROM entries WHERE transaction_id = o.id
+               GROUP BY account_id ORDER BY account_id LOOP
+        IF v_e.amount <> 0 THEN
+            PERFORM tl_post_entry(v_txn, v_e.account_id, -v_e.amount, v_now);
+        END IF;
+    END LOOP;
+    -- Credits restored into lots that have expired expire again, at once.
+    FOR v_acc IN SELECT * FROM accounts WHERE id = ANY (coalesce(v_accounts, '{}')) ORDER BY id LOOP
+        PERFORM tl_expire_due(v_acc.id, v_now, p_ctx);
+    END LOOP;
+    RETURN tl_transaction_json(v_txn);
+END $$;
+
+-- Closes an employee's wallet: remaining lots go back to their funders in
+-- one `void` transaction, the account closes, and later writes answer
+-- account_closed.
+CREATE OR REPLACE FUNCTION tl_op_offboard(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    w accounts;
+    v_now timestamptz;
+    v_txn uuid;
+    v_lots uuid[];
+BEGIN
+    w := tl_require_account('employee:' || (p_args ->> 'employee'));
+    PERFORM tl_lock(ARRAY[w.id] || tl_funders(w.id), ARRAY['system:expired', 'system:issuance']);
+    v_now := tl_now(p_ctx);
+    SELECT * INTO w FROM accounts WHERE id = w.id;
+    PERFORM tl_require_open(w);
+    PERFORM tl_expire_due(w.id, v_now, p_ctx);
+    SELECT array_agg(id) INTO v_lots FROM lots
+        WHERE account_id = w.id AND status = 'active' AND remaining > reserved;
+    IF v_lots IS NOT NULL THEN
+        v_txn := tl_new_transaction('void', v_now, p_ctx, p_args ->> 'memo', '{}'::jsonb,
+                                    jsonb_build_object('offboarded', p_args ->> 'employee'));
+        PERFORM tl_void_lots(v_txn, w, v_lots, v_now);
+    END IF;
+    UPDATE accounts SET status = 'closed', updated_at = v_now WHERE id = w.id;
+    UPDATE employees SET status = 'offboarded', offboarded_at = v_now, updated_at = v_now
+        WHERE id = p_args ->> 'employee';
+    RETURN tl_employee_json(p_args ->> 'employee', v_now)
+           || jsonb_build_object('void_transaction_id', tl_public_id('txn_', v_txn));
+END $$;
+
+-- ---------------------------------------------------------------------------
+-- The one entry point for state-changing requests: idempotency + dispatch
+-- ---------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION tl_dispatch(p_op text, p_args jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN CASE p_op
+        WHEN 'grant' THEN tl_op_grant(p_args, p_ctx)
+        WHEN 'debit' THEN tl_op_debit(p_args, p_ctx)
+        WHEN 'transfer' THEN tl_op_transfer(p_args, p_ctx)
+        WHEN 'void_lot' THEN tl_op_void_lot(p_args, p_ctx)
+        WHEN 'reverse' THEN tl_op_reverse(p_args, p_ctx)
+        WHEN 'offboard' THEN tl_op_offboard(p_args, p_ctx)
+    END;
+END $$;
+
+-- Runs one operation under an idempotency key (scoped to the caller).
+-- Returns {status, body, replayed}. Successes and business rejections
+-- (TLBxx, 409) are stored with the key in this same transaction; anything
+-- else raises, rolls back, and leaves the key free for a retry.
+CREATE OR REPLACE FUNCTION tl_execute(
+    p_caller text, p_key text, p_hash bytea, p_op text, p_success_status integer, p_args jsonb, p_ctx jsonb)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_row idempotency_keys;
+    v_body jsonb;
+    v_status integer;
+    v_inserted boolean;
+    v_state text;
+    v_code text;
+    v_detail text;
+    v_hint text;
+BEGIN
+    IF p_key IS NOT NULL THEN
+        BEGIN
+            -- Waits here while another transaction holds the same key, then
+            -- sees its committed row (or takes the key if it rolled back).
+            INSERT INTO idempotency_keys (caller, key, request_hash, status_code, body)
+            VALUES (p_caller, p_key, p_hash, 0, 'null'::jsonb)
+            ON CONFLICT DO NOTHING;
+            v_inserted := FOUND;
+        EXCEPTION WHEN lock_not_available THEN
+            PERFORM tl_raise('TLB07', 'idempotency_key_in_progress',
+                             'a request with this Idempotency-Key is still being processed; retry shortly');
+        END;
+        IF NOT v_inserted THEN
+            SELECT * INTO v_row FROM idempotency_keys WHERE caller = p_caller AND key = p_key;
+            IF v_row.request_hash <> p_hash THEN
+                PERFORM tl_raise('TLC01', 'idempotency_key_reused',
+                                 'this Idempotency-Key was used with a different request; nothing was changed');
+            END IF;
+            RETURN jsonb_build_object('status', v_row.status_code, 'body', v_row.body, 'replayed', true);
+        END IF;
+    END IF;
+    BEGIN
+        v_body := tl_dispatch(p_op, p_args, p_ctx);
+        v_status := p_success_status;
+    EXCEPTION WHEN SQLSTATE 'TLB01' OR SQLSTATE 'TLB02' OR SQLSTATE 'TLB03' OR SQLSTATE 'TLB04'
+                 OR SQLSTATE 'TLB05' OR SQLSTATE 'TLB06' THEN
+        GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_code = MESSAGE_TEXT,
+                                v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT;
+        v_status := 409;
+        v_body := jsonb_build_object('code', v_code, 'detail', v_detail,
+                                     'extra', coalesce(nullif(v_hint, '')::jsonb, '{}'::jsonb));
+    END;
+    IF p_key IS NOT NULL THEN
+        UPDATE idempotency_keys SET status_code = v_status, body = v_body
+            WHERE caller = p_caller AND key = p_key;
+    END IF;
+    RETURN jsonb_build_object('status', v_status, 'body', v_body, 'replayed', false);
+END $$;
+
+-- A batch of grants in one database transaction: each item is idempotent by
+-- its own key and fails alone. All accounts the batch can touch are locked
+-- up front in the global order, so two batches never deadlock.
+CREATE OR REPLACE FUNCTION tl_grant_batch(p_caller text, p_items jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_item jsonb;
+    v_res jsonb;
+    v_out jsonb := '[]'::jsonb;
+    v_state text;
+    v_code text;
+    v_detail text;
+BEGIN
+    PERFORM tl_lock(
+        (SELECT coalesce(array_agg(a.id), '{}') FROM accounts a
+          WHERE a.address IN (SELECT 'employee:' || (i ->> 'employee') FROM jsonb_array_elements(p_items) i
+                              UNION SELECT coalesce(i ->> 'funded_by', 'system:issuance') FROM jsonb_array_elements(p_items) i)),
+        ARRAY['system:expired', 'system:issuance']);
+    FOR v_item IN SELECT value FROM jsonb_array_elements(p_items) LOOP
+        BEGIN
+            v_res := tl_execute(p_caller, 'grants:batch/' || (v_item ->> 'key'), decode(v_item ->> 'hash', 'hex'),
+                                'grant', 201, v_item -> 'grant', p_ctx);
+            IF (v_res ->> 'status')::integer = 201 THEN
+                v_out := v_out || jsonb_build_object(
+                    'key', v_item ->> 'key',
+                    'status', CASE WHEN (v_res ->> 'replayed')::boolean THEN 'duplicate' ELSE 'created' END,
+                    'transaction_id', v_res #>> '{body,transaction,id}',
+                    'lot_id', v_res #>> '{body,lot,id}');
+            ELSE
+                v_out := v_out || jsonb_build_object('key', v_item ->> 'key', 'status', 'rejected',
+                                                     'code', v_res #>> '{body,code}',
+                                                     'detail', v_res #>> '{body,detail}');
+            END IF;
+        EXCEPTION WHEN SQLSTATE 'TLA01' OR SQLSTATE 'TLA02' OR SQLSTATE 'TLA03' OR SQLSTATE 'TLC01'
+                     OR SQLSTATE 'TLD01' OR SQLSTATE 'TLB07' THEN
+            GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_code = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL;
+            v_out := v_out || jsonb_build_object('key', v_item ->> 'key', 'status', 'rejected',
+                                                 'code', v_code, 'detail', v_detail);
+        END;
+    END LOOP;
+    RETURN jsonb_build_object('results', v_out);
+END $$;
+
+-- ---------------------------------------------------------------------------
+-- Background work (safe on every replica at once)
+-- ---------------------------------------------------------------------------
+
+-- Writes the expiry transactions of up to p_limit accounts that have due
+-- lots. Accounts another transaction holds are skipped, not waited for.
+CREATE OR REPLACE FUNCTION tl_sweep_expired(p_limit integer, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_now timestamptz := tl_now(p_ctx);
+    v_ids bigint[];
+    v_id bigint;
+    v_total bigint := 0;
+BEGIN
+    SELECT array_agg(id) INTO v_ids FROM (
+        SELECT a.id FROM accounts a
+        WHERE a.id IN (SELECT DISTINCT l.account_id FROM lots l
+                       WHERE l.status = 'active' AND l.remaining > 0 AND l.expires_at <= v_now
+                         AND l.remaining > l.reserved
+                       LIMIT p_limit)
+        ORDER BY a.id
+        FOR UPDATE OF a SKIP LOCKED) x;
+    IF v_ids IS NULL THEN
+        RETURN jsonb_build_object('accounts', 0, 'credits', 0);
+    END IF;
+    PERFORM tl_lock('{}', ARRAY['system:expired']);
+    FOREACH v_id IN ARRAY v_ids LOOP
+        v_total := v_total + tl_expire_due(v_id, v_now, p_ctx);
+    END LOOP;
+    RETURN jsonb_build_object('accounts', cardinality(v_ids), 'credits', v_total);
+END $$;
+
+CREATE OR REPLACE FUNCTION tl_purge_idempotency_keys(p_older_than interval, p_limit integer) RETURNS integer
+LANGUAGE sql AS $$
+    WITH doomed AS (
+        SELECT caller, key FROM idempotency_keys WHERE created_at < now() - p_older_than
+        ORDER BY created_at LIMIT p_limit FOR UPDATE SKIP LOCKED)
+    , gone AS (
+        DELETE FROM idempotency_keys k USING doomed d
+        WHERE k.caller = d.caller AND k.key = d.key RETURNING 1)
+    SELECT count(*)::integer FROM gone
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Seed rows and version
+-- ---------------------------------------------------------------------------
+
+INSERT INTO accounts (address, type, ref, shard_count) VALUES
+    ('system:issuance', 'system', 'issuance', 16),
+    ('system:usage', 'system', 'usage', 16),
+    ('system:expired', 'system', 'expired', 16)
+ON CONFLICT (address) DO NOTHING;
+
+INSERT INTO account_shards (account_id, shard)
+SELECT a.id, s FROM accounts a CROSS JOIN LATERAL generate_series(0, a.shard_count - 1) s
+WHERE a.type = 'system'
+ON CONFLICT DO NOTHING;
+
+INSERT INTO schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;

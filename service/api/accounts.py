@@ -1,0 +1,145 @@
+"""Accounts and balances (API.md, Accounts and balances)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from litestar import Controller, Request, get
+from litestar.params import Parameter
+
+from service import errors
+from service.api.common import check_address, decode_cursor, page
+from service.api.resources import Account, Balance, EntriesPage, LotsPage, Series
+from service.journal import Ledger
+
+# A series may not ask for more points than this (hourly for ~6 weeks, daily
+# for ~20 years): bounded work per request.
+MAX_SERIES_POINTS = 1000
+
+LimitParam = Annotated[int, Parameter(ge=1, le=500, default=50, description="Page size, 1..500.")]
+CursorParam = Annotated[str | None, Parameter(description="Opaque cursor from next_cursor.")]
+
+
+async def account_id(ledger: Ledger, address: str) -> int:
+    check_address(address)
+    found = await ledger.fetchval("account_id", address)
+    if found is None:
+        raise not_found(address)
+    return int(found)
+
+
+def not_found(address: str) -> errors.LedgerError:
+    kind, _, ref = address.partition(":")
+    if kind == "employee":
+        return errors.EmployeeNotFound(f"no employee {ref}", employee=ref)
+    if kind == "department":
+        return errors.DepartmentNotFound(f"no department {ref}", department=ref)
+    return errors.AccountNotFound(f"no account {address}", account=address)
+
+
+def iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def require_tz(value: datetime | None, name: str) -> None:
+    if value is not None and value.tzinfo is None:
+        raise errors.InvalidRequest(
+            f"{name} needs a UTC offset (RFC 3339)",
+            errors=[{"path": name, "message": "timestamp without offset"}],
+        )
+
+
+class AccountsController(Controller):
+    path = "/v1"
+    tags = ["Accounts"]
+
+    @get("/accounts/{address:str}", summary="Balances of an account")
+    async def get_account(self, ledger: Ledger, address: str) -> Account:
+        """Posted, reserved, pending and available credits, and what expires when."""
+        check_address(address)
+        body = await ledger.fetchval("account_json", address, ledger.now())
+        if body is None:
+            raise not_found(address)
+        return body  # type: ignore[no-any-return]  # why: the body is built in SQL
+
+    @get("/me", summary="The calling employee's wallet")
+    async def me(self, request: Request[Any, Any, Any], ledger: Ledger) -> Account:
+        principal = getattr(request.state, "principal", None)
+        employee = getattr(principal, "employee", None)
+        if employee is None:
+            raise errors.AccountNotFound("the caller is not an employee and has no wallet")
+        return await self.get_account.fn(self, ledger, f"employee:{employee}")  # type: ignore[no-any-return]  # why: same shape
+
+    @get("/accounts/{address:str}/entries", summary="Entries of an account, newest first")
+    async def entries(
+        self,
+        ledger: Ledger,
+        address: str,
+        limit: LimitParam = 50,
+        cursor: CursorParam = None,
+        from_: Annotated[datetime | None, Parameter(query="from")] = None,
+        to: datetime | None = None,
+    ) -> EntriesPage:
+        require_tz(from_, "from")
+        require_tz(to, "to")
+        acc = await account_id(ledger, address)
+        after = decode_cursor(cursor)
+        if after is not None and not isinstance(after, int):
+            raise errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}])
+        rows = await ledger.fetch("account_entries", acc, after, from_, to, limit + 1)
+        return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
+
+    @get("/accounts/{address:str}/balance", summary="Posted balance as of an instant")
+    async def balance(self, ledger: Ledger, address: str, at: datetime | None = None) -> Balance:
+        """The posted balance after every entry made at or before `at` (default now)."""
+        require_tz(at, "at")
+        acc = await account_id(ledger, address)
+        when = at or ledger.now() or datetime.now(UTC)
+        posted = await ledger.fetchval("balance_at", acc, when)
+        return Balance(address=address, at=iso(when), posted=int(posted))
+
+    @get("/accounts/{address:str}/series", summary="Posted balance over time, for charts")
+    async def series(
+        self,
+        ledger: Ledger,
+        address: str,
+        from_: Annotated[datetime, Parameter(query="from")],
+        to: datetime,
+        interval: Literal["day", "hour"] = "day",
+    ) -> Series:
+        """The posted balance at each step from `from` to `to` (both included), at most
+        1000 points."""
+        require_tz(from_, "from")
+        require_tz(to, "to")
+        step = timedelta(days=1) if interval == "day" else timedelta(hours=1)
+        if to < from_:
+            raise errors.InvalidRequest("to is before from", errors=[{"path": "to"}])
+        if (to - from_) / step > MAX_SERIES_POINTS:
+            raise errors.InvalidRequest(
+                f"at most {MAX_SERIES_POINTS} points per series", errors=[{"path": "interval"}]
+            )
+        acc = await account_id(ledger, address)
+        rows = await ledger.fetch("balance_series", acc, from_, to, step)
+        items = [{"at": iso(r["at"]), "posted": int(r["posted"])} for r in rows]
+        return Series(address=address, interval=interval, items=items)  # type: ignore[arg-type]  # why: dicts encode the same
+
+    @get("/accounts/{address:str}/lots", summary="Live lots in consumption order")
+    async def lots(
+        self, ledger: Ledger, address: str, limit: LimitParam = 50, cursor: CursorParam = None
+    ) -> LotsPage:
+        """Lots with credits left, in the order debits consume them (priority, then
+        soonest expiry, then oldest). Lots with a future `effective_at` are listed too."""
+        acc = await account_id(ledger, address)
+        offset = decode_cursor(cursor) or 0
+        if not isinstance(offset, int) or offset < 0:
+            raise errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}])
+        rows = await ledger.fetch("account_lots", acc, ledger.now(), offset, limit + 1)
+        items = [r[0] for r in rows]
+        more = len(items) > limit
+        from service.api.common import encode_cursor
+
+        return {  # type: ignore[return-value]  # why: built from SQL rows
+            "items": items[:limit],
+            "next_cursor": encode_cursor(offset + limit) if more else None,
+        }

@@ -1,0 +1,162 @@
+"""Wire types and request plumbing shared by the controllers.
+
+Limits live on the types (STYLE.md habit 7), so the OpenAPI schema states
+them and msgspec enforces them before any handler runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Request, Response
+from litestar.datastructures import State
+
+from service import errors
+from service.journal import Context, Ledger, Outcome, request_hash
+
+MAX_AMOUNT = 2**53
+REF_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+ADDRESS_PATTERN = r"^(employee|department|system):[a-z0-9][a-z0-9._-]{0,63}$"
+
+Amount = Annotated[
+    int,
+    msgspec.Meta(
+        gt=0,
+        le=MAX_AMOUNT,
+        description="Credits: a positive integer no larger than 2^53.",
+        examples=[1000],
+    ),
+]
+Ref = Annotated[
+    str,
+    msgspec.Meta(pattern=REF_PATTERN, description="`[a-z0-9][a-z0-9._-]{0,63}`", examples=["e-1042"]),
+]
+Address = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=ADDRESS_PATTERN,
+        description="An account address `type:ref`.",
+        examples=["employee:e-1042", "department:eng", "system:issuance"],
+    ),
+]
+Memo = Annotated[str, msgspec.Meta(max_length=500)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+MetadataValue = str | int | float | bool | None
+Metadata = Annotated[
+    dict[Annotated[str, msgspec.Meta(min_length=1, max_length=64)], MetadataValue],
+    msgspec.Meta(max_length=50, description="Free-form key/values, at most 50 keys."),
+]
+Timestamp = Annotated[datetime, msgspec.Meta(tz=True, description="RFC 3339 with offset.")]
+Limit = Annotated[int, msgspec.Meta(ge=1, le=500)]
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def ledger_of(state: State) -> Ledger:
+    ledger: Ledger = state.ledger
+    return ledger
+
+
+async def provide_ledger(state: State) -> Ledger:
+    return ledger_of(state)
+
+
+def context_of(request: Request[Any, Any, Any]) -> Context:
+    principal = getattr(request.state, "principal", None)
+    caller = principal.id if principal is not None else "anonymous"
+    actor = principal.id if principal is not None and principal.authenticated else None
+    return Context(caller=caller, actor=actor, request_id=request.state.request_id)
+
+
+def idempotency_key(request: Request[Any, Any, Any], *, required: bool = True) -> str | None:
+    """The caller's Idempotency-Key: 1..255 printable ASCII characters."""
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        if required:
+            raise errors.IdempotencyKeyRequired()
+        return None
+    if not (1 <= len(key) <= MAX_IDEMPOTENCY_KEY) or not all(0x20 <= ord(c) <= 0x7E for c in key):
+        raise errors.IdempotencyKeyRequired(
+            "Idempotency-Key must be 1 to 255 printable ASCII characters."
+        )
+    return key
+
+
+def fingerprint(request: Request[Any, Any, Any], payload: Any) -> bytes:
+    return request_hash(request.method, request.url.path, msgspec.to_builtins(payload))
+
+
+def parse_public_id(value: str, prefix: str, not_found: type[errors.LedgerError]) -> uuid.UUID:
+    """`txn_<32 hex>` to a UUID; anything else is simply not found."""
+    if not value.startswith(prefix):
+        raise not_found(f"no {prefix.rstrip('_')} {value}")
+    try:
+        return uuid.UUID(hex=value[len(prefix) :])
+    except ValueError:
+        raise not_found(f"no {prefix.rstrip('_')} {value}") from None
+
+
+def encode_cursor(value: Any) -> str:
+    return base64.urlsafe_b64encode(msgspec.json.encode(value)).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> Any:
+    if cursor is None:
+        return None
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        return msgspec.json.decode(base64.urlsafe_b64decode(padded))
+    except (binascii.Error, msgspec.DecodeError, ValueError):
+        raise errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}]) from None
+
+
+def page(rows: list[Any], limit: int, cursor_of: Any = None) -> dict[str, Any]:
+    """{items, next_cursor} from rows fetched with LIMIT limit+1."""
+    more = len(rows) > limit
+    rows = rows[:limit]
+    items = [row["item"] for row in rows]
+    next_cursor = None
+    if more and rows:
+        last = rows[-1]["cursor"]
+        next_cursor = encode_cursor(cursor_of(last) if cursor_of else last)
+    return {"items": items, "next_cursor": next_cursor}
+
+
+class Page(msgspec.Struct):
+    """A page of a list, newest first."""
+
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+_REF = re.compile(REF_PATTERN)
+
+
+def check_ref(value: str, name: str) -> None:
+    """Path parameters get the same format check as body fields."""
+    if not _REF.match(value):
+        raise errors.InvalidRequest(
+            f"{name} must match {REF_PATTERN}",
+            errors=[{"path": name, "message": f"must match {REF_PATTERN}"}],
+        )
+
+
+def check_address(value: str, name: str = "address") -> None:
+    if not re.match(ADDRESS_PATTERN, value):
+        raise errors.InvalidRequest(
+            f"{name} must be an account address type:ref",
+            errors=[{"path": name, "message": f"must match {ADDRESS_PATTERN}"}],
+        )
+
+
+def replay_response(outcome: Outcome) -> Response[Any]:
+    """The operation's stored or fresh response, marked when replayed."""
+    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else {}
+    return Response(outcome.body, status_code=outcome.status, headers=headers)

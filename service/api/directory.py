@@ -1,0 +1,107 @@
+"""Departments and employees (API.md, Directory)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+from litestar import Controller, Request, Response, get, post, put
+
+from service import errors
+from service.api.common import (
+    Memo,
+    Name,
+    Ref,
+    check_ref,
+    context_of,
+    fingerprint,
+    idempotency_key,
+    replay_response,
+)
+from service.api.resources import Department, Employee
+from service.journal import Ledger
+
+
+class DepartmentIn(msgspec.Struct, forbid_unknown_fields=True):
+    name: Name
+    parent: Ref | None = None
+
+
+class EmployeeIn(msgspec.Struct, forbid_unknown_fields=True):
+    name: Name
+    email: str = msgspec.field()
+    department: Ref = msgspec.field()
+    status: Literal["active"] = "active"
+
+    def __post_init__(self) -> None:
+        if len(self.email) > 320 or self.email.count("@") != 1 or " " in self.email:
+            raise ValueError("email must look like name@domain")
+
+
+class OffboardIn(msgspec.Struct, forbid_unknown_fields=True):
+    memo: Memo | None = None
+
+
+class DirectoryController(Controller):
+    path = "/v1"
+    tags = ["Directory"]
+
+    @put("/departments/{department_id:str}", summary="Create or update a department")
+    async def put_department(
+        self, request: Request[Any, Any, Any], ledger: Ledger, department_id: str, data: DepartmentIn
+    ) -> Response[Department]:
+        """Opens `department:{id}` on first creation. 201 when created, 200 when updated."""
+        check_ref(department_id, "department_id")
+        args = {"id": department_id, **msgspec.to_builtins(data)}
+        result = await ledger.call("put_department", args, context_of(request))
+        return Response(result["body"], status_code=201 if result["created"] else 200)
+
+    @get("/departments/{department_id:str}", summary="Get a department")
+    async def get_department(self, ledger: Ledger, department_id: str) -> Department:
+        body = await ledger.fetchval("department_json", department_id)
+        if body is None:
+            raise errors.DepartmentNotFound(f"no department {department_id}", department=department_id)
+        return body  # type: ignore[no-any-return]  # why: the body is built in SQL
+
+    @put("/employees/{employee_id:str}", summary="Create or update an employee")
+    async def put_employee(
+        self, request: Request[Any, Any, Any], ledger: Ledger, employee_id: str, data: EmployeeIn
+    ) -> Response[Employee]:
+        """Opens the wallet `employee:{id}` on first creation. 201 when created, 200 when
+        updated; an offboarded employee answers 409 `account_closed`."""
+        check_ref(employee_id, "employee_id")
+        args = {"id": employee_id, **msgspec.to_builtins(data)}
+        result = await ledger.call("put_employee", args, context_of(request))
+        return Response(result["body"], status_code=201 if result["created"] else 200)
+
+    @get("/employees/{employee_id:str}", summary="Get an employee with their wallet balance")
+    async def get_employee(self, ledger: Ledger, employee_id: str) -> Employee:
+        body = await ledger.fetchval("employee_json", employee_id, ledger.now())
+        if body is None:
+            raise errors.EmployeeNotFound(f"no employee {employee_id}", employee=employee_id)
+        return body  # type: ignore[no-any-return]  # why: the body is built in SQL
+
+    @post("/employees/{employee_id:str}/offboard", summary="Offboard an employee", status_code=200)
+    async def offboard(
+        self,
+        request: Request[Any, Any, Any],
+        ledger: Ledger,
+        employee_id: str,
+        data: OffboardIn | None = None,
+    ) -> Response[Employee]:
+        """Closes the wallet: active reservations are released and remaining lots are
+        voided back to their funding accounts, in one transaction. Later writes to the
+        wallet answer 409 `account_closed`. Requires an `Idempotency-Key`."""
+        payload = data or OffboardIn()
+        key = idempotency_key(request)
+        args = {"employee": employee_id, **msgspec.to_builtins(payload)}
+        outcome = await ledger.execute(
+            "offboard",
+            args,
+            ctx=context_of(request),
+            key=key,
+            fingerprint=fingerprint(request, payload),
+            success_status=200,
+        )
+        return replay_response(outcome)
+

@@ -1,0 +1,140 @@
+"""Grants and lot voids (API.md, Grants)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from litestar import Controller, Request, Response, post
+
+from service import errors
+from service.api.common import (
+    Address,
+    Amount,
+    Memo,
+    Metadata,
+    Ref,
+    Timestamp,
+    context_of,
+    fingerprint,
+    idempotency_key,
+    parse_public_id,
+    replay_response,
+)
+from service.api.resources import BatchGrantResponse, GrantResult, Transaction
+from service.journal import Ledger, request_hash
+
+MAX_BATCH = 1000
+
+Reason = Literal["signing_bonus", "monthly_allotment", "spot_bonus", "adjustment"]
+Priority = Annotated[
+    int, msgspec.Meta(ge=0, le=1000, description="Lower is spent first; default 100.")
+]
+
+
+class GrantIn(msgspec.Struct, forbid_unknown_fields=True):
+    employee: Ref
+    amount: Amount
+    reason: Reason
+    expires_at: Timestamp | None = None
+    effective_at: Timestamp | None = None
+    priority: Priority = 100
+    funded_by: Address = "system:issuance"
+    memo: Memo | None = None
+    metadata: Metadata | None = None
+
+
+class BatchGrantIn(GrantIn, kw_only=True, forbid_unknown_fields=True):
+    key: Annotated[
+        str,
+        msgspec.Meta(
+            min_length=1,
+            max_length=200,
+            pattern=r"^[\x20-\x7e]+$",
+            description="The item's idempotency key, scoped to the caller.",
+        ),
+    ]
+
+
+class GrantBatchIn(msgspec.Struct, forbid_unknown_fields=True):
+    grants: Annotated[list[BatchGrantIn], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
+
+
+class VoidIn(msgspec.Struct, forbid_unknown_fields=True):
+    memo: Memo | None = None
+
+
+def grant_args(data: GrantIn) -> dict[str, Any]:
+    args = msgspec.to_builtins(data)
+    args.pop("key", None)
+    return args  # type: ignore[no-any-return]  # why: to_builtins of a Struct is a dict
+
+
+class GrantsController(Controller):
+    path = "/v1"
+    tags = ["Grants"]
+
+    @post("/grants", summary="Grant credits to an employee", status_code=201)
+    async def grant(
+        self, request: Request[Any, Any, Any], ledger: Ledger, data: GrantIn
+    ) -> Response[GrantResult]:
+        """Creates a lot in the employee's wallet, funded by `system:issuance` or a
+        department (which cannot grant more than it holds; a department-funded lot never
+        outlives the department credits it came from). A future `effective_at` makes a
+        pending lot that counts from that instant. Requires an `Idempotency-Key`."""
+        key = idempotency_key(request)
+        outcome = await ledger.execute(
+            "grant",
+            grant_args(data),
+            ctx=context_of(request),
+            key=key,
+            fingerprint=fingerprint(request, data),
+            success_status=201,
+        )
+        return replay_response(outcome)
+
+    @post("/grants:batch", summary="Grant credits in a batch", status_code=200)
+    async def grant_batch(
+        self, request: Request[Any, Any, Any], ledger: Ledger, data: GrantBatchIn
+    ) -> BatchGrantResponse:
+        """Up to 1000 grants in one database transaction. Each item is idempotent by its
+        own `key` (so no `Idempotency-Key` header is needed): the same key and body again
+        answers `duplicate`; the same key with a different body, or a failing check,
+        answers `rejected` with the error `code` and touches nothing else."""
+        keys = [g.key for g in data.grants]
+        if len(set(keys)) != len(keys):
+            raise errors.InvalidRequest("keys must be unique within a batch", errors=[{"path": "$.grants"}])
+        items = []
+        for g in data.grants:
+            args = grant_args(g)
+            digest = request_hash("POST", "/v1/grants", args)
+            items.append({"key": g.key, "hash": digest.hex(), "grant": args})
+        ctx = context_of(request)
+        return await ledger.fetchval(  # type: ignore[no-any-return]  # why: built in SQL
+            "grant_batch", ctx.caller, items, ledger.context_json(ctx)
+        )
+
+    @post("/lots/{lot_id:str}/void", summary="Void the rest of a lot", status_code=200)
+    async def void_lot(
+        self,
+        request: Request[Any, Any, Any],
+        ledger: Ledger,
+        lot_id: str,
+        data: VoidIn | None = None,
+    ) -> Response[Transaction]:
+        """The unspent, unreserved remainder goes back to the funding account, in a
+        `void` transaction. A lot with nothing left (spent, expired or already voided)
+        answers 409 `lot_not_active`. Requires an `Idempotency-Key`."""
+        payload = data or VoidIn()
+        key = idempotency_key(request)
+        lot_uuid = parse_public_id(lot_id, "lot_", errors.LotNotFound)
+        args = {"lot": lot_id, "lot_id": str(lot_uuid), **msgspec.to_builtins(payload)}
+        outcome = await ledger.execute(
+            "void_lot",
+            args,
+            ctx=context_of(request),
+            key=key,
+            fingerprint=fingerprint(request, payload),
+            success_status=200,
+        )
+        return replay_response(outcome)

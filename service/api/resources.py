@@ -1,0 +1,174 @@
+"""Response shapes, for the OpenAPI schema.
+
+The bodies themselves are built in SQL (schema.sql, tl_*_json) so that a
+stored idempotent response and a fresh one are the same bytes; these
+Structs document them and are checked against real responses in tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+
+class EntryLeg(msgspec.Struct, frozen=True):
+    account: str
+    amount: int
+    balance_after: int
+    version: int
+    asset: str
+
+
+class LotMovement(msgspec.Struct, frozen=True):
+    lot_id: str
+    amount: int
+
+
+class Transaction(msgspec.Struct, frozen=True):
+    """An immutable journal record. `lots` lists the lot movements it made,
+    so a reversal can restore exactly those lots."""
+
+    id: str
+    kind: Literal["grant", "debit", "usage", "transfer", "capture", "expiry", "void", "reversal"]
+    entries: list[EntryLeg]
+    lots: list[LotMovement]
+    memo: str | None
+    metadata: dict[str, Any]
+    details: dict[str, Any]
+    actor: str | None
+    request_id: str | None
+    reverses: str | None
+    reversed_by: str | None
+    created_at: str
+
+
+class Lot(msgspec.Struct, frozen=True):
+    id: str
+    account: str
+    amount: int
+    remaining: int
+    reserved: int
+    priority: int
+    effective_at: str
+    expires_at: str | None
+    status: Literal["active", "voided"]
+    funded_by: str
+    grant_transaction_id: str
+
+
+class Expiring(msgspec.Struct, frozen=True):
+    amount: int
+    expires_at: str
+
+
+class Account(msgspec.Struct, frozen=True):
+    """Balances as of now. `posted` already excludes credits that expired
+    before now even if the sweeper has not yet written their expiry;
+    `pending` counts credits granted with a future `effective_at`;
+    `available = posted - reserved - pending`."""
+
+    address: str
+    type: Literal["employee", "department", "system"]
+    asset: str
+    posted: int
+    reserved: int
+    pending: int
+    available: int | None
+    overdraft_limit: int | None
+    status: Literal["open", "closed"]
+    version: int
+    expiring: list[Expiring]
+    updated_at: str
+
+
+class Entry(msgspec.Struct, frozen=True):
+    transaction_id: str
+    kind: str
+    amount: int
+    balance_after: int
+    version: int
+    shard: int
+    created_at: str
+    metadata: dict[str, Any]
+
+
+class Department(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    parent: str | None
+    account: str
+    created_at: str
+    updated_at: str
+
+
+class Employee(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    email: str
+    department: str
+    status: Literal["active", "offboarded"]
+    offboarded_at: str | None
+    created_at: str
+    updated_at: str
+    wallet: Account
+
+
+class GrantResult(msgspec.Struct, frozen=True):
+    transaction: Transaction
+    lot: Lot
+
+
+class BatchGrantResult(msgspec.Struct, frozen=True):
+    key: str
+    status: Literal["created", "duplicate", "rejected"]
+    code: str | None = None
+    detail: str | None = None
+    transaction_id: str | None = None
+    lot_id: str | None = None
+
+
+class BatchGrantResponse(msgspec.Struct, frozen=True):
+    results: list[BatchGrantResult]
+
+
+class Balance(msgspec.Struct, frozen=True):
+    address: str
+    at: str
+    posted: int
+
+
+class SeriesPoint(msgspec.Struct, frozen=True):
+    at: str
+    posted: int
+
+
+class Series(msgspec.Struct, frozen=True):
+    address: str
+    interval: Literal["day", "hour"]
+    items: list[SeriesPoint]
+
+
+class EntriesPage(msgspec.Struct, frozen=True):
+    items: list[Entry]
+    next_cursor: str | None
+
+
+class TransactionsPage(msgspec.Struct, frozen=True):
+    items: list[Transaction]
+    next_cursor: str | None
+
+
+class LotsPage(msgspec.Struct, frozen=True):
+    items: list[Lot]
+    next_cursor: str | None
+
+
+class Problem(msgspec.Struct, frozen=True):
+    """RFC 9457 problem details; `code` is one of the stable error codes."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str

@@ -1,0 +1,151 @@
+"""Debits, transfers and transactions (API.md, Debits, transfers, transactions)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any, Literal
+
+import msgspec
+from litestar import Controller, Request, Response, get, post
+from litestar.params import Parameter
+
+from service import errors
+from service.api.accounts import CursorParam, LimitParam, account_id
+from service.api.common import (
+    Address,
+    Amount,
+    Memo,
+    Metadata,
+    context_of,
+    decode_cursor,
+    fingerprint,
+    idempotency_key,
+    page,
+    parse_public_id,
+    replay_response,
+)
+from service.api.resources import Transaction, TransactionsPage
+from service.journal import Ledger
+
+Kind = Literal["grant", "debit", "usage", "transfer", "capture", "expiry", "void", "reversal"]
+
+
+class DebitIn(msgspec.Struct, forbid_unknown_fields=True):
+    account: Address
+    amount: Amount
+    memo: Memo | None = None
+    metadata: Metadata | None = None
+
+
+class TransferIn(msgspec.Struct, forbid_unknown_fields=True):
+    from_: Address = msgspec.field(name="from")
+    to: Address = msgspec.field()
+    amount: Amount = msgspec.field()
+    memo: Memo | None = None
+    metadata: Metadata | None = None
+
+
+class ReverseIn(msgspec.Struct, forbid_unknown_fields=True):
+    memo: Memo | None = None
+
+
+class TransactionsController(Controller):
+    path = "/v1"
+    tags = ["Transactions"]
+
+    @post("/debits", summary="Debit credits from a wallet", status_code=201)
+    async def debit(
+        self, request: Request[Any, Any, Any], ledger: Ledger, data: DebitIn
+    ) -> Response[Transaction]:
+        """Consumes live lots in consumption order (priority, soonest expiry, oldest
+        first) and moves the credits to `system:usage`. 409 `insufficient_credits` with
+        `available` and `requested` when the live lots cannot cover it. Requires an
+        `Idempotency-Key`."""
+        key = idempotency_key(request)
+        outcome = await ledger.execute(
+            "debit",
+            msgspec.to_builtins(data),
+            ctx=context_of(request),
+            key=key,
+            fingerprint=fingerprint(request, data),
+            success_status=201,
+        )
+        return replay_response(outcome)
+
+    @post("/transfers", summary="Transfer credits between accounts", status_code=201)
+    async def transfer(
+        self, request: Request[Any, Any, Any], ledger: Ledger, data: TransferIn
+    ) -> Response[Transaction]:
+        """Moves credits between wallets and department accounts (or to and from
+        `system:issuance`, which is how finance funds departments). Credits carry their
+        expiry and priority with them: moving credits never extends their life.
+        Requires an `Idempotency-Key`."""
+        key = idempotency_key(request)
+        outcome = await ledger.execute(
+            "transfer",
+            msgspec.to_builtins(data),
+            ctx=context_of(request),
+            key=key,
+            fingerprint=fingerprint(request, data),
+            success_status=201,
+        )
+        return replay_response(outcome)
+
+    @get("/transactions/{transaction_id:str}", summary="Get a transaction")
+    async def get_transaction(self, ledger: Ledger, transaction_id: str) -> Transaction:
+        txn = parse_public_id(transaction_id, "txn_", errors.TransactionNotFound)
+        body = await ledger.fetchval("transaction_json", txn)
+        if body is None:
+            raise errors.TransactionNotFound(
+                f"no transaction {transaction_id}", transaction=transaction_id
+            )
+        return body  # type: ignore[no-any-return]  # why: the body is built in SQL
+
+    @get("/transactions", summary="List transactions, newest first")
+    async def list_transactions(
+        self,
+        ledger: Ledger,
+        account: Annotated[str | None, Parameter(description="Only those touching this account.")] = None,
+        kind: Kind | None = None,
+        limit: LimitParam = 50,
+        cursor: CursorParam = None,
+    ) -> TransactionsPage:
+        acc = await account_id(ledger, account) if account is not None else None
+        after = decode_cursor(cursor)
+        try:
+            after_id = uuid.UUID(after) if after is not None else None
+        except (ValueError, TypeError, AttributeError):
+            raise errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}]) from None
+        rows = await ledger.fetch("transactions_page", acc, kind, after_id, limit + 1)
+        return page(rows, limit, cursor_of=str)  # type: ignore[return-value]  # why: built from SQL rows
+
+    @post("/transactions/{transaction_id:str}/reverse", summary="Reverse a transaction", status_code=201)
+    async def reverse(
+        self,
+        request: Request[Any, Any, Any],
+        ledger: Ledger,
+        transaction_id: str,
+        data: ReverseIn | None = None,
+    ) -> Response[Transaction]:
+        """Writes a `reversal` that negates every entry and lot movement of a grant,
+        debit or transfer: consumed lots get their credits back (and expire again at once
+        if they have expired meanwhile). A transaction is reversed at most once: 409
+        `already_reversed`. Reversing credits the receiver has already spent answers 409
+        `insufficient_credits`. Requires an `Idempotency-Key`."""
+        payload = data or ReverseIn()
+        key = idempotency_key(request)
+        txn = parse_public_id(transaction_id, "txn_", errors.TransactionNotFound)
+        args = {
+            "transaction": transaction_id,
+            "transaction_id": str(txn),
+            **msgspec.to_builtins(payload),
+        }
+        outcome = await ledger.execute(
+            "reverse",
+            args,
+            ctx=context_of(request),
+            key=key,
+            fingerprint=fingerprint(request, payload),
+            success_status=201,
+        )
+        return replay_response(outcome)

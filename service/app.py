@@ -1,0 +1,305 @@
+"""create_app(config): routes, lifespan, dependencies and error mapping on one screen."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import msgspec
+import structlog
+from litestar import Litestar, MediaType, Request, Response, get
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.exceptions import HTTPException, NotFoundException, ValidationException
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme, Server
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service import __version__, db, errors
+from service.api.accounts import AccountsController
+from service.api.common import provide_ledger
+from service.api.directory import DirectoryController
+from service.api.grants import GrantsController
+from service.api.transactions import TransactionsController
+from service.background import Background
+from service.config import Config
+from service.journal import Clock, Ledger, database_clock
+from service.observability import (
+    REQUEST_ID_HEADER,
+    Metrics,
+    Stopwatch,
+    new_request_id,
+    status_class,
+)
+
+log = structlog.get_logger("tokenledger")
+
+PROBLEM_JSON = "application/problem+json"
+_REQUEST_ID_OK = re.compile(r"^[\x21-\x7e]{1,128}$")
+_MSGSPEC_PATH = re.compile(r"^(?P<message>.*?)(?: - at `(?P<path>[^`]*)`)?$", re.DOTALL)
+
+
+def problem_response(exc: errors.LedgerError, request: Request[Any, Any, Any]) -> Response[Any]:
+    request.state.outcome = exc.code
+    return Response(
+        exc.problem(instance=request.url.path),
+        status_code=exc.status,
+        media_type=PROBLEM_JSON,
+        headers=exc.headers,
+    )
+
+
+def handle_ledger_error(request: Request[Any, Any, Any], exc: errors.LedgerError) -> Response[Any]:
+    return problem_response(exc, request)
+
+
+def handle_validation(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
+    details = []
+    for item in exc.extra or []:
+        if not isinstance(item, dict):
+            continue
+        key = str(item.get("key", ""))
+        source = item.get("source")
+        if source == "body":
+            path = "$" if key in ("", "data") else "$." + key
+        else:
+            path = key
+        details.append({"path": path, "message": item.get("message", "")})
+    first = details[0] if details else {"path": "$", "message": exc.detail}
+    err = errors.InvalidRequest(f"{first['path']}: {first['message']}", errors=details or [first])
+    return problem_response(err, request)
+
+
+def handle_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    err: errors.LedgerError
+    if isinstance(exc, NotFoundException):
+        err = errors.NotFound(f"no route {request.method} {request.url.path}")
+    elif exc.status_code == 405:
+        err = errors.MethodNotAllowed()
+    elif exc.status_code == 413:
+        err = errors.PayloadTooLarge()
+    elif exc.status_code == 400:
+        err = errors.InvalidRequest(str(exc.detail), errors=[{"path": "$", "message": str(exc.detail)}])
+    else:
+        err = errors.LedgerError(str(exc.detail))
+        err.__class__ = type(
+            "HTTPError", (errors.LedgerError,), {"code": "http_error", "status": exc.status_code}
+        )
+    return problem_response(err, request)
+
+
+def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    translated = errors.translate(exc)
+    if translated is not None:
+        return problem_response(translated, request)
+    # A bug or a broken invariant: 500, with the traceback in the log.
+    log.error("unhandled_error", path=request.url.path, exc_info=exc)
+    request.state.outcome = "internal"
+    body = {
+        "type": "https://tokenledger.internal/problems/internal",
+        "title": "Internal error",
+        "status": 500,
+        "detail": "An unexpected error occurred; it has been logged.",
+        "code": "internal",
+    }
+    return Response(body, status_code=500, media_type=PROBLEM_JSON)
+
+
+_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
+
+
+async def strict_body(request: Request[Any, Any, Any]) -> None:
+    """Decode the JSON body strictly against the handler's `data` type before
+    Litestar's lenient conversion runs: "5" or 5.0 is not an amount.
+
+    Also enforces the body size limit and gives precise JSON paths
+    (`$.grants[3].amount`) in the 400.
+    """
+    handler = request.route_handler
+    field = handler.parsed_fn_signature.parameters.get("data")
+    if field is None:
+        return
+    body = await request.body()
+    if not body.strip():
+        return
+    decoder = _decoders.get(field.annotation)
+    if decoder is None:
+        decoder = _decoders[field.annotation] = msgspec.json.Decoder(field.annotation)
+    try:
+        decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        match = _MSGSPEC_PATH.match(str(exc))
+        message = match.group("message") if match else str(exc)
+        path = (match.group("path") if match else None) or "$"
+        raise errors.InvalidRequest(f"{path}: {message}", errors=[{"path": path, "message": message}]) from None
+    except msgspec.DecodeError as exc:
+        raise errors.InvalidRequest(
+            f"the body is not valid JSON: {exc}", errors=[{"path": "$", "message": str(exc)}]
+        ) from None
+
+
+def request_middleware(app: ASGIApp, metrics: Metrics) -> ASGIApp:
+    """Request id, the canonical log line and the latency histogram."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        watch = Stopwatch()
+        incoming = None
+        for name, value in scope.get("headers", []):
+            if name == b"x-request-id":
+                incoming = value.decode("latin-1")
+                break
+        request_id = incoming if incoming and _REQUEST_ID_OK.match(incoming) else new_request_id()
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        status_holder = {"status": 500}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
+                message["headers"] = headers  # type: ignore[typeddict-unknown-key]  # why: ASGI dicts are open
+            await send(message)
+
+        try:
+            await app(scope, receive, send_wrapper)
+        finally:
+            seconds = watch.seconds()
+            route = scope.get("path_template") or "unmatched"
+            status = status_holder["status"]
+            metrics.request_latency.labels(scope["method"], route, status_class(status)).observe(seconds)
+            principal = state.get("principal")
+            log.info(
+                "request",
+                request_id=request_id,
+                method=scope["method"],
+                route=route,
+                status=status,
+                latency_seconds=round(seconds, 6),
+                outcome=state.get("outcome", "ok" if status < 400 else "error"),
+                principal=getattr(principal, "id", None),
+            )
+
+    return middleware
+
+
+def create_app(
+    config: Config,
+    *,
+    clock: Clock = database_clock,
+    pool: asyncpg.Pool | None = None,
+) -> Litestar:
+    """Build the service. `pool` lets tests share one; otherwise the lifespan
+    opens a pool on config.database_url and closes it at shutdown."""
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        own_pool = pool is None
+        the_pool = pool
+        if the_pool is None:
+            if not config.database_url:
+                raise RuntimeError("database_url is not set")
+            if config.apply_schema:
+                conn = await asyncpg.connect(config.database_url, timeout=config.connect_timeout_seconds)
+                try:
+                    await db.apply_schema(conn)
+                finally:
+                    await conn.close()
+            the_pool = await db.create_pool(
+                config.database_url,
+                min_size=config.pool_min_size,
+                max_size=config.pool_max_size,
+                statement_timeout_ms=config.statement_timeout_ms,
+                lock_timeout_ms=config.lock_timeout_ms,
+                idle_in_transaction_timeout_ms=config.idle_in_transaction_timeout_ms,
+                connect_timeout_seconds=config.connect_timeout_seconds,
+            )
+        ledger = Ledger(the_pool, config, metrics, clock)
+        app.state.ledger = ledger
+        background = Background(ledger)
+        if config.sweeper_enabled:
+            background.start()
+        try:
+            yield
+        finally:
+            await background.stop()
+            if own_pool:
+                await the_pool.close()
+
+    @get("/healthz", include_in_schema=True, tags=["Operations"], summary="Liveness")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @get("/readyz", tags=["Operations"], summary="Readiness: database reachable, schema current")
+    async def readyz(state: State) -> Response[dict[str, Any]]:
+        ledger: Ledger = state.ledger
+        try:
+            version = await asyncio.wait_for(ledger.fetchval("schema_version"), timeout=2.0)
+        except Exception as exc:  # noqa: BLE001  # why: any failure means "not ready", reported, not raised
+            return Response({"status": "unavailable", "reason": type(exc).__name__}, status_code=503)
+        if version is None or int(version) < db.SCHEMA_VERSION:
+            return Response(
+                {"status": "unavailable", "reason": "schema behind", "schema_version": version,
+                 "required": db.SCHEMA_VERSION},
+                status_code=503,
+            )
+        return Response({"status": "ok", "schema_version": int(version)}, status_code=200)
+
+    @get("/metrics", tags=["Operations"], summary="Prometheus metrics", media_type=MediaType.TEXT)
+    async def metrics_endpoint(state: State) -> Response[bytes]:
+        ledger: Ledger = state.ledger
+        metrics.pool_size.set(ledger.pool.get_size())
+        metrics.pool_in_use.set(ledger.pool.get_size() - ledger.pool.get_idle_size())
+        metrics.pool_max.set(ledger.pool.get_max_size())
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Litestar(
+        route_handlers=[
+            healthz,
+            readyz,
+            metrics_endpoint,
+            DirectoryController,
+            AccountsController,
+            GrantsController,
+            TransactionsController,
+        ],
+        dependencies={"ledger": Provide(provide_ledger)},
+        lifespan=[lifespan],
+        before_request=strict_body,
+        middleware=[lambda app: request_middleware(app, metrics)],
+        exception_handlers={
+            errors.LedgerError: handle_ledger_error,
+            ValidationException: handle_validation,
+            HTTPException: handle_http,
+            Exception: handle_unexpected,
+        },
+        request_max_body_size=config.max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="tokenledger",
+            version=__version__,
+            description=(
+                "A double-entry ledger of AI-token credits. Amounts are integer credits. "
+                "Every state-changing POST takes an `Idempotency-Key` header; errors are "
+                "RFC 9457 problem+json with a stable `code`."
+            ),
+            path="/schema",
+            render_plugins=[SwaggerRenderPlugin(path="/")],
+            servers=[Server(url="/")],
+            components=Components(
+                security_schemes={
+                    "bearer": SecurityScheme(type="http", scheme="bearer", description="Bearer token"),
+                }
+            ),
+        ),
+        debug=False,
+    )

@@ -1,0 +1,156 @@
+"""Database access: schema application, the pool, named queries and retries.
+
+Everything that talks to PostgreSQL goes through here so that timeouts,
+codecs and the retry policy are decided in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
+SQL_DIR = Path(__file__).resolve().parent / "sql"
+
+# Bumped whenever schema.sql changes shape; /readyz compares the database's
+# row in schema_version with this number.
+SCHEMA_VERSION = 1
+
+# Advisory lock key that serialises concurrent schema applications (several
+# replicas starting at once must not race on CREATE statements).
+_SCHEMA_LOCK_KEY = 0x746F6B656E6C6564  # "tokenled"
+
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+
+T = TypeVar("T")
+
+
+def schema_sql() -> str:
+    return SCHEMA_PATH.read_text(encoding="utf-8")
+
+
+async def apply_schema(conn: asyncpg.Connection) -> None:
+    """Apply schema.sql; safe to repeat, and to run from many replicas at once.
+
+    The schema file is written with IF NOT EXISTS / CREATE OR REPLACE so that
+    applying it again is a no-op; the advisory lock keeps two replicas from
+    interleaving their DDL.
+    """
+    await conn.execute("SELECT pg_advisory_lock($1)", _SCHEMA_LOCK_KEY)
+    try:
+        await conn.execute(schema_sql())
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _SCHEMA_LOCK_KEY)
+
+
+async def schema_version(conn: asyncpg.Connection) -> int | None:
+    """The schema version recorded in the database, or None before any."""
+    exists = await conn.fetchval("SELECT to_regclass('schema_version') IS NOT NULL")
+    if not exists:
+        return None
+    value = await conn.fetchval("SELECT max(version) FROM schema_version")
+    return int(value) if value is not None else None
+
+
+def load_queries() -> dict[str, str]:
+    """Read the named queries of service/sql/*.sql.
+
+    A query starts with a line `-- name: some_name` and runs to the next such
+    line; the lines after the name that start with `--` describe it.
+    """
+    queries: dict[str, str] = {}
+    for path in sorted(SQL_DIR.glob("*.sql")):
+        name: str | None = None
+        lines: list[str] = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.startswith("-- name:"):
+                if name is not None:
+                    queries[name] = "\n".join(lines).strip()
+                name = line.removeprefix("-- name:").strip()
+                if name in queries:
+                    raise ValueError(f"duplicate query name {name} in {path}")
+                lines = []
+            elif name is not None and not (line.startswith("--") and not lines):
+                lines.append(line)
+        if name is not None:
+            queries[name] = "\n".join(lines).strip()
+    return queries
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # jsonb in and out as Python objects; the service never builds JSON text
+    # by hand.
+    await conn.set_type_codec(
+        "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+    )
+    await conn.set_type_codec(
+        "json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+    )
+
+
+async def retry(
+    fn: Callable[[], Awaitable[T]],
+    *,
+    attempts: int = 5,
+    base_delay_seconds: float = 0.005,
+    max_delay_seconds: float = 0.2,
+) -> T:
+    """Run a whole database transaction again on serialization failures and
+    deadlocks (SQLSTATE 40001/40P01), bounded and with full jitter.
+
+    Only whole transactions are retried: `fn` must open and commit its own.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return await fn()
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate not in RETRYABLE_SQLSTATES or attempt == attempts:
+                raise
+            cap = min(max_delay_seconds, base_delay_seconds * (2**attempt))
+            await asyncio.sleep(random.uniform(0, cap))
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
+async def create_pool(
+    dsn: str,
+    *,
+    min_size: int,
+    max_size: int,
+    statement_timeout_ms: int,
+    lock_timeout_ms: int,
+    idle_in_transaction_timeout_ms: int,
+    connect_timeout_seconds: float,
+    application_name: str = "tokenledger",
+) -> asyncpg.Pool:
+    """A pool whose every connection carries the service's timeouts.
+
+    Timeouts are server settings on each connection so that no statement, row
+    lock wait or forgotten transaction can hold a connection forever.
+    """
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=connect_timeout_seconds,
+        command_timeout=max(1.0, statement_timeout_ms / 1000 * 2),
+        init=_init_connection,
+        server_settings={
+            "application_name": application_name,
+            "statement_timeout": str(statement_timeout_ms),
+            "lock_timeout": str(lock_timeout_ms),
+            "idle_in_transaction_session_timeout": str(idle_in_transaction_timeout_ms),
+            "TimeZone": "UTC",
+        },
+    )
+    assert pool is not None
+    return pool
+
+
+def as_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)

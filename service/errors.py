@@ -1,0 +1,293 @@
+"""The closed set of error codes, and the one place database errors become them.
+
+Each code is a LedgerError subclass whose docstring is its default detail
+(API.md, Errors). The classes are listed in precedence order: when several
+checks fail, the first in this order answers. Database errors are translated
+by SQLSTATE (our PL/pgSQL functions raise class TL with their own codes),
+never by message text.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+import asyncpg
+
+
+class LedgerError(Exception):
+    """An expected, operating error: logged without a traceback."""
+
+    code: ClassVar[str] = "internal"
+    status: ClassVar[int] = 500
+    title: ClassVar[str] = "Internal error"
+    # The SQLSTATE our SQL functions raise for this code, if any.
+    sqlstate: ClassVar[str | None] = None
+    headers: dict[str, str]
+
+    def __init__(self, detail: str | None = None, **extra: Any) -> None:
+        self.detail = detail or (self.__doc__ or self.title).strip()
+        self.extra = extra
+        self.headers = {}
+        super().__init__(self.detail)
+
+    def problem(self, instance: str | None = None) -> dict[str, Any]:
+        """The RFC 9457 problem+json body."""
+        body: dict[str, Any] = {
+            "type": f"https://tokenledger.internal/problems/{self.code.replace('_', '-')}",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "code": self.code,
+        }
+        if instance:
+            body["instance"] = instance
+        for key, value in self.extra.items():
+            body.setdefault(key, value)
+        return body
+
+
+# 400 ----------------------------------------------------------------------
+class InvalidRequest(LedgerError):
+    """The request is malformed; see `errors` for the offending fields."""
+
+    code, status, title, sqlstate = "invalid_request", 400, "Invalid request", "TLD01"
+
+
+class IdempotencyKeyRequired(LedgerError):
+    """This request changes state and needs an Idempotency-Key header (1 to 255 printable ASCII characters)."""
+
+    code, status, title = "idempotency_key_required", 400, "Idempotency-Key required"
+
+
+# 401 / 403 ----------------------------------------------------------------
+class Unauthenticated(LedgerError):
+    """A valid bearer token is required."""
+
+    code, status, title = "unauthenticated", 401, "Unauthenticated"
+
+
+class Forbidden(LedgerError):
+    """The caller's role may not do this."""
+
+    code, status, title = "forbidden", 403, "Forbidden"
+
+
+class PayloadTooLarge(LedgerError):
+    """The request body is larger than the configured limit."""
+
+    code, status, title = "payload_too_large", 413, "Payload too large"
+
+
+# 404 ----------------------------------------------------------------------
+class AccountNotFound(LedgerError):
+    """No account has that address."""
+
+    code, status, title, sqlstate = "account_not_found", 404, "Account not found", "TLA01"
+
+
+class EmployeeNotFound(LedgerError):
+    """No employee has that id."""
+
+    code, status, title, sqlstate = "employee_not_found", 404, "Employee not found", "TLA02"
+
+
+class DepartmentNotFound(LedgerError):
+    """No department has that id."""
+
+    code, status, title, sqlstate = "department_not_found", 404, "Department not found", "TLA03"
+
+
+class TransactionNotFound(LedgerError):
+    """No transaction has that id."""
+
+    code, status, title, sqlstate = "transaction_not_found", 404, "Transaction not found", "TLA04"
+
+
+class ReservationNotFound(LedgerError):
+    """No reservation has that id."""
+
+    code, status, title, sqlstate = "reservation_not_found", 404, "Reservation not found", "TLA05"
+
+
+class LotNotFound(LedgerError):
+    """No lot has that id."""
+
+    code, status, title, sqlstate = "lot_not_found", 404, "Lot not found", "TLA06"
+
+
+class GrantProgramNotFound(LedgerError):
+    """No grant program has that id."""
+
+    code, status, title, sqlstate = "grant_program_not_found", 404, "Grant program not found", "TLA07"
+
+
+class UnknownModel(LedgerError):
+    """No price is known for that model at that time."""
+
+    code, status, title, sqlstate = "unknown_model", 404, "Unknown model", "TLA08"
+
+
+class NotFound(LedgerError):
+    """No such route."""
+
+    code, status, title = "not_found", 404, "Not found"
+
+
+class MethodNotAllowed(LedgerError):
+    """This route does not take that method."""
+
+    code, status, title = "method_not_allowed", 405, "Method not allowed"
+
+
+# 409 ----------------------------------------------------------------------
+class InsufficientCredits(LedgerError):
+    """The account's available credits do not cover the amount."""
+
+    code, status, title, sqlstate = "insufficient_credits", 409, "Insufficient credits", "TLB01"
+
+
+class AccountClosed(LedgerError):
+    """The account is closed; it takes no more writes."""
+
+    code, status, title, sqlstate = "account_closed", 409, "Account closed", "TLB02"
+
+
+class AssetMismatch(LedgerError):
+    """The accounts hold different assets."""
+
+    code, status, title, sqlstate = "asset_mismatch", 409, "Asset mismatch", "TLB03"
+
+
+class ReservationNotActive(LedgerError):
+    """The reservation is no longer active."""
+
+    code, status, title, sqlstate = "reservation_not_active", 409, "Reservation not active", "TLB04"
+
+
+class LotNotActive(LedgerError):
+    """The lot has nothing left to act on."""
+
+    code, status, title, sqlstate = "lot_not_active", 409, "Lot not active", "TLB05"
+
+
+class AlreadyReversed(LedgerError):
+    """The transaction was already reversed."""
+
+    code, status, title, sqlstate = "already_reversed", 409, "Already reversed", "TLB06"
+
+
+class IdempotencyKeyInProgress(LedgerError):
+    """A request with this Idempotency-Key is still being processed; retry shortly."""
+
+    code, status, title, sqlstate = (
+        "idempotency_key_in_progress",
+        409,
+        "Idempotency key in progress",
+        "TLB07",
+    )
+
+
+# 422 ----------------------------------------------------------------------
+class IdempotencyKeyReused(LedgerError):
+    """This Idempotency-Key was used with a different request; nothing was changed."""
+
+    code, status, title, sqlstate = (
+        "idempotency_key_reused",
+        422,
+        "Idempotency key reused",
+        "TLC01",
+    )
+
+
+# 429 / 503 ----------------------------------------------------------------
+class RateLimited(LedgerError):
+    """Too many requests from this caller; retry after the given seconds."""
+
+    code, status, title = "rate_limited", 429, "Rate limited"
+
+
+class Unavailable(LedgerError):
+    """The service is overloaded or its database is unreachable; retry after the given seconds."""
+
+    code, status, title = "unavailable", 503, "Service unavailable"
+
+
+# In precedence order; the README's error table is generated from this list.
+ERRORS: tuple[type[LedgerError], ...] = (
+    InvalidRequest,
+    IdempotencyKeyRequired,
+    Unauthenticated,
+    Forbidden,
+    PayloadTooLarge,
+    AccountNotFound,
+    EmployeeNotFound,
+    DepartmentNotFound,
+    TransactionNotFound,
+    ReservationNotFound,
+    LotNotFound,
+    GrantProgramNotFound,
+    UnknownModel,
+    InsufficientCredits,
+    AccountClosed,
+    AssetMismatch,
+    ReservationNotActive,
+    LotNotActive,
+    AlreadyReversed,
+    IdempotencyKeyInProgress,
+    IdempotencyKeyReused,
+    RateLimited,
+    Unavailable,
+)
+
+BY_CODE: dict[str, type[LedgerError]] = {cls.code: cls for cls in ERRORS}
+BY_SQLSTATE: dict[str, type[LedgerError]] = {cls.sqlstate: cls for cls in ERRORS if cls.sqlstate}
+
+# SQLSTATEs that mean "the database is overloaded or going away": answer 503
+# so callers back off and retry, never a misleading 4xx.
+_UNAVAILABLE_SQLSTATES = frozenset(
+    {
+        "57014",  # query_canceled (statement_timeout)
+        "55P03",  # lock_not_available (lock_timeout)
+        "53300",  # too_many_connections
+        "57P01",  # admin_shutdown
+        "57P02",  # crash_shutdown
+        "57P03",  # cannot_connect_now
+        "08000",
+        "08003",
+        "08006",
+        "08001",
+        "08004",
+        "40001",  # serialization_failure, after our bounded retries
+        "40P01",  # deadlock_detected, after our bounded retries
+    }
+)
+
+
+def from_stored(code: str, detail: str | None, extra: dict[str, Any]) -> LedgerError:
+    """Rebuild the error a stored idempotent 409 described."""
+    return BY_CODE[code](detail, **extra)
+
+
+def translate(exc: BaseException) -> LedgerError | None:
+    """Turn a database error into the LedgerError it stands for, or None when
+    it is not an operating error (then it is a bug: 500 with a traceback)."""
+    if isinstance(exc, asyncpg.PostgresError):
+        state = exc.sqlstate or ""
+        cls = BY_SQLSTATE.get(state)
+        if cls is not None:
+            extra: dict[str, Any] = {}
+            hint = getattr(exc, "hint", None)
+            if hint:
+                try:
+                    extra = json.loads(hint)
+                except ValueError:
+                    extra = {}
+            return cls(getattr(exc, "detail", None), **extra)
+        if state in _UNAVAILABLE_SQLSTATES:
+            return Unavailable()
+        return None
+    if isinstance(exc, (asyncpg.ConnectionDoesNotExistError, OSError, TimeoutError)):
+        # Pool acquire timeouts and lost connections: the caller should retry.
+        return Unavailable()
+    return None

@@ -1,0 +1,110 @@
+"""Logs and metrics.
+
+One canonical JSON log line per request (STYLE.md habit 11) and Prometheus
+metrics with bounded label sets: route templates, never account ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import uuid
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def configure_logging(log_format: str = "auto", level: str = "info") -> None:
+    """JSON lines when not on a terminal, readable console output on one."""
+    use_console = log_format == "console" or (log_format == "auto" and sys.stderr.isatty())
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def new_request_id() -> str:
+    return "req_" + uuid.uuid4().hex
+
+
+class Metrics:
+    """The service's metrics, on a registry of their own so that several apps
+    (tests build many) never collide on the process-global one."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.request_latency = Histogram(
+            "tokenledger_http_request_duration_seconds",
+            "HTTP request latency by method, route template and status class.",
+            ["method", "route", "status_class"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.operations = Counter(
+            "tokenledger_ledger_operations_total",
+            "Ledger operations by kind and outcome (ok, replayed, or an error code).",
+            ["kind", "outcome"],
+            registry=self.registry,
+        )
+        self.pool_size = Gauge(
+            "tokenledger_db_pool_connections",
+            "Connections open in the database pool.",
+            registry=self.registry,
+        )
+        self.pool_in_use = Gauge(
+            "tokenledger_db_pool_connections_in_use",
+            "Connections of the pool currently lent to a request.",
+            registry=self.registry,
+        )
+        self.pool_max = Gauge(
+            "tokenledger_db_pool_connections_max",
+            "Configured maximum size of the database pool.",
+            registry=self.registry,
+        )
+        self.db_retries = Counter(
+            "tokenledger_db_retries_total",
+            "Whole transactions retried after a serialization failure or deadlock.",
+            registry=self.registry,
+        )
+        self.sweeper_runs = Counter(
+            "tokenledger_sweeper_runs_total",
+            "Background sweeps by task and outcome.",
+            ["task", "outcome"],
+            registry=self.registry,
+        )
+        self.expired_credits = Counter(
+            "tokenledger_expired_credits_total",
+            "Credits moved to system:expired by the sweeper.",
+            registry=self.registry,
+        )
+
+
+class Stopwatch:
+    __slots__ = ("start",)
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"

@@ -1,0 +1,48 @@
+-- name: account_id
+-- The internal id of an account by address (null when there is none).
+SELECT id FROM accounts WHERE address = $1;
+
+-- name: account_json
+-- The balance view of an account at an instant (null clock = now).
+SELECT tl_account_json(a.id, coalesce($2::timestamptz, clock_timestamp()))
+FROM accounts a WHERE a.address = $1;
+
+-- name: account_entries
+-- One page of an account's entries, newest first; $2 is the cursor (an entry
+-- id, exclusive), $3/$4 bound created_at to [from, to).
+SELECT e.id AS cursor,
+       jsonb_build_object(
+           'transaction_id', tl_public_id('txn_', e.transaction_id),
+           'kind', t.kind,
+           'amount', e.amount,
+           'balance_after', e.balance_after,
+           'version', e.version,
+           'shard', e.shard,
+           'created_at', tl_ts(e.created_at),
+           'metadata', t.metadata) AS item
+FROM entries e JOIN transactions t ON t.id = e.transaction_id
+WHERE e.account_id = $1
+  AND ($2::bigint IS NULL OR e.id < $2)
+  AND ($3::timestamptz IS NULL OR e.created_at >= $3)
+  AND ($4::timestamptz IS NULL OR e.created_at < $4)
+ORDER BY e.id DESC
+LIMIT $5;
+
+-- name: balance_at
+-- The posted balance of an account as of an instant.
+SELECT tl_balance_at($1, $2);
+
+-- name: balance_series
+-- The posted balance at the end of each interval from $2 to $3.
+SELECT b AS at, tl_balance_at($1, b) AS posted
+FROM generate_series($2::timestamptz, $3::timestamptz, $4::interval) b
+ORDER BY b;
+
+-- name: account_lots
+-- Live lots of an account in consumption order (pending ones included).
+SELECT tl_lot_json(l.id)
+FROM lots l
+WHERE l.account_id = $1 AND l.status = 'active' AND l.remaining > 0
+  AND (l.expires_at IS NULL OR l.expires_at > coalesce($2::timestamptz, clock_timestamp()))
+ORDER BY l.priority, l.expires_at NULLS LAST, l.effective_at, l.id
+OFFSET $3 LIMIT $4;
