@@ -94,6 +94,13 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+async def connect(dsn: str, *, timeout: float = 10.0) -> asyncpg.Connection:
+    """A single connection with the same codecs as the pool's (for the CLI)."""
+    conn = await asyncpg.connect(dsn, timeout=timeout, server_settings={"TimeZone": "UTC"})
+    await _init_connection(conn)
+    return conn
+
+
 async def retry(
     fn: Callable[[], Awaitable[T]],
     *,

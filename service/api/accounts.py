@@ -6,7 +6,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from litestar import Controller, Request, get
-from litestar.params import Parameter
+from litestar.di import NamedDependency
+from litestar.params import FromPath, FromQuery, QueryParameter
 
 from service import errors
 from service.api.common import check_address, decode_cursor, page
@@ -17,11 +18,11 @@ from service.journal import Ledger
 # for ~20 years): bounded work per request.
 MAX_SERIES_POINTS = 1000
 
-LimitParam = Annotated[int, Parameter(ge=1, le=500, default=50, description="Page size, 1..500.")]
-CursorParam = Annotated[str | None, Parameter(description="Opaque cursor from next_cursor.")]
+LimitParam = Annotated[int, QueryParameter(ge=1, le=500, description="Page size, 1..500.")]
+CursorParam = Annotated[str | None, QueryParameter(description="Opaque cursor from next_cursor.")]
 
 
-async def account_id(ledger: Ledger, address: str) -> int:
+async def account_id(ledger: NamedDependency[Ledger], address: FromPath[str]) -> int:
     check_address(address)
     found = await ledger.fetchval("account_id", address)
     if found is None:
@@ -29,7 +30,7 @@ async def account_id(ledger: Ledger, address: str) -> int:
     return int(found)
 
 
-def not_found(address: str) -> errors.LedgerError:
+def not_found(address: FromPath[str]) -> errors.LedgerError:
     kind, _, ref = address.partition(":")
     if kind == "employee":
         return errors.EmployeeNotFound(f"no employee {ref}", employee=ref)
@@ -55,7 +56,7 @@ class AccountsController(Controller):
     tags = ["Accounts"]
 
     @get("/accounts/{address:str}", summary="Balances of an account")
-    async def get_account(self, ledger: Ledger, address: str) -> Account:
+    async def get_account(self, ledger: NamedDependency[Ledger], address: FromPath[str]) -> Account:
         """Posted, reserved, pending and available credits, and what expires when."""
         check_address(address)
         body = await ledger.fetchval("account_json", address, ledger.now())
@@ -64,7 +65,7 @@ class AccountsController(Controller):
         return body  # type: ignore[no-any-return]  # why: the body is built in SQL
 
     @get("/me", summary="The calling employee's wallet")
-    async def me(self, request: Request[Any, Any, Any], ledger: Ledger) -> Account:
+    async def me(self, request: Request[Any, Any, Any], ledger: NamedDependency[Ledger]) -> Account:
         principal = getattr(request.state, "principal", None)
         employee = getattr(principal, "employee", None)
         if employee is None:
@@ -74,12 +75,12 @@ class AccountsController(Controller):
     @get("/accounts/{address:str}/entries", summary="Entries of an account, newest first")
     async def entries(
         self,
-        ledger: Ledger,
-        address: str,
+        ledger: NamedDependency[Ledger],
+        address: FromPath[str],
         limit: LimitParam = 50,
         cursor: CursorParam = None,
-        from_: Annotated[datetime | None, Parameter(query="from")] = None,
-        to: datetime | None = None,
+        from_: Annotated[datetime | None, QueryParameter(name="from")] = None,
+        to: FromQuery[datetime | None] = None,
     ) -> EntriesPage:
         require_tz(from_, "from")
         require_tz(to, "to")
@@ -91,7 +92,7 @@ class AccountsController(Controller):
         return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
 
     @get("/accounts/{address:str}/balance", summary="Posted balance as of an instant")
-    async def balance(self, ledger: Ledger, address: str, at: datetime | None = None) -> Balance:
+    async def balance(self, ledger: NamedDependency[Ledger], address: FromPath[str], at: FromQuery[datetime | None] = None) -> Balance:
         """The posted balance after every entry made at or before `at` (default now)."""
         require_tz(at, "at")
         acc = await account_id(ledger, address)
@@ -102,11 +103,11 @@ class AccountsController(Controller):
     @get("/accounts/{address:str}/series", summary="Posted balance over time, for charts")
     async def series(
         self,
-        ledger: Ledger,
-        address: str,
-        from_: Annotated[datetime, Parameter(query="from")],
-        to: datetime,
-        interval: Literal["day", "hour"] = "day",
+        ledger: NamedDependency[Ledger],
+        address: FromPath[str],
+        from_: Annotated[datetime, QueryParameter(name="from")],
+        to: FromQuery[datetime],
+        interval: FromQuery[Literal["day", "hour"]] = "day",
     ) -> Series:
         """The posted balance at each step from `from` to `to` (both included), at most
         1000 points."""
@@ -126,7 +127,7 @@ class AccountsController(Controller):
 
     @get("/accounts/{address:str}/lots", summary="Live lots in consumption order")
     async def lots(
-        self, ledger: Ledger, address: str, limit: LimitParam = 50, cursor: CursorParam = None
+        self, ledger: NamedDependency[Ledger], address: FromPath[str], limit: LimitParam = 50, cursor: CursorParam = None
     ) -> LotsPage:
         """Lots with credits left, in the order debits consume them (priority, then
         soonest expiry, then oldest). Lots with a future `effective_at` are listed too."""

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, get, post, put
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody
 
 from service import errors
 from service.api.common import (
@@ -48,7 +50,7 @@ class DirectoryController(Controller):
 
     @put("/departments/{department_id:str}", summary="Create or update a department")
     async def put_department(
-        self, request: Request[Any, Any, Any], ledger: Ledger, department_id: str, data: DepartmentIn
+        self, request: Request[Any, Any, Any], ledger: NamedDependency[Ledger], department_id: FromPath[str], data: JSONBody[DepartmentIn]
     ) -> Response[Department]:
         """Opens `department:{id}` on first creation. 201 when created, 200 when updated."""
         check_ref(department_id, "department_id")
@@ -57,7 +59,7 @@ class DirectoryController(Controller):
         return Response(result["body"], status_code=201 if result["created"] else 200)
 
     @get("/departments/{department_id:str}", summary="Get a department")
-    async def get_department(self, ledger: Ledger, department_id: str) -> Department:
+    async def get_department(self, ledger: NamedDependency[Ledger], department_id: FromPath[str]) -> Department:
         body = await ledger.fetchval("department_json", department_id)
         if body is None:
             raise errors.DepartmentNotFound(f"no department {department_id}", department=department_id)
@@ -65,7 +67,7 @@ class DirectoryController(Controller):
 
     @put("/employees/{employee_id:str}", summary="Create or update an employee")
     async def put_employee(
-        self, request: Request[Any, Any, Any], ledger: Ledger, employee_id: str, data: EmployeeIn
+        self, request: Request[Any, Any, Any], ledger: NamedDependency[Ledger], employee_id: FromPath[str], data: JSONBody[EmployeeIn]
     ) -> Response[Employee]:
         """Opens the wallet `employee:{id}` on first creation. 201 when created, 200 when
         updated; an offboarded employee answers 409 `account_closed`."""
@@ -75,7 +77,7 @@ class DirectoryController(Controller):
         return Response(result["body"], status_code=201 if result["created"] else 200)
 
     @get("/employees/{employee_id:str}", summary="Get an employee with their wallet balance")
-    async def get_employee(self, ledger: Ledger, employee_id: str) -> Employee:
+    async def get_employee(self, ledger: NamedDependency[Ledger], employee_id: FromPath[str]) -> Employee:
         body = await ledger.fetchval("employee_json", employee_id, ledger.now())
         if body is None:
             raise errors.EmployeeNotFound(f"no employee {employee_id}", employee=employee_id)
@@ -85,9 +87,9 @@ class DirectoryController(Controller):
     async def offboard(
         self,
         request: Request[Any, Any, Any],
-        ledger: Ledger,
-        employee_id: str,
-        data: OffboardIn | None = None,
+        ledger: NamedDependency[Ledger],
+        employee_id: FromPath[str],
+        data: JSONBody[OffboardIn | None] = None,
     ) -> Response[Employee]:
         """Closes the wallet: active reservations are released and remaining lots are
         voided back to their funding accounts, in one transaction. Later writes to the

@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody
 
 from service import errors
 from service.api.common import (
@@ -64,7 +66,7 @@ class VoidIn(msgspec.Struct, forbid_unknown_fields=True):
     memo: Memo | None = None
 
 
-def grant_args(data: GrantIn) -> dict[str, Any]:
+def grant_args(data: JSONBody[GrantIn]) -> dict[str, Any]:
     args = msgspec.to_builtins(data)
     args.pop("key", None)
     return args  # type: ignore[no-any-return]  # why: to_builtins of a Struct is a dict
@@ -76,7 +78,7 @@ class GrantsController(Controller):
 
     @post("/grants", summary="Grant credits to an employee", status_code=201)
     async def grant(
-        self, request: Request[Any, Any, Any], ledger: Ledger, data: GrantIn
+        self, request: Request[Any, Any, Any], ledger: NamedDependency[Ledger], data: JSONBody[GrantIn]
     ) -> Response[GrantResult]:
         """Creates a lot in the employee's wallet, funded by `system:issuance` or a
         department (which cannot grant more than it holds; a department-funded lot never
@@ -95,7 +97,7 @@ class GrantsController(Controller):
 
     @post("/grants:batch", summary="Grant credits in a batch", status_code=200)
     async def grant_batch(
-        self, request: Request[Any, Any, Any], ledger: Ledger, data: GrantBatchIn
+        self, request: Request[Any, Any, Any], ledger: NamedDependency[Ledger], data: JSONBody[GrantBatchIn]
     ) -> BatchGrantResponse:
         """Up to 1000 grants in one database transaction. Each item is idempotent by its
         own `key` (so no `Idempotency-Key` header is needed): the same key and body again
@@ -118,9 +120,9 @@ class GrantsController(Controller):
     async def void_lot(
         self,
         request: Request[Any, Any, Any],
-        ledger: Ledger,
-        lot_id: str,
-        data: VoidIn | None = None,
+        ledger: NamedDependency[Ledger],
+        lot_id: FromPath[str],
+        data: JSONBody[VoidIn | None] = None,
     ) -> Response[Transaction]:
         """The unspent, unreserved remainder goes back to the funding account, in a
         `void` transaction. A lot with nothing left (spent, expired or already voided)

@@ -7,7 +7,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
-from litestar.params import Parameter
+from litestar.di import NamedDependency
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from service import errors
 from service.api.accounts import CursorParam, LimitParam, account_id
@@ -55,7 +56,7 @@ class TransactionsController(Controller):
 
     @post("/debits", summary="Debit credits from a wallet", status_code=201)
     async def debit(
-        self, request: Request[Any, Any, Any], ledger: Ledger, data: DebitIn
+        self, request: Request[Any, Any, Any], ledger: NamedDependency[Ledger], data: JSONBody[DebitIn]
     ) -> Response[Transaction]:
         """Consumes live lots in consumption order (priority, soonest expiry, oldest
         first) and moves the credits to `system:usage`. 409 `insufficient_credits` with
@@ -74,7 +75,7 @@ class TransactionsController(Controller):
 
     @post("/transfers", summary="Transfer credits between accounts", status_code=201)
     async def transfer(
-        self, request: Request[Any, Any, Any], ledger: Ledger, data: TransferIn
+        self, request: Request[Any, Any, Any], ledger: NamedDependency[Ledger], data: JSONBody[TransferIn]
     ) -> Response[Transaction]:
         """Moves credits between wallets and department accounts (or to and from
         `system:issuance`, which is how finance funds departments). Credits carry their
@@ -92,7 +93,7 @@ class TransactionsController(Controller):
         return replay_response(outcome)
 
     @get("/transactions/{transaction_id:str}", summary="Get a transaction")
-    async def get_transaction(self, ledger: Ledger, transaction_id: str) -> Transaction:
+    async def get_transaction(self, ledger: NamedDependency[Ledger], transaction_id: FromPath[str]) -> Transaction:
         txn = parse_public_id(transaction_id, "txn_", errors.TransactionNotFound)
         body = await ledger.fetchval("transaction_json", txn)
         if body is None:
@@ -104,9 +105,9 @@ class TransactionsController(Controller):
     @get("/transactions", summary="List transactions, newest first")
     async def list_transactions(
         self,
-        ledger: Ledger,
-        account: Annotated[str | None, Parameter(description="Only those touching this account.")] = None,
-        kind: Kind | None = None,
+        ledger: NamedDependency[Ledger],
+        account: Annotated[str | None, QueryParameter(description="Only those touching this account.")] = None,
+        kind: FromQuery[Kind | None] = None,
         limit: LimitParam = 50,
         cursor: CursorParam = None,
     ) -> TransactionsPage:
@@ -123,9 +124,9 @@ class TransactionsController(Controller):
     async def reverse(
         self,
         request: Request[Any, Any, Any],
-        ledger: Ledger,
-        transaction_id: str,
-        data: ReverseIn | None = None,
+        ledger: NamedDependency[Ledger],
+        transaction_id: FromPath[str],
+        data: JSONBody[ReverseIn | None] = None,
     ) -> Response[Transaction]:
         """Writes a `reversal` that negates every entry and lot movement of a grant,
         debit or transfer: consumed lots get their credits back (and expire again at once

@@ -1,0 +1,107 @@
+-- The invariant checks of DESIGN.md run by `tokenledger audit`. Each query
+-- returns the first violating row (or none), described in a `problem` column.
+
+-- name: audit_1_unbalanced
+-- Invariant 1: every transaction's entries sum to zero per asset.
+SELECT format('transaction %s: %s entries sum to %s', tl_public_id('txn_', transaction_id), asset, sum(amount)) AS problem
+FROM entries GROUP BY transaction_id, asset HAVING sum(amount) <> 0
+LIMIT 1;
+
+-- name: audit_1_too_few_entries
+-- Invariant 1: a transaction has at least two entries.
+SELECT format('transaction %s has %s entries', tl_public_id('txn_', t.id), count(e.id)) AS problem
+FROM transactions t LEFT JOIN entries e ON e.transaction_id = t.id
+GROUP BY t.id HAVING count(e.id) < 2
+LIMIT 1;
+
+-- name: audit_2_running_balance
+-- Invariant 2: each entry's balance_after is the previous one plus its amount,
+-- and versions rise by one from 1 (per account, per shard for system accounts).
+SELECT format('account %s shard %s version %s: balance_after %s, running sum %s, expected version %s',
+              a.address, x.shard, x.version, x.balance_after, x.running, x.rn) AS problem
+FROM (SELECT e.account_id, e.shard, e.version, e.balance_after,
+             sum(e.amount) OVER w AS running, row_number() OVER w AS rn
+      FROM entries e
+      WINDOW w AS (PARTITION BY e.account_id, e.shard ORDER BY e.version)) x
+JOIN accounts a ON a.id = x.account_id
+WHERE x.balance_after <> x.running OR x.version <> x.rn
+LIMIT 1;
+
+-- name: audit_2_posted
+-- Invariant 2: an account's posted balance (and version) equal the sum (and
+-- count) of its entries; for system accounts, shard by shard.
+WITH sums AS (
+    SELECT account_id, shard, sum(amount) AS total, count(*) AS n FROM entries GROUP BY account_id, shard)
+SELECT format('account %s shard %s: posted %s, version %s, but entries sum to %s over %s',
+              a.address, b.shard, b.posted, b.version, coalesce(s.total, 0), coalesce(s.n, 0)) AS problem
+FROM (SELECT id AS account_id, 0 AS shard, posted, version FROM accounts WHERE shard_count = 1
+      UNION ALL
+      SELECT account_id, shard, posted, version FROM account_shards) b
+JOIN accounts a ON a.id = b.account_id
+LEFT JOIN sums s ON s.account_id = b.account_id AND s.shard = b.shard
+WHERE b.posted <> coalesce(s.total, 0) OR b.version <> coalesce(s.n, 0)
+LIMIT 1;
+
+-- name: audit_2_orphan_entries
+-- Invariant 2: no entry of a system account lies outside its shard rows.
+SELECT format('account %s has entries on shard %s, which does not exist', a.address, e.shard) AS problem
+FROM entries e JOIN accounts a ON a.id = e.account_id
+WHERE (a.shard_count = 1 AND e.shard <> 0)
+   OR (a.shard_count > 1 AND NOT EXISTS (
+        SELECT 1 FROM account_shards s WHERE s.account_id = e.account_id AND s.shard = e.shard))
+LIMIT 1;
+
+-- name: audit_3_available
+-- Invariant 3: available = posted - reserved >= -overdraft_limit for bounded accounts.
+SELECT format('account %s: posted %s - reserved %s is below -%s', address, posted, reserved, overdraft_limit) AS problem
+FROM accounts
+WHERE type <> 'system' AND posted - reserved < -overdraft_limit
+LIMIT 1;
+
+-- name: audit_4_lot_movements
+-- Invariant 4: each lot's remaining is the sum of its movements.
+SELECT format('lot %s: remaining %s but its movements sum to %s', tl_public_id('lot_', l.id), l.remaining,
+              coalesce(m.total, 0)) AS problem
+FROM lots l LEFT JOIN (SELECT lot_id, sum(amount) AS total FROM lot_movements GROUP BY lot_id) m ON m.lot_id = l.id
+WHERE l.remaining <> coalesce(m.total, 0)
+LIMIT 1;
+
+-- name: audit_4_lots_cover_posted
+-- Invariant 4: a lot-holding account's posted balance is the sum of its
+-- lots' remaining credits (so spendable credits are exactly its live lots).
+SELECT format('account %s: posted %s but its lots hold %s', a.address, a.posted, coalesce(l.total, 0)) AS problem
+FROM accounts a
+LEFT JOIN (SELECT account_id, sum(remaining) AS total FROM lots GROUP BY account_id) l ON l.account_id = a.id
+WHERE a.type <> 'system' AND a.posted <> coalesce(l.total, 0)
+LIMIT 1;
+
+-- name: audit_4_lot_reserved
+-- Invariant 4: an account's reserved amount is what its lots have earmarked.
+SELECT format('account %s: reserved %s but its lots earmark %s', a.address, a.reserved, coalesce(l.total, 0)) AS problem
+FROM accounts a
+LEFT JOIN (SELECT account_id, sum(reserved) AS total FROM lots GROUP BY account_id) l ON l.account_id = a.id
+WHERE a.type <> 'system' AND a.reserved <> coalesce(l.total, 0)
+LIMIT 1;
+
+-- name: audit_7_triggers
+-- Invariant 7: the append-only triggers exist and are enabled.
+SELECT format('trigger %s on %s is missing or disabled', want.tgname, want.tbl) AS problem
+FROM (VALUES ('transactions_immutable', 'transactions'), ('transactions_no_truncate', 'transactions'),
+             ('entries_immutable', 'entries'), ('entries_no_truncate', 'entries'),
+             ('lot_movements_immutable', 'lot_movements'), ('lot_movements_no_truncate', 'lot_movements'),
+             ('entries_balanced', 'entries')) AS want (tgname, tbl)
+LEFT JOIN pg_trigger t ON t.tgname = want.tgname AND t.tgrelid = want.tbl::regclass AND t.tgenabled <> 'D'
+WHERE t.oid IS NULL
+LIMIT 1;
+
+-- name: audit_7_reversals
+-- Invariant 7: a reversal negates exactly the entries of the transaction it reverses.
+SELECT format('reversal %s does not negate %s on account %s', tl_public_id('txn_', r.id),
+              tl_public_id('txn_', r.reverses), a.address) AS problem
+FROM transactions r
+JOIN LATERAL (
+    SELECT account_id, sum(amount) AS total FROM entries WHERE transaction_id IN (r.id, r.reverses)
+    GROUP BY account_id HAVING sum(amount) <> 0) bad ON true
+JOIN accounts a ON a.id = bad.account_id
+WHERE r.kind = 'reversal'
+LIMIT 1;
