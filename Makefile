@@ -1,0 +1,60 @@
+# Every target runs the project's own virtualenv, so the only thing a new
+# machine needs is python3. `make help` lists the targets.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Extra pytest arguments, e.g. `make test PYTEST_ARGS="-n auto -k ledger"`.
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv run test check fmt lint typecheck audit bench chaos clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
+
+venv: $(VENV)/.installed ## Create .venv and install the pinned dependencies
+
+# The stamp is newer than pyproject.toml and constraints.txt exactly when the
+# installed set matches them, so an unchanged checkout installs nothing.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+run: venv ## Serve the API (embedded PostgreSQL under .data/pg unless DATABASE_URL is set)
+	$(PY) -m service
+
+test: venv ## Run the tests (PYTEST_ARGS passes options through)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+check: venv ## Format check, lint, type check, then the tests
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+	$(PY) -m mypy service
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+fmt: venv ## Format the code and apply safe lint fixes
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+lint: venv ## Lint without changing anything
+	$(PY) -m ruff check .
+
+typecheck: venv ## Type check the service package
+	$(PY) -m mypy service
+
+audit: venv ## Check the ledger's invariants against the database
+	$(PY) -m service audit
+
+bench: venv ## Run the load generator
+	$(PY) -m bench
+
+chaos: venv ## Run the load generator while injecting failures
+	$(PY) -m bench.chaos
+
+clean: ## Remove the virtualenv, caches and build output (keeps .data)
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
