@@ -85,7 +85,9 @@ def handle_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response
     elif exc.status_code == 413:
         err = errors.PayloadTooLarge()
     elif exc.status_code == 400:
-        err = errors.InvalidRequest(str(exc.detail), errors=[{"path": "$", "message": str(exc.detail)}])
+        err = errors.InvalidRequest(
+            str(exc.detail), errors=[{"path": "$", "message": str(exc.detail)}]
+        )
     else:
         err = errors.LedgerError(str(exc.detail))
         err.__class__ = type(
@@ -137,7 +139,9 @@ async def strict_body(request: Request[Any, Any, Any]) -> None:
         match = _MSGSPEC_PATH.match(str(exc))
         message = match.group("message") if match else str(exc)
         path = (match.group("path") if match else None) or "$"
-        raise errors.InvalidRequest(f"{path}: {message}", errors=[{"path": path, "message": message}]) from None
+        raise errors.InvalidRequest(
+            f"{path}: {message}", errors=[{"path": path, "message": message}]
+        ) from None
     except msgspec.DecodeError as exc:
         raise errors.InvalidRequest(
             f"the body is not valid JSON: {exc}", errors=[{"path": "$", "message": str(exc)}]
@@ -151,6 +155,7 @@ def request_middleware(app: ASGIApp, metrics: Metrics) -> ASGIApp:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
+        method = str(scope.get("method", ""))
         watch = Stopwatch()
         incoming = None
         for name, value in scope.get("headers", []):
@@ -167,7 +172,7 @@ def request_middleware(app: ASGIApp, metrics: Metrics) -> ASGIApp:
                 status_holder["status"] = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
-                message["headers"] = headers  # type: ignore[typeddict-unknown-key]  # why: ASGI dicts are open
+                message["headers"] = headers
             await send(message)
 
         try:
@@ -176,12 +181,12 @@ def request_middleware(app: ASGIApp, metrics: Metrics) -> ASGIApp:
             seconds = watch.seconds()
             route = scope.get("path_template") or "unmatched"
             status = status_holder["status"]
-            metrics.request_latency.labels(scope["method"], route, status_class(status)).observe(seconds)
+            metrics.request_latency.labels(method, route, status_class(status)).observe(seconds)
             principal = state.get("principal")
             log.info(
                 "request",
                 request_id=request_id,
-                method=scope["method"],
+                method=method,
                 route=route,
                 status=status,
                 latency_seconds=round(seconds, 6),
@@ -210,7 +215,9 @@ def create_app(
             if not config.database_url:
                 raise RuntimeError("database_url is not set")
             if config.apply_schema:
-                conn = await asyncpg.connect(config.database_url, timeout=config.connect_timeout_seconds)
+                conn = await asyncpg.connect(
+                    config.database_url, timeout=config.connect_timeout_seconds
+                )
                 try:
                     await db.apply_schema(conn)
                 finally:
@@ -246,11 +253,17 @@ def create_app(
         try:
             version = await asyncio.wait_for(ledger.fetchval("schema_version"), timeout=2.0)
         except Exception as exc:  # noqa: BLE001  # why: any failure means "not ready", reported, not raised
-            return Response({"status": "unavailable", "reason": type(exc).__name__}, status_code=503)
+            return Response(
+                {"status": "unavailable", "reason": type(exc).__name__}, status_code=503
+            )
         if version is None or int(version) < db.SCHEMA_VERSION:
             return Response(
-                {"status": "unavailable", "reason": "schema behind", "schema_version": version,
-                 "required": db.SCHEMA_VERSION},
+                {
+                    "status": "unavailable",
+                    "reason": "schema behind",
+                    "schema_version": version,
+                    "required": db.SCHEMA_VERSION,
+                },
                 status_code=503,
             )
         return Response({"status": "ok", "schema_version": int(version)}, status_code=200)
@@ -297,7 +310,9 @@ def create_app(
             servers=[Server(url="/")],
             components=Components(
                 security_schemes={
-                    "bearer": SecurityScheme(type="http", scheme="bearer", description="Bearer token"),
+                    "bearer": SecurityScheme(
+                        type="http", scheme="bearer", description="Bearer token"
+                    ),
                 }
             ),
         ),

@@ -1,9 +1,9 @@
 """The `tokenledger` command (also `python -m service`).
 
-    tokenledger [serve]        run the HTTP service (the default)
-    tokenledger audit          check the ledger invariants; exit 1 naming the first violation
-    tokenledger apply-schema   apply schema.sql to DATABASE_URL
-    tokenledger sweep          write due expiry transactions once, then exit
+tokenledger [serve]        run the HTTP service (the default)
+tokenledger audit          check the ledger invariants; exit 1 naming the first violation
+tokenledger apply-schema   apply schema.sql to DATABASE_URL
+tokenledger sweep          write due expiry transactions once, then exit
 """
 
 from __future__ import annotations
@@ -37,13 +37,20 @@ def serve(config: Config) -> int:
     if not config.database_url:
         from service.devdb import start_embedded
 
-        print("DATABASE_URL is unset: starting the embedded PostgreSQL in", config.data_dir, flush=True)
+        print(
+            "DATABASE_URL is unset: starting the embedded PostgreSQL in",
+            config.data_dir,
+            flush=True,
+        )
         dsn, stop_embedded = start_embedded(Path(config.data_dir))
         config = _replace(config, database_url=dsn)
     try:
         app = create_app(config)
         base = f"http://{config.host}:{config.port}"
-        print(f"tokenledger {base}/v1  docs {base}/schema  openapi {base}/schema/openapi.json", flush=True)
+        print(
+            f"tokenledger {base}/v1  docs {base}/schema  openapi {base}/schema/openapi.json",
+            flush=True,
+        )
         uvicorn.run(
             app,
             host=config.host,
@@ -97,7 +104,9 @@ async def _sweep(url: str) -> int:
     try:
         total = 0
         while True:
-            result = await conn.fetchval(db.load_queries()["sweep_expired"], 1000, {"actor": "system:sweeper"})
+            result = await conn.fetchval(
+                db.load_queries()["sweep_expired"], 1000, {"actor": "system:sweeper"}
+            )
             total += int(result["credits"])
             if int(result["accounts"]) == 0:
                 break
@@ -108,8 +117,11 @@ async def _sweep(url: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tokenledger", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="tokenledger",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="run the HTTP service (default)")
     for name, help_text in (

@@ -86,17 +86,15 @@ def load_queries() -> dict[str, str]:
 async def _init_connection(conn: asyncpg.Connection) -> None:
     # jsonb in and out as Python objects; the service never builds JSON text
     # by hand.
-    await conn.set_type_codec(
-        "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
-    )
-    await conn.set_type_codec(
-        "json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
-    )
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
-async def connect(dsn: str, *, timeout: float = 10.0) -> asyncpg.Connection:
+async def connect(dsn: str, *, connect_timeout_seconds: float = 10.0) -> asyncpg.Connection:
     """A single connection with the same codecs as the pool's (for the CLI)."""
-    conn = await asyncpg.connect(dsn, timeout=timeout, server_settings={"TimeZone": "UTC"})
+    conn = await asyncpg.connect(
+        dsn, timeout=connect_timeout_seconds, server_settings={"TimeZone": "UTC"}
+    )
     await _init_connection(conn)
     return conn
 
@@ -120,7 +118,8 @@ async def retry(
             if exc.sqlstate not in RETRYABLE_SQLSTATES or attempt == attempts:
                 raise
             cap = min(max_delay_seconds, base_delay_seconds * (2**attempt))
-            await asyncio.sleep(random.uniform(0, cap))
+            # why S311: jitter spreads retries; it protects nothing secret.
+            await asyncio.sleep(random.uniform(0, cap))  # noqa: S311
     raise AssertionError("unreachable: the loop returns or raises")
 
 

@@ -55,7 +55,8 @@ class InvalidRequest(LedgerError):
 
 
 class IdempotencyKeyRequired(LedgerError):
-    """This request changes state and needs an Idempotency-Key header (1 to 255 printable ASCII characters)."""
+    """This request changes state and needs an Idempotency-Key header of 1 to 255 printable
+    ASCII characters."""
 
     code, status, title = "idempotency_key_required", 400, "Idempotency-Key required"
 
@@ -119,7 +120,12 @@ class LotNotFound(LedgerError):
 class GrantProgramNotFound(LedgerError):
     """No grant program has that id."""
 
-    code, status, title, sqlstate = "grant_program_not_found", 404, "Grant program not found", "TLA07"
+    code, status, title, sqlstate = (
+        "grant_program_not_found",
+        404,
+        "Grant program not found",
+        "TLA07",
+    )
 
 
 class UnknownModel(LedgerError):

@@ -84,7 +84,7 @@ class Ledger:
             "now": now.isoformat() if now is not None else None,
         }
 
-    async def _run(self, fn: Callable[[asyncpg.Connection], Any]) -> Any:
+    async def _run(self, fn: Callable[[Any], Any]) -> Any:
         """Acquire a connection within the configured bound and run one
         statement on it, retrying the whole thing on 40001/40P01."""
 
@@ -150,7 +150,9 @@ class Ledger:
         outcome = Outcome(int(result["status"]), result["body"], bool(result["replayed"]))
         if outcome.status == 409:
             stored = outcome.body
-            err = errors.from_stored(stored["code"], stored.get("detail"), stored.get("extra") or {})
+            err = errors.from_stored(
+                stored["code"], stored.get("detail"), stored.get("extra") or {}
+            )
             if outcome.replayed:
                 err.headers["Idempotent-Replayed"] = "true"
             self.metrics.operations.labels(op, err.code).inc()

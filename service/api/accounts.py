@@ -62,7 +62,7 @@ class AccountsController(Controller):
         body = await ledger.fetchval("account_json", address, ledger.now())
         if body is None:
             raise not_found(address)
-        return body  # type: ignore[no-any-return]  # why: the body is built in SQL
+        return body
 
     @get("/me", summary="The calling employee's wallet")
     async def me(self, request: Request[Any, Any, Any], ledger: NamedDependency[Ledger]) -> Account:
@@ -70,7 +70,7 @@ class AccountsController(Controller):
         employee = getattr(principal, "employee", None)
         if employee is None:
             raise errors.AccountNotFound("the caller is not an employee and has no wallet")
-        return await self.get_account.fn(self, ledger, f"employee:{employee}")  # type: ignore[no-any-return]  # why: same shape
+        return await self.get_account.fn(self, ledger, f"employee:{employee}")
 
     @get("/accounts/{address:str}/entries", summary="Entries of an account, newest first")
     async def entries(
@@ -92,7 +92,12 @@ class AccountsController(Controller):
         return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
 
     @get("/accounts/{address:str}/balance", summary="Posted balance as of an instant")
-    async def balance(self, ledger: NamedDependency[Ledger], address: FromPath[str], at: FromQuery[datetime | None] = None) -> Balance:
+    async def balance(
+        self,
+        ledger: NamedDependency[Ledger],
+        address: FromPath[str],
+        at: FromQuery[datetime | None] = None,
+    ) -> Balance:
         """The posted balance after every entry made at or before `at` (default now)."""
         require_tz(at, "at")
         acc = await account_id(ledger, address)
@@ -127,7 +132,11 @@ class AccountsController(Controller):
 
     @get("/accounts/{address:str}/lots", summary="Live lots in consumption order")
     async def lots(
-        self, ledger: NamedDependency[Ledger], address: FromPath[str], limit: LimitParam = 50, cursor: CursorParam = None
+        self,
+        ledger: NamedDependency[Ledger],
+        address: FromPath[str],
+        limit: LimitParam = 50,
+        cursor: CursorParam = None,
     ) -> LotsPage:
         """Lots with credits left, in the order debits consume them (priority, then
         soonest expiry, then oldest). Lots with a future `effective_at` are listed too."""

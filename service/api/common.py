@@ -35,7 +35,9 @@ Amount = Annotated[
 ]
 Ref = Annotated[
     str,
-    msgspec.Meta(pattern=REF_PATTERN, description="`[a-z0-9][a-z0-9._-]{0,63}`", examples=["e-1042"]),
+    msgspec.Meta(
+        pattern=REF_PATTERN, description="`[a-z0-9][a-z0-9._-]{0,63}`", examples=["e-1042"]
+    ),
 ]
 Address = Annotated[
     str,

@@ -50,7 +50,11 @@ class DirectoryController(Controller):
 
     @put("/departments/{department_id:str}", summary="Create or update a department")
     async def put_department(
-        self, request: Request[Any, Any, Any], ledger: NamedDependency[Ledger], department_id: FromPath[str], data: JSONBody[DepartmentIn]
+        self,
+        request: Request[Any, Any, Any],
+        ledger: NamedDependency[Ledger],
+        department_id: FromPath[str],
+        data: JSONBody[DepartmentIn],
     ) -> Response[Department]:
         """Opens `department:{id}` on first creation. 201 when created, 200 when updated."""
         check_ref(department_id, "department_id")
@@ -59,15 +63,23 @@ class DirectoryController(Controller):
         return Response(result["body"], status_code=201 if result["created"] else 200)
 
     @get("/departments/{department_id:str}", summary="Get a department")
-    async def get_department(self, ledger: NamedDependency[Ledger], department_id: FromPath[str]) -> Department:
+    async def get_department(
+        self, ledger: NamedDependency[Ledger], department_id: FromPath[str]
+    ) -> Department:
         body = await ledger.fetchval("department_json", department_id)
         if body is None:
-            raise errors.DepartmentNotFound(f"no department {department_id}", department=department_id)
-        return body  # type: ignore[no-any-return]  # why: the body is built in SQL
+            raise errors.DepartmentNotFound(
+                f"no department {department_id}", department=department_id
+            )
+        return body
 
     @put("/employees/{employee_id:str}", summary="Create or update an employee")
     async def put_employee(
-        self, request: Request[Any, Any, Any], ledger: NamedDependency[Ledger], employee_id: FromPath[str], data: JSONBody[EmployeeIn]
+        self,
+        request: Request[Any, Any, Any],
+        ledger: NamedDependency[Ledger],
+        employee_id: FromPath[str],
+        data: JSONBody[EmployeeIn],
     ) -> Response[Employee]:
         """Opens the wallet `employee:{id}` on first creation. 201 when created, 200 when
         updated; an offboarded employee answers 409 `account_closed`."""
@@ -77,11 +89,13 @@ class DirectoryController(Controller):
         return Response(result["body"], status_code=201 if result["created"] else 200)
 
     @get("/employees/{employee_id:str}", summary="Get an employee with their wallet balance")
-    async def get_employee(self, ledger: NamedDependency[Ledger], employee_id: FromPath[str]) -> Employee:
+    async def get_employee(
+        self, ledger: NamedDependency[Ledger], employee_id: FromPath[str]
+    ) -> Employee:
         body = await ledger.fetchval("employee_json", employee_id, ledger.now())
         if body is None:
             raise errors.EmployeeNotFound(f"no employee {employee_id}", employee=employee_id)
-        return body  # type: ignore[no-any-return]  # why: the body is built in SQL
+        return body
 
     @post("/employees/{employee_id:str}/offboard", summary="Offboard an employee", status_code=200)
     async def offboard(
@@ -106,4 +120,3 @@ class DirectoryController(Controller):
             success_status=200,
         )
         return replay_response(outcome)
-

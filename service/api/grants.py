@@ -69,7 +69,7 @@ class VoidIn(msgspec.Struct, forbid_unknown_fields=True):
 def grant_args(data: JSONBody[GrantIn]) -> dict[str, Any]:
     args = msgspec.to_builtins(data)
     args.pop("key", None)
-    return args  # type: ignore[no-any-return]  # why: to_builtins of a Struct is a dict
+    return args
 
 
 class GrantsController(Controller):
@@ -78,7 +78,10 @@ class GrantsController(Controller):
 
     @post("/grants", summary="Grant credits to an employee", status_code=201)
     async def grant(
-        self, request: Request[Any, Any, Any], ledger: NamedDependency[Ledger], data: JSONBody[GrantIn]
+        self,
+        request: Request[Any, Any, Any],
+        ledger: NamedDependency[Ledger],
+        data: JSONBody[GrantIn],
     ) -> Response[GrantResult]:
         """Creates a lot in the employee's wallet, funded by `system:issuance` or a
         department (which cannot grant more than it holds; a department-funded lot never
@@ -97,7 +100,10 @@ class GrantsController(Controller):
 
     @post("/grants:batch", summary="Grant credits in a batch", status_code=200)
     async def grant_batch(
-        self, request: Request[Any, Any, Any], ledger: NamedDependency[Ledger], data: JSONBody[GrantBatchIn]
+        self,
+        request: Request[Any, Any, Any],
+        ledger: NamedDependency[Ledger],
+        data: JSONBody[GrantBatchIn],
     ) -> BatchGrantResponse:
         """Up to 1000 grants in one database transaction. Each item is idempotent by its
         own `key` (so no `Idempotency-Key` header is needed): the same key and body again
@@ -105,16 +111,16 @@ class GrantsController(Controller):
         answers `rejected` with the error `code` and touches nothing else."""
         keys = [g.key for g in data.grants]
         if len(set(keys)) != len(keys):
-            raise errors.InvalidRequest("keys must be unique within a batch", errors=[{"path": "$.grants"}])
+            raise errors.InvalidRequest(
+                "keys must be unique within a batch", errors=[{"path": "$.grants"}]
+            )
         items = []
         for g in data.grants:
             args = grant_args(g)
             digest = request_hash("POST", "/v1/grants", args)
             items.append({"key": g.key, "hash": digest.hex(), "grant": args})
         ctx = context_of(request)
-        return await ledger.fetchval(  # type: ignore[no-any-return]  # why: built in SQL
-            "grant_batch", ctx.caller, items, ledger.context_json(ctx)
-        )
+        return await ledger.fetchval("grant_batch", ctx.caller, items, ledger.context_json(ctx))
 
     @post("/lots/{lot_id:str}/void", summary="Void the rest of a lot", status_code=200)
     async def void_lot(

@@ -56,7 +56,10 @@ class TransactionsController(Controller):
 
     @post("/debits", summary="Debit credits from a wallet", status_code=201)
     async def debit(
-        self, request: Request[Any, Any, Any], ledger: NamedDependency[Ledger], data: JSONBody[DebitIn]
+        self,
+        request: Request[Any, Any, Any],
+        ledger: NamedDependency[Ledger],
+        data: JSONBody[DebitIn],
     ) -> Response[Transaction]:
         """Consumes live lots in consumption order (priority, soonest expiry, oldest
         first) and moves the credits to `system:usage`. 409 `insufficient_credits` with
@@ -75,7 +78,10 @@ class TransactionsController(Controller):
 
     @post("/transfers", summary="Transfer credits between accounts", status_code=201)
     async def transfer(
-        self, request: Request[Any, Any, Any], ledger: NamedDependency[Ledger], data: JSONBody[TransferIn]
+        self,
+        request: Request[Any, Any, Any],
+        ledger: NamedDependency[Ledger],
+        data: JSONBody[TransferIn],
     ) -> Response[Transaction]:
         """Moves credits between wallets and department accounts (or to and from
         `system:issuance`, which is how finance funds departments). Credits carry their
@@ -93,20 +99,24 @@ class TransactionsController(Controller):
         return replay_response(outcome)
 
     @get("/transactions/{transaction_id:str}", summary="Get a transaction")
-    async def get_transaction(self, ledger: NamedDependency[Ledger], transaction_id: FromPath[str]) -> Transaction:
+    async def get_transaction(
+        self, ledger: NamedDependency[Ledger], transaction_id: FromPath[str]
+    ) -> Transaction:
         txn = parse_public_id(transaction_id, "txn_", errors.TransactionNotFound)
         body = await ledger.fetchval("transaction_json", txn)
         if body is None:
             raise errors.TransactionNotFound(
                 f"no transaction {transaction_id}", transaction=transaction_id
             )
-        return body  # type: ignore[no-any-return]  # why: the body is built in SQL
+        return body
 
     @get("/transactions", summary="List transactions, newest first")
     async def list_transactions(
         self,
         ledger: NamedDependency[Ledger],
-        account: Annotated[str | None, QueryParameter(description="Only those touching this account.")] = None,
+        account: Annotated[
+            str | None, QueryParameter(description="Only those touching this account.")
+        ] = None,
         kind: FromQuery[Kind | None] = None,
         limit: LimitParam = 50,
         cursor: CursorParam = None,
@@ -116,11 +126,17 @@ class TransactionsController(Controller):
         try:
             after_id = uuid.UUID(after) if after is not None else None
         except (ValueError, TypeError, AttributeError):
-            raise errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}]) from None
+            raise errors.InvalidRequest(
+                "cursor is not valid", errors=[{"path": "cursor"}]
+            ) from None
         rows = await ledger.fetch("transactions_page", acc, kind, after_id, limit + 1)
         return page(rows, limit, cursor_of=str)  # type: ignore[return-value]  # why: built from SQL rows
 
-    @post("/transactions/{transaction_id:str}/reverse", summary="Reverse a transaction", status_code=201)
+    @post(
+        "/transactions/{transaction_id:str}/reverse",
+        summary="Reverse a transaction",
+        status_code=201,
+    )
     async def reverse(
         self,
         request: Request[Any, Any, Any],
