@@ -89,10 +89,15 @@ def handle_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response
             str(exc.detail), errors=[{"path": "$", "message": str(exc.detail)}]
         )
     else:
-        err = errors.LedgerError(str(exc.detail))
-        err.__class__ = type(
-            "HTTPError", (errors.LedgerError,), {"code": "http_error", "status": exc.status_code}
-        )
+        request.state.outcome = "http_error"
+        body = {
+            "type": "about:blank",
+            "title": str(exc.detail),
+            "status": exc.status_code,
+            "detail": str(exc.detail),
+            "code": "http_error",
+        }
+        return Response(body, status_code=exc.status_code, media_type=PROBLEM_JSON)
     return problem_response(err, request)
 
 
