@@ -1151,6 +1151,74 @@ LANGUAGE sql AS $$
 $$;
 
 -- ---------------------------------------------------------------------------
+-- Service keys (authentication of HR tools, finance tools, metering services)
+-- ---------------------------------------------------------------------------
+
+-- Only a SHA-256 of each secret is kept: the secrets are 256-bit random
+-- values, so a fast hash is enough (nothing to brute-force), and checking it
+-- costs nothing on the hot path. `prefix` lets a key be recognised and found.
+CREATE TABLE IF NOT EXISTS api_keys (
+    id           uuid PRIMARY KEY,
+    prefix       text NOT NULL,
+    secret_hash  bytea NOT NULL,
+    name         text NOT NULL,
+    role         text NOT NULL,
+    created_by   text,
+    created_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
+    last_used_at timestamptz,
+    revoked_at   timestamptz,
+    CONSTRAINT api_keys_prefix_key UNIQUE (prefix),
+    CONSTRAINT api_keys_role_valid CHECK (role IN ('admin', 'hr', 'finance', 'meter')),
+    CONSTRAINT api_keys_name_length CHECK (length(name) BETWEEN 1 AND 100),
+    CONSTRAINT api_keys_hash_length CHECK (length(secret_hash) = 32)
+);
+
+-- Resolves a presented key: the key's id, name and role when the prefix is
+-- known, the hash matches and it is not revoked; otherwise no row. Marks the
+-- key used at most once a minute, so verification is a read almost always.
+CREATE OR REPLACE FUNCTION tl_authenticate_key(p_prefix text, p_hash bytea)
+RETURNS TABLE (id uuid, name text, role text) LANGUAGE plpgsql AS $$
+DECLARE
+    k api_keys;
+BEGIN
+    SELECT * INTO k FROM api_keys WHERE prefix = p_prefix;
+    IF NOT FOUND OR k.revoked_at IS NOT NULL OR k.secret_hash <> p_hash THEN
+        RETURN;
+    END IF;
+    IF k.last_used_at IS NULL OR k.last_used_at < clock_timestamp() - interval '1 minute' THEN
+        UPDATE api_keys SET last_used_at = clock_timestamp() WHERE api_keys.id = k.id;
+    END IF;
+    id := k.id; name := k.name; role := k.role;
+    RETURN NEXT;
+END $$;
+
+-- ---------------------------------------------------------------------------
+-- Least privilege: the role the service can run as
+-- ---------------------------------------------------------------------------
+
+-- tokenledger_app may read everything and insert into the journal, but may
+-- not UPDATE or DELETE transactions, entries or lot movements (the triggers
+-- refuse that too; the grants make it hold even with triggers disabled by
+-- someone who is not the table owner). Creating a role needs CREATEROLE; an
+-- owner without it gets a notice and the grants are skipped.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'tokenledger_app') THEN
+        CREATE ROLE tokenledger_app NOLOGIN;
+    END IF;
+    EXECUTE format('GRANT USAGE ON SCHEMA %I TO tokenledger_app', current_schema());
+    GRANT SELECT ON ALL TABLES IN SCHEMA public TO tokenledger_app;
+    GRANT INSERT ON transactions, entries, lot_movements, lots, accounts, account_shards,
+                    departments, employees, idempotency_keys TO tokenledger_app;
+    GRANT UPDATE ON accounts, account_shards, lots, departments, employees, idempotency_keys,
+                    api_keys TO tokenledger_app;
+    GRANT DELETE ON idempotency_keys TO tokenledger_app;
+    REVOKE UPDATE, DELETE, TRUNCATE ON transactions, entries, lot_movements FROM tokenledger_app;
+EXCEPTION WHEN insufficient_privilege THEN
+    RAISE NOTICE 'tokenledger_app role not created or granted: %', SQLERRM;
+END $$;
+
+-- ---------------------------------------------------------------------------
 -- Seed rows and version
 -- ---------------------------------------------------------------------------
 
@@ -1165,4 +1233,4 @@ SELECT a.id, s FROM accounts a CROSS JOIN LATERAL generate_series(0, a.shard_cou
 WHERE a.type = 'system'
 ON CONFLICT DO NOTHING;
 
-INSERT INTO schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;
+INSERT INTO schema_version (version) VALUES (1), (2) ON CONFLICT DO NOTHING;

@@ -27,6 +27,7 @@ from service.api.common import provide_ledger
 from service.api.directory import DirectoryController
 from service.api.grants import GrantsController
 from service.api.transactions import TransactionsController
+from service.auth import JwtVerifier, authorize, new_key, parse_key
 from service.background import Background
 from service.config import Config
 from service.journal import Clock, Ledger, database_clock
@@ -37,6 +38,7 @@ from service.observability import (
     new_request_id,
     status_class,
 )
+from service.ratelimit import RateLimiter, parse_limits
 
 log = structlog.get_logger("tokenledger")
 
@@ -211,6 +213,15 @@ def create_app(
     """Build the service. `pool` lets tests share one; otherwise the lifespan
     opens a pool on config.database_url and closes it at shutdown."""
     metrics = Metrics()
+    jwt_verifier = JwtVerifier.from_config(config)
+    if config.environment == "production" and jwt_verifier is None:
+        raise RuntimeError(
+            "refusing to start in production without employee-token verification: set "
+            "TOKENLEDGER_JWT_ISSUER, TOKENLEDGER_JWT_AUDIENCE and a key "
+            "(TOKENLEDGER_JWT_JWKS_FILE, _PUBLIC_KEY_FILE or _HS256_SECRET), or "
+            "TOKENLEDGER_ENVIRONMENT=development"
+        )
+    rate_limiter = RateLimiter(parse_limits(config.rate_limits), config.rate_limit_burst_seconds)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -235,9 +246,12 @@ def create_app(
                 lock_timeout_ms=config.lock_timeout_ms,
                 idle_in_transaction_timeout_ms=config.idle_in_transaction_timeout_ms,
                 connect_timeout_seconds=config.connect_timeout_seconds,
+                role=config.db_role,
             )
         ledger = Ledger(the_pool, config, metrics, clock)
         app.state.ledger = ledger
+        if config.bootstrap_admin_key:
+            await ensure_admin_key(ledger, config.bootstrap_admin_key)
         background = Background(ledger)
         if config.sweeper_enabled:
             background.start()
@@ -281,7 +295,7 @@ def create_app(
         metrics.pool_max.set(ledger.pool.get_max_size())
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             healthz,
             readyz,
@@ -292,6 +306,8 @@ def create_app(
             TransactionsController,
         ],
         dependencies={"ledger": Provide(provide_ledger)},
+        guards=[authorize],
+        state=State({"jwt_verifier": jwt_verifier, "rate_limiter": rate_limiter}),
         lifespan=[lifespan],
         before_request=strict_body,
         middleware=[lambda app: request_middleware(app, metrics)],
@@ -322,4 +338,22 @@ def create_app(
             ),
         ),
         debug=False,
+    )
+    for route in app.routes:
+        if route.path.startswith("/v1/"):
+            for handler in route.route_handlers:  # type: ignore[union-attr]
+                # Litestar answers OPTIONS itself; every other handler is ours.
+                if handler.http_methods != {"OPTIONS"}:
+                    assert "access" in handler.opt, f"{route.path} has no access rule"
+    return app
+
+
+async def ensure_admin_key(ledger: Ledger, secret: str) -> None:
+    """Make a configured bootstrap key usable (idempotent across restarts)."""
+    parsed = parse_key(secret)
+    if parsed is None:
+        raise RuntimeError("TOKENLEDGER_BOOTSTRAP_ADMIN_KEY must be a tlk_ service key")
+    prefix, digest = parsed
+    await ledger.fetchval(
+        "ensure_key", new_key().id, prefix, digest, "bootstrap-admin", "admin", "bootstrap"
     )

@@ -48,6 +48,26 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Logs.
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Authentication (README, Security). "production" refuses to start unless
+    # employee-token verification is configured.
+    environment: Literal["development", "production"] = "production"
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_jwks_file: str | None = None
+    jwt_public_key_file: str | None = None
+    jwt_hs256_secret: str | None = None
+    jwt_roles_claim: str = "tokenledger_roles"
+    jwt_leeway_seconds: Annotated[int, msgspec.Meta(ge=0, le=300)] = 30
+    # A service key (tlk_...) to ensure exists with the admin role at start-up,
+    # so a newcomer's first curl works; `make run` creates one when unset.
+    bootstrap_admin_key: str | None = None
+    # Requests per second per caller, by role; the bucket holds this many
+    # seconds' worth (burst). A role left out is not limited.
+    rate_limits: str = "admin=1000,hr=200,finance=200,meter=5000,employee=20"
+    rate_limit_burst_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 2.0
+    # Run every connection as this role (SET ROLE), e.g. tokenledger_app, which
+    # may insert into the journal but never update or delete it.
+    db_role: str | None = None
     # Where `make run` keeps the embedded PostgreSQL when DATABASE_URL is unset.
     data_dir: str = ".data"
 

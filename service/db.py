@@ -20,7 +20,7 @@ SQL_DIR = Path(__file__).resolve().parent / "sql"
 
 # Bumped whenever schema.sql changes shape; /readyz compares the database's
 # row in schema_version with this number.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Advisory lock key that serialises concurrent schema applications (several
 # replicas starting at once must not race on CREATE statements).
@@ -133,12 +133,23 @@ async def create_pool(
     idle_in_transaction_timeout_ms: int,
     connect_timeout_seconds: float,
     application_name: str = "tokenledger",
+    role: str | None = None,
 ) -> asyncpg.Pool:
     """A pool whose every connection carries the service's timeouts.
 
     Timeouts are server settings on each connection so that no statement, row
     lock wait or forgotten transaction can hold a connection forever.
     """
+    settings = {
+        "application_name": application_name,
+        "statement_timeout": str(statement_timeout_ms),
+        "lock_timeout": str(lock_timeout_ms),
+        "idle_in_transaction_session_timeout": str(idle_in_transaction_timeout_ms),
+        "TimeZone": "UTC",
+    }
+    if role:
+        # Least privilege: the session runs as the given role from its start.
+        settings["role"] = role
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
@@ -146,13 +157,7 @@ async def create_pool(
         timeout=connect_timeout_seconds,
         command_timeout=max(1.0, statement_timeout_ms / 1000 * 2),
         init=_init_connection,
-        server_settings={
-            "application_name": application_name,
-            "statement_timeout": str(statement_timeout_ms),
-            "lock_timeout": str(lock_timeout_ms),
-            "idle_in_transaction_session_timeout": str(idle_in_transaction_timeout_ms),
-            "TimeZone": "UTC",
-        },
+        server_settings=settings,
     )
     assert pool is not None
     return pool

@@ -270,6 +270,16 @@ _UNAVAILABLE_SQLSTATES = frozenset(
 )
 
 
+def not_found_for(address: str) -> LedgerError:
+    """The 404 for an account address, by its type."""
+    kind, _, ref = address.partition(":")
+    if kind == "employee":
+        return EmployeeNotFound(f"no employee {ref}", employee=ref)
+    if kind == "department":
+        return DepartmentNotFound(f"no department {ref}", department=ref)
+    return AccountNotFound(f"no account {address}", account=address)
+
+
 def from_stored(code: str, detail: str | None, extra: dict[str, Any]) -> LedgerError:
     """Rebuild the error a stored idempotent 409 described."""
     return BY_CODE[code](detail, **extra)
@@ -293,7 +303,11 @@ def translate(exc: BaseException) -> LedgerError | None:
         if state in _UNAVAILABLE_SQLSTATES:
             return Unavailable()
         return None
-    if isinstance(exc, (asyncpg.ConnectionDoesNotExistError, OSError, TimeoutError)):
-        # Pool acquire timeouts and lost connections: the caller should retry.
+    if isinstance(exc, (asyncpg.InternalClientError, OSError, TimeoutError)) or (
+        isinstance(exc, asyncpg.InterfaceError) and not isinstance(exc, asyncpg.DataError)
+    ):
+        # Pool acquire timeouts and connections lost or broken mid-statement:
+        # whether the statement committed is unknown, so the caller retries
+        # with the same Idempotency-Key and gets the one outcome.
         return Unavailable()
     return None

@@ -17,10 +17,13 @@ from typing import Any
 
 import asyncpg
 import msgspec
+import structlog
 
 from service import db, errors
 from service.config import Config
 from service.observability import Metrics
+
+log = structlog.get_logger("tokenledger.journal")
 
 # A clock that returns None means "the database's clock"; tests inject a
 # fixed or stepped clock to pin expiry at exact instants.
@@ -89,15 +92,22 @@ class Ledger:
         statement on it, retrying the whole thing on 40001/40P01."""
 
         async def attempt() -> Any:
+            conn = await self.pool.acquire(timeout=self.config.pool_acquire_timeout_seconds)
             try:
-                async with self.pool.acquire(
-                    timeout=self.config.pool_acquire_timeout_seconds
-                ) as conn:
-                    return await fn(conn)
+                return await fn(conn)
             except asyncpg.PostgresError as exc:
                 if exc.sqlstate in db.RETRYABLE_SQLSTATES:
                     self.metrics.db_retries.inc()
                 raise
+            finally:
+                # The statement's outcome is already decided here (committed or
+                # not); a connection that breaks while being reset for the pool
+                # must not turn a success into an error.
+                try:
+                    await self.pool.release(conn)
+                except (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError) as exc:
+                    # asyncpg has already terminated it; the pool opens a new one.
+                    log.warning("connection_release_failed", error=repr(exc))
 
         try:
             return await db.retry(attempt, attempts=self.config.retry_attempts)

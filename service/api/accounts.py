@@ -12,6 +12,7 @@ from litestar.params import FromPath, FromQuery, QueryParameter
 from service import errors
 from service.api.common import check_address, decode_cursor, page
 from service.api.resources import Account, Balance, EntriesPage, LotsPage, Series
+from service.auth import access
 from service.journal import Ledger
 
 # A series may not ask for more points than this (hourly for ~6 weeks, daily
@@ -22,7 +23,7 @@ LimitParam = Annotated[int, QueryParameter(ge=1, le=500, description="Page size,
 CursorParam = Annotated[str | None, QueryParameter(description="Opaque cursor from next_cursor.")]
 
 
-async def account_id(ledger: NamedDependency[Ledger], address: FromPath[str]) -> int:
+async def account_id(ledger: Ledger, address: str) -> int:
     check_address(address)
     found = await ledger.fetchval("account_id", address)
     if found is None:
@@ -30,13 +31,8 @@ async def account_id(ledger: NamedDependency[Ledger], address: FromPath[str]) ->
     return int(found)
 
 
-def not_found(address: FromPath[str]) -> errors.LedgerError:
-    kind, _, ref = address.partition(":")
-    if kind == "employee":
-        return errors.EmployeeNotFound(f"no employee {ref}", employee=ref)
-    if kind == "department":
-        return errors.DepartmentNotFound(f"no department {ref}", department=ref)
-    return errors.AccountNotFound(f"no account {address}", account=address)
+def not_found(address: str) -> errors.LedgerError:
+    return errors.not_found_for(address)
 
 
 def iso(value: datetime) -> str:
@@ -55,7 +51,11 @@ class AccountsController(Controller):
     path = "/v1"
     tags = ["Accounts"]
 
-    @get("/accounts/{address:str}", summary="Balances of an account")
+    @get(
+        "/accounts/{address:str}",
+        summary="Balances of an account",
+        opt=access("hr", "finance", "meter", "employee", own="address"),
+    )
     async def get_account(self, ledger: NamedDependency[Ledger], address: FromPath[str]) -> Account:
         """Posted, reserved, pending and available credits, and what expires when."""
         check_address(address)
@@ -64,7 +64,7 @@ class AccountsController(Controller):
             raise not_found(address)
         return body
 
-    @get("/me", summary="The calling employee's wallet")
+    @get("/me", summary="The calling employee's wallet", opt=access("employee"))
     async def me(self, request: Request[Any, Any, Any], ledger: NamedDependency[Ledger]) -> Account:
         principal = getattr(request.state, "principal", None)
         employee = getattr(principal, "employee", None)
@@ -72,7 +72,11 @@ class AccountsController(Controller):
             raise errors.AccountNotFound("the caller is not an employee and has no wallet")
         return await self.get_account.fn(self, ledger, f"employee:{employee}")
 
-    @get("/accounts/{address:str}/entries", summary="Entries of an account, newest first")
+    @get(
+        "/accounts/{address:str}/entries",
+        summary="Entries of an account, newest first",
+        opt=access("hr", "finance", "employee", own="address"),
+    )
     async def entries(
         self,
         ledger: NamedDependency[Ledger],
@@ -91,7 +95,11 @@ class AccountsController(Controller):
         rows = await ledger.fetch("account_entries", acc, after, from_, to, limit + 1)
         return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
 
-    @get("/accounts/{address:str}/balance", summary="Posted balance as of an instant")
+    @get(
+        "/accounts/{address:str}/balance",
+        summary="Posted balance as of an instant",
+        opt=access("hr", "finance", "meter", "employee", own="address"),
+    )
     async def balance(
         self,
         ledger: NamedDependency[Ledger],
@@ -105,7 +113,11 @@ class AccountsController(Controller):
         posted = await ledger.fetchval("balance_at", acc, when)
         return Balance(address=address, at=iso(when), posted=int(posted))
 
-    @get("/accounts/{address:str}/series", summary="Posted balance over time, for charts")
+    @get(
+        "/accounts/{address:str}/series",
+        summary="Posted balance over time, for charts",
+        opt=access("hr", "finance", "employee", own="address"),
+    )
     async def series(
         self,
         ledger: NamedDependency[Ledger],
@@ -130,7 +142,11 @@ class AccountsController(Controller):
         items = [{"at": iso(r["at"]), "posted": int(r["posted"])} for r in rows]
         return Series(address=address, interval=interval, items=items)  # type: ignore[arg-type]  # why: dicts encode the same
 
-    @get("/accounts/{address:str}/lots", summary="Live lots in consumption order")
+    @get(
+        "/accounts/{address:str}/lots",
+        summary="Live lots in consumption order",
+        opt=access("hr", "finance", "employee", own="address"),
+    )
     async def lots(
         self,
         ledger: NamedDependency[Ledger],

@@ -71,10 +71,8 @@ async def provide_ledger(state: State) -> Ledger:
 
 
 def context_of(request: Request[Any, Any, Any]) -> Context:
-    principal = getattr(request.state, "principal", None)
-    caller = principal.id if principal is not None else "anonymous"
-    actor = principal.id if principal is not None and principal.authenticated else None
-    return Context(caller=caller, actor=actor, request_id=request.state.request_id)
+    principal = request.state.principal
+    return Context(caller=principal.id, actor=principal.id, request_id=request.state.request_id)
 
 
 def idempotency_key(request: Request[Any, Any, Any], *, required: bool = True) -> str | None:

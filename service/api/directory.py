@@ -21,6 +21,7 @@ from service.api.common import (
     replay_response,
 )
 from service.api.resources import Department, Employee
+from service.auth import access
 from service.journal import Ledger
 
 
@@ -48,7 +49,11 @@ class DirectoryController(Controller):
     path = "/v1"
     tags = ["Directory"]
 
-    @put("/departments/{department_id:str}", summary="Create or update a department")
+    @put(
+        "/departments/{department_id:str}",
+        summary="Create or update a department",
+        opt=access("hr"),
+    )
     async def put_department(
         self,
         request: Request[Any, Any, Any],
@@ -62,7 +67,9 @@ class DirectoryController(Controller):
         result = await ledger.call("put_department", args, context_of(request))
         return Response(result["body"], status_code=201 if result["created"] else 200)
 
-    @get("/departments/{department_id:str}", summary="Get a department")
+    @get(
+        "/departments/{department_id:str}", summary="Get a department", opt=access("hr", "finance")
+    )
     async def get_department(
         self, ledger: NamedDependency[Ledger], department_id: FromPath[str]
     ) -> Department:
@@ -73,7 +80,7 @@ class DirectoryController(Controller):
             )
         return body
 
-    @put("/employees/{employee_id:str}", summary="Create or update an employee")
+    @put("/employees/{employee_id:str}", summary="Create or update an employee", opt=access("hr"))
     async def put_employee(
         self,
         request: Request[Any, Any, Any],
@@ -88,7 +95,11 @@ class DirectoryController(Controller):
         result = await ledger.call("put_employee", args, context_of(request))
         return Response(result["body"], status_code=201 if result["created"] else 200)
 
-    @get("/employees/{employee_id:str}", summary="Get an employee with their wallet balance")
+    @get(
+        "/employees/{employee_id:str}",
+        summary="Get an employee with their wallet balance",
+        opt=access("hr", "finance"),
+    )
     async def get_employee(
         self, ledger: NamedDependency[Ledger], employee_id: FromPath[str]
     ) -> Employee:
@@ -97,7 +108,12 @@ class DirectoryController(Controller):
             raise errors.EmployeeNotFound(f"no employee {employee_id}", employee=employee_id)
         return body
 
-    @post("/employees/{employee_id:str}/offboard", summary="Offboard an employee", status_code=200)
+    @post(
+        "/employees/{employee_id:str}/offboard",
+        summary="Offboard an employee",
+        status_code=200,
+        opt=access("hr"),
+    )
     async def offboard(
         self,
         request: Request[Any, Any, Any],

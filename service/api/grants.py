@@ -24,6 +24,7 @@ from service.api.common import (
     replay_response,
 )
 from service.api.resources import BatchGrantResponse, GrantResult, Transaction
+from service.auth import access
 from service.journal import Ledger, request_hash
 
 MAX_BATCH = 1000
@@ -76,7 +77,7 @@ class GrantsController(Controller):
     path = "/v1"
     tags = ["Grants"]
 
-    @post("/grants", summary="Grant credits to an employee", status_code=201)
+    @post("/grants", summary="Grant credits to an employee", status_code=201, opt=access("hr"))
     async def grant(
         self,
         request: Request[Any, Any, Any],
@@ -98,7 +99,7 @@ class GrantsController(Controller):
         )
         return replay_response(outcome)
 
-    @post("/grants:batch", summary="Grant credits in a batch", status_code=200)
+    @post("/grants:batch", summary="Grant credits in a batch", status_code=200, opt=access("hr"))
     async def grant_batch(
         self,
         request: Request[Any, Any, Any],
@@ -122,7 +123,12 @@ class GrantsController(Controller):
         ctx = context_of(request)
         return await ledger.fetchval("grant_batch", ctx.caller, items, ledger.context_json(ctx))
 
-    @post("/lots/{lot_id:str}/void", summary="Void the rest of a lot", status_code=200)
+    @post(
+        "/lots/{lot_id:str}/void",
+        summary="Void the rest of a lot",
+        status_code=200,
+        opt=access("hr"),
+    )
     async def void_lot(
         self,
         request: Request[Any, Any, Any],

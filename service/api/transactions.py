@@ -26,6 +26,7 @@ from service.api.common import (
     replay_response,
 )
 from service.api.resources import Transaction, TransactionsPage
+from service.auth import access
 from service.journal import Ledger
 
 Kind = Literal["grant", "debit", "usage", "transfer", "capture", "expiry", "void", "reversal"]
@@ -54,7 +55,7 @@ class TransactionsController(Controller):
     path = "/v1"
     tags = ["Transactions"]
 
-    @post("/debits", summary="Debit credits from a wallet", status_code=201)
+    @post("/debits", summary="Debit credits from a wallet", status_code=201, opt=access("meter"))
     async def debit(
         self,
         request: Request[Any, Any, Any],
@@ -76,7 +77,9 @@ class TransactionsController(Controller):
         )
         return replay_response(outcome)
 
-    @post("/transfers", summary="Transfer credits between accounts", status_code=201)
+    @post(
+        "/transfers", summary="Transfer credits between accounts", status_code=201, opt=access("hr")
+    )
     async def transfer(
         self,
         request: Request[Any, Any, Any],
@@ -98,7 +101,11 @@ class TransactionsController(Controller):
         )
         return replay_response(outcome)
 
-    @get("/transactions/{transaction_id:str}", summary="Get a transaction")
+    @get(
+        "/transactions/{transaction_id:str}",
+        summary="Get a transaction",
+        opt=access("hr", "finance"),
+    )
     async def get_transaction(
         self, ledger: NamedDependency[Ledger], transaction_id: FromPath[str]
     ) -> Transaction:
@@ -110,7 +117,7 @@ class TransactionsController(Controller):
             )
         return body
 
-    @get("/transactions", summary="List transactions, newest first")
+    @get("/transactions", summary="List transactions, newest first", opt=access("hr", "finance"))
     async def list_transactions(
         self,
         ledger: NamedDependency[Ledger],
@@ -136,6 +143,7 @@ class TransactionsController(Controller):
         "/transactions/{transaction_id:str}/reverse",
         summary="Reverse a transaction",
         status_code=201,
+        opt=access("finance"),
     )
     async def reverse(
         self,

@@ -16,7 +16,13 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from service.app import create_app
+from service.auth import new_key
 from service.config import Config
+
+# Employee tokens in tests are HS256 with this secret, issuer and audience.
+JWT_SECRET = "test-secret-for-hs256-tokens-0123456789abcdef"
+JWT_ISSUER = "https://idp.test"
+JWT_AUDIENCE = "tokenledger"
 
 
 class FakeClock:
@@ -44,7 +50,13 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def config(database_url: str) -> Config:
+def admin_key() -> str:
+    """The secret of an admin service key the app creates at start-up."""
+    return new_key().secret
+
+
+@pytest.fixture
+def config(database_url: str, admin_key: str) -> Config:
     return Config(
         database_url=database_url,
         apply_schema=False,  # the template already has it
@@ -53,13 +65,20 @@ def config(database_url: str) -> Config:
         pool_max_size=30,
         log_format="json",
         log_level="warning",
+        environment="development",
+        bootstrap_admin_key=admin_key,
+        jwt_issuer=JWT_ISSUER,
+        jwt_audience=JWT_AUDIENCE,
+        jwt_hs256_secret=JWT_SECRET,
+        rate_limits="",  # tests that pin rate limiting build their own app
     )
 
 
 @pytest.fixture
-async def client(config: Config, clock: FakeClock) -> AsyncIterator[AsyncTestClient[Any]]:
+async def client(config: Config, clock: FakeClock, admin_key: str) -> AsyncIterator[AsyncTestClient[Any]]:
     app = create_app(config, clock=clock)
     async with AsyncTestClient(app=app, timeout=30) as c:
+        c.headers["Authorization"] = f"Bearer {admin_key}"
         yield c
 
 

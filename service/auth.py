@@ -1,0 +1,261 @@
+"""Who is calling, and what they may do: one guard layer for every /v1 route.
+
+Two kinds of callers present `Authorization: Bearer <token>`:
+
+* **Service keys** (`tlk_<prefix>_<secret>`) for HR tools, finance tools and
+  metering services. The database keeps only the SHA-256 of the secret; every
+  request looks the key up, so a revoked key fails on the very next request
+  on every replica.
+* **Employee tokens**: JWTs from the company's identity provider, verified
+  against configured keys with pinned algorithms (RS256/ES256 for a JWKS file
+  or PEM keys, HS256 for a shared secret), requiring `exp`, `iss`, `aud` and
+  `sub`. `sub` is the employee id; an optional claim adds roles.
+
+Routes declare who may call them with `opt=access(...)`; `authorize` is the
+only place that decides. An employee reaches only their own wallet and what
+hangs off it; anything else answers 404 so that ids cannot be probed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import jwt
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+
+from service import errors
+from service.config import Config
+
+Role = Literal["admin", "hr", "finance", "meter", "employee"]
+ROLES: tuple[str, ...] = ("admin", "hr", "finance", "meter", "employee")
+KEY_ROLES: tuple[str, ...] = ("admin", "hr", "finance", "meter")
+KEY_PREFIX = "tlk_"
+WWW_AUTHENTICATE = 'Bearer realm="tokenledger"'
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller. `id` scopes idempotency keys and is recorded
+    as the actor of every transaction it writes."""
+
+    id: str
+    roles: frozenset[str]
+    employee: str | None = None
+    name: str | None = None
+    authenticated: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """Who may call a route. `own` names the path parameter that must be the
+    calling employee's own wallet when the caller is only an employee."""
+
+    roles: frozenset[str]
+    own: str | None = None
+
+
+def access(*roles: str, own: str | None = None) -> dict[str, Any]:
+    """Route option: the roles allowed (admin always is)."""
+    unknown = set(roles) - set(ROLES)
+    assert not unknown, f"unknown roles {unknown}"
+    return {"access": Access(frozenset(roles) | {"admin"}, own)}
+
+
+# --- service keys -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    id: uuid.UUID
+    prefix: str
+    secret: str
+    secret_hash: bytes
+
+
+def hash_secret(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def new_key() -> NewKey:
+    """A fresh key: `tlk_<8 hex prefix>_<256-bit secret>`."""
+    prefix = secrets.token_hex(4)
+    secret = f"{KEY_PREFIX}{prefix}_{secrets.token_urlsafe(32)}"
+    return NewKey(uuid.uuid4(), prefix, secret, hash_secret(secret))
+
+
+def parse_key(token: str) -> tuple[str, bytes] | None:
+    """(prefix, hash) of a presented service key, or None if it is not one."""
+    if not token.startswith(KEY_PREFIX):
+        return None
+    prefix, sep, rest = token[len(KEY_PREFIX) :].partition("_")
+    if not sep or len(prefix) != 8 or not rest:
+        return None
+    return prefix, hash_secret(token)
+
+
+def redact(token: str) -> str:
+    """What may be logged of a token: the recognisable prefix only."""
+    parsed = parse_key(token)
+    return f"{KEY_PREFIX}{parsed[0]}_…" if parsed else "jwt…"
+
+
+# --- JWTs -----------------------------------------------------------------
+
+
+@dataclass
+class JwtVerifier:
+    """Verifies employee tokens. Each configured key is bound to exactly one
+    algorithm, so a token cannot choose how it is checked: `alg: none` is
+    never accepted and an HS256 token signed with a public key fails."""
+
+    issuer: str
+    audience: str
+    roles_claim: str
+    leeway_seconds: int
+    keys: dict[str | None, tuple[Any, str]] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: Config) -> JwtVerifier | None:
+        if not (config.jwt_issuer and config.jwt_audience):
+            return None
+        verifier = cls(
+            config.jwt_issuer,
+            config.jwt_audience,
+            config.jwt_roles_claim,
+            config.jwt_leeway_seconds,
+        )
+        if config.jwt_jwks_file:
+            verifier.add_jwks(json.loads(Path(config.jwt_jwks_file).read_text()))
+        if config.jwt_public_key_file:
+            verifier.add_pem(Path(config.jwt_public_key_file).read_bytes())
+        if config.jwt_hs256_secret:
+            if len(config.jwt_hs256_secret) < 32:
+                raise ValueError("TOKENLEDGER_JWT_HS256_SECRET must be at least 32 characters")
+            verifier.keys.setdefault(None, (config.jwt_hs256_secret.encode(), "HS256"))
+        if not verifier.keys:
+            raise ValueError("JWT issuer/audience are set but no verification key is configured")
+        return verifier
+
+    def add_jwks(self, jwks: dict[str, Any]) -> None:
+        for jwk in jwks.get("keys", []):
+            alg = {"RSA": "RS256", "EC": "ES256"}.get(jwk.get("kty", ""))
+            if alg is None or jwk.get("alg", alg) != alg:
+                continue
+            self.keys[jwk.get("kid")] = (jwt.PyJWK(jwk, algorithm=alg).key, alg)
+
+    def add_pem(self, pem: bytes) -> None:
+        from cryptography.hazmat.primitives.asymmetric import ec, rsa
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+        key = load_pem_public_key(pem)
+        if isinstance(key, rsa.RSAPublicKey):
+            self.keys.setdefault(None, (key, "RS256"))
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            self.keys.setdefault(None, (key, "ES256"))
+        else:
+            raise ValueError("only RSA and EC public keys are supported")
+
+    def verify(self, token: str) -> Principal:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise errors.Unauthenticated(f"malformed token: {exc}") from None
+        # A token naming a kid must match a JWKS key of that kid; one without
+        # a kid uses the PEM key or HS256 secret.
+        entry = self.keys.get(header.get("kid"))
+        if entry is None:
+            raise errors.Unauthenticated("unknown signing key")
+        key, alg = entry
+        try:
+            claims = jwt.decode(
+                token,
+                key=key,
+                algorithms=[alg],
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self.leeway_seconds,
+                options={"require": ["exp", "iss", "aud", "sub"]},
+            )
+        except jwt.PyJWTError as exc:
+            raise errors.Unauthenticated(f"invalid token: {exc}") from None
+        sub = str(claims["sub"])
+        extra = claims.get(self.roles_claim) or []
+        if isinstance(extra, str):
+            extra = [extra]
+        roles = {"employee"} | {r for r in extra if isinstance(r, str) and r in ROLES}
+        return Principal(id=f"employee:{sub}", roles=frozenset(roles), employee=sub)
+
+
+# --- the guard --------------------------------------------------------------
+
+
+def bearer(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+    header = connection.headers.get("authorization")
+    if not header:
+        raise unauthenticated("missing Authorization: Bearer <token>")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise unauthenticated("Authorization must be `Bearer <token>`")
+    return token.strip()
+
+
+def unauthenticated(detail: str) -> errors.Unauthenticated:
+    exc = errors.Unauthenticated(detail)
+    exc.headers["WWW-Authenticate"] = WWW_AUTHENTICATE
+    return exc
+
+
+async def authorize(
+    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+) -> None:
+    """Authenticate the caller and check the route's `access` option."""
+    if not connection.url.path.startswith("/v1/"):
+        return  # health, readiness, metrics and the schema docs are public
+    rule = handler.opt.get("access")
+    # create_app refuses to build an app with a /v1 route that has no rule.
+    assert isinstance(rule, Access), f"route {handler} declares no access rule"
+    state = connection.app.state
+    principal = await authenticate(connection, state.ledger, state.jwt_verifier)
+    connection.state.principal = principal
+    await state.rate_limiter.check(principal)
+    if principal.roles & (rule.roles - {"employee"}):
+        return
+    if "employee" in principal.roles and "employee" in rule.roles:
+        if rule.own is None or _is_own(connection, principal, rule.own):
+            return
+        # Someone else's wallet: indistinguishable from one that does not exist.
+        raise errors.not_found_for(str(connection.path_params.get(rule.own, "")))
+    raise errors.Forbidden(f"the {', '.join(sorted(principal.roles))} role may not do this")
+
+
+def _is_own(
+    connection: ASGIConnection[Any, Any, Any, Any], principal: Principal, param: str
+) -> bool:
+    value = connection.path_params.get(param)
+    return value is not None and value == f"employee:{principal.employee}"
+
+
+async def authenticate(
+    connection: ASGIConnection[Any, Any, Any, Any], ledger: Any, verifier: JwtVerifier | None
+) -> Principal:
+    token = bearer(connection)
+    parsed = parse_key(token)
+    if parsed is not None:
+        row = await ledger.fetchrow("authenticate_key", parsed[0], parsed[1])
+        if row is None:
+            raise unauthenticated("unknown or revoked key")
+        return Principal(id=f"key:{row['id']}", roles=frozenset({row["role"]}), name=row["name"])
+    if verifier is None:
+        raise unauthenticated("employee tokens are not configured on this service")
+    try:
+        return verifier.verify(token)
+    except errors.Unauthenticated as exc:
+        exc.headers["WWW-Authenticate"] = WWW_AUTHENTICATE
+        raise

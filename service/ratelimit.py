@@ -1,0 +1,82 @@
+"""Per-caller rate limits: a token bucket per principal, sized by role.
+
+Buckets live in each replica's memory: with N replicas a caller gets up to N
+times its rate in the worst case, which is the usual trade for not putting a
+shared counter on the hot path. Idle buckets are dropped so memory stays
+bounded by the number of active callers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from service import errors
+from service.auth import Principal
+
+MAX_BUCKETS = 100_000
+
+
+@dataclass
+class Bucket:
+    tokens: float
+    updated: float
+
+
+def parse_limits(spec: str) -> dict[str, float]:
+    """`"meter=2000,employee=20"` (requests per second per caller) to a dict."""
+    limits: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        role, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"rate limit {part!r} is not role=requests_per_second")
+        limits[role.strip()] = float(value)
+    return limits
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        per_second: dict[str, float],
+        burst_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.per_second = per_second
+        self.burst_seconds = burst_seconds
+        self.clock = clock
+        self.buckets: dict[str, Bucket] = {}
+
+    def rate_for(self, principal: Principal) -> float | None:
+        rates = [self.per_second[r] for r in principal.roles if r in self.per_second]
+        return max(rates) if rates else None
+
+    async def check(self, principal: Principal) -> None:
+        rate = self.rate_for(principal)
+        if rate is None or rate <= 0:
+            return
+        capacity = max(1.0, rate * self.burst_seconds)
+        now = self.clock()
+        bucket = self.buckets.get(principal.id)
+        if bucket is None:
+            if len(self.buckets) >= MAX_BUCKETS:
+                self._prune(now, capacity)
+            bucket = self.buckets[principal.id] = Bucket(capacity, now)
+        bucket.tokens = min(capacity, bucket.tokens + (now - bucket.updated) * rate)
+        bucket.updated = now
+        if bucket.tokens >= 1:
+            bucket.tokens -= 1
+            return
+        wait = math.ceil((1 - bucket.tokens) / rate)
+        exc = errors.RateLimited(
+            f"rate limit of {rate:g} requests per second exceeded", retry_after=wait
+        )
+        exc.headers["Retry-After"] = str(max(1, wait))
+        raise exc
+
+    def _prune(self, now: float, capacity: float) -> None:
+        # Buckets that have refilled completely carry no information.
+        idle = [k for k, b in self.buckets.items() if now - b.updated > self.burst_seconds * 2]
+        for k in idle:
+            del self.buckets[k]
