@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 run: venv ## Serve the API (embedded PostgreSQL under .data/pg unless DATABASE_URL is set)
-	$(PY) -m service
+	TOKENLEDGER_ENVIRONMENT=$${TOKENLEDGER_ENVIRONMENT:-development} $(PY) -m service
 
 test: venv ## Run the tests (PYTEST_ARGS passes options through)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -26,6 +26,27 @@ def _database_url(args: argparse.Namespace, config: Config) -> str:
     return url
 
 
+def _dev_admin_key(config: Config) -> Config:
+    """`make run` on a developer machine: make sure there is an admin key and
+    print it, so the first curl works. Kept in the data dir across restarts."""
+    from service.auth import new_key
+
+    if config.bootstrap_admin_key:
+        key = config.bootstrap_admin_key
+    else:
+        path = Path(config.data_dir) / "admin-key"
+        if path.exists():
+            key = path.read_text().strip()
+        else:
+            key = new_key().secret
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(key + "\n")
+            path.chmod(0o600)
+    print(f"development admin key: {key}", flush=True)
+    print(f"  curl -H 'Authorization: Bearer {key}' ...", flush=True)
+    return _replace(config, bootstrap_admin_key=key)
+
+
 def serve(config: Config) -> int:
     import uvicorn
 
@@ -42,8 +63,10 @@ def serve(config: Config) -> int:
             config.data_dir,
             flush=True,
         )
-        dsn, stop_embedded = start_embedded(Path(config.data_dir))
+        dsn, stop_embedded = start_embedded(Path(config.data_dir) / "pg")
         config = _replace(config, database_url=dsn)
+    if config.environment == "development":
+        config = _dev_admin_key(config)
     try:
         app = create_app(config)
         base = f"http://{config.host}:{config.port}"
@@ -116,6 +139,44 @@ async def _sweep(url: str) -> int:
     return 0
 
 
+async def _keys(url: str, args: argparse.Namespace) -> int:
+    from service.auth import new_key
+
+    conn = await db.connect(url)
+    queries = db.load_queries()
+    try:
+        if args.keys_command == "create":
+            key = new_key()
+            row = await conn.fetchrow(
+                queries["create_key"],
+                key.id,
+                key.prefix,
+                key.secret_hash,
+                args.name,
+                args.role,
+                args.created_by,
+            )
+            assert row is not None
+            print(f"created key {row['id']} ({row['name']}, role {row['role']})", file=sys.stderr)
+            print("the secret is shown once; store it now:", file=sys.stderr)
+            print(key.secret)
+        elif args.keys_command == "list":
+            for r in await conn.fetch(queries["list_keys"]):
+                state = f"revoked {r['revoked_at']:%Y-%m-%d}" if r["revoked_at"] else "active"
+                used = f"{r['last_used_at']:%Y-%m-%d %H:%M}" if r["last_used_at"] else "never"
+                key_id = f"{r['id']}  tlk_{r['prefix']}_…"
+                print(f"{key_id}  {r['role']:8} {state:18} used {used:16} {r['name']}")
+        elif args.keys_command == "revoke":
+            row = await conn.fetchrow(queries["revoke_key"], args.key)
+            if row is None:
+                print(f"no key {args.key}", file=sys.stderr)
+                return 1
+            print(f"revoked {row['id']} ({row['name']}) at {row['revoked_at']}")
+    finally:
+        await conn.close()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="tokenledger",
@@ -131,6 +192,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--database-url", help="defaults to DATABASE_URL")
+    keys = sub.add_parser("keys", help="manage service keys")
+    url_arg = argparse.ArgumentParser(add_help=False)
+    url_arg.add_argument("--database-url", help="defaults to DATABASE_URL")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser(
+        "create", parents=[url_arg], help="create a key and print its secret once"
+    )
+    create.add_argument("--name", required=True)
+    create.add_argument("--role", required=True, choices=["admin", "hr", "finance", "meter"])
+    create.add_argument("--created-by", default=None, help="who asked for it (recorded)")
+    keys_sub.add_parser("list", parents=[url_arg], help="list keys (never their secrets)")
+    revoke = keys_sub.add_parser("revoke", parents=[url_arg], help="revoke a key by id or prefix")
+    revoke.add_argument("key")
     args = parser.parse_args(argv)
     config = Config.from_env()
     command = args.command or "serve"
@@ -143,5 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_apply_schema(url))
     if command == "sweep":
         return asyncio.run(_sweep(url))
+    if command == "keys":
+        return asyncio.run(_keys(url, args))
     parser.error(f"unknown command {command}")
     return 2
