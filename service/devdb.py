@@ -8,6 +8,8 @@ names its database in DATABASE_URL.
 
 from __future__ import annotations
 
+import json
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +34,7 @@ def start_embedded(data_dir: Path = DEFAULT_DATA_DIR) -> tuple[str, Callable[[],
 
     data_dir = data_dir.expanduser().resolve()
     data_dir.parent.mkdir(parents=True, exist_ok=True)
+    _forget_dead_handles(data_dir)
     # "stop" keeps the files and stops the server when the last process using
     # it lets go (pgserver counts them), here or at interpreter exit.
     server = pgserver.get_server(data_dir, cleanup_mode="stop")
@@ -41,3 +44,30 @@ def start_embedded(data_dir: Path = DEFAULT_DATA_DIR) -> tuple[str, Callable[[],
         server.cleanup()
 
     return server.get_uri(), stop
+
+
+def _forget_dead_handles(data_dir: Path) -> None:
+    """pgserver stops the server when the last process using it exits and
+    counts those processes in a file; one killed outright (kill -9, a closed
+    terminal) stays counted and would keep the server running after the next
+    clean Ctrl-C. Drop the processes that no longer exist."""
+    path = data_dir / ".handle_pids.json"
+    try:
+        pids = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(pids, list):
+        return
+    alive = [pid for pid in pids if isinstance(pid, int) and _alive(pid)]
+    if alive != pids:
+        path.write_text(json.dumps(alive))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
