@@ -947,7 +947,7 @@ BEGIN
         END IF;
         PERFORM tl_move_lot(v_txn, v_mv.lot_id, -v_mv.amount);
     END LOOP;
-    FOR v_e IN SELECT account_id, sum(amount) AS amount FROM entries WHERE transaction_id = o.id
+    FOR v_e IN SELECT account_id, sum(amount)::bigint AS amount FROM entries WHERE transaction_id = o.id
                GROUP BY account_id ORDER BY account_id LOOP
         IF v_e.amount <> 0 THEN
             PERFORM tl_post_entry(v_txn, v_e.account_id, -v_e.amount, v_now);

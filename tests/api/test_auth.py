@@ -1,0 +1,530 @@
+"""Authentication and authorization: the role table of API.md, route by route."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+import pytest
+from litestar.testing import AsyncTestClient
+
+from service import db
+from service.app import create_app
+from service.auth import new_key
+from service.config import Config
+from tests.api.conftest import JWT_AUDIENCE, JWT_ISSUER, JWT_SECRET, Api, key
+
+ROLES = ("admin", "hr", "finance", "meter", "employee")
+_n = itertools.count()
+
+
+def employee_token(sub: str, *, roles: list[str] | None = None, **overrides: Any) -> str:
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "sub": sub,
+        "iss": JWT_ISSUER,
+        "aud": JWT_AUDIENCE,
+        "iat": now,
+        "nbf": now,
+        "exp": now + 300,
+    }
+    if roles is not None:
+        claims["tokenledger_roles"] = roles
+    claims.update(overrides)
+    claims = {k: v for k, v in claims.items() if v is not None}
+    return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
+
+
+async def sql(database_url: str, query: str, *args: Any) -> Any:
+    """Run one named query on the test's database on a connection of our own
+    (the app's pool lives on the test client's event loop)."""
+    conn = await db.connect(database_url)
+    try:
+        return await conn.fetchrow(db.load_queries()[query], *args)
+    finally:
+        await conn.close()
+
+
+async def service_key(database_url: str, role: str) -> str:
+    k = new_key()
+    await sql(database_url, "create_key", k.id, k.prefix, k.secret_hash, f"test-{role}", role, "t")
+    return k.secret
+
+
+@dataclass
+class World:
+    """Two employees with credits, and a bearer token per caller."""
+
+    api: Api
+    tokens: dict[str, str]
+    database_url: str
+
+    def auth(self, caller: str) -> dict[str, str]:
+        # An empty header overrides the client's default admin token.
+        return {"Authorization": f"Bearer {self.tokens[caller]}" if caller != "none" else ""}
+
+
+@pytest.fixture
+async def world(api: Api, database_url: str) -> World:
+    await api.department("eng")
+    for emp in ("e-own", "e-other"):
+        await api.employee(emp)
+        await api.grant(emp, 10_000)
+    tokens = {
+        role: await service_key(database_url, role) for role in ("admin", "hr", "finance", "meter")
+    }
+    tokens["employee"] = employee_token("e-own")
+    return World(api, tokens, database_url)
+
+
+# --- the matrix -----------------------------------------------------------------
+
+Maker = Callable[[World, str], Awaitable[tuple[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Case:
+    """How to call one route, which roles may, and what success answers."""
+
+    roles: frozenset[str]  # besides admin
+    ok: int
+    make: Maker
+    own: bool = False  # an employee may call it on their own wallet
+    admin: int | None = None  # what admin gets, when not `ok`
+
+
+def fixed(path: str, body: Any = None) -> Maker:
+    async def make(w: World, caller: str) -> tuple[str, Any]:
+        return path, body
+
+    return make
+
+
+def own_path(template: str) -> Maker:
+    """A path on the employee's own wallet (or, for "employee-other", someone else's)."""
+
+    async def make(w: World, caller: str) -> tuple[str, Any]:
+        emp = "e-other" if caller == "employee-other" else "e-own"
+        return template.format(address=f"employee:{emp}"), None
+
+    return make
+
+
+async def _fresh_employee(w: World, caller: str) -> str:
+    emp = f"e-{next(_n)}"
+    await w.api.employee(emp)
+    return emp
+
+
+async def _lot(w: World, caller: str) -> tuple[str, Any]:
+    emp = await _fresh_employee(w, caller)
+    grant = await w.api.grant(emp, 100)
+    return f"/v1/lots/{grant['lot']['id']}/void", {}
+
+
+async def _offboard(w: World, caller: str) -> tuple[str, Any]:
+    return f"/v1/employees/{await _fresh_employee(w, caller)}/offboard", {}
+
+
+async def _txn(w: World, caller: str) -> tuple[str, Any]:
+    grant = await w.api.grant("e-other", 5)
+    return f"/v1/transactions/{grant['transaction']['id']}", None
+
+
+async def _reverse(w: World, caller: str) -> tuple[str, Any]:
+    grant = await w.api.grant("e-other", 5)
+    return f"/v1/transactions/{grant['transaction']['id']}/reverse", {}
+
+
+async def _employee_put(w: World, caller: str) -> tuple[str, Any]:
+    return f"/v1/employees/e-new-{next(_n)}", {
+        "name": "N",
+        "email": "n@example.com",
+        "department": "eng",
+    }
+
+
+async def _grant(w: World, caller: str) -> tuple[str, Any]:
+    return "/v1/grants", {"employee": "e-other", "amount": 1, "reason": "spot_bonus"}
+
+
+async def _batch(w: World, caller: str) -> tuple[str, Any]:
+    item = {"key": f"b-{next(_n)}", "employee": "e-other", "amount": 1, "reason": "spot_bonus"}
+    return "/v1/grants:batch", {"grants": [item]}
+
+
+HR, FIN, METER, EMP = "hr", "finance", "meter", "employee"
+MATRIX: dict[tuple[str, str], Case] = {
+    ("PUT", "/v1/departments/{department_id}"): Case(
+        frozenset({HR}), 200, fixed("/v1/departments/eng", {"name": "Engineering"})
+    ),
+    ("GET", "/v1/departments/{department_id}"): Case(
+        frozenset({HR, FIN}), 200, fixed("/v1/departments/eng")
+    ),
+    ("PUT", "/v1/employees/{employee_id}"): Case(frozenset({HR}), 201, _employee_put),
+    ("GET", "/v1/employees/{employee_id}"): Case(
+        frozenset({HR, FIN}), 200, fixed("/v1/employees/e-other")
+    ),
+    ("POST", "/v1/employees/{employee_id}/offboard"): Case(frozenset({HR}), 200, _offboard),
+    ("GET", "/v1/accounts/{address}"): Case(
+        frozenset({HR, FIN, METER, EMP}), 200, own_path("/v1/accounts/{address}"), own=True
+    ),
+    # A service key has no wallet of its own.
+    ("GET", "/v1/me"): Case(frozenset({EMP}), 200, fixed("/v1/me"), admin=404),
+    ("GET", "/v1/accounts/{address}/entries"): Case(
+        frozenset({HR, FIN, EMP}), 200, own_path("/v1/accounts/{address}/entries"), own=True
+    ),
+    ("GET", "/v1/accounts/{address}/balance"): Case(
+        frozenset({HR, FIN, METER, EMP}), 200, own_path("/v1/accounts/{address}/balance"), own=True
+    ),
+    ("GET", "/v1/accounts/{address}/series"): Case(
+        frozenset({HR, FIN, EMP}),
+        200,
+        own_path("/v1/accounts/{address}/series?from=2026-01-01T00:00:00Z&to=2026-01-03T00:00:00Z"),
+        own=True,
+    ),
+    ("GET", "/v1/accounts/{address}/lots"): Case(
+        frozenset({HR, FIN, EMP}), 200, own_path("/v1/accounts/{address}/lots"), own=True
+    ),
+    ("POST", "/v1/grants"): Case(frozenset({HR}), 201, _grant),
+    ("POST", "/v1/grants:batch"): Case(frozenset({HR}), 200, _batch),
+    ("POST", "/v1/lots/{lot_id}/void"): Case(frozenset({HR}), 200, _lot),
+    ("POST", "/v1/debits"): Case(
+        frozenset({METER}), 201, fixed("/v1/debits", {"account": "employee:e-other", "amount": 1})
+    ),
+    ("POST", "/v1/transfers"): Case(
+        frozenset({HR}),
+        201,
+        fixed("/v1/transfers", {"from": "employee:e-other", "to": "employee:e-own", "amount": 1}),
+    ),
+    ("GET", "/v1/transactions/{transaction_id}"): Case(frozenset({HR, FIN}), 200, _txn),
+    ("GET", "/v1/transactions"): Case(frozenset({HR, FIN}), 200, fixed("/v1/transactions")),
+    ("POST", "/v1/transactions/{transaction_id}/reverse"): Case(frozenset({FIN}), 201, _reverse),
+}
+
+CALLERS = ("none", "admin", "hr", "finance", "meter", "employee", "employee-other")
+
+
+def app_routes() -> set[tuple[str, str]]:
+    app = create_app(Config(environment="development", database_url="postgresql://unused/x"))
+    found = set()
+    for route in app.routes:
+        if not route.path.startswith("/v1/"):
+            continue
+        for handler in route.route_handlers:  # type: ignore[union-attr]
+            for method in handler.http_methods:
+                if method != "OPTIONS":
+                    template = route.path.replace(":str", "")
+                    found.add((method, template))
+    return found
+
+
+def test_matrix_covers_every_route() -> None:
+    """A /v1 route added without a row in the authorization matrix fails this test."""
+    assert app_routes() == set(MATRIX)
+
+
+def expected(case: Case, caller: str) -> int:
+    if caller == "none":
+        return 401
+    if caller == "admin":
+        return case.admin or case.ok
+    if caller in ("employee", "employee-other"):
+        if EMP not in case.roles:
+            return 403
+        if caller == "employee-other":
+            return 404 if case.own else case.ok
+        return case.ok
+    return case.ok if caller in case.roles else 403
+
+
+@pytest.mark.parametrize("route", sorted(MATRIX), ids=lambda r: f"{r[0]} {r[1]}")
+async def test_authorization_matrix(world: World, route: tuple[str, str]) -> None:
+    """Every route answers every caller with the exact status the role table gives."""
+    method, _ = route
+    case = MATRIX[route]
+    for caller in CALLERS:
+        path, body = await case.make(world, caller)
+        token_of = "employee" if caller == "employee-other" else caller
+        headers = {**world.auth(token_of), **key()}
+        r = await world.api.c.request(
+            method, path, json=body if method != "GET" else None, headers=headers
+        )
+        want = expected(case, caller)
+        assert r.status_code == want, f"{caller} {method} {path}: {r.status_code} {r.text}"
+        if want == 401:
+            assert r.json()["code"] == "unauthenticated"
+            assert r.headers["www-authenticate"].startswith("Bearer")
+        elif want == 403:
+            assert r.json()["code"] == "forbidden"
+        elif want == 404:
+            code = "account_not_found" if caller == "admin" else "employee_not_found"
+            assert r.json()["code"] == code
+
+
+# --- tokens ----------------------------------------------------------------------
+
+
+async def test_public_routes_need_no_token(client: AsyncTestClient[Any]) -> None:
+    """Health, readiness, metrics and the schema docs answer without a token."""
+    client.headers.pop("Authorization")
+    for path in ("/healthz", "/readyz", "/metrics", "/schema/openapi.json"):
+        assert (await client.get(path)).status_code == 200, path
+
+
+async def test_employee_sees_own_wallet_through_me(world: World) -> None:
+    """GET /v1/me answers the calling employee's wallet."""
+    r = await world.api.c.get("/v1/me", headers=world.auth("employee"))
+    assert r.status_code == 200 and r.json()["address"] == "employee:e-own"
+    assert r.json()["available"] == 10_000
+
+
+async def test_extra_roles_claim(world: World) -> None:
+    """An employee token whose roles claim adds hr may grant like HR does."""
+    token = employee_token("e-own", roles=["hr"])
+    r = await world.api.c.post(
+        "/v1/grants",
+        json={"employee": "e-other", "amount": 1, "reason": "spot_bonus"},
+        headers={"Authorization": f"Bearer {token}", **key()},
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["transaction"]["actor"] == "employee:e-own"
+
+
+def _rsa_pem() -> tuple[bytes, bytes]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem_private = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    pem_public = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return pem_private, pem_public
+
+
+@pytest.fixture
+async def rsa_client(config: Config, tmp_path: Any, admin_key: str) -> Any:
+    """An app that verifies employee tokens with an RSA JWKS (kid "k1")."""
+    import json
+
+    from jwt.algorithms import RSAAlgorithm
+
+    private, public = _rsa_pem()
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    jwk = json.loads(RSAAlgorithm.to_jwk(load_pem_public_key(public)))
+    jwk.update({"kid": "k1", "alg": "RS256", "use": "sig"})
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [jwk]}))
+    import msgspec
+
+    cfg = msgspec.structs.replace(config, jwt_hs256_secret=None, jwt_jwks_file=str(jwks))
+    app = create_app(cfg)
+    async with AsyncTestClient(app=app, timeout=30) as c:
+        c.headers["Authorization"] = f"Bearer {admin_key}"
+        await Api(c).employee("e-rsa")
+        yield c, private, public
+
+
+def _claims(**overrides: Any) -> dict[str, Any]:
+    now = int(time.time())
+    base = {"sub": "e-rsa", "iss": JWT_ISSUER, "aud": JWT_AUDIENCE, "exp": now + 300, "nbf": now}
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+async def test_rs256_token_accepted(rsa_client: Any) -> None:
+    """A well-formed RS256 token with a known kid reaches the employee's own wallet."""
+    c, private, _ = rsa_client
+    token = jwt.encode(_claims(), private, algorithm="RS256", headers={"kid": "k1"})
+    r = await c.get("/v1/me", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200, r.text
+
+
+def _forge_alg_none(claims: dict[str, Any]) -> str:
+    import base64
+    import json
+
+    def b64(obj: Any) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    return f"{b64({'alg': 'none', 'typ': 'JWT', 'kid': 'k1'})}.{b64(claims)}."
+
+
+def _tamper(token: str) -> str:
+    import base64
+    import json
+
+    head, payload, sig = token.split(".")
+    data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    data["sub"] = "someone-else"
+    forged = base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+    return f"{head}.{forged}.{sig}"
+
+
+def _hs256_with_public_key(public: bytes) -> str:
+    import base64
+    import hashlib
+    import hmac
+    import json
+
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": "k1"}).encode())
+    body = b64(json.dumps(_claims()).encode())
+    sig = hmac.new(public, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(sig)}"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "expired",
+        "not_yet_valid",
+        "wrong_iss",
+        "wrong_aud",
+        "alg_none",
+        "hs256_with_public_key",
+        "tampered_payload",
+        "unknown_kid",
+        "missing_exp",
+        "garbage",
+    ],
+)
+async def test_bad_jwts_are_401(rsa_client: Any, name: str) -> None:
+    """Each kind of bad employee token answers 401 unauthenticated."""
+    c, private, public = rsa_client
+    now = int(time.time())
+
+    def sign(claims: dict[str, Any], kid: str = "k1") -> str:
+        return jwt.encode(claims, private, algorithm="RS256", headers={"kid": kid})
+
+    token = {
+        "expired": lambda: sign(_claims(exp=now - 3600, nbf=now - 7200)),
+        "not_yet_valid": lambda: sign(_claims(nbf=now + 3600, exp=now + 7200)),
+        "wrong_iss": lambda: sign(_claims(iss="https://evil.test")),
+        "wrong_aud": lambda: sign(_claims(aud="someone-else")),
+        "alg_none": lambda: _forge_alg_none(_claims()),
+        "hs256_with_public_key": lambda: _hs256_with_public_key(public),
+        "tampered_payload": lambda: _tamper(sign(_claims())),
+        "unknown_kid": lambda: sign(_claims(), kid="k2"),
+        "missing_exp": lambda: sign(_claims(exp=None)),
+        "garbage": lambda: "not.a.jwt",
+    }[name]()
+    r = await c.get("/v1/me", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 401, r.text
+    assert r.json()["code"] == "unauthenticated"
+
+
+# --- service keys -------------------------------------------------------------------
+
+
+async def test_revoked_key_fails_immediately(world: World) -> None:
+    """A revoked key answers 401 on the very next request."""
+    c = world.api.c
+    headers = world.auth("meter")
+    assert (await c.get("/v1/accounts/employee:e-other", headers=headers)).status_code == 200
+    prefix = world.tokens["meter"].split("_")[1]
+    await sql(world.database_url, "revoke_key", prefix)
+    r = await c.get("/v1/accounts/employee:e-other", headers=headers)
+    assert r.status_code == 401 and r.json()["code"] == "unauthenticated"
+
+
+async def test_unknown_and_malformed_keys_are_401(world: World) -> None:
+    """A made-up key, a wrong secret for a real prefix and a non-Bearer scheme are all 401."""
+    c = world.api.c
+    real = world.tokens["meter"]
+    for auth in (
+        f"Bearer {new_key().secret}",
+        f"Bearer {real[:-3]}abc",
+        f"Basic {real}",
+        "Bearer ",
+    ):
+        r = await c.get("/v1/accounts/employee:e-other", headers={"Authorization": auth})
+        assert r.status_code == 401, auth
+
+
+async def test_key_secret_never_logged(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    """Neither a key's secret nor a JWT appears in the service's logs."""
+    c = world.api.c
+    await c.get("/v1/accounts/employee:e-other", headers=world.auth("meter"))
+    await c.get("/v1/accounts/employee:e-other", headers={"Authorization": "Bearer tlk_00000000_x"})
+    await c.get("/v1/me", headers=world.auth("employee"))
+    out = capsys.readouterr()
+    logs = out.out + out.err
+    assert "request" in logs
+    for secret in (world.tokens["meter"], world.tokens["employee"], world.tokens["admin"]):
+        assert secret not in logs
+        assert secret.split("_")[-1] not in logs
+
+
+async def test_idempotency_keys_are_scoped_per_caller(world: World) -> None:
+    """The same Idempotency-Key from two callers makes two effects."""
+    c = world.api.c
+    body = {"account": "employee:e-other", "amount": 7}
+    before = await world.api.available("employee:e-other")
+    meter2 = await service_key(world.database_url, "meter")
+    shared = {"Idempotency-Key": "same-key"}
+    r1 = await c.post("/v1/debits", json=body, headers={**world.auth("meter"), **shared})
+    r2 = await c.post(
+        "/v1/debits", json=body, headers={"Authorization": f"Bearer {meter2}", **shared}
+    )
+    assert r1.status_code == r2.status_code == 201
+    assert r1.json()["id"] != r2.json()["id"]
+    assert "idempotent-replayed" not in r2.headers
+    assert await world.api.available("employee:e-other") == before - 14
+
+
+async def test_transaction_records_actor_and_request_id(world: World) -> None:
+    """A transaction shows the key that wrote it and the request id it came with."""
+    c = world.api.c
+    r = await c.post(
+        "/v1/debits",
+        json={"account": "employee:e-other", "amount": 1},
+        headers={**world.auth("meter"), **key(), "X-Request-Id": "req-actor-test"},
+    )
+    assert r.status_code == 201
+    txn = r.json()
+    assert txn["actor"].startswith("key:") and txn["request_id"] == "req-actor-test"
+
+
+# --- limits ----------------------------------------------------------------------------
+
+
+async def test_rate_limit_per_caller(config: Config, admin_key: str) -> None:
+    """Past its role's burst a caller gets 429 rate_limited with Retry-After; others do not."""
+    import msgspec
+
+    cfg = msgspec.structs.replace(
+        config, rate_limits="meter=2,admin=1000", rate_limit_burst_seconds=2.0
+    )
+    async with AsyncTestClient(app=create_app(cfg), timeout=30) as c:
+        c.headers["Authorization"] = f"Bearer {admin_key}"
+        await Api(c).employee("e-1")
+        meter = await service_key(config.database_url or "", "meter")
+        statuses = [
+            (await c.get("/v1/accounts/employee:e-1", headers={"Authorization": f"Bearer {meter}"}))
+            for _ in range(6)
+        ]
+        codes = [r.status_code for r in statuses]
+        assert codes[:4] == [200] * 4 and 429 in codes[4:]
+        limited = next(r for r in statuses if r.status_code == 429)
+        assert limited.json()["code"] == "rate_limited"
+        assert int(limited.headers["retry-after"]) >= 1
+        assert (await c.get("/v1/accounts/employee:e-1")).status_code == 200
+
+
+async def test_production_refuses_to_start_without_auth(database_url: str) -> None:
+    """In production the service will not start without employee-token verification."""
+    with pytest.raises(RuntimeError, match="refusing to start"):
+        create_app(Config(database_url=database_url, environment="production"))
