@@ -1209,7 +1209,7 @@ BEGIN
     EXECUTE format('GRANT USAGE ON SCHEMA %I TO tokenledger_app', current_schema());
     GRANT SELECT ON ALL TABLES IN SCHEMA public TO tokenledger_app;
     GRANT INSERT ON transactions, entries, lot_movements, lots, accounts, account_shards,
-                    departments, employees, idempotency_keys TO tokenledger_app;
+                    departments, employees, idempotency_keys, api_keys TO tokenledger_app;
     GRANT UPDATE ON accounts, account_shards, lots, departments, employees, idempotency_keys,
                     api_keys TO tokenledger_app;
     GRANT DELETE ON idempotency_keys TO tokenledger_app;

@@ -1,0 +1,61 @@
+"""Least privilege: the tokenledger_app role may write the journal but never rewrite it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import msgspec
+import pytest
+from litestar.testing import AsyncTestClient
+
+from service.app import create_app
+from service.config import Config
+from tests.api.conftest import Api
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE transactions SET memo = 'x'",
+        "DELETE FROM entries",
+        "UPDATE entries SET amount = amount + 1",
+        "DELETE FROM lot_movements",
+        "TRUNCATE transactions CASCADE",
+    ],
+)
+async def test_app_role_cannot_rewrite_the_journal(db: asyncpg.Connection, statement: str) -> None:
+    """As tokenledger_app, UPDATE, DELETE and TRUNCATE on the journal are refused by
+    privileges, before any trigger is consulted."""
+    await db.execute("SET ROLE tokenledger_app")
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await db.execute(statement)
+
+
+async def test_app_role_cannot_disable_triggers(db: asyncpg.Connection) -> None:
+    """tokenledger_app does not own the tables, so it cannot switch the append-only triggers off."""
+    await db.execute("SET ROLE tokenledger_app")
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await db.execute("ALTER TABLE entries DISABLE TRIGGER USER")
+
+
+async def test_service_runs_as_app_role(config: Config, admin_key: str) -> None:
+    """With TOKENLEDGER_DB_ROLE=tokenledger_app every ledger operation still works."""
+    cfg = msgspec.structs.replace(config, db_role="tokenledger_app")
+    async with AsyncTestClient(app=create_app(cfg), timeout=30) as c:
+        c.headers["Authorization"] = f"Bearer {admin_key}"
+        api = Api(c)
+        await api.employee("e-1")
+        await api.employee("e-2")
+        grant: dict[str, Any] = await api.grant("e-1", 100, expires_at="2099-01-01T00:00:00Z")
+        assert (await api.debit("employee:e-1", 30)).status_code == 201
+        assert (await api.transfer("employee:e-1", "employee:e-2", 20)).status_code == 201
+        r = await c.post(
+            f"/v1/transactions/{grant['transaction']['id']}/reverse",
+            json={},
+            headers={"Idempotency-Key": "rev-1"},
+        )
+        assert r.status_code == 409  # partly spent: the check runs under the app role too
+        assert await api.available("employee:e-1") == 50
+        r = await c.get("/v1/accounts/employee:e-1")
+        assert r.status_code == 200
