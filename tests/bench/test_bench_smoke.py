@@ -1,0 +1,61 @@
+"""Smoke runs of the benchmark and the chaos run, at a tiny scale, against the
+session's test PostgreSQL: the real service as a subprocess, as `make bench`
+and `make chaos` run it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import chaos, harness
+from tests.pg import Server
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_smoke(pg_server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every scenario completes at 20 requests and 4 workers with no 5xx, and the audit passes."""
+    out = tmp_path / "bench.json"
+    rc = harness.main(
+        ["--requests", "20", "--workers", "4", "--database-url", pg_server.dsn, "--json", str(out)]
+    )
+    result = json.loads(out.read_text())
+    report = capsys.readouterr().out.split("\n{", 1)[0]  # the table, not the JSON
+    scenarios = {s["name"]: s for s in result["scenarios"]}
+    assert list(scenarios) == list(harness.SCENARIOS), report
+    for name, s in scenarios.items():
+        assert s["setup_error"] is None, (name, s["setup_error"])
+        assert s["requests"] == 20 and not s["capped"], (name, report)
+        assert s["server_errors_5xx"] == 0, (name, s["samples"])
+        assert s["errors"] == 0, (name, s["error_codes"], s["samples"])
+        assert s["check"] is None or s["check"]["passed"], (name, s["check"])
+    assert result["checks"]["audit"]["passed"], result["checks"]["audit"]["output"]
+    assert "shared_over_spread" in result["ratios"]
+    assert rc == 0 and result["passed"], report
+
+
+def test_chaos_smoke(pg_server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Five seconds of load under connection kills: answers, effects and the audit hold."""
+    out = tmp_path / "chaos.json"
+    rc = chaos.main(
+        [
+            "--seconds",
+            "5",
+            "--workers",
+            "8",
+            "--kill-every",
+            "1",
+            "--database-url",
+            pg_server.dsn,
+            "--json",
+            str(out),
+        ]
+    )
+    result = json.loads(out.read_text())
+    report = capsys.readouterr().out
+    assert result["kills"] >= 2, report
+    assert result["checks"]["audit"]["passed"], report
+    assert result["violations"] == [], report
+    assert rc == 0 and result["passed"], report
