@@ -49,11 +49,18 @@ _MSGSPEC_PATH = re.compile(r"^(?P<message>.*?)(?: - at `(?P<path>[^`]*)`)?$", re
 
 def problem_response(exc: errors.LedgerError, request: Request[Any, Any, Any]) -> Response[Any]:
     request.state.outcome = exc.code
+    headers = dict(exc.headers)
+    if "request_id" not in request.scope.get("state", {}):
+        # Router-level 404/405 never reach the request middleware (it runs
+        # per route), so they get their request id here.
+        incoming = request.headers.get(REQUEST_ID_HEADER)
+        ok = incoming is not None and _REQUEST_ID_OK.match(incoming)
+        headers[REQUEST_ID_HEADER] = incoming if ok and incoming else new_request_id()
     return Response(
         exc.problem(instance=request.url.path),
         status_code=exc.status,
         media_type=PROBLEM_JSON,
-        headers=exc.headers,
+        headers=headers,
     )
 
 

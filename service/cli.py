@@ -2,8 +2,10 @@
 
 tokenledger [serve]        run the HTTP service (the default)
 tokenledger audit          check the ledger invariants; exit 1 naming the first violation
+  --verify-chain           also verify the hash chain and print its head (README, Tamper evidence)
 tokenledger apply-schema   apply schema.sql to DATABASE_URL
 tokenledger sweep          write due expiry transactions once, then exit
+tokenledger chain          append settled transactions to the hash chain once, then exit
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import asyncpg
+
+from service import chain as hash_chain
 from service import db
 from service.audit import run_audit
 from service.config import Config
@@ -97,17 +102,64 @@ def _replace(config: Config, **changes: object) -> Config:
     return msgspec.structs.replace(config, **changes)
 
 
-async def _audit(url: str) -> int:
+async def _audit(url: str, chain_args: argparse.Namespace | None = None) -> int:
     conn = await db.connect(url)
     try:
         violations = await run_audit(conn)
+        chain_lines = await _verify_chain(conn, chain_args) if chain_args else []
     finally:
         await conn.close()
     if violations:
         for violation in violations:
             print(f"FAIL {violation}")
-        return 1
-    print("ok: invariants 1, 2, 3, 4 and 7 hold")
+    else:
+        print("ok: invariants 1, 2, 3, 4 and 7 hold")
+    for line in chain_lines:
+        print(line)
+    failed = bool(violations) or any(line.startswith("FAIL") for line in chain_lines)
+    return 1 if failed else 0
+
+
+async def _verify_chain(conn: asyncpg.Connection, args: argparse.Namespace) -> list[str]:
+    """`audit --verify-chain`: verify (never append), then print the head to anchor."""
+    problem = await hash_chain.verify_chain(
+        conn, max_lag_seconds=args.max_lag_seconds, anchors=args.anchor or ()
+    )
+    head = await hash_chain.head(conn)
+    count, oldest = await hash_chain.pending(conn)
+    lines = [f"FAIL chain: {problem}" if problem else "ok: the hash chain verifies"]
+    lines.append(f"chain head: {head}" if head else "chain head: none (nothing chained yet)")
+    if count:
+        assert oldest is not None
+        lines.append(f"not chained yet: {count} transactions, the oldest created at {oldest}")
+    return lines
+
+
+def _anchor(value: str) -> tuple[int, bytes]:
+    """SEQ:HEX, a chain head recorded earlier (from the logs or a previous audit)."""
+    seq, _, digest = value.partition(":")
+    try:
+        anchor = (int(seq), bytes.fromhex(digest))
+    except ValueError:
+        anchor = (0, b"")
+    if anchor[0] < 1 or len(anchor[1]) != 32:
+        raise argparse.ArgumentTypeError(f"expected SEQ:SHA256HEX, got {value!r}")
+    return anchor
+
+
+async def _chain(url: str, config: Config, everything: bool) -> int:
+    conn = await db.connect(url)
+    try:
+        appended = await hash_chain.append_pending(
+            conn,
+            batch_size=config.chain_batch_size,
+            settle_seconds=config.chain_settle_seconds,
+            everything=everything,
+        )
+        head = await hash_chain.head(conn)
+    finally:
+        await conn.close()
+    print(f"chained {appended} transactions; head {head if head else 'none'}")
     return 0
 
 
@@ -189,9 +241,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("audit", "check the ledger invariants"),
         ("apply-schema", "apply schema.sql"),
         ("sweep", "write due expiry transactions once"),
+        ("chain", "append settled transactions to the hash chain once"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--database-url", help="defaults to DATABASE_URL")
+    audit = sub.choices["audit"]
+    audit.add_argument(
+        "--verify-chain",
+        action="store_true",
+        help="also recompute the hash chain (appends nothing) and print its head",
+    )
+    audit.add_argument(
+        "--max-lag-seconds",
+        type=float,
+        default=None,
+        help="fail when a transaction this much older than the newest one is not chained "
+        "(default: TOKENLEDGER_CHAIN_SETTLE_SECONDS + 300)",
+    )
+    audit.add_argument(
+        "--anchor",
+        type=_anchor,
+        action="append",
+        metavar="SEQ:SHA256",
+        help="a chain head recorded earlier that must still be in the chain (repeatable)",
+    )
+    sub.choices["chain"].add_argument(
+        "--all",
+        action="store_true",
+        help="also append stragglers from any depth of history (check them first)",
+    )
     keys = sub.add_parser("keys", help="manage service keys")
     url_arg = argparse.ArgumentParser(add_help=False)
     url_arg.add_argument("--database-url", help="defaults to DATABASE_URL")
@@ -212,11 +290,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(config)
     url = _database_url(args, config)
     if command == "audit":
-        return asyncio.run(_audit(url))
+        if not args.verify_chain:
+            return asyncio.run(_audit(url))
+        if args.max_lag_seconds is None:
+            args.max_lag_seconds = config.chain_settle_seconds + 300
+        return asyncio.run(_audit(url, args))
     if command == "apply-schema":
         return asyncio.run(_apply_schema(url))
     if command == "sweep":
         return asyncio.run(_sweep(url))
+    if command == "chain":
+        return asyncio.run(_chain(url, config, args.all))
     if command == "keys":
         return asyncio.run(_keys(url, args))
     parser.error(f"unknown command {command}")

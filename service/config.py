@@ -43,6 +43,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sweeper_interval_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
     sweeper_batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
     idempotency_retention_days: Annotated[int, msgspec.Meta(ge=30, le=3650)] = 30
+    # The hash chain (README, Tamper evidence): transactions are chained once
+    # they are this old, which must exceed statement_timeout so that every
+    # transaction created before the cutoff has committed.
+    chain_settle_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
+    chain_batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
     # Schema: apply schema.sql at start-up (off where migrations are run apart).
     apply_schema: bool = True
     # Logs.
@@ -70,6 +75,13 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     db_role: str | None = None
     # Where `make run` keeps the embedded PostgreSQL when DATABASE_URL is unset.
     data_dir: str = ".data"
+
+    def __post_init__(self) -> None:
+        if self.chain_settle_seconds * 1000 <= self.statement_timeout_ms:
+            raise ValueError(
+                "chain_settle_seconds must exceed statement_timeout_ms "
+                f"({self.chain_settle_seconds}s <= {self.statement_timeout_ms}ms)"
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:

@@ -94,6 +94,11 @@ class Metrics:
             "Credits moved to system:expired by the sweeper.",
             registry=self.registry,
         )
+        self.chained_transactions = Counter(
+            "tokenledger_chained_transactions_total",
+            "Transactions appended to the hash chain by this replica.",
+            registry=self.registry,
+        )
 
 
 class Stopwatch:

@@ -133,7 +133,7 @@ class AccountsController(Controller):
         step = timedelta(days=1) if interval == "day" else timedelta(hours=1)
         if to < from_:
             raise errors.InvalidRequest("to is before from", errors=[{"path": "to"}])
-        if (to - from_) / step > MAX_SERIES_POINTS:
+        if (to - from_) // step + 1 > MAX_SERIES_POINTS:
             raise errors.InvalidRequest(
                 f"at most {MAX_SERIES_POINTS} points per series", errors=[{"path": "interval"}]
             )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, get, post, put
@@ -30,15 +30,17 @@ class DepartmentIn(msgspec.Struct, forbid_unknown_fields=True):
     parent: Ref | None = None
 
 
+Email = Annotated[
+    str,
+    msgspec.Meta(pattern=r"^[^@\s]+@[^@\s]+$", max_length=320, examples=["ada@example.com"]),
+]
+
+
 class EmployeeIn(msgspec.Struct, forbid_unknown_fields=True):
     name: Name
-    email: str = msgspec.field()
-    department: Ref = msgspec.field()
+    email: Email
+    department: Ref
     status: Literal["active"] = "active"
-
-    def __post_init__(self) -> None:
-        if len(self.email) > 320 or self.email.count("@") != 1 or " " in self.email:
-            raise ValueError("email must look like name@domain")
 
 
 class OffboardIn(msgspec.Struct, forbid_unknown_fields=True):
