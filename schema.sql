@@ -170,14 +170,55 @@ CREATE INDEX IF NOT EXISTS lots_consumption_idx ON lots
 CREATE INDEX IF NOT EXISTS lots_due_idx ON lots (expires_at)
     WHERE status = 'active' AND remaining > 0 AND expires_at IS NOT NULL;
 
+-- A transaction may move one lot more than once (a capture draws on a lot's
+-- hold and then on its free credits), so movements have an id of their own.
 CREATE TABLE IF NOT EXISTS lot_movements (
+    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     transaction_id uuid NOT NULL REFERENCES transactions (id),
     lot_id         uuid NOT NULL REFERENCES lots (id),
     amount         bigint NOT NULL,
-    PRIMARY KEY (transaction_id, lot_id),
     CONSTRAINT lot_movements_amount_nonzero CHECK (amount <> 0)
 );
 CREATE INDEX IF NOT EXISTS lot_movements_lot_idx ON lot_movements (lot_id);
+CREATE INDEX IF NOT EXISTS lot_movements_transaction_idx ON lot_movements (transaction_id);
+
+-- A reservation holds credits of a wallet: its holds earmark lots (lot.reserved)
+-- in consumption order at the moment it is made. It resolves once: captured,
+-- released or expired (a trigger refuses any change after that).
+CREATE TABLE IF NOT EXISTS reservations (
+    id                     uuid PRIMARY KEY,
+    account_id             bigint NOT NULL REFERENCES accounts (id),
+    amount                 bigint NOT NULL,
+    captured               bigint,
+    status                 text NOT NULL DEFAULT 'active',
+    expires_at             timestamptz NOT NULL,
+    metadata               jsonb NOT NULL DEFAULT '{}'::jsonb,
+    details                jsonb NOT NULL DEFAULT '{}'::jsonb,
+    capture_transaction_id uuid REFERENCES transactions (id),
+    actor                  text,
+    request_id             text,
+    created_at             timestamptz NOT NULL,
+    resolved_at            timestamptz,
+    CONSTRAINT reservations_amount_positive CHECK (amount > 0),
+    CONSTRAINT reservations_status_valid CHECK (status IN ('active', 'captured', 'released', 'expired')),
+    CONSTRAINT reservations_resolved_when_not_active CHECK ((status = 'active') = (resolved_at IS NULL)),
+    CONSTRAINT reservations_capture_recorded
+        CHECK ((status = 'captured') = (captured IS NOT NULL AND capture_transaction_id IS NOT NULL)),
+    CONSTRAINT reservations_captured_positive CHECK (captured IS NULL OR captured > 0),
+    -- Invariant 5: one capture transaction captures one reservation.
+    CONSTRAINT reservations_capture_transaction_key UNIQUE (capture_transaction_id)
+);
+CREATE INDEX IF NOT EXISTS reservations_account_idx ON reservations (account_id, id DESC);
+CREATE INDEX IF NOT EXISTS reservations_due_idx ON reservations (expires_at) WHERE status = 'active';
+
+CREATE TABLE IF NOT EXISTS reservation_holds (
+    reservation_id uuid NOT NULL REFERENCES reservations (id),
+    lot_id         uuid NOT NULL REFERENCES lots (id),
+    amount         bigint NOT NULL,
+    PRIMARY KEY (reservation_id, lot_id),
+    CONSTRAINT reservation_holds_amount_positive CHECK (amount > 0)
+);
+CREATE INDEX IF NOT EXISTS reservation_holds_lot_idx ON reservation_holds (lot_id);
 
 -- Idempotency records live in the same database transaction as the effect
 -- (STYLE.md habit 3). status_code 0 never survives a commit: the row is
@@ -226,6 +267,27 @@ CREATE TRIGGER lot_movements_immutable BEFORE UPDATE OR DELETE ON lot_movements
 DROP TRIGGER IF EXISTS lot_movements_no_truncate ON lot_movements;
 CREATE TRIGGER lot_movements_no_truncate BEFORE TRUNCATE ON lot_movements
     FOR EACH STATEMENT EXECUTE FUNCTION tl_forbid_change();
+
+-- Invariant 5: a reservation is resolved at most once.
+CREATE OR REPLACE FUNCTION tl_reservation_resolves_once() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD.status <> 'active' AND (NEW.status, NEW.captured, NEW.capture_transaction_id, NEW.resolved_at)
+            IS DISTINCT FROM (OLD.status, OLD.captured, OLD.capture_transaction_id, OLD.resolved_at) THEN
+        RAISE EXCEPTION USING
+            ERRCODE = 'TLE03',
+            MESSAGE = 'reservation_already_resolved',
+            DETAIL = format('reservation %s is %s; it cannot change again', OLD.id, OLD.status);
+    END IF;
+    RETURN NEW;
+END $$;
+
+DROP TRIGGER IF EXISTS reservations_resolve_once ON reservations;
+CREATE TRIGGER reservations_resolve_once BEFORE UPDATE ON reservations
+    FOR EACH ROW EXECUTE FUNCTION tl_reservation_resolves_once();
+DROP TRIGGER IF EXISTS reservation_holds_immutable ON reservation_holds;
+CREATE TRIGGER reservation_holds_immutable BEFORE UPDATE OR DELETE ON reservation_holds
+    FOR EACH ROW EXECUTE FUNCTION tl_forbid_change();
 
 -- Checked at commit, once per entry row: the entries of the row's
 -- transaction sum to zero per asset and there are at least two.
@@ -411,10 +473,58 @@ BEGIN
     RETURN v_id;
 END $$;
 
--- Expires the due lots of one locked lot-holding account: their unreserved
--- remainder moves to system:expired in one `expiry` transaction. Every write
--- that touches a wallet calls this first (DESIGN.md, Expiry).
+-- Brings one locked lot-holding account up to p_now; every write that
+-- touches a wallet calls this first (DESIGN.md, Expiry):
+--   1. reservations whose expires_at has passed free their holds (they
+--      expired at their own instant, whoever notices);
+--   2. credits freed on voided lots go back to their funders;
+--   3. due lots' unreserved remainder moves to system:expired in one
+--      `expiry` transaction.
+-- Returns the credits expired.
 CREATE OR REPLACE FUNCTION tl_expire_due(p_account bigint, p_now timestamptz, p_ctx jsonb)
+RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    v_res reservations;
+BEGIN
+    FOR v_res IN SELECT * FROM reservations
+                 WHERE account_id = p_account AND status = 'active' AND expires_at <= p_now
+                 ORDER BY id LOOP
+        PERFORM tl_release_holds(v_res);
+        UPDATE reservations SET status = 'expired', resolved_at = v_res.expires_at WHERE id = v_res.id;
+    END LOOP;
+    PERFORM tl_return_voided(p_account, p_now, p_ctx);
+    RETURN tl_expire_lots(p_account, p_now, p_ctx);
+END $$;
+
+-- Gives back a reservation's holds: its lots' earmarks and the account's reserved amount.
+CREATE OR REPLACE FUNCTION tl_release_holds(p_res reservations) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE lots l SET reserved = l.reserved - h.amount
+        FROM reservation_holds h WHERE h.reservation_id = p_res.id AND l.id = h.lot_id;
+    UPDATE accounts SET reserved = reserved - p_res.amount WHERE id = p_res.account_id;
+END $$;
+
+-- Credits that a released hold freed on a voided lot follow the rest of the
+-- lot back to its funder, in a `void` transaction.
+CREATE OR REPLACE FUNCTION tl_return_voided(p_account bigint, p_now timestamptz, p_ctx jsonb)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_lots uuid[];
+    v_txn uuid;
+BEGIN
+    SELECT array_agg(id) INTO v_lots FROM lots
+        WHERE account_id = p_account AND status = 'voided' AND remaining > reserved;
+    IF v_lots IS NULL THEN
+        RETURN;
+    END IF;
+    v_txn := tl_new_transaction('void', p_now, p_ctx, NULL, '{}'::jsonb,
+                                jsonb_build_object('released_holds', true));
+    PERFORM tl_void_lots(v_txn, (SELECT a FROM accounts a WHERE a.id = p_account), v_lots, p_now);
+END $$;
+
+-- Step 3 of tl_expire_due.
+CREATE OR REPLACE FUNCTION tl_expire_lots(p_account bigint, p_now timestamptz, p_ctx jsonb)
 RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
     v_total bigint;
@@ -544,6 +654,9 @@ DECLARE
     v_due bigint := 0;
     v_pending bigint := 0;
     v_available bigint;
+    v_reserved bigint;
+    v_due_reserved bigint := 0;
+    v_due_held bigint := 0;
     v_expiring jsonb := '[]'::jsonb;
 BEGIN
     SELECT * INTO a FROM accounts WHERE id = p_id;
@@ -570,14 +683,25 @@ BEGIN
                     AND expires_at > p_now AND expires_at IS NOT NULL
                   GROUP BY expires_at ORDER BY expires_at LIMIT 50) x;
     END IF;
-    v_posted := v_posted - v_due;
-    v_available := v_posted - a.reserved - v_pending;
+    -- Reservations past their expires_at hold nothing any more; what they
+    -- held on lots that have expired has expired with them.
+    SELECT coalesce(sum(r.amount), 0) INTO v_due_reserved FROM reservations r
+        WHERE r.account_id = a.id AND r.status = 'active' AND r.expires_at <= p_now;
+    IF v_due_reserved > 0 THEN
+        SELECT coalesce(sum(h.amount), 0) INTO v_due_held FROM reservation_holds h
+            JOIN reservations r ON r.id = h.reservation_id JOIN lots l ON l.id = h.lot_id
+            WHERE r.account_id = a.id AND r.status = 'active' AND r.expires_at <= p_now
+              AND l.status = 'active' AND l.expires_at <= p_now;
+    END IF;
+    v_posted := v_posted - v_due - v_due_held;
+    v_reserved := a.reserved - v_due_reserved;
+    v_available := v_posted - v_reserved - v_pending;
     RETURN jsonb_build_object(
         'address', a.address,
         'type', a.type,
         'asset', a.asset,
         'posted', v_posted,
-        'reserved', a.reserved,
+        'reserved', v_reserved,
         'pending', v_pending,
         'available', CASE WHEN a.type = 'system' THEN NULL ELSE v_available END,
         'overdraft_limit', CASE WHEN a.type = 'system' THEN NULL ELSE a.overdraft_limit END,
@@ -826,7 +950,8 @@ DECLARE
     v_funder accounts;
 BEGIN
     FOR v_lot IN
-        SELECT l.* FROM lots l WHERE l.id = ANY (p_lots) AND l.status = 'active'
+        SELECT l.* FROM lots l
+        WHERE l.id = ANY (p_lots) AND (l.status = 'active' OR l.remaining > l.reserved)
         ORDER BY l.priority, l.expires_at NULLS LAST, l.effective_at, l.id
     LOOP
         UPDATE lots SET status = 'voided' WHERE id = v_lot.id;
@@ -970,6 +1095,7 @@ DECLARE
     v_now timestamptz;
     v_txn uuid;
     v_lots uuid[];
+    v_res reservations;
 BEGIN
     w := tl_require_account('employee:' || (p_args ->> 'employee'));
     PERFORM tl_lock(ARRAY[w.id] || tl_funders(w.id), ARRAY['system:expired', 'system:issuance']);
@@ -977,6 +1103,11 @@ BEGIN
     SELECT * INTO w FROM accounts WHERE id = w.id;
     PERFORM tl_require_open(w);
     PERFORM tl_expire_due(w.id, v_now, p_ctx);
+    -- Active reservations are released first, so their credits are voided too.
+    FOR v_res IN SELECT * FROM reservations WHERE account_id = w.id AND status = 'active' ORDER BY id LOOP
+        PERFORM tl_release_holds(v_res);
+        UPDATE reservations SET status = 'released', resolved_at = v_now WHERE id = v_res.id;
+    END LOOP;
     SELECT array_agg(id) INTO v_lots FROM lots
         WHERE account_id = w.id AND status = 'active' AND remaining > reserved;
     IF v_lots IS NOT NULL THEN
@@ -989,6 +1120,194 @@ BEGIN
         WHERE id = p_args ->> 'employee';
     RETURN tl_employee_json(p_args ->> 'employee', v_now)
            || jsonb_build_object('void_transaction_id', tl_public_id('txn_', v_txn));
+END $$;
+
+-- ---------------------------------------------------------------------------
+-- Reservations: hold credits before a model call, capture the real cost after
+-- ---------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION tl_reservation_json(p_id uuid, p_now timestamptz) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'id', tl_public_id('rsv_', r.id),
+        'account', a.address,
+        'amount', r.amount,
+        'captured', r.captured,
+        -- Past its expires_at a reservation is expired, whether or not the
+        -- sweeper has written that yet.
+        'status', CASE WHEN r.status = 'active' AND r.expires_at <= p_now THEN 'expired' ELSE r.status END,
+        'expires_at', tl_ts(r.expires_at),
+        'metadata', r.metadata,
+        'capture_transaction_id', tl_public_id('txn_', r.capture_transaction_id),
+        'holds', coalesce((
+            SELECT jsonb_agg(jsonb_build_object('lot_id', tl_public_id('lot_', h.lot_id), 'amount', h.amount)
+                             ORDER BY h.lot_id)
+            FROM reservation_holds h WHERE h.reservation_id = r.id), '[]'::jsonb),
+        'actor', r.actor,
+        'created_at', tl_ts(r.created_at),
+        'resolved_at', tl_ts(CASE WHEN r.status = 'active' AND r.expires_at <= p_now THEN r.expires_at
+                                  ELSE r.resolved_at END))
+    FROM reservations r JOIN accounts a ON a.id = r.account_id
+    WHERE r.id = p_id
+$$;
+
+-- Loads a reservation for a write: locks its account first (the global
+-- order), brings the account up to now (which expires the reservation if
+-- its time is up), and answers reservation_not_active unless it is active.
+CREATE OR REPLACE FUNCTION tl_lock_reservation(p_args jsonb, p_ctx jsonb, p_system text[])
+RETURNS reservations LANGUAGE plpgsql AS $$
+DECLARE
+    r reservations;
+    v_now timestamptz;
+BEGIN
+    SELECT * INTO r FROM reservations WHERE id = (p_args ->> 'reservation_id')::uuid;
+    IF NOT FOUND THEN
+        PERFORM tl_raise('TLA05', 'reservation_not_found', format('no reservation %s', p_args ->> 'reservation'),
+                         jsonb_build_object('reservation', p_args ->> 'reservation'));
+    END IF;
+    PERFORM tl_lock(ARRAY[r.account_id], p_system);
+    v_now := tl_now(p_ctx);
+    PERFORM tl_expire_due(r.account_id, v_now, p_ctx);
+    SELECT * INTO r FROM reservations WHERE id = r.id;
+    IF r.status <> 'active' THEN
+        PERFORM tl_raise('TLB04', 'reservation_not_active',
+                         format('reservation %s is %s', p_args ->> 'reservation', r.status),
+                         jsonb_build_object('reservation', p_args ->> 'reservation', 'status', r.status));
+    END IF;
+    RETURN r;
+END $$;
+
+-- Holds credits on a wallet or department account: earmarks live lots in
+-- consumption order and raises `reserved`. No journal entry: nothing moves
+-- until the capture.
+CREATE OR REPLACE FUNCTION tl_op_reserve(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    w accounts;
+    v_amount bigint := (p_args ->> 'amount')::bigint;
+    v_now timestamptz;
+    v_id uuid := tl_uuid7();
+    v_left bigint;
+    v_take bigint;
+    v_lot record;
+    v_available bigint;
+BEGIN
+    w := tl_require_account(p_args ->> 'account');
+    IF w.type = 'system' THEN
+        PERFORM tl_raise('TLD01', 'invalid_request', 'reservations hold credits of a wallet or a department account',
+                         jsonb_build_object('path', '$.account'));
+    END IF;
+    PERFORM tl_lock(ARRAY[w.id], ARRAY['system:expired', 'system:issuance']);
+    v_now := tl_now(p_ctx);
+    SELECT * INTO w FROM accounts WHERE id = w.id;
+    PERFORM tl_require_open(w);
+    PERFORM tl_expire_due(w.id, v_now, p_ctx);
+    v_available := tl_spendable(w.id, v_now);
+    IF v_available < v_amount THEN
+        PERFORM tl_raise('TLB01', 'insufficient_credits',
+            format('%s has %s credits available; %s requested', w.address, v_available, v_amount),
+            jsonb_build_object('account', w.address, 'available', v_available, 'requested', v_amount));
+    END IF;
+    INSERT INTO reservations (id, account_id, amount, expires_at, metadata, actor, request_id, created_at)
+    VALUES (v_id, w.id, v_amount, v_now + make_interval(secs => (p_args ->> 'ttl_seconds')::integer),
+            coalesce(nullif(p_args -> 'metadata', 'null'::jsonb), '{}'::jsonb),
+            p_ctx ->> 'actor', p_ctx ->> 'request_id', v_now);
+    v_left := v_amount;
+    FOR v_lot IN
+        SELECT l.id, l.remaining - l.reserved AS free FROM lots l
+        WHERE l.account_id = w.id AND l.status = 'active' AND l.remaining > l.reserved
+          AND l.effective_at <= v_now AND (l.expires_at IS NULL OR l.expires_at > v_now)
+        ORDER BY l.priority, l.expires_at NULLS LAST, l.effective_at, l.id
+    LOOP
+        v_take := least(v_lot.free, v_left);
+        UPDATE lots SET reserved = reserved + v_take WHERE id = v_lot.id;
+        INSERT INTO reservation_holds (reservation_id, lot_id, amount) VALUES (v_id, v_lot.id, v_take);
+        v_left := v_left - v_take;
+        EXIT WHEN v_left = 0;
+    END LOOP;
+    ASSERT v_left = 0, 'tl_op_reserve: spendable credits changed under a held lock';
+    UPDATE accounts SET reserved = reserved + v_amount, updated_at = v_now WHERE id = w.id;
+    RETURN tl_reservation_json(v_id, v_now) || jsonb_build_object('available_after', v_available - v_amount);
+END $$;
+
+-- Captures a reservation: the amount is drawn from its held lots first (even
+-- lots that expired since: a reservation is a promise), then, when it asks
+-- for more than was held, from the wallet's live lots. What is held and not
+-- captured is released; released credits of an expired lot expire at once.
+CREATE OR REPLACE FUNCTION tl_op_capture(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    r reservations;
+    w accounts;
+    v_amount bigint := (p_args ->> 'amount')::bigint;
+    v_left bigint;
+    v_take bigint;
+    v_now timestamptz;
+    v_txn uuid;
+    v_hold record;
+BEGIN
+    r := tl_lock_reservation(p_args, p_ctx, ARRAY['system:expired', 'system:usage', 'system:issuance']);
+    v_now := tl_now(p_ctx);
+    SELECT * INTO w FROM accounts WHERE id = r.account_id;
+    v_txn := tl_new_transaction('capture', v_now, p_ctx, NULL,
+                                coalesce(nullif(p_args -> 'metadata', 'null'::jsonb), r.metadata),
+                                jsonb_build_object('reservation_id', tl_public_id('rsv_', r.id),
+                                                   'held', r.amount));
+    v_left := v_amount;
+    FOR v_hold IN
+        SELECT h.lot_id, h.amount FROM reservation_holds h JOIN lots l ON l.id = h.lot_id
+        WHERE h.reservation_id = r.id
+        ORDER BY l.priority, l.expires_at NULLS LAST, l.effective_at, l.id
+    LOOP
+        v_take := least(v_hold.amount, v_left);
+        UPDATE lots SET reserved = reserved - v_hold.amount WHERE id = v_hold.lot_id;
+        IF v_take > 0 THEN
+            PERFORM tl_move_lot(v_txn, v_hold.lot_id, -v_take);
+            v_left := v_left - v_take;
+        END IF;
+    END LOOP;
+    UPDATE accounts SET reserved = reserved - r.amount WHERE id = w.id;
+    IF v_left > 0 THEN
+        -- Over-capture: the excess comes from available credits or not at all
+        -- (insufficient_credits rolls everything back; the reservation stays active).
+        SELECT * INTO w FROM accounts WHERE id = w.id;
+        PERFORM 1 FROM tl_consume(v_txn, w, v_left, v_now);
+    END IF;
+    PERFORM tl_post_entry(v_txn, w.id, -v_amount, v_now);
+    PERFORM tl_post_entry(v_txn, tl_account_id('system:usage'), v_amount, v_now);
+    UPDATE reservations SET status = 'captured', captured = v_amount, capture_transaction_id = v_txn,
+                            resolved_at = v_now
+        WHERE id = r.id;
+    PERFORM tl_expire_due(w.id, v_now, p_ctx);
+    RETURN jsonb_build_object('reservation', tl_reservation_json(r.id, v_now),
+                              'transaction', tl_transaction_json(v_txn));
+END $$;
+
+CREATE OR REPLACE FUNCTION tl_op_release(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    r reservations;
+    v_now timestamptz;
+BEGIN
+    r := tl_lock_reservation(p_args, p_ctx, ARRAY['system:expired', 'system:issuance']);
+    v_now := tl_now(p_ctx);
+    PERFORM tl_release_holds(r);
+    UPDATE reservations SET status = 'released', resolved_at = v_now WHERE id = r.id;
+    PERFORM tl_expire_due(r.account_id, v_now, p_ctx);
+    RETURN tl_reservation_json(r.id, v_now);
+END $$;
+
+CREATE OR REPLACE FUNCTION tl_op_extend(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    r reservations;
+    v_now timestamptz;
+BEGIN
+    r := tl_lock_reservation(p_args, p_ctx, ARRAY['system:expired', 'system:issuance']);
+    v_now := tl_now(p_ctx);
+    UPDATE reservations SET expires_at = v_now + make_interval(secs => (p_args ->> 'ttl_seconds')::integer)
+        WHERE id = r.id;
+    RETURN tl_reservation_json(r.id, v_now);
 END $$;
 
 -- ---------------------------------------------------------------------------
@@ -1005,6 +1324,10 @@ BEGIN
         WHEN 'void_lot' THEN tl_op_void_lot(p_args, p_ctx)
         WHEN 'reverse' THEN tl_op_reverse(p_args, p_ctx)
         WHEN 'offboard' THEN tl_op_offboard(p_args, p_ctx)
+        WHEN 'reserve' THEN tl_op_reserve(p_args, p_ctx)
+        WHEN 'capture' THEN tl_op_capture(p_args, p_ctx)
+        WHEN 'release' THEN tl_op_release(p_args, p_ctx)
+        WHEN 'extend' THEN tl_op_extend(p_args, p_ctx)
     END;
 END $$;
 
@@ -1123,16 +1446,20 @@ DECLARE
 BEGIN
     SELECT array_agg(id) INTO v_ids FROM (
         SELECT a.id FROM accounts a
-        WHERE a.id IN (SELECT DISTINCT l.account_id FROM lots l
-                       WHERE l.status = 'active' AND l.remaining > 0 AND l.expires_at <= v_now
-                         AND l.remaining > l.reserved
+        WHERE a.id IN (SELECT x.account_id FROM (
+                           SELECT l.account_id FROM lots l
+                           WHERE l.status = 'active' AND l.remaining > 0 AND l.expires_at <= v_now
+                             AND l.remaining > l.reserved
+                           UNION
+                           SELECT r.account_id FROM reservations r
+                           WHERE r.status = 'active' AND r.expires_at <= v_now) x
                        LIMIT p_limit)
         ORDER BY a.id
         FOR UPDATE OF a SKIP LOCKED) x;
     IF v_ids IS NULL THEN
         RETURN jsonb_build_object('accounts', 0, 'credits', 0);
     END IF;
-    PERFORM tl_lock('{}', ARRAY['system:expired']);
+    PERFORM tl_lock('{}', ARRAY['system:expired', 'system:issuance']);
     FOREACH v_id IN ARRAY v_ids LOOP
         v_total := v_total + tl_expire_due(v_id, v_now, p_ctx);
     END LOOP;
@@ -1219,6 +1546,136 @@ EXCEPTION WHEN insufficient_privilege THEN
 END $$;
 
 -- ---------------------------------------------------------------------------
+-- Tamper evidence: the hash chain (README, Tamper evidence)
+-- ---------------------------------------------------------------------------
+
+-- Committed transactions in the order a background chainer appended them
+-- (seq). Writers never touch this table, so chaining adds nothing to the hot
+-- path. content_hash = sha256(tl_canonical(transaction_id)), chain_hash =
+-- sha256(prev_hash || content_hash), and prev_hash is the chain_hash of the
+-- row before (32 zero bytes for seq 1). service/chain.py verifies it.
+CREATE TABLE IF NOT EXISTS chain (
+    seq            bigint PRIMARY KEY,
+    transaction_id uuid NOT NULL REFERENCES transactions (id),
+    content_hash   bytea NOT NULL,
+    prev_hash      bytea NOT NULL,
+    chain_hash     bytea NOT NULL,
+    chained_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
+    CONSTRAINT chain_transaction_key UNIQUE (transaction_id),
+    CONSTRAINT chain_seq_positive CHECK (seq > 0),
+    CONSTRAINT chain_content_hash_length CHECK (length(content_hash) = 32),
+    CONSTRAINT chain_prev_hash_length CHECK (length(prev_hash) = 32),
+    CONSTRAINT chain_chain_hash_length CHECK (length(chain_hash) = 32)
+);
+-- The chainer reads transactions in (created_at, id) order from just below
+-- the head, so a pass costs the same at ten rows or ten million.
+CREATE INDEX IF NOT EXISTS transactions_created_idx ON transactions (created_at, id);
+
+DROP TRIGGER IF EXISTS chain_immutable ON chain;
+CREATE TRIGGER chain_immutable BEFORE UPDATE OR DELETE ON chain
+    FOR EACH ROW EXECUTE FUNCTION tl_forbid_change();
+DROP TRIGGER IF EXISTS chain_no_truncate ON chain;
+CREATE TRIGGER chain_no_truncate BEFORE TRUNCATE ON chain
+    FOR EACH STATEMENT EXECUTE FUNCTION tl_forbid_change();
+
+-- The canonical text of one transaction's content, entries and lot
+-- movements included (NULL when there is no such transaction). jsonb prints
+-- equal values identically (keys sorted, numbers normalised), so the text
+-- changes exactly when the content does; entries are ordered by (account,
+-- shard, version), which is unique, and movements by lot, so the order
+-- depends on the content alone.
+CREATE OR REPLACE FUNCTION tl_canonical(p_id uuid) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'id', t.id,
+        'kind', t.kind,
+        'memo', t.memo,
+        'metadata', t.metadata,
+        'details', t.details,
+        'actor', t.actor,
+        'request_id', t.request_id,
+        'reverses', t.reverses,
+        'created_at', tl_ts(t.created_at),
+        'entries', coalesce((
+            SELECT jsonb_agg(jsonb_build_object(
+                       'account', a.address, 'shard', e.shard, 'asset', e.asset, 'amount', e.amount,
+                       'balance_after', e.balance_after, 'version', e.version,
+                       'created_at', tl_ts(e.created_at))
+                   ORDER BY a.address, e.shard, e.version)
+            FROM entries e JOIN accounts a ON a.id = e.account_id
+            WHERE e.transaction_id = t.id), '[]'::jsonb),
+        'lots', coalesce((
+            SELECT jsonb_agg(jsonb_build_object('lot', m.lot_id, 'amount', m.amount) ORDER BY m.lot_id)
+            FROM lot_movements m WHERE m.transaction_id = t.id), '[]'::jsonb))::text
+    FROM transactions t WHERE t.id = p_id
+$$;
+
+-- Appends up to p_limit unchained transactions to the chain, in
+-- (created_at, id) order, and returns how many it appended. Only
+-- transactions created more than p_settle ago are taken: every write is one
+-- statement bounded by statement_timeout, so once p_settle exceeds it, every
+-- transaction created before the cutoff has committed and none can appear
+-- behind the head later. One caller chains at a time (a transaction-level
+-- advisory lock; the others return 0 at once), and seq and transaction_id
+-- are unique, so the chain never forks. A straggler that became visible
+-- later than p_settle is still appended (after the head) if it is at most
+-- p_settle older than the head; p_all looks through all history instead.
+CREATE OR REPLACE FUNCTION tl_chain_pending(p_limit integer, p_settle interval, p_all boolean DEFAULT false)
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    v_cutoff timestamptz := now() - p_settle;
+    v_seq bigint := 0;
+    v_hash bytea := decode(repeat('00', 32), 'hex');
+    v_floor timestamptz := '-infinity';
+    v_head record;
+    v_id uuid;
+    v_prev bytea;
+    v_content bytea;
+    v_count integer := 0;
+BEGIN
+    -- 32770271507212654 is "tlchain" as a bigint.
+    IF NOT pg_try_advisory_xact_lock(32770271507212654) THEN
+        RETURN 0;
+    END IF;
+    SELECT c.seq, c.chain_hash, t.created_at INTO v_head
+        FROM chain c LEFT JOIN transactions t ON t.id = c.transaction_id
+        ORDER BY c.seq DESC LIMIT 1;
+    IF FOUND THEN
+        v_seq := v_head.seq;
+        v_hash := v_head.chain_hash;
+        IF NOT p_all AND v_head.created_at IS NOT NULL THEN
+            v_floor := v_head.created_at - p_settle;
+        END IF;
+    END IF;
+    FOR v_id IN
+        SELECT t.id FROM transactions t
+        WHERE t.created_at >= v_floor AND t.created_at < v_cutoff
+          AND NOT EXISTS (SELECT 1 FROM chain c WHERE c.transaction_id = t.id)
+        ORDER BY t.created_at, t.id
+        LIMIT p_limit
+    LOOP
+        v_content := sha256(convert_to(tl_canonical(v_id), 'UTF8'));
+        v_prev := v_hash;
+        v_hash := sha256(v_prev || v_content);
+        v_seq := v_seq + 1;
+        INSERT INTO chain (seq, transaction_id, content_hash, prev_hash, chain_hash)
+        VALUES (v_seq, v_id, v_content, v_prev, v_hash);
+        v_count := v_count + 1;
+    END LOOP;
+    RETURN v_count;
+END $$;
+
+-- The service role appends to the chain and never changes it. (Its own
+-- block: the table did not exist yet when the grants above ran.)
+DO $$
+BEGIN
+    GRANT SELECT, INSERT ON chain TO tokenledger_app;
+    REVOKE UPDATE, DELETE, TRUNCATE ON chain FROM tokenledger_app;
+EXCEPTION WHEN insufficient_privilege OR undefined_object THEN
+    RAISE NOTICE 'tokenledger_app not granted on chain: %', SQLERRM;
+END $$;
+
+-- ---------------------------------------------------------------------------
 -- Seed rows and version
 -- ---------------------------------------------------------------------------
 
@@ -1233,4 +1690,4 @@ SELECT a.id, s FROM accounts a CROSS JOIN LATERAL generate_series(0, a.shard_cou
 WHERE a.type = 'system'
 ON CONFLICT DO NOTHING;
 
-INSERT INTO schema_version (version) VALUES (1), (2) ON CONFLICT DO NOTHING;
+INSERT INTO schema_version (version) VALUES (1), (2), (3) ON CONFLICT DO NOTHING;

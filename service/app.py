@@ -26,6 +26,7 @@ from service.api.accounts import AccountsController
 from service.api.common import provide_ledger
 from service.api.directory import DirectoryController
 from service.api.grants import GrantsController
+from service.api.reservations import ReservationsController
 from service.api.transactions import TransactionsController
 from service.auth import JwtVerifier, authorize, new_key, parse_key
 from service.background import Background
@@ -300,6 +301,7 @@ def create_app(
         metrics.pool_size.set(ledger.pool.get_size())
         metrics.pool_in_use.set(ledger.pool.get_size() - ledger.pool.get_idle_size())
         metrics.pool_max.set(ledger.pool.get_max_size())
+        metrics.active_reservations.set(int(await ledger.fetchval("active_reservations")))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app = Litestar(
@@ -311,6 +313,7 @@ def create_app(
             AccountsController,
             GrantsController,
             TransactionsController,
+            ReservationsController,
         ],
         dependencies={"ledger": Provide(provide_ledger)},
         guards=[authorize],

@@ -24,6 +24,9 @@ CHECKS: tuple[str, ...] = (
     "audit_4_lot_movements",
     "audit_4_lots_cover_posted",
     "audit_4_lot_reserved",
+    "audit_4_hold_earmarks",
+    "audit_4_reservations_cover_reserved",
+    "audit_5_resolved_once",
     "audit_7_triggers",
     "audit_7_reversals",
 )

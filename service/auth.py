@@ -228,11 +228,36 @@ async def authorize(
     if principal.roles & (rule.roles - {"employee"}):
         return
     if "employee" in principal.roles and "employee" in rule.roles:
-        if rule.own is None or _is_own(connection, principal, rule.own):
+        if rule.own is None:
+            return
+        if rule.own == "reservation_id":
+            await _require_own_reservation(connection, principal)
+            return
+        if _is_own(connection, principal, rule.own):
             return
         # Someone else's wallet: indistinguishable from one that does not exist.
         raise errors.not_found_for(str(connection.path_params.get(rule.own, "")))
     raise errors.Forbidden(f"the {', '.join(sorted(principal.roles))} role may not do this")
+
+
+async def _require_own_reservation(
+    connection: ASGIConnection[Any, Any, Any, Any], principal: Principal
+) -> None:
+    """An employee may see a reservation only on their own wallet; any other
+    answers exactly like one that does not exist."""
+    public_id = str(connection.path_params.get("reservation_id", ""))
+    missing = errors.ReservationNotFound(f"no reservation {public_id}", reservation=public_id)
+    try:
+        rid = (
+            uuid.UUID(hex=public_id.removeprefix("rsv_")) if public_id.startswith("rsv_") else None
+        )
+    except ValueError:
+        rid = None
+    if rid is None:
+        raise missing
+    address = await connection.app.state.ledger.fetchval("reservation_account", rid)
+    if address != f"employee:{principal.employee}":
+        raise missing
 
 
 def _is_own(

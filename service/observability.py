@@ -89,6 +89,18 @@ class Metrics:
             ["task", "outcome"],
             registry=self.registry,
         )
+        self.reservations = Counter(
+            "tokenledger_reservations_total",
+            "Reservations by outcome: created, captured, released (expiries show as the "
+            "active gauge falling).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.active_reservations = Gauge(
+            "tokenledger_reservations_active",
+            "Reservations holding credits now (read at scrape time).",
+            registry=self.registry,
+        )
         self.expired_credits = Counter(
             "tokenledger_expired_credits_total",
             "Credits moved to system:expired by the sweeper.",

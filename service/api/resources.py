@@ -172,3 +172,38 @@ class Problem(msgspec.Struct, frozen=True):
     status: int
     detail: str
     code: str
+
+
+class Hold(msgspec.Struct, frozen=True):
+    lot_id: str
+    amount: int
+
+
+class Reservation(msgspec.Struct, frozen=True):
+    """A hold on a wallet. `status` reads `expired` from the instant of
+    `expires_at`, whether or not the sweeper has run. `available_after` is
+    returned by the create call only."""
+
+    id: str
+    account: str
+    amount: int
+    captured: int | None
+    status: Literal["active", "captured", "released", "expired"]
+    expires_at: str
+    metadata: dict[str, Any]
+    capture_transaction_id: str | None
+    holds: list[Hold]
+    actor: str | None
+    created_at: str
+    resolved_at: str | None
+    available_after: int | None = None
+
+
+class CaptureResult(msgspec.Struct, frozen=True):
+    reservation: Reservation
+    transaction: Transaction
+
+
+class ReservationsPage(msgspec.Struct, frozen=True):
+    items: list[Reservation]
+    next_cursor: str | None

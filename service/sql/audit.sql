@@ -83,13 +83,55 @@ LEFT JOIN (SELECT account_id, sum(reserved) AS total FROM lots GROUP BY account_
 WHERE a.type <> 'system' AND a.reserved <> coalesce(l.total, 0)
 LIMIT 1;
 
+-- name: audit_4_hold_earmarks
+-- Invariant 4: a lot's reserved credits are exactly the holds of active
+-- reservations on it.
+SELECT format('lot %s: reserved %s but active holds on it sum to %s', tl_public_id('lot_', l.id), l.reserved,
+              coalesce(h.total, 0)) AS problem
+FROM lots l
+LEFT JOIN (SELECT h.lot_id, sum(h.amount) AS total FROM reservation_holds h
+           JOIN reservations r ON r.id = h.reservation_id AND r.status = 'active'
+           GROUP BY h.lot_id) h ON h.lot_id = l.id
+WHERE l.reserved <> coalesce(h.total, 0)
+LIMIT 1;
+
+-- name: audit_4_reservations_cover_reserved
+-- Invariant 4: an account's reserved amount is the sum of its active
+-- reservations, and each active reservation's holds add up to its amount.
+SELECT coalesce(
+    (SELECT format('account %s: reserved %s but active reservations hold %s', a.address, a.reserved,
+                   coalesce(r.total, 0))
+     FROM accounts a
+     LEFT JOIN (SELECT account_id, sum(amount) AS total FROM reservations WHERE status = 'active'
+                GROUP BY account_id) r ON r.account_id = a.id
+     WHERE a.reserved <> coalesce(r.total, 0) LIMIT 1),
+    (SELECT format('reservation %s: amount %s but its holds sum to %s', tl_public_id('rsv_', r.id), r.amount,
+                   coalesce(sum(h.amount), 0))
+     FROM reservations r LEFT JOIN reservation_holds h ON h.reservation_id = r.id
+     GROUP BY r.id HAVING r.amount <> coalesce(sum(h.amount), 0) LIMIT 1)) AS problem;
+
+-- name: audit_5_resolved_once
+-- Invariant 5: a captured reservation has exactly one capture transaction,
+-- of its own amount, naming it; no capture transaction is left unclaimed.
+SELECT coalesce(
+    (SELECT format('reservation %s is captured by %s, which does not record it',
+                   tl_public_id('rsv_', r.id), tl_public_id('txn_', r.capture_transaction_id))
+     FROM reservations r JOIN transactions t ON t.id = r.capture_transaction_id
+     WHERE r.status = 'captured'
+       AND (t.kind <> 'capture' OR t.details ->> 'reservation_id' <> tl_public_id('rsv_', r.id))
+     LIMIT 1),
+    (SELECT format('capture %s resolves no reservation', tl_public_id('txn_', t.id))
+     FROM transactions t LEFT JOIN reservations r ON r.capture_transaction_id = t.id
+     WHERE t.kind = 'capture' AND r.id IS NULL LIMIT 1)) AS problem;
+
 -- name: audit_7_triggers
 -- Invariant 7: the append-only triggers exist and are enabled.
 SELECT format('trigger %s on %s is missing or disabled', want.tgname, want.tbl) AS problem
 FROM (VALUES ('transactions_immutable', 'transactions'), ('transactions_no_truncate', 'transactions'),
              ('entries_immutable', 'entries'), ('entries_no_truncate', 'entries'),
              ('lot_movements_immutable', 'lot_movements'), ('lot_movements_no_truncate', 'lot_movements'),
-             ('entries_balanced', 'entries')) AS want (tgname, tbl)
+             ('entries_balanced', 'entries'), ('reservations_resolve_once', 'reservations'),
+             ('reservation_holds_immutable', 'reservation_holds')) AS want (tgname, tbl)
 LEFT JOIN pg_trigger t ON t.tgname = want.tgname AND t.tgrelid = want.tbl::regclass AND t.tgenabled <> 'D'
 WHERE t.oid IS NULL
 LIMIT 1;

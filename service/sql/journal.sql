@@ -35,3 +35,28 @@ SELECT tl_sweep_expired($1, $2);
 -- name: purge_idempotency_keys
 -- Deletes up to $2 idempotency records older than $1.
 SELECT tl_purge_idempotency_keys($1, $2);
+
+-- name: reservation_json
+-- One reservation as of an instant (null clock = now).
+SELECT tl_reservation_json($1, coalesce($2::timestamptz, clock_timestamp()));
+
+-- name: reservation_account
+-- The address of the account a reservation holds credits of.
+SELECT a.address FROM reservations r JOIN accounts a ON a.id = r.account_id WHERE r.id = $1;
+
+-- name: account_reservations
+-- One page of an account's reservations, newest first, optionally by
+-- status as seen at $5 (a reservation past expires_at reads as expired).
+SELECT r.id AS cursor, tl_reservation_json(r.id, coalesce($5::timestamptz, clock_timestamp())) AS item
+FROM reservations r
+WHERE r.account_id = $1
+  AND ($3::uuid IS NULL OR r.id < $3)
+  AND ($2::text IS NULL OR $2 = CASE WHEN r.status = 'active'
+                                      AND r.expires_at <= coalesce($5::timestamptz, clock_timestamp())
+                                     THEN 'expired' ELSE r.status END)
+ORDER BY r.id DESC
+LIMIT $4;
+
+-- name: active_reservations
+-- How many reservations hold credits right now (a gauge).
+SELECT count(*) FROM reservations WHERE status = 'active' AND expires_at > clock_timestamp();

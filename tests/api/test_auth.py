@@ -157,6 +157,28 @@ async def _batch(w: World, caller: str) -> tuple[str, Any]:
     return "/v1/grants:batch", {"grants": [item]}
 
 
+async def _reservation(w: World, emp: str = "e-own") -> str:
+    r = await w.api.c.post(
+        "/v1/reservations",
+        json={"account": f"employee:{emp}", "amount": 1},
+        headers={**w.auth("admin"), **key()},
+    )
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+def _reservation_op(op: str, body: Any) -> Maker:
+    async def make(w: World, caller: str) -> tuple[str, Any]:
+        return f"/v1/reservations/{await _reservation(w)}/{op}", body
+
+    return make
+
+
+async def _reservation_get(w: World, caller: str) -> tuple[str, Any]:
+    emp = "e-other" if caller == "employee-other" else "e-own"
+    return f"/v1/reservations/{await _reservation(w, emp)}", None
+
+
 HR, FIN, METER, EMP = "hr", "finance", "meter", "employee"
 MATRIX: dict[tuple[str, str], Case] = {
     ("PUT", "/v1/departments/{department_id}"): Case(
@@ -204,6 +226,29 @@ MATRIX: dict[tuple[str, str], Case] = {
     ("GET", "/v1/transactions/{transaction_id}"): Case(frozenset({HR, FIN}), 200, _txn),
     ("GET", "/v1/transactions"): Case(frozenset({HR, FIN}), 200, fixed("/v1/transactions")),
     ("POST", "/v1/transactions/{transaction_id}/reverse"): Case(frozenset({FIN}), 201, _reverse),
+    ("POST", "/v1/reservations"): Case(
+        frozenset({METER}),
+        201,
+        fixed("/v1/reservations", {"account": "employee:e-own", "amount": 1}),
+    ),
+    ("POST", "/v1/reservations/{reservation_id}/capture"): Case(
+        frozenset({METER}), 200, _reservation_op("capture", {"amount": 1})
+    ),
+    ("POST", "/v1/reservations/{reservation_id}/release"): Case(
+        frozenset({METER}), 200, _reservation_op("release", {})
+    ),
+    ("POST", "/v1/reservations/{reservation_id}/extend"): Case(
+        frozenset({METER}), 200, _reservation_op("extend", {"ttl_seconds": 60})
+    ),
+    ("GET", "/v1/reservations/{reservation_id}"): Case(
+        frozenset({METER, HR, FIN, EMP}), 200, _reservation_get, own=True
+    ),
+    ("GET", "/v1/accounts/{address}/reservations"): Case(
+        frozenset({METER, HR, FIN, EMP}),
+        200,
+        own_path("/v1/accounts/{address}/reservations"),
+        own=True,
+    ),
 }
 
 CALLERS = ("none", "admin", "hr", "finance", "meter", "employee", "employee-other")
@@ -263,6 +308,8 @@ async def test_authorization_matrix(world: World, route: tuple[str, str]) -> Non
             assert r.json()["code"] == "forbidden"
         elif want == 404:
             code = "account_not_found" if caller == "admin" else "employee_not_found"
+            if "/v1/reservations/" in path:
+                code = "reservation_not_found"
             assert r.json()["code"] == code
 
 

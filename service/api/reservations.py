@@ -1,0 +1,215 @@
+"""Reservations (API.md, Reservations): hold credits before a model call,
+capture the real cost after it, release or let expire the rest."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any, Literal
+
+import msgspec
+from litestar import Controller, Request, Response, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, FromQuery, JSONBody
+
+from service import errors
+from service.api.accounts import CursorParam, LimitParam, account_id
+from service.api.common import (
+    Address,
+    Amount,
+    Metadata,
+    context_of,
+    decode_cursor,
+    fingerprint,
+    idempotency_key,
+    page,
+    parse_public_id,
+    replay_response,
+)
+from service.api.resources import CaptureResult, Reservation, ReservationsPage
+from service.auth import access
+from service.journal import Ledger
+
+TtlSeconds = Annotated[
+    int, msgspec.Meta(ge=1, le=86_400, description="Seconds until the hold expires, 1..86400.")
+]
+Status = Literal["active", "captured", "released", "expired"]
+
+
+class ReserveIn(msgspec.Struct, forbid_unknown_fields=True):
+    account: Address
+    amount: Amount
+    ttl_seconds: TtlSeconds = 600
+    metadata: Metadata | None = None
+
+
+class CaptureIn(msgspec.Struct, forbid_unknown_fields=True):
+    amount: Amount
+    metadata: Metadata | None = None
+
+
+class ReleaseIn(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+class ExtendIn(msgspec.Struct, forbid_unknown_fields=True):
+    ttl_seconds: TtlSeconds
+
+
+def reservation_uuid(reservation_id: str) -> uuid.UUID:
+    return parse_public_id(reservation_id, "rsv_", errors.ReservationNotFound)
+
+
+class ReservationsController(Controller):
+    path = "/v1"
+    tags = ["Reservations"]
+
+    async def _op(
+        self,
+        request: Request[Any, Any, Any],
+        ledger: Ledger,
+        op: str,
+        reservation_id: str,
+        payload: msgspec.Struct,
+    ) -> Response[Any]:
+        key = idempotency_key(request)
+        rid = reservation_uuid(reservation_id)
+        args = {
+            "reservation": reservation_id,
+            "reservation_id": str(rid),
+            **msgspec.to_builtins(payload),
+        }
+        outcome = await ledger.execute(
+            op,
+            args,
+            ctx=context_of(request),
+            key=key,
+            fingerprint=fingerprint(request, payload),
+            success_status=200,
+        )
+        return replay_response(outcome)
+
+    @post("/reservations", summary="Reserve credits", status_code=201, opt=access("meter"))
+    async def reserve(
+        self,
+        request: Request[Any, Any, Any],
+        ledger: NamedDependency[Ledger],
+        data: JSONBody[ReserveIn],
+    ) -> Response[Reservation]:
+        """Holds `amount` credits of a wallet or department account for `ttl_seconds`
+        (default 600): `available` drops at once and `reserved` rises. The hold earmarks
+        lots in consumption order. 409 `insufficient_credits` (with `available` and
+        `requested`) when available credits cannot cover it. Requires an
+        `Idempotency-Key`."""
+        key = idempotency_key(request)
+        outcome = await ledger.execute(
+            "reserve",
+            msgspec.to_builtins(data),
+            ctx=context_of(request),
+            key=key,
+            fingerprint=fingerprint(request, data),
+            success_status=201,
+        )
+        ledger.metrics.reservations.labels("created" if not outcome.replayed else "replayed").inc()
+        return replay_response(outcome)
+
+    @post(
+        "/reservations/{reservation_id:str}/capture",
+        summary="Capture a reservation",
+        status_code=200,
+        opt=access("meter"),
+    )
+    async def capture(
+        self,
+        request: Request[Any, Any, Any],
+        ledger: NamedDependency[Ledger],
+        reservation_id: FromPath[str],
+        data: JSONBody[CaptureIn],
+    ) -> Response[CaptureResult]:
+        """Debits `amount` in one `capture` transaction, drawn from the reservation's
+        held lots first (even lots that expired since it was made). Less than held
+        releases the rest; more debits the excess from available credits, or answers 409
+        `insufficient_credits` and leaves the reservation active. A reservation that is
+        not active answers 409 `reservation_not_active` with its `status`. Requires an
+        `Idempotency-Key`."""
+        response = await self._op(request, ledger, "capture", reservation_id, data)
+        ledger.metrics.reservations.labels("captured").inc()
+        return response
+
+    @post(
+        "/reservations/{reservation_id:str}/release",
+        summary="Release a reservation",
+        status_code=200,
+        opt=access("meter"),
+    )
+    async def release(
+        self,
+        request: Request[Any, Any, Any],
+        ledger: NamedDependency[Ledger],
+        reservation_id: FromPath[str],
+        data: JSONBody[ReleaseIn | None] = None,
+    ) -> Response[Reservation]:
+        """Frees the held credits (credits of a lot that has expired meanwhile expire at
+        once). Requires an `Idempotency-Key`."""
+        response = await self._op(request, ledger, "release", reservation_id, data or ReleaseIn())
+        ledger.metrics.reservations.labels("released").inc()
+        return response
+
+    @post(
+        "/reservations/{reservation_id:str}/extend",
+        summary="Extend a reservation",
+        status_code=200,
+        opt=access("meter"),
+    )
+    async def extend(
+        self,
+        request: Request[Any, Any, Any],
+        ledger: NamedDependency[Ledger],
+        reservation_id: FromPath[str],
+        data: JSONBody[ExtendIn],
+    ) -> Response[Reservation]:
+        """Sets the reservation to expire `ttl_seconds` from now. Requires an
+        `Idempotency-Key`."""
+        return await self._op(request, ledger, "extend", reservation_id, data)
+
+    @get(
+        "/reservations/{reservation_id:str}",
+        summary="Get a reservation",
+        opt=access("meter", "hr", "finance", "employee", own="reservation_id"),
+    )
+    async def get_reservation(
+        self, ledger: NamedDependency[Ledger], reservation_id: FromPath[str]
+    ) -> Reservation:
+        body = await ledger.fetchval(
+            "reservation_json", reservation_uuid(reservation_id), ledger.now()
+        )
+        if body is None:
+            raise errors.ReservationNotFound(
+                f"no reservation {reservation_id}", reservation=reservation_id
+            )
+        return body
+
+    @get(
+        "/accounts/{address:str}/reservations",
+        summary="Reservations of an account, newest first",
+        opt=access("meter", "hr", "finance", "employee", own="address"),
+    )
+    async def account_reservations(
+        self,
+        ledger: NamedDependency[Ledger],
+        address: FromPath[str],
+        status: FromQuery[Status | None] = None,
+        limit: LimitParam = 50,
+        cursor: CursorParam = None,
+    ) -> ReservationsPage:
+        acc = await account_id(ledger, address)
+        after = decode_cursor(cursor)
+        try:
+            after_id = uuid.UUID(after) if after is not None else None
+        except (ValueError, TypeError, AttributeError):
+            raise errors.InvalidRequest(
+                "cursor is not valid", errors=[{"path": "cursor"}]
+            ) from None
+        rows = await ledger.fetch(
+            "account_reservations", acc, status, after_id, limit + 1, ledger.now()
+        )
+        return page(rows, limit, cursor_of=str)  # type: ignore[return-value]  # why: SQL rows
