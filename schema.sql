@@ -624,14 +624,20 @@ LANGUAGE sql STABLE AS $$
     FROM transactions t WHERE t.id = p_id
 $$;
 
-CREATE OR REPLACE FUNCTION tl_lot_json(p_id uuid) RETURNS jsonb
+DROP FUNCTION IF EXISTS tl_lot_json(uuid);  -- replaced by the two-argument form below
+-- A lot as of p_at (default now): holds of reservations whose expires_at has
+-- passed no longer count as reserved, sweeper or not.
+CREATE OR REPLACE FUNCTION tl_lot_json(p_id uuid, p_at timestamptz DEFAULT NULL) RETURNS jsonb
 LANGUAGE sql STABLE AS $$
     SELECT jsonb_build_object(
         'id', tl_public_id('lot_', l.id),
         'account', a.address,
         'amount', l.amount,
         'remaining', l.remaining,
-        'reserved', l.reserved,
+        'reserved', l.reserved - coalesce((
+            SELECT sum(h.amount) FROM reservation_holds h JOIN reservations r ON r.id = h.reservation_id
+            WHERE h.lot_id = l.id AND r.status = 'active'
+              AND r.expires_at <= coalesce(p_at, clock_timestamp())), 0),
         'priority', l.priority,
         'effective_at', tl_ts(l.effective_at),
         'expires_at', tl_ts(l.expires_at),
@@ -712,15 +718,33 @@ BEGIN
 END $$;
 
 -- The posted balance of an account as of an instant: the balance_after of
--- its last entry at or before it (per shard for system accounts).
+-- its last entry at or before it (per shard for system accounts), less the
+-- credits of lots that had expired by then but whose expiry was written
+-- later (expiry is exact at expires_at; the journal records it when a write
+-- or the sweeper gets there). A lot's credits as of p_at are its movements
+-- up to p_at, less what reservations alive at p_at held on it.
 CREATE OR REPLACE FUNCTION tl_balance_at(p_account bigint, p_at timestamptz) RETURNS bigint
 LANGUAGE sql STABLE AS $$
-    SELECT coalesce(sum(x.balance_after), 0)::bigint
-    FROM generate_series(0, (SELECT shard_count - 1 FROM accounts WHERE id = p_account)) s
-    CROSS JOIN LATERAL (
-        SELECT e.balance_after FROM entries e
-        WHERE e.account_id = p_account AND e.shard = s AND e.created_at <= p_at
-        ORDER BY e.created_at DESC, e.version DESC LIMIT 1) x
+    SELECT (
+        SELECT coalesce(sum(x.balance_after), 0)
+        FROM generate_series(0, (SELECT shard_count - 1 FROM accounts WHERE id = p_account)) s
+        CROSS JOIN LATERAL (
+            SELECT e.balance_after FROM entries e
+            WHERE e.account_id = p_account AND e.shard = s AND e.created_at <= p_at
+            ORDER BY e.created_at DESC, e.version DESC LIMIT 1) x
+    )::bigint - (
+        SELECT coalesce(sum(greatest(0, y.remaining - y.held)), 0)
+        FROM (SELECT
+                (SELECT coalesce(sum(m.amount), 0) FROM lot_movements m
+                 JOIN transactions t ON t.id = m.transaction_id
+                 WHERE m.lot_id = l.id AND t.created_at <= p_at) AS remaining,
+                (SELECT coalesce(sum(h.amount), 0) FROM reservation_holds h
+                 JOIN reservations r ON r.id = h.reservation_id
+                 WHERE h.lot_id = l.id AND r.created_at <= p_at
+                   AND coalesce(r.resolved_at, r.expires_at) > p_at) AS held
+              FROM lots l
+              WHERE l.account_id = p_account AND l.expires_at <= p_at AND l.created_at <= p_at) y
+    )::bigint
 $$;
 
 CREATE OR REPLACE FUNCTION tl_department_json(p_id text) RETURNS jsonb

@@ -4,9 +4,10 @@
                           [--json PATH] [--database-url DSN] [--seed N]
 
 The service runs as in the benchmark (bench/harness.py). For --seconds,
---workers workers send debits, transfers and grants against well-funded
-wallets while, every --kill-every seconds, a separate connection runs
-`pg_terminate_backend` on every connection the service holds
+--workers workers send debits, transfers, grants and reservations (reserve,
+then capture -- now and then more than held -- or release) against
+well-funded wallets while, every --kill-every seconds, a separate connection
+runs `pg_terminate_backend` on every connection the service holds
 (application_name = 'tokenledger', in the chaos database only).
 
 Rules checked (any violation exits 1):
@@ -14,14 +15,21 @@ Rules checked (any violation exits 1):
 * every answer is 2xx, 409 or 503, and a 503 carries Retry-After;
 * no `insufficient_credits`: the wallets hold far more than the run can spend,
   so one would be a retryable failure reported as a business rejection;
+* no 409 at all on a reserve, capture or release (each reservation gets
+  exactly one capture or release, so `reservation_not_active` would mean a
+  retry was not recognised as one);
 * a request answered 503, `idempotency_key_in_progress`, a transport error or
   (after recording the violation) another 5xx is sent again with the SAME
   Idempotency-Key and body until it gets a final answer (bounded); after the
   load stops, the ones still open are settled the same way, and none may stay
-  unknown;
+  unknown; a reservation is captured or released only once its reserve has a
+  final answer (from which it takes the reservation id), and the reservations
+  that got theirs only while settling are captured or released then;
 * effects equal balances: what system:usage gained equals the successful
-  debits, the wallets' sum moved by grants minus debits, and system:issuance
-  by minus the grants;
+  debits plus captures, the wallets' sum moved by grants minus debits minus
+  captures, and system:issuance by minus the grants;
+* after settling, `reserved` is 0 on every wallet, and every reservation reads
+  `captured` (with the amount captured) or `released`, as its answer said;
 * the audit passes.
 """
 
@@ -34,7 +42,7 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,8 +53,10 @@ import httpx
 
 from bench.harness import (
     RESULTS_DIR,
+    SETUP_CONCURRENCY,
     Api,
     Service,
+    bounded_gather,
     git_commit,
     machine_facts,
     make_client,
@@ -61,6 +71,16 @@ from bench.harness import (
 DEFAULT_JSON = RESULTS_DIR / "chaos.json"
 WALLET_FUNDING = 10_000_000
 MAX_AMOUNT = 10
+# The worker mix: shares of debits, transfers and grants; the rest are
+# reservations, of which CAPTURE_SHARE are captured and the others released.
+# A capture asks for 1..held+OVER_CAPTURE credits, so some capture more than held.
+DEBIT_SHARE = 0.40
+TRANSFER_SHARE = 0.25
+GRANT_SHARE = 0.15
+CAPTURE_SHARE = 0.7
+OVER_CAPTURE = 2
+KINDS = ("debit", "transfer", "grant", "reserve", "capture", "release")
+RESERVATION_KINDS = frozenset({"reserve", "capture", "release"})
 MAX_OPS_PER_WORKER = 100_000
 # A request is retried with its key this many times, within this many
 # seconds, while the chaos runs; the rest are settled after it stops.
@@ -93,6 +113,14 @@ class Op:
     code: str | None = None
     replayed: bool = False
     server_errors: int = 0
+    # A reserve: what follows it once it succeeded ("capture" with then_amount,
+    # or "release"), its answer (for the reservation id) and that follow-up.
+    then: str | None = None
+    then_amount: int = 0
+    result: dict[str, Any] | None = None
+    child: Op | None = None
+    # A capture or release: the reservation it settles.
+    reservation: str | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -130,7 +158,7 @@ class Chaos:
         key = f"{self.run_id}-w{w}-{i}"
         amount = rng.randint(1, MAX_AMOUNT)
         roll = rng.random()
-        if roll < 0.5:
+        if roll < DEBIT_SHARE:
             wallet = rng.choice(self.wallets)
             return Op(
                 "debit",
@@ -139,7 +167,7 @@ class Chaos:
                 {"account": f"employee:{wallet}", "amount": amount},
                 amount,
             )
-        if roll < 0.8:
+        if roll < DEBIT_SHARE + TRANSFER_SHARE:
             a, b = rng.sample(self.wallets, 2)
             return Op(
                 "transfer",
@@ -148,14 +176,57 @@ class Chaos:
                 {"from": f"employee:{a}", "to": f"employee:{b}", "amount": amount},
                 amount,
             )
+        if roll < DEBIT_SHARE + TRANSFER_SHARE + GRANT_SHARE:
+            wallet = rng.choice(self.wallets)
+            return Op(
+                "grant",
+                key,
+                "/v1/grants",
+                {"employee": wallet, "amount": amount, "reason": "spot_bonus"},
+                amount,
+            )
         wallet = rng.choice(self.wallets)
+        capture = rng.random() < CAPTURE_SHARE
         return Op(
-            "grant",
+            "reserve",
             key,
-            "/v1/grants",
-            {"employee": wallet, "amount": amount, "reason": "spot_bonus"},
+            "/v1/reservations",
+            {"account": f"employee:{wallet}", "amount": amount},
             amount,
+            then="capture" if capture else "release",
+            then_amount=rng.randint(1, amount + OVER_CAPTURE) if capture else amount,
         )
+
+    def follow_up(self, op: Op) -> Op | None:
+        """The capture or release of a reserve that succeeded, once (None if
+        there is nothing, or nothing more, to follow it with)."""
+        if op.kind != "reserve" or not op.succeeded or op.child is not None or op.then is None:
+            return None
+        rid = (op.result or {}).get("id")
+        if not isinstance(rid, str):
+            self.tally.violate(f"reserve {op.key}: {op.final} answer without a reservation id")
+            return None
+        if op.then == "capture":
+            child = Op(
+                "capture",
+                f"{op.key}-capture",
+                f"/v1/reservations/{rid}/capture",
+                {"amount": op.then_amount},
+                op.then_amount,
+                reservation=rid,
+            )
+        else:
+            child = Op(
+                "release",
+                f"{op.key}-release",
+                f"/v1/reservations/{rid}/release",
+                {},
+                op.amount,
+                reservation=rid,
+            )
+        op.child = child
+        self.tally.ops.append(child)
+        return child
 
     async def send(self, op: Op) -> float | None:
         """One attempt. None when the answer is final, else seconds to wait
@@ -192,10 +263,21 @@ class Chaos:
                     f"{WALLET_FUNDING} (a retryable failure reported as a rejection?): "
                     f"{r.text[:300]}"
                 )
+            elif op.kind in RESERVATION_KINDS:
+                self.tally.violate(
+                    f"{op.kind} {op.key}: 409 {code} (each reservation is captured or "
+                    f"released once, retries with the same key): {r.text[:300]}"
+                )
             return None
         if 200 <= status < 300:
             op.final = status
             op.replayed = r.headers.get("Idempotent-Replayed") == "true"
+            if op.kind == "reserve":
+                try:
+                    body = r.json()
+                except ValueError:
+                    body = None
+                op.result = body if isinstance(body, dict) else None
             return None
         code = problem_code(r)
         self.tally.codes[f"{status} {code}"] += 1
@@ -227,6 +309,45 @@ class Chaos:
             op = self.make_op(rng, w, i)
             self.tally.ops.append(op)
             await self.settle(op, RETRY_ATTEMPTS, RETRY_SECONDS)
+            # A reservation is captured or released even past the deadline:
+            # the run leaves no hold behind.
+            child = self.follow_up(op)
+            if child is not None:
+                await self.settle(child, RETRY_ATTEMPTS, RETRY_SECONDS)
+
+    async def check_reservations(self, ops: Sequence[Op]) -> dict[str, Any]:
+        """Every reservation that succeeded reads as its capture or release said."""
+        reserves = [op for op in ops if op.kind == "reserve" and op.succeeded]
+        wrong: list[str] = []
+        unsettled = 0
+
+        async def one(op: Op) -> None:
+            nonlocal unsettled
+            child = op.child
+            if child is None or not child.succeeded:
+                unsettled += 1
+                return
+            r = await self.client.get(f"/v1/reservations/{child.reservation}")
+            body = r.json() if r.status_code == 200 else {}
+            want = ("captured", child.amount) if child.kind == "capture" else ("released", None)
+            got = (body.get("status"), body.get("captured"))
+            if r.status_code != 200 or got != want:
+                wrong.append(
+                    f"{child.reservation} ({op.key}): {r.status_code} {got}, expected {want}"
+                )
+
+        def job(op: Op) -> Callable[[], Awaitable[None]]:
+            return lambda: one(op)
+
+        await bounded_gather(SETUP_CONCURRENCY, [job(op) for op in reserves])
+        return {
+            "reservations": len(reserves),
+            "captured": sum(1 for op in reserves if op.child and op.child.kind == "capture"),
+            "released": sum(1 for op in reserves if op.child and op.child.kind == "release"),
+            "without_final_capture_or_release": unsettled,
+            "wrong": wrong[:10],
+            "passed": not wrong and unsettled == 0,
+        }
 
 
 async def killer(dsn: str, every: float, stop: asyncio.Event, tally: Tally) -> None:
@@ -254,13 +375,17 @@ async def killer(dsn: str, every: float, stop: asyncio.Event, tally: Tally) -> N
             await conn.close(timeout=10)
 
 
-async def balances(api: Api, wallets: Sequence[str]) -> dict[str, int]:
+async def balances(api: Api, wallets: Sequence[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """Posted balances (system accounts, the wallets' sum), and the wallets
+    whose `reserved` is not 0."""
     out = {
         "system:usage": await api.posted("system:usage"),
         "system:issuance": await api.posted("system:issuance"),
     }
-    out["wallets"] = sum([await api.posted(f"employee:{w}") for w in wallets])
-    return out
+    accounts = {w: await api.account(f"employee:{w}") for w in wallets}
+    out["wallets"] = sum(int(a["posted"]) for a in accounts.values())
+    reserved = {w: int(a["reserved"]) for w, a in accounts.items() if int(a["reserved"]) != 0}
+    return out, reserved
 
 
 async def wait_ready_again(service: Service, seconds: float) -> bool:
@@ -315,7 +440,7 @@ async def run_chaos(opts: ChaosOptions) -> dict[str, Any]:
             await api.department()
             await api.employees(wallets)
             await api.grants({w: WALLET_FUNDING for w in wallets})
-            before = await balances(api, wallets)
+            before, reserved_before = await balances(api, wallets)
             chaos = Chaos(client, wallets, tally, run_id)
 
             started = time.monotonic()
@@ -339,7 +464,22 @@ async def run_chaos(opts: ChaosOptions) -> dict[str, Any]:
                 if left <= 0:
                     break
                 await chaos.settle(op, op.attempts + SETTLE_ATTEMPTS, left)
+            # Reservations whose reserve got its final answer only while
+            # settling are captured or released now, the same way.
+            follow_deadline = time.monotonic() + SETTLE_SECONDS
+            for op in [op for op in tally.ops if op.kind == "reserve"]:
+                left = follow_deadline - time.monotonic()
+                if left <= 0:
+                    break
+                child = chaos.follow_up(op)
+                if child is not None:
+                    await chaos.settle(child, SETTLE_ATTEMPTS, left)
             unknown = [op for op in tally.ops if op.final is None]
+            unfollowed = [
+                op for op in tally.ops if op.kind == "reserve" and op.succeeded and op.child is None
+            ]
+            for op in unfollowed[:10]:
+                tally.violate(f"reserve {op.key}: succeeded, but was never captured or released")
             for op in unknown[:10]:
                 tally.violate(f"{op.kind} {op.key}: no final answer after {op.attempts} attempts")
             if len(unknown) > 10:
@@ -349,19 +489,21 @@ async def run_chaos(opts: ChaosOptions) -> dict[str, Any]:
             result["checks"]["ready_after_chaos"] = {"passed": ready}
             if not ready:
                 tally.violate(f"GET /readyz not 200 within {READY_AGAIN_SECONDS:.0f}s after")
-            after = await balances(api, wallets)
+            after, reserved_after = await balances(api, wallets)
+            reservations = await chaos.check_reservations(tally.ops)
 
-        ok = {
-            kind: [op for op in tally.ops if op.kind == kind and op.succeeded]
-            for kind in ("debit", "transfer", "grant")
-        }
+        ok = {kind: [op for op in tally.ops if op.kind == kind and op.succeeded] for kind in KINDS}
         debited = sum(op.amount for op in ok["debit"])
         granted = sum(op.amount for op in ok["grant"])
+        captured = sum(op.amount for op in ok["capture"])
         gains = {k: after[k] - before[k] for k in after}
         effects: dict[str, dict[str, Any]] = {
-            "system_usage": {"expected_gain": debited, "gain": gains["system:usage"]},
+            "system_usage": {"expected_gain": debited + captured, "gain": gains["system:usage"]},
             "system_issuance": {"expected_gain": -granted, "gain": gains["system:issuance"]},
-            "wallets": {"expected_gain": granted - debited, "gain": gains["wallets"]},
+            "wallets": {
+                "expected_gain": granted - debited - captured,
+                "gain": gains["wallets"],
+            },
         }
         for name, check in effects.items():
             check["passed"] = check["gain"] == check["expected_gain"] and not unknown
@@ -373,6 +515,33 @@ async def run_chaos(opts: ChaosOptions) -> dict[str, Any]:
                     f"successful operations say {check['expected_gain']}"
                 )
             result["checks"][name] = check
+        # Holds: none before the load, none left after settling.
+        reserved_check: dict[str, Any] = {
+            "nonzero_before": dict(list(reserved_before.items())[:10]),
+            "nonzero_after": dict(list(reserved_after.items())[:10]),
+            "reserved_after": sum(reserved_after.values()),
+            "passed": not reserved_before and not reserved_after and not unknown,
+        }
+        if unknown:
+            reserved_check["note"] = "some operations have no final answer: holds unknown"
+        elif reserved_before or reserved_after:
+            tally.violate(
+                f"reserved not 0 on {len(reserved_before)} wallet(s) before the load and "
+                f"{len(reserved_after)} after settling: {dict(list(reserved_after.items())[:5])}"
+            )
+        result["checks"]["wallets_reserved"] = reserved_check
+        if unknown:
+            reservations["passed"] = False
+            reservations["note"] = "some operations have no final answer"
+        elif not reservations["passed"]:
+            for line in reservations["wrong"]:
+                tally.violate(f"reservation {line}")
+            if reservations["without_final_capture_or_release"]:
+                tally.violate(
+                    f"{reservations['without_final_capture_or_release']} reservation(s) "
+                    "without a successful capture or release"
+                )
+        result["checks"]["reservations"] = reservations
 
         result["operations"] = {
             kind: {
@@ -390,7 +559,7 @@ async def run_chaos(opts: ChaosOptions) -> dict[str, Any]:
                 "unknown": sum(1 for op in unknown if op.kind == kind),
                 "credits": sum(op.amount for op in ok[kind]),
             }
-            for kind in ("debit", "transfer", "grant")
+            for kind in KINDS
         }
     finally:
         result["service_stop"] = await asyncio.to_thread(service.stop)
@@ -457,6 +626,14 @@ def summary(result: dict[str, Any]) -> str:
         detail = ""
         if "gain" in check:
             detail = f" (gain {check['gain']}, expected {check['expected_gain']})"
+        elif "reserved_after" in check:
+            detail = f" (reserved after settling {check['reserved_after']}, expected 0)"
+        elif "reservations" in check:
+            detail = (
+                f" ({check['reservations']} reservations: {check['captured']} captured, "
+                f"{check['released']} released, {len(check['wrong'])} wrong, "
+                f"{check['without_final_capture_or_release']} without a final capture/release)"
+            )
         lines.append(f"check {name}: {verdict}{detail}")
     events = result.get("service_log_events", {})
     if events:

@@ -10,7 +10,9 @@
    port on 127.0.0.1), TOKENLEDGER_LOG_LEVEL=warning and
    TOKENLEDGER_POOL_MAX_SIZE=40, ready when GET /readyz answers 200.
 3. Scenarios, each with a request count (times --scale) and a time cap; the
-   data they need is set up through the API first and is not timed.
+   data they need is set up through the API first and is not timed. The
+   reserve_capture scenarios count reserve+capture pairs instead: one op is
+   one pair (two requests), and their ops/s are pairs/s.
 4. The audit (`python -m service audit`), and arithmetic checks of the
    balances against the successful answers.
 
@@ -58,6 +60,14 @@ AUDIT_TIMEOUT_SECONDS = 120.0
 DEPARTMENT = "bench"
 # Setup requests run this many at a time.
 SETUP_CONCURRENCY = 8
+# Pages of a list read back for a check, at most.
+MAX_PAGES = 200
+# Reservation scenarios: each pair holds RESERVE_AMOUNT, then captures
+# 1..RESERVE_AMOUNT, or OVER_CAPTURE_AMOUNT (more than held, the excess from
+# available credits) on one pair in OVER_CAPTURE_EVERY.
+RESERVE_AMOUNT = 10
+OVER_CAPTURE_AMOUNT = 12
+OVER_CAPTURE_EVERY = 10
 
 
 # --- PostgreSQL ---------------------------------------------------------------
@@ -448,6 +458,21 @@ class Api:
     async def posted(self, address: str) -> int:
         return int((await self.account(address))["posted"])
 
+    async def transactions(self, address: str, kind: str) -> list[dict[str, Any]]:
+        """Every transaction of `kind` touching `address`, all pages (bounded)."""
+        items: list[dict[str, Any]] = []
+        cursor: str | None = None
+        for _ in range(MAX_PAGES):
+            params: dict[str, Any] = {"account": address, "kind": kind, "limit": 500}
+            if cursor is not None:
+                params["cursor"] = cursor
+            page = await expect(self.c.get("/v1/transactions", params=params), 200)
+            items.extend(page["items"])
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return items
+        raise SetupError(f"GET /v1/transactions?account={address}: over {MAX_PAGES} pages")
+
 
 # --- Measuring ------------------------------------------------------------------
 
@@ -464,11 +489,25 @@ def ms(value: float | None) -> float | None:
     return None if value is None else round(value * 1000, 2)
 
 
+def latency_summary(lat: Sequence[float]) -> dict[str, float | None]:
+    """Percentiles, mean and max of an ascending list of seconds, in ms."""
+    return {
+        "p50": ms(percentile(lat, 50)),
+        "p95": ms(percentile(lat, 95)),
+        "p99": ms(percentile(lat, 99)),
+        "mean": ms(sum(lat) / len(lat)) if lat else None,
+        "max": ms(lat[-1]) if lat else None,
+    }
+
+
 @dataclass
 class Stats:
-    """What one scenario saw. `ok` answers are the expected 2xx; `allowed`
-    statuses (409 for transfers) are business rejections, not errors;
-    everything else, transport failures included, is an error."""
+    """What one scenario saw. `ok` answers are the expected 2xx (`ok_status`,
+    or the status a request was sent expecting); `allowed` statuses (409 for
+    transfers) are business rejections, not errors; everything else,
+    transport failures included, is an error. An op is one request, unless
+    the scenario counts its ops itself (`ops_done`, in `op_unit`s: a
+    reserve+capture pair is one op of two requests)."""
 
     name: str
     workers: int
@@ -486,12 +525,27 @@ class Stats:
     setup_error: str | None = None
     check: dict[str, Any] | None = None
     cpu: dict[str, Any] | None = None
+    op_unit: str = "request"
+    ops_done: int | None = None
+    ok_answers: int = 0
+    # Latencies by request kind, for scenarios that send more than one kind.
+    latencies_by: dict[str, list[float]] = field(default_factory=dict)
 
-    def record(self, response: httpx.Response, seconds: float) -> None:
+    def record(
+        self,
+        response: httpx.Response,
+        seconds: float,
+        expected: int | None = None,
+        label: str | None = None,
+    ) -> None:
         status = response.status_code
         self.statuses[status] += 1
         self.latencies.append(seconds)
-        if status != self.ok_status:
+        if label is not None:
+            self.latencies_by.setdefault(label, []).append(seconds)
+        if status == (self.ok_status if expected is None else expected):
+            self.ok_answers += 1
+        else:
             code = problem_code(response)
             self.codes[f"{status} {code}"] += 1
             if status not in self.allowed and len(self.samples) < 5:
@@ -519,7 +573,11 @@ class Stats:
 
     @property
     def ok(self) -> int:
-        return self.statuses[self.ok_status]
+        return self.ok_answers
+
+    @property
+    def ops(self) -> int:
+        return self.ok if self.ops_done is None else self.ops_done
 
     @property
     def rejected(self) -> int:
@@ -547,9 +605,11 @@ class Stats:
         return {
             "name": self.name,
             "workers": self.workers,
+            "op": self.op_unit,
             "planned": self.planned,
             "requests": self.requests,
             "ok": self.ok,
+            "ops": self.ops,
             "rejected_409": self.rejected,
             "errors": self.errors,
             "server_errors_5xx": self.server_errors,
@@ -557,14 +617,12 @@ class Stats:
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
             "error_codes": dict(self.codes),
             "elapsed_s": round(self.elapsed, 3),
-            "ops_per_s": round(self.ok / elapsed, 1) if self.elapsed else None,
+            "ops_per_s": round(self.ops / elapsed, 1) if self.elapsed else None,
             "req_per_s": round(self.requests / elapsed, 1) if self.elapsed else None,
-            "latency_ms": {
-                "p50": ms(percentile(lat, 50)),
-                "p95": ms(percentile(lat, 95)),
-                "p99": ms(percentile(lat, 99)),
-                "mean": ms(sum(lat) / len(lat)) if lat else None,
-                "max": ms(lat[-1]) if lat else None,
+            "latency_ms": latency_summary(lat),
+            "latency_ms_by_request": {
+                label: latency_summary(sorted(values))
+                for label, values in self.latencies_by.items()
             },
             "time_cap_s": self.time_cap,
             "capped": self.capped,
@@ -585,15 +643,14 @@ def split(total: int, workers: int) -> list[int]:
     return [base + (1 if w < extra else 0) for w in range(workers)]
 
 
-async def drive(
+async def run_workers(
     ctx: Context,
     stats: Stats,
     per_worker: Sequence[int],
-    make: Callable[[int, int], Request],
+    step: Callable[[int, int], Awaitable[None]],
 ) -> None:
-    """Run workers, each sending its count of requests one after the other,
-    until done or the scenario's time cap."""
-    client = ctx.client
+    """Run workers, each doing its count of steps one after the other, until
+    done or the scenario's time cap (a step begun before the cap finishes)."""
     before = await ctx.probe.snapshot() if ctx.probe else None
     started = time.monotonic()
     deadline = started + stats.time_cap
@@ -603,19 +660,46 @@ async def drive(
             if time.monotonic() >= deadline:
                 stats.capped = True
                 return
-            method, path, body, headers = make(w, i)
-            t0 = time.perf_counter()
-            try:
-                r = await client.request(method, path, json=body, headers=headers)
-            except httpx.TransportError as exc:
-                stats.record_transport(exc)
-                continue
-            stats.record(r, time.perf_counter() - t0)
+            await step(w, i)
 
     await asyncio.gather(*(worker(w, n) for w, n in enumerate(per_worker)))
     stats.elapsed = time.monotonic() - started
     if ctx.probe and before:
         stats.cpu = ctx.probe.delta(before, await ctx.probe.snapshot())
+
+
+async def send(
+    ctx: Context,
+    stats: Stats,
+    request: Request,
+    expected: int | None = None,
+    label: str | None = None,
+) -> httpx.Response | None:
+    """One timed request, recorded in stats; None after a transport error."""
+    method, path, body, headers = request
+    t0 = time.perf_counter()
+    try:
+        r = await ctx.client.request(method, path, json=body, headers=headers)
+    except httpx.TransportError as exc:
+        stats.record_transport(exc)
+        return None
+    stats.record(r, time.perf_counter() - t0, expected, label)
+    return r
+
+
+async def drive(
+    ctx: Context,
+    stats: Stats,
+    per_worker: Sequence[int],
+    make: Callable[[int, int], Request],
+) -> None:
+    """Run workers, each sending its count of requests one after the other,
+    until done or the scenario's time cap."""
+
+    async def step(w: int, i: int) -> None:
+        await send(ctx, stats, make(w, i))
+
+    await run_workers(ctx, stats, per_worker, step)
 
 
 # --- Scenarios ------------------------------------------------------------------
@@ -729,8 +813,9 @@ class Context:
     opts: Options
     run_id: str
     probe: CpuProbe | None = None
-    # Successful debits, in credits, per scenario (for the system:usage check);
-    # None once a debit's outcome is unknown (a transport error).
+    # Credits that went to system:usage (successful debits and captures), per
+    # scenario, for the system:usage check; None once an outcome is unknown
+    # (a transport error).
     debited: dict[str, int | None] = field(default_factory=dict)
 
     def count(self, default: int) -> int:
@@ -740,7 +825,7 @@ class Context:
     def workers(self, default: int) -> int:
         return max(1, self.opts.workers or default)
 
-    def key(self, scenario: str, w: int, i: int) -> dict[str, str]:
+    def key(self, scenario: str, w: int, i: int | str) -> dict[str, str]:
         return {"Idempotency-Key": f"{self.run_id}-{scenario}-{w}-{i}"}
 
 
@@ -860,6 +945,171 @@ async def debit_shared(ctx: Context) -> Stats:
     return await _debits(ctx, "debit_shared_32", shared=True)
 
 
+@dataclass
+class PairLog:
+    """What the workers of a reservation scenario learned, for its checks."""
+
+    created: dict[str, str] = field(default_factory=dict)  # reservation id -> wallet
+    captured: dict[str, int] = field(default_factory=dict)  # reservation id -> amount
+    capture_answers: Counter[str] = field(default_factory=Counter)  # id -> 200 answers
+    over_captures: int = 0
+    unknown_reserves: int = 0  # transport errors: a hold may exist that we do not know
+    unknown_captures: int = 0  # transport errors: a capture may have happened
+
+
+async def _reserve_capture(ctx: Context, name: str, shared: bool) -> Stats:
+    """Workers each doing sequential pairs: reserve RESERVE_AMOUNT, then
+    capture 1..RESERVE_AMOUNT of it, or now and then OVER_CAPTURE_AMOUNT.
+    One op = one pair (both answers 2xx); latencies are per request."""
+    workers = ctx.workers(32)
+    total = ctx.count(800)  # pairs
+    per_worker = split(total, workers)
+    stats = Stats(
+        name, workers, total, 90 * ctx.opts.time_cap_scale, 201, op_unit="reserve+capture pair"
+    )
+    stats.ops_done = 0
+    # Enough for every pair to over-capture, and for every worker's hold at once.
+    margin = 100 + workers * OVER_CAPTURE_AMOUNT
+    if shared:
+        # One team wallet (an employee wallet) that every worker spends from.
+        wallets = [f"{name.replace('_', '-')}-team"]
+        funding = {wallets[0]: total * OVER_CAPTURE_AMOUNT + margin}
+    else:
+        wallets = [f"{name.replace('_', '-')}-{w}" for w in range(workers)]
+        funding = {wallets[w]: per_worker[w] * OVER_CAPTURE_AMOUNT + margin for w in range(workers)}
+    await ctx.api.employees(wallets)
+    await ctx.api.grants(funding)
+    usage_before = await ctx.api.posted("system:usage")
+    rngs = [random.Random(ctx.opts.seed * 1000 + w) for w in range(workers)]  # noqa: S311  # why: load shape, not security
+    log = PairLog()
+
+    async def step(w: int, i: int) -> None:
+        wallet = wallets[0] if shared else wallets[w]
+        reserve = {"account": f"employee:{wallet}", "amount": RESERVE_AMOUNT}
+        r = await send(
+            ctx,
+            stats,
+            ("POST", "/v1/reservations", reserve, ctx.key(name, w, f"{i}-reserve")),
+            201,
+            "reserve",
+        )
+        if r is None:
+            log.unknown_reserves += 1
+            return
+        if r.status_code != 201:
+            return
+        rid = str(r.json()["id"])
+        log.created[rid] = wallet
+        over = (w + i) % OVER_CAPTURE_EVERY == 0
+        amount = OVER_CAPTURE_AMOUNT if over else rngs[w].randint(1, RESERVE_AMOUNT)
+        c = await send(
+            ctx,
+            stats,
+            (
+                "POST",
+                f"/v1/reservations/{rid}/capture",
+                {"amount": amount},
+                ctx.key(name, w, f"{i}-capture"),
+            ),
+            200,
+            "capture",
+        )
+        if c is None:
+            log.unknown_captures += 1
+            return
+        if c.status_code == 200:
+            log.capture_answers[rid] += 1
+            log.captured[rid] = amount
+            log.over_captures += int(over)
+            stats.ops_done = (stats.ops_done or 0) + 1
+
+    await run_workers(ctx, stats, per_worker, step)
+    captured_sum = sum(log.captured.values())
+    ctx.debited[name] = None if log.unknown_captures else captured_sum
+    stats.check = await pair_check(ctx, stats, log, wallets, funding, usage_before)
+    return stats
+
+
+async def pair_check(
+    ctx: Context,
+    stats: Stats,
+    log: PairLog,
+    wallets: Sequence[str],
+    funding: dict[str, int],
+    usage_before: int,
+) -> dict[str, Any]:
+    """After a reservation scenario: no 5xx; every reservation the workers
+    created got exactly one successful capture (by its answers, and by the
+    capture transactions on the wallets); every wallet's `reserved` is 0;
+    system:usage gained, and the wallets lost, exactly the captured credits."""
+    captured_sum = sum(log.captured.values())
+    accounts = {w: await ctx.api.account(f"employee:{w}") for w in wallets}
+    usage_gain = await ctx.api.posted("system:usage") - usage_before
+    # Capture transactions, by the reservation they captured (details.reservation_id).
+    txn_count: Counter[str] = Counter()
+    txn_amount: dict[str, int] = {}
+    for w in wallets:
+        for txn in await ctx.api.transactions(f"employee:{w}", "capture"):
+            rid = str((txn.get("details") or {}).get("reservation_id"))
+            txn_count[rid] += 1
+            txn_amount[rid] = sum(
+                int(e["amount"]) for e in txn["entries"] if e["account"] == "system:usage"
+            )
+    not_captured = [rid for rid in log.created if log.capture_answers[rid] != 1]
+    txn_not_once = [rid for rid in log.created if txn_count[rid] != 1]
+    txn_unexpected = [rid for rid in txn_count if rid not in log.created]
+    amount_wrong = [rid for rid, amount in log.captured.items() if txn_amount.get(rid) != amount]
+    reserved = {w: int(a["reserved"]) for w, a in accounts.items() if int(a["reserved"]) != 0}
+    posted_sum = sum(int(a["posted"]) for a in accounts.values())
+    expected_posted = sum(funding.values()) - captured_sum
+    check: dict[str, Any] = {
+        "wallets": len(wallets),
+        "server_errors_5xx": stats.server_errors,
+        "reservations_created": len(log.created),
+        "captures_ok": len(log.captured),
+        "over_captures_ok": log.over_captures,
+        "not_captured_exactly_once": not_captured[:10],
+        "capture_transactions": sum(txn_count.values()),
+        "capture_transactions_not_once": txn_not_once[:10],
+        "capture_transactions_unexpected": txn_unexpected[:10],
+        "capture_amount_mismatch": amount_wrong[:10],
+        "reserved_nonzero": dict(list(reserved.items())[:10]),
+        "captured_sum": captured_sum,
+        "usage_gain": usage_gain,
+        "expected_posted_sum": expected_posted,
+        "posted_sum": posted_sum,
+    }
+    check["passed"] = (
+        stats.server_errors == 0
+        and not not_captured
+        and not txn_not_once
+        and not txn_unexpected
+        and not amount_wrong
+        and not reserved
+        and usage_gain == captured_sum
+        and posted_sum == expected_posted
+    )
+    if log.unknown_reserves or log.unknown_captures:
+        # As the other scenarios: with an outcome unknown, the arithmetic
+        # cannot be checked (the transport errors already fail the scenario).
+        check["passed"] = True
+        check["skipped"] = (
+            f"transport errors left {log.unknown_reserves} reserve(s) and "
+            f"{log.unknown_captures} capture(s) unknown"
+        )
+    return check
+
+
+async def reserve_capture_spread(ctx: Context) -> Stats:
+    """32 workers, each doing reserve-then-capture pairs on a wallet of its own."""
+    return await _reserve_capture(ctx, "reserve_capture_spread_32", shared=False)
+
+
+async def reserve_capture_shared(ctx: Context) -> Stats:
+    """32 workers, all doing reserve-then-capture pairs on one shared team wallet."""
+    return await _reserve_capture(ctx, "reserve_capture_shared_32", shared=True)
+
+
 async def transfer_pairs(ctx: Context) -> Stats:
     """16 workers transferring 1..5 credits between random pairs of 32 wallets."""
     workers = ctx.workers(16)
@@ -909,6 +1159,17 @@ SCENARIOS: dict[str, Callable[[Context], Awaitable[Stats]]] = {
     "debit_spread_32": debit_spread,
     "debit_shared_32": debit_shared,
     "transfer_pairs": transfer_pairs,
+    "reserve_capture_spread_32": reserve_capture_spread,
+    "reserve_capture_shared_32": reserve_capture_shared,
+}
+
+# Ratios of ops/s, shared over spread, reported when both scenarios ran.
+RATIOS = {
+    "shared_over_spread": ("debit_spread_32", "debit_shared_32"),
+    "reserve_capture_shared_over_spread": (
+        "reserve_capture_spread_32",
+        "reserve_capture_shared_32",
+    ),
 }
 
 
@@ -1043,7 +1304,7 @@ async def run_bench(opts: Options) -> dict[str, Any]:
                     break
             if ctx.probe is not None:
                 await ctx.probe.close()
-            # Everything debited since the baseline went to system:usage.
+            # Everything debited or captured since the baseline went to system:usage.
             debits = [v for k, v in ctx.debited.items() if k != "warm_up"]
             usage_after = await ctx.api.posted("system:usage")
             if any(v is None for v in debits):
@@ -1069,9 +1330,10 @@ async def run_bench(opts: Options) -> dict[str, Any]:
         finally:
             await db.drop()
     by_name = {s["name"]: s for s in result["scenarios"]}
-    spread, shared = by_name.get("debit_spread_32"), by_name.get("debit_shared_32")
-    if spread and shared and spread["ops_per_s"] and shared["ops_per_s"] is not None:
-        result["ratios"]["shared_over_spread"] = round(shared["ops_per_s"] / spread["ops_per_s"], 3)
+    for ratio, (spread_name, shared_name) in RATIOS.items():
+        spread, shared = by_name.get(spread_name), by_name.get(shared_name)
+        if spread and shared and spread["ops_per_s"] and shared["ops_per_s"] is not None:
+            result["ratios"][ratio] = round(shared["ops_per_s"] / spread["ops_per_s"], 3)
     result["finished_at"] = datetime.now(UTC).isoformat()
     result["passed"] = (
         all(s["passed"] for s in result["scenarios"])
@@ -1093,7 +1355,7 @@ def fmt(value: Any, width: int, digits: int = 1) -> str:
 
 def table(result: dict[str, Any]) -> str:
     head = (
-        f"{'scenario':<18}{'workers':>8}{'requests':>9}{'ok':>7}{'errors':>7}{'5xx':>6}"
+        f"{'scenario':<26}{'workers':>8}{'requests':>9}{'ok':>7}{'errors':>7}{'5xx':>6}"
         f"{'ops/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'mean ms':>9}"
     )
     lines = [head, "-" * len(head)]
@@ -1103,21 +1365,25 @@ def table(result: dict[str, Any]) -> str:
         note += f"  SETUP FAILED: {s['setup_error'][:80]}" if s["setup_error"] else ""
         note += "" if s["check"] is None or s["check"].get("passed") else "  CHECK FAILED"
         lines.append(
-            f"{s['name']:<18}{fmt(s['workers'], 8)}{fmt(s['requests'], 9)}{fmt(s['ok'], 7)}"
+            f"{s['name']:<26}{fmt(s['workers'], 8)}{fmt(s['requests'], 9)}{fmt(s['ok'], 7)}"
             f"{fmt(s['errors'], 7)}{fmt(s['server_errors_5xx'], 6)}{fmt(s['ops_per_s'], 9)}"
             f"{fmt(lat['p50'], 9, 2)}{fmt(lat['p95'], 9, 2)}{fmt(lat['p99'], 9, 2)}"
             f"{fmt(lat['mean'], 9, 2)}{note}"
         )
+    units = sorted({s["op"] for s in result["scenarios"] if s.get("op", "request") != "request"})
+    for unit in units:
+        names = ", ".join(s["name"] for s in result["scenarios"] if s.get("op") == unit)
+        lines.append(f"ops/s of {names}: {unit}s per second (latencies per request)")
     lines.append("")
     if any(s.get("cpu") for s in result["scenarios"]):
         lines.append(
-            f"{'cpu, in cores':<18}{'service':>9}{'postgres':>9}{'client':>9}"
+            f"{'cpu, in cores':<26}{'service':>9}{'postgres':>9}{'client':>9}"
             f"{'others':>9}{'machine':>9}  (of {os.cpu_count()})"
         )
         for s in result["scenarios"]:
             c = s.get("cpu") or {}
             lines.append(
-                f"{s['name']:<18}{fmt(c.get('service_cores'), 9, 2)}"
+                f"{s['name']:<26}{fmt(c.get('service_cores'), 9, 2)}"
                 f"{fmt(c.get('postgres_cores'), 9, 2)}{fmt(c.get('client_cores'), 9, 2)}"
                 f"{fmt(c.get('others_cores'), 9, 2)}{fmt(c.get('machine_busy_cores'), 9, 2)}"
             )
@@ -1125,6 +1391,9 @@ def table(result: dict[str, Any]) -> str:
     ratio = result["ratios"].get("shared_over_spread")
     if ratio is not None:
         lines.append(f"ratio shared/spread (ops/s): {ratio:.3f}")
+    ratio = result["ratios"].get("reserve_capture_shared_over_spread")
+    if ratio is not None:
+        lines.append(f"ratio reserve_capture shared/spread (pairs/s): {ratio:.3f}")
     for name, check in result["checks"].items():
         if isinstance(check, dict):
             verdict = "pass" if check.get("passed") else "FAIL"
@@ -1168,7 +1437,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         type=int,
         default=None,
         help="request count of every scenario before --scale (default: each "
-        "scenario's own: 300 sequential, 800 debits, 640 transfers)",
+        "scenario's own: 300 sequential, 800 debits, 640 transfers); for the "
+        "reserve_capture scenarios, the count of reserve+capture pairs (800)",
     )
     parser.add_argument(
         "--workers",

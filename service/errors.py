@@ -43,7 +43,12 @@ class LedgerError(Exception):
         if instance:
             body["instance"] = instance
         for key, value in self.extra.items():
-            body.setdefault(key, value)
+            # API.md gives reservation_not_active and lot_not_active an extra
+            # named `status` (the resource's state). The contract wins over
+            # RFC 9457's advisory `status` member there; the HTTP status line
+            # still says 409. No other member can be overridden.
+            if key == "status" or key not in body:
+                body[key] = value
         return body
 
 

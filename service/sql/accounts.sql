@@ -40,7 +40,7 @@ ORDER BY b;
 
 -- name: account_lots
 -- Live lots of an account in consumption order (pending ones included).
-SELECT tl_lot_json(l.id)
+SELECT tl_lot_json(l.id, $2::timestamptz)
 FROM lots l
 WHERE l.account_id = $1 AND l.status = 'active' AND l.remaining > 0
   AND (l.expires_at IS NULL OR l.expires_at > coalesce($2::timestamptz, clock_timestamp()))

@@ -1,17 +1,20 @@
 """App fixtures: a real service on this test's own database, driven in-process.
 
-`client` is an httpx-compatible async client on the ASGI app (Litestar's
-AsyncTestClient), so concurrent requests really run concurrently against
-PostgreSQL through the pool. `clock` pins the service's notion of now.
+`client` is an httpx AsyncClient on the ASGI app in the test's own event
+loop, so concurrent requests really run concurrently against PostgreSQL
+through the pool. `clock` pins the service's notion of now.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 
@@ -20,7 +23,7 @@ from service.auth import new_key
 from service.config import Config
 
 # Employee tokens in tests are HS256 with this secret, issuer and audience.
-JWT_SECRET = "test-secret-for-hs256-tokens-0123456789abcdef"
+JWT_SECRET = "test-secret-for-hs256-tokens-0123456789abcdef"  # noqa: S105  # why: a test fixture
 JWT_ISSUER = "https://idp.test"
 JWT_AUDIENCE = "tokenledger"
 
@@ -63,6 +66,9 @@ def config(database_url: str, admin_key: str) -> Config:
         sweeper_enabled=False,  # tests run the sweeper explicitly
         pool_min_size=1,
         pool_max_size=30,
+        # A busy 2-core CI box must not turn a queue for the pool into 503s;
+        # overload behaviour has tests of its own (bench/chaos).
+        pool_acquire_timeout_seconds=20,
         log_format="json",
         log_level="warning",
         environment="development",
@@ -75,11 +81,82 @@ def config(database_url: str, admin_key: str) -> Config:
 
 
 @pytest.fixture
-async def client(config: Config, clock: FakeClock, admin_key: str) -> AsyncIterator[AsyncTestClient[Any]]:
+async def client(config: Config, clock: FakeClock, admin_key: str) -> AsyncIterator[Any]:
+    """An httpx client on the app over ASGI, in this test's event loop: requests
+    gathered with asyncio really run concurrently in the app and its pool."""
     app = create_app(config, clock=clock)
-    async with AsyncTestClient(app=app, timeout=30) as c:
-        c.headers["Authorization"] = f"Bearer {admin_key}"
-        yield c
+    async with running(app):
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://testserver.local",
+            timeout=30,
+            headers={"Authorization": f"Bearer {admin_key}"},
+        ) as c:
+            c.app = app  # type: ignore[attr-defined]  # why: tests reach the app's state
+            yield c
+
+
+@contextlib.asynccontextmanager
+async def running(app: Any) -> AsyncIterator[None]:
+    """Start-up and shut-down of the app, both inside one task of their own
+    (Litestar's lifespan uses an anyio task group, which must be entered and
+    left by the same task, while pytest-asyncio sets a fixture up and tears it
+    down in different tasks)."""
+    started = asyncio.Event()
+    stop = asyncio.Event()
+
+    async def lifespan() -> None:
+        async with app.lifespan():
+            started.set()
+            await stop.wait()
+
+    task = asyncio.create_task(lifespan())
+    waiter = asyncio.create_task(started.wait())
+    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        waiter.cancel()
+        task.result()  # start-up failed: raise its error here
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
+PROBLEM_JSON = "application/problem+json"
+# Codes whose `status` member is the resource's state (API.md), not the HTTP status.
+RESOURCE_STATUS_CODES = frozenset({"reservation_not_active", "lot_not_active"})
+
+
+def mismatch(r: Any, status: int, code: str) -> str | None:
+    """Why `r` is not an RFC 9457 problem with this status and code, or None when it is."""
+    if r.status_code != status:
+        return f"status {r.status_code}, not {status}: {r.text[:300]}"
+    if not r.headers.get("content-type", "").startswith(PROBLEM_JSON):
+        return f"content-type {r.headers.get('content-type')}"
+    body = r.json()
+    if body.get("code") != code:
+        return f"code {body.get('code')}, not {code}: {body}"
+    if code not in RESOURCE_STATUS_CODES and body.get("status") != status:
+        return f"body status {body.get('status')}, not {status}: {body}"
+    return None
+
+
+def problem(r: Any, status: int, code: str) -> dict[str, Any]:
+    """Assert an RFC 9457 problem with this status and code; return its body."""
+    why = mismatch(r, status, code)
+    assert why is None, why
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def ts(when: datetime) -> str:
+    """The service's rendering of an instant: UTC, six fractional digits, Z."""
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+async def posted(api: Api, address: str) -> int:
+    return int((await api.account(address))["posted"])
 
 
 _keys = itertools.count()
@@ -103,7 +180,8 @@ class Api:
 
     async def employee(self, emp: str, dept: str = "eng") -> dict[str, Any]:
         r = await self.c.put(
-            f"/v1/employees/{emp}", json={"name": emp, "email": f"{emp}@example.com", "department": dept}
+            f"/v1/employees/{emp}",
+            json={"name": emp, "email": f"{emp}@example.com", "department": dept},
         )
         if r.status_code == 404:
             await self.department(dept)
@@ -118,7 +196,9 @@ class Api:
         return r.json()  # type: ignore[no-any-return]
 
     async def debit(self, account: str, amount: int, **extra: Any) -> Any:
-        return await self.c.post("/v1/debits", json={"account": account, "amount": amount, **extra}, headers=key())
+        return await self.c.post(
+            "/v1/debits", json={"account": account, "amount": amount, **extra}, headers=key()
+        )
 
     async def transfer(self, src: str, dst: str, amount: int, **extra: Any) -> Any:
         return await self.c.post(

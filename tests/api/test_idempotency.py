@@ -8,34 +8,9 @@ from typing import Any
 
 from litestar.testing import AsyncTestClient
 
-from tests.api.conftest import Api, key
+from tests.api.conftest import Api, key, mismatch, posted, problem
 
-PROBLEM_JSON = "application/problem+json"
 REPLAYED = "Idempotent-Replayed"
-
-
-def mismatch(r: Any, status: int, code: str) -> str | None:
-    """Why `r` is not an RFC 9457 problem with this status and code, or None when it is."""
-    if r.status_code != status:
-        return f"status {r.status_code}, not {status}: {r.text[:300]}"
-    if not r.headers.get("content-type", "").startswith(PROBLEM_JSON):
-        return f"content-type {r.headers.get('content-type')}"
-    body = r.json()
-    if body.get("status") != status or body.get("code") != code:
-        return f"code {body.get('code')}, not {code}: {body}"
-    return None
-
-
-def problem(r: Any, status: int, code: str) -> dict[str, Any]:
-    """Assert an RFC 9457 problem with this status and code; return its body."""
-    why = mismatch(r, status, code)
-    assert why is None, why
-    body: dict[str, Any] = r.json()
-    return body
-
-
-async def posted(api: Api, address: str) -> int:
-    return int((await api.account(address))["posted"])
 
 
 async def balances(api: Api, *addresses: str) -> dict[str, tuple[int, int]]:

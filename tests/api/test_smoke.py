@@ -9,7 +9,9 @@ async def test_walkthrough(api: Api) -> None:
     """A department, an employee, an expiring signing bonus, a debit, then balance and history."""
     await api.department("eng")
     await api.employee("e-1042")
-    grant = await api.grant("e-1042", 500, reason="signing_bonus", expires_at="2099-01-01T00:00:00Z")
+    grant = await api.grant(
+        "e-1042", 500, reason="signing_bonus", expires_at="2099-01-01T00:00:00Z"
+    )
     assert grant["lot"]["remaining"] == 500
     r = await api.debit("employee:e-1042", 120, metadata={"model": "gpt-x"})
     assert r.status_code == 201, r.text

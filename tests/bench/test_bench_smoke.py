@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_bench_smoke(pg_server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Every scenario completes at 20 requests and 4 workers with no 5xx, and the audit passes."""
+    """Every scenario completes at 20 requests (20 reserve+capture pairs for the
+    reservation scenarios) and 4 workers with no 5xx, and the audit passes."""
     out = tmp_path / "bench.json"
     rc = harness.main(
         ["--requests", "20", "--workers", "4", "--database-url", pg_server.dsn, "--json", str(out)]
@@ -27,12 +28,23 @@ def test_bench_smoke(pg_server: Server, tmp_path: Path, capsys: pytest.CaptureFi
     assert list(scenarios) == list(harness.SCENARIOS), report
     for name, s in scenarios.items():
         assert s["setup_error"] is None, (name, s["setup_error"])
-        assert s["requests"] == 20 and not s["capped"], (name, report)
+        per_op = 2 if s["op"] == "reserve+capture pair" else 1
+        assert s["planned"] == 20 and not s["capped"], (name, report)
+        assert s["requests"] == 20 * per_op and s["ops"] == 20, (name, report)
         assert s["server_errors_5xx"] == 0, (name, s["samples"])
         assert s["errors"] == 0, (name, s["error_codes"], s["samples"])
         assert s["check"] is None or s["check"]["passed"], (name, s["check"])
     assert result["checks"]["audit"]["passed"], result["checks"]["audit"]["output"]
+    for name in ("reserve_capture_spread_32", "reserve_capture_shared_32"):
+        check = scenarios[name]["check"]
+        assert "skipped" not in check, (name, check)
+        assert check["reservations_created"] == check["captures_ok"] == 20, (name, check)
+        assert check["over_captures_ok"] >= 1, (name, check)  # capture 12 of 10 held
+        assert check["usage_gain"] == check["captured_sum"] > 0, (name, check)
+        assert check["reserved_nonzero"] == {}, (name, check)
+    assert result["checks"]["system_usage"]["passed"], result["checks"]["system_usage"]
     assert "shared_over_spread" in result["ratios"]
+    assert "reserve_capture_shared_over_spread" in result["ratios"]
     assert rc == 0 and result["passed"], report
 
 
