@@ -304,16 +304,20 @@ def create_app(
         metrics.active_reservations.set(int(await ledger.fetchval("active_reservations")))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    controllers = [
+        DirectoryController,
+        AccountsController,
+        GrantsController,
+        TransactionsController,
+        ReservationsController,
+    ]
+    document_problems(controllers)
     app = Litestar(
         route_handlers=[
             healthz,
             readyz,
             metrics_endpoint,
-            DirectoryController,
-            AccountsController,
-            GrantsController,
-            TransactionsController,
-            ReservationsController,
+            *controllers,
         ],
         dependencies={"ledger": Provide(provide_ledger)},
         guards=[authorize],
@@ -331,21 +335,20 @@ def create_app(
         openapi_config=OpenAPIConfig(
             title="tokenledger",
             version=__version__,
-            description=(
-                "A double-entry ledger of AI-token credits. Amounts are integer credits. "
-                "Every state-changing POST takes an `Idempotency-Key` header; errors are "
-                "RFC 9457 problem+json with a stable `code`."
-            ),
+            description=openapi_description(),
             path="/schema",
             render_plugins=[SwaggerRenderPlugin(path="/")],
             servers=[Server(url="/")],
             components=Components(
                 security_schemes={
                     "bearer": SecurityScheme(
-                        type="http", scheme="bearer", description="Bearer token"
+                        type="http",
+                        scheme="bearer",
+                        description="A service key (tlk_...) or an employee JWT.",
                     ),
-                }
+                },
             ),
+            security=[{"bearer": []}],
         ),
         debug=False,
     )
@@ -356,6 +359,50 @@ def create_app(
                 if handler.http_methods != {"OPTIONS"}:
                     assert "access" in handler.opt, f"{route.path} has no access rule"
     return app
+
+
+def openapi_description() -> str:
+    """The API's conventions and its closed set of error codes, in precedence order."""
+    rows = "\n".join(
+        f"| {cls.status} | `{cls.code}` | {(cls.__doc__ or '').strip().splitlines()[0]} |"
+        for cls in errors.ERRORS
+    )
+    return (
+        "A double-entry ledger of AI-token credits. Amounts are JSON integers (credits), "
+        "1..2^53. Every `/v1` route needs `Authorization: Bearer <token>` (a service key or an "
+        "employee JWT). Every state-changing POST takes an `Idempotency-Key` header (1..255 "
+        "printable ASCII, scoped to the caller); a replay returns the stored answer with "
+        "`Idempotent-Replayed: true`. Lists are newest first with an opaque `cursor`, `limit` "
+        "1..500 (default 50). Request bodies are at most 1 MiB by default. Errors are RFC 9457 "
+        "`application/problem+json` with a stable `code` (schema `Problem`); when several "
+        "checks fail the first in this table answers (401/403 are checked before the body):"
+        "\n\n| status | code | meaning |\n|---|---|---|\n" + rows
+    )
+
+
+def document_problems(controllers: list[type[Any]]) -> None:
+    """Every /v1 operation lists its problem+json answers in the OpenAPI
+    schema (the `Problem` component), so callers see the error shape."""
+    from litestar.handlers import HTTPRouteHandler
+    from litestar.openapi.datastructures import ResponseSpec
+
+    from service.api.resources import Problem
+
+    statuses = sorted({cls.status for cls in errors.ERRORS})
+    for controller in controllers:
+        for value in vars(controller).values():
+            if isinstance(value, HTTPRouteHandler):
+                value.responses = {
+                    status: ResponseSpec(
+                        data_container=Problem,
+                        media_type=PROBLEM_JSON,
+                        generate_examples=False,
+                        description=", ".join(
+                            f"`{cls.code}`" for cls in errors.ERRORS if cls.status == status
+                        ),
+                    )
+                    for status in statuses
+                }
 
 
 async def ensure_admin_key(ledger: Ledger, secret: str) -> None:

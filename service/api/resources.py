@@ -165,13 +165,17 @@ class LotsPage(msgspec.Struct, frozen=True):
 
 
 class Problem(msgspec.Struct, frozen=True):
-    """RFC 9457 problem details; `code` is one of the stable error codes."""
+    """RFC 9457 problem details; `code` is one of the stable error codes (see the
+    table in the API description). Extras such as `available` and `requested` are
+    machine-readable; for invalid_request, `errors` lists each bad field's JSON path.
+    For reservation_not_active and lot_not_active, `status` is the resource's state."""
 
     type: str
     title: str
-    status: int
+    status: int | str
     detail: str
     code: str
+    errors: list[dict[str, str]] | None = None
 
 
 class Hold(msgspec.Struct, frozen=True):
