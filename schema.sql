@@ -981,7 +981,13 @@ BEGIN
         UPDATE lots SET status = 'voided' WHERE id = v_lot.id;
         IF v_lot.remaining - v_lot.reserved > 0 THEN
             PERFORM tl_move_lot(p_txn, v_lot.id, -(v_lot.remaining - v_lot.reserved));
-            SELECT * INTO v_funder FROM accounts WHERE id = v_lot.funded_by;
+            IF v_lot.expires_at <= p_now THEN
+                -- Credits of a lot that has already expired (kept alive only by
+                -- a hold that has now let go) expire; they never go back.
+                SELECT * INTO v_funder FROM accounts WHERE address = 'system:expired';
+            ELSE
+                SELECT * INTO v_funder FROM accounts WHERE id = v_lot.funded_by;
+            END IF;
             IF v_funder.type <> 'system' THEN
                 PERFORM tl_new_lot(p_txn, v_funder.id, v_lot.remaining - v_lot.reserved, v_lot.priority, p_now,
                                    v_lot.expires_at, v_funder.id, v_lot.id, p_now);
@@ -1132,6 +1138,8 @@ BEGIN
         PERFORM tl_release_holds(v_res);
         UPDATE reservations SET status = 'released', resolved_at = v_now WHERE id = v_res.id;
     END LOOP;
+    -- What those holds kept alive on lots that have expired expires now.
+    PERFORM tl_expire_lots(w.id, v_now, p_ctx);
     SELECT array_agg(id) INTO v_lots FROM lots
         WHERE account_id = w.id AND status = 'active' AND remaining > reserved;
     IF v_lots IS NOT NULL THEN
@@ -1602,15 +1610,16 @@ DROP TRIGGER IF EXISTS chain_no_truncate ON chain;
 CREATE TRIGGER chain_no_truncate BEFORE TRUNCATE ON chain
     FOR EACH STATEMENT EXECUTE FUNCTION tl_forbid_change();
 
--- The canonical text of one transaction's content, entries and lot
--- movements included (NULL when there is no such transaction). jsonb prints
--- equal values identically (keys sorted, numbers normalised), so the text
--- changes exactly when the content does; entries are ordered by (account,
--- shard, version), which is unique, and movements by lot, so the order
--- depends on the content alone.
-CREATE OR REPLACE FUNCTION tl_canonical(p_id uuid) RETURNS text
-LANGUAGE sql STABLE AS $$
-    SELECT jsonb_build_object(
+-- The canonical text of each given transaction's content, entries and lot
+-- movements included (no row for an id that is not a transaction). jsonb
+-- prints equal values identically (keys sorted, numbers normalised), so the
+-- text changes exactly when the content does; entries are ordered by
+-- (account, shard, version), which is unique, and movements by lot, so the
+-- order depends on the content alone. Set-based, because the chainer and
+-- the verifier hash thousands of transactions per statement.
+CREATE OR REPLACE FUNCTION tl_canonical_many(p_ids uuid[])
+RETURNS TABLE (transaction_id uuid, canonical text) LANGUAGE sql STABLE AS $$
+    SELECT t.id, jsonb_build_object(
         'id', t.id,
         'kind', t.kind,
         'memo', t.memo,
@@ -1620,18 +1629,32 @@ LANGUAGE sql STABLE AS $$
         'request_id', t.request_id,
         'reverses', t.reverses,
         'created_at', tl_ts(t.created_at),
-        'entries', coalesce((
-            SELECT jsonb_agg(jsonb_build_object(
-                       'account', a.address, 'shard', e.shard, 'asset', e.asset, 'amount', e.amount,
-                       'balance_after', e.balance_after, 'version', e.version,
-                       'created_at', tl_ts(e.created_at))
-                   ORDER BY a.address, e.shard, e.version)
-            FROM entries e JOIN accounts a ON a.id = e.account_id
-            WHERE e.transaction_id = t.id), '[]'::jsonb),
-        'lots', coalesce((
-            SELECT jsonb_agg(jsonb_build_object('lot', m.lot_id, 'amount', m.amount) ORDER BY m.lot_id)
-            FROM lot_movements m WHERE m.transaction_id = t.id), '[]'::jsonb))::text
-    FROM transactions t WHERE t.id = p_id
+        'entries', coalesce(e.items, '[]'::jsonb),
+        'lots', coalesce(m.items, '[]'::jsonb))::text
+    FROM transactions t
+    LEFT JOIN (
+        SELECT e.transaction_id,
+               jsonb_agg(jsonb_build_object(
+                   'account', a.address, 'shard', e.shard, 'asset', e.asset, 'amount', e.amount,
+                   'balance_after', e.balance_after, 'version', e.version,
+                   'created_at', tl_ts(e.created_at))
+                   ORDER BY a.address, e.shard, e.version) AS items
+        FROM entries e JOIN accounts a ON a.id = e.account_id
+        WHERE e.transaction_id = ANY (p_ids)
+        GROUP BY e.transaction_id) e ON e.transaction_id = t.id
+    LEFT JOIN (
+        SELECT m.transaction_id,
+               jsonb_agg(jsonb_build_object('lot', m.lot_id, 'amount', m.amount) ORDER BY m.lot_id) AS items
+        FROM lot_movements m
+        WHERE m.transaction_id = ANY (p_ids)
+        GROUP BY m.transaction_id) m ON m.transaction_id = t.id
+    WHERE t.id = ANY (p_ids)
+$$;
+
+-- One transaction's canonical text (NULL when there is no such transaction).
+CREATE OR REPLACE FUNCTION tl_canonical(p_id uuid) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT canonical FROM tl_canonical_many(ARRAY[p_id])
 $$;
 
 -- Appends up to p_limit unchained transactions to the chain, in
@@ -1652,7 +1675,8 @@ DECLARE
     v_hash bytea := decode(repeat('00', 32), 'hex');
     v_floor timestamptz := '-infinity';
     v_head record;
-    v_id uuid;
+    v_ids uuid[];
+    v_txn record;
     v_prev bytea;
     v_content bytea;
     v_count integer := 0;
@@ -1671,19 +1695,24 @@ BEGIN
             v_floor := v_head.created_at - p_settle;
         END IF;
     END IF;
-    FOR v_id IN
-        SELECT t.id FROM transactions t
+    SELECT array_agg(x.id ORDER BY x.created_at, x.id) INTO v_ids FROM (
+        SELECT t.id, t.created_at FROM transactions t
         WHERE t.created_at >= v_floor AND t.created_at < v_cutoff
           AND NOT EXISTS (SELECT 1 FROM chain c WHERE c.transaction_id = t.id)
         ORDER BY t.created_at, t.id
-        LIMIT p_limit
+        LIMIT p_limit) x;
+    FOR v_txn IN
+        SELECT k.transaction_id, k.canonical
+        FROM unnest(v_ids) WITH ORDINALITY AS u (id, n)
+        JOIN tl_canonical_many(v_ids) k ON k.transaction_id = u.id
+        ORDER BY u.n
     LOOP
-        v_content := sha256(convert_to(tl_canonical(v_id), 'UTF8'));
+        v_content := sha256(convert_to(v_txn.canonical, 'UTF8'));
         v_prev := v_hash;
         v_hash := sha256(v_prev || v_content);
         v_seq := v_seq + 1;
         INSERT INTO chain (seq, transaction_id, content_hash, prev_hash, chain_hash)
-        VALUES (v_seq, v_id, v_content, v_prev, v_hash);
+        VALUES (v_seq, v_txn.transaction_id, v_content, v_prev, v_hash);
         v_count := v_count + 1;
     END LOOP;
     RETURN v_count;
