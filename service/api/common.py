@@ -156,6 +156,39 @@ def check_address(value: str, name: str = "address") -> None:
         )
 
 
+async def run_operation(
+    request: Request[Any, Any, Any],
+    ledger: Ledger,
+    op: str,
+    payload: Any,
+    *,
+    args: dict[str, Any] | None = None,
+    success_status: int,
+) -> Response[Any]:
+    """The one way a state-changing request reaches the ledger: its
+    Idempotency-Key, the fingerprint of its body, one SQL call, and the
+    stored-or-fresh answer. `args` defaults to the decoded body."""
+    key = idempotency_key(request)
+    outcome = await ledger.execute(
+        op,
+        msgspec.to_builtins(payload) if args is None else args,
+        ctx=context_of(request),
+        key=key,
+        fingerprint=fingerprint(request, payload),
+        success_status=success_status,
+    )
+    return replay_response(outcome)
+
+
+def uuid_cursor(cursor: str | None) -> uuid.UUID | None:
+    """A cursor that carries the last item's UUID."""
+    after = decode_cursor(cursor)
+    try:
+        return uuid.UUID(after) if after is not None else None
+    except (ValueError, TypeError, AttributeError):
+        raise errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}]) from None
+
+
 def replay_response(outcome: Outcome) -> Response[Any]:
     """The operation's stored or fresh response, marked when replayed."""
     headers = {"Idempotent-Replayed": "true"} if outcome.replayed else {}

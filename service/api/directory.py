@@ -16,9 +16,7 @@ from service.api.common import (
     Ref,
     check_ref,
     context_of,
-    fingerprint,
-    idempotency_key,
-    replay_response,
+    run_operation,
 )
 from service.api.resources import Department, Employee
 from service.auth import access
@@ -127,14 +125,7 @@ class DirectoryController(Controller):
         voided back to their funding accounts, in one transaction. Later writes to the
         wallet answer 409 `account_closed`. Requires an `Idempotency-Key`."""
         payload = data or OffboardIn()
-        key = idempotency_key(request)
         args = {"employee": employee_id, **msgspec.to_builtins(payload)}
-        outcome = await ledger.execute(
-            "offboard",
-            args,
-            ctx=context_of(request),
-            key=key,
-            fingerprint=fingerprint(request, payload),
-            success_status=200,
+        return await run_operation(
+            request, ledger, "offboard", payload, args=args, success_status=200
         )
-        return replay_response(outcome)

@@ -18,10 +18,8 @@ from service.api.common import (
     Ref,
     Timestamp,
     context_of,
-    fingerprint,
-    idempotency_key,
     parse_public_id,
-    replay_response,
+    run_operation,
 )
 from service.api.resources import BatchGrantResponse, GrantResult, Transaction
 from service.auth import access
@@ -88,16 +86,9 @@ class GrantsController(Controller):
         department (which cannot grant more than it holds; a department-funded lot never
         outlives the department credits it came from). A future `effective_at` makes a
         pending lot that counts from that instant. Requires an `Idempotency-Key`."""
-        key = idempotency_key(request)
-        outcome = await ledger.execute(
-            "grant",
-            grant_args(data),
-            ctx=context_of(request),
-            key=key,
-            fingerprint=fingerprint(request, data),
-            success_status=201,
+        return await run_operation(
+            request, ledger, "grant", data, args=grant_args(data), success_status=201
         )
-        return replay_response(outcome)
 
     @post("/grants:batch", summary="Grant credits in a batch", status_code=200, opt=access("hr"))
     async def grant_batch(
@@ -140,15 +131,8 @@ class GrantsController(Controller):
         `void` transaction. A lot with nothing left (spent, expired or already voided)
         answers 409 `lot_not_active`. Requires an `Idempotency-Key`."""
         payload = data or VoidIn()
-        key = idempotency_key(request)
         lot_uuid = parse_public_id(lot_id, "lot_", errors.LotNotFound)
         args = {"lot": lot_id, "lot_id": str(lot_uuid), **msgspec.to_builtins(payload)}
-        outcome = await ledger.execute(
-            "void_lot",
-            args,
-            ctx=context_of(request),
-            key=key,
-            fingerprint=fingerprint(request, payload),
-            success_status=200,
+        return await run_operation(
+            request, ledger, "void_lot", payload, args=args, success_status=200
         )
-        return replay_response(outcome)

@@ -17,13 +17,10 @@ from service.api.common import (
     Address,
     Amount,
     Metadata,
-    context_of,
     decode_cursor,
-    fingerprint,
-    idempotency_key,
     page,
     parse_public_id,
-    replay_response,
+    run_operation,
 )
 from service.api.resources import CaptureResult, Reservation, ReservationsPage
 from service.auth import access
@@ -55,6 +52,12 @@ class ExtendIn(msgspec.Struct, forbid_unknown_fields=True):
     ttl_seconds: TtlSeconds
 
 
+def count(ledger: Ledger, response: Response[Any], outcome: str) -> None:
+    """Reservations by outcome; a replay changes nothing and is counted apart."""
+    replayed = response.headers.get("Idempotent-Replayed") == "true"
+    ledger.metrics.reservations.labels("replayed" if replayed else outcome).inc()
+
+
 def reservation_uuid(reservation_id: str) -> uuid.UUID:
     return parse_public_id(reservation_id, "rsv_", errors.ReservationNotFound)
 
@@ -71,22 +74,13 @@ class ReservationsController(Controller):
         reservation_id: str,
         payload: msgspec.Struct,
     ) -> Response[Any]:
-        key = idempotency_key(request)
         rid = reservation_uuid(reservation_id)
         args = {
             "reservation": reservation_id,
             "reservation_id": str(rid),
             **msgspec.to_builtins(payload),
         }
-        outcome = await ledger.execute(
-            op,
-            args,
-            ctx=context_of(request),
-            key=key,
-            fingerprint=fingerprint(request, payload),
-            success_status=200,
-        )
-        return replay_response(outcome)
+        return await run_operation(request, ledger, op, payload, args=args, success_status=200)
 
     @post("/reservations", summary="Reserve credits", status_code=201, opt=access("meter"))
     async def reserve(
@@ -100,17 +94,9 @@ class ReservationsController(Controller):
         lots in consumption order. 409 `insufficient_credits` (with `available` and
         `requested`) when available credits cannot cover it. Requires an
         `Idempotency-Key`."""
-        key = idempotency_key(request)
-        outcome = await ledger.execute(
-            "reserve",
-            msgspec.to_builtins(data),
-            ctx=context_of(request),
-            key=key,
-            fingerprint=fingerprint(request, data),
-            success_status=201,
-        )
-        ledger.metrics.reservations.labels("created" if not outcome.replayed else "replayed").inc()
-        return replay_response(outcome)
+        response = await run_operation(request, ledger, "reserve", data, success_status=201)
+        count(ledger, response, "created")
+        return response
 
     @post(
         "/reservations/{reservation_id:str}/capture",
@@ -132,7 +118,7 @@ class ReservationsController(Controller):
         not active answers 409 `reservation_not_active` with its `status`. Requires an
         `Idempotency-Key`."""
         response = await self._op(request, ledger, "capture", reservation_id, data)
-        ledger.metrics.reservations.labels("captured").inc()
+        count(ledger, response, "captured")
         return response
 
     @post(
@@ -151,7 +137,7 @@ class ReservationsController(Controller):
         """Frees the held credits (credits of a lot that has expired meanwhile expire at
         once). Requires an `Idempotency-Key`."""
         response = await self._op(request, ledger, "release", reservation_id, data or ReleaseIn())
-        ledger.metrics.reservations.labels("released").inc()
+        count(ledger, response, "released")
         return response
 
     @post(

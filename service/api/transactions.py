@@ -17,13 +17,10 @@ from service.api.common import (
     Amount,
     Memo,
     Metadata,
-    context_of,
     decode_cursor,
-    fingerprint,
-    idempotency_key,
     page,
     parse_public_id,
-    replay_response,
+    run_operation,
 )
 from service.api.resources import Transaction, TransactionsPage
 from service.auth import access
@@ -66,16 +63,7 @@ class TransactionsController(Controller):
         first) and moves the credits to `system:usage`. 409 `insufficient_credits` with
         `available` and `requested` when the live lots cannot cover it. Requires an
         `Idempotency-Key`."""
-        key = idempotency_key(request)
-        outcome = await ledger.execute(
-            "debit",
-            msgspec.to_builtins(data),
-            ctx=context_of(request),
-            key=key,
-            fingerprint=fingerprint(request, data),
-            success_status=201,
-        )
-        return replay_response(outcome)
+        return await run_operation(request, ledger, "debit", data, success_status=201)
 
     @post(
         "/transfers", summary="Transfer credits between accounts", status_code=201, opt=access("hr")
@@ -90,16 +78,7 @@ class TransactionsController(Controller):
         `system:issuance`, which is how finance funds departments). Credits carry their
         expiry and priority with them: moving credits never extends their life.
         Requires an `Idempotency-Key`."""
-        key = idempotency_key(request)
-        outcome = await ledger.execute(
-            "transfer",
-            msgspec.to_builtins(data),
-            ctx=context_of(request),
-            key=key,
-            fingerprint=fingerprint(request, data),
-            success_status=201,
-        )
-        return replay_response(outcome)
+        return await run_operation(request, ledger, "transfer", data, success_status=201)
 
     @get(
         "/transactions/{transaction_id:str}",
@@ -158,19 +137,12 @@ class TransactionsController(Controller):
         `already_reversed`. Reversing credits the receiver has already spent answers 409
         `insufficient_credits`. Requires an `Idempotency-Key`."""
         payload = data or ReverseIn()
-        key = idempotency_key(request)
         txn = parse_public_id(transaction_id, "txn_", errors.TransactionNotFound)
         args = {
             "transaction": transaction_id,
             "transaction_id": str(txn),
             **msgspec.to_builtins(payload),
         }
-        outcome = await ledger.execute(
-            "reverse",
-            args,
-            ctx=context_of(request),
-            key=key,
-            fingerprint=fingerprint(request, payload),
-            success_status=201,
+        return await run_operation(
+            request, ledger, "reverse", payload, args=args, success_status=201
         )
-        return replay_response(outcome)
