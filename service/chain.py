@@ -30,6 +30,10 @@ GENESIS = bytes(32)
 # Chain rows read per round trip while verifying: memory stays bounded
 # whatever the length of the chain.
 VERIFY_BATCH = 5000
+# The database functions verification runs. Someone who could replace them
+# could hash forged content as the original, so verify_chain first checks
+# that what these signatures resolve to is what schema.sql defines.
+VERIFIER_FUNCTIONS = ("tl_canonical_many(uuid[])", "tl_ts(timestamptz)")
 
 
 def public_id(transaction_id: uuid.UUID) -> str:
@@ -39,6 +43,14 @@ def public_id(transaction_id: uuid.UUID) -> str:
 
 def _ts(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _shipped_body(signature: str) -> str:
+    """The body of a function as schema.sql (shipped with this code) defines it."""
+    sql = db.schema_sql()
+    start = sql.index(f"CREATE OR REPLACE FUNCTION {signature.partition('(')[0]}(")
+    body = sql.index("$$", start) + 2
+    return sql[body : sql.index("$$", body)]
 
 
 @dataclass(frozen=True)
@@ -104,7 +116,8 @@ async def verify_chain(
     """None when the chain is intact; otherwise what is wrong, naming the
     first transaction (seq and id) whose content, order or presence was altered.
 
-    Walks the chain in seq order, batch by batch, in one REPEATABLE READ
+    Checks first that the SQL functions it hashes with are schema.sql's. Then
+    walks the chain in seq order, batch by batch, in one REPEATABLE READ
     snapshot, checking for every row: no seq is skipped, the transaction
     exists, its recomputed content hash matches, prev_hash is the previous
     row's chain_hash, and chain_hash recomputes. Then no transaction older
@@ -119,6 +132,14 @@ async def verify_chain(
     queries = db.load_queries()
     anchored = dict(anchors)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
+        for signature in VERIFIER_FUNCTIONS:
+            source = await conn.fetchval(queries["chain_function_source"], signature)
+            if source != _shipped_body(signature):
+                return (
+                    f"function {signature} in the database is not the one schema.sql "
+                    "defines: the chain cannot be verified with it (it was replaced, or "
+                    "the database's schema is another version than this tokenledger's)"
+                )
         expected_seq = 1
         prev_hash = GENESIS
         newest: datetime | None = None

@@ -131,7 +131,8 @@ FROM (VALUES ('transactions_immutable', 'transactions'), ('transactions_no_trunc
              ('entries_immutable', 'entries'), ('entries_no_truncate', 'entries'),
              ('lot_movements_immutable', 'lot_movements'), ('lot_movements_no_truncate', 'lot_movements'),
              ('entries_balanced', 'entries'), ('reservations_resolve_once', 'reservations'),
-             ('reservation_holds_immutable', 'reservation_holds')) AS want (tgname, tbl)
+             ('reservation_holds_immutable', 'reservation_holds'),
+             ('chain_immutable', 'chain'), ('chain_no_truncate', 'chain')) AS want (tgname, tbl)
 LEFT JOIN pg_trigger t ON t.tgname = want.tgname AND t.tgrelid = want.tbl::regclass AND t.tgenabled <> 'D'
 WHERE t.oid IS NULL
 LIMIT 1;

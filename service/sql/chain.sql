@@ -15,12 +15,15 @@ SELECT seq, transaction_id, chain_hash FROM chain ORDER BY seq DESC LIMIT 1;
 -- Up to $2 chain rows after seq $1, each with its transaction's created_at
 -- and its content hash recomputed from the transaction as it is now (both
 -- NULL when the transaction is gone).
+WITH c AS (
+    SELECT seq, transaction_id, content_hash, prev_hash, chain_hash FROM chain
+    WHERE seq > $1 ORDER BY seq LIMIT $2)
 SELECT c.seq, c.transaction_id, c.content_hash, c.prev_hash, c.chain_hash, t.created_at,
-       sha256(convert_to(tl_canonical(c.transaction_id), 'UTF8')) AS recomputed
-FROM chain c LEFT JOIN transactions t ON t.id = c.transaction_id
-WHERE c.seq > $1
-ORDER BY c.seq
-LIMIT $2;
+       sha256(convert_to(k.canonical, 'UTF8')) AS recomputed
+FROM c
+LEFT JOIN tl_canonical_many((SELECT array_agg(transaction_id) FROM c)) k ON k.transaction_id = c.transaction_id
+LEFT JOIN transactions t ON t.id = c.transaction_id
+ORDER BY c.seq;
 
 -- name: chain_unchained_before
 -- The first transaction created before $1 that is not chained.
@@ -45,3 +48,8 @@ LIMIT 1;
 -- Transactions not chained yet, and the oldest one's created_at.
 SELECT count(*) AS n, min(t.created_at) AS oldest FROM transactions t
 WHERE NOT EXISTS (SELECT 1 FROM chain c WHERE c.transaction_id = t.id);
+
+-- name: chain_function_source
+-- The body of the function that the signature $1 resolves to here (NULL
+-- when none does).
+SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure($1);

@@ -18,7 +18,9 @@ import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 
+from service import db as service_db
 from service.app import create_app
+from service.audit import run_audit
 from service.auth import new_key
 from service.config import Config
 
@@ -157,6 +159,16 @@ def ts(when: datetime) -> str:
 
 async def posted(api: Api, address: str) -> int:
     return int((await api.account(address))["posted"])
+
+
+async def assert_audit_clean(database_url: str) -> None:
+    """`tokenledger audit` finds nothing wrong with this test's database."""
+    conn = await service_db.connect(database_url)
+    try:
+        violations = await run_audit(conn)
+    finally:
+        await conn.close()
+    assert violations == [], [str(v) for v in violations]
 
 
 _keys = itertools.count()

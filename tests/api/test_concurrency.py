@@ -19,18 +19,7 @@ import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 
-from service import db as service_db
-from service.audit import run_audit
-from tests.api.conftest import Api, key, posted
-
-
-async def assert_audit_clean(database_url: str) -> None:
-    conn = await service_db.connect(database_url)
-    try:
-        violations = await run_audit(conn)
-    finally:
-        await conn.close()
-    assert violations == [], [str(v) for v in violations]
+from tests.api.conftest import Api, assert_audit_clean, key, posted
 
 
 def outcome(r: Any) -> str:

@@ -14,9 +14,8 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from service import db as service_db
-from service.audit import run_audit
 from service.background import Background
-from tests.api.conftest import Api, FakeClock, key, posted, ts
+from tests.api.conftest import Api, FakeClock, assert_audit_clean, key, posted, ts
 
 T = datetime(2030, 1, 1, tzinfo=UTC)
 US = timedelta(microseconds=1)
@@ -25,15 +24,6 @@ US = timedelta(microseconds=1)
 def ts6(when: datetime) -> str:
     """The service's rendering of a time: UTC with six fractional digits."""
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-async def assert_audit_clean(database_url: str) -> None:
-    conn = await service_db.connect(database_url)
-    try:
-        violations = await run_audit(conn)
-    finally:
-        await conn.close()
-    assert violations == [], [str(v) for v in violations]
 
 
 async def sweep(client: AsyncTestClient[Any]) -> int:

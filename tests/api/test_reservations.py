@@ -15,8 +15,7 @@ import asyncpg
 import pytest
 
 from service import db as service_db
-from service.audit import run_audit
-from tests.api.conftest import Api, FakeClock, key, posted, problem, ts
+from tests.api.conftest import Api, FakeClock, assert_audit_clean, key, posted, problem, ts
 
 T = datetime(2030, 1, 1, tzinfo=UTC)
 US = timedelta(microseconds=1)
@@ -114,15 +113,6 @@ def lot_moves(txn: dict[str, Any]) -> dict[str, int]:
     for m in txn["lots"]:
         out[m["lot_id"]] = out.get(m["lot_id"], 0) + m["amount"]
     return out
-
-
-async def assert_audit_clean(database_url: str) -> None:
-    conn = await service_db.connect(database_url)
-    try:
-        violations = await run_audit(conn)
-    finally:
-        await conn.close()
-    assert violations == [], [str(v) for v in violations]
 
 
 @asynccontextmanager

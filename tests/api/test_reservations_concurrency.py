@@ -23,9 +23,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 from litestar.testing import transport as litestar_transport
 
-from service import db as service_db
-from service.audit import run_audit
-from tests.api.conftest import Api, FakeClock, key, posted
+from tests.api.conftest import Api, FakeClock, assert_audit_clean, key, posted
 
 T = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -130,15 +128,6 @@ def outcome(r: Any) -> str:
         return f"{r.status_code} {r.json().get('code')}"
     except ValueError:
         return f"{r.status_code} {r.text[:200]}"
-
-
-async def assert_audit_clean(database_url: str) -> None:
-    conn = await service_db.connect(database_url)
-    try:
-        violations = await run_audit(conn)
-    finally:
-        await conn.close()
-    assert violations == [], [str(v) for v in violations]
 
 
 async def balances(api: Api, address: str) -> tuple[int, int, int]:
