@@ -1343,6 +1343,123 @@ BEGIN
 END $$;
 
 -- ---------------------------------------------------------------------------
+-- Prices: versioned model rates (README, Prices)
+-- ---------------------------------------------------------------------------
+
+-- A price is a version: the rates of a model in credits per million tokens
+-- from effective_from until the model's next version. Versions are never
+-- edited or deleted, because usage is billed at (and records) the version in
+-- effect when it occurred; a changed price is a new version with a later
+-- effective_from. The limits keep every product of a rate and a token count
+-- (both at most 10^9) within bigint.
+CREATE TABLE IF NOT EXISTS prices (
+    id                    uuid PRIMARY KEY,
+    model                 text NOT NULL,
+    tier                  text NOT NULL DEFAULT 'standard',
+    effective_from        timestamptz NOT NULL,
+    input_per_mtok        bigint NOT NULL,
+    cached_input_per_mtok bigint NOT NULL,
+    output_per_mtok       bigint NOT NULL,
+    source                text NOT NULL,
+    created_at            timestamptz NOT NULL DEFAULT clock_timestamp(),
+    CONSTRAINT prices_model_format CHECK (model ~ '^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$'),
+    CONSTRAINT prices_tier_valid CHECK (tier IN ('standard', 'premium')),
+    CONSTRAINT prices_input_rate_range CHECK (input_per_mtok BETWEEN 0 AND 1000000000),
+    CONSTRAINT prices_cached_input_rate_range CHECK (cached_input_per_mtok BETWEEN 0 AND 1000000000),
+    CONSTRAINT prices_output_rate_range CHECK (output_per_mtok BETWEEN 0 AND 1000000000),
+    CONSTRAINT prices_source_length CHECK (length(source) BETWEEN 1 AND 200),
+    -- Its index also answers "the latest version with effective_from <= t"
+    -- for one model (a backward scan) and for every model (DISTINCT ON).
+    CONSTRAINT prices_model_effective_key UNIQUE (model, effective_from)
+);
+
+DROP TRIGGER IF EXISTS prices_immutable ON prices;
+CREATE TRIGGER prices_immutable BEFORE UPDATE OR DELETE ON prices
+    FOR EACH ROW EXECUTE FUNCTION tl_forbid_change();
+DROP TRIGGER IF EXISTS prices_no_truncate ON prices;
+CREATE TRIGGER prices_no_truncate BEFORE TRUNCATE ON prices
+    FOR EACH STATEMENT EXECUTE FUNCTION tl_forbid_change();
+
+-- The version of a model in effect at p_at: the one with the latest
+-- effective_from at or before p_at (so a version is in effect from its own
+-- effective_from on). NULL when the model had no price then.
+CREATE OR REPLACE FUNCTION tl_price_at(p_model text, p_at timestamptz) RETURNS prices
+LANGUAGE sql STABLE AS $$
+    SELECT * FROM prices WHERE model = p_model AND effective_from <= p_at
+    ORDER BY effective_from DESC LIMIT 1
+$$;
+
+CREATE OR REPLACE FUNCTION tl_price_json(p prices) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN p.id IS NULL THEN NULL ELSE jsonb_build_object(
+        'id', tl_public_id('prc_', p.id),
+        'model', p.model,
+        'tier', p.tier,
+        'effective_from', tl_ts(p.effective_from),
+        'input_per_mtok', p.input_per_mtok,
+        'cached_input_per_mtok', p.cached_input_per_mtok,
+        'output_per_mtok', p.output_per_mtok,
+        'source', p.source,
+        'created_at', tl_ts(p.created_at)) END
+$$;
+
+-- The credits of one usage event at a price: README, Prices, and
+-- service/pricing.py usage_cost, which must agree (tests/api/test_prices.py).
+-- Rounded up once per event, in exact integer arithmetic: numeric division
+-- would round to a limited scale before ceil() saw the remainder.
+CREATE OR REPLACE FUNCTION tl_usage_cost(p_price prices, p_input bigint, p_cached bigint, p_output bigint)
+RETURNS bigint LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF p_price.id IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF p_input < 0 OR p_cached < 0 OR p_output < 0 OR p_cached > p_input THEN
+        PERFORM tl_raise('TLD01', 'invalid_request',
+            format('token counts must be >= 0 and cached_input_tokens <= input_tokens (got %s, %s, %s)',
+                   p_input, p_cached, p_output));
+    END IF;
+    RETURN div((p_input - p_cached)::numeric * p_price.input_per_mtok
+               + p_cached::numeric * p_price.cached_input_per_mtok
+               + p_output::numeric * p_price.output_per_mtok
+               + 999999, 1000000)::bigint;
+END $$;
+
+-- Adds a price version. The same (model, effective_from) again with the same
+-- tier and rates is a no-op answering the stored version (an import run
+-- twice, a retry without its Idempotency-Key); with anything different it
+-- is refused, because a version is never edited.
+CREATE OR REPLACE FUNCTION tl_op_add_price(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_row prices;
+    v_old prices;
+BEGIN
+    INSERT INTO prices (id, model, tier, effective_from, input_per_mtok, cached_input_per_mtok,
+                        output_per_mtok, source, created_at)
+    VALUES (tl_uuid7(), p_args ->> 'model', coalesce(p_args ->> 'tier', 'standard'),
+            (p_args ->> 'effective_from')::timestamptz, (p_args ->> 'input_per_mtok')::bigint,
+            (p_args ->> 'cached_input_per_mtok')::bigint, (p_args ->> 'output_per_mtok')::bigint,
+            coalesce(p_args ->> 'source', 'api'), tl_now(p_ctx))
+    ON CONFLICT (model, effective_from) DO NOTHING
+    RETURNING * INTO v_row;
+    IF v_row.id IS NOT NULL THEN
+        RETURN tl_price_json(v_row);
+    END IF;
+    SELECT * INTO v_old FROM prices
+        WHERE model = p_args ->> 'model' AND effective_from = (p_args ->> 'effective_from')::timestamptz;
+    IF (v_old.tier, v_old.input_per_mtok, v_old.cached_input_per_mtok, v_old.output_per_mtok)
+            IS DISTINCT FROM (coalesce(p_args ->> 'tier', 'standard'), (p_args ->> 'input_per_mtok')::bigint,
+                              (p_args ->> 'cached_input_per_mtok')::bigint, (p_args ->> 'output_per_mtok')::bigint) THEN
+        PERFORM tl_raise('TLD01', 'invalid_request',
+            format('%s already has a different price version effective from %s (%s); prices are never '
+                   'edited: add a version with a later effective_from',
+                   v_old.model, tl_ts(v_old.effective_from), tl_public_id('prc_', v_old.id)),
+            jsonb_build_object('path', '$.effective_from', 'price_id', tl_public_id('prc_', v_old.id)));
+    END IF;
+    RETURN tl_price_json(v_old);
+END $$;
+
+-- ---------------------------------------------------------------------------
 -- The one entry point for state-changing requests: idempotency + dispatch
 -- ---------------------------------------------------------------------------
 
@@ -1360,6 +1477,7 @@ BEGIN
         WHEN 'capture' THEN tl_op_capture(p_args, p_ctx)
         WHEN 'release' THEN tl_op_release(p_args, p_ctx)
         WHEN 'extend' THEN tl_op_extend(p_args, p_ctx)
+        WHEN 'add_price' THEN tl_op_add_price(p_args, p_ctx)
     END;
 END $$;
 
@@ -1573,6 +1691,9 @@ BEGIN
                     api_keys TO tokenledger_app;
     GRANT DELETE ON idempotency_keys TO tokenledger_app;
     REVOKE UPDATE, DELETE, TRUNCATE ON transactions, entries, lot_movements FROM tokenledger_app;
+    -- Price versions are append-only too (README, Prices).
+    GRANT SELECT, INSERT ON prices TO tokenledger_app;
+    REVOKE UPDATE, DELETE, TRUNCATE ON prices FROM tokenledger_app;
 EXCEPTION WHEN insufficient_privilege THEN
     RAISE NOTICE 'tokenledger_app role not created or granted: %', SQLERRM;
 END $$;
@@ -1743,4 +1864,4 @@ SELECT a.id, s FROM accounts a CROSS JOIN LATERAL generate_series(0, a.shard_cou
 WHERE a.type = 'system'
 ON CONFLICT DO NOTHING;
 
-INSERT INTO schema_version (version) VALUES (1), (2), (3) ON CONFLICT DO NOTHING;
+INSERT INTO schema_version (version) VALUES (1), (2), (3), (4) ON CONFLICT DO NOTHING;

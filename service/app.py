@@ -26,6 +26,7 @@ from service.api.accounts import AccountsController
 from service.api.common import provide_ledger
 from service.api.directory import DirectoryController
 from service.api.grants import GrantsController
+from service.api.prices import PricesController
 from service.api.reservations import ReservationsController
 from service.api.transactions import TransactionsController
 from service.auth import JwtVerifier, authorize, new_key, parse_key
@@ -310,6 +311,7 @@ def create_app(
         GrantsController,
         TransactionsController,
         ReservationsController,
+        PricesController,
     ]
     document_problems(controllers)
     app = Litestar(

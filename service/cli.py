@@ -6,20 +6,23 @@ tokenledger audit          check the ledger invariants; exit 1 naming the first 
 tokenledger apply-schema   apply schema.sql to DATABASE_URL
 tokenledger sweep          write due expiry transactions once, then exit
 tokenledger chain          append settled transactions to the hash chain once, then exit
+tokenledger prices import FILE  add price versions from a LiteLLM-format price map
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
 
 from service import chain as hash_chain
-from service import db
+from service import db, pricing
 from service.audit import run_audit
 from service.config import Config
 
@@ -229,6 +232,108 @@ async def _keys(url: str, args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_prices(url: str, args: argparse.Namespace, config: Config) -> int:
+    """`prices import`: a version for each model whose rates differ from the
+    version in effect at the import's instant (now, or --effective-from), all
+    in one database transaction; an unchanged model adds nothing."""
+    from decimal import Decimal
+
+    path = Path(args.file)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"), parse_float=Decimal)
+    except (OSError, ValueError) as exc:
+        print(f"tokenledger: cannot read {path}: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(data, dict):
+        print(f"tokenledger: {path} is not a JSON object of models", file=sys.stderr)
+        return 2
+    credits_per_usd = args.credits_per_usd or config.credits_per_usd
+    parsed = pricing.rates_from_litellm(data, credits_per_usd)
+    when = args.effective_from or datetime.now(UTC)
+    source = f"import:{path.name}"[:200]
+    return asyncio.run(_add_prices(url, parsed, when, source, credits_per_usd))
+
+
+async def _add_prices(
+    url: str, parsed: pricing.LiteLLMRates, when: datetime, source: str, credits_per_usd: int
+) -> int:
+    queries = db.load_queries()
+    added: list[str] = []
+    unchanged: list[str] = []
+    conn = await db.connect(url)
+    try:
+        async with conn.transaction():
+            for model in sorted(parsed.rates):
+                rates = parsed.rates[model]
+                current = await conn.fetchrow(queries["price_at"], model, when)
+                assert current is not None
+                if current["id"] is not None and (
+                    current["input_per_mtok"],
+                    current["cached_input_per_mtok"],
+                    current["output_per_mtok"],
+                ) == (rates.input_per_mtok, rates.cached_input_per_mtok, rates.output_per_mtok):
+                    unchanged.append(model)
+                    continue
+                price = await conn.fetchval(
+                    queries["add_price"],
+                    {
+                        "model": model,
+                        "tier": current["tier"] or "standard",
+                        "effective_from": when.isoformat(),
+                        "input_per_mtok": rates.input_per_mtok,
+                        "cached_input_per_mtok": rates.cached_input_per_mtok,
+                        "output_per_mtok": rates.output_per_mtok,
+                        "source": source,
+                    },
+                    {"actor": "cli:prices-import"},
+                )
+                added.append(
+                    f"added {model} {price['id']}: input {rates.input_per_mtok}, cached input "
+                    f"{rates.cached_input_per_mtok}, output {rates.output_per_mtok} credits/Mtok "
+                    f"from {price['effective_from']}"
+                )
+    except asyncpg.PostgresError as exc:
+        # Nothing was added: the whole import is one transaction.
+        print(
+            f"tokenledger: import failed, nothing added: {exc} {exc.detail or ''}", file=sys.stderr
+        )
+        return 1
+    finally:
+        await conn.close()
+    for line in added:
+        print(line)
+    for model in unchanged:
+        print(f"unchanged {model}")
+    for model, reason in sorted(parsed.skipped.items()):
+        print(f"skipped {model}: {reason}")
+    print(
+        f"{len(added)} added, {len(unchanged)} unchanged, {len(parsed.skipped)} skipped "
+        f"({credits_per_usd} credits per USD)"
+    )
+    return 0
+
+
+def _timestamp(value: str) -> datetime:
+    """An RFC 3339 instant with its offset (--effective-from)."""
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"expected an RFC 3339 time with offset, got {value!r}")
+    return parsed
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="tokenledger",
@@ -283,6 +388,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     keys_sub.add_parser("list", parents=[url_arg], help="list keys (never their secrets)")
     revoke = keys_sub.add_parser("revoke", parents=[url_arg], help="revoke a key by id or prefix")
     revoke.add_argument("key")
+    prices = sub.add_parser("prices", help="manage model prices")
+    prices_sub = prices.add_subparsers(dest="prices_command", required=True)
+    price_import = prices_sub.add_parser(
+        "import",
+        parents=[url_arg],
+        help="add versions from a LiteLLM model_prices_and_context_window.json-format file",
+    )
+    price_import.add_argument("file", help="the price map (see deploy/prices.example.json)")
+    price_import.add_argument(
+        "--credits-per-usd",
+        type=_positive_int,
+        default=None,
+        help="conversion rate (default TOKENLEDGER_CREDITS_PER_USD, else 1000000)",
+    )
+    price_import.add_argument(
+        "--effective-from",
+        type=_timestamp,
+        default=None,
+        help="RFC 3339 instant the changed prices take effect (default now)",
+    )
     args = parser.parse_args(argv)
     config = Config.from_env()
     command = args.command or "serve"
@@ -303,5 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_chain(url, config, args.all))
     if command == "keys":
         return asyncio.run(_keys(url, args))
+    if command == "prices":
+        return _import_prices(url, args, config)
     parser.error(f"unknown command {command}")
     return 2

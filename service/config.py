@@ -75,6 +75,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     db_role: str | None = None
     # Where `make run` keeps the embedded PostgreSQL when DATABASE_URL is unset.
     data_dir: str = ".data"
+    # Credits per US dollar, for `tokenledger prices import` (README, Prices):
+    # the default makes one credit a micro-dollar.
+    credits_per_usd: Annotated[int, msgspec.Meta(ge=1, le=10**12)] = 1_000_000
 
     def __post_init__(self) -> None:
         if self.chain_settle_seconds * 1000 <= self.statement_timeout_ms:

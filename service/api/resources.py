@@ -211,3 +211,23 @@ class CaptureResult(msgspec.Struct, frozen=True):
 class ReservationsPage(msgspec.Struct, frozen=True):
     items: list[Reservation]
     next_cursor: str | None
+
+
+class Price(msgspec.Struct, frozen=True):
+    """A price version: a model's rates in credits per million tokens from
+    `effective_from` until the model's next version. Never edited."""
+
+    id: str
+    model: str
+    tier: Literal["standard", "premium"]
+    effective_from: str
+    input_per_mtok: int
+    cached_input_per_mtok: int
+    output_per_mtok: int
+    source: str
+    created_at: str
+
+
+class PricesPage(msgspec.Struct, frozen=True):
+    items: list[Price]
+    next_cursor: str | None

@@ -249,6 +249,22 @@ MATRIX: dict[tuple[str, str], Case] = {
         own_path("/v1/accounts/{address}/reservations"),
         own=True,
     ),
+    # Every caller adds the same version: after the first, a no-op answering it.
+    ("POST", "/v1/prices"): Case(
+        frozenset({FIN}),
+        201,
+        fixed(
+            "/v1/prices",
+            {
+                "model": "gpt-4o",
+                "effective_from": "2026-01-01T00:00:00Z",
+                "input_per_mtok": 2_500_000,
+                "cached_input_per_mtok": 1_250_000,
+                "output_per_mtok": 10_000_000,
+            },
+        ),
+    ),
+    ("GET", "/v1/prices"): Case(frozenset({FIN, HR, METER}), 200, fixed("/v1/prices")),
 }
 
 CALLERS = ("none", "admin", "hr", "finance", "meter", "employee", "employee-other")

@@ -122,6 +122,10 @@ _NEW_RESERVATION = (
     "INSERT INTO reservations (id, account_id, amount, status, captured, capture_transaction_id, "
     "expires_at, created_at, resolved_at) VALUES "
 )
+_NEW_PRICE = (
+    "INSERT INTO prices (id, model, tier, effective_from, input_per_mtok, cached_input_per_mtok, "
+    "output_per_mtok, source) VALUES "
+)
 _NEW_LINK = (
     "INSERT INTO chain (seq, transaction_id, content_hash, prev_hash, chain_hash) "
     "VALUES (%s, %s, %s, %s, %s)"
@@ -396,6 +400,43 @@ CONSTRAINT_CASES: list[tuple[str, type[asyncpg.PostgresError], str]] = [
         "INSERT INTO idempotency_keys (caller, key, request_hash, status_code, body) "
         "VALUES ('c', E'bad\\nkey', '\\x00', 200, 'null')",
     ),
+    # prices
+    (
+        "prices_model_format",
+        asyncpg.CheckViolationError,
+        _NEW_PRICE + "(gen_random_uuid(), '-bad', 'standard', now(), 1, 1, 1, 'test')",
+    ),
+    (
+        "prices_tier_valid",
+        asyncpg.CheckViolationError,
+        _NEW_PRICE + "(gen_random_uuid(), 'm', 'gold', now(), 1, 1, 1, 'test')",
+    ),
+    (
+        "prices_input_rate_range",
+        asyncpg.CheckViolationError,
+        _NEW_PRICE + "(gen_random_uuid(), 'm', 'standard', now(), -1, 1, 1, 'test')",
+    ),
+    (
+        "prices_cached_input_rate_range",
+        asyncpg.CheckViolationError,
+        _NEW_PRICE + "(gen_random_uuid(), 'm', 'standard', now(), 1, 1000000001, 1, 'test')",
+    ),
+    (
+        "prices_output_rate_range",
+        asyncpg.CheckViolationError,
+        _NEW_PRICE + "(gen_random_uuid(), 'm', 'standard', now(), 1, 1, -1, 'test')",
+    ),
+    (
+        "prices_source_length",
+        asyncpg.CheckViolationError,
+        _NEW_PRICE + "(gen_random_uuid(), 'm', 'standard', now(), 1, 1, 1, '')",
+    ),
+    (
+        "prices_model_effective_key",
+        asyncpg.UniqueViolationError,
+        _NEW_PRICE + "(gen_random_uuid(), 'm', 'standard', '2026-01-01Z', 1, 1, 1, 'test'), "
+        "(gen_random_uuid(), 'm', 'standard', '2026-01-01Z', 2, 2, 2, 'test')",
+    ),
 ]
 
 
@@ -582,6 +623,8 @@ async def test_every_trigger_has_a_case(db: asyncpg.Connection) -> None:
     covered = {c[0] for c in IMMUTABLE_CASES}
     covered.add("entries_balanced")  # test_unbalanced_transaction_fails_at_commit
     covered.add("reservations_resolve_once")  # test_resolved_reservation_cannot_change
+    # tests/api/test_prices.py::test_prices_are_append_only
+    covered |= {"prices_immutable", "prices_no_truncate"}
     assert {r["tgname"] for r in rows} == covered
 
 
