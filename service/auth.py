@@ -49,7 +49,6 @@ class Principal:
     roles: frozenset[str]
     employee: str | None = None
     name: str | None = None
-    authenticated: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,12 +97,6 @@ def parse_key(token: str) -> tuple[str, bytes] | None:
     if not sep or len(prefix) != 8 or not rest:
         return None
     return prefix, hash_secret(token)
-
-
-def redact(token: str) -> str:
-    """What may be logged of a token: the recognisable prefix only."""
-    parsed = parse_key(token)
-    return f"{KEY_PREFIX}{parsed[0]}_…" if parsed else "jwt…"
 
 
 # --- JWTs -----------------------------------------------------------------

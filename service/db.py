@@ -11,7 +11,7 @@ import json
 import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import asyncpg
 
@@ -161,7 +161,3 @@ async def create_pool(
     )
     assert pool is not None
     return pool
-
-
-def as_json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)

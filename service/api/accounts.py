@@ -10,7 +10,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, QueryParameter
 
 from service import errors
-from service.api.common import check_address, decode_cursor, page
+from service.api.common import check_address, decode_cursor, encode_cursor, page
 from service.api.resources import Account, Balance, EntriesPage, LotsPage, Series
 from service.auth import access
 from service.journal import Ledger
@@ -163,8 +163,6 @@ class AccountsController(Controller):
         rows = await ledger.fetch("account_lots", acc, ledger.now(), offset, limit + 1)
         items = [r[0] for r in rows]
         more = len(items) > limit
-        from service.api.common import encode_cursor
-
         return {  # type: ignore[return-value]  # why: built from SQL rows
             "items": items[:limit],
             "next_cursor": encode_cursor(offset + limit) if more else None,
