@@ -1223,6 +1223,7 @@ DECLARE
     v_take bigint;
     v_lot record;
     v_available bigint;
+    v_estimate jsonb;
 BEGIN
     w := tl_require_account(p_args ->> 'account');
     IF w.type = 'system' THEN
@@ -1235,14 +1236,19 @@ BEGIN
     PERFORM tl_require_open(w);
     PERFORM tl_expire_due(w.id, v_now, p_ctx);
     v_available := tl_spendable(w.id, v_now);
+    IF jsonb_typeof(p_args -> 'estimate') = 'object' THEN
+        v_estimate := tl_estimate(p_args -> 'estimate', v_available, v_now, w.address);
+        v_amount := (v_estimate ->> 'amount')::bigint;
+    END IF;
     IF v_available < v_amount THEN
         PERFORM tl_raise('TLB01', 'insufficient_credits',
             format('%s has %s credits available; %s requested', w.address, v_available, v_amount),
             jsonb_build_object('account', w.address, 'available', v_available, 'requested', v_amount));
     END IF;
-    INSERT INTO reservations (id, account_id, amount, expires_at, metadata, actor, request_id, created_at)
+    INSERT INTO reservations (id, account_id, amount, expires_at, metadata, details, actor, request_id, created_at)
     VALUES (v_id, w.id, v_amount, v_now + make_interval(secs => (p_args ->> 'ttl_seconds')::integer),
             coalesce(nullif(p_args -> 'metadata', 'null'::jsonb), '{}'::jsonb),
+            coalesce(v_estimate - 'amount', '{}'::jsonb),
             p_ctx ->> 'actor', p_ctx ->> 'request_id', v_now);
     v_left := v_amount;
     FOR v_lot IN
@@ -1259,7 +1265,11 @@ BEGIN
     END LOOP;
     ASSERT v_left = 0, 'tl_op_reserve: spendable credits changed under a held lock';
     UPDATE accounts SET reserved = reserved + v_amount, updated_at = v_now WHERE id = w.id;
-    RETURN tl_reservation_json(v_id, v_now) || jsonb_build_object('available_after', v_available - v_amount);
+    RETURN tl_reservation_json(v_id, v_now)
+           || jsonb_build_object('available_after', v_available - v_amount)
+           || CASE WHEN v_estimate IS NULL THEN '{}'::jsonb
+                   ELSE jsonb_build_object('max_output_tokens_allowed', v_estimate -> 'max_output_tokens_allowed')
+              END;
 END $$;
 
 -- Captures a reservation: the amount is drawn from its held lots first (even
@@ -1277,7 +1287,26 @@ DECLARE
     v_now timestamptz;
     v_txn uuid;
     v_hold record;
+    v_usage jsonb;
 BEGIN
+    IF jsonb_typeof(p_args -> 'usage') = 'object' THEN
+        -- Capture by usage: record a usage event (source "reservation", the
+        -- reservation's id) priced at the price the reservation was made with.
+        SELECT * INTO r FROM reservations WHERE id = (p_args ->> 'reservation_id')::uuid;
+        IF NOT FOUND THEN
+            PERFORM tl_raise('TLA05', 'reservation_not_found', format('no reservation %s', p_args ->> 'reservation'),
+                             jsonb_build_object('reservation', p_args ->> 'reservation'));
+        END IF;
+        v_usage := tl_record_usage((p_args -> 'usage') || jsonb_build_object(
+            'source', 'reservation', 'event_id', p_args ->> 'reservation',
+            'account', (SELECT address FROM accounts WHERE id = r.account_id),
+            'reservation', p_args ->> 'reservation', 'reservation_id', r.id), p_ctx);
+        RETURN jsonb_build_object(
+            'reservation', tl_reservation_json(r.id, tl_now(p_ctx)),
+            'transaction', CASE WHEN v_usage #>> '{body,transaction_id}' IS NULL THEN NULL
+                                ELSE tl_transaction_json(replace(v_usage #>> '{body,transaction_id}', 'txn_', '')::uuid) END,
+            'usage', v_usage -> 'body');
+    END IF;
     r := tl_lock_reservation(p_args, p_ctx, ARRAY['system:expired', 'system:usage', 'system:issuance']);
     v_now := tl_now(p_ctx);
     SELECT * INTO w FROM accounts WHERE id = r.account_id;
@@ -1457,6 +1486,418 @@ BEGIN
             jsonb_build_object('path', '$.effective_from', 'price_id', tl_public_id('prc_', v_old.id)));
     END IF;
     RETURN tl_price_json(v_old);
+END $$;
+
+-- ---------------------------------------------------------------------------
+-- Usage events: metered model calls, priced and charged once
+-- ---------------------------------------------------------------------------
+
+-- A usage event is idempotent by (source, event_id): the row is claimed
+-- first, so a concurrent duplicate waits for the first to commit and then
+-- answers its stored result, and charges nothing.
+CREATE TABLE IF NOT EXISTS usage_events (
+    id                  uuid PRIMARY KEY,
+    source              text NOT NULL,
+    event_id            text NOT NULL,
+    account_id          bigint NOT NULL REFERENCES accounts (id),
+    model               text NOT NULL,
+    price_id            uuid NOT NULL REFERENCES prices (id),
+    input_tokens        bigint NOT NULL,
+    cached_input_tokens bigint NOT NULL DEFAULT 0,
+    output_tokens       bigint NOT NULL,
+    cost                bigint NOT NULL,
+    transaction_id      uuid REFERENCES transactions (id),
+    reservation_id      uuid REFERENCES reservations (id),
+    project             text,
+    tags                jsonb NOT NULL DEFAULT '{}'::jsonb,
+    occurred_at         timestamptz NOT NULL,
+    recorded_at         timestamptz NOT NULL,
+    result              jsonb,
+    CONSTRAINT usage_events_source_event_key UNIQUE (source, event_id),
+    CONSTRAINT usage_events_tokens_range CHECK (
+        input_tokens BETWEEN 0 AND 1000000000 AND output_tokens BETWEEN 0 AND 1000000000
+        AND cached_input_tokens BETWEEN 0 AND input_tokens),
+    CONSTRAINT usage_events_cost_nonnegative CHECK (cost >= 0),
+    CONSTRAINT usage_events_charged CHECK (cost = 0 OR transaction_id IS NOT NULL OR result IS NULL)
+);
+CREATE INDEX IF NOT EXISTS usage_events_occurred_idx ON usage_events (occurred_at);
+CREATE INDEX IF NOT EXISTS usage_events_account_idx ON usage_events (account_id, occurred_at);
+
+-- Daily roll-up for reports, kept in the same transaction as each event.
+-- project '' stands for "no project" so it can be part of the key.
+CREATE TABLE IF NOT EXISTS usage_daily (
+    day                 date NOT NULL,
+    account_id          bigint NOT NULL REFERENCES accounts (id),
+    model               text NOT NULL,
+    project             text NOT NULL DEFAULT '',
+    events              bigint NOT NULL DEFAULT 0,
+    input_tokens        bigint NOT NULL DEFAULT 0,
+    cached_input_tokens bigint NOT NULL DEFAULT 0,
+    output_tokens       bigint NOT NULL DEFAULT 0,
+    credits             bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, account_id, model, project)
+);
+
+CREATE OR REPLACE FUNCTION tl_usage_json(p usage_events, p_status text) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'id', tl_public_id('evt_', p.id),
+        'source', p.source,
+        'event_id', p.event_id,
+        'account', (SELECT address FROM accounts WHERE id = p.account_id),
+        'model', p.model,
+        'input_tokens', p.input_tokens,
+        'cached_input_tokens', p.cached_input_tokens,
+        'output_tokens', p.output_tokens,
+        'cost', p.cost,
+        'price_id', tl_public_id('prc_', p.price_id),
+        'transaction_id', tl_public_id('txn_', p.transaction_id),
+        'reservation_id', tl_public_id('rsv_', p.reservation_id),
+        'project', p.project,
+        'tags', p.tags,
+        'occurred_at', tl_ts(p.occurred_at),
+        'status', p_status)
+$$;
+
+CREATE OR REPLACE FUNCTION tl_usage_rollup(p usage_events) RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO usage_daily AS d (day, account_id, model, project, events, input_tokens,
+                                  cached_input_tokens, output_tokens, credits)
+    VALUES ((p.occurred_at AT TIME ZONE 'UTC')::date, p.account_id, p.model, coalesce(p.project, ''), 1,
+            p.input_tokens, p.cached_input_tokens, p.output_tokens, p.cost)
+    ON CONFLICT (day, account_id, model, project) DO UPDATE SET
+        events = d.events + 1,
+        input_tokens = d.input_tokens + EXCLUDED.input_tokens,
+        cached_input_tokens = d.cached_input_tokens + EXCLUDED.cached_input_tokens,
+        output_tokens = d.output_tokens + EXCLUDED.output_tokens,
+        credits = d.credits + EXCLUDED.credits
+$$;
+
+-- Records one usage event: prices it at the version in effect at
+-- occurred_at (or, when it settles a reservation made by estimate, at that
+-- reservation's price), charges the account in the same transaction (or
+-- captures the reservation with the cost), and stores the answer under
+-- (source, event_id). Returns {status: 201|200, body}.
+CREATE OR REPLACE FUNCTION tl_record_usage(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    w accounts;
+    v_price prices;
+    v_existing usage_events;
+    v_event usage_events;
+    v_occurred timestamptz := coalesce((p_args ->> 'occurred_at')::timestamptz, tl_now(p_ctx));
+    v_cost bigint;
+    v_now timestamptz;
+    v_txn uuid;
+    v_res reservations;
+    v_capture jsonb;
+    v_body jsonb;
+BEGIN
+    SELECT * INTO v_existing FROM usage_events
+        WHERE source = p_args ->> 'source' AND event_id = p_args ->> 'event_id';
+    IF FOUND AND v_existing.result IS NOT NULL THEN
+        RETURN jsonb_build_object('status', 200, 'body', v_existing.result || '{"status": "duplicate"}'::jsonb);
+    END IF;
+    w := tl_require_account(p_args ->> 'account');
+    IF w.type = 'system' THEN
+        PERFORM tl_raise('TLD01', 'invalid_request', 'usage is charged to a wallet or a department account',
+                         jsonb_build_object('path', '$.account'));
+    END IF;
+    IF p_args ? 'reservation' AND p_args ->> 'reservation' IS NOT NULL THEN
+        SELECT * INTO v_res FROM reservations WHERE id = (p_args ->> 'reservation_id')::uuid;
+        IF NOT FOUND THEN
+            PERFORM tl_raise('TLA05', 'reservation_not_found', format('no reservation %s', p_args ->> 'reservation'),
+                             jsonb_build_object('reservation', p_args ->> 'reservation'));
+        END IF;
+        IF v_res.account_id <> w.id THEN
+            PERFORM tl_raise('TLD01', 'invalid_request', 'the reservation holds credits of another account',
+                             jsonb_build_object('path', '$.reservation'));
+        END IF;
+        IF v_res.details ? 'price_id' THEN
+            SELECT * INTO v_price FROM prices WHERE id = (v_res.details ->> 'price_id')::uuid;
+        END IF;
+    END IF;
+    IF v_price.id IS NULL THEN
+        v_price := tl_price_at(p_args ->> 'model', v_occurred);
+    END IF;
+    IF v_price.id IS NULL OR v_price.model <> p_args ->> 'model' THEN
+        PERFORM tl_raise('TLA08', 'unknown_model',
+                         format('no price for model %s at %s', p_args ->> 'model', tl_ts(v_occurred)),
+                         jsonb_build_object('model', p_args ->> 'model'));
+    END IF;
+    v_cost := tl_usage_cost(v_price, (p_args ->> 'input_tokens')::bigint,
+                            coalesce((p_args ->> 'cached_input_tokens')::bigint, 0),
+                            (p_args ->> 'output_tokens')::bigint);
+    -- Claim (source, event_id); a concurrent duplicate waits here for us.
+    INSERT INTO usage_events (id, source, event_id, account_id, model, price_id, input_tokens,
+                              cached_input_tokens, output_tokens, cost, reservation_id, project, tags,
+                              occurred_at, recorded_at)
+    VALUES (tl_uuid7(), p_args ->> 'source', p_args ->> 'event_id', w.id, p_args ->> 'model', v_price.id,
+            (p_args ->> 'input_tokens')::bigint, coalesce((p_args ->> 'cached_input_tokens')::bigint, 0),
+            (p_args ->> 'output_tokens')::bigint, v_cost, v_res.id, p_args ->> 'project',
+            coalesce(nullif(p_args -> 'tags', 'null'::jsonb), '{}'::jsonb), v_occurred, clock_timestamp())
+    ON CONFLICT (source, event_id) DO NOTHING
+    RETURNING * INTO v_event;
+    IF v_event.id IS NULL THEN
+        SELECT * INTO v_existing FROM usage_events
+            WHERE source = p_args ->> 'source' AND event_id = p_args ->> 'event_id';
+        RETURN jsonb_build_object('status', 200, 'body', v_existing.result || '{"status": "duplicate"}'::jsonb);
+    END IF;
+    IF v_res.id IS NOT NULL THEN
+        -- Settles the reservation: capture with the priced cost (same rules as
+        -- a capture), or release it when the call cost nothing.
+        IF v_cost > 0 THEN
+            v_capture := tl_op_capture(jsonb_build_object(
+                'reservation', p_args ->> 'reservation', 'reservation_id', v_res.id, 'amount', v_cost,
+                'metadata', jsonb_build_object('usage_event', p_args ->> 'event_id', 'model', v_price.model)),
+                p_ctx);
+            v_txn := (replace(v_capture #>> '{transaction,id}', 'txn_', ''))::uuid;
+        ELSE
+            PERFORM tl_op_release(jsonb_build_object('reservation', p_args ->> 'reservation',
+                                                     'reservation_id', v_res.id), p_ctx);
+        END IF;
+    ELSIF v_cost > 0 THEN
+        PERFORM tl_lock(ARRAY[w.id], ARRAY['system:expired', 'system:usage', 'system:issuance']);
+        v_now := tl_now(p_ctx);
+        SELECT * INTO w FROM accounts WHERE id = w.id;
+        PERFORM tl_require_open(w);
+        PERFORM tl_expire_due(w.id, v_now, p_ctx);
+        v_txn := tl_new_transaction('usage', v_now, p_ctx, NULL,
+                                    jsonb_build_object('model', v_price.model, 'project', p_args ->> 'project'),
+                                    jsonb_build_object('source', p_args ->> 'source', 'event_id', p_args ->> 'event_id',
+                                                       'price_id', tl_public_id('prc_', v_price.id)));
+        PERFORM 1 FROM tl_consume(v_txn, w, v_cost, v_now);
+        PERFORM tl_post_entry(v_txn, w.id, -v_cost, v_now);
+        PERFORM tl_post_entry(v_txn, tl_account_id('system:usage'), v_cost, v_now);
+    END IF;
+    v_event.transaction_id := v_txn;
+    v_body := tl_usage_json(v_event, 'recorded');
+    UPDATE usage_events SET transaction_id = v_txn, result = v_body - 'status' WHERE id = v_event.id;
+    PERFORM tl_usage_rollup(v_event);
+    RETURN jsonb_build_object('status', 201, 'body', v_body);
+END $$;
+
+-- Records a batch of usage events in one database transaction, set-based:
+-- duplicates (earlier ones and within the batch), unknown accounts and
+-- models are sorted out with joins; the new events are claimed in one
+-- INSERT; each account is locked once (in id order) and charged once, in a
+-- single `usage` transaction for all its accepted events; events that do not
+-- fit its available credits are rejected one by one in batch order. Events
+-- that settle a reservation go through tl_record_usage one at a time.
+-- Returns {results: [{event_id, status, code?, cost?, id?, transaction_id?}]}.
+CREATE OR REPLACE FUNCTION tl_record_usage_batch(p_events jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_now timestamptz;
+    v_accounts bigint[];
+    v_acc accounts;
+    v_left bigint;
+    v_e record;
+    v_txn uuid;
+    v_total bigint;
+    v_res jsonb;
+    v_state text;
+    v_code text;
+BEGIN
+    CREATE TEMP TABLE IF NOT EXISTS tl_usage_batch (
+        pos integer PRIMARY KEY, source text, event_id text, account text, model text,
+        input_tokens bigint, cached_input_tokens bigint, output_tokens bigint,
+        occurred_at timestamptz, project text, tags jsonb, reservation text, reservation_id uuid,
+        account_id bigint, account_type text, price_id uuid, cost bigint, id uuid,
+        status text, code text, result jsonb, transaction_id uuid
+    ) ON COMMIT DROP;
+    TRUNCATE tl_usage_batch;
+    INSERT INTO tl_usage_batch (pos, source, event_id, account, model, input_tokens, cached_input_tokens,
+                                output_tokens, occurred_at, project, tags, reservation, reservation_id, status)
+    SELECT e.pos, e.v ->> 'source', e.v ->> 'event_id', e.v ->> 'account', e.v ->> 'model',
+           (e.v ->> 'input_tokens')::bigint, coalesce((e.v ->> 'cached_input_tokens')::bigint, 0),
+           (e.v ->> 'output_tokens')::bigint,
+           coalesce((e.v ->> 'occurred_at')::timestamptz, tl_now(p_ctx)),
+           e.v ->> 'project', coalesce(nullif(e.v -> 'tags', 'null'::jsonb), '{}'::jsonb),
+           e.v ->> 'reservation', (e.v ->> 'reservation_id')::uuid, 'pending'
+    FROM jsonb_array_elements(p_events) WITH ORDINALITY AS e (v, pos);
+
+    -- The same event twice in one batch: the later ones answer as duplicates.
+    UPDATE tl_usage_batch b SET status = 'repeat'
+    WHERE EXISTS (SELECT 1 FROM tl_usage_batch o
+                  WHERE o.source = b.source AND o.event_id = b.event_id AND o.pos < b.pos);
+    -- Events recorded before: their stored answer.
+    UPDATE tl_usage_batch b SET status = 'duplicate', result = u.result
+    FROM usage_events u
+    WHERE b.status = 'pending' AND u.source = b.source AND u.event_id = b.event_id AND u.result IS NOT NULL;
+    -- Accounts and prices.
+    UPDATE tl_usage_batch b SET account_id = a.id, account_type = a.type
+    FROM accounts a WHERE b.status = 'pending' AND a.address = b.account;
+    UPDATE tl_usage_batch b SET status = 'rejected',
+        code = CASE WHEN b.account_type = 'system' THEN 'invalid_request'
+                    WHEN b.account LIKE 'employee:%' THEN 'employee_not_found'
+                    WHEN b.account LIKE 'department:%' THEN 'department_not_found'
+                    ELSE 'account_not_found' END
+    WHERE b.status = 'pending' AND (b.account_id IS NULL OR b.account_type = 'system');
+    UPDATE tl_usage_batch b SET price_id = x.price_id, cost = x.cost
+    FROM (SELECT b2.pos, p.id AS price_id,
+                 tl_usage_cost(p, b2.input_tokens, b2.cached_input_tokens, b2.output_tokens) AS cost
+          FROM tl_usage_batch b2 CROSS JOIN LATERAL tl_price_at(b2.model, b2.occurred_at) p
+          WHERE b2.status = 'pending' AND b2.reservation IS NULL AND p.id IS NOT NULL) x
+    WHERE b.pos = x.pos;
+    UPDATE tl_usage_batch SET status = 'rejected', code = 'unknown_model'
+    WHERE status = 'pending' AND reservation IS NULL AND price_id IS NULL;
+
+    -- Claim the new events; one claimed meanwhile by a concurrent request is
+    -- a duplicate (the INSERT waited for that request to commit).
+    WITH claimed AS (
+        INSERT INTO usage_events (id, source, event_id, account_id, model, price_id, input_tokens,
+                                  cached_input_tokens, output_tokens, cost, project, tags, occurred_at,
+                                  recorded_at)
+        SELECT tl_uuid7(), source, event_id, account_id, model, price_id, input_tokens, cached_input_tokens,
+               output_tokens, cost, project, tags, occurred_at, clock_timestamp()
+        FROM tl_usage_batch WHERE status = 'pending' AND reservation IS NULL ORDER BY pos
+        ON CONFLICT (source, event_id) DO NOTHING
+        RETURNING id, source, event_id)
+    UPDATE tl_usage_batch b SET id = c.id FROM claimed c
+    WHERE b.source = c.source AND b.event_id = c.event_id AND b.status = 'pending';
+    UPDATE tl_usage_batch b SET status = 'duplicate', result = u.result
+    FROM usage_events u
+    WHERE b.status = 'pending' AND b.reservation IS NULL AND b.id IS NULL
+      AND u.source = b.source AND u.event_id = b.event_id;
+
+    -- Charge: lock every account once, in the global order.
+    SELECT array_agg(DISTINCT account_id) INTO v_accounts FROM tl_usage_batch
+        WHERE status = 'pending' AND reservation IS NULL AND cost > 0;
+    IF v_accounts IS NOT NULL THEN
+        PERFORM tl_lock(v_accounts, ARRAY['system:expired', 'system:usage', 'system:issuance']);
+        v_now := tl_now(p_ctx);
+        FOR v_acc IN SELECT * FROM accounts WHERE id = ANY (v_accounts) ORDER BY id LOOP
+            IF v_acc.status <> 'open' THEN
+                UPDATE tl_usage_batch SET status = 'rejected', code = 'account_closed'
+                    WHERE account_id = v_acc.id AND status = 'pending';
+                CONTINUE;
+            END IF;
+            PERFORM tl_expire_due(v_acc.id, v_now, p_ctx);
+            v_left := tl_spendable(v_acc.id, v_now);
+            FOR v_e IN SELECT pos, cost FROM tl_usage_batch
+                       WHERE account_id = v_acc.id AND status = 'pending' AND reservation IS NULL AND cost > 0
+                       ORDER BY pos LOOP
+                IF v_e.cost <= v_left THEN
+                    v_left := v_left - v_e.cost;
+                ELSE
+                    UPDATE tl_usage_batch SET status = 'rejected', code = 'insufficient_credits' WHERE pos = v_e.pos;
+                END IF;
+            END LOOP;
+            SELECT sum(cost) INTO v_total FROM tl_usage_batch
+                WHERE account_id = v_acc.id AND status = 'pending' AND reservation IS NULL AND cost > 0;
+            IF v_total > 0 THEN
+                v_txn := tl_new_transaction('usage', v_now, p_ctx, NULL, '{}'::jsonb,
+                    jsonb_build_object('batch', true, 'events',
+                        (SELECT count(*) FROM tl_usage_batch WHERE account_id = v_acc.id AND status = 'pending'
+                                                              AND reservation IS NULL AND cost > 0)));
+                PERFORM 1 FROM tl_consume(v_txn, v_acc, v_total, v_now);
+                PERFORM tl_post_entry(v_txn, v_acc.id, -v_total, v_now);
+                PERFORM tl_post_entry(v_txn, tl_account_id('system:usage'), v_total, v_now);
+                UPDATE tl_usage_batch SET transaction_id = v_txn
+                    WHERE account_id = v_acc.id AND status = 'pending' AND reservation IS NULL AND cost > 0;
+            END IF;
+        END LOOP;
+    END IF;
+    -- Rejected claims are given back, so a retry can record them later.
+    DELETE FROM usage_events u USING tl_usage_batch b
+        WHERE b.status = 'rejected' AND b.id IS NOT NULL AND u.id = b.id;
+    UPDATE tl_usage_batch SET status = 'recorded'
+        WHERE status = 'pending' AND reservation IS NULL AND id IS NOT NULL;
+    UPDATE usage_events u SET transaction_id = b.transaction_id
+    FROM tl_usage_batch b WHERE b.status = 'recorded' AND u.id = b.id;
+    UPDATE usage_events u SET result = tl_usage_json(u, 'recorded') - 'status'
+    FROM tl_usage_batch b WHERE b.status = 'recorded' AND u.id = b.id;
+    INSERT INTO usage_daily AS d (day, account_id, model, project, events, input_tokens,
+                                  cached_input_tokens, output_tokens, credits)
+    SELECT (occurred_at AT TIME ZONE 'UTC')::date, account_id, model, coalesce(project, ''), count(*),
+           sum(input_tokens), sum(cached_input_tokens), sum(output_tokens), sum(cost)
+    FROM tl_usage_batch WHERE status = 'recorded'
+    GROUP BY 1, 2, 3, 4
+    ON CONFLICT (day, account_id, model, project) DO UPDATE SET
+        events = d.events + EXCLUDED.events,
+        input_tokens = d.input_tokens + EXCLUDED.input_tokens,
+        cached_input_tokens = d.cached_input_tokens + EXCLUDED.cached_input_tokens,
+        output_tokens = d.output_tokens + EXCLUDED.output_tokens,
+        credits = d.credits + EXCLUDED.credits;
+    UPDATE tl_usage_batch b SET result = u.result FROM usage_events u WHERE b.status = 'recorded' AND u.id = b.id;
+
+    -- Events that settle a reservation, one at a time (each fails alone).
+    FOR v_e IN SELECT * FROM tl_usage_batch WHERE status = 'pending' AND reservation IS NOT NULL ORDER BY pos LOOP
+        BEGIN
+            v_res := tl_record_usage(jsonb_build_object(
+                'source', v_e.source, 'event_id', v_e.event_id, 'account', v_e.account, 'model', v_e.model,
+                'input_tokens', v_e.input_tokens, 'cached_input_tokens', v_e.cached_input_tokens,
+                'output_tokens', v_e.output_tokens, 'occurred_at', v_e.occurred_at, 'project', v_e.project,
+                'tags', v_e.tags, 'reservation', v_e.reservation, 'reservation_id', v_e.reservation_id), p_ctx);
+            UPDATE tl_usage_batch SET result = v_res -> 'body',
+                status = CASE WHEN (v_res ->> 'status')::integer = 201 THEN 'recorded' ELSE 'duplicate' END
+                WHERE pos = v_e.pos;
+        EXCEPTION WHEN SQLSTATE 'TLA01' OR SQLSTATE 'TLA02' OR SQLSTATE 'TLA03' OR SQLSTATE 'TLA05'
+                     OR SQLSTATE 'TLA08' OR SQLSTATE 'TLB01' OR SQLSTATE 'TLB02' OR SQLSTATE 'TLB04'
+                     OR SQLSTATE 'TLD01' THEN
+            GET STACKED DIAGNOSTICS v_code = MESSAGE_TEXT;
+            UPDATE tl_usage_batch SET status = 'rejected', code = v_code WHERE pos = v_e.pos;
+        END;
+    END LOOP;
+    -- Repeats within the batch answer like their first occurrence did.
+    UPDATE tl_usage_batch b SET status = CASE WHEN o.status IN ('recorded', 'duplicate') THEN 'duplicate'
+                                              ELSE o.status END,
+                                code = o.code, result = o.result
+    FROM tl_usage_batch o
+    WHERE b.status = 'repeat' AND o.source = b.source AND o.event_id = b.event_id
+      AND o.pos = (SELECT min(pos) FROM tl_usage_batch x WHERE x.source = b.source AND x.event_id = b.event_id);
+    RETURN jsonb_build_object('results', (
+        SELECT jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
+                   'event_id', event_id, 'status', status, 'code', code,
+                   'cost', (result ->> 'cost')::bigint, 'id', result ->> 'id',
+                   'transaction_id', result ->> 'transaction_id')) ORDER BY pos)
+        FROM tl_usage_batch));
+END $$;
+
+-- The reservation amount for an estimate: the worst case (all input
+-- uncached, max_output_tokens) at the model's current price, or, when the
+-- wallet cannot cover that, what it can cover down to min_output_tokens.
+-- Returns {amount, max_output_tokens_allowed, price_id}.
+CREATE OR REPLACE FUNCTION tl_estimate(p_estimate jsonb, p_available bigint, p_now timestamptz, p_address text)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_price prices := tl_price_at(p_estimate ->> 'model', p_now);
+    v_input bigint := (p_estimate ->> 'input_tokens')::bigint;
+    v_max bigint := (p_estimate ->> 'max_output_tokens')::bigint;
+    v_min bigint := coalesce((p_estimate ->> 'min_output_tokens')::bigint, v_max);
+    v_allowed bigint;
+    v_room numeric;
+    v_amount bigint;
+BEGIN
+    IF v_price.id IS NULL THEN
+        PERFORM tl_raise('TLA08', 'unknown_model', format('no price for model %s', p_estimate ->> 'model'),
+                         jsonb_build_object('model', p_estimate ->> 'model'));
+    END IF;
+    v_amount := tl_usage_cost(v_price, v_input, 0, v_max);
+    v_allowed := v_max;
+    IF v_amount > p_available THEN
+        -- ceil(x / 10^6) <= available exactly when x <= available * 10^6.
+        v_room := p_available::numeric * 1000000 - v_input::numeric * v_price.input_per_mtok;
+        v_allowed := CASE WHEN v_room < 0 THEN -1
+                          WHEN v_price.output_per_mtok = 0 THEN v_max
+                          ELSE least(v_max, floor(v_room / v_price.output_per_mtok)::bigint) END;
+        IF v_allowed < v_min THEN
+            PERFORM tl_raise('TLB01', 'insufficient_credits',
+                format('%s has %s credits available; the estimate needs %s (%s with min_output_tokens)',
+                       p_address, p_available, v_amount,
+                       tl_usage_cost(v_price, v_input, 0, v_min)),
+                jsonb_build_object('account', p_address, 'available', p_available,
+                                   'requested', tl_usage_cost(v_price, v_input, 0, v_min)));
+        END IF;
+        v_amount := tl_usage_cost(v_price, v_input, 0, v_allowed);
+    END IF;
+    IF v_amount = 0 THEN
+        PERFORM tl_raise('TLD01', 'invalid_request', 'the estimate costs nothing; there is nothing to reserve',
+                         jsonb_build_object('path', '$.estimate'));
+    END IF;
+    RETURN jsonb_build_object('amount', v_amount, 'max_output_tokens_allowed', v_allowed,
+                              'price_id', v_price.id, 'model', v_price.model);
 END $$;
 
 -- ---------------------------------------------------------------------------

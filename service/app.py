@@ -29,6 +29,7 @@ from service.api.grants import GrantsController
 from service.api.prices import PricesController
 from service.api.reservations import ReservationsController
 from service.api.transactions import TransactionsController
+from service.api.usage import UsageController
 from service.auth import JwtVerifier, authorize, new_key, parse_key
 from service.background import Background
 from service.config import Config
@@ -312,6 +313,7 @@ def create_app(
         TransactionsController,
         ReservationsController,
         PricesController,
+        UsageController,
     ]
     document_problems(controllers)
     app = Litestar(

@@ -22,7 +22,9 @@ from service.api.common import (
     parse_public_id,
     run_operation,
 )
+from service.api.prices import Model
 from service.api.resources import CaptureResult, Reservation, ReservationsPage
+from service.api.usage import Tokens, UsageCounts, check_counts
 from service.auth import access
 from service.journal import Ledger
 
@@ -32,16 +34,43 @@ TtlSeconds = Annotated[
 Status = Literal["active", "captured", "released", "expired"]
 
 
+class Estimate(msgspec.Struct, forbid_unknown_fields=True):
+    """Reserve by token estimate: the worst case (all input uncached,
+    max_output_tokens) at the model's current price; when the wallet cannot
+    cover it, as many output tokens as it can, down to min_output_tokens
+    (default max_output_tokens: all or nothing)."""
+
+    model: Model
+    input_tokens: Tokens
+    max_output_tokens: Tokens
+    min_output_tokens: Tokens | None = None
+
+
 class ReserveIn(msgspec.Struct, forbid_unknown_fields=True):
+    """Exactly one of `amount` and `estimate`."""
+
     account: Address
-    amount: Amount
+    amount: Amount | None = None
+    estimate: Estimate | None = None
     ttl_seconds: TtlSeconds = 600
     metadata: Metadata | None = None
 
 
 class CaptureIn(msgspec.Struct, forbid_unknown_fields=True):
-    amount: Amount
+    """Exactly one of `amount` and `usage` (priced at the reservation's price,
+    recorded as a usage event)."""
+
+    amount: Amount | None = None
+    usage: UsageCounts | None = None
     metadata: Metadata | None = None
+
+
+def exactly_one(first: str, second: str, a: Any, b: Any) -> None:
+    if (a is None) == (b is None):
+        raise errors.InvalidRequest(
+            f"give exactly one of {first} and {second}",
+            errors=[{"path": f"$.{first}", "message": f"exactly one of {first} and {second}"}],
+        )
 
 
 class ReleaseIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -93,7 +122,17 @@ class ReservationsController(Controller):
         (default 600): `available` drops at once and `reserved` rises. The hold earmarks
         lots in consumption order. 409 `insufficient_credits` (with `available` and
         `requested`) when available credits cannot cover it. Requires an
-        `Idempotency-Key`."""
+        `Idempotency-Key`. With `estimate` instead of `amount` the amount is priced from
+        the model's current price and `max_output_tokens_allowed` tells how many output
+        tokens the held amount covers."""
+        exactly_one("amount", "estimate", data.amount, data.estimate)
+        if data.estimate is not None:
+            lo, hi = data.estimate.min_output_tokens, data.estimate.max_output_tokens
+            if lo is not None and lo > hi:
+                raise errors.InvalidRequest(
+                    "min_output_tokens cannot exceed max_output_tokens",
+                    errors=[{"path": "$.estimate.min_output_tokens", "message": "above max"}],
+                )
         response = await run_operation(request, ledger, "reserve", data, success_status=201)
         count(ledger, response, "created")
         return response
@@ -116,7 +155,12 @@ class ReservationsController(Controller):
         releases the rest; more debits the excess from available credits, or answers 409
         `insufficient_credits` and leaves the reservation active. A reservation that is
         not active answers 409 `reservation_not_active` with its `status`. Requires an
-        `Idempotency-Key`."""
+        `Idempotency-Key`. With `usage` instead of `amount` the amount is the usage
+        priced at the price the reservation was made with, and a usage event (source
+        `reservation`, event id the reservation's id) is recorded."""
+        exactly_one("amount", "usage", data.amount, data.usage)
+        if data.usage is not None:
+            check_counts(data.usage, "$.usage")
         response = await self._op(request, ledger, "capture", reservation_id, data)
         count(ledger, response, "captured")
         return response

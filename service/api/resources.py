@@ -231,3 +231,39 @@ class Price(msgspec.Struct, frozen=True):
 class PricesPage(msgspec.Struct, frozen=True):
     items: list[Price]
     next_cursor: str | None
+
+
+class UsageRecorded(msgspec.Struct, frozen=True):
+    """A recorded usage event. `status` is `recorded` the first time and
+    `duplicate` when the same (source, event_id) comes again."""
+
+    id: str
+    source: str
+    event_id: str
+    account: str
+    model: str
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    cost: int
+    price_id: str
+    transaction_id: str | None
+    reservation_id: str | None
+    project: str | None
+    tags: dict[str, str]
+    occurred_at: str
+    status: Literal["recorded", "duplicate"]
+
+
+class UsageBatchResult(msgspec.Struct, frozen=True):
+    event_id: str | None
+    status: Literal["recorded", "duplicate", "rejected"]
+    code: str | None = None
+    detail: str | None = None
+    cost: int | None = None
+    id: str | None = None
+    transaction_id: str | None = None
+
+
+class UsageBatchResponse(msgspec.Struct, frozen=True):
+    results: list[UsageBatchResult]

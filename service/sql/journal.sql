@@ -60,3 +60,11 @@ LIMIT $4;
 -- name: active_reservations
 -- How many reservations hold credits right now (a gauge).
 SELECT count(*) FROM reservations WHERE status = 'active' AND expires_at > clock_timestamp();
+
+-- name: record_usage
+-- Records one usage event (idempotent by source and event id): {status, body}.
+SELECT tl_record_usage($1, $2);
+
+-- name: record_usage_batch
+-- Records up to 1000 usage events set-based in one transaction: {results}.
+SELECT tl_record_usage_batch($1, $2);

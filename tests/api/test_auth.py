@@ -179,6 +179,36 @@ async def _reservation_get(w: World, caller: str) -> tuple[str, Any]:
     return f"/v1/reservations/{await _reservation(w, emp)}", None
 
 
+_PRICE = {
+    "model": "gpt-4o",
+    "effective_from": "2026-01-01T00:00:00Z",
+    "input_per_mtok": 2_500_000,
+    "cached_input_per_mtok": 1_250_000,
+    "output_per_mtok": 10_000_000,
+}
+
+
+async def _usage_event(w: World) -> dict[str, Any]:
+    r = await w.api.c.post("/v1/prices", json=_PRICE, headers={**w.auth("admin"), **key()})
+    assert r.status_code == 201, r.text
+    return {
+        "source": "gw",
+        "event_id": f"evt-{next(_n)}",
+        "account": "employee:e-other",
+        "model": "gpt-4o",
+        "input_tokens": 10,
+        "output_tokens": 1,
+    }
+
+
+async def _usage(w: World, caller: str) -> tuple[str, Any]:
+    return "/v1/usage", await _usage_event(w)
+
+
+async def _usage_batch(w: World, caller: str) -> tuple[str, Any]:
+    return "/v1/usage:batch", {"events": [await _usage_event(w)]}
+
+
 HR, FIN, METER, EMP = "hr", "finance", "meter", "employee"
 MATRIX: dict[tuple[str, str], Case] = {
     ("PUT", "/v1/departments/{department_id}"): Case(
@@ -265,6 +295,8 @@ MATRIX: dict[tuple[str, str], Case] = {
         ),
     ),
     ("GET", "/v1/prices"): Case(frozenset({FIN, HR, METER}), 200, fixed("/v1/prices")),
+    ("POST", "/v1/usage"): Case(frozenset({METER}), 201, _usage),
+    ("POST", "/v1/usage:batch"): Case(frozenset({METER}), 200, _usage_batch),
 }
 
 CALLERS = ("none", "admin", "hr", "finance", "meter", "employee", "employee-other")

@@ -210,7 +210,7 @@ async def test_prices_are_append_only(client: Any, database_url: str) -> None:
         for statement in (
             "UPDATE prices SET output_per_mtok = 1",
             "DELETE FROM prices",
-            "TRUNCATE prices",
+            "TRUNCATE prices CASCADE",  # usage_events refers to prices
         ):
             with pytest.raises(asyncpg.PostgresError, match="is not allowed") as exc:
                 await conn.execute(statement)

@@ -126,6 +126,16 @@ _NEW_PRICE = (
     "INSERT INTO prices (id, model, tier, effective_from, input_per_mtok, cached_input_per_mtok, "
     "output_per_mtok, source) VALUES "
 )
+# A usage event with these (event id, input, cached, output, cost, transaction, result).
+_NEW_USAGE = (
+    "WITH p AS (INSERT INTO prices (id, model, tier, effective_from, input_per_mtok, "
+    "cached_input_per_mtok, output_per_mtok, source) VALUES (gen_random_uuid(), 'um', 'standard', "
+    "'2020-01-01Z', 1, 1, 1, 'test') RETURNING id) "
+    "INSERT INTO usage_events (id, source, event_id, account_id, model, price_id, input_tokens, "
+    "cached_input_tokens, output_tokens, cost, occurred_at, recorded_at, transaction_id, result) "
+    "SELECT gen_random_uuid(), 's', e.id, {acc}, 'um', p.id, e.i, e.c, e.o, e.cost, now(), now(), "
+    "e.txn::uuid, e.result::jsonb FROM p, (VALUES %s) AS e (id, i, c, o, cost, txn, result)"
+)
 _NEW_LINK = (
     "INSERT INTO chain (seq, transaction_id, content_hash, prev_hash, chain_hash) "
     "VALUES (%s, %s, %s, %s, %s)"
@@ -430,6 +440,27 @@ CONSTRAINT_CASES: list[tuple[str, type[asyncpg.PostgresError], str]] = [
         "prices_source_length",
         asyncpg.CheckViolationError,
         _NEW_PRICE + "(gen_random_uuid(), 'm', 'standard', now(), 1, 1, 1, '')",
+    ),
+    # usage events
+    (
+        "usage_events_tokens_range",
+        asyncpg.CheckViolationError,
+        _NEW_USAGE % "('e1', 10, 11, 1, 1, '{txn}', '{{}}')",
+    ),
+    (
+        "usage_events_cost_nonnegative",
+        asyncpg.CheckViolationError,
+        _NEW_USAGE % "('e1', 10, 0, 1, -1, '{txn}', '{{}}')",
+    ),
+    (
+        "usage_events_charged",
+        asyncpg.CheckViolationError,
+        _NEW_USAGE % "('e1', 10, 0, 1, 5, NULL, '{{}}')",
+    ),
+    (
+        "usage_events_source_event_key",
+        asyncpg.UniqueViolationError,
+        _NEW_USAGE % "('e1', 1, 0, 1, 1, '{txn}', '{{}}'), ('e1', 1, 0, 1, 1, '{txn}', '{{}}')",
     ),
     (
         "prices_model_effective_key",
