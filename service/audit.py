@@ -27,6 +27,7 @@ CHECKS: tuple[str, ...] = (
     "audit_4_hold_earmarks",
     "audit_4_reservations_cover_reserved",
     "audit_5_resolved_once",
+    "audit_6_usage_charged_once",
     "audit_7_triggers",
     "audit_7_reversals",
 )

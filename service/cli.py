@@ -116,7 +116,7 @@ async def _audit(url: str, chain_args: argparse.Namespace | None = None) -> int:
         for violation in violations:
             print(f"FAIL {violation}")
     else:
-        print("ok: invariants 1, 2, 3, 4, 5 and 7 hold")
+        print("ok: invariants 1 to 7 hold")
     for line in chain_lines:
         print(line)
     failed = bool(violations) or any(line.startswith("FAIL") for line in chain_lines)

@@ -124,6 +124,23 @@ SELECT coalesce(
      FROM transactions t LEFT JOIN reservations r ON r.capture_transaction_id = t.id
      WHERE t.kind = 'capture' AND r.id IS NULL LIMIT 1)) AS problem;
 
+-- name: audit_6_usage_charged_once
+-- Invariant 6: every usage transaction charges exactly the events that name
+-- it, and every charged event names one transaction.
+SELECT coalesce(
+    (SELECT format('usage transaction %s moves %s credits but its events cost %s',
+                   tl_public_id('txn_', t.id), coalesce(e.moved, 0), coalesce(u.cost, 0))
+     FROM transactions t
+     LEFT JOIN (SELECT transaction_id, sum(amount) AS moved FROM entries
+                JOIN accounts a ON a.id = entries.account_id AND a.address = 'system:usage'
+                GROUP BY transaction_id) e ON e.transaction_id = t.id
+     LEFT JOIN (SELECT transaction_id, sum(cost) AS cost FROM usage_events GROUP BY transaction_id) u
+            ON u.transaction_id = t.id
+     WHERE t.kind = 'usage' AND coalesce(e.moved, 0) <> coalesce(u.cost, 0)
+     LIMIT 1),
+    (SELECT format('usage event %s/%s costs %s but no transaction charged it', source, event_id, cost)
+     FROM usage_events WHERE cost > 0 AND transaction_id IS NULL AND result IS NOT NULL LIMIT 1)) AS problem;
+
 -- name: audit_7_triggers
 -- Invariant 7: the append-only triggers exist and are enabled.
 SELECT format('trigger %s on %s is missing or disabled', want.tgname, want.tbl) AS problem

@@ -113,6 +113,15 @@ class Ledger:
         args = {"reservation": reservation_public_id, "reservation_id": str(rsv)}
         return await self.op("release", args, status=200)
 
+    async def usage(self, event_id: str, account: str, **counts: Any) -> Any:
+        body = {"source": "gw", "event_id": event_id, "account": account, "model": "m1", **counts}
+        result = await self.conn.fetchval("SELECT tl_record_usage($1, $2)", body, self.ctx())
+        assert result["status"] == 201, result
+        return result["body"]
+
+    async def usage_batch(self, events: list[dict[str, Any]]) -> Any:
+        return await self.conn.fetchval("SELECT tl_record_usage_batch($1, $2)", events, self.ctx())
+
     async def sweep(self) -> Any:
         return await self.conn.fetchval("SELECT tl_sweep_expired(1000, $1)", self.ctx())
 
@@ -149,6 +158,32 @@ async def scripted_scenario(conn: asyncpg.Connection) -> None:
     r2 = await ledger.reserve("employee:e5", 20)
     await ledger.release(r2["id"])
     await ledger.reserve("employee:e5", 15, ttl_seconds=60)  # left to expire
+    await ledger.conn.fetchval(
+        "SELECT tl_op_add_price($1, $2)",
+        {
+            "model": "m1",
+            "effective_from": "2020-01-01T00:00:00Z",
+            "input_per_mtok": 1_000_000,
+            "cached_input_per_mtok": 100_000,
+            "output_per_mtok": 4_000_000,
+        },
+        ledger.ctx(),
+    )
+    await ledger.usage("u1", "employee:e1", input_tokens=10, cached_input_tokens=5, output_tokens=2)
+    batch = await ledger.usage_batch(
+        [
+            {
+                "source": "gw",
+                "event_id": f"b{i}",
+                "account": "employee:e1",
+                "model": "m1",
+                "input_tokens": 3,
+                "output_tokens": 1,
+            }
+            for i in range(3)
+        ]
+    )
+    assert [r["status"] for r in batch["results"]] == ["recorded"] * 3, batch
 
     ledger.now = T + timedelta(hours=1)
     swept = await ledger.sweep()
@@ -353,6 +388,14 @@ async def test_unclaimed_capture_breaks_invariant_5(scenario: str, db: asyncpg.C
     violations = await audit(scenario)
     assert checks(violations) == {"audit_5_resolved_once"}
     assert "resolves no reservation" in violations[0].problem
+
+
+async def test_uncharged_usage_breaks_invariant_6(scenario: str, db: asyncpg.Connection) -> None:
+    """A usage event whose cost no longer matches its transaction is caught by invariant 6."""
+    await db.execute("SET session_replication_role = replica")
+    await db.execute("UPDATE usage_events SET cost = cost + 1 WHERE event_id = 'u1'")
+    violations = await audit(scenario)
+    assert "audit_6_usage_charged_once" in checks(violations)
 
 
 async def test_posted_below_zero_breaks_invariant_3(scenario: str, db: asyncpg.Connection) -> None:
