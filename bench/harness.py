@@ -1,7 +1,7 @@
 """The benchmark: the real service as a subprocess, on a throwaway database.
 
     python -m bench [--scale X] [--requests N] [--workers N] [--only NAME]
-                    [--json PATH] [--database-url DSN] [--seed N]
+                    [--batch-size N] [--json PATH] [--database-url DSN] [--seed N]
 
 1. PostgreSQL: the server named by --database-url or DATABASE_URL, on which a
    fresh database `tokenledger_bench_<pid>` is created (and dropped at the end);
@@ -12,7 +12,10 @@
 3. Scenarios, each with a request count (times --scale) and a time cap; the
    data they need is set up through the API first and is not timed. The
    reserve_capture scenarios count reserve+capture pairs instead: one op is
-   one pair (two requests), and their ops/s are pairs/s.
+   one pair (two requests), and their ops/s are pairs/s. The usage scenarios
+   count usage events: usage_single sends one per request, usage_batch_500
+   --batch-size (500) per POST /v1/usage:batch; their ops/s are events/s
+   (events answered `recorded`), their latencies per request.
 4. The audit (`python -m service audit`), and arithmetic checks of the
    balances against the successful answers.
 
@@ -68,6 +71,8 @@ MAX_PAGES = 200
 RESERVE_AMOUNT = 10
 OVER_CAPTURE_AMOUNT = 12
 OVER_CAPTURE_EVERY = 10
+# Events per POST /v1/usage:batch in usage_batch_500 (--batch-size).
+USAGE_BATCH_SIZE_DEFAULT = 500
 
 
 # --- PostgreSQL ---------------------------------------------------------------
@@ -804,6 +809,7 @@ class Options:
     database_url: str | None = None
     seed: int = 1
     time_cap_scale: float = 1.0
+    batch_size: int = USAGE_BATCH_SIZE_DEFAULT  # events per POST /v1/usage:batch
 
 
 @dataclass
@@ -1152,6 +1158,295 @@ async def transfer_pairs(ctx: Context) -> Stats:
     return stats
 
 
+# --- Usage events -----------------------------------------------------------------
+
+# The usage scenarios charge events of one bench model, priced from
+# USAGE_PRICE_FROM, spread round-robin over USAGE_WALLETS funded wallets.
+# Token counts vary per event (a seeded generator), so costs vary and some
+# round up; the expected cost of each is service.pricing.usage_cost.
+USAGE_MODEL = "bench-model"
+USAGE_SOURCE = "bench"
+USAGE_PRICE_FROM = "2024-01-01T00:00:00Z"
+USAGE_RATES = {"input_per_mtok": 3_000, "cached_input_per_mtok": 300, "output_per_mtok": 15_000}
+USAGE_WALLETS = 32
+# A second send of events already recorded (the duplicate check), at most.
+USAGE_RESEND_MAX = 500
+USAGE_SINGLE_RESEND_SINGLY = 16
+
+
+@dataclass
+class UsageEvent:
+    body: dict[str, Any]
+    cost: int  # expected, by service.pricing.usage_cost
+
+    @property
+    def event_id(self) -> str:
+        return str(self.body["event_id"])
+
+    @property
+    def wallet(self) -> str:
+        return str(self.body["account"])
+
+
+@dataclass
+class UsageLog:
+    """What the workers of a usage scenario learned, for its checks."""
+
+    recorded: dict[str, int] = field(default_factory=dict)  # event id -> expected cost
+    answers: Counter[str] = field(default_factory=Counter)  # event statuses (and codes)
+    cost_mismatch: list[dict[str, Any]] = field(default_factory=list)
+    order_mismatch: int = 0
+    sent: int = 0  # events sent (answered or not)
+
+
+async def usage_price(ctx: Context) -> Any:
+    """The bench model's price version (created once; the same version again
+    answers the existing one), as rates for usage_cost."""
+    from service.pricing import PriceRates
+
+    body = {"model": USAGE_MODEL, "effective_from": USAGE_PRICE_FROM, **USAGE_RATES}
+    price = await expect(
+        ctx.client.post("/v1/prices", json=body, headers=ctx.api.key("setup-price")), 200, 201
+    )
+    rates = {k: int(price[k]) for k in USAGE_RATES}
+    if rates != USAGE_RATES:
+        raise SetupError(f"POST /v1/prices answered other rates: {rates} != {USAGE_RATES}")
+    return PriceRates(**rates)
+
+
+def usage_events(
+    ctx: Context, name: str, wallets: Sequence[str], total: int, rates: Any
+) -> list[UsageEvent]:
+    """`total` events with unique ids, round-robin over `wallets`."""
+    from service.pricing import usage_cost
+
+    rng = random.Random(ctx.opts.seed * 7919 + len(name))  # noqa: S311  # why: load shape, not security
+    events: list[UsageEvent] = []
+    for k in range(total):
+        input_tokens = rng.randint(100, 4000)
+        cached = rng.randint(0, input_tokens // 2) if k % 3 else 0
+        output_tokens = rng.randint(10, 1000)
+        body: dict[str, Any] = {
+            "source": USAGE_SOURCE,
+            "event_id": f"{ctx.run_id}-{name}-{k}",
+            "account": f"employee:{wallets[k % len(wallets)]}",
+            "model": USAGE_MODEL,
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+        }
+        if cached:  # else left out: the default 0
+            body["cached_input_tokens"] = cached
+        events.append(UsageEvent(body, usage_cost(input_tokens, cached, output_tokens, rates)))
+    return events
+
+
+async def usage_setup(
+    ctx: Context, name: str, total: int
+) -> tuple[list[str], dict[str, int], list[UsageEvent]]:
+    """Untimed: the price, USAGE_WALLETS wallets each funded with the expected
+    cost of its events plus a margin, and the events."""
+    rates = await usage_price(ctx)
+    wallets = [f"{name.replace('_', '-')}-{k}" for k in range(USAGE_WALLETS)]
+    events = usage_events(ctx, name, wallets, total, rates)
+    funding = {w: 100 for w in wallets}
+    for e in events:
+        funding[e.wallet.removeprefix("employee:")] += e.cost
+    await ctx.api.employees(wallets)
+    await ctx.api.grants(funding)
+    return wallets, funding, events
+
+
+def note_answer(log: UsageLog, event: UsageEvent, status: str, cost: Any, code: Any) -> None:
+    log.answers[status if code is None else f"{status} {code}"] += 1
+    if status != "recorded":
+        return
+    log.recorded[event.event_id] = event.cost
+    if cost != event.cost and len(log.cost_mismatch) < 10:
+        log.cost_mismatch.append({"event_id": event.event_id, "cost": cost, "expected": event.cost})
+
+
+async def resend_batch(ctx: Context, events: Sequence[UsageEvent]) -> dict[str, Any]:
+    """Untimed: events already recorded, sent again as one batch: every one
+    must answer duplicate (with its cost)."""
+    r = await ctx.client.post("/v1/usage:batch", json={"events": [e.body for e in events]})
+    answers: Counter[str] = Counter()
+    wrong: list[Any] = []
+    if r.status_code == 200:
+        results = r.json().get("results") or []
+        for e, res in zip(events, results, strict=False):
+            answers[str(res.get("status"))] += 1
+            if res.get("status") != "duplicate" or res.get("event_id") != e.event_id:
+                if len(wrong) < 5:
+                    wrong.append(res)
+        if len(results) != len(events):
+            wrong.append(f"{len(results)} results for {len(events)} events")
+    else:
+        wrong.append(f"{r.status_code} {r.text[:300]}")
+    return {
+        "events": len(events),
+        "answers": dict(answers),
+        "wrong": wrong,
+        "passed": not wrong and answers["duplicate"] == len(events),
+    }
+
+
+async def usage_check(
+    ctx: Context,
+    stats: Stats,
+    log: UsageLog,
+    wallets: Sequence[str],
+    funding: dict[str, int],
+    usage_before: int,
+    resend: Callable[[], Awaitable[dict[str, Any]]],
+) -> dict[str, Any]:
+    """After a usage scenario: every event sent answered recorded with its
+    expected cost; system:usage gained, and the wallets lost, exactly the
+    expected costs; a second send answers duplicate and charges nothing."""
+    expected_gain = sum(log.recorded.values())
+    usage_gain = await ctx.api.posted("system:usage") - usage_before
+    posted_sum = sum([await ctx.api.posted(f"employee:{w}") for w in wallets])
+    expected_posted = sum(funding.values()) - expected_gain
+    check: dict[str, Any] = {
+        "wallets": len(wallets),
+        "events_sent": log.sent,
+        "events_recorded": len(log.recorded),
+        "event_answers": dict(log.answers),
+        "cost_mismatch": log.cost_mismatch,
+        "results_out_of_order": log.order_mismatch,
+        "expected_usage_gain": expected_gain,
+        "usage_gain": usage_gain,
+        "expected_posted_sum": expected_posted,
+        "posted_sum": posted_sum,
+    }
+    if stats.transport:
+        check["passed"] = True
+        check["skipped"] = "a transport error left some outcome unknown"
+        return check
+    duplicate = await resend()
+    resend_gain = await ctx.api.posted("system:usage") - usage_before - usage_gain
+    posted_after = sum([await ctx.api.posted(f"employee:{w}") for w in wallets])
+    duplicate["usage_gain"] = resend_gain
+    duplicate["posted_change"] = posted_after - posted_sum
+    duplicate["passed"] = duplicate["passed"] and resend_gain == 0 and posted_after == posted_sum
+    check["second_send"] = duplicate
+    check["passed"] = (
+        stats.server_errors == 0
+        and len(log.recorded) == log.sent
+        and not log.cost_mismatch
+        and not log.order_mismatch
+        and usage_gain == expected_gain
+        and posted_sum == expected_posted
+        and duplicate["passed"]
+    )
+    return check
+
+
+async def usage_single(ctx: Context) -> Stats:
+    """16 workers, each posting single POST /v1/usage events (unique ids)
+    against 32 funded wallets. One op = one event = one request."""
+    name = "usage_single"
+    workers = ctx.workers(16)
+    total = ctx.count(800)
+    per_worker = split(total, workers)
+    stats = Stats(name, workers, total, 90 * ctx.opts.time_cap_scale, 201, op_unit="event")
+    stats.ops_done = 0
+    wallets, funding, events = await usage_setup(ctx, name, total)
+    starts = [sum(per_worker[:w]) for w in range(workers)]
+    usage_before = await ctx.api.posted("system:usage")
+    log = UsageLog()
+
+    async def step(w: int, i: int) -> None:
+        event = events[starts[w] + i]
+        log.sent += 1
+        r = await send(ctx, stats, ("POST", "/v1/usage", event.body, None))
+        if r is None:
+            return
+        if r.status_code in (200, 201):
+            body = r.json()
+            status = str(body.get("status"))
+            if r.status_code == 201 and status == "recorded":
+                stats.ops_done = (stats.ops_done or 0) + 1
+            note_answer(log, event, status, body.get("cost"), None)
+        else:
+            log.answers[f"{r.status_code} {problem_code(r)}"] += 1
+
+    await run_workers(ctx, stats, per_worker, step)
+    ctx.debited[name] = None if stats.transport else sum(log.recorded.values())
+    sent = [e for e in events if e.event_id in log.recorded]
+
+    async def resend() -> dict[str, Any]:
+        # A few singly (200 duplicate each), then up to USAGE_RESEND_MAX as one batch.
+        singly: Counter[str] = Counter()
+        for e in sent[:USAGE_SINGLE_RESEND_SINGLY]:
+            r = await ctx.client.post("/v1/usage", json=e.body)
+            ok = r.status_code == 200 and r.json().get("status") == "duplicate"
+            ok = ok and r.json().get("cost") == e.cost
+            singly["duplicate" if ok else f"{r.status_code} {r.text[:100]}"] += 1
+        batch = await resend_batch(ctx, sent[:USAGE_RESEND_MAX])
+        batch["singly"] = dict(singly)
+        n = min(len(sent), USAGE_SINGLE_RESEND_SINGLY)
+        batch["passed"] = batch["passed"] and singly["duplicate"] == n
+        return batch
+
+    stats.check = await usage_check(ctx, stats, log, wallets, funding, usage_before, resend)
+    return stats
+
+
+async def usage_batch(ctx: Context) -> Stats:
+    """A few workers (2), each posting POST /v1/usage:batch of --batch-size (500)
+    events (unique ids, spread over the same 32 wallets). The count is of
+    events; one op is one event recorded, latencies are per request."""
+    name = "usage_batch_500"
+    size = max(1, ctx.opts.batch_size)
+    total = ctx.count(20_000)  # events
+    batches = math.ceil(total / size)
+    workers = min(ctx.workers(2), batches)
+    per_worker = split(batches, workers)
+    stats = Stats(name, workers, total, 90 * ctx.opts.time_cap_scale, 200, op_unit="event")
+    stats.ops_done = 0
+    wallets, funding, events = await usage_setup(ctx, name, total)
+    chunks = [events[b * size : (b + 1) * size] for b in range(batches)]
+    starts = [sum(per_worker[:w]) for w in range(workers)]
+    usage_before = await ctx.api.posted("system:usage")
+    log = UsageLog()
+    sent_chunks: list[list[UsageEvent]] = []
+
+    async def step(w: int, i: int) -> None:
+        chunk = chunks[starts[w] + i]
+        log.sent += len(chunk)
+        body = {"events": [e.body for e in chunk]}
+        r = await send(ctx, stats, ("POST", "/v1/usage:batch", body, None))
+        if r is None:
+            return
+        if r.status_code != 200:
+            log.answers[f"{r.status_code} {problem_code(r)}"] += len(chunk)
+            return
+        sent_chunks.append(chunk)
+        results = r.json().get("results") or []
+        if len(results) != len(chunk):
+            log.order_mismatch += 1
+        for e, res in zip(chunk, results, strict=False):
+            if res.get("event_id") != e.event_id:
+                log.order_mismatch += 1
+                continue
+            note_answer(log, e, str(res.get("status")), res.get("cost"), res.get("code"))
+            if res.get("status") == "recorded":
+                stats.ops_done = (stats.ops_done or 0) + 1
+
+    await run_workers(ctx, stats, per_worker, step)
+    ctx.debited[name] = None if stats.transport else sum(log.recorded.values())
+
+    async def resend() -> dict[str, Any]:
+        if not sent_chunks:
+            return {"events": 0, "wrong": ["no batch answered 200"], "passed": False}
+        return await resend_batch(ctx, sent_chunks[0])
+
+    stats.check = await usage_check(ctx, stats, log, wallets, funding, usage_before, resend)
+    stats.check["batch_size"] = size
+    stats.check["batches"] = batches
+    return stats
+
+
 SCENARIOS: dict[str, Callable[[Context], Awaitable[Stats]]] = {
     "grant_latency": grant_latency,
     "debit_latency": debit_latency,
@@ -1161,6 +1456,8 @@ SCENARIOS: dict[str, Callable[[Context], Awaitable[Stats]]] = {
     "transfer_pairs": transfer_pairs,
     "reserve_capture_spread_32": reserve_capture_spread,
     "reserve_capture_shared_32": reserve_capture_shared,
+    "usage_single": usage_single,
+    "usage_batch_500": usage_batch,
 }
 
 # Ratios of ops/s, shared over spread, reported when both scenarios ran.
@@ -1170,6 +1467,8 @@ RATIOS = {
         "reserve_capture_spread_32",
         "reserve_capture_shared_32",
     ),
+    # Events per second, batch over single.
+    "usage_batch_over_single": ("usage_single", "usage_batch_500"),
 }
 
 
@@ -1266,6 +1565,7 @@ async def run_bench(opts: Options) -> dict[str, Any]:
             "workers": opts.workers,
             "only": list(opts.only),
             "seed": opts.seed,
+            "batch_size": opts.batch_size,
             "pool_max_size": POOL_MAX_SIZE,
             "auth": "bootstrap admin service key; rate limits raised out of reach",
         },
@@ -1394,6 +1694,9 @@ def table(result: dict[str, Any]) -> str:
     ratio = result["ratios"].get("reserve_capture_shared_over_spread")
     if ratio is not None:
         lines.append(f"ratio reserve_capture shared/spread (pairs/s): {ratio:.3f}")
+    ratio = result["ratios"].get("usage_batch_over_single")
+    if ratio is not None:
+        lines.append(f"ratio usage batch/single (events/s): {ratio:.3f}")
     for name, check in result["checks"].items():
         if isinstance(check, dict):
             verdict = "pass" if check.get("passed") else "FAIL"
@@ -1438,13 +1741,15 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         default=None,
         help="request count of every scenario before --scale (default: each "
         "scenario's own: 300 sequential, 800 debits, 640 transfers); for the "
-        "reserve_capture scenarios, the count of reserve+capture pairs (800)",
+        "reserve_capture scenarios, the count of reserve+capture pairs (800); for "
+        "the usage scenarios, the count of events (800 single, 20000 in batches)",
     )
     parser.add_argument(
         "--workers",
         type=int,
         default=None,
-        help="workers of the concurrent scenarios (default 32, transfers 16)",
+        help="workers of the concurrent scenarios (default 32, transfers and "
+        "usage_single 16, usage_batch_500 2, at most one per batch)",
     )
     parser.add_argument(
         "--only",
@@ -1466,6 +1771,13 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         help="PostgreSQL server to create the bench database on "
         "(default DATABASE_URL; unset: a throwaway server)",
     )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=USAGE_BATCH_SIZE_DEFAULT,
+        help=f"events per POST /v1/usage:batch in usage_batch_500, 1..1000 "
+        f"(default {USAGE_BATCH_SIZE_DEFAULT})",
+    )
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     if args.scale <= 0:
@@ -1474,6 +1786,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         parser.error("--requests must be at least 1")
     if args.workers is not None and not 1 <= args.workers <= 256:
         parser.error("--workers must be 1..256")
+    if not 1 <= args.batch_size <= 1000:
+        parser.error("--batch-size must be 1..1000")
     only = tuple(n.strip() for item in args.only for n in item.split(",") if n.strip())
     return Options(
         scale=args.scale,
@@ -1483,6 +1797,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         json_path=args.json_path.resolve(),
         database_url=args.database_url,
         seed=args.seed,
+        batch_size=args.batch_size,
     )
 
 

@@ -17,10 +17,22 @@ pytestmark = pytest.mark.slow
 
 def test_bench_smoke(pg_server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Every scenario completes at 20 requests (20 reserve+capture pairs for the
-    reservation scenarios) and 4 workers with no 5xx, and the audit passes."""
+    reservation scenarios, 20 usage events for the usage scenarios: 20 single
+    requests, 2 batches of 10) and 4 workers with no 5xx, and the audit passes."""
     out = tmp_path / "bench.json"
     rc = harness.main(
-        ["--requests", "20", "--workers", "4", "--database-url", pg_server.dsn, "--json", str(out)]
+        [
+            "--requests",
+            "20",
+            "--workers",
+            "4",
+            "--batch-size",
+            "10",
+            "--database-url",
+            pg_server.dsn,
+            "--json",
+            str(out),
+        ]
     )
     result = json.loads(out.read_text())
     report = capsys.readouterr().out.split("\n{", 1)[0]  # the table, not the JSON
@@ -29,8 +41,9 @@ def test_bench_smoke(pg_server: Server, tmp_path: Path, capsys: pytest.CaptureFi
     for name, s in scenarios.items():
         assert s["setup_error"] is None, (name, s["setup_error"])
         per_op = 2 if s["op"] == "reserve+capture pair" else 1
+        requests = 2 if name == "usage_batch_500" else 20 * per_op
         assert s["planned"] == 20 and not s["capped"], (name, report)
-        assert s["requests"] == 20 * per_op and s["ops"] == 20, (name, report)
+        assert s["requests"] == requests and s["ops"] == 20, (name, report)
         assert s["server_errors_5xx"] == 0, (name, s["samples"])
         assert s["errors"] == 0, (name, s["error_codes"], s["samples"])
         assert s["check"] is None or s["check"]["passed"], (name, s["check"])
@@ -42,9 +55,20 @@ def test_bench_smoke(pg_server: Server, tmp_path: Path, capsys: pytest.CaptureFi
         assert check["over_captures_ok"] >= 1, (name, check)  # capture 12 of 10 held
         assert check["usage_gain"] == check["captured_sum"] > 0, (name, check)
         assert check["reserved_nonzero"] == {}, (name, check)
+    for name in ("usage_single", "usage_batch_500"):
+        check = scenarios[name]["check"]
+        assert "skipped" not in check, (name, check)
+        assert check["events_sent"] == check["events_recorded"] == 20, (name, check)
+        assert check["event_answers"] == {"recorded": 20}, (name, check)
+        assert check["usage_gain"] == check["expected_usage_gain"] > 0, (name, check)
+        second = check["second_send"]
+        assert second["passed"] and second["usage_gain"] == 0, (name, check)
+        assert second["answers"] == {"duplicate": second["events"]}, (name, check)
+    assert scenarios["usage_batch_500"]["check"]["batches"] == 2
     assert result["checks"]["system_usage"]["passed"], result["checks"]["system_usage"]
     assert "shared_over_spread" in result["ratios"]
     assert "reserve_capture_shared_over_spread" in result["ratios"]
+    assert "usage_batch_over_single" in result["ratios"]
     assert rc == 0 and result["passed"], report
 
 
