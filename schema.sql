@@ -395,10 +395,13 @@ END $$;
 CREATE OR REPLACE FUNCTION tl_lock(p_accounts bigint[], p_system text[]) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM 1 FROM accounts WHERE id = ANY (p_accounts) AND type <> 'system' ORDER BY id FOR UPDATE;
+    -- NO KEY UPDATE: it excludes every other writer of the row but not the
+    -- KEY SHARE locks that inserts referencing the account take (a usage
+    -- event, a lot), so claiming such a row before locking cannot deadlock.
+    PERFORM 1 FROM accounts WHERE id = ANY (p_accounts) AND type <> 'system' ORDER BY id FOR NO KEY UPDATE;
     PERFORM 1 FROM account_shards s JOIN accounts a ON a.id = s.account_id
         WHERE a.address = ANY (p_system) AND s.shard = tl_shard(a.shard_count)
-        ORDER BY s.account_id FOR UPDATE OF s;
+        ORDER BY s.account_id FOR NO KEY UPDATE OF s;
 END $$;
 
 CREATE OR REPLACE FUNCTION tl_require_open(p accounts) RETURNS void
@@ -1292,11 +1295,8 @@ BEGIN
     IF jsonb_typeof(p_args -> 'usage') = 'object' THEN
         -- Capture by usage: record a usage event (source "reservation", the
         -- reservation's id) priced at the price the reservation was made with.
-        SELECT * INTO r FROM reservations WHERE id = (p_args ->> 'reservation_id')::uuid;
-        IF NOT FOUND THEN
-            PERFORM tl_raise('TLA05', 'reservation_not_found', format('no reservation %s', p_args ->> 'reservation'),
-                             jsonb_build_object('reservation', p_args ->> 'reservation'));
-        END IF;
+        -- A reservation that is not active answers so, before any event.
+        r := tl_lock_reservation(p_args, p_ctx, ARRAY['system:expired', 'system:usage', 'system:issuance']);
         v_usage := tl_record_usage((p_args -> 'usage') || jsonb_build_object(
             'source', 'reservation', 'event_id', p_args ->> 'reservation',
             'account', (SELECT address FROM accounts WHERE id = r.account_id),
@@ -2046,7 +2046,7 @@ BEGIN
                            WHERE r.status = 'active' AND r.expires_at <= v_now) x
                        LIMIT p_limit)
         ORDER BY a.id
-        FOR UPDATE OF a SKIP LOCKED) x;
+        FOR NO KEY UPDATE OF a SKIP LOCKED) x;
     IF v_ids IS NULL THEN
         RETURN jsonb_build_object('accounts', 0, 'credits', 0);
     END IF;

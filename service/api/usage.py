@@ -71,7 +71,7 @@ class UsageIn(UsageCounts, kw_only=True, forbid_unknown_fields=True):
 
 class UsageBatchIn(msgspec.Struct, forbid_unknown_fields=True):
     # Items are checked one by one (a malformed one is rejected alone).
-    events: Annotated[list[dict[str, Any]], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
+    events: Annotated[list[Any], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
 
 
 def check_counts(counts: UsageCounts, path: str = "$") -> None:
