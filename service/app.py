@@ -27,6 +27,7 @@ from service.api.common import provide_ledger
 from service.api.directory import DirectoryController
 from service.api.grants import GrantsController
 from service.api.prices import PricesController
+from service.api.reports import ReportsController
 from service.api.reservations import ReservationsController
 from service.api.transactions import TransactionsController
 from service.api.usage import UsageController
@@ -314,6 +315,7 @@ def create_app(
         ReservationsController,
         PricesController,
         UsageController,
+        ReportsController,
     ]
     document_problems(controllers)
     app = Litestar(

@@ -297,6 +297,11 @@ MATRIX: dict[tuple[str, str], Case] = {
     ("GET", "/v1/prices"): Case(frozenset({FIN, HR, METER}), 200, fixed("/v1/prices")),
     ("POST", "/v1/usage"): Case(frozenset({METER}), 201, _usage),
     ("POST", "/v1/usage:batch"): Case(frozenset({METER}), 200, _usage_batch),
+    ("GET", "/v1/reports/usage"): Case(
+        frozenset({FIN, HR}),
+        200,
+        fixed("/v1/reports/usage?from=2026-01-01T00:00:00Z&to=2026-02-01T00:00:00Z&group_by=model"),
+    ),
 }
 
 CALLERS = ("none", "admin", "hr", "finance", "meter", "employee", "employee-other")

@@ -1,0 +1,304 @@
+"""The usage-report benchmark: one month of usage at scale, then report timings.
+
+    python -m bench.reports [--employees N] [--events N] [--runs N]
+                            [--database-url DSN] [--json PATH]
+
+1. A database of its own (bench.harness.provision: DATABASE_URL's server, or a
+   throwaway one from tests.pg), with schema.sql applied.
+2. Set-based SQL (generate_series): N employees in 20 departments, their
+   accounts and the department accounts, four priced models, and N events in
+   March 2026 (5% charged to department accounts, a project on 8 in 9), then
+   usage_daily filled from them with one INSERT ... SELECT ... GROUP BY, the
+   same rows tl_usage_rollup keeps one event at a time.
+3. For a few groupings, the month's report through the service's SQL path
+   (service.reports.usage_report on a Ledger: the `usage_report` named query)
+   for the roll-up path (from and to at UTC midnights) and the raw-events path
+   (a microsecond later), and through HTTP (the app in-process over ASGI, as
+   finance, JSON and CSV). Each timing is the median of --runs after one
+   warm-up run.
+
+The figures go to stdout as a table and as JSON (and to --json when given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+from bench.harness import provision
+from service import db, errors, reports
+from service.app import create_app
+from service.auth import new_key
+from service.config import Config
+from service.journal import Ledger, database_clock
+from service.observability import Metrics
+
+MONTH_START = datetime(2026, 3, 1, tzinfo=UTC)
+MONTH_END = datetime(2026, 4, 1, tzinfo=UTC)
+DEPARTMENTS = 20
+GROUPINGS: tuple[tuple[str, ...], ...] = (
+    ("employee",),
+    ("department", "model"),
+    ("day",),
+    ("employee", "model", "project"),
+)
+
+SETUP_SQL = """
+INSERT INTO departments (id, name)
+    SELECT 'dept-' || g, 'Department ' || g FROM generate_series(1, {departments}) g;
+INSERT INTO employees (id, name, email, department)
+    SELECT 'emp-' || g, 'Employee ' || g, 'emp-' || g || '@example.com',
+           'dept-' || (g % {departments} + 1)
+    FROM generate_series(1, {employees}) g;
+INSERT INTO accounts (address, type, ref)
+    SELECT 'department:' || id, 'department', id FROM departments
+    UNION ALL SELECT 'employee:' || id, 'employee', id FROM employees;
+INSERT INTO prices (id, model, effective_from, input_per_mtok, cached_input_per_mtok,
+                    output_per_mtok, source)
+    VALUES (gen_random_uuid(), 'gpt-4o', '2026-01-01', 2500000, 1250000, 10000000, 'bench'),
+           (gen_random_uuid(), 'gpt-4o-mini', '2026-01-01', 150000, 75000, 600000, 'bench'),
+           (gen_random_uuid(), 'claude-sonnet', '2026-01-01', 3000000, 300000, 15000000, 'bench'),
+           (gen_random_uuid(), 'o3', '2026-01-01', 2000000, 500000, 8000000, 'bench');
+CREATE TEMP TABLE bench_accounts AS
+    SELECT row_number() OVER (ORDER BY id) AS n, id, type FROM accounts;
+CREATE TEMP TABLE bench_models AS
+    SELECT row_number() OVER (ORDER BY model) - 1 AS n, * FROM prices;
+"""
+
+EVENTS_SQL = """
+WITH g AS (
+    SELECT g AS n,
+           CASE WHEN random() < 0.05 THEN 1 + floor(random() * {departments})::int
+                ELSE {departments} + 1 + floor(random() * {employees})::int END AS account_n,
+           floor(random() * 4)::int AS model_n,
+           floor(random() * 9)::int AS project_n,
+           $1::timestamptz + random() * ($2::timestamptz - $1::timestamptz) AS occurred_at,
+           floor(random() * 20000)::bigint AS input_tokens,
+           floor(random() * 2000)::bigint AS output_tokens
+    FROM generate_series($3::bigint, $4::bigint) g
+)
+INSERT INTO usage_events (id, source, event_id, account_id, model, price_id, input_tokens,
+                          cached_input_tokens, output_tokens, cost, project, occurred_at,
+                          recorded_at)
+SELECT gen_random_uuid(), 'bench', g.n::text, a.id, m.model, m.id, g.input_tokens,
+       g.input_tokens / 4, g.output_tokens,
+       ceil(((g.input_tokens - g.input_tokens / 4) * m.input_per_mtok
+             + (g.input_tokens / 4) * m.cached_input_per_mtok
+             + g.output_tokens * m.output_per_mtok) / 1e6)::bigint,
+       CASE WHEN g.project_n > 0 THEN 'project-' || g.project_n END,
+       least(g.occurred_at, $2::timestamptz - interval '1 microsecond'), g.occurred_at
+FROM g
+JOIN bench_accounts a ON a.n = g.account_n
+JOIN bench_models m ON m.n = g.model_n
+"""
+
+ROLLUP_SQL = """
+INSERT INTO usage_daily (day, account_id, model, project, events, input_tokens,
+                         cached_input_tokens, output_tokens, credits)
+SELECT (occurred_at AT TIME ZONE 'UTC')::date, account_id, model, coalesce(project, ''),
+       count(*), sum(input_tokens), sum(cached_input_tokens), sum(output_tokens), sum(cost)
+FROM usage_events
+GROUP BY 1, 2, 3, 4
+"""
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+async def build(dsn: str, employees: int, events: int) -> dict[str, float]:
+    """Schema, directory, prices, events and roll-up; the seconds each took."""
+    seconds: dict[str, float] = {}
+    conn = await db.connect(dsn)
+    try:
+        started = time.perf_counter()
+        await db.apply_schema(conn)
+        seconds["schema"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        await conn.execute(SETUP_SQL.format(departments=DEPARTMENTS, employees=employees))
+        seconds["directory"] = time.perf_counter() - started
+        log(f"bench.reports: {employees} employees in {DEPARTMENTS} departments")
+
+        started = time.perf_counter()
+        chunk = 250_000
+        sql = EVENTS_SQL.format(departments=DEPARTMENTS, employees=employees)
+        for first in range(1, events + 1, chunk):
+            last = min(first + chunk - 1, events)
+            await conn.execute(sql, MONTH_START, MONTH_END, first, last, timeout=1800)
+            log(f"bench.reports: {last} events")
+        seconds["events"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        await conn.execute(ROLLUP_SQL, timeout=1800)
+        await conn.execute("VACUUM ANALYZE usage_events", timeout=1800)
+        await conn.execute("VACUUM ANALYZE usage_daily", timeout=1800)
+        await conn.execute("ANALYZE", timeout=1800)
+        seconds["rollup_and_analyze"] = time.perf_counter() - started
+    finally:
+        await conn.close()
+    return seconds
+
+
+async def timed(runs: int, fn: Any) -> tuple[float | str, int]:
+    """The median seconds of `runs` calls after one warm-up, and the last result's
+    size; or the error, when a call fails (a 503 is the statement timeout)."""
+    try:
+        size = len(await fn())
+        samples = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            size = len(await fn())
+            samples.append(time.perf_counter() - started)
+    except (httpx.HTTPStatusError, asyncpg.PostgresError, errors.LedgerError) as exc:
+        return f"error: {type(exc).__name__}", -1
+    return statistics.median(samples), size
+
+
+async def measure(dsn: str, runs: int) -> list[dict[str, Any]]:
+    admin = new_key().secret
+    config = Config(
+        database_url=dsn,
+        apply_schema=False,
+        sweeper_enabled=False,
+        pool_min_size=1,
+        pool_max_size=4,
+        log_level="warning",
+        environment="development",
+        bootstrap_admin_key=admin,
+        rate_limits="",
+    )
+    pool = await db.create_pool(
+        dsn,
+        min_size=1,
+        max_size=4,
+        statement_timeout_ms=config.statement_timeout_ms,
+        lock_timeout_ms=config.lock_timeout_ms,
+        idle_in_transaction_timeout_ms=config.idle_in_transaction_timeout_ms,
+        connect_timeout_seconds=config.connect_timeout_seconds,
+    )
+    results = []
+    try:
+        ledger = Ledger(pool, config, Metrics(), database_clock)
+        app = create_app(config, pool=pool)
+        async with (
+            app.lifespan(),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app),
+                base_url="http://bench.local",
+                headers={"Authorization": f"Bearer {admin}"},
+                timeout=120,
+            ) as client,
+        ):
+            secret = new_key()
+            await ledger.fetchval(
+                "create_key", secret.id, secret.prefix, secret.secret_hash, "bench", "finance", "b"
+            )
+            client.headers["Authorization"] = f"Bearer {secret.secret}"
+            for keys in GROUPINGS:
+                for path, start in (
+                    ("rollup", MONTH_START),
+                    ("events", MONTH_START + timedelta(microseconds=1)),
+                ):
+                    row: dict[str, Any] = {"group_by": ",".join(keys), "path": path}
+
+                    async def sql(s: datetime = start, k: tuple[str, ...] = keys) -> Any:
+                        return await reports.usage_report(ledger, s, MONTH_END, k)
+
+                    row["sql_seconds"], row["rows"] = await timed(runs, sql)
+                    params = {
+                        "from": start.isoformat(),
+                        "to": MONTH_END.isoformat(),
+                        "group_by": ",".join(keys),
+                    }
+                    for fmt, accept in (("json", "application/json"), ("csv", "text/csv")):
+
+                        async def http(p: dict[str, str] = params, a: str = accept) -> Any:
+                            r = await client.get(
+                                "/v1/reports/usage", params=p, headers={"Accept": a}
+                            )
+                            r.raise_for_status()
+                            return r.content.splitlines() if a == "text/csv" else r.json()["items"]
+
+                        row[f"http_{fmt}_seconds"], _ = await timed(runs, http)
+                    log(f"bench.reports: {row}")
+                    results.append(row)
+    finally:
+        await pool.close()
+    return results
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    header = (
+        f"{'group_by':<26} {'path':<7} {'rows':>8} {'sql s':>8} "
+        f"{'http json s':>12} {'http csv s':>11}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in results:
+        sql, js, cs = (
+            f"{v:.3f}" if isinstance(v, float) else str(v)
+            for v in (r["sql_seconds"], r["http_json_seconds"], r["http_csv_seconds"])
+        )
+        lines.append(
+            f"{r['group_by']:<26} {r['path']:<7} {r['rows']:>8} {sql:>8} {js:>12} {cs:>11}"
+        )
+    return "\n".join(lines)
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    database = await provision(args.database_url, f"tokenledger_reports_{os.getpid()}")
+    try:
+        log(f"bench.reports: database {database.name} ({database.source})")
+        build_seconds = await build(database.dsn, args.employees, args.events)
+        conn = await db.connect(database.dsn)
+        try:
+            daily_rows = int(await conn.fetchval("SELECT count(*) FROM usage_daily"))
+        finally:
+            await conn.close()
+        results = await measure(database.dsn, args.runs)
+    finally:
+        await database.drop()
+    return {
+        "employees": args.employees,
+        "departments": DEPARTMENTS,
+        "events": args.events,
+        "usage_daily_rows": daily_rows,
+        "month": [MONTH_START.isoformat(), MONTH_END.isoformat()],
+        "runs": args.runs,
+        "server_version": database.server_version,
+        "build_seconds": {k: round(v, 3) for k, v in build_seconds.items()},
+        "results": [
+            {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in results
+        ],
+    }
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--employees", type=int, default=10_000)
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    summary = asyncio.run(main(args))
+    print(table(summary["results"]))
+    text = json.dumps(summary, indent=2)
+    print(text)
+    if args.json is not None:
+        args.json.write_text(text + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,82 @@
+"""Usage reports (API.md, Metering and prices): usage totals over a period,
+grouped, as JSON or CSV."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Controller, Request, Response, get
+from litestar.di import NamedDependency
+from litestar.params import QueryParameter
+
+from service import reports
+from service.auth import access
+from service.journal import Ledger
+
+CSV = "text/csv"
+JSON = "application/json"
+
+
+class UsageReportItem(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One group: the asked grouping keys (only those), then the totals."""
+
+    events: int
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    credits: int
+    employee: str | None | msgspec.UnsetType = msgspec.UNSET
+    department: str | None | msgspec.UnsetType = msgspec.UNSET
+    model: str | None | msgspec.UnsetType = msgspec.UNSET
+    project: str | None | msgspec.UnsetType = msgspec.UNSET
+    day: str | None | msgspec.UnsetType = msgspec.UNSET
+    month: str | None | msgspec.UnsetType = msgspec.UNSET
+
+
+class UsageReport(msgspec.Struct, frozen=True):
+    items: list[UsageReportItem]
+
+
+class ReportsController(Controller):
+    path = "/v1"
+    tags = ["Reports"]
+
+    @get(
+        "/reports/usage", summary="Usage totals over a period, grouped", opt=access("finance", "hr")
+    )
+    async def usage(
+        self,
+        request: Request[Any, Any, Any],
+        ledger: NamedDependency[Ledger],
+        from_: Annotated[
+            datetime,
+            QueryParameter(name="from", description="Start, included (RFC 3339 with offset)."),
+        ],
+        to: Annotated[datetime, QueryParameter(description="End, excluded; at most 400 days on.")],
+        group_by: Annotated[
+            str,
+            QueryParameter(
+                description="A comma list of employee, department, model, project, day, month.",
+            ),
+        ],
+    ) -> Response[UsageReport]:
+        """Usage events with `from <= occurred_at < to`, summed per group of the
+        `group_by` keys (in that order, which is also the order of the items; null
+        last). `employee` is null for usage charged to a department account;
+        `department` is the employee's current department (or the department
+        account's); `project` is null for usage without one; `day` and `month` are
+        UTC (`YYYY-MM-DD`, `YYYY-MM`). When `from` and `to` are both UTC midnights
+        the report reads the daily roll-up (fast); otherwise it aggregates the events
+        themselves (exact at any instant, slower over long periods). With
+        `Accept: text/csv` the answer is CSV: a header row of the keys then the
+        totals, and one row per item (null is empty)."""
+        keys = reports.parse_group_by(group_by)
+        reports.check_period(from_, to)
+        items = await reports.usage_report(ledger, from_, to, keys)
+        if request.accept.best_match([JSON, CSV], default=JSON) == CSV:
+            text = reports.to_csv(keys, items)
+            # The CSV form of the same report.
+            return Response(text, media_type=f"{CSV}; charset=utf-8")  # type: ignore[arg-type]  # why: CSV text, not the JSON struct
+        return Response(UsageReport(items=items))  # type: ignore[arg-type]  # why: dicts encode the same

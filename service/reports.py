@@ -1,0 +1,83 @@
+"""Usage reports: totals of usage events over a period, grouped by any of the
+keys below (API.md, Metering and prices).
+
+When the period starts and ends at UTC midnights the report reads the daily
+roll-up (`usage_daily`, kept in the same transaction as each event), which is
+exact for whole days and much smaller; any other period aggregates
+`usage_events` itself, exact at any instant.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import UTC, datetime, time, timedelta
+from typing import Any
+
+from service import errors
+from service.journal import Ledger
+
+# The allow-list of grouping keys; service/sql/reports.sql has one
+# expression per key and nothing else reaches the SQL but this list.
+GROUP_KEYS = ("employee", "department", "model", "project", "day", "month")
+TOTALS = ("events", "input_tokens", "cached_input_tokens", "output_tokens", "credits")
+# A report covers at most this long a period.
+MAX_PERIOD = timedelta(days=400)
+
+
+def parse_group_by(text: str) -> tuple[str, ...]:
+    """The grouping keys of a `group_by` comma list, in the caller's order: at
+    least one, each from GROUP_KEYS, none twice."""
+    keys = tuple(part.strip() for part in text.split(","))
+    if keys == ("",):
+        raise invalid("group_by", "at least one grouping key is needed")
+    for k in keys:
+        if k not in GROUP_KEYS:
+            raise invalid("group_by", f"unknown grouping key {k!r}; use {', '.join(GROUP_KEYS)}")
+    if len(set(keys)) != len(keys):
+        raise invalid("group_by", "a grouping key appears twice")
+    return keys
+
+
+def check_period(start: datetime, end: datetime) -> None:
+    """[start, end) is a non-empty period of at most MAX_PERIOD, with offsets."""
+    for name, value in (("from", start), ("to", end)):
+        if value.tzinfo is None:
+            raise invalid(name, f"{name} needs a UTC offset (RFC 3339)")
+    if end <= start:
+        raise invalid("to", "to must be after from")
+    if end - start > MAX_PERIOD:
+        raise invalid("to", f"a report covers at most {MAX_PERIOD.days} days")
+
+
+def at_utc_midnight(when: datetime) -> bool:
+    return when.utcoffset() is not None and when.astimezone(UTC).time() == time(0)
+
+
+def uses_rollup(start: datetime, end: datetime) -> bool:
+    """Whole UTC days can be read from the daily roll-up."""
+    return at_utc_midnight(start) and at_utc_midnight(end)
+
+
+async def usage_report(
+    ledger: Ledger, start: datetime, end: datetime, keys: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """The report's rows: the asked keys in the caller's order, then TOTALS."""
+    assert keys and set(keys) <= set(GROUP_KEYS), keys
+    rows = await ledger.fetch("usage_report", start, end, list(keys), uses_rollup(start, end))
+    return [{**{k: r[k] for k in keys}, **{t: int(r[t]) for t in TOTALS}} for r in rows]
+
+
+def to_csv(keys: tuple[str, ...], items: list[dict[str, Any]]) -> str:
+    """A header row (keys, then TOTALS) and one row per item; null is empty."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    columns = (*keys, *TOTALS)
+    writer.writerow(columns)
+    for item in items:
+        writer.writerow(["" if item[c] is None else item[c] for c in columns])
+    return out.getvalue()
+
+
+def invalid(path: str, message: str) -> errors.InvalidRequest:
+    return errors.InvalidRequest(message, errors=[{"path": path, "message": message}])

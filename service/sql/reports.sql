@@ -1,0 +1,85 @@
+-- name: usage_report
+-- Usage totals over [$1, $2) grouped by the keys in $3 (a text[] of
+-- employee, department, model, project, day, month, already checked by
+-- service/reports.py), in the order of $3. $4 true reads the daily roll-up
+-- (usage_daily; only exact when $1 and $2 are UTC midnights), false
+-- aggregates usage_events itself (exact at any instant).
+--
+-- The grouping is static SQL: every allow-listed key has its expression
+-- below, and a key not in $3 turns into NULL, a constant that groups
+-- nothing. The first level aggregates the narrow rows by account id, model,
+-- project and date bucket; the second joins the (few) resulting accounts to
+-- employees and folds them into the asked keys. Every key is text, so the
+-- final ORDER BY picks each position's key by name.
+WITH raw AS (
+    SELECT d.account_id, d.model, d.project, d.day, d.events, d.input_tokens,
+           d.cached_input_tokens, d.output_tokens, d.credits
+    FROM usage_daily d
+    WHERE $4::boolean
+      AND d.day >= ($1::timestamptz AT TIME ZONE 'UTC')::date
+      AND d.day < ($2::timestamptz AT TIME ZONE 'UTC')::date
+    UNION ALL
+    SELECT u.account_id, u.model, coalesce(u.project, ''), (u.occurred_at AT TIME ZONE 'UTC')::date, 1,
+           u.input_tokens, u.cached_input_tokens, u.output_tokens, u.cost
+    FROM usage_events u
+    WHERE NOT $4::boolean
+      AND u.occurred_at >= $1::timestamptz AND u.occurred_at < $2::timestamptz
+),
+firsts AS (
+    SELECT CASE WHEN $3::text[] && ARRAY['employee', 'department'] THEN r.account_id END AS account_id,
+           CASE WHEN 'model' = ANY ($3::text[]) THEN r.model END AS model,
+           CASE WHEN 'project' = ANY ($3::text[]) THEN r.project END AS project,
+           CASE WHEN 'day' = ANY ($3::text[]) THEN r.day
+                WHEN 'month' = ANY ($3::text[]) THEN date_trunc('month', r.day)::date END AS bucket,
+           sum(r.events) AS events,
+           sum(r.input_tokens) AS input_tokens,
+           sum(r.cached_input_tokens) AS cached_input_tokens,
+           sum(r.output_tokens) AS output_tokens,
+           sum(r.credits) AS credits
+    FROM raw r
+    GROUP BY 1, 2, 3, 4
+),
+keyed AS (
+    SELECT CASE WHEN 'employee' = ANY ($3::text[]) AND a.type = 'employee' THEN a.ref END AS employee,
+           CASE WHEN 'department' = ANY ($3::text[])
+                THEN CASE a.type WHEN 'employee' THEN e.department WHEN 'department' THEN a.ref END
+           END AS department,
+           f.model,
+           nullif(f.project, '') AS project,
+           CASE WHEN 'day' = ANY ($3::text[]) THEN to_char(f.bucket, 'YYYY-MM-DD') END AS day,
+           CASE WHEN 'month' = ANY ($3::text[]) THEN to_char(f.bucket, 'YYYY-MM') END AS month,
+           f.events, f.input_tokens, f.cached_input_tokens, f.output_tokens, f.credits
+    FROM firsts f
+    LEFT JOIN accounts a ON a.id = f.account_id
+    LEFT JOIN employees e ON a.type = 'employee' AND e.id = a.ref
+),
+totals AS (
+    SELECT employee, department, model, project, day, month,
+           sum(events)::bigint AS events,
+           sum(input_tokens)::bigint AS input_tokens,
+           sum(cached_input_tokens)::bigint AS cached_input_tokens,
+           sum(output_tokens)::bigint AS output_tokens,
+           sum(credits)::bigint AS credits
+    FROM keyed
+    GROUP BY employee, department, model, project, day, month
+)
+SELECT t.*
+FROM totals t
+ORDER BY (CASE ($3::text[])[1] WHEN 'employee' THEN t.employee WHEN 'department' THEN t.department
+              WHEN 'model' THEN t.model WHEN 'project' THEN t.project WHEN 'day' THEN t.day
+              WHEN 'month' THEN t.month END) COLLATE "C",
+         (CASE ($3::text[])[2] WHEN 'employee' THEN t.employee WHEN 'department' THEN t.department
+              WHEN 'model' THEN t.model WHEN 'project' THEN t.project WHEN 'day' THEN t.day
+              WHEN 'month' THEN t.month END) COLLATE "C",
+         (CASE ($3::text[])[3] WHEN 'employee' THEN t.employee WHEN 'department' THEN t.department
+              WHEN 'model' THEN t.model WHEN 'project' THEN t.project WHEN 'day' THEN t.day
+              WHEN 'month' THEN t.month END) COLLATE "C",
+         (CASE ($3::text[])[4] WHEN 'employee' THEN t.employee WHEN 'department' THEN t.department
+              WHEN 'model' THEN t.model WHEN 'project' THEN t.project WHEN 'day' THEN t.day
+              WHEN 'month' THEN t.month END) COLLATE "C",
+         (CASE ($3::text[])[5] WHEN 'employee' THEN t.employee WHEN 'department' THEN t.department
+              WHEN 'model' THEN t.model WHEN 'project' THEN t.project WHEN 'day' THEN t.day
+              WHEN 'month' THEN t.month END) COLLATE "C",
+         (CASE ($3::text[])[6] WHEN 'employee' THEN t.employee WHEN 'department' THEN t.department
+              WHEN 'model' THEN t.model WHEN 'project' THEN t.project WHEN 'day' THEN t.day
+              WHEN 'month' THEN t.month END) COLLATE "C";
