@@ -1538,6 +1538,74 @@ CREATE TABLE IF NOT EXISTS usage_daily (
     PRIMARY KEY (day, account_id, model, project)
 );
 
+-- Coarser roll-ups, so a month's report reads far fewer rows than events:
+-- per account and month, and per day without the account (that one is
+-- touched by every event of the day, so it is split into shard rows by
+-- backend like the system accounts, and never becomes one hot row).
+CREATE TABLE IF NOT EXISTS usage_monthly (
+    month               date NOT NULL,
+    account_id          bigint NOT NULL REFERENCES accounts (id),
+    model               text NOT NULL,
+    project             text NOT NULL DEFAULT '',
+    events              bigint NOT NULL DEFAULT 0,
+    input_tokens        bigint NOT NULL DEFAULT 0,
+    cached_input_tokens bigint NOT NULL DEFAULT 0,
+    output_tokens       bigint NOT NULL DEFAULT 0,
+    credits             bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (month, account_id, model, project)
+);
+CREATE TABLE IF NOT EXISTS usage_daily_models (
+    day                 date NOT NULL,
+    model               text NOT NULL,
+    project             text NOT NULL DEFAULT '',
+    shard               integer NOT NULL,
+    events              bigint NOT NULL DEFAULT 0,
+    input_tokens        bigint NOT NULL DEFAULT 0,
+    cached_input_tokens bigint NOT NULL DEFAULT 0,
+    output_tokens       bigint NOT NULL DEFAULT 0,
+    credits             bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, model, project, shard)
+);
+
+-- Adds a set of events (as rows of usage_events) to the three roll-ups.
+CREATE OR REPLACE FUNCTION tl_usage_rollup_many(p_events usage_events[]) RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO usage_daily AS d (day, account_id, model, project, events, input_tokens,
+                                  cached_input_tokens, output_tokens, credits)
+    SELECT (e.occurred_at AT TIME ZONE 'UTC')::date, e.account_id, e.model, coalesce(e.project, ''), count(*),
+           sum(e.input_tokens), sum(e.cached_input_tokens), sum(e.output_tokens), sum(e.cost)
+    FROM unnest(p_events) e GROUP BY 1, 2, 3, 4
+    ON CONFLICT (day, account_id, model, project) DO UPDATE SET
+        events = d.events + EXCLUDED.events,
+        input_tokens = d.input_tokens + EXCLUDED.input_tokens,
+        cached_input_tokens = d.cached_input_tokens + EXCLUDED.cached_input_tokens,
+        output_tokens = d.output_tokens + EXCLUDED.output_tokens,
+        credits = d.credits + EXCLUDED.credits;
+    INSERT INTO usage_monthly AS d (month, account_id, model, project, events, input_tokens,
+                                    cached_input_tokens, output_tokens, credits)
+    SELECT date_trunc('month', e.occurred_at AT TIME ZONE 'UTC')::date, e.account_id, e.model,
+           coalesce(e.project, ''), count(*),
+           sum(e.input_tokens), sum(e.cached_input_tokens), sum(e.output_tokens), sum(e.cost)
+    FROM unnest(p_events) e GROUP BY 1, 2, 3, 4
+    ON CONFLICT (month, account_id, model, project) DO UPDATE SET
+        events = d.events + EXCLUDED.events,
+        input_tokens = d.input_tokens + EXCLUDED.input_tokens,
+        cached_input_tokens = d.cached_input_tokens + EXCLUDED.cached_input_tokens,
+        output_tokens = d.output_tokens + EXCLUDED.output_tokens,
+        credits = d.credits + EXCLUDED.credits;
+    INSERT INTO usage_daily_models AS d (day, model, project, shard, events, input_tokens,
+                                         cached_input_tokens, output_tokens, credits)
+    SELECT (e.occurred_at AT TIME ZONE 'UTC')::date, e.model, coalesce(e.project, ''), pg_backend_pid() % 16,
+           count(*), sum(e.input_tokens), sum(e.cached_input_tokens), sum(e.output_tokens), sum(e.cost)
+    FROM unnest(p_events) e GROUP BY 1, 2, 3, 4
+    ON CONFLICT (day, model, project, shard) DO UPDATE SET
+        events = d.events + EXCLUDED.events,
+        input_tokens = d.input_tokens + EXCLUDED.input_tokens,
+        cached_input_tokens = d.cached_input_tokens + EXCLUDED.cached_input_tokens,
+        output_tokens = d.output_tokens + EXCLUDED.output_tokens,
+        credits = d.credits + EXCLUDED.credits;
+$$;
+
 CREATE OR REPLACE FUNCTION tl_usage_json(p usage_events, p_status text) RETURNS jsonb
 LANGUAGE sql STABLE AS $$
     SELECT jsonb_build_object(
@@ -1561,16 +1629,7 @@ $$;
 
 CREATE OR REPLACE FUNCTION tl_usage_rollup(p usage_events) RETURNS void
 LANGUAGE sql AS $$
-    INSERT INTO usage_daily AS d (day, account_id, model, project, events, input_tokens,
-                                  cached_input_tokens, output_tokens, credits)
-    VALUES ((p.occurred_at AT TIME ZONE 'UTC')::date, p.account_id, p.model, coalesce(p.project, ''), 1,
-            p.input_tokens, p.cached_input_tokens, p.output_tokens, p.cost)
-    ON CONFLICT (day, account_id, model, project) DO UPDATE SET
-        events = d.events + 1,
-        input_tokens = d.input_tokens + EXCLUDED.input_tokens,
-        cached_input_tokens = d.cached_input_tokens + EXCLUDED.cached_input_tokens,
-        output_tokens = d.output_tokens + EXCLUDED.output_tokens,
-        credits = d.credits + EXCLUDED.credits
+    SELECT tl_usage_rollup_many(ARRAY[p])
 $$;
 
 -- Records one usage event: prices it at the version in effect at
@@ -1808,18 +1867,8 @@ BEGIN
     FROM tl_usage_batch b WHERE b.status = 'recorded' AND u.id = b.id;
     UPDATE usage_events u SET result = tl_usage_json(u, 'recorded') - 'status'
     FROM tl_usage_batch b WHERE b.status = 'recorded' AND u.id = b.id;
-    INSERT INTO usage_daily AS d (day, account_id, model, project, events, input_tokens,
-                                  cached_input_tokens, output_tokens, credits)
-    SELECT (occurred_at AT TIME ZONE 'UTC')::date, account_id, model, coalesce(project, ''), count(*),
-           sum(input_tokens), sum(cached_input_tokens), sum(output_tokens), sum(cost)
-    FROM tl_usage_batch WHERE status = 'recorded'
-    GROUP BY 1, 2, 3, 4
-    ON CONFLICT (day, account_id, model, project) DO UPDATE SET
-        events = d.events + EXCLUDED.events,
-        input_tokens = d.input_tokens + EXCLUDED.input_tokens,
-        cached_input_tokens = d.cached_input_tokens + EXCLUDED.cached_input_tokens,
-        output_tokens = d.output_tokens + EXCLUDED.output_tokens,
-        credits = d.credits + EXCLUDED.credits;
+    PERFORM tl_usage_rollup_many(ARRAY(
+        SELECT u FROM usage_events u JOIN tl_usage_batch b ON b.id = u.id WHERE b.status = 'recorded'));
     UPDATE tl_usage_batch b SET result = u.result FROM usage_events u WHERE b.status = 'recorded' AND u.id = b.id;
 
     -- Events that settle a reservation, one at a time (each fails alone).
@@ -2131,6 +2180,12 @@ BEGIN
     GRANT UPDATE ON accounts, account_shards, lots, departments, employees, idempotency_keys,
                     api_keys TO tokenledger_app;
     GRANT DELETE ON idempotency_keys TO tokenledger_app;
+    -- Reservations resolve by UPDATE (a trigger lets them do so once); holds
+    -- are only inserted. A usage batch gives back the claims it rejects.
+    GRANT INSERT, UPDATE ON reservations TO tokenledger_app;
+    GRANT INSERT ON reservation_holds TO tokenledger_app;
+    GRANT INSERT, UPDATE, DELETE ON usage_events TO tokenledger_app;
+    GRANT INSERT, UPDATE ON usage_daily, usage_monthly, usage_daily_models TO tokenledger_app;
     REVOKE UPDATE, DELETE, TRUNCATE ON transactions, entries, lot_movements FROM tokenledger_app;
     -- Price versions are append-only too (README, Prices).
     GRANT SELECT, INSERT ON prices TO tokenledger_app;
@@ -2305,4 +2360,4 @@ SELECT a.id, s FROM accounts a CROSS JOIN LATERAL generate_series(0, a.shard_cou
 WHERE a.type = 'system'
 ON CONFLICT DO NOTHING;
 
-INSERT INTO schema_version (version) VALUES (1), (2), (3), (4), (5) ON CONFLICT DO NOTHING;
+INSERT INTO schema_version (version) VALUES (1), (2), (3), (4), (5), (6) ON CONFLICT DO NOTHING;

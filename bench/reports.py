@@ -103,13 +103,27 @@ JOIN bench_accounts a ON a.n = g.account_n
 JOIN bench_models m ON m.n = g.model_n
 """
 
+# The same rows the service's tl_usage_rollup_many keeps, built in bulk.
 ROLLUP_SQL = """
 INSERT INTO usage_daily (day, account_id, model, project, events, input_tokens,
                          cached_input_tokens, output_tokens, credits)
 SELECT (occurred_at AT TIME ZONE 'UTC')::date, account_id, model, coalesce(project, ''),
        count(*), sum(input_tokens), sum(cached_input_tokens), sum(output_tokens), sum(cost)
 FROM usage_events
-GROUP BY 1, 2, 3, 4
+GROUP BY 1, 2, 3, 4;
+INSERT INTO usage_monthly (month, account_id, model, project, events, input_tokens,
+                           cached_input_tokens, output_tokens, credits)
+SELECT date_trunc('month', occurred_at AT TIME ZONE 'UTC')::date, account_id, model,
+       coalesce(project, ''), count(*), sum(input_tokens), sum(cached_input_tokens),
+       sum(output_tokens), sum(cost)
+FROM usage_events
+GROUP BY 1, 2, 3, 4;
+INSERT INTO usage_daily_models (day, model, project, shard, events, input_tokens,
+                                cached_input_tokens, output_tokens, credits)
+SELECT (occurred_at AT TIME ZONE 'UTC')::date, model, coalesce(project, ''), 0,
+       count(*), sum(input_tokens), sum(cached_input_tokens), sum(output_tokens), sum(cost)
+FROM usage_events
+GROUP BY 1, 2, 3;
 """
 
 
@@ -144,6 +158,8 @@ async def build(dsn: str, employees: int, events: int) -> dict[str, float]:
         await conn.execute(ROLLUP_SQL, timeout=1800)
         await conn.execute("VACUUM ANALYZE usage_events", timeout=1800)
         await conn.execute("VACUUM ANALYZE usage_daily", timeout=1800)
+        await conn.execute("VACUUM ANALYZE usage_monthly", timeout=1800)
+        await conn.execute("VACUUM ANALYZE usage_daily_models", timeout=1800)
         await conn.execute("ANALYZE", timeout=1800)
         seconds["rollup_and_analyze"] = time.perf_counter() - started
     finally:

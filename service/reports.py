@@ -55,8 +55,26 @@ def at_utc_midnight(when: datetime) -> bool:
 
 
 def uses_rollup(start: datetime, end: datetime) -> bool:
-    """Whole UTC days can be read from the daily roll-up."""
+    """Whole UTC days can be read from a roll-up."""
     return at_utc_midnight(start) and at_utc_midnight(end)
+
+
+def at_month_start(when: datetime) -> bool:
+    return at_utc_midnight(when) and when.astimezone(UTC).day == 1
+
+
+def source_for(start: datetime, end: datetime, keys: tuple[str, ...]) -> str:
+    """The smallest table that answers exactly: a month-per-account roll-up
+    for whole UTC months without a day key, a per-day roll-up without the
+    account when no employee or department key is asked, the daily roll-up
+    for other whole days, and the events themselves for any other period."""
+    if not uses_rollup(start, end):
+        return "events"
+    if not {"employee", "department"} & set(keys):
+        return "models"
+    if "day" not in keys and at_month_start(start) and at_month_start(end):
+        return "monthly"
+    return "daily"
 
 
 async def usage_report(
@@ -64,7 +82,7 @@ async def usage_report(
 ) -> list[dict[str, Any]]:
     """The report's rows: the asked keys in the caller's order, then TOTALS."""
     assert keys and set(keys) <= set(GROUP_KEYS), keys
-    rows = await ledger.fetch("usage_report", start, end, list(keys), uses_rollup(start, end))
+    rows = await ledger.fetch("usage_report", start, end, list(keys), source_for(start, end, keys))
     return [{**{k: r[k] for k in keys}, **{t: int(r[t]) for t in TOTALS}} for r in rows]
 
 

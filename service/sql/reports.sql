@@ -1,9 +1,11 @@
 -- name: usage_report
 -- Usage totals over [$1, $2) grouped by the keys in $3 (a text[] of
 -- employee, department, model, project, day, month, already checked by
--- service/reports.py), in the order of $3. $4 true reads the daily roll-up
--- (usage_daily; only exact when $1 and $2 are UTC midnights), false
--- aggregates usage_events itself (exact at any instant).
+-- service/reports.py), in the order of $3, from the source $4 that
+-- service/reports.py picked: 'monthly' (usage_monthly: whole UTC months, no
+-- day key), 'models' (usage_daily_models: whole days, no employee or
+-- department key), 'daily' (usage_daily: whole days), or 'events'
+-- (usage_events itself, exact at any instant).
 --
 -- The grouping is static SQL: every allow-listed key has its expression
 -- below, and a key not in $3 turns into NULL, a constant that groups
@@ -15,28 +17,51 @@ WITH raw AS (
     SELECT d.account_id, d.model, d.project, d.day, d.events, d.input_tokens,
            d.cached_input_tokens, d.output_tokens, d.credits
     FROM usage_daily d
-    WHERE $4::boolean
+    WHERE $4::text = 'daily'
       AND d.day >= ($1::timestamptz AT TIME ZONE 'UTC')::date
       AND d.day < ($2::timestamptz AT TIME ZONE 'UTC')::date
+    UNION ALL
+    SELECT m.account_id, m.model, m.project, m.month, m.events, m.input_tokens,
+           m.cached_input_tokens, m.output_tokens, m.credits
+    FROM usage_monthly m
+    WHERE $4::text = 'monthly'
+      AND m.month >= ($1::timestamptz AT TIME ZONE 'UTC')::date
+      AND m.month < ($2::timestamptz AT TIME ZONE 'UTC')::date
+    UNION ALL
+    SELECT NULL::bigint, g.model, g.project, g.day, g.events, g.input_tokens,
+           g.cached_input_tokens, g.output_tokens, g.credits
+    FROM usage_daily_models g
+    WHERE $4::text = 'models'
+      AND g.day >= ($1::timestamptz AT TIME ZONE 'UTC')::date
+      AND g.day < ($2::timestamptz AT TIME ZONE 'UTC')::date
     UNION ALL
     SELECT u.account_id, u.model, coalesce(u.project, ''), (u.occurred_at AT TIME ZONE 'UTC')::date, 1,
            u.input_tokens, u.cached_input_tokens, u.output_tokens, u.cost
     FROM usage_events u
-    WHERE NOT $4::boolean
+    WHERE $4::text = 'events'
       AND u.occurred_at >= $1::timestamptz AND u.occurred_at < $2::timestamptz
 ),
+-- The asked keys as booleans, computed once: testing the array per row
+-- costs more than the aggregation itself on a million rows.
+flags AS (
+    SELECT $3::text[] && ARRAY['employee', 'department'] AS by_account,
+           'model' = ANY ($3::text[]) AS by_model,
+           'project' = ANY ($3::text[]) AS by_project,
+           'day' = ANY ($3::text[]) AS by_day,
+           'month' = ANY ($3::text[]) AS by_month
+),
 firsts AS (
-    SELECT CASE WHEN $3::text[] && ARRAY['employee', 'department'] THEN r.account_id END AS account_id,
-           CASE WHEN 'model' = ANY ($3::text[]) THEN r.model END AS model,
-           CASE WHEN 'project' = ANY ($3::text[]) THEN r.project END AS project,
-           CASE WHEN 'day' = ANY ($3::text[]) THEN r.day
-                WHEN 'month' = ANY ($3::text[]) THEN date_trunc('month', r.day)::date END AS bucket,
+    SELECT CASE WHEN f.by_account THEN r.account_id END AS account_id,
+           CASE WHEN f.by_model THEN r.model END AS model,
+           CASE WHEN f.by_project THEN r.project END AS project,
+           CASE WHEN f.by_day THEN r.day
+                WHEN f.by_month THEN date_trunc('month', r.day)::date END AS bucket,
            sum(r.events) AS events,
            sum(r.input_tokens) AS input_tokens,
            sum(r.cached_input_tokens) AS cached_input_tokens,
            sum(r.output_tokens) AS output_tokens,
            sum(r.credits) AS credits
-    FROM raw r
+    FROM raw r CROSS JOIN flags f
     GROUP BY 1, 2, 3, 4
 ),
 keyed AS (

@@ -59,3 +59,39 @@ async def test_service_runs_as_app_role(config: Config, admin_key: str) -> None:
         assert await api.available("employee:e-1") == 50
         r = await c.get("/v1/accounts/employee:e-1")
         assert r.status_code == 200
+        # Reservations and metering write tables of their own.
+        r = await c.post(
+            "/v1/reservations",
+            json={"account": "employee:e-1", "amount": 10},
+            headers={"Idempotency-Key": "rsv-1"},
+        )
+        assert r.status_code == 201, r.text
+        r = await c.post(
+            f"/v1/reservations/{r.json()['id']}/capture",
+            json={"amount": 4},
+            headers={"Idempotency-Key": "cap-1"},
+        )
+        assert r.status_code == 200, r.text
+        price = {
+            "model": "m1",
+            "effective_from": "2020-01-01T00:00:00Z",
+            "input_per_mtok": 1_000_000,
+            "cached_input_per_mtok": 1_000_000,
+            "output_per_mtok": 1_000_000,
+        }
+        r = await c.post("/v1/prices", json=price, headers={"Idempotency-Key": "prc-1"})
+        assert r.status_code == 201, r.text
+        event = {"source": "gw", "account": "employee:e-1", "model": "m1", "output_tokens": 0}
+        r = await c.post("/v1/usage", json={**event, "event_id": "u1", "input_tokens": 3})
+        assert r.status_code == 201, r.text
+        r = await c.post(
+            "/v1/usage:batch",
+            json={
+                "events": [
+                    {**event, "event_id": "u2", "input_tokens": 2},
+                    {**event, "event_id": "u3", "input_tokens": 10**9},
+                ]
+            },
+        )
+        assert [x["status"] for x in r.json()["results"]] == ["recorded", "rejected"], r.text
+        assert await api.available("employee:e-1") == 50 - 4 - 3 - 2
