@@ -1,10 +1,15 @@
 """Usage reports: totals of usage events over a period, grouped by any of the
 keys below (API.md, Metering and prices).
 
-When the period starts and ends at UTC midnights the report reads the daily
-roll-up (`usage_daily`, kept in the same transaction as each event), which is
-exact for whole days and much smaller; any other period aggregates
-`usage_events` itself, exact at any instant.
+Each query reads the smallest table that answers it exactly (source_for).
+Roll-ups hold whole UTC days, so a period that does not start and end at UTC
+midnights aggregates `usage_events` itself, exact at any instant. Whole days
+without an employee or department key read `usage_daily_models` (per day,
+model and project, without the account, so far fewer rows); whole UTC months
+without a day key read `usage_monthly` (per month, account, model and
+project); other whole days read `usage_daily` (per day and account).
+tl_usage_rollup_many keeps all three in the same transaction as each event,
+so every source gives the same totals.
 """
 
 from __future__ import annotations
