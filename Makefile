@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run test check fmt lint typecheck audit bench chaos clean
+.PHONY: help venv run test check fmt lint typecheck audit bench bench-reports bench-programs chaos clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -51,6 +51,12 @@ audit: venv ## Check the ledger's invariants against the database
 
 bench: venv ## Run the load generator
 	$(PY) -m bench
+
+bench-reports: venv ## Time usage reports on 1M events for 10k employees
+	$(PY) -m bench.reports
+
+bench-programs: venv ## Time a grant-program cycle issued to 10k employees
+	$(PY) -m bench.programs
 
 chaos: venv ## Run the load generator while injecting failures
 	$(PY) -m bench.chaos

@@ -111,13 +111,25 @@ CREATE TABLE IF NOT EXISTS transactions (
     reverses   uuid REFERENCES transactions (id),
     created_at timestamptz NOT NULL,
     CONSTRAINT transactions_kind_valid CHECK (kind IN
-        ('grant', 'debit', 'usage', 'transfer', 'capture', 'expiry', 'void', 'reversal')),
+        ('grant', 'debit', 'usage', 'transfer', 'capture', 'expiry', 'void', 'reversal', 'rollover')),
     -- A transaction is reversed at most once.
     CONSTRAINT transactions_reverses_key UNIQUE (reverses),
     CONSTRAINT transactions_reversal_has_target CHECK ((kind = 'reversal') = (reverses IS NOT NULL)),
     CONSTRAINT transactions_metadata_object CHECK (jsonb_typeof(metadata) = 'object')
 );
 CREATE INDEX IF NOT EXISTS transactions_kind_idx ON transactions (kind, id DESC);
+
+-- Version 7 added the `rollover` kind (grant programs). Replaced only when
+-- missing: re-checking the constraint scans the whole table.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'transactions_kind_valid'
+                     AND pg_get_constraintdef(oid) LIKE '%rollover%') THEN
+        ALTER TABLE transactions DROP CONSTRAINT IF EXISTS transactions_kind_valid;
+        ALTER TABLE transactions ADD CONSTRAINT transactions_kind_valid CHECK (kind IN
+            ('grant', 'debit', 'usage', 'transfer', 'capture', 'expiry', 'void', 'reversal', 'rollover'));
+    END IF;
+END $$;
 
 CREATE TABLE IF NOT EXISTS entries (
     id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -169,6 +181,12 @@ CREATE INDEX IF NOT EXISTS lots_consumption_idx ON lots
     WHERE status = 'active' AND remaining > 0;
 CREATE INDEX IF NOT EXISTS lots_due_idx ON lots (expires_at)
     WHERE status = 'active' AND remaining > 0 AND expires_at IS NOT NULL;
+-- A grant-program lot can roll over (tl_roll_over): at expires_at up to
+-- rollover_max of its free credits move to a new lot expiring at
+-- rollover_until; rolled_at records that it happened (once).
+ALTER TABLE lots ADD COLUMN IF NOT EXISTS rollover_max bigint;
+ALTER TABLE lots ADD COLUMN IF NOT EXISTS rollover_until timestamptz;
+ALTER TABLE lots ADD COLUMN IF NOT EXISTS rolled_at timestamptz;
 
 -- A transaction may move one lot more than once (a capture draws on a lot's
 -- hold and then on its free credits), so movements have an id of their own.
@@ -495,6 +513,7 @@ BEGIN
         PERFORM tl_release_holds(v_res);
         UPDATE reservations SET status = 'expired', resolved_at = v_res.expires_at WHERE id = v_res.id;
     END LOOP;
+    PERFORM tl_roll_over(p_account, p_now, p_ctx);
     PERFORM tl_return_voided(p_account, p_now, p_ctx);
     RETURN tl_expire_lots(p_account, p_now, p_ctx);
 END $$;
@@ -666,6 +685,7 @@ DECLARE
     v_reserved bigint;
     v_due_reserved bigint := 0;
     v_due_held bigint := 0;
+    v_rolling bigint := 0;
     v_expiring jsonb := '[]'::jsonb;
 BEGIN
     SELECT * INTO a FROM accounts WHERE id = p_id;
@@ -684,13 +704,24 @@ BEGIN
                                                           AND (expires_at IS NULL OR expires_at > p_now)), 0)
             INTO v_due, v_pending
             FROM lots WHERE account_id = a.id AND status = 'active' AND remaining > reserved;
+        -- Program lots past their cycle's end whose rollover is not written
+        -- yet: the part that rolls over is still live, until rollover_until.
+        SELECT coalesce(sum(tl_rollover_pending(l, p_now)), 0) INTO v_rolling FROM lots l
+            WHERE l.account_id = a.id AND l.rollover_max IS NOT NULL AND l.rolled_at IS NULL
+              AND l.status = 'active' AND l.expires_at <= p_now;
         SELECT coalesce(jsonb_agg(jsonb_build_object('amount', x.amount, 'expires_at', tl_ts(x.expires_at))
                                   ORDER BY x.expires_at), '[]'::jsonb)
             INTO v_expiring
-            FROM (SELECT expires_at, sum(remaining - reserved) AS amount FROM lots
-                  WHERE account_id = a.id AND status = 'active' AND remaining > reserved
-                    AND expires_at > p_now AND expires_at IS NOT NULL
-                  GROUP BY expires_at ORDER BY expires_at LIMIT 50) x;
+            FROM (SELECT y.expires_at, sum(y.amount) AS amount FROM (
+                      SELECT expires_at, remaining - reserved AS amount FROM lots
+                      WHERE account_id = a.id AND status = 'active' AND remaining > reserved
+                        AND expires_at > p_now AND expires_at IS NOT NULL
+                      UNION ALL
+                      SELECT l.rollover_until, tl_rollover_pending(l, p_now) FROM lots l
+                      WHERE v_rolling > 0 AND l.account_id = a.id AND l.rollover_max IS NOT NULL
+                        AND l.rolled_at IS NULL AND l.status = 'active' AND l.expires_at <= p_now) y
+                  WHERE y.amount > 0
+                  GROUP BY y.expires_at ORDER BY y.expires_at LIMIT 50) x;
     END IF;
     -- Reservations past their expires_at hold nothing any more; what they
     -- held on lots that have expired has expired with them.
@@ -702,7 +733,7 @@ BEGIN
             WHERE r.account_id = a.id AND r.status = 'active' AND r.expires_at <= p_now
               AND l.status = 'active' AND l.expires_at <= p_now;
     END IF;
-    v_posted := v_posted - v_due - v_due_held;
+    v_posted := v_posted - v_due - v_due_held + v_rolling;
     v_reserved := a.reserved - v_due_reserved;
     v_available := v_posted - v_reserved - v_pending;
     RETURN jsonb_build_object(
@@ -736,8 +767,11 @@ LANGUAGE sql STABLE AS $$
             WHERE e.account_id = p_account AND e.shard = s AND e.created_at <= p_at
             ORDER BY e.created_at DESC, e.version DESC LIMIT 1) x
     )::bigint - (
-        SELECT coalesce(sum(greatest(0, y.remaining - y.held)), 0)
-        FROM (SELECT
+        -- (a program lot's rollover part lives on until rollover_until)
+        SELECT coalesce(sum(greatest(0, y.remaining - y.held)
+                            - CASE WHEN y.rollover_max IS NOT NULL AND y.rollover_until > p_at
+                                   THEN least(y.rollover_max, greatest(0, y.remaining - y.held)) ELSE 0 END), 0)
+        FROM (SELECT l.rollover_max, l.rollover_until,
                 (SELECT coalesce(sum(m.amount), 0) FROM lot_movements m
                  JOIN transactions t ON t.id = m.transaction_id
                  WHERE m.lot_id = l.id AND t.created_at <= p_at) AS remaining,
@@ -807,12 +841,14 @@ DECLARE
     v_dept text := p_args ->> 'department';
     v_created boolean;
     v_status text;
+    v_old_dept text;
+    v_runs jsonb := '[]'::jsonb;
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM departments WHERE id = v_dept) THEN
         PERFORM tl_raise('TLA03', 'department_not_found', format('department %s does not exist', v_dept),
                          jsonb_build_object('department', v_dept));
     END IF;
-    SELECT status INTO v_status FROM employees WHERE id = v_id FOR UPDATE;
+    SELECT status, department INTO v_status, v_old_dept FROM employees WHERE id = v_id FOR UPDATE;
     IF v_status = 'offboarded' THEN
         PERFORM tl_raise('TLB02', 'account_closed', format('employee %s was offboarded; their wallet is closed', v_id),
                          jsonb_build_object('account', 'employee:' || v_id));
@@ -823,7 +859,12 @@ BEGIN
     RETURNING (xmax = 0) INTO v_created;
     INSERT INTO accounts (address, type, ref) VALUES ('employee:' || v_id, 'employee', v_id)
     ON CONFLICT (address) DO NOTHING;
-    RETURN jsonb_build_object('created', v_created, 'body', tl_employee_json(v_id, tl_now(p_ctx)));
+    -- Joining a grant program's audience mid-cycle grants that cycle at once.
+    IF v_created OR v_old_dept IS DISTINCT FROM v_dept THEN
+        v_runs := tl_program_onboard(v_id, p_ctx);
+    END IF;
+    RETURN jsonb_build_object('created', v_created, 'body', tl_employee_json(v_id, tl_now(p_ctx)),
+                              'program_runs', v_runs);
 END $$;
 
 -- ---------------------------------------------------------------------------
@@ -2071,6 +2112,549 @@ BEGIN
 END $$;
 
 -- ---------------------------------------------------------------------------
+-- Grant programs: recurring allotments (README, Grant programs)
+-- ---------------------------------------------------------------------------
+
+-- A program issues `amount` to every employee of its audience once per
+-- cycle. Cycle "YYYY-MM" starts at local midnight of day `cadence_day` of
+-- that month in `time_zone` and ends where the next one starts (so a DST
+-- change moves the UTC instant, never the local one).
+CREATE TABLE IF NOT EXISTS grant_programs (
+    id           text PRIMARY KEY,
+    amount       bigint NOT NULL,
+    reason       text NOT NULL,
+    cadence_day  integer NOT NULL,
+    time_zone    text NOT NULL DEFAULT 'UTC',
+    audience     jsonb NOT NULL,
+    expiry       jsonb,
+    rollover_max bigint,
+    funded_by    bigint NOT NULL REFERENCES accounts (id),
+    starts_on    date NOT NULL,
+    ends_on      date,
+    active       boolean NOT NULL,
+    prorate      boolean NOT NULL DEFAULT false,
+    version      integer NOT NULL DEFAULT 1,
+    created_at   timestamptz NOT NULL,
+    updated_at   timestamptz NOT NULL,
+    CONSTRAINT grant_programs_id_format CHECK (id ~ '^[a-z0-9][a-z0-9._-]{0,63}$'),
+    CONSTRAINT grant_programs_amount_positive CHECK (amount > 0),
+    CONSTRAINT grant_programs_day_range CHECK (cadence_day BETWEEN 1 AND 28),
+    CONSTRAINT grant_programs_rollover_nonnegative CHECK (rollover_max IS NULL OR rollover_max >= 0),
+    CONSTRAINT grant_programs_rollover_needs_cycle_expiry
+        CHECK (rollover_max IS NULL OR expiry = '{"at": "end_of_cycle"}'::jsonb),
+    CONSTRAINT grant_programs_ends_after_start CHECK (ends_on IS NULL OR ends_on >= starts_on)
+);
+
+-- One row per run of a cycle (by the API, the scheduler, or an onboarding).
+CREATE TABLE IF NOT EXISTS program_runs (
+    id                uuid PRIMARY KEY,
+    program_id        text NOT NULL REFERENCES grant_programs (id),
+    cycle             text NOT NULL,
+    trigger           text NOT NULL,
+    issued            integer NOT NULL DEFAULT 0,
+    credits           bigint NOT NULL DEFAULT 0,
+    skipped           jsonb NOT NULL DEFAULT '{}'::jsonb,
+    skipped_employees jsonb NOT NULL DEFAULT '[]'::jsonb,
+    actor             text,
+    request_id        text,
+    ran_at            timestamptz NOT NULL,
+    CONSTRAINT program_runs_trigger_valid CHECK (trigger IN ('api', 'scheduler', 'onboarding')),
+    CONSTRAINT program_runs_cycle_format CHECK (cycle ~ '^[0-9]{4}-(0[1-9]|1[0-2])$')
+);
+CREATE INDEX IF NOT EXISTS program_runs_program_idx ON program_runs (program_id, cycle, ran_at);
+
+-- Invariant 8: the primary key is what makes a grant exactly one per
+-- (program, cycle, employee), whoever runs the cycle and however often. A
+-- run claims its rows with INSERT .. ON CONFLICT DO NOTHING and issues only
+-- the rows it inserted. The lot and transaction are written after the claim
+-- in the same transaction, hence the deferred references.
+CREATE TABLE IF NOT EXISTS program_grants (
+    program_id     text NOT NULL REFERENCES grant_programs (id),
+    cycle          text NOT NULL,
+    employee_id    text NOT NULL REFERENCES employees (id),
+    amount         bigint NOT NULL,
+    transaction_id uuid NOT NULL REFERENCES transactions (id) DEFERRABLE INITIALLY DEFERRED,
+    lot_id         uuid NOT NULL REFERENCES lots (id) DEFERRABLE INITIALLY DEFERRED,
+    run_id         uuid NOT NULL REFERENCES program_runs (id),
+    created_at     timestamptz NOT NULL,
+    PRIMARY KEY (program_id, cycle, employee_id),
+    CONSTRAINT program_grants_amount_positive CHECK (amount > 0)
+);
+
+CREATE OR REPLACE FUNCTION tl_cycle_bounds(p_cycle text, p_day integer, p_tz text,
+                                           OUT starts_at timestamptz, OUT ends_at timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT (m + (p_day - 1))::timestamp AT TIME ZONE p_tz,
+           ((m + interval '1 month')::date + (p_day - 1))::timestamp AT TIME ZONE p_tz
+    FROM (SELECT to_date(p_cycle || '-01', 'YYYY-MM-DD') AS m) x
+$$;
+
+-- The cycle an instant falls in: its local time, moved back (day - 1) days,
+-- is in the cycle's month.
+CREATE OR REPLACE FUNCTION tl_cycle_at(p_at timestamptz, p_day integer, p_tz text) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT to_char((p_at AT TIME ZONE p_tz) - make_interval(days => p_day - 1), 'YYYY-MM')
+$$;
+
+CREATE OR REPLACE FUNCTION tl_cycle_add(p_cycle text, p_months integer) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT to_char(to_date(p_cycle || '-01', 'YYYY-MM-DD') + make_interval(months => p_months), 'YYYY-MM')
+$$;
+
+-- A program's first cycle starts on or after starts_on; its last starts on
+-- or before ends_on (NULL: no last cycle).
+CREATE OR REPLACE FUNCTION tl_program_first_cycle(p grant_programs) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN extract(day FROM p.starts_on) <= p.cadence_day THEN to_char(p.starts_on, 'YYYY-MM')
+                ELSE tl_cycle_add(to_char(p.starts_on, 'YYYY-MM'), 1) END
+$$;
+
+CREATE OR REPLACE FUNCTION tl_program_last_cycle(p grant_programs) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN p.ends_on IS NULL THEN NULL
+                WHEN extract(day FROM p.ends_on) >= p.cadence_day THEN to_char(p.ends_on, 'YYYY-MM')
+                ELSE tl_cycle_add(to_char(p.ends_on, 'YYYY-MM'), -1) END
+$$;
+
+CREATE OR REPLACE FUNCTION tl_in_audience(p grant_programs, p_employee text, p_department text) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce((p.audience ->> 'all')::boolean, false)
+        OR coalesce(p.audience -> 'departments' ? p_department, false)
+        OR coalesce(p.audience -> 'employees' ? p_employee, false)
+$$;
+
+CREATE OR REPLACE FUNCTION tl_cycle_json(p grant_programs, p_cycle text) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN p_cycle IS NULL OR p_cycle < tl_program_first_cycle(p)
+                     OR p_cycle > tl_program_last_cycle(p) THEN NULL
+                ELSE (SELECT jsonb_build_object('cycle', p_cycle, 'starts_at', tl_ts(b.starts_at),
+                                                'ends_at', tl_ts(b.ends_at))
+                      FROM tl_cycle_bounds(p_cycle, p.cadence_day, p.time_zone) b) END
+$$;
+
+CREATE OR REPLACE FUNCTION tl_program_json(p_id text, p_now timestamptz) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'id', p.id,
+        'amount', p.amount,
+        'reason', p.reason,
+        'cadence', jsonb_build_object('every', 'month', 'day', p.cadence_day),
+        'time_zone', p.time_zone,
+        'audience', p.audience,
+        'expiry', p.expiry,
+        'rollover_max', p.rollover_max,
+        'funded_by', f.address,
+        'starts_on', p.starts_on,
+        'ends_on', p.ends_on,
+        'active', p.active,
+        'prorate', p.prorate,
+        'version', p.version,
+        'current_cycle', tl_cycle_json(p, tl_cycle_at(p_now, p.cadence_day, p.time_zone)),
+        'next_cycle', tl_cycle_json(p, greatest(tl_cycle_add(tl_cycle_at(p_now, p.cadence_day, p.time_zone), 1),
+                                                tl_program_first_cycle(p))),
+        'created_at', tl_ts(p.created_at),
+        'updated_at', tl_ts(p.updated_at))
+    FROM grant_programs p JOIN accounts f ON f.id = p.funded_by
+    WHERE p.id = p_id
+$$;
+
+CREATE OR REPLACE FUNCTION tl_program_run_json(p program_runs) RETURNS jsonb
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT jsonb_build_object(
+        'id', tl_public_id('run_', p.id),
+        'program', p.program_id,
+        'cycle', p.cycle,
+        'trigger', p.trigger,
+        'issued', p.issued,
+        'credits', p.credits,
+        'skipped', p.skipped,
+        'skipped_employees', p.skipped_employees,
+        'actor', p.actor,
+        'ran_at', tl_ts(p.ran_at))
+$$;
+
+-- Creates or replaces a program. A change applies to the runs after it;
+-- grants already issued keep their lots.
+CREATE OR REPLACE FUNCTION tl_op_put_program(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_id text := p_args ->> 'id';
+    f accounts;
+    v_missing text;
+    v_created boolean;
+    v_now timestamptz := tl_now(p_ctx);
+BEGIN
+    BEGIN
+        PERFORM now() AT TIME ZONE (p_args ->> 'time_zone');
+    EXCEPTION WHEN invalid_parameter_value THEN
+        PERFORM tl_raise('TLD01', 'invalid_request', format('unknown time zone %s', p_args ->> 'time_zone'),
+                         jsonb_build_object('path', '$.time_zone'));
+    END;
+    f := tl_require_account(p_args ->> 'funded_by');
+    IF f.type = 'employee' OR (f.type = 'system' AND f.address <> 'system:issuance') THEN
+        PERFORM tl_raise('TLD01', 'invalid_request',
+            format('programs are funded by system:issuance or a department, not %s', f.address),
+            jsonb_build_object('path', '$.funded_by'));
+    END IF;
+    SELECT d INTO v_missing FROM jsonb_array_elements_text(coalesce(p_args #> '{audience,departments}', '[]')) d
+        WHERE NOT EXISTS (SELECT 1 FROM departments WHERE id = d) LIMIT 1;
+    IF v_missing IS NOT NULL THEN
+        PERFORM tl_raise('TLA03', 'department_not_found', format('no department %s', v_missing),
+                         jsonb_build_object('department', v_missing));
+    END IF;
+    SELECT e INTO v_missing FROM jsonb_array_elements_text(coalesce(p_args #> '{audience,employees}', '[]')) e
+        WHERE NOT EXISTS (SELECT 1 FROM employees WHERE id = e) LIMIT 1;
+    IF v_missing IS NOT NULL THEN
+        PERFORM tl_raise('TLA02', 'employee_not_found', format('no employee %s', v_missing),
+                         jsonb_build_object('employee', v_missing));
+    END IF;
+    INSERT INTO grant_programs AS g (id, amount, reason, cadence_day, time_zone, audience, expiry, rollover_max,
+                                     funded_by, starts_on, ends_on, active, prorate, created_at, updated_at)
+    VALUES (v_id, (p_args ->> 'amount')::bigint, p_args ->> 'reason', (p_args #>> '{cadence,day}')::integer,
+            p_args ->> 'time_zone', p_args -> 'audience', nullif(p_args -> 'expiry', 'null'::jsonb),
+            (p_args ->> 'rollover_max')::bigint, f.id, (p_args ->> 'starts_on')::date,
+            (p_args ->> 'ends_on')::date, (p_args ->> 'active')::boolean,
+            coalesce((p_args ->> 'prorate')::boolean, false), v_now, v_now)
+    ON CONFLICT (id) DO UPDATE SET
+        amount = EXCLUDED.amount, reason = EXCLUDED.reason, cadence_day = EXCLUDED.cadence_day,
+        time_zone = EXCLUDED.time_zone, audience = EXCLUDED.audience, expiry = EXCLUDED.expiry,
+        rollover_max = EXCLUDED.rollover_max, funded_by = EXCLUDED.funded_by, starts_on = EXCLUDED.starts_on,
+        ends_on = EXCLUDED.ends_on, active = EXCLUDED.active, prorate = EXCLUDED.prorate,
+        version = g.version + 1, updated_at = EXCLUDED.updated_at
+    RETURNING (xmax = 0) INTO v_created;
+    RETURN jsonb_build_object('created', v_created, 'body', tl_program_json(v_id, v_now));
+END $$;
+
+-- Issues one cycle of a program, set-based: a handful of statements whatever
+-- the audience size. p_employee limits it to one employee (onboarding, with
+-- proration when the program asks for it). Order of work:
+--   1. lock the audience's wallets and the funder in the global order;
+--   2. classify each member: already granted, offboarded, or to issue;
+--   3. a department funds members in ascending employee id while its
+--      spendable credits last; the rest are skipped (insufficient_budget);
+--   4. claim (program, cycle, employee) rows; only the rows this run
+--      inserted are issued (invariant 8);
+--   5. write one `grant` transaction, lot and pair of entries per member.
+CREATE OR REPLACE FUNCTION tl_program_run(p_program text, p_cycle text, p_trigger text, p_employee text,
+                                          p_ctx jsonb)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    p grant_programs;
+    f accounts;
+    v_now timestamptz;
+    v_start timestamptz;
+    v_end timestamptz;
+    v_next_end timestamptz;
+    v_amount bigint;
+    v_effective timestamptz;
+    v_expires timestamptz;
+    v_rollover_until timestamptz;
+    v_budget bigint;
+    v_run program_runs;
+    v_shard integer := 0;
+    v_posted bigint;
+    v_version bigint;
+    v_total bigint;
+    v_count integer;
+BEGIN
+    -- FOR SHARE: a PUT of the program waits for the run, and the run sees one version.
+    SELECT * INTO p FROM grant_programs WHERE id = p_program FOR SHARE;
+    IF NOT FOUND THEN
+        PERFORM tl_raise('TLA07', 'grant_program_not_found', format('no grant program %s', p_program),
+                         jsonb_build_object('program', p_program));
+    END IF;
+    IF p_cycle !~ '^[0-9]{4}-(0[1-9]|1[0-2])$' THEN
+        PERFORM tl_raise('TLD01', 'invalid_request', 'cycle must be YYYY-MM', jsonb_build_object('path', '$.cycle'));
+    END IF;
+    IF NOT p.active THEN
+        PERFORM tl_raise('TLD01', 'invalid_request', format('grant program %s is not active', p.id),
+                         jsonb_build_object('path', '$.cycle'));
+    END IF;
+    IF p_cycle < tl_program_first_cycle(p) OR p_cycle > tl_program_last_cycle(p) THEN
+        PERFORM tl_raise('TLD01', 'invalid_request',
+            format('cycle %s is outside grant program %s (cycles %s to %s)', p_cycle, p.id,
+                   tl_program_first_cycle(p), coalesce(tl_program_last_cycle(p), 'open-ended')),
+            jsonb_build_object('path', '$.cycle'));
+    END IF;
+    SELECT b.starts_at, b.ends_at INTO v_start, v_end FROM tl_cycle_bounds(p_cycle, p.cadence_day, p.time_zone) b;
+    SELECT b.ends_at INTO v_next_end FROM tl_cycle_bounds(tl_cycle_add(p_cycle, 1), p.cadence_day, p.time_zone) b;
+    IF tl_now(p_ctx) < v_start THEN
+        PERFORM tl_raise('TLD01', 'invalid_request',
+            format('cycle %s starts at %s; it cannot be issued before then', p_cycle, tl_ts(v_start)),
+            jsonb_build_object('path', '$.cycle'));
+    END IF;
+    SELECT * INTO f FROM accounts WHERE id = p.funded_by;
+
+    -- 1. Locks: wallets of members not yet granted, and a department funder,
+    -- in ascending account id; then the system shards.
+    PERFORM 1 FROM accounts a
+        WHERE a.type <> 'system'
+          AND (a.id = f.id OR a.id IN (
+                SELECT w.id FROM employees e JOIN accounts w ON w.address = 'employee:' || e.id
+                WHERE tl_in_audience(p, e.id, e.department) AND (p_employee IS NULL OR e.id = p_employee)
+                  AND NOT EXISTS (SELECT 1 FROM program_grants g
+                                  WHERE g.program_id = p.id AND g.cycle = p_cycle AND g.employee_id = e.id)))
+        ORDER BY a.id FOR NO KEY UPDATE;
+    PERFORM tl_lock('{}', ARRAY['system:expired', f.address]);
+    v_now := tl_now(p_ctx);
+
+    IF p_employee IS NOT NULL AND v_now > v_start THEN
+        -- Joined during the cycle: at once, prorated by the share of the cycle left.
+        v_effective := v_now;
+        v_amount := CASE WHEN p.prorate
+                         THEN floor(p.amount * extract(epoch FROM greatest(v_end - v_now, interval '0'))
+                                    / extract(epoch FROM v_end - v_start))::bigint
+                         ELSE p.amount END;
+    ELSE
+        v_effective := v_start;
+        v_amount := p.amount;
+    END IF;
+    v_expires := CASE WHEN p.expiry ->> 'at' = 'end_of_cycle' THEN v_end
+                      WHEN p.expiry ? 'after_days' THEN v_effective + make_interval(days => (p.expiry ->> 'after_days')::integer)
+                 END;
+    v_rollover_until := CASE WHEN p.rollover_max IS NOT NULL THEN v_next_end END;
+
+    INSERT INTO program_runs (id, program_id, cycle, trigger, actor, request_id, ran_at)
+    VALUES (tl_uuid7(), p.id, p_cycle, p_trigger, p_ctx ->> 'actor', p_ctx ->> 'request_id', v_now)
+    RETURNING * INTO v_run;
+
+    -- 2. Classify.
+    CREATE TEMP TABLE IF NOT EXISTS tl_program_rows (
+        ord bigint, employee_id text, account_id bigint, outcome text, amount bigint,
+        txn uuid, lot uuid, expires_at timestamptz, rollover_until timestamptz
+    ) ON COMMIT DROP;
+    TRUNCATE tl_program_rows;
+    INSERT INTO tl_program_rows (ord, employee_id, account_id, outcome, amount, expires_at, rollover_until)
+    SELECT row_number() OVER (ORDER BY e.id), e.id, w.id,
+           CASE WHEN EXISTS (SELECT 1 FROM program_grants g
+                             WHERE g.program_id = p.id AND g.cycle = p_cycle AND g.employee_id = e.id)
+                     THEN 'already_granted'
+                WHEN e.status <> 'active' OR w.status <> 'open' THEN 'offboarded'
+                WHEN v_amount <= 0 THEN 'prorated_to_zero' END,
+           v_amount, v_expires, v_rollover_until
+    FROM employees e JOIN accounts w ON w.address = 'employee:' || e.id
+    WHERE tl_in_audience(p, e.id, e.department) AND (p_employee IS NULL OR e.id = p_employee);
+
+    -- 3. A department funds what it holds, in ascending employee id.
+    IF f.type <> 'system' THEN
+        PERFORM tl_expire_due(f.id, v_now, p_ctx);
+        v_budget := tl_spendable(f.id, v_now);
+        UPDATE tl_program_rows r SET outcome = 'insufficient_budget'
+        FROM (SELECT employee_id, sum(amount) OVER (ORDER BY ord) AS cum
+              FROM tl_program_rows WHERE outcome IS NULL) c
+        WHERE c.employee_id = r.employee_id AND c.cum > v_budget;
+    END IF;
+
+    -- 4. Claim. A conflict means another run got there first.
+    WITH claimed AS (
+        INSERT INTO program_grants (program_id, cycle, employee_id, amount, transaction_id, lot_id, run_id, created_at)
+        SELECT p.id, p_cycle, r.employee_id, r.amount, tl_uuid7(), tl_uuid7(), v_run.id, v_now
+        FROM tl_program_rows r WHERE r.outcome IS NULL ORDER BY r.ord
+        ON CONFLICT DO NOTHING
+        RETURNING employee_id, transaction_id, lot_id)
+    UPDATE tl_program_rows r SET outcome = 'issued', txn = c.transaction_id, lot = c.lot_id
+    FROM claimed c WHERE c.employee_id = r.employee_id;
+    UPDATE tl_program_rows SET outcome = 'already_granted' WHERE outcome IS NULL;
+
+    SELECT count(*), coalesce(sum(amount), 0) INTO v_count, v_total FROM tl_program_rows WHERE outcome = 'issued';
+    IF v_count > 0 THEN
+        INSERT INTO transactions (id, kind, details, actor, request_id, created_at)
+        SELECT r.txn, 'grant',
+               jsonb_build_object('reason', p.reason, 'program', p.id, 'cycle', p_cycle, 'run', tl_public_id('run_', v_run.id)),
+               p_ctx ->> 'actor', p_ctx ->> 'request_id', v_now
+        FROM tl_program_rows r WHERE r.outcome = 'issued' ORDER BY r.ord;
+
+        -- 5a. A department's lots are consumed in consumption order, member by
+        -- member: each member's share is the overlap of its running range with
+        -- each lot's. A lot made of department credits never outlives them.
+        IF f.type <> 'system' THEN
+            CREATE TEMP TABLE IF NOT EXISTS tl_program_pieces (txn uuid, lot_id uuid, taken bigint, expires_at timestamptz)
+                ON COMMIT DROP;
+            TRUNCATE tl_program_pieces;
+            INSERT INTO tl_program_pieces
+            SELECT g.txn, l.id, least(g.hi, l.hi) - greatest(g.hi - g.amount, l.hi - l.free), l.expires_at
+            FROM (SELECT txn, amount, sum(amount) OVER (ORDER BY ord) AS hi
+                  FROM tl_program_rows WHERE outcome = 'issued') g
+            JOIN (SELECT id, remaining - reserved AS free, expires_at,
+                         sum(remaining - reserved) OVER (ORDER BY priority, expires_at NULLS LAST, effective_at, id) AS hi
+                  FROM lots
+                  WHERE account_id = f.id AND status = 'active' AND remaining > reserved
+                    AND effective_at <= v_now AND (expires_at IS NULL OR expires_at > v_now)) l
+              ON l.hi - l.free < g.hi AND g.hi - g.amount < l.hi;
+            INSERT INTO lot_movements (transaction_id, lot_id, amount)
+            SELECT txn, lot_id, -taken FROM tl_program_pieces ORDER BY txn, lot_id;
+            UPDATE lots l SET remaining = l.remaining - x.taken
+            FROM (SELECT lot_id, sum(taken) AS taken FROM tl_program_pieces GROUP BY lot_id) x
+            WHERE l.id = x.lot_id;
+            UPDATE tl_program_rows r
+               SET expires_at = CASE WHEN r.expires_at IS NULL OR x.min_expiry < r.expires_at
+                                     THEN x.min_expiry ELSE r.expires_at END,
+                   rollover_until = CASE WHEN x.min_expiry < r.rollover_until THEN x.min_expiry
+                                         ELSE r.rollover_until END
+            FROM (SELECT txn, min(expires_at) AS min_expiry FROM tl_program_pieces GROUP BY txn) x
+            WHERE x.txn = r.txn AND x.min_expiry IS NOT NULL;
+            -- Rollover happens at the cycle's end; a lot cut short by its
+            -- department credits does not roll over.
+            UPDATE tl_program_rows SET rollover_until = NULL
+            WHERE outcome = 'issued' AND (expires_at IS DISTINCT FROM v_end OR rollover_until <= expires_at);
+        END IF;
+
+        -- 5b. The members' lots.
+        INSERT INTO lots (id, account_id, amount, remaining, priority, effective_at, expires_at,
+                          grant_transaction_id, funded_by, created_at, rollover_max, rollover_until)
+        SELECT r.lot, r.account_id, r.amount, r.amount, 100, v_effective, r.expires_at, r.txn, f.id, v_now,
+               CASE WHEN r.rollover_until IS NOT NULL THEN p.rollover_max END, r.rollover_until
+        FROM tl_program_rows r WHERE r.outcome = 'issued' ORDER BY r.ord;
+        INSERT INTO lot_movements (transaction_id, lot_id, amount)
+        SELECT r.txn, r.lot, r.amount FROM tl_program_rows r WHERE r.outcome = 'issued' ORDER BY r.ord;
+
+        -- 5c. Entries: each wallet's next version; the funder's (one shard of
+        -- system:issuance, or the department) running balance.
+        INSERT INTO entries (transaction_id, account_id, shard, asset, amount, balance_after, version, created_at)
+        SELECT r.txn, w.id, 0, w.asset, r.amount, w.posted + r.amount, w.version + 1, v_now
+        FROM tl_program_rows r JOIN accounts w ON w.id = r.account_id
+        WHERE r.outcome = 'issued' ORDER BY r.ord;
+        UPDATE accounts w SET posted = w.posted + r.amount, version = w.version + 1, updated_at = v_now
+        FROM tl_program_rows r WHERE r.outcome = 'issued' AND w.id = r.account_id;
+        IF f.shard_count > 1 THEN
+            v_shard := tl_shard(f.shard_count);
+            SELECT posted, version INTO v_posted, v_version FROM account_shards
+                WHERE account_id = f.id AND shard = v_shard;
+        ELSE
+            SELECT posted, version INTO v_posted, v_version FROM accounts WHERE id = f.id;
+        END IF;
+        INSERT INTO entries (transaction_id, account_id, shard, asset, amount, balance_after, version, created_at)
+        SELECT r.txn, f.id, v_shard, f.asset, -r.amount,
+               v_posted - sum(r.amount) OVER (ORDER BY r.ord), v_version + row_number() OVER (ORDER BY r.ord), v_now
+        FROM tl_program_rows r WHERE r.outcome = 'issued' ORDER BY r.ord;
+        IF f.shard_count > 1 THEN
+            UPDATE account_shards SET posted = posted - v_total, version = version + v_count, updated_at = v_now
+                WHERE account_id = f.id AND shard = v_shard;
+        ELSE
+            UPDATE accounts SET posted = posted - v_total, version = version + v_count, updated_at = v_now
+                WHERE id = f.id;
+        END IF;
+    END IF;
+
+    UPDATE program_runs SET
+        issued = v_count,
+        credits = v_total,
+        skipped = (SELECT coalesce(jsonb_object_agg(outcome, n), '{}'::jsonb)
+                   FROM (SELECT outcome, count(*) AS n FROM tl_program_rows
+                         WHERE outcome <> 'issued' GROUP BY outcome) s),
+        skipped_employees = (SELECT coalesce(jsonb_agg(jsonb_build_object('employee', employee_id, 'reason', outcome)
+                                                       ORDER BY ord), '[]'::jsonb)
+                             FROM tl_program_rows WHERE outcome NOT IN ('issued', 'already_granted'))
+    WHERE id = v_run.id
+    RETURNING * INTO v_run;
+    RETURN tl_program_run_json(v_run);
+END $$;
+
+-- An employee who joins a program's audience (created, or moved into an
+-- audience department) during a cycle gets that cycle's grant at once. Runs
+-- that issue nothing new are not recorded.
+CREATE OR REPLACE FUNCTION tl_program_onboard(p_employee text, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    p grant_programs;
+    e employees;
+    v_cycle text;
+    v_run jsonb;
+    v_runs jsonb := '[]'::jsonb;
+BEGIN
+    SELECT * INTO e FROM employees WHERE id = p_employee;
+    FOR p IN SELECT * FROM grant_programs g WHERE g.active AND tl_in_audience(g, e.id, e.department) ORDER BY g.id LOOP
+        v_cycle := tl_cycle_at(tl_now(p_ctx), p.cadence_day, p.time_zone);
+        CONTINUE WHEN v_cycle < tl_program_first_cycle(p) OR v_cycle > tl_program_last_cycle(p);
+        v_run := tl_program_run(p.id, v_cycle, 'onboarding', p_employee, p_ctx);
+        IF (v_run ->> 'issued')::integer = 0 AND v_run -> 'skipped_employees' = '[]'::jsonb THEN
+            DELETE FROM program_runs WHERE id = tl_parse_public_id(v_run ->> 'id');
+        ELSE
+            v_runs := v_runs || v_run;
+        END IF;
+    END LOOP;
+    RETURN v_runs;
+END $$;
+
+CREATE OR REPLACE FUNCTION tl_parse_public_id(p text) RETURNS uuid
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT substring(p FROM position('_' IN p) + 1)::uuid
+$$;
+
+-- The cycles the scheduler owes: for each active program, every cycle from
+-- its first to the one in progress (never past its last) that has started
+-- and has no API or scheduler run yet, oldest first.
+CREATE OR REPLACE FUNCTION tl_programs_due(p_now timestamptz, p_limit integer) RETURNS TABLE (program_id text, cycle text)
+LANGUAGE sql STABLE AS $$
+    SELECT p.id, c.cycle
+    FROM grant_programs p
+    CROSS JOIN LATERAL (
+        SELECT to_char(m, 'YYYY-MM') AS cycle
+        FROM generate_series(to_date(tl_program_first_cycle(p) || '-01', 'YYYY-MM-DD'),
+                             to_date(tl_cycle_at(p_now, p.cadence_day, p.time_zone) || '-01', 'YYYY-MM-DD'),
+                             interval '1 month') m) c
+    WHERE p.active
+      AND (tl_program_last_cycle(p) IS NULL OR c.cycle <= tl_program_last_cycle(p))
+      AND (SELECT b.starts_at FROM tl_cycle_bounds(c.cycle, p.cadence_day, p.time_zone) b) <= p_now
+      AND NOT EXISTS (SELECT 1 FROM program_runs r
+                      WHERE r.program_id = p.id AND r.cycle = c.cycle AND r.trigger IN ('api', 'scheduler'))
+    ORDER BY p.id, c.cycle
+    LIMIT p_limit
+$$;
+
+-- Rollover (called by tl_expire_due once due reservations are released): a
+-- program lot that reached its cycle's end moves up to rollover_max of what
+-- was unspent and unreserved at that instant into a new lot that expires at
+-- the end of the next cycle, in a `rollover` transaction. The new lot never
+-- rolls again; tl_expire_lots then expires the rest.
+CREATE OR REPLACE FUNCTION tl_roll_over(p_account bigint, p_now timestamptz, p_ctx jsonb)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_lot lots;
+    v_free bigint;
+    v_roll bigint;
+    v_txn uuid;
+BEGIN
+    FOR v_lot IN SELECT * FROM lots
+                 WHERE account_id = p_account AND rollover_max IS NOT NULL AND rolled_at IS NULL
+                   AND expires_at <= p_now
+                 ORDER BY expires_at, id FOR UPDATE LOOP
+        -- Holds of reservations that outlived the cycle's end were reserved
+        -- at that instant, even if released since: they expire, not roll.
+        v_free := v_lot.remaining - v_lot.reserved - coalesce((
+            SELECT sum(h.amount) FROM reservation_holds h JOIN reservations r ON r.id = h.reservation_id
+            WHERE h.lot_id = v_lot.id AND r.status = 'expired' AND r.expires_at > v_lot.expires_at), 0);
+        v_roll := least(v_lot.rollover_max, greatest(v_free, 0));
+        UPDATE lots SET rolled_at = p_now WHERE id = v_lot.id;
+        IF v_roll > 0 AND v_lot.status = 'active' THEN
+            v_txn := tl_new_transaction('rollover', p_now, p_ctx, NULL, '{}'::jsonb,
+                                        jsonb_build_object('from_lot', tl_public_id('lot_', v_lot.id),
+                                                           'rollover_max', v_lot.rollover_max));
+            PERFORM tl_move_lot(v_txn, v_lot.id, -v_roll);
+            PERFORM tl_new_lot(v_txn, p_account, v_roll, v_lot.priority, v_lot.expires_at, v_lot.rollover_until,
+                               v_lot.funded_by, v_lot.id, p_now);
+            PERFORM tl_post_entry(v_txn, p_account, -v_roll, p_now);
+            PERFORM tl_post_entry(v_txn, p_account, v_roll, p_now);
+        END IF;
+    END LOOP;
+END $$;
+
+-- What a program lot past its cycle's end will roll over once written, as
+-- of p_now: reads count it as live until the new lot exists.
+CREATE OR REPLACE FUNCTION tl_rollover_pending(p_lot lots, p_now timestamptz) RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN p_lot.rollover_max IS NULL OR p_lot.rolled_at IS NOT NULL OR p_lot.status <> 'active'
+                     OR p_lot.expires_at > p_now OR p_lot.rollover_until <= p_now THEN 0
+                ELSE least(p_lot.rollover_max, greatest(0, p_lot.remaining - p_lot.reserved + coalesce((
+                    SELECT sum(h.amount) FROM reservation_holds h JOIN reservations r ON r.id = h.reservation_id
+                    WHERE h.lot_id = p_lot.id AND r.status = 'active' AND r.expires_at <= p_lot.expires_at), 0)
+                  - coalesce((
+                    SELECT sum(h.amount) FROM reservation_holds h JOIN reservations r ON r.id = h.reservation_id
+                    WHERE h.lot_id = p_lot.id AND r.status = 'expired' AND r.expires_at > p_lot.expires_at), 0)))
+           END::bigint
+$$;
+
+-- ---------------------------------------------------------------------------
 -- Background work (safe on every replica at once)
 -- ---------------------------------------------------------------------------
 
@@ -2190,6 +2774,12 @@ BEGIN
     -- Price versions are append-only too (README, Prices).
     GRANT SELECT, INSERT ON prices TO tokenledger_app;
     REVOKE UPDATE, DELETE, TRUNCATE ON prices FROM tokenledger_app;
+    -- Grant programs: definitions change by PUT; a run row is completed in
+    -- its own transaction, and an onboarding run that issued nothing is
+    -- removed again; claims are only inserted.
+    GRANT INSERT, UPDATE ON grant_programs TO tokenledger_app;
+    GRANT INSERT, UPDATE, DELETE ON program_runs TO tokenledger_app;
+    GRANT INSERT ON program_grants TO tokenledger_app;
 EXCEPTION WHEN insufficient_privilege THEN
     RAISE NOTICE 'tokenledger_app role not created or granted: %', SQLERRM;
 END $$;
@@ -2360,4 +2950,4 @@ SELECT a.id, s FROM accounts a CROSS JOIN LATERAL generate_series(0, a.shard_cou
 WHERE a.type = 'system'
 ON CONFLICT DO NOTHING;
 
-INSERT INTO schema_version (version) VALUES (1), (2), (3), (4), (5), (6) ON CONFLICT DO NOTHING;
+INSERT INTO schema_version (version) VALUES (1), (2), (3), (4), (5), (6), (7) ON CONFLICT DO NOTHING;

@@ -27,6 +27,7 @@ from service.api.common import provide_ledger
 from service.api.directory import DirectoryController
 from service.api.grants import GrantsController
 from service.api.prices import PricesController
+from service.api.programs import ProgramsController
 from service.api.reports import ReportsController
 from service.api.reservations import ReservationsController
 from service.api.transactions import TransactionsController
@@ -311,6 +312,7 @@ def create_app(
         DirectoryController,
         AccountsController,
         GrantsController,
+        ProgramsController,
         TransactionsController,
         ReservationsController,
         PricesController,

@@ -30,6 +30,7 @@ CHECKS: tuple[str, ...] = (
     "audit_6_usage_charged_once",
     "audit_7_triggers",
     "audit_7_reversals",
+    "audit_8_program_grants",
 )
 
 

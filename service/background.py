@@ -1,9 +1,11 @@
 """Background work that every replica runs: the expiry sweeper, the
-idempotency-key purge and the hash chainer.
+idempotency-key purge, the hash chainer and the grant-program scheduler.
 
 All are safe on many replicas at once: the sweeper takes accounts with
 FOR UPDATE SKIP LOCKED, the purge deletes rows it alone has locked, and the
-chainer runs on one replica at a time (an advisory lock; the others skip).
+chainer runs on one replica at a time (an advisory lock; the others skip),
+and two schedulers running the same cycle issue it once (a unique key per
+program, cycle and employee; the later run finds everyone already granted).
 Expiry is exact without the sweeper (every read and write applies it at the
 instant); the sweeper only writes the `expiry` transactions so the journal
 catches up.
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import structlog
 
@@ -27,6 +29,10 @@ MAX_BATCHES_PER_PASS = 50
 PURGE_BATCH = 1000
 
 SWEEPER = Context(caller="system", actor="system:sweeper", request_id="sweeper")
+SCHEDULER = Context(caller="system", actor="system:scheduler", request_id="scheduler")
+# Cycles the scheduler runs in one pass at most (a long outage catches up
+# over several passes, oldest cycle first).
+MAX_PROGRAM_RUNS_PER_PASS = 100
 
 
 class Background:
@@ -48,6 +54,7 @@ class Background:
         interval = self.ledger.config.sweeper_interval_seconds
         while True:
             try:
+                await self.run_programs()
                 await self.sweep_expired()
                 await self.purge_idempotency_keys()
                 await self.chain_pending()
@@ -115,3 +122,42 @@ class Background:
                 transaction_id="txn_" + head["transaction_id"].hex,
             )
         return total
+
+    async def run_programs(self) -> list[dict[str, object]]:
+        """Run every grant-program cycle that has started and has not been run
+        (by the API or a scheduler), oldest first per program: a catch-up after
+        downtime issues each missed cycle once, in order, with that cycle's
+        expiry. A cycle that fails is logged and retried next pass; the later
+        cycles of that program wait for it."""
+        due = await self.ledger.fetch("programs_due", self.ledger.now(), MAX_PROGRAM_RUNS_PER_PASS)
+        runs: list[dict[str, object]] = []
+        failed: set[str] = set()
+        for row in due:
+            program, cycle = row["program_id"], row["cycle"]
+            if program in failed:
+                continue
+            try:
+                run = await self.ledger.fetchval(
+                    "run_program", program, cycle, "scheduler", self.ledger.context_json(SCHEDULER)
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001  # why: one program's failure must not stop the others
+                failed.add(program)
+                self.ledger.metrics.sweeper_runs.labels("programs", "error").inc()
+                log.warning("program_run_failed", program=program, cycle=cycle, error=repr(exc))
+                continue
+            self.ledger.metrics.record_program_run(run)
+            ran_at = datetime.fromisoformat(str(run["ran_at"]).replace("Z", "+00:00"))
+            self.ledger.metrics.program_scheduler_last_run.labels(program).set(ran_at.timestamp())
+            log.info(
+                "program_cycle_issued",
+                program=program,
+                cycle=cycle,
+                issued=run["issued"],
+                credits=run["credits"],
+                skipped=run["skipped"],
+            )
+            runs.append(run)
+        self.ledger.metrics.sweeper_runs.labels("programs", "ok").inc()
+        return runs

@@ -20,7 +20,7 @@ SQL_DIR = Path(__file__).resolve().parent / "sql"
 
 # Bumped whenever schema.sql changes shape; /readyz compares the database's
 # row in schema_version with this number.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # Advisory lock key that serialises concurrent schema applications (several
 # replicas starting at once must not race on CREATE statements).

@@ -111,6 +111,28 @@ class Metrics:
             "Transactions appended to the hash chain by this replica.",
             registry=self.registry,
         )
+        self.program_grants = Counter(
+            "tokenledger_program_grants_total",
+            "Grant-program members by program and outcome: issued, or the reason they were "
+            "skipped (already_granted, offboarded, insufficient_budget, prorated_to_zero).",
+            ["program", "outcome"],
+            registry=self.registry,
+        )
+        self.program_scheduler_last_run = Gauge(
+            "tokenledger_program_scheduler_last_run_timestamp_seconds",
+            "When this replica's scheduler last ran a cycle of the program (Unix time of the "
+            "run, by the ledger's clock).",
+            ["program"],
+            registry=self.registry,
+        )
+
+    def record_program_run(self, run: dict[str, Any]) -> None:
+        """Count a program run's members by outcome."""
+        program = str(run["program"])
+        if run["issued"]:
+            self.program_grants.labels(program, "issued").inc(int(run["issued"]))
+        for reason, count in (run.get("skipped") or {}).items():
+            self.program_grants.labels(program, str(reason)).inc(int(count))
 
 
 class Stopwatch:

@@ -89,10 +89,15 @@ class DirectoryController(Controller):
         data: JSONBody[EmployeeIn],
     ) -> Response[Employee]:
         """Opens the wallet `employee:{id}` on first creation. 201 when created, 200 when
-        updated; an offboarded employee answers 409 `account_closed`."""
+        updated; an offboarded employee answers 409 `account_closed`. An employee who joins
+        the audience of an active grant program (created, or moved into an audience
+        department) gets the current cycle's grant in the same transaction, prorated when
+        the program says so."""
         check_ref(employee_id, "employee_id")
         args = {"id": employee_id, **msgspec.to_builtins(data)}
         result = await ledger.call("put_employee", args, context_of(request))
+        for run in result.get("program_runs") or ():
+            ledger.metrics.record_program_run(run)
         return Response(result["body"], status_code=201 if result["created"] else 200)
 
     @get(

@@ -30,7 +30,9 @@ class Transaction(msgspec.Struct, frozen=True):
     so a reversal can restore exactly those lots."""
 
     id: str
-    kind: Literal["grant", "debit", "usage", "transfer", "capture", "expiry", "void", "reversal"]
+    kind: Literal[
+        "grant", "debit", "usage", "transfer", "capture", "expiry", "void", "reversal", "rollover"
+    ]
     entries: list[EntryLeg]
     lots: list[LotMovement]
     memo: str | None
@@ -267,3 +269,71 @@ class UsageBatchResult(msgspec.Struct, frozen=True):
 
 class UsageBatchResponse(msgspec.Struct, frozen=True):
     results: list[UsageBatchResult]
+
+
+class ProgramCycle(msgspec.Struct, frozen=True):
+    cycle: str
+    starts_at: str
+    ends_at: str
+
+
+class ProgramCadence(msgspec.Struct, frozen=True):
+    every: Literal["month"]
+    day: int
+
+
+class Program(msgspec.Struct, frozen=True):
+    """A grant program. `audience` is `{all: true}`, `{departments}` or
+    `{employees}`; `expiry` is `{at: "end_of_cycle"}`, `{after_days}` or null
+    (never)."""
+
+    id: str
+    amount: int
+    reason: str
+    cadence: ProgramCadence
+    time_zone: str
+    audience: dict[str, Any]
+    expiry: dict[str, Any] | None
+    rollover_max: int | None
+    funded_by: str
+    starts_on: str
+    ends_on: str | None
+    active: bool
+    prorate: bool
+    version: int
+    current_cycle: ProgramCycle | None
+    next_cycle: ProgramCycle | None
+    created_at: str
+    updated_at: str
+
+
+class ProgramsPage(msgspec.Struct, frozen=True):
+    items: list[Program]
+    next_cursor: str | None
+
+
+class SkippedEmployee(msgspec.Struct, frozen=True):
+    employee: str
+    reason: Literal["offboarded", "insufficient_budget", "prorated_to_zero"]
+
+
+class ProgramRun(msgspec.Struct, frozen=True):
+    """One run of a cycle: `issued` grants totalling `credits`; `skipped`
+    counts members left out by reason (`already_granted`, `offboarded`,
+    `insufficient_budget`, `prorated_to_zero`)."""
+
+    id: str
+    program: str
+    cycle: str
+    trigger: Literal["api", "scheduler", "onboarding"]
+    issued: int
+    credits: int
+    skipped: dict[str, int]
+    skipped_employees: list[SkippedEmployee]
+    actor: str | None
+    ran_at: str
+
+
+class ProgramRunsPage(msgspec.Struct, frozen=True):
+    items: list[ProgramRun]
+    next_cursor: str | None

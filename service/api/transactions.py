@@ -26,7 +26,9 @@ from service.api.resources import Transaction, TransactionsPage
 from service.auth import access
 from service.journal import Ledger
 
-Kind = Literal["grant", "debit", "usage", "transfer", "capture", "expiry", "void", "reversal"]
+Kind = Literal[
+    "grant", "debit", "usage", "transfer", "capture", "expiry", "void", "reversal", "rollover"
+]
 
 
 class DebitIn(msgspec.Struct, forbid_unknown_fields=True):

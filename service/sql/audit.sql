@@ -165,3 +165,28 @@ JOIN LATERAL (
 JOIN accounts a ON a.id = bad.account_id
 WHERE r.kind = 'reversal'
 LIMIT 1;
+
+-- name: audit_8_program_grants
+-- Invariant 8: a grant program issues one grant per (program, cycle,
+-- employee): program_grants (whose primary key is that triple) names each
+-- one's transaction and lot, which must be a `grant` of its amount into that
+-- employee's wallet; and every program grant transaction is named there once.
+SELECT problem FROM (
+    SELECT format('program grant %s/%s/%s does not match its lot or transaction',
+                  g.program_id, g.cycle, g.employee_id) AS problem
+    FROM program_grants g
+    LEFT JOIN lots l ON l.id = g.lot_id
+    LEFT JOIN accounts a ON a.id = l.account_id
+    LEFT JOIN transactions t ON t.id = g.transaction_id
+    WHERE l.id IS NULL OR t.id IS NULL OR a.address <> 'employee:' || g.employee_id
+       OR l.amount <> g.amount OR l.grant_transaction_id <> g.transaction_id OR t.kind <> 'grant'
+       OR t.details ->> 'program' IS DISTINCT FROM g.program_id
+       OR t.details ->> 'cycle' IS DISTINCT FROM g.cycle
+    UNION ALL
+    SELECT format('transaction %s grants for program %s cycle %s but is not its recorded grant',
+                  tl_public_id('txn_', t.id), t.details ->> 'program', t.details ->> 'cycle')
+    FROM transactions t
+    WHERE t.kind = 'grant' AND t.details ? 'program'
+      AND NOT EXISTS (SELECT 1 FROM program_grants g WHERE g.transaction_id = t.id)
+) x
+LIMIT 1;

@@ -140,6 +140,40 @@ async def _reverse(w: World, caller: str) -> tuple[str, Any]:
     return f"/v1/transactions/{grant['transaction']['id']}/reverse", {}
 
 
+PROGRAM = {
+    "amount": 10,
+    "reason": "monthly_allotment",
+    "cadence": {"every": "month", "day": 1},
+    "audience": {"employees": ["e-other"]},
+    "expiry": {"at": "end_of_cycle"},
+    "starts_on": "2026-01-01",
+    "active": True,
+}
+
+
+async def _program(w: World) -> str:
+    program = f"p-{next(_n)}"
+    r = await w.api.c.put(f"/v1/grant-programs/{program}", json=PROGRAM)
+    assert r.status_code == 201, r.text
+    return program
+
+
+async def _program_put(w: World, caller: str) -> tuple[str, Any]:
+    return f"/v1/grant-programs/p-new-{next(_n)}", PROGRAM
+
+
+async def _program_get(w: World, caller: str) -> tuple[str, Any]:
+    return f"/v1/grant-programs/{await _program(w)}", None
+
+
+async def _program_run(w: World, caller: str) -> tuple[str, Any]:
+    return f"/v1/grant-programs/{await _program(w)}/runs", {"cycle": "2026-01"}
+
+
+async def _program_runs(w: World, caller: str) -> tuple[str, Any]:
+    return f"/v1/grant-programs/{await _program(w)}/runs", None
+
+
 async def _employee_put(w: World, caller: str) -> tuple[str, Any]:
     return f"/v1/employees/e-new-{next(_n)}", {
         "name": "N",
@@ -222,6 +256,11 @@ MATRIX: dict[tuple[str, str], Case] = {
         frozenset({HR, FIN}), 200, fixed("/v1/employees/e-other")
     ),
     ("POST", "/v1/employees/{employee_id}/offboard"): Case(frozenset({HR}), 200, _offboard),
+    ("PUT", "/v1/grant-programs/{program_id}"): Case(frozenset({HR}), 201, _program_put),
+    ("GET", "/v1/grant-programs"): Case(frozenset({HR, FIN}), 200, fixed("/v1/grant-programs")),
+    ("GET", "/v1/grant-programs/{program_id}"): Case(frozenset({HR, FIN}), 200, _program_get),
+    ("POST", "/v1/grant-programs/{program_id}/runs"): Case(frozenset({HR}), 200, _program_run),
+    ("GET", "/v1/grant-programs/{program_id}/runs"): Case(frozenset({HR, FIN}), 200, _program_runs),
     ("GET", "/v1/accounts/{address}"): Case(
         frozenset({HR, FIN, METER, EMP}), 200, own_path("/v1/accounts/{address}"), own=True
     ),

@@ -95,3 +95,21 @@ def test_chaos_smoke(pg_server: Server, tmp_path: Path, capsys: pytest.CaptureFi
     assert result["checks"]["audit"]["passed"], report
     assert result["violations"] == [], report
     assert rc == 0 and result["passed"], report
+
+
+def test_programs_bench_smoke(pg_server: Server, tmp_path: Path) -> None:
+    """The grant-program benchmark at 40 employees: a full run, a re-run that
+    issues nothing, a department run that funds half, and a clean audit."""
+    from bench import programs
+
+    out = tmp_path / "programs.json"
+    rc = programs.cli(["--employees", "40", "--database-url", pg_server.dsn, "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["checks"] == {
+        "first_run_issued_all": True,
+        "second_run_issued_none": True,
+        "department_issued_half": True,
+        "department_not_below_zero": True,
+    }
+    assert result["audit"]["passed"], result["audit"]
+    assert rc == 0 and result["passed"]

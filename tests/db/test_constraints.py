@@ -142,6 +142,23 @@ _NEW_LINK = (
 )
 
 # (constraint name, asyncpg exception, a statement that breaks exactly that constraint)
+# A grant program row: (id, "amount, cadence_day, expiry, rollover_max, ends_on").
+_NEW_PROGRAM = (
+    "INSERT INTO grant_programs (id, amount, cadence_day, expiry, rollover_max, ends_on, reason, "
+    "audience, funded_by, starts_on, active, created_at, updated_at) "
+    "SELECT %s, %s, 'monthly_allotment', '{{\"all\": true}}', a.id, '2026-01-01', true, "
+    "now(), now() "
+    "FROM accounts a WHERE a.address = 'system:issuance'"
+)
+_WITH_PROGRAM = (
+    "WITH p AS (" + _NEW_PROGRAM % ("'p'", "100, 1, NULL, NULL, NULL") + " RETURNING id) "
+)
+# A run of program p (which _WITH_PROGRAM creates): (cycle, trigger).
+_NEW_RUN = (
+    "INSERT INTO program_runs (id, program_id, cycle, trigger, ran_at) "
+    "SELECT gen_random_uuid(), p.id, %s, %s, now() FROM p"
+)
+
 CONSTRAINT_CASES: list[tuple[str, type[asyncpg.PostgresError], str]] = [
     # departments
     (
@@ -467,6 +484,55 @@ CONSTRAINT_CASES: list[tuple[str, type[asyncpg.PostgresError], str]] = [
         asyncpg.UniqueViolationError,
         _NEW_PRICE + "(gen_random_uuid(), 'm', 'standard', '2026-01-01Z', 1, 1, 1, 'test'), "
         "(gen_random_uuid(), 'm', 'standard', '2026-01-01Z', 2, 2, 2, 'test')",
+    ),
+    # grant programs
+    (
+        "grant_programs_id_format",
+        asyncpg.CheckViolationError,
+        _NEW_PROGRAM % ("'Bad Id'", "100, 1, NULL, NULL, NULL"),
+    ),
+    (
+        "grant_programs_amount_positive",
+        asyncpg.CheckViolationError,
+        _NEW_PROGRAM % ("'p'", "0, 1, NULL, NULL, NULL"),
+    ),
+    (
+        "grant_programs_day_range",
+        asyncpg.CheckViolationError,
+        _NEW_PROGRAM % ("'p'", "100, 29, NULL, NULL, NULL"),
+    ),
+    (
+        "grant_programs_rollover_nonnegative",
+        asyncpg.CheckViolationError,
+        _NEW_PROGRAM % ("'p'", '100, 1, \'{{"at": "end_of_cycle"}}\', -1, NULL'),
+    ),
+    (
+        "grant_programs_rollover_needs_cycle_expiry",
+        asyncpg.CheckViolationError,
+        _NEW_PROGRAM % ("'p'", "100, 1, '{{\"after_days\": 3}}', 10, NULL"),
+    ),
+    (
+        "grant_programs_ends_after_start",
+        asyncpg.CheckViolationError,
+        _NEW_PROGRAM % ("'p'", "100, 1, NULL, NULL, '2025-12-31'"),
+    ),
+    (
+        "program_runs_trigger_valid",
+        asyncpg.CheckViolationError,
+        _WITH_PROGRAM + _NEW_RUN % ("'2026-01'", "'cron'"),
+    ),
+    (
+        "program_runs_cycle_format",
+        asyncpg.CheckViolationError,
+        _WITH_PROGRAM + _NEW_RUN % ("'2026-13'", "'api'"),
+    ),
+    (
+        "program_grants_amount_positive",
+        asyncpg.CheckViolationError,
+        _WITH_PROGRAM + ", r AS (" + _NEW_RUN % ("'2026-01'", "'api'") + " RETURNING id) "
+        "INSERT INTO program_grants (program_id, cycle, employee_id, amount, transaction_id, "
+        "lot_id, run_id, created_at) "
+        "SELECT 'p', '2026-01', 'e1', 0, '{txn}', '{lot}', r.id, now() FROM r",
     ),
 ]
 

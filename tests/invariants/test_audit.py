@@ -4,6 +4,7 @@ make behind the service's back, naming the invariant that broke."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import uuid
@@ -489,6 +490,61 @@ async def test_all_user_triggers_disabled_breaks_invariant_7(
     violations = await audit(scenario)
     assert checks(violations) == {"audit_7_triggers"}
     assert "lot_movements_" in violations[0].problem
+
+
+async def _program_run(db: asyncpg.Connection) -> None:
+    ctx = {"actor": "test", "request_id": "audit", "now": "2026-01-05T00:00:00Z"}
+    await db.fetchval(
+        "SELECT tl_op_put_program($1::jsonb, $2::jsonb)",
+        json.dumps(
+            {
+                "id": "monthly",
+                "amount": 10,
+                "reason": "monthly_allotment",
+                "cadence": {"every": "month", "day": 1},
+                "time_zone": "UTC",
+                "audience": {"employees": ["e1"]},
+                "expiry": {"at": "end_of_cycle"},
+                "funded_by": "system:issuance",
+                "starts_on": "2026-01-01",
+                "active": True,
+            }
+        ),
+        json.dumps(ctx),
+    )
+    run = await db.fetchval(
+        "SELECT tl_program_run('monthly', '2026-01', 'api', NULL, $1::jsonb)", json.dumps(ctx)
+    )
+    assert json.loads(run)["issued"] == 1, run
+
+
+async def test_program_grant_amount_mismatch_breaks_invariant_8(
+    scenario: str, db: asyncpg.Connection
+) -> None:
+    """A program grant whose record no longer matches its lot is caught by invariant 8."""
+    await _program_run(db)
+    assert await audit(scenario) == []
+    await db.execute("UPDATE program_grants SET amount = amount + 1")
+    violations = await audit(scenario)
+    assert checks(violations) == {"audit_8_program_grants"}
+    assert "does not match" in violations[0].problem
+
+
+async def test_second_program_grant_breaks_invariant_8(
+    scenario: str, db: asyncpg.Connection
+) -> None:
+    """A grant transaction for a program and cycle that program_grants does not
+    name (a second grant slipped past the key) is caught by invariant 8."""
+    await _program_run(db)
+    await db.execute("SET session_replication_role = replica")
+    await db.execute(
+        'UPDATE transactions SET details = details || \'{"program": "monthly", '
+        '"cycle": "2026-01"}\' WHERE id = (SELECT id FROM transactions WHERE kind = \'grant\' '
+        "AND NOT details ? 'program' ORDER BY id LIMIT 1)"
+    )
+    violations = await audit(scenario)
+    assert checks(violations) == {"audit_8_program_grants"}
+    assert "is not its recorded grant" in violations[0].problem
 
 
 def test_every_check_is_exercised() -> None:
