@@ -2158,6 +2158,9 @@ CREATE TABLE IF NOT EXISTS program_runs (
     actor             text,
     request_id        text,
     ran_at            timestamptz NOT NULL,
+    -- NULL while a run (issued in batches of members) is still going, or if
+    -- it stopped half way; the scheduler owes a cycle until one completes.
+    completed_at      timestamptz,
     CONSTRAINT program_runs_trigger_valid CHECK (trigger IN ('api', 'scheduler', 'onboarding')),
     CONSTRAINT program_runs_cycle_format CHECK (cycle ~ '^[0-9]{4}-(0[1-9]|1[0-2])$')
 );
@@ -2270,7 +2273,8 @@ LANGUAGE sql IMMUTABLE AS $$
         'skipped', p.skipped,
         'skipped_employees', p.skipped_employees,
         'actor', p.actor,
-        'ran_at', tl_ts(p.ran_at))
+        'ran_at', tl_ts(p.ran_at),
+        'completed_at', tl_ts(p.completed_at))
 $$;
 
 -- Creates or replaces a program. A change applies to the runs after it;
@@ -2325,9 +2329,15 @@ BEGIN
     RETURN jsonb_build_object('created', v_created, 'body', tl_program_json(v_id, v_now));
 END $$;
 
--- Issues one cycle of a program, set-based: a handful of statements whatever
--- the audience size. p_employee limits it to one employee (onboarding, with
--- proration when the program asks for it). Order of work:
+-- Issues one cycle of a program to one batch of members, set-based: a
+-- handful of statements whatever the batch size. p_employee limits it to one
+-- employee (onboarding, with proration when the program asks for it);
+-- otherwise the batch is the first p_limit members (all when NULL) by
+-- employee id after p_after, and p_run continues a run begun by an earlier
+-- batch (NULL: a new run). Batches keep each transaction's row locks short:
+-- a gateway debit on a member's wallet waits for one batch, not the whole
+-- run. Returns {run, next}: next is the cursor of the following batch, NULL
+-- once the run is complete. Order of work:
 --   1. lock the audience's wallets and the funder in the global order;
 --   2. classify each member: already granted, offboarded, or to issue;
 --   3. a department funds members in ascending employee id while its
@@ -2335,10 +2345,15 @@ END $$;
 --   4. claim (program, cycle, employee) rows; only the rows this run
 --      inserted are issued (invariant 8);
 --   5. write one `grant` transaction, lot and pair of entries per member.
+DROP FUNCTION IF EXISTS tl_program_run(text, text, text, text, jsonb);  -- replaced by the batched form
 CREATE OR REPLACE FUNCTION tl_program_run(p_program text, p_cycle text, p_trigger text, p_employee text,
-                                          p_ctx jsonb)
+                                          p_ctx jsonb, p_run uuid DEFAULT NULL, p_after text DEFAULT NULL,
+                                          p_limit integer DEFAULT NULL)
 RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
+    v_batch text[];
+    v_locked bigint[];
+    v_next text;
     p grant_programs;
     f accounts;
     v_now timestamptz;
@@ -2384,17 +2399,28 @@ BEGIN
             jsonb_build_object('path', '$.cycle'));
     END IF;
     SELECT * INTO f FROM accounts WHERE id = p.funded_by;
+    SELECT array_agg(x.id ORDER BY x.id) INTO v_batch FROM (
+        SELECT e.id FROM employees e
+        WHERE tl_in_audience(p, e.id, e.department) AND (p_employee IS NULL OR e.id = p_employee)
+          AND (p_after IS NULL OR e.id > p_after)
+        ORDER BY e.id LIMIT p_limit) x;
+    v_batch := coalesce(v_batch, '{}');
+    IF p_limit IS NOT NULL AND cardinality(v_batch) = p_limit THEN
+        v_next := v_batch[p_limit];
+    END IF;
 
-    -- 1. Locks: wallets of members not yet granted, and a department funder,
-    -- in ascending account id; then the system shards.
-    PERFORM 1 FROM accounts a
+    -- 1. Locks: wallets of the batch's members not yet granted, and a
+    -- department funder, in ascending account id; then the system shards.
+    -- Only members whose wallet this run holds are issued.
+    SELECT array_agg(x.id) INTO v_locked FROM (
+        SELECT a.id FROM accounts a
         WHERE a.type <> 'system'
-          AND (a.id = f.id OR a.id IN (
-                SELECT w.id FROM employees e JOIN accounts w ON w.address = 'employee:' || e.id
-                WHERE tl_in_audience(p, e.id, e.department) AND (p_employee IS NULL OR e.id = p_employee)
-                  AND NOT EXISTS (SELECT 1 FROM program_grants g
-                                  WHERE g.program_id = p.id AND g.cycle = p_cycle AND g.employee_id = e.id)))
-        ORDER BY a.id FOR NO KEY UPDATE;
+          AND (a.id = f.id OR a.address IN (
+                SELECT 'employee:' || b FROM unnest(v_batch) b
+                WHERE NOT EXISTS (SELECT 1 FROM program_grants g
+                                  WHERE g.program_id = p.id AND g.cycle = p_cycle AND g.employee_id = b)))
+        ORDER BY a.id FOR NO KEY UPDATE) x;
+    v_locked := coalesce(v_locked, '{}');
     PERFORM tl_lock('{}', ARRAY['system:expired', f.address]);
     v_now := tl_now(p_ctx);
 
@@ -2414,9 +2440,18 @@ BEGIN
                  END;
     v_rollover_until := CASE WHEN p.rollover_max IS NOT NULL THEN v_next_end END;
 
-    INSERT INTO program_runs (id, program_id, cycle, trigger, actor, request_id, ran_at)
-    VALUES (tl_uuid7(), p.id, p_cycle, p_trigger, p_ctx ->> 'actor', p_ctx ->> 'request_id', v_now)
-    RETURNING * INTO v_run;
+    IF p_run IS NULL THEN
+        INSERT INTO program_runs (id, program_id, cycle, trigger, actor, request_id, ran_at)
+        VALUES (tl_uuid7(), p.id, p_cycle, p_trigger, p_ctx ->> 'actor', p_ctx ->> 'request_id', v_now)
+        RETURNING * INTO v_run;
+    ELSE
+        SELECT * INTO v_run FROM program_runs
+            WHERE id = p_run AND program_id = p.id AND cycle = p_cycle AND completed_at IS NULL FOR UPDATE;
+        IF NOT FOUND THEN
+            PERFORM tl_raise('TLD01', 'invalid_request', 'no unfinished run of this program and cycle to continue',
+                             jsonb_build_object('path', '$.run'));
+        END IF;
+    END IF;
 
     -- 2. Classify.
     CREATE TEMP TABLE IF NOT EXISTS tl_program_rows (
@@ -2433,7 +2468,10 @@ BEGIN
                 WHEN v_amount <= 0 THEN 'prorated_to_zero' END,
            v_amount, v_expires, v_rollover_until
     FROM employees e JOIN accounts w ON w.address = 'employee:' || e.id
-    WHERE tl_in_audience(p, e.id, e.department) AND (p_employee IS NULL OR e.id = p_employee);
+    WHERE e.id = ANY (v_batch)
+      AND (w.id = ANY (v_locked) OR EXISTS (SELECT 1 FROM program_grants g
+                                            WHERE g.program_id = p.id AND g.cycle = p_cycle
+                                              AND g.employee_id = e.id));
 
     -- 3. A department funds what it holds, in ascending employee id.
     IF f.type <> 'system' THEN
@@ -2536,18 +2574,24 @@ BEGIN
         END IF;
     END IF;
 
-    UPDATE program_runs SET
-        issued = v_count,
-        credits = v_total,
-        skipped = (SELECT coalesce(jsonb_object_agg(outcome, n), '{}'::jsonb)
-                   FROM (SELECT outcome, count(*) AS n FROM tl_program_rows
-                         WHERE outcome <> 'issued' GROUP BY outcome) s),
-        skipped_employees = (SELECT coalesce(jsonb_agg(jsonb_build_object('employee', employee_id, 'reason', outcome)
-                                                       ORDER BY ord), '[]'::jsonb)
-                             FROM tl_program_rows WHERE outcome NOT IN ('issued', 'already_granted'))
+    UPDATE program_runs r SET
+        issued = r.issued + v_count,
+        credits = r.credits + v_total,
+        skipped = (SELECT coalesce(jsonb_object_agg(k, n), '{}'::jsonb) FROM (
+                       SELECT k, sum(n) AS n FROM (
+                           SELECT key AS k, value::bigint AS n FROM jsonb_each_text(r.skipped)
+                           UNION ALL
+                           SELECT outcome, count(*) FROM tl_program_rows
+                           WHERE outcome <> 'issued' GROUP BY outcome) a
+                       GROUP BY k) s),
+        skipped_employees = r.skipped_employees || (
+            SELECT coalesce(jsonb_agg(jsonb_build_object('employee', employee_id, 'reason', outcome)
+                                      ORDER BY ord), '[]'::jsonb)
+            FROM tl_program_rows WHERE outcome NOT IN ('issued', 'already_granted')),
+        completed_at = CASE WHEN v_next IS NULL THEN v_now END
     WHERE id = v_run.id
     RETURNING * INTO v_run;
-    RETURN tl_program_run_json(v_run);
+    RETURN jsonb_build_object('run', tl_program_run_json(v_run), 'next', v_next);
 END $$;
 
 -- An employee who joins a program's audience (created, or moved into an
@@ -2566,7 +2610,7 @@ BEGIN
     FOR p IN SELECT * FROM grant_programs g WHERE g.active AND tl_in_audience(g, e.id, e.department) ORDER BY g.id LOOP
         v_cycle := tl_cycle_at(tl_now(p_ctx), p.cadence_day, p.time_zone);
         CONTINUE WHEN v_cycle < tl_program_first_cycle(p) OR v_cycle > tl_program_last_cycle(p);
-        v_run := tl_program_run(p.id, v_cycle, 'onboarding', p_employee, p_ctx);
+        v_run := tl_program_run(p.id, v_cycle, 'onboarding', p_employee, p_ctx) -> 'run';
         IF (v_run ->> 'issued')::integer = 0 AND v_run -> 'skipped_employees' = '[]'::jsonb THEN
             DELETE FROM program_runs WHERE id = tl_parse_public_id(v_run ->> 'id');
         ELSE
@@ -2583,7 +2627,7 @@ $$;
 
 -- The cycles the scheduler owes: for each active program, every cycle from
 -- its first to the one in progress (never past its last) that has started
--- and has no API or scheduler run yet, oldest first.
+-- and has no completed API or scheduler run yet, oldest first.
 CREATE OR REPLACE FUNCTION tl_programs_due(p_now timestamptz, p_limit integer) RETURNS TABLE (program_id text, cycle text)
 LANGUAGE sql STABLE AS $$
     SELECT p.id, c.cycle
@@ -2597,7 +2641,8 @@ LANGUAGE sql STABLE AS $$
       AND (tl_program_last_cycle(p) IS NULL OR c.cycle <= tl_program_last_cycle(p))
       AND (SELECT b.starts_at FROM tl_cycle_bounds(c.cycle, p.cadence_day, p.time_zone) b) <= p_now
       AND NOT EXISTS (SELECT 1 FROM program_runs r
-                      WHERE r.program_id = p.id AND r.cycle = c.cycle AND r.trigger IN ('api', 'scheduler'))
+                      WHERE r.program_id = p.id AND r.cycle = c.cycle AND r.trigger IN ('api', 'scheduler')
+                        AND r.completed_at IS NOT NULL)
     ORDER BY p.id, c.cycle
     LIMIT p_limit
 $$;

@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 import structlog
 
 from service.journal import Context, Ledger
+from service.programs import run_cycle
 
 log = structlog.get_logger("tokenledger.background")
 
@@ -137,9 +138,7 @@ class Background:
             if program in failed:
                 continue
             try:
-                run = await self.ledger.fetchval(
-                    "run_program", program, cycle, "scheduler", self.ledger.context_json(SCHEDULER)
-                )
+                run = await run_cycle(self.ledger, program, cycle, "scheduler", SCHEDULER)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001  # why: one program's failure must not stop the others
@@ -147,7 +146,6 @@ class Background:
                 self.ledger.metrics.sweeper_runs.labels("programs", "error").inc()
                 log.warning("program_run_failed", program=program, cycle=cycle, error=repr(exc))
                 continue
-            self.ledger.metrics.record_program_run(run)
             ran_at = datetime.fromisoformat(str(run["ran_at"]).replace("Z", "+00:00"))
             self.ledger.metrics.program_scheduler_last_run.labels(program).set(ran_at.timestamp())
             log.info(

@@ -48,6 +48,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # transaction created before the cutoff has committed.
     chain_settle_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
     chain_batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
+    # Grant-program runs issue this many members per database transaction,
+    # so a member's wallet is locked for one batch, not the whole run.
+    program_run_batch_size: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1000
     # Schema: apply schema.sql at start-up (off where migrations are run apart).
     apply_schema: bool = True
     # Logs.

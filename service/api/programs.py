@@ -35,6 +35,7 @@ from service.api.grants import Reason
 from service.api.resources import Program, ProgramRun, ProgramRunsPage, ProgramsPage
 from service.auth import access
 from service.journal import Ledger
+from service.programs import run_cycle
 
 CYCLE_PATTERN = r"^[0-9]{4}-(0[1-9]|1[0-2])$"
 Cycle = Annotated[
@@ -234,15 +235,12 @@ class ProgramsController(Controller):
         from another replica, issues nothing new: each (program, cycle, employee) has at
         most one grant, enforced by a unique key. `skipped` counts the members left out
         by reason; `skipped_employees` names them, except `already_granted`. A department
-        funder covers members in ascending employee id while its credits last. A cycle
-        that has not started yet, or lies outside the program, answers 400. The Idempotency-Key
+        funder covers members in ascending employee id while its credits last. Members are
+        issued in batches (TOKENLEDGER_PROGRAM_RUN_BATCH_SIZE per database transaction);
+        if the request fails half way, running it again completes it. A cycle that has
+        not started yet, or lies outside the program, answers 400. The Idempotency-Key
         header is not needed: the run itself is idempotent."""
-        ctx = context_of(request)
-        run = await ledger.fetchval(
-            "run_program", program_id, data.cycle, "api", ledger.context_json(ctx)
-        )
-        ledger.metrics.record_program_run(run)
-        return run
+        return await run_cycle(ledger, program_id, data.cycle, "api", context_of(request))
 
     @get(
         "/grant-programs/{program_id:str}/runs",

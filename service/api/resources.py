@@ -332,6 +332,7 @@ class ProgramRun(msgspec.Struct, frozen=True):
     skipped_employees: list[SkippedEmployee]
     actor: str | None
     ran_at: str
+    completed_at: str | None
 
 
 class ProgramRunsPage(msgspec.Struct, frozen=True):

@@ -15,8 +15,10 @@ ORDER BY p.id
 LIMIT $2;
 
 -- name: run_program
--- Runs one cycle: $1 program, $2 cycle, $3 trigger, $4 context.
-SELECT tl_program_run($1, $2, $3, NULL, $4);
+-- Runs one batch of a cycle: $1 program, $2 cycle, $3 trigger, $4 context,
+-- $5 the run to continue (NULL: a new one), $6 the cursor (the last
+-- employee id of the previous batch), $7 the batch size. Returns {run, next}.
+SELECT tl_program_run($1, $2, $3, NULL, $4, $5::uuid, $6::text, $7::integer);
 
 -- name: program_runs_page
 -- Runs of program $1, newest first, of one cycle ($2) or all; $3 the cursor

@@ -11,11 +11,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
 
 from service import db as service_db
-from service.background import Background
+from service.background import SCHEDULER, Background
 from tests.api.conftest import Api, FakeClock, assert_audit_clean, key, problem
 
 T0 = datetime(2026, 1, 5, tzinfo=UTC)
@@ -642,4 +643,68 @@ async def test_program_run_is_set_based(api: Api, clock: FakeClock, database_url
     assert result["issued"] == 300 and result["credits"] == 300_000
     issuance = await api.account("system:issuance")
     assert issuance["posted"] == -300_000
+    await assert_audit_clean(database_url)
+
+
+# ---------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------
+
+
+def small_batches(client: AsyncTestClient[Any], size: int) -> None:
+    ledger = client.app.state.ledger
+    ledger.config = msgspec.structs.replace(ledger.config, program_run_batch_size=size)
+
+
+async def test_run_in_batches_reports_one_run(
+    api: Api, client: AsyncTestClient[Any], clock: FakeClock, database_url: str
+) -> None:
+    """Batches of two: the run's totals, skips (in employee-id order) and
+    department budget come out as if it were one transaction."""
+    small_batches(client, 2)
+    clock.set(T0)
+    await api.department("eng")
+    for emp in ("a", "b", "c", "d", "e"):
+        await api.employee(emp, "eng")
+    r = await api.c.post("/v1/employees/b/offboard", json={}, headers=key())
+    assert r.status_code == 200, r.text
+    r = await api.transfer("system:issuance", "department:eng", 250)
+    assert r.status_code == 201, r.text
+    await put_program(api, amount=100, funded_by="department:eng")
+    result = await run(api, "2026-01")
+    assert result["issued"] == 2 and result["credits"] == 200
+    assert result["skipped"] == {"offboarded": 1, "insufficient_budget": 2}
+    assert [s["employee"] for s in result["skipped_employees"]] == ["b", "d", "e"]
+    assert result["completed_at"] == ts6(T0)
+    assert [await api.available(f"employee:{e}") for e in "acde"] == [100, 100, 0, 0]
+    runs = (await api.c.get("/v1/grant-programs/monthly/runs")).json()["items"]
+    assert len(runs) == 1 and runs[0] == result
+    await assert_audit_clean(database_url)
+
+
+async def test_a_run_stopped_half_way_is_completed_by_the_scheduler(
+    api: Api, client: AsyncTestClient[Any], clock: FakeClock, database_url: str
+) -> None:
+    """Only the first batch of a run committed (the replica died): the run stays
+    incomplete, the scheduler still owes the cycle, and its run issues the
+    rest, each grant once."""
+    clock.set(T0)
+    for i in range(5):
+        await api.employee(f"e{i}")
+    await put_program(api)
+    ledger = client.app.state.ledger
+    ctx = ledger.context_json(SCHEDULER)
+    first = await ledger.fetchval(
+        "run_program", "monthly", "2026-01", "scheduler", ctx, None, None, 2
+    )
+    assert first["next"] == "e1" and first["run"]["completed_at"] is None
+    assert first["run"]["issued"] == 2
+    runs = await schedule(client)
+    assert [(r["cycle"], r["issued"], r["skipped"]) for r in runs] == [
+        ("2026-01", 3, {"already_granted": 2})
+    ]
+    assert await schedule(client) == []
+    assert len(await grants_of(database_url)) == 5
+    for i in range(5):
+        assert await api.available(f"employee:e{i}") == 1000
     await assert_audit_clean(database_url)

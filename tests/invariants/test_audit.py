@@ -515,7 +515,7 @@ async def _program_run(db: asyncpg.Connection) -> None:
     run = await db.fetchval(
         "SELECT tl_program_run('monthly', '2026-01', 'api', NULL, $1::jsonb)", json.dumps(ctx)
     )
-    assert json.loads(run)["issued"] == 1, run
+    assert json.loads(run)["run"]["issued"] == 1, run
 
 
 async def test_program_grant_amount_mismatch_breaks_invariant_8(
