@@ -2416,9 +2416,11 @@ BEGIN
         SELECT a.id FROM accounts a
         WHERE a.type <> 'system'
           AND (a.id = f.id OR a.address IN (
+                -- A scalar subquery, not NOT EXISTS: an anti join here gets
+                -- planned as a scan of the cycle's grants per member.
                 SELECT 'employee:' || b FROM unnest(v_batch) b
-                WHERE NOT EXISTS (SELECT 1 FROM program_grants g
-                                  WHERE g.program_id = p.id AND g.cycle = p_cycle AND g.employee_id = b)))
+                WHERE (SELECT 1 FROM program_grants g
+                       WHERE g.program_id = p.id AND g.cycle = p_cycle AND g.employee_id = b) IS NULL))
         ORDER BY a.id FOR NO KEY UPDATE) x;
     v_locked := coalesce(v_locked, '{}');
     PERFORM tl_lock('{}', ARRAY['system:expired', f.address]);

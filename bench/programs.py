@@ -9,8 +9,10 @@
 2. N employees in one department, written set-based straight into the
    database (their onboarding is not what is measured).
 3. Over HTTP, as admin:
-   - `system`: a program for everyone funded by system:issuance; POST the
-     current cycle's run (N grants), then the same run again (nothing new);
+   - `system`: a program for everyone funded by system:issuance; POST last
+     month's run on the empty database (N grants), ANALYZE (what autovacuum
+     does on a ledger that has been running), then this month's run (N
+     grants) and the same run again (nothing new);
    - `department`: a program for the department funded by department:eng,
      which holds enough for half of them; the run issues N/2 and skips the
      rest for insufficient budget.
@@ -30,7 +32,7 @@ import os
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -86,10 +88,10 @@ async def timed_run(client: httpx.AsyncClient, pid: str, cycle: str) -> dict[str
     }
 
 
-async def measure(base_url: str, admin_key: str, employees: int) -> list[dict[str, Any]]:
+async def measure(base_url: str, admin_key: str, dsn: str, employees: int) -> list[dict[str, Any]]:
     now = datetime.now(UTC)
     cycle = now.strftime("%Y-%m")
-    cycle_start = now.strftime("%Y-%m-01")
+    previous = (now.replace(day=1) - timedelta(days=1)).strftime("%Y-%m")
     results = []
     async with httpx.AsyncClient(
         base_url=base_url,
@@ -97,10 +99,21 @@ async def measure(base_url: str, admin_key: str, employees: int) -> list[dict[st
         timeout=600,
         trust_env=False,
     ) as client:
-        r = await client.put("/v1/grant-programs/everyone", json=program(cycle_start))
+        r = await client.put(
+            "/v1/grant-programs/everyone", json=program(f"{previous}-01", expiry=None)
+        )
         assert r.status_code == 201, r.text
+        cold = await timed_run(client, "everyone", previous)
+        results.append({"scenario": "system-funded, empty database", **cold})
+        # A ledger that has been running has statistics on its tables
+        # (autovacuum's ANALYZE); an empty one plans for empty tables.
+        conn = await db.connect(dsn)
+        try:
+            await conn.execute("ANALYZE")
+        finally:
+            await conn.close()
         first = await timed_run(client, "everyone", cycle)
-        results.append({"scenario": "system-funded, first run", **first})
+        results.append({"scenario": "system-funded, analyzed database", **first})
         again = await timed_run(client, "everyone", cycle)
         results.append({"scenario": "system-funded, run again", **again})
         budget = AMOUNT * (employees // 2)
@@ -113,7 +126,7 @@ async def measure(base_url: str, admin_key: str, employees: int) -> list[dict[st
         r = await client.put(
             "/v1/grant-programs/eng",
             json=program(
-                cycle_start, audience={"departments": ["eng"]}, funded_by="department:eng"
+                f"{cycle}-01", audience={"departments": ["eng"]}, funded_by="department:eng"
             ),
         )
         assert r.status_code == 201, r.text
@@ -122,6 +135,7 @@ async def measure(base_url: str, admin_key: str, employees: int) -> list[dict[st
         r = await client.get("/v1/accounts/department:eng")
         dept_available = r.json()["available"]
     checks = {
+        "cold_run_issued_all": cold["issued"] == employees,
         "first_run_issued_all": first["issued"] == employees
         and first["credits"] == employees * AMOUNT,
         "second_run_issued_none": again["issued"] == 0
@@ -166,7 +180,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         )
         service.start()
         await service.wait_ready()
-        results = await measure(service.base_url, service.admin_key, args.employees)
+        results = await measure(service.base_url, service.admin_key, database.dsn, args.employees)
         service.stop()
         audit = await asyncio.to_thread(run_audit, database.dsn)
     finally:

@@ -106,6 +106,7 @@ def test_programs_bench_smoke(pg_server: Server, tmp_path: Path) -> None:
     rc = programs.cli(["--employees", "40", "--database-url", pg_server.dsn, "--json", str(out)])
     result = json.loads(out.read_text())
     assert result["checks"] == {
+        "cold_run_issued_all": True,
         "first_run_issued_all": True,
         "second_run_issued_none": True,
         "department_issued_half": True,
