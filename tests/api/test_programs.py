@@ -708,3 +708,25 @@ async def test_a_run_stopped_half_way_is_completed_by_the_scheduler(
     for i in range(5):
         assert await api.available(f"employee:e{i}") == 1000
     await assert_audit_clean(database_url)
+
+
+async def test_two_schedulers_at_once_issue_once(
+    api: Api, client: AsyncTestClient[Any], clock: FakeClock, database_url: str
+) -> None:
+    """Two replicas' schedulers catching up the same three cycles at the same
+    time: one grant per (cycle, employee), and no lost cycle."""
+    small_batches(client, 3)
+    clock.set(datetime(2026, 3, 2, tzinfo=UTC))
+    for i in range(7):
+        await api.employee(f"e{i}")
+    await put_program(api, expiry=None)
+    first, second = await asyncio.gather(schedule(client), schedule(client))
+    issued = {c: 0 for c in ("2026-01", "2026-02", "2026-03")}
+    for r in first + second:
+        issued[r["cycle"]] += r["issued"]
+    assert issued == {"2026-01": 7, "2026-02": 7, "2026-03": 7}
+    assert len(await grants_of(database_url)) == 21
+    for i in range(7):
+        assert await api.available(f"employee:e{i}") == 3000
+    assert await schedule(client) == []
+    await assert_audit_clean(database_url)
