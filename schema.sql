@@ -1608,6 +1608,29 @@ CREATE TABLE IF NOT EXISTS usage_daily_models (
     PRIMARY KEY (day, model, project, shard)
 );
 
+-- A database from before version 6 has usage_daily but not the two coarser
+-- roll-ups: fill them from it once, with usage_daily locked so that no event
+-- recorded meanwhile is missed (writers wait, then run the new functions).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM schema_version WHERE version = 6)
+       AND EXISTS (SELECT 1 FROM usage_daily) THEN
+        LOCK TABLE usage_daily IN SHARE MODE;
+        DELETE FROM usage_monthly;
+        DELETE FROM usage_daily_models;
+        INSERT INTO usage_monthly (month, account_id, model, project, events, input_tokens,
+                                   cached_input_tokens, output_tokens, credits)
+        SELECT date_trunc('month', day)::date, account_id, model, project, sum(events), sum(input_tokens),
+               sum(cached_input_tokens), sum(output_tokens), sum(credits)
+        FROM usage_daily GROUP BY 1, 2, 3, 4;
+        INSERT INTO usage_daily_models (day, model, project, shard, events, input_tokens,
+                                        cached_input_tokens, output_tokens, credits)
+        SELECT day, model, project, 0, sum(events), sum(input_tokens),
+               sum(cached_input_tokens), sum(output_tokens), sum(credits)
+        FROM usage_daily GROUP BY 1, 2, 3;
+    END IF;
+END $$;
+
 -- Adds a set of events (as rows of usage_events) to the three roll-ups.
 CREATE OR REPLACE FUNCTION tl_usage_rollup_many(p_events usage_events[]) RETURNS void
 LANGUAGE sql AS $$
