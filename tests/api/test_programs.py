@@ -419,8 +419,19 @@ async def test_rollover_below_equal_above_cap_and_zero(
             assert account["expiring"] == [
                 {"amount": amount, "expires_at": "2026-03-01T00:00:00.000000Z"}
             ]
+
+    async def posted_at(emp: str, at: str) -> int:
+        r = await api.c.get(f"/v1/accounts/employee:{emp}/balance", params={"at": at})
+        assert r.status_code == 200, r.text
+        return int(r.json()["posted"])
+
+    later = "2026-02-10T00:00:00Z"
+    for emp, amount in expected.items():  # as-of, before the rollover is written
+        assert await posted_at(emp, later) == amount, emp
     await sweep(client)
     for emp, amount in expected.items():
+        assert await posted_at(emp, later) == amount, emp  # and after
+        assert await posted_at(emp, "2026-01-31T23:59:59Z") == 1000 - spend[emp], emp
         assert await api.available(f"employee:{emp}") == amount
         live = [lot for lot in await lots(api, f"employee:{emp}") if lot["remaining"] > 0]
         assert [(lot["amount"], lot["expires_at"]) for lot in live] == (
