@@ -95,3 +95,28 @@ async def test_service_runs_as_app_role(config: Config, admin_key: str) -> None:
         )
         assert [x["status"] for x in r.json()["results"]] == ["recorded", "rejected"], r.text
         assert await api.available("employee:e-1") == 50 - 4 - 3 - 2
+        # Grant programs: a definition, a run in batches, a re-run, and an
+        # onboarding grant (which also removes its empty onboarding runs).
+        c.app.state.ledger.config = msgspec.structs.replace(
+            c.app.state.ledger.config, program_run_batch_size=1
+        )
+        program = {
+            "amount": 5,
+            "reason": "monthly_allotment",
+            "cadence": {"every": "month", "day": 1},
+            "audience": {"all": True},
+            "expiry": None,
+            "starts_on": "2026-01-01",
+            "active": True,
+        }
+        r = await c.put("/v1/grant-programs/monthly", json=program)
+        assert r.status_code == 201, r.text
+        cycle = r.json()["current_cycle"]["cycle"]
+        r = await c.post("/v1/grant-programs/monthly/runs", json={"cycle": cycle})
+        assert r.status_code == 200 and r.json()["issued"] == 2, r.text
+        r = await c.post("/v1/grant-programs/monthly/runs", json={"cycle": cycle})
+        assert r.status_code == 200 and r.json()["issued"] == 0, r.text
+        await api.employee("e-3")
+        assert await api.available("employee:e-3") == 5
+        await api.employee("e-3", "ops")
+        await api.employee("e-3", "eng")
