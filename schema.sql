@@ -2156,6 +2156,9 @@ CREATE TABLE IF NOT EXISTS grant_programs (
     ends_on      date,
     active       boolean NOT NULL,
     prorate      boolean NOT NULL DEFAULT false,
+    -- When the program last became active: the scheduler owes no cycle that
+    -- ended before it (a pause is not an outage to catch up on).
+    activated_at timestamptz,
     version      integer NOT NULL DEFAULT 1,
     created_at   timestamptz NOT NULL,
     updated_at   timestamptz NOT NULL,
@@ -2274,6 +2277,7 @@ LANGUAGE sql STABLE AS $$
         'ends_on', p.ends_on,
         'active', p.active,
         'prorate', p.prorate,
+        'activated_at', tl_ts(p.activated_at),
         'version', p.version,
         'current_cycle', tl_cycle_json(p, tl_cycle_at(p_now, p.cadence_day, p.time_zone)),
         'next_cycle', tl_cycle_json(p, greatest(tl_cycle_add(tl_cycle_at(p_now, p.cadence_day, p.time_zone), 1),
@@ -2336,17 +2340,22 @@ BEGIN
                          jsonb_build_object('employee', v_missing));
     END IF;
     INSERT INTO grant_programs AS g (id, amount, reason, cadence_day, time_zone, audience, expiry, rollover_max,
-                                     funded_by, starts_on, ends_on, active, prorate, created_at, updated_at)
+                                     funded_by, starts_on, ends_on, active, prorate, activated_at,
+                                     created_at, updated_at)
     VALUES (v_id, (p_args ->> 'amount')::bigint, p_args ->> 'reason', (p_args #>> '{cadence,day}')::integer,
             p_args ->> 'time_zone', p_args -> 'audience', nullif(p_args -> 'expiry', 'null'::jsonb),
             (p_args ->> 'rollover_max')::bigint, f.id, (p_args ->> 'starts_on')::date,
             (p_args ->> 'ends_on')::date, (p_args ->> 'active')::boolean,
-            coalesce((p_args ->> 'prorate')::boolean, false), v_now, v_now)
+            coalesce((p_args ->> 'prorate')::boolean, false),
+            CASE WHEN (p_args ->> 'active')::boolean THEN v_now END, v_now, v_now)
     ON CONFLICT (id) DO UPDATE SET
         amount = EXCLUDED.amount, reason = EXCLUDED.reason, cadence_day = EXCLUDED.cadence_day,
         time_zone = EXCLUDED.time_zone, audience = EXCLUDED.audience, expiry = EXCLUDED.expiry,
         rollover_max = EXCLUDED.rollover_max, funded_by = EXCLUDED.funded_by, starts_on = EXCLUDED.starts_on,
         ends_on = EXCLUDED.ends_on, active = EXCLUDED.active, prorate = EXCLUDED.prorate,
+        activated_at = CASE WHEN NOT EXCLUDED.active THEN NULL
+                            WHEN g.active THEN g.activated_at
+                            ELSE EXCLUDED.activated_at END,
         version = g.version + 1, updated_at = EXCLUDED.updated_at
     RETURNING (xmax = 0) INTO v_created;
     RETURN jsonb_build_object('created', v_created, 'body', tl_program_json(v_id, v_now));
@@ -2651,8 +2660,9 @@ LANGUAGE sql IMMUTABLE AS $$
 $$;
 
 -- The cycles the scheduler owes: for each active program, every cycle from
--- its first to the one in progress (never past its last) that has started
--- and has no completed API or scheduler run yet, oldest first.
+-- its first to the one in progress (never past its last) that has started,
+-- had not ended when the program was (last) activated, and has no completed
+-- API or scheduler run yet, oldest first.
 CREATE OR REPLACE FUNCTION tl_programs_due(p_now timestamptz, p_limit integer) RETURNS TABLE (program_id text, cycle text)
 LANGUAGE sql STABLE AS $$
     SELECT p.id, c.cycle
@@ -2664,7 +2674,8 @@ LANGUAGE sql STABLE AS $$
                              interval '1 month') m) c
     WHERE p.active
       AND (tl_program_last_cycle(p) IS NULL OR c.cycle <= tl_program_last_cycle(p))
-      AND (SELECT b.starts_at FROM tl_cycle_bounds(c.cycle, p.cadence_day, p.time_zone) b) <= p_now
+      AND (SELECT b.starts_at <= p_now AND b.ends_at > p.activated_at
+           FROM tl_cycle_bounds(c.cycle, p.cadence_day, p.time_zone) b)
       AND NOT EXISTS (SELECT 1 FROM program_runs r
                       WHERE r.program_id = p.id AND r.cycle = c.cycle AND r.trigger IN ('api', 'scheduler')
                         AND r.completed_at IS NOT NULL)

@@ -300,6 +300,7 @@ class Program(msgspec.Struct, frozen=True):
     ends_on: str | None
     active: bool
     prorate: bool
+    activated_at: str | None
     version: int
     current_cycle: ProgramCycle | None
     next_cycle: ProgramCycle | None

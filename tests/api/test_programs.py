@@ -318,12 +318,37 @@ async def test_scheduler_catches_up_after_an_outage(
 async def test_scheduler_skips_inactive_programs_and_manual_runs(
     api: Api, client: AsyncTestClient[Any], clock: FakeClock
 ) -> None:
-    clock.set(datetime(2026, 2, 10, tzinfo=UTC))
+    clock.set(datetime(2025, 12, 20, tzinfo=UTC))
     await api.employee("e1")
     await put_program(api, "paused", active=False)
     await put_program(api, "manual")
+    clock.set(datetime(2026, 2, 10, tzinfo=UTC))
     await run(api, "2026-02", "manual")
     assert [(r["program"], r["cycle"]) for r in await schedule(client)] == [("manual", "2026-01")]
+
+
+async def test_scheduler_does_not_catch_up_a_pause(
+    api: Api, client: AsyncTestClient[Any], clock: FakeClock
+) -> None:
+    """Paused in January and resumed in April: the scheduler owes April, not the
+    cycles that ended while the program was inactive (those stay available to
+    an explicit run). A program created mid-cycle owes that cycle."""
+    clock.set(datetime(2026, 1, 5, tzinfo=UTC))
+    await api.employee("e1")
+    created = await put_program(api, expiry=None)
+    assert created["activated_at"] == ts6(datetime(2026, 1, 5, tzinfo=UTC))
+    assert [r["cycle"] for r in await schedule(client)] == ["2026-01"]
+    clock.set(datetime(2026, 1, 20, tzinfo=UTC))
+    paused = await put_program(api, expiry=None, active=False)
+    assert paused["activated_at"] is None
+    clock.set(datetime(2026, 4, 10, tzinfo=UTC))
+    assert await schedule(client) == []
+    resumed = await put_program(api, expiry=None)
+    assert resumed["activated_at"] == ts6(datetime(2026, 4, 10, tzinfo=UTC))
+    assert [r["cycle"] for r in await schedule(client)] == ["2026-04"]
+    edited = await put_program(api, expiry=None, amount=7)  # still active: unchanged
+    assert edited["activated_at"] == resumed["activated_at"]
+    assert await api.available("employee:e1") == 2000
 
 
 async def test_cycles_follow_local_midnight_across_dst(api: Api, clock: FakeClock) -> None:
@@ -727,10 +752,11 @@ async def test_two_schedulers_at_once_issue_once(
     """Two replicas' schedulers catching up the same three cycles at the same
     time: one grant per (cycle, employee), and no lost cycle."""
     small_batches(client, 3)
-    clock.set(datetime(2026, 3, 2, tzinfo=UTC))
+    clock.set(datetime(2025, 12, 2, tzinfo=UTC))
     for i in range(7):
         await api.employee(f"e{i}")
     await put_program(api, expiry=None)
+    clock.set(datetime(2026, 3, 2, tzinfo=UTC))
     first, second = await asyncio.gather(schedule(client), schedule(client))
     issued = {c: 0 for c in ("2026-01", "2026-02", "2026-03")}
     for r in first + second:
