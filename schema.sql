@@ -181,12 +181,23 @@ CREATE INDEX IF NOT EXISTS lots_consumption_idx ON lots
     WHERE status = 'active' AND remaining > 0;
 CREATE INDEX IF NOT EXISTS lots_due_idx ON lots (expires_at)
     WHERE status = 'active' AND remaining > 0 AND expires_at IS NOT NULL;
+-- Voided lots still holding credits (for a reservation that may release them).
+CREATE INDEX IF NOT EXISTS lots_voided_held_idx ON lots (account_id)
+    WHERE status = 'voided' AND remaining > 0;
+-- Queries on an account's live lots say `remaining > 0` as well as
+-- `remaining > reserved`: the planner cannot infer the first from the second,
+-- and without it these partial indexes do not apply (every write and read
+-- would scan all lots).
 -- A grant-program lot can roll over (tl_roll_over): at expires_at up to
 -- rollover_max of its free credits move to a new lot expiring at
 -- rollover_until; rolled_at records that it happened (once).
 ALTER TABLE lots ADD COLUMN IF NOT EXISTS rollover_max bigint;
 ALTER TABLE lots ADD COLUMN IF NOT EXISTS rollover_until timestamptz;
 ALTER TABLE lots ADD COLUMN IF NOT EXISTS rolled_at timestamptz;
+-- Every write to a wallet looks for its lots due to roll over: a small index
+-- of just those, so the look-up never scans the account's other lots.
+CREATE INDEX IF NOT EXISTS lots_rollover_due_idx ON lots (account_id, expires_at)
+    WHERE rollover_max IS NOT NULL AND rolled_at IS NULL;
 
 -- A transaction may move one lot more than once (a capture draws on a lot's
 -- hold and then on its free credits), so movements have an id of their own.
@@ -536,7 +547,7 @@ DECLARE
     v_txn uuid;
 BEGIN
     SELECT array_agg(id) INTO v_lots FROM lots
-        WHERE account_id = p_account AND status = 'voided' AND remaining > reserved;
+        WHERE account_id = p_account AND status = 'voided' AND remaining > 0 AND remaining > reserved;
     IF v_lots IS NULL THEN
         RETURN;
     END IF;
@@ -555,7 +566,7 @@ DECLARE
     v_count integer := 0;
 BEGIN
     SELECT sum(remaining - reserved) INTO v_total FROM lots
-        WHERE account_id = p_account AND status = 'active' AND remaining > reserved
+        WHERE account_id = p_account AND status = 'active' AND remaining > 0 AND remaining > reserved
           AND expires_at <= p_now;
     IF v_total IS NULL OR v_total = 0 THEN
         RETURN 0;
@@ -563,7 +574,7 @@ BEGIN
     v_txn := tl_new_transaction('expiry', p_now, p_ctx);
     FOR v_lot IN
         SELECT id, remaining - reserved AS free FROM lots
-        WHERE account_id = p_account AND status = 'active' AND remaining > reserved AND expires_at <= p_now
+        WHERE account_id = p_account AND status = 'active' AND remaining > 0 AND remaining > reserved AND expires_at <= p_now
         ORDER BY priority, expires_at NULLS LAST, effective_at, id
     LOOP
         PERFORM tl_move_lot(v_txn, v_lot.id, -v_lot.free);
@@ -578,7 +589,7 @@ END $$;
 CREATE OR REPLACE FUNCTION tl_spendable(p_account bigint, p_now timestamptz) RETURNS bigint
 LANGUAGE sql STABLE AS $$
     SELECT coalesce(sum(remaining - reserved), 0)::bigint FROM lots
-    WHERE account_id = p_account AND status = 'active' AND remaining > reserved
+    WHERE account_id = p_account AND status = 'active' AND remaining > 0 AND remaining > reserved
       AND effective_at <= p_now AND (expires_at IS NULL OR expires_at > p_now)
 $$;
 
@@ -601,7 +612,7 @@ BEGIN
     END IF;
     FOR v_lot IN
         SELECT l.id, l.remaining - l.reserved AS free, l.expires_at, l.priority, l.funded_by FROM lots l
-        WHERE l.account_id = p_account.id AND l.status = 'active' AND l.remaining > l.reserved
+        WHERE l.account_id = p_account.id AND l.status = 'active' AND l.remaining > 0 AND l.remaining > l.reserved
           AND l.effective_at <= p_now AND (l.expires_at IS NULL OR l.expires_at > p_now)
         ORDER BY l.priority, l.expires_at NULLS LAST, l.effective_at, l.id
     LOOP
@@ -703,7 +714,7 @@ BEGIN
                coalesce(sum(remaining - reserved) FILTER (WHERE effective_at > p_now
                                                           AND (expires_at IS NULL OR expires_at > p_now)), 0)
             INTO v_due, v_pending
-            FROM lots WHERE account_id = a.id AND status = 'active' AND remaining > reserved;
+            FROM lots WHERE account_id = a.id AND status = 'active' AND remaining > 0 AND remaining > reserved;
         -- Program lots past their cycle's end whose rollover is not written
         -- yet: the part that rolls over is still live, until rollover_until.
         SELECT coalesce(sum(tl_rollover_pending(l, p_now)), 0) INTO v_rolling FROM lots l
@@ -714,7 +725,7 @@ BEGIN
             INTO v_expiring
             FROM (SELECT y.expires_at, sum(y.amount) AS amount FROM (
                       SELECT expires_at, remaining - reserved AS amount FROM lots
-                      WHERE account_id = a.id AND status = 'active' AND remaining > reserved
+                      WHERE account_id = a.id AND status = 'active' AND remaining > 0 AND remaining > reserved
                         AND expires_at > p_now AND expires_at IS NOT NULL
                       UNION ALL
                       SELECT l.rollover_until, tl_rollover_pending(l, p_now) FROM lots l
@@ -1185,7 +1196,7 @@ BEGIN
     -- What those holds kept alive on lots that have expired expires now.
     PERFORM tl_expire_lots(w.id, v_now, p_ctx);
     SELECT array_agg(id) INTO v_lots FROM lots
-        WHERE account_id = w.id AND status = 'active' AND remaining > reserved;
+        WHERE account_id = w.id AND status = 'active' AND remaining > 0 AND remaining > reserved;
     IF v_lots IS NOT NULL THEN
         v_txn := tl_new_transaction('void', v_now, p_ctx, p_args ->> 'memo', '{}'::jsonb,
                                     jsonb_build_object('offboarded', p_args ->> 'employee'));
@@ -1297,7 +1308,7 @@ BEGIN
     v_left := v_amount;
     FOR v_lot IN
         SELECT l.id, l.remaining - l.reserved AS free FROM lots l
-        WHERE l.account_id = w.id AND l.status = 'active' AND l.remaining > l.reserved
+        WHERE l.account_id = w.id AND l.status = 'active' AND l.remaining > 0 AND l.remaining > l.reserved
           AND l.effective_at <= v_now AND (l.expires_at IS NULL OR l.expires_at > v_now)
         ORDER BY l.priority, l.expires_at NULLS LAST, l.effective_at, l.id
     LOOP
@@ -2550,7 +2561,7 @@ BEGIN
             JOIN (SELECT id, remaining - reserved AS free, expires_at,
                          sum(remaining - reserved) OVER (ORDER BY priority, expires_at NULLS LAST, effective_at, id) AS hi
                   FROM lots
-                  WHERE account_id = f.id AND status = 'active' AND remaining > reserved
+                  WHERE account_id = f.id AND status = 'active' AND remaining > 0 AND remaining > reserved
                     AND effective_at <= v_now AND (expires_at IS NULL OR expires_at > v_now)) l
               ON l.hi - l.free < g.hi AND g.hi - g.amount < l.hi;
             INSERT INTO lot_movements (transaction_id, lot_id, amount)

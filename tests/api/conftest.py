@@ -71,6 +71,13 @@ def config(database_url: str, admin_key: str) -> Config:
         # A busy 2-core CI box must not turn a queue for the pool into 503s;
         # overload behaviour has tests of its own (bench/chaos).
         pool_acquire_timeout_seconds=20,
+        # Likewise a request queued behind another's row locks (a batch of
+        # usage events on the same wallets): on a loaded box the 2 s default
+        # lock timeout turns that wait into a 503, which is not what these
+        # tests are about (the chaos smoke run pins 503 with Retry-After).
+        lock_timeout_ms=10_000,
+        statement_timeout_ms=15_000,
+        chain_settle_seconds=20.0,
         log_format="json",
         log_level="warning",
         environment="development",

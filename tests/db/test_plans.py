@@ -1,0 +1,70 @@
+"""The hot path never scans every lot: with many lots in other accounts, a
+debit and a balance read touch only the account's own lots, by index.
+
+Counted with the backend's own table statistics (seq_scan of `lots`),
+flushed by pg_stat_force_next_flush(), so the check does not depend on
+timing or on EXPLAIN output."""
+
+from __future__ import annotations
+
+import json
+
+import asyncpg
+import pytest
+
+CTX = {"actor": "test", "request_id": "plans", "now": None}
+
+
+async def lots_seq_scans(db: asyncpg.Connection) -> int:
+    await db.execute("SELECT pg_stat_force_next_flush()")
+    return int(await db.fetchval("SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'lots'"))
+
+
+@pytest.fixture
+async def many_lots(db: asyncpg.Connection) -> str:
+    """3,000 wallets with a lot each (and a voided one), analyzed; returns one wallet."""
+    await db.execute("INSERT INTO departments (id, name) VALUES ('eng', 'Eng')")
+    await db.execute(
+        "INSERT INTO employees (id, name, email, department) "
+        "SELECT 'e' || g, 'E', 'e@example.com', 'eng' FROM generate_series(1, 3000) g"
+    )
+    await db.execute(
+        "INSERT INTO accounts (address, type, ref) SELECT 'employee:' || id, 'employee', id "
+        "FROM employees"
+    )
+    program = {
+        "id": "p",
+        "amount": 100,
+        "reason": "monthly_allotment",
+        "cadence": {"every": "month", "day": 1},
+        "time_zone": "UTC",
+        "audience": {"all": True},
+        "expiry": None,
+        "funded_by": "system:issuance",
+        "starts_on": "2026-01-01",
+        "active": True,
+    }
+    await db.fetchval(
+        "SELECT tl_op_put_program($1::jsonb, $2::jsonb)", json.dumps(program), json.dumps(CTX)
+    )
+    await db.fetchval(
+        "SELECT tl_program_run('p', '2026-01', 'api', NULL, $1::jsonb)", json.dumps(CTX)
+    )
+    await db.execute("ANALYZE")
+    return "employee:e1500"
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SELECT tl_spendable(tl_account_id($1), now())",
+        "SELECT tl_account_json(tl_account_id($1), now())",
+        "SELECT tl_execute('t', NULL, NULL, 'debit', 201, "
+        "jsonb_build_object('account', $1::text, 'amount', 1), '{}'::jsonb)",
+    ],
+    ids=["spendable", "balance", "debit"],
+)
+async def test_no_lot_table_scan(db: asyncpg.Connection, many_lots: str, statement: str) -> None:
+    before = await lots_seq_scans(db)
+    await db.fetchval(statement, many_lots)
+    assert await lots_seq_scans(db) == before
