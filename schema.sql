@@ -1606,6 +1606,20 @@ CREATE TABLE IF NOT EXISTS usage_monthly (
     credits             bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (month, account_id, model, project)
 );
+-- The monthly roll-up without the project: about as many rows as accounts
+-- times models, what most whole-month reports (by employee, department,
+-- model) need.
+CREATE TABLE IF NOT EXISTS usage_monthly_models (
+    month               date NOT NULL,
+    account_id          bigint NOT NULL REFERENCES accounts (id),
+    model               text NOT NULL,
+    events              bigint NOT NULL DEFAULT 0,
+    input_tokens        bigint NOT NULL DEFAULT 0,
+    cached_input_tokens bigint NOT NULL DEFAULT 0,
+    output_tokens       bigint NOT NULL DEFAULT 0,
+    credits             bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (month, account_id, model)
+);
 CREATE TABLE IF NOT EXISTS usage_daily_models (
     day                 date NOT NULL,
     model               text NOT NULL,
@@ -1640,6 +1654,17 @@ BEGIN
                sum(cached_input_tokens), sum(output_tokens), sum(credits)
         FROM usage_daily GROUP BY 1, 2, 3;
     END IF;
+    -- Likewise for the version 7 one.
+    IF NOT EXISTS (SELECT 1 FROM schema_version WHERE version = 7)
+       AND EXISTS (SELECT 1 FROM usage_daily) THEN
+        LOCK TABLE usage_daily IN SHARE MODE;
+        DELETE FROM usage_monthly_models;
+        INSERT INTO usage_monthly_models (month, account_id, model, events, input_tokens,
+                                          cached_input_tokens, output_tokens, credits)
+        SELECT date_trunc('month', day)::date, account_id, model, sum(events), sum(input_tokens),
+               sum(cached_input_tokens), sum(output_tokens), sum(credits)
+        FROM usage_daily GROUP BY 1, 2, 3;
+    END IF;
 END $$;
 
 -- Adds a set of events (as rows of usage_events) to the three roll-ups.
@@ -1663,6 +1688,17 @@ LANGUAGE sql AS $$
            sum(e.input_tokens), sum(e.cached_input_tokens), sum(e.output_tokens), sum(e.cost)
     FROM unnest(p_events) e GROUP BY 1, 2, 3, 4
     ON CONFLICT (month, account_id, model, project) DO UPDATE SET
+        events = d.events + EXCLUDED.events,
+        input_tokens = d.input_tokens + EXCLUDED.input_tokens,
+        cached_input_tokens = d.cached_input_tokens + EXCLUDED.cached_input_tokens,
+        output_tokens = d.output_tokens + EXCLUDED.output_tokens,
+        credits = d.credits + EXCLUDED.credits;
+    INSERT INTO usage_monthly_models AS d (month, account_id, model, events, input_tokens,
+                                           cached_input_tokens, output_tokens, credits)
+    SELECT date_trunc('month', e.occurred_at AT TIME ZONE 'UTC')::date, e.account_id, e.model, count(*),
+           sum(e.input_tokens), sum(e.cached_input_tokens), sum(e.output_tokens), sum(e.cost)
+    FROM unnest(p_events) e GROUP BY 1, 2, 3
+    ON CONFLICT (month, account_id, model) DO UPDATE SET
         events = d.events + EXCLUDED.events,
         input_tokens = d.input_tokens + EXCLUDED.input_tokens,
         cached_input_tokens = d.cached_input_tokens + EXCLUDED.cached_input_tokens,
@@ -2861,7 +2897,8 @@ BEGIN
     GRANT INSERT, UPDATE ON reservations TO tokenledger_app;
     GRANT INSERT ON reservation_holds TO tokenledger_app;
     GRANT INSERT, UPDATE, DELETE ON usage_events TO tokenledger_app;
-    GRANT INSERT, UPDATE ON usage_daily, usage_monthly, usage_daily_models TO tokenledger_app;
+    GRANT INSERT, UPDATE ON usage_daily, usage_monthly, usage_monthly_models, usage_daily_models
+        TO tokenledger_app;
     REVOKE UPDATE, DELETE, TRUNCATE ON transactions, entries, lot_movements FROM tokenledger_app;
     -- Price versions are append-only too (README, Prices).
     GRANT SELECT, INSERT ON prices TO tokenledger_app;

@@ -118,6 +118,12 @@ SELECT date_trunc('month', occurred_at AT TIME ZONE 'UTC')::date, account_id, mo
        sum(output_tokens), sum(cost)
 FROM usage_events
 GROUP BY 1, 2, 3, 4;
+INSERT INTO usage_monthly_models (month, account_id, model, events, input_tokens,
+                                  cached_input_tokens, output_tokens, credits)
+SELECT date_trunc('month', occurred_at AT TIME ZONE 'UTC')::date, account_id, model,
+       count(*), sum(input_tokens), sum(cached_input_tokens), sum(output_tokens), sum(cost)
+FROM usage_events
+GROUP BY 1, 2, 3;
 INSERT INTO usage_daily_models (day, model, project, shard, events, input_tokens,
                                 cached_input_tokens, output_tokens, credits)
 SELECT (occurred_at AT TIME ZONE 'UTC')::date, model, coalesce(project, ''), 0,
@@ -159,6 +165,7 @@ async def build(dsn: str, employees: int, events: int) -> dict[str, float]:
         await conn.execute("VACUUM ANALYZE usage_events", timeout=1800)
         await conn.execute("VACUUM ANALYZE usage_daily", timeout=1800)
         await conn.execute("VACUUM ANALYZE usage_monthly", timeout=1800)
+        await conn.execute("VACUUM ANALYZE usage_monthly_models", timeout=1800)
         await conn.execute("VACUUM ANALYZE usage_daily_models", timeout=1800)
         await conn.execute("ANALYZE", timeout=1800)
         seconds["rollup_and_analyze"] = time.perf_counter() - started

@@ -32,6 +32,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     connect_timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=60)] = 5.0
     statement_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=600_000)] = 5_000
     lock_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=600_000)] = 2_000
+    # Usage reports are read-only and off the hot path: a large grouping may
+    # run longer than statement_timeout_ms.
+    report_statement_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=600_000)] = 30_000
     idle_in_transaction_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=600_000)] = 10_000
     # Whole-transaction retries on serialization failure / deadlock.
     retry_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 5

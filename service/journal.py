@@ -127,6 +127,20 @@ class Ledger:
         sql = self.queries[query]
         return await self._run(lambda conn: conn.fetch(sql, *args))
 
+    async def fetch_slow(self, query: str, timeout_ms: int, *args: Any) -> list[asyncpg.Record]:
+        """A read-only query allowed a longer statement timeout than the
+        pool's (reports): SET LOCAL inside its own transaction, so the
+        connection goes back to the pool with the usual limit."""
+        sql = self.queries[query]
+
+        async def run(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            async with conn.transaction(readonly=True):
+                await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
+                return await conn.fetch(sql, *args)
+
+        result: list[asyncpg.Record] = await self._run(run)
+        return result
+
     async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
         sql = self.queries[query]
         return await self._run(lambda conn: conn.fetchrow(sql, *args))

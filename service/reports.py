@@ -6,10 +6,11 @@ Roll-ups hold whole UTC days, so a period that does not start and end at UTC
 midnights aggregates `usage_events` itself, exact at any instant. Whole days
 without an employee or department key read `usage_daily_models` (per day,
 model and project, without the account, so far fewer rows); whole UTC months
-without a day key read `usage_monthly` (per month, account, model and
-project); other whole days read `usage_daily` (per day and account).
-tl_usage_rollup_many keeps all three in the same transaction as each event,
-so every source gives the same totals.
+without a day key read `usage_monthly_models` (per month, account and model)
+when no project key is asked either, else `usage_monthly` (per month,
+account, model and project); other whole days read `usage_daily` (per day
+and account). tl_usage_rollup_many keeps all four in the same transaction as
+each event, so every source gives the same totals.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def at_month_start(when: datetime) -> bool:
 
 def source_for(start: datetime, end: datetime, keys: tuple[str, ...]) -> str:
     """The smallest table that answers exactly: a month-per-account roll-up
-    for whole UTC months without a day key, a per-day roll-up without the
+    for whole UTC months without a day key (without the project when no
+    project key is asked), a per-day roll-up without the
     account when no employee or department key is asked, the daily roll-up
     for other whole days, and the events themselves for any other period."""
     if not uses_rollup(start, end):
@@ -78,7 +80,7 @@ def source_for(start: datetime, end: datetime, keys: tuple[str, ...]) -> str:
     if not {"employee", "department"} & set(keys):
         return "models"
     if "day" not in keys and at_month_start(start) and at_month_start(end):
-        return "monthly"
+        return "monthly" if "project" in keys else "monthly_models"
     return "daily"
 
 
@@ -87,7 +89,14 @@ async def usage_report(
 ) -> list[dict[str, Any]]:
     """The report's rows: the asked keys in the caller's order, then TOTALS."""
     assert keys and set(keys) <= set(GROUP_KEYS), keys
-    rows = await ledger.fetch("usage_report", start, end, list(keys), source_for(start, end, keys))
+    rows = await ledger.fetch_slow(
+        "usage_report",
+        ledger.config.report_statement_timeout_ms,
+        start,
+        end,
+        list(keys),
+        source_for(start, end, keys),
+    )
     return [{**{k: r[k] for k in keys}, **{t: int(r[t]) for t in TOTALS}} for r in rows]
 
 

@@ -2,8 +2,9 @@
 -- Usage totals over [$1, $2) grouped by the keys in $3 (a text[] of
 -- employee, department, model, project, day, month, already checked by
 -- service/reports.py), in the order of $3, from the source $4 that
--- service/reports.py picked: 'monthly' (usage_monthly: whole UTC months, no
--- day key), 'models' (usage_daily_models: whole days, no employee or
+-- service/reports.py picked: 'monthly_models' (usage_monthly_models: whole
+-- UTC months, no day or project key), 'monthly' (usage_monthly: whole UTC
+-- months, no day key), 'models' (usage_daily_models: whole days, no employee or
 -- department key), 'daily' (usage_daily: whole days), or 'events'
 -- (usage_events itself, exact at any instant).
 --
@@ -27,6 +28,13 @@ WITH raw AS (
     WHERE $4::text = 'monthly'
       AND m.month >= ($1::timestamptz AT TIME ZONE 'UTC')::date
       AND m.month < ($2::timestamptz AT TIME ZONE 'UTC')::date
+    UNION ALL
+    SELECT mm.account_id, mm.model, '', mm.month, mm.events, mm.input_tokens,
+           mm.cached_input_tokens, mm.output_tokens, mm.credits
+    FROM usage_monthly_models mm
+    WHERE $4::text = 'monthly_models'
+      AND mm.month >= ($1::timestamptz AT TIME ZONE 'UTC')::date
+      AND mm.month < ($2::timestamptz AT TIME ZONE 'UTC')::date
     UNION ALL
     SELECT NULL::bigint, g.model, g.project, g.day, g.events, g.input_tokens,
            g.cached_input_tokens, g.output_tokens, g.credits

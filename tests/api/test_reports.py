@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import pytest
 
 from service import db as service_db
@@ -296,3 +297,25 @@ async def test_roles(api: Api, database_url: str) -> None:
             headers={"Authorization": f"Bearer {secret}"},
         )
         assert r.status_code == status, (role, r.text)
+
+
+async def test_reports_have_their_own_statement_timeout(
+    api: Api, client: Any, database_url: str
+) -> None:
+    """A report runs under TOKENLEDGER_REPORT_STATEMENT_TIMEOUT_MS (here 1 ms: the
+    query does not even finish planning, so 503), set for its own transaction
+    only: the pool's connections keep the usual statement timeout."""
+    await make_events(api, database_url, count=200)
+    ledger = client.app.state.ledger
+    normal = ledger.config
+    ledger.config = msgspec.structs.replace(normal, report_statement_timeout_ms=1)
+    r = await report(api, "2026-01-10T12:00:00Z", "2026-02-10T06:30:00.5Z", ("employee", "model"))
+    problem(r, 503, "unavailable")
+    ledger.config = normal
+    r = await report(api, "2026-01-10T12:00:00Z", "2026-02-10T06:30:00.5Z", ("employee", "model"))
+    assert r.status_code == 200, r.text
+    async with ledger.pool.acquire() as conn:
+        setting = await conn.fetchval(
+            "SELECT setting FROM pg_settings WHERE name = 'statement_timeout'"
+        )
+        assert int(setting) == normal.statement_timeout_ms

@@ -7,12 +7,12 @@ import asyncpg
 from service import db as service_db
 
 
-async def test_version_6_fills_the_new_roll_ups_from_usage_daily(
+async def test_versions_6_and_7_fill_the_new_roll_ups_from_usage_daily(
     db: asyncpg.Connection, database_url: str
 ) -> None:
     """A database from before version 6 holds usage only in usage_daily: applying
-    the schema fills usage_monthly and usage_daily_models from it once, so whole-
-    month and model reports over old months are not empty."""
+    the schema fills usage_monthly, usage_monthly_models and usage_daily_models
+    from it once, so whole-month and model reports over old months are not empty."""
     await db.execute("INSERT INTO departments (id, name) VALUES ('eng', 'Eng')")
     await db.execute(
         "INSERT INTO accounts (address, type, ref) VALUES "
@@ -28,7 +28,7 @@ async def test_version_6_fills_the_new_roll_ups_from_usage_daily(
     )
     # As a version 5 database: no version 6/7 rows, the new tables empty.
     await db.execute("DELETE FROM schema_version WHERE version >= 6")
-    await db.execute("TRUNCATE usage_monthly, usage_daily_models")
+    await db.execute("TRUNCATE usage_monthly, usage_monthly_models, usage_daily_models")
     conn = await service_db.connect(database_url)
     try:
         await service_db.apply_schema(conn)
@@ -51,4 +51,8 @@ async def test_version_6_fills_the_new_roll_ups_from_usage_daily(
     )
     assert (models["e"], models["c"]) == (daily["e"], daily["c"]) == (64, 224)
     assert models["n"] == 4 * 2 * 2  # days x models x projects
+    per_model = await db.fetchrow(
+        "SELECT sum(events) AS e, sum(credits) AS c, count(*) AS n FROM usage_monthly_models"
+    )
+    assert (per_model["e"], per_model["c"], per_model["n"]) == (64, 224, 2 * 2 * 2)
     assert await db.fetchval("SELECT max(version) FROM schema_version") == 7
