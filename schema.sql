@@ -1633,35 +1633,31 @@ CREATE TABLE IF NOT EXISTS usage_daily_models (
     PRIMARY KEY (day, model, project, shard)
 );
 
--- A database from before version 6 has usage_daily but not the two coarser
--- roll-ups: fill them from it once, with usage_daily locked so that no event
--- recorded meanwhile is missed (writers wait, then run the new functions).
+-- A database from before version 7 has usage_daily but not (all of) the
+-- coarser roll-ups: fill them from it once, with usage_daily locked so that
+-- no event recorded meanwhile is missed (writers wait, then run the new
+-- functions).
 DO $$
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM schema_version WHERE version = 6)
+    IF NOT EXISTS (SELECT 1 FROM schema_version WHERE version = 7)
        AND EXISTS (SELECT 1 FROM usage_daily) THEN
         LOCK TABLE usage_daily IN SHARE MODE;
         DELETE FROM usage_monthly;
+        DELETE FROM usage_monthly_models;
         DELETE FROM usage_daily_models;
         INSERT INTO usage_monthly (month, account_id, model, project, events, input_tokens,
                                    cached_input_tokens, output_tokens, credits)
         SELECT date_trunc('month', day)::date, account_id, model, project, sum(events), sum(input_tokens),
                sum(cached_input_tokens), sum(output_tokens), sum(credits)
         FROM usage_daily GROUP BY 1, 2, 3, 4;
-        INSERT INTO usage_daily_models (day, model, project, shard, events, input_tokens,
-                                        cached_input_tokens, output_tokens, credits)
-        SELECT day, model, project, 0, sum(events), sum(input_tokens),
-               sum(cached_input_tokens), sum(output_tokens), sum(credits)
-        FROM usage_daily GROUP BY 1, 2, 3;
-    END IF;
-    -- Likewise for the version 7 one.
-    IF NOT EXISTS (SELECT 1 FROM schema_version WHERE version = 7)
-       AND EXISTS (SELECT 1 FROM usage_daily) THEN
-        LOCK TABLE usage_daily IN SHARE MODE;
-        DELETE FROM usage_monthly_models;
         INSERT INTO usage_monthly_models (month, account_id, model, events, input_tokens,
                                           cached_input_tokens, output_tokens, credits)
         SELECT date_trunc('month', day)::date, account_id, model, sum(events), sum(input_tokens),
+               sum(cached_input_tokens), sum(output_tokens), sum(credits)
+        FROM usage_daily GROUP BY 1, 2, 3;
+        INSERT INTO usage_daily_models (day, model, project, shard, events, input_tokens,
+                                        cached_input_tokens, output_tokens, credits)
+        SELECT day, model, project, 0, sum(events), sum(input_tokens),
                sum(cached_input_tokens), sum(output_tokens), sum(credits)
         FROM usage_daily GROUP BY 1, 2, 3;
     END IF;

@@ -9,7 +9,6 @@ issue it. This module validates the definition's shape and maps HTTP to it.
 
 from __future__ import annotations
 
-import uuid
 import zoneinfo
 from datetime import date
 from typing import Annotated, Any, Literal
@@ -30,6 +29,7 @@ from service.api.common import (
     context_of,
     decode_cursor,
     page,
+    uuid_cursor,
 )
 from service.api.grants import Reason
 from service.api.resources import Program, ProgramRun, ProgramRunsPage, ProgramsPage
@@ -231,7 +231,7 @@ class ProgramsController(Controller):
         data: JSONBody[RunIn],
     ) -> ProgramRun:
         """Issues the cycle's grant to every active member of the audience who does not
-        have it yet, in one database transaction. Running it again, or at the same time
+        have it yet. Running it again, or at the same time
         from another replica, issues nothing new: each (program, cycle, employee) has at
         most one grant, enforced by a unique key. `skipped` counts the members left out
         by reason; `skipped_employees` names them, except `already_granted`. A department
@@ -260,12 +260,7 @@ class ProgramsController(Controller):
         """Newest first: API runs, scheduler runs and onboarding grants, each with what
         it issued and skipped, and when."""
         await require_program(ledger, program_id)
-        after = decode_cursor(cursor)
-        try:
-            after_id = uuid.UUID(after) if after is not None else None
-        except (ValueError, TypeError, AttributeError):
-            raise errors.InvalidRequest(
-                "cursor is not valid", errors=[{"path": "cursor"}]
-            ) from None
-        rows = await ledger.fetch("program_runs_page", program_id, cycle, after_id, limit + 1)
+        rows = await ledger.fetch(
+            "program_runs_page", program_id, cycle, uuid_cursor(cursor), limit + 1
+        )
         return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
