@@ -2060,6 +2060,114 @@ END $$;
 -- The one entry point for state-changing requests: idempotency + dispatch
 -- ---------------------------------------------------------------------------
 
+-- Coalesced operations (service/coalesce.py): the requests that reached one
+-- replica while its earlier calls were in flight, run in one database
+-- transaction, each with the outcome it would have had alone, in arrival
+-- order. Item i is (p_callers[i], p_keys[i], p_hashes[i], p_ops[i],
+-- p_statuses[i], p_args[i], p_ctxs[i]), as the arguments of tl_execute.
+--   1. Every key is claimed in one statement, in (caller, key) order and
+--      before any account lock: tl_execute also takes its key first, so a
+--      batch and a single call never wait on each other in a cycle.
+--   2. Every account the batch can touch is locked once, ascending id, then
+--      the system shards it needs (tl_lock, the global order): concurrent
+--      batches cannot deadlock, and a hot wallet is locked once per batch.
+--   3. Each operation runs in a subtransaction of its own. A business
+--      rejection (TLB01..06) is stored with its key, as tl_execute does; any
+--      other operating error (TLA, TLB07, TLC, TLD) gives the key back and
+--      answers that item alone. Anything else (a bug, a timeout, a broken
+--      invariant) fails the whole batch; the service then runs its items one
+--      by one, so that one bad request never fails the others.
+-- Returns a JSON array with one element per item: {status, body, replayed},
+-- or {error: {state, code, detail, hint}}. Keys are distinct per caller
+-- within a batch: the coalescer defers a repeated key to the next batch.
+CREATE OR REPLACE FUNCTION tl_execute_batch(
+    p_callers text[], p_keys text[], p_hashes bytea[], p_ops text[], p_statuses integer[],
+    p_args jsonb[], p_ctxs jsonb[])
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_n integer := cardinality(p_ops);
+    v_claimed boolean[];
+    v_row idempotency_keys;
+    v_out jsonb[] := '{}';
+    v_body jsonb;
+    v_status integer;
+    v_state text;
+    v_code text;
+    v_detail text;
+    v_hint text;
+BEGIN
+    ASSERT (SELECT count(DISTINCT (c, k)) = count(k) FROM unnest(p_callers, p_keys) AS u(c, k)),
+        'tl_execute_batch: a key repeats within the batch';
+    -- 1. Claim the keys; v_claimed[i] says whether item i took its key now.
+    WITH claimed AS (
+        INSERT INTO idempotency_keys (caller, key, request_hash, status_code, body)
+        SELECT c, k, h, 0, 'null'::jsonb FROM unnest(p_callers, p_keys, p_hashes) AS u(c, k, h)
+        WHERE k IS NOT NULL
+        ORDER BY c, k
+        ON CONFLICT DO NOTHING
+        RETURNING caller, key)
+    SELECT array_agg(u.k IS NULL OR EXISTS (SELECT 1 FROM claimed m WHERE m.caller = u.c AND m.key = u.k)
+                     ORDER BY u.i)
+      INTO v_claimed
+      FROM unnest(p_callers, p_keys) WITH ORDINALITY AS u(c, k, i);
+    -- 2. Lock what the fresh items can touch, in the global order.
+    PERFORM tl_lock(
+        ARRAY(SELECT a.id FROM unnest(p_args, v_claimed) AS u(args, fresh)
+                JOIN accounts a ON a.address IN (u.args ->> 'account', u.args ->> 'from', u.args ->> 'to')
+               WHERE u.fresh
+              UNION
+              SELECT r.account_id FROM unnest(p_args, v_claimed) AS u(args, fresh)
+                JOIN reservations r ON r.id = (u.args ->> 'reservation_id')::uuid
+               WHERE u.fresh),
+        ARRAY(SELECT DISTINCT s FROM unnest(p_ops, v_claimed) AS u(op, fresh),
+                     LATERAL unnest(CASE u.op WHEN 'debit' THEN ARRAY['system:expired', 'system:usage']
+                                              WHEN 'capture' THEN ARRAY['system:expired', 'system:usage', 'system:issuance']
+                                              ELSE ARRAY['system:expired', 'system:issuance'] END) AS s
+               WHERE u.fresh));
+    -- 3. Run them in arrival order.
+    FOR i IN 1 .. v_n LOOP
+        IF NOT v_claimed[i] THEN
+            SELECT * INTO v_row FROM idempotency_keys WHERE caller = p_callers[i] AND key = p_keys[i];
+            IF v_row.request_hash <> p_hashes[i] THEN
+                v_out := v_out || jsonb_build_object('error', jsonb_build_object(
+                    'state', 'TLC01', 'code', 'idempotency_key_reused',
+                    'detail', 'this Idempotency-Key was used with a different request; nothing was changed'));
+            ELSE
+                v_out := v_out || jsonb_build_object('status', v_row.status_code, 'body', v_row.body,
+                                                     'replayed', true);
+            END IF;
+            CONTINUE;
+        END IF;
+        BEGIN
+            v_body := tl_dispatch(p_ops[i], p_args[i], p_ctxs[i]);
+            v_status := p_statuses[i];
+        EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_code = MESSAGE_TEXT,
+                                    v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT;
+            IF v_state IN ('TLB01', 'TLB02', 'TLB03', 'TLB04', 'TLB05', 'TLB06') THEN
+                v_status := 409;
+                v_body := jsonb_build_object('code', v_code, 'detail', v_detail,
+                                             'extra', coalesce(nullif(v_hint, '')::jsonb, '{}'::jsonb));
+            ELSIF v_state ~ '^TL[ABCD]' THEN
+                IF p_keys[i] IS NOT NULL THEN
+                    DELETE FROM idempotency_keys WHERE caller = p_callers[i] AND key = p_keys[i];
+                END IF;
+                v_out := v_out || jsonb_build_object('error', jsonb_build_object(
+                    'state', v_state, 'code', v_code, 'detail', v_detail, 'hint', v_hint));
+                CONTINUE;
+            ELSE
+                RAISE;
+            END IF;
+        END;
+        IF p_keys[i] IS NOT NULL THEN
+            UPDATE idempotency_keys SET status_code = v_status, body = v_body
+                WHERE caller = p_callers[i] AND key = p_keys[i];
+        END IF;
+        v_out := v_out || jsonb_build_object('status', v_status, 'body', v_body, 'replayed', false);
+    END LOOP;
+    RETURN to_jsonb(v_out);
+END $$;
+
 CREATE OR REPLACE FUNCTION tl_dispatch(p_op text, p_args jsonb, p_ctx jsonb) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 BEGIN

@@ -38,6 +38,13 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     idle_in_transaction_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=600_000)] = 10_000
     # Whole-transaction retries on serialization failure / deadlock.
     retry_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 5
+    # Coalescing (README, Performance): at most this many batched calls of
+    # the hot operations run at once per process; requests that arrive while
+    # they are all busy go together in the next call, up to coalesce_max_batch
+    # of them. Each item is a subtransaction: 64 keeps a batch within
+    # PostgreSQL's per-transaction cache of subtransaction ids.
+    coalesce_max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=256)] = 4
+    coalesce_max_batch: Annotated[int, msgspec.Meta(ge=1, le=64)] = 32
     # Requests.
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
     retry_after_seconds: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 1

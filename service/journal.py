@@ -9,7 +9,9 @@ lock: it sends one statement and reads the answer.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +22,7 @@ import msgspec
 import structlog
 
 from service import db, errors
+from service.coalesce import Coalescer, Item
 from service.config import Config
 from service.observability import Metrics
 
@@ -52,6 +55,31 @@ class Outcome:
 
 _canonical = msgspec.json.Encoder(order="sorted")
 
+# Operations that go through the coalescer (tl_execute_batch): the hot path
+# of the metering sources. tl_execute_batch locks what each of them touches
+# up front, so an operation added here must name its accounts in `account`,
+# `from`, `to` or `reservation_id`.
+COALESCED_OPS = frozenset({"debit", "transfer", "reserve", "capture", "release", "extend"})
+
+# Connection-level failures: whether a batch committed is unknown, so its
+# items are not run again one by one (the callers retry with their keys).
+_UNKNOWN_OUTCOME = (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError)
+
+
+def _answer(answer: dict[str, Any]) -> Any:
+    """One element of tl_execute_batch's answer: the tl_execute result, or
+    the LedgerError that the item raised (as translate() would make it)."""
+    failure = answer.get("error")
+    if failure is None:
+        return answer
+    cls = errors.BY_SQLSTATE.get(failure["state"])
+    assert cls is not None, f"tl_execute_batch isolated an unknown SQLSTATE {failure['state']}"
+    try:
+        extra = json.loads(failure.get("hint") or "{}")
+    except ValueError:
+        extra = {}
+    return cls(failure.get("detail"), **extra)
+
 
 def request_hash(method: str, path: str, payload: Any) -> bytes:
     """The fingerprint an idempotency key is bound to: method, path and the
@@ -75,6 +103,11 @@ class Ledger:
         self.metrics = metrics
         self.clock = clock
         self.queries = db.load_queries()
+        self.coalescer = Coalescer(
+            self._execute_batch,
+            max_batch=config.coalesce_max_batch,
+            max_in_flight=config.coalesce_max_in_flight,
+        )
 
     def now(self) -> datetime | None:
         return self.clock()
@@ -87,9 +120,10 @@ class Ledger:
             "now": now.isoformat() if now is not None else None,
         }
 
-    async def _run(self, fn: Callable[[Any], Any]) -> Any:
+    async def _run(self, fn: Callable[[Any], Any], *, translate: bool = True) -> Any:
         """Acquire a connection within the configured bound and run one
-        statement on it, retrying the whole thing on 40001/40P01."""
+        statement on it, retrying the whole thing on 40001/40P01. Errors are
+        translated to LedgerErrors unless `translate` is false."""
 
         async def attempt() -> Any:
             conn = await self.pool.acquire(timeout=self.config.pool_acquire_timeout_seconds)
@@ -112,11 +146,11 @@ class Ledger:
         try:
             return await db.retry(attempt, attempts=self.config.retry_attempts)
         except Exception as exc:
-            translated = errors.translate(exc)
-            if translated is None:
+            if not translate:
                 raise
-            if isinstance(translated, errors.Unavailable):
-                translated.headers["Retry-After"] = str(self.config.retry_after_seconds)
+            translated = self._translated(exc)
+            if translated is exc:
+                raise
             raise translated from exc
 
     async def fetchval(self, query: str, *args: Any) -> Any:
@@ -157,17 +191,12 @@ class Ledger:
     ) -> Outcome:
         """Run one operation; a stored 409 (first time or replayed) is raised
         as its LedgerError, marked replayed where it was."""
+        item = Item(ctx.caller, key, fingerprint, op, success_status, args, self._ctx(ctx))
         try:
-            result = await self.fetchval(
-                "execute",
-                ctx.caller,
-                key,
-                fingerprint,
-                op,
-                success_status,
-                args,
-                self._ctx(ctx),
-            )
+            if op in COALESCED_OPS:
+                result = await self.coalescer.submit(item)
+            else:
+                result = await self._execute_one(item)
         except errors.LedgerError as exc:
             self.metrics.operations.labels(op, exc.code).inc()
             raise
@@ -183,6 +212,63 @@ class Ledger:
             raise err
         self.metrics.operations.labels(op, "replayed" if outcome.replayed else "ok").inc()
         return outcome
+
+    async def _execute_one(self, item: Item) -> Any:
+        """tl_execute: one operation in a transaction of its own."""
+        return await self.fetchval(
+            "execute",
+            item.caller,
+            item.key,
+            item.fingerprint,
+            item.op,
+            item.success_status,
+            item.args,
+            item.ctx,
+        )
+
+    async def _execute_batch(self, items: list[Item]) -> list[Any]:
+        """tl_execute_batch for the coalescer: each item's result, or the
+        LedgerError it answers. If the batch as a whole fails with a
+        database error (other than a retryable one, which db.retry has
+        already retried), its items are run again one by one, so that only
+        the item at fault gets the error."""
+        self.metrics.coalesced_batch_size.observe(len(items))
+        sql = self.queries["execute_batch"]
+        columns = (
+            [i.caller for i in items],
+            [i.key for i in items],
+            [i.fingerprint for i in items],
+            [i.op for i in items],
+            [i.success_status for i in items],
+            [i.args for i in items],
+            [i.ctx for i in items],
+        )
+        try:
+            answers = await self._run(lambda conn: conn.fetchval(sql, *columns), translate=False)
+        except _UNKNOWN_OUTCOME as exc:
+            failure = errors.translate(exc)
+            if failure is None:
+                raise
+            failure.headers["Retry-After"] = str(self.config.retry_after_seconds)
+            return [failure] * len(items)
+        except asyncpg.PostgresError as exc:
+            if len(items) == 1:
+                return [self._translated(exc)]
+            log.warning("coalesced_batch_failed", size=len(items), sqlstate=exc.sqlstate)
+            self.metrics.coalesced_fallbacks.inc()
+            singles = await asyncio.gather(
+                *(self._execute_one(item) for item in items), return_exceptions=True
+            )
+            return list(singles)
+        return [_answer(a) for a in answers]
+
+    def _translated(self, exc: Exception) -> Exception:
+        translated = errors.translate(exc)
+        if translated is None:
+            return exc
+        if isinstance(translated, errors.Unavailable):
+            translated.headers["Retry-After"] = str(self.config.retry_after_seconds)
+        return translated
 
     async def call(self, query: str, args: dict[str, Any], ctx: Context) -> Any:
         """Run a named query that takes (arguments, context) and returns JSON."""

@@ -83,6 +83,17 @@ class Metrics:
             "Whole transactions retried after a serialization failure or deadlock.",
             registry=self.registry,
         )
+        self.coalesced_batch_size = Histogram(
+            "tokenledger_coalesced_batch_size",
+            "Operations sent together in one tl_execute_batch call.",
+            registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+        )
+        self.coalesced_fallbacks = Counter(
+            "tokenledger_coalesced_fallbacks_total",
+            "Coalesced batches that failed as a whole and were run again one by one.",
+            registry=self.registry,
+        )
         self.sweeper_runs = Counter(
             "tokenledger_sweeper_runs_total",
             "Background sweeps by task and outcome.",

@@ -4,6 +4,11 @@
 -- $6 arguments, $7 context (actor, request id, injected clock).
 SELECT tl_execute($1, $2, $3, $4, $5, $6, $7);
 
+-- name: execute_batch
+-- Runs coalesced operations in one transaction (tl_execute_batch): $1..$7
+-- are arrays of tl_execute's first seven arguments, one element per item.
+SELECT tl_execute_batch($1, $2, $3, $4, $5, $6, $7);
+
 -- name: grant_batch
 -- A batch of grants, each idempotent by its own key, in one transaction.
 SELECT tl_grant_batch($1, $2, $3);
