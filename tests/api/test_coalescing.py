@@ -1,0 +1,230 @@
+"""Coalescing (service/coalesce.py, tl_execute_batch): concurrent hot-path
+operations share one database call, and each still gets its own outcome."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from service import errors
+from service.api.common import parse_public_id
+from service.coalesce import Coalescer, Item
+from service.journal import Ledger, request_hash
+from tests.api.conftest import Api, assert_audit_clean, key, posted, problem
+
+
+def ledger_of(client: Any) -> Ledger:
+    ledger: Ledger = client.app.state.ledger
+    return ledger
+
+
+def item(op: str, args: dict[str, Any], key: str | None, *, status: int = 201) -> Item:
+    """An operation as run_operation would hand it over, with the body as its fingerprint."""
+    path = {"debit": "/v1/debits", "capture": "/x/capture", "release": "/x/release"}.get(op, op)
+    return Item(
+        caller="test-caller",
+        key=key,
+        fingerprint=request_hash("POST", path, args),
+        op=op,
+        success_status=status,
+        args=args,
+        ctx={"actor": "test-caller", "request_id": "req-test", "now": None},
+    )
+
+
+def batch_totals(ledger: Ledger) -> tuple[float, float]:
+    """(items, batches) the batch-size histogram has seen: items exceed
+    batches exactly when some batch held more than one item."""
+    values = {
+        sample.name: sample.value
+        for metric in ledger.metrics.coalesced_batch_size.collect()
+        for sample in metric.samples
+    }
+    return values["tokenledger_coalesced_batch_size_sum"], values[
+        "tokenledger_coalesced_batch_size_count"
+    ]
+
+
+async def test_batch_mixes_outcomes_without_failing_the_others(client: Any, api: Api) -> None:
+    """One batch holding a success, an insufficient-credits rejection, a replay
+    of a committed key, a reused key and an unknown account answers each item
+    as it would have been answered alone, and commits only the successes."""
+    await api.employee("e-1")
+    await api.grant("e-1", 100)
+    ledger = ledger_of(client)
+    first = item("debit", {"account": "employee:e-1", "amount": 10}, "k-first")
+    [done] = await ledger._execute_batch([first])
+    assert done["status"] == 201 and not done["replayed"]
+
+    results = await ledger._execute_batch(
+        [
+            item("debit", {"account": "employee:e-1", "amount": 30}, "k-ok"),
+            item("debit", {"account": "employee:e-1", "amount": 500}, "k-poor"),
+            first,  # the same key and body again: a replay
+            item("debit", {"account": "employee:e-1", "amount": 11}, "k-first"),  # reused
+            item("debit", {"account": "employee:nobody", "amount": 1}, "k-missing"),
+            item("debit", {"account": "employee:e-1", "amount": 5}, "k-ok-2"),
+        ]
+    )
+    ok, poor, replay, reused, missing, ok2 = results
+    assert ok["status"] == 201 and not ok["replayed"]
+    assert poor["status"] == 409 and poor["body"]["code"] == "insufficient_credits"
+    assert poor["body"]["extra"]["available"] == 60
+    assert replay == {**done, "replayed": True}
+    assert isinstance(reused, errors.IdempotencyKeyReused)
+    assert isinstance(missing, errors.EmployeeNotFound)
+    assert ok2["status"] == 201
+    assert await api.available("employee:e-1") == 100 - 10 - 30 - 5
+
+    # The rejection was stored with its key; the unknown account's key was
+    # given back, so a corrected retry under it goes through.
+    [again] = await ledger._execute_batch(
+        [item("debit", {"account": "employee:e-1", "amount": 500}, "k-poor")]
+    )
+    assert again["status"] == 409 and again["replayed"]
+    await api.employee("nobody")
+    await api.grant("nobody", 5)
+    [retried] = await ledger._execute_batch(
+        [item("debit", {"account": "employee:nobody", "amount": 1}, "k-missing")]
+    )
+    assert retried["status"] == 201
+    await assert_audit_clean(str(ledger.config.database_url))
+
+
+async def test_hot_wallet_in_one_batch_applies_in_arrival_order(client: Any, api: Api) -> None:
+    """Debits of one wallet in one batch are applied in arrival order: with 25
+    credits, 10 + 10 succeed, the third 10 is refused, and the 5 after it fits."""
+    await api.employee("e-1")
+    await api.grant("e-1", 25)
+    ledger = ledger_of(client)
+    amounts = [10, 10, 10, 5]
+    results = await ledger._execute_batch(
+        [
+            item("debit", {"account": "employee:e-1", "amount": a}, f"k-{i}")
+            for i, a in enumerate(amounts)
+        ]
+    )
+    assert [r["status"] for r in results] == [201, 201, 409, 201]
+    assert [r["body"]["entries"][0]["balance_after"] for r in results if r["status"] == 201] == [
+        15,
+        5,
+        0,
+    ]
+
+
+async def test_capture_and_release_in_one_batch_exactly_one_wins(client: Any, api: Api) -> None:
+    """A capture and a release of the same reservation in one batch: the first
+    resolves it, the second answers reservation_not_active; the credits move once."""
+    await api.employee("e-1")
+    await api.grant("e-1", 100)
+    r = await client.post(
+        "/v1/reservations", json={"account": "employee:e-1", "amount": 40}, headers=key()
+    )
+    assert r.status_code == 201, r.text
+    public = r.json()["id"]
+    rid = str(parse_public_id(public, "rsv_", errors.ReservationNotFound))
+    ledger = ledger_of(client)
+    usage_before = await posted(api, "system:usage")
+    capture, release = await ledger._execute_batch(
+        [
+            item(
+                "capture",
+                {"reservation": public, "reservation_id": rid, "amount": 25},
+                "k-cap",
+                status=200,
+            ),
+            item("release", {"reservation": public, "reservation_id": rid}, "k-rel", status=200),
+        ]
+    )
+    assert capture["status"] == 200 and capture["body"]["reservation"]["status"] == "captured"
+    assert release["status"] == 409
+    assert release["body"]["code"] == "reservation_not_active"
+    assert release["body"]["extra"]["status"] == "captured"
+    assert await posted(api, "system:usage") - usage_before == 25
+    account = await api.account("employee:e-1")
+    assert (account["posted"], account["reserved"]) == (75, 0)
+    await assert_audit_clean(str(ledger.config.database_url))
+
+
+async def test_concurrent_debits_on_a_wallet_covering_twenty(client: Any, api: Api) -> None:
+    """32 concurrent debits of 5 on a wallet holding 100: exactly 20 succeed,
+    the other 12 answer insufficient_credits, and some went in shared batches."""
+    await api.employee("e-1")
+    await api.grant("e-1", 100)
+    ledger = ledger_of(client)
+    items_before, batches_before = batch_totals(ledger)
+    responses = await asyncio.gather(*(api.debit("employee:e-1", 5) for _ in range(32)))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [201] * 20 + [409] * 12, statuses
+    for r in responses:
+        if r.status_code == 409:
+            problem(r, 409, "insufficient_credits")
+    assert await api.available("employee:e-1") == 0
+    items, batches = batch_totals(ledger)
+    assert items - items_before == 32
+    assert batches - batches_before < 32, "no two debits shared a call"
+    await assert_audit_clean(str(ledger.config.database_url))
+
+
+async def test_whole_batch_failure_reruns_items_one_by_one(
+    client: Any, api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the batch call itself fails with a database error, every item is
+    run again on its own: the good ones succeed once, each gets its own answer."""
+    await api.employee("e-1")
+    await api.grant("e-1", 100)
+    ledger = ledger_of(client)
+    real = ledger.queries["execute_batch"]
+    # A statement that fails as a whole, as a timeout or a bug would.
+    monkeypatch.setitem(
+        ledger.queries,
+        "execute_batch",
+        "SELECT tl_execute_batch($1, $2, $3, $4, $5, $6, $7) WHERE 1 / (cardinality($1) - 3) > 0",
+    )
+    results = await ledger._execute_batch(
+        [
+            item("debit", {"account": "employee:e-1", "amount": 30}, "k-a"),
+            item("debit", {"account": "employee:e-1", "amount": 500}, "k-b"),
+            item("debit", {"account": "employee:e-1", "amount": 20}, "k-c"),
+        ]
+    )
+    monkeypatch.setitem(ledger.queries, "execute_batch", real)
+    a, b, c = results
+    assert a["status"] == 201 and c["status"] == 201
+    assert b["status"] == 409 and b["body"]["code"] == "insufficient_credits"
+    assert await api.available("employee:e-1") == 50
+
+
+async def test_coalescer_defers_a_repeated_key_and_answers_each_waiter() -> None:
+    """Two submissions under one key never share a batch (the second waits for
+    the next call), lone submissions start at once, and a runner's exception
+    reaches every waiter of its batch."""
+    calls: list[list[str | None]] = []
+    gate = asyncio.Event()
+
+    async def run(items: list[Item]) -> list[Any]:
+        calls.append([i.key for i in items])
+        await gate.wait()
+        keys = [i.key for i in items]
+        return [
+            ValueError(i.key) if i.key == "bad" else {"key": i.key, "batch": keys} for i in items
+        ]
+
+    coalescer = Coalescer(run, max_batch=8, max_in_flight=1)
+    lone = asyncio.create_task(coalescer.submit(item("debit", {}, "a")))
+    for _ in range(3):  # the submitting task, then the call it starts
+        await asyncio.sleep(0)
+    assert calls == [["a"]], "a lone submission must start its call at once"
+    queued = [
+        asyncio.create_task(coalescer.submit(item("debit", {}, k))) for k in ("b", "c", "b", "bad")
+    ]
+    await asyncio.sleep(0)
+    gate.set()
+    results = await asyncio.gather(lone, *queued, return_exceptions=True)
+    assert calls == [["a"], ["b", "c", "bad"], ["b"]]
+    assert results[0] == {"key": "a", "batch": ["a"]}
+    assert results[1] == {"key": "b", "batch": ["b", "c", "bad"]}
+    assert results[3] == {"key": "b", "batch": ["b"]}
+    assert isinstance(results[4], ValueError)
