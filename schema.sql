@@ -2111,7 +2111,7 @@ DECLARE
     v_amt bigint;
     v_id uuid;
 BEGIN
-    IF (SELECT count(DISTINCT p_ctxs[i] ->> 'now') + count(*) FILTER (WHERE p_ctxs[i] ->> 'now' IS NULL) > 1
+    IF (SELECT count(DISTINCT coalesce(p_ctxs[i] ->> 'now', '')) > 1
           FROM generate_subscripts(p_ops, 1) i WHERE p_ops[i] = 'debit' AND p_claimed[i]) THEN
         RETURN v_out;  -- debits pinned to different instants (tests): one by one
     END IF;
@@ -2295,13 +2295,12 @@ BEGIN
         ARRAY['system:expired', 'system:issuance', 'system:usage']);
     -- 3. Debits that can go set-based, then the rest one by one, in arrival order.
     v_fast := tl_debit_fast(p_ops, p_args, p_ctxs, p_statuses, v_claimed);
+    UPDATE idempotency_keys k SET status_code = (u.r ->> 'status')::integer, body = u.r -> 'body'
+      FROM unnest(p_callers, p_keys, v_fast) AS u(c, k, r)
+     WHERE u.r IS NOT NULL AND k.caller = u.c AND k.key = u.k;
     FOR i IN 1 .. v_n LOOP
         IF v_fast[i] IS NOT NULL THEN
             v_out := v_out || v_fast[i];
-            IF p_keys[i] IS NOT NULL THEN
-                UPDATE idempotency_keys SET status_code = (v_fast[i] ->> 'status')::integer, body = v_fast[i] -> 'body'
-                    WHERE caller = p_callers[i] AND key = p_keys[i];
-            END IF;
             CONTINUE;
         END IF;
         IF NOT v_claimed[i] THEN

@@ -229,3 +229,54 @@ async def test_coalescer_defers_a_repeated_key_and_answers_each_waiter() -> None
     assert results[1] == {"key": "b", "batch": ["b", "c", "bad"]}
     assert results[3] == {"key": "b", "batch": ["b"]}
     assert isinstance(results[4], ValueError)
+
+
+async def test_set_based_debits_take_only_wallets_with_nothing_due(
+    client: Any, api: Api, clock: Any
+) -> None:
+    """tl_debit_fast takes the debits of a clean wallet and leaves those of a
+    wallet with a lot past its expiry to tl_op_debit, which expires it first:
+    both answer as a lone debit would."""
+    from datetime import UTC, datetime, timedelta
+
+    start = datetime(2026, 3, 1, tzinfo=UTC)
+    clock.set(start)
+    await api.employee("e-clean")
+    await api.employee("e-due")
+    await api.grant("e-clean", 50)
+    await api.grant("e-due", 30, expires_at=(start + timedelta(days=1)).isoformat())
+    await api.grant("e-due", 40)
+    clock.set(start + timedelta(days=2))
+    ledger = ledger_of(client)
+    items = [
+        item("debit", {"account": "employee:e-clean", "amount": 20}, "k-c1"),
+        item("debit", {"account": "employee:e-due", "amount": 25}, "k-d1"),
+        item("debit", {"account": "employee:e-clean", "amount": 20}, "k-c2"),
+    ]
+    for i in items:
+        i.ctx["now"] = clock.now.isoformat()
+    async with ledger.pool.acquire() as conn:
+        probe = conn.transaction()
+        await probe.start()
+        try:
+            taken = await conn.fetchval(
+                "SELECT tl_debit_fast($1, $2, $3, $4, $5)",
+                [i.op for i in items],
+                [i.args for i in items],
+                [i.ctx for i in items],
+                [201] * 3,
+                [True] * 3,
+            )
+        finally:
+            await probe.rollback()  # the real run below starts from the same state
+    assert [t is not None for t in taken] == [True, False, True]
+
+    clean1, due, clean2 = await ledger._execute_batch(items)
+    assert [r["status"] for r in (clean1, due, clean2)] == [201, 201, 201]
+    assert [e["balance_after"] for e in clean1["body"]["entries"]][:1] == [30]
+    assert [e["balance_after"] for e in clean2["body"]["entries"]][:1] == [10]
+    assert due["body"]["entries"][0]["balance_after"] == 15  # 30 expired first, then 40 - 25
+    assert await api.available("employee:e-due") == 15
+    expired = await client.get("/v1/transactions", params={"kind": "expiry"})
+    assert len(expired.json()["items"]) == 1
+    await assert_audit_clean(str(ledger.config.database_url))
