@@ -155,25 +155,40 @@ RECORDED_SETTINGS = (
     "synchronous_commit",
     "full_page_writes",
     "wal_sync_method",
+    "shared_preload_libraries",
     "max_connections",
     "shared_buffers",
 )
 
 
-def start_durable_server() -> Any:
-    """tests.pg.start_server(), with the cluster's files on disk rather than
-    in /dev/shm: tests.pg puts them on tmpfs for speed, where an fsync costs
-    nothing, and a bench with fsync on would then measure a server that
-    never waits for its disk."""
+# Settings a server the bench starts gets for --stat-statements: preloaded
+# at start-up (the library cannot be loaded later), and counting the
+# statements inside the ledger's PL/pgSQL functions too, where the cost is.
+STAT_STATEMENTS_SETTINGS = {
+    "shared_preload_libraries": "'pg_stat_statements'",
+    "pg_stat_statements.track": "all",
+}
+
+
+def start_own_server(*, on_disk: bool, stat_statements: bool) -> Any:
+    """tests.pg.start_server(), as the tests run it, except: `on_disk`, the
+    cluster's files on disk rather than in /dev/shm (tests.pg puts them on
+    tmpfs for speed, where an fsync costs nothing, and a bench with fsync
+    on would then measure a server that never waits for its disk); and
+    `stat_statements`, pg_stat_statements preloaded."""
     from unittest import mock
 
     import tests.pg
 
-    def on_disk(prefix: str) -> Path:
+    def disk_dir(prefix: str) -> Path:
         return Path(tempfile.mkdtemp(prefix=prefix))
 
-    # Only this thread starts a server; tests.pg itself is left as the tests know it.
-    with mock.patch.object(tests.pg, "scratch_dir", on_disk):
+    # Only this thread starts a server, and tests.pg is restored as the tests know it.
+    with contextlib.ExitStack() as stack:
+        if on_disk:
+            stack.enter_context(mock.patch.object(tests.pg, "scratch_dir", disk_dir))
+        if stat_statements:
+            stack.enter_context(mock.patch.dict(tests.pg.TEST_SETTINGS, STAT_STATEMENTS_SETTINGS))
         return tests.pg.start_server()
 
 
@@ -206,18 +221,21 @@ async def server_facts(conn: asyncpg.Connection) -> dict[str, str]:
     return settings
 
 
-async def provision(admin_dsn: str | None, name: str, *, durable: bool = False) -> Database:
+async def provision(
+    admin_dsn: str | None, name: str, *, durable: bool = False, stat_statements: bool = False
+) -> Database:
     """Create database `name` on admin_dsn's server, or on a throwaway server
     from tests.pg when admin_dsn is None. `durable`: that throwaway server
     keeps its files on disk and runs with fsync, synchronous_commit and
     full_page_writes on, as production does; a server named by admin_dsn
-    is never reconfigured (it may be shared), only its settings recorded."""
+    is never reconfigured (it may be shared), only its settings recorded.
+    `stat_statements`: that throwaway server preloads pg_stat_statements."""
     server = None
     source = "database-url"
     if admin_dsn is None:
-        from tests.pg import start_server
-
-        server = await asyncio.to_thread(start_durable_server if durable else start_server)
+        server = await asyncio.to_thread(
+            start_own_server, on_disk=durable, stat_statements=stat_statements
+        )
         admin_dsn = server.dsn
         source = f"tests.pg:{server.kind}"
     try:
@@ -612,6 +630,7 @@ class Stats:
     setup_error: str | None = None
     check: dict[str, Any] | None = None
     cpu: dict[str, Any] | None = None
+    statements: list[dict[str, Any]] | None = None  # --stat-statements: the top ones
     op_unit: str = "request"
     ops_done: int | None = None
     ok_answers: int = 0
@@ -717,6 +736,7 @@ class Stats:
             "check": self.check,
             "cpu": self.cpu,
             **cpu_ms_per_op(self.cpu, self.ops),
+            "stat_statements": self.statements,
             "samples": self.samples,
             "passed": self.passed,
         }
@@ -739,6 +759,8 @@ async def run_workers(
 ) -> None:
     """Run workers, each doing its count of steps one after the other, until
     done or the scenario's time cap (a step begun before the cap finishes)."""
+    if ctx.statements is not None:
+        await ctx.statements.reset()
     before = await ctx.probe.snapshot() if ctx.probe else None
     started = time.monotonic()
     deadline = started + stats.time_cap
@@ -754,6 +776,8 @@ async def run_workers(
     stats.elapsed = time.monotonic() - started
     if ctx.probe and before:
         stats.cpu = ctx.probe.delta(before, await ctx.probe.snapshot())
+    if ctx.statements is not None:
+        stats.statements = await ctx.statements.top()
 
 
 async def send(
@@ -889,6 +913,77 @@ class CpuProbe:
         }
 
 
+class Statements:
+    """pg_stat_statements for --stat-statements: reset before a scenario's
+    timed part, its top statements by total time after it, so each scenario
+    shows where its database time went (the issue's "find the cost before
+    removing it"). With track = all, a function's call and the statements
+    inside it both appear (`toplevel` tells them apart)."""
+
+    TOP = 10
+    QUERY_CHARS = 160
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.conn: asyncpg.Connection | None = None
+
+    async def open(self) -> str | None:
+        """None when ready, else why pg_stat_statements cannot be used."""
+        try:
+            self.conn = await asyncpg.connect(
+                self.dsn, timeout=10, server_settings={"application_name": "tokenledger-bench"}
+            )
+            preloaded = str(await self.conn.fetchval("SHOW shared_preload_libraries"))
+            if "pg_stat_statements" not in preloaded:
+                await self.close()
+                return (
+                    "pg_stat_statements is not in shared_preload_libraries (the bench "
+                    "preloads it only on a server it starts itself)"
+                )
+            await self.conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            await self.reset()
+        except (OSError, asyncpg.PostgresError) as exc:
+            await self.close()
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            await self.conn.close(timeout=10)
+            self.conn = None
+
+    async def reset(self) -> None:
+        if self.conn is not None:
+            await self.conn.execute("SELECT pg_stat_statements_reset()", timeout=30)
+
+    async def top(self) -> list[dict[str, Any]]:
+        if self.conn is None:
+            return []
+        rows = await self.conn.fetch(
+            """
+            SELECT toplevel, calls, total_exec_time, mean_exec_time, rows, query
+            FROM pg_stat_statements
+            WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+              AND query NOT LIKE '%pg_stat_statements%'
+            ORDER BY total_exec_time DESC
+            LIMIT $1
+            """,
+            self.TOP,
+            timeout=30,
+        )
+        return [
+            {
+                "toplevel": bool(r["toplevel"]),
+                "calls": int(r["calls"]),
+                "total_ms": round(float(r["total_exec_time"]), 1),
+                "mean_ms": round(float(r["mean_exec_time"]), 3),
+                "rows": int(r["rows"]),
+                "query": " ".join(str(r["query"]).split())[: self.QUERY_CHARS],
+            }
+            for r in rows
+        ]
+
+
 def cpu_ms_per_op(cpu_delta: dict[str, Any] | None, ops: int) -> dict[str, float | None]:
     """CPU-milliseconds per operation: `postgres` the pool's backends,
     `postgres_server` every process of the server, `service` the service's
@@ -919,6 +1014,7 @@ class Options:
     fsync: bool = True
     pgbench_seconds: float = PGBENCH_SECONDS_DEFAULT  # 0: no pgbench reference
     pgbench_scale: int = PGBENCH_SCALE_DEFAULT
+    stat_statements: bool = False
 
 
 @dataclass
@@ -928,6 +1024,7 @@ class Context:
     opts: Options
     run_id: str
     probe: CpuProbe | None = None
+    statements: Statements | None = None
     # Credits that went to system:usage (successful debits and captures), per
     # scenario, for the system:usage check; None once an outcome is unknown
     # (a transport error).
@@ -1626,14 +1723,16 @@ GRANTS_BATCH_RESEND = 100  # items of the batch sent again, which must answer du
 
 
 async def grants_batch(ctx: Context) -> Stats:
-    """One POST /v1/grants:batch of 1,000 1-credit grants (the count, at
-    most 1,000) to one wallet, each item with its own key: its latency, and
+    """One POST /v1/grants:batch of 1,000 1-credit grants (--requests, at
+    most 1,000; not scaled) to one wallet, each item with its own key: its latency, and
     whether it succeeded. A 503 (the statement timeout) is recorded as a
     rejection, not an error: it is the issue's known failure, and the check
     is that it was atomic (nothing granted). After a success, the first
     items again must answer duplicate and grant nothing."""
     name = "grants_batch_1000"
-    n = min(GRANTS_BATCH_MAX, ctx.count(1000))
+    # Not times --scale: the target is about a batch of 1,000 (as --batch-size
+    # is not scaled either); --requests still sets it, for the smoke test.
+    n = min(GRANTS_BATCH_MAX, ctx.opts.requests or GRANTS_BATCH_MAX)
     stats = Stats(name, 1, n, 90 * ctx.opts.time_cap_scale, 200, frozenset({503}), op_unit="grant")
     stats.ops_done = 0
     emp = "grants-batch"
@@ -1832,6 +1931,7 @@ async def run_bench(opts: Options) -> dict[str, Any]:
             "fsync": "on" if opts.fsync else "off",
             "pgbench_seconds": opts.pgbench_seconds,
             "pgbench_scale": opts.pgbench_scale,
+            "stat_statements": opts.stat_statements,
             "pool_max_size": POOL_MAX_SIZE,
             "auth": "bootstrap admin service key; rate limits raised out of reach",
         },
@@ -1839,7 +1939,12 @@ async def run_bench(opts: Options) -> dict[str, Any]:
         "ratios": {},
         "checks": {},
     }
-    db = await provision(opts.database_url, f"tokenledger_bench_{os.getpid()}", durable=opts.fsync)
+    db = await provision(
+        opts.database_url,
+        f"tokenledger_bench_{os.getpid()}",
+        durable=opts.fsync,
+        stat_statements=opts.stat_statements,
+    )
     result["database"] = {"source": db.source, "dsn": redact(db.dsn)}
     result["machine"] = machine_facts(db)
     if db.settings.get("fsync") == "off" and opts.fsync:
@@ -1860,6 +1965,11 @@ async def run_bench(opts: Options) -> dict[str, Any]:
             if sys.platform.startswith("linux") and service.proc is not None:
                 ctx.probe = CpuProbe(service.proc.pid, db.dsn)
                 await ctx.probe.open()
+            if opts.stat_statements:
+                statements = Statements(db.dsn)
+                why_not = await statements.open()
+                result["stat_statements"] = {"available": why_not is None, "error": why_not}
+                ctx.statements = None if why_not else statements
             await ctx.api.department()
             result["warm_up"] = await warm_up(ctx, concurrency)
             usage_before = await ctx.api.posted("system:usage")
@@ -1876,6 +1986,8 @@ async def run_bench(opts: Options) -> dict[str, Any]:
                     break
             if ctx.probe is not None:
                 await ctx.probe.close()
+            if ctx.statements is not None:
+                await ctx.statements.close()
             # Everything debited or captured since the baseline went to system:usage.
             debits = [v for k, v in ctx.debited.items() if k != "warm_up"]
             usage_after = await ctx.api.posted("system:usage")
@@ -1996,6 +2108,29 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def statements_table(result: dict[str, Any]) -> list[str]:
+    """--stat-statements: each scenario's top statements by total time."""
+    info = result.get("stat_statements")
+    if not info:
+        return []
+    if not info.get("available"):
+        return [f"stat statements: unavailable ({info.get('error')})", ""]
+    lines = ["top statements by total time, per scenario (* = top level; track = all)"]
+    for s in result["scenarios"]:
+        if not s.get("stat_statements"):
+            continue
+        lines.append(f"{s['name']}")
+        lines.append(f"  {'total ms':>10}{'calls':>8}{'mean ms':>9}  query")
+        for row in s["stat_statements"]:
+            mark = "*" if row["toplevel"] else " "
+            lines.append(
+                f"{mark} {fmt(row['total_ms'], 10, 1)}{fmt(row['calls'], 8)}"
+                f"{fmt(row['mean_ms'], 9, 3)}  {row['query'][:100]}"
+            )
+    lines.append("")
+    return lines
+
+
 def targets_table(result: dict[str, Any]) -> list[str]:
     ref = result.get("pgbench") or {}
     if ref.get("tps") is not None:
@@ -2078,6 +2213,7 @@ def table(result: dict[str, Any]) -> str:
         )
         lines.append("")
     lines += targets_table(result)
+    lines += statements_table(result)
     ratio = result["ratios"].get("shared_over_spread")
     if ratio is not None:
         lines.append(f"ratio shared/spread (ops/s): {ratio:.3f}")
@@ -2134,7 +2270,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         "debits, 640 transfers); for the reserve_capture scenarios, the count of "
         "reserve+capture pairs (800); for the usage scenarios, the count of events "
         "(800 single, 20000 in batches at 4 workers, 32000 at 16); for "
-        "grants_batch_1000, the grants in its one batch (1000, at most 1000)",
+        "grants_batch_1000, the grants in its one batch (1000, at most 1000, "
+        "not times --scale)",
     )
     parser.add_argument(
         "--workers",
@@ -2199,6 +2336,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         default=PGBENCH_SCALE_DEFAULT,
         help=f"pgbench -i -s for the reference (default {PGBENCH_SCALE_DEFAULT})",
     )
+    parser.add_argument(
+        "--stat-statements",
+        action="store_true",
+        help="preload pg_stat_statements (track = all) on the server the bench "
+        "starts, and print each scenario's top 10 statements by total time",
+    )
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     if args.scale <= 0:
@@ -2227,6 +2370,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         fsync=args.fsync == "on",
         pgbench_seconds=args.pgbench_seconds,
         pgbench_scale=args.pgbench_scale,
+        stat_statements=args.stat_statements,
     )
 
 
