@@ -2211,6 +2211,11 @@ def table(result: dict[str, Any]) -> str:
             "service: its process tree; pg pool: the pool's backends; "
             "pg all: every process of the server"
         )
+        if result.get("database", {}).get("source") == "database-url":
+            lines.append(
+                "(pg all counts every database of a server the bench did not start: "
+                "other tenants' work too)"
+            )
         lines.append("")
     lines += targets_table(result)
     lines += statements_table(result)
