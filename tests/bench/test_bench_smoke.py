@@ -5,20 +5,28 @@ and `make chaos` run it."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
-from bench import chaos, harness
+from bench import chaos, harness, pgbench
 from tests.pg import Server
 
 pytestmark = pytest.mark.slow
 
 
+BATCH_SCENARIOS = ("usage_batch_500", "usage_batch_500_c16")
+
+
 def test_bench_smoke(pg_server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Every scenario completes at 20 requests (20 reserve+capture pairs for the
     reservation scenarios, 20 usage events for the usage scenarios: 20 single
-    requests, 2 batches of 10) and 4 workers with no 5xx, and the audit passes."""
+    requests, 2 batches of 10; one grants:batch of 20) and 4 workers with no
+    5xx, over 40 spread wallets, after a 2-second pgbench reference; the
+    audit passes, and every issue-10 target is reported without deciding
+    the result."""
     out = tmp_path / "bench.json"
     rc = harness.main(
         [
@@ -28,6 +36,12 @@ def test_bench_smoke(pg_server: Server, tmp_path: Path, capsys: pytest.CaptureFi
             "4",
             "--batch-size",
             "10",
+            "--wallets",
+            "40",
+            "--pgbench-seconds",
+            "2",
+            "--pgbench-scale",
+            "1",
             "--database-url",
             pg_server.dsn,
             "--json",
@@ -41,9 +55,12 @@ def test_bench_smoke(pg_server: Server, tmp_path: Path, capsys: pytest.CaptureFi
     for name, s in scenarios.items():
         assert s["setup_error"] is None, (name, s["setup_error"])
         per_op = 2 if s["op"] == "reserve+capture pair" else 1
-        requests = 2 if name == "usage_batch_500" else 20 * per_op
+        requests = 2 if name in BATCH_SCENARIOS else 20 * per_op
+        requests = 1 if name == "grants_batch_1000" else requests
         assert s["planned"] == 20 and not s["capped"], (name, report)
         assert s["requests"] == requests and s["ops"] == 20, (name, report)
+        for part in ("postgres", "postgres_server", "service"):
+            assert f"{part}_cpu_ms_per_op" in s, (name, part)
         assert s["server_errors_5xx"] == 0, (name, s["samples"])
         assert s["errors"] == 0, (name, s["error_codes"], s["samples"])
         assert s["check"] is None or s["check"]["passed"], (name, s["check"])
@@ -55,7 +72,7 @@ def test_bench_smoke(pg_server: Server, tmp_path: Path, capsys: pytest.CaptureFi
         assert check["over_captures_ok"] >= 1, (name, check)  # capture 12 of 10 held
         assert check["usage_gain"] == check["captured_sum"] > 0, (name, check)
         assert check["reserved_nonzero"] == {}, (name, check)
-    for name in ("usage_single", "usage_batch_500"):
+    for name in ("usage_single", *BATCH_SCENARIOS):
         check = scenarios[name]["check"]
         assert "skipped" not in check, (name, check)
         assert check["events_sent"] == check["events_recorded"] == 20, (name, check)
@@ -64,12 +81,66 @@ def test_bench_smoke(pg_server: Server, tmp_path: Path, capsys: pytest.CaptureFi
         second = check["second_send"]
         assert second["passed"] and second["usage_gain"] == 0, (name, check)
         assert second["answers"] == {"duplicate": second["events"]}, (name, check)
-    assert scenarios["usage_batch_500"]["check"]["batches"] == 2
+    for name in BATCH_SCENARIOS:
+        assert scenarios[name]["check"]["batches"] == 2, name
+    grants = scenarios["grants_batch_1000"]["check"]
+    assert grants["succeeded"] and grants["posted"] == 20, grants
+    assert grants["second_send"]["duplicates"] == 20, grants
+    assert scenarios["debit_spread_32"]["check"]["wallets"] == 40
+    reference = result["pgbench"]
+    if pgbench.find_pgbench()[0] is None:
+        assert not reference["available"] and "not found" in reference["error"], reference
+    else:
+        assert reference["tps"] > 0 and reference["transactions"] > 0, reference
+        assert "error" not in reference, reference
+    assert len(result["targets"]) == 11, result["targets"]
+    if reference.get("tps") and sys.platform.startswith("linux"):
+        # Every figure a target needs was measured (met or not does not matter).
+        missing = [t["target"] for t in result["targets"] if t["measured"] is None]
+        assert missing == [], result["targets"]
+    assert all(t["met"] in (True, False, None) for t in result["targets"]), result["targets"]
+    assert "target (issue 10)" in report
     assert result["checks"]["system_usage"]["passed"], result["checks"]["system_usage"]
     assert "shared_over_spread" in result["ratios"]
     assert "reserve_capture_shared_over_spread" in result["ratios"]
     assert "usage_batch_over_single" in result["ratios"]
     assert rc == 0 and result["passed"], report
+
+
+PGBENCH_REPORT = """\
+transaction type: <builtin: TPC-B (sort of)>
+scaling factor: 10
+number of clients: 8
+number of threads: 2
+duration: 15 s
+number of transactions actually processed: 69015
+number of failed transactions: 0 (0.000%)
+latency average = 1.738 ms
+initial connection time = 9.147 ms
+tps = 4601.152817 (without initial connection time)
+"""
+
+
+def test_pgbench_report_parsed() -> None:
+    """The reference's figures come from pgbench's closing report."""
+    assert pgbench.parse_output(PGBENCH_REPORT) == {
+        "tps": 4601.152817,
+        "transactions": 69015,
+        "failed": 0,
+        "latency_avg_ms": 1.738,
+    }
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_process_tree_cpu_counts_children() -> None:
+    """A process tree's CPU includes its live descendants: this test process's
+    tree holds at least its own CPU time."""
+    from bench import cpu
+
+    table = cpu.process_table()
+    assert os.getpid() in cpu.tree_pids(os.getppid(), table)
+    own = table[os.getpid()][1]
+    assert (cpu.tree_cpu_seconds(os.getppid(), table) or 0.0) >= own
 
 
 def test_chaos_smoke(pg_server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
