@@ -2255,7 +2255,14 @@ END $$;
 CREATE OR REPLACE FUNCTION tl_execute_batch(
     p_callers text[], p_keys text[], p_hashes bytea[], p_ops text[], p_statuses integer[],
     p_args jsonb[], p_ctxs jsonb[])
-RETURNS jsonb LANGUAGE plpgsql AS $$
+RETURNS jsonb LANGUAGE plpgsql
+-- Generic plans for every statement under it (the operations it dispatches
+-- included): the custom plans PostgreSQL would otherwise make for the first
+-- calls of each statement on each connection, and again whenever it judges
+-- a custom plan cheaper, cost more CPU than these one-row statements run
+-- (measured: 4.1 -> 3.3 ms of PostgreSQL CPU per lone debit).
+SET plan_cache_mode = force_generic_plan
+AS $$
 DECLARE
     v_n integer := cardinality(p_ops);
     v_claimed boolean[];

@@ -43,7 +43,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # they are all busy go together in the next call, up to coalesce_max_batch
     # of them. Each item is a subtransaction: 64 keeps a batch within
     # PostgreSQL's per-transaction cache of subtransaction ids.
-    coalesce_max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=256)] = 4
+    coalesce_max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=256)] = 2
     coalesce_max_batch: Annotated[int, msgspec.Meta(ge=1, le=64)] = 32
     # Requests.
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
