@@ -955,3 +955,69 @@ async def test_batch_settles_reservations_per_event(
     assert [r["status"] for r in again] == ["duplicate"] * 3 + ["rejected"] * 3 + ["duplicate"]
     assert await usage_total(api) == 6000
     await assert_audit_clean(database_url)
+
+
+def db_retries(metrics: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith("tokenledger_db_retries_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
+async def test_concurrent_batches_over_shared_accounts_never_deadlock(
+    client: Any, api: Api, clock: FakeClock, database_url: str
+) -> None:
+    """16 batches at once over 8 shared wallets, each charging three of them (in its own
+    order) and settling a reservation on a fourth that other batches charge, all record,
+    charge exactly, and retry no transaction: every account a batch touches is locked in
+    one ordered statement after its events are claimed in key order, and roll-up rows are
+    written in key order, so no two batches deadlock."""
+    wallets = [f"w-{i}" for i in range(8)]
+    await setup(client, api, clock, dict.fromkeys(wallets, 1_000_000))
+    await add_price(client, P1)
+    reservations = []
+    for b in range(16):
+        r = await client.post(
+            "/v1/reservations",
+            json={"account": f"employee:{wallets[(b + 4) % 8]}", "amount": 5000},
+            headers=key(),
+        )
+        assert r.status_code == 201, r.text
+        reservations.append(r.json()["id"])
+    batches = []
+    for b in range(16):
+        items = [
+            event(
+                f"c-{b}-{i}",
+                100 + i,
+                i % 9,
+                cached=i % 5,
+                account=f"employee:{wallets[(b + (i * (b + 1)) % 3) % 8]}",
+                project=("search", "chat", None)[(b + i) % 3],
+            )
+            for i in range(40)
+        ]
+        items.insert(
+            b % 40,
+            event(
+                f"c-{b}-rsv",
+                account=f"employee:{wallets[(b + 4) % 8]}",
+                reservation=reservations[b],
+            ),
+        )
+        batches.append(items)
+    before = db_retries((await client.get("/metrics")).text)
+
+    answers = await asyncio.gather(*(batch(client, items) for items in batches))
+    assert all(r["status"] == "recorded" for results in answers for r in results)
+    assert db_retries((await client.get("/metrics")).text) == before
+    charged = {w: 0 for w in wallets}
+    for items in batches:
+        for e in items:
+            charged[e["account"].removeprefix("employee:")] += usage_cost(
+                e["input_tokens"], e["cached_input_tokens"], e["output_tokens"], V1
+            )
+    for w in wallets:
+        assert await posted(api, f"employee:{w}") == 1_000_000 - charged[w], w
+    assert await usage_total(api) == sum(charged.values())
+    await assert_audit_clean(database_url)
