@@ -37,17 +37,30 @@ def dsn_for(dsn: str, database: str) -> str:
     return urlunsplit(urlsplit(dsn)._replace(path="/" + database))
 
 
+POSTMASTER: psutil.Process | None = None
+
+
 def postgres_cpu() -> float:
-    """CPU-seconds used so far by every process named postgres (children included)."""
+    """CPU-seconds used so far by this server's postmaster and its children
+    (backends, autovacuum, WAL writer, ...): other servers on the box don't count."""
+    assert POSTMASTER is not None
     total = 0.0
-    for p in psutil.process_iter(["name"]):
-        if p.info["name"] == "postgres":
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                pass
+    for p in [POSTMASTER, *POSTMASTER.children()]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
     return total
+
+
+async def find_postmaster(dsn: str) -> None:
+    global POSTMASTER
+    conn = await asyncpg.connect(dsn)
+    POSTMASTER = psutil.Process(
+        psutil.Process(await conn.fetchval("SELECT pg_backend_pid()")).ppid()
+    )
+    await conn.close()
 
 
 async def setup(dsn: str, schema: str, accounts: int) -> None:
@@ -220,6 +233,7 @@ async def main() -> None:
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     schema = await asyncio.to_thread(Path(args.schema).read_text)
+    await find_postmaster(args.dsn)
     await setup(args.dsn, schema, args.accounts)
     if "grants" not in skip:
         await bench_grants(args.dsn, args.grants)
