@@ -1685,14 +1685,17 @@ BEGIN
     END IF;
 END $$;
 
--- Adds a set of events (as rows of usage_events) to the three roll-ups.
+-- Adds a set of events (as rows of usage_events) to the four roll-ups: one
+-- row per key per call, written in key order, so that batches writing the
+-- same roll-up rows (usage_daily_models is shared by every account) take
+-- their row locks in one order and never deadlock on them.
 CREATE OR REPLACE FUNCTION tl_usage_rollup_many(p_events usage_events[]) RETURNS void
 LANGUAGE sql AS $$
     INSERT INTO usage_daily AS d (day, account_id, model, project, events, input_tokens,
                                   cached_input_tokens, output_tokens, credits)
     SELECT (e.occurred_at AT TIME ZONE 'UTC')::date, e.account_id, e.model, coalesce(e.project, ''), count(*),
            sum(e.input_tokens), sum(e.cached_input_tokens), sum(e.output_tokens), sum(e.cost)
-    FROM unnest(p_events) e GROUP BY 1, 2, 3, 4
+    FROM unnest(p_events) e GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
     ON CONFLICT (day, account_id, model, project) DO UPDATE SET
         events = d.events + EXCLUDED.events,
         input_tokens = d.input_tokens + EXCLUDED.input_tokens,
@@ -1704,7 +1707,7 @@ LANGUAGE sql AS $$
     SELECT date_trunc('month', e.occurred_at AT TIME ZONE 'UTC')::date, e.account_id, e.model,
            coalesce(e.project, ''), count(*),
            sum(e.input_tokens), sum(e.cached_input_tokens), sum(e.output_tokens), sum(e.cost)
-    FROM unnest(p_events) e GROUP BY 1, 2, 3, 4
+    FROM unnest(p_events) e GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
     ON CONFLICT (month, account_id, model, project) DO UPDATE SET
         events = d.events + EXCLUDED.events,
         input_tokens = d.input_tokens + EXCLUDED.input_tokens,
@@ -1715,7 +1718,7 @@ LANGUAGE sql AS $$
                                            cached_input_tokens, output_tokens, credits)
     SELECT date_trunc('month', e.occurred_at AT TIME ZONE 'UTC')::date, e.account_id, e.model, count(*),
            sum(e.input_tokens), sum(e.cached_input_tokens), sum(e.output_tokens), sum(e.cost)
-    FROM unnest(p_events) e GROUP BY 1, 2, 3
+    FROM unnest(p_events) e GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
     ON CONFLICT (month, account_id, model) DO UPDATE SET
         events = d.events + EXCLUDED.events,
         input_tokens = d.input_tokens + EXCLUDED.input_tokens,
@@ -1726,7 +1729,7 @@ LANGUAGE sql AS $$
                                          cached_input_tokens, output_tokens, credits)
     SELECT (e.occurred_at AT TIME ZONE 'UTC')::date, e.model, coalesce(e.project, ''), pg_backend_pid() % 16,
            count(*), sum(e.input_tokens), sum(e.cached_input_tokens), sum(e.output_tokens), sum(e.cost)
-    FROM unnest(p_events) e GROUP BY 1, 2, 3, 4
+    FROM unnest(p_events) e GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
     ON CONFLICT (day, model, project, shard) DO UPDATE SET
         events = d.events + EXCLUDED.events,
         input_tokens = d.input_tokens + EXCLUDED.input_tokens,
@@ -1866,171 +1869,277 @@ BEGIN
 END $$;
 
 -- Records a batch of usage events in one database transaction, set-based:
--- duplicates (earlier ones and within the batch), unknown accounts and
--- models are sorted out with joins; the new events are claimed in one
--- INSERT; each account is locked once (in id order) and charged once, in a
--- single `usage` transaction for all its accepted events; events that do not
--- fit its available credits are rejected one by one in batch order. Events
--- that settle a reservation go through tl_record_usage one at a time.
+-- duplicates (earlier ones and within the batch), unknown accounts, models
+-- and reservations are sorted out with joins; every new event, reservation
+-- or not, is claimed in one INSERT sorted by (source, event_id); then all
+-- the accounts they charge are locked in one ordered statement (after the
+-- claims, so a concurrent duplicate never waits on us while we wait on its
+-- account), each locked account is expired only if it has anything due, and
+-- charged once, in a single `usage` transaction for all its accepted
+-- events, with one statement per table for all accounts. Events that do not
+-- fit an account's available credits are rejected one by one in batch order
+-- (a loop over that account's events only when they do not all fit). Events
+-- that settle a reservation capture or release it one at a time (each fails
+-- alone). The roll-ups are written last, once per key, in key order.
 -- Returns {results: [{event_id, status, code?, cost?, id?, transaction_id?}]}.
 CREATE OR REPLACE FUNCTION tl_record_usage_batch(p_events jsonb, p_ctx jsonb) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     v_now timestamptz;
     v_accounts bigint[];
-    v_acc accounts;
+    v_charged bigint[];
+    v_txns uuid[];
+    v_totals bigint[];
+    v_counts bigint[];
+    v_taken bigint;
+    v_acc record;
     v_left bigint;
     v_e record;
     v_txn uuid;
-    v_total bigint;
     v_res jsonb;
-    v_state text;
     v_code text;
 BEGIN
-    CREATE TEMP TABLE IF NOT EXISTS tl_usage_batch (
-        pos integer PRIMARY KEY, source text, event_id text, account text, model text,
-        input_tokens bigint, cached_input_tokens bigint, output_tokens bigint,
-        occurred_at timestamptz, project text, tags jsonb, reservation text, reservation_id uuid,
-        account_id bigint, account_type text, price_id uuid, cost bigint, id uuid,
-        status text, code text, result jsonb, transaction_id uuid
-    ) ON COMMIT DROP;
-    TRUNCATE tl_usage_batch;
-    INSERT INTO tl_usage_batch (pos, source, event_id, account, model, input_tokens, cached_input_tokens,
-                                output_tokens, occurred_at, project, tags, reservation, reservation_id, status)
-    SELECT e.pos, e.v ->> 'source', e.v ->> 'event_id', e.v ->> 'account', e.v ->> 'model',
-           (e.v ->> 'input_tokens')::bigint, coalesce((e.v ->> 'cached_input_tokens')::bigint, 0),
-           (e.v ->> 'output_tokens')::bigint,
-           coalesce((e.v ->> 'occurred_at')::timestamptz, tl_now(p_ctx)),
-           e.v ->> 'project', coalesce(nullif(e.v -> 'tags', 'null'::jsonb), '{}'::jsonb),
-           e.v ->> 'reservation', (e.v ->> 'reservation_id')::uuid, 'pending'
-    FROM jsonb_array_elements(p_events) WITH ORDINALITY AS e (v, pos);
+    -- One working table per session, emptied at commit: created once, so
+    -- the statements below keep their cached plans from batch to batch
+    -- (ON COMMIT DROP made every batch create it and replan them all).
+    -- Rename it when its columns change.
+    IF to_regclass('pg_temp.tl_usage_batch_rows') IS NULL THEN
+        CREATE TEMP TABLE tl_usage_batch_rows (
+            pos integer PRIMARY KEY, source text, event_id text, account text, model text,
+            input_tokens bigint, cached_input_tokens bigint, output_tokens bigint,
+            occurred_at timestamptz, project text, tags jsonb, reservation text, reservation_id uuid,
+            account_id bigint, price_id uuid, price_model text, cost bigint, id uuid,
+            status text, code text, result jsonb, transaction_id uuid
+        ) ON COMMIT DELETE ROWS;
+        -- It has no statistics, so the planner expects one row: an index
+        -- keeps its joins by event from turning into nested-loop scans.
+        CREATE INDEX tl_usage_batch_rows_event_idx ON tl_usage_batch_rows (source, event_id);
+    END IF;
+    DELETE FROM tl_usage_batch_rows;
 
-    -- The same event twice in one batch: the later ones answer as duplicates.
-    UPDATE tl_usage_batch b SET status = 'repeat'
-    WHERE EXISTS (SELECT 1 FROM tl_usage_batch o
-                  WHERE o.source = b.source AND o.event_id = b.event_id AND o.pos < b.pos);
-    -- Events recorded before: their stored answer.
-    UPDATE tl_usage_batch b SET status = 'duplicate', result = u.result
-    FROM usage_events u
-    WHERE b.status = 'pending' AND u.source = b.source AND u.event_id = b.event_id AND u.result IS NOT NULL;
-    -- Accounts and prices.
-    UPDATE tl_usage_batch b SET account_id = a.id, account_type = a.type
-    FROM accounts a WHERE b.status = 'pending' AND a.address = b.account;
-    UPDATE tl_usage_batch b SET status = 'rejected',
-        code = CASE WHEN b.account_type = 'system' THEN 'invalid_request'
-                    WHEN b.account LIKE 'employee:%' THEN 'employee_not_found'
-                    WHEN b.account LIKE 'department:%' THEN 'department_not_found'
-                    ELSE 'account_not_found' END
-    WHERE b.status = 'pending' AND (b.account_id IS NULL OR b.account_type = 'system');
-    UPDATE tl_usage_batch b SET price_id = x.price_id, cost = x.cost
-    FROM (SELECT b2.pos, p.id AS price_id,
-                 tl_usage_cost(p, b2.input_tokens, b2.cached_input_tokens, b2.output_tokens) AS cost
-          FROM tl_usage_batch b2 CROSS JOIN LATERAL tl_price_at(b2.model, b2.occurred_at) p
-          WHERE b2.status = 'pending' AND b2.reservation IS NULL AND p.id IS NOT NULL) x
-    WHERE b.pos = x.pos;
-    UPDATE tl_usage_batch SET status = 'rejected', code = 'unknown_model'
-    WHERE status = 'pending' AND reservation IS NULL AND price_id IS NULL;
+    -- Parse, and answer what needs no lock: repeats within the batch (later
+    -- ones answer like the first), events recorded before (their stored
+    -- answer), unknown or system accounts, unknown reservations, prices.
+    WITH e AS (
+        SELECT x.pos, x.v ->> 'source' AS source, x.v ->> 'event_id' AS event_id, x.v ->> 'account' AS account,
+               x.v ->> 'model' AS model, (x.v ->> 'input_tokens')::bigint AS input_tokens,
+               coalesce((x.v ->> 'cached_input_tokens')::bigint, 0) AS cached_input_tokens,
+               (x.v ->> 'output_tokens')::bigint AS output_tokens,
+               coalesce((x.v ->> 'occurred_at')::timestamptz, tl_now(p_ctx)) AS occurred_at,
+               x.v ->> 'project' AS project, coalesce(nullif(x.v -> 'tags', 'null'::jsonb), '{}'::jsonb) AS tags,
+               x.v ->> 'reservation' AS reservation, (x.v ->> 'reservation_id')::uuid AS reservation_id,
+               x.pos > min(x.pos) OVER (PARTITION BY x.v ->> 'source', x.v ->> 'event_id') AS repeat
+        FROM jsonb_array_elements(p_events) WITH ORDINALITY AS x (v, pos)),
+    c AS (
+        SELECT e.*, u.result AS stored, a.id AS account_id, a.type AS account_type,
+               r.id AS res_id, r.account_id AS res_account, p.price
+        FROM e
+        LEFT JOIN usage_events u ON NOT e.repeat AND u.source = e.source AND u.event_id = e.event_id
+                                AND u.result IS NOT NULL
+        LEFT JOIN accounts a ON a.address = e.account
+        LEFT JOIN reservations r ON e.reservation IS NOT NULL AND r.id = e.reservation_id
+        -- An event settling a reservation made by estimate is priced at that reservation's price.
+        LEFT JOIN LATERAL (
+            SELECT coalesce((SELECT rp FROM prices rp WHERE rp.id = (r.details ->> 'price_id')::uuid),
+                            tl_price_at(e.model, e.occurred_at)) AS price
+            WHERE NOT e.repeat AND u.result IS NULL AND a.id IS NOT NULL) p ON true)
+    INSERT INTO tl_usage_batch_rows (pos, source, event_id, account, model, input_tokens, cached_input_tokens,
+                                     output_tokens, occurred_at, project, tags, reservation, reservation_id,
+                                     account_id, price_id, price_model, cost, status, code, result)
+    SELECT c.pos, c.source, c.event_id, c.account, c.model, c.input_tokens, c.cached_input_tokens,
+           c.output_tokens, c.occurred_at, c.project, c.tags, c.reservation, c.res_id, c.account_id,
+           (c.price).id, (c.price).model,
+           CASE WHEN (c.price).id IS NOT NULL
+                THEN tl_usage_cost(c.price, c.input_tokens, c.cached_input_tokens, c.output_tokens) END,
+           CASE WHEN c.repeat THEN 'repeat'
+                WHEN c.stored IS NOT NULL THEN 'duplicate'
+                WHEN c.account_id IS NULL OR c.account_type = 'system'
+                  OR c.reservation IS NOT NULL AND (c.res_id IS NULL OR c.res_account <> c.account_id)
+                  OR (c.price).id IS NULL OR (c.price).model <> c.model THEN 'rejected'
+                ELSE 'pending' END,
+           CASE WHEN c.repeat OR c.stored IS NOT NULL THEN NULL
+                WHEN c.account_type = 'system' THEN 'invalid_request'
+                WHEN c.account_id IS NULL AND c.account LIKE 'employee:%' THEN 'employee_not_found'
+                WHEN c.account_id IS NULL AND c.account LIKE 'department:%' THEN 'department_not_found'
+                WHEN c.account_id IS NULL THEN 'account_not_found'
+                WHEN c.reservation IS NOT NULL AND c.res_id IS NULL THEN 'reservation_not_found'
+                WHEN c.reservation IS NOT NULL AND c.res_account <> c.account_id THEN 'invalid_request'
+                WHEN (c.price).id IS NULL OR (c.price).model <> c.model THEN 'unknown_model' END,
+           c.stored
+    FROM c;
 
-    -- Claim the new events; one claimed meanwhile by a concurrent request is
-    -- a duplicate (the INSERT waited for that request to commit).
+    -- Claim the new events in key order; one claimed meanwhile by a
+    -- concurrent request is a duplicate (the INSERT waited for that request
+    -- to commit). The stored answer is built now, outside the locks; only
+    -- the transaction id is added once it exists.
     WITH claimed AS (
         INSERT INTO usage_events (id, source, event_id, account_id, model, price_id, input_tokens,
-                                  cached_input_tokens, output_tokens, cost, project, tags, occurred_at,
-                                  recorded_at)
+                                  cached_input_tokens, output_tokens, cost, reservation_id, project, tags,
+                                  occurred_at, recorded_at)
         SELECT tl_uuid7(), source, event_id, account_id, model, price_id, input_tokens, cached_input_tokens,
-               output_tokens, cost, project, tags, occurred_at, clock_timestamp()
-        FROM tl_usage_batch WHERE status = 'pending' AND reservation IS NULL ORDER BY pos
+               output_tokens, cost, reservation_id, project, tags, occurred_at, clock_timestamp()
+        FROM tl_usage_batch_rows WHERE status = 'pending' ORDER BY source, event_id
         ON CONFLICT (source, event_id) DO NOTHING
-        RETURNING id, source, event_id)
-    UPDATE tl_usage_batch b SET id = c.id FROM claimed c
+        RETURNING id, source, event_id, tl_usage_json(usage_events, 'recorded') - 'status' AS answer)
+    UPDATE tl_usage_batch_rows b SET id = c.id, result = c.answer FROM claimed c
     WHERE b.source = c.source AND b.event_id = c.event_id AND b.status = 'pending';
-    UPDATE tl_usage_batch b SET status = 'duplicate', result = u.result
+    UPDATE tl_usage_batch_rows b SET status = 'duplicate', result = u.result
     FROM usage_events u
-    WHERE b.status = 'pending' AND b.reservation IS NULL AND b.id IS NULL
-      AND u.source = b.source AND u.event_id = b.event_id;
+    WHERE b.status = 'pending' AND b.id IS NULL AND u.source = b.source AND u.event_id = b.event_id;
 
-    -- Charge: lock every account once, in the global order.
-    SELECT array_agg(DISTINCT account_id) INTO v_accounts FROM tl_usage_batch
-        WHERE status = 'pending' AND reservation IS NULL AND cost > 0;
-    IF v_accounts IS NOT NULL THEN
+    -- Lock every account the batch charges or settles a reservation of, once,
+    -- in the global order (one statement), then the system shard rows.
+    SELECT array_agg(DISTINCT account_id) INTO v_accounts FROM tl_usage_batch_rows
+        WHERE status = 'pending' AND (reservation IS NOT NULL OR cost > 0);
+    IF v_accounts IS NULL THEN
+        v_accounts := '{}';
+    ELSE
         PERFORM tl_lock(v_accounts, ARRAY['system:expired', 'system:usage', 'system:issuance']);
-        v_now := tl_now(p_ctx);
-        FOR v_acc IN SELECT * FROM accounts WHERE id = ANY (v_accounts) ORDER BY id LOOP
-            IF v_acc.status <> 'open' THEN
-                UPDATE tl_usage_batch SET status = 'rejected', code = 'account_closed'
-                    WHERE account_id = v_acc.id AND status = 'pending';
-                CONTINUE;
-            END IF;
+    END IF;
+    v_now := tl_now(p_ctx);
+
+    -- Accounts charged directly: a closed one rejects all its events; an
+    -- open one is brought up to now (only when something is due).
+    SELECT array_agg(DISTINCT account_id) INTO v_charged FROM tl_usage_batch_rows
+        WHERE status = 'pending' AND reservation IS NULL AND cost > 0;
+    IF v_charged IS NOT NULL THEN
+        UPDATE tl_usage_batch_rows b SET status = 'rejected', code = 'account_closed'
+        FROM accounts a WHERE a.id = ANY (v_charged) AND a.status <> 'open'
+          AND b.account_id = a.id AND b.status = 'pending';
+        FOR v_acc IN
+            SELECT a.id FROM accounts a
+            WHERE a.id = ANY (v_charged) AND a.status = 'open' AND (
+                  EXISTS (SELECT 1 FROM reservations r WHERE r.account_id = a.id AND r.status = 'active'
+                                                         AND r.expires_at <= v_now)
+               OR EXISTS (SELECT 1 FROM lots l WHERE l.account_id = a.id AND l.rollover_max IS NOT NULL
+                                                 AND l.rolled_at IS NULL AND l.expires_at <= v_now)
+               OR EXISTS (SELECT 1 FROM lots l WHERE l.account_id = a.id AND l.status = 'voided'
+                                                 AND l.remaining > 0 AND l.remaining > l.reserved)
+               OR EXISTS (SELECT 1 FROM lots l WHERE l.account_id = a.id AND l.status = 'active'
+                                                 AND l.remaining > 0 AND l.remaining > l.reserved
+                                                 AND l.expires_at <= v_now))
+            ORDER BY a.id
+        LOOP
             PERFORM tl_expire_due(v_acc.id, v_now, p_ctx);
-            v_left := tl_spendable(v_acc.id, v_now);
-            FOR v_e IN SELECT pos, cost FROM tl_usage_batch
-                       WHERE account_id = v_acc.id AND status = 'pending' AND reservation IS NULL AND cost > 0
+        END LOOP;
+        -- Where an account's events do not all fit, reject in batch order
+        -- those that do not fit what the earlier ones left.
+        FOR v_acc IN
+            SELECT s.account_id, s.spendable FROM (
+                SELECT account_id, sum(cost) AS total, tl_spendable(account_id, v_now) AS spendable
+                FROM tl_usage_batch_rows WHERE status = 'pending' AND reservation IS NULL AND cost > 0
+                GROUP BY account_id) s
+            WHERE s.total > s.spendable ORDER BY s.account_id
+        LOOP
+            v_left := v_acc.spendable;
+            FOR v_e IN SELECT pos, cost FROM tl_usage_batch_rows
+                       WHERE account_id = v_acc.account_id AND status = 'pending' AND reservation IS NULL AND cost > 0
                        ORDER BY pos LOOP
                 IF v_e.cost <= v_left THEN
                     v_left := v_left - v_e.cost;
                 ELSE
-                    UPDATE tl_usage_batch SET status = 'rejected', code = 'insufficient_credits' WHERE pos = v_e.pos;
+                    UPDATE tl_usage_batch_rows SET status = 'rejected', code = 'insufficient_credits'
+                        WHERE pos = v_e.pos;
                 END IF;
             END LOOP;
-            SELECT sum(cost) INTO v_total FROM tl_usage_batch
-                WHERE account_id = v_acc.id AND status = 'pending' AND reservation IS NULL AND cost > 0;
-            IF v_total > 0 THEN
-                v_txn := tl_new_transaction('usage', v_now, p_ctx, NULL, '{}'::jsonb,
-                    jsonb_build_object('batch', true, 'events',
-                        (SELECT count(*) FROM tl_usage_batch WHERE account_id = v_acc.id AND status = 'pending'
-                                                              AND reservation IS NULL AND cost > 0)));
-                PERFORM 1 FROM tl_consume(v_txn, v_acc, v_total, v_now);
-                PERFORM tl_post_entry(v_txn, v_acc.id, -v_total, v_now);
-                PERFORM tl_post_entry(v_txn, tl_account_id('system:usage'), v_total, v_now);
-                UPDATE tl_usage_batch SET transaction_id = v_txn
-                    WHERE account_id = v_acc.id AND status = 'pending' AND reservation IS NULL AND cost > 0;
-            END IF;
         END LOOP;
     END IF;
     -- Rejected claims are given back, so a retry can record them later.
-    DELETE FROM usage_events u USING tl_usage_batch b
+    DELETE FROM usage_events u USING tl_usage_batch_rows b
         WHERE b.status = 'rejected' AND b.id IS NOT NULL AND u.id = b.id;
-    UPDATE tl_usage_batch SET status = 'recorded'
-        WHERE status = 'pending' AND reservation IS NULL AND id IS NOT NULL;
-    UPDATE usage_events u SET transaction_id = b.transaction_id
-    FROM tl_usage_batch b WHERE b.status = 'recorded' AND u.id = b.id;
-    UPDATE usage_events u SET result = tl_usage_json(u, 'recorded') - 'status'
-    FROM tl_usage_batch b WHERE b.status = 'recorded' AND u.id = b.id;
-    PERFORM tl_usage_rollup_many(ARRAY(
-        SELECT u FROM usage_events u JOIN tl_usage_batch b ON b.id = u.id WHERE b.status = 'recorded'));
-    UPDATE tl_usage_batch b SET result = u.result FROM usage_events u WHERE b.status = 'recorded' AND u.id = b.id;
 
-    -- Events that settle a reservation, one at a time (each fails alone).
-    FOR v_e IN SELECT * FROM tl_usage_batch WHERE status = 'pending' AND reservation IS NOT NULL ORDER BY pos LOOP
+    -- Charge: one `usage` transaction per account, its lots consumed in
+    -- consumption order, its balance and system:usage's moved once each.
+    SELECT array_agg(account_id ORDER BY account_id), array_agg(tl_uuid7() ORDER BY account_id),
+           array_agg(total ORDER BY account_id), array_agg(n ORDER BY account_id)
+    INTO v_charged, v_txns, v_totals, v_counts
+    FROM (SELECT account_id, sum(cost)::bigint AS total, count(*) AS n FROM tl_usage_batch_rows
+          WHERE status = 'pending' AND reservation IS NULL AND cost > 0 GROUP BY account_id) s;
+    IF v_charged IS NOT NULL THEN
+        INSERT INTO transactions (id, kind, memo, metadata, details, actor, request_id, created_at)
+        SELECT t.id, 'usage', NULL, '{}'::jsonb, jsonb_build_object('batch', true, 'events', t.n),
+               p_ctx ->> 'actor', p_ctx ->> 'request_id', v_now
+        FROM unnest(v_txns, v_counts) WITH ORDINALITY AS t (id, n, ord) ORDER BY t.ord;
+        WITH need AS (
+            SELECT * FROM unnest(v_charged, v_txns, v_totals) AS n (account_id, txn, total)),
+        live AS (
+            SELECT l.id, n.txn, n.total, l.remaining - l.reserved AS free,
+                   coalesce(sum(l.remaining - l.reserved) OVER (
+                       PARTITION BY l.account_id ORDER BY l.priority, l.expires_at NULLS LAST, l.effective_at, l.id
+                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
+            FROM need n JOIN lots l ON l.account_id = n.account_id
+            WHERE l.status = 'active' AND l.remaining > 0 AND l.remaining > l.reserved
+              AND l.effective_at <= v_now AND (l.expires_at IS NULL OR l.expires_at > v_now)),
+        taken AS (
+            SELECT id, txn, least(free, total - before)::bigint AS take FROM live WHERE before < total),
+        moved AS (
+            UPDATE lots l SET remaining = l.remaining - t.take FROM taken t WHERE l.id = t.id
+            RETURNING t.id, t.txn, t.take),
+        logged AS (
+            INSERT INTO lot_movements (transaction_id, lot_id, amount)
+            SELECT txn, id, -take FROM moved RETURNING amount)
+        SELECT coalesce(-sum(amount), 0) INTO v_taken FROM logged;
+        ASSERT v_taken = (SELECT sum(x) FROM unnest(v_totals) x),
+            'tl_record_usage_batch: spendable credits changed under a held lock';
+        PERFORM tl_post_entries(array_agg(l.txn ORDER BY l.ord, l.leg), array_agg(l.account ORDER BY l.ord, l.leg),
+                                array_agg(l.amount ORDER BY l.ord, l.leg), v_now)
+        FROM (SELECT n.ord, 1 AS leg, n.txn, n.account, -n.total AS amount
+              FROM unnest(v_txns, v_charged, v_totals) WITH ORDINALITY AS n (txn, account, total, ord)
+              UNION ALL
+              SELECT n.ord, 2, n.txn, tl_account_id('system:usage'), n.total
+              FROM unnest(v_txns, v_totals) WITH ORDINALITY AS n (txn, total, ord)) l;
+    END IF;
+    UPDATE tl_usage_batch_rows b SET status = 'recorded', transaction_id = t.txn,
+        result = b.result || jsonb_build_object('transaction_id', tl_public_id('txn_', t.txn))
+    FROM tl_usage_batch_rows b2
+    LEFT JOIN unnest(v_charged, v_txns) AS t (account_id, txn) ON t.account_id = b2.account_id AND b2.cost > 0
+    WHERE b2.pos = b.pos AND b.status = 'pending' AND b.reservation IS NULL;
+    UPDATE usage_events u SET transaction_id = b.transaction_id, result = b.result
+    FROM tl_usage_batch_rows b WHERE b.status = 'recorded' AND u.id = b.id;
+
+    -- Events that settle a reservation, one at a time (each fails alone):
+    -- a capture with the priced cost, or a release when it cost nothing.
+    FOR v_e IN SELECT * FROM tl_usage_batch_rows WHERE status = 'pending' ORDER BY pos LOOP
         BEGIN
-            v_res := tl_record_usage(jsonb_build_object(
-                'source', v_e.source, 'event_id', v_e.event_id, 'account', v_e.account, 'model', v_e.model,
-                'input_tokens', v_e.input_tokens, 'cached_input_tokens', v_e.cached_input_tokens,
-                'output_tokens', v_e.output_tokens, 'occurred_at', v_e.occurred_at, 'project', v_e.project,
-                'tags', v_e.tags, 'reservation', v_e.reservation, 'reservation_id', v_e.reservation_id), p_ctx);
-            UPDATE tl_usage_batch SET result = v_res -> 'body',
-                status = CASE WHEN (v_res ->> 'status')::integer = 201 THEN 'recorded' ELSE 'duplicate' END
+            v_txn := NULL;
+            IF v_e.cost > 0 THEN
+                v_res := tl_op_capture(jsonb_build_object(
+                    'reservation', v_e.reservation, 'reservation_id', v_e.reservation_id, 'amount', v_e.cost,
+                    'metadata', jsonb_build_object('usage_event', v_e.event_id, 'model', v_e.price_model)),
+                    p_ctx);
+                v_txn := (replace(v_res #>> '{transaction,id}', 'txn_', ''))::uuid;
+            ELSE
+                PERFORM tl_op_release(jsonb_build_object('reservation', v_e.reservation,
+                                                         'reservation_id', v_e.reservation_id), p_ctx);
+            END IF;
+            v_res := v_e.result || jsonb_build_object('transaction_id', tl_public_id('txn_', v_txn));
+            UPDATE usage_events SET transaction_id = v_txn, result = v_res WHERE id = v_e.id;
+            UPDATE tl_usage_batch_rows SET status = 'recorded', transaction_id = v_txn, result = v_res
                 WHERE pos = v_e.pos;
         EXCEPTION WHEN SQLSTATE 'TLA01' OR SQLSTATE 'TLA02' OR SQLSTATE 'TLA03' OR SQLSTATE 'TLA05'
                      OR SQLSTATE 'TLA08' OR SQLSTATE 'TLB01' OR SQLSTATE 'TLB02' OR SQLSTATE 'TLB04'
                      OR SQLSTATE 'TLD01' THEN
             GET STACKED DIAGNOSTICS v_code = MESSAGE_TEXT;
-            UPDATE tl_usage_batch SET status = 'rejected', code = v_code WHERE pos = v_e.pos;
+            DELETE FROM usage_events WHERE id = v_e.id;
+            UPDATE tl_usage_batch_rows SET status = 'rejected', code = v_code WHERE pos = v_e.pos;
         END;
     END LOOP;
+
+    PERFORM tl_usage_rollup_many(ARRAY(
+        SELECT u FROM usage_events u JOIN tl_usage_batch_rows b ON b.id = u.id WHERE b.status = 'recorded'));
     -- Repeats within the batch answer like their first occurrence did.
-    UPDATE tl_usage_batch b SET status = CASE WHEN o.status IN ('recorded', 'duplicate') THEN 'duplicate'
-                                              ELSE o.status END,
-                                code = o.code, result = o.result
-    FROM tl_usage_batch o
-    WHERE b.status = 'repeat' AND o.source = b.source AND o.event_id = b.event_id
-      AND o.pos = (SELECT min(pos) FROM tl_usage_batch x WHERE x.source = b.source AND x.event_id = b.event_id);
+    UPDATE tl_usage_batch_rows b SET status = CASE WHEN o.status IN ('recorded', 'duplicate') THEN 'duplicate'
+                                                   ELSE o.status END,
+                                     code = o.code, result = o.result
+    FROM tl_usage_batch_rows o
+    WHERE b.status = 'repeat' AND o.source = b.source AND o.event_id = b.event_id AND o.status <> 'repeat';
     RETURN jsonb_build_object('results', (
         SELECT jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
                    'event_id', event_id, 'status', status, 'code', code,
                    'cost', (result ->> 'cost')::bigint, 'id', result ->> 'id',
                    'transaction_id', result ->> 'transaction_id')) ORDER BY pos)
-        FROM tl_usage_batch));
+        FROM (SELECT pos, event_id, status, code, CASE WHEN status <> 'rejected' THEN result END AS result
+              FROM tl_usage_batch_rows) b));
 END $$;
 
 -- The reservation amount for an estimate: the worst case (all input
@@ -2429,44 +2538,162 @@ END $$;
 -- A batch of grants in one database transaction: each item is idempotent by
 -- its own key and fails alone. All accounts the batch can touch are locked
 -- up front in the global order, so two batches never deadlock.
+--
+-- Set-based where it pays: the items that are sure to succeed (a new key, an
+-- open wallet, funded by an open system:issuance, a valid expiry) are claimed
+-- in one sorted INSERT of their keys, each wallet is expired once, and all of
+-- them are written with a few statements; each account row (and the issuance
+-- shard row) moves once, by the sum. Updating one row once per item instead
+-- made each later look-up of it walk every earlier version of the row (they
+-- stay until commit), so 1,000 grants to one wallet cost O(n^2) and took over
+-- 5 s. Every other item (a replay, a reused key, a department funder, an
+-- error) goes through tl_execute one at a time, exactly as before, after the
+-- fast items.
 CREATE OR REPLACE FUNCTION tl_grant_batch(p_caller text, p_items jsonb, p_ctx jsonb) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_item jsonb;
+    v_item record;
     v_res jsonb;
-    v_out jsonb := '[]'::jsonb;
+    v_now timestamptz;
     v_state text;
     v_code text;
     v_detail text;
+    v_wallet bigint;
 BEGIN
     PERFORM tl_lock(
         (SELECT coalesce(array_agg(a.id), '{}') FROM accounts a
           WHERE a.address IN (SELECT 'employee:' || (i ->> 'employee') FROM jsonb_array_elements(p_items) i
                               UNION SELECT coalesce(i ->> 'funded_by', 'system:issuance') FROM jsonb_array_elements(p_items) i)),
         ARRAY['system:expired', 'system:issuance']);
-    FOR v_item IN SELECT value FROM jsonb_array_elements(p_items) LOOP
+    v_now := tl_now(p_ctx);
+
+    CREATE TEMP TABLE IF NOT EXISTS tl_grant_batch_items (
+        pos integer PRIMARY KEY, key text, hash bytea, args jsonb, wallet bigint, funder bigint,
+        amount bigint, priority integer, effective_at timestamptz, expires_at timestamptz,
+        candidate boolean, fast boolean NOT NULL DEFAULT false, txn uuid, lot uuid, result jsonb
+    ) ON COMMIT DROP;
+    TRUNCATE tl_grant_batch_items;
+    INSERT INTO tl_grant_batch_items (pos, key, hash, wallet, funder, amount, priority, effective_at, expires_at,
+                                      args, candidate)
+    SELECT i.pos, i.v ->> 'key', decode(i.v ->> 'hash', 'hex'), w.id, f.id, (i.v #>> '{grant,amount}')::bigint,
+           coalesce((i.v #>> '{grant,priority}')::integer, 100),
+           coalesce((i.v #>> '{grant,effective_at}')::timestamptz, v_now), (i.v #>> '{grant,expires_at}')::timestamptz,
+           i.v -> 'grant', w.asset = f.asset AND i.pos = min(i.pos) OVER (PARTITION BY i.v ->> 'key')
+    FROM jsonb_array_elements(p_items) WITH ORDINALITY AS i (v, pos)
+    LEFT JOIN accounts w ON w.address = 'employee:' || (i.v #>> '{grant,employee}') AND w.status = 'open'
+    LEFT JOIN accounts f ON f.address = coalesce(i.v #>> '{grant,funded_by}', 'system:issuance')
+                        AND f.address = 'system:issuance' AND f.status = 'open';
+    -- Claim the keys of the items that cannot fail, in key order; a key that
+    -- exists, or repeats an earlier item's, leaves its item to tl_execute.
+    BEGIN
+        WITH claimed AS (
+            INSERT INTO idempotency_keys (caller, key, request_hash, status_code, body)
+            SELECT p_caller, 'grants:batch/' || b.key, b.hash, 0, 'null'::jsonb FROM tl_grant_batch_items b
+            WHERE b.candidate AND b.amount > 0 AND b.priority BETWEEN 0 AND 1000
+              AND (b.expires_at IS NULL OR b.expires_at > greatest(b.effective_at, v_now))
+            ORDER BY 2
+            ON CONFLICT DO NOTHING
+            RETURNING key)
+        UPDATE tl_grant_batch_items b SET fast = true, txn = tl_uuid7(), lot = tl_uuid7()
+        FROM claimed c WHERE 'grants:batch/' || b.key = c.key AND b.candidate;
+    EXCEPTION WHEN lock_not_available THEN
+        NULL;  -- another request holds one of the keys: every item goes the slow way
+    END;
+
+    IF EXISTS (SELECT 1 FROM tl_grant_batch_items WHERE fast) THEN
+        FOR v_wallet IN SELECT DISTINCT wallet FROM tl_grant_batch_items WHERE fast ORDER BY wallet LOOP
+            PERFORM tl_expire_due(v_wallet, v_now, p_ctx);
+        END LOOP;
+        INSERT INTO transactions (id, kind, memo, metadata, details, actor, request_id, created_at)
+        SELECT txn, 'grant', args ->> 'memo', coalesce(nullif(args -> 'metadata', 'null'::jsonb), '{}'::jsonb),
+               jsonb_build_object('reason', args ->> 'reason'), p_ctx ->> 'actor', p_ctx ->> 'request_id', v_now
+        FROM tl_grant_batch_items WHERE fast ORDER BY pos;
+        INSERT INTO lots (id, account_id, amount, remaining, priority, effective_at, expires_at,
+                          grant_transaction_id, funded_by, source_lot_id, created_at)
+        SELECT lot, wallet, amount, amount, priority, effective_at, expires_at, txn, funder, NULL, v_now
+        FROM tl_grant_batch_items WHERE fast ORDER BY pos;
+        INSERT INTO lot_movements (transaction_id, lot_id, amount)
+        SELECT txn, lot, amount FROM tl_grant_batch_items WHERE fast ORDER BY pos;
+        -- The funder's leg first, then the wallet's, as tl_op_grant posts them.
+        PERFORM tl_post_entries(array_agg(l.txn ORDER BY l.pos, l.leg), array_agg(l.account ORDER BY l.pos, l.leg),
+                                array_agg(l.amount ORDER BY l.pos, l.leg), v_now)
+        FROM (SELECT pos, 1 AS leg, txn, funder AS account, -amount AS amount FROM tl_grant_batch_items WHERE fast
+              UNION ALL
+              SELECT pos, 2, txn, wallet, amount FROM tl_grant_batch_items WHERE fast) l;
+        UPDATE tl_grant_batch_items
+            SET result = jsonb_build_object('transaction', tl_transaction_json(txn), 'lot', tl_lot_json(lot))
+            WHERE fast;
+        UPDATE idempotency_keys k SET status_code = 201, body = b.result
+            FROM tl_grant_batch_items b WHERE b.fast AND k.caller = p_caller AND k.key = 'grants:batch/' || b.key;
+    END IF;
+
+    -- Everything else, one at a time in batch order (each fails alone).
+    FOR v_item IN SELECT i.pos, i.v FROM jsonb_array_elements(p_items) WITH ORDINALITY AS i (v, pos)
+                  JOIN tl_grant_batch_items b ON b.pos = i.pos AND NOT b.fast
+                  ORDER BY i.pos LOOP
         BEGIN
-            v_res := tl_execute(p_caller, 'grants:batch/' || (v_item ->> 'key'), decode(v_item ->> 'hash', 'hex'),
-                                'grant', 201, v_item -> 'grant', p_ctx);
+            v_res := tl_execute(p_caller, 'grants:batch/' || (v_item.v ->> 'key'), decode(v_item.v ->> 'hash', 'hex'),
+                                'grant', 201, v_item.v -> 'grant', p_ctx);
             IF (v_res ->> 'status')::integer = 201 THEN
-                v_out := v_out || jsonb_build_object(
-                    'key', v_item ->> 'key',
+                v_res := jsonb_build_object(
+                    'key', v_item.v ->> 'key',
                     'status', CASE WHEN (v_res ->> 'replayed')::boolean THEN 'duplicate' ELSE 'created' END,
                     'transaction_id', v_res #>> '{body,transaction,id}',
                     'lot_id', v_res #>> '{body,lot,id}');
             ELSE
-                v_out := v_out || jsonb_build_object('key', v_item ->> 'key', 'status', 'rejected',
-                                                     'code', v_res #>> '{body,code}',
-                                                     'detail', v_res #>> '{body,detail}');
+                v_res := jsonb_build_object('key', v_item.v ->> 'key', 'status', 'rejected',
+                                            'code', v_res #>> '{body,code}',
+                                            'detail', v_res #>> '{body,detail}');
             END IF;
         EXCEPTION WHEN SQLSTATE 'TLA01' OR SQLSTATE 'TLA02' OR SQLSTATE 'TLA03' OR SQLSTATE 'TLC01'
                      OR SQLSTATE 'TLD01' OR SQLSTATE 'TLB07' THEN
             GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_code = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL;
-            v_out := v_out || jsonb_build_object('key', v_item ->> 'key', 'status', 'rejected',
-                                                 'code', v_code, 'detail', v_detail);
+            v_res := jsonb_build_object('key', v_item.v ->> 'key', 'status', 'rejected',
+                                        'code', v_code, 'detail', v_detail);
         END;
+        UPDATE tl_grant_batch_items SET result = v_res WHERE pos = v_item.pos;
     END LOOP;
-    RETURN jsonb_build_object('results', v_out);
+    RETURN jsonb_build_object('results', coalesce((
+        SELECT jsonb_agg(CASE WHEN fast THEN jsonb_build_object(
+                                  'key', key, 'status', 'created',
+                                  'transaction_id', result #>> '{transaction,id}', 'lot_id', result #>> '{lot,id}')
+                              ELSE result END ORDER BY pos)
+        FROM tl_grant_batch_items), '[]'::jsonb));
+END $$;
+
+-- Posts many legs at once, in array order: each account's balance and
+-- version (or, for a sharded system account, this backend's shard row's)
+-- move once, by the sum, and each entry gets the balance_after and version
+-- that posting the legs one by one with tl_post_entry would have given it.
+-- The caller holds the row locks. One UPDATE per row rather than one per
+-- leg: repeated updates of one row in one transaction leave a chain of row
+-- versions that every later look-up of the row walks.
+CREATE OR REPLACE FUNCTION tl_post_entries(p_txns uuid[], p_accounts bigint[], p_amounts bigint[], p_now timestamptz)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    WITH legs AS (
+        SELECT l.ord, l.txn, l.account, l.amount, a.asset, a.shard_count,
+               CASE WHEN a.shard_count > 1 THEN tl_shard(a.shard_count) ELSE 0 END AS shard
+        FROM unnest(p_txns, p_accounts, p_amounts) WITH ORDINALITY AS l (txn, account, amount, ord)
+        JOIN accounts a ON a.id = l.account),
+    totals AS (
+        SELECT account, shard, shard_count, sum(amount)::bigint AS total, count(*) AS n
+        FROM legs GROUP BY account, shard, shard_count),
+    plain AS (
+        UPDATE accounts a SET posted = a.posted + t.total, version = a.version + t.n, updated_at = p_now
+        FROM totals t WHERE t.shard_count <= 1 AND a.id = t.account
+        RETURNING a.id AS account, 0 AS shard, a.posted - t.total AS posted0, a.version - t.n AS version0),
+    sharded AS (
+        UPDATE account_shards s SET posted = s.posted + t.total, version = s.version + t.n, updated_at = p_now
+        FROM totals t WHERE t.shard_count > 1 AND s.account_id = t.account AND s.shard = t.shard
+        RETURNING s.account_id AS account, s.shard, s.posted - t.total AS posted0, s.version - t.n AS version0),
+    base AS (SELECT * FROM plain UNION ALL SELECT * FROM sharded)
+    INSERT INTO entries (transaction_id, account_id, shard, asset, amount, balance_after, version, created_at)
+    SELECT l.txn, l.account, l.shard, l.asset, l.amount,
+           b.posted0 + sum(l.amount) OVER w, b.version0 + row_number() OVER w, p_now
+    FROM legs l JOIN base b ON b.account = l.account AND b.shard = l.shard
+    WINDOW w AS (PARTITION BY l.account, l.shard ORDER BY l.ord)
+    ORDER BY l.ord;
 END $$;
 
 -- ---------------------------------------------------------------------------

@@ -877,3 +877,147 @@ async def test_usage_request_validation(client: Any, api: Api, clock: FakeClock)
         problem(await record(client, body), 400, "invalid_request")
     assert await posted(api, WALLET) == 10_000
     assert await usage_total(api) == 0
+
+
+async def test_batch_settles_reservations_per_event(
+    client: Any, api: Api, clock: FakeClock, database_url: str
+) -> None:
+    """In a batch, an event naming a reservation captures it (or, costing nothing, releases it);
+    one naming an unknown reservation, another wallet's, or one already settled is rejected
+    alone and recorded nowhere; the batch's other events charge as usual."""
+    await setup(client, api, clock, {"e-1": 10_000, "e-2": 10_000})
+    await add_price(client, P1)
+
+    async def reserve(account: str, amount: int) -> str:
+        r = await client.post(
+            "/v1/reservations", json={"account": account, "amount": amount}, headers=key()
+        )
+        assert r.status_code == 201, r.text
+        return str(r.json()["id"])
+
+    capture, release, other, settled = (
+        await reserve(WALLET, 6000),
+        await reserve(WALLET, 500),
+        await reserve(OTHER, 100),
+        await reserve(WALLET, 300),
+    )
+    assert (
+        await client.post(f"/v1/reservations/{settled}/release", headers=key())
+    ).status_code == 200
+    missing = "rsv_" + "0" * 32
+    events = [
+        event("r-plain", 0, 100, cached=0),  # 1000 from e-1's free 3500
+        event("r-capture", reservation=capture),  # 4000 of the 6000 held
+        event("r-free", 0, 0, cached=0, reservation=release),  # costs nothing: releases
+        event("r-missing", reservation=missing),
+        event("r-other", reservation=other),  # e-2's reservation, charged to e-1
+        event("r-settled", reservation=settled),
+        event("r-plain-2", 0, 100, cached=0, account=OTHER),
+    ]
+    results = await batch(client, events)
+    assert [brief(r) for r in results] == [
+        {"event_id": "r-plain", "status": "recorded", "code": None, "cost": 1000},
+        {"event_id": "r-capture", "status": "recorded", "code": None, "cost": 4000},
+        {"event_id": "r-free", "status": "recorded", "code": None, "cost": 0},
+        {
+            "event_id": "r-missing",
+            "status": "rejected",
+            "code": "reservation_not_found",
+            "cost": None,
+        },
+        {"event_id": "r-other", "status": "rejected", "code": "invalid_request", "cost": None},
+        {
+            "event_id": "r-settled",
+            "status": "rejected",
+            "code": "reservation_not_active",
+            "cost": None,
+        },
+        {"event_id": "r-plain-2", "status": "recorded", "code": None, "cost": 1000},
+    ]
+    got = (await client.get(f"/v1/reservations/{capture}")).json()
+    assert (got["status"], got["captured"], got["capture_transaction_id"]) == (
+        "captured",
+        4000,
+        results[1]["transaction_id"],
+    )
+    assert (await client.get(f"/v1/reservations/{release}")).json()["status"] == "released"
+    account = await api.account(WALLET)
+    assert (account["posted"], account["reserved"]) == (10_000 - 1000 - 4000, 0)
+    assert await posted(api, OTHER) == 10_000 - 1000
+    assert await usage_total(api) == 6000
+    # Recorded events answer as single events too; rejected ones were not stored.
+    single = await record(client, event("r-capture", reservation=capture))
+    assert (single.status_code, single.json()["transaction_id"]) == (
+        200,
+        results[1]["transaction_id"],
+    )
+    again = await batch(client, events)
+    assert [r["status"] for r in again] == ["duplicate"] * 3 + ["rejected"] * 3 + ["duplicate"]
+    assert await usage_total(api) == 6000
+    await assert_audit_clean(database_url)
+
+
+def db_retries(metrics: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith("tokenledger_db_retries_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
+async def test_concurrent_batches_over_shared_accounts_never_deadlock(
+    client: Any, api: Api, clock: FakeClock, database_url: str
+) -> None:
+    """16 batches at once over 8 shared wallets, each charging three of them (in its own
+    order) and settling a reservation on a fourth that other batches charge, all record,
+    charge exactly, and retry no transaction: every account a batch touches is locked in
+    one ordered statement after its events are claimed in key order, and roll-up rows are
+    written in key order, so no two batches deadlock."""
+    wallets = [f"w-{i}" for i in range(8)]
+    await setup(client, api, clock, dict.fromkeys(wallets, 1_000_000))
+    await add_price(client, P1)
+    reservations = []
+    for b in range(16):
+        r = await client.post(
+            "/v1/reservations",
+            json={"account": f"employee:{wallets[(b + 4) % 8]}", "amount": 5000},
+            headers=key(),
+        )
+        assert r.status_code == 201, r.text
+        reservations.append(r.json()["id"])
+    batches = []
+    for b in range(16):
+        items = [
+            event(
+                f"c-{b}-{i}",
+                100 + i,
+                i % 9,
+                cached=i % 5,
+                account=f"employee:{wallets[(b + (i * (b + 1)) % 3) % 8]}",
+                project=("search", "chat", None)[(b + i) % 3],
+            )
+            for i in range(40)
+        ]
+        items.insert(
+            b % 40,
+            event(
+                f"c-{b}-rsv",
+                account=f"employee:{wallets[(b + 4) % 8]}",
+                reservation=reservations[b],
+            ),
+        )
+        batches.append(items)
+    before = db_retries((await client.get("/metrics")).text)
+
+    answers = await asyncio.gather(*(batch(client, items) for items in batches))
+    assert all(r["status"] == "recorded" for results in answers for r in results)
+    assert db_retries((await client.get("/metrics")).text) == before
+    charged = {w: 0 for w in wallets}
+    for items in batches:
+        for e in items:
+            charged[e["account"].removeprefix("employee:")] += usage_cost(
+                e["input_tokens"], e["cached_input_tokens"], e["output_tokens"], V1
+            )
+    for w in wallets:
+        assert await posted(api, f"employee:{w}") == 1_000_000 - charged[w], w
+    assert await usage_total(api) == sum(charged.values())
+    await assert_audit_clean(database_url)
