@@ -7,13 +7,13 @@ codecs and the retry policy are decided in one place.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
 import asyncpg
+import msgspec
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
 SQL_DIR = Path(__file__).resolve().parent / "sql"
@@ -83,11 +83,22 @@ def load_queries() -> dict[str, str]:
     return queries
 
 
+def _json_text(value: object) -> str:
+    return _json_encoder.encode(value).decode()
+
+
+_json_encoder = msgspec.json.Encoder()
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     # jsonb in and out as Python objects; the service never builds JSON text
     # by hand.
-    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
-    await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    # msgspec rather than the json module: every operation's arguments and
+    # answer cross here, and msgspec is several times faster both ways.
+    for name in ("jsonb", "json"):
+        await conn.set_type_codec(
+            name, encoder=_json_text, decoder=msgspec.json.decode, schema="pg_catalog"
+        )
 
 
 async def connect(dsn: str, *, connect_timeout_seconds: float = 10.0) -> asyncpg.Connection:
@@ -121,6 +132,16 @@ async def retry(
             # why S311: jitter spreads retries; it protects nothing secret.
             await asyncio.sleep(random.uniform(0, cap))  # noqa: S311
     raise AssertionError("unreachable: the loop returns or raises")
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset on release, in place of asyncpg's default (a round
+    trip of `pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`
+    per release, a third of the database calls of a debit): the service
+    leaves no session state behind. Its settings are SET LOCAL, it takes no
+    session advisory locks on pool connections, opens no cursors outside a
+    transaction and LISTENs on a connection of its own. An open transaction
+    is still rolled back by asyncpg before this runs."""
 
 
 async def create_pool(
@@ -157,6 +178,7 @@ async def create_pool(
         timeout=connect_timeout_seconds,
         command_timeout=max(1.0, statement_timeout_ms / 1000 * 2),
         init=_init_connection,
+        reset=_keep_session,
         server_settings=settings,
     )
     assert pool is not None
