@@ -3,9 +3,11 @@
 Two kinds of callers present `Authorization: Bearer <token>`:
 
 * **Service keys** (`tlk_<prefix>_<secret>`) for HR tools, finance tools and
-  metering services. The database keeps only the SHA-256 of the secret; every
-  request looks the key up, so a revoked key fails on the very next request
-  on every replica.
+  metering services. The database keeps only the SHA-256 of the secret. A
+  replica remembers a key it has verified for at most a second (`KeyCache`),
+  so the hot path costs no round trip to authenticate; a revocation reaches
+  every replica at once by NOTIFY, and within that second even when the
+  notification channel is silently broken.
 * **Employee tokens**: JWTs from the company's identity provider, verified
   against configured keys with pinned algorithms (RS256/ES256 for a JWKS file
   or PEM keys, HS256 for a shared secret), requiring `exp`, `iss`, `aud` and
@@ -18,15 +20,21 @@ hangs off it; anything else answers 404 so that ids cannot be probed.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import secrets
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import asyncpg
 import jwt
+import structlog
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
@@ -38,6 +46,10 @@ ROLES: tuple[str, ...] = ("admin", "hr", "finance", "meter", "employee")
 KEY_ROLES: tuple[str, ...] = ("admin", "hr", "finance", "meter")
 KEY_PREFIX = "tlk_"
 WWW_AUTHENTICATE = 'Bearer realm="tokenledger"'
+# The channel the api_keys trigger notifies on (schema.sql).
+KEYS_CHANNEL = "tl_api_keys"
+
+log = structlog.get_logger("tokenledger.auth")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +109,124 @@ def parse_key(token: str) -> tuple[str, bytes] | None:
     if not sep or len(prefix) != 8 or not rest:
         return None
     return prefix, hash_secret(token)
+
+
+class KeyCache:
+    """Service keys this replica verified recently: digest -> Principal.
+
+    An entry is trusted for at most `ttl_seconds` after the database said
+    yes. `KeyListener` clears the whole cache whenever api_keys changes
+    (revocations are rare; a cleared cache costs one look-up per key), and
+    turns the cache off while its channel is down, so that a replica that
+    may have missed a notification never answers from memory. Only
+    successes are remembered: an unknown or revoked key asks the database
+    every time."""
+
+    def __init__(self, ttl_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_seconds = ttl_seconds
+        self.clock = clock
+        # Off until the listener is connected (and always when ttl is 0).
+        self.enabled = False
+        self._entries: dict[bytes, tuple[Principal, float]] = {}
+
+    def get(self, digest: bytes) -> Principal | None:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        principal, until = entry
+        if not self.enabled or self.clock() >= until:
+            del self._entries[digest]
+            return None
+        return principal
+
+    def put(self, digest: bytes, principal: Principal, since: float) -> None:
+        """Remember a verified key; `since` is when the look-up was sent, so
+        a revocation that raced it is still bounded by the TTL."""
+        if self.enabled and self.ttl_seconds > 0:
+            self._entries[digest] = (principal, since + self.ttl_seconds)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def set_enabled(self, enabled: bool) -> None:
+        self.enabled = enabled and self.ttl_seconds > 0
+        self.clear()
+
+
+class KeyListener:
+    """LISTENs on KEYS_CHANNEL on a connection of its own, outside the pool,
+    and clears `cache` on every notification. When the connection is lost it
+    turns the cache off and reconnects every `retry_seconds`."""
+
+    def __init__(
+        self,
+        dsn: str,
+        cache: KeyCache,
+        *,
+        connect_timeout_seconds: float,
+        retry_seconds: float = 1.0,
+        role: str | None = None,
+    ) -> None:
+        self.dsn = dsn
+        self.cache = cache
+        self.connect_timeout_seconds = connect_timeout_seconds
+        self.retry_seconds = retry_seconds
+        self.role = role
+        self._task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+
+    def start(self) -> None:
+        if self.cache.ttl_seconds > 0 and self._task is None:
+            self._task = asyncio.create_task(self._run(), name="tokenledger-key-listener")
+
+    async def wait_connected(self, within_seconds: float) -> bool:
+        """True once listening (start-up waits briefly, so that the cache
+        works from the first request when the database is there)."""
+        if self._task is None:
+            return False
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within_seconds):
+                await self._connected.wait()
+        return self._connected.is_set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.cache.set_enabled(False)
+
+    def _notified(self, *_: Any) -> None:
+        self.cache.clear()
+
+    async def _run(self) -> None:
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                settings = {"application_name": "tokenledger-keys"}
+                if self.role:
+                    settings["role"] = self.role
+                conn = await asyncpg.connect(
+                    self.dsn, timeout=self.connect_timeout_seconds, server_settings=settings
+                )
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
+                await conn.add_listener(KEYS_CHANNEL, self._notified)
+                # Listening from here on: anything committed before this
+                # point is already visible to the look-ups that fill the cache.
+                self.cache.set_enabled(True)
+                self._connected.set()
+                await lost.wait()
+                log.warning("key_listener_lost")
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning("key_listener_unavailable", error=repr(exc))
+            finally:
+                self.cache.set_enabled(False)
+                self._connected.clear()
+                if conn is not None and not conn.is_closed():
+                    conn.terminate()
+            await asyncio.sleep(self.retry_seconds)
 
 
 # --- JWTs -----------------------------------------------------------------
@@ -215,7 +345,7 @@ async def authorize(
     # create_app refuses to build an app with a /v1 route that has no rule.
     assert isinstance(rule, Access), f"route {handler} declares no access rule"
     state = connection.app.state
-    principal = await authenticate(connection, state.ledger, state.jwt_verifier)
+    principal = await authenticate(connection, state.ledger, state.jwt_verifier, state.key_cache)
     connection.state.principal = principal
     await state.rate_limiter.check(principal)
     if principal.roles & (rule.roles - {"employee"}):
@@ -261,15 +391,28 @@ def _is_own(
 
 
 async def authenticate(
-    connection: ASGIConnection[Any, Any, Any, Any], ledger: Any, verifier: JwtVerifier | None
+    connection: ASGIConnection[Any, Any, Any, Any],
+    ledger: Any,
+    verifier: JwtVerifier | None,
+    cache: KeyCache | None = None,
 ) -> Principal:
     token = bearer(connection)
     parsed = parse_key(token)
     if parsed is not None:
+        if cache is not None:
+            principal = cache.get(parsed[1])
+            if principal is not None:
+                return principal
+            since = cache.clock()
         row = await ledger.fetchrow("authenticate_key", parsed[0], parsed[1])
         if row is None:
             raise unauthenticated("unknown or revoked key")
-        return Principal(id=f"key:{row['id']}", roles=frozenset({row["role"]}), name=row["name"])
+        principal = Principal(
+            id=f"key:{row['id']}", roles=frozenset({row["role"]}), name=row["name"]
+        )
+        if cache is not None:
+            cache.put(parsed[1], principal, since)
+        return principal
     if verifier is None:
         raise unauthenticated("employee tokens are not configured on this service")
     try:

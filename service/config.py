@@ -83,6 +83,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # seconds' worth (burst). A role left out is not limited.
     rate_limits: str = "admin=1000,hr=200,finance=200,meter=5000,employee=20"
     rate_limit_burst_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 2.0
+    # How long a replica may trust a service key it verified without asking
+    # the database again (README, Security). Revocations reach every replica
+    # at once by NOTIFY; this bounds the trust when that channel is silently
+    # broken, so a revoked key fails everywhere within it. 0 turns caching off.
+    key_cache_ttl_seconds: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
     # Run every connection as this role (SET ROLE), e.g. tokenledger_app, which
     # may insert into the journal but never update or delete it.
     db_role: str | None = None

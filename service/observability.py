@@ -7,9 +7,9 @@ metrics with bounded label sets: route templates, never account ids.
 from __future__ import annotations
 
 import logging
+import secrets
 import sys
 import time
-import uuid
 from typing import Any
 
 import structlog
@@ -41,7 +41,8 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
 
 
 def new_request_id() -> str:
-    return "req_" + uuid.uuid4().hex
+    # 128 random bits, as uuid4().hex gave, for a fraction of its cost.
+    return "req_" + secrets.token_hex(16)
 
 
 class Metrics:

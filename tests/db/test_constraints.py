@@ -722,6 +722,9 @@ async def test_every_trigger_has_a_case(db: asyncpg.Connection) -> None:
     covered.add("reservations_resolve_once")  # test_resolved_reservation_cannot_change
     # tests/api/test_prices.py::test_prices_are_append_only
     covered |= {"prices_immutable", "prices_no_truncate"}
+    covered.add(
+        "api_keys_changed"
+    )  # tests/api/test_key_cache.py::test_key_changes_notify_and_use_does_not
     assert {r["tgname"] for r in rows} == covered
 
 

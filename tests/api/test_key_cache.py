@@ -1,0 +1,213 @@
+"""Service keys are cached per replica, and a revocation still reaches every
+replica within a second (issue 10): by NOTIFY at once, by the TTL when the
+notification channel is down."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from service import db
+from service.app import create_app
+from service.auth import KEYS_CHANNEL, KeyCache, Principal, new_key
+from service.config import Config
+from tests.api.conftest import running
+
+REVOCATION_BOUND_SECONDS = 1.0
+
+
+async def create_key(database_url: str, role: str = "meter") -> str:
+    k = new_key()
+    conn = await db.connect(database_url)
+    try:
+        await conn.execute(
+            db.load_queries()["create_key"], k.id, k.prefix, k.secret_hash, "cache", role, "t"
+        )
+    finally:
+        await conn.close()
+    return k.secret
+
+
+async def revoke(database_url: str, secret: str) -> None:
+    conn = await db.connect(database_url)
+    try:
+        await conn.fetchrow(db.load_queries()["revoke_key"], secret.split("_")[1])
+    finally:
+        await conn.close()
+
+
+async def until(condition: Callable[[], bool], within_seconds: float) -> None:
+    """Wait until `condition` holds (something another connection does), at most this long."""
+    deadline = time.monotonic() + within_seconds
+    while not condition() and time.monotonic() < deadline:  # noqa: ASYNC110  # why: polls state set by a callback
+        await asyncio.sleep(0.01)
+
+
+class Replica:
+    """One app with its own pool, key cache and listener: a replica."""
+
+    def __init__(self, app: Any, client: httpx.AsyncClient) -> None:
+        self.app = app
+        self.c = client
+        self.lookups = 0
+        ledger = app.state.ledger
+        fetchrow = ledger.fetchrow
+
+        async def counting(query: str, *args: Any) -> Any:
+            if query == "authenticate_key":
+                self.lookups += 1
+            return await fetchrow(query, *args)
+
+        ledger.fetchrow = counting
+
+    async def status(self, secret: str) -> int:
+        r = await self.c.get(
+            "/v1/accounts/system:usage", headers={"Authorization": f"Bearer {secret}"}
+        )
+        return r.status_code
+
+
+@pytest.fixture
+async def replicas(config: Config) -> AsyncIterator[list[Replica]]:
+    """Two replicas of the service on one database."""
+    async with running(app_a := create_app(config)), running(app_b := create_app(config)):
+        out = []
+        for app in (app_a, app_b):
+            client = httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://replica.local", timeout=30
+            )
+            out.append(Replica(app, client))
+        try:
+            yield out
+        finally:
+            for replica in out:
+                await replica.c.aclose()
+
+
+async def test_a_cached_key_costs_no_database_lookup(
+    replicas: list[Replica], database_url: str
+) -> None:
+    """The second request with a key is authenticated from the replica's cache."""
+    a = replicas[0]
+    secret = await create_key(database_url)
+    assert await a.status(secret) == 200
+    assert await a.status(secret) == 200
+    assert a.lookups == 1
+
+
+async def test_revocation_reaches_a_second_replica_within_a_second(
+    replicas: list[Replica], database_url: str
+) -> None:
+    """A key revoked while both replicas have it cached answers 401 on both within 1 s."""
+    secret = await create_key(database_url)
+    for replica in replicas:
+        assert await replica.status(secret) == 200
+        assert await replica.status(secret) == 200  # now from the cache
+    started = time.monotonic()
+    await revoke(database_url, secret)
+    pending = list(replicas)
+    while pending and time.monotonic() - started < 5:
+        pending = [r for r in pending if await r.status(secret) != 401]
+        if pending:
+            await asyncio.sleep(0.01)
+    took = time.monotonic() - started
+    assert not pending, "a replica still accepted a revoked key after 5 s"
+    assert took < REVOCATION_BOUND_SECONDS, f"revocation took {took:.3f} s"
+
+
+async def test_revocation_without_notifications_is_bounded_by_the_ttl(
+    replicas: list[Replica], database_url: str
+) -> None:
+    """With its listener's connection killed, a replica stops caching, so a
+    key revoked meanwhile fails within the bound too."""
+    a = replicas[0]
+    secret = await create_key(database_url)
+    assert await a.status(secret) == 200
+    assert await a.status(secret) == 200
+    assert a.lookups == 1
+    conn = await asyncpg.connect(database_url)
+    try:
+        killed = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = 'tokenledger-keys'"
+        )
+    finally:
+        await conn.close()
+    assert killed == 2
+    cache: KeyCache = a.app.state.key_cache
+    await until(lambda: not cache.enabled, REVOCATION_BOUND_SECONDS)
+    assert not cache.enabled, "the cache stayed on with its listener gone"
+    await revoke(database_url, secret)
+    assert await a.status(secret) == 401
+
+
+async def test_a_wrong_secret_for_a_cached_prefix_is_401(
+    replicas: list[Replica], database_url: str
+) -> None:
+    """The cache is keyed by the whole secret's hash, not by its prefix."""
+    a = replicas[0]
+    secret = await create_key(database_url)
+    assert await a.status(secret) == 200
+    assert await a.status(secret[:-3] + "abc") == 401
+
+
+def test_cache_entries_expire_after_the_ttl() -> None:
+    """An entry is trusted for ttl seconds from the moment its look-up was sent."""
+    now = [100.0]
+    cache = KeyCache(1.0, clock=lambda: now[0])
+    cache.set_enabled(True)
+    principal = Principal(id="key:x", roles=frozenset({"meter"}))
+    cache.put(b"d", principal, since=99.5)
+    assert cache.get(b"d") == principal
+    now[0] = 100.49
+    assert cache.get(b"d") == principal
+    now[0] = 100.5
+    assert cache.get(b"d") is None
+
+
+def test_a_disabled_cache_remembers_nothing() -> None:
+    """Off (no listener, or ttl 0), the cache neither keeps nor answers."""
+    principal = Principal(id="key:x", roles=frozenset({"meter"}))
+    off = KeyCache(1.0)
+    off.put(b"d", principal, since=off.clock())
+    assert off.get(b"d") is None
+    zero = KeyCache(0.0)
+    zero.set_enabled(True)
+    assert not zero.enabled
+    zero.put(b"d", principal, since=zero.clock())
+    assert zero.get(b"d") is None
+
+
+async def test_key_changes_notify_and_use_does_not(
+    db: asyncpg.Connection, database_url: str
+) -> None:
+    """The api_keys_changed trigger notifies on revocation, a new secret, role
+    or deletion, and not when only last_used_at moves."""
+    heard: list[str] = []
+    await db.add_listener(KEYS_CHANNEL, lambda *args: heard.append(args[3]))
+    k = new_key()
+    other = await asyncpg.connect(database_url)
+    try:
+        await other.execute(
+            "INSERT INTO api_keys (id, prefix, secret_hash, name, role)"
+            " VALUES ($1, $2, $3, 'n', 'meter')",
+            k.id,
+            k.prefix,
+            k.secret_hash,
+        )
+        await other.execute("UPDATE api_keys SET last_used_at = now() WHERE id = $1", k.id)
+        await asyncio.sleep(0.2)
+        assert heard == []
+        await other.execute("UPDATE api_keys SET role = 'finance' WHERE id = $1", k.id)
+        await other.execute("UPDATE api_keys SET revoked_at = now() WHERE id = $1", k.id)
+        await other.execute("DELETE FROM api_keys WHERE id = $1", k.id)
+        await until(lambda: len(heard) >= 3, 5.0)
+        assert len(heard) == 3
+    finally:
+        await other.close()
