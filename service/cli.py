@@ -14,17 +14,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
 from service import chain as hash_chain
 from service import db, pricing
 from service.audit import run_audit
-from service.config import Config
+from service.config import Config, env_var
 
 
 def _database_url(args: argparse.Namespace, config: Config) -> str:
@@ -75,23 +77,40 @@ def serve(config: Config) -> int:
         config = _replace(config, database_url=dsn)
     if config.environment == "development":
         config = _dev_admin_key(config)
+    workers = config.workers or os.cpu_count() or 1
     try:
-        app = create_app(config)
         base = f"http://{config.host}:{config.port}"
         print(
-            f"tokenledger {base}/v1  docs {base}/schema  openapi {base}/schema/openapi.json",
+            f"tokenledger {base}/v1  docs {base}/schema  openapi {base}/schema/openapi.json"
+            f"  ({workers} worker{'s' if workers > 1 else ''})",
             flush=True,
         )
-        uvicorn.run(
-            app,
-            host=config.host,
-            port=config.port,
-            log_level="warning",
-            access_log=False,
-            loop="uvloop",
-            http="httptools",
-            timeout_graceful_shutdown=10,
-        )
+        options: dict[str, Any] = {
+            "host": config.host,
+            "port": config.port,
+            "log_level": "warning",
+            "access_log": False,
+            "loop": "uvloop",
+            "http": "httptools",
+            "timeout_graceful_shutdown": 10,
+        }
+        if workers == 1:
+            uvicorn.run(create_app(config), **options)
+        else:
+            # Worker processes build their app from the environment
+            # (service.asgi), so what serve() decided goes there; the
+            # schema is applied once, here, not by each worker.
+            if config.apply_schema:
+                asyncio.run(_apply_schema(config.database_url or ""))
+            os.environ.update(
+                {
+                    env_var("database_url"): config.database_url or "",
+                    env_var("bootstrap_admin_key"): config.bootstrap_admin_key or "",
+                    env_var("environment"): config.environment,
+                    env_var("apply_schema"): "false",
+                }
+            )
+            uvicorn.run("service.asgi:app_from_env", factory=True, workers=workers, **options)
     finally:
         if stop_embedded is not None:
             print("stopping the embedded PostgreSQL", flush=True)
