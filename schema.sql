@@ -2194,212 +2194,421 @@ END $$;
 -- The one entry point for state-changing requests: idempotency + dispatch
 -- ---------------------------------------------------------------------------
 
--- The set-based part of tl_execute_batch: the fresh debits of wallets that
--- nothing else in the batch touches and that have nothing to expire, release
--- or roll over at this instant (so tl_expire_due would do nothing). For
--- them, instead of some twenty statements per debit, a handful of
--- statements per batch do what tl_op_debit does: decide each debit in
--- arrival order against the wallet's spendable credits, consume lots in
--- consumption order, write transactions, lot movements and both legs, and
--- answer what tl_transaction_json would read back (built from what was
--- written, not read again). Returns one element per item: the result for
--- the items it took, NULL for the others. The caller holds every lock.
+-- The set-based part of tl_execute_batch: the fresh debits, reservations by
+-- amount, captures by amount and releases of wallets that nothing else in
+-- the batch touches and that have nothing to expire, release, return or
+-- roll over at this instant (so tl_expire_due would do nothing, before or
+-- after). For them, instead of some twenty statements per operation, the
+-- batch is decided in memory in arrival order, wallet by wallet, exactly as
+-- the tl_op_* functions would decide it one after the other (the same
+-- lots, in consumption order, the same answers and rejections), and then
+-- written with one statement per table for the whole batch. Returns one
+-- element per item: the result for the items it took, NULL for the others,
+-- which tl_execute_batch runs one by one afterwards. The caller holds every
+-- lock.
 --
--- Every statement reaches accounts and lots through `key = ANY (array)`,
--- which the planner can only answer with the index, whatever its statistics
--- say (a join against unnest() was planned as a scan of every lot of every
--- wallet while the table's statistics were stale): its cost follows the
--- batch, never the number of accounts or lots.
-CREATE OR REPLACE FUNCTION tl_debit_fast(
-    p_ops text[], p_args jsonb[], p_ctxs jsonb[], p_statuses integer[], p_claimed boolean[])
+-- Every statement reaches accounts, lots and reservations through
+-- `key = ANY (array)`, which the planner can only answer with the index,
+-- whatever its statistics say (a join against unnest() was planned as a scan
+-- of every lot of every wallet while the table's statistics were stale): its
+-- cost follows the batch, never the size of the tables.
+--
+-- p_kinds says which operations may go set-based (tl_debit_fast: debits only).
+CREATE OR REPLACE FUNCTION tl_batch_fast(
+    p_ops text[], p_args jsonb[], p_ctxs jsonb[], p_statuses integer[], p_claimed boolean[],
+    p_kinds text[] DEFAULT ARRAY['debit', 'reserve', 'capture', 'release'])
 RETURNS jsonb[] LANGUAGE plpgsql AS $$
 DECLARE
     v_out jsonb[] := array_fill(NULL::jsonb, ARRAY[cardinality(p_ops)]);
-    v_debits integer[];
+    v_items integer[];
+    v_now timestamptz;
     v_busy text[];
     v_busy_ids bigint[];
-    v_now timestamptz;
+    -- The reservations that candidate captures and releases name.
+    v_r_id uuid[];
+    v_r_account bigint[];
+    v_r_amount bigint[];
+    v_r_metadata jsonb[];
+    v_r_wallet integer[];
     -- The eligible wallets, ascending id: their state under the held lock.
-    v_wallets bigint[];
-    v_addresses text[];
-    v_assets text[];
-    v_left bigint[];
-    v_posted bigint[];
-    v_version bigint[];
+    v_w_id bigint[];
+    v_w_address text[];
+    v_w_asset text[];
+    v_w_posted bigint[];
+    v_w_version bigint[];
+    v_w_reserved bigint[];
+    v_w_free bigint[];
+    v_w_first integer[];
+    v_w_last integer[];
+    -- Their live lots, wallet by wallet in consumption order.
+    v_l_id uuid[];
+    v_l_account bigint[];
+    v_l_remaining bigint[];
+    v_l_reserved bigint[];
+    v_l_changed boolean[];
+    -- Holds of the named reservations, by reservation, in consumption order.
+    v_h_reservation uuid[];
+    v_h_lot integer[];
+    v_h_amount bigint[];
+    -- What the batch writes.
+    v_new_id uuid[] := '{}';        -- reservations made
+    v_new_item integer[] := '{}';
+    v_new_wallet integer[] := '{}';
+    v_new_amount bigint[] := '{}';
+    v_new_available bigint[] := '{}';
+    v_hold_res uuid[] := '{}';      -- their holds
+    v_hold_lot uuid[] := '{}';
+    v_hold_amount bigint[] := '{}';
+    v_txn uuid[] := '{}';           -- debit and capture transactions
+    v_txn_item integer[] := '{}';
+    v_txn_wallet integer[] := '{}';
+    v_txn_amount bigint[] := '{}';
+    v_txn_balance bigint[] := '{}';
+    v_txn_version bigint[] := '{}';
+    v_txn_s_balance bigint[] := '{}';
+    v_txn_s_version bigint[] := '{}';
+    v_mv_txn uuid[] := '{}';        -- lot movements
+    v_mv_lot uuid[] := '{}';
+    v_mv_amount bigint[] := '{}';
+    v_done_item integer[] := '{}';  -- captures and releases
+    v_done_res integer[] := '{}';
+    v_done_txn uuid[] := '{}';
+    v_done_amount bigint[] := '{}';
     v_usage accounts;
     v_shard integer;
     v_s_posted bigint;
     v_s_version bigint;
-    -- The debits that go through, in arrival order, with both legs.
-    v_item integer[] := '{}';
-    v_txn uuid[] := '{}';
-    v_account bigint[] := '{}';
-    v_amount bigint[] := '{}';
-    v_w_balance bigint[] := '{}';
-    v_w_version bigint[] := '{}';
-    v_s_balance bigint[] := '{}';
-    v_s_versions bigint[] := '{}';
-    v_lots jsonb[];
     v_bodies jsonb[];
     v_i integer;
     v_w integer;
+    v_r integer;
+    v_k integer;
+    v_op text;
     v_amt bigint;
+    v_left bigint;
+    v_take bigint;
+    v_id uuid;
+    v_shortfall bigint;
 BEGIN
-    v_debits := ARRAY(SELECT i FROM generate_subscripts(p_ops, 1) i
-                       WHERE p_ops[i] = 'debit' AND p_claimed[i] ORDER BY i);
-    IF cardinality(v_debits) = 0
-       OR (SELECT count(DISTINCT coalesce(p_ctxs[i] ->> 'now', '')) FROM unnest(v_debits) i) > 1 THEN
-        RETURN v_out;  -- nothing to do, or debits pinned to different instants (tests): one by one
+    v_items := ARRAY(
+        SELECT i FROM generate_subscripts(p_ops, 1) i
+         WHERE p_claimed[i] AND p_ops[i] = ANY (p_kinds)
+           AND CASE p_ops[i]
+                   WHEN 'reserve' THEN jsonb_typeof(p_args[i] -> 'amount') = 'number'
+                   WHEN 'capture' THEN jsonb_typeof(p_args[i] -> 'amount') = 'number'
+                   ELSE true END
+         ORDER BY i);
+    IF cardinality(v_items) = 0
+       OR (SELECT count(DISTINCT coalesce(p_ctxs[i] ->> 'now', '')) FROM unnest(v_items) i) > 1 THEN
+        RETURN v_out;  -- nothing to do, or items pinned to different instants (tests): one by one
     END IF;
-    v_now := coalesce((p_ctxs[v_debits[1]] ->> 'now')::timestamptz, clock_timestamp());
-    -- A wallet that another item of the batch also touches goes one by one,
-    -- so that its operations keep their arrival order across kinds.
+    v_now := coalesce((p_ctxs[v_items[1]] ->> 'now')::timestamptz, clock_timestamp());
+    SELECT array_agg(r.id ORDER BY r.id), array_agg(r.account_id ORDER BY r.id),
+           array_agg(r.amount ORDER BY r.id), array_agg(r.metadata ORDER BY r.id)
+      INTO v_r_id, v_r_account, v_r_amount, v_r_metadata
+      FROM reservations r
+     WHERE r.id = ANY (ARRAY(SELECT (p_args[i] ->> 'reservation_id')::uuid FROM unnest(v_items) i
+                              WHERE p_ops[i] IN ('capture', 'release')))
+       AND r.status = 'active' AND r.expires_at > v_now;
+    -- A wallet goes one by one, all of it, when another item touches it
+    -- that cannot go set-based (so that its operations keep their arrival
+    -- order across kinds), or when one reservation is named twice.
     v_busy := ARRAY(SELECT x FROM generate_subscripts(p_ops, 1) i,
                            LATERAL (VALUES (p_args[i] ->> 'account'), (p_args[i] ->> 'from'),
                                            (p_args[i] ->> 'to')) v(x)
-                     WHERE p_claimed[i] AND p_ops[i] <> 'debit' AND x IS NOT NULL);
-    v_busy_ids := ARRAY(SELECT r.account_id FROM generate_subscripts(p_ops, 1) i
-                          JOIN reservations r ON r.id = (p_args[i] ->> 'reservation_id')::uuid
-                         WHERE p_claimed[i] AND p_ops[i] <> 'debit');
+                     WHERE p_claimed[i] AND x IS NOT NULL AND i <> ALL (v_items));
+    v_busy_ids := ARRAY(
+        SELECT r.account_id FROM generate_subscripts(p_ops, 1) i
+          JOIN reservations r ON r.id = (p_args[i] ->> 'reservation_id')::uuid
+         WHERE p_claimed[i]
+           AND (i <> ALL (v_items) OR r.id <> ALL (coalesce(v_r_id, '{}'))
+                OR (SELECT count(*) FROM unnest(v_items) j
+                     WHERE p_args[j] ->> 'reservation_id' = p_args[i] ->> 'reservation_id') > 1));
     SELECT array_agg(a.id ORDER BY a.id), array_agg(a.address ORDER BY a.id),
            array_agg(a.asset ORDER BY a.id), array_agg(a.posted ORDER BY a.id),
-           array_agg(a.version ORDER BY a.id), array_agg(tl_spendable(a.id, v_now) ORDER BY a.id)
-      INTO v_wallets, v_addresses, v_assets, v_posted, v_version, v_left
+           array_agg(a.version ORDER BY a.id), array_agg(a.reserved ORDER BY a.id)
+      INTO v_w_id, v_w_address, v_w_asset, v_w_posted, v_w_version, v_w_reserved
       FROM accounts a
-     WHERE a.address = ANY (ARRAY(SELECT p_args[i] ->> 'account' FROM unnest(v_debits) i))
+     WHERE (a.address = ANY (ARRAY(SELECT p_args[i] ->> 'account' FROM unnest(v_items) i
+                                    WHERE p_ops[i] IN ('debit', 'reserve')))
+            OR a.id = ANY (coalesce(v_r_account, '{}')))
        AND a.type <> 'system' AND a.status = 'open' AND a.shard_count = 1
        AND a.address <> ALL (v_busy) AND a.id <> ALL (v_busy_ids)
+       -- Nothing for tl_expire_due to do: no reservation past its time, no
+       -- lot to roll over, no voided lot holding credits, and no lot past
+       -- its expiry with anything left (held or not: what a capture would
+       -- release of it must expire at once, which the one-by-one path does).
        AND NOT EXISTS (SELECT 1 FROM reservations r
                        WHERE r.account_id = a.id AND r.status = 'active' AND r.expires_at <= v_now)
        AND NOT EXISTS (SELECT 1 FROM lots l
                        WHERE l.account_id = a.id AND l.rollover_max IS NOT NULL AND l.rolled_at IS NULL
                          AND l.expires_at <= v_now)
        AND NOT EXISTS (SELECT 1 FROM lots l
-                       WHERE l.account_id = a.id AND l.status = 'voided' AND l.remaining > 0
-                         AND l.remaining > l.reserved)
+                       WHERE l.account_id = a.id AND l.status = 'voided' AND l.remaining > 0)
        AND NOT EXISTS (SELECT 1 FROM lots l
                        WHERE l.account_id = a.id AND l.status = 'active' AND l.remaining > 0
-                         AND l.remaining > l.reserved AND l.expires_at <= v_now);
-    IF v_wallets IS NULL THEN
+                         AND l.expires_at <= v_now);
+    IF v_w_id IS NULL THEN
         RETURN v_out;
     END IF;
+    -- Their live lots (a reservation's holds are all on such lots, given the
+    -- checks above), and each wallet's range of them.
+    SELECT array_agg(l.id ORDER BY l.account_id, l.priority, l.expires_at NULLS LAST, l.effective_at, l.id),
+           array_agg(l.account_id ORDER BY l.account_id, l.priority, l.expires_at NULLS LAST, l.effective_at, l.id),
+           array_agg(l.remaining ORDER BY l.account_id, l.priority, l.expires_at NULLS LAST, l.effective_at, l.id),
+           array_agg(l.reserved ORDER BY l.account_id, l.priority, l.expires_at NULLS LAST, l.effective_at, l.id)
+      INTO v_l_id, v_l_account, v_l_remaining, v_l_reserved
+      FROM lots l
+     WHERE l.account_id = ANY (v_w_id) AND l.status = 'active' AND l.remaining > 0
+       AND l.effective_at <= v_now AND (l.expires_at IS NULL OR l.expires_at > v_now);
+    v_l_id := coalesce(v_l_id, '{}');
+    v_l_changed := array_fill(false, ARRAY[cardinality(v_l_id)]);
+    SELECT array_agg(coalesce(s.first, 1) ORDER BY w.n), array_agg(coalesce(s.last, 0) ORDER BY w.n),
+           array_agg(coalesce(s.free, 0) ORDER BY w.n)
+      INTO v_w_first, v_w_last, v_w_free
+      FROM unnest(v_w_id) WITH ORDINALITY AS w(id, n)
+      LEFT JOIN (SELECT x.account_id, min(x.k) AS first, max(x.k) AS last,
+                        sum(x.remaining - x.reserved) AS free
+                   FROM unnest(v_l_account, v_l_remaining, v_l_reserved)
+                        WITH ORDINALITY AS x(account_id, remaining, reserved, k)
+                  GROUP BY x.account_id) s ON s.account_id = w.id;
+    -- Each named reservation's wallet (NULL: not eligible) and holds.
+    v_r_wallet := ARRAY(SELECT array_position(v_w_id, a.id)
+                          FROM unnest(coalesce(v_r_account, '{}')) WITH ORDINALITY AS a(id, n) ORDER BY a.n);
+    SELECT array_agg(h.reservation_id ORDER BY h.reservation_id, x.k),
+           array_agg(x.k ORDER BY h.reservation_id, x.k), array_agg(h.amount ORDER BY h.reservation_id, x.k)
+      INTO v_h_reservation, v_h_lot, v_h_amount
+      FROM reservation_holds h
+      JOIN unnest(v_l_id) WITH ORDINALITY AS x(id, k) ON x.id = h.lot_id
+     WHERE h.reservation_id = ANY (coalesce(v_r_id, '{}'));
+    v_h_reservation := coalesce(v_h_reservation, '{}');
     -- This transaction's shard of system:usage, locked by tl_lock.
     SELECT * INTO v_usage FROM accounts WHERE address = 'system:usage';
     v_shard := tl_shard(v_usage.shard_count);
     SELECT s.posted, s.version INTO v_s_posted, v_s_version FROM account_shards s
      WHERE s.account_id = v_usage.id AND s.shard = v_shard;
-    -- Decide in arrival order; nothing but arithmetic per debit.
-    FOREACH v_i IN ARRAY v_debits LOOP
-        v_w := array_position(v_addresses, p_args[v_i] ->> 'account');
+
+    -- Decide in arrival order; nothing but arithmetic on the arrays.
+    FOREACH v_i IN ARRAY v_items LOOP
+        v_op := p_ops[v_i];
+        IF v_op IN ('capture', 'release') THEN
+            v_r := array_position(v_r_id, (p_args[v_i] ->> 'reservation_id')::uuid);
+            CONTINUE WHEN v_r IS NULL;
+            v_w := v_r_wallet[v_r];
+        ELSE
+            v_w := array_position(v_w_address, p_args[v_i] ->> 'account');
+        END IF;
         CONTINUE WHEN v_w IS NULL;  -- not eligible: tl_execute_batch runs it one by one
         v_amt := (p_args[v_i] ->> 'amount')::bigint;
-        IF v_left[v_w] < v_amt THEN
+        -- What must come from free credits, beyond the reservation's own holds.
+        v_shortfall := CASE v_op WHEN 'debit' THEN v_amt WHEN 'reserve' THEN v_amt
+                                 WHEN 'capture' THEN greatest(v_amt - v_r_amount[v_r], 0) ELSE 0 END;
+        IF v_w_free[v_w] < v_shortfall THEN
             v_out[v_i] := jsonb_build_object('status', 409, 'replayed', false, 'body', jsonb_build_object(
                 'code', 'insufficient_credits',
                 'detail', format('%s has %s credits available; %s requested',
-                                 v_addresses[v_w], v_left[v_w], v_amt),
-                'extra', jsonb_build_object('account', v_addresses[v_w], 'available', v_left[v_w],
-                                            'requested', v_amt)));
+                                 v_w_address[v_w], v_w_free[v_w], v_shortfall),
+                'extra', jsonb_build_object('account', v_w_address[v_w], 'available', v_w_free[v_w],
+                                            'requested', v_shortfall)));
             CONTINUE;
         END IF;
-        v_left[v_w] := v_left[v_w] - v_amt;
-        v_posted[v_w] := v_posted[v_w] - v_amt;
-        v_version[v_w] := v_version[v_w] + 1;
-        v_s_posted := v_s_posted + v_amt;
-        v_s_version := v_s_version + 1;
-        v_item := v_item || v_i;
-        v_txn := v_txn || tl_uuid7();
-        v_account := v_account || v_wallets[v_w];
-        v_amount := v_amount || v_amt;
-        v_w_balance := v_w_balance || v_posted[v_w];
-        v_w_version := v_w_version || v_version[v_w];
-        v_s_balance := v_s_balance || v_s_posted;
-        v_s_versions := v_s_versions || v_s_version;
+        IF v_op IN ('debit', 'capture') THEN
+            v_id := tl_uuid7();
+        END IF;
+        IF v_op IN ('capture', 'release') THEN
+            -- The reservation's holds, in consumption order: a capture draws
+            -- on them first; what it does not draw is free again.
+            v_left := CASE v_op WHEN 'capture' THEN v_amt ELSE 0 END;
+            FOR v_k IN SELECT k FROM generate_subscripts(v_h_reservation, 1) k
+                        WHERE v_h_reservation[k] = v_r_id[v_r] ORDER BY k LOOP
+                v_take := least(v_h_amount[v_k], v_left);
+                v_l_reserved[v_h_lot[v_k]] := v_l_reserved[v_h_lot[v_k]] - v_h_amount[v_k];
+                v_l_changed[v_h_lot[v_k]] := true;
+                IF v_take > 0 THEN
+                    v_l_remaining[v_h_lot[v_k]] := v_l_remaining[v_h_lot[v_k]] - v_take;
+                    v_mv_txn := v_mv_txn || v_id;
+                    v_mv_lot := v_mv_lot || v_l_id[v_h_lot[v_k]];
+                    v_mv_amount := v_mv_amount || -v_take;
+                    v_left := v_left - v_take;
+                END IF;
+                v_w_free[v_w] := v_w_free[v_w] + v_h_amount[v_k] - v_take;
+            END LOOP;
+            v_w_reserved[v_w] := v_w_reserved[v_w] - v_r_amount[v_r];
+            v_done_item := v_done_item || v_i;
+            v_done_res := v_done_res || v_r;
+            v_done_txn := array_append(v_done_txn, CASE v_op WHEN 'capture' THEN v_id END);
+            v_done_amount := array_append(v_done_amount, CASE v_op WHEN 'capture' THEN v_amt END);
+        ELSE
+            v_left := v_amt;
+        END IF;
+        IF v_op = 'reserve' THEN
+            v_id := tl_uuid7();
+            v_new_id := v_new_id || v_id;
+            v_new_item := v_new_item || v_i;
+            v_new_wallet := v_new_wallet || v_w;
+            v_new_amount := v_new_amount || v_amt;
+            v_new_available := v_new_available || (v_w_free[v_w] - v_amt);
+            v_w_reserved[v_w] := v_w_reserved[v_w] + v_amt;
+        END IF;
+        -- Free credits in consumption order: consumed by a debit or the
+        -- excess of a capture, earmarked by a reservation.
+        IF v_op <> 'release' AND v_left > 0 THEN
+            v_w_free[v_w] := v_w_free[v_w] - v_left;
+            FOR v_k IN v_w_first[v_w] .. v_w_last[v_w] LOOP
+                v_take := least(v_l_remaining[v_k] - v_l_reserved[v_k], v_left);
+                CONTINUE WHEN v_take <= 0;
+                v_l_changed[v_k] := true;
+                IF v_op = 'reserve' THEN
+                    v_l_reserved[v_k] := v_l_reserved[v_k] + v_take;
+                    v_hold_res := v_hold_res || v_id;
+                    v_hold_lot := v_hold_lot || v_l_id[v_k];
+                    v_hold_amount := v_hold_amount || v_take;
+                ELSE
+                    v_l_remaining[v_k] := v_l_remaining[v_k] - v_take;
+                    v_mv_txn := v_mv_txn || v_id;
+                    v_mv_lot := v_mv_lot || v_l_id[v_k];
+                    v_mv_amount := v_mv_amount || -v_take;
+                END IF;
+                v_left := v_left - v_take;
+                EXIT WHEN v_left = 0;
+            END LOOP;
+            ASSERT v_left = 0, 'tl_batch_fast: free credits of a wallet do not add up';
+        END IF;
+        IF v_op IN ('debit', 'capture') THEN
+            v_w_posted[v_w] := v_w_posted[v_w] - v_amt;
+            v_w_version[v_w] := v_w_version[v_w] + 1;
+            v_s_posted := v_s_posted + v_amt;
+            v_s_version := v_s_version + 1;
+            v_txn := v_txn || v_id;
+            v_txn_item := v_txn_item || v_i;
+            v_txn_wallet := v_txn_wallet || v_w;
+            v_txn_amount := v_txn_amount || v_amt;
+            v_txn_balance := v_txn_balance || v_w_posted[v_w];
+            v_txn_version := v_txn_version || v_w_version[v_w];
+            v_txn_s_balance := v_txn_s_balance || v_s_posted;
+            v_txn_s_version := v_txn_s_version || v_s_version;
+        END IF;
+        v_out[v_i] := 'null'::jsonb;  -- taken; its answer is built below
     END LOOP;
-    IF cardinality(v_item) = 0 THEN
-        RETURN v_out;
+
+    -- Write it all: one statement per table.
+    IF cardinality(v_new_id) > 0 THEN
+        INSERT INTO reservations (id, account_id, amount, expires_at, metadata, details, actor, request_id,
+                                  created_at)
+        SELECT u.id, v_w_id[u.w], u.amount,
+               v_now + make_interval(secs => (p_args[u.i] ->> 'ttl_seconds')::integer),
+               coalesce(nullif(p_args[u.i] -> 'metadata', 'null'::jsonb), '{}'::jsonb), '{}'::jsonb,
+               p_ctxs[u.i] ->> 'actor', p_ctxs[u.i] ->> 'request_id', v_now
+          FROM unnest(v_new_id, v_new_item, v_new_wallet, v_new_amount) WITH ORDINALITY AS u(id, i, w, amount, o)
+         ORDER BY u.o;
+        INSERT INTO reservation_holds (reservation_id, lot_id, amount)
+        SELECT * FROM unnest(v_hold_res, v_hold_lot, v_hold_amount);
     END IF;
-    INSERT INTO transactions (id, kind, memo, metadata, details, actor, request_id, created_at)
-    SELECT u.txn, 'debit', p_args[u.i] ->> 'memo',
-           coalesce(nullif(p_args[u.i] -> 'metadata', 'null'::jsonb), '{}'::jsonb), '{}'::jsonb,
-           p_ctxs[u.i] ->> 'actor', p_ctxs[u.i] ->> 'request_id', v_now
-      FROM unnest(v_item, v_txn) WITH ORDINALITY AS u(i, txn, o) ORDER BY u.o;
-    -- Both legs, in arrival order: the wallet's, then system:usage's shard.
-    INSERT INTO entries (transaction_id, account_id, shard, asset, amount, balance_after, version, created_at)
-    SELECT u.txn, leg.account_id, leg.shard, leg.asset, leg.amount, leg.balance_after, leg.version, v_now
-      FROM unnest(v_txn, v_account, v_amount, v_w_balance, v_w_version, v_s_balance, v_s_versions)
-           WITH ORDINALITY AS u(txn, account, amount, w_balance, w_version, s_balance, s_version, o)
-     CROSS JOIN LATERAL (VALUES
-           (0, u.account, 0, v_assets[array_position(v_wallets, u.account)], -u.amount, u.w_balance, u.w_version),
-           (1, v_usage.id, v_shard, v_usage.asset, u.amount, u.s_balance, u.s_version))
-           AS leg(n, account_id, shard, asset, amount, balance_after, version)
-     ORDER BY u.o, leg.n;
-    UPDATE accounts a SET posted = v_posted[array_position(v_wallets, a.id)],
-                          version = v_version[array_position(v_wallets, a.id)], updated_at = v_now
-     WHERE a.id = ANY (v_account);
-    UPDATE account_shards SET posted = v_s_posted, version = v_s_version, updated_at = v_now
-     WHERE account_id = v_usage.id AND shard = v_shard;
-    -- Consumption: debit d of a wallet takes the range (hi - amount, hi] of
-    -- its cumulative amounts; lot l offers (hi - free, hi] of the cumulative
-    -- free credits in consumption order; a movement is each overlap. The
-    -- answer's `lots` per debit come back from the same statement.
-    WITH d AS (
-        SELECT u.txn, u.account, u.amount, u.o,
-               sum(u.amount) OVER (PARTITION BY u.account ORDER BY u.o) AS hi
-          FROM unnest(v_txn, v_account, v_amount) WITH ORDINALITY AS u(txn, account, amount, o)),
-    l AS (
-        SELECT l.id, l.account_id, l.remaining - l.reserved AS free,
-               sum(l.remaining - l.reserved) OVER (
-                   PARTITION BY l.account_id
-                   ORDER BY l.priority, l.expires_at NULLS LAST, l.effective_at, l.id) AS hi
-          FROM lots l
-         WHERE l.account_id = ANY (v_wallets) AND l.status = 'active' AND l.remaining > 0
-           AND l.remaining > l.reserved AND l.effective_at <= v_now
-           AND (l.expires_at IS NULL OR l.expires_at > v_now)),
-    m AS (
-        SELECT d.txn, d.o, l.id AS lot_id,
-               least(l.hi, d.hi) - greatest(l.hi - l.free, d.hi - d.amount) AS take
-          FROM d JOIN l ON l.account_id = d.account AND l.hi - l.free < d.hi AND d.hi - d.amount < l.hi),
-    moved AS (
+    IF cardinality(v_txn) > 0 THEN
+        INSERT INTO transactions (id, kind, memo, metadata, details, actor, request_id, created_at)
+        SELECT u.txn, p_ops[u.i],
+               CASE p_ops[u.i] WHEN 'debit' THEN p_args[u.i] ->> 'memo' END,
+               CASE p_ops[u.i]
+                   WHEN 'debit' THEN coalesce(nullif(p_args[u.i] -> 'metadata', 'null'::jsonb), '{}'::jsonb)
+                   ELSE coalesce(nullif(p_args[u.i] -> 'metadata', 'null'::jsonb), v_r_metadata[c.r],
+                                 '{}'::jsonb) END,
+               CASE p_ops[u.i]
+                   WHEN 'debit' THEN '{}'::jsonb
+                   ELSE jsonb_build_object('reservation_id', tl_public_id('rsv_', v_r_id[c.r]),
+                                           'held', v_r_amount[c.r]) END,
+               p_ctxs[u.i] ->> 'actor', p_ctxs[u.i] ->> 'request_id', v_now
+          FROM unnest(v_txn, v_txn_item) WITH ORDINALITY AS u(txn, i, o)
+          LEFT JOIN unnest(v_done_item, v_done_res) AS c(i, r) ON c.i = u.i
+         ORDER BY u.o;
         INSERT INTO lot_movements (transaction_id, lot_id, amount)
-        SELECT txn, lot_id, -take FROM m ORDER BY o, lot_id
-        RETURNING lot_id, amount),
-    updated AS (
-        UPDATE lots SET remaining = lots.remaining + t.amount
-          FROM (SELECT lot_id, sum(amount) AS amount FROM moved GROUP BY lot_id) t
-         WHERE lots.id = t.lot_id)
-    SELECT array_agg(coalesce(g.lots, '[]'::jsonb) ORDER BY n.o) INTO v_lots
-      FROM generate_series(1, cardinality(v_txn)) AS n(o)
-      LEFT JOIN (SELECT m.o, jsonb_agg(jsonb_build_object('lot_id', tl_public_id('lot_', m.lot_id),
-                                                          'amount', -m.take) ORDER BY m.lot_id) AS lots
-                   FROM m GROUP BY m.o) g ON g.o = n.o;
-    SELECT array_agg(jsonb_build_object('status', p_statuses[u.i], 'replayed', false, 'body', jsonb_build_object(
-               'id', tl_public_id('txn_', u.txn),
-               'kind', 'debit',
-               'entries', jsonb_build_array(
-                   jsonb_build_object('account', p_args[u.i] ->> 'account', 'amount', -u.amount,
-                                      'balance_after', u.w_balance, 'version', u.w_version,
-                                      'asset', v_assets[array_position(v_wallets, u.account)]),
-                   jsonb_build_object('account', v_usage.address, 'amount', u.amount,
-                                      'balance_after', u.s_balance, 'version', u.s_version,
-                                      'asset', v_usage.asset)),
-               'lots', v_lots[u.o],
-               'memo', p_args[u.i] ->> 'memo',
-               'metadata', coalesce(nullif(p_args[u.i] -> 'metadata', 'null'::jsonb), '{}'::jsonb),
-               'details', '{}'::jsonb,
-               'actor', p_ctxs[u.i] ->> 'actor',
-               'request_id', p_ctxs[u.i] ->> 'request_id',
-               'reverses', NULL,
-               'reversed_by', NULL,
-               'created_at', tl_ts(v_now))) ORDER BY u.o)
+        SELECT * FROM unnest(v_mv_txn, v_mv_lot, v_mv_amount);
+        -- Both legs, in arrival order: the wallet's, then system:usage's shard.
+        INSERT INTO entries (transaction_id, account_id, shard, asset, amount, balance_after, version,
+                             created_at)
+        SELECT u.txn, leg.account_id, leg.shard, leg.asset, leg.amount, leg.balance_after, leg.version, v_now
+          FROM unnest(v_txn, v_txn_wallet, v_txn_amount, v_txn_balance, v_txn_version, v_txn_s_balance,
+                      v_txn_s_version)
+               WITH ORDINALITY AS u(txn, w, amount, w_balance, w_version, s_balance, s_version, o)
+         CROSS JOIN LATERAL (VALUES
+               (0, v_w_id[u.w], 0, v_w_asset[u.w], -u.amount, u.w_balance, u.w_version),
+               (1, v_usage.id, v_shard, v_usage.asset, u.amount, u.s_balance, u.s_version))
+               AS leg(n, account_id, shard, asset, amount, balance_after, version)
+         ORDER BY u.o, leg.n;
+        UPDATE account_shards SET posted = v_s_posted, version = v_s_version, updated_at = v_now
+         WHERE account_id = v_usage.id AND shard = v_shard;
+    END IF;
+    UPDATE lots l SET remaining = v_l_remaining[array_position(v_l_id, l.id)],
+                      reserved = v_l_reserved[array_position(v_l_id, l.id)]
+     WHERE l.id = ANY (ARRAY(SELECT v_l_id[k] FROM generate_subscripts(v_l_id, 1) k WHERE v_l_changed[k]));
+    UPDATE accounts a SET posted = v_w_posted[array_position(v_w_id, a.id)],
+                          version = v_w_version[array_position(v_w_id, a.id)],
+                          reserved = v_w_reserved[array_position(v_w_id, a.id)], updated_at = v_now
+     WHERE a.id = ANY (ARRAY(SELECT v_w_id[u.w] FROM unnest(v_txn_wallet || v_new_wallet) u(w)
+                             UNION SELECT v_r_account[r] FROM unnest(v_done_res) r));
+    IF cardinality(v_done_item) > 0 THEN
+        UPDATE reservations r
+           SET status = CASE WHEN c.txn IS NULL THEN 'released' ELSE 'captured' END,
+               captured = c.amount, capture_transaction_id = c.txn, resolved_at = v_now
+          FROM unnest(v_done_res, v_done_txn, v_done_amount) AS c(r, txn, amount)
+         WHERE r.id = v_r_id[c.r] AND r.id = ANY (ARRAY(SELECT v_r_id[x] FROM unnest(v_done_res) x));
+    END IF;
+
+    -- The answers: a debit's is built from what was written; the others are
+    -- read back with the same functions the one-by-one path answers with.
+    SELECT array_agg(CASE p_ops[i]
+               WHEN 'debit' THEN jsonb_build_object(
+                   'id', tl_public_id('txn_', t.txn),
+                   'kind', 'debit',
+                   'entries', jsonb_build_array(
+                       jsonb_build_object('account', v_w_address[t.w], 'amount', -t.amount,
+                                          'balance_after', t.w_balance, 'version', t.w_version,
+                                          'asset', v_w_asset[t.w]),
+                       jsonb_build_object('account', v_usage.address, 'amount', t.amount,
+                                          'balance_after', t.s_balance, 'version', t.s_version,
+                                          'asset', v_usage.asset)),
+                   'lots', (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                                       'lot_id', tl_public_id('lot_', m.lot), 'amount', m.amount)
+                                       ORDER BY m.lot), '[]'::jsonb)
+                              FROM unnest(v_mv_txn, v_mv_lot, v_mv_amount) AS m(txn, lot, amount)
+                             WHERE m.txn = t.txn),
+                   'memo', p_args[i] ->> 'memo',
+                   'metadata', coalesce(nullif(p_args[i] -> 'metadata', 'null'::jsonb), '{}'::jsonb),
+                   'details', '{}'::jsonb,
+                   'actor', p_ctxs[i] ->> 'actor',
+                   'request_id', p_ctxs[i] ->> 'request_id',
+                   'reverses', NULL,
+                   'reversed_by', NULL,
+                   'created_at', tl_ts(v_now))
+               WHEN 'reserve' THEN tl_reservation_json(n.id, v_now)
+                   || jsonb_build_object('available_after', n.available)
+               WHEN 'capture' THEN jsonb_build_object(
+                   'reservation', tl_reservation_json(v_r_id[c.r], v_now),
+                   'transaction', tl_transaction_json(t.txn))
+               ELSE tl_reservation_json(v_r_id[c.r], v_now) END
+           ORDER BY i)
       INTO v_bodies
-      FROM unnest(v_item, v_txn, v_account, v_amount, v_w_balance, v_w_version, v_s_balance, v_s_versions)
-           WITH ORDINALITY AS u(i, txn, account, amount, w_balance, w_version, s_balance, s_version, o);
-    FOR k IN 1 .. cardinality(v_item) LOOP
-        v_out[v_item[k]] := v_bodies[k];
+      FROM unnest(v_items) AS i
+      LEFT JOIN unnest(v_txn, v_txn_item, v_txn_wallet, v_txn_amount, v_txn_balance, v_txn_version,
+                       v_txn_s_balance, v_txn_s_version)
+                AS t(txn, item, w, amount, w_balance, w_version, s_balance, s_version) ON t.item = i
+      LEFT JOIN unnest(v_new_id, v_new_item, v_new_available) AS n(id, item, available) ON n.item = i
+      LEFT JOIN unnest(v_done_item, v_done_res) AS c(item, r) ON c.item = i
+     WHERE v_out[i] = 'null'::jsonb;
+    v_k := 0;
+    FOREACH v_i IN ARRAY v_items LOOP
+        CONTINUE WHEN v_out[v_i] IS DISTINCT FROM 'null'::jsonb;
+        v_k := v_k + 1;
+        v_out[v_i] := jsonb_build_object('status', p_statuses[v_i], 'replayed', false, 'body', v_bodies[v_k]);
     END LOOP;
     RETURN v_out;
 END $$;
+
+-- The debits alone, set-based (tests pin which wallets qualify).
+CREATE OR REPLACE FUNCTION tl_debit_fast(
+    p_ops text[], p_args jsonb[], p_ctxs jsonb[], p_statuses integer[], p_claimed boolean[])
+RETURNS jsonb[] LANGUAGE sql AS $$
+    SELECT tl_batch_fast(p_ops, p_args, p_ctxs, p_statuses, p_claimed, ARRAY['debit'])
+$$;
 
 -- Coalesced operations (service/coalesce.py): the requests that reached one
 -- replica while its earlier calls were in flight, run in one database
@@ -2475,8 +2684,8 @@ BEGIN
                 JOIN reservations r ON r.id = (u.args ->> 'reservation_id')::uuid
                WHERE u.fresh),
         ARRAY['system:expired', 'system:issuance', 'system:usage']);
-    -- 3. Debits that can go set-based, then the rest one by one, in arrival order.
-    v_fast := tl_debit_fast(p_ops, p_args, p_ctxs, p_statuses, v_claimed);
+    -- 3. What can go set-based (tl_batch_fast), then the rest one by one, in arrival order.
+    v_fast := tl_batch_fast(p_ops, p_args, p_ctxs, p_statuses, v_claimed);
     UPDATE idempotency_keys k SET status_code = (u.r ->> 'status')::integer, body = u.r -> 'body'
       FROM unnest(p_callers, p_keys, v_fast) AS u(c, k, r)
      WHERE u.r IS NOT NULL AND k.caller = u.c AND k.key = u.k;
