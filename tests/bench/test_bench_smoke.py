@@ -185,3 +185,45 @@ def test_programs_bench_smoke(pg_server: Server, tmp_path: Path) -> None:
     }
     assert result["audit"]["passed"], result["audit"]
     assert rc == 0 and result["passed"]
+
+
+def test_bench_wrk_phases_smoke(pg_server: Server, tmp_path: Path) -> None:
+    """The wrk throughput phases run for 2 s each over 40 wallets: every
+    answer is the expected 2xx, the wallets fell by what the server debited
+    (between the 201s wrk saw and those plus the requests in flight), the
+    audit passes, and the debit and read targets take their figures."""
+    out = tmp_path / "bench.json"
+    rc = harness.main(
+        [
+            "--only",
+            "debit_latency",
+            "--requests",
+            "5",
+            "--wallets",
+            "40",
+            "--wrk-seconds",
+            "2",
+            "--pgbench-seconds",
+            "1",
+            "--pgbench-scale",
+            "1",
+            "--database-url",
+            pg_server.dsn,
+            "--json",
+            str(out),
+        ]
+    )
+    result = json.loads(out.read_text())
+    wrk = result["wrk"]
+    assert wrk["available"], wrk
+    for kind in ("debit", "read"):
+        phase = wrk["phases"][kind]
+        assert phase["ok"] > 0 and phase["check"]["passed"], (kind, phase)
+        assert phase["service_cpu_ms_per_op"] is not None, phase
+    debit = wrk["phases"]["debit"]["check"]
+    assert debit["debits_answered_201"] <= debit["debited_by_server"]
+    assert result["checks"]["system_usage"]["passed"], result["checks"]["system_usage"]
+    assert result["checks"]["audit"]["passed"], result["checks"]["audit"]
+    names = [t["target"] for t in result["targets"]]
+    assert "wrk debit ops/s / tpcb-like TPS" in names and "wrk read ops/s / tpcb-like TPS" in names
+    assert rc == 0 and result["passed"]
