@@ -38,7 +38,16 @@ from service.api.reports import ReportsController
 from service.api.reservations import ReservationsController
 from service.api.transactions import TransactionsController
 from service.api.usage import UsageController
-from service.auth import JwtVerifier, KeyCache, KeyListener, authorize, new_key, parse_key
+from service.auth import (
+    PUBLIC,
+    JwtVerifier,
+    KeyCache,
+    KeyListener,
+    authorize,
+    new_key,
+    parse_key,
+    public,
+)
 from service.background import Background
 from service.config import Config
 from service.journal import Clock, Ledger, database_clock
@@ -54,6 +63,7 @@ from service.ratelimit import RateLimiter, parse_limits
 log = structlog.get_logger("tokenledger")
 
 PROBLEM_JSON = "application/problem+json"
+OPENAPI_PATH = "/schema"
 _REQUEST_ID_OK = re.compile(r"^[\x21-\x7e]{1,128}$")
 _MSGSPEC_PATH = re.compile(r"^(?P<message>.*?)(?: - at `(?P<path>[^`]*)`)?$", re.DOTALL)
 
@@ -304,11 +314,16 @@ def create_app(
             if own_pool:
                 await the_pool.close()
 
-    @get("/healthz", include_in_schema=True, tags=["Operations"], summary="Liveness")
+    @get("/healthz", include_in_schema=True, tags=["Operations"], summary="Liveness", opt=public())
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @get("/readyz", tags=["Operations"], summary="Readiness: database reachable, schema current")
+    @get(
+        "/readyz",
+        tags=["Operations"],
+        summary="Readiness: database reachable, schema current",
+        opt=public(),
+    )
     async def readyz(state: State) -> Response[dict[str, Any]]:
         ledger: Ledger = state.ledger
         try:
@@ -329,7 +344,13 @@ def create_app(
             )
         return Response({"status": "ok", "schema_version": int(version)}, status_code=200)
 
-    @get("/metrics", tags=["Operations"], summary="Prometheus metrics", media_type=MediaType.TEXT)
+    @get(
+        "/metrics",
+        tags=["Operations"],
+        summary="Prometheus metrics",
+        media_type=MediaType.TEXT,
+        opt=public(),
+    )
     async def metrics_endpoint(state: State) -> Response[bytes]:
         ledger: Ledger = state.ledger
         metrics.pool_size.set(ledger.pool.get_size())
@@ -375,7 +396,7 @@ def create_app(
             title="tokenledger",
             version=__version__,
             description=openapi_description(),
-            path="/schema",
+            path=OPENAPI_PATH,
             render_plugins=[SwaggerRenderPlugin(path="/")],
             servers=[Server(url="/")],
             components=Components(
@@ -392,11 +413,15 @@ def create_app(
         debug=False,
     )
     for route in app.routes:
-        if route.path.startswith("/v1/"):
-            for handler in route.route_handlers:  # type: ignore[union-attr]
-                # Litestar answers OPTIONS itself; every other handler is ours.
-                if handler.http_methods != {"OPTIONS"}:
-                    assert "access" in handler.opt, f"{route.path} has no access rule"
+        for handler in getattr(route, "route_handlers", []):
+            # Litestar answers OPTIONS itself; the schema docs are Litestar's
+            # routes and public; every other handler is ours and says who may
+            # call it (the guard refuses one that does not).
+            if handler.http_methods == {"OPTIONS"}:
+                continue
+            if "access" not in handler.opt and route.path.startswith(OPENAPI_PATH):
+                handler.opt["access"] = PUBLIC
+            assert "access" in handler.opt, f"{route.path} declares no access rule"
     return app
 
 

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 from litestar.testing import AsyncTestClient
@@ -667,3 +668,35 @@ async def test_production_refuses_to_start_without_auth(database_url: str) -> No
     """In production the service will not start without employee-token verification."""
     with pytest.raises(RuntimeError, match="refusing to start"):
         create_app(Config(database_url=database_url, environment="production"))
+
+
+async def test_app_under_a_root_path_still_authenticates(config: Config, admin_key: str) -> None:
+    """Mounted under a prefix (ASGI root_path), every /v1 route still needs a
+    token: the guard decides from the route's declared access, not the URL."""
+    from tests.api.conftest import running
+
+    app = create_app(config)
+    async with running(app):
+        transport = httpx.ASGITransport(app=app, root_path="/ledger")
+        async with httpx.AsyncClient(transport=transport, base_url="http://mounted.local") as c:
+            anonymous = await c.get("/ledger/v1/accounts/system:usage")
+            assert anonymous.status_code == 401, anonymous.text
+            ok = await c.get(
+                "/ledger/v1/accounts/system:usage",
+                headers={"Authorization": f"Bearer {admin_key}"},
+            )
+            assert ok.status_code == 200, ok.text
+            assert (await c.get("/ledger/healthz")).status_code == 200
+
+
+def test_every_route_declares_its_access(config: Config) -> None:
+    """Every route handler, the schema docs and operations routes included,
+    carries an access rule (public or roles), so none falls through."""
+    app = create_app(config)
+    missing = [
+        f"{sorted(h.http_methods)} {route.path}"
+        for route in app.routes
+        for h in getattr(route, "route_handlers", [])
+        if h.http_methods != {"OPTIONS"} and "access" not in h.opt
+    ]
+    assert missing == []
