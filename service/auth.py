@@ -253,17 +253,25 @@ class JwtVerifier:
     audience: str
     roles_claim: str
     leeway_seconds: int
+    allowed_roles: frozenset[str] = frozenset({"employee"})
     keys: dict[str | None, tuple[Any, str]] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: Config) -> JwtVerifier | None:
         if not (config.jwt_issuer and config.jwt_audience):
             return None
+        allowed = frozenset(r.strip() for r in config.jwt_allowed_roles.split(",") if r.strip())
+        if not allowed <= set(ROLES):
+            raise ValueError(
+                f"TOKENLEDGER_JWT_ALLOWED_ROLES names unknown roles {sorted(allowed - set(ROLES))}"
+                f"; known: {', '.join(ROLES)}"
+            )
         verifier = cls(
             config.jwt_issuer,
             config.jwt_audience,
             config.jwt_roles_claim,
             config.jwt_leeway_seconds,
+            allowed,
         )
         if config.jwt_jwks_file:
             verifier.add_jwks(json.loads(Path(config.jwt_jwks_file).read_text()))
@@ -320,10 +328,12 @@ class JwtVerifier:
         except jwt.PyJWTError as exc:
             raise errors.Unauthenticated(f"invalid token: {exc}") from None
         sub = str(claims["sub"])
-        extra = claims.get(self.roles_claim) or []
-        if isinstance(extra, str):
-            extra = [extra]
-        roles = {"employee"} | {r for r in extra if isinstance(r, str) and r in ROLES}
+        extra = claims.get(self.roles_claim, [])
+        if not isinstance(extra, list) or not all(isinstance(r, str) for r in extra):
+            raise errors.Unauthenticated(
+                f"invalid token: {self.roles_claim} is not a list of roles"
+            )
+        roles = {"employee"} | (set(extra) & self.allowed_roles)
         return Principal(id=f"employee:{sub}", roles=frozenset(roles), employee=sub)
 
 

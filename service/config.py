@@ -83,6 +83,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     jwt_public_key_file: str | None = None
     jwt_hs256_secret: str | None = None
     jwt_roles_claim: str = "tokenledger_roles"
+    # The roles an employee token's roles claim may add (comma-separated);
+    # any other role it names is ignored. Only employee by default: an
+    # identity provider that can be talked into a claim must not mint admins.
+    jwt_allowed_roles: str = "employee"
     jwt_leeway_seconds: Annotated[int, msgspec.Meta(ge=0, le=300)] = 30
     # A service key (tlk_...) to ensure exists with the admin role at start-up,
     # so a newcomer's first curl works; `make run` creates one when unset.

@@ -85,6 +85,8 @@ def config(database_url: str, admin_key: str) -> Config:
         jwt_issuer=JWT_ISSUER,
         jwt_audience=JWT_AUDIENCE,
         jwt_hs256_secret=JWT_SECRET,
+        # Employee tokens in tests may carry hr (test_extra_roles_claim).
+        jwt_allowed_roles="employee,hr",
         rate_limits="",  # tests that pin rate limiting build their own app
     )
 

@@ -700,3 +700,45 @@ def test_every_route_declares_its_access(config: Config) -> None:
         if h.http_methods != {"OPTIONS"} and "access" not in h.opt
     ]
     assert missing == []
+
+
+async def test_role_claim_grants_only_allowed_roles(world: World) -> None:
+    """A roles claim naming a role outside TOKENLEDGER_JWT_ALLOWED_ROLES (here
+    employee and hr) adds nothing: the token is an employee's, and admin-only
+    routes answer 403."""
+    token = employee_token("e-own", roles=["admin", "finance"])
+    headers = {"Authorization": f"Bearer {token}"}
+    r = await world.api.c.post(
+        "/v1/prices",
+        json={
+            "model": "m-x",
+            "input_per_mtok": 1,
+            "cached_input_per_mtok": 1,
+            "output_per_mtok": 1,
+        },
+        headers={**headers, **key()},
+    )
+    assert r.status_code == 403, r.text
+    assert (await world.api.c.get("/v1/me", headers=headers)).status_code == 200
+
+
+async def test_role_claim_must_be_a_list_of_strings(world: World) -> None:
+    """A roles claim that is an object or a string is refused (401), not read
+    for its keys or characters."""
+    for claim in ({"admin": True}, "admin", ["hr", 1]):
+        token = employee_token("e-own", roles=claim)  # type: ignore[arg-type]
+        r = await world.api.c.get("/v1/me", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 401, (claim, r.text)
+
+
+def test_unknown_allowed_role_refuses_to_start() -> None:
+    """TOKENLEDGER_JWT_ALLOWED_ROLES naming no known role is a configuration error."""
+    with pytest.raises(ValueError, match="TOKENLEDGER_JWT_ALLOWED_ROLES"):
+        create_app(
+            Config(
+                jwt_issuer="i",
+                jwt_audience="a",
+                jwt_hs256_secret="x" * 40,
+                jwt_allowed_roles="employee,superuser",
+            )
+        )
