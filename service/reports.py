@@ -100,6 +100,21 @@ async def usage_report(
     return [{**{k: r[k] for k in keys}, **{t: int(r[t]) for t in TOTALS}} for r in rows]
 
 
+# A spreadsheet reads a cell starting with one of these as a formula
+# (OWASP, CSV injection): such text cells get a leading apostrophe.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A value as a CSV cell: null is empty, text that would start a formula
+    is neutralised, numbers are written as they are."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def to_csv(keys: tuple[str, ...], items: list[dict[str, Any]]) -> str:
     """A header row (keys, then TOTALS) and one row per item; null is empty."""
     out = io.StringIO()
@@ -107,7 +122,7 @@ def to_csv(keys: tuple[str, ...], items: list[dict[str, Any]]) -> str:
     columns = (*keys, *TOTALS)
     writer.writerow(columns)
     for item in items:
-        writer.writerow(["" if item[c] is None else item[c] for c in columns])
+        writer.writerow([csv_cell(item[c]) for c in columns])
     return out.getvalue()
 
 
