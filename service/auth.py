@@ -243,6 +243,10 @@ class KeyListener:
 # --- JWTs -----------------------------------------------------------------
 
 
+class _Rejected(Exception):
+    """Why an employee token was refused: logged, never answered."""
+
+
 @dataclass
 class JwtVerifier:
     """Verifies employee tokens. Each configured key is bound to exactly one
@@ -305,15 +309,25 @@ class JwtVerifier:
             raise ValueError("only RSA and EC public keys are supported")
 
     def verify(self, token: str) -> Principal:
+        """The token's principal, or 401 with the same detail whatever was
+        wrong with it: why a token failed helps whoever forges one, so the
+        reason goes to the log (never the token) instead."""
+        try:
+            return self._verify(token)
+        except _Rejected as exc:
+            log.info("token_rejected", reason=str(exc))
+            raise errors.Unauthenticated("invalid token") from None
+
+    def _verify(self, token: str) -> Principal:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
-            raise errors.Unauthenticated(f"malformed token: {exc}") from None
+            raise _Rejected(f"malformed token: {exc}") from None
         # A token naming a kid must match a JWKS key of that kid; one without
         # a kid uses the PEM key or HS256 secret.
         entry = self.keys.get(header.get("kid"))
         if entry is None:
-            raise errors.Unauthenticated("unknown signing key")
+            raise _Rejected("unknown signing key")
         key, alg = entry
         try:
             claims = jwt.decode(
@@ -326,13 +340,11 @@ class JwtVerifier:
                 options={"require": ["exp", "iss", "aud", "sub"]},
             )
         except jwt.PyJWTError as exc:
-            raise errors.Unauthenticated(f"invalid token: {exc}") from None
+            raise _Rejected(f"invalid token: {exc}") from None
         sub = str(claims["sub"])
         extra = claims.get(self.roles_claim, [])
         if not isinstance(extra, list) or not all(isinstance(r, str) for r in extra):
-            raise errors.Unauthenticated(
-                f"invalid token: {self.roles_claim} is not a list of roles"
-            )
+            raise _Rejected(f"{self.roles_claim} is not a list of roles")
         roles = {"employee"} | (set(extra) & self.allowed_roles)
         return Principal(id=f"employee:{sub}", roles=frozenset(roles), employee=sub)
 

@@ -742,3 +742,22 @@ def test_unknown_allowed_role_refuses_to_start() -> None:
                 jwt_allowed_roles="employee,superuser",
             )
         )
+
+
+async def test_401_does_not_say_why_a_token_failed(world: World) -> None:
+    """An expired, wrongly signed or malformed token answers the same 401
+    detail; the reason goes to the log, not to the caller."""
+    now = int(time.time())
+    expired = employee_token("e-own", exp=now - 3600, iat=now - 7200, nbf=now - 7200)
+    forged = jwt.encode(
+        {"sub": "e-own", "iss": JWT_ISSUER, "aud": JWT_AUDIENCE, "exp": now + 60},
+        "another-secret-another-secret-another-secret",
+        algorithm="HS256",
+    )
+    details = set()
+    for token in (expired, forged, "not.a.jwt", employee_token("e-own", roles={"admin": 1})):  # type: ignore[arg-type]
+        r = await world.api.c.get("/v1/me", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 401, r.text
+        details.add(r.json()["detail"])
+    assert len(details) == 1, details
+    assert not any(word in next(iter(details)).lower() for word in ("expired", "signature"))
