@@ -170,6 +170,9 @@ async def strict_body(request: Request[Any, Any, Any]) -> None:
         raise errors.InvalidRequest(
             f"the body is not valid JSON: {exc}", errors=[{"path": "$", "message": str(exc)}]
         ) from None
+    except RecursionError:
+        message = "the body is nested too deeply"
+        raise errors.InvalidRequest(message, errors=[{"path": "$", "message": message}]) from None
     try:
         msgspec.convert(parsed, field.annotation, strict=True)
     except msgspec.ValidationError as exc:

@@ -107,13 +107,20 @@ def encode_cursor(value: Any) -> str:
     return base64.urlsafe_b64encode(msgspec.json.encode(value)).decode().rstrip("=")
 
 
+# What a cursor may hold once decoded: the queries take these as bigint
+# (ids, offsets), text or a timestamp with an id. Anything else, a number
+# beyond a bigint above all, is an invalid cursor rather than a database error.
+CursorId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+CursorValue = CursorId | str | list[str] | None
+
+
 def decode_cursor(cursor: str | None) -> Any:
     if cursor is None:
         return None
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
-        return msgspec.json.decode(base64.urlsafe_b64decode(padded))
-    except (binascii.Error, msgspec.DecodeError, ValueError):
+        return msgspec.json.decode(base64.urlsafe_b64decode(padded), type=CursorValue)
+    except (binascii.Error, msgspec.DecodeError, ValueError, RecursionError):
         raise errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}]) from None
 
 
