@@ -1449,8 +1449,14 @@ DECLARE
 BEGIN
     r := tl_lock_reservation(p_args, p_ctx, ARRAY['system:expired', 'system:issuance']);
     v_now := tl_now(p_ctx);
-    UPDATE reservations SET expires_at = v_now + make_interval(secs => (p_args ->> 'ttl_seconds')::integer)
-        WHERE id = r.id;
+    -- Never past created_at + the lifetime the service allows (p_args
+    -- max_lifetime_seconds): an extension must not keep credits, expired
+    -- ones above all, capturable for ever.
+    UPDATE reservations
+       SET expires_at = least(v_now + make_interval(secs => (p_args ->> 'ttl_seconds')::integer),
+                              r.created_at + make_interval(
+                                  secs => coalesce((p_args ->> 'max_lifetime_seconds')::integer, 86400)))
+     WHERE id = r.id;
     RETURN tl_reservation_json(r.id, v_now);
 END $$;
 

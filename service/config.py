@@ -53,6 +53,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # subtransaction ids.
     coalesce_max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
     coalesce_max_batch: Annotated[int, msgspec.Meta(ge=1, le=64)] = 32
+    # A reservation never lives longer than this from its creation, however
+    # often it is extended (README, Reservations).
+    reservation_max_lifetime_seconds: Annotated[int, msgspec.Meta(ge=60, le=604_800)] = 86_400
     # Requests.
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
     retry_after_seconds: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 1

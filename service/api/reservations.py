@@ -102,12 +102,14 @@ class ReservationsController(Controller):
         op: str,
         reservation_id: str,
         payload: msgspec.Struct,
+        **extra: Any,
     ) -> Response[Any]:
         rid = reservation_uuid(reservation_id)
         args = {
             "reservation": reservation_id,
             "reservation_id": str(rid),
             **msgspec.to_builtins(payload),
+            **extra,
         }
         return await run_operation(request, ledger, op, payload, args=args, success_status=200)
 
@@ -197,9 +199,17 @@ class ReservationsController(Controller):
         reservation_id: FromPath[str],
         data: JSONBody[ExtendIn],
     ) -> Response[Reservation]:
-        """Sets the reservation to expire `ttl_seconds` from now. Requires an
-        `Idempotency-Key`."""
-        return await self._op(request, ledger, "extend", reservation_id, data)
+        """Sets the reservation to expire `ttl_seconds` from now, but never later than
+        its `created_at` plus the service's maximum lifetime (24 h by default,
+        `TOKENLEDGER_RESERVATION_MAX_LIFETIME_SECONDS`). Requires an `Idempotency-Key`."""
+        return await self._op(
+            request,
+            ledger,
+            "extend",
+            reservation_id,
+            data,
+            max_lifetime_seconds=ledger.config.reservation_max_lifetime_seconds,
+        )
 
     @get(
         "/reservations/{reservation_id:str}",

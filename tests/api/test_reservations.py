@@ -1068,3 +1068,25 @@ async def test_reserve_on_missing_system_or_closed_accounts(api: Api, clock: Fak
     assert r.status_code == 200, r.text
     problem(await reserve(api, "employee:gone", 5), 409, "account_closed")
     assert await balances(api, "employee:e1") == (100, 0, 100)
+
+
+async def test_extending_never_takes_a_reservation_past_its_lifetime(
+    api: Api, clock: FakeClock, database_url: str
+) -> None:
+    """Extensions stop at created_at + TOKENLEDGER_RESERVATION_MAX_LIFETIME (24 h):
+    a reservation cannot keep expired credits capturable for ever."""
+    rid, _, _ = await _reserved_for_a_minute(api, clock)
+    cap = T + timedelta(hours=24)
+    for at, ttl in (
+        (timedelta(seconds=30), 3600),
+        (timedelta(minutes=30), 86400),
+        (timedelta(hours=23), 3600),
+        (timedelta(hours=23, minutes=59), 60),
+    ):
+        clock.set(T + at)
+        r = await extend(api, rid, ttl)
+        assert r.status_code == 200, r.text
+        assert r.json()["expires_at"] == ts6(min(T + at + timedelta(seconds=ttl), cap)), at
+    clock.set(cap)
+    not_active(await extend(api, rid, 3600), "expired")
+    await assert_audit_clean(database_url)
