@@ -166,11 +166,15 @@ class Ledger:
         pool's (reports): SET LOCAL inside its own transaction, so the
         connection goes back to the pool with the usual limit."""
         sql = self.queries[query]
+        # The pool's client-side command timeout (twice the usual statement
+        # timeout) would cut a longer statement off first and answer 503: this
+        # call waits as long as the server may run it, and a little more.
+        client_timeout = timeout_ms / 1000 + max(1.0, timeout_ms / 1000 * 0.1)
 
         async def run(conn: asyncpg.Connection) -> list[asyncpg.Record]:
             async with conn.transaction(readonly=True):
                 await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
-                return await conn.fetch(sql, *args)
+                return await conn.fetch(sql, *args, timeout=client_timeout)
 
         result: list[asyncpg.Record] = await self._run(run)
         return result

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 
@@ -319,3 +320,44 @@ async def test_reports_have_their_own_statement_timeout(
             "SELECT setting FROM pg_settings WHERE name = 'statement_timeout'"
         )
         assert int(setting) == normal.statement_timeout_ms
+
+
+async def test_report_timeout_outlasts_the_pool_command_timeout(
+    config: Any, clock: Any, admin_key: str
+) -> None:
+    """A report allowed longer than the usual statement timeout (and so longer
+    than the pool's client-side command timeout, twice that) runs to its end
+    instead of being cut off as unavailable."""
+    import msgspec
+
+    from service.app import create_app
+    from tests.api.conftest import running
+
+    slow = msgspec.structs.replace(
+        config,
+        statement_timeout_ms=400,
+        report_statement_timeout_ms=5_000,
+        chain_settle_seconds=1.0,
+    )
+    app = create_app(slow, clock=clock)
+    async with running(app):
+        ledger = app.state.ledger
+        # A report query that takes 1.5 s: past the pool's 1 s command timeout,
+        # well within the report's 5 s.
+        ledger.queries["usage_report"] = (
+            "SELECT 1 FROM (SELECT $1::timestamptz, $2::timestamptz, $3::text[], $4::text) AS a"
+            " WHERE (SELECT count(*) FROM pg_sleep(1.5)) = 0"
+        )
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t.local") as c:
+            r = await c.get(
+                "/v1/reports/usage",
+                params={
+                    "from": "2026-01-01T00:00:00Z",
+                    "to": "2026-02-01T00:00:00Z",
+                    "group_by": "employee",
+                },
+                headers={"Authorization": f"Bearer {admin_key}"},
+            )
+    assert r.status_code == 200, r.text
+    assert r.json()["items"] == []
