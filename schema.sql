@@ -1088,12 +1088,13 @@ BEGIN
     RETURN v_total;
 END $$;
 
--- The accounts that funded the live lots of an account: they receive voided
+-- The accounts that funded the lots of an account that still hold credits,
+-- voided ones (held by a reservation) included: they receive voided
 -- remainders and so must be locked with it.
 CREATE OR REPLACE FUNCTION tl_funders(p_account bigint) RETURNS bigint[]
 LANGUAGE sql STABLE AS $$
     SELECT coalesce(array_agg(DISTINCT funded_by), '{}') FROM lots
-    WHERE account_id = p_account AND status = 'active' AND remaining > 0
+    WHERE account_id = p_account AND status IN ('active', 'voided') AND remaining > 0
 $$;
 
 CREATE OR REPLACE FUNCTION tl_op_void_lot(p_args jsonb, p_ctx jsonb) RETURNS jsonb
@@ -1226,8 +1227,11 @@ BEGIN
     END LOOP;
     -- What those holds kept alive on lots that have expired expires now.
     PERFORM tl_expire_lots(w.id, v_now, p_ctx);
+    -- Every lot with free credits goes back: the active ones, and voided
+    -- ones whose credits the released reservations have just freed.
     SELECT array_agg(id) INTO v_lots FROM lots
-        WHERE account_id = w.id AND status = 'active' AND remaining > 0 AND remaining > reserved;
+        WHERE account_id = w.id AND status IN ('active', 'voided') AND remaining > 0
+          AND remaining > reserved;
     IF v_lots IS NOT NULL THEN
         v_txn := tl_new_transaction('void', v_now, p_ctx, p_args ->> 'memo', '{}'::jsonb,
                                     jsonb_build_object('offboarded', p_args ->> 'employee'));

@@ -23,6 +23,7 @@ CHECKS: tuple[str, ...] = (
     "audit_3_available",
     "audit_4_lot_movements",
     "audit_4_lots_cover_posted",
+    "audit_4_closed_or_voided_holds_credits",
     "audit_4_lot_reserved",
     "audit_4_hold_earmarks",
     "audit_4_reservations_cover_reserved",

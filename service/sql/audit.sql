@@ -75,6 +75,16 @@ LEFT JOIN (SELECT account_id, sum(remaining) AS total FROM lots GROUP BY account
 WHERE a.type <> 'system' AND a.posted <> coalesce(l.total, 0)
 LIMIT 1;
 
+-- name: audit_4_closed_or_voided_holds_credits
+-- Invariant 4: a closed account holds nothing, and a voided lot keeps only
+-- what an active reservation holds on it (the rest went back to its funder).
+SELECT coalesce(
+    (SELECT format('account %s is closed but holds %s credits (%s reserved)', address, posted, reserved)
+     FROM accounts WHERE status = 'closed' AND (posted <> 0 OR reserved <> 0) LIMIT 1),
+    (SELECT format('voided lot %s keeps %s credits that no reservation holds', tl_public_id('lot_', id),
+                   remaining - reserved)
+     FROM lots WHERE status = 'voided' AND remaining > reserved LIMIT 1)) AS problem;
+
 -- name: audit_4_lot_reserved
 -- Invariant 4: an account's reserved amount is what its lots have earmarked.
 SELECT format('account %s: reserved %s but its lots earmark %s', a.address, a.reserved, coalesce(l.total, 0)) AS problem

@@ -321,3 +321,29 @@ async def test_offboard_unknown_employee(client: AsyncTestClient[Any]) -> None:
         404,
         "employee_not_found",
     )
+
+
+async def test_offboarding_returns_credits_a_released_hold_frees_on_a_voided_lot(
+    api: Api, client: AsyncTestClient[Any], database_url: str
+) -> None:
+    """Grant 100, reserve 40, void the lot (60 go back), offboard: the 40 the
+    released reservation frees go back to the funder too, the closed wallet
+    holds nothing, and the audit agrees."""
+    from tests.api.conftest import assert_audit_clean
+
+    await api.employee("e-1")
+    lot = (await api.grant("e-1", 100))["lot"]
+    r = await client.post(
+        "/v1/reservations", json={"account": "employee:e-1", "amount": 40}, headers=key()
+    )
+    assert r.status_code == 201, r.text
+    r = await client.post(f"/v1/lots/{lot['id']}/void", json={}, headers=key())
+    assert r.status_code == 200, r.text
+    assert await posted(api, "system:issuance") == -40
+
+    r = await client.post("/v1/employees/e-1/offboard", json={}, headers=key())
+    assert r.status_code == 200, r.text
+    acct = await api.account("employee:e-1")
+    assert (acct["posted"], acct["reserved"], acct["status"]) == (0, 0, "closed")
+    assert await posted(api, "system:issuance") == 0
+    await assert_audit_clean(database_url)

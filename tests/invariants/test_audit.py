@@ -321,6 +321,27 @@ async def test_changed_lot_remaining_breaks_invariant_4(
     )
 
 
+async def test_credits_left_in_a_closed_account_or_voided_lot_break_invariant_4(
+    scenario: str, db: asyncpg.Connection
+) -> None:
+    """A closed account that still holds credits, and a voided lot keeping
+    credits no reservation holds, are caught by invariant 4 (offboarding once
+    stranded both)."""
+    await db.execute("UPDATE accounts SET status = 'closed' WHERE address = 'employee:e1'")
+    violations = await audit(scenario)
+    assert checks(violations) == {"audit_4_closed_or_voided_holds_credits"}
+    assert "employee:e1" in violations[0].problem
+    await db.execute("UPDATE accounts SET status = 'open' WHERE address = 'employee:e1'")
+    lot = await db.fetchval(
+        "SELECT l.id FROM lots l JOIN accounts a ON a.id = l.account_id "
+        "WHERE a.address = 'employee:e1' AND l.remaining > l.reserved LIMIT 1"
+    )
+    await db.execute("UPDATE lots SET status = 'voided' WHERE id = $1", lot)
+    violations = await audit(scenario)
+    assert checks(violations) == {"audit_4_closed_or_voided_holds_credits"}
+    assert public("lot_", lot) in violations[0].problem
+
+
 async def test_changed_reserved_breaks_invariant_4(scenario: str, db: asyncpg.Connection) -> None:
     """An account reserved amount that its lots do not earmark is caught by invariant 4."""
     await db.execute("UPDATE accounts SET reserved = reserved + 5 WHERE address = 'employee:e1'")
