@@ -448,7 +448,16 @@ BEGIN
     -- NO KEY UPDATE: it excludes every other writer of the row but not the
     -- KEY SHARE locks that inserts referencing the account take (a usage
     -- event, a lot), so claiming such a row before locking cannot deadlock.
-    PERFORM 1 FROM accounts WHERE id = ANY (p_accounts) AND type <> 'system' ORDER BY id FOR NO KEY UPDATE;
+    -- The funders of the accounts' voided lots that still hold credits are
+    -- locked with them, in the same order: any write to an account may give
+    -- such credits back (tl_return_voided), and locking the funder only then
+    -- took it out of order (a deadlock with a writer of the funder).
+    PERFORM 1 FROM accounts
+     WHERE id = ANY (p_accounts || ARRAY(SELECT l.funded_by FROM lots l
+                                          WHERE l.account_id = ANY (p_accounts) AND l.status = 'voided'
+                                            AND l.remaining > 0))
+       AND type <> 'system'
+     ORDER BY id FOR NO KEY UPDATE;
     IF cardinality(p_system) = 0 THEN
         RETURN;
     END IF;

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from litestar.testing import AsyncTestClient
@@ -421,4 +422,49 @@ async def test_random_mixed_traffic_keeps_invariants(
         items = r.json()["items"]
         assert w["reserved"] == sum(x["amount"] for x in items), w
         assert {x["id"] for x in items} <= set(active)
+    await assert_audit_clean(database_url)
+
+
+async def test_returning_voided_credits_locks_the_funder_in_the_global_order(
+    client: Any, api: Api, database_url: str
+) -> None:
+    """Releasing a reservation on a lot voided while held returns its credits
+    to the funding department. The department (lower id than the wallet) is
+    locked before the wallet, as every write does: while another transaction
+    holds the department and then asks for the wallet, the release waits
+    without holding the wallet, so there is no deadlock and no retry."""
+    await api.department("eng")
+    assert (await api.transfer("system:issuance", "department:eng", 1000)).status_code == 201
+    await api.employee("e-w")
+    lot = (await api.grant("e-w", 100, funded_by="department:eng"))["lot"]
+    r = await client.post(
+        "/v1/reservations", json={"account": "employee:e-w", "amount": 40}, headers=key()
+    )
+    assert r.status_code == 201, r.text
+    rid = r.json()["id"]
+    r = await client.post(f"/v1/lots/{lot['id']}/void", json={}, headers=key())
+    assert r.status_code == 200, r.text
+    ledger = client.app.state.ledger
+    retries_before = ledger.metrics.db_retries._value.get()
+
+    other = await asyncpg.connect(database_url)
+    try:
+        await other.execute("SET lock_timeout = '5s'")
+        tx = other.transaction()
+        await tx.start()
+        await other.execute(
+            "SELECT 1 FROM accounts WHERE address = 'department:eng' FOR NO KEY UPDATE"
+        )
+        release = asyncio.create_task(client.post(f"/v1/reservations/{rid}/release", headers=key()))
+        await asyncio.sleep(0.5)  # the release is now waiting for a lock
+        await other.execute(
+            "SELECT 1 FROM accounts WHERE address = 'employee:e-w' FOR NO KEY UPDATE"
+        )
+        await tx.commit()
+    finally:
+        await other.close()
+    r = await release
+    assert r.status_code == 200, r.text
+    assert ledger.metrics.db_retries._value.get() == retries_before, "the release deadlocked"
+    assert await api.available("department:eng") == 1000
     await assert_audit_clean(database_url)
