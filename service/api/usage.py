@@ -26,7 +26,7 @@ Source = Annotated[
     str,
     msgspec.Meta(
         pattern=r"^[a-z0-9][a-z0-9._:-]{0,63}$",
-        description="The metering source.",
+        description='The metering source; `reservation` is the service\'s own and refused.',
         examples=["gateway-eu"],
     ),
 ]
@@ -82,8 +82,17 @@ def check_counts(counts: UsageCounts, path: str = "$") -> None:
         )
 
 
+# The source under which the service itself records a capture by usage
+# (event id: the reservation's id). A meter may not use it: an event posted
+# there first would make the capture a "duplicate" that charges nothing.
+SERVICE_SOURCE = "reservation"
+
+
 def usage_args(event: UsageIn) -> dict[str, Any]:
     check_counts(event)
+    if event.source == SERVICE_SOURCE:
+        message = f'source "{SERVICE_SOURCE}" is the service\'s own (captures by usage)'
+        raise errors.InvalidRequest(message, errors=[{"path": "$.source", "message": message}])
     args: dict[str, Any] = msgspec.to_builtins(event)
     if event.reservation is not None:
         args["reservation_id"] = str(

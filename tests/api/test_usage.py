@@ -1021,3 +1021,31 @@ async def test_concurrent_batches_over_shared_accounts_never_deadlock(
         assert await posted(api, f"employee:{w}") == 1_000_000 - charged[w], w
     assert await usage_total(api) == sum(charged.values())
     await assert_audit_clean(database_url)
+
+
+async def test_the_reservation_source_is_the_services_own(
+    client: Any, api: Api, clock: FakeClock, database_url: str
+) -> None:
+    """A meter cannot post usage under source "reservation" (single: 400; in a
+    batch: that event rejected), so it cannot pre-empt a reservation's capture
+    by usage: the capture charges."""
+    clock.set(P2 - timedelta(minutes=1))
+    await api.employee("e-1")
+    await api.grant("e-1", 20_000)
+    await add_price(client, P1, V1)
+    r = await reserve_estimate(client, model=MODEL, input_tokens=1000, max_output_tokens=500)
+    assert r.status_code == 201, r.text
+    rsv = r.json()
+    forged = event(rsv["id"], source="reservation", account=WALLET, reservation=rsv["id"])
+    problem(await record(client, forged), 400, "invalid_request")
+    (answer,) = await batch(client, [forged])
+    assert (answer["status"], answer["code"]) == ("rejected", "invalid_request")
+    usage = {"model": MODEL, "input_tokens": 800, "output_tokens": 300}
+    r = await client.post(
+        f"/v1/reservations/{rsv['id']}/capture", json={"usage": usage}, headers=key()
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["reservation"]["status"] == "captured"
+    assert r.json()["usage"]["status"] == "recorded"
+    assert await usage_total(api) == usage_cost(800, 0, 300, V1)
+    await assert_audit_clean(database_url)
