@@ -44,6 +44,7 @@ from service.auth import (
     KeyCache,
     KeyListener,
     authorize,
+    check_strong,
     new_key,
     parse_key,
     public,
@@ -260,6 +261,8 @@ def create_app(
             "TOKENLEDGER_ENVIRONMENT=development"
         )
     rate_limiter = RateLimiter(parse_limits(config.rate_limits), config.rate_limit_burst_seconds)
+    if config.bootstrap_admin_key:
+        check_strong(config.bootstrap_admin_key, "TOKENLEDGER_BOOTSTRAP_ADMIN_KEY")
     key_cache = KeyCache(config.key_cache_ttl_seconds)
 
     @contextlib.asynccontextmanager

@@ -112,6 +112,24 @@ def new_key() -> NewKey:
     return NewKey(uuid.uuid4(), prefix, secret, hash_secret(secret))
 
 
+# A configured key's secret part must be at least this long: new_key() makes
+# 43 characters (256 bits) and a bootstrap key is an admin key.
+MIN_SECRET_CHARS = 40
+
+
+def check_strong(secret: str, setting: str) -> None:
+    """A key given in configuration must be a tlk_ key with a secret as long
+    as a generated one's and not one repeated character."""
+    parsed = parse_key(secret)
+    rest = secret[len(KEY_PREFIX) + 9 :] if parsed else ""
+    if parsed is None or len(rest) < MIN_SECRET_CHARS or len(set(rest)) < 16:
+        raise ValueError(
+            f"{setting} must be a tlk_<8 hex>_<secret> key with a random secret of "
+            f"{MIN_SECRET_CHARS}+ characters; make one with "
+            "`python -c 'from service.auth import new_key; print(new_key().secret)'`"
+        )
+
+
 def parse_key(token: str) -> tuple[str, bytes] | None:
     """(prefix, hash) of a presented service key, or None if it is not one."""
     if not token.startswith(KEY_PREFIX):

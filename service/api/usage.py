@@ -26,7 +26,7 @@ Source = Annotated[
     str,
     msgspec.Meta(
         pattern=r"^[a-z0-9][a-z0-9._:-]{0,63}$",
-        description='The metering source; `reservation` is the service\'s own and refused.',
+        description="The metering source; `reservation` is the service's own and refused.",
         examples=["gateway-eu"],
     ),
 ]

@@ -9,7 +9,13 @@ VALUES ($1, $2, $3, $4, $5, $6)
 RETURNING id, prefix, name, role, created_at;
 
 -- name: ensure_key
--- Stores a key given in configuration unless it already exists.
+-- Stores a key given in configuration unless it already exists, and revokes
+-- every other key that configuration made before ($6 is their created_by):
+-- changing the configured key takes the old one out.
+WITH revoked AS (
+    UPDATE api_keys SET revoked_at = clock_timestamp()
+    WHERE created_by = $6 AND prefix <> $2 AND revoked_at IS NULL
+    RETURNING id)
 INSERT INTO api_keys (id, prefix, secret_hash, name, role, created_by)
 VALUES ($1, $2, $3, $4, $5, $6)
 ON CONFLICT (prefix) DO NOTHING;

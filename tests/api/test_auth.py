@@ -761,3 +761,39 @@ async def test_401_does_not_say_why_a_token_failed(world: World) -> None:
         details.add(r.json()["detail"])
     assert len(details) == 1, details
     assert not any(word in next(iter(details)).lower() for word in ("expired", "signature"))
+
+
+def test_a_weak_bootstrap_key_refuses_to_start(config: Config) -> None:
+    """TOKENLEDGER_BOOTSTRAP_ADMIN_KEY must carry a secret as strong as a
+    generated key's (256 bits): a short or guessable one is refused."""
+    import msgspec
+
+    for weak in ("tlk_00000000_admin", "tlk_abcdef01_" + "a" * 20):
+        with pytest.raises(ValueError, match="TOKENLEDGER_BOOTSTRAP_ADMIN_KEY"):
+            create_app(msgspec.structs.replace(config, bootstrap_admin_key=weak))
+
+
+async def test_changing_the_bootstrap_key_revokes_the_previous_one(
+    config: Config, database_url: str
+) -> None:
+    """Restarted with another bootstrap key, the service revokes the one it
+    was started with before: rotating it takes the old one out."""
+    import msgspec
+
+    from tests.api.conftest import running
+
+    first, second = new_key().secret, new_key().secret
+    for secret in (first, second):
+        app = create_app(msgspec.structs.replace(config, bootstrap_admin_key=secret))
+        async with running(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t.local") as c:
+                r = await c.get(
+                    "/v1/accounts/system:usage", headers={"Authorization": f"Bearer {secret}"}
+                )
+                assert r.status_code == 200, r.text
+                if secret == second:
+                    r = await c.get(
+                        "/v1/accounts/system:usage", headers={"Authorization": f"Bearer {first}"}
+                    )
+                    assert r.status_code == 401, r.text
