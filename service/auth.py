@@ -260,6 +260,9 @@ class KeyListener:
 
 # --- JWTs -----------------------------------------------------------------
 
+JWKS_REFRESH_SECONDS = 300.0
+JWKS_UNKNOWN_KID_SECONDS = 10.0
+
 
 class _Rejected(Exception):
     """Why an employee token was refused: logged, never answered."""
@@ -277,6 +280,14 @@ class JwtVerifier:
     leeway_seconds: int
     allowed_roles: frozenset[str] = frozenset({"employee"})
     keys: dict[str | None, tuple[Any, str]] = field(default_factory=dict)
+    # The JWKS file is read again every JWKS_REFRESH_SECONDS, and when a token
+    # names an unknown kid, at most every JWKS_UNKNOWN_KID_SECONDS: the
+    # identity provider rotates keys without our restart, and a flood of
+    # made-up kids costs at most one file read per interval.
+    jwks_file: str | None = None
+    clock: Callable[[], float] = time.monotonic
+    _jwks_read_at: float = float("-inf")
+    _unknown_kid_read_at: float = float("-inf")
 
     @classmethod
     def from_config(cls, config: Config) -> JwtVerifier | None:
@@ -296,7 +307,8 @@ class JwtVerifier:
             allowed,
         )
         if config.jwt_jwks_file:
-            verifier.add_jwks(json.loads(Path(config.jwt_jwks_file).read_text()))
+            verifier.jwks_file = config.jwt_jwks_file
+            verifier.read_jwks()
         if config.jwt_public_key_file:
             verifier.add_pem(Path(config.jwt_public_key_file).read_bytes())
         if config.jwt_hs256_secret:
@@ -306,6 +318,37 @@ class JwtVerifier:
         if not verifier.keys:
             raise ValueError("JWT issuer/audience are set but no verification key is configured")
         return verifier
+
+    def read_jwks(self) -> None:
+        """(Re)load the JWKS file: its keys replace the JWKS keys held before
+        (a PEM key or HS256 secret stays). A file that cannot be read or
+        parsed after start-up keeps the keys there were, and is logged."""
+        assert self.jwks_file is not None
+        self._jwks_read_at = self.clock()
+        try:
+            jwks = json.loads(Path(self.jwks_file).read_text())
+        except (OSError, ValueError) as exc:
+            if not self.keys:
+                raise
+            log.warning("jwks_unreadable", path=self.jwks_file, error=repr(exc))
+            return
+        fallback = self.keys.get(None)
+        self.keys = {}
+        self.add_jwks(jwks)
+        if fallback is not None:
+            self.keys.setdefault(None, fallback)
+
+    def _refresh(self, kid: str | None) -> None:
+        if self.jwks_file is None:
+            return
+        now = self.clock()
+        unknown = (
+            kid not in self.keys and now - self._unknown_kid_read_at >= JWKS_UNKNOWN_KID_SECONDS
+        )
+        if unknown:
+            self._unknown_kid_read_at = now
+        if unknown or now - self._jwks_read_at >= JWKS_REFRESH_SECONDS:
+            self.read_jwks()
 
     def add_jwks(self, jwks: dict[str, Any]) -> None:
         for jwk in jwks.get("keys", []):
@@ -343,6 +386,7 @@ class JwtVerifier:
             raise _Rejected(f"malformed token: {exc}") from None
         # A token naming a kid must match a JWKS key of that kid; one without
         # a kid uses the PEM key or HS256 secret.
+        self._refresh(header.get("kid"))
         entry = self.keys.get(header.get("kid"))
         if entry is None:
             raise _Rejected("unknown signing key")

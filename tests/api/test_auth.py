@@ -797,3 +797,59 @@ async def test_changing_the_bootstrap_key_revokes_the_previous_one(
                         "/v1/accounts/system:usage", headers={"Authorization": f"Bearer {first}"}
                     )
                     assert r.status_code == 401, r.text
+
+
+def _rsa_jwk(kid: str) -> tuple[bytes, dict[str, Any]]:
+    import json
+
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+    from jwt.algorithms import RSAAlgorithm
+
+    private, public = _rsa_pem()
+    jwk = json.loads(RSAAlgorithm.to_jwk(load_pem_public_key(public)))
+    jwk.update({"kid": kid, "alg": "RS256", "use": "sig"})
+    return private, jwk
+
+
+async def test_jwks_rotation_needs_no_restart(
+    config: Config, tmp_path: Any, admin_key: str
+) -> None:
+    """The JWKS file is read again on a schedule (5 min) and, at most every
+    10 s, when a token names an unknown kid: a key added by the identity
+    provider works without a restart, and a key it removed stops working."""
+    import json
+
+    import msgspec
+
+    first, jwk1 = _rsa_jwk("k1")
+    second, jwk2 = _rsa_jwk("k2")
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [jwk1]}))
+    cfg = msgspec.structs.replace(config, jwt_hs256_secret=None, jwt_jwks_file=str(jwks))
+    app = create_app(cfg)
+    verifier = app.state.jwt_verifier
+    now = [1000.0]
+    verifier.clock = lambda: now[0]
+    token1 = jwt.encode(_claims(), first, algorithm="RS256", headers={"kid": "k1"})
+    token2 = jwt.encode(_claims(), second, algorithm="RS256", headers={"kid": "k2"})
+    async with AsyncTestClient(app=app, timeout=30) as c:
+        c.headers["Authorization"] = f"Bearer {admin_key}"
+        await Api(c).employee("e-rsa")
+
+        async def me(token: str) -> int:
+            r = await c.get("/v1/me", headers={"Authorization": f"Bearer {token}"})
+            return r.status_code
+
+        assert await me(token1) == 200
+        assert await me(token2) == 401  # unknown: read again, still unknown
+        jwks.write_text(json.dumps({"keys": [jwk1, jwk2]}))
+        now[0] += 5
+        assert await me(token2) == 401  # another read within 10 s is not allowed
+        now[0] += 6
+        assert await me(token2) == 200  # read again: the new key works
+        jwks.write_text(json.dumps({"keys": [jwk2]}))
+        now[0] += 100
+        assert await me(token1) == 200  # known kid: no read before the schedule
+        now[0] += 300
+        assert await me(token1) == 401  # the scheduled read removed it
+        assert await me(token2) == 200
