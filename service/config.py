@@ -56,6 +56,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # A reservation never lives longer than this from its creation, however
     # often it is extended (README, Reservations).
     reservation_max_lifetime_seconds: Annotated[int, msgspec.Meta(ge=60, le=604_800)] = 86_400
+    # A usage event's occurred_at must lie between this long ago and this far
+    # ahead of now: a meter may neither pick an old, cheaper price version
+    # nor write into months already reported.
+    usage_max_age_seconds: Annotated[int, msgspec.Meta(ge=60, le=5 * 366 * 86_400)] = 7 * 86_400
+    usage_max_ahead_seconds: Annotated[int, msgspec.Meta(ge=0, le=86_400)] = 300
     # Requests.
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
     retry_after_seconds: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 1

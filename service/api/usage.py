@@ -4,6 +4,7 @@ at the version in effect when they occurred and charged exactly once per
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import msgspec
@@ -88,11 +89,24 @@ def check_counts(counts: UsageCounts, path: str = "$") -> None:
 SERVICE_SOURCE = "reservation"
 
 
-def usage_args(event: UsageIn) -> dict[str, Any]:
+def usage_args(event: UsageIn, ledger: Ledger) -> dict[str, Any]:
     check_counts(event)
     if event.source == SERVICE_SOURCE:
         message = f'source "{SERVICE_SOURCE}" is the service\'s own (captures by usage)'
         raise errors.InvalidRequest(message, errors=[{"path": "$.source", "message": message}])
+    if event.occurred_at is not None:
+        now = ledger.now() or datetime.now(UTC)
+        config = ledger.config
+        earliest = now - timedelta(seconds=config.usage_max_age_seconds)
+        latest = now + timedelta(seconds=config.usage_max_ahead_seconds)
+        if not earliest <= event.occurred_at <= latest:
+            message = (
+                f"occurred_at must lie between {config.usage_max_age_seconds} s before and "
+                f"{config.usage_max_ahead_seconds} s after now"
+            )
+            raise errors.InvalidRequest(
+                message, errors=[{"path": "$.occurred_at", "message": message}]
+            )
     args: dict[str, Any] = msgspec.to_builtins(event)
     if event.reservation is not None:
         args["reservation_id"] = str(
@@ -120,7 +134,9 @@ class UsageController(Controller):
         404 `unknown_model` records nothing (never a zero charge); 409
         `insufficient_credits` records nothing, so it may be sent again later."""
         ctx = context_of(request)
-        result = await ledger.fetchval("record_usage", usage_args(data), ledger.context_json(ctx))
+        result = await ledger.fetchval(
+            "record_usage", usage_args(data, ledger), ledger.context_json(ctx)
+        )
         ledger.metrics.operations.labels(
             "usage", "ok" if result["status"] == 201 else "duplicate"
         ).inc()
@@ -148,7 +164,7 @@ class UsageController(Controller):
         for i, raw in enumerate(data.events):
             try:
                 event = msgspec.convert(raw, UsageIn, strict=True)
-                valid.append(usage_args(event))
+                valid.append(usage_args(event, ledger))
             except (msgspec.ValidationError, errors.LedgerError) as exc:
                 code = exc.code if isinstance(exc, errors.LedgerError) else "invalid_request"
                 event_id = raw.get("event_id") if isinstance(raw, dict) else None

@@ -85,6 +85,9 @@ def config(database_url: str, admin_key: str) -> Config:
         jwt_issuer=JWT_ISSUER,
         jwt_audience=JWT_AUDIENCE,
         jwt_hs256_secret=JWT_SECRET,
+        # Tests pin the clock and record usage at instants months before it
+        # (price versions); test_occurred_at_must_be_recent pins the bounds.
+        usage_max_age_seconds=5 * 365 * 86_400,
         # Employee tokens in tests may carry hr (test_extra_roles_claim).
         jwt_allowed_roles="employee,hr",
         rate_limits="",  # tests that pin rate limiting build their own app

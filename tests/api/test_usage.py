@@ -1049,3 +1049,45 @@ async def test_the_reservation_source_is_the_services_own(
     assert r.json()["usage"]["status"] == "recorded"
     assert await usage_total(api) == usage_cost(800, 0, 300, V1)
     await assert_audit_clean(database_url)
+
+
+async def test_occurred_at_must_be_recent(
+    config: Any, clock: FakeClock, admin_key: str, database_url: str
+) -> None:
+    """occurred_at is accepted from TOKENLEDGER_USAGE_MAX_AGE_SECONDS back (7
+    days) to TOKENLEDGER_USAGE_MAX_AHEAD_SECONDS ahead (5 minutes) of now:
+    outside, 400 (in a batch, that event rejected), so a meter cannot pick an
+    old price version or write into closed months."""
+    import httpx
+    import msgspec
+
+    from service.app import create_app
+    from tests.api.conftest import running
+
+    strict = msgspec.structs.replace(
+        config, usage_max_age_seconds=7 * 86400, usage_max_ahead_seconds=300
+    )
+    app = create_app(strict, clock=clock)
+    async with running(app):
+        transport = httpx.ASGITransport(app=app)
+        headers = {"Authorization": f"Bearer {admin_key}"}
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://t.local", headers=headers
+        ) as c:
+            api = Api(c)
+            await setup(c, api, clock, {"e-1": 100_000})
+            await add_price(c, P1, V1)
+            old = NOW - timedelta(days=7, seconds=1)
+            ahead = NOW + timedelta(minutes=5, seconds=1)
+            for i, when in enumerate((old, ahead)):
+                body = event(f"bad-{i}", occurred_at=when.isoformat())
+                err = problem(await record(c, body), 400, "invalid_request")
+                assert err["errors"][0]["path"] == "$.occurred_at", err
+            ok = [NOW - timedelta(days=7), NOW + timedelta(minutes=5), NOW]
+            results = await batch(
+                c,
+                [event(f"edge-{i}", occurred_at=w.isoformat()) for i, w in enumerate(ok)]
+                + [event("late", occurred_at=old.isoformat())],
+            )
+            assert [r["status"] for r in results] == ["recorded"] * 3 + ["rejected"]
+            assert results[3]["code"] == "invalid_request"
