@@ -103,6 +103,22 @@ CREATE TABLE IF NOT EXISTS account_shards (
     CONSTRAINT account_shards_shard_nonnegative CHECK (shard >= 0)
 );
 
+-- Every balance stays within ±2^62 (BALANCE_LIMIT): amounts are at most
+-- 2^53, so no sum of two balances, or of a balance and an amount, can
+-- overflow a bigint. A write that would pass it fails whole and answers 409
+-- balance_limit_exceeded (service/errors.py translates by constraint name).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'accounts_posted_within_limit') THEN
+        ALTER TABLE accounts ADD CONSTRAINT accounts_posted_within_limit
+            CHECK (posted BETWEEN -4611686018427387904 AND 4611686018427387904);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'account_shards_posted_within_limit') THEN
+        ALTER TABLE account_shards ADD CONSTRAINT account_shards_posted_within_limit
+            CHECK (posted BETWEEN -4611686018427387904 AND 4611686018427387904);
+    END IF;
+END $$;
+
 CREATE TABLE IF NOT EXISTS transactions (
     id         uuid PRIMARY KEY,
     kind       text NOT NULL,

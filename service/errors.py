@@ -10,6 +10,7 @@ never by message text.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, ClassVar
 
 import asyncpg
@@ -188,6 +189,18 @@ class AlreadyReversed(LedgerError):
     code, status, title, sqlstate = "already_reversed", 409, "Already reversed", "TLB06"
 
 
+class BalanceLimitExceeded(LedgerError):
+    """The write would take an account's balance past ±2^62 (sums could overflow)."""
+
+    code, status, title = "balance_limit_exceeded", 409, "Balance limit exceeded"
+
+
+# Check constraints that keep balances within the limit (schema.sql).
+_BALANCE_LIMIT_CONSTRAINTS = frozenset(
+    {"accounts_posted_within_limit", "account_shards_posted_within_limit"}
+)
+
+
 class IdempotencyKeyInProgress(LedgerError):
     """A request with this Idempotency-Key is still being processed; retry shortly."""
 
@@ -245,6 +258,7 @@ ERRORS: tuple[type[LedgerError], ...] = (
     ReservationNotActive,
     LotNotActive,
     AlreadyReversed,
+    BalanceLimitExceeded,
     IdempotencyKeyInProgress,
     IdempotencyKeyReused,
     RateLimited,
@@ -290,6 +304,23 @@ def from_stored(code: str, detail: str | None, extra: dict[str, Any]) -> LedgerE
     return BY_CODE[code](detail, **extra)
 
 
+def _account_of(exc: asyncpg.PostgresError) -> str:
+    """The account whose row failed the check: its address is in the row that
+    PostgreSQL reports, for accounts; a shard row names the account by id."""
+    detail = getattr(exc, "detail", None) or ""
+    match = re.search(r"(employee|department|system):[a-z0-9][a-z0-9._-]*", detail)
+    if match:
+        return match.group(0)
+    if getattr(exc, "table_name", None) == "account_shards":
+        shard = re.search(r"\((\d+), (\d+),", detail)
+        return (
+            f"system account {shard.group(1)} (shard {shard.group(2)})"
+            if shard
+            else "a system account"
+        )
+    return "an account"
+
+
 def translate(exc: BaseException) -> LedgerError | None:
     """Turn a database error into the LedgerError it stands for, or None when
     it is not an operating error (then it is a bug: 500 with a traceback)."""
@@ -307,6 +338,11 @@ def translate(exc: BaseException) -> LedgerError | None:
             return cls(getattr(exc, "detail", None), **extra)
         if state in _UNAVAILABLE_SQLSTATES:
             return Unavailable()
+        constraint = getattr(exc, "constraint_name", None)
+        if state == "23514" and constraint in _BALANCE_LIMIT_CONSTRAINTS:
+            return BalanceLimitExceeded(
+                f"{_account_of(exc)} would pass the balance limit of ±2^62 credits"
+            )
         return None
     if isinstance(exc, (asyncpg.InternalClientError, OSError, TimeoutError)) or (
         isinstance(exc, asyncpg.InterfaceError) and not isinstance(exc, asyncpg.DataError)

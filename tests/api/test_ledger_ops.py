@@ -7,7 +7,7 @@ from typing import Any
 
 from litestar.testing import AsyncTestClient
 
-from tests.api.conftest import Api, FakeClock, mismatch, posted, problem, ts
+from tests.api.conftest import Api, FakeClock, key, mismatch, posted, problem, ts
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -344,3 +344,28 @@ async def test_transfer_unknown_account(api: Api) -> None:
             bad[f"{src}->{dst}"] = why
     assert bad == {}
     assert await posted(api, "employee:e-1") == 10
+
+
+async def test_balances_cannot_overflow(api: Api, client: Any, database_url: str) -> None:
+    """An account's posted balance stays within ±2^62, so no sum of balances
+    or amounts overflows a bigint: a grant that would take system:issuance
+    past it answers 409 balance_limit_exceeded and changes nothing."""
+    import asyncpg
+
+    await api.employee("e-1")
+    conn = await asyncpg.connect(database_url)
+    try:
+        # Every shard of system:issuance just inside the limit (as after a
+        # very long life), its entries left as they are.
+        await conn.execute(
+            "UPDATE account_shards SET posted = -(2::bigint ^ 62)::bigint + 5 "
+            "WHERE account_id = (SELECT id FROM accounts WHERE address = 'system:issuance')"
+        )
+    finally:
+        await conn.close()
+    r = await client.post(
+        "/v1/grants", json={"employee": "e-1", "amount": 10, "reason": "spot_bonus"}, headers=key()
+    )
+    body = problem(r, 409, "balance_limit_exceeded")
+    assert "balance limit" in body["detail"], body
+    assert await api.available("employee:e-1") == 0

@@ -246,6 +246,11 @@ CONSTRAINT_CASES: list[tuple[str, type[asyncpg.PostgresError], str]] = [
         "UPDATE accounts SET reserved = posted + 1 WHERE id = {acc}",
     ),
     (
+        "accounts_posted_within_limit",
+        asyncpg.CheckViolationError,
+        "UPDATE accounts SET posted = 4611686018427387905 WHERE id = {acc}",
+    ),
+    (
         "accounts_shards_only_system",
         asyncpg.CheckViolationError,
         "INSERT INTO accounts (address, type, ref, shard_count) VALUES ('employee:e9', "
@@ -257,6 +262,11 @@ CONSTRAINT_CASES: list[tuple[str, type[asyncpg.PostgresError], str]] = [
         "UPDATE accounts SET posted = 1 WHERE id = {usage}",
     ),
     # account_shards
+    (
+        "account_shards_posted_within_limit",
+        asyncpg.CheckViolationError,
+        "UPDATE account_shards SET posted = -4611686018427387905 WHERE account_id = {usage}",
+    ),
     (
         "account_shards_shard_nonnegative",
         asyncpg.CheckViolationError,
