@@ -2044,9 +2044,13 @@ BEGIN
                                 AND u.result IS NOT NULL
         LEFT JOIN accounts a ON a.address = e.account
         LEFT JOIN reservations r ON e.reservation IS NOT NULL AND r.id = e.reservation_id),
-    p AS (
-        SELECT m.model, m.occurred_at, tl_price_at(m.model, m.occurred_at) AS price
-        FROM (SELECT DISTINCT model, occurred_at FROM c WHERE priced AND res_price IS NULL) m),
+    -- The price versions of the models named, each with the instant the
+    -- next one takes over: tl_price_at() by a join, since events without
+    -- occurred_at each have an instant of their own (clock_timestamp()).
+    p AS MATERIALIZED (
+        SELECT pr AS price, pr.model, pr.effective_from,
+               lead(pr.effective_from) OVER (PARTITION BY pr.model ORDER BY pr.effective_from) AS until
+        FROM prices pr WHERE pr.model IN (SELECT model FROM c WHERE priced AND res_price IS NULL)),
     k AS (
         SELECT c.*, (q.price).id AS price_id, (q.price).model AS price_model,
                CASE WHEN (q.price).id IS NOT NULL
@@ -2066,10 +2070,9 @@ BEGIN
                     WHEN c.reservation IS NOT NULL AND c.res_account <> c.account_id THEN 'invalid_request'
                     WHEN (q.price).id IS NULL OR (q.price).model <> c.model THEN 'unknown_model' END AS code
         FROM c
-        LEFT JOIN LATERAL (
-            SELECT coalesce(c.res_price, (SELECT p.price FROM p WHERE p.model = c.model
-                                                                   AND p.occurred_at = c.occurred_at)) AS price
-            WHERE c.priced) q ON true),
+        LEFT JOIN p ON c.priced AND c.res_price IS NULL AND p.model = c.model
+                   AND p.effective_from <= c.occurred_at AND (p.until IS NULL OR c.occurred_at < p.until)
+        CROSS JOIN LATERAL (SELECT CASE WHEN c.priced THEN coalesce(c.res_price, p.price) END AS price) q),
     t AS (
         SELECT account_id, tl_uuid7() AS txn FROM k
         WHERE status = 'pending' AND reservation IS NULL AND cost > 0 GROUP BY account_id),
@@ -2103,7 +2106,9 @@ BEGIN
                     'reservation_id', tl_public_id('rsv_', w.res_id),
                     'project', w.project,
                     'tags', w.tags,
-                    'occurred_at', tl_ts(w.occurred_at)) END
+                    -- tl_ts(), written out: to_char() is only stable, so the
+                    -- immutable tl_ts() is not inlined, and a call per event costs.
+                    'occurred_at', to_char(w.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')) END
     FROM w;
 
     -- Claim the new events in key order, each with its final row (an event
