@@ -1576,7 +1576,12 @@ CREATE TABLE IF NOT EXISTS usage_events (
     id                  uuid PRIMARY KEY,
     source              text NOT NULL,
     event_id            text NOT NULL,
-    account_id          bigint NOT NULL REFERENCES accounts (id),
+    -- Deferred: the check locks the account row KEY SHARE. Taken at the
+    -- claim, before the batch's tl_lock, it made each hot account row a
+    -- multixact of every batch in flight, and a transaction that already holds
+    -- a lock on a row skips the queue (the tuple lock) when it waits to lock it
+    -- more strongly. At COMMIT the row is locked by this transaction already.
+    account_id          bigint NOT NULL REFERENCES accounts (id) DEFERRABLE INITIALLY DEFERRED,
     model               text NOT NULL,
     price_id            uuid NOT NULL REFERENCES prices (id),
     input_tokens        bigint NOT NULL,
@@ -1601,22 +1606,20 @@ CREATE TABLE IF NOT EXISTS usage_events (
 );
 CREATE INDEX IF NOT EXISTS usage_events_occurred_idx ON usage_events (occurred_at);
 CREATE INDEX IF NOT EXISTS usage_events_account_idx ON usage_events (account_id, occurred_at);
--- A database created before the reference was deferred: defer it (a change
--- of the catalog only, no row is checked again).
+-- A database created before the references were deferred: defer them (a
+-- change of the catalog only, no row is checked again).
 DO $$
+DECLARE
+    v_name text;
 BEGIN
-    IF EXISTS (SELECT 1 FROM pg_constraint
-               WHERE conrelid = 'usage_events'::regclass AND contype = 'f' AND NOT condeferred
-                 AND conkey = ARRAY[(SELECT attnum FROM pg_attribute
-                                     WHERE attrelid = 'usage_events'::regclass AND attname = 'transaction_id')])
-    THEN
-        EXECUTE format('ALTER TABLE usage_events ALTER CONSTRAINT %I DEFERRABLE INITIALLY DEFERRED',
-                       (SELECT conname FROM pg_constraint
-                        WHERE conrelid = 'usage_events'::regclass AND contype = 'f'
-                          AND conkey = ARRAY[(SELECT attnum FROM pg_attribute
-                                              WHERE attrelid = 'usage_events'::regclass
-                                                AND attname = 'transaction_id')]));
-    END IF;
+    FOR v_name IN
+        SELECT c.conname FROM pg_constraint c JOIN pg_attribute a
+            ON a.attrelid = c.conrelid AND c.conkey = ARRAY[a.attnum]
+        WHERE c.conrelid = 'usage_events'::regclass AND c.contype = 'f' AND NOT c.condeferred
+          AND a.attname IN ('account_id', 'transaction_id')
+    LOOP
+        EXECUTE format('ALTER TABLE usage_events ALTER CONSTRAINT %I DEFERRABLE INITIALLY DEFERRED', v_name);
+    END LOOP;
 END $$;
 
 -- Daily roll-up for reports, kept in the same transaction as each event.
