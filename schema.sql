@@ -2156,7 +2156,23 @@ BEGIN
 
     -- Lock every account the batch charges or settles a reservation of, once,
     -- in the global order (one statement), then the system shard rows.
+    --
+    -- First queue for them in arrival order: a row lock is not a fair queue
+    -- under load. Each charge writes a new version of the account row; the
+    -- waiters queued on the old version move to the new one only one by one
+    -- (each woken after the one before it), while a transaction that arrives
+    -- meanwhile queues on the new version at once, ahead of them. With
+    -- sixteen batches over the same accounts, some waited ten times as long
+    -- as the median (p99 2.5 s against 0.4 s). An advisory lock per account
+    -- (key: the account id modulo 2^31, in the two-key space, which nothing
+    -- else uses) does not move, and its waiters are served in order. They are
+    -- taken in key order, before any account row lock, and only by this
+    -- function, so they cannot take part in a deadlock: whoever waits for one
+    -- holds no account row lock. (A single operation still locks the rows
+    -- directly; it waits for at most the batch that holds them.)
     IF v_accounts IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock(1969516655, k)
+        FROM (SELECT DISTINCT (a % 2147483648)::integer AS k FROM unnest(v_accounts) a) s ORDER BY k;
         PERFORM tl_lock(v_accounts, ARRAY['system:expired', 'system:usage', 'system:issuance']);
     END IF;
     v_now := tl_now(p_ctx);
