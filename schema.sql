@@ -1999,6 +1999,12 @@ LANGUAGE plpgsql
 -- tells the planner nothing here, and the custom plans it otherwise makes
 -- now and then cost CPU (planning: 1.2% -> 0.7% of the backend's samples).
 SET plan_cache_mode = force_generic_plan
+-- Every table is reached by key (accounts by address or id, usage_events by
+-- (source, event_id), lots by account, prices by model): the indexes whatever
+-- the statistics say, as under tl_execute_batch. A cached generic plan made
+-- with the statistics of a small, fresh table would otherwise scan the whole
+-- table at every batch once it has grown.
+SET enable_seqscan = off
 AS $$
 DECLARE
     v_now timestamptz;
