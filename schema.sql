@@ -2242,7 +2242,8 @@ BEGIN
             v_left := v_acc.spendable;
             SELECT array_agg(w.pos ORDER BY w.pos) INTO v_pos FROM unnest(v_rows) w
             WHERE w.account_id = v_acc.account_id AND w.status = 'pending' AND w.reservation IS NULL AND w.cost > 0;
-            FOR i IN 1 .. cardinality(v_pos) LOOP
+            -- (None left pending when the account is closed.)
+            FOR i IN 1 .. coalesce(cardinality(v_pos), 0) LOOP
                 IF v_rows[v_pos[i]].cost <= v_left THEN
                     v_left := v_left - v_rows[v_pos[i]].cost;
                 ELSE
