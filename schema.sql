@@ -1938,12 +1938,19 @@ CREATE OR REPLACE FUNCTION tl_usage_batch_answer(p_rows tl_usage_batch_item[]) R
 LANGUAGE plpgsql AS $$
 BEGIN
     RETURN jsonb_build_object('results', (
-        SELECT jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
-                   'event_id', b.event_id, 'status', b.status, 'code', b.code,
-                   'cost', (b.result ->> 'cost')::bigint, 'id', b.result ->> 'id',
-                   'transaction_id', b.result ->> 'transaction_id')) ORDER BY b.pos)
+        SELECT jsonb_agg(
+                   -- An event charged in this batch has no null to strip:
+                   -- built directly (jsonb_strip_nulls builds it twice).
+                   CASE WHEN b.status = 'recorded' AND b.txn IS NOT NULL AND b.event_id IS NOT NULL
+                        THEN jsonb_build_object('event_id', b.event_id, 'status', 'recorded', 'cost', b.cost,
+                                                'id', b.result -> 'id', 'transaction_id', b.result -> 'transaction_id')
+                        ELSE jsonb_strip_nulls(jsonb_build_object(
+                            'event_id', b.event_id, 'status', b.status, 'code', b.code,
+                            'cost', (b.result ->> 'cost')::bigint, 'id', b.result ->> 'id',
+                            'transaction_id', b.result ->> 'transaction_id')) END
+                   ORDER BY b.pos)
         FROM (SELECT w.pos, w.event_id, CASE WHEN w.status = 'pending' THEN 'recorded' ELSE w.status END AS status,
-                     w.code, CASE WHEN w.status <> 'rejected' THEN w.result END AS result
+                     w.code, w.cost, w.txn, CASE WHEN w.status <> 'rejected' THEN w.result END AS result
               FROM unnest(p_rows) w) b));
 END $$;
 
