@@ -2061,6 +2061,15 @@ BEGIN
                x.v ->> 'reservation' AS reservation, (x.v ->> 'reservation_id')::uuid AS reservation_id,
                x.pos > min(x.pos) OVER (PARTITION BY x.v ->> 'source', x.v ->> 'event_id') AS repeat
         FROM jsonb_array_elements(p_events) WITH ORDINALITY AS x (v, pos)),
+    -- Tables are reached only by key (= ANY, or per event), never joined
+    -- whole: the generic plan is kept for the session, and one made while a
+    -- table was small would otherwise go on hashing all of it at every batch.
+    a AS (
+        SELECT a.id, a.type, a.address FROM accounts a
+        WHERE a.address = ANY (ARRAY(SELECT DISTINCT account FROM e))),
+    r AS (
+        SELECT r.id, r.account_id, r.details FROM reservations r
+        WHERE r.id = ANY (ARRAY(SELECT reservation_id FROM e WHERE reservation IS NOT NULL))),
     c AS (
         SELECT e.*, u.result AS stored, a.id AS account_id, a.type AS account_type,
                r.id AS res_id, r.account_id AS res_account,
@@ -2069,10 +2078,11 @@ BEGIN
                     THEN (SELECT rp FROM prices rp WHERE rp.id = (r.details ->> 'price_id')::uuid) END AS res_price,
                NOT e.repeat AND u.result IS NULL AND a.id IS NOT NULL AS priced
         FROM e
-        LEFT JOIN usage_events u ON NOT e.repeat AND u.source = e.source AND u.event_id = e.event_id
-                                AND u.result IS NOT NULL
-        LEFT JOIN accounts a ON a.address = e.account
-        LEFT JOIN reservations r ON e.reservation IS NOT NULL AND r.id = e.reservation_id),
+        LEFT JOIN LATERAL (
+            SELECT u.result FROM usage_events u
+            WHERE NOT e.repeat AND u.source = e.source AND u.event_id = e.event_id AND u.result IS NOT NULL) u ON true
+        LEFT JOIN a ON a.address = e.account
+        LEFT JOIN r ON e.reservation IS NOT NULL AND r.id = e.reservation_id),
     -- The price versions of the models named, each with the instant the
     -- next one takes over: tl_price_at() by a join, since events without
     -- occurred_at each have an instant of their own (clock_timestamp()).
@@ -2239,7 +2249,8 @@ BEGIN
         FOR v_acc IN
             SELECT n.account_id, coalesce(sum(l.remaining - l.reserved), 0)::bigint AS spendable
             FROM unnest(v_charged, v_totals) AS n (account_id, total)
-            LEFT JOIN lots l ON l.account_id = n.account_id AND l.status = 'active' AND l.remaining > 0
+            LEFT JOIN lots l ON l.account_id = ANY (v_charged) AND l.account_id = n.account_id
+                            AND l.status = 'active' AND l.remaining > 0
                             AND l.remaining > l.reserved AND l.effective_at <= v_now
                             AND (l.expires_at IS NULL OR l.expires_at > v_now)
             GROUP BY n.account_id, n.total
@@ -2289,13 +2300,14 @@ BEGIN
                    coalesce(sum(l.remaining - l.reserved) OVER (
                        PARTITION BY l.account_id ORDER BY l.priority, l.expires_at NULLS LAST, l.effective_at, l.id
                        ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
-            FROM need n JOIN lots l ON l.account_id = n.account_id
+            FROM need n JOIN lots l ON l.account_id = ANY (v_charged) AND l.account_id = n.account_id
             WHERE l.status = 'active' AND l.remaining > 0 AND l.remaining > l.reserved
               AND l.effective_at <= v_now AND (l.expires_at IS NULL OR l.expires_at > v_now)),
         taken AS (
             SELECT id, txn, least(free, total - before)::bigint AS take FROM live WHERE before < total),
         moved AS (
-            UPDATE lots l SET remaining = l.remaining - t.take FROM taken t WHERE l.id = t.id
+            UPDATE lots l SET remaining = l.remaining - t.take FROM taken t
+            WHERE l.id = ANY (ARRAY(SELECT id FROM taken)) AND l.id = t.id
             RETURNING t.id, t.txn, t.take),
         logged AS (
             INSERT INTO lot_movements (transaction_id, lot_id, amount)
