@@ -2044,6 +2044,7 @@ BEGIN
     -- invalidated the plan of every statement that used it, so each batch
     -- planned them all again; and every event was written to it (with its
     -- index entries) once more than to usage_events.
+
     -- Parse, and answer what needs no lock: repeats within the batch (later
     -- ones answer like the first), events recorded before (their stored
     -- answer), unknown or system accounts, unknown reservations, prices
