@@ -418,6 +418,37 @@ async def test_batch_insufficient_credits_in_batch_order(
     await assert_audit_clean(database_url)
 
 
+async def test_batch_closed_account_and_insufficient_credits_together(
+    client: Any, api: Api, clock: FakeClock, database_url: str
+) -> None:
+    """A closed account's events are rejected (account_closed) in a batch where another
+    account cannot cover its event (insufficient_credits); the other events record as usual."""
+    await setup(client, api, clock, {"e-1": 100, "e-2": 100, "e-3": 100})
+    await add_price(client, P1)
+    r = await client.post("/v1/employees/e-3/offboard", json={}, headers=key())
+    assert r.status_code == 200, r.text
+    closed = "employee:e-3"
+    events = [
+        event("k-0", 0, 6, cached=0),
+        event("k-1", 0, 5, cached=0, account=closed),
+        event("k-2", 0, 20, cached=0, account=OTHER),
+        event("k-3", 0, 4, cached=0),
+        event("k-1", 0, 5, cached=0, account=closed),  # repeated within the batch
+    ]
+    results = await batch(client, events)
+    assert [brief(r) for r in results] == [
+        {"event_id": "k-0", "status": "recorded", "code": None, "cost": 60},
+        {"event_id": "k-1", "status": "rejected", "code": "account_closed", "cost": None},
+        {"event_id": "k-2", "status": "rejected", "code": "insufficient_credits", "cost": None},
+        {"event_id": "k-3", "status": "recorded", "code": None, "cost": 40},
+        {"event_id": "k-1", "status": "rejected", "code": "account_closed", "cost": None},
+    ]
+    assert await posted(api, WALLET) == 0
+    assert await posted(api, OTHER) == 100
+    assert await usage_total(api) == 100
+    await assert_audit_clean(database_url)
+
+
 async def test_batch_of_1000_events(
     client: Any, api: Api, clock: FakeClock, database_url: str
 ) -> None:
