@@ -88,6 +88,11 @@ def config(database_url: str, admin_key: str) -> Config:
         # Tests pin the clock and record usage at instants months before it
         # (price versions); test_occurred_at_must_be_recent pins the bounds.
         usage_max_age_seconds=5 * 365 * 86_400,
+        # No key cache: these tests revoke a key on a connection of their own
+        # and expect the very next request to fail, which the cache only
+        # guarantees within a second (NOTIFY is asynchronous).
+        # tests/api/test_key_cache.py tests the cache with its default.
+        key_cache_ttl_seconds=0.0,
         # Employee tokens in tests may carry hr (test_extra_roles_claim).
         jwt_allowed_roles="employee,hr",
         rate_limits="",  # tests that pin rate limiting build their own app

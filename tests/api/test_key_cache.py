@@ -11,6 +11,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import msgspec
 import pytest
 
 from service import db
@@ -75,7 +76,8 @@ class Replica:
 
 @pytest.fixture
 async def replicas(config: Config) -> AsyncIterator[list[Replica]]:
-    """Two replicas of the service on one database."""
+    """Two replicas of the service on one database, with the default key cache."""
+    config = msgspec.structs.replace(config, key_cache_ttl_seconds=1.0)
     async with running(app_a := create_app(config)), running(app_b := create_app(config)):
         out = []
         for app in (app_a, app_b):
