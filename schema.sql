@@ -194,16 +194,29 @@ CREATE TABLE IF NOT EXISTS lots (
     CONSTRAINT lots_expiry_after_start CHECK (expires_at IS NULL OR expires_at > effective_at),
     CONSTRAINT lots_status_valid CHECK (status IN ('active', 'voided'))
 );
+-- live says whether a lot still holds credits (remaining > 0). It is a
+-- column of its own so that the partial indexes below name it and not
+-- remaining: a debit, a reservation or a capture changes remaining and
+-- reserved, and while those appear in no index that update is HOT (no new
+-- entry in any of the lots' indexes, and room for it on the page, which
+-- fillfactor keeps); it stops being HOT only when live flips, once in a
+-- lot's life. With remaining in the predicates, none was (every debit added
+-- an entry to each lots index, dead ones piling up until vacuum).
+ALTER TABLE lots ADD COLUMN IF NOT EXISTS live boolean GENERATED ALWAYS AS (remaining > 0) STORED;
+ALTER TABLE lots SET (fillfactor = 80);
+DROP INDEX IF EXISTS lots_consumption_idx;
+DROP INDEX IF EXISTS lots_due_idx;
+DROP INDEX IF EXISTS lots_voided_held_idx;
 -- Consumption order (DESIGN.md): priority, expires_at NULLS LAST, effective_at, id.
-CREATE INDEX IF NOT EXISTS lots_consumption_idx ON lots
+CREATE INDEX IF NOT EXISTS lots_live_consumption_idx ON lots
     (account_id, priority, expires_at NULLS LAST, effective_at, id)
-    WHERE status = 'active' AND remaining > 0;
-CREATE INDEX IF NOT EXISTS lots_due_idx ON lots (expires_at)
-    WHERE status = 'active' AND remaining > 0 AND expires_at IS NOT NULL;
+    WHERE status = 'active' AND live;
+CREATE INDEX IF NOT EXISTS lots_live_due_idx ON lots (expires_at)
+    WHERE status = 'active' AND live AND expires_at IS NOT NULL;
 -- Voided lots still holding credits (for a reservation that may release them).
-CREATE INDEX IF NOT EXISTS lots_voided_held_idx ON lots (account_id)
-    WHERE status = 'voided' AND remaining > 0;
--- Queries on an account's live lots say `remaining > 0` as well as
+CREATE INDEX IF NOT EXISTS lots_voided_live_idx ON lots (account_id)
+    WHERE status = 'voided' AND live;
+-- Queries on an account's live lots say `live` as well as
 -- `remaining > reserved`: the planner cannot infer the first from the second,
 -- and without it these partial indexes do not apply (every write and read
 -- would scan all lots).
@@ -471,7 +484,7 @@ BEGIN
     PERFORM 1 FROM accounts
      WHERE id = ANY (p_accounts || ARRAY(SELECT l.funded_by FROM lots l
                                           WHERE l.account_id = ANY (p_accounts) AND l.status = 'voided'
-                                            AND l.remaining > 0))
+                                            AND l.live))
        AND type <> 'system'
      ORDER BY id FOR NO KEY UPDATE;
     IF cardinality(p_system) = 0 THEN
@@ -603,7 +616,7 @@ DECLARE
     v_txn uuid;
 BEGIN
     SELECT array_agg(id) INTO v_lots FROM lots
-        WHERE account_id = p_account AND status = 'voided' AND remaining > 0 AND remaining > reserved;
+        WHERE account_id = p_account AND status = 'voided' AND live AND remaining > reserved;
     IF v_lots IS NULL THEN
         RETURN;
     END IF;
@@ -622,7 +635,7 @@ DECLARE
     v_count integer := 0;
 BEGIN
     SELECT sum(remaining - reserved) INTO v_total FROM lots
-        WHERE account_id = p_account AND status = 'active' AND remaining > 0 AND remaining > reserved
+        WHERE account_id = p_account AND status = 'active' AND live AND remaining > reserved
           AND expires_at <= p_now;
     IF v_total IS NULL OR v_total = 0 THEN
         RETURN 0;
@@ -630,7 +643,7 @@ BEGIN
     v_txn := tl_new_transaction('expiry', p_now, p_ctx);
     FOR v_lot IN
         SELECT id, remaining - reserved AS free FROM lots
-        WHERE account_id = p_account AND status = 'active' AND remaining > 0 AND remaining > reserved AND expires_at <= p_now
+        WHERE account_id = p_account AND status = 'active' AND live AND remaining > reserved AND expires_at <= p_now
         ORDER BY priority, expires_at NULLS LAST, effective_at, id
     LOOP
         PERFORM tl_move_lot(v_txn, v_lot.id, -v_lot.free);
@@ -645,7 +658,7 @@ END $$;
 CREATE OR REPLACE FUNCTION tl_spendable(p_account bigint, p_now timestamptz) RETURNS bigint
 LANGUAGE sql STABLE AS $$
     SELECT coalesce(sum(remaining - reserved), 0)::bigint FROM lots
-    WHERE account_id = p_account AND status = 'active' AND remaining > 0 AND remaining > reserved
+    WHERE account_id = p_account AND status = 'active' AND live AND remaining > reserved
       AND effective_at <= p_now AND (expires_at IS NULL OR expires_at > p_now)
 $$;
 
@@ -668,7 +681,7 @@ BEGIN
     END IF;
     FOR v_lot IN
         SELECT l.id, l.remaining - l.reserved AS free, l.expires_at, l.priority, l.funded_by FROM lots l
-        WHERE l.account_id = p_account.id AND l.status = 'active' AND l.remaining > 0 AND l.remaining > l.reserved
+        WHERE l.account_id = p_account.id AND l.status = 'active' AND l.live AND l.remaining > l.reserved
           AND l.effective_at <= p_now AND (l.expires_at IS NULL OR l.expires_at > p_now)
         ORDER BY l.priority, l.expires_at NULLS LAST, l.effective_at, l.id
     LOOP
@@ -770,7 +783,7 @@ BEGIN
                coalesce(sum(remaining - reserved) FILTER (WHERE effective_at > p_now
                                                           AND (expires_at IS NULL OR expires_at > p_now)), 0)
             INTO v_due, v_pending
-            FROM lots WHERE account_id = a.id AND status = 'active' AND remaining > 0 AND remaining > reserved;
+            FROM lots WHERE account_id = a.id AND status = 'active' AND live AND remaining > reserved;
         -- Program lots past their cycle's end whose rollover is not written
         -- yet: the part that rolls over is still live, until rollover_until.
         SELECT coalesce(sum(tl_rollover_pending(l, p_now)), 0) INTO v_rolling FROM lots l
@@ -781,7 +794,7 @@ BEGIN
             INTO v_expiring
             FROM (SELECT y.expires_at, sum(y.amount) AS amount FROM (
                       SELECT expires_at, remaining - reserved AS amount FROM lots
-                      WHERE account_id = a.id AND status = 'active' AND remaining > 0 AND remaining > reserved
+                      WHERE account_id = a.id AND status = 'active' AND live AND remaining > reserved
                         AND expires_at > p_now AND expires_at IS NOT NULL
                       UNION ALL
                       SELECT l.rollover_until, tl_rollover_pending(l, p_now) FROM lots l
@@ -1119,7 +1132,7 @@ END $$;
 CREATE OR REPLACE FUNCTION tl_funders(p_account bigint) RETURNS bigint[]
 LANGUAGE sql STABLE AS $$
     SELECT coalesce(array_agg(DISTINCT funded_by), '{}') FROM lots
-    WHERE account_id = p_account AND status IN ('active', 'voided') AND remaining > 0
+    WHERE account_id = p_account AND status IN ('active', 'voided') AND live
 $$;
 
 CREATE OR REPLACE FUNCTION tl_op_void_lot(p_args jsonb, p_ctx jsonb) RETURNS jsonb
@@ -1255,7 +1268,7 @@ BEGIN
     -- Every lot with free credits goes back: the active ones, and voided
     -- ones whose credits the released reservations have just freed.
     SELECT array_agg(id) INTO v_lots FROM lots
-        WHERE account_id = w.id AND status IN ('active', 'voided') AND remaining > 0
+        WHERE account_id = w.id AND status IN ('active', 'voided') AND live
           AND remaining > reserved;
     IF v_lots IS NOT NULL THEN
         v_txn := tl_new_transaction('void', v_now, p_ctx, p_args ->> 'memo', '{}'::jsonb,
@@ -1368,7 +1381,7 @@ BEGIN
     v_left := v_amount;
     FOR v_lot IN
         SELECT l.id, l.remaining - l.reserved AS free FROM lots l
-        WHERE l.account_id = w.id AND l.status = 'active' AND l.remaining > 0 AND l.remaining > l.reserved
+        WHERE l.account_id = w.id AND l.status = 'active' AND l.live AND l.remaining > l.reserved
           AND l.effective_at <= v_now AND (l.expires_at IS NULL OR l.expires_at > v_now)
         ORDER BY l.priority, l.expires_at NULLS LAST, l.effective_at, l.id
     LOOP
@@ -2278,9 +2291,9 @@ BEGIN
                OR EXISTS (SELECT 1 FROM lots l WHERE l.account_id = a.id AND l.rollover_max IS NOT NULL
                                                  AND l.rolled_at IS NULL AND l.expires_at <= v_now)
                OR EXISTS (SELECT 1 FROM lots l WHERE l.account_id = a.id AND l.status = 'voided'
-                                                 AND l.remaining > 0 AND l.remaining > l.reserved)
+                                                 AND l.live AND l.remaining > l.reserved)
                OR EXISTS (SELECT 1 FROM lots l WHERE l.account_id = a.id AND l.status = 'active'
-                                                 AND l.remaining > 0 AND l.remaining > l.reserved
+                                                 AND l.live AND l.remaining > l.reserved
                                                  AND l.expires_at <= v_now))
             ORDER BY a.id
         LOOP
@@ -2292,7 +2305,7 @@ BEGIN
             SELECT n.account_id, coalesce(sum(l.remaining - l.reserved), 0)::bigint AS spendable
             FROM unnest(v_charged, v_totals) AS n (account_id, total)
             LEFT JOIN lots l ON l.account_id = ANY (v_charged) AND l.account_id = n.account_id
-                            AND l.status = 'active' AND l.remaining > 0
+                            AND l.status = 'active' AND l.live
                             AND l.remaining > l.reserved AND l.effective_at <= v_now
                             AND (l.expires_at IS NULL OR l.expires_at > v_now)
             GROUP BY n.account_id, n.total
@@ -2343,7 +2356,7 @@ BEGIN
                        PARTITION BY l.account_id ORDER BY l.priority, l.expires_at NULLS LAST, l.effective_at, l.id
                        ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
             FROM need n JOIN lots l ON l.account_id = ANY (v_charged) AND l.account_id = n.account_id
-            WHERE l.status = 'active' AND l.remaining > 0 AND l.remaining > l.reserved
+            WHERE l.status = 'active' AND l.live AND l.remaining > l.reserved
               AND l.effective_at <= v_now AND (l.expires_at IS NULL OR l.expires_at > v_now)),
         taken AS (
             SELECT id, txn, least(free, total - before)::bigint AS take FROM live WHERE before < total),
@@ -2620,9 +2633,9 @@ BEGIN
                        WHERE l.account_id = a.id AND l.rollover_max IS NOT NULL AND l.rolled_at IS NULL
                          AND l.expires_at <= v_now)
        AND NOT EXISTS (SELECT 1 FROM lots l
-                       WHERE l.account_id = a.id AND l.status = 'voided' AND l.remaining > 0)
+                       WHERE l.account_id = a.id AND l.status = 'voided' AND l.live)
        AND NOT EXISTS (SELECT 1 FROM lots l
-                       WHERE l.account_id = a.id AND l.status = 'active' AND l.remaining > 0
+                       WHERE l.account_id = a.id AND l.status = 'active' AND l.live
                          AND l.expires_at <= v_now);
     IF v_w_id IS NULL THEN
         RETURN v_out;
@@ -2635,7 +2648,7 @@ BEGIN
            array_agg(l.reserved ORDER BY l.account_id, l.priority, l.expires_at NULLS LAST, l.effective_at, l.id)
       INTO v_l_id, v_l_account, v_l_remaining, v_l_reserved
       FROM lots l
-     WHERE l.account_id = ANY (v_w_id) AND l.status = 'active' AND l.remaining > 0
+     WHERE l.account_id = ANY (v_w_id) AND l.status = 'active' AND l.live
        AND l.effective_at <= v_now AND (l.expires_at IS NULL OR l.expires_at > v_now);
     v_l_id := coalesce(v_l_id, '{}');
     v_l_changed := array_fill(false, ARRAY[cardinality(v_l_id)]);
@@ -3663,7 +3676,7 @@ BEGIN
             JOIN (SELECT id, remaining - reserved AS free, expires_at,
                          sum(remaining - reserved) OVER (ORDER BY priority, expires_at NULLS LAST, effective_at, id) AS hi
                   FROM lots
-                  WHERE account_id = f.id AND status = 'active' AND remaining > 0 AND remaining > reserved
+                  WHERE account_id = f.id AND status = 'active' AND live AND remaining > reserved
                     AND effective_at <= v_now AND (expires_at IS NULL OR expires_at > v_now)) l
               ON l.hi - l.free < g.hi AND g.hi - g.amount < l.hi;
             INSERT INTO lot_movements (transaction_id, lot_id, amount)
@@ -3866,7 +3879,7 @@ BEGIN
         SELECT a.id FROM accounts a
         WHERE a.id IN (SELECT x.account_id FROM (
                            SELECT l.account_id FROM lots l
-                           WHERE l.status = 'active' AND l.remaining > 0 AND l.expires_at <= v_now
+                           WHERE l.status = 'active' AND l.live AND l.expires_at <= v_now
                              AND l.remaining > l.reserved
                            UNION
                            SELECT r.account_id FROM reservations r

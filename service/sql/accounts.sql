@@ -42,7 +42,7 @@ ORDER BY b;
 -- Live lots of an account in consumption order (pending ones included).
 SELECT tl_lot_json(l.id, $2::timestamptz)
 FROM lots l
-WHERE l.account_id = $1 AND l.status = 'active' AND l.remaining > 0
+WHERE l.account_id = $1 AND l.status = 'active' AND l.live
   AND (l.expires_at IS NULL OR l.expires_at > coalesce($2::timestamptz, clock_timestamp()))
 ORDER BY l.priority, l.expires_at NULLS LAST, l.effective_at, l.id
 OFFSET $3 LIMIT $4;
