@@ -18,10 +18,12 @@ venv: $(VENV)/.installed ## Create .venv and install the pinned dependencies
 
 # The stamp is newer than pyproject.toml and constraints.txt exactly when the
 # installed set matches them, so an unchanged checkout installs nothing.
-$(VENV)/.installed: pyproject.toml constraints.txt
+# The gateway client (client/) comes with its LiteLLM hook and the proxy's
+# runtime packages, so its tests run the real proxy.
+$(VENV)/.installed: pyproject.toml client/pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]' -e './client[litellm,proxy]'
 	touch $@
 
 run: venv ## Serve the API (embedded PostgreSQL under .data/pg unless DATABASE_URL is set)

@@ -203,6 +203,9 @@ class Reservation(msgspec.Struct, frozen=True):
     created_at: str
     resolved_at: str | None
     available_after: int | None = None
+    # Only on the answer to a reservation by estimate: the output tokens the
+    # held amount covers, for the gateway to cap max_tokens with.
+    max_output_tokens_allowed: int | None = None
 
 
 class CaptureResult(msgspec.Struct, frozen=True):
