@@ -209,8 +209,12 @@ class Reservation(msgspec.Struct, frozen=True):
 
 
 class CaptureResult(msgspec.Struct, frozen=True):
+    """A capture. By `usage`, also the usage event it recorded, and no
+    transaction when the usage cost nothing."""
+
     reservation: Reservation
-    transaction: Transaction
+    transaction: Transaction | None
+    usage: UsageRecorded | None = None
 
 
 class ReservationsPage(msgspec.Struct, frozen=True):

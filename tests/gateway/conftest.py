@@ -32,6 +32,10 @@ import bench.harness
 from bench.harness import Service
 from tests.pg import Server, cloned_database, run_sync
 
+# LiteLLM fetches its model price map from the network at import unless told
+# to use the copy inside the package; tests reach no network.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "deploy" / "litellm" / "config.yaml"
 PROXY_READY_SECONDS = 120.0

@@ -12,16 +12,6 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from tokenledger_client import (
-    AsyncClient,
-    Client,
-    Estimate,
-    RetryPolicy,
-    UsageCounts,
-    UsageEvent,
-    UsageFlusher,
-    errors,
-)
 
 from tests.gateway.conftest import (
     PRICE_MODEL,
@@ -33,6 +23,16 @@ from tests.gateway.conftest import (
     start_ledger,
 )
 from tests.pg import Server, cloned_database
+from tokenledger_client import (
+    AsyncClient,
+    Client,
+    Estimate,
+    RetryPolicy,
+    UsageCounts,
+    UsageEvent,
+    UsageFlusher,
+    errors,
+)
 
 FAST = RetryPolicy(total_seconds=5.0, backoff_initial_seconds=0.01, backoff_max_seconds=0.2)
 
