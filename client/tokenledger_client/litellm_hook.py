@@ -47,6 +47,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 import uuid
 from collections.abc import AsyncGenerator, Mapping
@@ -261,17 +262,15 @@ class TokenledgerHook(CustomLogger):
         alias = self.config.model_aliases.get(model)
         if alias:
             return alias
-        try:
-            from litellm.proxy.proxy_server import llm_router
-
-            for deployment in (
-                (llm_router.get_model_list(model_name=model) or []) if llm_router else []
-            ):
+        # Inside the proxy its router knows the model_list; elsewhere (tests, a
+        # plain SDK) do not import the proxy (seconds) just to find none.
+        server = sys.modules.get("litellm.proxy.proxy_server")
+        router = getattr(server, "llm_router", None)
+        if router is not None:
+            for deployment in router.get_model_list(model_name=model) or []:
                 info = deployment.get("model_info") or {}
                 if info.get("tokenledger_price_model"):
                     return str(info["tokenledger_price_model"])
-        except Exception:  # noqa: BLE001, S110  # why: not running inside the proxy
-            pass
         return model
 
     @staticmethod
