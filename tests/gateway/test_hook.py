@@ -158,3 +158,14 @@ async def test_unknown_price_model_is_a_400(ledger: Ledger) -> None:
         await hook.async_pre_call_hook(NO_KEY_USER, None, data, "acompletion")
     assert caught.value.status_code == 400 and caught.value.code == "unknown_model"
     await hook.aclose()
+
+
+async def test_overhead_script_measures(ledger: Ledger) -> None:
+    """bench.gateway_overhead runs calls through the hook and reports percentiles."""
+    from bench.gateway_overhead import measure
+
+    emp = ledger.employee(10**9)
+    result = await measure(ledger.url, ledger.meter_key, [emp], calls=5, warmup=2)
+    assert result["calls"] == 5
+    assert 0 < result["total"]["p50_ms"] <= result["total"]["max_ms"]
+    assert ledger.reservations(f"employee:{emp}", "active") == []
