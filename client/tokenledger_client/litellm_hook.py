@@ -333,7 +333,7 @@ class TokenledgerHook(CustomLogger):
                     headers={"Retry-After": "5"},
                 ) from exc  # fmt: skip
             log.warning("tokenledger unreachable; call %s goes through unreserved", call_id)
-            self._calls[call_id] = _Call(call_id, account, price_model, input_tokens, None, None)
+            self._remember(_Call(call_id, account, price_model, input_tokens, None, None))
             return data
         allowed = rsv.max_output_tokens_allowed or requested
         data[field_name] = allowed
@@ -349,8 +349,18 @@ class TokenledgerHook(CustomLogger):
             metadata["tokenledger_reservation_id"] = rsv.id
         call = _Call(call_id, account, price_model, input_tokens, rsv.id, allowed)
         call.ledger_seconds = time.monotonic() - started
-        self._calls[call_id] = call
+        self._remember(call)
         return data
+
+    def _remember(self, call: _Call) -> None:
+        """Keep a call until its last hook; calls no hook ever finished (a
+        path of the proxy that skipped them) are forgotten after twice the
+        reservation TTL, by which time their holds have expired anyway."""
+        self._calls[call.call_id] = call
+        if len(self._calls) > 10_000:
+            horizon = time.monotonic() - 2 * self.config.reservation_ttl_seconds
+            for key in [k for k, c in self._calls.items() if c.started < horizon]:
+                del self._calls[key]
 
     def _refusal(self, exc: errors.TokenledgerError) -> Refusal:
         ex = dict(exc.extras)
@@ -532,23 +542,41 @@ class TokenledgerHook(CustomLogger):
                 yield item
             return
         usage = None
+        text: list[str] = []
         finished = False
         try:
             async for chunk in response:
                 chunk_usage = getattr(chunk, "usage", None)
                 if chunk_usage is not None:
                     usage = chunk_usage
+                for choice in getattr(chunk, "choices", None) or ():
+                    content = getattr(getattr(choice, "delta", None), "content", None)
+                    if content:
+                        text.append(content)
                 yield chunk
             finished = True
         finally:
             self._calls.pop(call.call_id, None)
             if finished:
+                if usage is None:
+                    # No usage chunk came through: charge the counted prompt
+                    # and the streamed text, counted with LiteLLM's tokenizer.
+                    usage = {
+                        "prompt_tokens": call.input_tokens,
+                        "completion_tokens": self.count_output_tokens(request_data, text),
+                    }
                 await self._settle(call, usage, request_data)
             elif not call.settled:
                 # The client went away (or the stream broke): free the hold. Run
                 # it apart, since this generator may be being cancelled.
                 call.settled = True
                 self._spawn(self._release_quietly(call))
+
+    @staticmethod
+    def count_output_tokens(data: Mapping[str, Any], text: list[str]) -> int:
+        import litellm
+
+        return int(litellm.token_counter(model=str(data.get("model", "")), text="".join(text)))
 
 
 def __getattr__(name: str) -> Any:

@@ -4,6 +4,7 @@ tokenledger process, models answered by `mock_response` (no network)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
@@ -113,7 +114,37 @@ async def test_cancelled_stream_releases(ledger: Ledger, proxy: Proxy) -> None:
 
 
 async def test_finished_stream_captures_once(ledger: Ledger, proxy: Proxy) -> None:
-    """A stream read to its end is captured once, by its final usage."""
+    """A stream read to its end is captured once, at its end, by the usage of
+    its final chunk (the client asked for it here, so it can check the cost)."""
+    emp = ledger.employee(100_000)
+    address = f"employee:{emp}"
+    async with proxy.client() as c:
+        async with c.stream(
+            "POST", "/chat/completions",
+            json={"model": GATEWAY_MODEL, "messages": MESSAGES, "user": emp, "stream": True,
+                  "stream_options": {"include_usage": True}, "max_tokens": 500,
+                  "mock_response": "a short streamed answer"},
+        ) as r:  # fmt: skip
+            assert r.status_code == 200
+            assert r.headers["x-tokenledger-max-tokens"] == "500"
+            body = (await r.aread()).decode()
+    assert "[DONE]" in body
+    chunks = [json.loads(line[6:]) for line in body.splitlines()
+              if line.startswith("data: {")]  # fmt: skip
+    [usage] = [chunk["usage"] for chunk in chunks if chunk.get("usage")]
+    await wait_until(lambda: not ledger.reservations(address, "active"))
+    [rsv] = ledger.reservations(address)
+    expected = cost_of(usage["prompt_tokens"], usage["completion_tokens"])
+    assert usage["completion_tokens"] > 0
+    assert (rsv["status"], rsv["captured"]) == ("captured", expected)
+    assert ledger.account(address)["posted"] == 100_000 - expected
+
+
+async def test_stream_without_usage_chunk_charges_counted_tokens(
+    ledger: Ledger, proxy: Proxy
+) -> None:
+    """A stream whose client did not ask for usage is still charged its prompt
+    and its output, never just the prompt."""
     emp = ledger.employee(100_000)
     address = f"employee:{emp}"
     async with proxy.client() as c:
@@ -123,13 +154,12 @@ async def test_finished_stream_captures_once(ledger: Ledger, proxy: Proxy) -> No
                   "max_tokens": 500, "mock_response": "a short streamed answer"},
         ) as r:  # fmt: skip
             assert r.status_code == 200
-            body = b"".join([chunk async for chunk in r.aiter_bytes()])
-    assert b"[DONE]" in body
+            await r.aread()
     await wait_until(lambda: not ledger.reservations(address, "active"))
     [rsv] = ledger.reservations(address)
-    assert rsv["status"] == "captured" and rsv["captured"] > 0
-    wallet = ledger.account(address)
-    assert wallet["posted"] == 100_000 - rsv["captured"]
+    prompt = rsv["amount"] - 4 * 500  # the hold: counted prompt + 500 output tokens
+    assert rsv["status"] == "captured"
+    assert rsv["captured"] >= prompt + 4 * 3  # "a short streamed answer" is 4 tokens or so
 
 
 async def test_twenty_calls_on_a_wallet_for_seven(ledger: Ledger, proxy: Proxy) -> None:
