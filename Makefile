@@ -35,7 +35,7 @@ test: venv ## Run the tests (PYTEST_ARGS passes options through)
 check: venv ## Format check, lint, type check, then the tests
 	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
-	$(PY) -m mypy service
+	$(PY) -m mypy service client/tokenledger_client
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 fmt: venv ## Format the code and apply safe lint fixes
@@ -45,8 +45,8 @@ fmt: venv ## Format the code and apply safe lint fixes
 lint: venv ## Lint without changing anything
 	$(PY) -m ruff check .
 
-typecheck: venv ## Type check the service package
-	$(PY) -m mypy service
+typecheck: venv ## Type check the service and the gateway client
+	$(PY) -m mypy service client/tokenledger_client
 
 audit: venv ## Check the ledger's invariants against the database
 	$(PY) -m service audit

@@ -89,6 +89,7 @@ class ServerError(TokenledgerError):
 class InvalidRequest(BadRequestError):
     code = "invalid_request"
     extra_names = ("errors",)
+    errors: list[dict[str, Any]] | None
 
 
 class IdempotencyKeyRequired(BadRequestError):
@@ -140,6 +141,7 @@ class GrantProgramNotFound(NotFoundError):
 class UnknownModel(NotFoundError):
     code = "unknown_model"
     extra_names = ("model",)
+    model: str | None
 
 
 class WebhookNotFound(NotFoundError):
@@ -162,6 +164,8 @@ class MethodNotAllowed(BadRequestError):
 class InsufficientCredits(ConflictError):
     code = "insufficient_credits"
     extra_names = ("available", "requested")
+    available: int | None
+    requested: int | None
 
 
 class AccountClosed(ConflictError):
@@ -175,6 +179,7 @@ class AssetMismatch(ConflictError):
 class ReservationNotActive(ConflictError):
     code = "reservation_not_active"
     extra_names = ("reservation_status",)
+    reservation_status: str | None
 
     def __init__(self, status: int, problem: dict[str, Any], **kw: Any) -> None:
         super().__init__(status, problem, **kw)
@@ -191,6 +196,7 @@ class LotNotActive(ConflictError):
 class AlreadyReversed(ConflictError):
     code = "already_reversed"
     extra_names = ("reversed_by",)
+    reversed_by: str | None
 
 
 class IdempotencyKeyInProgress(ConflictError):
@@ -200,16 +206,23 @@ class IdempotencyKeyInProgress(ConflictError):
 class LimitExceeded(ConflictError):
     code = "limit_exceeded"
     extra_names = ("window", "limit", "spent", "remaining", "resets_at")
+    window: str | None
+    limit: int | None
+    spent: int | None
+    remaining: int | None
+    resets_at: str | None
 
 
 class ModelNotAllowed(ConflictError):
     code = "model_not_allowed"
     extra_names = ("model",)
+    model: str | None
 
 
 class ApprovalRequired(ConflictError):
     code = "approval_required"
     extra_names = ("approval",)
+    approval: dict[str, Any] | None
 
 
 class NotApprovable(ConflictError):

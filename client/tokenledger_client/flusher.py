@@ -32,6 +32,7 @@ import os
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import msgspec
 
@@ -88,7 +89,7 @@ class UsageFlusher:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._lock = asyncio.Lock()  # one batch in flight at a time
-        self._spool = None
+        self._spool: BinaryIO | None = None
         if self.spool_path is not None:
             self._load_spool()
 
