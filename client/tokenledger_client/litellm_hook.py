@@ -468,9 +468,19 @@ class TokenledgerHook(CustomLogger):
             log.warning("capture of %s over the hold refused; recording usage", call.call_id)
             await self._release_quietly(call)
             self.flusher.record(self._event(call, counts))
+        except errors.ReservationNotActive as exc:
+            # The hold expired before the call ended (a call longer than the
+            # TTL): charge the usage as an event instead, once by its call id.
+            log.warning("reservation of %s is %s; recording usage", call.call_id,
+                        exc.reservation_status)  # fmt: skip
+            self.flusher.record(self._event(call, counts))
         except (errors.LedgerUnreachable, errors.RetryableError) as exc:
             log.warning("capture of %s got no answer (%r); retrying later", call.call_id, exc)
             self._spawn(self._capture_later(call, counts, metadata))
+        except errors.TokenledgerError as exc:
+            # The model has answered: never turn that into an error for the
+            # user. A bug to look at; the hold expires at its TTL.
+            log.error("capture of %s refused: %r", call.call_id, exc)
         finally:
             call.ledger_seconds += time.monotonic() - started
             self._record_overhead(call.ledger_seconds)

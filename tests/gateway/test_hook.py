@@ -169,3 +169,20 @@ async def test_overhead_script_measures(ledger: Ledger) -> None:
     assert result["calls"] == 5
     assert 0 < result["total"]["p50_ms"] <= result["total"]["max_ms"]
     assert ledger.reservations(f"employee:{emp}", "active") == []
+
+
+async def test_call_longer_than_the_hold_is_still_charged_once(ledger: Ledger) -> None:
+    """A call that outlives its reservation's TTL is charged its usage as an
+    event (by its call id), and the user still gets the answer."""
+    emp = ledger.employee(10_000)
+    hook = hook_for(ledger, reservation_ttl_seconds=1)
+    data = await hook.async_pre_call_hook(
+        NO_KEY_USER, None, request(emp, max_tokens=100), "acompletion"
+    )
+    await asyncio.sleep(1.3)
+    answer = response(40, 10)
+    assert await hook.async_post_call_success_hook(data, NO_KEY_USER, answer) is answer
+    await hook.aclose()
+    [rsv] = ledger.reservations(f"employee:{emp}")
+    assert rsv["status"] == "expired"
+    assert ledger.account(f"employee:{emp}")["posted"] == 10_000 - cost_of(40, 10)
