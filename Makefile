@@ -18,10 +18,12 @@ venv: $(VENV)/.installed ## Create .venv and install the pinned dependencies
 
 # The stamp is newer than pyproject.toml and constraints.txt exactly when the
 # installed set matches them, so an unchanged checkout installs nothing.
-$(VENV)/.installed: pyproject.toml constraints.txt
+# The gateway client (client/) comes with its LiteLLM hook and the proxy's
+# runtime packages, so its tests run the real proxy.
+$(VENV)/.installed: pyproject.toml client/pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]' -e './client[litellm,proxy]'
 	touch $@
 
 run: venv ## Serve the API (embedded PostgreSQL under .data/pg unless DATABASE_URL is set)
@@ -33,7 +35,7 @@ test: venv ## Run the tests (PYTEST_ARGS passes options through)
 check: venv ## Format check, lint, type check, then the tests
 	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
-	$(PY) -m mypy service
+	$(PY) -m mypy service client/tokenledger_client
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 fmt: venv ## Format the code and apply safe lint fixes
@@ -43,8 +45,8 @@ fmt: venv ## Format the code and apply safe lint fixes
 lint: venv ## Lint without changing anything
 	$(PY) -m ruff check .
 
-typecheck: venv ## Type check the service package
-	$(PY) -m mypy service
+typecheck: venv ## Type check the service and the gateway client
+	$(PY) -m mypy service client/tokenledger_client
 
 audit: venv ## Check the ledger's invariants against the database
 	$(PY) -m service audit

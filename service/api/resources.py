@@ -203,11 +203,18 @@ class Reservation(msgspec.Struct, frozen=True):
     created_at: str
     resolved_at: str | None
     available_after: int | None = None
+    # Only on the answer to a reservation by estimate: the output tokens the
+    # held amount covers, for the gateway to cap max_tokens with.
+    max_output_tokens_allowed: int | None = None
 
 
 class CaptureResult(msgspec.Struct, frozen=True):
+    """A capture. By `usage`, also the usage event it recorded, and no
+    transaction when the usage cost nothing."""
+
     reservation: Reservation
-    transaction: Transaction
+    transaction: Transaction | None
+    usage: UsageRecorded | None = None
 
 
 class ReservationsPage(msgspec.Struct, frozen=True):
