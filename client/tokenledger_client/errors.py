@@ -199,6 +199,12 @@ class AlreadyReversed(ConflictError):
     reversed_by: str | None
 
 
+class BalanceLimitExceeded(ConflictError):
+    """The write would take a balance past ±2^62 credits; nothing was written."""
+
+    code = "balance_limit_exceeded"
+
+
 class IdempotencyKeyInProgress(ConflictError):
     code = "idempotency_key_in_progress"
 
@@ -280,6 +286,7 @@ ERROR_CLASSES: dict[str, type[TokenledgerError]] = {
         ReservationNotActive,
         LotNotActive,
         AlreadyReversed,
+        BalanceLimitExceeded,
         IdempotencyKeyInProgress,
         LimitExceeded,
         ModelNotAllowed,
