@@ -100,59 +100,34 @@ async def run(
     outcome wrk did not see (socket errors, timeouts)."""
     exe = find()
     assert exe is not None, "wrk is not installed"
-    with tempfile.TemporaryDirectory(prefix="tl-wrk-") as scratch:
-        script = Path(scratch) / "phase.lua"
+    scratch = tempfile.mkdtemp(prefix="tl-wrk-")
+    script = Path(scratch) / "phase.lua"
+    try:
         script.write_text(_LUA)  # noqa: ASYNC240  # why: a 2 kB file, once per phase
-        return await _run(
+        proc = await asyncio.create_subprocess_exec(
             exe,
-            script,
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(script),
             base_url,
-            token,
-            kind,
-            wallet_prefix,
-            wallets,
-            seconds,
-            run_id,
-            connections,
-            threads,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={
+                "TL_TOKEN": token,
+                "TL_PREFIX": wallet_prefix,
+                "TL_WALLETS": str(wallets),
+                "TL_RUN": run_id,
+                "TL_KIND": kind,
+                "PATH": "/usr/bin:/bin",
+            },
         )
-
-
-async def _run(
-    exe: str,
-    script: Path,
-    base_url: str,
-    token: str,
-    kind: str,
-    wallet_prefix: str,
-    wallets: int,
-    seconds: float,
-    run_id: str,
-    connections: int,
-    threads: int,
-) -> dict[str, Any]:
-    proc = await asyncio.create_subprocess_exec(
-        exe,
-        f"-t{threads}",
-        f"-c{connections}",
-        f"-d{max(1, round(seconds))}s",
-        "--timeout",
-        "10s",
-        "-s",
-        str(script),
-        base_url,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={
-            "TL_TOKEN": token,
-            "TL_PREFIX": wallet_prefix,
-            "TL_WALLETS": str(wallets),
-            "TL_RUN": run_id,
-            "TL_KIND": kind,
-            "PATH": "/usr/bin:/bin",
-        },
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=seconds + 60)
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=seconds + 60)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     line = next((x for x in out.decode().splitlines() if x.startswith("{")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(
