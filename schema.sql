@@ -1870,6 +1870,35 @@ LANGUAGE sql AS $$
     SELECT tl_usage_rollup_many(ARRAY[p])
 $$;
 
+-- Whether an event posted under the (source, event_id) of a recorded one
+-- says something else (API.md: the same key with another body is 422
+-- idempotency_key_reused, like an Idempotency-Key). occurred_at counts only
+-- when the event gives it (without it the event occurred when first sent).
+CREATE OR REPLACE FUNCTION tl_usage_differs(u usage_events, e jsonb) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT u.model IS DISTINCT FROM e ->> 'model'
+        OR u.input_tokens IS DISTINCT FROM (e ->> 'input_tokens')::bigint
+        OR u.cached_input_tokens IS DISTINCT FROM coalesce((e ->> 'cached_input_tokens')::bigint, 0)
+        OR u.output_tokens IS DISTINCT FROM (e ->> 'output_tokens')::bigint
+        OR u.project IS DISTINCT FROM e ->> 'project'
+        OR u.tags IS DISTINCT FROM coalesce(nullif(e -> 'tags', 'null'::jsonb), '{}'::jsonb)
+        OR u.reservation_id IS DISTINCT FROM (e ->> 'reservation_id')::uuid
+        OR (e ->> 'occurred_at' IS NOT NULL AND u.occurred_at IS DISTINCT FROM (e ->> 'occurred_at')::timestamptz)
+        OR (SELECT a.address FROM accounts a WHERE a.id = u.account_id) IS DISTINCT FROM e ->> 'account'
+$$;
+
+-- The answer to an event whose (source, event_id) is recorded already: its
+-- stored result, or idempotency_key_reused when it says something else.
+CREATE OR REPLACE FUNCTION tl_usage_duplicate(u usage_events, e jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF tl_usage_differs(u, e) THEN
+        PERFORM tl_raise('TLC01', 'idempotency_key_reused',
+                         'this (source, event_id) was recorded with a different event; nothing was changed');
+    END IF;
+    RETURN jsonb_build_object('status', 200, 'body', u.result || '{"status": "duplicate"}'::jsonb);
+END $$;
+
 -- Records one usage event: prices it at the version in effect at
 -- occurred_at (or, when it settles a reservation made by estimate, at that
 -- reservation's price), charges the account in the same transaction (or
@@ -1893,7 +1922,7 @@ BEGIN
     SELECT * INTO v_existing FROM usage_events
         WHERE source = p_args ->> 'source' AND event_id = p_args ->> 'event_id';
     IF FOUND AND v_existing.result IS NOT NULL THEN
-        RETURN jsonb_build_object('status', 200, 'body', v_existing.result || '{"status": "duplicate"}'::jsonb);
+        RETURN tl_usage_duplicate(v_existing, p_args);
     END IF;
     w := tl_require_account(p_args ->> 'account');
     IF w.type = 'system' THEN
@@ -1938,7 +1967,7 @@ BEGIN
     IF v_event.id IS NULL THEN
         SELECT * INTO v_existing FROM usage_events
             WHERE source = p_args ->> 'source' AND event_id = p_args ->> 'event_id';
-        RETURN jsonb_build_object('status', 200, 'body', v_existing.result || '{"status": "duplicate"}'::jsonb);
+        RETURN tl_usage_duplicate(v_existing, p_args);
     END IF;
     IF v_res.id IS NOT NULL THEN
         -- Settles the reservation: capture with the priced cost (same rules as
@@ -2095,6 +2124,7 @@ DECLARE
     v_codes text[];
     v_statuses text[];
     v_results jsonb[];
+    v_differs boolean[];
 BEGIN
     -- The working rows are an array (v_rows[pos] is event pos), not a
     -- temporary table: emptying one at commit rebuilt its indexes, which
@@ -2117,7 +2147,10 @@ BEGIN
                coalesce((x.v ->> 'occurred_at')::timestamptz, tl_now(p_ctx)) AS occurred_at,
                x.v ->> 'project' AS project, coalesce(nullif(x.v -> 'tags', 'null'::jsonb), '{}'::jsonb) AS tags,
                x.v ->> 'reservation' AS reservation, (x.v ->> 'reservation_id')::uuid AS reservation_id,
-               x.pos > min(x.pos) OVER (PARTITION BY x.v ->> 'source', x.v ->> 'event_id') AS repeat
+               x.pos > min(x.pos) OVER (PARTITION BY x.v ->> 'source', x.v ->> 'event_id') AS repeat,
+               x.v IS DISTINCT FROM first_value(x.v) OVER (
+                   PARTITION BY x.v ->> 'source', x.v ->> 'event_id' ORDER BY x.pos) AS repeat_differs,
+               x.v AS raw
         FROM jsonb_array_elements(p_events) WITH ORDINALITY AS x (v, pos)),
     -- Tables are reached only by key (= ANY, or per event), never joined
     -- whole: the generic plan is kept for the session, and one made while a
@@ -2129,7 +2162,7 @@ BEGIN
         SELECT r.id, r.account_id, r.details FROM reservations r
         WHERE r.id = ANY (ARRAY(SELECT reservation_id FROM e WHERE reservation IS NOT NULL))),
     c AS (
-        SELECT e.*, u.result AS stored, a.id AS account_id, a.type AS account_type,
+        SELECT e.*, u.result AS stored, u.differs, a.id AS account_id, a.type AS account_type,
                r.id AS res_id, r.account_id AS res_account,
                -- An event settling a reservation made by estimate is priced at that reservation's price.
                CASE WHEN r.details ? 'price_id'
@@ -2137,8 +2170,8 @@ BEGIN
                NOT e.repeat AND u.result IS NULL AND a.id IS NOT NULL AS priced
         FROM e
         LEFT JOIN LATERAL (
-            SELECT u.result FROM usage_events u
-            WHERE NOT e.repeat AND u.source = e.source AND u.event_id = e.event_id AND u.result IS NOT NULL) u ON true
+            SELECT u.result, tl_usage_differs(u, e.raw) AS differs FROM usage_events u
+            WHERE u.source = e.source AND u.event_id = e.event_id AND u.result IS NOT NULL) u ON true
         LEFT JOIN a ON a.address = e.account
         LEFT JOIN r ON e.reservation IS NOT NULL AND r.id = e.reservation_id),
     -- The price versions of the models named, each with the instant the
@@ -2152,13 +2185,20 @@ BEGIN
         SELECT c.*, (q.price).id AS price_id, (q.price).model AS price_model,
                CASE WHEN (q.price).id IS NOT NULL
                     THEN tl_usage_cost(q.price, c.input_tokens, c.cached_input_tokens, c.output_tokens) END AS cost,
-               CASE WHEN c.repeat THEN 'repeat'
+               -- An event recorded before answers by that record (duplicate,
+               -- or reused key when it says something else); one new to this
+               -- batch, repeated in it, by its first occurrence.
+               CASE WHEN c.stored IS NOT NULL AND c.differs THEN 'rejected'
                     WHEN c.stored IS NOT NULL THEN 'duplicate'
+                    WHEN c.repeat AND c.repeat_differs THEN 'rejected'
+                    WHEN c.repeat THEN 'repeat'
                     WHEN c.account_id IS NULL OR c.account_type = 'system'
                       OR c.reservation IS NOT NULL AND (c.res_id IS NULL OR c.res_account <> c.account_id)
                       OR (q.price).id IS NULL OR (q.price).model <> c.model THEN 'rejected'
                     ELSE 'pending' END AS status,
-               CASE WHEN c.repeat OR c.stored IS NOT NULL THEN NULL
+               CASE WHEN c.stored IS NOT NULL AND c.differs OR c.stored IS NULL AND c.repeat AND c.repeat_differs
+                    THEN 'idempotency_key_reused'
+                    WHEN c.repeat OR c.stored IS NOT NULL THEN NULL
                     WHEN c.account_type = 'system' THEN 'invalid_request'
                     WHEN c.account_id IS NULL AND c.account LIKE 'employee:%' THEN 'employee_not_found'
                     WHEN c.account_id IS NULL AND c.account LIKE 'department:%' THEN 'department_not_found'
@@ -2223,12 +2263,18 @@ BEGIN
     ON CONFLICT (source, event_id) DO NOTHING;
     GET DIAGNOSTICS v_claimed = ROW_COUNT;
     IF v_claimed < v_pending THEN
-        SELECT array_agg(w.pos), array_agg(u.result) INTO v_pos, v_results
+        SELECT array_agg(w.pos), array_agg(u.result), array_agg(tl_usage_differs(u, p_events -> (w.pos - 1)))
+        INTO v_pos, v_results, v_differs
         FROM unnest(v_rows) w JOIN usage_events u ON u.source = w.source AND u.event_id = w.event_id
         WHERE w.status = 'pending' AND u.id <> w.id;
         FOR i IN 1 .. coalesce(cardinality(v_pos), 0) LOOP
-            v_rows[v_pos[i]].status := 'duplicate';
-            v_rows[v_pos[i]].result := v_results[i];
+            IF v_differs[i] THEN
+                v_rows[v_pos[i]].status := 'rejected';
+                v_rows[v_pos[i]].code := 'idempotency_key_reused';
+            ELSE
+                v_rows[v_pos[i]].status := 'duplicate';
+                v_rows[v_pos[i]].result := v_results[i];
+            END IF;
         END LOOP;
     END IF;
 

@@ -259,17 +259,17 @@ async def test_insufficient_credits_records_nothing(
 async def test_duplicate_event_is_charged_once(
     client: Any, api: Api, clock: FakeClock, database_url: str
 ) -> None:
-    """The same (source, event_id) again, any body, answers 200 duplicate and charges nothing."""
+    """The same (source, event_id) again answers 200 duplicate and charges nothing; with
+    another body it is 422 idempotency_key_reused (API.md) and charges nothing either."""
     await setup(client, api, clock, {"e-1": 10_000, "e-2": 10_000})
     await add_price(client, P1)
     first = await recorded(client, event("dup-1"))
     again = await record(client, event("dup-1"))
     assert again.status_code == 200, again.text
     assert again.json() == {**first, "status": "duplicate"}
-    # Another body (other counts, other account) under the same key: still the stored result.
+    # Another body (other counts, other account) under the same key: a reused key.
     other = await record(client, event("dup-1", 5, 5, cached=0, account=OTHER, project="x"))
-    assert other.status_code == 200, other.text
-    assert other.json() == {**first, "status": "duplicate"}
+    problem(other, 422, "idempotency_key_reused")
     assert await posted(api, WALLET) == 10_000 - 4000
     assert await posted(api, OTHER) == 10_000
     assert await usage_total(api) == 4000
@@ -374,7 +374,7 @@ async def test_batch_mixes_outcomes_per_event(
     assert await usage_total(api) == 4000 + 3500 + 2500 + 1000
 
     # Recorded events answer as single events too, with the cost the batch charged.
-    single = await record(client, event("b-good-1"))
+    single = await record(client, event("b-good-1", 1000, 100, cached=0))
     assert single.status_code == 200, single.text
     assert (single.json()["status"], single.json()["cost"]) == ("duplicate", 3500)
     # The rejected events were not stored: after a grant the unaffordable one records,
@@ -1122,3 +1122,39 @@ async def test_occurred_at_must_be_recent(
             )
             assert [r["status"] for r in results] == ["recorded"] * 3 + ["rejected"]
             assert results[3]["code"] == "invalid_request"
+
+
+async def test_same_event_id_with_another_body_is_422(
+    client: Any, api: Api, clock: FakeClock, database_url: str
+) -> None:
+    """(source, event_id) is an idempotency key: the same body again is a
+    duplicate (200), another body under it is 422 idempotency_key_reused (in
+    a batch: that event rejected with that code, a repeat within the batch
+    too) and nothing changes."""
+    await setup(client, api, clock, {"e-1": 1_000_000})
+    await add_price(client, P1, V1)
+    first = event("evt-k", output_tokens=200)
+    recorded_once = await recorded(client, first)
+    again = await record(client, first)
+    assert again.status_code == 200 and again.json()["status"] == "duplicate"
+    total = await usage_total(api)
+    for change in ({"output_tokens": 201}, {"project": "other"}, {"cached_input_tokens": 0}):
+        problem(await record(client, {**first, **change}), 422, "idempotency_key_reused")
+    results = await batch(
+        client,
+        [
+            {**first, "output_tokens": 999},
+            first,
+            event("evt-new"),
+            {**event("evt-new"), "output_tokens": 7},
+        ],
+    )
+    assert [(r["status"], r.get("code")) for r in results] == [
+        ("rejected", "idempotency_key_reused"),
+        ("duplicate", None),
+        ("recorded", None),
+        ("rejected", "idempotency_key_reused"),
+    ]
+    assert results[1]["id"] == recorded_once["id"]
+    assert await usage_total(api) == total + results[2]["cost"]
+    await assert_audit_clean(database_url)
