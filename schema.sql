@@ -3999,17 +3999,18 @@ BEGIN
     RETURN NEXT;
 END $$;
 
--- Every replica caches the keys it has verified (service/auth.py, KeyCache)
--- and LISTENs on tl_api_keys: a change that can take a key's power away
--- (revocation, a new secret or role, deletion) tells them all at commit, and
--- each drops its cache. last_used_at changes notify nobody.
+-- Every replica caches the keys it has verified, and the keys it found
+-- unknown (service/auth.py, KeyCache), and LISTENs on tl_api_keys: a change
+-- that can take a key's power away (revocation, a new secret or role,
+-- deletion) or make an unknown key known (a new key) tells them all at
+-- commit, and each drops its cache. last_used_at changes notify nobody.
 CREATE OR REPLACE FUNCTION tl_api_keys_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_notify('tl_api_keys', '');
     RETURN NULL;
 END $$;
 DROP TRIGGER IF EXISTS api_keys_changed ON api_keys;
-CREATE TRIGGER api_keys_changed AFTER UPDATE OF revoked_at, secret_hash, role, prefix OR DELETE
+CREATE TRIGGER api_keys_changed AFTER INSERT OR UPDATE OF revoked_at, secret_hash, role, prefix OR DELETE
     ON api_keys FOR EACH STATEMENT EXECUTE FUNCTION tl_api_keys_changed();
 
 -- ---------------------------------------------------------------------------

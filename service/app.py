@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import gc
 import re
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -243,6 +244,43 @@ def request_middleware(app: ASGIApp, metrics: Metrics) -> ASGIApp:
     return middleware
 
 
+# /readyz and /metrics need no token: the database answers each of their
+# queries at most once in this long, however often they are asked.
+PUBLIC_QUERY_SECONDS = 1.0
+
+
+class RecentValues:
+    """The values of a few queries, each asked again only once it is older
+    than `seconds` (concurrent askers share one query)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._values: dict[str, tuple[float, Any]] = {}
+        self._pending: dict[str, asyncio.Future[Any]] = {}
+
+    async def value(self, name: str, fetch: Callable[[], Awaitable[Any]]) -> Any:
+        now = time.monotonic()
+        cached = self._values.get(name)
+        if cached is not None and now - cached[0] < self.seconds:
+            return cached[1]
+        pending = self._pending.get(name)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[name] = future
+        try:
+            value = await fetch()
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters, if any, get it; none is fine too
+            raise
+        finally:
+            del self._pending[name]
+        self._values[name] = (time.monotonic(), value)
+        future.set_result(value)
+        return value
+
+
 def create_app(
     config: Config,
     *,
@@ -264,6 +302,7 @@ def create_app(
     if config.bootstrap_admin_key:
         check_strong(config.bootstrap_admin_key, "TOKENLEDGER_BOOTSTRAP_ADMIN_KEY")
     key_cache = KeyCache(config.key_cache_ttl_seconds)
+    public_queries = RecentValues(PUBLIC_QUERY_SECONDS)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -333,7 +372,10 @@ def create_app(
     async def readyz(state: State) -> Response[dict[str, Any]]:
         ledger: Ledger = state.ledger
         try:
-            version = await asyncio.wait_for(ledger.fetchval("schema_version"), timeout=2.0)
+            version = await public_queries.value(
+                "schema_version",
+                lambda: asyncio.wait_for(ledger.fetchval("schema_version"), timeout=2.0),
+            )
         except Exception as exc:  # noqa: BLE001  # why: any failure means "not ready", reported, not raised
             return Response(
                 {"status": "unavailable", "reason": type(exc).__name__}, status_code=503
@@ -362,7 +404,10 @@ def create_app(
         metrics.pool_size.set(ledger.pool.get_size())
         metrics.pool_in_use.set(ledger.pool.get_size() - ledger.pool.get_idle_size())
         metrics.pool_max.set(ledger.pool.get_max_size())
-        metrics.active_reservations.set(int(await ledger.fetchval("active_reservations")))
+        active = await public_queries.value(
+            "active_reservations", lambda: ledger.fetchval("active_reservations")
+        )
+        metrics.active_reservations.set(int(active))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     controllers = [

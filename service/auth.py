@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import re
 import secrets
 import time
 import uuid
@@ -130,6 +131,13 @@ def check_strong(secret: str, setting: str) -> None:
         )
 
 
+# The shape of a key this service makes: tlk_, 8 hex digits, _, the secret in
+# URL-safe base64 (43 characters from new_key(); a configured one has at
+# least MIN_SECRET_CHARS). A token of any other shape is refused without a
+# database look-up.
+_KEY_SHAPE = re.compile(r"^tlk_[0-9a-f]{8}_[A-Za-z0-9_-]{40,128}$")
+
+
 def parse_key(token: str) -> tuple[str, bytes] | None:
     """(prefix, hash) of a presented service key, or None if it is not one."""
     if not token.startswith(KEY_PREFIX):
@@ -140,6 +148,11 @@ def parse_key(token: str) -> tuple[str, bytes] | None:
     return prefix, hash_secret(token)
 
 
+def well_formed(token: str) -> bool:
+    """Whether a tlk_ token could be a key this service made."""
+    return _KEY_SHAPE.match(token) is not None
+
+
 class KeyCache:
     """Service keys this replica verified recently: digest -> Principal.
 
@@ -147,9 +160,15 @@ class KeyCache:
     yes. `KeyListener` clears the whole cache whenever api_keys changes
     (revocations are rare; a cleared cache costs one look-up per key), and
     turns the cache off while its channel is down, so that a replica that
-    may have missed a notification never answers from memory. Only
-    successes are remembered: an unknown or revoked key asks the database
-    every time."""
+    may have missed a notification never answers from memory. A key the
+    database did not know is remembered as unknown (UNKNOWN_SECONDS) until
+    api_keys changes; a revoked one asks the database every time."""
+
+    # Unknown keys remembered, at most this many and this long: a flood of
+    # one made-up key costs one look-up, and any change to api_keys (a key
+    # created, above all) forgets them all at once, by NOTIFY.
+    UNKNOWN_MAX = 10_000
+    UNKNOWN_SECONDS = 60.0
 
     def __init__(self, ttl_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl_seconds = ttl_seconds
@@ -157,6 +176,23 @@ class KeyCache:
         # Off until the listener is connected (and always when ttl is 0).
         self.enabled = False
         self._entries: dict[bytes, tuple[Principal, float]] = {}
+        self._unknown: dict[bytes, float] = {}
+
+    def knows_unknown(self, digest: bytes) -> bool:
+        """Whether this key was looked up lately and the database did not know it."""
+        until = self._unknown.get(digest)
+        if until is None:
+            return False
+        if not self.enabled or self.clock() >= until:
+            del self._unknown[digest]
+            return False
+        return True
+
+    def put_unknown(self, digest: bytes, since: float) -> None:
+        if self.enabled and self.ttl_seconds > 0:
+            if len(self._unknown) >= self.UNKNOWN_MAX:
+                self._unknown.clear()
+            self._unknown[digest] = since + self.UNKNOWN_SECONDS
 
     def get(self, digest: bytes) -> Principal | None:
         entry = self._entries.get(digest)
@@ -176,6 +212,7 @@ class KeyCache:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._unknown.clear()
 
     def set_enabled(self, enabled: bool) -> None:
         self.enabled = enabled and self.ttl_seconds > 0
@@ -497,13 +534,19 @@ async def authenticate(
     token = bearer(connection)
     parsed = parse_key(token)
     if parsed is not None:
+        if not well_formed(token):
+            raise unauthenticated("unknown or revoked key")
         if cache is not None:
             principal = cache.get(parsed[1])
             if principal is not None:
                 return principal
+            if cache.knows_unknown(parsed[1]):
+                raise unauthenticated("unknown or revoked key")
             since = cache.clock()
         row = await ledger.fetchrow("authenticate_key", parsed[0], parsed[1])
         if row is None:
+            if cache is not None:
+                cache.put_unknown(parsed[1], since)
             raise unauthenticated("unknown or revoked key")
         principal = Principal(
             id=f"key:{row['id']}", roles=frozenset({row["role"]}), name=row["name"]

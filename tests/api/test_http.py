@@ -165,3 +165,22 @@ async def test_openapi_lists_every_route(client: AsyncTestClient[Any]) -> None:
     for path, method in served:
         op = doc["paths"][path][method]
         assert op.get("summary"), (path, method)
+
+
+async def test_public_endpoints_cost_the_database_little_under_a_flood(client: Any) -> None:
+    """/readyz and /metrics need no token, so a flood of them must not become
+    a flood of database queries: each asks the database at most once a second."""
+    ledger = client.app.state.ledger
+    calls = []
+    fetchval = ledger.fetchval
+
+    async def counting(query: str, *args: Any) -> Any:
+        calls.append(query)
+        return await fetchval(query, *args)
+
+    ledger.fetchval = counting
+    for _ in range(50):
+        assert (await client.get("/readyz")).status_code == 200
+        assert (await client.get("/metrics")).status_code == 200
+    assert calls.count("schema_version") <= 2, calls
+    assert calls.count("active_reservations") <= 2, calls

@@ -189,8 +189,8 @@ def test_a_disabled_cache_remembers_nothing() -> None:
 async def test_key_changes_notify_and_use_does_not(
     db: asyncpg.Connection, database_url: str
 ) -> None:
-    """The api_keys_changed trigger notifies on revocation, a new secret, role
-    or deletion, and not when only last_used_at moves."""
+    """The api_keys_changed trigger notifies on a new key, revocation, a new
+    secret, role or deletion, and not when only last_used_at moves."""
     heard: list[str] = []
     await db.add_listener(KEYS_CHANNEL, lambda *args: heard.append(args[3]))
     k = new_key()
@@ -203,13 +203,54 @@ async def test_key_changes_notify_and_use_does_not(
             k.prefix,
             k.secret_hash,
         )
+        await until(lambda: len(heard) >= 1, 5.0)
+        assert len(heard) == 1  # the new key
         await other.execute("UPDATE api_keys SET last_used_at = now() WHERE id = $1", k.id)
         await asyncio.sleep(0.2)
-        assert heard == []
+        assert len(heard) == 1
         await other.execute("UPDATE api_keys SET role = 'finance' WHERE id = $1", k.id)
         await other.execute("UPDATE api_keys SET revoked_at = now() WHERE id = $1", k.id)
         await other.execute("DELETE FROM api_keys WHERE id = $1", k.id)
-        await until(lambda: len(heard) >= 3, 5.0)
-        assert len(heard) == 3
+        await until(lambda: len(heard) >= 4, 5.0)
+        assert len(heard) == 4
     finally:
         await other.close()
+
+
+async def test_malformed_keys_cost_no_database_lookup(replicas: list[Replica]) -> None:
+    """A token shaped like a key but not like one this service makes (prefix not
+    8 hex digits, secret too short or with other characters) is 401 without
+    asking the database."""
+    a = replicas[0]
+    for token in (
+        "tlk_00000000_x",
+        "tlk_ZZZZZZZZ_" + "a" * 43,
+        "tlk_0123abcd_" + "a" * 20,
+        "tlk_0123abcd_" + "a" * 40 + "!!!",
+    ):
+        assert await a.status(token) == 401, token
+    assert a.lookups == 0
+
+
+async def test_an_unknown_key_is_looked_up_once_until_keys_change(
+    replicas: list[Replica], database_url: str
+) -> None:
+    """A well-formed key the database does not know is remembered as unknown
+    (a flood of it costs one look-up), until a key is created: then it is
+    asked for again, and works if it is the new one."""
+    from service.auth import new_key
+
+    a = replicas[0]
+    k = new_key()
+    for _ in range(5):
+        assert await a.status(k.secret) == 401
+    assert a.lookups == 1
+    conn = await db.connect(database_url)
+    try:
+        await conn.execute(
+            db.load_queries()["create_key"], k.id, k.prefix, k.secret_hash, "late", "meter", "t"
+        )
+    finally:
+        await conn.close()
+    await until(lambda: not a.app.state.key_cache.knows_unknown(k.secret_hash), 1.0)
+    assert await a.status(k.secret) == 200
