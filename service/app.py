@@ -60,7 +60,7 @@ from service.observability import (
     new_request_id,
     status_class,
 )
-from service.ratelimit import RateLimiter, parse_limits
+from service.ratelimit import FailureLimiter, RateLimiter, parse_limits
 
 log = structlog.get_logger("tokenledger")
 
@@ -303,6 +303,7 @@ def create_app(
         check_strong(config.bootstrap_admin_key, "TOKENLEDGER_BOOTSTRAP_ADMIN_KEY")
     key_cache = KeyCache(config.key_cache_ttl_seconds)
     public_queries = RecentValues(PUBLIC_QUERY_SECONDS)
+    auth_failures = FailureLimiter(config.auth_failures_per_second, config.auth_failure_burst)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -431,7 +432,12 @@ def create_app(
         ],
         dependencies={"ledger": Provide(provide_ledger)},
         state=State(
-            {"jwt_verifier": jwt_verifier, "rate_limiter": rate_limiter, "key_cache": key_cache}
+            {
+                "jwt_verifier": jwt_verifier,
+                "rate_limiter": rate_limiter,
+                "key_cache": key_cache,
+                "auth_failures": auth_failures,
+            }
         ),
         lifespan=[lifespan],
         before_request=before_request,

@@ -461,6 +461,13 @@ def bearer(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
     return token.strip()
 
 
+def bearer_or_none(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+    """The bearer token, or None when there is none (authenticate says why)."""
+    header = connection.headers.get("authorization") or ""
+    scheme, _, token = header.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
 def unauthenticated(detail: str) -> errors.Unauthenticated:
     exc = errors.Unauthenticated(detail)
     exc.headers["WWW-Authenticate"] = WWW_AUTHENTICATE
@@ -480,7 +487,19 @@ async def authorize(
     if rule.public:
         return
     state = connection.app.state
-    principal = await authenticate(connection, state.ledger, state.jwt_verifier, state.key_cache)
+    failures = state.auth_failures
+    token = bearer_or_none(connection)
+    address = connection.client.host if connection.client else "unknown"
+    digest = hash_secret(token or "")
+    failures.check(address, digest)
+    try:
+        principal = await authenticate(
+            connection, state.ledger, state.jwt_verifier, state.key_cache
+        )
+    except errors.Unauthenticated:
+        failures.failed(address)
+        raise
+    failures.vouch(digest)
     connection.state.principal = principal
     await state.rate_limiter.check(principal)
     if principal.roles & (rule.roles - {"employee"}):

@@ -108,6 +108,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # at once by NOTIFY; this bounds the trust when that channel is silently
     # broken, so a revoked key fails everywhere within it. 0 turns caching off.
     key_cache_ttl_seconds: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+    # Failed authentications per client address (per replica): past this
+    # rate, with a bucket of auth_failure_burst, the address gets 429 instead
+    # of more look-ups; a caller that authenticated lately is never limited.
+    auth_failures_per_second: Annotated[float, msgspec.Meta(gt=0, le=100_000)] = 20.0
+    auth_failure_burst: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 100
     # Run every connection as this role (SET ROLE), e.g. tokenledger_app, which
     # may insert into the journal but never update or delete it.
     db_role: str | None = None

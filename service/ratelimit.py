@@ -80,3 +80,58 @@ class RateLimiter:
         idle = [k for k, b in self.buckets.items() if now - b.updated > self.burst_seconds * 2]
         for k in idle:
             del self.buckets[k]
+
+
+class FailureLimiter:
+    """Failed authentications per client address: a token bucket each, of
+    `burst` failures refilling at `per_second`. An address with an empty
+    bucket is refused (429) before its next token is looked up or verified,
+    except a token that authenticated lately (`vouch`): valid callers behind
+    an address that floods failures are never limited by it."""
+
+    VOUCHED_SECONDS = 600.0
+
+    def __init__(
+        self, per_second: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.per_second = per_second
+        self.burst = float(burst)
+        self.clock = clock
+        self.buckets: dict[str, Bucket] = {}
+        self._vouched: dict[bytes, float] = {}
+
+    def _bucket(self, address: str, now: float) -> Bucket:
+        bucket = self.buckets.get(address)
+        if bucket is None:
+            if len(self.buckets) >= MAX_BUCKETS:
+                full = self.burst / self.per_second
+                for k in [k for k, b in self.buckets.items() if now - b.updated > full]:
+                    del self.buckets[k]
+            bucket = self.buckets[address] = Bucket(self.burst, now)
+        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.per_second)
+        bucket.updated = now
+        return bucket
+
+    def check(self, address: str, token_digest: bytes) -> None:
+        now = self.clock()
+        until = self._vouched.get(token_digest)
+        if until is not None and now < until:
+            return
+        bucket = self._bucket(address, now)
+        if bucket.tokens >= 1:
+            return
+        wait = max(1, math.ceil((1 - bucket.tokens) / self.per_second))
+        exc = errors.RateLimited(
+            f"too many failed authentications from {address}", retry_after=wait
+        )
+        exc.headers["Retry-After"] = str(wait)
+        raise exc
+
+    def failed(self, address: str) -> None:
+        bucket = self._bucket(address, self.clock())
+        bucket.tokens = max(0.0, bucket.tokens - 1)
+
+    def vouch(self, token_digest: bytes) -> None:
+        if len(self._vouched) >= MAX_BUCKETS:
+            self._vouched.clear()
+        self._vouched[token_digest] = self.clock() + self.VOUCHED_SECONDS

@@ -17,7 +17,7 @@ from service import db
 from service.app import create_app
 from service.auth import new_key
 from service.config import Config
-from tests.api.conftest import JWT_AUDIENCE, JWT_ISSUER, JWT_SECRET, Api, key
+from tests.api.conftest import JWT_AUDIENCE, JWT_ISSUER, JWT_SECRET, Api, key, problem
 
 ROLES = ("admin", "hr", "finance", "meter", "employee")
 _n = itertools.count()
@@ -853,3 +853,37 @@ async def test_jwks_rotation_needs_no_restart(
         now[0] += 300
         assert await me(token1) == 401  # the scheduled read removed it
         assert await me(token2) == 200
+
+
+async def test_failed_authentication_is_rate_limited_per_address(
+    config: Config, admin_key: str, database_url: str
+) -> None:
+    """An address that fails authentication faster than
+    TOKENLEDGER_AUTH_FAILURES_PER_SECOND allows gets 429 with Retry-After
+    instead of more look-ups; a caller that authenticated lately is never
+    limited by it, whatever the address does."""
+    import msgspec
+
+    from tests.api.conftest import running
+
+    app = create_app(
+        msgspec.structs.replace(config, auth_failures_per_second=2.0, auth_failure_burst=4)
+    )
+    async with running(app):
+        transport = httpx.ASGITransport(app=app, client=("10.1.2.3", 4000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t.local") as c:
+            good = {"Authorization": f"Bearer {admin_key}"}
+            assert (await c.get("/v1/accounts/system:usage", headers=good)).status_code == 200
+            statuses = []
+            for _ in range(8):
+                bad = {"Authorization": f"Bearer {new_key().secret}"}
+                statuses.append((await c.get("/v1/accounts/system:usage", headers=bad)).status_code)
+            assert statuses[:4] == [401] * 4 and set(statuses[4:]) == {429}, statuses
+            r = await c.get("/v1/accounts/system:usage", headers={"Authorization": "Bearer x"})
+            problem(r, 429, "rate_limited")
+            assert int(r.headers["Retry-After"]) >= 1
+            assert (await c.get("/v1/accounts/system:usage", headers=good)).status_code == 200
+        other = httpx.ASGITransport(app=app, client=("10.9.9.9", 4000))
+        async with httpx.AsyncClient(transport=other, base_url="http://t.local") as c:
+            bad = {"Authorization": f"Bearer {new_key().secret}"}
+            assert (await c.get("/v1/accounts/system:usage", headers=bad)).status_code == 401
