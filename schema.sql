@@ -1314,6 +1314,13 @@ LANGUAGE sql STABLE AS $$
     WHERE r.id = p_id
 $$;
 
+-- Whether the caller of p_ctx may capture, release, extend or settle a
+-- reservation: the one that made it, or an admin.
+CREATE OR REPLACE FUNCTION tl_may_act_on(r reservations, p_ctx jsonb) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT r.actor IS NOT DISTINCT FROM p_ctx ->> 'actor' OR coalesce((p_ctx ->> 'admin')::boolean, false)
+$$;
+
 -- Loads a reservation for a write: locks its account first (the global
 -- order), brings the account up to now (which expires the reservation if
 -- its time is up), and answers reservation_not_active unless it is active.
@@ -1324,7 +1331,9 @@ DECLARE
     v_now timestamptz;
 BEGIN
     SELECT * INTO r FROM reservations WHERE id = (p_args ->> 'reservation_id')::uuid;
-    IF NOT FOUND THEN
+    -- Only the caller that made a reservation (or an admin) may act on it;
+    -- to anyone else it does not exist.
+    IF NOT FOUND OR NOT tl_may_act_on(r, p_ctx) THEN
         PERFORM tl_raise('TLA05', 'reservation_not_found', format('no reservation %s', p_args ->> 'reservation'),
                          jsonb_build_object('reservation', p_args ->> 'reservation'));
     END IF;
@@ -1931,7 +1940,7 @@ BEGIN
     END IF;
     IF p_args ? 'reservation' AND p_args ->> 'reservation' IS NOT NULL THEN
         SELECT * INTO v_res FROM reservations WHERE id = (p_args ->> 'reservation_id')::uuid;
-        IF NOT FOUND THEN
+        IF NOT FOUND OR NOT tl_may_act_on(v_res, p_ctx) THEN
             PERFORM tl_raise('TLA05', 'reservation_not_found', format('no reservation %s', p_args ->> 'reservation'),
                              jsonb_build_object('reservation', p_args ->> 'reservation'));
         END IF;
@@ -2160,7 +2169,9 @@ BEGIN
         WHERE a.address = ANY (ARRAY(SELECT DISTINCT account FROM e))),
     r AS (
         SELECT r.id, r.account_id, r.details FROM reservations r
-        WHERE r.id = ANY (ARRAY(SELECT reservation_id FROM e WHERE reservation IS NOT NULL))),
+        WHERE r.id = ANY (ARRAY(SELECT reservation_id FROM e WHERE reservation IS NOT NULL))
+          -- One the caller may not act on is, to it, not found.
+          AND tl_may_act_on(r, p_ctx)),
     c AS (
         SELECT e.*, u.result AS stored, u.differs, a.id AS account_id, a.type AS account_type,
                r.id AS res_id, r.account_id AS res_account,
@@ -2647,7 +2658,10 @@ BEGIN
       FROM reservations r
      WHERE r.id = ANY (ARRAY(SELECT (p_args[i] ->> 'reservation_id')::uuid FROM unnest(v_items) i
                               WHERE p_ops[i] IN ('capture', 'release')))
-       AND r.status = 'active' AND r.expires_at > v_now;
+       AND r.status = 'active' AND r.expires_at > v_now
+       -- One its caller may not act on goes one by one, to answer not found.
+       AND NOT EXISTS (SELECT 1 FROM unnest(v_items) i
+                       WHERE (p_args[i] ->> 'reservation_id')::uuid = r.id AND NOT tl_may_act_on(r, p_ctxs[i]));
     -- A wallet goes one by one, all of it, when another item touches it
     -- that cannot go set-based (so that its operations keep their arrival
     -- order across kinds), or when one reservation is named twice.

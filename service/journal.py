@@ -44,6 +44,8 @@ class Context:
     caller: str
     actor: str | None
     request_id: str
+    # An admin may act on what other callers made (their reservations).
+    admin: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +120,7 @@ class Ledger:
             "actor": ctx.actor,
             "request_id": ctx.request_id,
             "now": now.isoformat() if now is not None else None,
+            "admin": ctx.admin,
         }
 
     async def _run(self, fn: Callable[[Any], Any], *, translate: bool = True) -> Any:

@@ -72,7 +72,12 @@ async def provide_ledger(state: State) -> Ledger:
 
 def context_of(request: Request[Any, Any, Any]) -> Context:
     principal = request.state.principal
-    return Context(caller=principal.id, actor=principal.id, request_id=request.state.request_id)
+    return Context(
+        caller=principal.id,
+        actor=principal.id,
+        request_id=request.state.request_id,
+        admin="admin" in principal.roles,
+    )
 
 
 def idempotency_key(request: Request[Any, Any, Any], *, required: bool = True) -> str | None:

@@ -192,11 +192,11 @@ async def _batch(w: World, caller: str) -> tuple[str, Any]:
     return "/v1/grants:batch", {"grants": [item]}
 
 
-async def _reservation(w: World, emp: str = "e-own") -> str:
+async def _reservation(w: World, emp: str = "e-own", by: str = "admin") -> str:
     r = await w.api.c.post(
         "/v1/reservations",
         json={"account": f"employee:{emp}", "amount": 1},
-        headers={**w.auth("admin"), **key()},
+        headers={**w.auth(by), **key()},
     )
     assert r.status_code == 201, r.text
     return str(r.json()["id"])
@@ -204,7 +204,9 @@ async def _reservation(w: World, emp: str = "e-own") -> str:
 
 def _reservation_op(op: str, body: Any) -> Maker:
     async def make(w: World, caller: str) -> tuple[str, Any]:
-        return f"/v1/reservations/{await _reservation(w)}/{op}", body
+        # Only the key that made a reservation (or an admin) may act on it.
+        by = "meter" if caller == "meter" else "admin"
+        return f"/v1/reservations/{await _reservation(w, by=by)}/{op}", body
 
     return make
 
@@ -887,3 +889,31 @@ async def test_failed_authentication_is_rate_limited_per_address(
         async with httpx.AsyncClient(transport=other, base_url="http://t.local") as c:
             bad = {"Authorization": f"Bearer {new_key().secret}"}
             assert (await c.get("/v1/accounts/system:usage", headers=bad)).status_code == 401
+
+
+async def test_only_the_reserving_key_or_an_admin_acts_on_a_reservation(
+    world: World, database_url: str
+) -> None:
+    """Another meter key cannot capture, release or extend a reservation, nor
+    settle it with a usage event: to it the reservation does not exist (404).
+    The key that made it and an admin can."""
+    c = world.api.c
+    other = {"Authorization": f"Bearer {await service_key(database_url, 'meter')}"}
+    mine = world.auth("meter")
+    rid = await _reservation(world, by="meter")
+    for op, body in (("capture", {"amount": 1}), ("release", {}), ("extend", {"ttl_seconds": 60})):
+        r = await c.post(f"/v1/reservations/{rid}/{op}", json=body, headers={**other, **key()})
+        problem(r, 404, "reservation_not_found")
+    r = await c.post(
+        f"/v1/reservations/{rid}/extend", json={"ttl_seconds": 60}, headers={**mine, **key()}
+    )
+    assert r.status_code == 200, r.text
+    r = await c.post(
+        f"/v1/reservations/{rid}/capture", json={"amount": 1}, headers={**mine, **key()}
+    )
+    assert r.status_code == 200, r.text
+    rid2 = await _reservation(world, by="meter")
+    r = await c.post(
+        f"/v1/reservations/{rid2}/release", json={}, headers={**world.auth("admin"), **key()}
+    )
+    assert r.status_code == 200, r.text

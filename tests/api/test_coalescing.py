@@ -30,7 +30,9 @@ def item(op: str, args: dict[str, Any], key: str | None, *, status: int = 201) -
         op=op,
         success_status=status,
         args=args,
-        ctx={"actor": "test-caller", "request_id": "req-test", "now": None},
+        # An admin's context: these items act on reservations the tests made
+        # through the API with another key (only its maker or an admin may).
+        ctx={"actor": "test-caller", "request_id": "req-test", "now": None, "admin": True},
     )
 
 

@@ -1158,3 +1158,29 @@ async def test_same_event_id_with_another_body_is_422(
     assert results[1]["id"] == recorded_once["id"]
     assert await usage_total(api) == total + results[2]["cost"]
     await assert_audit_clean(database_url)
+
+
+async def test_usage_settles_only_a_reservation_its_caller_made(
+    client: Any, api: Api, clock: FakeClock, database_url: str
+) -> None:
+    """A usage event naming a reservation another meter key made answers 404
+    reservation_not_found (in a batch: rejected with that code), and the
+    reservation stays active."""
+    from tests.api.test_auth import service_key
+
+    await setup(client, api, clock, {"e-1": 100_000})
+    await add_price(client, P1, V1)
+    other = {"Authorization": f"Bearer {await service_key(database_url, 'meter')}"}
+    r = await reserve_estimate(client, model=MODEL, input_tokens=1000, max_output_tokens=500)
+    assert r.status_code == 201, r.text
+    rid = r.json()["id"]
+    body = event("settle-1", reservation=rid)
+    problem(await client.post("/v1/usage", json=body, headers=other), 404, "reservation_not_found")
+    r = await client.post("/v1/usage:batch", json={"events": [body]}, headers=other)
+    assert r.status_code == 200, r.text
+    (answer,) = r.json()["results"]
+    assert (answer["status"], answer.get("code")) == ("rejected", "reservation_not_found")
+    reservation = (await client.get(f"/v1/reservations/{rid}")).json()
+    assert reservation["status"] == "active"
+    await recorded(client, body)  # the key that made it settles it
+    assert (await client.get(f"/v1/reservations/{rid}")).json()["status"] == "captured"
