@@ -121,9 +121,8 @@ MIN_SECRET_CHARS = 40
 def check_strong(secret: str, setting: str) -> None:
     """A key given in configuration must be a tlk_ key with a secret as long
     as a generated one's and not one repeated character."""
-    parsed = parse_key(secret)
-    rest = secret[len(KEY_PREFIX) + 9 :] if parsed else ""
-    if parsed is None or len(rest) < MIN_SECRET_CHARS or len(set(rest)) < 16:
+    rest = secret[len(KEY_PREFIX) + 9 :]
+    if not well_formed(secret) or len(rest) < MIN_SECRET_CHARS or len(set(rest)) < 16:
         raise ValueError(
             f"{setting} must be a tlk_<8 hex>_<secret> key with a random secret of "
             f"{MIN_SECRET_CHARS}+ characters; make one with "

@@ -24,6 +24,10 @@ class Bucket:
     tokens: float
     updated: float
 
+    def refill(self, now: float, per_second: float, capacity: float) -> None:
+        self.tokens = min(capacity, self.tokens + (now - self.updated) * per_second)
+        self.updated = now
+
 
 def parse_limits(spec: str) -> dict[str, float]:
     """`"meter=2000,employee=20"` (requests per second per caller) to a dict."""
@@ -63,8 +67,7 @@ class RateLimiter:
             if len(self.buckets) >= MAX_BUCKETS:
                 self._prune(now, capacity)
             bucket = self.buckets[principal.id] = Bucket(capacity, now)
-        bucket.tokens = min(capacity, bucket.tokens + (now - bucket.updated) * rate)
-        bucket.updated = now
+        bucket.refill(now, rate, capacity)
         if bucket.tokens >= 1:
             bucket.tokens -= 1
             return
@@ -108,8 +111,7 @@ class FailureLimiter:
                 for k in [k for k, b in self.buckets.items() if now - b.updated > full]:
                     del self.buckets[k]
             bucket = self.buckets[address] = Bucket(self.burst, now)
-        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.per_second)
-        bucket.updated = now
+        bucket.refill(now, self.per_second, self.burst)
         return bucket
 
     def check(self, address: str, token_digest: bytes) -> None:
