@@ -113,6 +113,10 @@ def handle_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response
         err = errors.NotFound(f"no route {request.method} {request.url.path}")
     elif exc.status_code == 405:
         err = errors.MethodNotAllowed()
+        # RFC 9110: a 405 names the methods the route takes.
+        allow = (exc.headers or {}).get("allow") or (exc.headers or {}).get("Allow")
+        if allow:
+            err.headers["Allow"] = allow
     elif exc.status_code == 413:
         err = errors.PayloadTooLarge()
     elif exc.status_code == 400:
