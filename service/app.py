@@ -23,7 +23,7 @@ from litestar.exceptions import (
     ValidationException,
 )
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Components, SecurityScheme, Server
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -60,6 +60,7 @@ from service.observability import (
     new_request_id,
     status_class,
 )
+from service.openapi import ContractJson, ContractSwagger
 from service.ratelimit import RateLimiter, parse_limits
 
 log = structlog.get_logger("tokenledger")
@@ -417,6 +418,13 @@ def create_app(
         tags=["Operations"],
         summary="Readiness: database reachable, schema current",
         opt=public(),
+        responses={
+            503: ResponseSpec(
+                data_container=dict[str, Any],
+                description="Not ready: the database is unreachable or its schema is behind.",
+                generate_examples=False,
+            )
+        },
     )
     async def readyz(state: State) -> Response[dict[str, Any]]:
         ledger: Ledger = state.ledger
@@ -464,7 +472,6 @@ def create_app(
         UsageController,
         ReportsController,
     ]
-    document_problems(controllers)
     app = Litestar(
         route_handlers=[
             healthz,
@@ -491,7 +498,9 @@ def create_app(
             version=__version__,
             description=openapi_description(),
             path=OPENAPI_PATH,
-            render_plugins=[SwaggerRenderPlugin(path="/")],
+            # Both serve service.openapi.served(): Litestar's document with
+            # what it cannot know added (service/openapi.py).
+            render_plugins=[ContractJson(), ContractSwagger(path="/")],
             servers=[Server(url="/")],
             components=Components(
                 security_schemes={
@@ -536,31 +545,6 @@ def openapi_description() -> str:
         "checks fail the first in this table answers (401/403 are checked before the body):"
         "\n\n| status | code | meaning |\n|---|---|---|\n" + rows
     )
-
-
-def document_problems(controllers: list[type[Any]]) -> None:
-    """Every /v1 operation lists its problem+json answers in the OpenAPI
-    schema (the `Problem` component), so callers see the error shape."""
-    from litestar.handlers import HTTPRouteHandler
-    from litestar.openapi.datastructures import ResponseSpec
-
-    from service.api.resources import Problem
-
-    statuses = sorted({cls.status for cls in errors.ERRORS})
-    for controller in controllers:
-        for value in vars(controller).values():
-            if isinstance(value, HTTPRouteHandler):
-                value.responses = {
-                    status: ResponseSpec(
-                        data_container=Problem,
-                        media_type=PROBLEM_JSON,
-                        generate_examples=False,
-                        description=", ".join(
-                            f"`{cls.code}`" for cls in errors.ERRORS if cls.status == status
-                        ),
-                    )
-                    for status in statuses
-                }
 
 
 async def ensure_admin_key(ledger: Ledger, secret: str) -> None:
