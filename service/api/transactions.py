@@ -171,6 +171,7 @@ class TransactionsController(Controller):
                 errors.InsufficientCredits,
                 errors.AccountClosed,
                 errors.AlreadyReversed,
+                errors.LotNotActive,
                 errors.BalanceLimitExceeded,
                 idempotent=True,
             ),
