@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run test check fmt lint typecheck audit bench bench-reports bench-programs chaos clean
+.PHONY: help venv run test check contract fmt lint typecheck audit bench bench-reports bench-programs chaos clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -32,11 +32,18 @@ run: venv ## Serve the API (embedded PostgreSQL under .data/pg unless DATABASE_U
 test: venv ## Run the tests (PYTEST_ARGS passes options through)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-check: venv ## Format check, lint, type check, then the tests
+check: venv ## Format check, lint, type check, the tests, then the schema contract at length
 	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
 	$(PY) -m mypy service client/tokenledger_client
 	$(PY) -m pytest $(PYTEST_ARGS)
+	$(MAKE) contract
+
+# The tests run a short, fixed-seed version (tests/api/test_served_schema.py);
+# this one draws fresh examples each time. CONTRACT_ARGS go to schemathesis.
+CONTRACT_ARGS ?= --max-examples 100
+contract: venv ## Schemathesis --checks all against a live service's /schema/openapi.json
+	$(PY) -m tests.served_schema $(CONTRACT_ARGS)
 
 fmt: venv ## Format the code and apply safe lint fixes
 	$(PY) -m ruff format .

@@ -8,7 +8,8 @@ import gc
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, get_args
 
 import asyncpg
 import msgspec
@@ -23,7 +24,7 @@ from litestar.exceptions import (
     ValidationException,
 )
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Components, SecurityScheme, Server
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -60,6 +61,7 @@ from service.observability import (
     new_request_id,
     status_class,
 )
+from service.openapi import ContractJson, ContractSwagger
 from service.ratelimit import FailureLimiter, RateLimiter, parse_limits
 
 log = structlog.get_logger("tokenledger")
@@ -114,6 +116,10 @@ def handle_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response
         err = errors.NotFound(f"no route {request.method} {request.url.path}")
     elif exc.status_code == 405:
         err = errors.MethodNotAllowed()
+        # RFC 9110: a 405 names the methods the route takes.
+        allow = (exc.headers or {}).get("allow") or (exc.headers or {}).get("Allow")
+        if allow:
+            err.headers["Allow"] = allow
     elif exc.status_code == 413:
         err = errors.PayloadTooLarge()
     elif exc.status_code == 400:
@@ -150,9 +156,50 @@ def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Respon
     return Response(body, status_code=500, media_type=PROBLEM_JSON)
 
 
+def integral(value: Any) -> Any:
+    """`value` with every number that has no fractional part (5.0) made an
+    int: JSON Schema counts 5.0 as an integer, so the served schema's
+    `integer` admits it, and so does the service. 1.5 and "5" are still no
+    amount."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if isinstance(value, list):
+        return [integral(item) for item in value]
+    if isinstance(value, dict):
+        return {key: integral(item) for key, item in value.items()}
+    return value
+
+
+def in_utc(value: Any, path: str = "$") -> Any:
+    """`value` (from msgspec.to_builtins) with its datetimes as RFC 3339 UTC
+    text; text with a NUL character is refused (PostgreSQL cannot store it,
+    and the schema's strings exclude it)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise errors.InvalidRequest(
+                f"{path}: text may not contain the NUL character",
+                errors=[{"path": path, "message": "text may not contain the NUL character"}],
+            )
+        return value
+    if isinstance(value, datetime):
+        try:
+            return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        except OverflowError:
+            message = "the timestamp is out of range"
+            raise errors.InvalidRequest(
+                message, errors=[{"path": path, "message": message}]
+            ) from None
+    if isinstance(value, list):
+        return [in_utc(item, f"{path}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, dict):
+        return {in_utc(key, path): in_utc(item, f"{path}.{key!s}") for key, item in value.items()}
+    return value
+
+
 async def strict_body(request: Request[Any, Any, Any]) -> None:
     """Decode the JSON body strictly against the handler's `data` type before
-    Litestar's lenient conversion runs: "5" or 5.0 is not an amount.
+    Litestar's lenient conversion runs: "5" or 1.5 is not an amount (5.0 is 5,
+    as JSON Schema counts it an integer).
 
     Also enforces the body size limit and gives precise JSON paths
     (`$.grants[3].amount`) in the 400.
@@ -176,7 +223,12 @@ async def strict_body(request: Request[Any, Any, Any]) -> None:
         message = "the body is nested too deeply"
         raise errors.InvalidRequest(message, errors=[{"path": "$", "message": message}]) from None
     try:
-        msgspec.convert(parsed, field.annotation, strict=True)
+        value = msgspec.convert(integral(parsed), field.annotation, strict=True)
+        # What the handler decodes: the same body with 5.0 as 5 and every
+        # timestamp in UTC (PostgreSQL takes offsets up to 15:59 only; RFC 3339
+        # allows 23:59). Litestar decodes the handler's `data` from this cache.
+        normal = in_utc(msgspec.to_builtins(value, builtin_types=(datetime,)))
+        request._json = request._connection_state.json = normal
     except msgspec.ValidationError as exc:
         match = _MSGSPEC_PATH.match(str(exc))
         message = match.group("message") if match else str(exc)
@@ -186,12 +238,49 @@ async def strict_body(request: Request[Any, Any, Any]) -> None:
         ) from None
 
 
+# RFC 3339 date-time with an offset, as the schema's `format: date-time` says;
+# Litestar alone would also take a number of seconds since the epoch.
+_DATE_TIME = re.compile(
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})$"
+)
+
+
+def datetime_queries(handler: Any) -> list[str]:
+    """The query parameters a handler takes as datetimes, by their names in the URL."""
+    names = []
+    for name, field in handler.parsed_fn_signature.parameters.items():
+        kwarg = field.kwarg_definition
+        if type(kwarg).__name__ != "QueryParameter" and not (
+            kwarg is None and name not in ("request", "scope", "state", "data")
+        ):
+            continue
+        if field.annotation is datetime or datetime in get_args(field.annotation):
+            names.append(getattr(kwarg, "name", None) or getattr(kwarg, "query", None) or name)
+    return names
+
+
+def strict_query(request: Request[Any, Any, Any]) -> None:
+    """A datetime in the query is RFC 3339 with an offset, nothing else."""
+    handler = request.route_handler
+    names = handler.opt.get("_datetime_queries")
+    if names is None:
+        names = handler.opt["_datetime_queries"] = datetime_queries(handler)
+    for name in names:
+        for value in request.query_params.getall(name, []):
+            if not _DATE_TIME.match(value):
+                message = "must be an RFC 3339 date-time with an offset"
+                raise errors.InvalidRequest(
+                    f"{name} {message}", errors=[{"path": name, "message": message}]
+                )
+
+
 async def before_request(request: Request[Any, Any, Any]) -> None:
     """Authentication and authorization, then the strict body check, for
     every route. A hook rather than a Litestar guard: Litestar copies the
     route handler for each guard call, which cost about a twentieth of the
     service's CPU per request, and a hook sees the same handler."""
     await authorize(request, request.route_handler)
+    strict_query(request)
     await strict_body(request)
 
 
@@ -369,6 +458,13 @@ def create_app(
         tags=["Operations"],
         summary="Readiness: database reachable, schema current",
         opt=public(),
+        responses={
+            503: ResponseSpec(
+                data_container=dict[str, Any],
+                description="Not ready: the database is unreachable or its schema is behind.",
+                generate_examples=False,
+            )
+        },
     )
     async def readyz(state: State) -> Response[dict[str, Any]]:
         ledger: Ledger = state.ledger
@@ -422,7 +518,6 @@ def create_app(
         UsageController,
         ReportsController,
     ]
-    document_problems(controllers)
     app = Litestar(
         route_handlers=[
             healthz,
@@ -454,7 +549,9 @@ def create_app(
             version=__version__,
             description=openapi_description(),
             path=OPENAPI_PATH,
-            render_plugins=[SwaggerRenderPlugin(path="/")],
+            # Both serve service.openapi.served(): Litestar's document with
+            # what it cannot know added (service/openapi.py).
+            render_plugins=[ContractJson(), ContractSwagger(path="/")],
             servers=[Server(url="/")],
             components=Components(
                 security_schemes={
@@ -499,31 +596,6 @@ def openapi_description() -> str:
         "checks fail the first in this table answers (401/403 are checked before the body):"
         "\n\n| status | code | meaning |\n|---|---|---|\n" + rows
     )
-
-
-def document_problems(controllers: list[type[Any]]) -> None:
-    """Every /v1 operation lists its problem+json answers in the OpenAPI
-    schema (the `Problem` component), so callers see the error shape."""
-    from litestar.handlers import HTTPRouteHandler
-    from litestar.openapi.datastructures import ResponseSpec
-
-    from service.api.resources import Problem
-
-    statuses = sorted({cls.status for cls in errors.ERRORS})
-    for controller in controllers:
-        for value in vars(controller).values():
-            if isinstance(value, HTTPRouteHandler):
-                value.responses = {
-                    status: ResponseSpec(
-                        data_container=Problem,
-                        media_type=PROBLEM_JSON,
-                        generate_examples=False,
-                        description=", ".join(
-                            f"`{cls.code}`" for cls in errors.ERRORS if cls.status == status
-                        ),
-                    )
-                    for status in statuses
-                }
 
 
 async def ensure_admin_key(ledger: Ledger, secret: str) -> None:

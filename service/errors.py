@@ -44,11 +44,9 @@ class LedgerError(Exception):
         if instance:
             body["instance"] = instance
         for key, value in self.extra.items():
-            # API.md gives reservation_not_active and lot_not_active an extra
-            # named `status` (the resource's state). The contract wins over
-            # RFC 9457's advisory `status` member there; the HTTP status line
-            # still says 409. No other member can be overridden.
-            if key == "status" or key not in body:
+            # `status` is the HTTP status only (RFC 9457); no extra can
+            # override a standard member.
+            if key not in body:
                 body[key] = value
         return body
 
@@ -171,16 +169,31 @@ class AssetMismatch(LedgerError):
     code, status, title, sqlstate = "asset_mismatch", 409, "Asset mismatch", "TLB03"
 
 
-class ReservationNotActive(LedgerError):
+class ResourceNotActive(LedgerError):
+    """A resource whose state forbids the operation; its state is the extra
+    `<resource>_status` (the SQL functions, and 409s stored before this
+    name, call it `status`, which is the HTTP status in a problem)."""
+
+    state_extra: ClassVar[str]
+
+    def __init__(self, detail: str | None = None, **extra: Any) -> None:
+        if "status" in extra:
+            extra.setdefault(self.state_extra, extra.pop("status"))
+        super().__init__(detail, **extra)
+
+
+class ReservationNotActive(ResourceNotActive):
     """The reservation is no longer active."""
 
     code, status, title, sqlstate = "reservation_not_active", 409, "Reservation not active", "TLB04"
+    state_extra = "reservation_status"
 
 
-class LotNotActive(LedgerError):
+class LotNotActive(ResourceNotActive):
     """The lot has nothing left to act on."""
 
     code, status, title, sqlstate = "lot_not_active", 409, "Lot not active", "TLB05"
+    state_extra = "lot_status"
 
 
 class AlreadyReversed(LedgerError):

@@ -45,8 +45,8 @@ class TokenledgerError(Exception):
         self.retry_after_seconds = retry_after_seconds
         standard = {"type", "title", "status", "detail", "code", "instance"}
         self.extras: dict[str, Any] = {k: v for k, v in problem.items() if k not in standard}
-        # `status` is also an extra of reservation_not_active and lot_not_active
-        # (the resource's state), which would shadow the HTTP status here.
+        # Services before issue 11 sent the state of reservation_not_active and
+        # lot_not_active as `status` (now `reservation_status`, `lot_status`).
         if isinstance(problem.get("status"), str):
             self.extras["resource_status"] = problem["status"]
         for name in self.extra_names:
@@ -183,14 +183,21 @@ class ReservationNotActive(ConflictError):
 
     def __init__(self, status: int, problem: dict[str, Any], **kw: Any) -> None:
         super().__init__(status, problem, **kw)
-        # The contract names this extra `reservation_status`; the service
-        # sends it as `status`. Accept either.
+        # The service sends `reservation_status`; one before issue 11 sent
+        # the state as `status`. Accept either.
         if self.reservation_status is None:
             self.reservation_status = self.extras.get("resource_status")
 
 
 class LotNotActive(ConflictError):
     code = "lot_not_active"
+    extra_names = ("lot_status",)
+    lot_status: str | None
+
+    def __init__(self, status: int, problem: dict[str, Any], **kw: Any) -> None:
+        super().__init__(status, problem, **kw)
+        if self.lot_status is None:
+            self.lot_status = self.extras.get("resource_status")
 
 
 class AlreadyReversed(ConflictError):

@@ -14,6 +14,7 @@ from service.api.common import check_address, decode_cursor, encode_cursor, page
 from service.api.resources import Account, Balance, EntriesPage, LotsPage, Series
 from service.auth import access
 from service.journal import Ledger
+from service.openapi import problems
 
 # A series may not ask for more points than this (hourly for ~6 weeks, daily
 # for ~20 years): bounded work per request.
@@ -54,7 +55,10 @@ class AccountsController(Controller):
     @get(
         "/accounts/{address:str}",
         summary="Balances of an account",
-        opt=access("hr", "finance", "meter", "employee", own="address"),
+        opt={
+            **access("hr", "finance", "meter", "employee", own="address"),
+            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+        },
     )
     async def get_account(self, ledger: NamedDependency[Ledger], address: FromPath[str]) -> Account:
         """Posted, reserved, pending and available credits, and what expires when."""
@@ -64,7 +68,11 @@ class AccountsController(Controller):
             raise not_found(address)
         return body
 
-    @get("/me", summary="The calling employee's wallet", opt=access("employee"))
+    @get(
+        "/me",
+        summary="The calling employee's wallet",
+        opt={**access("employee"), **problems(errors.EmployeeNotFound)},
+    )
     async def me(self, request: Request[Any, Any, Any], ledger: NamedDependency[Ledger]) -> Account:
         principal = getattr(request.state, "principal", None)
         employee = getattr(principal, "employee", None)
@@ -75,7 +83,10 @@ class AccountsController(Controller):
     @get(
         "/accounts/{address:str}/entries",
         summary="Entries of an account, newest first",
-        opt=access("hr", "finance", "employee", own="address"),
+        opt={
+            **access("hr", "finance", "employee", own="address"),
+            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+        },
     )
     async def entries(
         self,
@@ -98,7 +109,10 @@ class AccountsController(Controller):
     @get(
         "/accounts/{address:str}/balance",
         summary="Posted balance as of an instant",
-        opt=access("hr", "finance", "meter", "employee", own="address"),
+        opt={
+            **access("hr", "finance", "meter", "employee", own="address"),
+            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+        },
     )
     async def balance(
         self,
@@ -116,7 +130,10 @@ class AccountsController(Controller):
     @get(
         "/accounts/{address:str}/series",
         summary="Posted balance over time, for charts",
-        opt=access("hr", "finance", "employee", own="address"),
+        opt={
+            **access("hr", "finance", "employee", own="address"),
+            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+        },
     )
     async def series(
         self,
@@ -145,7 +162,10 @@ class AccountsController(Controller):
     @get(
         "/accounts/{address:str}/lots",
         summary="Live lots in consumption order",
-        opt=access("hr", "finance", "employee", own="address"),
+        opt={
+            **access("hr", "finance", "employee", own="address"),
+            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+        },
     )
     async def lots(
         self,

@@ -23,6 +23,7 @@ from service.journal import Context, Ledger, Outcome, request_hash
 MAX_AMOUNT = 2**53
 REF_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 ADDRESS_PATTERN = r"^(employee|department|system):[a-z0-9][a-z0-9._-]{0,63}$"
+WALLET_PATTERN = r"^(employee|department):[a-z0-9][a-z0-9._-]{0,63}$"
 
 Amount = Annotated[
     int,
@@ -45,6 +46,26 @@ Address = Annotated[
         pattern=ADDRESS_PATTERN,
         description="An account address `type:ref`.",
         examples=["employee:e-1042", "department:eng", "system:issuance"],
+    ),
+]
+# What debits, reservations and usage draw on: a wallet or a department
+# account, never a system account.
+Wallet = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=WALLET_PATTERN,
+        description="A wallet or a department account `employee:ref` or `department:ref`.",
+        examples=["employee:e-1042", "department:eng"],
+    ),
+]
+# What grants and grant programs are funded by.
+FUNDER_PATTERN = r"^(system:issuance|department:[a-z0-9][a-z0-9._-]{0,63})$"
+Funder = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=FUNDER_PATTERN,
+        description="`system:issuance` or a department account `department:ref`.",
+        examples=["system:issuance", "department:eng"],
     ),
 ]
 Memo = Annotated[str, msgspec.Meta(max_length=500)]

@@ -21,6 +21,7 @@ from service.api.common import (
 from service.api.resources import Department, Employee
 from service.auth import access
 from service.journal import Ledger
+from service.openapi import problems, statuses
 
 
 class DepartmentIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -52,7 +53,7 @@ class DirectoryController(Controller):
     @put(
         "/departments/{department_id:str}",
         summary="Create or update a department",
-        opt=access("hr"),
+        opt={**access("hr"), **problems(errors.DepartmentNotFound), **statuses(201)},
     )
     async def put_department(
         self,
@@ -68,7 +69,9 @@ class DirectoryController(Controller):
         return Response(result["body"], status_code=201 if result["created"] else 200)
 
     @get(
-        "/departments/{department_id:str}", summary="Get a department", opt=access("hr", "finance")
+        "/departments/{department_id:str}",
+        summary="Get a department",
+        opt={**access("hr", "finance"), **problems(errors.DepartmentNotFound)},
     )
     async def get_department(
         self, ledger: NamedDependency[Ledger], department_id: FromPath[str]
@@ -80,7 +83,15 @@ class DirectoryController(Controller):
             )
         return body
 
-    @put("/employees/{employee_id:str}", summary="Create or update an employee", opt=access("hr"))
+    @put(
+        "/employees/{employee_id:str}",
+        summary="Create or update an employee",
+        opt={
+            **access("hr"),
+            **problems(errors.DepartmentNotFound, errors.AccountClosed),
+            **statuses(201),
+        },
+    )
     async def put_employee(
         self,
         request: Request[Any, Any, Any],
@@ -103,7 +114,7 @@ class DirectoryController(Controller):
     @get(
         "/employees/{employee_id:str}",
         summary="Get an employee with their wallet balance",
-        opt=access("hr", "finance"),
+        opt={**access("hr", "finance"), **problems(errors.EmployeeNotFound)},
     )
     async def get_employee(
         self, ledger: NamedDependency[Ledger], employee_id: FromPath[str]
@@ -117,7 +128,15 @@ class DirectoryController(Controller):
         "/employees/{employee_id:str}/offboard",
         summary="Offboard an employee",
         status_code=200,
-        opt=access("hr"),
+        opt={
+            **access("hr"),
+            **problems(
+                errors.EmployeeNotFound,
+                errors.AccountClosed,
+                errors.BalanceLimitExceeded,
+                idempotent=True,
+            ),
+        },
     )
     async def offboard(
         self,

@@ -11,8 +11,8 @@ from litestar.params import FromPath, JSONBody
 
 from service import errors
 from service.api.common import (
-    Address,
     Amount,
+    Funder,
     Memo,
     Metadata,
     Ref,
@@ -24,6 +24,7 @@ from service.api.common import (
 from service.api.resources import BatchGrantResponse, GrantResult, Transaction
 from service.auth import access
 from service.journal import Ledger, request_hash
+from service.openapi import problems
 
 MAX_BATCH = 1000
 
@@ -40,7 +41,7 @@ class GrantIn(msgspec.Struct, forbid_unknown_fields=True):
     expires_at: Timestamp | None = None
     effective_at: Timestamp | None = None
     priority: Priority = 100
-    funded_by: Address = "system:issuance"
+    funded_by: Funder = "system:issuance"
     memo: Memo | None = None
     metadata: Metadata | None = None
 
@@ -75,7 +76,23 @@ class GrantsController(Controller):
     path = "/v1"
     tags = ["Grants"]
 
-    @post("/grants", summary="Grant credits to an employee", status_code=201, opt=access("hr"))
+    @post(
+        "/grants",
+        summary="Grant credits to an employee",
+        status_code=201,
+        opt={
+            **access("hr"),
+            **problems(
+                errors.AccountNotFound,
+                errors.EmployeeNotFound,
+                errors.DepartmentNotFound,
+                errors.InsufficientCredits,
+                errors.AccountClosed,
+                errors.BalanceLimitExceeded,
+                idempotent=True,
+            ),
+        },
+    )
     async def grant(
         self,
         request: Request[Any, Any, Any],
@@ -90,7 +107,12 @@ class GrantsController(Controller):
             request, ledger, "grant", data, args=grant_args(data), success_status=201
         )
 
-    @post("/grants:batch", summary="Grant credits in a batch", status_code=200, opt=access("hr"))
+    @post(
+        "/grants:batch",
+        summary="Grant credits in a batch",
+        status_code=200,
+        opt={**access("hr"), **problems()},
+    )
     async def grant_batch(
         self,
         request: Request[Any, Any, Any],
@@ -118,7 +140,15 @@ class GrantsController(Controller):
         "/lots/{lot_id:str}/void",
         summary="Void the rest of a lot",
         status_code=200,
-        opt=access("hr"),
+        opt={
+            **access("hr"),
+            **problems(
+                errors.LotNotFound,
+                errors.LotNotActive,
+                errors.BalanceLimitExceeded,
+                idempotent=True,
+            ),
+        },
     )
     async def void_lot(
         self,

@@ -25,6 +25,7 @@ from service.api.common import (
 from service.api.resources import Price, PricesPage
 from service.auth import access
 from service.journal import Ledger
+from service.openapi import problems
 from service.pricing import MAX_RATE_PER_MTOK, MODEL_PATTERN
 
 Model = Annotated[
@@ -60,7 +61,12 @@ class PricesController(Controller):
     path = "/v1"
     tags = ["Prices"]
 
-    @post("/prices", summary="Add a price version", status_code=201, opt=access("finance"))
+    @post(
+        "/prices",
+        summary="Add a price version",
+        status_code=201,
+        opt={**access("finance"), **problems(idempotent=True)},
+    )
     async def add_price(
         self,
         request: Request[Any, Any, Any],
@@ -87,7 +93,7 @@ class PricesController(Controller):
     @get(
         "/prices",
         summary="Price versions, or the versions in effect at an instant",
-        opt=access("finance", "hr", "meter"),
+        opt={**access("finance", "hr", "meter"), **problems()},
     )
     async def list_prices(
         self,

@@ -22,8 +22,8 @@ from service import errors
 from service.api.accounts import CursorParam, LimitParam
 from service.api.common import (
     MAX_AMOUNT,
-    Address,
     Amount,
+    Funder,
     Ref,
     check_ref,
     context_of,
@@ -35,6 +35,7 @@ from service.api.grants import Reason
 from service.api.resources import Program, ProgramRun, ProgramRunsPage, ProgramsPage
 from service.auth import access
 from service.journal import Ledger
+from service.openapi import problems, statuses
 from service.programs import run_cycle
 
 CYCLE_PATTERN = r"^[0-9]{4}-(0[1-9]|1[0-2])$"
@@ -80,7 +81,7 @@ class ProgramIn(msgspec.Struct, forbid_unknown_fields=True):
     active: bool
     expiry: Expiry | None = None
     rollover_max: Annotated[int, msgspec.Meta(ge=0, le=MAX_AMOUNT)] | None = None
-    funded_by: Address = "system:issuance"
+    funded_by: Funder = "system:issuance"
     ends_on: date | None = None
     prorate: bool = False
     time_zone: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "UTC"
@@ -165,7 +166,11 @@ class ProgramsController(Controller):
     @put(
         "/grant-programs/{program_id:str}",
         summary="Create or update a grant program",
-        opt=access("hr"),
+        opt={
+            **access("hr"),
+            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            **statuses(201),
+        },
     )
     async def put_program(
         self,
@@ -187,7 +192,7 @@ class ProgramsController(Controller):
     @get(
         "/grant-programs",
         summary="List grant programs",
-        opt=access("hr", "finance"),
+        opt={**access("hr", "finance"), **problems()},
     )
     async def list_programs(
         self,
@@ -205,7 +210,7 @@ class ProgramsController(Controller):
     @get(
         "/grant-programs/{program_id:str}",
         summary="Get a grant program",
-        opt=access("hr", "finance"),
+        opt={**access("hr", "finance"), **problems(errors.GrantProgramNotFound)},
     )
     async def get_program(
         self, ledger: NamedDependency[Ledger], program_id: FromPath[str]
@@ -221,7 +226,12 @@ class ProgramsController(Controller):
         "/grant-programs/{program_id:str}/runs",
         summary="Issue a cycle of a grant program",
         status_code=200,
-        opt=access("hr"),
+        opt={
+            **access("hr"),
+            **problems(
+                errors.GrantProgramNotFound, errors.InsufficientCredits, errors.BalanceLimitExceeded
+            ),
+        },
     )
     async def run_program(
         self,
@@ -245,7 +255,7 @@ class ProgramsController(Controller):
     @get(
         "/grant-programs/{program_id:str}/runs",
         summary="Runs of a grant program",
-        opt=access("hr", "finance"),
+        opt={**access("hr", "finance"), **problems(errors.GrantProgramNotFound)},
     )
     async def list_runs(
         self,

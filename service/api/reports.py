@@ -14,6 +14,7 @@ from litestar.params import QueryParameter
 from service import reports
 from service.auth import access
 from service.journal import Ledger
+from service.openapi import problems
 
 CSV = "text/csv"
 JSON = "application/json"
@@ -44,7 +45,9 @@ class ReportsController(Controller):
     tags = ["Reports"]
 
     @get(
-        "/reports/usage", summary="Usage totals over a period, grouped", opt=access("finance", "hr")
+        "/reports/usage",
+        summary="Usage totals over a period, grouped",
+        opt={**access("finance", "hr"), **problems()},
     )
     async def usage(
         self,

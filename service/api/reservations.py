@@ -14,9 +14,9 @@ from litestar.params import FromPath, FromQuery, JSONBody
 from service import errors
 from service.api.accounts import CursorParam, LimitParam, account_id
 from service.api.common import (
-    Address,
     Amount,
     Metadata,
+    Wallet,
     decode_cursor,
     page,
     parse_public_id,
@@ -27,6 +27,7 @@ from service.api.resources import CaptureResult, Reservation, ReservationsPage
 from service.api.usage import Tokens, UsageCounts, check_counts
 from service.auth import access
 from service.journal import Ledger
+from service.openapi import problems
 
 TtlSeconds = Annotated[
     int, msgspec.Meta(ge=1, le=86_400, description="Seconds until the hold expires, 1..86400.")
@@ -49,7 +50,7 @@ class Estimate(msgspec.Struct, forbid_unknown_fields=True):
 class ReserveIn(msgspec.Struct, forbid_unknown_fields=True):
     """Exactly one of `amount` and `estimate`."""
 
-    account: Address
+    account: Wallet
     amount: Amount | None = None
     estimate: Estimate | None = None
     ttl_seconds: TtlSeconds = 600
@@ -113,7 +114,23 @@ class ReservationsController(Controller):
         }
         return await run_operation(request, ledger, op, payload, args=args, success_status=200)
 
-    @post("/reservations", summary="Reserve credits", status_code=201, opt=access("meter"))
+    @post(
+        "/reservations",
+        summary="Reserve credits",
+        status_code=201,
+        opt={
+            **access("meter"),
+            **problems(
+                errors.AccountNotFound,
+                errors.EmployeeNotFound,
+                errors.DepartmentNotFound,
+                errors.UnknownModel,
+                errors.InsufficientCredits,
+                errors.AccountClosed,
+                idempotent=True,
+            ),
+        },
+    )
     async def reserve(
         self,
         request: Request[Any, Any, Any],
@@ -143,7 +160,18 @@ class ReservationsController(Controller):
         "/reservations/{reservation_id:str}/capture",
         summary="Capture a reservation",
         status_code=200,
-        opt=access("meter"),
+        opt={
+            **access("meter"),
+            **problems(
+                errors.ReservationNotFound,
+                errors.UnknownModel,
+                errors.InsufficientCredits,
+                errors.AccountClosed,
+                errors.ReservationNotActive,
+                errors.BalanceLimitExceeded,
+                idempotent=True,
+            ),
+        },
     )
     async def capture(
         self,
@@ -171,7 +199,10 @@ class ReservationsController(Controller):
         "/reservations/{reservation_id:str}/release",
         summary="Release a reservation",
         status_code=200,
-        opt=access("meter"),
+        opt={
+            **access("meter"),
+            **problems(errors.ReservationNotFound, errors.ReservationNotActive, idempotent=True),
+        },
     )
     async def release(
         self,
@@ -190,7 +221,10 @@ class ReservationsController(Controller):
         "/reservations/{reservation_id:str}/extend",
         summary="Extend a reservation",
         status_code=200,
-        opt=access("meter"),
+        opt={
+            **access("meter"),
+            **problems(errors.ReservationNotFound, errors.ReservationNotActive, idempotent=True),
+        },
     )
     async def extend(
         self,
@@ -214,7 +248,10 @@ class ReservationsController(Controller):
     @get(
         "/reservations/{reservation_id:str}",
         summary="Get a reservation",
-        opt=access("meter", "hr", "finance", "employee", own="reservation_id"),
+        opt={
+            **access("meter", "hr", "finance", "employee", own="reservation_id"),
+            **problems(errors.ReservationNotFound),
+        },
     )
     async def get_reservation(
         self, ledger: NamedDependency[Ledger], reservation_id: FromPath[str]
@@ -231,7 +268,10 @@ class ReservationsController(Controller):
     @get(
         "/accounts/{address:str}/reservations",
         summary="Reservations of an account, newest first",
-        opt=access("meter", "hr", "finance", "employee", own="address"),
+        opt={
+            **access("meter", "hr", "finance", "employee", own="address"),
+            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+        },
     )
     async def account_reservations(
         self,

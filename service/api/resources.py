@@ -170,14 +170,18 @@ class Problem(msgspec.Struct, frozen=True):
     """RFC 9457 problem details; `code` is one of the stable error codes (see the
     table in the API description). Extras such as `available` and `requested` are
     machine-readable; for invalid_request, `errors` lists each bad field's JSON path.
-    For reservation_not_active and lot_not_active, `status` is the resource's state."""
+    `status` is the HTTP status; for reservation_not_active and lot_not_active the
+    resource's state is `reservation_status` or `lot_status`."""
 
     type: str
     title: str
-    status: int | str
+    status: int
     detail: str
     code: str
+    instance: str | None = None
     errors: list[dict[str, str]] | None = None
+    reservation_status: Literal["active", "captured", "released", "expired"] | None = None
+    lot_status: Literal["active", "voided", "expired", "depleted"] | None = None
 
 
 class Hold(msgspec.Struct, frozen=True):

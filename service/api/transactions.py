@@ -17,6 +17,7 @@ from service.api.common import (
     Amount,
     Memo,
     Metadata,
+    Wallet,
     decode_cursor,
     page,
     parse_public_id,
@@ -25,6 +26,7 @@ from service.api.common import (
 from service.api.resources import Transaction, TransactionsPage
 from service.auth import access
 from service.journal import Ledger
+from service.openapi import problems
 
 Kind = Literal[
     "grant", "debit", "usage", "transfer", "capture", "expiry", "void", "reversal", "rollover"
@@ -32,7 +34,7 @@ Kind = Literal[
 
 
 class DebitIn(msgspec.Struct, forbid_unknown_fields=True):
-    account: Address
+    account: Wallet
     amount: Amount
     memo: Memo | None = None
     metadata: Metadata | None = None
@@ -54,7 +56,23 @@ class TransactionsController(Controller):
     path = "/v1"
     tags = ["Transactions"]
 
-    @post("/debits", summary="Debit credits from a wallet", status_code=201, opt=access("meter"))
+    @post(
+        "/debits",
+        summary="Debit credits from a wallet",
+        status_code=201,
+        opt={
+            **access("meter"),
+            **problems(
+                errors.AccountNotFound,
+                errors.EmployeeNotFound,
+                errors.DepartmentNotFound,
+                errors.InsufficientCredits,
+                errors.AccountClosed,
+                errors.BalanceLimitExceeded,
+                idempotent=True,
+            ),
+        },
+    )
     async def debit(
         self,
         request: Request[Any, Any, Any],
@@ -68,7 +86,22 @@ class TransactionsController(Controller):
         return await run_operation(request, ledger, "debit", data, success_status=201)
 
     @post(
-        "/transfers", summary="Transfer credits between accounts", status_code=201, opt=access("hr")
+        "/transfers",
+        summary="Transfer credits between accounts",
+        status_code=201,
+        opt={
+            **access("hr"),
+            **problems(
+                errors.AccountNotFound,
+                errors.EmployeeNotFound,
+                errors.DepartmentNotFound,
+                errors.InsufficientCredits,
+                errors.AccountClosed,
+                errors.AssetMismatch,
+                errors.BalanceLimitExceeded,
+                idempotent=True,
+            ),
+        },
     )
     async def transfer(
         self,
@@ -85,7 +118,7 @@ class TransactionsController(Controller):
     @get(
         "/transactions/{transaction_id:str}",
         summary="Get a transaction",
-        opt=access("hr", "finance"),
+        opt={**access("hr", "finance"), **problems(errors.TransactionNotFound)},
     )
     async def get_transaction(
         self, ledger: NamedDependency[Ledger], transaction_id: FromPath[str]
@@ -98,7 +131,14 @@ class TransactionsController(Controller):
             )
         return body
 
-    @get("/transactions", summary="List transactions, newest first", opt=access("hr", "finance"))
+    @get(
+        "/transactions",
+        summary="List transactions, newest first",
+        opt={
+            **access("hr", "finance"),
+            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+        },
+    )
     async def list_transactions(
         self,
         ledger: NamedDependency[Ledger],
@@ -124,7 +164,18 @@ class TransactionsController(Controller):
         "/transactions/{transaction_id:str}/reverse",
         summary="Reverse a transaction",
         status_code=201,
-        opt=access("finance"),
+        opt={
+            **access("finance"),
+            **problems(
+                errors.TransactionNotFound,
+                errors.InsufficientCredits,
+                errors.AccountClosed,
+                errors.AlreadyReversed,
+                errors.LotNotActive,
+                errors.BalanceLimitExceeded,
+                idempotent=True,
+            ),
+        },
     )
     async def reverse(
         self,

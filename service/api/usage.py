@@ -13,11 +13,12 @@ from litestar.di import NamedDependency
 from litestar.params import JSONBody
 
 from service import errors
-from service.api.common import Address, Timestamp, context_of, parse_public_id
+from service.api.common import Timestamp, Wallet, context_of, parse_public_id
 from service.api.prices import Model
 from service.api.resources import UsageBatchResponse, UsageRecorded
 from service.auth import access
 from service.journal import Ledger
+from service.openapi import problems, statuses
 from service.pricing import MAX_TOKENS
 
 MAX_BATCH = 1000
@@ -63,7 +64,7 @@ class UsageCounts(msgspec.Struct, forbid_unknown_fields=True):
 class UsageIn(UsageCounts, kw_only=True, forbid_unknown_fields=True):
     source: Source
     event_id: EventId
-    account: Address
+    account: Wallet
     occurred_at: Timestamp | None = None
     reservation: str | None = None
     project: Project | None = None
@@ -119,7 +120,27 @@ class UsageController(Controller):
     path = "/v1"
     tags = ["Metering"]
 
-    @post("/usage", summary="Record a usage event", status_code=201, opt=access("meter"))
+    @post(
+        "/usage",
+        summary="Record a usage event",
+        status_code=201,
+        opt={
+            **access("meter"),
+            **problems(
+                errors.AccountNotFound,
+                errors.EmployeeNotFound,
+                errors.DepartmentNotFound,
+                errors.UnknownModel,
+                errors.ReservationNotFound,
+                errors.InsufficientCredits,
+                errors.AccountClosed,
+                errors.ReservationNotActive,
+                errors.BalanceLimitExceeded,
+                errors.IdempotencyKeyReused,
+            ),
+            **statuses(200),
+        },
+    )
     async def record(
         self,
         request: Request[Any, Any, Any],
@@ -146,7 +167,7 @@ class UsageController(Controller):
         "/usage:batch",
         summary="Record usage events in a batch",
         status_code=200,
-        opt=access("meter"),
+        opt={**access("meter"), **problems()},
     )
     async def record_batch(
         self,

@@ -461,6 +461,7 @@ async def test_expired_reservation_frees_its_credits_at_its_instant(
     r = await api.c.post(f"/v1/reservations/{rsv['id']}/capture", json={"amount": 1}, headers=key())
     assert r.status_code == 409, r.text
     assert r.json()["code"] == "reservation_not_active", r.text
-    # API.md: 409 reservation_not_active carries the reservation's `status` as an extra (it
-    # takes the place of RFC 9457's advisory status member; the status line says 409).
-    assert r.json()["status"] == "expired", r.text
+    # 409 reservation_not_active carries the reservation's state as `reservation_status`;
+    # `status` is the HTTP status (RFC 9457).
+    assert r.json()["reservation_status"] == "expired", r.text
+    assert r.json()["status"] == 409, r.text

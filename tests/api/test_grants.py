@@ -493,11 +493,13 @@ async def test_void_expired_lot(api: Api, client: AsyncTestClient[Any], clock: F
     await api.employee("e-1")
     lot = (await api.grant("e-1", 100, expires_at=(T0 + timedelta(hours=1)).isoformat()))["lot"]
     clock.set(T0 + timedelta(hours=1))
-    problem(
+    body = problem(
         await client.post(f"/v1/lots/{lot['id']}/void", json={}, headers=key()),
         409,
         "lot_not_active",
     )
+    # The lot's state is `lot_status`; `status` is the HTTP status.
+    assert (body["lot_status"], body["status"]) == ("expired", 409), body
     assert await posted(api, "system:issuance") == -100
     assert await api.available("employee:e-1") == 0
 
@@ -507,11 +509,12 @@ async def test_void_fully_spent_lot(api: Api, client: AsyncTestClient[Any]) -> N
     await api.employee("e-1")
     lot = (await api.grant("e-1", 10))["lot"]
     assert (await api.debit("employee:e-1", 10)).status_code == 201
-    problem(
+    body = problem(
         await client.post(f"/v1/lots/{lot['id']}/void", json={}, headers=key()),
         409,
         "lot_not_active",
     )
+    assert body["lot_status"] == "depleted", body
 
 
 async def test_void_unknown_lot(client: AsyncTestClient[Any]) -> None:

@@ -80,14 +80,16 @@ async def test_debit_empty_wallet(api: Api) -> None:
 
 
 async def test_debit_unknown_account(api: Api) -> None:
-    """A debit of an unknown account answers 404 with the not-found code of its type."""
+    """A debit of an unknown account answers 404 with the not-found code of its type; a
+    system account, known or not, is no account a debit draws on (400, as its schema says)."""
     bad = {}
-    for account, code in [
-        ("employee:nobody", "employee_not_found"),
-        ("department:nope", "department_not_found"),
-        ("system:nope", "account_not_found"),
+    for account, status, code in [
+        ("employee:nobody", 404, "employee_not_found"),
+        ("department:nope", 404, "department_not_found"),
+        ("system:nope", 400, "invalid_request"),
+        ("system:issuance", 400, "invalid_request"),
     ]:
-        why = mismatch(await api.debit(account, 5), 404, code)
+        why = mismatch(await api.debit(account, 5), status, code)
         if why:
             bad[account] = why
     assert bad == {}

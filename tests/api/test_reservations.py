@@ -30,10 +30,11 @@ def ts6(when: datetime) -> str:
 
 
 def not_active(r: Any, status: str) -> dict[str, Any]:
-    """Assert 409 reservation_not_active whose `status` extra is the reservation's status."""
+    """Assert 409 reservation_not_active whose `reservation_status` extra is the
+    reservation's status (`status` is the HTTP status)."""
     body = problem(r, 409, "reservation_not_active")
     assert body["detail"].endswith(f" is {status}"), body
-    assert body["status"] == status, f"`status` extra should be {status!r}: {body}"
+    assert body["reservation_status"] == status, f"reservation_status should be {status!r}: {body}"
     return body
 
 

@@ -254,7 +254,7 @@ async def test_capture_racing_release_resolves_once(
     await api.grant("e1", 1000)
     captured_total = 0
     winners: list[str] = []
-    extras: list[Any] = []  # the losers' `status` extras, checked last
+    extras: list[Any] = []  # the losers' `reservation_status` extras, checked last
     for i in range(10):
         r = await api.c.post(
             "/v1/reservations", json={"account": "employee:e1", "amount": 50}, headers=key()
@@ -273,7 +273,7 @@ async def test_capture_racing_release_resolves_once(
         winners.append(state)
         body = loser.json()
         assert state in body["detail"], body
-        extras.append(body["status"])
+        extras.append(body["reservation_status"])
         got = (await api.c.get(f"/v1/reservations/{rid}")).json()
         assert got["status"] == state
         if state == "captured":
@@ -292,7 +292,7 @@ async def test_capture_racing_release_resolves_once(
     assert len(r.json()["items"]) == winners.count("captured")
     assert await posted(api, "system:usage") == captured_total
     await assert_audit_clean(database_url)
-    assert extras == winners, "each loser's `status` extra should be the winner's status"
+    assert extras == winners, "each loser's reservation_status should be the winner's status"
 
 
 async def test_one_key_many_concurrent_creates_hold_once(

@@ -867,7 +867,7 @@ async def test_second_capture_by_usage_is_not_active(
         f"/v1/reservations/{rid}/capture", json={"usage": usage}, headers=key()
     )
     err = problem(second, 409, "reservation_not_active")
-    assert err["status"] == "captured"
+    assert err["reservation_status"] == "captured"
     assert await posted(api, WALLET) == 20_000 - 4750
     await assert_audit_clean(database_url)
 
@@ -888,7 +888,7 @@ async def test_capture_by_usage_of_a_released_reservation(
         f"/v1/reservations/{rid}/capture", json={"usage": usage}, headers=key()
     )
     err = problem(late, 409, "reservation_not_active")
-    assert err["status"] == "released"
+    assert err["reservation_status"] == "released"
     assert await posted(api, WALLET) == 20_000
     assert await usage_total(api) == 0
 

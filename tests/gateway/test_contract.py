@@ -18,6 +18,7 @@ import pytest
 
 from service.app import create_app
 from service.config import Config
+from service.openapi import served as served_document
 from tokenledger_client import Client, Estimate, UsageCounts, UsageEvent, errors, models
 
 Schema = dict[str, Any]
@@ -25,8 +26,9 @@ Schema = dict[str, Any]
 
 @pytest.fixture(scope="module")
 def served() -> Schema:
-    """The OpenAPI document the app serves at /schema/openapi.json (Litestar
-    serves `app.openapi_schema`; building it needs no database)."""
+    """The OpenAPI document the app serves at /schema/openapi.json
+    (service.openapi.served: Litestar's document with what it cannot know
+    added; building it needs no database)."""
     config = Config(
         database_url="postgresql://unused@127.0.0.1:1/unused",
         environment="development",
@@ -34,13 +36,13 @@ def served() -> Schema:
         sweeper_enabled=False,
     )
     app = create_app(config)
-    document: Schema = app.openapi_schema.to_schema()
+    document: Schema = served_document(app)
     assert document["openapi"].startswith("3.1")
     return document
 
 
 def resolve(node: Schema, root: Schema) -> Schema:
-    """Follow $ref, and unwrap `X | null` to X."""
+    """Follow $ref, and unwrap `X | null` (or `X | anything`) to X."""
     while True:
         if "$ref" in node:
             name = node["$ref"].rsplit("/", 1)[-1]
@@ -49,7 +51,8 @@ def resolve(node: Schema, root: Schema) -> Schema:
             continue
         alts = node.get("oneOf") or node.get("anyOf")
         if alts:
-            non_null = [a for a in alts if a.get("type") != "null"]
+            # `{}` (anything) beside a schema: the schema is what a caller sends.
+            non_null = [a for a in alts if a.get("type") != "null" and a]
             if len(non_null) == 1:
                 node = non_null[0]
                 continue
