@@ -196,6 +196,37 @@ def in_utc(value: Any, path: str = "$") -> Any:
     return value
 
 
+_HAS_DATETIME: dict[Any, bool] = {}
+
+
+def has_datetime(annotation: Any) -> bool:
+    """Whether a body type holds a timestamp anywhere (cached per type)."""
+    known = _HAS_DATETIME.get(annotation)
+    if known is None:
+        known = _HAS_DATETIME[annotation] = _holds_datetime(
+            msgspec.inspect.type_info(annotation), set()
+        )
+    return known
+
+
+def _holds_datetime(info: Any, seen: set[int]) -> bool:
+    if id(info) in seen:
+        return False
+    seen.add(id(info))
+    if isinstance(info, msgspec.inspect.DateTimeType):
+        return True
+    if isinstance(info, msgspec.inspect.StructType | msgspec.inspect.TypedDictType):
+        return any(_holds_datetime(f.type, seen) for f in info.fields)
+    # Annotated types are Metadata wrappers (.type), optional ones unions.
+    for attr in ("type", "types", "item_type", "key_type", "value_type"):
+        inner = getattr(info, attr, None)
+        if isinstance(inner, tuple) and any(_holds_datetime(t, seen) for t in inner):
+            return True
+        if inner is not None and not isinstance(inner, tuple) and _holds_datetime(inner, seen):
+            return True
+    return False
+
+
 async def strict_body(request: Request[Any, Any, Any]) -> None:
     """Decode the JSON body strictly against the handler's `data` type before
     Litestar's lenient conversion runs: "5" or 1.5 is not an amount (5.0 is 5,
@@ -223,12 +254,22 @@ async def strict_body(request: Request[Any, Any, Any]) -> None:
         message = "the body is nested too deeply"
         raise errors.InvalidRequest(message, errors=[{"path": "$", "message": message}]) from None
     try:
-        value = msgspec.convert(integral(parsed), field.annotation, strict=True)
-        # What the handler decodes: the same body with 5.0 as 5 and every
-        # timestamp in UTC (PostgreSQL takes offsets up to 15:59 only; RFC 3339
-        # allows 23:59). Litestar decodes the handler's `data` from this cache.
-        normal = in_utc(msgspec.to_builtins(value, builtin_types=(datetime,)))
-        request._json = request._connection_state.json = normal
+        # The hot path's bodies (integers, no timestamps, no NUL) pass as they
+        # are; only a body that needs it is normalised, since walking every
+        # body in Python cost the service a fifth more CPU per debit.
+        normalise = has_datetime(field.annotation) or b"\\u0000" in body
+        try:
+            value = msgspec.convert(parsed, field.annotation, strict=True)
+        except msgspec.ValidationError:
+            value = msgspec.convert(integral(parsed), field.annotation, strict=True)
+            normalise = True
+        if normalise:
+            # What the handler decodes: the same body with 5.0 as 5 and every
+            # timestamp in UTC (PostgreSQL takes offsets up to 15:59 only; RFC
+            # 3339 allows 23:59). Litestar decodes the handler's `data` from
+            # this cache.
+            normal = in_utc(msgspec.to_builtins(value, builtin_types=(datetime,)))
+            request._json = request._connection_state.json = normal
     except msgspec.ValidationError as exc:
         match = _MSGSPEC_PATH.match(str(exc))
         message = match.group("message") if match else str(exc)
