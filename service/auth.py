@@ -460,13 +460,6 @@ def bearer(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
     return token.strip()
 
 
-def bearer_or_none(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
-    """The bearer token, or None when there is none (authenticate says why)."""
-    header = connection.headers.get("authorization") or ""
-    scheme, _, token = header.partition(" ")
-    return token.strip() or None if scheme.lower() == "bearer" else None
-
-
 def unauthenticated(detail: str) -> errors.Unauthenticated:
     exc = errors.Unauthenticated(detail)
     exc.headers["WWW-Authenticate"] = WWW_AUTHENTICATE
@@ -487,13 +480,21 @@ async def authorize(
         return
     state = connection.app.state
     failures = state.auth_failures
-    token = bearer_or_none(connection)
     address = connection.client.host if connection.client else "unknown"
-    digest = hash_secret(token or "")
+    try:
+        token = bearer(connection)
+    except errors.Unauthenticated:
+        failures.check(address, b"")  # past the limit, 429 comes first here too
+        failures.failed(address)
+        raise
+    # The header is read and the token hashed once: a key's digest is also
+    # what the failure limiter vouches for.
+    parsed = parse_key(token)
+    digest = parsed[1] if parsed is not None else hash_secret(token)
     failures.check(address, digest)
     try:
         principal = await authenticate(
-            connection, state.ledger, state.jwt_verifier, state.key_cache
+            token, parsed, state.ledger, state.jwt_verifier, state.key_cache
         )
     except errors.Unauthenticated:
         failures.failed(address)
@@ -544,13 +545,13 @@ def _is_own(
 
 
 async def authenticate(
-    connection: ASGIConnection[Any, Any, Any, Any],
+    token: str,
+    parsed: tuple[str, bytes] | None,
     ledger: Any,
     verifier: JwtVerifier | None,
     cache: KeyCache | None = None,
 ) -> Principal:
-    token = bearer(connection)
-    parsed = parse_key(token)
+    """The principal of a bearer token; `parsed` is parse_key(token)."""
     if parsed is not None:
         if not well_formed(token):
             raise unauthenticated("unknown or revoked key")
