@@ -4221,6 +4221,46 @@ EXCEPTION WHEN insufficient_privilege OR undefined_object THEN
 END $$;
 
 -- ---------------------------------------------------------------------------
+-- Outbox: events written in the same transaction as the change that causes
+-- them (a transactional outbox). Nothing is emitted for a change that rolled
+-- back, and no committed change loses its event. dedup_key makes "once per
+-- threshold crossing / window / lot" a unique constraint rather than a check
+-- in code: tl_emit inserts ON CONFLICT DO NOTHING. The webhook dispatcher
+-- (issue 14) fans events out to subscriptions; until then they accumulate
+-- here and can be read by an operator.
+-- ---------------------------------------------------------------------------
+
+CREATE TABLE IF NOT EXISTS outbox (
+    seq         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id          text NOT NULL DEFAULT tl_public_id('evt_', tl_uuid7()),
+    type        text NOT NULL,
+    data        jsonb NOT NULL,
+    dedup_key   text,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT outbox_id_unique UNIQUE (id),
+    CONSTRAINT outbox_dedup_key_unique UNIQUE (dedup_key),
+    CONSTRAINT outbox_type_known CHECK (type IN ('balance.low', 'credits.expiring', 'grant.created',
+        'limit.reached', 'program.run.completed', 'reservation.expired'))
+);
+
+-- Emits one event; answers its id, or NULL when dedup_key was already used.
+CREATE OR REPLACE FUNCTION tl_emit(p_type text, p_data jsonb, p_dedup_key text DEFAULT NULL,
+                                   p_at timestamptz DEFAULT now())
+RETURNS text LANGUAGE sql AS $$
+    INSERT INTO outbox (type, data, dedup_key, created_at)
+    VALUES (p_type, p_data, p_dedup_key, p_at)
+    ON CONFLICT ON CONSTRAINT outbox_dedup_key_unique DO NOTHING
+    RETURNING id
+$$;
+
+DO $$
+BEGIN
+    GRANT SELECT, INSERT ON outbox TO tokenledger_app;
+EXCEPTION WHEN insufficient_privilege OR undefined_object THEN
+    RAISE NOTICE 'tokenledger_app not granted on outbox: %', SQLERRM;
+END $$;
+
+-- ---------------------------------------------------------------------------
 -- Seed rows and version
 -- ---------------------------------------------------------------------------
 

@@ -544,6 +544,24 @@ CONSTRAINT_CASES: list[tuple[str, type[asyncpg.PostgresError], str]] = [
         "lot_id, run_id, created_at) "
         "SELECT 'p', '2026-01', 'e1', 0, '{txn}', '{lot}', r.id, now() FROM r",
     ),
+    # outbox
+    (
+        "outbox_type_known",
+        asyncpg.CheckViolationError,
+        "INSERT INTO outbox (type, data) VALUES ('balance.high', '{{}}')",
+    ),
+    (
+        "outbox_id_unique",
+        asyncpg.UniqueViolationError,
+        "INSERT INTO outbox (id, type, data) VALUES ('evt_1', 'grant.created', '{{}}'), "
+        "('evt_1', 'grant.created', '{{}}')",
+    ),
+    (
+        "outbox_dedup_key_unique",
+        asyncpg.UniqueViolationError,
+        "INSERT INTO outbox (type, data, dedup_key) VALUES ('grant.created', '{{}}', 'k'), "
+        "('grant.created', '{{}}', 'k')",
+    ),
 ]
 
 
@@ -870,3 +888,19 @@ async def test_schema_apply_is_idempotent(database_url: str, world: World) -> No
         assert await service_db.schema_version(conn) == service_db.SCHEMA_VERSION
     finally:
         await conn.close()
+
+
+async def test_emit_writes_an_event_once_per_dedup_key(db: asyncpg.Connection) -> None:
+    """tl_emit answers the new event's id, then NULL for the same dedup key, so "once per crossing"
+    holds even when two transactions race to emit it."""
+    first = await db.fetchval("SELECT tl_emit('balance.low', '{\"x\": 1}', 'acct:1:low:100')")
+    again = await db.fetchval("SELECT tl_emit('balance.low', '{\"x\": 2}', 'acct:1:low:100')")
+    free = await db.fetchval("SELECT tl_emit('grant.created', '{}')")
+    assert first.startswith("evt_") and len(first) == 36
+    assert again is None
+    assert free.startswith("evt_") and free != first
+    rows = await db.fetch("SELECT type, data::text AS data FROM outbox ORDER BY seq")
+    assert [(r["type"], r["data"]) for r in rows] == [
+        ("balance.low", '{"x": 1}'),
+        ("grant.created", "{}"),
+    ]
