@@ -81,7 +81,7 @@ class GrantsController(Controller):
         summary="Grant credits to an employee",
         status_code=201,
         opt={
-            **access("hr"),
+            **access("grants.write"),
             **problems(
                 errors.AccountNotFound,
                 errors.EmployeeNotFound,
@@ -111,7 +111,7 @@ class GrantsController(Controller):
         "/grants:batch",
         summary="Grant credits in a batch",
         status_code=200,
-        opt={**access("hr"), **problems()},
+        opt={**access("grants.write"), **problems()},
     )
     async def grant_batch(
         self,
@@ -141,7 +141,7 @@ class GrantsController(Controller):
         summary="Void the rest of a lot",
         status_code=200,
         opt={
-            **access("hr"),
+            **access("grants.write"),
             **problems(
                 errors.LotNotFound,
                 errors.LotNotActive,

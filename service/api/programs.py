@@ -167,7 +167,7 @@ class ProgramsController(Controller):
         "/grant-programs/{program_id:str}",
         summary="Create or update a grant program",
         opt={
-            **access("hr"),
+            **access("programs.write"),
             **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
             **statuses(201),
         },
@@ -192,7 +192,7 @@ class ProgramsController(Controller):
     @get(
         "/grant-programs",
         summary="List grant programs",
-        opt={**access("hr", "finance"), **problems()},
+        opt={**access("programs.read"), **problems()},
     )
     async def list_programs(
         self,
@@ -210,7 +210,7 @@ class ProgramsController(Controller):
     @get(
         "/grant-programs/{program_id:str}",
         summary="Get a grant program",
-        opt={**access("hr", "finance"), **problems(errors.GrantProgramNotFound)},
+        opt={**access("programs.read"), **problems(errors.GrantProgramNotFound)},
     )
     async def get_program(
         self, ledger: NamedDependency[Ledger], program_id: FromPath[str]
@@ -227,7 +227,7 @@ class ProgramsController(Controller):
         summary="Issue a cycle of a grant program",
         status_code=200,
         opt={
-            **access("hr"),
+            **access("programs.write"),
             **problems(
                 errors.GrantProgramNotFound, errors.InsufficientCredits, errors.BalanceLimitExceeded
             ),
@@ -255,7 +255,7 @@ class ProgramsController(Controller):
     @get(
         "/grant-programs/{program_id:str}/runs",
         summary="Runs of a grant program",
-        opt={**access("hr", "finance"), **problems(errors.GrantProgramNotFound)},
+        opt={**access("programs.read"), **problems(errors.GrantProgramNotFound)},
     )
     async def list_runs(
         self,

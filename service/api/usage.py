@@ -125,7 +125,7 @@ class UsageController(Controller):
         summary="Record a usage event",
         status_code=201,
         opt={
-            **access("meter"),
+            **access("spend"),
             **problems(
                 errors.AccountNotFound,
                 errors.EmployeeNotFound,
@@ -167,7 +167,7 @@ class UsageController(Controller):
         "/usage:batch",
         summary="Record usage events in a batch",
         status_code=200,
-        opt={**access("meter"), **problems()},
+        opt={**access("spend"), **problems()},
     )
     async def record_batch(
         self,
