@@ -64,6 +64,19 @@ class Principal:
     roles: frozenset[str]
     employee: str | None = None
     name: str | None = None
+    # A service key's scopes (None: unrestricted): the usage sources it may send and the
+    # account types it may charge.
+    sources: frozenset[str] | None = None
+    account_types: frozenset[str] | None = None
+
+    def check_scope(self, account: str, source: str | None = None) -> None:
+        """Refuses (403 `forbidden`) a charge outside the key's scopes, before anything is
+        read or held: the scope is in the key, the account type in the address."""
+        kind = account.partition(":")[0]
+        if self.account_types is not None and kind not in self.account_types:
+            raise errors.Forbidden(f"this key may not charge {kind} accounts", account=account)
+        if source is not None and self.sources is not None and source not in self.sources:
+            raise errors.Forbidden(f"this key may not record usage from {source!r}", source=source)
 
 
 @dataclass(frozen=True, slots=True)
@@ -576,7 +589,11 @@ async def authenticate(
                 cache.put_unknown(parsed[1], since)
             raise unauthenticated("unknown or revoked key")
         principal = Principal(
-            id=f"key:{row['id']}", roles=frozenset({row["role"]}), name=row["name"]
+            id=f"key:{row['id']}",
+            roles=frozenset({row["role"]}),
+            name=row["name"],
+            sources=None if row["sources"] is None else frozenset(row["sources"]),
+            account_types=None if row["account_types"] is None else frozenset(row["account_types"]),
         )
         if cache is not None:
             cache.put(parsed[1], principal, since)

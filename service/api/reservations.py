@@ -145,6 +145,7 @@ class ReservationsController(Controller):
         the model's current price and `max_output_tokens_allowed` tells how many output
         tokens the held amount covers."""
         exactly_one("amount", "estimate", data.amount, data.estimate)
+        request.state.principal.check_scope(data.account)
         if data.estimate is not None:
             lo, hi = data.estimate.min_output_tokens, data.estimate.max_output_tokens
             if lo is not None and lo > hi:

@@ -83,7 +83,8 @@ class TransactionsController(Controller):
         """Consumes live lots in consumption order (priority, soonest expiry, oldest
         first) and moves the credits to `system:usage`. 409 `insufficient_credits` with
         `available` and `requested` when the live lots cannot cover it. Requires an
-        `Idempotency-Key`."""
+        `Idempotency-Key`. A key scoped to other account types answers 403."""
+        request.state.principal.check_scope(data.account)
         return await run_operation(request, ledger, "debit", data, success_status=201)
 
     @post(
