@@ -34,6 +34,7 @@ from service.api.accounts import AccountsController
 from service.api.common import provide_ledger
 from service.api.directory import DirectoryController
 from service.api.grants import GrantsController
+from service.api.policy import PolicyController
 from service.api.prices import PricesController
 from service.api.programs import ProgramsController
 from service.api.reports import ReportsController
@@ -558,6 +559,7 @@ def create_app(
         PricesController,
         UsageController,
         ReportsController,
+        PolicyController,
     ]
     app = Litestar(
         route_handlers=[

@@ -136,6 +136,7 @@ class UsageController(Controller):
                 errors.AccountClosed,
                 errors.ReservationNotActive,
                 errors.BalanceLimitExceeded,
+                errors.LimitExceeded,
                 errors.IdempotencyKeyReused,
             ),
             **statuses(200),
