@@ -655,7 +655,8 @@ async def test_overdraft_beyond_its_limit_breaks_invariant_4(
     await _policy_usage(db)
     await db.execute("SET session_replication_role = replica")
     await db.execute(
-        "UPDATE transactions SET details = details || '{\"overdraft\": 6}' WHERE details ? 'overdraft'"
+        "UPDATE transactions SET details = details || '{\"overdraft\": 6}' "
+        "WHERE details ? 'overdraft'"
     )
     violations = await audit(scenario)
     assert checks(violations) == {"audit_4_lots_cover_posted"}
