@@ -160,7 +160,7 @@ class PolicyController(Controller):
         `system:overage`; it cannot be set below what the account has overdrawn (400)."""
         check_policy_address(address)
         args = policy_args(address, data)
-        return await ledger.call("put_policy", args, context_of(request))  # type: ignore[no-any-return]  # why: JSON from SQL
+        return await ledger.call("put_policy", args, context_of(request))
 
     @get(
         "/accounts/{address:str}/policy",
@@ -178,4 +178,4 @@ class PolicyController(Controller):
         body = await ledger.fetchval("policy_json", address, ledger.now())
         if body is None:
             raise errors.not_found_for(address)
-        return body  # type: ignore[no-any-return]  # why: JSON from SQL
+        return body
