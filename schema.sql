@@ -2098,10 +2098,15 @@ BEGIN
                    CASE WHEN b.status = 'recorded' AND b.txn IS NOT NULL AND b.event_id IS NOT NULL
                         THEN jsonb_build_object('event_id', b.event_id, 'status', 'recorded', 'cost', b.cost,
                                                 'id', b.result -> 'id', 'transaction_id', b.result -> 'transaction_id')
+                             -- Spend policy: what went to system:overage (events recorded one by one).
+                             || CASE WHEN b.result ? 'shortfall'
+                                     THEN jsonb_build_object('shortfall', b.result -> 'shortfall')
+                                     ELSE '{}'::jsonb END
                         ELSE jsonb_strip_nulls(jsonb_build_object(
                             'event_id', b.event_id, 'status', b.status, 'code', b.code,
                             'cost', (b.result ->> 'cost')::bigint, 'id', b.result ->> 'id',
-                            'transaction_id', b.result ->> 'transaction_id')) END
+                            'transaction_id', b.result ->> 'transaction_id',
+                            'shortfall', (b.result ->> 'shortfall')::bigint)) END
                    ORDER BY b.pos)
         FROM (SELECT w.pos, w.event_id,
                      CASE WHEN w.status IN ('pending', 'recorded_single') THEN 'recorded' ELSE w.status END AS status,

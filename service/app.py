@@ -360,6 +360,8 @@ def request_middleware(app: ASGIApp, metrics: Metrics) -> ASGIApp:
             route = scope.get("path_template") or "unmatched"
             status = status_holder["status"]
             metrics.request_latency.labels(method, route, status_class(status)).observe(seconds)
+            if status == 409:
+                metrics.refusals.labels(str(state.get("outcome", "unknown"))).inc()
             principal = state.get("principal")
             log.info(
                 "request",

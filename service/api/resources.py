@@ -282,6 +282,8 @@ class UsageBatchResult(msgspec.Struct, frozen=True):
     cost: int | None = None
     id: str | None = None
     transaction_id: str | None = None
+    # Spend policy: the part of `cost` charged to system:overage, when not 0.
+    shortfall: int | None = None
 
 
 class UsageBatchResponse(msgspec.Struct, frozen=True):

@@ -460,7 +460,35 @@ async def test_usage_beyond_balance_and_overdraft_goes_to_overage(
     # The overdraft cannot be lowered below what was overdrawn.
     r = await client.put(f"/v1/accounts/{WALLET}/policy", json={"overdraft_limit": 10})
     problem(r, 400, "invalid_request")
+    # A batch records the same way, and answers the shortfall.
+    r = await client.post("/v1/usage:batch", json={"events": [{**usage, "event_id": "u-3"}]})
+    assert r.json()["results"][0] | {"id": None, "transaction_id": None} == {
+        "event_id": "u-3",
+        "status": "recorded",
+        "cost": 200,
+        "shortfall": 200,
+        "id": None,
+        "transaction_id": None,
+    }
+    problem(await api.debit(WALLET, 1), 409, "insufficient_credits")
+    await add_limit_refusal(client)
+    metrics = (await client.get("/metrics")).text
+    assert "tokenledger_overage_credits_total 260.0" in metrics
+    assert 'tokenledger_refusals_total{code="limit_exceeded"} 1.0' in metrics
+    assert 'tokenledger_refusals_total{code="insufficient_credits"} 1.0' in metrics
     await assert_audit_clean(database_url)
+
+
+async def add_limit_refusal(client: Any) -> None:
+    """One limit_exceeded answer, on a fresh wallet with a daily limit of 1."""
+    r = await client.put(
+        "/v1/employees/e-9", json={"name": "e9", "email": "e9@x.io", "department": "eng"}
+    )
+    assert r.status_code == 201, r.text
+    await put_policy(client, "employee:e-9", limits=[{"window": "day", "amount": 1}])
+    g = {"employee": "e-9", "amount": 10, "reason": "spot_bonus"}
+    assert (await client.post("/v1/grants", json=g, headers=key())).status_code == 201
+    problem(await reserve(client, "employee:e-9", amount=2), 409, "limit_exceeded")
 
 
 # Soft limits ------------------------------------------------------------------
