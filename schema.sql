@@ -4786,6 +4786,7 @@ DECLARE
     v_acc accounts;
     v_w record;
 BEGIN
+    v_now := tl_now(p_ctx);
     w := tl_require_account(p_args ->> 'account');
     IF w.type NOT IN ('employee', 'department') THEN
         PERFORM tl_raise('TLD01', 'invalid_request', 'a spend policy belongs to an employee wallet or a department',
@@ -4793,11 +4794,16 @@ BEGIN
     END IF;
     FOR v_l IN SELECT l.v, l.i FROM jsonb_array_elements(coalesce(nullif(p_args -> 'limits', 'null'::jsonb), '[]'::jsonb))
                                     WITH ORDINALITY AS l (v, i) LOOP
-        IF NOT EXISTS (SELECT 1 FROM pg_timezone_names WHERE name = coalesce(v_l.v ->> 'time_zone', 'UTC')) THEN
+        -- The service checks the zone too; PostgreSQL's own zone data decides
+        -- (an unknown zone raises invalid_parameter_value; pg_timezone_names
+        -- would read every zone file).
+        BEGIN
+            PERFORM v_now AT TIME ZONE coalesce(v_l.v ->> 'time_zone', 'UTC');
+        EXCEPTION WHEN invalid_parameter_value THEN
             PERFORM tl_raise('TLD01', 'invalid_request',
                              format('unknown time zone %s', v_l.v ->> 'time_zone'),
                              jsonb_build_object('path', format('$.limits[%s].time_zone', v_l.i - 1)));
-        END IF;
+        END;
         v_limits := v_limits || jsonb_build_array(jsonb_build_object(
             'window', v_l.v ->> 'window', 'amount', (v_l.v ->> 'amount')::bigint,
             'mode', coalesce(v_l.v ->> 'mode', 'hard'), 'time_zone', coalesce(v_l.v ->> 'time_zone', 'UTC')));
