@@ -4414,6 +4414,10 @@ CREATE INDEX IF NOT EXISTS policy_spend_department_idx ON policy_spend (departme
 -- and whether its model was outside the policy.
 ALTER TABLE usage_events ADD COLUMN IF NOT EXISTS shortfall bigint NOT NULL DEFAULT 0;
 ALTER TABLE usage_events ADD COLUMN IF NOT EXISTS violation text;
+-- Usage reports read overage and violations from the events that have
+-- them (the roll-ups do not keep them): a small index of just those.
+CREATE INDEX IF NOT EXISTS usage_events_policy_idx ON usage_events (occurred_at)
+    WHERE shortfall > 0 OR violation IS NOT NULL;
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'usage_events_shortfall_within_cost') THEN

@@ -515,3 +515,47 @@ async def test_soft_limit_never_refuses_and_emits_once_per_threshold(
     ]
     assert events[0]["data"]["account"] == WALLET
     await assert_audit_clean(database_url)
+
+
+# Reports ----------------------------------------------------------------------
+
+
+async def test_usage_reports_show_overage_and_violations(
+    client: Any, api: Api, clock: FakeClock
+) -> None:
+    """Usage reports per employee and per department carry each group's overage (credits
+    charged to system:overage) and model violations, from the roll-ups (whole days and
+    months) and from raw events (any instant) alike."""
+    await setup(api, clock, {"e-1": 100, "e-2": 10_000})
+    await api.employee("e-3", "ops")
+    await api.grant("e-3", 10_000)
+    await add_prices(client)
+    await put_policy(client, WALLET, models={"tiers": ["standard"]})
+    base = {"source": "gw", "input_tokens": 0, "output_tokens": 20}
+    for event_id, account, model in (
+        ("r-1", WALLET, STANDARD),  # 200 of which 100 overage
+        ("r-2", WALLET, PREMIUM),  # 2000, all overage, a violation
+        ("r-3", "employee:e-2", STANDARD),
+        ("r-4", "employee:e-3", STANDARD),
+    ):
+        body = {**base, "event_id": event_id, "account": account, "model": model}
+        r = await client.post("/v1/usage", json=body)
+        assert r.status_code == 201, r.text
+    windows = (
+        ("2030-01-01T00:00:00Z", "2030-02-01T00:00:00Z"),  # whole month: monthly roll-ups
+        ("2030-01-15T00:00:00Z", "2030-01-16T00:00:00Z"),  # whole day: daily roll-ups
+        ("2030-01-15T11:00:00Z", "2030-01-15T13:00:00Z"),  # raw events
+    )
+    for start, end in windows:
+        params = {"from": start, "to": end, "group_by": "employee"}
+        items = (await client.get("/v1/reports/usage", params=params)).json()["items"]
+        brief = {i["employee"]: (i["credits"], i["overage"], i["violations"]) for i in items}
+        assert brief == {"e-1": (2200, 2100, 1), "e-2": (200, 0, 0), "e-3": (200, 0, 0)}, start
+        params["group_by"] = "department,model"
+        items = (await client.get("/v1/reports/usage", params=params)).json()["items"]
+        brief = {(i["department"], i["model"]): (i["overage"], i["violations"]) for i in items}
+        assert brief == {
+            ("eng", STANDARD): (100, 0),
+            ("eng", PREMIUM): (2000, 1),
+            ("ops", STANDARD): (0, 0),
+        }, start

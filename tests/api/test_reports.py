@@ -118,6 +118,8 @@ async def make_events(api: Api, database_url: str, count: int = 120) -> list[Eve
                 "cached_input_tokens": cached,
                 "output_tokens": out,
                 "credits": cost,
+                "overage": 0,
+                "violations": 0,
             }
             events.append(Event(keys, when, totals))
     finally:
