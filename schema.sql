@@ -2401,13 +2401,19 @@ BEGIN
     -- Accounts charged directly: a closed one rejects all its events; an
     -- open one is brought up to now (only when something is due).
     IF v_charged IS NOT NULL THEN
-        IF EXISTS (SELECT 1 FROM accounts a WHERE a.id = ANY (v_charged) AND a.status <> 'open') THEN
-            SELECT array_agg(w.pos) INTO v_pos
+        -- (Spend policy: an account bound by a policy set since the events
+        -- were sorted out goes one by one too, now that it is locked.)
+        IF EXISTS (SELECT 1 FROM accounts a WHERE a.id = ANY (v_charged) AND (a.status <> 'open' OR a.policy_bound)) THEN
+            SELECT array_agg(w.pos), array_agg(a.status <> 'open') INTO v_pos, v_differs
             FROM unnest(v_rows) w JOIN accounts a ON a.id = w.account_id
-            WHERE a.id = ANY (v_charged) AND a.status <> 'open' AND w.status = 'pending';
+            WHERE a.id = ANY (v_charged) AND (a.status <> 'open' OR a.policy_bound) AND w.status = 'pending';
             FOR i IN 1 .. coalesce(cardinality(v_pos), 0) LOOP
-                v_rows[v_pos[i]].status := 'rejected';
-                v_rows[v_pos[i]].code := 'account_closed';
+                IF v_differs[i] THEN
+                    v_rows[v_pos[i]].status := 'rejected';
+                    v_rows[v_pos[i]].code := 'account_closed';
+                ELSE
+                    v_rows[v_pos[i]].status := 'single';
+                END IF;
                 v_rejected := v_rejected + 1;
             END LOOP;
         END IF;
@@ -4897,7 +4903,7 @@ END $$;
 
 DO $$
 BEGIN
-    GRANT INSERT, UPDATE, DELETE ON spend_policies, policy_spend TO tokenledger_app;
+    GRANT SELECT, INSERT, UPDATE, DELETE ON spend_policies, policy_spend TO tokenledger_app;
 EXCEPTION WHEN insufficient_privilege OR undefined_object THEN
     RAISE NOTICE 'tokenledger_app not granted on spend policy tables: %', SQLERRM;
 END $$;

@@ -449,8 +449,9 @@ async def test_batch_closed_account_and_insufficient_credits_together(
         {"event_id": "k-1", "status": "rejected", "code": "account_closed", "cost": None},
     ]
     assert await posted(api, WALLET) == 0
-    assert await posted(api, OTHER) == 100
-    assert await usage_total(api) == 100
+    assert await posted(api, OTHER) == 0  # paid 100 of 200; 100 is overage
+    assert await usage_total(api) == 300
+    assert await posted(api, "system:overage") == -100
     await assert_audit_clean(database_url)
 
 
