@@ -604,10 +604,16 @@ END $$;
 -- Gives back a reservation's holds: its lots' earmarks and the account's reserved amount.
 CREATE OR REPLACE FUNCTION tl_release_holds(p_res reservations) RETURNS void
 LANGUAGE plpgsql AS $$
+DECLARE
+    v accounts;
 BEGIN
     UPDATE lots l SET reserved = l.reserved - h.amount
         FROM reservation_holds h WHERE h.reservation_id = p_res.id AND l.id = h.lot_id;
-    UPDATE accounts SET reserved = reserved - p_res.amount WHERE id = p_res.account_id;
+    UPDATE accounts SET reserved = reserved - p_res.amount WHERE id = p_res.account_id RETURNING * INTO v;
+    -- Spend policy: the hold no longer counts in the window it was made in.
+    IF v.policy_bound THEN
+        PERFORM tl_policy_count(v, -p_res.amount, p_res.created_at, false, p_res.created_at);
+    END IF;
 END $$;
 
 -- Credits that a released hold freed on a voided lot follow the rest of the
@@ -1027,6 +1033,9 @@ BEGIN
     SELECT * INTO w FROM accounts WHERE id = w.id;
     PERFORM tl_require_open(w);
     PERFORM tl_expire_due(w.id, v_now, p_ctx);
+    IF w.policy_bound THEN
+        PERFORM tl_policy_debit(w, v_amount, p_args -> 'metadata' ->> 'model', v_now);
+    END IF;
     v_txn := tl_new_transaction('debit', v_now, p_ctx, p_args ->> 'memo', coalesce(p_args -> 'metadata', '{}'::jsonb));
     PERFORM 1 FROM tl_consume(v_txn, w, v_amount, v_now);
     PERFORM tl_post_entry(v_txn, w.id, -v_amount, v_now);
@@ -1212,6 +1221,14 @@ BEGIN
         PERFORM tl_require_open(v_acc);
         PERFORM tl_expire_due(v_acc.id, v_now, p_ctx);
     END LOOP;
+    IF o.kind = 'debit' THEN
+        -- Spend policy: the debit's spend goes back to the window it was counted in.
+        FOR v_acc IN SELECT * FROM accounts WHERE id = ANY (coalesce(v_accounts, '{}')) AND policy_bound LOOP
+            PERFORM tl_policy_count(v_acc, -(SELECT -sum(amount) FROM entries
+                                              WHERE transaction_id = o.id AND account_id = v_acc.id)::bigint,
+                                    o.created_at, false, v_now);
+        END LOOP;
+    END IF;
     v_txn := tl_new_transaction('reversal', v_now, p_ctx, p_args ->> 'memo', '{}'::jsonb,
                                 jsonb_build_object('reversed_kind', o.kind), o.id);
     FOR v_mv IN SELECT m.lot_id, m.amount FROM lot_movements m WHERE m.transaction_id = o.id ORDER BY m.lot_id LOOP
@@ -1376,14 +1393,21 @@ BEGIN
     PERFORM tl_require_open(w);
     PERFORM tl_expire_due(w.id, v_now, p_ctx);
     v_available := tl_spendable(w.id, v_now);
+    IF w.policy_bound THEN
+        -- Spend policy: the model first, then an estimate is cut to the tightest limit too.
+        v_estimate := tl_policy_reserve(w, p_args, v_available, v_now);
+    END IF;
     IF jsonb_typeof(p_args -> 'estimate') = 'object' THEN
-        v_estimate := tl_estimate(p_args -> 'estimate', v_available, v_now, w.address);
+        v_estimate := coalesce(v_estimate, tl_estimate(p_args -> 'estimate', v_available, v_now, w.address));
         v_amount := (v_estimate ->> 'amount')::bigint;
     END IF;
     IF v_available < v_amount THEN
         PERFORM tl_raise('TLB01', 'insufficient_credits',
             format('%s has %s credits available; %s requested', w.address, v_available, v_amount),
             jsonb_build_object('account', w.address, 'available', v_available, 'requested', v_amount));
+    END IF;
+    IF w.policy_bound THEN
+        PERFORM tl_policy_count(w, v_amount, v_now, true, v_now);
     END IF;
     INSERT INTO reservations (id, account_id, amount, expires_at, metadata, details, actor, request_id, created_at)
     VALUES (v_id, w.id, v_amount, v_now + make_interval(secs => (p_args ->> 'ttl_seconds')::integer),
@@ -1465,6 +1489,10 @@ BEGIN
         END IF;
     END LOOP;
     UPDATE accounts SET reserved = reserved - r.amount WHERE id = w.id;
+    IF w.policy_bound THEN
+        -- Spend policy: trued up to the captured amount in the reservation's window.
+        PERFORM tl_policy_count(w, v_amount - r.amount, r.created_at, true, v_now);
+    END IF;
     IF v_left > 0 THEN
         -- Over-capture: the excess comes from available credits or not at all
         -- (insufficient_credits rolls everything back; the reservation stays active).
@@ -1927,6 +1955,9 @@ DECLARE
     v_res reservations;
     v_capture jsonb;
     v_body jsonb;
+    v_cover record;
+    v_shortfall bigint := 0;
+    v_violation text;
 BEGIN
     SELECT * INTO v_existing FROM usage_events
         WHERE source = p_args ->> 'source' AND event_id = p_args ->> 'event_id';
@@ -1963,6 +1994,11 @@ BEGIN
     v_cost := tl_usage_cost(v_price, (p_args ->> 'input_tokens')::bigint,
                             coalesce((p_args ->> 'cached_input_tokens')::bigint, 0),
                             (p_args ->> 'output_tokens')::bigint);
+    -- Spend policy: a call to a model outside it already happened; it is
+    -- recorded and flagged, never dropped.
+    IF w.policy_bound AND NOT tl_model_allowed(w, v_price.model, v_price.tier) THEN
+        v_violation := 'model_not_allowed';
+    END IF;
     -- Claim (source, event_id); a concurrent duplicate waits here for us.
     INSERT INTO usage_events (id, source, event_id, account_id, model, price_id, input_tokens,
                               cached_input_tokens, output_tokens, cost, reservation_id, project, tags,
@@ -1997,17 +2033,40 @@ BEGIN
         SELECT * INTO w FROM accounts WHERE id = w.id;
         PERFORM tl_require_open(w);
         PERFORM tl_expire_due(w.id, v_now, p_ctx);
+        -- Usage that happened is never dropped: what the wallet cannot cover
+        -- down to -overdraft_limit is charged to system:overage (the shortfall).
+        SELECT * INTO w FROM accounts WHERE id = w.id;
+        v_cover := tl_usage_cover(w, v_cost, v_now);
+        v_shortfall := v_cover.shortfall;
+        IF w.policy_bound THEN
+            PERFORM tl_policy_count(w, v_cost, v_occurred, false, v_now);
+        END IF;
         v_txn := tl_new_transaction('usage', v_now, p_ctx, NULL,
                                     jsonb_build_object('model', v_price.model, 'project', p_args ->> 'project'),
                                     jsonb_build_object('source', p_args ->> 'source', 'event_id', p_args ->> 'event_id',
-                                                       'price_id', tl_public_id('prc_', v_price.id)));
-        PERFORM 1 FROM tl_consume(v_txn, w, v_cost, v_now);
-        PERFORM tl_post_entry(v_txn, w.id, -v_cost, v_now);
+                                                       'price_id', tl_public_id('prc_', v_price.id))
+                                    || CASE WHEN v_cover.from_lots < v_cost
+                                            THEN jsonb_build_object('overdraft', v_cover.overdraft,
+                                                                    'shortfall', v_cover.shortfall)
+                                            ELSE '{}'::jsonb END);
+        IF v_cover.from_lots > 0 THEN
+            PERFORM 1 FROM tl_consume(v_txn, w, v_cover.from_lots, v_now);
+        END IF;
+        IF v_cover.from_lots + v_cover.overdraft > 0 THEN
+            PERFORM tl_post_entry(v_txn, w.id, -(v_cover.from_lots + v_cover.overdraft), v_now);
+        END IF;
+        IF v_cover.shortfall > 0 THEN
+            PERFORM tl_post_entry(v_txn, tl_account_id('system:overage'), -v_cover.shortfall, v_now);
+        END IF;
         PERFORM tl_post_entry(v_txn, tl_account_id('system:usage'), v_cost, v_now);
     END IF;
     v_event.transaction_id := v_txn;
-    v_body := tl_usage_json(v_event, 'recorded');
-    UPDATE usage_events SET transaction_id = v_txn, result = v_body - 'status' WHERE id = v_event.id;
+    v_body := tl_usage_json(v_event, 'recorded')
+              || CASE WHEN v_shortfall = 0 THEN '{}'::jsonb ELSE jsonb_build_object('shortfall', v_shortfall) END
+              || CASE WHEN v_violation IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('violation', v_violation) END;
+    UPDATE usage_events SET transaction_id = v_txn, result = v_body - 'status', shortfall = v_shortfall,
+                            violation = v_violation
+     WHERE id = v_event.id;
     PERFORM tl_usage_rollup(v_event);
     RETURN jsonb_build_object('status', 201, 'body', v_body);
 END $$;
@@ -2039,12 +2098,18 @@ BEGIN
                    CASE WHEN b.status = 'recorded' AND b.txn IS NOT NULL AND b.event_id IS NOT NULL
                         THEN jsonb_build_object('event_id', b.event_id, 'status', 'recorded', 'cost', b.cost,
                                                 'id', b.result -> 'id', 'transaction_id', b.result -> 'transaction_id')
+                             -- Spend policy: what went to system:overage (events recorded one by one).
+                             || CASE WHEN b.result ? 'shortfall'
+                                     THEN jsonb_build_object('shortfall', b.result -> 'shortfall')
+                                     ELSE '{}'::jsonb END
                         ELSE jsonb_strip_nulls(jsonb_build_object(
                             'event_id', b.event_id, 'status', b.status, 'code', b.code,
                             'cost', (b.result ->> 'cost')::bigint, 'id', b.result ->> 'id',
-                            'transaction_id', b.result ->> 'transaction_id')) END
+                            'transaction_id', b.result ->> 'transaction_id',
+                            'shortfall', (b.result ->> 'shortfall')::bigint)) END
                    ORDER BY b.pos)
-        FROM (SELECT w.pos, w.event_id, CASE WHEN w.status = 'pending' THEN 'recorded' ELSE w.status END AS status,
+        FROM (SELECT w.pos, w.event_id,
+                     CASE WHEN w.status IN ('pending', 'recorded_single') THEN 'recorded' ELSE w.status END AS status,
                      w.code, w.cost, w.txn, CASE WHEN w.status <> 'rejected' THEN w.result END AS result
               FROM unnest(p_rows) w) b));
 END $$;
@@ -2165,7 +2230,7 @@ BEGIN
     -- whole: the generic plan is kept for the session, and one made while a
     -- table was small would otherwise go on hashing all of it at every batch.
     a AS (
-        SELECT a.id, a.type, a.address FROM accounts a
+        SELECT a.id, a.type, a.address, a.policy_bound FROM accounts a
         WHERE a.address = ANY (ARRAY(SELECT DISTINCT account FROM e))),
     r AS (
         SELECT r.id, r.account_id, r.details FROM reservations r
@@ -2174,6 +2239,7 @@ BEGIN
           AND tl_may_act_on(r, p_ctx)),
     c AS (
         SELECT e.*, u.result AS stored, u.differs, a.id AS account_id, a.type AS account_type,
+               a.policy_bound AS bound,
                r.id AS res_id, r.account_id AS res_account,
                -- An event settling a reservation made by estimate is priced at that reservation's price.
                CASE WHEN r.details ? 'price_id'
@@ -2206,6 +2272,8 @@ BEGIN
                     WHEN c.account_id IS NULL OR c.account_type = 'system'
                       OR c.reservation IS NOT NULL AND (c.res_id IS NULL OR c.res_account <> c.account_id)
                       OR (q.price).id IS NULL OR (q.price).model <> c.model THEN 'rejected'
+                    -- Spend policy: a bound account's events go through tl_record_usage.
+                    WHEN c.bound THEN 'single'
                     ELSE 'pending' END AS status,
                CASE WHEN c.stored IS NOT NULL AND c.differs OR c.stored IS NULL AND c.repeat AND c.repeat_differs
                     THEN 'idempotency_key_reused'
@@ -2293,7 +2361,7 @@ BEGIN
     -- those charged directly with their totals, the answer and the roll-up
     -- sums as if every claimed event is recorded.
     SELECT array_agg(DISTINCT account_id) FILTER (WHERE status = 'pending' AND (reservation IS NOT NULL OR cost > 0)),
-           coalesce(bool_or(status = 'repeat' OR status = 'pending' AND reservation IS NOT NULL), false)
+           coalesce(bool_or(status IN ('repeat', 'single') OR status = 'pending' AND reservation IS NOT NULL), false)
     INTO v_accounts, v_changed
     FROM unnest(v_rows);
     SELECT array_agg(account_id ORDER BY account_id), array_agg(txn ORDER BY account_id),
@@ -2333,13 +2401,19 @@ BEGIN
     -- Accounts charged directly: a closed one rejects all its events; an
     -- open one is brought up to now (only when something is due).
     IF v_charged IS NOT NULL THEN
-        IF EXISTS (SELECT 1 FROM accounts a WHERE a.id = ANY (v_charged) AND a.status <> 'open') THEN
-            SELECT array_agg(w.pos) INTO v_pos
+        -- (Spend policy: an account bound by a policy set since the events
+        -- were sorted out goes one by one too, now that it is locked.)
+        IF EXISTS (SELECT 1 FROM accounts a WHERE a.id = ANY (v_charged) AND (a.status <> 'open' OR a.policy_bound)) THEN
+            SELECT array_agg(w.pos), array_agg(a.status <> 'open') INTO v_pos, v_differs
             FROM unnest(v_rows) w JOIN accounts a ON a.id = w.account_id
-            WHERE a.id = ANY (v_charged) AND a.status <> 'open' AND w.status = 'pending';
+            WHERE a.id = ANY (v_charged) AND (a.status <> 'open' OR a.policy_bound) AND w.status = 'pending';
             FOR i IN 1 .. coalesce(cardinality(v_pos), 0) LOOP
-                v_rows[v_pos[i]].status := 'rejected';
-                v_rows[v_pos[i]].code := 'account_closed';
+                IF v_differs[i] THEN
+                    v_rows[v_pos[i]].status := 'rejected';
+                    v_rows[v_pos[i]].code := 'account_closed';
+                ELSE
+                    v_rows[v_pos[i]].status := 'single';
+                END IF;
                 v_rejected := v_rejected + 1;
             END LOOP;
         END IF;
@@ -2380,8 +2454,9 @@ BEGIN
                 IF v_rows[v_pos[i]].cost <= v_left THEN
                     v_left := v_left - v_rows[v_pos[i]].cost;
                 ELSE
-                    v_rows[v_pos[i]].status := 'rejected';
-                    v_rows[v_pos[i]].code := 'insufficient_credits';
+                    -- Never dropped: recorded by tl_record_usage below, with
+                    -- its shortfall charged to system:overage.
+                    v_rows[v_pos[i]].status := 'single';
                     v_rejected := v_rejected + 1;
                 END IF;
             END LOOP;
@@ -2391,7 +2466,7 @@ BEGIN
         v_changed := true;
         -- Rejected claims are given back, so a retry can record them later.
         DELETE FROM usage_events u USING unnest(v_rows) b
-            WHERE b.status = 'rejected' AND b.id IS NOT NULL AND u.id = b.id;
+            WHERE b.status IN ('rejected', 'single') AND b.id IS NOT NULL AND u.id = b.id;
         SELECT array_agg(account_id ORDER BY account_id), array_agg(txn ORDER BY account_id),
                array_agg(total ORDER BY account_id), array_agg(n ORDER BY account_id)
         INTO v_charged, v_txns, v_totals, v_counts
@@ -2472,9 +2547,30 @@ BEGIN
                 v_rows[v_e.pos].code := v_code;
             END;
         END LOOP;
+        -- Events of bound accounts, and those their account could not cover
+        -- in full, one at a time through tl_record_usage (each fails alone).
+        SELECT array_agg(pos ORDER BY pos) INTO v_pos FROM unnest(v_rows) WHERE status = 'single';
+        FOR i IN 1 .. coalesce(cardinality(v_pos), 0) LOOP
+            v_e := v_rows[v_pos[i]];
+            BEGIN
+                v_res := tl_record_usage(p_events -> (v_e.pos - 1), p_ctx);
+                v_rows[v_e.pos].status := CASE WHEN (v_res ->> 'status')::integer = 201 THEN 'recorded_single'
+                                               ELSE 'duplicate' END;
+                v_rows[v_e.pos].result := (v_res -> 'body') - 'status';
+                v_rows[v_e.pos].cost := (v_res #>> '{body,cost}')::bigint;
+                v_rows[v_e.pos].txn := replace(v_res #>> '{body,transaction_id}', 'txn_', '')::uuid;
+            EXCEPTION WHEN SQLSTATE 'TLA01' OR SQLSTATE 'TLA02' OR SQLSTATE 'TLA03' OR SQLSTATE 'TLA05'
+                         OR SQLSTATE 'TLA08' OR SQLSTATE 'TLB01' OR SQLSTATE 'TLB02' OR SQLSTATE 'TLB04'
+                         OR SQLSTATE 'TLB08' OR SQLSTATE 'TLC01' OR SQLSTATE 'TLD01' THEN
+                GET STACKED DIAGNOSTICS v_code = MESSAGE_TEXT;
+                v_rows[v_e.pos].status := 'rejected';
+                v_rows[v_e.pos].code := v_code;
+            END;
+        END LOOP;
         -- Repeats within the batch answer like their first occurrence did.
         SELECT array_agg(b.pos),
-               array_agg(CASE WHEN o.status IN ('pending', 'recorded', 'duplicate') THEN 'duplicate' ELSE o.status END),
+               array_agg(CASE WHEN o.status IN ('pending', 'recorded', 'recorded_single', 'duplicate') THEN 'duplicate'
+                              ELSE o.status END),
                array_agg(o.code), array_agg(o.result)
         INTO v_pos, v_statuses, v_codes, v_results
         FROM unnest(v_rows) b JOIN unnest(v_rows) o ON o.source = b.source AND o.event_id = b.event_id
@@ -2686,6 +2782,8 @@ BEGIN
             OR a.id = ANY (coalesce(v_r_account, '{}')))
        AND a.type <> 'system' AND a.status = 'open' AND a.shard_count = 1
        AND a.address <> ALL (v_busy) AND a.id <> ALL (v_busy_ids)
+       -- A wallet bound by a spend policy goes one by one (its checks are there).
+       AND NOT a.policy_bound
        -- Nothing for tl_expire_due to do: no reservation past its time, no
        -- lot to roll over, no voided lot holding credits, and no lot past
        -- its expiry with anything left (held or not: what a capture would
@@ -3064,7 +3162,7 @@ BEGIN
         EXCEPTION WHEN OTHERS THEN
             GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_code = MESSAGE_TEXT,
                                     v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT;
-            IF v_state IN ('TLB01', 'TLB02', 'TLB03', 'TLB04', 'TLB05', 'TLB06') THEN
+            IF v_state IN ('TLB01', 'TLB02', 'TLB03', 'TLB04', 'TLB05', 'TLB06', 'TLB08', 'TLB09') THEN
                 v_status := 409;
                 v_body := jsonb_build_object('code', v_code, 'detail', v_detail,
                                              'extra', coalesce(nullif(v_hint, '')::jsonb, '{}'::jsonb));
@@ -3148,7 +3246,7 @@ BEGIN
         v_body := tl_dispatch(p_op, p_args, p_ctx);
         v_status := p_success_status;
     EXCEPTION WHEN SQLSTATE 'TLB01' OR SQLSTATE 'TLB02' OR SQLSTATE 'TLB03' OR SQLSTATE 'TLB04'
-                 OR SQLSTATE 'TLB05' OR SQLSTATE 'TLB06' THEN
+                 OR SQLSTATE 'TLB05' OR SQLSTATE 'TLB06' OR SQLSTATE 'TLB08' OR SQLSTATE 'TLB09' THEN
         GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_code = MESSAGE_TEXT,
                                 v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT;
         v_status := 409;
@@ -4271,6 +4369,556 @@ BEGIN
     GRANT SELECT, INSERT ON outbox TO tokenledger_app;
 EXCEPTION WHEN insufficient_privilege OR undefined_object THEN
     RAISE NOTICE 'tokenledger_app not granted on outbox: %', SQLERRM;
+END $$;
+
+-- ---------------------------------------------------------------------------
+-- Spend policy (issue 12): period limits, model rules, overdraft, overage.
+--
+-- A policy belongs to an employee wallet or a department account
+-- (spend_policies). A department's policy binds every member as well.
+-- accounts.policy_bound says whether any policy binds an account (its own or
+-- its department's): the hot functions read it from the account row they
+-- already hold, so a wallet without a policy pays no look-up at all, and
+-- the set-based batch path (tl_batch_fast) leaves bound wallets to the
+-- one-by-one functions, where the checks below run inside the same call.
+--
+-- Spend is kept per account and window (policy_spend), never in one row per
+-- department: a member's row is written only under that member's account
+-- lock. A department limit is the sum of its members' rows. A HARD
+-- department limit must be checked against that sum exactly, so the check
+-- is serialised per (department, window) by a transaction-level advisory
+-- lock taken after the account locks, and only by writes that add spend
+-- under a hard department limit; it is held to commit, which is the end of
+-- the same database call (no Python in between), and a coalesced batch
+-- takes it once for all its members. Soft department limits and member
+-- limits take no such lock. See README, "Spend policy".
+--
+-- Where spend counts: a debit and a usage event without a reservation in
+-- the window of their instant (usage: occurred_at); a reservation in the
+-- window of its created_at from the moment it is made, trued up there at
+-- capture and given back there at release or expiry; a reversal gives a
+-- debit's spend back to the window it was counted in. tl_journal_spend
+-- derives every row from the journal, and audit checks that they agree.
+-- ---------------------------------------------------------------------------
+
+CREATE TABLE IF NOT EXISTS spend_policies (
+    account_id bigint PRIMARY KEY REFERENCES accounts (id),
+    limits     jsonb NOT NULL DEFAULT '[]'::jsonb,
+    models     jsonb NOT NULL DEFAULT '{}'::jsonb,
+    created_at timestamptz NOT NULL,
+    updated_at timestamptz NOT NULL,
+    CONSTRAINT spend_policies_limits_array CHECK (jsonb_typeof(limits) = 'array'),
+    CONSTRAINT spend_policies_models_object CHECK (jsonb_typeof(models) = 'object')
+);
+
+ALTER TABLE accounts ADD COLUMN IF NOT EXISTS policy_bound boolean NOT NULL DEFAULT false;
+
+CREATE TABLE IF NOT EXISTS policy_spend (
+    account_id bigint NOT NULL REFERENCES accounts (id),
+    period     text NOT NULL,
+    time_zone  text NOT NULL,
+    starts_at  timestamptz NOT NULL,
+    -- The account's department (a department account: itself), whose
+    -- limits sum this row.
+    department text,
+    spent      bigint NOT NULL,
+    PRIMARY KEY (account_id, period, time_zone, starts_at),
+    CONSTRAINT policy_spend_period_valid CHECK (period IN ('day', 'week', 'month')),
+    CONSTRAINT policy_spend_spent_nonnegative CHECK (spent >= 0)
+);
+CREATE INDEX IF NOT EXISTS policy_spend_department_idx ON policy_spend (department, period, time_zone, starts_at)
+    WHERE department IS NOT NULL;
+
+-- A usage event records the part of its cost that went to system:overage
+-- and whether its model was outside the policy.
+ALTER TABLE usage_events ADD COLUMN IF NOT EXISTS shortfall bigint NOT NULL DEFAULT 0;
+ALTER TABLE usage_events ADD COLUMN IF NOT EXISTS violation text;
+-- Usage reports read overage and violations from the events that have
+-- them (the roll-ups do not keep them): a small index of just those.
+CREATE INDEX IF NOT EXISTS usage_events_policy_idx ON usage_events (occurred_at)
+    WHERE shortfall > 0 OR violation IS NOT NULL;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'usage_events_shortfall_within_cost') THEN
+        ALTER TABLE usage_events ADD CONSTRAINT usage_events_shortfall_within_cost
+            CHECK (shortfall BETWEEN 0 AND cost);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'usage_events_violation_valid') THEN
+        ALTER TABLE usage_events ADD CONSTRAINT usage_events_violation_valid
+            CHECK (violation IS NULL OR violation = 'model_not_allowed');
+    END IF;
+END $$;
+
+-- Usage that no wallet could cover is charged here (unbounded, sharded
+-- like the other system accounts; its shard rows are made with theirs below).
+INSERT INTO accounts (address, type, ref, shard_count) VALUES ('system:overage', 'system', 'overage', 16)
+ON CONFLICT (address) DO NOTHING;
+
+-- The window of a period containing p_at, in a time zone: local midnight
+-- (of the day, the ISO week's Monday, the month's first day) to the next
+-- one, exact on the days daylight saving starts or ends (23 or 25 hours).
+CREATE OR REPLACE FUNCTION tl_window_start(p_period text, p_tz text, p_at timestamptz) RETURNS timestamptz
+LANGUAGE sql STABLE AS $$
+    SELECT date_trunc(p_period, p_at, p_tz)
+$$;
+
+CREATE OR REPLACE FUNCTION tl_window_end(p_period text, p_tz text, p_start timestamptz) RETURNS timestamptz
+LANGUAGE sql STABLE AS $$
+    SELECT ((p_start AT TIME ZONE p_tz) + ('1 ' || p_period)::interval) AT TIME ZONE p_tz
+$$;
+
+-- The department whose limits count an account's spend.
+CREATE OR REPLACE FUNCTION tl_policy_department(p_account accounts) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT CASE p_account.type WHEN 'department' THEN p_account.ref
+                WHEN 'employee' THEN (SELECT e.department FROM employees e WHERE e.id = p_account.ref) END
+$$;
+
+-- The policies binding an account: its own and, for an employee, its department's.
+CREATE OR REPLACE FUNCTION tl_policies_of(p_account accounts)
+RETURNS TABLE (owner text, department text, limits jsonb, models jsonb)
+LANGUAGE sql STABLE AS $$
+    SELECT a.address, CASE WHEN a.type = 'department' THEN a.ref END, p.limits, p.models
+    FROM spend_policies p JOIN accounts a ON a.id = p.account_id
+    WHERE p.account_id = p_account.id
+    UNION ALL
+    SELECT a.address, a.ref, p.limits, p.models
+    FROM accounts a JOIN spend_policies p ON p.account_id = a.id
+    WHERE p_account.type = 'employee'
+      AND a.address = 'department:' || (SELECT e.department FROM employees e WHERE e.id = p_account.ref)
+$$;
+
+-- Every limit binding an account; department IS NULL for the account's own
+-- (its own spend), else the department whose members' summed spend counts.
+CREATE OR REPLACE FUNCTION tl_policy_limits(p_account accounts)
+RETURNS TABLE (owner text, department text, period text, time_zone text, amount bigint, mode text)
+LANGUAGE sql STABLE AS $$
+    SELECT p.owner, p.department, l ->> 'window', coalesce(l ->> 'time_zone', 'UTC'),
+           (l ->> 'amount')::bigint, coalesce(l ->> 'mode', 'hard')
+    FROM tl_policies_of(p_account) p CROSS JOIN LATERAL jsonb_array_elements(p.limits) l
+$$;
+
+-- An account's spend in [p_from, p_to) as the journal tells it (see the
+-- section header): what policy_spend rows must equal (audit), and how a
+-- row starts. Usage events and reservations are read without the one being
+-- recorded by the caller (a claimed event has no result yet).
+CREATE OR REPLACE FUNCTION tl_journal_spend(p_account bigint, p_from timestamptz, p_to timestamptz) RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT (coalesce((SELECT sum(-e.amount) FROM entries e JOIN transactions t ON t.id = e.transaction_id
+                      WHERE e.account_id = p_account AND e.shard = 0
+                        AND e.created_at >= p_from AND e.created_at < p_to AND t.kind = 'debit'), 0)
+          + coalesce((SELECT sum(-e.amount) FROM entries e
+                        JOIN transactions t ON t.id = e.transaction_id AND t.kind = 'reversal'
+                        JOIN transactions o ON o.id = t.reverses AND o.kind = 'debit'
+                      WHERE e.account_id = p_account AND e.shard = 0 AND e.created_at >= p_from
+                        AND o.created_at >= p_from AND o.created_at < p_to), 0)
+          + coalesce((SELECT sum(u.cost) FROM usage_events u
+                      WHERE u.account_id = p_account AND u.occurred_at >= p_from AND u.occurred_at < p_to
+                        AND u.reservation_id IS NULL AND u.result IS NOT NULL), 0)
+          + coalesce((SELECT sum(CASE WHEN r.status = 'active' THEN r.amount ELSE r.captured END)
+                      FROM reservations r
+                      WHERE r.account_id = p_account AND r.status IN ('active', 'captured')
+                        AND r.created_at >= p_from AND r.created_at < p_to), 0))::bigint
+$$;
+
+-- Adds p_delta to an account's row for one window (made from the journal
+-- when missing) and answers the new spend. The caller holds the account lock.
+CREATE OR REPLACE FUNCTION tl_policy_spend_row(
+    p_account bigint, p_department text, p_period text, p_tz text, p_start timestamptz, p_delta bigint)
+RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    v_spent bigint;
+BEGIN
+    UPDATE policy_spend SET spent = spent + p_delta
+     WHERE account_id = p_account AND period = p_period AND time_zone = p_tz AND starts_at = p_start
+    RETURNING spent INTO v_spent;
+    IF NOT FOUND THEN
+        INSERT INTO policy_spend (account_id, period, time_zone, starts_at, department, spent)
+        VALUES (p_account, p_period, p_tz, p_start, p_department,
+                tl_journal_spend(p_account, p_start, tl_window_end(p_period, p_tz, p_start)) + p_delta)
+        RETURNING spent INTO v_spent;
+    END IF;
+    RETURN v_spent;
+END $$;
+
+-- The spend a limit counts in the window starting p_start: the account's
+-- own row, or the sum of its department's rows. p_lock serialises the
+-- department's hard-limit checks for the window (see the section header).
+CREATE OR REPLACE FUNCTION tl_policy_total(
+    p_account bigint, p_department text, p_period text, p_tz text, p_start timestamptz, p_lock boolean)
+RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    v_total bigint;
+BEGIN
+    IF p_department IS NULL THEN
+        SELECT spent INTO v_total FROM policy_spend
+         WHERE account_id = p_account AND period = p_period AND time_zone = p_tz AND starts_at = p_start;
+        RETURN coalesce(v_total, 0);
+    END IF;
+    IF p_lock THEN
+        PERFORM pg_advisory_xact_lock(1969516656, hashtext(p_department || '|' || p_period || '|' || p_tz
+                                                           || '|' || tl_ts(p_start)));
+    END IF;
+    SELECT sum(spent) INTO v_total FROM policy_spend
+     WHERE department = p_department AND period = p_period AND time_zone = p_tz AND starts_at = p_start;
+    RETURN coalesce(v_total, 0);
+END $$;
+
+CREATE OR REPLACE FUNCTION tl_limit_exceeded(
+    p_owner text, p_period text, p_tz text, p_amount bigint, p_spent bigint, p_requested bigint,
+    p_start timestamptz)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM tl_raise('TLB08', 'limit_exceeded',
+        format('%s would pass the %s limit of %s credits of %s (%s spent, %s requested)',
+               p_requested, p_period, p_amount, p_owner, p_spent, p_requested),
+        jsonb_build_object('account', p_owner, 'window', p_period, 'time_zone', p_tz, 'limit', p_amount,
+                           'spent', p_spent, 'remaining', greatest(p_amount - p_spent, 0),
+                           'requested', p_requested, 'starts_at', tl_ts(p_start),
+                           'resets_at', tl_ts(tl_window_end(p_period, p_tz, p_start))));
+END $$;
+
+-- Counts p_delta credits of spend (negative: given back) of a bound
+-- account in every window of its limits that contains p_at. With p_check,
+-- added spend that passes a hard limit raises limit_exceeded (rolling back
+-- the call); soft limits never refuse: crossing 80 % and 100 % of one emits
+-- limit.reached, once per window and threshold (the outbox dedup key).
+-- Called before the operation writes its journal rows (tl_journal_spend
+-- must not see them when a row is made).
+CREATE OR REPLACE FUNCTION tl_policy_count(
+    p_account accounts, p_delta bigint, p_at timestamptz, p_check boolean, p_now timestamptz)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_department text := tl_policy_department(p_account);
+    v_w record;
+    v_l record;
+    v_start timestamptz;
+    v_total bigint;
+    v_pct integer;
+BEGIN
+    IF p_delta = 0 THEN
+        RETURN;
+    END IF;
+    FOR v_w IN SELECT DISTINCT l.period, l.time_zone FROM tl_policy_limits(p_account) l ORDER BY 1, 2 LOOP
+        PERFORM tl_policy_spend_row(p_account.id, v_department, v_w.period, v_w.time_zone,
+                                    tl_window_start(v_w.period, v_w.time_zone, p_at), p_delta);
+    END LOOP;
+    IF p_delta < 0 THEN
+        RETURN;
+    END IF;
+    FOR v_l IN SELECT * FROM tl_policy_limits(p_account) l ORDER BY l.department NULLS FIRST, l.period, l.time_zone LOOP
+        CONTINUE WHEN v_l.mode = 'hard' AND NOT p_check;
+        v_start := tl_window_start(v_l.period, v_l.time_zone, p_at);
+        v_total := tl_policy_total(p_account.id, v_l.department, v_l.period, v_l.time_zone, v_start,
+                                   v_l.mode = 'hard');
+        IF v_l.mode = 'hard' THEN
+            IF v_total > v_l.amount THEN
+                PERFORM tl_limit_exceeded(v_l.owner, v_l.period, v_l.time_zone, v_l.amount, v_total - p_delta,
+                                          p_delta, v_start);
+            END IF;
+            CONTINUE;
+        END IF;
+        FOREACH v_pct IN ARRAY ARRAY[80, 100] LOOP
+            IF v_total * 100 >= v_l.amount * v_pct THEN
+                PERFORM tl_emit('limit.reached',
+                    jsonb_build_object('account', v_l.owner, 'window', v_l.period, 'time_zone', v_l.time_zone,
+                                       'mode', v_l.mode, 'limit', v_l.amount, 'threshold_percent', v_pct,
+                                       'spent', v_total, 'starts_at', tl_ts(v_start),
+                                       'resets_at', tl_ts(tl_window_end(v_l.period, v_l.time_zone, v_start))),
+                    format('limit.reached:%s:%s:%s:%s:%s', v_l.owner, v_l.period, v_l.time_zone, tl_ts(v_start), v_pct),
+                    p_now);
+            END IF;
+        END LOOP;
+    END LOOP;
+END $$;
+
+-- The most a bound account may still add under its hard limits now
+-- (NULL: no hard limit), taking the department locks a reservation by
+-- estimate will need anyway.
+CREATE OR REPLACE FUNCTION tl_policy_room(p_account accounts, p_now timestamptz) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_department text := tl_policy_department(p_account);
+    v_l record;
+    v_start timestamptz;
+    v_room bigint;
+BEGIN
+    FOR v_l IN SELECT * FROM tl_policy_limits(p_account) l WHERE l.mode = 'hard'
+               ORDER BY l.department NULLS FIRST, l.period, l.time_zone LOOP
+        v_start := tl_window_start(v_l.period, v_l.time_zone, p_now);
+        PERFORM tl_policy_spend_row(p_account.id, v_department, v_l.period, v_l.time_zone, v_start, 0);
+        v_room := least(v_room, greatest(v_l.amount - tl_policy_total(p_account.id, v_l.department, v_l.period,
+                                                                      v_l.time_zone, v_start, true), 0));
+    END LOOP;
+    RETURN v_room;
+END $$;
+
+-- Whether the policies binding an account allow a model of a tier: every
+-- one of them must (a department's rules narrow its members' own).
+CREATE OR REPLACE FUNCTION tl_model_allowed(p_account accounts, p_model text, p_tier text) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(bool_and(
+               (NOT (p.models ? 'tiers') OR p.models -> 'tiers' ? p_tier)
+           AND (NOT (p.models ? 'allow') OR p.models -> 'allow' ? p_model)
+           AND NOT (coalesce(p.models -> 'deny', '[]'::jsonb) ? p_model)), true)
+    FROM tl_policies_of(p_account) p
+$$;
+
+-- Refuses, before anything is held, a reservation or debit of a bound
+-- account for a model its policies do not allow. p_model NULL, or a model
+-- with no price at p_now (nothing to check; unknown_model is answered
+-- elsewhere), passes.
+CREATE OR REPLACE FUNCTION tl_require_model(p_account accounts, p_model text, p_now timestamptz) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_price prices;
+BEGIN
+    IF p_model IS NULL THEN
+        RETURN;
+    END IF;
+    v_price := tl_price_at(p_model, p_now);
+    IF v_price.id IS NOT NULL AND NOT tl_model_allowed(p_account, p_model, v_price.tier) THEN
+        PERFORM tl_raise('TLB09', 'model_not_allowed',
+            format('the spend policy of %s does not allow model %s (%s tier)', p_account.address, p_model, v_price.tier),
+            jsonb_build_object('account', p_account.address, 'model', p_model, 'tier', v_price.tier));
+    END IF;
+END $$;
+
+-- What a usage event without a reservation charges the wallet: from its
+-- live lots first, then (overdraft) down to -overdraft_limit; the rest is
+-- the shortfall, charged to system:overage. The wallet's overdrawn credits
+-- are what its posted balance lacks against its lots (audit checks that
+-- they are exactly the usage transactions' `overdraft`).
+CREATE OR REPLACE FUNCTION tl_usage_cover(p_account accounts, p_cost bigint, p_now timestamptz,
+                                          OUT from_lots bigint, OUT overdraft bigint, OUT shortfall bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_lots bigint;
+BEGIN
+    from_lots := least(p_cost, tl_spendable(p_account.id, p_now));
+    overdraft := 0;
+    IF from_lots < p_cost AND p_account.overdraft_limit > 0 THEN
+        SELECT coalesce(sum(remaining), 0) INTO v_lots FROM lots WHERE account_id = p_account.id AND live;
+        overdraft := least(p_cost - from_lots,
+                           greatest(p_account.overdraft_limit - (v_lots - p_account.posted), 0),
+                           greatest(p_account.posted - p_account.reserved - from_lots + p_account.overdraft_limit, 0));
+    END IF;
+    shortfall := p_cost - from_lots - overdraft;
+END $$;
+
+-- Sets whether each account is bound by a policy; a change of binding
+-- forgets the account's spend rows (they are made again from the journal).
+CREATE OR REPLACE FUNCTION tl_policy_rebind(p_accounts bigint[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE accounts a SET policy_bound = b.bound
+      FROM (SELECT x.id, EXISTS (SELECT 1 FROM tl_policies_of(x) p) AS bound
+              FROM accounts x WHERE x.id = ANY (p_accounts)) b
+     WHERE a.id = b.id AND a.policy_bound IS DISTINCT FROM b.bound;
+    DELETE FROM policy_spend WHERE account_id = ANY (p_accounts);
+END $$;
+
+-- An employee who joins or changes department is bound by its policy (or
+-- no longer by the old one's).
+CREATE OR REPLACE FUNCTION tl_employee_rebind() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM tl_policy_rebind(ARRAY(SELECT id FROM accounts WHERE address = 'employee:' || NEW.id));
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS employees_policy_rebind ON employees;
+CREATE TRIGGER employees_policy_rebind AFTER UPDATE OF department ON employees
+    FOR EACH ROW WHEN (OLD.department IS DISTINCT FROM NEW.department) EXECUTE FUNCTION tl_employee_rebind();
+
+-- A new employee wallet is bound from the start by its department's policy.
+CREATE OR REPLACE FUNCTION tl_account_bind() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.type = 'employee' THEN
+        NEW.policy_bound := EXISTS (
+            SELECT 1 FROM spend_policies p JOIN accounts d ON d.id = p.account_id
+             WHERE d.address = 'department:' || (SELECT e.department FROM employees e WHERE e.id = NEW.ref));
+    END IF;
+    RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS accounts_policy_bind ON accounts;
+CREATE TRIGGER accounts_policy_bind BEFORE INSERT ON accounts
+    FOR EACH ROW EXECUTE FUNCTION tl_account_bind();
+
+-- The spend a limit counts at p_now, exactly: its rows less the
+-- reservations among them whose time is up but that no write has expired yet.
+CREATE OR REPLACE FUNCTION tl_policy_spent_now(
+    p_account bigint, p_department text, p_period text, p_tz text, p_start timestamptz, p_now timestamptz)
+RETURNS bigint LANGUAGE sql STABLE AS $$
+    WITH rows AS (
+        SELECT s.account_id, s.spent FROM policy_spend s
+         WHERE p_department IS NULL AND s.account_id = p_account
+           AND s.period = p_period AND s.time_zone = p_tz AND s.starts_at = p_start
+        UNION ALL
+        SELECT s.account_id, s.spent FROM policy_spend s
+         WHERE p_department IS NOT NULL AND s.department = p_department
+           AND s.period = p_period AND s.time_zone = p_tz AND s.starts_at = p_start)
+    SELECT (coalesce((SELECT sum(spent) FROM rows), 0)
+            - coalesce((SELECT sum(r.amount) FROM reservations r
+                        WHERE r.account_id IN (SELECT account_id FROM rows) AND r.status = 'active'
+                          AND r.expires_at <= p_now AND r.created_at >= p_start
+                          AND r.created_at < tl_window_end(p_period, p_tz, p_start)), 0))::bigint
+$$;
+
+CREATE OR REPLACE FUNCTION tl_policy_json(p_id bigint, p_now timestamptz) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'account', a.address,
+        'limits', coalesce((
+            SELECT jsonb_agg(jsonb_build_object(
+                       'window', w.period, 'amount', w.amount, 'mode', w.mode, 'time_zone', w.tz,
+                       'spent', w.spent, 'remaining', greatest(w.amount - w.spent, 0),
+                       'starts_at', tl_ts(w.start), 'resets_at', tl_ts(tl_window_end(w.period, w.tz, w.start)))
+                       ORDER BY w.ord)
+            FROM (SELECT l.ord, l.v ->> 'window' AS period, (l.v ->> 'amount')::bigint AS amount,
+                         l.v ->> 'mode' AS mode, l.v ->> 'time_zone' AS tz,
+                         tl_window_start(l.v ->> 'window', l.v ->> 'time_zone', p_now) AS start,
+                         tl_policy_spent_now(a.id, CASE WHEN a.type = 'department' THEN a.ref END,
+                                             l.v ->> 'window', l.v ->> 'time_zone',
+                                             tl_window_start(l.v ->> 'window', l.v ->> 'time_zone', p_now),
+                                             p_now) AS spent
+                  FROM jsonb_array_elements(p.limits) WITH ORDINALITY AS l (v, ord)) w), '[]'::jsonb),
+        'models', coalesce(p.models, '{}'::jsonb),
+        'overdraft_limit', a.overdraft_limit,
+        'updated_at', tl_ts(coalesce(p.updated_at, a.updated_at)))
+    FROM accounts a LEFT JOIN spend_policies p ON p.account_id = a.id
+    WHERE a.id = p_id
+$$;
+
+-- PUT /v1/accounts/{address}/policy: replaces the policy of a wallet or a
+-- department. Its own row and every account it binds (a department's
+-- members) are locked in the global order, rebound, and their spend rows
+-- for the current windows made again from the journal, so a limit set
+-- mid-window counts what was spent in it already.
+CREATE OR REPLACE FUNCTION tl_op_put_policy(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    w accounts;
+    v_now timestamptz;
+    v_bound bigint[];
+    v_limits jsonb := '[]'::jsonb;
+    v_models jsonb := coalesce(nullif(p_args -> 'models', 'null'::jsonb), '{}'::jsonb);
+    v_overdraft bigint := coalesce((p_args ->> 'overdraft_limit')::bigint, 0);
+    v_l record;
+    v_lots bigint;
+    v_acc accounts;
+    v_w record;
+BEGIN
+    v_now := tl_now(p_ctx);
+    w := tl_require_account(p_args ->> 'account');
+    IF w.type NOT IN ('employee', 'department') THEN
+        PERFORM tl_raise('TLD01', 'invalid_request', 'a spend policy belongs to an employee wallet or a department',
+                         jsonb_build_object('path', '$.address'));
+    END IF;
+    FOR v_l IN SELECT l.v, l.i FROM jsonb_array_elements(coalesce(nullif(p_args -> 'limits', 'null'::jsonb), '[]'::jsonb))
+                                    WITH ORDINALITY AS l (v, i) LOOP
+        -- The service checks the zone too; PostgreSQL's own zone data decides
+        -- (an unknown zone raises invalid_parameter_value; pg_timezone_names
+        -- would read every zone file).
+        BEGIN
+            PERFORM v_now AT TIME ZONE coalesce(v_l.v ->> 'time_zone', 'UTC');
+        EXCEPTION WHEN invalid_parameter_value THEN
+            PERFORM tl_raise('TLD01', 'invalid_request',
+                             format('unknown time zone %s', v_l.v ->> 'time_zone'),
+                             jsonb_build_object('path', format('$.limits[%s].time_zone', v_l.i - 1)));
+        END;
+        v_limits := v_limits || jsonb_build_array(jsonb_build_object(
+            'window', v_l.v ->> 'window', 'amount', (v_l.v ->> 'amount')::bigint,
+            'mode', coalesce(v_l.v ->> 'mode', 'hard'), 'time_zone', coalesce(v_l.v ->> 'time_zone', 'UTC')));
+    END LOOP;
+    v_bound := ARRAY[w.id] || CASE WHEN w.type = 'department' THEN ARRAY(
+        SELECT a.id FROM employees e JOIN accounts a ON a.address = 'employee:' || e.id
+         WHERE e.department = w.ref) ELSE '{}' END;
+    PERFORM tl_lock(v_bound, ARRAY['system:expired', 'system:issuance']);
+    v_now := tl_now(p_ctx);
+    SELECT * INTO w FROM accounts WHERE id = w.id;
+    -- Lowering the overdraft below what the account has overdrawn already
+    -- would leave it below -overdraft_limit.
+    SELECT coalesce(sum(remaining), 0) INTO v_lots FROM lots WHERE account_id = w.id AND live;
+    IF w.posted - w.reserved < -v_overdraft OR v_lots - w.posted > v_overdraft THEN
+        PERFORM tl_raise('TLD01', 'invalid_request',
+            format('%s has overdrawn %s credits; overdraft_limit cannot be lower', w.address,
+                   greatest(v_lots - w.posted, w.reserved - w.posted)),
+            jsonb_build_object('path', '$.overdraft_limit'));
+    END IF;
+    IF w.overdraft_limit <> v_overdraft THEN
+        UPDATE accounts SET overdraft_limit = v_overdraft, updated_at = v_now WHERE id = w.id;
+    END IF;
+    IF v_limits = '[]'::jsonb AND v_models = '{}'::jsonb THEN
+        DELETE FROM spend_policies WHERE account_id = w.id;
+    ELSE
+        INSERT INTO spend_policies AS s (account_id, limits, models, created_at, updated_at)
+        VALUES (w.id, v_limits, v_models, v_now, v_now)
+        ON CONFLICT (account_id) DO UPDATE SET limits = EXCLUDED.limits, models = EXCLUDED.models,
+                                                updated_at = EXCLUDED.updated_at;
+    END IF;
+    PERFORM tl_policy_rebind(v_bound);
+    FOR v_acc IN SELECT * FROM accounts WHERE id = ANY (v_bound) AND policy_bound ORDER BY id LOOP
+        FOR v_w IN SELECT DISTINCT l.period, l.time_zone FROM tl_policy_limits(v_acc) l LOOP
+            PERFORM tl_policy_spend_row(v_acc.id, tl_policy_department(v_acc), v_w.period, v_w.time_zone,
+                                        tl_window_start(v_w.period, v_w.time_zone, v_now), 0);
+        END LOOP;
+    END LOOP;
+    RETURN tl_policy_json(w.id, v_now);
+END $$;
+
+-- The policy part of a debit of a bound account: a model named in its
+-- metadata must be allowed, and the amount must fit every hard limit
+-- (checked after the balance: insufficient_credits answers first).
+CREATE OR REPLACE FUNCTION tl_policy_debit(p_account accounts, p_amount bigint, p_model text, p_now timestamptz)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM tl_require_model(p_account, p_model, p_now);
+    IF tl_spendable(p_account.id, p_now) >= p_amount THEN
+        PERFORM tl_policy_count(p_account, p_amount, p_now, true, p_now);
+    END IF;
+END $$;
+
+-- The policy part of a reservation of a bound account, before anything is
+-- held: the model (of the estimate, or named in metadata) must be allowed;
+-- an estimate is cut to the tightest of balance and hard limits (down to
+-- min_output_tokens) and answered here when a limit is the tighter one
+-- (NULL: the balance is, and tl_estimate cuts to it as before). Below
+-- min_output_tokens under a limit the balance would cover: limit_exceeded.
+CREATE OR REPLACE FUNCTION tl_policy_reserve(p_account accounts, p_args jsonb, p_available bigint, p_now timestamptz)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_room bigint;
+    v_hint text;
+    v_need bigint;
+BEGIN
+    PERFORM tl_require_model(p_account, coalesce(p_args -> 'estimate' ->> 'model', p_args -> 'metadata' ->> 'model'),
+                             p_now);
+    IF jsonb_typeof(p_args -> 'estimate') <> 'object' THEN
+        RETURN NULL;
+    END IF;
+    v_room := tl_policy_room(p_account, p_now);
+    IF v_room IS NULL OR v_room >= p_available THEN
+        RETURN NULL;
+    END IF;
+    BEGIN
+        RETURN tl_estimate(p_args -> 'estimate', v_room, p_now, p_account.address);
+    EXCEPTION WHEN SQLSTATE 'TLB01' THEN
+        GET STACKED DIAGNOSTICS v_hint = PG_EXCEPTION_HINT;
+        v_need := (v_hint::jsonb ->> 'requested')::bigint;
+    END;
+    IF v_need > p_available THEN
+        RETURN NULL;  -- the balance cannot cover it either: insufficient_credits answers first
+    END IF;
+    PERFORM tl_policy_count(p_account, v_need, p_now, true, p_now);
+    ASSERT false, 'tl_policy_reserve: an estimate above the room passed every limit';
+END $$;
+
+DO $$
+BEGIN
+    GRANT SELECT, INSERT, UPDATE, DELETE ON spend_policies, policy_spend TO tokenledger_app;
+EXCEPTION WHEN insufficient_privilege OR undefined_object THEN
+    RAISE NOTICE 'tokenledger_app not granted on spend policy tables: %', SQLERRM;
 END $$;
 
 -- ---------------------------------------------------------------------------

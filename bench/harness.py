@@ -563,6 +563,23 @@ class Api:
 
         await bounded_gather(SETUP_CONCURRENCY, [job(e, a) for e, a in amounts.items()])
 
+    async def policies(self, ids: Sequence[str], funding: dict[str, int]) -> None:
+        """A spend policy on each wallet that never refuses the bench's load but is
+        checked on every operation: a hard daily limit well above the wallet's
+        funding, a soft monthly limit, and a tier rule (the issue-12 speed target)."""
+
+        def job(emp: str) -> Callable[[], Awaitable[Any]]:
+            body = {
+                "limits": [
+                    {"window": "day", "amount": 10 * funding[emp] + 1000},
+                    {"window": "month", "amount": 100 * funding[emp] + 1000, "mode": "soft"},
+                ],
+                "models": {"tiers": ["standard", "premium"]},
+            }
+            return lambda: expect(self.c.put(f"/v1/accounts/employee:{emp}/policy", json=body), 200)
+
+        await bounded_gather(SETUP_CONCURRENCY, [job(e) for e in ids])
+
     async def account(self, address: str) -> dict[str, Any]:
         return await expect(self.c.get(f"/v1/accounts/{address}"), 200)
 
@@ -1137,11 +1154,14 @@ async def wallet_postings(ctx: Context, wallets: Sequence[str]) -> list[int]:
     return await bounded_gather(SETUP_CONCURRENCY, [job(w) for w in wallets])
 
 
-async def _debits(ctx: Context, name: str, shared: bool, default_count: int) -> Stats:
+async def _debits(
+    ctx: Context, name: str, shared: bool, default_count: int, policy: bool = False
+) -> Stats:
     """Workers debiting 1 credit at a time: all from one wallet (shared), or
     spread over ctx.wallets() wallets, worker w's i-th debit on wallet
     (i * workers + w) mod wallets, so that the workers, each at about the
-    same i, sweep the wallets side by side and rarely meet on one."""
+    same i, sweep the wallets side by side and rarely meet on one. With
+    `policy`, every wallet has a spend policy (Api.policies)."""
     workers = ctx.workers(32)
     total = ctx.count(default_count)
     per_worker = split(total, workers)
@@ -1162,7 +1182,9 @@ async def _debits(ctx: Context, name: str, shared: bool, default_count: int) -> 
     funding = {wallet: planned[k] + 100 for k, wallet in enumerate(wallets)}
     await ctx.api.employees(wallets)
     await ctx.api.grants(funding)
-    if not shared:
+    if policy:
+        await ctx.api.policies(wallets, funding)
+    elif not shared:
         ctx.spread_wallets = wallets
 
     def make(w: int, i: int) -> Request:
@@ -1189,6 +1211,14 @@ async def _debits(ctx: Context, name: str, shared: bool, default_count: int) -> 
 async def debit_spread(ctx: Context) -> Stats:
     """32 workers debiting 1 credit at a time, spread over 1,000 wallets (--wallets)."""
     return await _debits(ctx, "debit_spread_32", shared=False, default_count=5000)
+
+
+async def debit_spread_policy(ctx: Context) -> Stats:
+    """debit_spread_32 on wallets that each have a spend policy (limits and model
+    rules checked in every debit's database call), to compare in the same run."""
+    return await _debits(
+        ctx, "debit_spread_32_policy", shared=False, default_count=5000, policy=True
+    )
 
 
 async def debit_shared(ctx: Context) -> Stats:
@@ -1231,7 +1261,7 @@ class PairLog:
     unknown_captures: int = 0  # transport errors: a capture may have happened
 
 
-async def _reserve_capture(ctx: Context, name: str, shared: bool) -> Stats:
+async def _reserve_capture(ctx: Context, name: str, shared: bool, policy: bool = False) -> Stats:
     """Workers each doing sequential pairs: reserve RESERVE_AMOUNT, then
     capture 1..RESERVE_AMOUNT of it, or now and then OVER_CAPTURE_AMOUNT.
     One op = one pair (both answers 2xx); latencies are per request."""
@@ -1253,6 +1283,8 @@ async def _reserve_capture(ctx: Context, name: str, shared: bool) -> Stats:
         funding = {wallets[w]: per_worker[w] * OVER_CAPTURE_AMOUNT + margin for w in range(workers)}
     await ctx.api.employees(wallets)
     await ctx.api.grants(funding)
+    if policy:
+        await ctx.api.policies(wallets, funding)
     usage_before = await ctx.api.posted("system:usage")
     rngs = [random.Random(ctx.opts.seed * 1000 + w) for w in range(workers)]  # noqa: S311  # why: load shape, not security
     log = PairLog()
@@ -1377,6 +1409,13 @@ async def pair_check(
 async def reserve_capture_spread(ctx: Context) -> Stats:
     """32 workers, each doing reserve-then-capture pairs on a wallet of its own."""
     return await _reserve_capture(ctx, "reserve_capture_spread_32", shared=False)
+
+
+async def reserve_capture_spread_policy(ctx: Context) -> Stats:
+    """reserve_capture_spread_32 on wallets that each have a spend policy."""
+    return await _reserve_capture(
+        ctx, "reserve_capture_spread_32_policy", shared=False, policy=True
+    )
 
 
 async def reserve_capture_shared(ctx: Context) -> Stats:
@@ -1816,10 +1855,12 @@ SCENARIOS: dict[str, Callable[[Context], Awaitable[Stats]]] = {
     "debit_latency": debit_latency,
     "read_latency": read_latency,
     "debit_spread_32": debit_spread,
+    "debit_spread_32_policy": debit_spread_policy,
     "read_32": read_spread,
     "debit_shared_32": debit_shared,
     "transfer_pairs": transfer_pairs,
     "reserve_capture_spread_32": reserve_capture_spread,
+    "reserve_capture_spread_32_policy": reserve_capture_spread_policy,
     "reserve_capture_shared_32": reserve_capture_shared,
     "usage_single": usage_single,
     "usage_batch_500": usage_batch,
@@ -1833,6 +1874,12 @@ RATIOS = {
     "reserve_capture_shared_over_spread": (
         "reserve_capture_spread_32",
         "reserve_capture_shared_32",
+    ),
+    # Spend policy (issue 12): with a policy on every wallet over without, same run.
+    "debit_policy_over_plain": ("debit_spread_32", "debit_spread_32_policy"),
+    "reserve_capture_policy_over_plain": (
+        "reserve_capture_spread_32",
+        "reserve_capture_spread_32_policy",
     ),
     # Events per second, batch over single.
     "usage_batch_over_single": ("usage_single", "usage_batch_500"),
@@ -2348,6 +2395,13 @@ def table(result: dict[str, Any]) -> str:
     ratio = result["ratios"].get("usage_batch_over_single")
     if ratio is not None:
         lines.append(f"ratio usage batch/single (events/s): {ratio:.3f}")
+    for key, label in (
+        ("debit_policy_over_plain", "debits"),
+        ("reserve_capture_policy_over_plain", "reserve+capture pairs"),
+    ):
+        ratio = result["ratios"].get(key)
+        if ratio is not None:
+            lines.append(f"ratio {label} with/without a spend policy (ops/s): {ratio:.3f}")
     for name, check in result["checks"].items():
         if isinstance(check, dict):
             verdict = "pass" if check.get("passed") else "FAIL"

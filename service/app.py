@@ -34,6 +34,7 @@ from service.api.accounts import AccountsController
 from service.api.common import provide_ledger
 from service.api.directory import DirectoryController
 from service.api.grants import GrantsController
+from service.api.policy import PolicyController
 from service.api.prices import PricesController
 from service.api.programs import ProgramsController
 from service.api.reports import ReportsController
@@ -359,6 +360,8 @@ def request_middleware(app: ASGIApp, metrics: Metrics) -> ASGIApp:
             route = scope.get("path_template") or "unmatched"
             status = status_holder["status"]
             metrics.request_latency.labels(method, route, status_class(status)).observe(seconds)
+            if status == 409:
+                metrics.refusals.labels(str(state.get("outcome", "unknown"))).inc()
             principal = state.get("principal")
             log.info(
                 "request",
@@ -558,6 +561,7 @@ def create_app(
         PricesController,
         UsageController,
         ReportsController,
+        PolicyController,
     ]
     app = Litestar(
         route_handlers=[

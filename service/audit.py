@@ -32,6 +32,9 @@ CHECKS: tuple[str, ...] = (
     "audit_7_triggers",
     "audit_7_reversals",
     "audit_8_program_grants",
+    "audit_9_overage",
+    "audit_9_policy_windows",
+    "audit_9_policy_bound",
 )
 
 

@@ -225,6 +225,18 @@ class IdempotencyKeyInProgress(LedgerError):
     )
 
 
+class LimitExceeded(LedgerError):
+    """The operation would pass a hard spend limit of the account or its department."""
+
+    code, status, title, sqlstate = "limit_exceeded", 409, "Limit exceeded", "TLB08"
+
+
+class ModelNotAllowed(LedgerError):
+    """The spend policy of the account or its department does not allow this model."""
+
+    code, status, title, sqlstate = "model_not_allowed", 409, "Model not allowed", "TLB09"
+
+
 # 422 ----------------------------------------------------------------------
 class IdempotencyKeyReused(LedgerError):
     """This Idempotency-Key was used with a different request; nothing was changed."""
@@ -273,6 +285,8 @@ ERRORS: tuple[type[LedgerError], ...] = (
     AlreadyReversed,
     BalanceLimitExceeded,
     IdempotencyKeyInProgress,
+    LimitExceeded,
+    ModelNotAllowed,
     IdempotencyKeyReused,
     RateLimited,
     Unavailable,

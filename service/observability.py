@@ -113,6 +113,18 @@ class Metrics:
             "Reservations holding credits now (read at scrape time).",
             registry=self.registry,
         )
+        self.refusals = Counter(
+            "tokenledger_refusals_total",
+            "409 answers (business refusals) by error code: limit_exceeded, "
+            "model_not_allowed, insufficient_credits, ...",
+            ["code"],
+            registry=self.registry,
+        )
+        self.overage_credits = Counter(
+            "tokenledger_overage_credits_total",
+            "Credits of recorded usage that no wallet could cover, charged to system:overage.",
+            registry=self.registry,
+        )
         self.expired_credits = Counter(
             "tokenledger_expired_credits_total",
             "Credits moved to system:expired by the sweeper.",

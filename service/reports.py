@@ -26,7 +26,17 @@ from service.journal import Ledger
 # The allow-list of grouping keys; service/sql/reports.sql has one
 # expression per key and nothing else reaches the SQL but this list.
 GROUP_KEYS = ("employee", "department", "model", "project", "day", "month")
-TOTALS = ("events", "input_tokens", "cached_input_tokens", "output_tokens", "credits")
+TOTALS = (
+    "events",
+    "input_tokens",
+    "cached_input_tokens",
+    "output_tokens",
+    "credits",
+    # Spend policy: credits charged to system:overage, and events flagged
+    # model_not_allowed.
+    "overage",
+    "violations",
+)
 # A report covers at most this long a period.
 MAX_PERIOD = timedelta(days=400)
 

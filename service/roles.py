@@ -52,6 +52,8 @@ PERMISSIONS: dict[str, Permission] = {
     "prices.read": Permission(("hr", "finance", "meter"), "read prices"),
     "prices.write": Permission(("finance",), "add prices"),
     "reports.read": Permission(("hr", "finance"), "read usage reports"),
+    "policy.read": Permission(("hr", "finance"), "read spend policies and their windows", True),
+    "policy.write": Permission(("hr", "finance"), "set spend policies"),
     "spend": Permission(
         ("meter",), "reserve, capture, release and extend; debit; record usage events"
     ),

@@ -28,6 +28,10 @@ class UsageReportItem(msgspec.Struct, frozen=True, omit_defaults=True):
     cached_input_tokens: int
     output_tokens: int
     credits: int
+    # Spend policy: of `credits`, what no wallet could cover (charged to
+    # system:overage); and the events whose model was outside the policy.
+    overage: int
+    violations: int
     employee: str | None | msgspec.UnsetType = msgspec.UNSET
     department: str | None | msgspec.UnsetType = msgspec.UNSET
     model: str | None | msgspec.UnsetType = msgspec.UNSET

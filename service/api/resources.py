@@ -266,6 +266,12 @@ class UsageRecorded(msgspec.Struct, frozen=True):
     tags: dict[str, str]
     occurred_at: str
     status: Literal["recorded", "duplicate"]
+    # Spend policy: the part of `cost` no wallet could cover (down to
+    # -overdraft_limit), charged to system:overage; present only when not 0.
+    shortfall: int | None = None
+    # Spend policy: set when the event's model is outside the account's
+    # policy; the event is recorded all the same (the call happened).
+    violation: Literal["model_not_allowed"] | None = None
 
 
 class UsageBatchResult(msgspec.Struct, frozen=True):
@@ -276,6 +282,8 @@ class UsageBatchResult(msgspec.Struct, frozen=True):
     cost: int | None = None
     id: str | None = None
     transaction_id: str | None = None
+    # Spend policy: the part of `cost` charged to system:overage, when not 0.
+    shortfall: int | None = None
 
 
 class UsageBatchResponse(msgspec.Struct, frozen=True):

@@ -70,6 +70,8 @@ class TransactionsController(Controller):
                 errors.InsufficientCredits,
                 errors.AccountClosed,
                 errors.BalanceLimitExceeded,
+                errors.LimitExceeded,
+                errors.ModelNotAllowed,
                 idempotent=True,
             ),
         },

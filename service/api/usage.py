@@ -136,6 +136,7 @@ class UsageController(Controller):
                 errors.AccountClosed,
                 errors.ReservationNotActive,
                 errors.BalanceLimitExceeded,
+                errors.LimitExceeded,
                 errors.IdempotencyKeyReused,
             ),
             **statuses(200),
@@ -152,8 +153,11 @@ class UsageController(Controller):
         or, with `reservation`, captures that reservation with the cost. (source,
         event_id) is the idempotency key: the same pair again answers 200 with the
         stored result and `status: "duplicate"`, whatever the body, and charges nothing.
-        404 `unknown_model` records nothing (never a zero charge); 409
-        `insufficient_credits` records nothing, so it may be sent again later."""
+        404 `unknown_model` records nothing (never a zero charge). An event the wallet
+        cannot cover is recorded all the same (the call happened): the wallet pays what
+        it holds, then down to `-overdraft_limit`, and the rest is charged to
+        `system:overage` and answered as `shortfall`. A model outside the spend policy
+        is recorded and flagged `violation: "model_not_allowed"`."""
         request.state.principal.check_scope(data.account, data.source)
         ctx = context_of(request)
         result = await ledger.fetchval(
@@ -162,6 +166,8 @@ class UsageController(Controller):
         ledger.metrics.operations.labels(
             "usage", "ok" if result["status"] == 201 else "duplicate"
         ).inc()
+        if result["status"] == 201 and result["body"].get("shortfall"):
+            ledger.metrics.overage_credits.inc(int(result["body"]["shortfall"]))
         return Response(result["body"], status_code=int(result["status"]))
 
     @post(
@@ -179,8 +185,9 @@ class UsageController(Controller):
         """Up to 1000 events in one database transaction, set-based: each answers
         `recorded`, `duplicate` or `rejected` with its error `code`, in input order,
         and one bad event never rejects the others. Each account is charged once, in
-        one `usage` transaction for all its accepted events; an event its available
-        credits cannot cover is rejected (`insufficient_credits`) in batch order."""
+        one `usage` transaction for all its accepted events; events its available
+        credits cannot cover (in batch order), and those of accounts under a spend
+        policy, are recorded one by one like single events, with their `shortfall`."""
         valid: list[dict[str, Any]] = []
         early: dict[int, dict[str, Any]] = {}
         principal = request.state.principal
@@ -204,6 +211,13 @@ class UsageController(Controller):
             if valid
             else {"results": []}
         )
+        shortfall = sum(
+            int(r.get("shortfall") or 0)
+            for r in recorded["results"] or []
+            if r.get("status") == "recorded"
+        )
+        if shortfall:
+            ledger.metrics.overage_credits.inc(shortfall)
         answers = iter(recorded["results"] or [])
         results = [early[i] if i in early else next(answers) for i in range(len(data.events))]
         return UsageBatchResponse(results=results)  # type: ignore[arg-type]  # why: dicts encode the same

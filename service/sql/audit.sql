@@ -68,11 +68,18 @@ LIMIT 1;
 
 -- name: audit_4_lots_cover_posted
 -- Invariant 4: a lot-holding account's posted balance is the sum of its
--- lots' remaining credits (so spendable credits are exactly its live lots).
-SELECT format('account %s: posted %s but its lots hold %s', a.address, a.posted, coalesce(l.total, 0)) AS problem
+-- lots' remaining credits (so spendable credits are exactly its live lots),
+-- less what usage overdrew it by (the `overdraft` of its usage
+-- transactions, spend policy), which never passes its overdraft_limit.
+SELECT format('account %s: posted %s but its lots hold %s and usage overdrew it by %s (overdraft_limit %s)',
+              a.address, a.posted, coalesce(l.total, 0), coalesce(o.total, 0), a.overdraft_limit) AS problem
 FROM accounts a
 LEFT JOIN (SELECT account_id, sum(remaining) AS total FROM lots GROUP BY account_id) l ON l.account_id = a.id
-WHERE a.type <> 'system' AND a.posted <> coalesce(l.total, 0)
+LEFT JOIN (SELECT e.account_id, sum((t.details ->> 'overdraft')::bigint) AS total
+           FROM transactions t JOIN entries e ON e.transaction_id = t.id
+           WHERE t.kind = 'usage' AND t.details ? 'overdraft' GROUP BY e.account_id) o ON o.account_id = a.id
+WHERE a.type <> 'system'
+  AND (a.posted <> coalesce(l.total, 0) - coalesce(o.total, 0) OR coalesce(o.total, 0) > a.overdraft_limit)
 LIMIT 1;
 
 -- name: audit_4_closed_or_voided_holds_credits
@@ -199,4 +206,47 @@ SELECT problem FROM (
     WHERE t.kind = 'grant' AND t.details ? 'program'
       AND NOT EXISTS (SELECT 1 FROM program_grants g WHERE g.transaction_id = t.id)
 ) x
+LIMIT 1;
+
+-- name: audit_9_overage
+-- Spend policy: system:overage carries exactly the shortfalls of the usage
+-- events (what no wallet could cover), each in the transaction that charged
+-- the event; and an event's shortfall is at most its cost.
+SELECT coalesce(
+    (SELECT format('usage transaction %s charges %s to system:overage but its events have a shortfall of %s',
+                   tl_public_id('txn_', t.id), coalesce(-e.moved, 0), coalesce(u.shortfall, 0))
+     FROM transactions t
+     LEFT JOIN (SELECT transaction_id, sum(amount) AS moved FROM entries
+                JOIN accounts a ON a.id = entries.account_id AND a.address = 'system:overage'
+                GROUP BY transaction_id) e ON e.transaction_id = t.id
+     LEFT JOIN (SELECT transaction_id, sum(shortfall) AS shortfall FROM usage_events GROUP BY transaction_id) u
+            ON u.transaction_id = t.id
+     WHERE t.kind = 'usage' AND coalesce(-e.moved, 0) <> coalesce(u.shortfall, 0)
+     LIMIT 1),
+    (SELECT format('system:overage has entries in a %s transaction %s', t.kind, tl_public_id('txn_', t.id))
+     FROM entries e JOIN accounts a ON a.id = e.account_id AND a.address = 'system:overage'
+     JOIN transactions t ON t.id = e.transaction_id
+     WHERE t.kind <> 'usage' LIMIT 1)) AS problem;
+
+-- name: audit_9_policy_windows
+-- Spend policy: every window's spend row of a bound account equals what
+-- the journal says was spent in it (debits and usage at their instant, less
+-- reversed debits; reservations made in it, active at their amount and
+-- captured at what was captured), and rows exist only for bound accounts,
+-- so a department limit's sum of its members' rows is exact.
+SELECT format('account %s: %s window from %s (%s) counts %s spent, the journal %s',
+              a.address, s.period, tl_ts(s.starts_at), s.time_zone, s.spent,
+              tl_journal_spend(s.account_id, s.starts_at, tl_window_end(s.period, s.time_zone, s.starts_at)))
+       AS problem
+FROM policy_spend s JOIN accounts a ON a.id = s.account_id
+WHERE NOT a.policy_bound
+   OR s.spent <> tl_journal_spend(s.account_id, s.starts_at, tl_window_end(s.period, s.time_zone, s.starts_at))
+LIMIT 1;
+
+-- name: audit_9_policy_bound
+-- Spend policy: an account is marked bound exactly when a policy binds it
+-- (its own, or its department's), so no bound account skips its checks.
+SELECT format('account %s: policy_bound is %s', a.address, a.policy_bound) AS problem
+FROM accounts a
+WHERE a.type <> 'system' AND a.policy_bound IS DISTINCT FROM EXISTS (SELECT 1 FROM tl_policies_of(a) p)
 LIMIT 1;

@@ -16,37 +16,52 @@
 -- final ORDER BY picks each position's key by name.
 WITH raw AS (
     SELECT d.account_id, d.model, d.project, d.day, d.events, d.input_tokens,
-           d.cached_input_tokens, d.output_tokens, d.credits
+           d.cached_input_tokens, d.output_tokens, d.credits, 0::bigint AS overage, 0::bigint AS violations
     FROM usage_daily d
     WHERE $4::text = 'daily'
       AND d.day >= ($1::timestamptz AT TIME ZONE 'UTC')::date
       AND d.day < ($2::timestamptz AT TIME ZONE 'UTC')::date
     UNION ALL
     SELECT m.account_id, m.model, m.project, m.month, m.events, m.input_tokens,
-           m.cached_input_tokens, m.output_tokens, m.credits
+           m.cached_input_tokens, m.output_tokens, m.credits, 0, 0
     FROM usage_monthly m
     WHERE $4::text = 'monthly'
       AND m.month >= ($1::timestamptz AT TIME ZONE 'UTC')::date
       AND m.month < ($2::timestamptz AT TIME ZONE 'UTC')::date
     UNION ALL
     SELECT mm.account_id, mm.model, '', mm.month, mm.events, mm.input_tokens,
-           mm.cached_input_tokens, mm.output_tokens, mm.credits
+           mm.cached_input_tokens, mm.output_tokens, mm.credits, 0, 0
     FROM usage_monthly_models mm
     WHERE $4::text = 'monthly_models'
       AND mm.month >= ($1::timestamptz AT TIME ZONE 'UTC')::date
       AND mm.month < ($2::timestamptz AT TIME ZONE 'UTC')::date
     UNION ALL
     SELECT NULL::bigint, g.model, g.project, g.day, g.events, g.input_tokens,
-           g.cached_input_tokens, g.output_tokens, g.credits
+           g.cached_input_tokens, g.output_tokens, g.credits, 0, 0
     FROM usage_daily_models g
     WHERE $4::text = 'models'
       AND g.day >= ($1::timestamptz AT TIME ZONE 'UTC')::date
       AND g.day < ($2::timestamptz AT TIME ZONE 'UTC')::date
     UNION ALL
     SELECT u.account_id, u.model, coalesce(u.project, ''), (u.occurred_at AT TIME ZONE 'UTC')::date, 1,
-           u.input_tokens, u.cached_input_tokens, u.output_tokens, u.cost
+           u.input_tokens, u.cached_input_tokens, u.output_tokens, u.cost,
+           u.shortfall, (u.violation IS NOT NULL)::integer
     FROM usage_events u
     WHERE $4::text = 'events'
+      AND u.occurred_at >= $1::timestamptz AND u.occurred_at < $2::timestamptz
+    UNION ALL
+    -- Spend policy: overage (shortfalls charged to system:overage) and
+    -- model violations, which the roll-ups do not keep, from the few events
+    -- that have them (usage_events_policy_idx); their counts are in the
+    -- roll-up rows above.
+    SELECT CASE WHEN $4::text = 'models' THEN NULL ELSE u.account_id END, u.model,
+           CASE WHEN $4::text = 'monthly_models' THEN '' ELSE coalesce(u.project, '') END,
+           CASE WHEN $4::text IN ('monthly', 'monthly_models')
+                THEN date_trunc('month', u.occurred_at AT TIME ZONE 'UTC')::date
+                ELSE (u.occurred_at AT TIME ZONE 'UTC')::date END,
+           0, 0, 0, 0, 0, u.shortfall, (u.violation IS NOT NULL)::integer
+    FROM usage_events u
+    WHERE $4::text <> 'events' AND (u.shortfall > 0 OR u.violation IS NOT NULL)
       AND u.occurred_at >= $1::timestamptz AND u.occurred_at < $2::timestamptz
 ),
 -- The asked keys as booleans, computed once: testing the array per row
@@ -68,7 +83,9 @@ firsts AS (
            sum(r.input_tokens) AS input_tokens,
            sum(r.cached_input_tokens) AS cached_input_tokens,
            sum(r.output_tokens) AS output_tokens,
-           sum(r.credits) AS credits
+           sum(r.credits) AS credits,
+           sum(r.overage) AS overage,
+           sum(r.violations) AS violations
     FROM raw r CROSS JOIN flags f
     GROUP BY 1, 2, 3, 4
 ),
@@ -81,7 +98,8 @@ keyed AS (
            nullif(f.project, '') AS project,
            CASE WHEN 'day' = ANY ($3::text[]) THEN to_char(f.bucket, 'YYYY-MM-DD') END AS day,
            CASE WHEN 'month' = ANY ($3::text[]) THEN to_char(f.bucket, 'YYYY-MM') END AS month,
-           f.events, f.input_tokens, f.cached_input_tokens, f.output_tokens, f.credits
+           f.events, f.input_tokens, f.cached_input_tokens, f.output_tokens, f.credits,
+           f.overage, f.violations
     FROM firsts f
     LEFT JOIN accounts a ON a.id = f.account_id
     LEFT JOIN employees e ON a.type = 'employee' AND e.id = a.ref
@@ -92,7 +110,9 @@ totals AS (
            sum(input_tokens)::bigint AS input_tokens,
            sum(cached_input_tokens)::bigint AS cached_input_tokens,
            sum(output_tokens)::bigint AS output_tokens,
-           sum(credits)::bigint AS credits
+           sum(credits)::bigint AS credits,
+           sum(overage)::bigint AS overage,
+           sum(violations)::bigint AS violations
     FROM keyed
     GROUP BY employee, department, model, project, day, month
 )

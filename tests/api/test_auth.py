@@ -286,6 +286,14 @@ MATRIX: dict[tuple[str, str], Case] = {
     ("GET", "/v1/accounts/{address}/lots"): Case(
         frozenset({HR, FIN, EMP}), 200, own_path("/v1/accounts/{address}/lots"), own=True
     ),
+    ("GET", "/v1/accounts/{address}/policy"): Case(
+        frozenset({HR, FIN, EMP}), 200, own_path("/v1/accounts/{address}/policy"), own=True
+    ),
+    ("PUT", "/v1/accounts/{address}/policy"): Case(
+        frozenset({HR, FIN}),
+        200,
+        fixed("/v1/accounts/employee:e-other/policy", {"limits": [{"window": "day", "amount": 5}]}),
+    ),
     ("POST", "/v1/grants"): Case(frozenset({HR}), 201, _grant),
     ("POST", "/v1/grants:batch"): Case(frozenset({HR}), 200, _batch),
     ("POST", "/v1/lots/{lot_id}/void"): Case(frozenset({HR}), 200, _lot),

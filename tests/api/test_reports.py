@@ -118,6 +118,8 @@ async def make_events(api: Api, database_url: str, count: int = 120) -> list[Eve
                 "cached_input_tokens": cached,
                 "output_tokens": out,
                 "credits": cost,
+                "overage": 0,
+                "violations": 0,
             }
             events.append(Event(keys, when, totals))
     finally:
@@ -246,7 +248,9 @@ async def test_an_empty_period_has_no_items(api: Api) -> None:
         ("day",),
         headers={"Accept": "text/csv"},
     )
-    assert r.text == "day,events,input_tokens,cached_input_tokens,output_tokens,credits\r\n"
+    assert r.text == (
+        "day,events,input_tokens,cached_input_tokens,output_tokens,credits,overage,violations\r\n"
+    )
 
 
 @pytest.mark.parametrize(

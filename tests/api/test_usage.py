@@ -236,21 +236,23 @@ async def test_more_cached_than_input_is_refused(client: Any, api: Api, clock: F
     assert fixed["cost"] == usage_cost(10, 10, 0, V1) == 13
 
 
-async def test_insufficient_credits_records_nothing(
-    client: Any, api: Api, clock: FakeClock
+async def test_usage_beyond_the_balance_is_recorded_with_its_shortfall(
+    client: Any, api: Api, clock: FakeClock, database_url: str
 ) -> None:
-    """An event the wallet cannot pay answers 409 and records nothing; after a grant it records."""
+    """An event the wallet cannot pay in full is recorded (it already happened): the wallet
+    pays what it holds, the rest goes to system:overage and is answered as `shortfall`
+    (issue 12; it answered 409 and vanished from every report)."""
     await setup(client, api, clock, {"e-1": 3999})
     await add_price(client, P1)
-    r = await record(client, event("pricey"))
-    err = problem(r, 409, "insufficient_credits")
-    assert (err["available"], err["requested"]) == (3999, 4000)
-    assert await posted(api, WALLET) == 3999
-    assert await usage_total(api) == 0
-    await api.grant("e-1", 1)
     out = await recorded(client, event("pricey"))
-    assert out["cost"] == 4000
+    assert (out["cost"], out["shortfall"], out["status"]) == (4000, 1, "recorded")
     assert await posted(api, WALLET) == 0
+    assert await usage_total(api) == 4000
+    assert await posted(api, "system:overage") == -1
+    again = await record(client, event("pricey"))
+    assert again.status_code == 200, again.text
+    assert (again.json()["status"], again.json()["shortfall"]) == ("duplicate", 1)
+    await assert_audit_clean(database_url)
 
 
 # Duplicates --------------------------------------------------------------------
@@ -363,7 +365,7 @@ async def test_batch_mixes_outcomes_per_event(
         {"event_id": "b-too-cached", "status": "rejected", "code": "invalid_request", "cost": None},
         {"event_id": "bad-field", "status": "rejected", "code": "invalid_request", "cost": None},
         {"event_id": "b-big", "status": "recorded", "code": None, "cost": 2500},
-        {"event_id": "b-broke", "status": "rejected", "code": "insufficient_credits", "cost": None},
+        {"event_id": "b-broke", "status": "recorded", "code": None, "cost": 10},  # shortfall 10
         {"event_id": "b-other", "status": "recorded", "code": None, "cost": 1000},
         {"event_id": "b-free", "status": "recorded", "code": None, "cost": 0},
     ]
@@ -371,14 +373,15 @@ async def test_batch_mixes_outcomes_per_event(
     assert results[2]["id"] == results[0]["id"]
     assert await posted(api, WALLET) == 10_000 - 4000 - 3500 - 2500 == 0
     assert await posted(api, OTHER) == 10_000 - 1000
-    assert await usage_total(api) == 4000 + 3500 + 2500 + 1000
+    assert await usage_total(api) == 4000 + 3500 + 2500 + 10 + 1000
+    assert await posted(api, "system:overage") == -10
 
     # Recorded events answer as single events too, with the cost the batch charged.
     single = await record(client, event("b-good-1", 1000, 100, cached=0))
     assert single.status_code == 200, single.text
     assert (single.json()["status"], single.json()["cost"]) == ("duplicate", 3500)
-    # The rejected events were not stored: after a grant the unaffordable one records,
-    # and the batch again answers duplicates for what it recorded.
+    # The rejected events were not stored; the batch again answers duplicates for
+    # what it recorded, the one beyond the balance included.
     await api.grant("e-1", 10)
     again = await batch(client, events)
     assert [brief(r) for r in again] == [
@@ -390,11 +393,11 @@ async def test_batch_mixes_outcomes_per_event(
         {"event_id": "b-too-cached", "status": "rejected", "code": "invalid_request", "cost": None},
         {"event_id": "bad-field", "status": "rejected", "code": "invalid_request", "cost": None},
         {"event_id": "b-big", "status": "duplicate", "code": None, "cost": 2500},
-        {"event_id": "b-broke", "status": "recorded", "code": None, "cost": 10},
+        {"event_id": "b-broke", "status": "duplicate", "code": None, "cost": 10},
         {"event_id": "b-other", "status": "duplicate", "code": None, "cost": 1000},
         {"event_id": "b-free", "status": "duplicate", "code": None, "cost": 0},
     ]
-    assert await posted(api, WALLET) == 0
+    assert await posted(api, WALLET) == 10
     assert await usage_total(api) == 4000 + 3500 + 2500 + 1000 + 10
     await assert_audit_clean(database_url)
 
@@ -402,7 +405,8 @@ async def test_batch_mixes_outcomes_per_event(
 async def test_batch_insufficient_credits_in_batch_order(
     client: Any, api: Api, clock: FakeClock, database_url: str
 ) -> None:
-    """Events an account cannot cover are rejected in batch order while the ones that fit record."""
+    """Events that fit an account's credits in batch order are charged together; one that
+    does not is still recorded, its shortfall charged to system:overage (issue 12)."""
     await setup(client, api, clock, {"e-1": 100})
     await add_price(client, P1)
     # Each costs 10 per output token: 60, 50, 40 against 100 credits.
@@ -410,11 +414,12 @@ async def test_batch_insufficient_credits_in_batch_order(
     results = await batch(client, events)
     assert [brief(r) for r in results] == [
         {"event_id": "o-0", "status": "recorded", "code": None, "cost": 60},
-        {"event_id": "o-1", "status": "rejected", "code": "insufficient_credits", "cost": None},
+        {"event_id": "o-1", "status": "recorded", "code": None, "cost": 50},
         {"event_id": "o-2", "status": "recorded", "code": None, "cost": 40},
     ]
     assert await posted(api, WALLET) == 0
-    assert await usage_total(api) == 100
+    assert await usage_total(api) == 150
+    assert await posted(api, "system:overage") == -50
     await assert_audit_clean(database_url)
 
 
@@ -422,7 +427,7 @@ async def test_batch_closed_account_and_insufficient_credits_together(
     client: Any, api: Api, clock: FakeClock, database_url: str
 ) -> None:
     """A closed account's events are rejected (account_closed) in a batch where another
-    account cannot cover its event (insufficient_credits); the other events record as usual."""
+    account cannot cover its event (recorded with a shortfall); the other events record as usual."""
     await setup(client, api, clock, {"e-1": 100, "e-2": 100, "e-3": 100})
     await add_price(client, P1)
     r = await client.post("/v1/employees/e-3/offboard", json={}, headers=key())
@@ -439,13 +444,14 @@ async def test_batch_closed_account_and_insufficient_credits_together(
     assert [brief(r) for r in results] == [
         {"event_id": "k-0", "status": "recorded", "code": None, "cost": 60},
         {"event_id": "k-1", "status": "rejected", "code": "account_closed", "cost": None},
-        {"event_id": "k-2", "status": "rejected", "code": "insufficient_credits", "cost": None},
+        {"event_id": "k-2", "status": "recorded", "code": None, "cost": 200},
         {"event_id": "k-3", "status": "recorded", "code": None, "cost": 40},
         {"event_id": "k-1", "status": "rejected", "code": "account_closed", "cost": None},
     ]
     assert await posted(api, WALLET) == 0
-    assert await posted(api, OTHER) == 100
-    assert await usage_total(api) == 100
+    assert await posted(api, OTHER) == 0  # paid 100 of 200; 100 is overage
+    assert await usage_total(api) == 300
+    assert await posted(api, "system:overage") == -100
     await assert_audit_clean(database_url)
 
 
@@ -768,7 +774,8 @@ async def test_batch_prices_each_event_at_its_occurred_at(
 
 
 async def test_batch_respects_held_credits(client: Any, api: Api, clock: FakeClock) -> None:
-    """A batch spends only available credits: a reservation's hold is not spent."""
+    """A batch spends only available credits: a reservation's hold is not spent (what the
+    rest cannot cover is a shortfall)."""
     await setup(client, api, clock, {"e-1": 100})
     await add_price(client, P1)
     r = await client.post("/v1/reservations", json={"account": WALLET, "amount": 50}, headers=key())
@@ -776,28 +783,29 @@ async def test_batch_respects_held_credits(client: Any, api: Api, clock: FakeClo
     results = await batch(client, [event("h-0", 0, 4, cached=0), event("h-1", 0, 2, cached=0)])
     assert [brief(x) for x in results] == [
         {"event_id": "h-0", "status": "recorded", "code": None, "cost": 40},
-        {"event_id": "h-1", "status": "rejected", "code": "insufficient_credits", "cost": None},
+        {"event_id": "h-1", "status": "recorded", "code": None, "cost": 20},
     ]
     account = await api.account(WALLET)
-    assert (account["posted"], account["reserved"], account["available"]) == (60, 50, 10)
+    assert (account["posted"], account["reserved"], account["available"]) == (50, 50, 0)
+    assert await posted(api, "system:overage") == -10
 
 
 async def test_concurrent_events_never_overdraw(
     client: Any, api: Api, clock: FakeClock, database_url: str
 ) -> None:
-    """20 concurrent distinct events of 1000 credits against 10 000 record exactly ten."""
+    """20 concurrent distinct events of 1000 credits against 10 000 all record: ten paid by
+    the wallet, ten as shortfall on system:overage, and the wallet never below zero."""
     await setup(client, api, clock, {"e-1": 10_000})
     await add_price(client, P1)
     answers = await asyncio.gather(
         *(record(client, event(f"c-{i}", 0, 100, cached=0)) for i in range(20))
     )
     statuses = sorted(r.status_code for r in answers)
-    assert statuses == [201] * 10 + [409] * 10, [r.text for r in answers if r.status_code >= 500]
-    for r in answers:
-        if r.status_code == 409:
-            problem(r, 409, "insufficient_credits")
+    assert statuses == [201] * 20, [r.text for r in answers if r.status_code != 201]
+    assert sum(r.json().get("shortfall", 0) for r in answers) == 10_000
     assert await posted(api, WALLET) == 0
-    assert await usage_total(api) == 10_000
+    assert await usage_total(api) == 20_000
+    assert await posted(api, "system:overage") == -10_000
     await assert_audit_clean(database_url)
 
 

@@ -136,6 +136,21 @@ _NEW_USAGE = (
     "SELECT gen_random_uuid(), 's', e.id, {acc}, 'um', p.id, e.i, e.c, e.o, e.cost, now(), now(), "
     "e.txn::uuid, e.result::jsonb FROM p, (VALUES %s) AS e (id, i, c, o, cost, txn, result)"
 )
+# A usage event of cost 5 with this (shortfall, violation) (spend policy).
+_NEW_POLICY_USAGE = (
+    "WITH p AS (INSERT INTO prices (id, model, tier, effective_from, input_per_mtok, "
+    "cached_input_per_mtok, output_per_mtok, source) VALUES (gen_random_uuid(), 'um', 'standard', "
+    "'2020-01-01Z', 1, 1, 1, 'test') RETURNING id) "
+    "INSERT INTO usage_events (id, source, event_id, account_id, model, price_id, input_tokens, "
+    "cached_input_tokens, output_tokens, cost, occurred_at, recorded_at, transaction_id, result, "
+    "shortfall, violation) "
+    "SELECT gen_random_uuid(), 's', 'e1', {acc}, 'um', p.id, 1, 0, 1, 5, now(), now(), "
+    "'{txn}', '{{}}', %s, %s FROM p"
+)
+_NEW_SPEND = (
+    "INSERT INTO policy_spend (account_id, period, time_zone, starts_at, spent) "
+    "VALUES ({acc}, %s, 'UTC', '2030-01-01Z', %s)"
+)
 _NEW_LINK = (
     "INSERT INTO chain (seq, transaction_id, content_hash, prev_hash, chain_hash) "
     "VALUES (%s, %s, %s, %s, %s)"
@@ -550,6 +565,31 @@ CONSTRAINT_CASES: list[tuple[str, type[asyncpg.PostgresError], str]] = [
         "lot_id, run_id, created_at) "
         "SELECT 'p', '2026-01', 'e1', 0, '{txn}', '{lot}', r.id, now() FROM r",
     ),
+    # spend policy
+    (
+        "spend_policies_limits_array",
+        asyncpg.CheckViolationError,
+        "INSERT INTO spend_policies (account_id, limits, created_at, updated_at) "
+        "VALUES ({acc}, '{{}}', now(), now())",
+    ),
+    (
+        "spend_policies_models_object",
+        asyncpg.CheckViolationError,
+        "INSERT INTO spend_policies (account_id, models, created_at, updated_at) "
+        "VALUES ({acc}, '[]', now(), now())",
+    ),
+    ("policy_spend_period_valid", asyncpg.CheckViolationError, _NEW_SPEND % ("'year'", 1)),
+    ("policy_spend_spent_nonnegative", asyncpg.CheckViolationError, _NEW_SPEND % ("'day'", -1)),
+    (
+        "usage_events_shortfall_within_cost",
+        asyncpg.CheckViolationError,
+        _NEW_POLICY_USAGE % ("6", "NULL"),
+    ),
+    (
+        "usage_events_violation_valid",
+        asyncpg.CheckViolationError,
+        _NEW_POLICY_USAGE % ("0", "'over_budget'"),
+    ),
     # outbox
     (
         "outbox_type_known",
@@ -759,6 +799,8 @@ async def test_every_trigger_has_a_case(db: asyncpg.Connection) -> None:
     covered.add(
         "api_keys_changed"
     )  # tests/api/test_key_cache.py::test_key_changes_notify_and_use_does_not
+    # tests/api/test_policy.py::test_member_joining_a_department_is_bound_by_its_policy
+    covered |= {"employees_policy_rebind", "accounts_policy_bind"}
     assert {r["tgname"] for r in rows} == covered
 
 

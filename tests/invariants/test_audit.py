@@ -568,6 +568,101 @@ async def test_second_program_grant_breaks_invariant_8(
     assert "is not its recorded grant" in violations[0].problem
 
 
+async def _policy_usage(db: asyncpg.Connection) -> None:
+    """A wallet under a spend policy (daily limit, overdraft 5) that records usage beyond
+    its balance: a window row, an overdraft and a shortfall on system:overage."""
+    ctx = json.dumps({"actor": "test", "request_id": "audit", "now": "2030-01-05T12:00:00Z"})
+    await db.fetchval(
+        "SELECT tl_op_put_department($1::jsonb, $2::jsonb)",
+        json.dumps({"id": "pol", "name": "p"}),
+        ctx,
+    )
+    employee = {"id": "pe", "name": "pe", "email": "pe@example.com", "department": "pol"}
+    await db.fetchval("SELECT tl_op_put_employee($1::jsonb, $2::jsonb)", json.dumps(employee), ctx)
+    await db.fetchval(
+        "SELECT tl_op_grant($1::jsonb, $2::jsonb)",
+        json.dumps({"employee": "pe", "amount": 10, "reason": "spot_bonus"}),
+        ctx,
+    )
+    policy = {
+        "account": "employee:pe",
+        "limits": [{"window": "day", "amount": 100}],
+        "overdraft_limit": 5,
+    }
+    await db.fetchval("SELECT tl_op_put_policy($1::jsonb, $2::jsonb)", json.dumps(policy), ctx)
+    price = {
+        "model": "pm",
+        "effective_from": "2029-01-01T00:00:00Z",
+        "input_per_mtok": 0,
+        "cached_input_per_mtok": 0,
+        "output_per_mtok": 1_000_000,
+    }
+    await db.fetchval("SELECT tl_op_add_price($1::jsonb, $2::jsonb)", json.dumps(price), ctx)
+    usage = {
+        "source": "s",
+        "event_id": "u1",
+        "account": "employee:pe",
+        "model": "pm",
+        "input_tokens": 0,
+        "output_tokens": 30,
+    }
+    result = json.loads(
+        await db.fetchval(
+            "SELECT tl_record_usage($1::jsonb, $2::jsonb)::text", json.dumps(usage), ctx
+        )
+    )
+    assert result["body"]["shortfall"] == 15, result
+
+
+async def test_overage_mismatch_breaks_the_overage_check(
+    scenario: str, db: asyncpg.Connection
+) -> None:
+    """An event whose recorded shortfall no longer matches what system:overage carried is caught."""
+    await _policy_usage(db)
+    assert await audit(scenario) == []
+    await db.execute("UPDATE usage_events SET shortfall = shortfall - 1 WHERE shortfall > 0")
+    violations = await audit(scenario)
+    assert checks(violations) == {"audit_9_overage"}
+
+
+async def test_window_row_off_the_journal_breaks_the_window_check(
+    scenario: str, db: asyncpg.Connection
+) -> None:
+    """A spend window row that no longer equals the journal's spend in it is caught."""
+    await _policy_usage(db)
+    await db.execute("UPDATE policy_spend SET spent = spent - 1")
+    violations = await audit(scenario)
+    assert checks(violations) == {"audit_9_policy_windows"}
+    assert "counts 29 spent, the journal 30" in violations[0].problem
+
+
+async def test_wrong_policy_binding_breaks_the_binding_check(
+    scenario: str, db: asyncpg.Connection
+) -> None:
+    """An account marked bound that no policy binds (or the reverse) is caught: a bound
+    account skipping its checks would let spend pass its limits."""
+    await _policy_usage(db)
+    await db.execute("UPDATE accounts SET policy_bound = true WHERE address = 'employee:e1'")
+    violations = await audit(scenario)
+    assert checks(violations) == {"audit_9_policy_bound"}
+
+
+async def test_overdraft_beyond_its_limit_breaks_invariant_4(
+    scenario: str, db: asyncpg.Connection
+) -> None:
+    """A usage transaction whose recorded overdraft no longer explains what the wallet's
+    posted balance lacks against its lots is caught by invariant 4."""
+    await _policy_usage(db)
+    await db.execute("SET session_replication_role = replica")
+    await db.execute(
+        "UPDATE transactions SET details = details || '{\"overdraft\": 6}' "
+        "WHERE details ? 'overdraft'"
+    )
+    violations = await audit(scenario)
+    assert checks(violations) == {"audit_4_lots_cover_posted"}
+    assert "overdrew it by 6" in violations[0].problem
+
+
 def test_every_check_is_exercised() -> None:
     """Each check the audit runs has at least one tampering test above that expects it."""
     source = Path(__file__).read_text(encoding="utf-8")
