@@ -53,7 +53,7 @@ def test_every_object_matches_the_api_schema(objects: list[dict[str, Any]]) -> N
     with a misspelled field, so the check is real."""
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == sorted([
-        "Namespace", "ServiceAccount", "ConfigMap", "Secret", "Secret", "Service",
+        "Namespace", "ServiceAccount", "ConfigMap", "Secret", "Secret", "Secret", "Service",
         "Deployment", "Job", "PodDisruptionBudget", "HorizontalPodAutoscaler",
     ])
     for obj in objects:
@@ -105,8 +105,9 @@ def test_every_container_is_locked_down(objects: list[dict[str, Any]]) -> None:
 
 
 def test_secrets_hold_the_dsn_and_keys(objects: list[dict[str, Any]]) -> None:
-    """The DSN and the keys come from Secrets the overlay renders (by their hashed
-    names), never from the ConfigMap."""
+    """The DSNs and the keys come from Secrets the overlay renders (by their hashed
+    names), never from the ConfigMap; the migration Job logs in as the schema owner,
+    the service as the least-privileged role."""
     secrets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Secret"}
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
     refs = [
@@ -115,6 +116,12 @@ def test_secrets_hold_the_dsn_and_keys(objects: list[dict[str, Any]]) -> None:
     assert set(refs) <= set(secrets), (refs, list(secrets))
     keys = {k for name in refs for k in secrets[name]["data"]}
     assert {"DATABASE_URL", "TOKENLEDGER_BOOTSTRAP_ADMIN_KEY", "TOKENLEDGER_JWT_HS256_SECRET"} <= keys
+    job = one(objects, "Job")["spec"]["template"]["spec"]["containers"][0]
+    (job_secret,) = [e["secretRef"]["name"] for e in job["envFrom"] if "secretRef" in e]
+    assert job_secret.startswith("tokenledger-migrate-database"), job_secret
+    assert "DATABASE_URL" in secrets[job_secret]["data"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["TOKENLEDGER_DB_ROLE"] == "tokenledger_app"
     config = one(objects, "ConfigMap")["data"]
     assert not any("KEY" in k or "SECRET" in k or k == "DATABASE_URL" for k in config), config
     assert config["TOKENLEDGER_ENVIRONMENT"] == "production"
