@@ -47,9 +47,7 @@ def referenced_metrics() -> set[str]:
 
     dashboard = json.loads(DASHBOARD.read_text())
     walk(dashboard["panels"])
-    exprs.extend(
-        v["definition"] for v in dashboard["templating"]["list"] if v.get("definition")
-    )
+    exprs.extend(v["definition"] for v in dashboard["templating"]["list"] if v.get("definition"))
     for group in yaml.safe_load(ALERTS.read_text())["groups"]:
         exprs.extend(rule["expr"] for rule in group["rules"])
     return {name for expr in exprs for name in re.findall(r"\btokenledger_[a-z0-9_]+", expr)}
@@ -153,4 +151,43 @@ async def test_an_unswept_expiry_shows_as_sweeper_lag(
     await asyncio.sleep(FRESH_SECONDS)
     text = await scrape(client)
     assert gauge(text, "tokenledger_sweeper_lag_seconds") == 0
-    assert gauge(text, "tokenledger_system_account_balance_credits", '{account="system:expired"}') == 50
+    assert (
+        gauge(text, "tokenledger_system_account_balance_credits", '{account="system:expired"}')
+        == 50
+    )
+
+
+async def test_an_owed_program_cycle_shows_as_scheduler_lag(
+    api: Api, client: AsyncTestClient[Any], clock: FakeClock
+) -> None:
+    """A grant-program cycle that has started and has not been run is scheduler lag
+    from the cycle's start, until the scheduler issues it."""
+    now = datetime.now(UTC)
+    last_month = (now.replace(day=1) - timedelta(days=1)).replace(
+        day=1, hour=0, minute=0, second=0, microsecond=0
+    )
+    clock.set(last_month - timedelta(days=10))
+    await api.employee("e-program")
+    program = {
+        "amount": 100,
+        "reason": "monthly_allotment",
+        "cadence": {"every": "month", "day": 1},
+        "audience": {"all": True},
+        "expiry": {"at": "end_of_cycle"},
+        "starts_on": last_month.date().isoformat(),
+        "active": True,
+    }
+    r = await api.c.put("/v1/grant-programs/monthly", json=program)
+    assert r.status_code == 201, r.text
+    clock.now = None
+    text = await scrape(client)
+    expected = (datetime.now(UTC) - last_month).total_seconds()
+    assert abs(gauge(text, "tokenledger_scheduler_lag_seconds") - expected) < 120
+    runs = await Background(client.app.state.ledger).run_programs()
+    assert [run["cycle"] for run in runs] == [
+        last_month.strftime("%Y-%m"),
+        now.strftime("%Y-%m"),
+    ]
+    await asyncio.sleep(FRESH_SECONDS)
+    text = await scrape(client)
+    assert gauge(text, "tokenledger_scheduler_lag_seconds") == 0

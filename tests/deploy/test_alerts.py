@@ -56,8 +56,13 @@ def test_every_rule_has_a_firing_case() -> None:
         if case.get("exp_alerts")
     }
     assert rules - fired == set(), f"rules with no firing test case: {sorted(rules - fired)}"
-    assert {"TokenledgerChainLagging", "TokenledgerBackgroundErrors", "TokenledgerOutboxLagging",
-            "TokenledgerHigh5xxRate", "TokenledgerPoolExhausted"} <= rules
+    assert {
+        "TokenledgerChainLagging",
+        "TokenledgerBackgroundErrors",
+        "TokenledgerOutboxLagging",
+        "TokenledgerHigh5xxRate",
+        "TokenledgerPoolExhausted",
+    } <= rules
     runbook = (PROMETHEUS.parents[1] / "docs" / "runbook.md").read_text()
     for rule in sorted(rules):
         assert f"### {rule}" in runbook, f"docs/runbook.md has no section for {rule}"

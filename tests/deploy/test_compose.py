@@ -49,8 +49,10 @@ def test_compose_file_is_valid() -> None:
     """docker compose config accepts the file, or (without Docker) the compose-spec
     schema does."""
     if docker_compose_answers():
-        done = subprocess.run(  # noqa: S603, S607  # why: a fixed command line
-            ["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"],
+        docker = shutil.which("docker")
+        assert docker
+        done = subprocess.run(  # noqa: S603  # why: a fixed command line
+            [docker, "compose", "-f", str(COMPOSE), "config", "--quiet"],
             capture_output=True,
             text=True,
             timeout=60,
@@ -74,7 +76,13 @@ def test_stack_has_every_part() -> None:
     the replicas wait for the migration, which waits for the database."""
     services = compose()["services"]
     assert set(services) == {
-        "postgres", "migrate", "service-1", "service-2", "proxy", "prometheus", "grafana"
+        "postgres",
+        "migrate",
+        "service-1",
+        "service-2",
+        "proxy",
+        "prometheus",
+        "grafana",
     }
     assert services["migrate"]["command"] == ["migrate"]
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"

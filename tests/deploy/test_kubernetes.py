@@ -52,10 +52,21 @@ def test_every_object_matches_the_api_schema(objects: list[dict[str, Any]]) -> N
     """kubernetes-validate (strict) accepts every rendered object, and refuses one
     with a misspelled field, so the check is real."""
     kinds = sorted(o["kind"] for o in objects)
-    assert kinds == sorted([
-        "Namespace", "ServiceAccount", "ConfigMap", "Secret", "Secret", "Secret", "Service",
-        "Deployment", "Job", "PodDisruptionBudget", "HorizontalPodAutoscaler",
-    ])
+    assert kinds == sorted(
+        [
+            "Namespace",
+            "ServiceAccount",
+            "ConfigMap",
+            "Secret",
+            "Secret",
+            "Secret",
+            "Service",
+            "Deployment",
+            "Job",
+            "PodDisruptionBudget",
+            "HorizontalPodAutoscaler",
+        ]
+    )
     for obj in objects:
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
     broken = copy.deepcopy(one(objects, "Deployment"))
@@ -110,12 +121,14 @@ def test_secrets_hold_the_dsn_and_keys(objects: list[dict[str, Any]]) -> None:
     the service as the least-privileged role."""
     secrets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Secret"}
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
-    refs = [
-        e["secretRef"]["name"] for e in pod["containers"][0]["envFrom"] if "secretRef" in e
-    ]
+    refs = [e["secretRef"]["name"] for e in pod["containers"][0]["envFrom"] if "secretRef" in e]
     assert set(refs) <= set(secrets), (refs, list(secrets))
     keys = {k for name in refs for k in secrets[name]["data"]}
-    assert {"DATABASE_URL", "TOKENLEDGER_BOOTSTRAP_ADMIN_KEY", "TOKENLEDGER_JWT_HS256_SECRET"} <= keys
+    assert {
+        "DATABASE_URL",
+        "TOKENLEDGER_BOOTSTRAP_ADMIN_KEY",
+        "TOKENLEDGER_JWT_HS256_SECRET",
+    } <= keys
     job = one(objects, "Job")["spec"]["template"]["spec"]["containers"][0]
     (job_secret,) = [e["secretRef"]["name"] for e in job["envFrom"] if "secretRef" in e]
     assert job_secret.startswith("tokenledger-migrate-database"), job_secret

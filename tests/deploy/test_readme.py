@@ -81,8 +81,14 @@ def test_readme_walkthrough_runs_as_written(database_url: str, tmp_path: Path) -
             assert time.monotonic() < deadline, (tmp_path / "service.log").read_text()
             time.sleep(0.2)
         script = PRELUDE + "\n".join(walkthrough_blocks())
-        done = subprocess.run(  # noqa: S603, S607  # why: bash running the README's own commands
-            ["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+        bash = shutil.which("bash")
+        assert bash, "bash is missing"
+        done = subprocess.run(  # noqa: S603  # why: bash running the README's own commands
+            [bash, "-c", script],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
             timeout=120,
         )
         assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
