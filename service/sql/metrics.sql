@@ -17,9 +17,13 @@ WITH head AS (
     SELECT t.created_at FROM chain c JOIN transactions t ON t.id = c.transaction_id
     ORDER BY c.seq DESC LIMIT 1
 ), unchained AS (
+    -- A per-row look-up in chain's unique index, written as a scalar
+    -- subquery so the planner cannot turn it into an anti-join that reads
+    -- the whole chain: the scan walks transactions_created_idx from the head
+    -- and stops at the first unchained row.
     SELECT t.created_at FROM transactions t
     WHERE t.created_at >= coalesce((SELECT created_at FROM head), '-infinity')
-      AND NOT EXISTS (SELECT 1 FROM chain c WHERE c.transaction_id = t.id)
+      AND (SELECT c.seq FROM chain c WHERE c.transaction_id = t.id) IS NULL
     ORDER BY t.created_at, t.id LIMIT 1
 ), due AS (
     SELECT least(
