@@ -12,11 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
+import msgspec
 import yaml
 from litestar.testing import AsyncTestClient
 
+from service.app import create_app
 from service.background import Background
-from tests.api.conftest import Api, FakeClock
+from service.config import Config
+from tests.api.conftest import Api, FakeClock, problem, running
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "tokenledger.json"
@@ -191,3 +195,23 @@ async def test_an_owed_program_cycle_shows_as_scheduler_lag(
     await asyncio.sleep(FRESH_SECONDS)
     text = await scrape(client)
     assert gauge(text, "tokenledger_scheduler_lag_seconds") == 0
+
+
+async def test_503s_are_counted_by_route(config: Config, admin_key: str) -> None:
+    """A request refused with 503 because the pool had no connection in time counts
+    in tokenledger_http_unavailable_responses_total under its route template."""
+    tight = msgspec.structs.replace(config, pool_max_size=1, pool_acquire_timeout_seconds=0.2)
+    app = create_app(tight)
+    async with running(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport,
+            base_url="http://testserver.local",
+            headers={"Authorization": f"Bearer {admin_key}"},
+        ) as c:
+            async with app.state.ledger.pool.acquire():
+                r = await c.get("/v1/accounts/employee:e-nobody")
+                problem(r, 503, "unavailable")
+            text = (await c.get("/metrics")).text
+    labels = '{method="GET",route="/v1/accounts/{address}"}'
+    assert gauge(text, "tokenledger_http_unavailable_responses_total", labels) == 1
