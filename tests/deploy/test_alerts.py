@@ -66,3 +66,18 @@ def test_every_rule_has_a_firing_case() -> None:
     runbook = (PROMETHEUS.parents[1] / "docs" / "runbook.md").read_text()
     for rule in sorted(rules):
         assert f"### {rule}" in runbook, f"docs/runbook.md has no section for {rule}"
+
+
+def test_compose_prometheus_config_is_valid(tmp_path: Path) -> None:
+    """promtool check config accepts the compose stack's prometheus.yml, with its rule
+    file (mounted at /etc/prometheus/alerts.yml in the container) found here."""
+    config = (PROMETHEUS / "prometheus.yml").read_text()
+    assert "/etc/prometheus/alerts.yml" in config
+    local = tmp_path / "prometheus.yml"
+    local.write_text(config.replace("/etc/prometheus/alerts.yml", str(PROMETHEUS / "alerts.yml")))
+    rules = sum(
+        len(group["rules"])
+        for group in yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"]
+    )
+    out = run("check", "config", str(local))
+    assert "SUCCESS" in out and f"{rules} rules found" in out, out
