@@ -362,6 +362,8 @@ def request_middleware(app: ASGIApp, metrics: Metrics) -> ASGIApp:
             metrics.request_latency.labels(method, route, status_class(status)).observe(seconds)
             if status == 409:
                 metrics.refusals.labels(str(state.get("outcome", "unknown"))).inc()
+            if status == 503:
+                metrics.unavailable_responses.labels(method, route).inc()
             principal = state.get("principal")
             log.info(
                 "request",
@@ -549,6 +551,10 @@ def create_app(
             "active_reservations", lambda: ledger.fetchval("active_reservations")
         )
         metrics.active_reservations.set(int(active))
+        gauges = await public_queries.value(
+            "ledger_gauges", lambda: ledger.fetchrow("ledger_gauges")
+        )
+        metrics.record_ledger_gauges(gauges)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     controllers = [

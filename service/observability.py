@@ -150,6 +150,53 @@ class Metrics:
             registry=self.registry,
         )
 
+        # Operations (deploy/grafana, deploy/prometheus): what the dashboard
+        # and the alert rules read besides the above. The ledger-wide gauges
+        # are read from the database at scrape time (one query, at most once a
+        # second), so every replica reports the same values: aggregate them
+        # with max(), not sum().
+        self.unavailable_responses = Counter(
+            "tokenledger_http_unavailable_responses_total",
+            "503 answers by method and route template: the pool, the database or a lock "
+            "wait was over its bound (the latency histogram only keeps the status class).",
+            ["method", "route"],
+            registry=self.registry,
+        )
+        self.chain_lag = Gauge(
+            "tokenledger_chain_lag_seconds",
+            "Age of the oldest committed transaction not yet in the hash chain, settle "
+            "window included (0 when all are chained).",
+            registry=self.registry,
+        )
+        self.sweeper_lag = Gauge(
+            "tokenledger_sweeper_lag_seconds",
+            "Age of the oldest expiry (of a lot or a reservation) that is due and not yet "
+            "written to the journal (0 when none is due).",
+            registry=self.registry,
+        )
+        self.scheduler_lag = Gauge(
+            "tokenledger_scheduler_lag_seconds",
+            "Age of the oldest grant-program cycle that has started and has not been run "
+            "(0 when none is owed).",
+            registry=self.registry,
+        )
+        self.system_balance = Gauge(
+            "tokenledger_system_account_balance_credits",
+            "Posted balance of each system account, summed over its shards: minus the "
+            "credits ever issued (system:issuance), the credits ever spent (system:usage) "
+            "and expired (system:expired), net of reversals.",
+            ["account"],
+            registry=self.registry,
+        )
+
+    def record_ledger_gauges(self, row: Any) -> None:
+        """Set the ledger-wide gauges from the ledger_gauges query's row."""
+        self.chain_lag.set(float(row["chain_lag_seconds"]))
+        self.sweeper_lag.set(float(row["sweeper_lag_seconds"]))
+        self.scheduler_lag.set(float(row["scheduler_lag_seconds"]))
+        for account, posted in (row["system_balances"] or {}).items():
+            self.system_balance.labels(str(account)).set(int(posted))
+
     def record_program_run(self, run: dict[str, Any]) -> None:
         """Count a program run's members by outcome."""
         program = str(run["program"])
