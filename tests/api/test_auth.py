@@ -432,11 +432,13 @@ def test_served_schema_names_the_roles_the_guard_enforces() -> None:
         assert "Roles: " in operation["description"], (method, path)
 
 
-def test_readme_role_table_is_generated_from_the_code() -> None:
-    """The README's role table is exactly what `python -m service.roles` prints."""
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    begin = readme.index("<!-- roles:begin")
-    table = readme[readme.index("\n", begin) + 1 : readme.index("\n<!-- roles:end -->")]
+@pytest.mark.parametrize("doc", ["README.md", "docs/api.md"])
+def test_role_tables_in_the_docs_are_generated_from_the_code(doc: str) -> None:
+    """The role table in the README and in the HTTP contract is exactly what
+    `python -m service.roles` prints."""
+    text = (Path(__file__).parents[2] / doc).read_text()
+    begin = text.index("<!-- roles:begin")
+    table = text[text.index("\n", begin) + 1 : text.index("\n<!-- roles:end -->")]
     assert table == roles.markdown()
 
 
