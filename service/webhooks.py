@@ -58,9 +58,9 @@ SECRET_BYTES = 32
 NONCE_BYTES = 12
 # Events fanned out per statement.
 FANOUT_BATCH = 500
-# A claim outlives the attempt's timeout by this much before another
+# A claim outlives twice the attempt's timeout by this much before another
 # replica may take the delivery over.
-LEASE_MARGIN_SECONDS = 5.0
+LEASE_MARGIN_SECONDS = 2.0
 # The receiver's answer is not read; only its status counts.
 _encoder = msgspec.json.Encoder()
 

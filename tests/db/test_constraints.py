@@ -592,7 +592,8 @@ CONSTRAINT_CASES: list[tuple[str, type[asyncpg.PostgresError], str]] = [
     (
         "account_alerts_low_balance_positive",
         asyncpg.CheckViolationError,
-        "INSERT INTO account_alerts (account_id, low_balance) VALUES ({acc}, ARRAY[5, 0]::bigint[])",
+        "INSERT INTO account_alerts (account_id, low_balance) "
+        "VALUES ({acc}, ARRAY[5, 0]::bigint[])",
     ),
     (
         "account_alerts_expiring_range",
