@@ -76,8 +76,13 @@ async def test_a_killed_service_loses_no_event(
         return 200
 
     receiver.behaviours["/crash"] = hang_first
+    # A's timeout outlasts the moment between the receiver's first request and the
+    # kill, however loaded the machine (the kill, not a timeout, cuts the send off).
     a = service(
-        database_url, tmp_path / "a.log", TOKENLEDGER_WEBHOOK_MAX_IN_FLIGHT_PER_ENDPOINT="1"
+        database_url,
+        tmp_path / "a.log",
+        TOKENLEDGER_WEBHOOK_MAX_IN_FLIGHT_PER_ENDPOINT="1",
+        TOKENLEDGER_WEBHOOK_TIMEOUT_SECONDS="2",
     )
     b = service(database_url, tmp_path / "b.log")
     try:
@@ -90,9 +95,11 @@ async def test_a_killed_service_loses_no_event(
         await admin_put(
             a, "/v1/employees/e1", {"name": "E", "email": "e@example.com", "department": "eng"}
         )
+        # Both committed at once; the per-endpoint cap of 1 holds the second back
+        # while the first is in flight.
         await admin_post(a, "/v1/grants", {"employee": "e1", "amount": 5, "reason": "spot_bonus"})
-        await asyncio.wait_for(first_seen.wait(), timeout=15)
         await admin_post(a, "/v1/grants", {"employee": "e1", "amount": 7, "reason": "spot_bonus"})
+        await asyncio.wait_for(first_seen.wait(), timeout=15)
         assert a.proc is not None
         a.proc.kill()  # SIGKILL: no shutdown, no record of the send in flight
         a.proc.wait(timeout=10)
