@@ -202,9 +202,10 @@ class WebhooksController(Controller):
         """Deliveries are signed with the returned `secret` (Standard Webhooks), which is
         kept encrypted and shown only here. The URL must be `https` and resolve to public
         addresses only. Requires an `Idempotency-Key`."""
-        box = secret_box(state)
+        # In the order of the error table: the 400s first, then the 503.
         key = idempotency_key(request)
         await check_url(data.url, ledger.config.webhook_allow_private)
+        box = secret_box(state)
         webhook_id = uuid7()
         secret = new_secret()
         args = {
