@@ -605,3 +605,48 @@ async def test_alert_settings_roles(api: Api, client: httpx.AsyncClient) -> None
     problem(
         await client.put("/v1/accounts/employee:nobody/alerts", json={}), 404, "employee_not_found"
     )
+
+
+async def test_metrics_report_deliveries_and_lag(
+    hooks: httpx.AsyncClient, receiver: Receiver, database_url: str
+) -> None:
+    """/metrics counts deliveries by outcome and retries, and reports the outbox lag."""
+    receiver.behaviours["/m"] = lambda i: 500 if i == 0 else 200
+    await subscribe(hooks, receiver.url("/m"), ["grant.created"])
+    api = Api(hooks)  # type: ignore[arg-type]  # why: the same httpx client type
+    await api.employee("e1")
+    await api.grant("e1", 10)
+    await receiver.wait_for("/m", 2)
+    await settled(database_url)
+    await asyncio.sleep(1.1)  # /metrics asks the database at most once a second
+    text = (await hooks.get("/metrics")).text
+    assert 'tokenledger_webhook_deliveries_total{outcome="delivered"} 1.0' in text
+    assert 'tokenledger_webhook_deliveries_total{outcome="retry"} 1.0' in text
+    assert "tokenledger_webhook_retries_total 1.0" in text
+    assert "tokenledger_outbox_lag_seconds 0.0" in text
+    assert "tokenledger_webhook_deliveries_pending 0.0" in text
+
+
+async def test_balance_low_in_a_usage_batch(
+    client: httpx.AsyncClient, api: Api, clock: FakeClock, db: asyncpg.Connection
+) -> None:
+    """A usage batch (one database call for 20 events) that crosses two thresholds
+    emits one balance.low for each."""
+    from tests.api.test_usage import NOW, add_price, batch, event
+
+    clock.set(NOW)
+    await add_price(client, NOW - timedelta(days=1))
+    await api.employee("e-1")
+    await api.grant("e-1", 100_000)
+    r = await client.put(
+        "/v1/accounts/employee:e-1/alerts", json={"low_balance": [50_000, 30_000, 1_000]}
+    )
+    assert r.status_code == 200
+    results = await batch(client, [event(f"u-{i}") for i in range(20)])  # 4000 credits each
+    assert {x["status"] for x in results} == {"recorded"}
+    assert await api.available("employee:e-1") == 20_000
+    events = await outbox(db, "balance.low")
+    assert [(e["threshold"], e["available"]) for e in events] == [
+        (50_000, 20_000),
+        (30_000, 20_000),
+    ]
