@@ -185,7 +185,9 @@ async def resolve_allowed(host: str, port: int, allow_private: bool, within_seco
         for address in addresses:
             if not allowed_address(address):
                 raise AddressNotAllowed(f"{host} resolves to {address}, which is not public")
-    return addresses[0]
+    # IPv4 first where a name has both (localhost is ::1 first on many hosts,
+    # while a development receiver often listens on 127.0.0.1 only).
+    return next((a for a in addresses if ":" not in a), addresses[0])
 
 
 async def check_url(url: str, allow_private: bool, within_seconds: float = 5.0) -> None:
@@ -330,17 +332,21 @@ class Dispatcher:
             error = f"internal error: {type(exc).__name__}"
         latency = time.perf_counter() - started
         self.metrics.webhook_latency.observe(latency)
-        outcome = await self.ledger.fetchval(
-            "webhook_record",
-            row["delivery_id"],
-            attempt,
-            ok,
-            status_code,
-            error,
-            latency,
-            self.config.webhook_retry_base_seconds,
-            self.config.webhook_retry_max_seconds,
-        )
+        try:
+            outcome = await self.ledger.fetchval(
+                "webhook_record",
+                row["delivery_id"],
+                attempt,
+                ok,
+                status_code,
+                error,
+                latency,
+                self.config.webhook_retry_base_seconds,
+                self.config.webhook_retry_max_seconds,
+            )
+        except Exception as exc:  # noqa: BLE001  # why: unrecorded, the lease runs out and the delivery is sent again
+            log.warning("webhook_record_failed", error=repr(exc))
+            return
         self.metrics.webhook_deliveries.labels(str(outcome)).inc()
         if not ok:
             log.info(
