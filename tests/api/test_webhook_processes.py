@@ -134,6 +134,9 @@ async def test_three_replicas_send_each_event_once(
             database_url,
             tmp_path / f"r{i}.log",
             TOKENLEDGER_WEBHOOK_MAX_IN_FLIGHT_PER_ENDPOINT="8",
+            # No attempt may time out on a loaded box and be sent twice: the
+            # receiver answers at once, so this only bounds a stall.
+            TOKENLEDGER_WEBHOOK_TIMEOUT_SECONDS="10",
         )
         for i in range(3)
     ]

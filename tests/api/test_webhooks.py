@@ -320,7 +320,11 @@ async def test_failing_receiver_gets_the_same_id_and_delays_nobody(
     started = time.monotonic()
     await api.grant("e1", 10)
     (ok,) = await receiver.wait_for("/ok", 1, within=5)
-    assert ok.at - started < 1.5, "a hanging receiver delayed a healthy one"
+    (hung,) = await receiver.wait_for("/hang", 1, within=5)
+    # Sent one after the other, the healthy one would wait out the hanging one's
+    # 2-second timeout.
+    assert ok.at - hung.at < 1.5, "a hanging receiver delayed a healthy one"
+    assert ok.at - started < 5
     attempts = await receiver.wait_for("/flaky", 4, within=10)
     assert len({a.webhook_id for a in attempts}) == 1
     assert attempts[0].webhook_id == ok.webhook_id
