@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run test check contract fmt lint typecheck audit bench bench-reports bench-programs chaos clean
+.PHONY: help venv run test check contract fmt lint typecheck audit bench bench-reports bench-programs bench-alerts chaos clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -70,6 +70,9 @@ bench-reports: venv ## Time usage reports on 1M events for 10k employees
 
 bench-programs: venv ## Time a grant-program cycle issued to 10k employees
 	$(PY) -m bench.programs
+
+bench-alerts: venv ## PostgreSQL CPU per debit with and without low-balance alerts
+	$(PY) -m bench.alerts
 
 chaos: venv ## Run the load generator while injecting failures
 	$(PY) -m bench.chaos

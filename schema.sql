@@ -3201,6 +3201,8 @@ BEGIN
         WHEN 'release' THEN tl_op_release(p_args, p_ctx)
         WHEN 'extend' THEN tl_op_extend(p_args, p_ctx)
         WHEN 'add_price' THEN tl_op_add_price(p_args, p_ctx)
+        WHEN 'create_webhook' THEN tl_op_create_webhook(p_args, p_ctx)
+        WHEN 'retry_delivery' THEN tl_op_retry_delivery(p_args, p_ctx)
     END;
 END $$;
 
@@ -4919,6 +4921,481 @@ BEGIN
     GRANT SELECT, INSERT, UPDATE, DELETE ON spend_policies, policy_spend TO tokenledger_app;
 EXCEPTION WHEN insufficient_privilege OR undefined_object THEN
     RAISE NOTICE 'tokenledger_app not granted on spend policy tables: %', SQLERRM;
+END $$;
+
+-- ---------------------------------------------------------------------------
+-- Alerts and webhooks (issue 14; README, Alerts and webhooks)
+-- ---------------------------------------------------------------------------
+--
+-- Events reach the outbox (above) in the transaction of the change that
+-- causes them, without touching the bodies of the write functions:
+--   * balance.low: a BEFORE UPDATE trigger on accounts whose WHEN compares
+--     the new available balance (posted - reserved) with two columns that
+--     bracket it between the account's thresholds. For an account without
+--     alerts both are NULL and the WHEN is false: nothing runs. Coalesced
+--     batches update each account row once (by the batch's sum), so a batch
+--     that crosses a threshold emits once too.
+--   * grant.created: an AFTER INSERT trigger on lots (a lot made by a
+--     `grant` transaction: single, batch or program).
+--   * reservation.expired: an AFTER UPDATE trigger on reservations, when the
+--     status becomes `expired` (the sweeper, or a write to the wallet).
+--   * program.run.completed: an AFTER UPDATE trigger on program_runs, when
+--     a scheduled or API run completes.
+--   * credits.expiring: tl_emit_expiring, called by the background loop.
+-- The dispatcher (service/webhooks.py) fans events out to deliveries, one
+-- per matching webhook, and claims due deliveries with SKIP LOCKED.
+
+-- Alert settings of an account. low_balance holds up to 10 thresholds.
+CREATE TABLE IF NOT EXISTS account_alerts (
+    account_id           bigint PRIMARY KEY REFERENCES accounts (id),
+    low_balance          bigint[] NOT NULL DEFAULT '{}',
+    expiring_within_days integer,
+    updated_at           timestamptz NOT NULL DEFAULT clock_timestamp(),
+    CONSTRAINT account_alerts_low_balance_count CHECK (cardinality(low_balance) <= 10),
+    CONSTRAINT account_alerts_low_balance_positive CHECK (0 < ALL (low_balance)),
+    CONSTRAINT account_alerts_expiring_range CHECK (expiring_within_days BETWEEN 1 AND 90)
+);
+-- Accounts with an expiring window, for the background loop.
+CREATE INDEX IF NOT EXISTS account_alerts_expiring_idx ON account_alerts (account_id)
+    WHERE expiring_within_days IS NOT NULL;
+
+-- The thresholds around an account's available balance, denormalised onto
+-- its row so the trigger's WHEN is two integer comparisons: low_alert_armed
+-- is the highest threshold below the balance (reaching it fires), and
+-- low_alert_rearm the lowest threshold at or above it (rising past it
+-- re-arms). Both NULL for accounts without thresholds.
+ALTER TABLE accounts ADD COLUMN IF NOT EXISTS low_alert_armed bigint;
+ALTER TABLE accounts ADD COLUMN IF NOT EXISTS low_alert_rearm bigint;
+
+CREATE OR REPLACE FUNCTION tl_low_alert_bounds(p_thresholds bigint[], p_available bigint,
+                                               OUT armed bigint, OUT rearm bigint)
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT (SELECT max(t) FROM unnest(p_thresholds) t WHERE t < p_available),
+           (SELECT min(t) FROM unnest(p_thresholds) t WHERE t >= p_available)
+$$;
+
+-- A threshold t is crossed when the available balance goes from above t to
+-- t or below: one balance.low per threshold crossed, highest first. Any move
+-- out of the bracket re-computes it, so a rise above t re-arms t.
+CREATE OR REPLACE FUNCTION tl_balance_low() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_old bigint := OLD.posted - OLD.reserved;
+    v_new bigint := NEW.posted - NEW.reserved;
+    v_thresholds bigint[];
+    v_t bigint;
+BEGIN
+    SELECT low_balance INTO v_thresholds FROM account_alerts WHERE account_id = NEW.id;
+    v_thresholds := coalesce(v_thresholds, '{}');
+    FOR v_t IN SELECT t FROM unnest(v_thresholds) t WHERE t >= v_new AND t < v_old ORDER BY t DESC LOOP
+        PERFORM tl_emit('balance.low',
+            jsonb_build_object('account', NEW.address, 'threshold', v_t, 'available', v_new,
+                               'posted', NEW.posted, 'reserved', NEW.reserved, 'version', NEW.version),
+            format('balance.low:%s:%s:%s', NEW.id, v_t, NEW.version));
+    END LOOP;
+    SELECT b.armed, b.rearm INTO NEW.low_alert_armed, NEW.low_alert_rearm
+        FROM tl_low_alert_bounds(v_thresholds, v_new) b;
+    RETURN NEW;
+END $$;
+
+DROP TRIGGER IF EXISTS accounts_balance_low ON accounts;
+CREATE TRIGGER accounts_balance_low BEFORE UPDATE OF posted, reserved ON accounts
+    FOR EACH ROW
+    WHEN (NEW.posted - NEW.reserved <= NEW.low_alert_armed OR NEW.posted - NEW.reserved > NEW.low_alert_rearm)
+    EXECUTE FUNCTION tl_balance_low();
+
+CREATE OR REPLACE FUNCTION tl_alerts_json(p_account bigint) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'address', a.address,
+        'low_balance', coalesce(to_jsonb(al.low_balance), '[]'::jsonb),
+        'expiring_within_days', al.expiring_within_days,
+        'updated_at', tl_ts(coalesce(al.updated_at, a.created_at)))
+    FROM accounts a LEFT JOIN account_alerts al ON al.account_id = a.id
+    WHERE a.id = p_account
+$$;
+
+-- PUT /v1/accounts/{address}/alerts: replaces the settings (a field left
+-- out is cleared). The account row is locked so the bracket matches the
+-- balance it is computed from; setting a threshold above the balance emits
+-- nothing (no crossing happened), the next crossing of it does.
+CREATE OR REPLACE FUNCTION tl_put_alerts(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    v_thresholds bigint[];
+BEGIN
+    a := tl_require_account(p_args ->> 'address');
+    IF a.type = 'system' THEN
+        PERFORM tl_raise('TLD01', 'invalid_request', 'alerts are set on a wallet or a department account',
+                         jsonb_build_object('path', 'address'));
+    END IF;
+    SELECT * INTO a FROM accounts WHERE id = a.id FOR NO KEY UPDATE;
+    SELECT coalesce(array_agg(DISTINCT e.v::bigint ORDER BY e.v::bigint), '{}') INTO v_thresholds
+        FROM jsonb_array_elements_text(coalesce(p_args -> 'low_balance', '[]'::jsonb)) AS e(v);
+    INSERT INTO account_alerts (account_id, low_balance, expiring_within_days, updated_at)
+    VALUES (a.id, v_thresholds, (p_args ->> 'expiring_within_days')::integer, tl_now(p_ctx))
+    ON CONFLICT (account_id) DO UPDATE
+        SET low_balance = EXCLUDED.low_balance, expiring_within_days = EXCLUDED.expiring_within_days,
+            updated_at = EXCLUDED.updated_at;
+    UPDATE accounts SET (low_alert_armed, low_alert_rearm) =
+        (SELECT b.armed, b.rearm FROM tl_low_alert_bounds(v_thresholds, a.posted - a.reserved) b)
+        WHERE id = a.id;
+    RETURN tl_alerts_json(a.id);
+END $$;
+
+-- grant.created, for every lot a grant transaction makes.
+CREATE OR REPLACE FUNCTION tl_grant_created() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    t transactions;
+BEGIN
+    SELECT * INTO t FROM transactions WHERE id = NEW.grant_transaction_id;
+    IF t.kind = 'grant' THEN
+        PERFORM tl_emit('grant.created',
+            jsonb_build_object('transaction_id', tl_public_id('txn_', t.id), 'lot_id', tl_public_id('lot_', NEW.id),
+                               'account', (SELECT address FROM accounts WHERE id = NEW.account_id),
+                               'amount', NEW.amount, 'reason', t.details ->> 'reason',
+                               'effective_at', tl_ts(NEW.effective_at), 'expires_at', tl_ts(NEW.expires_at)),
+            'grant.created:' || NEW.id);
+    END IF;
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS lots_grant_created ON lots;
+CREATE TRIGGER lots_grant_created AFTER INSERT ON lots
+    FOR EACH ROW EXECUTE FUNCTION tl_grant_created();
+
+-- reservation.expired, when a reservation's expiry is written.
+CREATE OR REPLACE FUNCTION tl_reservation_expired() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM tl_emit('reservation.expired',
+        jsonb_build_object('reservation_id', tl_public_id('rsv_', NEW.id),
+                           'account', (SELECT address FROM accounts WHERE id = NEW.account_id),
+                           'amount', NEW.amount, 'expires_at', tl_ts(NEW.expires_at),
+                           'metadata', NEW.metadata),
+        'reservation.expired:' || NEW.id);
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS reservations_expired_event ON reservations;
+CREATE TRIGGER reservations_expired_event AFTER UPDATE OF status ON reservations
+    FOR EACH ROW WHEN (NEW.status = 'expired' AND OLD.status <> 'expired')
+    EXECUTE FUNCTION tl_reservation_expired();
+
+-- program.run.completed, with the run (its skipped counts included). A
+-- member's onboarding run is one employee's grant, which grant.created
+-- already reports.
+CREATE OR REPLACE FUNCTION tl_program_run_completed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM tl_emit('program.run.completed', tl_program_run_json(NEW), 'program.run.completed:' || NEW.id);
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS program_runs_completed_event ON program_runs;
+CREATE TRIGGER program_runs_completed_event AFTER UPDATE OF completed_at ON program_runs
+    FOR EACH ROW WHEN (OLD.completed_at IS NULL AND NEW.completed_at IS NOT NULL
+                       AND NEW.trigger <> 'onboarding')
+    EXECUTE FUNCTION tl_program_run_completed();
+
+-- credits.expiring: once per lot (the dedup key), from the moment the lot is
+-- within its account's expiring_within_days of expires_at. p_now is the
+-- service's clock (injected in tests). Returns how many it emitted.
+CREATE OR REPLACE FUNCTION tl_emit_expiring(p_now timestamptz, p_limit integer) RETURNS integer
+LANGUAGE sql AS $$
+    WITH due AS (
+        SELECT l.id, l.remaining, l.reserved, l.expires_at, a.address, al.expiring_within_days
+        FROM account_alerts al
+        JOIN accounts a ON a.id = al.account_id
+        JOIN lots l ON l.account_id = al.account_id
+        WHERE al.expiring_within_days IS NOT NULL
+          AND l.status = 'active' AND l.live AND l.remaining > l.reserved
+          AND l.expires_at > p_now
+          AND l.expires_at <= p_now + make_interval(days => al.expiring_within_days)
+          AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.dedup_key = 'credits.expiring:' || l.id)
+        ORDER BY l.expires_at, l.id
+        LIMIT p_limit)
+    SELECT count(tl_emit('credits.expiring',
+                 jsonb_build_object('account', address, 'lot_id', tl_public_id('lot_', id),
+                                    'amount', remaining - reserved, 'expires_at', tl_ts(expires_at),
+                                    'expiring_within_days', expiring_within_days),
+                 'credits.expiring:' || id))::integer
+    FROM due
+$$;
+
+-- Subscriptions. The signing secret is kept encrypted (AES-256-GCM, with
+-- TOKENLEDGER_WEBHOOK_SECRET_KEY, which the database never sees): signing
+-- needs the secret itself, so it cannot be hashed. A deleted webhook stays
+-- for its delivery log.
+CREATE TABLE IF NOT EXISTS webhooks (
+    id               uuid PRIMARY KEY,
+    url              text NOT NULL,
+    events           text[] NOT NULL,
+    description      text,
+    secret_encrypted bytea NOT NULL,
+    created_by       text,
+    created_at       timestamptz NOT NULL DEFAULT clock_timestamp(),
+    deleted_at       timestamptz,
+    CONSTRAINT webhooks_url_length CHECK (length(url) BETWEEN 1 AND 2000),
+    CONSTRAINT webhooks_events_valid CHECK (cardinality(events) BETWEEN 1 AND 6 AND events <@ ARRAY[
+        'balance.low', 'credits.expiring', 'grant.created', 'limit.reached', 'program.run.completed',
+        'reservation.expired']::text[]),
+    CONSTRAINT webhooks_description_length CHECK (description IS NULL OR length(description) <= 500)
+);
+CREATE INDEX IF NOT EXISTS webhooks_live_idx ON webhooks (id) WHERE deleted_at IS NULL;
+
+-- The outbox rows the dispatcher has fanned out to deliveries.
+ALTER TABLE outbox ADD COLUMN IF NOT EXISTS fanned_out_at timestamptz;
+CREATE INDEX IF NOT EXISTS outbox_pending_idx ON outbox (seq) WHERE fanned_out_at IS NULL;
+
+-- One event for one webhook. `pending` until delivered (a 2xx) or failed
+-- (still failing after the retry window, or its webhook deleted). A claim
+-- leases it (next_attempt_at moves to the lease's end, leased_until says
+-- it is in flight), so a replica that dies mid-send only delays it.
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    id               uuid PRIMARY KEY,
+    webhook_id       uuid NOT NULL REFERENCES webhooks (id),
+    event_seq        bigint NOT NULL REFERENCES outbox (seq),
+    status           text NOT NULL DEFAULT 'pending',
+    attempts         integer NOT NULL DEFAULT 0,
+    next_attempt_at  timestamptz NOT NULL,
+    leased_until     timestamptz,
+    retry_until      timestamptz NOT NULL,
+    last_status_code integer,
+    last_error       text,
+    created_at       timestamptz NOT NULL,
+    completed_at     timestamptz,
+    CONSTRAINT webhook_deliveries_event_key UNIQUE (webhook_id, event_seq),
+    CONSTRAINT webhook_deliveries_status_valid CHECK (status IN ('pending', 'delivered', 'failed')),
+    CONSTRAINT webhook_deliveries_completed_when_done CHECK ((status = 'pending') = (completed_at IS NULL)),
+    CONSTRAINT webhook_deliveries_attempts_nonnegative CHECK (attempts >= 0)
+);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_due_idx ON webhook_deliveries (next_attempt_at)
+    WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS webhook_deliveries_webhook_idx ON webhook_deliveries (webhook_id, id DESC);
+
+-- Every attempt: written when it is claimed, completed with its outcome.
+-- An attempt without an outcome was cut off (its replica died mid-send).
+CREATE TABLE IF NOT EXISTS webhook_attempts (
+    delivery_id     uuid NOT NULL REFERENCES webhook_deliveries (id),
+    attempt         integer NOT NULL,
+    replica         text NOT NULL,
+    started_at      timestamptz NOT NULL,
+    finished_at     timestamptz,
+    status_code     integer,
+    latency_seconds double precision,
+    error           text,
+    PRIMARY KEY (delivery_id, attempt),
+    CONSTRAINT webhook_attempts_attempt_positive CHECK (attempt > 0)
+);
+
+CREATE OR REPLACE FUNCTION tl_webhook_json(w webhooks) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object('id', tl_public_id('wh_', w.id), 'url', w.url, 'events', to_jsonb(w.events),
+                              'description', w.description, 'created_at', tl_ts(w.created_at))
+$$;
+
+CREATE OR REPLACE FUNCTION tl_delivery_json(d webhook_deliveries) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'id', tl_public_id('dlv_', d.id),
+        'webhook_id', tl_public_id('wh_', d.webhook_id),
+        'event_id', o.id, 'event_type', o.type,
+        'status', d.status, 'attempts', d.attempts,
+        'next_attempt_at', CASE WHEN d.status = 'pending' THEN tl_ts(d.next_attempt_at) END,
+        'last_status_code', d.last_status_code, 'last_error', d.last_error,
+        'created_at', tl_ts(d.created_at), 'completed_at', tl_ts(d.completed_at),
+        'attempt_log', coalesce((
+            SELECT jsonb_agg(jsonb_build_object(
+                       'attempt', x.attempt, 'started_at', tl_ts(x.started_at),
+                       'finished_at', tl_ts(x.finished_at), 'status_code', x.status_code,
+                       'latency_seconds', x.latency_seconds, 'error', x.error) ORDER BY x.attempt)
+            FROM webhook_attempts x WHERE x.delivery_id = d.id), '[]'::jsonb))
+    FROM outbox o WHERE o.seq = d.event_seq
+$$;
+
+-- POST /v1/webhooks (through tl_execute, so the Idempotency-Key holds).
+-- The service makes the id and the encrypted secret (the id is the
+-- encryption's associated data). The answer carries no secret: the service
+-- adds it, decrypted, to the first answer and to its replays, so no
+-- plaintext secret is stored with the idempotency key.
+CREATE OR REPLACE FUNCTION tl_op_create_webhook(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    w webhooks;
+BEGIN
+    INSERT INTO webhooks (id, url, events, description, secret_encrypted, created_by, created_at)
+    VALUES ((p_args ->> 'id')::uuid, p_args ->> 'url',
+            ARRAY(SELECT DISTINCT e FROM jsonb_array_elements_text(p_args -> 'events') e ORDER BY e),
+            p_args ->> 'description', decode(p_args ->> 'secret_encrypted', 'base64'),
+            p_ctx ->> 'actor', clock_timestamp())
+    RETURNING * INTO w;
+    RETURN tl_webhook_json(w);
+END $$;
+
+-- DELETE /v1/webhooks/{id}: no more deliveries; the pending ones fail.
+CREATE OR REPLACE FUNCTION tl_delete_webhook(p_id uuid) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE webhooks SET deleted_at = clock_timestamp() WHERE id = p_id AND deleted_at IS NULL;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    UPDATE webhook_deliveries SET status = 'failed', completed_at = clock_timestamp(), leased_until = NULL,
+                                  last_error = 'webhook deleted'
+        WHERE webhook_id = p_id AND status = 'pending';
+    RETURN true;
+END $$;
+
+-- POST /v1/webhooks/{id}/deliveries/{delivery_id}/retry: due again at once,
+-- whatever its state (a receiver deduplicates by webhook-id). A failed
+-- delivery gets one more attempt per manual retry.
+CREATE OR REPLACE FUNCTION tl_op_retry_delivery(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    d webhook_deliveries;
+BEGIN
+    SELECT dl.* INTO d FROM webhook_deliveries dl JOIN webhooks w ON w.id = dl.webhook_id
+        WHERE dl.id = (p_args ->> 'delivery')::uuid AND dl.webhook_id = (p_args ->> 'webhook')::uuid
+          AND w.deleted_at IS NULL
+        FOR UPDATE OF dl;
+    IF NOT FOUND THEN
+        PERFORM tl_raise('TLAW1', 'webhook_not_found', 'no such delivery of a live webhook',
+                         jsonb_build_object('delivery', p_args ->> 'delivery'));
+    END IF;
+    UPDATE webhook_deliveries SET status = 'pending', completed_at = NULL, leased_until = NULL,
+                                  next_attempt_at = clock_timestamp(),
+                                  retry_until = greatest(retry_until, clock_timestamp())
+        WHERE id = d.id RETURNING * INTO d;
+    RETURN tl_delivery_json(d);
+END $$;
+
+-- Fans up to p_limit outbox events out to the live webhooks that want
+-- them (created before the event), one delivery each; returns how many
+-- events. Replicas take disjoint events (SKIP LOCKED).
+CREATE OR REPLACE FUNCTION tl_webhook_fanout(p_limit integer, p_retry_for interval) RETURNS integer
+LANGUAGE sql AS $$
+    WITH claimed AS (
+        SELECT seq, type, created_at FROM outbox WHERE fanned_out_at IS NULL
+        ORDER BY seq LIMIT p_limit FOR UPDATE SKIP LOCKED)
+    , made AS (
+        INSERT INTO webhook_deliveries (id, webhook_id, event_seq, next_attempt_at, retry_until, created_at)
+        SELECT tl_uuid7(), w.id, c.seq, clock_timestamp(), clock_timestamp() + p_retry_for, clock_timestamp()
+        FROM claimed c JOIN webhooks w
+          ON w.deleted_at IS NULL AND c.type = ANY (w.events) AND w.created_at <= c.created_at
+        ON CONFLICT ON CONSTRAINT webhook_deliveries_event_key DO NOTHING
+        RETURNING 1)
+    , marked AS (
+        UPDATE outbox o SET fanned_out_at = clock_timestamp() FROM claimed c WHERE o.seq = c.seq
+        RETURNING 1)
+    -- `made` runs whether or not it is read (a data-modifying WITH always does).
+    SELECT count(*)::integer FROM marked
+$$;
+
+-- Claims up to p_limit due deliveries for this replica, at most p_cap in
+-- flight per webhook across all replicas: a webhook's row is locked (SKIP
+-- LOCKED) while its deliveries are claimed, so two replicas never count
+-- its in-flight deliveries at once. Each claim leases the delivery for
+-- p_lease and logs the attempt. Returns what a send needs.
+CREATE OR REPLACE FUNCTION tl_webhook_claim(p_limit integer, p_cap integer, p_lease interval, p_replica text)
+RETURNS TABLE (delivery_id uuid, attempt integer, webhook_id uuid, url text, secret_encrypted bytea,
+               event_id text, event_type text, event_created_at timestamptz, event_data jsonb)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_now timestamptz := clock_timestamp();
+    v_hook webhooks;
+    v_taken integer := 0;
+    v_in_flight integer;
+    v_n integer;
+BEGIN
+    FOR v_hook IN
+        SELECT h.* FROM webhooks h
+        WHERE h.id IN (SELECT DISTINCT d.webhook_id FROM webhook_deliveries d
+                       WHERE d.status = 'pending' AND d.next_attempt_at <= v_now)
+        ORDER BY h.id FOR NO KEY UPDATE OF h SKIP LOCKED
+    LOOP
+        EXIT WHEN v_taken >= p_limit;
+        SELECT count(*) INTO v_in_flight FROM webhook_deliveries d
+            WHERE d.webhook_id = v_hook.id AND d.status = 'pending' AND d.leased_until > v_now;
+        CONTINUE WHEN v_in_flight >= p_cap;
+        RETURN QUERY
+        WITH c AS (
+            SELECT d.id FROM webhook_deliveries d
+            WHERE d.webhook_id = v_hook.id AND d.status = 'pending' AND d.next_attempt_at <= v_now
+            ORDER BY d.next_attempt_at, d.id
+            LIMIT least(p_cap - v_in_flight, p_limit - v_taken)
+            FOR UPDATE SKIP LOCKED)
+        , u AS (
+            UPDATE webhook_deliveries d SET attempts = d.attempts + 1, leased_until = v_now + p_lease,
+                                            next_attempt_at = v_now + p_lease
+            FROM c WHERE d.id = c.id
+            RETURNING d.id, d.attempts, d.event_seq)
+        , logged AS (
+            INSERT INTO webhook_attempts (delivery_id, attempt, replica, started_at)
+            SELECT u.id, u.attempts, p_replica, v_now FROM u
+            RETURNING 1)
+        SELECT u.id, u.attempts, v_hook.id, v_hook.url, v_hook.secret_encrypted, o.id, o.type,
+               o.created_at, o.data
+        FROM u JOIN outbox o ON o.seq = u.event_seq;
+        GET DIAGNOSTICS v_n = ROW_COUNT;
+        v_taken := v_taken + v_n;
+    END LOOP;
+END $$;
+
+-- Records an attempt's outcome. A 2xx delivers (whichever attempt it was).
+-- A failure of the current attempt schedules the next one after an
+-- exponential backoff with jitter (base * 2^(attempts-1), at most p_max,
+-- times a random 0.5..1), never later than retry_until; a failure at or
+-- after retry_until marks the delivery failed. A failure of an attempt a
+-- later one has replaced (its lease ran out) is only logged.
+CREATE OR REPLACE FUNCTION tl_webhook_record(p_delivery uuid, p_attempt integer, p_ok boolean,
+                                             p_status_code integer, p_error text, p_latency double precision,
+                                             p_base_seconds double precision, p_max_seconds double precision)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    d webhook_deliveries;
+    v_now timestamptz := clock_timestamp();
+    v_delay double precision;
+BEGIN
+    UPDATE webhook_attempts SET finished_at = v_now, status_code = p_status_code,
+                                latency_seconds = p_latency, error = left(p_error, 500)
+        WHERE delivery_id = p_delivery AND attempt = p_attempt;
+    SELECT * INTO d FROM webhook_deliveries WHERE id = p_delivery FOR UPDATE;
+    IF NOT FOUND OR d.status <> 'pending' THEN
+        RETURN 'stale';
+    END IF;
+    IF p_ok THEN
+        UPDATE webhook_deliveries SET status = 'delivered', completed_at = v_now, leased_until = NULL,
+                                      last_status_code = p_status_code, last_error = NULL
+            WHERE id = d.id;
+        RETURN 'delivered';
+    END IF;
+    IF d.attempts <> p_attempt THEN
+        RETURN 'stale';
+    END IF;
+    IF v_now >= d.retry_until THEN
+        UPDATE webhook_deliveries SET status = 'failed', completed_at = v_now, leased_until = NULL,
+                                      last_status_code = p_status_code, last_error = left(p_error, 500)
+            WHERE id = d.id;
+        RETURN 'failed';
+    END IF;
+    v_delay := least(p_max_seconds, p_base_seconds * power(2, least(d.attempts - 1, 40)))
+               * (0.5 + random() / 2);
+    UPDATE webhook_deliveries
+        SET next_attempt_at = least(v_now + make_interval(secs => v_delay), d.retry_until),
+            leased_until = NULL, last_status_code = p_status_code, last_error = left(p_error, 500)
+        WHERE id = d.id;
+    RETURN 'retry';
+END $$;
+
+DO $$
+BEGIN
+    GRANT SELECT, INSERT, UPDATE ON account_alerts, webhooks, webhook_deliveries, webhook_attempts
+        TO tokenledger_app;
+    -- The dispatcher marks events fanned out; events are never deleted.
+    GRANT UPDATE (fanned_out_at) ON outbox TO tokenledger_app;
+EXCEPTION WHEN insufficient_privilege OR undefined_object THEN
+    RAISE NOTICE 'tokenledger_app not granted on webhooks: %', SQLERRM;
 END $$;
 
 -- ---------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from service.api.reports import ReportsController
 from service.api.reservations import ReservationsController
 from service.api.transactions import TransactionsController
 from service.api.usage import UsageController
+from service.api.webhooks import WebhooksController
 from service.auth import (
     PUBLIC,
     JwtVerifier,
@@ -64,6 +65,7 @@ from service.observability import (
 )
 from service.openapi import ContractJson, ContractSwagger
 from service.ratelimit import FailureLimiter, RateLimiter, parse_limits
+from service.webhooks import Dispatcher, SecretBox
 
 log = structlog.get_logger("tokenledger")
 
@@ -439,6 +441,8 @@ def create_app(
     key_cache = KeyCache(config.key_cache_ttl_seconds)
     public_queries = RecentValues(PUBLIC_QUERY_SECONDS)
     auth_failures = FailureLimiter(config.auth_failures_per_second, config.auth_failure_burst)
+    # None without TOKENLEDGER_WEBHOOK_SECRET_KEY: no webhooks can be made or sent.
+    webhook_box = SecretBox.from_config(config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -482,6 +486,11 @@ def create_app(
         background = Background(ledger)
         if config.sweeper_enabled:
             background.start()
+        dispatcher = None
+        if webhook_box is not None and config.webhook_dispatcher_enabled:
+            dispatcher = Dispatcher(ledger, webhook_box)
+            dispatcher.start()
+        app.state.webhook_dispatcher = dispatcher
         # What start-up built (modules, routes, the pool) lives as long as the
         # process: out of the collector's sight, so that the collections the
         # requests' garbage triggers do not walk it again each time.
@@ -489,6 +498,8 @@ def create_app(
         try:
             yield
         finally:
+            if dispatcher is not None:
+                await dispatcher.stop()
             await background.stop()
             if key_listener is not None:
                 await key_listener.stop()
@@ -555,6 +566,12 @@ def create_app(
             "ledger_gauges", lambda: ledger.fetchrow("ledger_gauges")
         )
         metrics.record_ledger_gauges(gauges)
+        if webhook_box is not None:
+            stats = await public_queries.value(
+                "webhook_stats", lambda: ledger.fetchrow("webhook_stats")
+            )
+            metrics.outbox_lag.set(float(stats["lag_seconds"]))
+            metrics.webhook_pending.set(int(stats["pending"]))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     controllers = [
@@ -568,6 +585,7 @@ def create_app(
         UsageController,
         ReportsController,
         PolicyController,
+        WebhooksController,
     ]
     app = Litestar(
         route_handlers=[
@@ -583,6 +601,7 @@ def create_app(
                 "rate_limiter": rate_limiter,
                 "key_cache": key_cache,
                 "auth_failures": auth_failures,
+                "webhook_box": webhook_box,
             }
         ),
         lifespan=[lifespan],

@@ -1,5 +1,6 @@
 """Background work that every replica runs: the expiry sweeper, the
-idempotency-key purge, the hash chainer and the grant-program scheduler.
+idempotency-key purge, the hash chainer, the grant-program scheduler and
+the credits.expiring alerts (the webhook dispatcher is service/webhooks.py).
 
 All are safe on many replicas at once: the sweeper takes accounts with
 FOR UPDATE SKIP LOCKED, the purge deletes rows it alone has locked, and the
@@ -28,6 +29,7 @@ log = structlog.get_logger("tokenledger.background")
 # next interval, so a backlog never monopolises a connection.
 MAX_BATCHES_PER_PASS = 50
 PURGE_BATCH = 1000
+EXPIRING_BATCH = 1000
 
 SWEEPER = Context(caller="system", actor="system:sweeper", request_id="sweeper")
 SCHEDULER = Context(caller="system", actor="system:scheduler", request_id="scheduler")
@@ -59,6 +61,7 @@ class Background:
                 await self.sweep_expired()
                 await self.purge_idempotency_keys()
                 await self.chain_pending()
+                await self.emit_expiring()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001  # why: a failed pass is logged and retried next interval
@@ -122,6 +125,21 @@ class Background:
                 chain_hash=bytes(head["chain_hash"]).hex(),
                 transaction_id="txn_" + head["transaction_id"].hex,
             )
+        return total
+
+    async def emit_expiring(self) -> int:
+        """credits.expiring for every lot that has come within its account's
+        `expiring_within_days` of expiring (once per lot: a unique key in the
+        outbox), by the ledger's clock; returns how many were emitted."""
+        total = 0
+        for _ in range(MAX_BATCHES_PER_PASS):
+            n = int(await self.ledger.fetchval("emit_expiring", self.ledger.now(), EXPIRING_BATCH))
+            total += n
+            if n < EXPIRING_BATCH:
+                break
+        self.ledger.metrics.sweeper_runs.labels("expiring", "ok").inc()
+        if total:
+            self.ledger.metrics.events_emitted.labels("credits.expiring").inc(total)
         return total
 
     async def run_programs(self) -> list[dict[str, object]]:

@@ -121,6 +121,27 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Credits per US dollar, for `tokenledger prices import` (README, Prices):
     # the default makes one credit a micro-dollar.
     credits_per_usd: Annotated[int, msgspec.Meta(ge=1, le=10**12)] = 1_000_000
+    # Alerts and webhooks (README, Alerts and webhooks). The key that
+    # encrypts webhook signing secrets at rest (AES-256-GCM): 32 bytes in
+    # base64. Without it, POST /v1/webhooks answers 503 and no dispatcher runs.
+    webhook_secret_key: str | None = None
+    # Lifts both URL rules: allows http, and loopback, private and link-local
+    # addresses (tests, development).
+    webhook_allow_private: bool = False
+    webhook_dispatcher_enabled: bool = True
+    # How often an idle dispatcher looks for new events and due deliveries.
+    webhook_poll_interval_seconds: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
+    # One attempt's bound, connect to answer; a claim is leased for this
+    # plus a margin, after which another replica may try again.
+    webhook_timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=60)] = 10.0
+    # Sends in flight per replica, and per webhook across all replicas.
+    webhook_max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 32
+    webhook_max_in_flight_per_endpoint: Annotated[int, msgspec.Meta(ge=1, le=100)] = 4
+    # Retries: base * 2^(attempt-1), at most max, times a random 0.5..1,
+    # until retry_for after the delivery was made (at least 24 hours).
+    webhook_retry_base_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
+    webhook_retry_max_seconds: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 3600.0
+    webhook_retry_for_seconds: Annotated[int, msgspec.Meta(ge=86_400, le=30 * 86_400)] = 86_400
 
     def __post_init__(self) -> None:
         if self.chain_settle_seconds * 1000 <= self.statement_timeout_ms:

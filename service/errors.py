@@ -138,6 +138,12 @@ class UnknownModel(LedgerError):
     code, status, title, sqlstate = "unknown_model", 404, "Unknown model", "TLA08"
 
 
+class WebhookNotFound(LedgerError):
+    """No webhook (or delivery of it) has that id."""
+
+    code, status, title, sqlstate = "webhook_not_found", 404, "Webhook not found", "TLAW1"
+
+
 class NotFound(LedgerError):
     """No such route."""
 
@@ -277,6 +283,7 @@ ERRORS: tuple[type[LedgerError], ...] = (
     LotNotFound,
     GrantProgramNotFound,
     UnknownModel,
+    WebhookNotFound,
     InsufficientCredits,
     AccountClosed,
     AssetMismatch,

@@ -149,6 +149,43 @@ class Metrics:
             ["program"],
             registry=self.registry,
         )
+        # Alerts and webhooks (service/webhooks.py).
+        self.outbox_lag = Gauge(
+            "tokenledger_outbox_lag_seconds",
+            "Age of the oldest event not yet delivered: not fanned out to its webhooks yet, or "
+            "with a delivery still pending (0 when there is none).",
+            registry=self.registry,
+        )
+        self.webhook_pending = Gauge(
+            "tokenledger_webhook_deliveries_pending",
+            "Webhook deliveries not yet delivered nor failed.",
+            registry=self.registry,
+        )
+        self.webhook_deliveries = Counter(
+            "tokenledger_webhook_deliveries_total",
+            "Webhook delivery attempts by this replica, by outcome: delivered, retry (failed, "
+            "retried later), failed (gave up), refused (the address is not allowed), stale "
+            "(a later attempt had taken over).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.webhook_retries = Counter(
+            "tokenledger_webhook_retries_total",
+            "Webhook attempts by this replica that were not a delivery's first.",
+            registry=self.registry,
+        )
+        self.webhook_latency = Histogram(
+            "tokenledger_webhook_attempt_seconds",
+            "Time from sending a webhook to its answer (or its failure).",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.events_emitted = Counter(
+            "tokenledger_alert_events_total",
+            "credits.expiring events emitted by this replica's background loop.",
+            ["type"],
+            registry=self.registry,
+        )
 
         # Operations (deploy/grafana, deploy/prometheus): what the dashboard
         # and the alert rules read besides the above. The ledger-wide gauges

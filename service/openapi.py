@@ -50,6 +50,8 @@ PATH_PATTERNS = {
     "reservation_id": r"^rsv_[0-9a-f]{32}$",
     "transaction_id": r"^txn_[0-9a-f]{32}$",
     "lot_id": r"^lot_[0-9a-f]{32}$",
+    "webhook_id": r"^wh_[0-9a-f]{32}$",
+    "delivery_id": r"^dlv_[0-9a-f]{32}$",
 }
 # Query parameters of the same kinds.
 QUERY_PATTERNS = {

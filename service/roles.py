@@ -54,6 +54,9 @@ PERMISSIONS: dict[str, Permission] = {
     "reports.read": Permission(("hr", "finance"), "read usage reports"),
     "policy.read": Permission(("hr", "finance"), "read spend policies and their windows", True),
     "policy.write": Permission(("hr", "finance"), "set spend policies"),
+    "alerts.read": Permission(("hr", "finance"), "read alert settings", own=True),
+    "alerts.write": Permission(("hr",), "set alert settings", own=True),
+    "webhooks": Permission((), "manage webhook subscriptions and their deliveries"),
     "spend": Permission(
         ("meter",), "reserve, capture, release and extend; debit; record usage events"
     ),

@@ -25,6 +25,7 @@ from tokenledger_client.models import (
     UsageRecorded,
 )
 from tokenledger_client.usage import usage_counts
+from tokenledger_client.webhooks import WebhookVerificationError, verify
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,8 @@ __all__ = [
     "UsageEvent",
     "UsageFlusher",
     "UsageRecorded",
+    "WebhookVerificationError",
     "errors",
     "usage_counts",
+    "verify",
 ]

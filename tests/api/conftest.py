@@ -28,6 +28,8 @@ from service.config import Config
 JWT_SECRET = "test-secret-for-hs256-tokens-0123456789abcdef"  # noqa: S105  # why: a test fixture
 JWT_ISSUER = "https://idp.test"
 JWT_AUDIENCE = "tokenledger"
+# The key that encrypts webhook secrets in tests (32 bytes, base64).
+TEST_WEBHOOK_KEY = "dGVzdC13ZWJob29rLWtleS0wMTIzNDU2Nzg5YWJjZGU="
 
 
 class FakeClock:
@@ -96,6 +98,11 @@ def config(database_url: str, admin_key: str) -> Config:
         # Employee tokens in tests may carry hr (test_extra_roles_claim).
         jwt_allowed_roles="employee,hr",
         rate_limits="",  # tests that pin rate limiting build their own app
+        # Webhooks can be made (to loopback); tests/api/test_webhooks.py runs
+        # the dispatcher in apps of its own.
+        webhook_secret_key=TEST_WEBHOOK_KEY,
+        webhook_allow_private=True,
+        webhook_dispatcher_enabled=False,
     )
 
 

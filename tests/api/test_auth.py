@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,6 +249,47 @@ async def _usage_batch(w: World, caller: str) -> tuple[str, Any]:
     return "/v1/usage:batch", {"events": [await _usage_event(w)]}
 
 
+async def _webhook(w: World) -> str:
+    r = await w.api.c.post(
+        "/v1/webhooks",
+        json={"url": "http://127.0.0.1:9/x", "events": ["grant.created"]},
+        headers={**w.auth("admin"), **key()},
+    )
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+def _webhook_path(suffix: str = "") -> Maker:
+    async def make(w: World, caller: str) -> tuple[str, Any]:
+        return f"/v1/webhooks/{await _webhook(w)}{suffix}", None
+
+    return make
+
+
+async def _delivery_retry(w: World, caller: str) -> tuple[str, Any]:
+    """A webhook with one delivery (its dispatcher is off here: fanned out by hand)."""
+    hook = await _webhook(w)
+    await w.api.grant("e-other", 1)
+    conn = await db.connect(w.database_url)
+    try:
+        await conn.fetchval("SELECT tl_webhook_fanout(100, interval '1 day')")
+        delivery = await conn.fetchval(
+            "SELECT id FROM webhook_deliveries WHERE webhook_id = $1",
+            uuid.UUID(hook.removeprefix("wh_")),
+        )
+    finally:
+        await conn.close()
+    return f"/v1/webhooks/{hook}/deliveries/dlv_{delivery.hex}/retry", None
+
+
+def _own_alerts(w: World, caller: str) -> Awaitable[tuple[str, Any]]:
+    async def make() -> tuple[str, Any]:
+        emp = "e-other" if caller == "employee-other" else "e-own"
+        return f"/v1/accounts/employee:{emp}/alerts", {"low_balance": [5]}
+
+    return make()
+
+
 HR, FIN, METER, EMP = "hr", "finance", "meter", "employee"
 MATRIX: dict[tuple[str, str], Case] = {
     ("PUT", "/v1/departments/{department_id}"): Case(
@@ -353,6 +395,27 @@ MATRIX: dict[tuple[str, str], Case] = {
         frozenset({FIN, HR}),
         200,
         fixed("/v1/reports/usage?from=2026-01-01T00:00:00Z&to=2026-02-01T00:00:00Z&group_by=model"),
+    ),
+    # Alerts and webhooks (issue 14): webhooks are admin's alone.
+    ("PUT", "/v1/accounts/{address}/alerts"): Case(
+        frozenset({HR, EMP}), 200, _own_alerts, own=True
+    ),
+    ("GET", "/v1/accounts/{address}/alerts"): Case(
+        frozenset({HR, FIN, EMP}), 200, own_path("/v1/accounts/{address}/alerts"), own=True
+    ),
+    ("POST", "/v1/webhooks"): Case(
+        frozenset(),
+        201,
+        fixed("/v1/webhooks", {"url": "http://127.0.0.1:9/x", "events": ["grant.created"]}),
+    ),
+    ("GET", "/v1/webhooks"): Case(frozenset(), 200, fixed("/v1/webhooks")),
+    ("GET", "/v1/webhooks/{webhook_id}"): Case(frozenset(), 200, _webhook_path()),
+    ("DELETE", "/v1/webhooks/{webhook_id}"): Case(frozenset(), 204, _webhook_path()),
+    ("GET", "/v1/webhooks/{webhook_id}/deliveries"): Case(
+        frozenset(), 200, _webhook_path("/deliveries")
+    ),
+    ("POST", "/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/retry"): Case(
+        frozenset(), 200, _delivery_retry
     ),
 }
 

@@ -64,10 +64,12 @@ async def setup(api: Api, clock: FakeClock, wallets: dict[str, int], dept: str =
 
 
 async def outbox(database_url: str) -> list[dict[str, Any]]:
+    """The limit.reached events (grants put grant.created events in the outbox too)."""
     conn = await asyncpg.connect(database_url)
     try:
         rows = await conn.fetch(
-            "SELECT type, data::text AS data, dedup_key FROM outbox ORDER BY seq"
+            "SELECT type, data::text AS data, dedup_key FROM outbox"
+            " WHERE type = 'limit.reached' ORDER BY seq"
         )
     finally:
         await conn.close()

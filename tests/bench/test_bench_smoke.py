@@ -227,3 +227,17 @@ def test_bench_wrk_phases_smoke(pg_server: Server, tmp_path: Path) -> None:
     names = [t["target"] for t in result["targets"]]
     assert "wrk debit ops/s / tpcb-like TPS" in names and "wrk read ops/s / tpcb-like TPS" in names
     assert rc == 0 and result["passed"]
+
+
+async def test_alerts_bench_smoke(database_url: str) -> None:
+    """`python -m bench.alerts` at a tiny scale: every set-up runs its debits, one at a
+    time and in batches, and no threshold is crossed (so no balance.low)."""
+    from bench.alerts import measure
+
+    results = await measure(database_url, 64, 1)
+    assert set(results) == {
+        (setup, batched)
+        for setup in ("no_trigger", "no_alert", "armed", "below")
+        for batched in (False, True)
+    }
+    assert all(v >= 0 for v in results.values())

@@ -174,6 +174,26 @@ _NEW_RUN = (
     "SELECT gen_random_uuid(), p.id, %s, %s, now() FROM p"
 )
 
+# A webhook: url, events, description.
+_NEW_WEBHOOK = (
+    "INSERT INTO webhooks (id, url, events, description, secret_encrypted) "
+    "VALUES (gen_random_uuid(), %s, %s, %s, '\\x00')"
+)
+# A webhook and an event, then the delivery rows (status, attempts, completed_at).
+_WITH_DELIVERY = (
+    "WITH w AS (INSERT INTO webhooks (id, url, events, secret_encrypted) "
+    "VALUES (gen_random_uuid(), 'https://x.example', ARRAY['grant.created'], '\\x00') "
+    "RETURNING id), "
+    "o AS (INSERT INTO outbox (type, data) VALUES ('grant.created', '{{}}') RETURNING seq), "
+    "v (status, attempts, completed_at) AS (VALUES (%s, %s, %s::timestamptz)"
+)
+_NEW_DELIVERIES = (
+    "INSERT INTO webhook_deliveries (id, webhook_id, event_seq, status, attempts, "
+    "next_attempt_at, retry_until, created_at, completed_at) "
+    "SELECT gen_random_uuid(), w.id, o.seq, v.status, v.attempts, now(), now(), now(), "
+    "v.completed_at FROM w, o, v"
+)
+
 CONSTRAINT_CASES: list[tuple[str, type[asyncpg.PostgresError], str]] = [
     # departments
     (
@@ -608,6 +628,69 @@ CONSTRAINT_CASES: list[tuple[str, type[asyncpg.PostgresError], str]] = [
         "INSERT INTO outbox (type, data, dedup_key) VALUES ('grant.created', '{{}}', 'k'), "
         "('grant.created', '{{}}', 'k')",
     ),
+    # alerts and webhooks
+    (
+        "account_alerts_low_balance_count",
+        asyncpg.CheckViolationError,
+        "INSERT INTO account_alerts (account_id, low_balance) "
+        "VALUES ({acc}, ARRAY[1,2,3,4,5,6,7,8,9,10,11]::bigint[])",
+    ),
+    (
+        "account_alerts_low_balance_positive",
+        asyncpg.CheckViolationError,
+        "INSERT INTO account_alerts (account_id, low_balance) "
+        "VALUES ({acc}, ARRAY[5, 0]::bigint[])",
+    ),
+    (
+        "account_alerts_expiring_range",
+        asyncpg.CheckViolationError,
+        "INSERT INTO account_alerts (account_id, expiring_within_days) VALUES ({acc}, 91)",
+    ),
+    (
+        "webhooks_url_length",
+        asyncpg.CheckViolationError,
+        _NEW_WEBHOOK % ("''", "ARRAY['grant.created']", "NULL"),
+    ),
+    (
+        "webhooks_events_valid",
+        asyncpg.CheckViolationError,
+        _NEW_WEBHOOK % ("'https://x.example'", "ARRAY['balance.high']", "NULL"),
+    ),
+    (
+        "webhooks_description_length",
+        asyncpg.CheckViolationError,
+        _NEW_WEBHOOK % ("'https://x.example'", "ARRAY['grant.created']", "repeat('d', 501)"),
+    ),
+    (
+        "webhook_deliveries_event_key",
+        asyncpg.UniqueViolationError,
+        _WITH_DELIVERY % ("'pending'", "0", "NULL") + ", ('pending', 0, NULL)) " + _NEW_DELIVERIES,
+    ),
+    (
+        "webhook_deliveries_status_valid",
+        asyncpg.CheckViolationError,
+        _WITH_DELIVERY % ("'sent'", "0", "now()") + ") " + _NEW_DELIVERIES,
+    ),
+    (
+        "webhook_deliveries_completed_when_done",
+        asyncpg.CheckViolationError,
+        _WITH_DELIVERY % ("'delivered'", "0", "NULL") + ") " + _NEW_DELIVERIES,
+    ),
+    (
+        "webhook_deliveries_attempts_nonnegative",
+        asyncpg.CheckViolationError,
+        _WITH_DELIVERY % ("'pending'", "-1", "NULL") + ") " + _NEW_DELIVERIES,
+    ),
+    (
+        "webhook_attempts_attempt_positive",
+        asyncpg.CheckViolationError,
+        _WITH_DELIVERY % ("'pending'", "0", "NULL")
+        + "), d AS ("
+        + _NEW_DELIVERIES
+        + " RETURNING id) "
+        "INSERT INTO webhook_attempts (delivery_id, attempt, replica, started_at) "
+        "SELECT id, 0, 'r', now() FROM d",
+    ),
 ]
 
 
@@ -801,6 +884,14 @@ async def test_every_trigger_has_a_case(db: asyncpg.Connection) -> None:
     )  # tests/api/test_key_cache.py::test_key_changes_notify_and_use_does_not
     # tests/api/test_policy.py::test_member_joining_a_department_is_bound_by_its_policy
     covered |= {"employees_policy_rebind", "accounts_policy_bind"}
+    # tests/api/test_webhooks.py: test_balance_low_fires_once_per_crossing_and_rearms and
+    # test_grant_reservation_and_program_events
+    covered |= {
+        "accounts_balance_low",
+        "lots_grant_created",
+        "reservations_expired_event",
+        "program_runs_completed_event",
+    }
     assert {r["tgname"] for r in rows} == covered
 
 
