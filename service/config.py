@@ -121,6 +121,16 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Credits per US dollar, for `tokenledger prices import` (README, Prices):
     # the default makes one credit a micro-dollar.
     credits_per_usd: Annotated[int, msgspec.Meta(ge=1, le=10**12)] = 1_000_000
+    # Web pages (README, Web pages). Origins of pages hosted elsewhere that may
+    # call the API from a browser (CORS), comma-separated `scheme://host[:port]`;
+    # empty, the default, allows none.
+    cors_origins: str = ""
+    # A request header the company's SSO proxy (oauth2-proxy style) sets to the
+    # signed-in employee's JWT, e.g. X-Forwarded-Access-Token; unset, only
+    # `Authorization: Bearer` authenticates. The proxy must strip it from what
+    # clients send. It authenticates reads only (GET, HEAD): a header the
+    # browser's requests carry without the page asking is what CSRF abuses.
+    pages_token_header: str | None = None
 
     def __post_init__(self) -> None:
         if self.chain_settle_seconds * 1000 <= self.statement_timeout_ms:
