@@ -224,3 +224,30 @@ async def test_spend_of_a_wallet(client: Any, api: Api) -> None:
     problem(other, 404, "employee_not_found")
     bad = await client.get("/v1/accounts/employee:e-1/spend", params={"from": to, "to": frm})
     problem(bad, 400, "invalid_request")
+
+
+async def test_database_refusing_connections_is_unavailable(
+    client: Any, api: Api, database_url: str, pg_server: Any
+) -> None:
+    """A database that refuses new connections (here: ALLOW_CONNECTIONS false,
+    SQLSTATE 55000) answers 503 unavailable with Retry-After, as a lost one
+    does: the wallet page's error state, never a 500."""
+    import asyncpg
+
+    await api.employee("e-1")
+    name = database_url.rpartition("/")[2]
+    admin = await asyncpg.connect(pg_server.dsn_for("postgres"))
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+        )
+        # The first request may meet the connection the pool had (terminated),
+        # the next ones open new connections, which the database refuses.
+        for _ in range(3):
+            r = await client.get("/v1/accounts/employee:e-1")
+            body = problem(r, 503, "unavailable")
+            assert r.headers["retry-after"] == "1", body
+    finally:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        await admin.close()
