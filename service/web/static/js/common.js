@@ -128,8 +128,12 @@ export function wireHeader() {
   }
 }
 
-export function table(headers, rows, { caption } = {}) {
+// A table in a box that scrolls sideways on a narrow screen; the box takes
+// keyboard focus so that its overflow can be scrolled without a mouse.
+export function table(headers, rows, { caption, label } = {}) {
+  const box = el("div", { class: "scroll", tabindex: "0", role: "region", "aria-label": label || caption || headers.map((h) => h.label).join(", ") });
   const t = el("table");
+  box.append(t);
   if (caption) t.append(el("caption", { text: caption }));
   const head = el("tr");
   for (const h of headers) {
@@ -145,5 +149,5 @@ export function table(headers, rows, { caption } = {}) {
     body.append(tr);
   }
   t.append(body);
-  return t;
+  return box;
 }
