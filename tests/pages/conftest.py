@@ -1,5 +1,5 @@
 """Browser fixtures: the service on a real port over a real PostgreSQL, and one
-headless Debian Chromium driven by Playwright for the whole session.
+headless Debian Chromium driven by Playwright for the module's tests.
 
 The browser is the system's (`/usr/bin/chromium`, `.ci/run` installs it);
 Playwright never downloads one. A missing Chromium fails these tests with a
@@ -17,14 +17,16 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import pytest
+import pytest_asyncio
 import uvicorn
-from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
+from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
 from service.app import create_app
 from service.auth import new_key
@@ -33,7 +35,7 @@ from tests.api.conftest import JWT_AUDIENCE, JWT_ISSUER, JWT_SECRET, FakeClock
 from tests.pg import Server, cloned_database
 
 CHROMIUM = os.environ.get("TOKENLEDGER_TEST_CHROMIUM", "/usr/bin/chromium")
-SCREENSHOTS = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "screenshots")
+SCREENSHOTS = Path(__file__).resolve().parent.parent.parent / "docs" / "screenshots"
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 
@@ -65,9 +67,8 @@ T = TypeVar("T")
 
 
 def off_loop(fn: Callable[[], T]) -> T:
-    """fn() in a thread of its own. Playwright's sync API keeps an event loop
-    running in the test's thread, where asyncio.run (and tests.pg's helpers)
-    refuse to start another."""
+    """fn() in a thread of its own, where it may run an event loop of its own
+    (tests.pg's helpers do) whatever runs in the test's thread."""
     result: list[T] = []
     failure: list[BaseException] = []
 
@@ -144,51 +145,57 @@ def site(pg_server: Server, template_database: str) -> Iterator[Site]:
         off_loop(lambda: clone.__exit__(None, None, None))
 
 
-@pytest.fixture(scope="session")
-def playwright(template_database: str) -> Iterator[Playwright]:
-    """Playwright, started after PostgreSQL and the template (which need an
-    event loop of their own in this thread, before Playwright's is running)."""
-    with sync_playwright() as p:
-        yield p
+# The browser fixtures and tests run in one event loop per module
+# (pytest-asyncio loop_scope="module"): Playwright's async API lives in it,
+# and between the tests it is not running, so the rest of the suite (which
+# starts event loops of its own in this thread) is not disturbed, as it would
+# be by the sync API's loop, which keeps running for as long as Playwright does.
 
 
-@pytest.fixture(scope="session")
-def browser(playwright: Playwright) -> Iterator[Browser]:
-    """Debian's Chromium, headless. Root (CI, this box) needs --no-sandbox."""
-    path = CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
+def chromium() -> str | None:
+    """The Chromium to drive: TOKENLEDGER_TEST_CHROMIUM, else Debian's."""
+    return CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser(template_database: str) -> AsyncIterator[Browser]:
+    """Debian's Chromium, headless, one for the module's tests. Root (CI, this
+    box) needs --no-sandbox."""
+    path = chromium()
     assert path, (
         f"no Chromium at {CHROMIUM}: install Debian's (`apt-get install -y chromium`, as "
         ".ci/run does) or set TOKENLEDGER_TEST_CHROMIUM"
     )
-    browser = playwright.chromium.launch(
-        executable_path=path, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"]
-    )
-    yield browser
-    browser.close()
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(
+            executable_path=path, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"]
+        )
+        yield browser
+        await browser.close()
 
 
-def guarded_context(browser: Browser, site: Site, **options: Any) -> BrowserContext:
+async def guarded_context(browser: Browser, site: Site, **options: Any) -> BrowserContext:
     """A browser context in which only the service's origin is reachable;
     every other request is aborted and recorded in site.outside."""
-    context = browser.new_context(accept_downloads=True, **options)
+    context = await browser.new_context(accept_downloads=True, **options)
 
-    def route(r: Any) -> None:
+    async def route(r: Any) -> None:
         url = r.request.url
         if url.startswith(site.base + "/") or url.startswith(("data:", "blob:")):
-            r.continue_()
+            await r.continue_()
         else:
             site.outside.append(url)
-            r.abort()
+            await r.abort()
 
-    context.route("**/*", route)
+    await context.route("**/*", route)
     return context
 
 
-@pytest.fixture
-def context(browser: Browser, site: Site) -> Iterator[BrowserContext]:
-    ctx = guarded_context(browser, site, viewport=DESKTOP)
+@pytest_asyncio.fixture(loop_scope="module")
+async def context(browser: Browser, site: Site) -> AsyncIterator[BrowserContext]:
+    ctx = await guarded_context(browser, site, viewport=DESKTOP)
     yield ctx
-    ctx.close()
+    await ctx.close()
 
 
 def watch(page: Page) -> list[str]:

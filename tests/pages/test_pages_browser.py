@@ -8,12 +8,13 @@ import asyncio
 import os
 import statistics
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-from axe_playwright_python.sync_playwright import Axe
-from playwright.sync_api import Browser, BrowserContext, Page, expect
+from axe_playwright_python.async_playwright import Axe
+from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from tests.api.test_auth import employee_token
 from tests.pages.conftest import (
@@ -21,12 +22,10 @@ from tests.pages.conftest import (
     PHONE,
     SCREENSHOTS,
     Site,
-    guarded_context,
-    off_loop,
     watch,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 DAY = timedelta(days=1)
 HISTORY_DAYS = 12
@@ -129,18 +128,18 @@ def seeded(site: Site) -> dict[str, Any]:
     return {"soonest": soonest, "start": start}
 
 
-def sign_in_dev(page: Page, site: Site, employee: str, role: str = "employee") -> None:
+async def sign_in_dev(page: Page, site: Site, employee: str, role: str = "employee") -> None:
     """The development sign-in, as a person would use it."""
-    page.goto(f"{site.base}/dev/sign-in")
-    page.fill("#employee", employee)
-    page.select_option("#role", role)
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{site.base}/{'wallet' if role == 'employee' else 'finance'}")
+    await page.goto(f"{site.base}/dev/sign-in")
+    await page.fill("#employee", employee)
+    await page.select_option("#role", role)
+    await page.click("button[type=submit]")
+    await page.wait_for_url(f"{site.base}/{'wallet' if role == 'employee' else 'finance'}")
 
 
-def use_token(context: BrowserContext, token: str) -> None:
+async def use_token(context: BrowserContext, token: str) -> None:
     """A signed-in tab: the token in sessionStorage before any page script runs."""
-    context.add_init_script(f"sessionStorage.setItem('tokenledger.token', {token!r});")
+    await context.add_init_script(f"sessionStorage.setItem('tokenledger.token', {token!r});")
 
 
 def no_csp_errors(errors: list[str]) -> None:
@@ -148,9 +147,9 @@ def no_csp_errors(errors: list[str]) -> None:
     assert bad == [], bad
 
 
-def serious(page: Page) -> list[str]:
+async def serious(page: Page) -> list[str]:
     """axe-core's serious and critical violations on the page."""
-    results = Axe().run(page)
+    results = await Axe().run(page)
     return [
         f"{v['id']}: {v['help']} ({len(v['nodes'])} nodes)"
         for v in results.response["violations"]
@@ -158,31 +157,34 @@ def serious(page: Page) -> list[str]:
     ]
 
 
-def shot(page: Page, name: str) -> None:
-    os.makedirs(SCREENSHOTS, exist_ok=True)
-    page.screenshot(path=os.path.join(SCREENSHOTS, f"{name}.png"), full_page=True)
+async def shot(page: Page, name: str) -> None:
+    """docs/screenshots/NAME.png, the whole page (the README shows them)."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=SCREENSHOTS / f"{name}.png", full_page=True)
 
 
-def test_wallet_shows_balances_expiry_and_history(
+async def test_wallet_shows_balances_expiry_and_history(
     site: Site, seeded: dict[str, Any], context: BrowserContext
 ) -> None:
     """An employee signs in and sees their exact available credits, the
     soonest expiry with its exact date, and one chart point per day."""
-    page = context.new_page()
+    page = await context.new_page()
     errors = watch(page)
-    sign_in_dev(page, site, "e-1")
-    expect(page.locator("body[data-ready=true]")).to_have_count(1, timeout=15_000)
+    await sign_in_dev(page, site, "e-1")
+    await expect(page.locator("body[data-ready=true]")).to_have_count(1, timeout=15_000)
     me = ok(site.admin.get("/v1/accounts/employee:e-1"))
-    assert page.inner_text("#available") == f"{me['available']:,}"
-    assert page.get_attribute("#available", "data-value") == str(me["available"])
+    assert await page.inner_text("#available") == f"{me['available']:,}"
+    assert await page.get_attribute("#available", "data-value") == str(me["available"])
     soonest = min(me["expiring"], key=lambda x: x["expires_at"])
-    shown = page.get_attribute("#soonest-date", "datetime")
+    shown = await page.get_attribute("#soonest-date", "datetime")
     assert shown == soonest["expires_at"]
-    assert seeded["soonest"].strftime("%Y-%m-%d %H:%M:%S UTC") == page.inner_text("#soonest-date")
+    assert seeded["soonest"].strftime("%Y-%m-%d %H:%M:%S UTC") == await page.inner_text(
+        "#soonest-date"
+    )
     # One point per day: the 30 UTC midnights up to today, each the API's value.
     points = page.locator("#chart circle.point")
-    assert points.count() == 30
-    ats = [points.nth(i).get_attribute("data-at") for i in range(30)]
+    assert await points.count() == 30
+    ats = [await points.nth(i).get_attribute("data-at") for i in range(30)]
     days = [datetime.fromisoformat(at.replace("Z", "+00:00")) for at in ats]  # type: ignore[union-attr]
     assert all(b - a == DAY for a, b in zip(days, days[1:], strict=False))
     assert days[-1].date() == datetime.now(UTC).date()
@@ -192,83 +194,82 @@ def test_wallet_shows_balances_expiry_and_history(
             params={"from": ats[0], "to": ats[-1], "interval": "day"},
         )
     )["items"]
-    posted = [int(points.nth(i).get_attribute("data-posted") or "") for i in range(30)]
+    posted = [int(await points.nth(i).get_attribute("data-posted") or "") for i in range(30)]
     assert posted == [s["posted"] for s in series]
     # The history moved on each of the days with entries.
     assert len(set(posted[-HISTORY_DAYS:])) == HISTORY_DAYS
     # The month's spend by model and project, and the burn rate.
-    assert "alpha" in page.inner_text("#spend") and "beta" in page.inner_text("#spend")
-    assert "Burn rate over the last 30 days" in page.inner_text("#forecast")
+    assert "alpha" in await page.inner_text("#spend") and "beta" in await page.inner_text("#spend")
+    assert "Burn rate over the last 30 days" in await page.inner_text("#forecast")
     # Entries: the newest first, paginated by 20.
     newest = ok(site.admin.get("/v1/accounts/employee:e-1/entries", params={"limit": 40}))
     assert len(newest["items"]) > 20
     rows = page.locator("#entries tbody tr")
-    assert rows.count() == 20
-    assert rows.first.inner_text().split("\t")[1] == newest["items"][0]["kind"]
-    page.click("#older")
-    expect(page.locator("#newer")).to_be_enabled()
-    expect(rows).to_have_count(len(newest["items"]) - 20)
+    assert await rows.count() == 20
+    assert (await rows.first.inner_text()).split("\t")[1] == newest["items"][0]["kind"]
+    await page.click("#older")
+    await expect(page.locator("#newer")).to_be_enabled()
+    await expect(rows).to_have_count(len(newest["items"]) - 20)
     no_csp_errors(errors)
-    shot(page, "wallet-desktop")
-    page.set_viewport_size(PHONE)
-    shot(page, "wallet-phone")
+    await shot(page, "wallet-desktop")
+    await page.set_viewport_size(PHONE)
+    await shot(page, "wallet-phone")
     # A phone-width page does not scroll sideways.
-    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
-    assert serious(page) == []
+    assert await page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    assert await serious(page) == []
 
 
-def test_another_wallet_is_not_reachable(
+async def test_another_wallet_is_not_reachable(
     site: Site, seeded: dict[str, Any], context: BrowserContext
 ) -> None:
     """Editing the URL to another employee's wallet shows nothing of it."""
-    use_token(context, employee_token("e-1"))
-    page = context.new_page()
-    page.goto(f"{site.base}/wallet?account=employee:e-2")
-    expect(page.locator("#status")).to_contain_text("no wallet employee:e-2")
-    assert page.locator("#wallet").is_hidden()
-    assert "9,999" not in page.content()
-    page.goto(f"{site.base}/wallet")
-    expect(page.locator("body[data-ready=true]")).to_have_count(1, timeout=15_000)
-    assert page.inner_text("#title") == "Your credits"
+    await use_token(context, employee_token("e-1"))
+    page = await context.new_page()
+    await page.goto(f"{site.base}/wallet?account=employee:e-2")
+    await expect(page.locator("#status")).to_contain_text("no wallet employee:e-2")
+    assert await page.locator("#wallet").is_hidden()
+    assert "9,999" not in await page.content()
+    await page.goto(f"{site.base}/wallet")
+    await expect(page.locator("body[data-ready=true]")).to_have_count(1, timeout=15_000)
+    assert await page.inner_text("#title") == "Your credits"
 
 
-def test_empty_wallet_and_sign_in_redirect(
+async def test_empty_wallet_and_sign_in_redirect(
     site: Site, seeded: dict[str, Any], context: BrowserContext
 ) -> None:
     """A wallet with nothing says so; without a token the page asks to sign in."""
-    page = context.new_page()
-    page.goto(f"{site.base}/wallet")
-    page.wait_for_url(f"{site.base}/sign-in?next=%2Fwallet")
-    page.fill("#token", employee_token("e-4"))
-    page.click("#token-form button")
-    page.wait_for_url(f"{site.base}/wallet")
-    expect(page.locator("body[data-ready=true]")).to_have_count(1, timeout=15_000)
-    expect(page.locator("#empty")).to_be_visible()
-    assert page.inner_text("#available") == "0"
-    assert "Nothing of yours expires" in page.inner_text("#soonest")
-    assert serious(page) == []
+    page = await context.new_page()
+    await page.goto(f"{site.base}/wallet")
+    await page.wait_for_url(f"{site.base}/sign-in?next=%2Fwallet")
+    await page.fill("#token", employee_token("e-4"))
+    await page.click("#token-form button")
+    await page.wait_for_url(f"{site.base}/wallet")
+    await expect(page.locator("body[data-ready=true]")).to_have_count(1, timeout=15_000)
+    await expect(page.locator("#empty")).to_be_visible()
+    assert await page.inner_text("#available") == "0"
+    assert "Nothing of yours expires" in await page.inner_text("#soonest")
+    assert await serious(page) == []
 
 
-def test_finance_page_and_its_csv(
+async def test_finance_page_and_its_csv(
     site: Site, seeded: dict[str, Any], context: BrowserContext
 ) -> None:
     """Finance sees usage by department, model and employee, the top spenders
     and spend against funding; each CSV download equals the API's report."""
-    page = context.new_page()
+    page = await context.new_page()
     errors = watch(page)
-    sign_in_dev(page, site, "e-2", role="finance")
+    await sign_in_dev(page, site, "e-2", role="finance")
     today = datetime.now(UTC).date()
     frm, to = (today - 40 * DAY).isoformat(), (today + DAY).isoformat()
-    page.goto(f"{site.base}/finance?from={frm}&to={to}")
-    expect(page.locator("body[data-ready=true]")).to_have_count(1, timeout=15_000)
-    token = page.evaluate("sessionStorage.getItem('tokenledger.token')")
+    await page.goto(f"{site.base}/finance?from={frm}&to={to}")
+    await expect(page.locator("body[data-ready=true]")).to_have_count(1, timeout=15_000)
+    token = await page.evaluate("sessionStorage.getItem('tokenledger.token')")
     api = site.client(token)
     for group in ("department", "model", "employee"):
-        with page.expect_download() as info:
-            page.click(f"button.csv[data-group={group}]")
-        path = info.value.path()
-        with open(path, "rb") as f:
-            downloaded = f.read()
+        async with page.expect_download() as info:
+            await page.click(f"button.csv[data-group={group}]")
+        path = await (await info.value).path()
+        downloaded = await asyncio.to_thread(Path(path).read_bytes)
         expected = api.get(
             "/v1/reports/usage",
             params={"from": f"{frm}T00:00:00Z", "to": f"{to}T00:00:00Z", "group_by": group},
@@ -276,68 +277,80 @@ def test_finance_page_and_its_csv(
         )
         assert expected.status_code == 200
         assert downloaded == expected.content, group
-        rows = page.locator(f"section[data-group={group}] tbody tr").count()
+        rows = await page.locator(f"section[data-group={group}] tbody tr").count()
         assert rows == len(expected.text.strip().splitlines()) - 1
     top = page.locator("#top tbody tr")
-    assert top.first.inner_text().split("\t")[1] == "e-3"
-    assert "eng" in page.inner_text("#funding") and "500,000" not in page.inner_text("#top")
+    assert (await top.first.inner_text()).split("\t")[1] == "e-3"
+    assert "eng" in await page.inner_text("#funding") and "500,000" not in await page.inner_text(
+        "#top"
+    )
     no_csp_errors(errors)
-    shot(page, "finance-desktop")
-    page.set_viewport_size(PHONE)
-    shot(page, "finance-phone")
-    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
-    assert serious(page) == []
+    await shot(page, "finance-desktop")
+    await page.set_viewport_size(PHONE)
+    await shot(page, "finance-phone")
+    assert await page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    assert await serious(page) == []
 
 
-def test_an_employee_cannot_read_finance(
+async def test_an_employee_cannot_read_finance(
     site: Site, seeded: dict[str, Any], context: BrowserContext
 ) -> None:
     """The finance page tells an employee it is not for them, and shows no numbers."""
-    use_token(context, employee_token("e-1"))
-    page = context.new_page()
-    page.goto(f"{site.base}/finance")
-    expect(page.locator("#status")).to_contain_text("finance and hr roles")
-    assert page.locator("#report").is_hidden()
+    await use_token(context, employee_token("e-1"))
+    page = await context.new_page()
+    await page.goto(f"{site.base}/finance")
+    await expect(page.locator("#status")).to_contain_text("finance and hr roles")
+    assert await page.locator("#report").is_hidden()
 
 
-def test_docs_render_without_internet(site: Site, context: BrowserContext) -> None:
+async def test_docs_render_without_internet(site: Site, context: BrowserContext) -> None:
     """/schema renders Swagger UI with every operation from the service's own files."""
-    page = context.new_page()
+    page = await context.new_page()
     errors = watch(page)
-    page.goto(f"{site.base}/schema")
-    expect(page.locator("body[data-ready=true]")).to_have_count(1, timeout=20_000)
-    expect(page.locator(".opblock").first).to_be_visible()
-    assert page.locator(".opblock").count() > 30
-    assert page.get_by_text("/v1/accounts/{address}/spend").count() >= 1
+    await page.goto(f"{site.base}/schema")
+    await expect(page.locator("body[data-ready=true]")).to_have_count(1, timeout=20_000)
+    await expect(page.locator(".opblock").first).to_be_visible()
+    assert await page.locator(".opblock").count() > 30
+    assert await page.get_by_text("/v1/accounts/{address}/spend").count() >= 1
     no_csp_errors(errors)
 
 
-def test_first_render_of_a_busy_wallet(
+async def test_first_render_of_a_busy_wallet(
     site: Site, seeded: dict[str, Any], browser: Browser
 ) -> None:
-    """A busy wallet renders in a browser quickly: the median time from
-    navigation to everything shown (performance mark `wallet-rendered`), over
-    five loads after a first."""
-    seed_busy_wallet(site, "e-2", BIG_WALLET_ENTRIES)
-    ctx = guarded_context(browser, site, viewport=DESKTOP)
-    use_token(ctx, employee_token("e-2"))
-    page = ctx.new_page()
+    """A busy wallet renders in a browser quickly: the time from navigation to
+    everything shown (performance mark `wallet-rendered`), cold (a new
+    browser context, nothing cached) and, as an employee opening the page
+    again sees it, the median of five loads with the scripts cached."""
+    await seed_busy_wallet(site, "e-2", BIG_WALLET_ENTRIES)
+    # No request routing here: Playwright turns the HTTP cache off in a
+    # routed context. The pages' requests are the ones the other tests
+    # watched with every outside request blocked.
+    ctx = await browser.new_context(viewport=DESKTOP)
+    await use_token(ctx, employee_token("e-2"))
+    page = await ctx.new_page()
     times = []
     for _ in range(6):
-        page.goto(f"{site.base}/wallet")
-        expect(page.locator("body[data-ready=true]")).to_have_count(1, timeout=15_000)
-        times.append(page.evaluate("performance.getEntriesByName('wallet-rendered')[0].startTime"))
-    ctx.close()
-    median = statistics.median(times[1:])  # the first load warms the caches
-    print(f"wallet first render, {BIG_WALLET_ENTRIES} entries: {sorted(times[1:])} ms")
+        await page.goto(f"{site.base}/wallet")
+        await expect(page.locator("body[data-ready=true]")).to_have_count(1, timeout=15_000)
+        times.append(
+            await page.evaluate("performance.getEntriesByName('wallet-rendered')[0].startTime")
+        )
+        assert await page.get_attribute("#available", "data-value") is not None
+    await ctx.close()
+    cold, warm = times[0], statistics.median(times[1:])
+    print(
+        f"wallet first render, {BIG_WALLET_ENTRIES} entries: cold {cold:.0f} ms, "
+        f"cached median {warm:.0f} ms of {[round(t) for t in times[1:]]}"
+    )
     # The target is 200 ms (README, Web pages; make bench-pages); in the suite
     # a loaded shared CI box gets slack.
-    assert median < RENDER_MS_MAX, times
-    entries = ok(site.admin.get(f"/v1/accounts/employee:e-2/entries", params={"limit": 1}))
+    assert warm < RENDER_MS_MAX, times
+    entries = ok(site.admin.get("/v1/accounts/employee:e-2/entries", params={"limit": 1}))
     assert entries["items"][0]["kind"] == "debit"
 
 
-def seed_busy_wallet(site: Site, employee: str, entries: int) -> None:
+async def seed_busy_wallet(site: Site, employee: str, entries: int) -> None:
     """`entries` debits in the wallet over the last 30 days, written by the
     ledger's own coalesced path (tl_execute_batch, 50 at a time, each batch at
     one instant of its own): 10,000 HTTP calls would take minutes."""
@@ -381,15 +394,15 @@ def seed_busy_wallet(site: Site, employee: str, entries: int) -> None:
         finally:
             await conn.close()
 
-    off_loop(lambda: asyncio.run(run()))
+    await run()
 
 
-def test_no_request_left_the_origin(site: Site) -> None:
+async def test_no_request_left_the_origin(site: Site) -> None:
     """Across every page above, nothing was requested from outside the service."""
     assert site.outside == []
 
 
-def test_database_down_shows_an_error(
+async def test_database_down_shows_an_error(
     site: Site, seeded: dict[str, Any], context: BrowserContext
 ) -> None:
     """With its database unreachable the wallet says so instead of numbers."""
@@ -411,12 +424,12 @@ def test_database_down_shows_an_error(
         finally:
             await conn.close()
 
-    use_token(context, employee_token("e-1"))
-    page = context.new_page()
-    off_loop(lambda: asyncio.run(lock(False)))
+    await use_token(context, employee_token("e-1"))
+    page = await context.new_page()
+    await lock(False)
     try:
-        page.goto(f"{site.base}/wallet")
-        expect(page.locator("#status")).to_contain_text("cannot be reached", timeout=20_000)
-        assert page.locator("#wallet").is_hidden()
+        await page.goto(f"{site.base}/wallet")
+        await expect(page.locator("#status")).to_contain_text("cannot be reached", timeout=20_000)
+        assert await page.locator("#wallet").is_hidden()
     finally:
-        off_loop(lambda: asyncio.run(lock(True)))
+        await lock(True)
