@@ -62,7 +62,8 @@ export function lineChart(points, { title, label }) {
 // rows: [{label, value}] largest first; `of` (optional) draws each bar
 // against a whole (spend against funding).
 export function barChart(rows, { title }) {
-  const rowH = 26, W = 640, L = 180, R = 90;
+  // Narrower than the line chart, so that labels stay legible on a phone.
+  const rowH = 26, W = 440, L = 130, R = 80;
   const H = Math.max(rowH, rows.length * rowH);
   const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, class: "chart bars", role: "img", "aria-label": title });
   root.append(svg("title", {}, title));
