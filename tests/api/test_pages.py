@@ -251,3 +251,18 @@ async def test_database_refusing_connections_is_unavailable(
     finally:
         await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
         await admin.close()
+
+
+def test_make_run_configures_development_tokens(tmp_path: Any) -> None:
+    """`make run` (development, no JWT settings) verifies HS256 tokens with a
+    secret kept in the data dir, so the development sign-in works at once;
+    configured JWT settings are left alone."""
+    from service.cli import _dev_employee_tokens
+
+    base = Config(environment="development", data_dir=str(tmp_path))
+    first = _dev_employee_tokens(base)
+    assert first.jwt_issuer and first.jwt_audience and first.jwt_hs256_secret
+    assert "finance" in first.jwt_allowed_roles
+    assert _dev_employee_tokens(base).jwt_hs256_secret == first.jwt_hs256_secret
+    configured = msgspec_replace(base, jwt_issuer="https://idp", jwt_audience="x")
+    assert _dev_employee_tokens(configured) == configured
