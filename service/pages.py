@@ -147,9 +147,10 @@ class LocalSwagger(OpenAPIRenderPlugin):
 
     def __init__(self) -> None:
         super().__init__(path="/", favicon="", style="")
+        self.html = (WEB_DIR / "docs.html").read_bytes()
 
     def render(self, request: Request[Any, Any, Any], openapi_schema: dict[str, Any]) -> bytes:
-        return (WEB_DIR / "docs.html").read_bytes()
+        return self.html
 
 
 def _page(name: str) -> Any:

@@ -284,6 +284,12 @@ MATRIX: dict[tuple[str, str], Case] = {
     ("GET", "/v1/accounts/{address}/lots"): Case(
         frozenset({HR, FIN, EMP}), 200, own_path("/v1/accounts/{address}/lots"), own=True
     ),
+    ("GET", "/v1/accounts/{address}/spend"): Case(
+        frozenset({HR, FIN, EMP}),
+        200,
+        own_path("/v1/accounts/{address}/spend?from=2026-01-01T00:00:00Z&to=2026-01-03T00:00:00Z"),
+        own=True,
+    ),
     ("POST", "/v1/grants"): Case(frozenset({HR}), 201, _grant),
     ("POST", "/v1/grants:batch"): Case(frozenset({HR}), 200, _batch),
     ("POST", "/v1/lots/{lot_id}/void"): Case(frozenset({HR}), 200, _lot),
