@@ -41,6 +41,7 @@ from service.api.reports import ReportsController
 from service.api.reservations import ReservationsController
 from service.api.transactions import TransactionsController
 from service.api.usage import UsageController
+from service.api.wallet import WalletController
 from service.api.webhooks import WebhooksController
 from service.auth import (
     PUBLIC,
@@ -63,7 +64,8 @@ from service.observability import (
     new_request_id,
     status_class,
 )
-from service.openapi import ContractJson, ContractSwagger
+from service.openapi import ContractJson
+from service.pages import LocalSwagger, cors_config, page_routes, security_headers
 from service.ratelimit import FailureLimiter, RateLimiter, parse_limits
 from service.webhooks import Dispatcher, SecretBox
 
@@ -125,6 +127,9 @@ def handle_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response
             err.headers["Allow"] = allow
     elif exc.status_code == 413:
         err = errors.PayloadTooLarge()
+    elif exc.status_code == 403:
+        # The development sign-in's CSRF check (service/pages.py).
+        err = errors.Forbidden(str(exc.detail))
     elif exc.status_code == 400:
         err = errors.InvalidRequest(
             str(exc.detail), errors=[{"path": "$", "message": str(exc.detail)}]
@@ -586,6 +591,7 @@ def create_app(
         ReportsController,
         PolicyController,
         WebhooksController,
+        WalletController,
     ]
     app = Litestar(
         route_handlers=[
@@ -593,6 +599,7 @@ def create_app(
             readyz,
             metrics_endpoint,
             *controllers,
+            *page_routes(config),
         ],
         dependencies={"ledger": Provide(provide_ledger)},
         state=State(
@@ -602,11 +609,13 @@ def create_app(
                 "key_cache": key_cache,
                 "auth_failures": auth_failures,
                 "webhook_box": webhook_box,
+                "pages_token_header": config.pages_token_header,
             }
         ),
         lifespan=[lifespan],
         before_request=before_request,
-        middleware=[lambda app: request_middleware(app, metrics)],
+        middleware=[lambda app: request_middleware(app, metrics), security_headers],
+        cors_config=cors_config(config),
         exception_handlers={
             errors.LedgerError: handle_ledger_error,
             ValidationException: handle_validation,
@@ -621,7 +630,9 @@ def create_app(
             path=OPENAPI_PATH,
             # Both serve service.openapi.served(): Litestar's document with
             # what it cannot know added (service/openapi.py).
-            render_plugins=[ContractJson(), ContractSwagger(path="/")],
+            # Swagger UI from the service's own static files (service/pages.py),
+            # never from a CDN.
+            render_plugins=[ContractJson(), LocalSwagger()],
             servers=[Server(url="/")],
             components=Components(
                 security_schemes={

@@ -474,11 +474,36 @@ class JwtVerifier:
 def bearer(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
     header = connection.headers.get("authorization")
     if not header:
+        proxied = proxied_token(connection)
+        if proxied is not None:
+            return proxied
         raise unauthenticated("missing Authorization: Bearer <token>")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise unauthenticated("Authorization must be `Bearer <token>`")
     return token.strip()
+
+
+# Methods for which the SSO proxy's token header authenticates (below).
+PROXIED_METHODS = frozenset({"GET", "HEAD"})
+
+
+def proxied_token(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+    """The employee JWT the company's SSO proxy put in the configured header
+    (TOKENLEDGER_PAGES_TOKEN_HEADER, oauth2-proxy style), for reads only.
+    The browser sends whatever the proxy adds on every request, wanted or not,
+    as it does a cookie: accepting it for a POST would let any other site make
+    the employee's browser change things (CSRF). A service key is never taken
+    from it: keys are for programs, which send Authorization."""
+    name = connection.app.state.get("pages_token_header")
+    if not name or connection.scope.get("method") not in PROXIED_METHODS:
+        return None
+    value = connection.headers.get(name, "").strip()
+    if value[:7].lower() == "bearer ":
+        value = value[7:].strip()
+    if not value or value.startswith(KEY_PREFIX):
+        return None
+    return value
 
 
 def unauthenticated(detail: str) -> errors.Unauthenticated:

@@ -57,6 +57,35 @@ def _dev_admin_key(config: Config) -> Config:
     return _replace(config, bootstrap_admin_key=key)
 
 
+def _dev_employee_tokens(config: Config) -> Config:
+    """`make run`: when no employee-token verification is configured, verify
+    HS256 tokens with a secret kept in the data dir, so that the development
+    sign-in (/dev/sign-in, README, Web pages) can mint tokens the API accepts,
+    for employees and the finance and hr roles. Development only."""
+    import secrets
+
+    assert config.environment == "development"
+    if config.jwt_issuer or config.jwt_audience or config.jwt_hs256_secret:
+        return config
+    if config.jwt_jwks_file or config.jwt_public_key_file:
+        return config
+    path = Path(config.data_dir) / "dev-jwt-secret"
+    if path.exists():
+        secret = path.read_text().strip()
+    else:
+        secret = secrets.token_urlsafe(32)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secret + "\n")
+        path.chmod(0o600)
+    return _replace(
+        config,
+        jwt_issuer="tokenledger-dev",
+        jwt_audience="tokenledger",
+        jwt_hs256_secret=secret,
+        jwt_allowed_roles="employee,finance,hr",
+    )
+
+
 def serve(config: Config) -> int:
     import uvicorn
 
@@ -77,6 +106,7 @@ def serve(config: Config) -> int:
         config = _replace(config, database_url=dsn)
     if config.environment == "development":
         config = _dev_admin_key(config)
+        config = _dev_employee_tokens(config)
     workers = config.workers or os.cpu_count() or 1
     try:
         base = f"http://{config.host}:{config.port}"
@@ -85,6 +115,8 @@ def serve(config: Config) -> int:
             f"  ({workers} worker{'s' if workers > 1 else ''})",
             flush=True,
         )
+        sign_in = "/dev/sign-in" if config.environment == "development" else "/sign-in"
+        print(f"pages {base}/wallet  {base}/finance  sign in {base}{sign_in}", flush=True)
         options: dict[str, Any] = {
             "host": config.host,
             "port": config.port,
@@ -108,6 +140,19 @@ def serve(config: Config) -> int:
                     env_var("bootstrap_admin_key"): config.bootstrap_admin_key or "",
                     env_var("environment"): config.environment,
                     env_var("apply_schema"): "false",
+                }
+            )
+            # The development employee-token settings, when serve() chose them.
+            os.environ.update(
+                {
+                    env_var(name): str(getattr(config, name))
+                    for name in (
+                        "jwt_issuer",
+                        "jwt_audience",
+                        "jwt_hs256_secret",
+                        "jwt_allowed_roles",
+                    )
+                    if getattr(config, name)
                 }
             )
             uvicorn.run("service.asgi:app_from_env", factory=True, workers=workers, **options)

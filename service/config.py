@@ -142,6 +142,16 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     webhook_retry_base_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
     webhook_retry_max_seconds: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 3600.0
     webhook_retry_for_seconds: Annotated[int, msgspec.Meta(ge=86_400, le=30 * 86_400)] = 86_400
+    # Web pages (README, Web pages). Origins of pages hosted elsewhere that may
+    # call the API from a browser (CORS), comma-separated `scheme://host[:port]`;
+    # empty, the default, allows none.
+    cors_origins: str = ""
+    # A request header the company's SSO proxy (oauth2-proxy style) sets to the
+    # signed-in employee's JWT, e.g. X-Forwarded-Access-Token; unset, only
+    # `Authorization: Bearer` authenticates. The proxy must strip it from what
+    # clients send. It authenticates reads only (GET, HEAD): a header the
+    # browser's requests carry without the page asking is what CSRF abuses.
+    pages_token_header: str | None = None
 
     def __post_init__(self) -> None:
         if self.chain_settle_seconds * 1000 <= self.statement_timeout_ms:

@@ -48,6 +48,11 @@ class Context:
     admin: bool = False
 
 
+class DatabaseRefused(OSError):
+    """PostgreSQL refused to open a connection for the pool. An OSError, as
+    a refused TCP connection is, so errors.translate answers 503."""
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     status: int
@@ -129,7 +134,13 @@ class Ledger:
         translated to LedgerErrors unless `translate` is false."""
 
         async def attempt() -> Any:
-            conn = await self.pool.acquire(timeout=self.config.pool_acquire_timeout_seconds)
+            try:
+                conn = await self.pool.acquire(timeout=self.config.pool_acquire_timeout_seconds)
+            except asyncpg.PostgresError as exc:
+                # The database refused a new connection (not accepting
+                # connections, too many, starting up, gone): the service cannot
+                # reach its database, which is a 503, whatever the SQLSTATE.
+                raise DatabaseRefused(f"{exc.sqlstate}: {exc}") from exc
             try:
                 return await fn(conn)
             except asyncpg.PostgresError as exc:

@@ -35,7 +35,7 @@ PERMISSIONS: dict[str, Permission] = {
     "me": Permission((), "`GET /v1/me`", own=True),
     "balance.read": Permission(("hr", "finance", "meter"), "read an account and its balance", True),
     "history.read": Permission(
-        ("hr", "finance"), "read an account's entries, series and lots", True
+        ("hr", "finance"), "read an account's entries, series, lots and spend", True
     ),
     "reservations.read": Permission(("hr", "finance", "meter"), "read reservations", own=True),
     "directory.read": Permission(("hr", "finance"), "read departments and employees"),

@@ -1,0 +1,87 @@
+"""What a wallet spent over a period (issue 15: the wallet page).
+
+The employee's page shows spend by model and project this month and a
+trailing-30-day burn rate. Employees may not read the usage reports (they
+cover everyone), and paging through a busy wallet's entries to add them up
+would cost the page a request per 500 entries, so the page asks this one
+question of its own account: one query on the account's own indexes.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import msgspec
+from litestar import Controller, get
+from litestar.di import NamedDependency
+from litestar.params import FromPath, QueryParameter
+
+from service import errors, reports
+from service.api.accounts import account_id, iso
+from service.auth import access
+from service.journal import Ledger
+from service.openapi import problems
+
+
+class SpendDay(msgspec.Struct, frozen=True):
+    day: str
+    credits: int
+
+
+class SpendModel(msgspec.Struct, frozen=True):
+    model: str
+    project: str | None
+    events: int
+    credits: int
+
+
+class Spend(msgspec.Struct, frozen=True):
+    """`credits` and `days` count every debit, usage event and capture (net of
+    reversals of them) by when the journal recorded it; `models` counts usage
+    events by when they occurred."""
+
+    address: str
+    from_: str = msgspec.field(name="from")
+    to: str = ""
+    credits: int = 0
+    days: list[SpendDay] = []
+    models: list[SpendModel] = []
+
+
+class WalletController(Controller):
+    path = "/v1"
+    tags = ["Accounts"]
+
+    @get(
+        "/accounts/{address:str}/spend",
+        summary="What an account spent over a period, per day and per model",
+        opt={
+            **access("history.read", own="address"),
+            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+        },
+    )
+    async def spend(
+        self,
+        ledger: NamedDependency[Ledger],
+        address: FromPath[str],
+        from_: Annotated[
+            datetime,
+            QueryParameter(name="from", description="Start, included (RFC 3339 with offset)."),
+        ],
+        to: Annotated[datetime, QueryParameter(description="End, excluded; at most 400 days on.")],
+    ) -> Spend:
+        """Credits spent in `[from, to)`: in total and per UTC day (debits, usage
+        and captures, net of their reversals), and per model and project (usage
+        events). Employees may ask about their own wallet."""
+        reports.check_period(from_, to)
+        acc = await account_id(ledger, address)
+        body = await ledger.fetchval("account_spend", acc, from_, to)
+        return Spend(
+            address=address,
+            from_=iso(from_),
+            to=iso(to),
+            credits=int(body["credits"]),
+            days=[SpendDay(**d) for d in body["days"]],
+            models=[SpendModel(**m) for m in body["models"]],
+        )

@@ -1,0 +1,206 @@
+"""Browser fixtures: the service on a real port over a real PostgreSQL, and one
+headless Debian Chromium driven by Playwright for the module's tests.
+
+The browser is the system's (`/usr/bin/chromium`, `.ci/run` installs it);
+Playwright never downloads one. A missing Chromium fails these tests with a
+clear message: it is not a skip.
+
+Every browser context routes every request: one to the service's own origin
+goes through, any other is aborted and recorded, and the module's last test
+asserts that none was recorded (`site.outside`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+import pytest_asyncio
+import uvicorn
+from playwright.async_api import Browser, BrowserContext, Page, async_playwright
+
+from service.app import create_app
+from service.auth import new_key
+from service.config import Config
+from tests.api.conftest import JWT_AUDIENCE, JWT_ISSUER, JWT_SECRET, FakeClock
+from tests.pg import Server, cloned_database
+
+CHROMIUM = os.environ.get("TOKENLEDGER_TEST_CHROMIUM", "/usr/bin/chromium")
+SCREENSHOTS = Path(__file__).resolve().parent.parent.parent / "docs" / "screenshots"
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Site:
+    """The running service: its base URL, an admin client, its clock, and the
+    requests that tried to leave its origin."""
+
+    base: str
+    admin: httpx.Client
+    clock: FakeClock
+    database_url: str
+    outside: list[str] = field(default_factory=list)
+
+    def client(self, token: str) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.base, headers={"Authorization": f"Bearer {token}"}, timeout=30
+        )
+
+
+T = TypeVar("T")
+
+
+def off_loop(fn: Callable[[], T]) -> T:
+    """fn() in a thread of its own, where it may run an event loop of its own
+    (tests.pg's helpers do) whatever runs in the test's thread."""
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(fn())
+        except BaseException as exc:  # noqa: BLE001  # why: re-raised in the caller
+            failure.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+@pytest.fixture(scope="module")
+def site(pg_server: Server, template_database: str) -> Iterator[Site]:
+    """The service (create_app, served by uvicorn on a free port in a thread of
+    its own) on a database of this module's own."""
+    clone = cloned_database(pg_server, template_database)
+    dsn = off_loop(clone.__enter__)
+    try:
+        admin_key = new_key().secret
+        clock = FakeClock()
+        config = Config(
+            database_url=dsn,
+            apply_schema=False,
+            sweeper_enabled=False,
+            pool_min_size=1,
+            pool_max_size=10,
+            pool_acquire_timeout_seconds=5,
+            connect_timeout_seconds=2,
+            log_format="json",
+            log_level="warning",
+            environment="development",
+            bootstrap_admin_key=admin_key,
+            jwt_issuer=JWT_ISSUER,
+            jwt_audience=JWT_AUDIENCE,
+            jwt_hs256_secret=JWT_SECRET,
+            jwt_allowed_roles="employee,hr,finance",
+            usage_max_age_seconds=5 * 365 * 86_400,
+            rate_limits="",
+        )
+        port = free_port()
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(config, clock=clock),
+                host="127.0.0.1",
+                port=port,
+                log_level="warning",
+                lifespan="on",
+            )
+        )
+        thread = threading.Thread(target=server.run, name="tokenledger-pages", daemon=True)
+        thread.start()
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive(), "the service did not start"
+            assert time.monotonic() < deadline, "the service did not start within 30 s"
+            time.sleep(0.05)
+        admin = httpx.Client(
+            base_url=base, headers={"Authorization": f"Bearer {admin_key}"}, timeout=30
+        )
+        try:
+            yield Site(base, admin, clock, dsn)
+        finally:
+            admin.close()
+            server.should_exit = True
+            thread.join(timeout=30)
+    finally:
+        off_loop(lambda: clone.__exit__(None, None, None))
+
+
+# The browser fixtures and tests run in one event loop per module
+# (pytest-asyncio loop_scope="module"): Playwright's async API lives in it,
+# and between the tests it is not running, so the rest of the suite (which
+# starts event loops of its own in this thread) is not disturbed, as it would
+# be by the sync API's loop, which keeps running for as long as Playwright does.
+
+
+def chromium() -> str | None:
+    """The Chromium to drive: TOKENLEDGER_TEST_CHROMIUM, else Debian's."""
+    return CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser(template_database: str) -> AsyncIterator[Browser]:
+    """Debian's Chromium, headless, one for the module's tests. Root (CI, this
+    box) needs --no-sandbox."""
+    path = chromium()
+    assert path, (
+        f"no Chromium at {CHROMIUM}: install Debian's (`apt-get install -y chromium`, as "
+        ".ci/run does) or set TOKENLEDGER_TEST_CHROMIUM"
+    )
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(
+            executable_path=path, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"]
+        )
+        yield browser
+        await browser.close()
+
+
+async def guarded_context(browser: Browser, site: Site, **options: Any) -> BrowserContext:
+    """A browser context in which only the service's origin is reachable;
+    every other request is aborted and recorded in site.outside."""
+    context = await browser.new_context(accept_downloads=True, **options)
+
+    async def route(r: Any) -> None:
+        url = r.request.url
+        if url.startswith(site.base + "/") or url.startswith(("data:", "blob:")):
+            await r.continue_()
+        else:
+            site.outside.append(url)
+            await r.abort()
+
+    await context.route("**/*", route)
+    return context
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def context(browser: Browser, site: Site) -> AsyncIterator[BrowserContext]:
+    ctx = await guarded_context(browser, site, viewport=DESKTOP)
+    yield ctx
+    await ctx.close()
+
+
+def watch(page: Page) -> list[str]:
+    """Console errors of the page (a CSP violation is one), to assert none."""
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    return problems
