@@ -31,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import __version__, db, errors
 from service.api.accounts import AccountsController
+from service.api.approvals import ApprovalsController
 from service.api.common import provide_ledger
 from service.api.directory import DirectoryController
 from service.api.grants import GrantsController
@@ -558,6 +559,7 @@ def create_app(
         PricesController,
         UsageController,
         ReportsController,
+        ApprovalsController,
     ]
     app = Litestar(
         route_handlers=[

@@ -132,6 +132,12 @@ class GrantProgramNotFound(LedgerError):
     )
 
 
+class ApprovalNotFound(LedgerError):
+    """No such approval."""
+
+    code, status, title, sqlstate = "approval_not_found", 404, "Approval not found", "TLA16"
+
+
 class UnknownModel(LedgerError):
     """No price is known for that model at that time."""
 
@@ -202,6 +208,12 @@ class AlreadyReversed(LedgerError):
     code, status, title, sqlstate = "already_reversed", 409, "Already reversed", "TLB06"
 
 
+class NotApprovable(LedgerError):
+    """The approval is already decided, or the caller requested it (four eyes: another caller must decide)."""
+
+    code, status, title, sqlstate = "not_approvable", 409, "Not approvable", "TLB16"
+
+
 class BalanceLimitExceeded(LedgerError):
     """The write would take an account's balance past ±2^62 (sums could overflow)."""
 
@@ -264,6 +276,7 @@ ERRORS: tuple[type[LedgerError], ...] = (
     ReservationNotFound,
     LotNotFound,
     GrantProgramNotFound,
+    ApprovalNotFound,
     UnknownModel,
     InsufficientCredits,
     AccountClosed,
@@ -271,6 +284,7 @@ ERRORS: tuple[type[LedgerError], ...] = (
     ReservationNotActive,
     LotNotActive,
     AlreadyReversed,
+    NotApprovable,
     BalanceLimitExceeded,
     IdempotencyKeyInProgress,
     IdempotencyKeyReused,
