@@ -35,6 +35,7 @@ from service.api.approvals import ApprovalsController
 from service.api.common import provide_ledger
 from service.api.directory import DirectoryController
 from service.api.grants import GrantsController
+from service.api.imports import ImportsController
 from service.api.prices import PricesController
 from service.api.programs import ProgramsController
 from service.api.reports import ReportsController
@@ -560,6 +561,7 @@ def create_app(
         UsageController,
         ReportsController,
         ApprovalsController,
+        ImportsController,
     ]
     app = Litestar(
         route_handlers=[

@@ -128,9 +128,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # The money value of one credit for the compensation report: a currency
     # code and a decimal amount, e.g. "USD 0.000001" (the default matches
     # credits_per_usd). Parsed as a decimal, never a float.
-    credit_value: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3} [0-9]{1,12}(\.[0-9]{1,12})?$")] = (
-        "USD 0.000001"
-    )
+    credit_value: Annotated[
+        str, msgspec.Meta(pattern=r"^[A-Z]{3} [0-9]{1,12}(\.[0-9]{1,12})?$")
+    ] = "USD 0.000001"
     # Rows of one CSV import (README, Bulk import).
     import_max_rows: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 100_000
 

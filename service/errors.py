@@ -208,8 +208,14 @@ class AlreadyReversed(LedgerError):
     code, status, title, sqlstate = "already_reversed", 409, "Already reversed", "TLB06"
 
 
+class ApprovalRequired(LedgerError):
+    """The grant is above the approval threshold: it waits for another caller's approval."""
+
+    code, status, title = "approval_required", 409, "Approval required"
+
+
 class NotApprovable(LedgerError):
-    """The approval is already decided, or the caller requested it (four eyes: another caller must decide)."""
+    """The approval is already decided, or the caller requested it (another caller must decide)."""
 
     code, status, title, sqlstate = "not_approvable", 409, "Not approvable", "TLB16"
 
@@ -284,6 +290,7 @@ ERRORS: tuple[type[LedgerError], ...] = (
     ReservationNotActive,
     LotNotActive,
     AlreadyReversed,
+    ApprovalRequired,
     NotApprovable,
     BalanceLimitExceeded,
     IdempotencyKeyInProgress,

@@ -182,6 +182,33 @@ class Ledger:
         result: list[asyncpg.Record] = await self._run(run)
         return result
 
+    async def fetchval_long(
+        self, query: str, timeout_ms: int, *args: Any, rollback: bool = False
+    ) -> Any:
+        """One call of a named query in its own transaction, allowed a longer statement
+        timeout than the pool's (bulk imports). With `rollback` the transaction is rolled
+        back: the answer says exactly what the call would do, and nothing changes (dry
+        runs)."""
+        sql = self.queries[query]
+        client_timeout = timeout_ms / 1000 + max(1.0, timeout_ms / 1000 * 0.1)
+
+        async def run(conn: asyncpg.Connection) -> Any:
+            tr = conn.transaction()
+            await tr.start()
+            try:
+                await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
+                value = await conn.fetchval(sql, *args, timeout=client_timeout)
+            except BaseException:
+                await tr.rollback()
+                raise
+            if rollback:
+                await tr.rollback()
+            else:
+                await tr.commit()
+            return value
+
+        return await self._run(run)
+
     async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
         sql = self.queries[query]
         return await self._run(lambda conn: conn.fetchrow(sql, *args))

@@ -230,6 +230,20 @@ def document_operation(operation: dict[str, Any], handler: Any, *, has_body: boo
     if public:
         operation["security"] = []
         return
+    if handler.opt.get("csv_body"):
+        # The handler reads the raw body itself (a CSV import): Litestar cannot see it.
+        operation["requestBody"] = {
+            "required": True,
+            "content": {
+                "text/csv": {
+                    "schema": {
+                        "type": "string",
+                        "description": "A header row, then one record per row (RFC 4180).",
+                    }
+                }
+            },
+        }
+        has_body = True
     success = str(handler.status_code)
     for extra in handler.opt.get("statuses", ()):
         if str(extra) not in responses and success in responses:

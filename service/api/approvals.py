@@ -24,10 +24,10 @@ from service import errors
 from service.api.common import (
     Memo,
     context_of,
+    page,
     parse_public_id,
     run_operation,
     uuid_cursor,
-    page,
 )
 from service.auth import access
 from service.journal import Ledger
@@ -127,7 +127,9 @@ class ApprovalsController(Controller):
     async def list_approvals(
         self,
         ledger: NamedDependency[Ledger],
-        status: Annotated[ApprovalStatus | None, QueryParameter(description="Only this status.")] = None,
+        status: Annotated[
+            ApprovalStatus | None, QueryParameter(description="Only this status.")
+        ] = None,
         limit: Annotated[int, QueryParameter(ge=1, le=500, description="Page size, 1..500.")] = 50,
         cursor: Annotated[
             str | None, QueryParameter(description="Opaque cursor from next_cursor.")
@@ -193,7 +195,11 @@ class ApprovalsController(Controller):
             request, ledger, "approve", payload, args=args, success_status=200
         )
         body = response.content
-        if isinstance(body, dict) and body.get("kind") == "program_run" and body.get("result") is None:
+        if (
+            isinstance(body, dict)
+            and body.get("kind") == "program_run"
+            and body.get("result") is None
+        ):
             run = await run_cycle(
                 ledger,
                 body["request"]["program"],
@@ -226,4 +232,6 @@ class ApprovalsController(Controller):
         payload = data or DecisionIn()
         uid = parse_public_id(approval_id, "apr_", errors.ApprovalNotFound)
         args = {"approval": approval_id, "approval_id": str(uid), **msgspec.to_builtins(payload)}
-        return await run_operation(request, ledger, "reject", payload, args=args, success_status=200)
+        return await run_operation(
+            request, ledger, "reject", payload, args=args, success_status=200
+        )

@@ -10,6 +10,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
 from service import errors
+from service.api.approvals import APPROVAL_RESPONSE, needs_approval, request_approval
 from service.api.common import (
     Amount,
     Funder,
@@ -21,7 +22,6 @@ from service.api.common import (
     parse_public_id,
     run_operation,
 )
-from service.api.approvals import APPROVAL_RESPONSE, needs_approval, request_approval
 from service.api.resources import BatchGrantResponse, GrantResult, Transaction
 from service.auth import access
 from service.journal import Ledger, request_hash

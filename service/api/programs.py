@@ -20,6 +20,7 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 
 from service import errors
 from service.api.accounts import CursorParam, LimitParam
+from service.api.approvals import APPROVAL_RESPONSE, needs_approval, request_approval
 from service.api.common import (
     MAX_AMOUNT,
     Amount,
@@ -31,7 +32,6 @@ from service.api.common import (
     page,
     uuid_cursor,
 )
-from service.api.approvals import APPROVAL_RESPONSE, needs_approval, request_approval
 from service.api.grants import Reason
 from service.api.resources import Program, ProgramRun, ProgramRunsPage, ProgramsPage
 from service.auth import access

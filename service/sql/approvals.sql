@@ -18,3 +18,4 @@ SELECT tl_approval_json(a) FROM approvals a WHERE a.requested_by = $1 AND a.dedu
 -- name: approval_set_result
 -- Records what an approved program run issued ($1 id, $2 the run).
 SELECT tl_approval_set_result($1, $2);
+

@@ -72,7 +72,9 @@ async def test_approve_posts_once_and_records_both_callers(
     await api.employee("e-1")
     requester, approver = hr
     grant_key = key()
-    r = await client.post("/v1/grants", json=grant_body("e-1", 5000), headers={**requester, **grant_key})
+    r = await client.post(
+        "/v1/grants", json=grant_body("e-1", 5000), headers={**requester, **grant_key}
+    )
     assert r.status_code == 202, r.text
     apr = r.json()["approval"]
 
@@ -91,7 +93,9 @@ async def test_approve_posts_once_and_records_both_callers(
     # Replays: the approval with its key, and the original grant request with its key.
     r = await client.post(f"/v1/approvals/{apr['id']}/approve", headers={**approver, **approve_key})
     assert r.status_code == 200 and r.headers.get("idempotent-replayed") == "true"
-    r = await client.post("/v1/grants", json=grant_body("e-1", 5000), headers={**requester, **grant_key})
+    r = await client.post(
+        "/v1/grants", json=grant_body("e-1", 5000), headers={**requester, **grant_key}
+    )
     assert r.status_code == 202 and r.json()["approval"]["id"] == apr["id"]
     # A fresh approve of a decided approval posts nothing.
     r = await client.post(f"/v1/approvals/{apr['id']}/approve", headers={**approver, **key()})
@@ -106,7 +110,9 @@ async def test_self_approval_refused(
     """The requester cannot approve their own request: 409 not_approvable, nothing posted."""
     await api.employee("e-1")
     requester, _ = hr
-    r = await client.post("/v1/grants", json=grant_body("e-1", 5000), headers={**requester, **key()})
+    r = await client.post(
+        "/v1/grants", json=grant_body("e-1", 5000), headers={**requester, **key()}
+    )
     apr = r.json()["approval"]
     r = await client.post(f"/v1/approvals/{apr['id']}/approve", headers={**requester, **key()})
     problem(r, 409, "not_approvable")
@@ -116,7 +122,10 @@ async def test_self_approval_refused(
 
 
 async def test_concurrent_approvals_post_once(
-    api: Api, client: AsyncTestClient[Any], hr: tuple[dict[str, str], dict[str, str]], database_url: str
+    api: Api,
+    client: AsyncTestClient[Any],
+    hr: tuple[dict[str, str], dict[str, str]],
+    database_url: str,
 ) -> None:
     """Several callers approving the same request at once post it exactly once: one 200, the rest
     409 not_approvable."""
@@ -125,7 +134,9 @@ async def test_concurrent_approvals_post_once(
     others = [approver] + [
         {"Authorization": f"Bearer {await service_key(database_url, 'hr')}"} for _ in range(3)
     ]
-    r = await client.post("/v1/grants", json=grant_body("e-1", 5000), headers={**requester, **key()})
+    r = await client.post(
+        "/v1/grants", json=grant_body("e-1", 5000), headers={**requester, **key()}
+    )
     apr = r.json()["approval"]
     answers = await asyncio.gather(
         *(client.post(f"/v1/approvals/{apr['id']}/approve", headers={**h, **key()}) for h in others)
@@ -141,18 +152,26 @@ async def test_reject_is_final(
     """A rejected approval can never be approved afterwards, and nothing is posted."""
     await api.employee("e-1")
     requester, approver = hr
-    r = await client.post("/v1/grants", json=grant_body("e-1", 5000), headers={**requester, **key()})
+    r = await client.post(
+        "/v1/grants", json=grant_body("e-1", 5000), headers={**requester, **key()}
+    )
     apr = r.json()["approval"]
     r = await client.post(
-        f"/v1/approvals/{apr['id']}/reject", json={"memo": "too much"}, headers={**approver, **key()}
+        f"/v1/approvals/{apr['id']}/reject",
+        json={"memo": "too much"},
+        headers={**approver, **key()},
     )
-    assert r.status_code == 200 and r.json()["status"] == "rejected" and r.json()["memo"] == "too much"
+    assert (
+        r.status_code == 200 and r.json()["status"] == "rejected" and r.json()["memo"] == "too much"
+    )
     r = await client.post(f"/v1/approvals/{apr['id']}/approve", headers={**key()})
     assert problem(r, 409, "not_approvable")["approval_status"] == "rejected"
     assert (await api.account("employee:e-1"))["posted"] == 0
     problem(await client.get("/v1/approvals/apr_nope"), 404, "approval_not_found")
     problem(
-        await client.post("/v1/approvals/apr_00000000000000000000000000000000/approve", headers=key()),
+        await client.post(
+            "/v1/approvals/apr_00000000000000000000000000000000/approve", headers=key()
+        ),
         404,
         "approval_not_found",
     )
@@ -206,7 +225,9 @@ async def test_program_run_above_threshold_needs_approval(
     }
     r = await client.put("/v1/grant-programs/big", json=program, headers=requester)
     assert r.status_code == 201, r.text
-    r = await client.post("/v1/grant-programs/big/runs", json={"cycle": "2026-05"}, headers=requester)
+    r = await client.post(
+        "/v1/grant-programs/big/runs", json={"cycle": "2026-05"}, headers=requester
+    )
     assert r.status_code == 202, r.text
     apr = r.json()["approval"]
     assert apr["kind"] == "program_run" and apr["request"] == {"program": "big", "cycle": "2026-05"}
@@ -215,6 +236,8 @@ async def test_program_run_above_threshold_needs_approval(
     assert r.status_code == 200, r.text
     assert r.json()["result"]["issued"] == 1
     assert (await api.account("employee:e-1"))["posted"] == THRESHOLD * 2
-    r = await client.post("/v1/grant-programs/big/runs", json={"cycle": "2026-05"}, headers=requester)
+    r = await client.post(
+        "/v1/grant-programs/big/runs", json={"cycle": "2026-05"}, headers=requester
+    )
     assert r.status_code == 200 and r.json()["issued"] == 0
     assert (await api.account("employee:e-1"))["posted"] == THRESHOLD * 2

@@ -94,7 +94,9 @@ async def test_pagination_stable_under_concurrent_inserts(
     assert set(before) <= set(seen), "an employee that existed before the walk was skipped"
 
 
-async def test_rehire_keeps_history(api: Api, client: AsyncTestClient[Any], clock: FakeClock) -> None:
+async def test_rehire_keeps_history(
+    api: Api, client: AsyncTestClient[Any], clock: FakeClock
+) -> None:
     """PUT with status "active" re-hires an offboarded employee: the wallet reopens empty, the old
     entries stay, and the as-of balance before the offboarding is unchanged."""
     clock.set(datetime(2026, 3, 1, 9, tzinfo=UTC))
