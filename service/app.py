@@ -34,6 +34,7 @@ from service.api.accounts import AccountsController
 from service.api.approvals import ApprovalsController
 from service.api.common import provide_ledger
 from service.api.directory import DirectoryController
+from service.api.finance import FinanceReportsController
 from service.api.grants import GrantsController
 from service.api.imports import ImportsController
 from service.api.prices import PricesController
@@ -562,6 +563,7 @@ def create_app(
         ReportsController,
         ApprovalsController,
         ImportsController,
+        FinanceReportsController,
     ]
     app = Litestar(
         route_handlers=[

@@ -146,9 +146,14 @@ class GrantsController(Controller):
             digest = request_hash("POST", "/v1/grants", args)
             items.append({"key": g.key, "hash": digest.hex(), "grant": args})
         if any(needs_approval(ledger, g.amount) for g in data.grants):
-            digest = request_hash("POST", "/v1/grants:batch", items).hex()
+            batch_digest = request_hash("POST", "/v1/grants:batch", items).hex()
             return await request_approval(
-                request, ledger, data, "grant_batch", {"items": items}, dedup_key=f"batch:{digest}"
+                request,
+                ledger,
+                data,
+                "grant_batch",
+                {"items": items},
+                dedup_key=f"batch:{batch_digest}",
             )
         ctx = context_of(request)
         results = await ledger.fetchval("grant_batch", ctx.caller, items, ledger.context_json(ctx))

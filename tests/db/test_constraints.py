@@ -585,7 +585,8 @@ CONSTRAINT_CASES: list[tuple[str, type[asyncpg.PostgresError], str]] = [
         "approvals_four_eyes",
         asyncpg.CheckViolationError,
         "INSERT INTO approvals (id, kind, request, requested_by, requested_at, status, decided_by,"
-        " decided_at) VALUES (gen_random_uuid(), 'grant', '{{}}', 'a', now(), 'approved', 'a', now())",
+        " decided_at) VALUES (gen_random_uuid(), 'grant', '{{}}', 'a', now(), 'approved', 'a',"
+        " now())",
     ),
     (
         "approvals_dedup_key_unique",
