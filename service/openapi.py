@@ -205,7 +205,12 @@ def apply_contract(document: dict[str, Any], app: Litestar) -> None:
                 )
                 if pattern is not None:
                     parameter["schema"] = with_pattern(parameter["schema"], pattern)
-                if parameter["in"] == "query" and parameter["name"] in QUERY_SCHEMAS:
+                if (
+                    parameter["in"] == "query"
+                    and parameter["name"] in QUERY_SCHEMAS
+                    # A route whose parameter is an enum (a Literal) states it already.
+                    and "enum" not in parameter["schema"]
+                ):
                     description = parameter["schema"].get("description")
                     parameter.update(copy.deepcopy(QUERY_SCHEMAS[parameter["name"]]))
                     if description:
