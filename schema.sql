@@ -4296,6 +4296,8 @@ CREATE INDEX IF NOT EXISTS employees_id_search_idx ON employees ((id COLLATE "C"
 CREATE INDEX IF NOT EXISTS employees_name_search_idx ON employees ((lower(name) COLLATE "C"));
 CREATE INDEX IF NOT EXISTS employees_email_search_idx ON employees ((lower(email) COLLATE "C"));
 CREATE INDEX IF NOT EXISTS employees_status_idx ON employees (status, id);
+-- Whether anyone moved department in a period (the efficiency report).
+CREATE INDEX IF NOT EXISTS employee_departments_since_idx ON employee_departments (since);
 
 -- Finance reports (liability, compensation) read the transactions that are
 -- not spend by time; spend (usage, debits, captures: the hot path) is left

@@ -273,16 +273,22 @@ def _ratio(a: int, b: int) -> float | None:
 async def efficiency(
     ledger: Ledger, start: datetime, end: datetime, group_by: str, cursor: str | None, limit: int
 ) -> tuple[list[dict[str, Any]], str | None]:
-    from service.reports import uses_rollup
+    from service.reports import at_month_start, uses_rollup
 
     assert group_by in EFFICIENCY_GROUPS, group_by
+    source = "daily" if uses_rollup(start, end) else "events"
+    if at_month_start(start) and at_month_start(end):
+        # The monthly roll-up has no day to find a department by: only when
+        # no employee moved in the period (or no department is asked).
+        if group_by == "employee" or not await ledger.fetchval("departments_moved", start, end):
+            source = "monthly"
     rows = await ledger.fetch_slow(
         "efficiency_report",
         ledger.config.report_statement_timeout_ms,
         start,
         end,
         group_by,
-        "daily" if uses_rollup(start, end) else "events",
+        source,
         cursor,
         limit + 1,
     )

@@ -25,16 +25,34 @@ WITH bounds AS (
           FROM generate_series(date_trunc('month', $1::timestamptz AT TIME ZONE 'UTC') + interval '1 month',
                                $2::timestamptz AT TIME ZONE 'UTC' - interval '1 microsecond',
                                interval '1 month') m
-          WHERE $3::boolean) x
+          WHERE $3::boolean
+          -- At most 14 month starts in 400 days; the LIMIT also tells the
+          -- planner so (it guesses 1,000 rows for a generate_series and then
+          -- plans, and JIT-compiles, for a thousand times the work).
+          LIMIT 14) x
 ),
 wallets AS (
     SELECT a.id, a.ref FROM accounts a
-    WHERE a.type = 'employee' AND ($5::text[] IS NULL OR a.address = ANY (SELECT 'employee:' || x FROM unnest($5::text[]) x))
+    WHERE a.type = 'employee' AND ($5::text[] IS NULL OR a.ref = ANY ($5::text[]))
 ),
-points AS (
-    SELECT w.id, w.ref, b.starts, b.ends,
-           tl_balance_at(w.id, b.starts) AS opening,
-           tl_balance_at(w.id, b.ends) AS outstanding,
+-- Wallets whose balance at an instant T of the period may differ from the
+-- journal's: a lot that had expired by T but whose expiry was journaled
+-- after T. Such a lot is live now with expires_at <= T (lots_live_due_idx),
+-- or was expired or voided by a transaction after T
+-- (transactions_ledger_time_idx). Only these pay for tl_balance_at; every
+-- other wallet's balance at T is its journal balance (one index probe).
+candidates AS (
+    SELECT l.account_id FROM lots l
+    WHERE l.status = 'active' AND l.live AND l.expires_at IS NOT NULL AND l.expires_at <= $2::timestamptz
+    UNION
+    SELECT l.account_id FROM transactions t
+    JOIN lot_movements m ON m.transaction_id = t.id
+    JOIN lots l ON l.id = m.lot_id
+    WHERE t.kind NOT IN ('usage', 'debit', 'capture') AND t.kind IN ('expiry', 'void')
+      AND t.created_at > $1::timestamptz AND l.expires_at <= $2::timestamptz
+),
+journal AS (
+    SELECT w.id, w.ref, b.starts, b.ends, w.id IN (SELECT account_id FROM candidates) AS exact,
            coalesce((SELECT e.balance_after FROM entries e
                      WHERE e.account_id = w.id AND e.shard = 0 AND e.created_at <= b.starts
                      ORDER BY e.created_at DESC, e.version DESC LIMIT 1), 0) AS journal_opening,
@@ -42,6 +60,12 @@ points AS (
                      WHERE e.account_id = w.id AND e.shard = 0 AND e.created_at <= b.ends
                      ORDER BY e.created_at DESC, e.version DESC LIMIT 1), 0) AS journal_outstanding
     FROM wallets w CROSS JOIN bounds b
+),
+points AS (
+    SELECT j.*,
+           CASE WHEN j.exact THEN tl_balance_at(j.id, j.starts) ELSE j.journal_opening END AS opening,
+           CASE WHEN j.exact THEN tl_balance_at(j.id, j.ends) ELSE j.journal_outstanding END AS outstanding
+    FROM journal j
 ),
 flows AS (
     SELECT e.account_id, b.starts,
@@ -86,7 +110,11 @@ WITH bounds AS (
           FROM generate_series(date_trunc('month', $1::timestamptz AT TIME ZONE 'UTC') + interval '1 month',
                                $2::timestamptz AT TIME ZONE 'UTC' - interval '1 microsecond',
                                interval '1 month') m
-          WHERE $3::boolean) x
+          WHERE $3::boolean
+          -- At most 14 month starts in 400 days; the LIMIT also tells the
+          -- planner so (it guesses 1,000 rows for a generate_series and then
+          -- plans, and JIT-compiles, for a thousand times the work).
+          LIMIT 14) x
 ),
 overage AS (SELECT id FROM accounts WHERE address = 'system:overage')
 SELECT w.account_id, b.starts, sum(o.amount)::bigint AS overage
@@ -163,13 +191,23 @@ FROM accounts a WHERE a.id = ANY ($1::bigint[]);
 
 -- name: efficiency_report
 -- Per employee or department ($3) over [$1, $2): events, tokens and
--- credits, cached input tokens, and credits at premium-tier prices. From
--- the daily roll-up when both ends are UTC midnights ($4 = 'daily'), else
--- the events. An employee's usage counts in the department they belonged to
--- on that day (employee_departments), not today's. Usage charged to a
--- department account counts for that department (no employee). $5 the
--- cursor (the last group key), $6 the page size.
+-- credits, cached input tokens, and credits at premium-tier prices (the
+-- tier of the model's latest price). $4 the source service/finance.py
+-- picked: 'monthly' (usage_monthly_models: whole UTC months, and no
+-- employee changed department in the period or the grouping is by
+-- employee), 'daily' (usage_daily: whole UTC days), or 'events'. An
+-- employee's usage counts in the department they belonged to at the end of
+-- the day it happened (employee_departments), not today's. Usage charged to
+-- a department account counts for that department. $5 the cursor (the last
+-- group key), $6 the page size.
 WITH raw AS (
+    SELECT m.account_id, m.model, m.month AS day, m.events, m.input_tokens, m.cached_input_tokens,
+           m.output_tokens, m.credits
+    FROM usage_monthly_models m
+    WHERE $4::text = 'monthly'
+      AND m.month >= ($1::timestamptz AT TIME ZONE 'UTC')::date
+      AND m.month < ($2::timestamptz AT TIME ZONE 'UTC')::date
+    UNION ALL
     SELECT d.account_id, d.model, d.day, d.events, d.input_tokens, d.cached_input_tokens,
            d.output_tokens, d.credits
     FROM usage_daily d
@@ -182,30 +220,37 @@ WITH raw AS (
     FROM usage_events u
     WHERE $4::text = 'events' AND u.occurred_at >= $1::timestamptz AND u.occurred_at < $2::timestamptz
 ),
-per_account AS (
-    SELECT r.account_id, r.day, r.model,
-           sum(r.events) AS events, sum(r.input_tokens) AS input_tokens,
-           sum(r.cached_input_tokens) AS cached_input_tokens, sum(r.output_tokens) AS output_tokens,
-           sum(r.credits) AS credits
-    FROM raw r GROUP BY r.account_id, r.day, r.model
-),
 tiers AS (
     SELECT DISTINCT ON (model) model, tier FROM prices ORDER BY model, effective_from DESC
 ),
+-- By account and day only when departments are asked (the day picks the
+-- department); by account alone otherwise.
+per_account AS (
+    SELECT r.account_id, CASE WHEN $3::text = 'department' THEN r.day END AS day,
+           sum(r.events) AS events, sum(r.input_tokens) AS input_tokens,
+           sum(r.cached_input_tokens) AS cached_input_tokens, sum(r.output_tokens) AS output_tokens,
+           sum(r.credits) AS credits,
+           sum(CASE WHEN t.tier = 'premium' THEN r.credits ELSE 0 END) AS premium_credits
+    FROM raw r LEFT JOIN tiers t ON t.model = r.model
+    GROUP BY 1, 2
+),
+history AS (
+    SELECT h.employee_id, h.department, h.since,
+           coalesce(lead(h.since) OVER (PARTITION BY h.employee_id ORDER BY h.since), 'infinity') AS until
+    FROM employee_departments h
+    WHERE $3::text = 'department'
+),
 keyed AS (
     SELECT CASE WHEN $3::text = 'employee' THEN CASE WHEN a.type = 'employee' THEN a.ref END
-                ELSE CASE a.type WHEN 'department' THEN a.ref
-                                 ELSE coalesce(
-                                     (SELECT h.department FROM employee_departments h
-                                      WHERE h.employee_id = a.ref AND h.since < (p.day + 1)::timestamp AT TIME ZONE 'UTC'
-                                      ORDER BY h.since DESC LIMIT 1),
-                                     (SELECT e.department FROM employees e WHERE e.id = a.ref)) END
-           END AS key,
-           p.events, p.input_tokens, p.cached_input_tokens, p.output_tokens, p.credits,
-           CASE WHEN t.tier = 'premium' THEN p.credits ELSE 0 END AS premium_credits
+                WHEN a.type = 'department' THEN a.ref
+                ELSE coalesce(h.department, e.department) END AS key,
+           p.events, p.input_tokens, p.cached_input_tokens, p.output_tokens, p.credits, p.premium_credits
     FROM per_account p
     JOIN accounts a ON a.id = p.account_id
-    LEFT JOIN tiers t ON t.model = p.model
+    LEFT JOIN history h ON a.type = 'employee' AND h.employee_id = a.ref
+         AND h.since < (p.day + 1)::timestamp AT TIME ZONE 'UTC'
+         AND h.until >= (p.day + 1)::timestamp AT TIME ZONE 'UTC'
+    LEFT JOIN employees e ON $3::text = 'department' AND a.type = 'employee' AND e.id = a.ref
 )
 SELECT key, sum(events)::bigint AS events, sum(input_tokens)::bigint AS input_tokens,
        sum(cached_input_tokens)::bigint AS cached_input_tokens,
@@ -216,6 +261,10 @@ WHERE key IS NOT NULL AND ($5::text IS NULL OR key COLLATE "C" > $5)
 GROUP BY key
 ORDER BY key COLLATE "C"
 LIMIT $6;
+
+-- name: departments_moved
+-- Whether any employee changed department within [$1, $2).
+SELECT EXISTS (SELECT 1 FROM employee_departments WHERE since >= $1::timestamptz AND since < $2::timestamptz);
 
 -- name: liability_wallet_page
 -- Employee ids of wallets after the cursor $1, at most $2 (liability by employee).

@@ -313,8 +313,9 @@ async def test_efficiency_and_department_at_the_time(
     )
     clock.set(datetime(2026, 6, 3, tzinfo=UTC))
     for start, end in (
-        ("2026-06-01T00:00:00Z", "2026-06-03T00:00:00Z"),
-        ("2026-06-01T00:00:01Z", "2026-06-03T00:00:00Z"),
+        ("2026-06-01T00:00:00Z", "2026-06-03T00:00:00Z"),  # daily roll-up
+        ("2026-06-01T00:00:01Z", "2026-06-03T00:00:00Z"),  # events
+        ("2026-06-01T00:00:00Z", "2026-07-01T00:00:00Z"),  # a month with a move: daily
     ):
         params = {"from": start, "to": end}
         r = await client.get("/v1/reports/efficiency", params={**params, "group_by": "department"})
