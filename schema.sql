@@ -4557,6 +4557,125 @@ BEGIN
     RETURN v_out;
 END $$;
 
+-- Imports grants from a CSV (README, Bulk import), set-based: the rows of
+-- tl_grant_batch's fast path (a new key, an open wallet, funded by
+-- system:issuance, a valid expiry) in a handful of statements whatever
+-- their number; rows whose key this caller already used answer from the
+-- stored key (duplicate, or idempotency_key_reused) without touching the
+-- ledger; every other row (a department funder, a closed wallet, an unknown
+-- employee) goes through tl_grant_batch. Unlike tl_grant_batch it expires
+-- only the wallets that have something due, and stores a small replay body
+-- ({transaction: {id}, lot: {id}}, all a batch replay reads). Keys share
+-- the `grants:batch/` space, so an import and POST /v1/grants:batch agree on
+-- what a key means. Returns {results: [{key, status, code?, detail?}]} in
+-- item order.
+CREATE OR REPLACE FUNCTION tl_import_grants(p_caller text, p_items jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_now timestamptz;
+    v_wallet bigint;
+    v_slow jsonb;
+    v_slow_results jsonb;
+BEGIN
+    PERFORM tl_lock(
+        (SELECT coalesce(array_agg(a.id), '{}') FROM accounts a
+          WHERE a.address IN (SELECT 'employee:' || (i #>> '{grant,employee}') FROM jsonb_array_elements(p_items) i
+                              UNION SELECT coalesce(i #>> '{grant,funded_by}', 'system:issuance')
+                              FROM jsonb_array_elements(p_items) i)),
+        ARRAY['system:expired', 'system:issuance']);
+    v_now := tl_now(p_ctx);
+    CREATE TEMP TABLE IF NOT EXISTS tl_import_grant_rows (
+        pos integer PRIMARY KEY, key text, hash bytea, args jsonb, wallet bigint, funder bigint,
+        amount bigint, priority integer, effective_at timestamptz, expires_at timestamptz,
+        state text, txn uuid, lot uuid, result jsonb
+    ) ON COMMIT DROP;
+    TRUNCATE tl_import_grant_rows;
+    INSERT INTO tl_import_grant_rows (pos, key, hash, args, wallet, funder, amount, priority, effective_at, expires_at)
+    SELECT i.pos, i.v ->> 'key', decode(i.v ->> 'hash', 'hex'), i.v -> 'grant', w.id, f.id,
+           (i.v #>> '{grant,amount}')::bigint, coalesce((i.v #>> '{grant,priority}')::integer, 100),
+           coalesce((i.v #>> '{grant,effective_at}')::timestamptz, v_now), (i.v #>> '{grant,expires_at}')::timestamptz
+    FROM jsonb_array_elements(p_items) WITH ORDINALITY AS i (v, pos)
+    LEFT JOIN accounts w ON w.address = 'employee:' || (i.v #>> '{grant,employee}') AND w.status = 'open'
+    LEFT JOIN accounts f ON f.address = coalesce(i.v #>> '{grant,funded_by}', 'system:issuance')
+                        AND f.address = 'system:issuance' AND f.status = 'open' AND f.asset = w.asset;
+    -- Keys already used: the stored answer decides.
+    UPDATE tl_import_grant_rows r SET
+        state = CASE WHEN k.request_hash <> r.hash THEN 'reused'
+                     WHEN k.status_code = 201 THEN 'duplicate' ELSE 'stored' END,
+        result = k.body
+    FROM idempotency_keys k
+    WHERE k.caller = p_caller AND k.key = 'grants:batch/' || r.key;
+    -- The fast rows: claim their keys in key order.
+    WITH claimed AS (
+        INSERT INTO idempotency_keys (caller, key, request_hash, status_code, body)
+        SELECT p_caller, 'grants:batch/' || r.key, r.hash, 0, 'null'::jsonb FROM tl_import_grant_rows r
+        WHERE r.state IS NULL AND r.wallet IS NOT NULL AND r.funder IS NOT NULL AND r.amount > 0
+          AND r.priority BETWEEN 0 AND 1000
+          AND (r.expires_at IS NULL OR r.expires_at > greatest(r.effective_at, v_now))
+        ORDER BY 2
+        ON CONFLICT DO NOTHING
+        RETURNING key)
+    UPDATE tl_import_grant_rows r SET state = 'fast', txn = tl_uuid7(), lot = tl_uuid7()
+    FROM claimed c WHERE 'grants:batch/' || r.key = c.key;
+    IF EXISTS (SELECT 1 FROM tl_import_grant_rows WHERE state = 'fast') THEN
+        -- Only wallets with something due need tl_expire_due (the same tests it makes).
+        FOR v_wallet IN
+            SELECT DISTINCT r.wallet FROM tl_import_grant_rows r
+            WHERE r.state = 'fast' AND (
+                EXISTS (SELECT 1 FROM reservations s WHERE s.account_id = r.wallet AND s.status = 'active'
+                                                        AND s.expires_at <= v_now)
+                OR EXISTS (SELECT 1 FROM lots l WHERE l.account_id = r.wallet AND l.rollover_max IS NOT NULL
+                                                  AND l.rolled_at IS NULL AND l.expires_at <= v_now)
+                OR EXISTS (SELECT 1 FROM lots l WHERE l.account_id = r.wallet AND l.status = 'voided' AND l.live)
+                OR EXISTS (SELECT 1 FROM lots l WHERE l.account_id = r.wallet AND l.status = 'active' AND l.live
+                                                  AND l.expires_at <= v_now))
+            ORDER BY r.wallet
+        LOOP
+            PERFORM tl_expire_due(v_wallet, v_now, p_ctx);
+        END LOOP;
+        INSERT INTO transactions (id, kind, memo, metadata, details, actor, request_id, created_at)
+        SELECT txn, 'grant', args ->> 'memo', coalesce(nullif(args -> 'metadata', 'null'::jsonb), '{}'::jsonb),
+               jsonb_build_object('reason', args ->> 'reason'), p_ctx ->> 'actor', p_ctx ->> 'request_id', v_now
+        FROM tl_import_grant_rows WHERE state = 'fast' ORDER BY pos;
+        INSERT INTO lots (id, account_id, amount, remaining, priority, effective_at, expires_at,
+                          grant_transaction_id, funded_by, source_lot_id, created_at)
+        SELECT lot, wallet, amount, amount, priority, effective_at, expires_at, txn, funder, NULL, v_now
+        FROM tl_import_grant_rows WHERE state = 'fast' ORDER BY pos;
+        INSERT INTO lot_movements (transaction_id, lot_id, amount)
+        SELECT txn, lot, amount FROM tl_import_grant_rows WHERE state = 'fast' ORDER BY pos;
+        PERFORM tl_post_entries(array_agg(l.txn ORDER BY l.pos, l.leg), array_agg(l.account ORDER BY l.pos, l.leg),
+                                array_agg(l.amount ORDER BY l.pos, l.leg), v_now)
+        FROM (SELECT pos, 1 AS leg, txn, funder AS account, -amount AS amount FROM tl_import_grant_rows WHERE state = 'fast'
+              UNION ALL
+              SELECT pos, 2, txn, wallet, amount FROM tl_import_grant_rows WHERE state = 'fast') l;
+        UPDATE idempotency_keys k SET status_code = 201,
+               body = jsonb_build_object('transaction', jsonb_build_object('id', tl_public_id('txn_', r.txn)),
+                                         'lot', jsonb_build_object('id', tl_public_id('lot_', r.lot)))
+            FROM tl_import_grant_rows r
+            WHERE r.state = 'fast' AND k.caller = p_caller AND k.key = 'grants:batch/' || r.key;
+    END IF;
+    -- Every other row, through tl_grant_batch (it fails each alone).
+    SELECT jsonb_agg(i.v ORDER BY i.pos) INTO v_slow
+    FROM jsonb_array_elements(p_items) WITH ORDINALITY AS i (v, pos)
+    JOIN tl_import_grant_rows r ON r.pos = i.pos AND r.state IS NULL;
+    IF v_slow IS NOT NULL THEN
+        v_slow_results := tl_grant_batch(p_caller, v_slow, p_ctx) -> 'results';
+        UPDATE tl_import_grant_rows r SET state = 'slow', result = s.v
+        FROM (SELECT v ->> 'key' AS key, v FROM jsonb_array_elements(v_slow_results) v) s
+        WHERE r.state IS NULL AND r.key = s.key;
+    END IF;
+    RETURN jsonb_build_object('results', coalesce((
+        SELECT jsonb_agg(CASE r.state
+            WHEN 'fast' THEN jsonb_build_object('key', r.key, 'status', 'created')
+            WHEN 'duplicate' THEN jsonb_build_object('key', r.key, 'status', 'duplicate')
+            WHEN 'reused' THEN jsonb_build_object('key', r.key, 'status', 'rejected', 'code', 'idempotency_key_reused',
+                                                  'detail', 'this key was used with other values; nothing was changed')
+            WHEN 'stored' THEN jsonb_build_object('key', r.key, 'status', 'rejected', 'code', r.result ->> 'code',
+                                                  'detail', r.result ->> 'detail')
+            ELSE r.result END ORDER BY r.pos)
+        FROM tl_import_grant_rows r), '[]'::jsonb));
+END $$;
+
 DO $$
 BEGIN
     GRANT SELECT, INSERT, UPDATE ON employee_departments, approvals TO tokenledger_app;

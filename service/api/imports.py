@@ -194,7 +194,7 @@ class ImportsController(Controller):
             )
         if to_post:
             answer = await ledger.fetchval_long(
-                "grant_batch",
+                "import_grants",
                 ledger.config.report_statement_timeout_ms,
                 ctx.caller,
                 [item for _, item in to_post],

@@ -19,3 +19,7 @@ SELECT tl_approval_json(a) FROM approvals a WHERE a.requested_by = $1 AND a.dedu
 -- Records what an approved program run issued ($1 id, $2 the run).
 SELECT tl_approval_set_result($1, $2);
 
+
+-- name: import_grants
+-- A CSV import's grants, set-based ($1 caller, $2 items, $3 context).
+SELECT tl_import_grants($1, $2, $3);

@@ -173,3 +173,10 @@ async def test_import_grants(api: Api, client: AsyncTestClient[Any]) -> None:
     assert (await api.account("employee:e-2"))["posted"] == 200
     approvals = (await client.get("/v1/approvals")).json()["items"]
     assert [a["id"] for a in approvals] == [held["approval"]]
+    # An imported key means the same grant to POST /v1/grants:batch.
+    batch = {"grants": [{"key": "g-1", "employee": "e-1", "amount": 100, "reason": "spot_bonus"}]}
+    r = await client.post("/v1/grants:batch", json=batch)
+    assert r.status_code == 200, r.text
+    (result,) = r.json()["results"]
+    assert result["status"] == "duplicate" and result["transaction_id"].startswith("txn_")
+    assert (await api.account("employee:e-1"))["posted"] == 100
