@@ -30,7 +30,7 @@ from service.audit import run_audit
 from service.auth import new_key
 from service.config import Config
 
-DEPARTMENTS = 20
+DEPARTMENTS = 20  # the departments the setup SQL creates
 
 
 def employees_csv(rows: int) -> bytes:
@@ -56,7 +56,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             await db.apply_schema(conn)
             await conn.execute(
                 "INSERT INTO departments (id, name) SELECT 'dept-' || g, 'Department ' || g"
-                f" FROM generate_series(1, {DEPARTMENTS}) g;"
+                " FROM generate_series(1, 20) g;"
                 " INSERT INTO accounts (address, type, ref)"
                 " SELECT 'department:' || id, 'department', id FROM departments"
             )

@@ -168,13 +168,15 @@ INSERT INTO entries (transaction_id, account_id, shard, asset, amount, balance_a
     FROM bench_wallets w, accounts i WHERE i.address = 'system:issuance';
 INSERT INTO transactions (id, kind, actor, created_at)
     SELECT md5('d' || w.id || '-' || k)::uuid, 'debit', 'bench',
-           '{start}'::timestamptz + (k - 0.5) * ('{end}'::timestamptz - '{start}'::timestamptz) / {debits}
+           '{start}'::timestamptz
+               + (k - 0.5) * ('{end}'::timestamptz - '{start}'::timestamptz) / {debits}
     FROM bench_wallets w, generate_series(1, {debits}) k;
 INSERT INTO entries (transaction_id, account_id, shard, asset, amount, balance_after, version,
                      created_at)
     SELECT md5('d' || w.id || '-' || k)::uuid, w.id, 0, 'CREDIT', -{debit},
            {grant} - {debit} * k, 1 + k,
-           '{start}'::timestamptz + (k - 0.5) * ('{end}'::timestamptz - '{start}'::timestamptz) / {debits}
+           '{start}'::timestamptz
+               + (k - 0.5) * ('{end}'::timestamptz - '{start}'::timestamptz) / {debits}
     FROM bench_wallets w, generate_series(1, {debits}) k;
 UPDATE accounts SET posted = {grant} - {debits} * {debit}, version = 1 + {debits}
     WHERE type = 'employee';
