@@ -332,6 +332,20 @@ async def test_efficiency_and_department_at_the_time(
         (item,) = r.json()["items"]
         assert item["employee"] == "e-1" and item["events"] == 3
         assert item["credits_per_event"] == 2000.0 and item["tokens_per_event"] == 1100.0
+    # The usage report too: by department, the department of the time of the spend, whether
+    # the employee moved within the period or after it.
+    for start, end in (
+        ("2026-06-01T00:00:00Z", "2026-06-03T00:00:00Z"),
+        ("2026-06-01T00:00:00Z", "2026-07-01T00:00:00Z"),
+        ("2026-06-01T00:00:01Z", "2026-06-03T00:00:00Z"),
+        ("2026-06-01T00:00:00Z", "2026-06-02T00:00:00Z"),  # before the move only
+    ):
+        r = await client.get(
+            "/v1/reports/usage", params={"from": start, "to": end, "group_by": "department,month"}
+        )
+        assert r.status_code == 200, r.text
+        got = {i["department"]: i["events"] for i in r.json()["items"]}
+        assert got == ({"eng": 2} if end.startswith("2026-06-02") else {"eng": 2, "ops": 1})
     # The liability view puts the wallet in its department at `to`.
     r = await client.get(
         "/v1/reports/liability",
