@@ -30,9 +30,6 @@ LIABILITY_TOTALS = (
     "outstanding",
 )
 EFFICIENCY_GROUPS = ("employee", "department")
-# Wallets per SQL call when a liability report covers every wallet: bounds
-# the rows held at once, however many employees there are.
-LIABILITY_CHUNK = 2000
 FORECAST_WINDOW_DAYS = 30
 
 
@@ -72,7 +69,12 @@ async def _overage(
     ledger: Ledger, start: datetime, end: datetime, monthly: bool
 ) -> dict[tuple[int, Any], int]:
     rows = await ledger.fetch_slow(
-        "liability_overage", ledger.config.report_statement_timeout_ms, start, end, monthly
+        "liability_overage",
+        ledger.config.report_statement_timeout_ms,
+        start,
+        end,
+        monthly,
+        jit=False,
     )
     return {(r["account_id"], r["starts"]): int(r["overage"]) for r in rows}
 
@@ -96,36 +98,34 @@ async def liability(
         more = len(page) > limit
         page = page[:limit]
         rows = (
-            await ledger.fetch_slow("liability_report", timeout, start, end, False, False, page)
+            await ledger.fetch_slow(
+                "liability_report", timeout, start, end, False, False, page, jit=False
+            )
             if page
             else []
         )
         groups = _fold(rows, lambda r: r["employee"], overage)
         items = [{"employee": emp, **groups[emp]} for emp in page if emp in groups]
         return items, (page[-1] if more and page else None)
-    totals: dict[Any, dict[str, Any]] = {}
-    after: str | None = None
-    while True:
-        ids = [
-            r["ref"] for r in await ledger.fetch("liability_wallet_page", after, LIABILITY_CHUNK)
-        ]
-        if not ids:
-            break
-        rows = await ledger.fetch_slow(
-            "liability_report", timeout, start, end, monthly, group_by == "department", ids
-        )
-        key_of = (
-            (lambda r: r["department"])
-            if group_by == "department"
-            else (lambda r: r["starts"].astimezone(UTC).strftime("%Y-%m"))
-        )
-        for key, g in _fold(rows, key_of, overage).items():
-            into = totals.setdefault(key, dict.fromkeys(LIABILITY_TOTALS, 0))
-            for name in LIABILITY_TOTALS:
-                into[name] += g[name]
-        after = ids[-1]
-        if len(ids) < LIABILITY_CHUNK:
-            break
+    # Every wallet in one call: the flows of the period are read once, and the
+    # rows (one per wallet and period, bounded by the number of employees) are
+    # folded into the few department or month groups here.
+    rows = await ledger.fetch_slow(
+        "liability_report",
+        timeout,
+        start,
+        end,
+        monthly,
+        group_by == "department",
+        None,
+        jit=False,
+    )
+    key_of = (
+        (lambda r: r["department"])
+        if group_by == "department"
+        else (lambda r: r["starts"].astimezone(UTC).strftime("%Y-%m"))
+    )
+    totals = _fold(rows, key_of, overage)
     items = [
         {group_by: key, **totals[key]} for key in sorted(totals, key=lambda k: (k is None, k or ""))
     ]
@@ -157,6 +157,7 @@ async def compensation(
         value.amount,
         cursor,
         limit + 1,
+        jit=False,
     )
     employees: list[str] = []
     for r in rows:
@@ -241,6 +242,7 @@ async def forecast(
         ledger.config.report_statement_timeout_ms,
         [a["id"] for a in accounts],
         now,
+        jit=False,
     )
     by_id = {r["id"]: r for r in inputs}
     items = [
@@ -291,6 +293,7 @@ async def efficiency(
         source,
         cursor,
         limit + 1,
+        jit=False,
     )
     more = len(rows) > limit
     items = []

@@ -164,10 +164,15 @@ class Ledger:
         sql = self.queries[query]
         return await self._run(lambda conn: conn.fetch(sql, *args))
 
-    async def fetch_slow(self, query: str, timeout_ms: int, *args: Any) -> list[asyncpg.Record]:
+    async def fetch_slow(
+        self, query: str, timeout_ms: int, *args: Any, jit: bool = True
+    ) -> list[asyncpg.Record]:
         """A read-only query allowed a longer statement timeout than the
         pool's (reports): SET LOCAL inside its own transaction, so the
-        connection goes back to the pool with the usual limit."""
+        connection goes back to the pool with the usual limit. `jit=False`
+        turns PostgreSQL's JIT off for it: a query that calls a function per
+        row is estimated expensive, and compiling it cost seconds on a busy
+        2-core machine for a query that runs in milliseconds."""
         sql = self.queries[query]
         # The pool's client-side command timeout (twice the usual statement
         # timeout) would cut a longer statement off first and answer 503: this
@@ -177,6 +182,8 @@ class Ledger:
         async def run(conn: asyncpg.Connection) -> list[asyncpg.Record]:
             async with conn.transaction(readonly=True):
                 await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
+                if not jit:
+                    await conn.execute("SET LOCAL jit = off")
                 return await conn.fetch(sql, *args, timeout=client_timeout)
 
         result: list[asyncpg.Record] = await self._run(run)

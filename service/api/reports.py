@@ -70,7 +70,8 @@ class ReportsController(Controller):
         last). `employee` is null for usage charged to a department account;
         `department` is the department the employee belonged to when the usage
         happened (at the end of its UTC day when someone moved within the period; a
-        department account's own id for its usage); `project` is null for usage without one; `day` and `month` are
+        department account's own id for its usage); `project` is null for usage
+        without one; `day` and `month` are
         UTC (`YYYY-MM-DD`, `YYYY-MM`). When `from` and `to` are both UTC midnights
         the report reads the daily roll-up (fast); otherwise it aggregates the events
         themselves (exact at any instant, slower over long periods). With

@@ -31,9 +31,13 @@ WITH bounds AS (
           -- plans, and JIT-compiles, for a thousand times the work).
           LIMIT 14) x
 ),
+-- By address (accounts_address_key), one probe per id: `ref = ANY (array)`
+-- compared every account with every element.
 wallets AS (
-    SELECT a.id, a.ref FROM accounts a
-    WHERE a.type = 'employee' AND ($5::text[] IS NULL OR a.ref = ANY ($5::text[]))
+    SELECT a.id, a.ref FROM unnest($5::text[]) x
+    JOIN accounts a ON a.address = 'employee:' || x
+    UNION ALL
+    SELECT a.id, a.ref FROM accounts a WHERE $5::text[] IS NULL AND a.type = 'employee'
 ),
 -- Wallets whose balance at an instant T of the period may differ from the
 -- journal's: a lot that had expired by T but whose expiry was journaled
@@ -80,9 +84,15 @@ flows AS (
       AND t.created_at > $1::timestamptz AND t.created_at <= $2::timestamptz
       AND e.account_id IN (SELECT id FROM wallets)
     GROUP BY e.account_id, b.starts
+),
+history AS (
+    SELECT h.employee_id, h.department, h.since,
+           coalesce(lead(h.since) OVER (PARTITION BY h.employee_id ORDER BY h.since), 'infinity') AS until
+    FROM employee_departments h
+    WHERE $4::boolean
 )
 SELECT p.ref AS employee,
-       CASE WHEN $4::boolean THEN coalesce(tl_department_at(p.ref, p.ends), e.department) END AS department,
+       CASE WHEN $4::boolean THEN coalesce(h.department, e.department) END AS department,
        p.starts, p.ends, p.id AS account_id,
        p.opening, p.outstanding,
        coalesce(f.granted, 0) AS granted,
@@ -94,6 +104,7 @@ SELECT p.ref AS employee,
 FROM points p
 LEFT JOIN flows f ON f.account_id = p.id AND f.starts = p.starts
 LEFT JOIN employees e ON e.id = p.ref
+LEFT JOIN history h ON h.employee_id = p.ref AND h.since <= p.ends AND p.ends < h.until
 ORDER BY p.ref, p.starts;
 
 -- name: liability_overage
