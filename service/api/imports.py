@@ -22,6 +22,8 @@ CSV = "text/csv"
 # A CSV import may be larger than a JSON body: 100,000 rows of employees are
 # about 8 MB.
 IMPORT_MAX_BYTES = 32 * 1024 * 1024
+# Grant rows per database transaction of an import.
+GRANT_CHUNK_ROWS = 5000
 
 
 class ImportRejected(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -142,7 +144,8 @@ class ImportsController(Controller):
         row that cannot be granted (its error code). A row above
         TOKENLEDGER_APPROVAL_THRESHOLD is not posted: it is rejected with
         `approval_required`, and those rows wait together in one pending approval
-        (`approval`). `updated` is always 0."""
+        (`approval`). `updated` is always 0. Rows are written 5,000 per database
+        transaction: if the request fails part way, sending the file again completes it."""
         parsed = imports.parse(
             await csv_text(request), imports.GrantRow, ledger.config.import_max_rows
         )
@@ -192,14 +195,18 @@ class ImportsController(Controller):
                     ]
                 }
             )
-        if to_post:
+        # In chunks, each its own transaction (and statement timeout): rows are
+        # idempotent by key, so an import cut short is completed by sending the
+        # file again. Keys repeated in the file were split out above, so chunks
+        # never share a key and a dry run rolls each back on its own.
+        for chunk in imports.chunks(to_post, GRANT_CHUNK_ROWS):
             answer = await ledger.fetchval_long(
                 "import_grants",
                 ledger.config.report_statement_timeout_ms,
                 ctx.caller,
-                [item for _, item in to_post],
+                [item for _, item in chunk],
                 ledger.context_json(ctx),
                 rollback=dry_run,
             )
-            parts.append(imports.grant_result(to_post, answer["results"]))
+            parts.append(imports.grant_result(chunk, answer["results"]))
         return msgspec.convert(imports.summary(parsed, imports.merge(*parts)), ImportResult)
