@@ -4004,6 +4004,18 @@ CREATE TABLE IF NOT EXISTS api_keys (
     CONSTRAINT api_keys_hash_length CHECK (length(secret_hash) = 32)
 );
 
+-- Scopes narrow what a key may charge (issue 11): the usage `source`s it may
+-- send and the account types it may debit, reserve on or record usage for.
+-- NULL is unrestricted; an empty list allows nothing.
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS sources text[];
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS account_types text[];
+DO $$
+BEGIN
+    ALTER TABLE api_keys ADD CONSTRAINT api_keys_account_types_valid
+        CHECK (account_types <@ ARRAY['employee', 'department']::text[]);
+EXCEPTION WHEN duplicate_object THEN NULL;
+END $$;
+
 -- Resolves a presented key: the key's id, name and role when the prefix is
 -- known, the hash matches and it is not revoked; otherwise no row. Marks the
 -- key used at most once a minute, so verification is a read almost always.
@@ -4034,7 +4046,8 @@ BEGIN
     RETURN NULL;
 END $$;
 DROP TRIGGER IF EXISTS api_keys_changed ON api_keys;
-CREATE TRIGGER api_keys_changed AFTER INSERT OR UPDATE OF revoked_at, secret_hash, role, prefix OR DELETE
+CREATE TRIGGER api_keys_changed AFTER INSERT OR UPDATE OF revoked_at, secret_hash, role, prefix,
+        sources, account_types OR DELETE
     ON api_keys FOR EACH STATEMENT EXECUTE FUNCTION tl_api_keys_changed();
 
 -- ---------------------------------------------------------------------------

@@ -13,7 +13,8 @@ Two kinds of callers present `Authorization: Bearer <token>`:
   or PEM keys, HS256 for a shared secret), requiring `exp`, `iss`, `aud` and
   `sub`. `sub` is the employee id; an optional claim adds roles.
 
-Routes declare who may call them with `opt=access(...)`; `authorize` is the
+Routes declare the permission they need with `opt=access(...)`; the roles
+behind it come from the one table in `service.roles`, and `authorize` is the
 only place that decides. An employee reaches only their own wallet and what
 hangs off it; anything else answers 404 so that ids cannot be probed.
 """
@@ -41,10 +42,11 @@ from litestar.handlers.base import BaseRouteHandler
 
 from service import errors
 from service.config import Config
+from service.roles import KEY_ROLES, ROLES, own_allowed, roles_for
+
+__all__ = ["KEY_ROLES", "ROLES"]
 
 Role = Literal["admin", "hr", "finance", "meter", "employee"]
-ROLES: tuple[str, ...] = ("admin", "hr", "finance", "meter", "employee")
-KEY_ROLES: tuple[str, ...] = ("admin", "hr", "finance", "meter")
 KEY_PREFIX = "tlk_"
 WWW_AUTHENTICATE = 'Bearer realm="tokenledger"'
 # The channel the api_keys trigger notifies on (schema.sql).
@@ -62,6 +64,19 @@ class Principal:
     roles: frozenset[str]
     employee: str | None = None
     name: str | None = None
+    # A service key's scopes (None: unrestricted): the usage sources it may send and the
+    # account types it may charge.
+    sources: frozenset[str] | None = None
+    account_types: frozenset[str] | None = None
+
+    def check_scope(self, account: str, source: str | None = None) -> None:
+        """Refuses (403 `forbidden`) a charge outside the key's scopes, before anything is
+        read or held: the scope is in the key, the account type in the address."""
+        kind = account.partition(":")[0]
+        if self.account_types is not None and kind not in self.account_types:
+            raise errors.Forbidden(f"this key may not charge {kind} accounts", account=account)
+        if source is not None and self.sources is not None and source not in self.sources:
+            raise errors.Forbidden(f"this key may not record usage from {source!r}", source=source)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,16 +89,22 @@ class Access:
     roles: frozenset[str]
     own: str | None = None
     public: bool = False
+    permissions: tuple[str, ...] = ()
 
 
 PUBLIC = Access(frozenset(), public=True)
 
 
-def access(*roles: str, own: str | None = None) -> dict[str, Any]:
-    """Route option: the roles allowed (admin always is)."""
-    unknown = set(roles) - set(ROLES)
-    assert not unknown, f"unknown roles {unknown}"
-    return {"access": Access(frozenset(roles) | {"admin"}, own)}
+def access(*permissions: str, own: str | None = None) -> dict[str, Any]:
+    """Route option: the permissions of `service.roles.PERMISSIONS` the route needs (any one
+    of them); the roles come from that table alone. `own` names the path parameter an
+    employee must own."""
+    roles = roles_for(*permissions)
+    if own_allowed(*permissions):
+        roles |= {"employee"}
+    else:
+        assert own is None, f"{permissions} are not for employees, yet own={own!r}"
+    return {"access": Access(roles, own, permissions=permissions)}
 
 
 def public() -> dict[str, Any]:
@@ -568,7 +589,11 @@ async def authenticate(
                 cache.put_unknown(parsed[1], since)
             raise unauthenticated("unknown or revoked key")
         principal = Principal(
-            id=f"key:{row['id']}", roles=frozenset({row["role"]}), name=row["name"]
+            id=f"key:{row['id']}",
+            roles=frozenset({row["role"]}),
+            name=row["name"],
+            sources=None if row["sources"] is None else frozenset(row["sources"]),
+            account_types=None if row["account_types"] is None else frozenset(row["account_types"]),
         )
         if cache is not None:
             cache.put(parsed[1], principal, since)

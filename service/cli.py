@@ -214,6 +214,23 @@ async def _sweep(url: str) -> int:
     return 0
 
 
+def _scope(values: list[str] | None) -> str:
+    return "any" if values is None else ",".join(values) or "none"
+
+
+def _scope_list(text: str) -> list[str]:
+    """A comma list for a key scope; "" allows nothing."""
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _account_types(text: str) -> list[str]:
+    kinds = _scope_list(text)
+    unknown = set(kinds) - {"employee", "department"}
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown account types {sorted(unknown)}")
+    return kinds
+
+
 async def _keys(url: str, args: argparse.Namespace) -> int:
     from service.auth import new_key
 
@@ -232,6 +249,10 @@ async def _keys(url: str, args: argparse.Namespace) -> int:
                 args.created_by,
             )
             assert row is not None
+            if args.sources is not None or args.account_types is not None:
+                await conn.fetchrow(
+                    queries["set_key_scopes"], str(key.id), args.sources, args.account_types
+                )
             print(f"created key {row['id']} ({row['name']}, role {row['role']})", file=sys.stderr)
             print("the secret is shown once; store it now:", file=sys.stderr)
             print(key.secret)
@@ -241,6 +262,17 @@ async def _keys(url: str, args: argparse.Namespace) -> int:
                 used = f"{r['last_used_at']:%Y-%m-%d %H:%M}" if r["last_used_at"] else "never"
                 key_id = f"{r['id']}  tlk_{r['prefix']}_…"
                 print(f"{key_id}  {r['role']:8} {state:18} used {used:16} {r['name']}")
+        elif args.keys_command == "scope":
+            row = await conn.fetchrow(
+                queries["set_key_scopes"], args.key, args.sources, args.account_types
+            )
+            if row is None:
+                print(f"no active key {args.key}", file=sys.stderr)
+                return 1
+            print(
+                f"{row['id']} ({row['name']}): sources {_scope(row['sources'])}, "
+                f"account types {_scope(row['account_types'])}"
+            )
         elif args.keys_command == "revoke":
             row = await conn.fetchrow(queries["revoke_key"], args.key)
             if row is None:
@@ -458,12 +490,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     url_arg = argparse.ArgumentParser(add_help=False)
     url_arg.add_argument("--database-url", help="defaults to DATABASE_URL")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    scopes = argparse.ArgumentParser(add_help=False)
+    scopes.add_argument(
+        "--sources", type=_scope_list, default=None, help="usage sources it may send (comma list)"
+    )
+    scopes.add_argument(
+        "--account-types",
+        type=_account_types,
+        default=None,
+        help="account types it may charge: employee, department (comma list)",
+    )
     create = keys_sub.add_parser(
-        "create", parents=[url_arg], help="create a key and print its secret once"
+        "create", parents=[url_arg, scopes], help="create a key and print its secret once"
     )
     create.add_argument("--name", required=True)
     create.add_argument("--role", required=True, choices=["admin", "hr", "finance", "meter"])
     create.add_argument("--created-by", default=None, help="who asked for it (recorded)")
+    keys_sub.add_parser(
+        "scope",
+        parents=[url_arg, scopes],
+        help="set a key's scopes (an omitted scope becomes unrestricted)",
+    ).add_argument("key")
     keys_sub.add_parser("list", parents=[url_arg], help="list keys (never their secrets)")
     revoke = keys_sub.add_parser("revoke", parents=[url_arg], help="revoke a key by id or prefix")
     revoke.add_argument("key")

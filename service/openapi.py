@@ -35,6 +35,7 @@ from service.api.common import (
     REF_PATTERN,
 )
 from service.reports import GROUP_KEYS
+from service.roles import ROLES
 
 PROBLEM_JSON = "application/problem+json"
 _STATE_KEY = "openapi_contract_applied"
@@ -249,6 +250,15 @@ def document_operation(operation: dict[str, Any], handler: Any, *, has_body: boo
             },
         }
         has_body = True
+    # Who may call it, from the one role table (service.roles).
+    roles = sorted(access.roles, key=ROLES.index)
+    operation["x-roles"] = roles
+    note = "Roles: " + ", ".join(f"`{r}`" for r in roles)
+    if access.own is not None:
+        note += f" (`employee` only for their own `{access.own}`)"
+    elif "employee" in roles:
+        note += " (`employee`: their own)"
+    operation["description"] = (operation.get("description", "").rstrip() + "\n\n" + note).strip()
     success = str(handler.status_code)
     for extra in handler.opt.get("statuses", ()):
         if str(extra) not in responses and success in responses:

@@ -56,7 +56,7 @@ class AccountsController(Controller):
         "/accounts/{address:str}",
         summary="Balances of an account",
         opt={
-            **access("hr", "finance", "meter", "employee", own="address"),
+            **access("balance.read", own="address"),
             **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
         },
     )
@@ -71,7 +71,7 @@ class AccountsController(Controller):
     @get(
         "/me",
         summary="The calling employee's wallet",
-        opt={**access("employee"), **problems(errors.EmployeeNotFound)},
+        opt={**access("me"), **problems(errors.EmployeeNotFound)},
     )
     async def me(self, request: Request[Any, Any, Any], ledger: NamedDependency[Ledger]) -> Account:
         principal = getattr(request.state, "principal", None)
@@ -84,7 +84,7 @@ class AccountsController(Controller):
         "/accounts/{address:str}/entries",
         summary="Entries of an account, newest first",
         opt={
-            **access("hr", "finance", "employee", own="address"),
+            **access("history.read", own="address"),
             **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
         },
     )
@@ -110,7 +110,7 @@ class AccountsController(Controller):
         "/accounts/{address:str}/balance",
         summary="Posted balance as of an instant",
         opt={
-            **access("hr", "finance", "meter", "employee", own="address"),
+            **access("balance.read", own="address"),
             **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
         },
     )
@@ -131,7 +131,7 @@ class AccountsController(Controller):
         "/accounts/{address:str}/series",
         summary="Posted balance over time, for charts",
         opt={
-            **access("hr", "finance", "employee", own="address"),
+            **access("history.read", own="address"),
             **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
         },
     )
@@ -163,7 +163,7 @@ class AccountsController(Controller):
         "/accounts/{address:str}/lots",
         summary="Live lots in consumption order",
         opt={
-            **access("hr", "finance", "employee", own="address"),
+            **access("history.read", own="address"),
             **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
         },
     )

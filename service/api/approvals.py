@@ -122,7 +122,7 @@ class ApprovalsController(Controller):
     @get(
         "/approvals",
         summary="List approvals",
-        opt={**access("hr"), **problems()},
+        opt={**access("approvals"), **problems()},
     )
     async def list_approvals(
         self,
@@ -143,7 +143,7 @@ class ApprovalsController(Controller):
     @get(
         "/approvals/{approval_id:str}",
         summary="Get an approval",
-        opt={**access("hr"), **problems(errors.ApprovalNotFound)},
+        opt={**access("approvals"), **problems(errors.ApprovalNotFound)},
     )
     async def get_approval(
         self, ledger: NamedDependency[Ledger], approval_id: FromPath[str]
@@ -159,7 +159,7 @@ class ApprovalsController(Controller):
         summary="Approve and post",
         status_code=200,
         opt={
-            **access("hr"),
+            **access("approvals"),
             **problems(
                 errors.ApprovalNotFound,
                 errors.AccountNotFound,
@@ -217,7 +217,7 @@ class ApprovalsController(Controller):
         summary="Reject (final)",
         status_code=200,
         opt={
-            **access("hr"),
+            **access("approvals"),
             **problems(errors.ApprovalNotFound, errors.NotApprovable, idempotent=True),
         },
     )

@@ -87,7 +87,7 @@ class DirectoryController(Controller):
     @put(
         "/departments/{department_id:str}",
         summary="Create or update a department",
-        opt={**access("hr"), **problems(errors.DepartmentNotFound), **statuses(201)},
+        opt={**access("directory.write"), **problems(errors.DepartmentNotFound), **statuses(201)},
     )
     async def put_department(
         self,
@@ -105,7 +105,7 @@ class DirectoryController(Controller):
     @get(
         "/departments/{department_id:str}",
         summary="Get a department",
-        opt={**access("hr", "finance"), **problems(errors.DepartmentNotFound)},
+        opt={**access("directory.read"), **problems(errors.DepartmentNotFound)},
     )
     async def get_department(
         self, ledger: NamedDependency[Ledger], department_id: FromPath[str]
@@ -120,7 +120,7 @@ class DirectoryController(Controller):
     @get(
         "/departments",
         summary="List departments",
-        opt={**access("hr", "finance"), **problems()},
+        opt={**access("directory.read"), **problems()},
     )
     async def list_departments(
         self,
@@ -137,7 +137,7 @@ class DirectoryController(Controller):
     @get(
         "/employees",
         summary="List and search employees",
-        opt={**access("hr", "finance"), **problems()},
+        opt={**access("directory.read"), **problems()},
     )
     async def list_employees(
         self,
@@ -181,7 +181,7 @@ class DirectoryController(Controller):
         "/employees/{employee_id:str}",
         summary="Create or update an employee",
         opt={
-            **access("hr"),
+            **access("directory.write"),
             **problems(errors.DepartmentNotFound, errors.AccountClosed),
             **statuses(201),
         },
@@ -210,7 +210,7 @@ class DirectoryController(Controller):
     @get(
         "/employees/{employee_id:str}",
         summary="Get an employee with their wallet balance",
-        opt={**access("hr", "finance"), **problems(errors.EmployeeNotFound)},
+        opt={**access("directory.read"), **problems(errors.EmployeeNotFound)},
     )
     async def get_employee(
         self, ledger: NamedDependency[Ledger], employee_id: FromPath[str]
@@ -225,7 +225,7 @@ class DirectoryController(Controller):
         summary="Offboard an employee",
         status_code=200,
         opt={
-            **access("hr"),
+            **access("directory.write"),
             **problems(
                 errors.EmployeeNotFound,
                 errors.AccountClosed,

@@ -167,7 +167,7 @@ class FinanceReportsController(Controller):
     @get(
         "/reports/liability",
         summary="Liability: credits owed to employees",
-        opt={**access("finance", "hr"), **problems()},
+        opt={**access("reports.read"), **problems()},
     )
     async def liability(
         self,
@@ -201,7 +201,7 @@ class FinanceReportsController(Controller):
     @get(
         "/reports/compensation",
         summary="Compensation: credits granted as a perk, in money",
-        opt={**access("finance", "hr"), **problems()},
+        opt={**access("reports.read"), **problems()},
     )
     async def compensation(
         self,
@@ -231,7 +231,7 @@ class FinanceReportsController(Controller):
     @get(
         "/reports/forecast",
         summary="Forecast: when a wallet runs out",
-        opt={**access("finance", "hr"), **problems()},
+        opt={**access("reports.read"), **problems()},
     )
     async def forecast(
         self,
@@ -265,7 +265,7 @@ class FinanceReportsController(Controller):
     @get(
         "/reports/efficiency",
         summary="Efficiency: cached input, premium models, per-event spend",
-        opt={**access("finance", "hr"), **problems()},
+        opt={**access("reports.read"), **problems()},
     )
     async def efficiency(
         self,

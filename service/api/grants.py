@@ -83,7 +83,7 @@ class GrantsController(Controller):
         status_code=201,
         responses=APPROVAL_RESPONSE,
         opt={
-            **access("hr"),
+            **access("grants.write"),
             **problems(
                 errors.AccountNotFound,
                 errors.EmployeeNotFound,
@@ -120,7 +120,7 @@ class GrantsController(Controller):
         summary="Grant credits in a batch",
         status_code=200,
         responses=APPROVAL_RESPONSE,
-        opt={**access("hr"), **problems()},
+        opt={**access("grants.write"), **problems()},
     )
     async def grant_batch(
         self,
@@ -164,7 +164,7 @@ class GrantsController(Controller):
         summary="Void the rest of a lot",
         status_code=200,
         opt={
-            **access("hr"),
+            **access("grants.write"),
             **problems(
                 errors.LotNotFound,
                 errors.LotNotActive,

@@ -91,7 +91,7 @@ class ImportsController(Controller):
         summary="Import employees from CSV",
         status_code=200,
         request_max_body_size=IMPORT_MAX_BYTES,
-        opt={**access("hr"), **problems(), "csv_body": True},
+        opt={**access("directory.write"), **problems(), "csv_body": True},
     )
     async def import_employees(
         self,
@@ -128,7 +128,7 @@ class ImportsController(Controller):
         summary="Import grants from CSV",
         status_code=200,
         request_max_body_size=IMPORT_MAX_BYTES,
-        opt={**access("hr"), **problems(), "csv_body": True},
+        opt={**access("grants.write"), **problems(), "csv_body": True},
     )
     async def import_grants(
         self,

@@ -65,7 +65,7 @@ class PricesController(Controller):
         "/prices",
         summary="Add a price version",
         status_code=201,
-        opt={**access("finance"), **problems(idempotent=True)},
+        opt={**access("prices.write"), **problems(idempotent=True)},
     )
     async def add_price(
         self,
@@ -93,7 +93,7 @@ class PricesController(Controller):
     @get(
         "/prices",
         summary="Price versions, or the versions in effect at an instant",
-        opt={**access("finance", "hr", "meter"), **problems()},
+        opt={**access("prices.read"), **problems()},
     )
     async def list_prices(
         self,

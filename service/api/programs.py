@@ -168,7 +168,7 @@ class ProgramsController(Controller):
         "/grant-programs/{program_id:str}",
         summary="Create or update a grant program",
         opt={
-            **access("hr"),
+            **access("programs.write"),
             **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
             **statuses(201),
         },
@@ -193,7 +193,7 @@ class ProgramsController(Controller):
     @get(
         "/grant-programs",
         summary="List grant programs",
-        opt={**access("hr", "finance"), **problems()},
+        opt={**access("programs.read"), **problems()},
     )
     async def list_programs(
         self,
@@ -211,7 +211,7 @@ class ProgramsController(Controller):
     @get(
         "/grant-programs/{program_id:str}",
         summary="Get a grant program",
-        opt={**access("hr", "finance"), **problems(errors.GrantProgramNotFound)},
+        opt={**access("programs.read"), **problems(errors.GrantProgramNotFound)},
     )
     async def get_program(
         self, ledger: NamedDependency[Ledger], program_id: FromPath[str]
@@ -229,7 +229,7 @@ class ProgramsController(Controller):
         status_code=200,
         responses=APPROVAL_RESPONSE,
         opt={
-            **access("hr"),
+            **access("programs.write"),
             **problems(
                 errors.GrantProgramNotFound, errors.InsufficientCredits, errors.BalanceLimitExceeded
             ),
@@ -276,7 +276,7 @@ class ProgramsController(Controller):
     @get(
         "/grant-programs/{program_id:str}/runs",
         summary="Runs of a grant program",
-        opt={**access("hr", "finance"), **problems(errors.GrantProgramNotFound)},
+        opt={**access("programs.read"), **problems(errors.GrantProgramNotFound)},
     )
     async def list_runs(
         self,

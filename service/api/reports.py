@@ -47,7 +47,7 @@ class ReportsController(Controller):
     @get(
         "/reports/usage",
         summary="Usage totals over a period, grouped",
-        opt={**access("finance", "hr"), **problems()},
+        opt={**access("reports.read"), **problems()},
     )
     async def usage(
         self,

@@ -119,7 +119,7 @@ class ReservationsController(Controller):
         summary="Reserve credits",
         status_code=201,
         opt={
-            **access("meter"),
+            **access("spend"),
             **problems(
                 errors.AccountNotFound,
                 errors.EmployeeNotFound,
@@ -145,6 +145,7 @@ class ReservationsController(Controller):
         the model's current price and `max_output_tokens_allowed` tells how many output
         tokens the held amount covers."""
         exactly_one("amount", "estimate", data.amount, data.estimate)
+        request.state.principal.check_scope(data.account)
         if data.estimate is not None:
             lo, hi = data.estimate.min_output_tokens, data.estimate.max_output_tokens
             if lo is not None and lo > hi:
@@ -161,7 +162,7 @@ class ReservationsController(Controller):
         summary="Capture a reservation",
         status_code=200,
         opt={
-            **access("meter"),
+            **access("spend"),
             **problems(
                 errors.ReservationNotFound,
                 errors.UnknownModel,
@@ -200,7 +201,7 @@ class ReservationsController(Controller):
         summary="Release a reservation",
         status_code=200,
         opt={
-            **access("meter"),
+            **access("spend"),
             **problems(errors.ReservationNotFound, errors.ReservationNotActive, idempotent=True),
         },
     )
@@ -222,7 +223,7 @@ class ReservationsController(Controller):
         summary="Extend a reservation",
         status_code=200,
         opt={
-            **access("meter"),
+            **access("spend"),
             **problems(errors.ReservationNotFound, errors.ReservationNotActive, idempotent=True),
         },
     )
@@ -249,7 +250,7 @@ class ReservationsController(Controller):
         "/reservations/{reservation_id:str}",
         summary="Get a reservation",
         opt={
-            **access("meter", "hr", "finance", "employee", own="reservation_id"),
+            **access("reservations.read", own="reservation_id"),
             **problems(errors.ReservationNotFound),
         },
     )
@@ -269,7 +270,7 @@ class ReservationsController(Controller):
         "/accounts/{address:str}/reservations",
         summary="Reservations of an account, newest first",
         opt={
-            **access("meter", "hr", "finance", "employee", own="address"),
+            **access("reservations.read", own="address"),
             **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
         },
     )

@@ -27,6 +27,7 @@ from service.api.resources import Transaction, TransactionsPage
 from service.auth import access
 from service.journal import Ledger
 from service.openapi import problems
+from service.roles import grants
 
 Kind = Literal[
     "grant", "debit", "usage", "transfer", "capture", "expiry", "void", "reversal", "rollover"
@@ -61,7 +62,7 @@ class TransactionsController(Controller):
         summary="Debit credits from a wallet",
         status_code=201,
         opt={
-            **access("meter"),
+            **access("spend"),
             **problems(
                 errors.AccountNotFound,
                 errors.EmployeeNotFound,
@@ -82,7 +83,8 @@ class TransactionsController(Controller):
         """Consumes live lots in consumption order (priority, soonest expiry, oldest
         first) and moves the credits to `system:usage`. 409 `insufficient_credits` with
         `available` and `requested` when the live lots cannot cover it. Requires an
-        `Idempotency-Key`."""
+        `Idempotency-Key`. A key scoped to other account types answers 403."""
+        request.state.principal.check_scope(data.account)
         return await run_operation(request, ledger, "debit", data, success_status=201)
 
     @post(
@@ -90,7 +92,7 @@ class TransactionsController(Controller):
         summary="Transfer credits between accounts",
         status_code=201,
         opt={
-            **access("hr"),
+            **access("transfers", "departments.fund"),
             **problems(
                 errors.AccountNotFound,
                 errors.EmployeeNotFound,
@@ -112,13 +114,21 @@ class TransactionsController(Controller):
         """Moves credits between wallets and department accounts (or to and from
         `system:issuance`, which is how finance funds departments). Credits carry their
         expiry and priority with them: moving credits never extends their life.
-        Requires an `Idempotency-Key`."""
+        Requires an `Idempotency-Key`. Finance without `hr` may only fund a department:
+        from `system:issuance` to a `department:` account (`service.roles`)."""
+        principal = request.state.principal
+        if not grants(principal.roles, "transfers") and not (
+            data.from_ == "system:issuance" and data.to.startswith("department:")
+        ):
+            raise errors.Forbidden(
+                "finance may transfer only from system:issuance to a department account"
+            )
         return await run_operation(request, ledger, "transfer", data, success_status=201)
 
     @get(
         "/transactions/{transaction_id:str}",
         summary="Get a transaction",
-        opt={**access("hr", "finance"), **problems(errors.TransactionNotFound)},
+        opt={**access("transactions.read"), **problems(errors.TransactionNotFound)},
     )
     async def get_transaction(
         self, ledger: NamedDependency[Ledger], transaction_id: FromPath[str]
@@ -135,7 +145,7 @@ class TransactionsController(Controller):
         "/transactions",
         summary="List transactions, newest first",
         opt={
-            **access("hr", "finance"),
+            **access("transactions.read"),
             **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
         },
     )
@@ -165,7 +175,7 @@ class TransactionsController(Controller):
         summary="Reverse a transaction",
         status_code=201,
         opt={
-            **access("finance"),
+            **access("reversals"),
             **problems(
                 errors.TransactionNotFound,
                 errors.InsufficientCredits,

@@ -125,7 +125,7 @@ class UsageController(Controller):
         summary="Record a usage event",
         status_code=201,
         opt={
-            **access("meter"),
+            **access("spend"),
             **problems(
                 errors.AccountNotFound,
                 errors.EmployeeNotFound,
@@ -154,6 +154,7 @@ class UsageController(Controller):
         stored result and `status: "duplicate"`, whatever the body, and charges nothing.
         404 `unknown_model` records nothing (never a zero charge); 409
         `insufficient_credits` records nothing, so it may be sent again later."""
+        request.state.principal.check_scope(data.account, data.source)
         ctx = context_of(request)
         result = await ledger.fetchval(
             "record_usage", usage_args(data, ledger), ledger.context_json(ctx)
@@ -167,7 +168,7 @@ class UsageController(Controller):
         "/usage:batch",
         summary="Record usage events in a batch",
         status_code=200,
-        opt={**access("meter"), **problems()},
+        opt={**access("spend"), **problems()},
     )
     async def record_batch(
         self,
@@ -182,9 +183,11 @@ class UsageController(Controller):
         credits cannot cover is rejected (`insufficient_credits`) in batch order."""
         valid: list[dict[str, Any]] = []
         early: dict[int, dict[str, Any]] = {}
+        principal = request.state.principal
         for i, raw in enumerate(data.events):
             try:
                 event = msgspec.convert(raw, UsageIn, strict=True)
+                principal.check_scope(event.account, event.source)
                 valid.append(usage_args(event, ledger))
             except (msgspec.ValidationError, errors.LedgerError) as exc:
                 code = exc.code if isinstance(exc, errors.LedgerError) else "invalid_request"

@@ -1,12 +1,20 @@
 -- name: authenticate_key
--- The key's id, name and role when the presented secret is valid and not revoked.
-SELECT id, name, role FROM tl_authenticate_key($1, $2);
+-- The key's id, name, role and scopes when the presented secret is valid and not revoked.
+SELECT a.id, a.name, a.role, k.sources, k.account_types
+FROM tl_authenticate_key($1, $2) a JOIN api_keys k ON k.id = a.id;
 
 -- name: create_key
 -- Stores a new service key (only the secret's hash).
 INSERT INTO api_keys (id, prefix, secret_hash, name, role, created_by)
 VALUES ($1, $2, $3, $4, $5, $6)
 RETURNING id, prefix, name, role, created_at;
+
+-- name: set_key_scopes
+-- Narrows (or widens) what a key, by id or prefix, may charge; NULL lifts a scope. The
+-- api_keys trigger tells every replica to drop the key from its cache at commit.
+UPDATE api_keys SET sources = $2, account_types = $3
+WHERE (id::text = $1 OR prefix = $1) AND revoked_at IS NULL
+RETURNING id, prefix, name, role, sources, account_types;
 
 -- name: ensure_key
 -- Stores a key given in configuration unless it already exists, and revokes
@@ -22,7 +30,8 @@ ON CONFLICT (prefix) DO NOTHING;
 
 -- name: list_keys
 -- Every key, newest first, without secrets.
-SELECT id, prefix, name, role, created_by, created_at, last_used_at, revoked_at
+SELECT id, prefix, name, role, created_by, created_at, last_used_at, revoked_at, sources,
+       account_types
 FROM api_keys ORDER BY created_at DESC;
 
 -- name: revoke_key

@@ -6,6 +6,7 @@ import itertools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,10 +14,11 @@ import jwt
 import pytest
 from litestar.testing import AsyncTestClient
 
-from service import db
+from service import db, roles
 from service.app import create_app
 from service.auth import new_key
 from service.config import Config
+from service.openapi import served
 from tests.api.conftest import JWT_AUDIENCE, JWT_ISSUER, JWT_SECRET, Api, key, problem
 
 ROLES = ("admin", "hr", "finance", "meter", "employee")
@@ -486,6 +488,52 @@ async def test_authorization_matrix(world: World, route: tuple[str, str]) -> Non
             if "/v1/reservations/" in path:
                 code = "reservation_not_found"
             assert r.json()["code"] == code
+
+
+def test_served_schema_names_the_roles_the_guard_enforces() -> None:
+    """Each operation's `x-roles` in the served schema is the matrix's roles (plus admin): the
+    schema is generated from the same table the guard decides by."""
+    app = create_app(Config(environment="development", database_url="postgresql://unused/x"))
+    schema = served(app)
+    for (method, path), case in MATRIX.items():
+        operation = schema["paths"][path][method.lower()]
+        # Finance passes the transfer route's guard to fund departments; the handler
+        # refuses it every other transfer (the matrix's 403).
+        funding = {FIN} if path == "/v1/transfers" else set()
+        assert set(operation["x-roles"]) == case.roles | {"admin"} | funding, (method, path)
+        assert "Roles: " in operation["description"], (method, path)
+
+
+def test_readme_role_table_is_generated_from_the_code() -> None:
+    """The README's role table is exactly what `python -m service.roles` prints."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    begin = readme.index("<!-- roles:begin")
+    table = readme[readme.index("\n", begin) + 1 : readme.index("\n<!-- roles:end -->")]
+    assert table == roles.markdown()
+
+
+async def test_finance_funds_a_department_and_nothing_else(world: World) -> None:
+    """Finance may transfer from system:issuance to a department (funding a budget); any
+    other transfer is 403 and moves nothing."""
+    fin = {**world.auth("finance"), **key()}
+    r = await world.api.c.post(
+        "/v1/transfers",
+        json={"from": "system:issuance", "to": "department:eng", "amount": 500},
+        headers=fin,
+    )
+    assert r.status_code == 201, r.text
+    assert (await world.api.account("department:eng"))["posted"] == 500
+    for src, dst in (
+        ("department:eng", "system:issuance"),
+        ("system:issuance", "employee:e-own"),
+        ("employee:e-other", "department:eng"),
+    ):
+        r = await world.api.c.post(
+            "/v1/transfers", json={"from": src, "to": dst, "amount": 1}, headers=fin
+        )
+        assert problem(r, 403, "forbidden")
+    assert (await world.api.account("department:eng"))["posted"] == 500
+    assert await world.api.available("employee:e-own") == 10_000
 
 
 # --- tokens ----------------------------------------------------------------------

@@ -352,6 +352,12 @@ CONSTRAINT_CASES: list[tuple[str, type[asyncpg.PostgresError], str]] = [
         "'p2', sha256('a'), 'n', 'root')",
     ),
     (
+        "api_keys_account_types_valid",
+        asyncpg.CheckViolationError,
+        "INSERT INTO api_keys (id, prefix, secret_hash, name, role, account_types) VALUES "
+        "(gen_random_uuid(), 'p4', sha256('a'), 'n', 'meter', ARRAY['system'])",
+    ),
+    (
         "api_keys_name_length",
         asyncpg.CheckViolationError,
         "INSERT INTO api_keys (id, prefix, secret_hash, name, role) VALUES (gen_random_uuid(), "
