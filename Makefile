@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run test check contract fmt lint typecheck audit bench bench-reports bench-programs bench-alerts bench-pages chaos clean
+.PHONY: help venv run test check contract fmt lint typecheck audit bench bench-reports bench-programs bench-alerts bench-pages bench-imports chaos clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -67,6 +67,9 @@ bench: venv ## Run the load generator (scenarios, then wrk throughput phases)
 
 bench-reports: venv ## Time usage reports on 1M events for 10k employees
 	$(PY) -m bench.reports
+
+bench-imports: venv ## Time CSV imports of 50k employees and 50k grants
+	$(PY) -m bench.imports
 
 bench-programs: venv ## Time a grant-program cycle issued to 10k employees
 	$(PY) -m bench.programs

@@ -938,7 +938,12 @@ BEGIN
                          jsonb_build_object('department', v_dept));
     END IF;
     SELECT status, department INTO v_status, v_old_dept FROM employees WHERE id = v_id FOR UPDATE;
-    IF v_status = 'offboarded' THEN
+    -- An explicit status "active" re-hires an offboarded employee (tl_rehire);
+    -- without it the closed wallet stays closed.
+    IF v_status = 'offboarded' AND p_args ->> 'status' = 'active' THEN
+        PERFORM tl_rehire(v_id, tl_now(p_ctx));
+        v_old_dept := NULL;  -- joins the grant programs' audiences again
+    ELSIF v_status = 'offboarded' THEN
         PERFORM tl_raise('TLB02', 'account_closed', format('employee %s was offboarded; their wallet is closed', v_id),
                          jsonb_build_object('account', 'employee:' || v_id));
     END IF;
@@ -948,6 +953,8 @@ BEGIN
     RETURNING (xmax = 0) INTO v_created;
     INSERT INTO accounts (address, type, ref) VALUES ('employee:' || v_id, 'employee', v_id)
     ON CONFLICT (address) DO NOTHING;
+    -- Reports attribute spend to the department of its time (employee_departments).
+    PERFORM tl_record_department(v_id, v_dept, v_created, tl_now(p_ctx));
     -- Joining a grant program's audience mid-cycle grants that cycle at once.
     IF v_created OR v_old_dept IS DISTINCT FROM v_dept THEN
         v_runs := tl_program_onboard(v_id, p_ctx);
@@ -3203,6 +3210,9 @@ BEGIN
         WHEN 'add_price' THEN tl_op_add_price(p_args, p_ctx)
         WHEN 'create_webhook' THEN tl_op_create_webhook(p_args, p_ctx)
         WHEN 'retry_delivery' THEN tl_op_retry_delivery(p_args, p_ctx)
+        WHEN 'request_approval' THEN tl_op_request_approval(p_args, p_ctx)
+        WHEN 'approve' THEN tl_op_approve(p_args, p_ctx)
+        WHEN 'reject' THEN tl_op_reject(p_args, p_ctx)
     END;
 END $$;
 
@@ -5396,6 +5406,419 @@ BEGIN
     GRANT UPDATE (fanned_out_at) ON outbox TO tokenledger_app;
 EXCEPTION WHEN insufficient_privilege OR undefined_object THEN
     RAISE NOTICE 'tokenledger_app not granted on webhooks: %', SQLERRM;
+END $$;
+
+-- ---------------------------------------------------------------------------
+-- HR and finance (issue 16): department history, directory search, re-hire,
+-- four-eyes approvals, CSV imports
+-- ---------------------------------------------------------------------------
+
+-- The department an employee belonged to from `since` until the next row's
+-- `since`. Reports join spend to it by time, so moving an employee does not
+-- move their past spend. The first row of an employee starts at -infinity.
+CREATE TABLE IF NOT EXISTS employee_departments (
+    employee_id text NOT NULL REFERENCES employees (id),
+    department  text NOT NULL REFERENCES departments (id),
+    since       timestamptz NOT NULL,
+    CONSTRAINT employee_departments_pkey PRIMARY KEY (employee_id, since)
+);
+-- Employees created before this table existed: their current department,
+-- since always (the best the database knows).
+INSERT INTO employee_departments (employee_id, department, since)
+SELECT e.id, e.department, '-infinity' FROM employees e
+WHERE NOT EXISTS (SELECT 1 FROM employee_departments h WHERE h.employee_id = e.id);
+
+-- Directory search (GET /v1/employees?q=): prefixes of id, name and email,
+-- case-insensitive, each answered by a btree index in byte order.
+CREATE INDEX IF NOT EXISTS employees_id_search_idx ON employees ((id COLLATE "C"));
+CREATE INDEX IF NOT EXISTS employees_name_search_idx ON employees ((lower(name) COLLATE "C"));
+CREATE INDEX IF NOT EXISTS employees_email_search_idx ON employees ((lower(email) COLLATE "C"));
+CREATE INDEX IF NOT EXISTS employees_status_idx ON employees (status, id);
+-- Whether anyone moved department in a period (the efficiency report).
+CREATE INDEX IF NOT EXISTS employee_departments_since_idx ON employee_departments (since);
+
+-- Finance reports (liability, compensation) read the transactions that are
+-- not spend by time; spend (usage, debits, captures: the hot path) is left
+-- out of the index, so writing it costs nothing more.
+CREATE INDEX IF NOT EXISTS transactions_ledger_time_idx ON transactions (created_at)
+    WHERE kind NOT IN ('usage', 'debit', 'capture');
+
+-- Records a department change (or the first department) of an employee.
+CREATE OR REPLACE FUNCTION tl_record_department(p_employee text, p_department text, p_created boolean,
+                                                p_now timestamptz)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_created THEN
+        INSERT INTO employee_departments (employee_id, department, since)
+        VALUES (p_employee, p_department, '-infinity') ON CONFLICT DO NOTHING;
+    ELSIF (SELECT h.department FROM employee_departments h WHERE h.employee_id = p_employee
+           ORDER BY h.since DESC LIMIT 1) IS DISTINCT FROM p_department THEN
+        INSERT INTO employee_departments (employee_id, department, since)
+        VALUES (p_employee, p_department, p_now)
+        ON CONFLICT ON CONSTRAINT employee_departments_pkey DO UPDATE SET department = EXCLUDED.department;
+    END IF;
+END $$;
+
+-- The department of an employee at an instant.
+CREATE OR REPLACE FUNCTION tl_department_at(p_employee text, p_at timestamptz) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT h.department FROM employee_departments h
+    WHERE h.employee_id = p_employee AND h.since <= p_at ORDER BY h.since DESC LIMIT 1
+$$;
+
+-- Re-hire: the wallet reopens as it was left at offboarding (empty: its
+-- lots went back to their funders); its history stays. The caller holds the
+-- employee row lock.
+CREATE OR REPLACE FUNCTION tl_rehire(p_employee text, p_now timestamptz) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    w accounts;
+BEGIN
+    w := tl_require_account('employee:' || p_employee);
+    PERFORM tl_lock(ARRAY[w.id], ARRAY[]::text[]);
+    UPDATE accounts SET status = 'open', updated_at = p_now WHERE id = w.id;
+    UPDATE employees SET status = 'active', offboarded_at = NULL, updated_at = p_now WHERE id = p_employee;
+END $$;
+
+-- Four-eyes approvals (README, Approvals). A grant, a batch of grants or a
+-- manual program run above TOKENLEDGER_APPROVAL_THRESHOLD is stored here
+-- instead of being posted; a different hr or admin caller approves it (which
+-- posts it, once: the approval row is locked and must still be pending) or
+-- rejects it (final). requested_by and decided_by are the audit trail.
+CREATE TABLE IF NOT EXISTS approvals (
+    id           uuid PRIMARY KEY,
+    kind         text NOT NULL,
+    request      jsonb NOT NULL,
+    -- Same caller, same request, same approval: a batch or program run sent
+    -- again finds its approval (single grants have their Idempotency-Key).
+    dedup_key    text,
+    requested_by text NOT NULL,
+    requested_at timestamptz NOT NULL,
+    request_id   text,
+    status       text NOT NULL DEFAULT 'pending',
+    decided_by   text,
+    decided_at   timestamptz,
+    memo         text,
+    result       jsonb,
+    CONSTRAINT approvals_kind_valid CHECK (kind IN ('grant', 'grant_batch', 'program_run')),
+    CONSTRAINT approvals_status_valid CHECK (status IN ('pending', 'approved', 'rejected')),
+    CONSTRAINT approvals_decided CHECK ((status = 'pending') = (decided_by IS NULL AND decided_at IS NULL)),
+    CONSTRAINT approvals_four_eyes CHECK (decided_by IS DISTINCT FROM requested_by),
+    CONSTRAINT approvals_dedup_key_unique UNIQUE (requested_by, dedup_key)
+);
+CREATE INDEX IF NOT EXISTS approvals_status_idx ON approvals (status, id DESC);
+
+CREATE OR REPLACE FUNCTION tl_approval_json(a approvals) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object('id', tl_public_id('apr_', a.id), 'kind', a.kind, 'status', a.status,
+                              'request', a.request, 'requested_by', a.requested_by,
+                              'requested_at', tl_ts(a.requested_at), 'decided_by', a.decided_by,
+                              'decided_at', tl_ts(a.decided_at), 'memo', a.memo, 'result', a.result)
+$$;
+
+-- Stores a pending approval (the op `request_approval`, under the caller's
+-- Idempotency-Key for single grants). With a dedup_key, the same caller's
+-- same request answers the approval it already has.
+CREATE OR REPLACE FUNCTION tl_op_request_approval(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    a approvals;
+BEGIN
+    IF p_args ->> 'dedup_key' IS NOT NULL THEN
+        SELECT * INTO a FROM approvals
+        WHERE requested_by = p_ctx ->> 'actor' AND dedup_key = p_args ->> 'dedup_key';
+        IF FOUND THEN
+            RETURN jsonb_build_object('approval', tl_approval_json(a));
+        END IF;
+    END IF;
+    INSERT INTO approvals (id, kind, request, dedup_key, requested_by, requested_at, request_id)
+    VALUES (tl_uuid7(), p_args ->> 'kind', p_args -> 'request', p_args ->> 'dedup_key', p_ctx ->> 'actor',
+            tl_now(p_ctx), p_ctx ->> 'request_id')
+    ON CONFLICT ON CONSTRAINT approvals_dedup_key_unique DO NOTHING
+    RETURNING * INTO a;
+    IF NOT FOUND THEN  -- a concurrent twin inserted it first
+        SELECT * INTO a FROM approvals
+        WHERE requested_by = p_ctx ->> 'actor' AND dedup_key = p_args ->> 'dedup_key';
+    END IF;
+    RETURN jsonb_build_object('approval', tl_approval_json(a));
+END $$;
+
+-- Locks a pending approval for a decision by the caller of p_ctx. The row
+-- lock is what makes two concurrent approvals post once: the second waits,
+-- then finds it decided.
+CREATE OR REPLACE FUNCTION tl_lock_approval(p_args jsonb, p_ctx jsonb) RETURNS approvals
+LANGUAGE plpgsql AS $$
+DECLARE
+    a approvals;
+BEGIN
+    SELECT * INTO a FROM approvals WHERE id = (p_args ->> 'approval_id')::uuid FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM tl_raise('TLA16', 'approval_not_found', format('no approval %s', p_args ->> 'approval'),
+                         jsonb_build_object('approval', p_args ->> 'approval'));
+    END IF;
+    IF a.status <> 'pending' THEN
+        PERFORM tl_raise('TLB16', 'not_approvable', format('approval %s is already %s', p_args ->> 'approval', a.status),
+                         jsonb_build_object('approval', p_args ->> 'approval', 'approval_status', a.status));
+    END IF;
+    IF a.requested_by = p_ctx ->> 'actor' THEN
+        PERFORM tl_raise('TLB16', 'not_approvable', 'the approver must be a different caller than the requester',
+                         jsonb_build_object('approval', p_args ->> 'approval', 'approval_status', a.status));
+    END IF;
+    RETURN a;
+END $$;
+
+-- Approves and posts: a grant through tl_op_grant, a batch through
+-- tl_grant_batch (under the requester's item keys, so each item is posted
+-- at most once even if also sent again directly). A program run is only
+-- marked approved here; the service then runs the cycle, which is itself
+-- exactly-once per (program, cycle, employee). The posting's transactions
+-- carry the requester as actor; the approval row names both.
+CREATE OR REPLACE FUNCTION tl_op_approve(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    a approvals;
+    v_ctx jsonb;
+    v_result jsonb;
+BEGIN
+    a := tl_lock_approval(p_args, p_ctx);
+    v_ctx := p_ctx || jsonb_build_object('actor', a.requested_by);
+    v_result := CASE a.kind
+        WHEN 'grant' THEN tl_op_grant(a.request, v_ctx)
+        WHEN 'grant_batch' THEN tl_grant_batch(a.requested_by, a.request -> 'items', v_ctx)
+        ELSE NULL END;
+    UPDATE approvals SET status = 'approved', decided_by = p_ctx ->> 'actor', decided_at = tl_now(p_ctx),
+                         memo = p_args ->> 'memo', result = v_result
+        WHERE id = a.id RETURNING * INTO a;
+    RETURN tl_approval_json(a);
+END $$;
+
+CREATE OR REPLACE FUNCTION tl_op_reject(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    a approvals;
+BEGIN
+    a := tl_lock_approval(p_args, p_ctx);
+    UPDATE approvals SET status = 'rejected', decided_by = p_ctx ->> 'actor', decided_at = tl_now(p_ctx),
+                         memo = p_args ->> 'memo'
+        WHERE id = a.id RETURNING * INTO a;
+    RETURN tl_approval_json(a);
+END $$;
+
+-- Records the result of an approved program run (the service runs the
+-- cycle after tl_op_approve committed).
+CREATE OR REPLACE FUNCTION tl_approval_set_result(p_id uuid, p_result jsonb) RETURNS jsonb
+LANGUAGE sql AS $$
+    UPDATE approvals SET result = coalesce(result, p_result) WHERE id = p_id AND status = 'approved'
+    RETURNING tl_approval_json(approvals)
+$$;
+
+-- Imports employees from a CSV, set-based (README, Bulk import). p_rows:
+-- [{line, id, name, email, department}], each already format-checked by the
+-- service. Each row is idempotent by the employee id: a row equal to the
+-- stored employee is `duplicate`, a changed one `updated`, a new one
+-- `created`; a later row for an id already in the file is `duplicate` if
+-- equal to the first, else rejected. Unknown departments and offboarded
+-- employees are rejected. One statement per kind of change; grant-program
+-- onboarding runs per new member only when an active program exists.
+-- Returns {created, updated, duplicate, rejected: [{line, code, detail}]}.
+CREATE OR REPLACE FUNCTION tl_import_employees(p_rows jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_now timestamptz := tl_now(p_ctx);
+    v_emp text;
+    v_out jsonb;
+BEGIN
+    CREATE TEMP TABLE IF NOT EXISTS tl_import_rows (
+        line integer PRIMARY KEY, id text, name text, email text, department text,
+        action text, code text, detail text
+    ) ON COMMIT DROP;
+    TRUNCATE tl_import_rows;
+    INSERT INTO tl_import_rows (line, id, name, email, department)
+    SELECT r.line, r.id, r.name, r.email, r.department
+    FROM jsonb_to_recordset(p_rows) AS r (line integer, id text, name text, email text, department text);
+    ANALYZE tl_import_rows;
+    -- Later rows repeating an id of the file.
+    UPDATE tl_import_rows t SET
+        action = CASE WHEN (t.name, t.email, t.department) = (f.name, f.email, f.department) THEN 'duplicate' END,
+        code = CASE WHEN (t.name, t.email, t.department) IS DISTINCT FROM (f.name, f.email, f.department)
+                    THEN 'invalid_request' END,
+        detail = format('employee %s appears on line %s with other values', t.id, f.line)
+    FROM (SELECT DISTINCT ON (id) id, line, name, email, department FROM tl_import_rows ORDER BY id, line) f
+    WHERE t.id = f.id AND t.line > f.line;
+    UPDATE tl_import_rows t SET code = 'department_not_found', detail = format('department %s does not exist', t.department)
+    WHERE t.action IS NULL AND t.code IS NULL AND NOT EXISTS (SELECT 1 FROM departments d WHERE d.id = t.department);
+    -- Lock the employees the file names, in id order, then classify.
+    PERFORM 1 FROM employees e JOIN tl_import_rows t ON t.id = e.id AND t.action IS NULL AND t.code IS NULL
+        ORDER BY e.id FOR UPDATE OF e;
+    UPDATE tl_import_rows t SET
+        action = CASE WHEN e.status = 'offboarded' THEN NULL
+                      WHEN (e.name, e.email, e.department) = (t.name, t.email, t.department) THEN 'duplicate'
+                      ELSE 'updated' END,
+        code = CASE WHEN e.status = 'offboarded' THEN 'account_closed' END,
+        detail = CASE WHEN e.status = 'offboarded'
+                      THEN format('employee %s was offboarded; re-hire with PUT and status "active"', e.id) END
+    FROM employees e WHERE e.id = t.id AND t.action IS NULL AND t.code IS NULL;
+    UPDATE tl_import_rows SET action = 'created' WHERE action IS NULL AND code IS NULL;
+
+    INSERT INTO employees (id, name, email, department)
+    SELECT id, name, email, department FROM tl_import_rows WHERE action = 'created' ORDER BY id;
+    INSERT INTO accounts (address, type, ref)
+    SELECT 'employee:' || id, 'employee', id FROM tl_import_rows WHERE action = 'created' ORDER BY id
+    ON CONFLICT (address) DO NOTHING;
+    INSERT INTO employee_departments (employee_id, department, since)
+    SELECT id, department, '-infinity' FROM tl_import_rows WHERE action = 'created'
+    ON CONFLICT DO NOTHING;
+    INSERT INTO employee_departments (employee_id, department, since)
+    SELECT t.id, t.department, v_now FROM tl_import_rows t JOIN employees e ON e.id = t.id
+    WHERE t.action = 'updated' AND e.department <> t.department
+    ON CONFLICT ON CONSTRAINT employee_departments_pkey DO UPDATE SET department = EXCLUDED.department;
+    CREATE TEMP TABLE IF NOT EXISTS tl_import_moved (id text PRIMARY KEY) ON COMMIT DROP;
+    TRUNCATE tl_import_moved;
+    INSERT INTO tl_import_moved
+    SELECT t.id FROM tl_import_rows t JOIN employees e ON e.id = t.id
+    WHERE t.action = 'updated' AND e.department <> t.department;
+    UPDATE employees e SET name = t.name, email = t.email, department = t.department, updated_at = clock_timestamp()
+    FROM tl_import_rows t WHERE t.id = e.id AND t.action = 'updated';
+    IF EXISTS (SELECT 1 FROM grant_programs WHERE active) THEN
+        FOR v_emp IN SELECT id FROM tl_import_rows WHERE action = 'created'
+                     UNION SELECT id FROM tl_import_moved ORDER BY 1 LOOP
+            PERFORM tl_program_onboard(v_emp, p_ctx);
+        END LOOP;
+    END IF;
+    SELECT jsonb_build_object(
+        'created', count(*) FILTER (WHERE action = 'created'),
+        'updated', count(*) FILTER (WHERE action = 'updated'),
+        'duplicate', count(*) FILTER (WHERE action = 'duplicate'),
+        'rejected', coalesce(jsonb_agg(jsonb_build_object('line', line, 'code', code, 'detail', detail) ORDER BY line)
+                             FILTER (WHERE code IS NOT NULL), '[]'::jsonb))
+    INTO v_out FROM tl_import_rows;
+    RETURN v_out;
+END $$;
+
+-- Imports grants from a CSV (README, Bulk import), set-based: the rows of
+-- tl_grant_batch's fast path (a new key, an open wallet, funded by
+-- system:issuance, a valid expiry) in a handful of statements whatever
+-- their number; rows whose key this caller already used answer from the
+-- stored key (duplicate, or idempotency_key_reused) without touching the
+-- ledger; every other row (a department funder, a closed wallet, an unknown
+-- employee) goes through tl_grant_batch. Unlike tl_grant_batch it expires
+-- only the wallets that have something due, and stores a small replay body
+-- ({transaction: {id}, lot: {id}}, all a batch replay reads). Keys share
+-- the `grants:batch/` space, so an import and POST /v1/grants:batch agree on
+-- what a key means. Returns {results: [{key, status, code?, detail?}]} in
+-- item order.
+CREATE OR REPLACE FUNCTION tl_import_grants(p_caller text, p_items jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_now timestamptz;
+    v_wallet bigint;
+    v_slow jsonb;
+    v_slow_results jsonb;
+BEGIN
+    PERFORM tl_lock(
+        (SELECT coalesce(array_agg(a.id), '{}') FROM accounts a
+          WHERE a.address IN (SELECT 'employee:' || (i #>> '{grant,employee}') FROM jsonb_array_elements(p_items) i
+                              UNION SELECT coalesce(i #>> '{grant,funded_by}', 'system:issuance')
+                              FROM jsonb_array_elements(p_items) i)),
+        ARRAY['system:expired', 'system:issuance']);
+    v_now := tl_now(p_ctx);
+    CREATE TEMP TABLE IF NOT EXISTS tl_import_grant_rows (
+        pos integer PRIMARY KEY, key text, hash bytea, args jsonb, wallet bigint, funder bigint,
+        amount bigint, priority integer, effective_at timestamptz, expires_at timestamptz,
+        state text, txn uuid, lot uuid, result jsonb
+    ) ON COMMIT DROP;
+    TRUNCATE tl_import_grant_rows;
+    INSERT INTO tl_import_grant_rows (pos, key, hash, args, wallet, funder, amount, priority, effective_at, expires_at)
+    SELECT i.pos, i.v ->> 'key', decode(i.v ->> 'hash', 'hex'), i.v -> 'grant', w.id, f.id,
+           (i.v #>> '{grant,amount}')::bigint, coalesce((i.v #>> '{grant,priority}')::integer, 100),
+           coalesce((i.v #>> '{grant,effective_at}')::timestamptz, v_now), (i.v #>> '{grant,expires_at}')::timestamptz
+    FROM jsonb_array_elements(p_items) WITH ORDINALITY AS i (v, pos)
+    LEFT JOIN accounts w ON w.address = 'employee:' || (i.v #>> '{grant,employee}') AND w.status = 'open'
+    LEFT JOIN accounts f ON f.address = coalesce(i.v #>> '{grant,funded_by}', 'system:issuance')
+                        AND f.address = 'system:issuance' AND f.status = 'open' AND f.asset = w.asset;
+    -- Keys already used: the stored answer decides.
+    UPDATE tl_import_grant_rows r SET
+        state = CASE WHEN k.request_hash <> r.hash THEN 'reused'
+                     WHEN k.status_code = 201 THEN 'duplicate' ELSE 'stored' END,
+        result = k.body
+    FROM idempotency_keys k
+    WHERE k.caller = p_caller AND k.key = 'grants:batch/' || r.key;
+    -- The fast rows: claim their keys in key order.
+    WITH claimed AS (
+        INSERT INTO idempotency_keys (caller, key, request_hash, status_code, body)
+        SELECT p_caller, 'grants:batch/' || r.key, r.hash, 0, 'null'::jsonb FROM tl_import_grant_rows r
+        WHERE r.state IS NULL AND r.wallet IS NOT NULL AND r.funder IS NOT NULL AND r.amount > 0
+          AND r.priority BETWEEN 0 AND 1000
+          AND (r.expires_at IS NULL OR r.expires_at > greatest(r.effective_at, v_now))
+        ORDER BY 2
+        ON CONFLICT DO NOTHING
+        RETURNING key)
+    UPDATE tl_import_grant_rows r SET state = 'fast', txn = tl_uuid7(), lot = tl_uuid7()
+    FROM claimed c WHERE 'grants:batch/' || r.key = c.key;
+    IF EXISTS (SELECT 1 FROM tl_import_grant_rows WHERE state = 'fast') THEN
+        -- Only wallets with something due need tl_expire_due (the same tests it makes).
+        FOR v_wallet IN
+            SELECT DISTINCT r.wallet FROM tl_import_grant_rows r
+            WHERE r.state = 'fast' AND (
+                EXISTS (SELECT 1 FROM reservations s WHERE s.account_id = r.wallet AND s.status = 'active'
+                                                        AND s.expires_at <= v_now)
+                OR EXISTS (SELECT 1 FROM lots l WHERE l.account_id = r.wallet AND l.rollover_max IS NOT NULL
+                                                  AND l.rolled_at IS NULL AND l.expires_at <= v_now)
+                OR EXISTS (SELECT 1 FROM lots l WHERE l.account_id = r.wallet AND l.status = 'voided' AND l.live)
+                OR EXISTS (SELECT 1 FROM lots l WHERE l.account_id = r.wallet AND l.status = 'active' AND l.live
+                                                  AND l.expires_at <= v_now))
+            ORDER BY r.wallet
+        LOOP
+            PERFORM tl_expire_due(v_wallet, v_now, p_ctx);
+        END LOOP;
+        INSERT INTO transactions (id, kind, memo, metadata, details, actor, request_id, created_at)
+        SELECT txn, 'grant', args ->> 'memo', coalesce(nullif(args -> 'metadata', 'null'::jsonb), '{}'::jsonb),
+               jsonb_build_object('reason', args ->> 'reason'), p_ctx ->> 'actor', p_ctx ->> 'request_id', v_now
+        FROM tl_import_grant_rows WHERE state = 'fast' ORDER BY pos;
+        INSERT INTO lots (id, account_id, amount, remaining, priority, effective_at, expires_at,
+                          grant_transaction_id, funded_by, source_lot_id, created_at)
+        SELECT lot, wallet, amount, amount, priority, effective_at, expires_at, txn, funder, NULL, v_now
+        FROM tl_import_grant_rows WHERE state = 'fast' ORDER BY pos;
+        INSERT INTO lot_movements (transaction_id, lot_id, amount)
+        SELECT txn, lot, amount FROM tl_import_grant_rows WHERE state = 'fast' ORDER BY pos;
+        PERFORM tl_post_entries(array_agg(l.txn ORDER BY l.pos, l.leg), array_agg(l.account ORDER BY l.pos, l.leg),
+                                array_agg(l.amount ORDER BY l.pos, l.leg), v_now)
+        FROM (SELECT pos, 1 AS leg, txn, funder AS account, -amount AS amount FROM tl_import_grant_rows WHERE state = 'fast'
+              UNION ALL
+              SELECT pos, 2, txn, wallet, amount FROM tl_import_grant_rows WHERE state = 'fast') l;
+        UPDATE idempotency_keys k SET status_code = 201,
+               body = jsonb_build_object('transaction', jsonb_build_object('id', tl_public_id('txn_', r.txn)),
+                                         'lot', jsonb_build_object('id', tl_public_id('lot_', r.lot)))
+            FROM tl_import_grant_rows r
+            WHERE r.state = 'fast' AND k.caller = p_caller AND k.key = 'grants:batch/' || r.key;
+    END IF;
+    -- Every other row, through tl_grant_batch (it fails each alone).
+    SELECT jsonb_agg(i.v ORDER BY i.pos) INTO v_slow
+    FROM jsonb_array_elements(p_items) WITH ORDINALITY AS i (v, pos)
+    JOIN tl_import_grant_rows r ON r.pos = i.pos AND r.state IS NULL;
+    IF v_slow IS NOT NULL THEN
+        v_slow_results := tl_grant_batch(p_caller, v_slow, p_ctx) -> 'results';
+        UPDATE tl_import_grant_rows r SET state = 'slow', result = s.v
+        FROM (SELECT v ->> 'key' AS key, v FROM jsonb_array_elements(v_slow_results) v) s
+        WHERE r.state IS NULL AND r.key = s.key;
+    END IF;
+    RETURN jsonb_build_object('results', coalesce((
+        SELECT jsonb_agg(CASE r.state
+            WHEN 'fast' THEN jsonb_build_object('key', r.key, 'status', 'created')
+            WHEN 'duplicate' THEN jsonb_build_object('key', r.key, 'status', 'duplicate')
+            WHEN 'reused' THEN jsonb_build_object('key', r.key, 'status', 'rejected', 'code', 'idempotency_key_reused',
+                                                  'detail', 'this key was used with other values; nothing was changed')
+            WHEN 'stored' THEN jsonb_build_object('key', r.key, 'status', 'rejected', 'code', r.result ->> 'code',
+                                                  'detail', r.result ->> 'detail')
+            ELSE r.result END ORDER BY r.pos)
+        FROM tl_import_grant_rows r), '[]'::jsonb));
+END $$;
+
+DO $$
+BEGIN
+    GRANT SELECT, INSERT, UPDATE ON employee_departments, approvals TO tokenledger_app;
+EXCEPTION WHEN insufficient_privilege OR undefined_object THEN
+    RAISE NOTICE 'tokenledger_app not granted on employee_departments, approvals: %', SQLERRM;
 END $$;
 
 -- ---------------------------------------------------------------------------

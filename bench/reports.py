@@ -133,6 +133,72 @@ GROUP BY 1, 2, 3;
 """
 
 
+# The journal the finance reports read (issue 16): a grant per employee a
+# minute into the month (a lot expiring after it), and JOURNAL_DEBITS debits
+# per employee spread over the month, with consistent balance_after and
+# versions; usage events above stay outside the journal as before. Written
+# set-based with triggers off (session_replication_role = replica), so the
+# deferred balance check does not run per row; the bench does not audit.
+JOURNAL_DEBITS = 30
+GRANT_AMOUNT = 100_000
+DEBIT_AMOUNT = 100
+JOURNAL_SQL = """
+SET session_replication_role = replica;
+CREATE TEMP TABLE bench_wallets AS
+    SELECT id, ref, row_number() OVER (ORDER BY id) AS n FROM accounts WHERE type = 'employee';
+INSERT INTO transactions (id, kind, details, actor, created_at)
+    SELECT md5('g' || id)::uuid, 'grant', '{{"reason": "monthly_allotment"}}', 'bench',
+           '{start}'::timestamptz + interval '1 minute'
+    FROM bench_wallets;
+INSERT INTO lots (id, account_id, amount, remaining, priority, effective_at, expires_at,
+                  grant_transaction_id, funded_by, created_at)
+    SELECT md5('l' || id)::uuid, id, {grant}, {grant} - {debits} * {debit}, 100,
+           '{start}'::timestamptz + interval '1 minute', '{end}'::timestamptz + interval '10 days',
+           md5('g' || id)::uuid, (SELECT id FROM accounts WHERE address = 'system:issuance'),
+           '{start}'::timestamptz + interval '1 minute'
+    FROM bench_wallets;
+INSERT INTO entries (transaction_id, account_id, shard, asset, amount, balance_after, version,
+                     created_at)
+    SELECT md5('g' || id)::uuid, id, 0, 'CREDIT', {grant}, {grant}, 1,
+           '{start}'::timestamptz + interval '1 minute'
+    FROM bench_wallets
+    UNION ALL
+    SELECT md5('g' || w.id)::uuid, i.id, 0, 'CREDIT', -{grant}, -{grant} * w.n, w.n,
+           '{start}'::timestamptz + interval '1 minute'
+    FROM bench_wallets w, accounts i WHERE i.address = 'system:issuance';
+INSERT INTO transactions (id, kind, actor, created_at)
+    SELECT md5('d' || w.id || '-' || k)::uuid, 'debit', 'bench',
+           '{start}'::timestamptz
+               + (k - 0.5) * ('{end}'::timestamptz - '{start}'::timestamptz) / {debits}
+    FROM bench_wallets w, generate_series(1, {debits}) k;
+INSERT INTO entries (transaction_id, account_id, shard, asset, amount, balance_after, version,
+                     created_at)
+    SELECT md5('d' || w.id || '-' || k)::uuid, w.id, 0, 'CREDIT', -{debit},
+           {grant} - {debit} * k, 1 + k,
+           '{start}'::timestamptz
+               + (k - 0.5) * ('{end}'::timestamptz - '{start}'::timestamptz) / {debits}
+    FROM bench_wallets w, generate_series(1, {debits}) k;
+UPDATE accounts SET posted = {grant} - {debits} * {debit}, version = 1 + {debits}
+    WHERE type = 'employee';
+INSERT INTO employee_departments (employee_id, department, since)
+    SELECT id, department, '-infinity' FROM employees ON CONFLICT DO NOTHING;
+SET session_replication_role = origin;
+"""
+
+# The finance reports (issue 16) timed over HTTP as finance, JSON (one page)
+# and CSV (every row, streamed): (name, path, query).
+FINANCE_REPORTS: tuple[tuple[str, str, dict[str, str]], ...] = (
+    ("liability by department", "/v1/reports/liability", {"group_by": "department"}),
+    ("liability by month", "/v1/reports/liability", {"group_by": "month"}),
+    ("liability by employee", "/v1/reports/liability", {"group_by": "employee"}),
+    ("compensation", "/v1/reports/compensation", {}),
+    ("efficiency by employee", "/v1/reports/efficiency", {"group_by": "employee"}),
+    ("efficiency by department", "/v1/reports/efficiency", {"group_by": "department"}),
+    ("forecast of a department", "/v1/reports/forecast", {"department": "dept-1"}),
+    ("forecast of an account", "/v1/reports/forecast", {"account": "employee:emp-1"}),
+)
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -169,6 +235,24 @@ async def build(dsn: str, employees: int, events: int) -> dict[str, float]:
         await conn.execute("VACUUM ANALYZE usage_daily_models", timeout=1800)
         await conn.execute("ANALYZE", timeout=1800)
         seconds["rollup_and_analyze"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        await conn.execute(
+            JOURNAL_SQL.format(
+                grant=GRANT_AMOUNT,
+                debits=JOURNAL_DEBITS,
+                debit=DEBIT_AMOUNT,
+                start=MONTH_START.isoformat(),
+                end=MONTH_END.isoformat(),
+            ),
+            timeout=1800,
+        )
+        await conn.execute("VACUUM ANALYZE transactions", timeout=1800)
+        await conn.execute("VACUUM ANALYZE entries", timeout=1800)
+        await conn.execute("VACUUM ANALYZE lots", timeout=1800)
+        await conn.execute("ANALYZE", timeout=1800)
+        seconds["journal"] = time.perf_counter() - started
+        log(f"bench.reports: journal of {JOURNAL_DEBITS} debits per employee")
     finally:
         await conn.close()
     return seconds
@@ -257,8 +341,34 @@ async def measure(dsn: str, runs: int) -> list[dict[str, Any]]:
                         row[f"http_{fmt}_seconds"], _ = await timed(runs, http)
                     log(f"bench.reports: {row}")
                     results.append(row)
+            results += await measure_finance(client, runs)
     finally:
         await pool.close()
+    return results
+
+
+async def measure_finance(client: httpx.AsyncClient, runs: int) -> list[dict[str, Any]]:
+    """The finance reports over the bench month, JSON (first page, limit 500) and CSV."""
+    results = []
+    period = {"from": MONTH_START.isoformat(), "to": MONTH_END.isoformat()}
+    for name, path, query in FINANCE_REPORTS:
+        params = {**(period if "forecast" not in path else {}), **query}
+        row: dict[str, Any] = {"group_by": name, "path": "journal", "sql_seconds": "-"}
+        for fmt, accept in (("json", "application/json"), ("csv", "text/csv")):
+            if fmt == "csv" and "forecast" in path:
+                row["http_csv_seconds"] = "-"
+                continue
+
+            async def http(p: dict[str, str] = params, a: str = accept, u: str = path) -> Any:
+                r = await client.get(u, params={**p, "limit": "500"}, headers={"Accept": a})
+                r.raise_for_status()
+                return r.content.splitlines() if a == "text/csv" else r.json()["items"]
+
+            row[f"http_{fmt}_seconds"], size = await timed(runs, http)
+            if fmt == "json":
+                row["rows"] = size
+        log(f"bench.reports: {row}")
+        results.append(row)
     return results
 
 

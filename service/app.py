@@ -31,9 +31,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import __version__, db, errors
 from service.api.accounts import AccountsController
+from service.api.approvals import ApprovalsController
 from service.api.common import provide_ledger
 from service.api.directory import DirectoryController
+from service.api.finance import FinanceReportsController
 from service.api.grants import GrantsController
+from service.api.imports import ImportsController
 from service.api.policy import PolicyController
 from service.api.prices import PricesController
 from service.api.programs import ProgramsController
@@ -592,6 +595,9 @@ def create_app(
         PolicyController,
         WebhooksController,
         WalletController,
+        ApprovalsController,
+        ImportsController,
+        FinanceReportsController,
     ]
     app = Litestar(
         route_handlers=[

@@ -152,6 +152,18 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # clients send. It authenticates reads only (GET, HEAD): a header the
     # browser's requests carry without the page asking is what CSRF abuses.
     pages_token_header: str | None = None
+    # Four eyes (README, Approvals): a grant, a batch holding a grant, or a
+    # manual program run granting more than this many credits to one
+    # employee waits for a second hr or admin caller. Unset: no approvals.
+    approval_threshold: Annotated[int, msgspec.Meta(ge=1, le=2**53)] | None = None
+    # The money value of one credit for the compensation report: a currency
+    # code and a decimal amount, e.g. "USD 0.000001" (the default matches
+    # credits_per_usd). Parsed as a decimal, never a float.
+    credit_value: Annotated[
+        str, msgspec.Meta(pattern=r"^[A-Z]{3} [0-9]{1,12}(\.[0-9]{1,12})?$")
+    ] = "USD 0.000001"
+    # Rows of one CSV import (README, Bulk import).
+    import_max_rows: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 100_000
 
     def __post_init__(self) -> None:
         if self.chain_settle_seconds * 1000 <= self.statement_timeout_ms:

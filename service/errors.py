@@ -132,6 +132,12 @@ class GrantProgramNotFound(LedgerError):
     )
 
 
+class ApprovalNotFound(LedgerError):
+    """No such approval."""
+
+    code, status, title, sqlstate = "approval_not_found", 404, "Approval not found", "TLA16"
+
+
 class UnknownModel(LedgerError):
     """No price is known for that model at that time."""
 
@@ -208,6 +214,18 @@ class AlreadyReversed(LedgerError):
     code, status, title, sqlstate = "already_reversed", 409, "Already reversed", "TLB06"
 
 
+class ApprovalRequired(LedgerError):
+    """The grant is above the approval threshold: it waits for another caller's approval."""
+
+    code, status, title = "approval_required", 409, "Approval required"
+
+
+class NotApprovable(LedgerError):
+    """The approval is already decided, or the caller requested it (another caller must decide)."""
+
+    code, status, title, sqlstate = "not_approvable", 409, "Not approvable", "TLB16"
+
+
 class BalanceLimitExceeded(LedgerError):
     """The write would take an account's balance past ±2^62 (sums could overflow)."""
 
@@ -282,6 +300,7 @@ ERRORS: tuple[type[LedgerError], ...] = (
     ReservationNotFound,
     LotNotFound,
     GrantProgramNotFound,
+    ApprovalNotFound,
     UnknownModel,
     WebhookNotFound,
     InsufficientCredits,
@@ -290,6 +309,8 @@ ERRORS: tuple[type[LedgerError], ...] = (
     ReservationNotActive,
     LotNotActive,
     AlreadyReversed,
+    ApprovalRequired,
+    NotApprovable,
     BalanceLimitExceeded,
     IdempotencyKeyInProgress,
     LimitExceeded,

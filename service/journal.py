@@ -175,10 +175,15 @@ class Ledger:
         sql = self.queries[query]
         return await self._run(lambda conn: conn.fetch(sql, *args))
 
-    async def fetch_slow(self, query: str, timeout_ms: int, *args: Any) -> list[asyncpg.Record]:
+    async def fetch_slow(
+        self, query: str, timeout_ms: int, *args: Any, jit: bool = True
+    ) -> list[asyncpg.Record]:
         """A read-only query allowed a longer statement timeout than the
         pool's (reports): SET LOCAL inside its own transaction, so the
-        connection goes back to the pool with the usual limit."""
+        connection goes back to the pool with the usual limit. `jit=False`
+        turns PostgreSQL's JIT off for it: a query that calls a function per
+        row is estimated expensive, and compiling it cost seconds on a busy
+        2-core machine for a query that runs in milliseconds."""
         sql = self.queries[query]
         # The pool's client-side command timeout (twice the usual statement
         # timeout) would cut a longer statement off first and answer 503: this
@@ -188,10 +193,39 @@ class Ledger:
         async def run(conn: asyncpg.Connection) -> list[asyncpg.Record]:
             async with conn.transaction(readonly=True):
                 await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
+                if not jit:
+                    await conn.execute("SET LOCAL jit = off")
                 return await conn.fetch(sql, *args, timeout=client_timeout)
 
         result: list[asyncpg.Record] = await self._run(run)
         return result
+
+    async def fetchval_long(
+        self, query: str, timeout_ms: int, *args: Any, rollback: bool = False
+    ) -> Any:
+        """One call of a named query in its own transaction, allowed a longer statement
+        timeout than the pool's (bulk imports). With `rollback` the transaction is rolled
+        back: the answer says exactly what the call would do, and nothing changes (dry
+        runs)."""
+        sql = self.queries[query]
+        client_timeout = timeout_ms / 1000 + max(1.0, timeout_ms / 1000 * 0.1)
+
+        async def run(conn: asyncpg.Connection) -> Any:
+            tr = conn.transaction()
+            await tr.start()
+            try:
+                await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
+                value = await conn.fetchval(sql, *args, timeout=client_timeout)
+            except BaseException:
+                await tr.rollback()
+                raise
+            if rollback:
+                await tr.rollback()
+            else:
+                await tr.commit()
+            return value
+
+        return await self._run(run)
 
     async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
         sql = self.queries[query]

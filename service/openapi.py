@@ -208,7 +208,12 @@ def apply_contract(document: dict[str, Any], app: Litestar) -> None:
                 )
                 if pattern is not None:
                     parameter["schema"] = with_pattern(parameter["schema"], pattern)
-                if parameter["in"] == "query" and parameter["name"] in QUERY_SCHEMAS:
+                if (
+                    parameter["in"] == "query"
+                    and parameter["name"] in QUERY_SCHEMAS
+                    # A route whose parameter is an enum (a Literal) states it already.
+                    and "enum" not in parameter["schema"]
+                ):
                     description = parameter["schema"].get("description")
                     parameter.update(copy.deepcopy(QUERY_SCHEMAS[parameter["name"]]))
                     if description:
@@ -233,6 +238,20 @@ def document_operation(operation: dict[str, Any], handler: Any, *, has_body: boo
     if public:
         operation["security"] = []
         return
+    if handler.opt.get("csv_body"):
+        # The handler reads the raw body itself (a CSV import): Litestar cannot see it.
+        operation["requestBody"] = {
+            "required": True,
+            "content": {
+                "text/csv": {
+                    "schema": {
+                        "type": "string",
+                        "description": "A header row, then one record per row (RFC 4180).",
+                    }
+                }
+            },
+        }
+        has_body = True
     # Who may call it, from the one role table (service.roles).
     roles = sorted(access.roles, key=ROLES.index)
     operation["x-roles"] = roles

@@ -79,7 +79,9 @@ def at_month_start(when: datetime) -> bool:
     return at_utc_midnight(when) and when.astimezone(UTC).day == 1
 
 
-def source_for(start: datetime, end: datetime, keys: tuple[str, ...]) -> str:
+def source_for(
+    start: datetime, end: datetime, keys: tuple[str, ...], split_days: bool = False
+) -> str:
     """The smallest table that answers exactly: a month-per-account roll-up
     for whole UTC months without a day key (without the project when no
     project key is asked), a per-day roll-up without the
@@ -89,7 +91,7 @@ def source_for(start: datetime, end: datetime, keys: tuple[str, ...]) -> str:
         return "events"
     if not {"employee", "department"} & set(keys):
         return "models"
-    if "day" not in keys and at_month_start(start) and at_month_start(end):
+    if "day" not in keys and not split_days and at_month_start(start) and at_month_start(end):
         return "monthly" if "project" in keys else "monthly_models"
     return "daily"
 
@@ -99,13 +101,17 @@ async def usage_report(
 ) -> list[dict[str, Any]]:
     """The report's rows: the asked keys in the caller's order, then TOTALS."""
     assert keys and set(keys) <= set(GROUP_KEYS), keys
+    # `department` is the department of the time of the spend: when someone
+    # moved within the period, the rows are split by day (issue 16).
+    split = "department" in keys and bool(await ledger.fetchval("departments_moved", start, end))
     rows = await ledger.fetch_slow(
         "usage_report",
         ledger.config.report_statement_timeout_ms,
         start,
         end,
         list(keys),
-        source_for(start, end, keys),
+        source_for(start, end, keys, split),
+        split,
     )
     return [{**{k: r[k] for k in keys}, **{t: int(r[t]) for t in TOTALS}} for r in rows]
 

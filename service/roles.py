@@ -39,8 +39,10 @@ PERMISSIONS: dict[str, Permission] = {
     ),
     "reservations.read": Permission(("hr", "finance", "meter"), "read reservations", own=True),
     "directory.read": Permission(("hr", "finance"), "read departments and employees"),
-    "directory.write": Permission(("hr",), "create and change departments and employees, offboard"),
-    "grants.write": Permission(("hr",), "grant credits (single and batch), void lots"),
+    "directory.write": Permission(
+        ("hr",), "create, change and import employees and departments, offboard"
+    ),
+    "grants.write": Permission(("hr",), "grant credits (single, batch and CSV import), void lots"),
     "programs.read": Permission(("hr", "finance"), "read grant programs and their runs"),
     "programs.write": Permission(("hr",), "create and change grant programs, run a cycle"),
     "transfers": Permission(("hr",), "transfer credits between any accounts"),
@@ -51,12 +53,16 @@ PERMISSIONS: dict[str, Permission] = {
     "reversals": Permission(("finance",), "reverse transactions"),
     "prices.read": Permission(("hr", "finance", "meter"), "read prices"),
     "prices.write": Permission(("finance",), "add prices"),
-    "reports.read": Permission(("hr", "finance"), "read usage reports"),
     "policy.read": Permission(("hr", "finance"), "read spend policies and their windows", True),
     "policy.write": Permission(("hr", "finance"), "set spend policies"),
     "alerts.read": Permission(("hr", "finance"), "read alert settings", own=True),
     "alerts.write": Permission(("hr",), "set alert settings", own=True),
     "webhooks": Permission((), "manage webhook subscriptions and their deliveries"),
+    "reports.read": Permission(
+        ("hr", "finance"), "read usage, liability, compensation, forecast and efficiency reports"
+    ),
+    # Four eyes (issue 16): a second hr or admin caller decides a grant above the threshold.
+    "approvals": Permission(("hr",), "list, approve and reject approvals (never one's own)"),
     "spend": Permission(
         ("meter",), "reserve, capture, release and extend; debit; record usage events"
     ),

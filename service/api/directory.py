@@ -7,15 +7,18 @@ from typing import Annotated, Any, Literal
 import msgspec
 from litestar import Controller, Request, Response, get, post, put
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody
+from litestar.params import FromPath, JSONBody, QueryParameter
 
 from service import errors
 from service.api.common import (
+    REF_PATTERN,
     Memo,
     Name,
     Ref,
     check_ref,
     context_of,
+    decode_cursor,
+    page,
     run_operation,
 )
 from service.api.resources import Department, Employee
@@ -39,7 +42,38 @@ class EmployeeIn(msgspec.Struct, forbid_unknown_fields=True):
     name: Name
     email: Email
     department: Ref
-    status: Literal["active"] = "active"
+    # Given explicitly, "active" re-hires an offboarded employee; left out,
+    # an offboarded employee answers 409 account_closed as before.
+    status: Literal["active"] | msgspec.UnsetType = msgspec.UNSET
+
+
+class EmployeeListItem(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    email: str
+    department: str
+    status: Literal["active", "offboarded"]
+    offboarded_at: str | None
+    created_at: str
+    updated_at: str
+
+
+class EmployeesPage(msgspec.Struct, frozen=True):
+    items: list[EmployeeListItem]
+    next_cursor: str | None
+
+
+class DepartmentsPage(msgspec.Struct, frozen=True):
+    items: list[Department]
+    next_cursor: str | None
+
+
+def text_cursor(cursor: str | None) -> str | None:
+    """A cursor that carries the last item's id."""
+    after = decode_cursor(cursor)
+    if after is not None and not isinstance(after, str):
+        raise errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}])
+    return after
 
 
 class OffboardIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -83,6 +117,66 @@ class DirectoryController(Controller):
             )
         return body
 
+    @get(
+        "/departments",
+        summary="List departments",
+        opt={**access("directory.read"), **problems()},
+    )
+    async def list_departments(
+        self,
+        ledger: NamedDependency[Ledger],
+        limit: Annotated[int, QueryParameter(ge=1, le=500, description="Page size, 1..500.")] = 50,
+        cursor: Annotated[
+            str | None, QueryParameter(description="Opaque cursor from next_cursor.")
+        ] = None,
+    ) -> DepartmentsPage:
+        """By id (keyset pagination: stable while departments are added)."""
+        rows = await ledger.fetch("departments_page", text_cursor(cursor), limit + 1)
+        return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
+
+    @get(
+        "/employees",
+        summary="List and search employees",
+        opt={**access("directory.read"), **problems()},
+    )
+    async def list_employees(
+        self,
+        ledger: NamedDependency[Ledger],
+        department: Annotated[
+            str | None, QueryParameter(pattern=REF_PATTERN, description="Only this department.")
+        ] = None,
+        status: Annotated[
+            Literal["active", "offboarded"] | None, QueryParameter(description="Only this status.")
+        ] = None,
+        q: Annotated[
+            str | None,
+            QueryParameter(
+                min_length=1,
+                max_length=200,
+                description="Case-insensitive prefix of the id, the name or the email.",
+            ),
+        ] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=500, description="Page size, 1..500.")] = 50,
+        cursor: Annotated[
+            str | None, QueryParameter(description="Opaque cursor from next_cursor.")
+        ] = None,
+    ) -> EmployeesPage:
+        """By id, with keyset pagination: a page never repeats or skips an employee while
+        others are added. `q` matches the start of the id, the name or the email, ignoring
+        case (each has an index); `_` and `%` match themselves."""
+        search = q.lower() if q is not None else None
+        if search is not None and "\x00" in search:
+            raise errors.InvalidRequest("q must not contain NUL", errors=[{"path": "q"}])
+        rows = await ledger.fetch(
+            "employees_page",
+            text_cursor(cursor),
+            department,
+            status,
+            search,
+            limit + 1,
+        )
+        return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
+
     @put(
         "/employees/{employee_id:str}",
         summary="Create or update an employee",
@@ -100,7 +194,9 @@ class DirectoryController(Controller):
         data: JSONBody[EmployeeIn],
     ) -> Response[Employee]:
         """Opens the wallet `employee:{id}` on first creation. 201 when created, 200 when
-        updated; an offboarded employee answers 409 `account_closed`. An employee who joins
+        updated; an offboarded employee answers 409 `account_closed`, unless the body says
+        `status: "active"`: that re-hires them (the wallet reopens empty, its history
+        stays, and they join grant-program audiences again). An employee who joins
         the audience of an active grant program (created, or moved into an audience
         department) gets the current cycle's grant in the same transaction, prorated when
         the program says so."""

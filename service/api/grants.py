@@ -10,6 +10,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
 from service import errors
+from service.api.approvals import APPROVAL_RESPONSE, needs_approval, request_approval
 from service.api.common import (
     Amount,
     Funder,
@@ -80,6 +81,7 @@ class GrantsController(Controller):
         "/grants",
         summary="Grant credits to an employee",
         status_code=201,
+        responses=APPROVAL_RESPONSE,
         opt={
             **access("grants.write"),
             **problems(
@@ -102,7 +104,13 @@ class GrantsController(Controller):
         """Creates a lot in the employee's wallet, funded by `system:issuance` or a
         department (which cannot grant more than it holds; a department-funded lot never
         outlives the department credits it came from). A future `effective_at` makes a
-        pending lot that counts from that instant. Requires an `Idempotency-Key`."""
+        pending lot that counts from that instant. Requires an `Idempotency-Key`. Above
+        TOKENLEDGER_APPROVAL_THRESHOLD (when set) nothing is posted: 202 with a pending
+        approval that another hr or admin caller must approve."""
+        if needs_approval(ledger, data.amount):
+            return await request_approval(
+                request, ledger, data, "grant", grant_args(data), dedup_key=None
+            )
         return await run_operation(
             request, ledger, "grant", data, args=grant_args(data), success_status=201
         )
@@ -111,6 +119,7 @@ class GrantsController(Controller):
         "/grants:batch",
         summary="Grant credits in a batch",
         status_code=200,
+        responses=APPROVAL_RESPONSE,
         opt={**access("grants.write"), **problems()},
     )
     async def grant_batch(
@@ -118,11 +127,14 @@ class GrantsController(Controller):
         request: Request[Any, Any, Any],
         ledger: NamedDependency[Ledger],
         data: JSONBody[GrantBatchIn],
-    ) -> BatchGrantResponse:
+    ) -> Response[BatchGrantResponse]:
         """Up to 1000 grants in one database transaction. Each item is idempotent by its
         own `key` (so no `Idempotency-Key` header is needed): the same key and body again
         answers `duplicate`; the same key with a different body, or a failing check,
-        answers `rejected` with the error `code` and touches nothing else."""
+        answers `rejected` with the error `code` and touches nothing else. If any item is
+        above TOKENLEDGER_APPROVAL_THRESHOLD (when set), nothing is posted: the whole batch
+        answers 202 with one pending approval (the same batch again answers the same
+        approval); approving it posts the batch under the same item keys."""
         keys = [g.key for g in data.grants]
         if len(set(keys)) != len(keys):
             raise errors.InvalidRequest(
@@ -133,8 +145,19 @@ class GrantsController(Controller):
             args = grant_args(g)
             digest = request_hash("POST", "/v1/grants", args)
             items.append({"key": g.key, "hash": digest.hex(), "grant": args})
+        if any(needs_approval(ledger, g.amount) for g in data.grants):
+            batch_digest = request_hash("POST", "/v1/grants:batch", items).hex()
+            return await request_approval(
+                request,
+                ledger,
+                data,
+                "grant_batch",
+                {"items": items},
+                dedup_key=f"batch:{batch_digest}",
+            )
         ctx = context_of(request)
-        return await ledger.fetchval("grant_batch", ctx.caller, items, ledger.context_json(ctx))
+        results = await ledger.fetchval("grant_batch", ctx.caller, items, ledger.context_json(ctx))
+        return Response(results)
 
     @post(
         "/lots/{lot_id:str}/void",

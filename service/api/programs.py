@@ -20,6 +20,7 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 
 from service import errors
 from service.api.accounts import CursorParam, LimitParam
+from service.api.approvals import APPROVAL_RESPONSE, needs_approval, request_approval
 from service.api.common import (
     MAX_AMOUNT,
     Amount,
@@ -226,6 +227,7 @@ class ProgramsController(Controller):
         "/grant-programs/{program_id:str}/runs",
         summary="Issue a cycle of a grant program",
         status_code=200,
+        responses=APPROVAL_RESPONSE,
         opt={
             **access("programs.write"),
             **problems(
@@ -249,7 +251,26 @@ class ProgramsController(Controller):
         issued in batches (TOKENLEDGER_PROGRAM_RUN_BATCH_SIZE per database transaction);
         if the request fails half way, running it again completes it. A cycle that has
         not started yet, or lies outside the program, answers 400. The Idempotency-Key
-        header is not needed: the run itself is idempotent."""
+        header is not needed: the run itself is idempotent. When the program's amount is
+        above TOKENLEDGER_APPROVAL_THRESHOLD (when set), the first request answers 202
+        with a pending approval and issues nothing; once another hr or admin caller has
+        approved it, the approval runs the cycle, and so does this request again."""
+        threshold = ledger.config.approval_threshold
+        if threshold is not None:
+            program = await ledger.fetchval("program_json", program_id, ledger.now())
+            if program is None:
+                raise errors.GrantProgramNotFound(
+                    f"no grant program {program_id}", program=program_id
+                )
+            if needs_approval(ledger, int(program["amount"])):
+                ctx = context_of(request)
+                dedup = f"program_run:{program_id}:{data.cycle}"
+                found = await ledger.fetchval("approval_find", ctx.caller, dedup)
+                if found is None or found["status"] != "approved":
+                    request_body = {"program": program_id, "cycle": data.cycle}
+                    return await request_approval(  # type: ignore[return-value]  # why: the 202 answer
+                        request, ledger, data, "program_run", request_body, dedup_key=dedup
+                    )
         return await run_cycle(ledger, program_id, data.cycle, "api", context_of(request))
 
     @get(

@@ -72,8 +72,10 @@ class ReportsController(Controller):
         """Usage events with `from <= occurred_at < to`, summed per group of the
         `group_by` keys (in that order, which is also the order of the items; null
         last). `employee` is null for usage charged to a department account;
-        `department` is the employee's current department (or the department
-        account's); `project` is null for usage without one; `day` and `month` are
+        `department` is the department the employee belonged to when the usage
+        happened (at the end of its UTC day when someone moved within the period; a
+        department account's own id for its usage); `project` is null for usage
+        without one; `day` and `month` are
         UTC (`YYYY-MM-DD`, `YYYY-MM`). When `from` and `to` are both UTC midnights
         the report reads the daily roll-up (fast); otherwise it aggregates the events
         themselves (exact at any instant, slower over long periods). With

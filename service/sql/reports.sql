@@ -1,4 +1,7 @@
 -- name: usage_report
+-- $5: split the rows by day internally (someone changed department within
+-- the period, so a department is looked up per day; the day column itself
+-- is output only when asked).
 -- Usage totals over [$1, $2) grouped by the keys in $3 (a text[] of
 -- employee, department, model, project, day, month, already checked by
 -- service/reports.py), in the order of $3, from the source $4 that
@@ -70,7 +73,7 @@ flags AS (
     SELECT $3::text[] && ARRAY['employee', 'department'] AS by_account,
            'model' = ANY ($3::text[]) AS by_model,
            'project' = ANY ($3::text[]) AS by_project,
-           'day' = ANY ($3::text[]) AS by_day,
+           'day' = ANY ($3::text[]) OR $5::boolean AS by_day,
            'month' = ANY ($3::text[]) AS by_month
 ),
 firsts AS (
@@ -91,8 +94,20 @@ firsts AS (
 ),
 keyed AS (
     SELECT CASE WHEN 'employee' = ANY ($3::text[]) AND a.type = 'employee' THEN a.ref END AS employee,
+           -- The department of the time (employee_departments): at the end of
+           -- the row's day when days are split ($5: someone moved in the
+           -- period), else at `from` (nobody moved until `to`).
            CASE WHEN 'department' = ANY ($3::text[])
-                THEN CASE a.type WHEN 'employee' THEN e.department WHEN 'department' THEN a.ref END
+                THEN CASE a.type
+                    WHEN 'employee' THEN coalesce(
+                        (SELECT h.department FROM employee_departments h
+                         WHERE h.employee_id = a.ref
+                           AND h.since <= CASE WHEN $5::boolean
+                                               THEN (f.bucket + 1)::timestamp AT TIME ZONE 'UTC' - interval '1 microsecond'
+                                               ELSE $1::timestamptz END
+                         ORDER BY h.since DESC LIMIT 1),
+                        e.department)
+                    WHEN 'department' THEN a.ref END
            END AS department,
            f.model,
            nullif(f.project, '') AS project,

@@ -87,6 +87,43 @@ async def world(api: Api, database_url: str) -> World:
 
 # --- the matrix -----------------------------------------------------------------
 
+
+class CsvBody(str):
+    """A request body sent as text/csv (the imports), not JSON."""
+
+
+async def _approval(w: World, caller: str) -> tuple[str, Any]:
+    """A fresh pending approval requested by someone else than any caller here."""
+    conn = await db.connect(w.database_url)
+    try:
+        made = await conn.fetchval(
+            "SELECT tl_op_request_approval($1, $2)",
+            {
+                "kind": "grant",
+                "request": {"employee": "e-other", "amount": 1, "reason": "spot_bonus"},
+            },
+            {"actor": "key:someone-else", "request_id": "matrix", "now": None},
+        )
+    finally:
+        await conn.close()
+    return made["approval"]["id"], None
+
+
+def _approval_op(op: str) -> Maker:
+    async def make(w: World, caller: str) -> tuple[str, Any]:
+        approval, _ = await _approval(w, caller)
+        return f"/v1/approvals/{approval}/{op}", {}
+
+    return make
+
+
+async def _approval_get(w: World, caller: str) -> tuple[str, Any]:
+    approval, _ = await _approval(w, caller)
+    return f"/v1/approvals/{approval}", None
+
+
+PERIOD = "from=2026-01-01T00:00:00Z&to=2026-02-01T00:00:00Z"
+
 Maker = Callable[[World, str], Awaitable[tuple[str, Any]]]
 
 
@@ -397,6 +434,41 @@ MATRIX: dict[tuple[str, str], Case] = {
     ("GET", "/v1/prices"): Case(frozenset({FIN, HR, METER}), 200, fixed("/v1/prices")),
     ("POST", "/v1/usage"): Case(frozenset({METER}), 201, _usage),
     ("POST", "/v1/usage:batch"): Case(frozenset({METER}), 200, _usage_batch),
+    ("GET", "/v1/employees"): Case(frozenset({HR, FIN}), 200, fixed("/v1/employees?q=e-")),
+    ("GET", "/v1/departments"): Case(frozenset({HR, FIN}), 200, fixed("/v1/departments")),
+    ("GET", "/v1/approvals"): Case(frozenset({HR}), 200, fixed("/v1/approvals?status=pending")),
+    ("GET", "/v1/approvals/{approval_id}"): Case(frozenset({HR}), 200, _approval_get),
+    ("POST", "/v1/approvals/{approval_id}/approve"): Case(
+        frozenset({HR}), 200, _approval_op("approve")
+    ),
+    ("POST", "/v1/approvals/{approval_id}/reject"): Case(
+        frozenset({HR}), 200, _approval_op("reject")
+    ),
+    ("POST", "/v1/imports/employees"): Case(
+        frozenset({HR}),
+        200,
+        fixed("/v1/imports/employees", CsvBody("id,name,email,department\ne-own,O,o@x.io,eng\n")),
+    ),
+    ("POST", "/v1/imports/grants"): Case(
+        frozenset({HR}),
+        200,
+        fixed(
+            "/v1/imports/grants?dry_run=true",
+            CsvBody("key,employee,amount,reason\nk,e-own,1,spot_bonus\n"),
+        ),
+    ),
+    ("GET", "/v1/reports/liability"): Case(
+        frozenset({FIN, HR}), 200, fixed(f"/v1/reports/liability?{PERIOD}&group_by=department")
+    ),
+    ("GET", "/v1/reports/compensation"): Case(
+        frozenset({FIN, HR}), 200, fixed(f"/v1/reports/compensation?{PERIOD}")
+    ),
+    ("GET", "/v1/reports/forecast"): Case(
+        frozenset({FIN, HR}), 200, fixed("/v1/reports/forecast?account=employee:e-own")
+    ),
+    ("GET", "/v1/reports/efficiency"): Case(
+        frozenset({FIN, HR}), 200, fixed(f"/v1/reports/efficiency?{PERIOD}&group_by=employee")
+    ),
     ("GET", "/v1/reports/usage"): Case(
         frozenset({FIN, HR}),
         200,
@@ -470,9 +542,17 @@ async def test_authorization_matrix(world: World, route: tuple[str, str]) -> Non
         path, body = await case.make(world, caller)
         token_of = "employee" if caller == "employee-other" else caller
         headers = {**world.auth(token_of), **key()}
-        r = await world.api.c.request(
-            method, path, json=body if method != "GET" else None, headers=headers
-        )
+        if isinstance(body, CsvBody):
+            r = await world.api.c.request(
+                method,
+                path,
+                content=body.encode(),
+                headers={**headers, "Content-Type": "text/csv"},
+            )
+        else:
+            r = await world.api.c.request(
+                method, path, json=body if method != "GET" else None, headers=headers
+            )
         want = expected(case, caller)
         assert r.status_code == want, f"{caller} {method} {path}: {r.status_code} {r.text}"
         if want == 401:

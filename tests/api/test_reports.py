@@ -349,7 +349,8 @@ async def test_report_timeout_outlasts_the_pool_command_timeout(
         # A report query that takes 1.5 s: past the pool's 1 s command timeout,
         # well within the report's 5 s.
         ledger.queries["usage_report"] = (
-            "SELECT 1 FROM (SELECT $1::timestamptz, $2::timestamptz, $3::text[], $4::text) AS a"
+            "SELECT 1 FROM (SELECT $1::timestamptz, $2::timestamptz, $3::text[], $4::text,"
+            " $5::boolean) AS a"
             " WHERE (SELECT count(*) FROM pg_sleep(1.5)) = 0"
         )
         transport = httpx.ASGITransport(app=app)

@@ -241,3 +241,39 @@ async def test_alerts_bench_smoke(database_url: str) -> None:
         for batched in (False, True)
     }
     assert all(v >= 0 for v in results.values())
+
+
+def test_imports_bench_smoke(pg_server: Server) -> None:
+    """The CSV import benchmark at 200 rows: every employee and grant created, the second
+    upload all duplicates, the dry run creating nothing, and a clean audit (issue 16)."""
+    import argparse
+    import asyncio
+
+    from bench import imports
+
+    result = asyncio.run(
+        imports.main(argparse.Namespace(rows=200, database_url=pg_server.dsn, json=None))
+    )
+    steps = {s["step"]: s for s in result["steps"]}
+    assert steps["employees dry run"]["created"] == 200
+    assert steps["employees"]["created"] == 200 and steps["employees again"]["duplicate"] == 200
+    assert steps["grants"]["created"] == 200 and steps["grants again"]["duplicate"] == 200
+    assert all(s["rejected"] == 0 for s in result["steps"])
+    assert result["audit"] == "clean", result["audit"]
+
+
+def test_reports_bench_smoke(pg_server: Server) -> None:
+    """The report benchmark at 40 employees and 400 events answers every usage and finance
+    report without an error (issue 16 added the finance reports and their journal)."""
+    import argparse
+    import asyncio
+
+    from bench import reports
+
+    args = argparse.Namespace(employees=40, events=400, runs=1, database_url=pg_server.dsn)
+    result = asyncio.run(reports.main(args))
+    names = [r["group_by"] for r in result["results"]]
+    assert [n for n, *_ in reports.FINANCE_REPORTS] == names[-len(reports.FINANCE_REPORTS) :]
+    for r in result["results"]:
+        for field in ("http_json_seconds", "http_csv_seconds"):
+            assert not str(r[field]).startswith("error"), r

@@ -691,6 +691,39 @@ CONSTRAINT_CASES: list[tuple[str, type[asyncpg.PostgresError], str]] = [
         "INSERT INTO webhook_attempts (delivery_id, attempt, replica, started_at) "
         "SELECT id, 0, 'r', now() FROM d",
     ),
+    # approvals (issue 16)
+    (
+        "approvals_kind_valid",
+        asyncpg.CheckViolationError,
+        "INSERT INTO approvals (id, kind, request, requested_by, requested_at) "
+        "VALUES (gen_random_uuid(), 'transfer', '{{}}', 'a', now())",
+    ),
+    (
+        "approvals_status_valid",
+        asyncpg.CheckViolationError,
+        "INSERT INTO approvals (id, kind, request, requested_by, requested_at, status, decided_by,"
+        " decided_at) VALUES (gen_random_uuid(), 'grant', '{{}}', 'a', now(), 'maybe', 'b', now())",
+    ),
+    (
+        "approvals_decided",
+        asyncpg.CheckViolationError,
+        "INSERT INTO approvals (id, kind, request, requested_by, requested_at, status) "
+        "VALUES (gen_random_uuid(), 'grant', '{{}}', 'a', now(), 'approved')",
+    ),
+    (
+        "approvals_four_eyes",
+        asyncpg.CheckViolationError,
+        "INSERT INTO approvals (id, kind, request, requested_by, requested_at, status, decided_by,"
+        " decided_at) VALUES (gen_random_uuid(), 'grant', '{{}}', 'a', now(), 'approved', 'a',"
+        " now())",
+    ),
+    (
+        "approvals_dedup_key_unique",
+        asyncpg.UniqueViolationError,
+        "INSERT INTO approvals (id, kind, request, requested_by, requested_at, dedup_key) "
+        "VALUES (gen_random_uuid(), 'grant', '{{}}', 'a', now(), 'k'), "
+        "(gen_random_uuid(), 'grant', '{{}}', 'a', now(), 'k')",
+    ),
 ]
 
 
