@@ -2143,8 +2143,10 @@ END $$;
 -- account), each locked account is expired only if it has anything due, and
 -- charged once, in a single `usage` transaction for all its accepted
 -- events, with one statement per table for all accounts. Events that do not
--- fit an account's available credits are rejected one by one in batch order
--- (a loop over that account's events only when they do not all fit). Events
+-- fit an account's available credits, in batch order (a loop over that
+-- account's events only when they do not all fit), and every event of an
+-- account bound by a spend policy, are recorded afterwards one at a time by
+-- tl_record_usage (overdraft, shortfall to system:overage, policy). Events
 -- that settle a reservation capture or release it one at a time (each fails
 -- alone). The roll-ups are written last, once per key, in key order.
 --
