@@ -2748,6 +2748,7 @@ DECLARE
     v_p_total bigint[];
     v_p_added bigint[];
     v_p_refused integer;
+    v_p_any boolean;
 BEGIN
     v_items := ARRAY(
         SELECT i FROM generate_subscripts(p_ops, 1) i
@@ -2788,8 +2789,9 @@ BEGIN
                      WHERE p_args[j] ->> 'reservation_id' = p_args[i] ->> 'reservation_id') > 1));
     SELECT array_agg(a.id ORDER BY a.id), array_agg(a.address ORDER BY a.id),
            array_agg(a.asset ORDER BY a.id), array_agg(a.posted ORDER BY a.id),
-           array_agg(a.version ORDER BY a.id), array_agg(a.reserved ORDER BY a.id)
-      INTO v_w_id, v_w_address, v_w_asset, v_w_posted, v_w_version, v_w_reserved
+           array_agg(a.version ORDER BY a.id), array_agg(a.reserved ORDER BY a.id),
+           coalesce(bool_or(a.policy_bound), false)
+      INTO v_w_id, v_w_address, v_w_asset, v_w_posted, v_w_version, v_w_reserved, v_p_any
       FROM accounts a
      WHERE (a.address = ANY (ARRAY(SELECT p_args[i] ->> 'account' FROM unnest(v_items) i
                                     WHERE p_ops[i] IN ('debit', 'reserve')))
@@ -2853,12 +2855,15 @@ BEGIN
       JOIN unnest(v_l_id) WITH ORDINALITY AS x(id, k) ON x.id = h.lot_id
      WHERE h.reservation_id = ANY (coalesce(v_r_id, '{}'));
     v_h_reservation := coalesce(v_h_reservation, '{}');
-    -- Spend policy: the limits of the bound wallets, with their totals now.
-    SELECT array_agg(b.wallet), array_agg(b.owner), array_agg(b.period), array_agg(b.time_zone),
-           array_agg(b.starts_at), array_agg(b.amount), array_agg(b.hard), array_agg(b.total)
-      INTO v_p_wallet, v_p_owner, v_p_period, v_p_tz, v_p_start, v_p_amount, v_p_hard, v_p_total
-      FROM tl_policy_batch_limits(v_w_id, v_now) b;
-    v_p_added := array_fill(0::bigint, ARRAY[cardinality(v_w_id)]);
+    -- Spend policy: the limits of the bound wallets, with their totals now
+    -- (nothing to read when none is bound, the common case).
+    IF v_p_any THEN
+        SELECT array_agg(b.wallet), array_agg(b.owner), array_agg(b.period), array_agg(b.time_zone),
+               array_agg(b.starts_at), array_agg(b.amount), array_agg(b.hard), array_agg(b.total)
+          INTO v_p_wallet, v_p_owner, v_p_period, v_p_tz, v_p_start, v_p_amount, v_p_hard, v_p_total
+          FROM tl_policy_batch_limits(v_w_id, v_now) b;
+        v_p_added := array_fill(0::bigint, ARRAY[cardinality(v_w_id)]);
+    END IF;
     -- This transaction's shard of system:usage, locked by tl_lock.
     SELECT * INTO v_usage FROM accounts WHERE address = 'system:usage';
     v_shard := tl_shard(v_usage.shard_count);
