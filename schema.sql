@@ -2150,8 +2150,10 @@ END $$;
 -- account), each locked account is expired only if it has anything due, and
 -- charged once, in a single `usage` transaction for all its accepted
 -- events, with one statement per table for all accounts. Events that do not
--- fit an account's available credits are rejected one by one in batch order
--- (a loop over that account's events only when they do not all fit). Events
+-- fit an account's available credits, in batch order (a loop over that
+-- account's events only when they do not all fit), and every event of an
+-- account bound by a spend policy, are recorded afterwards one at a time by
+-- tl_record_usage (overdraft, shortfall to system:overage, policy). Events
 -- that settle a reservation capture or release it one at a time (each fails
 -- alone). The roll-ups are written last, once per key, in key order.
 --
@@ -2741,6 +2743,19 @@ DECLARE
     v_take bigint;
     v_id uuid;
     v_shortfall bigint;
+    -- Spend policy: the bound wallets' limits (tl_policy_batch_limits), and
+    -- what the batch takes from each wallet.
+    v_p_wallet integer[];
+    v_p_owner text[];
+    v_p_period text[];
+    v_p_tz text[];
+    v_p_start timestamptz[];
+    v_p_amount bigint[];
+    v_p_hard boolean[];
+    v_p_total bigint[];
+    v_p_added bigint[];
+    v_p_refused integer;
+    v_p_any boolean;
 BEGIN
     v_items := ARRAY(
         SELECT i FROM generate_subscripts(p_ops, 1) i
@@ -2781,16 +2796,24 @@ BEGIN
                      WHERE p_args[j] ->> 'reservation_id' = p_args[i] ->> 'reservation_id') > 1));
     SELECT array_agg(a.id ORDER BY a.id), array_agg(a.address ORDER BY a.id),
            array_agg(a.asset ORDER BY a.id), array_agg(a.posted ORDER BY a.id),
-           array_agg(a.version ORDER BY a.id), array_agg(a.reserved ORDER BY a.id)
-      INTO v_w_id, v_w_address, v_w_asset, v_w_posted, v_w_version, v_w_reserved
+           array_agg(a.version ORDER BY a.id), array_agg(a.reserved ORDER BY a.id),
+           coalesce(bool_or(a.policy_bound), false)
+      INTO v_w_id, v_w_address, v_w_asset, v_w_posted, v_w_version, v_w_reserved, v_p_any
       FROM accounts a
      WHERE (a.address = ANY (ARRAY(SELECT p_args[i] ->> 'account' FROM unnest(v_items) i
                                     WHERE p_ops[i] IN ('debit', 'reserve')))
             OR a.id = ANY (coalesce(v_r_account, '{}')))
        AND a.type <> 'system' AND a.status = 'open' AND a.shard_count = 1
        AND a.address <> ALL (v_busy) AND a.id <> ALL (v_busy_ids)
-       -- A wallet bound by a spend policy goes one by one (its checks are there).
-       AND NOT a.policy_bound
+       -- A wallet bound by a spend policy goes set-based only when the batch
+       -- just debits it or reserves on it, naming no model, and it has no hard
+       -- department limit; its limits are checked in the loop below.
+       AND (NOT a.policy_bound
+            OR (a.id <> ALL (coalesce(v_r_account, '{}')) AND tl_policy_batchable(a)
+                AND NOT EXISTS (SELECT 1 FROM unnest(v_items) i
+                                 WHERE p_args[i] ->> 'account' = a.address
+                                   AND jsonb_typeof(p_args[i] -> 'metadata') = 'object'
+                                   AND p_args[i] -> 'metadata' ? 'model')))
        -- Nothing for tl_expire_due to do: no reservation past its time, no
        -- lot to roll over, no voided lot holding credits, and no lot past
        -- its expiry with anything left (held or not: what a capture would
@@ -2839,6 +2862,15 @@ BEGIN
       JOIN unnest(v_l_id) WITH ORDINALITY AS x(id, k) ON x.id = h.lot_id
      WHERE h.reservation_id = ANY (coalesce(v_r_id, '{}'));
     v_h_reservation := coalesce(v_h_reservation, '{}');
+    -- Spend policy: the limits of the bound wallets, with their totals now
+    -- (nothing to read when none is bound, the common case).
+    IF v_p_any THEN
+        SELECT array_agg(b.wallet), array_agg(b.owner), array_agg(b.period), array_agg(b.time_zone),
+               array_agg(b.starts_at), array_agg(b.amount), array_agg(b.hard), array_agg(b.total)
+          INTO v_p_wallet, v_p_owner, v_p_period, v_p_tz, v_p_start, v_p_amount, v_p_hard, v_p_total
+          FROM tl_policy_batch_limits(v_w_id, v_now) b;
+        v_p_added := array_fill(0::bigint, ARRAY[cardinality(v_w_id)]);
+    END IF;
     -- This transaction's shard of system:usage, locked by tl_lock.
     SELECT * INTO v_usage FROM accounts WHERE address = 'system:usage';
     v_shard := tl_shard(v_usage.shard_count);
@@ -2868,6 +2900,29 @@ BEGIN
                 'extra', jsonb_build_object('account', v_w_address[v_w], 'available', v_w_free[v_w],
                                             'requested', v_shortfall)));
             CONTINUE;
+        END IF;
+        -- Spend policy: the first hard limit it would pass refuses it, as
+        -- tl_policy_count would (only debits and reservations get here).
+        IF v_p_wallet IS NOT NULL AND v_w = ANY (v_p_wallet) THEN
+            v_p_refused := NULL;
+            FOR v_k IN 1 .. cardinality(v_p_wallet) LOOP
+                IF v_p_wallet[v_k] = v_w AND v_p_hard[v_k] AND v_p_total[v_k] + v_amt > v_p_amount[v_k] THEN
+                    v_p_refused := v_k;
+                    EXIT;
+                END IF;
+            END LOOP;
+            IF v_p_refused IS NOT NULL THEN
+                v_out[v_i] := jsonb_build_object('status', 409, 'replayed', false, 'body', tl_limit_exceeded_json(
+                    v_p_owner[v_p_refused], v_p_period[v_p_refused], v_p_tz[v_p_refused], v_p_amount[v_p_refused],
+                    v_p_total[v_p_refused], v_amt, v_p_start[v_p_refused]));
+                CONTINUE;
+            END IF;
+            FOR v_k IN 1 .. cardinality(v_p_wallet) LOOP
+                IF v_p_wallet[v_k] = v_w THEN
+                    v_p_total[v_k] := v_p_total[v_k] + v_amt;
+                END IF;
+            END LOOP;
+            v_p_added[v_w] := v_p_added[v_w] + v_amt;
         END IF;
         IF v_op IN ('debit', 'capture') THEN
             v_id := tl_uuid7();
@@ -3008,6 +3063,11 @@ BEGIN
                captured = c.amount, capture_transaction_id = c.txn, resolved_at = v_now
           FROM unnest(v_done_res, v_done_txn, v_done_amount) AS c(r, txn, amount)
          WHERE r.id = v_r_id[c.r] AND r.id = ANY (ARRAY(SELECT v_r_id[x] FROM unnest(v_done_res) x));
+    END IF;
+
+    -- Spend policy: the bound wallets' window rows and soft-limit events.
+    IF v_p_wallet IS NOT NULL THEN
+        PERFORM tl_policy_batch_count(v_w_id, v_p_added, v_now);
     END IF;
 
     -- The answers: a debit's is built from what was written; the others are
@@ -4390,9 +4450,13 @@ END $$;
 -- (spend_policies). A department's policy binds every member as well.
 -- accounts.policy_bound says whether any policy binds an account (its own or
 -- its department's): the hot functions read it from the account row they
--- already hold, so a wallet without a policy pays no look-up at all, and
--- the set-based batch path (tl_batch_fast) leaves bound wallets to the
--- one-by-one functions, where the checks below run inside the same call.
+-- already hold, so a wallet without a policy pays no look-up at all. The
+-- set-based batch path (tl_batch_fast) decides a bound wallet's debits and
+-- reservations against its limits loaded once per batch
+-- (tl_policy_batch_limits, tl_policy_batch_count); a wallet with a hard
+-- department limit, a debit naming a model, and captures and releases of a
+-- bound wallet's reservations go through the one-by-one functions, where
+-- the checks below run inside the same call.
 --
 -- Spend is kept per account and window (policy_spend), never in one row per
 -- department: a member's row is written only under that member's account
@@ -4576,18 +4640,79 @@ BEGIN
     RETURN coalesce(v_total, 0);
 END $$;
 
+-- The 409 limit_exceeded, as {code, detail, extra} (what tl_execute stores).
+CREATE OR REPLACE FUNCTION tl_limit_exceeded_json(
+    p_owner text, p_period text, p_tz text, p_amount bigint, p_spent bigint, p_requested bigint,
+    p_start timestamptz)
+RETURNS jsonb LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'code', 'limit_exceeded',
+        'detail', format('%s would pass the %s limit of %s credits of %s (%s spent, %s requested)',
+                         p_requested, p_period, p_amount, p_owner, p_spent, p_requested),
+        'extra', jsonb_build_object('account', p_owner, 'window', p_period, 'time_zone', p_tz, 'limit', p_amount,
+                                    'spent', p_spent, 'remaining', greatest(p_amount - p_spent, 0),
+                                    'requested', p_requested, 'starts_at', tl_ts(p_start),
+                                    'resets_at', tl_ts(tl_window_end(p_period, p_tz, p_start))))
+$$;
+
 CREATE OR REPLACE FUNCTION tl_limit_exceeded(
     p_owner text, p_period text, p_tz text, p_amount bigint, p_spent bigint, p_requested bigint,
     p_start timestamptz)
 RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v jsonb := tl_limit_exceeded_json(p_owner, p_period, p_tz, p_amount, p_spent, p_requested, p_start);
 BEGIN
-    PERFORM tl_raise('TLB08', 'limit_exceeded',
-        format('%s would pass the %s limit of %s credits of %s (%s spent, %s requested)',
-               p_requested, p_period, p_amount, p_owner, p_spent, p_requested),
-        jsonb_build_object('account', p_owner, 'window', p_period, 'time_zone', p_tz, 'limit', p_amount,
-                           'spent', p_spent, 'remaining', greatest(p_amount - p_spent, 0),
-                           'requested', p_requested, 'starts_at', tl_ts(p_start),
-                           'resets_at', tl_ts(tl_window_end(p_period, p_tz, p_start))));
+    PERFORM tl_raise('TLB08', 'limit_exceeded', v ->> 'detail', v -> 'extra');
+END $$;
+
+-- Whether tl_batch_fast may decide a bound account's debits and
+-- reservations set-based: none of its limits is a hard department limit
+-- (whose exact check takes the department's lock, tl_policy_total).
+CREATE OR REPLACE FUNCTION tl_policy_batchable(p_account accounts) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT NOT EXISTS (SELECT 1 FROM tl_policy_limits(p_account) l WHERE l.department IS NOT NULL AND l.mode = 'hard')
+$$;
+
+-- The limits of the bound accounts among p_wallets (tl_batch_fast's
+-- wallets, by position), in the order tl_policy_count checks them, each with
+-- the spend it counts now; the accounts' own window rows are made (from the
+-- journal) when missing, before the batch writes anything.
+CREATE OR REPLACE FUNCTION tl_policy_batch_limits(p_wallets bigint[], p_now timestamptz)
+RETURNS TABLE (wallet integer, owner text, period text, time_zone text, starts_at timestamptz, amount bigint,
+               hard boolean, total bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_acc accounts;
+    v_l record;
+    v_start timestamptz;
+BEGIN
+    FOR v_acc IN SELECT * FROM accounts WHERE id = ANY (p_wallets) AND policy_bound ORDER BY id LOOP
+        FOR v_l IN SELECT * FROM tl_policy_limits(v_acc) l ORDER BY l.department NULLS FIRST, l.period, l.time_zone LOOP
+            v_start := tl_window_start(v_l.period, v_l.time_zone, p_now);
+            IF NOT EXISTS (SELECT 1 FROM policy_spend s WHERE s.account_id = v_acc.id AND s.period = v_l.period
+                                                          AND s.time_zone = v_l.time_zone AND s.starts_at = v_start) THEN
+                PERFORM tl_policy_spend_row(v_acc.id, tl_policy_department(v_acc), v_l.period, v_l.time_zone,
+                                            v_start, 0);
+            END IF;
+            wallet := array_position(p_wallets, v_acc.id); owner := v_l.owner; period := v_l.period;
+            time_zone := v_l.time_zone; starts_at := v_start; amount := v_l.amount; hard := v_l.mode = 'hard';
+            total := tl_policy_total(v_acc.id, v_l.department, v_l.period, v_l.time_zone, v_start, false);
+            RETURN NEXT;
+        END LOOP;
+    END LOOP;
+END $$;
+
+-- Counts what tl_batch_fast took from each bound wallet (p_added, by
+-- position in p_wallets): its window rows, and soft-limit events.
+CREATE OR REPLACE FUNCTION tl_policy_batch_count(p_wallets bigint[], p_added bigint[], p_now timestamptz)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_acc accounts;
+BEGIN
+    FOR v_acc IN SELECT a.* FROM unnest(p_wallets, p_added) AS w (id, added) JOIN accounts a ON a.id = w.id
+                  WHERE w.added > 0 ORDER BY a.id LOOP
+        PERFORM tl_policy_count(v_acc, p_added[array_position(p_wallets, v_acc.id)], p_now, false, p_now);
+    END LOOP;
 END $$;
 
 -- Counts p_delta credits of spend (negative: given back) of a bound
@@ -4906,7 +5031,7 @@ DECLARE
 BEGIN
     PERFORM tl_require_model(p_account, coalesce(p_args -> 'estimate' ->> 'model', p_args -> 'metadata' ->> 'model'),
                              p_now);
-    IF jsonb_typeof(p_args -> 'estimate') <> 'object' THEN
+    IF jsonb_typeof(p_args -> 'estimate') IS DISTINCT FROM 'object' THEN
         RETURN NULL;
     END IF;
     v_room := tl_policy_room(p_account, p_now);

@@ -561,3 +561,73 @@ async def test_usage_reports_show_overage_and_violations(
             ("eng", PREMIUM): (2000, 1),
             ("ops", STANDARD): (0, 0),
         }, start
+
+
+# The set-based batch path -----------------------------------------------------
+
+
+async def test_bound_wallets_go_set_based_and_decide_as_one_by_one(
+    client: Any, api: Api, clock: FakeClock, database_url: str
+) -> None:
+    """Debits and reservations of a wallet with a spend policy (own hard and soft limits)
+    are decided set-based in a coalesced batch (tl_batch_fast), with exactly the answers,
+    window totals and limit.reached events of the same operations run one by one on a
+    twin wallet; a wallet with a hard department limit, or a debit naming a model, goes
+    one by one."""
+    from tests.api.test_coalescing import _canon, _wallet_state, fast_items, item, ledger_of
+
+    clock.set(None)  # type: ignore[arg-type]  # why: the batch path needs one shared instant
+    ledger = ledger_of(client)
+    outcomes = {}
+    states = {}
+    spent = {}
+    for twin, one_by_one in (("e-batch", False), ("e-single", True)):
+        await api.employee(twin)
+        await api.grant(twin, 500)
+        address = f"employee:{twin}"
+        await put_policy(
+            client,
+            address,
+            limits=[
+                {"window": "day", "amount": 100},
+                {"window": "month", "amount": 120, "mode": "soft"},
+            ],
+        )
+        keys = (f"{twin}-{k}" for k in range(100))
+        reserve = {"account": address, "ttl_seconds": 600, "metadata": None}
+        items = [
+            item("debit", {"account": address, "amount": 40}, next(keys)),
+            item("reserve", {**reserve, "amount": 50}, next(keys)),
+            item("debit", {"account": address, "amount": 20}, next(keys)),  # 110 > 100
+            item("debit", {"account": address, "amount": 900}, next(keys)),  # insufficient
+            item("reserve", {**reserve, "amount": 10}, next(keys)),  # exactly 100
+            item("debit", {"account": address, "amount": 1}, next(keys)),  # 101 > 100
+        ]
+        if one_by_one:
+            results = [await ledger._execute_one(i) for i in items]
+        else:
+            assert await fast_items(ledger, items) == [True] * len(items)
+            results = await ledger._execute_batch(items)
+        names = {twin: "TWIN", address: "TWIN"}
+        outcomes[twin] = [
+            (r["status"], _canon(r["body"], names)) if isinstance(r, dict) else repr(r)
+            for r in results
+        ]
+        states[twin] = await _wallet_state(client, address, names)
+        spent[twin] = [w["spent"] for w in (await get_policy(client, address))["limits"]]
+    assert [o[0] for o in outcomes["e-batch"]] == [201, 201, 409, 409, 201, 409], outcomes
+    assert outcomes["e-batch"] == outcomes["e-single"]
+    assert states["e-batch"] == states["e-single"]
+    assert spent["e-batch"] == spent["e-single"] == [100, 100]
+    events = await outbox(database_url)
+    assert sorted(e["data"]["account"] for e in events) == ["employee:e-batch", "employee:e-single"]
+    # Not set-based: a debit naming a model, and a wallet under a hard department limit.
+    await api.employee("e-dept", "ops")
+    await api.grant("e-dept", 100)
+    await put_policy(client, "department:ops", limits=[{"window": "day", "amount": 50}])
+    named = item(
+        "debit", {"account": "employee:e-batch", "amount": 1, "metadata": {"model": "m"}}, "k1"
+    )
+    dept = item("debit", {"account": "employee:e-dept", "amount": 1}, "k2")
+    assert await fast_items(ledger, [named, dept]) == [False, False]
+    await assert_audit_clean(database_url)
