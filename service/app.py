@@ -29,7 +29,7 @@ from litestar.openapi.spec import Components, SecurityScheme, Server
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service import __version__, db, errors
+from service import __version__, db, errors, migrate
 from service.api.accounts import AccountsController
 from service.api.common import provide_ledger
 from service.api.directory import DirectoryController
@@ -447,9 +447,11 @@ def create_app(
                     config.database_url, timeout=config.connect_timeout_seconds
                 )
                 try:
-                    await db.apply_schema(conn)
+                    report = await migrate.migrate(conn)
                 finally:
                     await conn.close()
+                if report.applied:
+                    log.info("schema_migrated", applied=report.applied, version=report.version)
             the_pool = await db.create_pool(
                 config.database_url,
                 min_size=config.pool_min_size,
@@ -510,21 +512,27 @@ def create_app(
     async def readyz(state: State) -> Response[dict[str, Any]]:
         ledger: Ledger = state.ledger
         try:
-            version = await public_queries.value(
-                "schema_version",
-                lambda: asyncio.wait_for(ledger.fetchval("schema_version"), timeout=2.0),
+            schema = await public_queries.value(
+                "schema_state",
+                lambda: asyncio.wait_for(
+                    ledger.fetchrow("schema_state", migrate.schema_checksum()), timeout=2.0
+                ),
             )
         except Exception as exc:  # noqa: BLE001  # why: any failure means "not ready", reported, not raised
             return Response(
                 {"status": "unavailable", "reason": type(exc).__name__}, status_code=503
             )
-        if version is None or int(version) < db.SCHEMA_VERSION:
+        version = schema["version"]
+        required = migrate.latest_version()
+        # Behind is not ready; ahead is (the next release has migrated while
+        # this one still serves: migrations add, so it keeps working).
+        if version is None or int(version) < required or not schema["schema_applied"]:
             return Response(
                 {
                     "status": "unavailable",
                     "reason": "schema behind",
                     "schema_version": version,
-                    "required": db.SCHEMA_VERSION,
+                    "required": required,
                 },
                 status_code=503,
             )

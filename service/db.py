@@ -1,4 +1,4 @@
-"""Database access: schema application, the pool, named queries and retries.
+"""Database access: the pool, named queries and retries (migrations: service/migrate.py).
 
 Everything that talks to PostgreSQL goes through here so that timeouts,
 codecs and the retry policy are decided in one place.
@@ -15,47 +15,11 @@ from typing import TypeVar
 import asyncpg
 import msgspec
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
 SQL_DIR = Path(__file__).resolve().parent / "sql"
-
-# Bumped whenever schema.sql changes shape; /readyz compares the database's
-# row in schema_version with this number.
-SCHEMA_VERSION = 7
-
-# Advisory lock key that serialises concurrent schema applications (several
-# replicas starting at once must not race on CREATE statements).
-_SCHEMA_LOCK_KEY = 0x746F6B656E6C6564  # "tokenled"
 
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 
 T = TypeVar("T")
-
-
-def schema_sql() -> str:
-    return SCHEMA_PATH.read_text(encoding="utf-8")
-
-
-async def apply_schema(conn: asyncpg.Connection) -> None:
-    """Apply schema.sql; safe to repeat, and to run from many replicas at once.
-
-    The schema file is written with IF NOT EXISTS / CREATE OR REPLACE so that
-    applying it again is a no-op; the advisory lock keeps two replicas from
-    interleaving their DDL.
-    """
-    await conn.execute("SELECT pg_advisory_lock($1)", _SCHEMA_LOCK_KEY)
-    try:
-        await conn.execute(schema_sql())
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", _SCHEMA_LOCK_KEY)
-
-
-async def schema_version(conn: asyncpg.Connection) -> int | None:
-    """The schema version recorded in the database, or None before any."""
-    exists = await conn.fetchval("SELECT to_regclass('schema_version') IS NOT NULL")
-    if not exists:
-        return None
-    value = await conn.fetchval("SELECT max(version) FROM schema_version")
-    return int(value) if value is not None else None
 
 
 def load_queries() -> dict[str, str]:
