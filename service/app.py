@@ -490,7 +490,13 @@ def create_app(
             if key_listener is not None:
                 await key_listener.stop()
             if own_pool:
-                await the_pool.close()
+                # Bounded: a connection never given back must not keep the
+                # process from exiting; terminate() drops what is left.
+                try:
+                    await asyncio.wait_for(the_pool.close(), config.shutdown_grace_seconds)
+                except TimeoutError:
+                    log.warning("pool_close_timed_out")
+                    the_pool.terminate()
 
     @get("/healthz", include_in_schema=True, tags=["Operations"], summary="Liveness", opt=public())
     async def healthz() -> dict[str, str]:

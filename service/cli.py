@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -59,8 +60,12 @@ def _dev_admin_key(config: Config) -> Config:
 
 
 def serve(config: Config) -> int:
+    """Serve until SIGINT, SIGTERM or SIGHUP, then stop gracefully and exit 0
+    (service/serving.py); the embedded PostgreSQL, if this started one, is
+    stopped last, whichever way serving ended."""
     import uvicorn
 
+    from service import serving
     from service.app import create_app
     from service.observability import configure_logging
 
@@ -76,10 +81,10 @@ def serve(config: Config) -> int:
         )
         dsn, stop_embedded = start_embedded(Path(config.data_dir) / "pg")
         config = _replace(config, database_url=dsn)
-    if config.environment == "development":
-        config = _dev_admin_key(config)
-    workers = config.workers or os.cpu_count() or 1
     try:
+        if config.environment == "development":
+            config = _dev_admin_key(config)
+        workers = config.workers or os.cpu_count() or 1
         base = f"http://{config.host}:{config.port}"
         print(
             f"tokenledger {base}/v1  docs {base}/schema  openapi {base}/schema/openapi.json"
@@ -93,14 +98,15 @@ def serve(config: Config) -> int:
             "access_log": False,
             "loop": "uvloop",
             "http": "httptools",
-            "timeout_graceful_shutdown": 10,
+            # Requests in flight at a stop get this long to finish.
+            "timeout_graceful_shutdown": config.shutdown_grace_seconds,
         }
         if workers == 1:
-            uvicorn.run(create_app(config), **options)
+            server_config = uvicorn.Config(create_app(config), **options)
         else:
             # Worker processes build their app from the environment
             # (service.asgi), so what serve() decided goes there; the
-            # schema is applied once, here, not by each worker.
+            # schema is migrated once, here, not by each worker.
             if config.apply_schema and asyncio.run(
                 _migrate(config.database_url or "", check=False)
             ):
@@ -113,12 +119,23 @@ def serve(config: Config) -> int:
                     env_var("apply_schema"): "false",
                 }
             )
-            uvicorn.run("service.asgi:app_from_env", factory=True, workers=workers, **options)
+            server_config = uvicorn.Config(
+                "service.asgi:app_from_env", factory=True, workers=workers, **options
+            )
+        started = serving.run(server_config)
     finally:
         if stop_embedded is not None:
-            print("stopping the embedded PostgreSQL", flush=True)
+            # Before anything is printed: after a closed terminal (SIGHUP)
+            # writing to it fails.
             stop_embedded()
-    return 0
+            _say("stopped the embedded PostgreSQL")
+    return 0 if started else 3
+
+
+def _say(line: str) -> None:
+    """Print, unless the terminal is gone."""
+    with contextlib.suppress(OSError):
+        print(line, flush=True)
 
 
 def _replace(config: Config, **changes: object) -> Config:

@@ -79,6 +79,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     program_run_batch_size: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1000
     # Schema: apply schema.sql at start-up (off where migrations are run apart).
     apply_schema: bool = True
+    # On SIGTERM (or SIGINT, SIGHUP) requests in flight get this long to
+    # finish before they are cancelled; then the pool is closed and the
+    # process exits 0 (README, Operations). Keep it below the orchestrator's
+    # kill deadline (Kubernetes: terminationGracePeriodSeconds, 30 s).
+    shutdown_grace_seconds: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0
     # Logs.
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
