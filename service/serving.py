@@ -9,6 +9,9 @@ closed). Two things are changed here:
 * After that graceful stop uvicorn raises the signal again, so the process
   dies by it (exit 143 for SIGTERM) and a supervisor reads a clean stop as
   a crash. A stop that was asked for and done exits 0 here.
+* With several workers, the supervisor kept its copy of the listening
+  socket open until it exited, so connections made during the stop were
+  accepted into the backlog and then reset; it closes it first here.
 * SIGHUP, which a closed terminal sends, killed a single worker outright
   (no graceful stop, and `make run`'s embedded PostgreSQL kept running),
   and made uvicorn's supervisor of several workers restart them instead of
@@ -51,6 +54,14 @@ class Supervisor(Multiprocess):
 
     def handle_hup(self) -> None:
         self.handle_term()
+
+    def terminate_all(self) -> None:
+        # The supervisor holds the listening socket too (its workers inherit
+        # it): closed here, new connections are refused at once instead of
+        # waiting in the backlog and being reset when the process exits.
+        for sock in self.sockets:
+            sock.close()
+        super().terminate_all()
 
 
 def stop_on_hangup_in_worker() -> None:
