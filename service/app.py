@@ -431,7 +431,10 @@ def create_app(
     rate_limiter = RateLimiter(parse_limits(config.rate_limits), config.rate_limit_burst_seconds)
     if config.bootstrap_admin_key:
         check_strong(config.bootstrap_admin_key, "TOKENLEDGER_BOOTSTRAP_ADMIN_KEY")
-    key_cache = KeyCache(config.key_cache_ttl_seconds)
+    # The cache is only as fresh as the NOTIFY that clears it: without a
+    # session to LISTEN on (behind pgbouncer, no direct URL) it stays off.
+    listen_url = config.session_url()
+    key_cache = KeyCache(config.key_cache_ttl_seconds if listen_url else 0.0)
     public_queries = RecentValues(PUBLIC_QUERY_SECONDS)
     auth_failures = FailureLimiter(config.auth_failures_per_second, config.auth_failure_burst)
 
@@ -443,8 +446,12 @@ def create_app(
             if not config.database_url:
                 raise RuntimeError("database_url is not set")
             if config.apply_schema:
-                conn = await asyncpg.connect(
-                    config.database_url, timeout=config.connect_timeout_seconds
+                conn = await db.connect(
+                    config.database_direct_url or config.database_url,
+                    connect_timeout_seconds=config.connect_timeout_seconds,
+                    statement_cache_size=(
+                        100 if config.database_direct_url else config.statement_cache_size()
+                    ),
                 )
                 try:
                     report = await migrate.migrate(conn)
@@ -461,13 +468,16 @@ def create_app(
                 idle_in_transaction_timeout_ms=config.idle_in_transaction_timeout_ms,
                 connect_timeout_seconds=config.connect_timeout_seconds,
                 role=config.db_role,
+                pgbouncer=config.db_pooler == "pgbouncer",
             )
+            if config.db_pooler == "pgbouncer":
+                await db.check_pooled_timeouts(the_pool)
         ledger = Ledger(the_pool, config, metrics, clock)
         app.state.ledger = ledger
         key_listener = None
-        if config.database_url:
+        if config.database_url and listen_url:
             key_listener = KeyListener(
-                config.database_url,
+                listen_url,
                 key_cache,
                 connect_timeout_seconds=config.connect_timeout_seconds,
                 role=config.db_role,

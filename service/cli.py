@@ -108,7 +108,7 @@ def serve(config: Config) -> int:
             # (service.asgi), so what serve() decided goes there; the
             # schema is migrated once, here, not by each worker.
             if config.apply_schema and asyncio.run(
-                _migrate(config.database_url or "", check=False)
+                _migrate(config.database_direct_url or config.database_url or "", check=False)
             ):
                 return 2
             os.environ.update(
@@ -478,6 +478,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     config = Config.from_env()
+    # Commands run several statements outside a transaction: behind
+    # pgbouncer none may rely on a prepared statement kept between them.
+    db.connect_statement_cache_size = config.statement_cache_size()
     command = args.command or "serve"
     if command == "serve":
         return serve(config)

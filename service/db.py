@@ -54,7 +54,7 @@ def _json_text(value: object) -> str:
 _json_encoder = msgspec.json.Encoder()
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+async def _init_connection(conn: asyncpg.Connection, *, pooled: bool = False) -> None:
     # jsonb in and out as Python objects; the service never builds JSON text
     # by hand.
     # msgspec rather than the json module: every operation's arguments and
@@ -63,20 +63,33 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         await conn.set_type_codec(
             name, encoder=_json_text, decoder=msgspec.json.decode, schema="pg_catalog"
         )
-    if conn.get_server_version() >= (14, 0):
+    if not pooled and conn.get_server_version() >= (14, 0):
         # A statement whose client has gone (a replica stopped past its
         # shutdown grace, or killed) is cancelled within a second instead of
         # running on, and committing, after nobody waits for its answer.
         # Once per connection, not per request; PostgreSQL 14 and later.
+        # Behind pgbouncer a SET reaches one server connection of many: the
+        # role's defaults carry it there (README, "Behind pgbouncer").
         await conn.execute("SET client_connection_check_interval = 1000")
 
 
-async def connect(dsn: str, *, connect_timeout_seconds: float = 10.0) -> asyncpg.Connection:
+# Statement cache size of connections made by connect() (the CLI sets 0
+# from TOKENLEDGER_DB_POOLER behind pgbouncer).
+connect_statement_cache_size = 100
+
+
+async def connect(
+    dsn: str, *, connect_timeout_seconds: float = 10.0, statement_cache_size: int | None = None
+) -> asyncpg.Connection:
     """A single connection with the same codecs as the pool's (for the CLI)."""
+    cache = connect_statement_cache_size if statement_cache_size is None else statement_cache_size
     conn = await asyncpg.connect(
-        dsn, timeout=connect_timeout_seconds, server_settings={"TimeZone": "UTC"}
+        dsn,
+        timeout=connect_timeout_seconds,
+        server_settings={"TimeZone": "UTC"},
+        statement_cache_size=cache,
     )
-    await _init_connection(conn)
+    await _init_connection(conn, pooled=cache == 0)
     return conn
 
 
@@ -125,11 +138,15 @@ async def create_pool(
     connect_timeout_seconds: float,
     application_name: str = "tokenledger",
     role: str | None = None,
+    pgbouncer: bool = False,
 ) -> asyncpg.Pool:
     """A pool whose every connection carries the service's timeouts.
 
     Timeouts are server settings on each connection so that no statement, row
-    lock wait or forgotten transaction can hold a connection forever.
+    lock wait or forgotten transaction can hold a connection forever. Behind
+    pgbouncer they cannot be (it refuses startup parameters it does not
+    track, and a SET reaches one server connection of many): the role's
+    defaults carry them, and check_pooled_timeouts() verifies that.
     """
     settings = {
         "application_name": application_name,
@@ -141,15 +158,40 @@ async def create_pool(
     if role:
         # Least privilege: the session runs as the given role from its start.
         settings["role"] = role
+    if pgbouncer:
+        settings = {k: settings[k] for k in ("application_name", "TimeZone")}
+
+    async def init(conn: asyncpg.Connection) -> None:
+        await _init_connection(conn, pooled=pgbouncer)
+
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
         timeout=connect_timeout_seconds,
         command_timeout=max(1.0, statement_timeout_ms / 1000 * 2),
-        init=_init_connection,
+        init=init,
         reset=_keep_session,
         server_settings=settings,
+        # Behind pgbouncer each statement is parsed again on whichever server
+        # connection runs it (asyncpg re-sends Parse with the Bind when the
+        # cache is off); no named prepared statement outlives its call.
+        statement_cache_size=0 if pgbouncer else 100,
     )
     assert pool is not None
     return pool
+
+
+async def check_pooled_timeouts(pool: asyncpg.Pool) -> None:
+    """Behind pgbouncer: refuse to start when the role gives the server
+    connections no statement, lock or idle-in-transaction timeout (the pool
+    cannot set them), naming the statements that fix it."""
+    row = await pool.fetchrow(load_queries()["session_timeouts"])
+    assert row is not None
+    missing = [name for name, value in row.items() if value in ("0", None)]
+    if missing:
+        fixes = "; ".join(f"ALTER ROLE <role> SET {name} = '...'" for name in missing)
+        raise RuntimeError(
+            f"behind pgbouncer the database role must carry {', '.join(missing)} "
+            f"(0 means unlimited): {fixes} (README, Behind pgbouncer)"
+        )
