@@ -77,7 +77,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Grant-program runs issue this many members per database transaction,
     # so a member's wallet is locked for one batch, not the whole run.
     program_run_batch_size: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1000
-    # Schema: apply schema.sql at start-up (off where migrations are run apart).
+    # Schema: migrate at start-up (tokenledger migrate; off where a migration
+    # job runs it apart).
     apply_schema: bool = True
     # On SIGTERM (or SIGINT, SIGHUP) requests in flight get this long to
     # finish before they are cancelled; then the pool is closed and the
