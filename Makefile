@@ -91,3 +91,7 @@ chaos: venv ## Run the load generator while injecting failures
 clean: ## Remove the virtualenv, caches and build output (keeps .data)
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+.PHONY: migrate
+migrate: venv ## Migrate DATABASE_URL to this release (MIGRATE_ARGS=--check: exit 1 while behind)
+	$(PY) -m service migrate $(MIGRATE_ARGS)

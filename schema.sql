@@ -1,10 +1,14 @@
 -- tokenledger schema.
 --
--- Applying this file again is a no-op: tables use IF NOT EXISTS, functions
--- CREATE OR REPLACE, triggers are dropped and re-created. service/db.py holds
--- an advisory lock while it runs so that replicas starting together do not
--- interleave. The version row at the bottom must match
--- service.db.SCHEMA_VERSION; /readyz fails while the database is behind.
+-- This file is the whole current schema, and applying it again is a no-op:
+-- tables use IF NOT EXISTS, functions CREATE OR REPLACE, triggers are dropped
+-- and re-created. `tokenledger migrate` (service/migrate.py) applies it to an
+-- empty database, and to an existing one after the pending versioned
+-- migrations of service/migrations/, whenever its content changed. A change
+-- to an existing table (a column, a constraint, a dropped index, a back-fill)
+-- also needs a migration file: README, "Schema migrations". The migrator's
+-- own tables, schema_migrations and schema_applied, are in
+-- service/sql/migrate.sql.
 --
 -- Conventions
 --   * Amounts are BIGINT credits. A transaction's entries sum to zero.
@@ -22,11 +26,6 @@ SET client_min_messages = warning;
 -- ---------------------------------------------------------------------------
 -- Tables
 -- ---------------------------------------------------------------------------
-
-CREATE TABLE IF NOT EXISTS schema_version (
-    version    integer PRIMARY KEY,
-    applied_at timestamptz NOT NULL DEFAULT now()
-);
 
 CREATE TABLE IF NOT EXISTS departments (
     id         text PRIMARY KEY,
@@ -87,7 +86,13 @@ CREATE TABLE IF NOT EXISTS accounts (
     CONSTRAINT accounts_available_within_limit
         CHECK (type = 'system' OR posted - reserved >= -overdraft_limit),
     CONSTRAINT accounts_shards_only_system CHECK (shard_count BETWEEN 1 AND 256 AND (shard_count = 1 OR type = 'system')),
-    CONSTRAINT accounts_sharded_row_unused CHECK (shard_count = 1 OR (posted = 0 AND version = 0))
+    CONSTRAINT accounts_sharded_row_unused CHECK (shard_count = 1 OR (posted = 0 AND version = 0)),
+    -- Every balance stays within ±2^62 (BALANCE_LIMIT): amounts are at most
+    -- 2^53, so no sum of two balances, or of a balance and an amount, can
+    -- overflow a bigint. A write that would pass it fails whole and answers
+    -- 409 balance_limit_exceeded (service/errors.py translates by name).
+    CONSTRAINT accounts_posted_within_limit
+        CHECK (posted BETWEEN -4611686018427387904 AND 4611686018427387904)
 );
 
 -- The few system accounts: every write locks their shard rows (tl_lock).
@@ -100,24 +105,11 @@ CREATE TABLE IF NOT EXISTS account_shards (
     version    bigint NOT NULL DEFAULT 0,
     updated_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (account_id, shard),
-    CONSTRAINT account_shards_shard_nonnegative CHECK (shard >= 0)
+    CONSTRAINT account_shards_shard_nonnegative CHECK (shard >= 0),
+    CONSTRAINT account_shards_posted_within_limit
+        CHECK (posted BETWEEN -4611686018427387904 AND 4611686018427387904)
 );
 
--- Every balance stays within ±2^62 (BALANCE_LIMIT): amounts are at most
--- 2^53, so no sum of two balances, or of a balance and an amount, can
--- overflow a bigint. A write that would pass it fails whole and answers 409
--- balance_limit_exceeded (service/errors.py translates by constraint name).
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'accounts_posted_within_limit') THEN
-        ALTER TABLE accounts ADD CONSTRAINT accounts_posted_within_limit
-            CHECK (posted BETWEEN -4611686018427387904 AND 4611686018427387904);
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'account_shards_posted_within_limit') THEN
-        ALTER TABLE account_shards ADD CONSTRAINT account_shards_posted_within_limit
-            CHECK (posted BETWEEN -4611686018427387904 AND 4611686018427387904);
-    END IF;
-END $$;
 
 CREATE TABLE IF NOT EXISTS transactions (
     id         uuid PRIMARY KEY,
@@ -138,18 +130,6 @@ CREATE TABLE IF NOT EXISTS transactions (
 );
 CREATE INDEX IF NOT EXISTS transactions_kind_idx ON transactions (kind, id DESC);
 
--- Version 7 added the `rollover` kind (grant programs). Replaced only when
--- missing: re-checking the constraint scans the whole table.
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'transactions_kind_valid'
-                     AND pg_get_constraintdef(oid) LIKE '%rollover%') THEN
-        ALTER TABLE transactions DROP CONSTRAINT IF EXISTS transactions_kind_valid;
-        ALTER TABLE transactions ADD CONSTRAINT transactions_kind_valid CHECK (kind IN
-            ('grant', 'debit', 'usage', 'transfer', 'capture', 'expiry', 'void', 'reversal', 'rollover'));
-    END IF;
-END $$;
-
 CREATE TABLE IF NOT EXISTS entries (
     id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     transaction_id uuid NOT NULL REFERENCES transactions (id),
@@ -168,10 +148,6 @@ CREATE TABLE IF NOT EXISTS entries (
 CREATE INDEX IF NOT EXISTS entries_account_idx ON entries (account_id, id DESC);
 CREATE INDEX IF NOT EXISTS entries_account_time_idx ON entries (account_id, shard, created_at DESC, version DESC);
 CREATE INDEX IF NOT EXISTS entries_transaction_idx ON entries (transaction_id);
--- Every entry written updates each of these indexes: (account_id,
--- transaction_id) was one more than needed (an account's transactions are
--- found through entries_transaction_idx, about two entries a transaction).
-DROP INDEX IF EXISTS entries_account_transaction_idx;
 
 -- A lot is a block of credits in a lot-holding account (wallet or
 -- department). remaining changes only together with a lot_movements row, so
@@ -190,26 +166,29 @@ CREATE TABLE IF NOT EXISTS lots (
     source_lot_id        uuid REFERENCES lots (id),
     status               text NOT NULL DEFAULT 'active',
     created_at           timestamptz NOT NULL,
+    -- live says whether a lot still holds credits (remaining > 0). It is a
+    -- column of its own so that the partial indexes below name it and not
+    -- remaining: a debit, a reservation or a capture changes remaining and
+    -- reserved, and while those appear in no index that update is HOT (no
+    -- new entry in any of the lots' indexes, and room for it on the page,
+    -- which fillfactor keeps); it stops being HOT only when live flips, once
+    -- in a lot's life. With remaining in the predicates, none was (every
+    -- debit added an entry to each lots index, dead ones piling up until
+    -- vacuum).
+    live                 boolean GENERATED ALWAYS AS (remaining > 0) STORED,
+    -- A grant-program lot can roll over (tl_roll_over): at expires_at up to
+    -- rollover_max of its free credits move to a new lot expiring at
+    -- rollover_until; rolled_at records that it happened (once).
+    rollover_max         bigint,
+    rollover_until       timestamptz,
+    rolled_at            timestamptz,
     CONSTRAINT lots_amount_positive CHECK (amount > 0),
     CONSTRAINT lots_remaining_within_amount CHECK (remaining BETWEEN 0 AND amount),
     CONSTRAINT lots_reserved_within_remaining CHECK (reserved BETWEEN 0 AND remaining),
     CONSTRAINT lots_priority_range CHECK (priority BETWEEN 0 AND 1000),
     CONSTRAINT lots_expiry_after_start CHECK (expires_at IS NULL OR expires_at > effective_at),
     CONSTRAINT lots_status_valid CHECK (status IN ('active', 'voided'))
-);
--- live says whether a lot still holds credits (remaining > 0). It is a
--- column of its own so that the partial indexes below name it and not
--- remaining: a debit, a reservation or a capture changes remaining and
--- reserved, and while those appear in no index that update is HOT (no new
--- entry in any of the lots' indexes, and room for it on the page, which
--- fillfactor keeps); it stops being HOT only when live flips, once in a
--- lot's life. With remaining in the predicates, none was (every debit added
--- an entry to each lots index, dead ones piling up until vacuum).
-ALTER TABLE lots ADD COLUMN IF NOT EXISTS live boolean GENERATED ALWAYS AS (remaining > 0) STORED;
-ALTER TABLE lots SET (fillfactor = 80);
-DROP INDEX IF EXISTS lots_consumption_idx;
-DROP INDEX IF EXISTS lots_due_idx;
-DROP INDEX IF EXISTS lots_voided_held_idx;
+) WITH (fillfactor = 80);
 -- Consumption order (DESIGN.md): priority, expires_at NULLS LAST, effective_at, id.
 CREATE INDEX IF NOT EXISTS lots_live_consumption_idx ON lots
     (account_id, priority, expires_at NULLS LAST, effective_at, id)
@@ -223,12 +202,6 @@ CREATE INDEX IF NOT EXISTS lots_voided_live_idx ON lots (account_id)
 -- `remaining > reserved`: the planner cannot infer the first from the second,
 -- and without it these partial indexes do not apply (every write and read
 -- would scan all lots).
--- A grant-program lot can roll over (tl_roll_over): at expires_at up to
--- rollover_max of its free credits move to a new lot expiring at
--- rollover_until; rolled_at records that it happened (once).
-ALTER TABLE lots ADD COLUMN IF NOT EXISTS rollover_max bigint;
-ALTER TABLE lots ADD COLUMN IF NOT EXISTS rollover_until timestamptz;
-ALTER TABLE lots ADD COLUMN IF NOT EXISTS rolled_at timestamptz;
 -- Every write to a wallet looks for its lots due to roll over: a small index
 -- of just those, so the look-up never scans the account's other lots.
 CREATE INDEX IF NOT EXISTS lots_rollover_due_idx ON lots (account_id, expires_at)
@@ -296,14 +269,13 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     created_at   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (caller, key),
     CONSTRAINT idempotency_keys_key_format CHECK (key ~ '^[\x20-\x7e]{1,255}$')
-);
-CREATE INDEX IF NOT EXISTS idempotency_keys_created_idx ON idempotency_keys (created_at);
 -- A key row is inserted small (status 0, body null) and completed in the
 -- same transaction with the answer, several times its size. Pages filled to
 -- a tenth by the inserts leave room for those updates on the same page, so
 -- they are HOT (no new index entries; about three in four were not at the
 -- default 100), and the pages end up about as full as they would anyway.
-ALTER TABLE idempotency_keys SET (fillfactor = 10);
+) WITH (fillfactor = 10);
+CREATE INDEX IF NOT EXISTS idempotency_keys_created_idx ON idempotency_keys (created_at);
 
 -- ---------------------------------------------------------------------------
 -- Triggers: the journal is append-only (invariant 7) and balanced (invariant 1)
@@ -1707,21 +1679,6 @@ CREATE TABLE IF NOT EXISTS usage_events (
 );
 CREATE INDEX IF NOT EXISTS usage_events_occurred_idx ON usage_events (occurred_at);
 CREATE INDEX IF NOT EXISTS usage_events_account_idx ON usage_events (account_id, occurred_at);
--- A database created before the references were deferred: defer them (a
--- change of the catalog only, no row is checked again).
-DO $$
-DECLARE
-    v_name text;
-BEGIN
-    FOR v_name IN
-        SELECT c.conname FROM pg_constraint c JOIN pg_attribute a
-            ON a.attrelid = c.conrelid AND c.conkey = ARRAY[a.attnum]
-        WHERE c.conrelid = 'usage_events'::regclass AND c.contype = 'f' AND NOT c.condeferred
-          AND a.attname IN ('account_id', 'transaction_id')
-    LOOP
-        EXECUTE format('ALTER TABLE usage_events ALTER CONSTRAINT %I DEFERRABLE INITIALLY DEFERRED', v_name);
-    END LOOP;
-END $$;
 
 -- Daily roll-up for reports, kept in the same transaction as each event.
 -- project '' stands for "no project" so it can be part of the key.
@@ -1780,36 +1737,6 @@ CREATE TABLE IF NOT EXISTS usage_daily_models (
     credits             bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (day, model, project, shard)
 );
-
--- A database from before version 7 has usage_daily but not (all of) the
--- coarser roll-ups: fill them from it once, with usage_daily locked so that
--- no event recorded meanwhile is missed (writers wait, then run the new
--- functions).
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM schema_version WHERE version = 7)
-       AND EXISTS (SELECT 1 FROM usage_daily) THEN
-        LOCK TABLE usage_daily IN SHARE MODE;
-        DELETE FROM usage_monthly;
-        DELETE FROM usage_monthly_models;
-        DELETE FROM usage_daily_models;
-        INSERT INTO usage_monthly (month, account_id, model, project, events, input_tokens,
-                                   cached_input_tokens, output_tokens, credits)
-        SELECT date_trunc('month', day)::date, account_id, model, project, sum(events), sum(input_tokens),
-               sum(cached_input_tokens), sum(output_tokens), sum(credits)
-        FROM usage_daily GROUP BY 1, 2, 3, 4;
-        INSERT INTO usage_monthly_models (month, account_id, model, events, input_tokens,
-                                          cached_input_tokens, output_tokens, credits)
-        SELECT date_trunc('month', day)::date, account_id, model, sum(events), sum(input_tokens),
-               sum(cached_input_tokens), sum(output_tokens), sum(credits)
-        FROM usage_daily GROUP BY 1, 2, 3;
-        INSERT INTO usage_daily_models (day, model, project, shard, events, input_tokens,
-                                        cached_input_tokens, output_tokens, credits)
-        SELECT day, model, project, 0, sum(events), sum(input_tokens),
-               sum(cached_input_tokens), sum(output_tokens), sum(credits)
-        FROM usage_daily GROUP BY 1, 2, 3;
-    END IF;
-END $$;
 
 -- Adds sums of events to the four roll-ups: item i is the events of one
 -- (day, account, model, project) -- p_days[i], p_accounts[i], ... -- with
@@ -5960,5 +5887,3 @@ INSERT INTO account_shards (account_id, shard)
 SELECT a.id, s FROM accounts a CROSS JOIN LATERAL generate_series(0, a.shard_count - 1) s
 WHERE a.type = 'system'
 ON CONFLICT DO NOTHING;
-
-INSERT INTO schema_version (version) VALUES (1), (2), (3), (4), (5), (6), (7) ON CONFLICT DO NOTHING;

@@ -33,6 +33,7 @@ import asyncpg
 
 from bench import cpu
 from service import db as service_db
+from service import migrate
 from tests.pg import execute, start_server
 
 CTX: dict[str, Any] = {"actor": "bench", "request_id": "alerts", "now": None}
@@ -139,7 +140,7 @@ async def main_async(debits: int, rounds: int) -> None:
         await execute(server.dsn, f'CREATE DATABASE "{name}"')
         conn = await asyncpg.connect(server.dsn_for(name))
         try:
-            await service_db.apply_schema(conn)
+            await migrate.migrate(conn)
         finally:
             await conn.close()
         results = await measure(server.dsn_for(name), debits, rounds)

@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 
 from bench.harness import REPO, Service, percentile, provision
-from service import db
+from service import db, migrate
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -162,7 +162,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     try:
         conn = await db.connect(database.dsn)
         try:
-            await db.apply_schema(conn)
+            await migrate.migrate(conn)
         finally:
             await conn.close()
         log_path = Path(tempfile.mkdtemp(prefix="bench-gateway-")) / "service.log"

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 
 from bench.harness import provision
-from service import db
+from service import db, migrate
 from service.app import create_app
 from service.audit import run_audit
 from service.auth import new_key
@@ -53,7 +53,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     try:
         conn = await db.connect(database.dsn)
         try:
-            await db.apply_schema(conn)
+            await migrate.migrate(conn)
             await conn.execute(
                 "INSERT INTO departments (id, name) SELECT 'dept-' || g, 'Department ' || g"
                 " FROM generate_series(1, 20) g;"

@@ -39,7 +39,7 @@ from typing import Any
 import httpx
 
 from bench.harness import Service, provision, run_audit
-from service import db
+from service import db, migrate
 
 AMOUNT = 1000
 
@@ -167,7 +167,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         log(f"bench.programs: database {database.name} ({database.source})")
         conn = await db.connect(database.dsn)
         try:
-            await db.apply_schema(conn)
+            await migrate.migrate(conn)
             started = time.perf_counter()
             await conn.execute(SETUP_SQL.format(employees=int(args.employees)))
             await conn.execute("ANALYZE")

@@ -37,7 +37,7 @@ import asyncpg
 import httpx
 
 from bench.harness import provision
-from service import db, errors, reports
+from service import db, errors, migrate, reports
 from service.app import create_app
 from service.auth import new_key
 from service.config import Config
@@ -209,7 +209,7 @@ async def build(dsn: str, employees: int, events: int) -> dict[str, float]:
     conn = await db.connect(dsn)
     try:
         started = time.perf_counter()
-        await db.apply_schema(conn)
+        await migrate.migrate(conn)
         seconds["schema"] = time.perf_counter() - started
 
         started = time.perf_counter()

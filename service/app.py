@@ -29,7 +29,7 @@ from litestar.openapi.spec import Components, SecurityScheme, Server
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service import __version__, db, errors
+from service import __version__, db, errors, migrate
 from service.api.accounts import AccountsController
 from service.api.approvals import ApprovalsController
 from service.api.common import provide_ledger
@@ -446,7 +446,10 @@ def create_app(
     rate_limiter = RateLimiter(parse_limits(config.rate_limits), config.rate_limit_burst_seconds)
     if config.bootstrap_admin_key:
         check_strong(config.bootstrap_admin_key, "TOKENLEDGER_BOOTSTRAP_ADMIN_KEY")
-    key_cache = KeyCache(config.key_cache_ttl_seconds)
+    # The cache is only as fresh as the NOTIFY that clears it: without a
+    # session to LISTEN on (behind pgbouncer, no direct URL) it stays off.
+    listen_url = config.session_url()
+    key_cache = KeyCache(config.key_cache_ttl_seconds if listen_url else 0.0)
     public_queries = RecentValues(PUBLIC_QUERY_SECONDS)
     auth_failures = FailureLimiter(config.auth_failures_per_second, config.auth_failure_burst)
     # None without TOKENLEDGER_WEBHOOK_SECRET_KEY: no webhooks can be made or sent.
@@ -460,13 +463,19 @@ def create_app(
             if not config.database_url:
                 raise RuntimeError("database_url is not set")
             if config.apply_schema:
-                conn = await asyncpg.connect(
-                    config.database_url, timeout=config.connect_timeout_seconds
+                conn = await db.connect(
+                    config.database_direct_url or config.database_url,
+                    connect_timeout_seconds=config.connect_timeout_seconds,
+                    statement_cache_size=(
+                        100 if config.database_direct_url else config.statement_cache_size()
+                    ),
                 )
                 try:
-                    await db.apply_schema(conn)
+                    report = await migrate.migrate(conn)
                 finally:
                     await conn.close()
+                if report.applied:
+                    log.info("schema_migrated", applied=report.applied, version=report.version)
             the_pool = await db.create_pool(
                 config.database_url,
                 min_size=config.pool_min_size,
@@ -476,13 +485,16 @@ def create_app(
                 idle_in_transaction_timeout_ms=config.idle_in_transaction_timeout_ms,
                 connect_timeout_seconds=config.connect_timeout_seconds,
                 role=config.db_role,
+                pgbouncer=config.db_pooler == "pgbouncer",
             )
+            if config.db_pooler == "pgbouncer":
+                await db.check_pooled_timeouts(the_pool)
         ledger = Ledger(the_pool, config, metrics, clock)
         app.state.ledger = ledger
         key_listener = None
-        if config.database_url:
+        if config.database_url and listen_url:
             key_listener = KeyListener(
-                config.database_url,
+                listen_url,
                 key_cache,
                 connect_timeout_seconds=config.connect_timeout_seconds,
                 role=config.db_role,
@@ -512,7 +524,13 @@ def create_app(
             if key_listener is not None:
                 await key_listener.stop()
             if own_pool:
-                await the_pool.close()
+                # Bounded: a connection never given back must not keep the
+                # process from exiting; terminate() drops what is left.
+                try:
+                    await asyncio.wait_for(the_pool.close(), config.shutdown_grace_seconds)
+                except TimeoutError:
+                    log.warning("pool_close_timed_out")
+                    the_pool.terminate()
 
     @get("/healthz", include_in_schema=True, tags=["Operations"], summary="Liveness", opt=public())
     async def healthz() -> dict[str, str]:
@@ -534,21 +552,27 @@ def create_app(
     async def readyz(state: State) -> Response[dict[str, Any]]:
         ledger: Ledger = state.ledger
         try:
-            version = await public_queries.value(
-                "schema_version",
-                lambda: asyncio.wait_for(ledger.fetchval("schema_version"), timeout=2.0),
+            schema = await public_queries.value(
+                "schema_state",
+                lambda: asyncio.wait_for(
+                    ledger.fetchrow("schema_state", migrate.schema_checksum()), timeout=2.0
+                ),
             )
         except Exception as exc:  # noqa: BLE001  # why: any failure means "not ready", reported, not raised
             return Response(
                 {"status": "unavailable", "reason": type(exc).__name__}, status_code=503
             )
-        if version is None or int(version) < db.SCHEMA_VERSION:
+        version = schema["version"]
+        required = migrate.latest_version()
+        # Behind is not ready; ahead is (the next release has migrated while
+        # this one still serves: migrations add, so it keeps working).
+        if version is None or int(version) < required or not schema["schema_applied"]:
             return Response(
                 {
                     "status": "unavailable",
                     "reason": "schema behind",
                     "schema_version": version,
-                    "required": db.SCHEMA_VERSION,
+                    "required": required,
                 },
                 status_code=503,
             )

@@ -13,9 +13,11 @@ from litestar import Litestar
 from service.app import create_app
 from service.config import Config
 from service.observability import configure_logging
+from service.serving import stop_on_hangup_in_worker
 
 
 def app_from_env() -> Litestar:
+    stop_on_hangup_in_worker()
     config = Config.from_env()
     configure_logging(config.log_format, config.log_level)
     return create_app(config)

@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from service import db
+from service import db, migrate
 
 # prev_hash of the first row.
 GENESIS = bytes(32)
@@ -47,7 +47,7 @@ def _ts(value: datetime) -> str:
 
 def _shipped_body(signature: str) -> str:
     """The body of a function as schema.sql (shipped with this code) defines it."""
-    sql = db.schema_sql()
+    sql = migrate.schema_sql()
     start = sql.index(f"CREATE OR REPLACE FUNCTION {signature.partition('(')[0]}(")
     body = sql.index("$$", start) + 2
     return sql[body : sql.index("$$", body)]

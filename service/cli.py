@@ -3,7 +3,8 @@
 tokenledger [serve]        run the HTTP service (the default)
 tokenledger audit          check the ledger invariants; exit 1 naming the first violation
   --verify-chain           also verify the hash chain and print its head (README, Tamper evidence)
-tokenledger apply-schema   apply schema.sql to DATABASE_URL
+tokenledger migrate        bring the database to this release (pending migrations, then schema.sql)
+  --check                  change nothing; exit 0 when current, 1 when behind (a readiness gate)
 tokenledger sweep          write due expiry transactions once, then exit
 tokenledger chain          append settled transactions to the hash chain once, then exit
 tokenledger prices import FILE  add price versions from a LiteLLM-format price map
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -25,7 +27,7 @@ from typing import Any
 import asyncpg
 
 from service import chain as hash_chain
-from service import db, pricing
+from service import db, migrate, pricing
 from service.audit import run_audit
 from service.config import Config, env_var
 
@@ -88,8 +90,12 @@ def _dev_employee_tokens(config: Config) -> Config:
 
 
 def serve(config: Config) -> int:
+    """Serve until SIGINT, SIGTERM or SIGHUP, then stop gracefully and exit 0
+    (service/serving.py); the embedded PostgreSQL, if this started one, is
+    stopped last, whichever way serving ended."""
     import uvicorn
 
+    from service import serving
     from service.app import create_app
     from service.observability import configure_logging
 
@@ -105,11 +111,11 @@ def serve(config: Config) -> int:
         )
         dsn, stop_embedded = start_embedded(Path(config.data_dir) / "pg")
         config = _replace(config, database_url=dsn)
-    if config.environment == "development":
-        config = _dev_admin_key(config)
-        config = _dev_employee_tokens(config)
-    workers = config.workers or os.cpu_count() or 1
     try:
+        if config.environment == "development":
+            config = _dev_admin_key(config)
+            config = _dev_employee_tokens(config)
+        workers = config.workers or os.cpu_count() or 1
         base = f"http://{config.host}:{config.port}"
         print(
             f"tokenledger {base}/v1  docs {base}/schema  openapi {base}/schema/openapi.json"
@@ -125,16 +131,19 @@ def serve(config: Config) -> int:
             "access_log": False,
             "loop": "uvloop",
             "http": "httptools",
-            "timeout_graceful_shutdown": 10,
+            # Requests in flight at a stop get this long to finish.
+            "timeout_graceful_shutdown": config.shutdown_grace_seconds,
         }
         if workers == 1:
-            uvicorn.run(create_app(config), **options)
+            server_config = uvicorn.Config(create_app(config), **options)
         else:
             # Worker processes build their app from the environment
             # (service.asgi), so what serve() decided goes there; the
-            # schema is applied once, here, not by each worker.
-            if config.apply_schema:
-                asyncio.run(_apply_schema(config.database_url or ""))
+            # schema is migrated once, here, not by each worker.
+            if config.apply_schema and asyncio.run(
+                _migrate(config.database_direct_url or config.database_url or "", check=False)
+            ):
+                return 2
             os.environ.update(
                 {
                     env_var("database_url"): config.database_url or "",
@@ -156,12 +165,23 @@ def serve(config: Config) -> int:
                     if getattr(config, name)
                 }
             )
-            uvicorn.run("service.asgi:app_from_env", factory=True, workers=workers, **options)
+            server_config = uvicorn.Config(
+                "service.asgi:app_from_env", factory=True, workers=workers, **options
+            )
+        started = serving.run(server_config)
     finally:
         if stop_embedded is not None:
-            print("stopping the embedded PostgreSQL", flush=True)
+            # Before anything is printed: after a closed terminal (SIGHUP)
+            # writing to it fails.
             stop_embedded()
-    return 0
+            _say("stopped the embedded PostgreSQL")
+    return 0 if started else 3
+
+
+def _say(line: str) -> None:
+    """Print, unless the terminal is gone."""
+    with contextlib.suppress(OSError):
+        print(line, flush=True)
 
 
 def _replace(config: Config, **changes: object) -> Config:
@@ -231,15 +251,33 @@ async def _chain(url: str, config: Config, everything: bool) -> int:
     return 0
 
 
-async def _apply_schema(url: str) -> int:
+async def _migrate(url: str, *, check: bool, reapply: bool = False) -> int:
+    """`tokenledger migrate [--check]`: exit 0 when the database is current
+    (after migrating, or as found), 1 when --check finds it behind, 2 when
+    this release cannot migrate it (printed why)."""
     conn = await db.connect(url)
     try:
-        await db.apply_schema(conn)
-        version = await db.schema_version(conn)
+        if check:
+            state = await migrate.status(conn)
+        else:
+            report = await migrate.migrate(conn, reapply=reapply)
+            for step in report.applied:
+                print(f"applied {step}")
+            state = await migrate.status(conn)
+    except migrate.MigrationError as exc:
+        print(f"tokenledger migrate: {exc}", file=sys.stderr)
+        return 2
     finally:
         await conn.close()
-    print(f"schema at version {version}")
-    return 0
+    for m in state.pending:
+        print(f"pending {m.version:04d}_{m.name}")
+    if not state.schema_applied:
+        print("pending schema.sql (this release's content not applied)")
+    where = "empty" if state.version is None else f"at migration {state.version}"
+    if state.ahead:
+        where += f" (ahead of this release's {migrate.latest_version()})"
+    print(f"database {where}: {'current' if state.current else 'behind'}")
+    return 0 if state.current else 1
 
 
 async def _sweep(url: str) -> int:
@@ -500,7 +538,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("serve", help="run the HTTP service (default)")
     for name, help_text in (
         ("audit", "check the ledger invariants"),
-        ("apply-schema", "apply schema.sql"),
+        ("migrate", "bring the database schema to this release"),
+        ("apply-schema", "the same as migrate (its former name)"),
         ("sweep", "write due expiry transactions once"),
         ("chain", "append settled transactions to the hash chain once"),
     ):
@@ -525,6 +564,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="append",
         metavar="SEQ:SHA256",
         help="a chain head recorded earlier that must still be in the chain (repeatable)",
+    )
+    sub.choices["migrate"].add_argument(
+        "--check",
+        action="store_true",
+        help="change nothing: exit 0 when current, 1 when migrations or schema.sql are pending",
+    )
+    sub.choices["migrate"].add_argument(
+        "--reapply",
+        action="store_true",
+        help="apply schema.sql even if this content was applied before",
     )
     sub.choices["chain"].add_argument(
         "--all",
@@ -592,6 +641,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     config = Config.from_env()
+    # Commands run several statements outside a transaction: behind
+    # pgbouncer none may rely on a prepared statement kept between them.
+    db.connect_statement_cache_size = config.statement_cache_size()
     command = args.command or "serve"
     if command == "serve":
         return serve(config)
@@ -602,8 +654,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.max_lag_seconds is None:
             args.max_lag_seconds = config.chain_settle_seconds + 300
         return asyncio.run(_audit(url, args))
+    if command == "migrate":
+        return asyncio.run(_migrate(url, check=args.check, reapply=args.reapply))
     if command == "apply-schema":
-        return asyncio.run(_apply_schema(url))
+        return asyncio.run(_migrate(url, check=False))
     if command == "sweep":
         return asyncio.run(_sweep(url))
     if command == "chain":

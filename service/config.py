@@ -77,8 +77,26 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Grant-program runs issue this many members per database transaction,
     # so a member's wallet is locked for one batch, not the whole run.
     program_run_batch_size: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1000
-    # Schema: apply schema.sql at start-up (off where migrations are run apart).
+    # Schema: migrate at start-up (tokenledger migrate; off where a migration
+    # job runs it apart).
     apply_schema: bool = True
+    # On SIGTERM (or SIGINT, SIGHUP) requests in flight get this long to
+    # finish before they are cancelled; then the pool is closed and the
+    # process exits 0 (README, Operations). Keep it below the orchestrator's
+    # kill deadline (Kubernetes: terminationGracePeriodSeconds, 30 s).
+    shutdown_grace_seconds: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0
+    # Behind a pooler in transaction mode (README, "Behind pgbouncer"),
+    # "pgbouncer": asyncpg's prepared-statement cache is off (the pooler may
+    # run a statement on another server connection than the one that
+    # prepared it), only startup parameters pgbouncer knows are sent, and the
+    # timeouts must come from the database role (ALTER ROLE ... SET), which
+    # start-up checks.
+    db_pooler: Literal["none", "pgbouncer"] = "none"
+    # A direct connection to PostgreSQL, not through the pooler, for what
+    # needs a session of its own: LISTEN for key changes (the key cache) and
+    # the start-up migration. Behind pgbouncer without it the key cache is
+    # off (every request looks its key up).
+    database_direct_url: str | None = None
     # Logs.
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -166,11 +184,30 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     import_max_rows: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 100_000
 
     def __post_init__(self) -> None:
+        if self.db_pooler == "pgbouncer" and self.db_role:
+            raise ValueError(
+                "TOKENLEDGER_DB_ROLE cannot be set through pgbouncer (no SET ROLE at connect): "
+                "connect as a login role that is a member of it, with its defaults"
+            )
         if self.chain_settle_seconds * 1000 <= self.statement_timeout_ms:
             raise ValueError(
                 "chain_settle_seconds must exceed statement_timeout_ms "
                 f"({self.chain_settle_seconds}s <= {self.statement_timeout_ms}ms)"
             )
+
+    @classmethod
+    def statement_cache_size(self) -> int:
+        """asyncpg's prepared-statement cache: 0 behind pgbouncer, whose
+        transaction pooling cannot keep a prepared statement (1.21 and later
+        can, with max_prepared_statements; Debian 12 ships 1.18)."""
+        return 0 if self.db_pooler == "pgbouncer" else 100
+
+    def session_url(self) -> str | None:
+        """Where a session of its own goes (LISTEN, migrations): the direct
+        URL, else the database URL unless that is a transaction pooler."""
+        if self.database_direct_url:
+            return self.database_direct_url
+        return None if self.db_pooler == "pgbouncer" else self.database_url
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:

@@ -1,4 +1,4 @@
-"""Database access: schema application, the pool, named queries and retries.
+"""Database access: the pool, named queries and retries (migrations: service/migrate.py).
 
 Everything that talks to PostgreSQL goes through here so that timeouts,
 codecs and the retry policy are decided in one place.
@@ -15,47 +15,11 @@ from typing import TypeVar
 import asyncpg
 import msgspec
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
 SQL_DIR = Path(__file__).resolve().parent / "sql"
-
-# Bumped whenever schema.sql changes shape; /readyz compares the database's
-# row in schema_version with this number.
-SCHEMA_VERSION = 7
-
-# Advisory lock key that serialises concurrent schema applications (several
-# replicas starting at once must not race on CREATE statements).
-_SCHEMA_LOCK_KEY = 0x746F6B656E6C6564  # "tokenled"
 
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 
 T = TypeVar("T")
-
-
-def schema_sql() -> str:
-    return SCHEMA_PATH.read_text(encoding="utf-8")
-
-
-async def apply_schema(conn: asyncpg.Connection) -> None:
-    """Apply schema.sql; safe to repeat, and to run from many replicas at once.
-
-    The schema file is written with IF NOT EXISTS / CREATE OR REPLACE so that
-    applying it again is a no-op; the advisory lock keeps two replicas from
-    interleaving their DDL.
-    """
-    await conn.execute("SELECT pg_advisory_lock($1)", _SCHEMA_LOCK_KEY)
-    try:
-        await conn.execute(schema_sql())
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", _SCHEMA_LOCK_KEY)
-
-
-async def schema_version(conn: asyncpg.Connection) -> int | None:
-    """The schema version recorded in the database, or None before any."""
-    exists = await conn.fetchval("SELECT to_regclass('schema_version') IS NOT NULL")
-    if not exists:
-        return None
-    value = await conn.fetchval("SELECT max(version) FROM schema_version")
-    return int(value) if value is not None else None
 
 
 def load_queries() -> dict[str, str]:
@@ -90,7 +54,7 @@ def _json_text(value: object) -> str:
 _json_encoder = msgspec.json.Encoder()
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+async def _init_connection(conn: asyncpg.Connection, *, pooled: bool = False) -> None:
     # jsonb in and out as Python objects; the service never builds JSON text
     # by hand.
     # msgspec rather than the json module: every operation's arguments and
@@ -99,14 +63,33 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         await conn.set_type_codec(
             name, encoder=_json_text, decoder=msgspec.json.decode, schema="pg_catalog"
         )
+    if not pooled and conn.get_server_version() >= (14, 0):
+        # A statement whose client has gone (a replica stopped past its
+        # shutdown grace, or killed) is cancelled within a second instead of
+        # running on, and committing, after nobody waits for its answer.
+        # Once per connection, not per request; PostgreSQL 14 and later.
+        # Behind pgbouncer a SET reaches one server connection of many: the
+        # role's defaults carry it there (README, "Behind pgbouncer").
+        await conn.execute("SET client_connection_check_interval = 1000")
 
 
-async def connect(dsn: str, *, connect_timeout_seconds: float = 10.0) -> asyncpg.Connection:
+# Statement cache size of connections made by connect() (the CLI sets 0
+# from TOKENLEDGER_DB_POOLER behind pgbouncer).
+connect_statement_cache_size = 100
+
+
+async def connect(
+    dsn: str, *, connect_timeout_seconds: float = 10.0, statement_cache_size: int | None = None
+) -> asyncpg.Connection:
     """A single connection with the same codecs as the pool's (for the CLI)."""
+    cache = connect_statement_cache_size if statement_cache_size is None else statement_cache_size
     conn = await asyncpg.connect(
-        dsn, timeout=connect_timeout_seconds, server_settings={"TimeZone": "UTC"}
+        dsn,
+        timeout=connect_timeout_seconds,
+        server_settings={"TimeZone": "UTC"},
+        statement_cache_size=cache,
     )
-    await _init_connection(conn)
+    await _init_connection(conn, pooled=cache == 0)
     return conn
 
 
@@ -155,11 +138,15 @@ async def create_pool(
     connect_timeout_seconds: float,
     application_name: str = "tokenledger",
     role: str | None = None,
+    pgbouncer: bool = False,
 ) -> asyncpg.Pool:
     """A pool whose every connection carries the service's timeouts.
 
     Timeouts are server settings on each connection so that no statement, row
-    lock wait or forgotten transaction can hold a connection forever.
+    lock wait or forgotten transaction can hold a connection forever. Behind
+    pgbouncer they cannot be (it refuses startup parameters it does not
+    track, and a SET reaches one server connection of many): the role's
+    defaults carry them, and check_pooled_timeouts() verifies that.
     """
     settings = {
         "application_name": application_name,
@@ -171,15 +158,40 @@ async def create_pool(
     if role:
         # Least privilege: the session runs as the given role from its start.
         settings["role"] = role
+    if pgbouncer:
+        settings = {k: settings[k] for k in ("application_name", "TimeZone")}
+
+    async def init(conn: asyncpg.Connection) -> None:
+        await _init_connection(conn, pooled=pgbouncer)
+
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
         timeout=connect_timeout_seconds,
         command_timeout=max(1.0, statement_timeout_ms / 1000 * 2),
-        init=_init_connection,
+        init=init,
         reset=_keep_session,
         server_settings=settings,
+        # Behind pgbouncer each statement is parsed again on whichever server
+        # connection runs it (asyncpg re-sends Parse with the Bind when the
+        # cache is off); no named prepared statement outlives its call.
+        statement_cache_size=0 if pgbouncer else 100,
     )
     assert pool is not None
     return pool
+
+
+async def check_pooled_timeouts(pool: asyncpg.Pool) -> None:
+    """Behind pgbouncer: refuse to start when the role gives the server
+    connections no statement, lock or idle-in-transaction timeout (the pool
+    cannot set them), naming the statements that fix it."""
+    row = await pool.fetchrow(load_queries()["session_timeouts"])
+    assert row is not None
+    missing = [name for name, value in row.items() if value in ("0", None)]
+    if missing:
+        fixes = "; ".join(f"ALTER ROLE <role> SET {name} = '...'" for name in missing)
+        raise RuntimeError(
+            f"behind pgbouncer the database role must carry {', '.join(missing)} "
+            f"(0 means unlimited): {fixes} (README, Behind pgbouncer)"
+        )

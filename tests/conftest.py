@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 import asyncpg
 import pytest
 
-from service import db as service_db
+from service import migrate
 from tests.pg import Server, cloned_database, execute, run_sync, start_server
 
 
@@ -39,7 +39,7 @@ async def _build_template(server: Server, name: str) -> None:
     )
     conn = await asyncpg.connect(server.dsn_for(name), timeout=30)
     try:
-        await service_db.apply_schema(conn)
+        await migrate.migrate(conn)
     finally:
         await conn.close(timeout=30)
     # A clone fails while anyone is connected to its template; refusing

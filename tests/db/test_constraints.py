@@ -16,6 +16,7 @@ import asyncpg
 import pytest
 
 from service import db as service_db
+from service import migrate
 
 CTX: dict[str, Any] = {"actor": "test", "request_id": "constraints", "now": None}
 
@@ -1041,23 +1042,23 @@ async def _state(conn: asyncpg.Connection) -> dict[str, Any]:
         "shards": [tuple(r) for r in shards],
         "accounts": [tuple(r) for r in accounts],
         "versions": [
-            tuple(r) for r in await conn.fetch("SELECT version FROM schema_version ORDER BY 1")
+            tuple(r) for r in await conn.fetch("SELECT version FROM schema_migrations ORDER BY 1")
         ],
     }
 
 
 async def test_schema_apply_is_idempotent(database_url: str, world: World) -> None:
-    """Applying schema.sql twice more on a database with data changes no row, trigger, constraint or
-    version."""
+    """Applying schema.sql twice more (`migrate --reapply`, the repeatable step) on a database with
+    data changes no row, trigger, constraint or version."""
     conn = await service_db.connect(database_url)
     try:
         before = await _state(conn)
         assert before["counts"]["entries"] == 4 and before["counts"]["transactions"] == 2
-        await service_db.apply_schema(conn)
-        await service_db.apply_schema(conn)
+        assert (await migrate.migrate(conn, reapply=True)).applied == ["schema.sql"]
+        assert (await migrate.migrate(conn, reapply=True)).applied == ["schema.sql"]
         after = await _state(conn)
         assert after == before
-        assert await service_db.schema_version(conn) == service_db.SCHEMA_VERSION
+        assert (await migrate.status(conn)).current
     finally:
         await conn.close()
 

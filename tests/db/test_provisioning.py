@@ -9,7 +9,7 @@ from tests.pg import Server, cloned_database, execute, run_sync
 
 async def test_clone_has_the_template_schema(db: asyncpg.Connection) -> None:
     """A test's database starts with the tables that schema.sql creates."""
-    assert await db.fetchval("SELECT to_regclass('schema_version')") is not None
+    assert await db.fetchval("SELECT to_regclass('schema_migrations')") is not None
 
 
 async def _has_table(dsn: str, table: str) -> bool:
