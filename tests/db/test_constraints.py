@@ -562,6 +562,13 @@ CONSTRAINT_CASES: list[tuple[str, type[asyncpg.PostgresError], str]] = [
         "INSERT INTO outbox (type, data, dedup_key) VALUES ('grant.created', '{{}}', 'k'), "
         "('grant.created', '{{}}', 'k')",
     ),
+    # audit checkpoints: a check has an instant, the chain a row (seq and hash), never both
+    (
+        "audit_checkpoints_one_mark",
+        asyncpg.CheckViolationError,
+        "INSERT INTO audit_checkpoints (check_name, verified_to, chain_seq, chain_hash) "
+        "VALUES ('audit_1_unbalanced', now(), 1, sha256('h'))",
+    ),
 ]
 
 
