@@ -108,9 +108,17 @@ WITH balances AS (
 bad AS MATERIALIZED (
     SELECT b.account_id, b.shard, b.posted, b.version, last.balance_after, after.version AS later
     FROM balances b
-    LEFT JOIN entries last ON last.account_id = b.account_id AND last.shard = b.shard AND last.version = b.version
-    LEFT JOIN entries after ON after.account_id = b.account_id AND after.shard = b.shard
-                            AND after.version = b.version + 1
+    -- Each look-up is by the unique key (account_id, shard, version). LIMIT
+    -- keeps the subqueries from being pulled up into a plain join, where the
+    -- planner could not push the shard (a constant in one branch of the
+    -- union) into the index and read every entry for each balance row.
+    LEFT JOIN LATERAL (
+        SELECT e.id, e.balance_after FROM entries e
+        WHERE e.account_id = b.account_id AND e.shard = b.shard AND e.version = b.version LIMIT 1) last ON true
+    LEFT JOIN LATERAL (
+        SELECT e.id, e.version FROM entries e
+        WHERE e.account_id = b.account_id AND e.shard = b.shard AND e.version = b.version + 1 LIMIT 1) after
+        ON true
     WHERE after.id IS NOT NULL
        OR (b.version = 0 AND b.posted <> 0)
        OR (b.version > 0 AND (last.id IS NULL OR last.balance_after <> b.posted))
