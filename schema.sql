@@ -4131,16 +4131,20 @@ RETURNS TABLE (transaction_id uuid, canonical text) LANGUAGE sql STABLE AS $$
                    'balance_after', e.balance_after, 'version', e.version,
                    'created_at', tl_ts(e.created_at))
                    ORDER BY a.address, e.shard, e.version) AS items
-        FROM entries e JOIN accounts a ON a.id = e.account_id
-        WHERE e.transaction_id = ANY (p_ids)
+        FROM (SELECT DISTINCT id FROM unnest(p_ids) id) u
+        JOIN entries e ON e.transaction_id = u.id
+        JOIN accounts a ON a.id = e.account_id
         GROUP BY e.transaction_id) e ON e.transaction_id = t.id
     LEFT JOIN (
         SELECT m.transaction_id,
                jsonb_agg(jsonb_build_object('lot', m.lot_id, 'amount', m.amount) ORDER BY m.lot_id) AS items
-        FROM lot_movements m
-        WHERE m.transaction_id = ANY (p_ids)
+        FROM (SELECT DISTINCT id FROM unnest(p_ids) id) u
+        JOIN lot_movements m ON m.transaction_id = u.id
         GROUP BY m.transaction_id) m ON m.transaction_id = t.id
-    WHERE t.id = ANY (p_ids)
+    -- The ids joined rather than `t.id = ANY (p_ids)`: with thousands of ids
+    -- the planner read every transaction (and every lot movement) once per
+    -- call, which made verifying or chaining a long history quadratic.
+    WHERE t.id IN (SELECT id FROM unnest(p_ids) id)
 $$;
 
 -- One transaction's canonical text (NULL when there is no such transaction).

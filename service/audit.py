@@ -101,7 +101,10 @@ async def audit(
             queries["audit_cutoff"], timedelta(seconds=settle_seconds)
         )
         run.cutoff = cutoff
-        marks = {r["check_name"]: r["verified_to"] for r in await conn.fetch(queries["audit_checkpoints"])}
+        marks = {
+            r["check_name"]: r["verified_to"]
+            for r in await conn.fetch(queries["audit_checkpoints"])
+        }
         for name in CHECKS:
             since = marks.get(name)
             if not full and since is not None and f"{name}__since" in queries:

@@ -218,8 +218,11 @@ async def verify_chain_since(
                     ), None
                 chain_hash = bytes(row["chain_hash"])
                 if hashlib.sha256(prev_hash + content_hash).digest() != chain_hash:
-                    return f"{where}: chain_hash does not recompute; the chain row was altered", None
-                anchor = anchored.pop(seq, None)
+                    return (
+                        f"{where}: chain_hash does not recompute; the chain row was altered",
+                        None,
+                    )
+                anchor = anchored.pop(seq) if seq in anchored else None
                 if anchor is not None and anchor != chain_hash:
                     return (
                         f"{where}: chain_hash {chain_hash.hex()} is not the anchored "

@@ -150,7 +150,9 @@ async def _audit(
     else:
         print("ok: invariants 1 to 8 hold")
     checked = (
-        "in full" if not run.since else f"{len(run.full)} in full, {len(run.since)} since checkpoints"
+        "in full"
+        if not run.since
+        else f"{len(run.full)} in full, {len(run.since)} since checkpoints"
     )
     print(f"checked {len(run.full) + len(run.since)} invariants {checked} in {seconds:.2f}s")
     if run.since:

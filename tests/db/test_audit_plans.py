@@ -95,8 +95,8 @@ async def test_quadratic_usage_check_would_be_caught(year: asyncpg.Connection) -
     loop over usage transactions, per-transaction sums of every event)."""
     old = """
         SELECT t.id FROM transactions t
-        LEFT JOIN (SELECT transaction_id, sum(cost) AS cost FROM usage_events GROUP BY transaction_id) u
-               ON u.transaction_id = t.id
+        LEFT JOIN (SELECT transaction_id, sum(cost) AS cost FROM usage_events
+                   GROUP BY transaction_id) u ON u.transaction_id = t.id
         WHERE t.kind = 'usage' AND coalesce(u.cost, 0) <> 1 LIMIT 1"""
     async with year.transaction():
         await year.execute("SET LOCAL enable_hashjoin = off")
@@ -193,8 +193,8 @@ async def test_routine_audit_finds_a_broken_new_transaction(year: asyncpg.Connec
     )
     await year.execute("ALTER TABLE entries DISABLE TRIGGER entries_immutable")
     await year.execute(
-        "UPDATE entries SET balance_after = balance_after + 1 WHERE id = (SELECT max(id) FROM entries "
-        "WHERE account_id = tl_account_id('employee:emp-3'))"
+        "UPDATE entries SET balance_after = balance_after + 1 WHERE id = "
+        "(SELECT max(id) FROM entries WHERE account_id = tl_account_id('employee:emp-3'))"
     )
     await year.execute("ALTER TABLE entries ENABLE TRIGGER entries_immutable")
     routine = await audit(year, full=False, settle_seconds=0)
