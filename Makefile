@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run test check contract fmt lint typecheck audit bench bench-reports bench-programs chaos clean
+.PHONY: help venv run test check contract fmt lint typecheck audit bench bench-reports bench-programs bench-scale chaos clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -70,6 +70,13 @@ bench-reports: venv ## Time usage reports on 1M events for 10k employees
 
 bench-programs: venv ## Time a grant-program cycle issued to 10k employees
 	$(PY) -m bench.programs
+
+# A year of history built set-based (bench/year.py), then the hot path, the
+# reads and the audit against it next to a fresh database. SCALE_ARGS, e.g.
+# `make bench-scale SCALE_ARGS="--entries 10M"`.
+SCALE_ARGS ?= --entries 1M
+bench-scale: venv ## Hot path, reads and audit on a year of history vs a fresh database
+	$(PY) -m bench.scale $(SCALE_ARGS)
 
 chaos: venv ## Run the load generator while injecting failures
 	$(PY) -m bench.chaos

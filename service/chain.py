@@ -178,15 +178,15 @@ async def verify_chain_since(
                     "is gone or holds another hash now; the chain was rewritten "
                     "(run audit --full --verify-chain)"
                 ), None
-            for seq, anchor in list(anchored.items()):
-                if seq <= since[0]:
-                    row = await conn.fetchrow(queries["chain_row"], seq)
-                    if row is None or bytes(row["chain_hash"]) != anchor:
+            for old_seq, old_hash in list(anchored.items()):
+                if old_seq <= since[0]:
+                    row = await conn.fetchrow(queries["chain_row"], old_seq)
+                    if row is None or bytes(row["chain_hash"]) != old_hash:
                         return (
-                            f"seq {seq}: chain_hash is not the anchored {anchor.hex()}; "
+                            f"seq {old_seq}: chain_hash is not the anchored {old_hash.hex()}; "
                             "the chain up to here was rewritten"
                         ), None
-                    del anchored[seq]
+                    del anchored[old_seq]
             expected_seq = since[0] + 1
             prev_hash = since[1]
             verified = since
@@ -222,7 +222,7 @@ async def verify_chain_since(
                         f"{where}: chain_hash does not recompute; the chain row was altered",
                         None,
                     )
-                anchor = anchored.pop(seq) if seq in anchored else None
+                anchor = anchored.pop(seq, None)
                 if anchor is not None and anchor != chain_hash:
                     return (
                         f"{where}: chain_hash {chain_hash.hex()} is not the anchored "
