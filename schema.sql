@@ -4295,6 +4295,14 @@ CREATE INDEX IF NOT EXISTS usage_events_transaction_idx ON usage_events (transac
 CREATE INDEX IF NOT EXISTS reservations_created_idx ON reservations (created_at);
 CREATE INDEX IF NOT EXISTS program_grants_transaction_idx ON program_grants (transaction_id);
 
+-- An as-of balance (tl_balance_at, every point of a series) subtracts what
+-- the account's lots had expired by then: all its lots, spent or not, which
+-- no partial index of lots holds. Without this, every point of a 30-day
+-- series read the whole lots table (a million rows in a year). Written once
+-- per lot: account_id and expires_at never change, so the debits' updates
+-- of remaining and reserved stay HOT.
+CREATE INDEX IF NOT EXISTS lots_account_expires_idx ON lots (account_id, expires_at);
+
 -- Usage events older than TOKENLEDGER_USAGE_ARCHIVE_AFTER_DAYS move here
 -- (tl_archive_usage_events, run by the background loop in small batches).
 -- The roll-ups (usage_daily and the coarser ones) keep them, so reports over
