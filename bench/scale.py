@@ -2,7 +2,8 @@
 next to the same figures on a fresh database, in one run.
 
     python -m bench.scale [--employees 10000] [--entries 1M] [--ops 400]
-                          [--reads 200] [--day-ops 3000] [--json PATH] [--keep]
+                          [--reads 200] [--day-ops 3000] [--database-url DSN]
+                          [--json PATH]
 
 1. A throwaway PostgreSQL of its own (tests.pg's, files on disk), two
    databases on it: `fresh` (the directory, the program, the current cycle's
@@ -372,39 +373,57 @@ def table(fresh: dict[str, Any], scale: dict[str, Any]) -> str:
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    server = await asyncio.to_thread(start_own_server, on_disk=True, stat_statements=False)
+    """Both databases, both measurements; the databases are dropped (and a
+    server of our own stopped, its files removed) whatever happens."""
+    server = None
+    admin_dsn = args.database_url
+    if admin_dsn is None:
+        server = await asyncio.to_thread(start_own_server, on_disk=True, stat_statements=False)
+        admin_dsn = server.dsn
     try:
-        conn = await asyncpg.connect(server.dsn)
+        return await run(admin_dsn, args)
+    finally:
+        conn = await asyncpg.connect(admin_dsn)
         try:
-            postmaster = cpu.local_postmaster(int(await conn.fetchval("SELECT pg_backend_pid()")))
-            version = str(await conn.fetchval("SELECT version()"))
+            for name in ("bench_fresh", "bench_scale"):
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await conn.close()
-        built = {
-            "fresh": await build(server.dsn, "bench_fresh", args.employees, 0, 0),
-            "scale": await build(server.dsn, "bench_scale", args.employees, args.entries, 12),
-        }
-        targets = {name: Target(name, b["dsn"], args.employees) for name, b in built.items()}
-        for target in targets.values():
-            await measure(target, postmaster, args)
-        summary = {
-            "command": "python -m bench.scale " + " ".join(sys.argv[1:]),
-            "server_version": version,
-            "employees": args.employees,
-            "entries_asked": args.entries,
-            "build": {
-                k: {"seconds": v["build_seconds"], "bytes": v["database_bytes"]}
-                for k, v in built.items()
-            },
-            "fresh": targets["fresh"].figures,
-            "scale": targets["scale"].figures,
-        }
-        return summary
+        if server is not None:
+            await asyncio.to_thread(server.stop)
+
+
+async def run(admin_dsn: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Build both databases on admin_dsn's server and measure each."""
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        postmaster = cpu.local_postmaster(int(await conn.fetchval("SELECT pg_backend_pid()")))
+        version = str(await conn.fetchval("SELECT version()"))
     finally:
-        await asyncio.to_thread(server.stop)
+        await conn.close()
+    built = {
+        "fresh": await build(admin_dsn, "bench_fresh", args.employees, 0, 0),
+        "scale": await build(admin_dsn, "bench_scale", args.employees, args.entries, 12),
+    }
+    targets = {name: Target(name, b["dsn"], args.employees) for name, b in built.items()}
+    for target in targets.values():
+        await measure(target, postmaster, args)
+    summary = {
+        "command": "python -m bench.scale " + " ".join(sys.argv[1:]),
+        "server_version": version,
+        "employees": args.employees,
+        "entries_asked": args.entries,
+        "build": {
+            k: {"seconds": v["build_seconds"], "bytes": v["database_bytes"]}
+            for k, v in built.items()
+        },
+        "fresh": targets["fresh"].figures,
+        "scale": targets["scale"].figures,
+    }
+    return summary
 
 
-def cli() -> None:
+def cli(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--employees", type=size, default=10_000)
     parser.add_argument("--entries", type=size, default=1_000_000)
@@ -415,8 +434,13 @@ def cli() -> None:
     parser.add_argument(
         "--day-ops", type=int, default=3000, help="operations between the two audits"
     )
+    parser.add_argument(
+        "--database-url",
+        default=None,
+        help="a superuser DSN of a server to build on (default: a throwaway one of our own)",
+    )
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     summary = asyncio.run(main(args))
     print(table(summary["fresh"], summary["scale"]))
     text = json.dumps(summary, indent=2, default=str)

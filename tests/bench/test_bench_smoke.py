@@ -227,3 +227,21 @@ def test_bench_wrk_phases_smoke(pg_server: Server, tmp_path: Path) -> None:
     names = [t["target"] for t in result["targets"]]
     assert "wrk debit ops/s / tpcb-like TPS" in names and "wrk read ops/s / tpcb-like TPS" in names
     assert rc == 0 and result["passed"]
+
+
+def test_bench_scale_smoke(pg_server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    """`make bench-scale` at a tiny size on the session's server: both
+    databases build, every figure is measured, the audit passes in full and
+    routinely (bench.scale asserts both)."""
+    from bench import scale
+
+    argv = ["--employees", "40", "--entries", "6000", "--ops", "10", "--reads", "10"]
+    argv += ["--day-ops", "200", "--database-url", pg_server.dsn]
+    scale.cli(argv)
+    out = capsys.readouterr().out
+    table, _, raw = out.partition("\n{")
+    result = json.loads("{" + raw)
+    for key, _label, _target in scale.ROWS:
+        assert result["fresh"][key] > 0 and result["scale"][key] > 0, (key, table)
+    assert result["scale"]["audit_routine_s"] > 0
+    assert result["scale"]["day_transactions"] > 0
