@@ -151,7 +151,14 @@ async def _script(conn: asyncpg.Connection, sql: str, *params: object) -> None:
     for statement in sql.split(";\n"):
         if statement.strip():
             args = params if "$1" in statement else ()
+            began = time.perf_counter()
             await conn.execute(statement, *args, timeout=7200)
+            seconds = time.perf_counter() - began
+            if seconds > 5:
+                first = next(
+                    line for line in statement.strip().splitlines() if not line.startswith("--")
+                )
+                _log(f"bench.year:   {seconds:.0f}s {first[:70]}")
 
 
 async def chain_all(conn: asyncpg.Connection, log: Callable[[str], None] = _log) -> int:
