@@ -4121,30 +4121,26 @@ RETURNS TABLE (transaction_id uuid, canonical text) LANGUAGE sql STABLE AS $$
         'request_id', t.request_id,
         'reverses', t.reverses,
         'created_at', tl_ts(t.created_at),
-        'entries', coalesce(e.items, '[]'::jsonb),
-        'lots', coalesce(m.items, '[]'::jsonb))::text
-    FROM transactions t
-    LEFT JOIN (
-        SELECT e.transaction_id,
-               jsonb_agg(jsonb_build_object(
-                   'account', a.address, 'shard', e.shard, 'asset', e.asset, 'amount', e.amount,
-                   'balance_after', e.balance_after, 'version', e.version,
-                   'created_at', tl_ts(e.created_at))
-                   ORDER BY a.address, e.shard, e.version) AS items
-        FROM (SELECT DISTINCT id FROM unnest(p_ids) id) u
-        JOIN entries e ON e.transaction_id = u.id
-        JOIN accounts a ON a.id = e.account_id
-        GROUP BY e.transaction_id) e ON e.transaction_id = t.id
-    LEFT JOIN (
-        SELECT m.transaction_id,
-               jsonb_agg(jsonb_build_object('lot', m.lot_id, 'amount', m.amount) ORDER BY m.lot_id) AS items
-        FROM (SELECT DISTINCT id FROM unnest(p_ids) id) u
-        JOIN lot_movements m ON m.transaction_id = u.id
-        GROUP BY m.transaction_id) m ON m.transaction_id = t.id
-    -- The ids joined rather than `t.id = ANY (p_ids)`: with thousands of ids
-    -- the planner read every transaction (and every lot movement) once per
-    -- call, which made verifying or chaining a long history quadratic.
-    WHERE t.id IN (SELECT id FROM unnest(p_ids) id)
+        'entries', coalesce((
+            SELECT jsonb_agg(jsonb_build_object(
+                       'account', a.address, 'shard', e.shard, 'asset', e.asset, 'amount', e.amount,
+                       'balance_after', e.balance_after, 'version', e.version,
+                       'created_at', tl_ts(e.created_at))
+                       ORDER BY a.address, e.shard, e.version)
+            FROM entries e JOIN accounts a ON a.id = e.account_id
+            WHERE e.transaction_id = t.id), '[]'::jsonb),
+        'lots', coalesce((
+            SELECT jsonb_agg(jsonb_build_object('lot', m.lot_id, 'amount', m.amount) ORDER BY m.lot_id)
+            FROM lot_movements m
+            WHERE m.transaction_id = t.id), '[]'::jsonb))::text
+    -- Each transaction by key, its entries and movements by index, whatever
+    -- the plan: a prepared statement's generic plan does not know how many
+    -- ids there are, and once it joined aggregates of all the ids to each
+    -- transaction (a nested loop re-running them per row), a batch of 20,000
+    -- took minutes; with `t.id = ANY (p_ids)` the planner read every
+    -- transaction per call.
+    FROM (SELECT DISTINCT id FROM unnest(p_ids) id) u
+    JOIN transactions t ON t.id = u.id
 $$;
 
 -- One transaction's canonical text (NULL when there is no such transaction).
@@ -4164,7 +4160,11 @@ $$;
 -- later than p_settle is still appended (after the head) if it is at most
 -- p_settle older than the head; p_all looks through all history instead.
 CREATE OR REPLACE FUNCTION tl_chain_pending(p_limit integer, p_settle interval, p_all boolean DEFAULT false)
-RETURNS integer LANGUAGE plpgsql AS $$
+RETURNS integer LANGUAGE plpgsql
+-- Each pass planned for its own batch of ids (a cached generic plan cannot
+-- know how many there are; see tl_canonical_many).
+SET plan_cache_mode = force_custom_plan
+AS $$
 DECLARE
     v_cutoff timestamptz := now() - p_settle;
     v_seq bigint := 0;
