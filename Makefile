@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run test check contract fmt lint typecheck audit bench bench-reports bench-programs bench-alerts bench-pages bench-imports chaos clean
+.PHONY: help venv run test check contract fmt lint typecheck audit bench bench-reports bench-programs bench-alerts bench-pages bench-imports bench-scale chaos clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -84,6 +84,12 @@ bench-pages: venv ## Time the wallet page's first render in Chromium (10k entrie
 		(apt-get update -qq && apt-get install -y -qq chromium) >/dev/null; }
 	TOKENLEDGER_PAGES_BENCH_ENTRIES=10000 TOKENLEDGER_PAGES_RENDER_MS_MAX=200 \
 		$(PY) -m pytest -q -s tests/pages -k first_render
+# A year of history built set-based (bench/year.py), then the hot path, the
+# reads and the audit against it next to a fresh database. SCALE_ARGS, e.g.
+# `make bench-scale SCALE_ARGS="--entries 10M"`.
+SCALE_ARGS ?= --entries 1M
+bench-scale: venv ## Hot path, reads and audit on a year of history vs a fresh database
+	$(PY) -m bench.scale $(SCALE_ARGS)
 
 chaos: venv ## Run the load generator while injecting failures
 	$(PY) -m bench.chaos

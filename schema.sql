@@ -4231,26 +4231,26 @@ RETURNS TABLE (transaction_id uuid, canonical text) LANGUAGE sql STABLE AS $$
         'request_id', t.request_id,
         'reverses', t.reverses,
         'created_at', tl_ts(t.created_at),
-        'entries', coalesce(e.items, '[]'::jsonb),
-        'lots', coalesce(m.items, '[]'::jsonb))::text
-    FROM transactions t
-    LEFT JOIN (
-        SELECT e.transaction_id,
-               jsonb_agg(jsonb_build_object(
-                   'account', a.address, 'shard', e.shard, 'asset', e.asset, 'amount', e.amount,
-                   'balance_after', e.balance_after, 'version', e.version,
-                   'created_at', tl_ts(e.created_at))
-                   ORDER BY a.address, e.shard, e.version) AS items
-        FROM entries e JOIN accounts a ON a.id = e.account_id
-        WHERE e.transaction_id = ANY (p_ids)
-        GROUP BY e.transaction_id) e ON e.transaction_id = t.id
-    LEFT JOIN (
-        SELECT m.transaction_id,
-               jsonb_agg(jsonb_build_object('lot', m.lot_id, 'amount', m.amount) ORDER BY m.lot_id) AS items
-        FROM lot_movements m
-        WHERE m.transaction_id = ANY (p_ids)
-        GROUP BY m.transaction_id) m ON m.transaction_id = t.id
-    WHERE t.id = ANY (p_ids)
+        'entries', coalesce((
+            SELECT jsonb_agg(jsonb_build_object(
+                       'account', a.address, 'shard', e.shard, 'asset', e.asset, 'amount', e.amount,
+                       'balance_after', e.balance_after, 'version', e.version,
+                       'created_at', tl_ts(e.created_at))
+                       ORDER BY a.address, e.shard, e.version)
+            FROM entries e JOIN accounts a ON a.id = e.account_id
+            WHERE e.transaction_id = t.id), '[]'::jsonb),
+        'lots', coalesce((
+            SELECT jsonb_agg(jsonb_build_object('lot', m.lot_id, 'amount', m.amount) ORDER BY m.lot_id)
+            FROM lot_movements m
+            WHERE m.transaction_id = t.id), '[]'::jsonb))::text
+    -- Each transaction by key, its entries and movements by index, whatever
+    -- the plan: a prepared statement's generic plan does not know how many
+    -- ids there are, and once it joined aggregates of all the ids to each
+    -- transaction (a nested loop re-running them per row), a batch of 20,000
+    -- took minutes; with `t.id = ANY (p_ids)` the planner read every
+    -- transaction per call.
+    FROM (SELECT DISTINCT id FROM unnest(p_ids) id) u
+    JOIN transactions t ON t.id = u.id
 $$;
 
 -- One transaction's canonical text (NULL when there is no such transaction).
@@ -4270,7 +4270,11 @@ $$;
 -- later than p_settle is still appended (after the head) if it is at most
 -- p_settle older than the head; p_all looks through all history instead.
 CREATE OR REPLACE FUNCTION tl_chain_pending(p_limit integer, p_settle interval, p_all boolean DEFAULT false)
-RETURNS integer LANGUAGE plpgsql AS $$
+RETURNS integer LANGUAGE plpgsql
+-- Each pass planned for its own batch of ids (a cached generic plan cannot
+-- know how many there are; see tl_canonical_many).
+SET plan_cache_mode = force_custom_plan
+AS $$
 DECLARE
     v_cutoff timestamptz := now() - p_settle;
     v_seq bigint := 0;
@@ -5871,6 +5875,108 @@ BEGIN
     GRANT SELECT, INSERT, UPDATE ON employee_departments, approvals TO tokenledger_app;
 EXCEPTION WHEN insufficient_privilege OR undefined_object THEN
     RAISE NOTICE 'tokenledger_app not granted on employee_departments, approvals: %', SQLERRM;
+END $$;
+
+-- ---------------------------------------------------------------------------
+-- A year of history (issue 21): audit checkpoints, the indexes the routine
+-- audit reads new rows by, and the archive of old usage events
+-- ---------------------------------------------------------------------------
+
+-- The audit's own high-water marks (service/audit.py), one row per check:
+-- every transaction created before verified_to passed that check, so a
+-- routine `tokenledger audit` reads only what came after. The row 'chain'
+-- records the last chain row `--verify-chain` verified (chain_seq,
+-- chain_hash): a routine verification starts there. Written only by the
+-- audit after a check passed; `audit --full` checks everything again.
+CREATE TABLE IF NOT EXISTS audit_checkpoints (
+    check_name  text PRIMARY KEY,
+    verified_to timestamptz,
+    chain_seq   bigint,
+    chain_hash  bytea,
+    verified_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    CONSTRAINT audit_checkpoints_one_mark CHECK (
+        (check_name = 'chain' AND verified_to IS NULL AND chain_seq > 0 AND length(chain_hash) = 32)
+        OR (check_name LIKE 'audit\_%' AND verified_to IS NOT NULL AND chain_seq IS NULL AND chain_hash IS NULL))
+);
+
+-- The routine audit finds what came after its checkpoint through these:
+-- the events a usage transaction charged (audit_6; without it the full
+-- check was a nested loop over a materialized scan of every event), the
+-- reservations made since (audit_4), and the program grant a transaction
+-- issued (audit_8).
+CREATE INDEX IF NOT EXISTS usage_events_transaction_idx ON usage_events (transaction_id);
+CREATE INDEX IF NOT EXISTS reservations_created_idx ON reservations (created_at);
+CREATE INDEX IF NOT EXISTS program_grants_transaction_idx ON program_grants (transaction_id);
+
+-- An as-of balance (tl_balance_at, every point of a series) subtracts what
+-- the account's lots had expired by then: all its lots, spent or not, which
+-- no partial index of lots holds. Without this, every point of a 30-day
+-- series read the whole lots table (a million rows in a year). Written once
+-- per lot: account_id and expires_at never change, so the debits' updates
+-- of remaining and reserved stay HOT.
+CREATE INDEX IF NOT EXISTS lots_account_expires_idx ON lots (account_id, expires_at);
+
+-- Usage events older than TOKENLEDGER_USAGE_ARCHIVE_AFTER_DAYS move here
+-- (tl_archive_usage_events, run by the background loop in small batches).
+-- The roll-ups (usage_daily and the coarser ones) keep them, so reports over
+-- whole days and months stay exact; the journal (transactions, entries) is
+-- never deleted; the audit counts archived events as charged.
+CREATE TABLE IF NOT EXISTS usage_events_archive (
+    id                  uuid PRIMARY KEY,
+    source              text NOT NULL,
+    event_id            text NOT NULL,
+    account_id          bigint NOT NULL,
+    model               text NOT NULL,
+    price_id            uuid NOT NULL,
+    input_tokens        bigint NOT NULL,
+    cached_input_tokens bigint NOT NULL,
+    output_tokens       bigint NOT NULL,
+    cost                bigint NOT NULL,
+    transaction_id      uuid,
+    reservation_id      uuid,
+    project             text,
+    tags                jsonb NOT NULL,
+    occurred_at         timestamptz NOT NULL,
+    recorded_at         timestamptz NOT NULL,
+    result              jsonb,
+    archived_at         timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX IF NOT EXISTS usage_events_archive_transaction_idx ON usage_events_archive (transaction_id);
+CREATE INDEX IF NOT EXISTS usage_events_archive_occurred_idx ON usage_events_archive (occurred_at);
+
+-- Moves up to p_limit events that occurred and were recorded before
+-- p_before into the archive, oldest first; returns how many. Each call is
+-- one short transaction that locks only the rows it moves (SKIP LOCKED), so
+-- writers and other replicas never wait on it. Both times are required:
+-- an event recorded lately stays until the retry window has passed for it
+-- too, and a retry of an archived event is older than
+-- TOKENLEDGER_USAGE_MAX_AGE_SECONDS and refused, never charged again.
+CREATE OR REPLACE FUNCTION tl_archive_usage_events(p_before timestamptz, p_limit integer) RETURNS integer
+LANGUAGE sql AS $$
+    WITH doomed AS (
+        SELECT id FROM usage_events
+        WHERE occurred_at < p_before AND recorded_at < p_before
+        ORDER BY occurred_at LIMIT p_limit FOR UPDATE SKIP LOCKED)
+    , moved AS (
+        DELETE FROM usage_events u USING doomed d WHERE u.id = d.id
+        RETURNING u.id, u.source, u.event_id, u.account_id, u.model, u.price_id, u.input_tokens,
+                  u.cached_input_tokens, u.output_tokens, u.cost, u.transaction_id, u.reservation_id,
+                  u.project, u.tags, u.occurred_at, u.recorded_at, u.result)
+    , kept AS (
+        INSERT INTO usage_events_archive (id, source, event_id, account_id, model, price_id, input_tokens,
+                                          cached_input_tokens, output_tokens, cost, transaction_id,
+                                          reservation_id, project, tags, occurred_at, recorded_at, result)
+        SELECT * FROM moved RETURNING 1)
+    SELECT count(*)::integer FROM kept
+$$;
+
+DO $$
+BEGIN
+    GRANT SELECT, INSERT, UPDATE ON audit_checkpoints TO tokenledger_app;
+    GRANT SELECT, INSERT ON usage_events_archive TO tokenledger_app;
+    REVOKE UPDATE, DELETE, TRUNCATE ON usage_events_archive FROM tokenledger_app;
+EXCEPTION WHEN insufficient_privilege OR undefined_object THEN
+    RAISE NOTICE 'tokenledger_app not granted on audit_checkpoints, usage_events_archive: %', SQLERRM;
 END $$;
 
 -- ---------------------------------------------------------------------------

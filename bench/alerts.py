@@ -100,7 +100,7 @@ async def measure(dsn: str, debits: int, rounds: int) -> dict[tuple[str, bool], 
     conn = await service_db.connect(dsn)
     try:
         pid = int(await conn.fetchval("SELECT pg_backend_pid()"))
-        ddl = service_db.schema_sql()
+        ddl = migrate.schema_sql()
         start = ddl.index("DROP TRIGGER IF EXISTS accounts_balance_low")
         end = ddl.index("EXECUTE FUNCTION tl_balance_low();", start)
         create_trigger = ddl[start : end + len("EXECUTE FUNCTION tl_balance_low();")]

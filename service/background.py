@@ -1,6 +1,7 @@
 """Background work that every replica runs: the expiry sweeper, the
-idempotency-key purge, the hash chainer, the grant-program scheduler and
-the credits.expiring alerts (the webhook dispatcher is service/webhooks.py).
+idempotency-key purge, the usage-event archiver, the hash chainer, the
+grant-program scheduler and the credits.expiring alerts (the webhook
+dispatcher is service/webhooks.py).
 
 All are safe on many replicas at once: the sweeper takes accounts with
 FOR UPDATE SKIP LOCKED, the purge deletes rows it alone has locked, and the
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import structlog
 
@@ -60,6 +61,7 @@ class Background:
                 await self.run_programs()
                 await self.sweep_expired()
                 await self.purge_idempotency_keys()
+                await self.archive_usage_events()
                 await self.chain_pending()
                 await self.emit_expiring()
             except asyncio.CancelledError:
@@ -97,6 +99,29 @@ class Background:
                 break
         self.ledger.metrics.sweeper_runs.labels("idempotency_purge", "ok").inc()
         return deleted
+
+    async def archive_usage_events(self) -> int:
+        """Move usage events past TOKENLEDGER_USAGE_ARCHIVE_AFTER_DAYS to the
+        archive (tl_archive_usage_events), PURGE_BATCH at a time, each batch a
+        short transaction of its own; returns how many moved."""
+        days = self.ledger.config.usage_archive_after_days
+        if not days:
+            return 0
+        moved = 0
+        for _ in range(MAX_BATCHES_PER_PASS):
+            before = self.ledger.now() or datetime.now(UTC)
+            n = int(
+                await self.ledger.fetchval(
+                    "archive_usage_events", before - timedelta(days=days), PURGE_BATCH
+                )
+            )
+            moved += n
+            if n < PURGE_BATCH:
+                break
+        self.ledger.metrics.sweeper_runs.labels("usage_archive", "ok").inc()
+        if moved:
+            log.info("usage_events_archived", events=moved)
+        return moved
 
     async def chain_pending(self) -> int:
         """Append settled transactions to the hash chain (tl_chain_pending);

@@ -113,8 +113,25 @@ async def verify_chain(
     anchors: Sequence[tuple[int, bytes]] = (),
     batch_size: int = VERIFY_BATCH,
 ) -> str | None:
-    """None when the chain is intact; otherwise what is wrong, naming the
-    first transaction (seq and id) whose content, order or presence was altered.
+    """verify_chain_since from the genesis: the whole chain (see there)."""
+    problem, _ = await verify_chain_since(
+        conn, None, max_lag_seconds=max_lag_seconds, anchors=anchors, batch_size=batch_size
+    )
+    return problem
+
+
+async def verify_chain_since(
+    conn: asyncpg.Connection,
+    since: tuple[int, bytes] | None,
+    *,
+    max_lag_seconds: float | None = None,
+    anchors: Sequence[tuple[int, bytes]] = (),
+    batch_size: int = VERIFY_BATCH,
+    settle_seconds: float = 0.0,
+) -> tuple[str | None, tuple[int, bytes] | None]:
+    """(None, last row verified) when the chain is intact; otherwise (what is
+    wrong, None), naming the first transaction (seq and id) whose content,
+    order or presence was altered.
 
     Checks first that the SQL functions it hashes with are schema.sql's. Then
     walks the chain in seq order, batch by batch, in one REPEATABLE READ
@@ -128,10 +145,24 @@ async def verify_chain(
     outside the database earlier, must still be in the chain with that hash:
     without anchors, a superuser who recomputes the whole chain after
     rewriting history goes unseen.
+
+    `since` (seq, chain_hash), the last row an earlier verification passed
+    (audit_checkpoints' 'chain' row), starts the walk after it: that row
+    must still hold that hash, and rows up to it are not recomputed; the
+    look-ups for transactions missing from the chain start at its
+    transaction's created_at less settle_seconds. Its cost then follows the
+    rows chained since. Also returns the last row verified, (seq,
+    chain_hash), or None when the chain is empty (or the walk failed).
     """
     queries = db.load_queries()
     anchored = dict(anchors)
+    verified: tuple[int, bytes] | None = None
     async with conn.transaction(isolation="repeatable_read", readonly=True):
+        # Every batch is planned for its own ids: after five executions a
+        # prepared statement may switch to a generic plan, which cannot know
+        # how many ids a batch holds and joined them quadratically (a batch
+        # of thousands took minutes on a year of history).
+        await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
         for signature in VERIFIER_FUNCTIONS:
             source = await conn.fetchval(queries["chain_function_source"], signature)
             if source != _shipped_body(signature):
@@ -139,10 +170,34 @@ async def verify_chain(
                     f"function {signature} in the database is not the one schema.sql "
                     "defines: the chain cannot be verified with it (it was replaced, or "
                     "the database's schema is another version than this tokenledger's)"
-                )
+                ), None
         expected_seq = 1
         prev_hash = GENESIS
         newest: datetime | None = None
+        floor: datetime | None = None
+        if since is not None:
+            start = await conn.fetchrow(queries["chain_row"], since[0])
+            if start is None or bytes(start["chain_hash"]) != since[1]:
+                return (
+                    f"seq {since[0]}, verified earlier with chain_hash {since[1].hex()}, "
+                    "is gone or holds another hash now; the chain was rewritten "
+                    "(run audit --full --verify-chain)"
+                ), None
+            for old_seq, old_hash in list(anchored.items()):
+                if old_seq <= since[0]:
+                    row = await conn.fetchrow(queries["chain_row"], old_seq)
+                    if row is None or bytes(row["chain_hash"]) != old_hash:
+                        return (
+                            f"seq {old_seq}: chain_hash is not the anchored {old_hash.hex()}; "
+                            "the chain up to here was rewritten"
+                        ), None
+                    del anchored[old_seq]
+            expected_seq = since[0] + 1
+            prev_hash = since[1]
+            verified = since
+            if start["created_at"] is not None:
+                newest = start["created_at"]
+                floor = start["created_at"] - timedelta(seconds=settle_seconds)
         while True:
             rows = await conn.fetch(queries["chain_verify_batch"], expected_seq - 1, batch_size)
             for row in rows:
@@ -152,31 +207,35 @@ async def verify_chain(
                     return (
                         f"seq {expected_seq} is missing: the chain goes from seq "
                         f"{expected_seq - 1} to {where}; a chained transaction was removed"
-                    )
+                    ), None
                 if row["recomputed"] is None:
-                    return f"{where}: the transaction was deleted after it was chained"
+                    return f"{where}: the transaction was deleted after it was chained", None
                 content_hash = bytes(row["content_hash"])
                 if bytes(row["recomputed"]) != content_hash:
                     return (
                         f"{where}: content altered (the transaction, its entries or its "
                         "lot movements no longer match content_hash)"
-                    )
+                    ), None
                 if bytes(row["prev_hash"]) != prev_hash:
                     return (
                         f"{where}: prev_hash is not the chain_hash of seq {seq - 1}; "
                         "the chain was reordered or rows were removed or inserted"
-                    )
+                    ), None
                 chain_hash = bytes(row["chain_hash"])
                 if hashlib.sha256(prev_hash + content_hash).digest() != chain_hash:
-                    return f"{where}: chain_hash does not recompute; the chain row was altered"
+                    return (
+                        f"{where}: chain_hash does not recompute; the chain row was altered",
+                        None,
+                    )
                 anchor = anchored.pop(seq, None)
                 if anchor is not None and anchor != chain_hash:
                     return (
                         f"{where}: chain_hash {chain_hash.hex()} is not the anchored "
                         f"{anchor.hex()}; the chain up to here was rewritten"
-                    )
+                    ), None
                 prev_hash = chain_hash
                 expected_seq = seq + 1
+                verified = (seq, chain_hash)
                 created_at: datetime = row["created_at"]
                 if newest is None or created_at > newest:
                     newest = created_at
@@ -186,19 +245,19 @@ async def verify_chain(
             return (
                 f"the chain ends at seq {expected_seq - 1}, before the anchored seq "
                 f"{min(anchored)}; chained transactions were removed from its end"
-            )
+            ), None
         if newest is not None:
-            behind = await conn.fetchrow(queries["chain_unchained_before"], newest)
+            behind = await conn.fetchrow(queries["chain_unchained_before"], newest, floor)
             if behind is not None:
                 return (
                     f"transaction {public_id(behind['id'])} "
                     f"(created_at {_ts(behind['created_at'])}) "
                     "is not in the chain although newer transactions are: it was inserted "
                     "into the past or its chain row was removed"
-                )
+                ), None
         if max_lag_seconds is not None:
             lagging = await conn.fetchrow(
-                queries["chain_lagging"], timedelta(seconds=max_lag_seconds)
+                queries["chain_lagging"], timedelta(seconds=max_lag_seconds), floor
             )
             if lagging is not None:
                 return (
@@ -206,5 +265,5 @@ async def verify_chain(
                     f"(created_at {_ts(lagging['created_at'])}) "
                     f"is not chained although transactions over {max_lag_seconds:g}s newer "
                     "are: is the chainer running?"
-                )
-    return None
+                ), None
+    return None, verified

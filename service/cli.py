@@ -2,6 +2,8 @@
 
 tokenledger [serve]        run the HTTP service (the default)
 tokenledger audit          check the ledger invariants; exit 1 naming the first violation
+                           (routine: what came after each check's checkpoint)
+  --full                   check all history again, not only what came after the checkpoints
   --verify-chain           also verify the hash chain and print its head (README, Tamper evidence)
 tokenledger migrate        bring the database to this release (pending migrations, then schema.sql)
   --check                  change nothing; exit 0 when current, 1 when behind (a readiness gate)
@@ -19,6 +21,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,7 +31,7 @@ import asyncpg
 
 from service import chain as hash_chain
 from service import db, migrate, pricing
-from service.audit import run_audit
+from service.audit import audit
 from service.config import Config, env_var
 
 
@@ -190,32 +193,68 @@ def _replace(config: Config, **changes: object) -> Config:
     return msgspec.structs.replace(config, **changes)
 
 
-async def _audit(url: str, chain_args: argparse.Namespace | None = None) -> int:
+async def _audit(
+    url: str, config: Config, full: bool, chain_args: argparse.Namespace | None = None
+) -> int:
+    """`audit`: the invariant checks (routine: since each check's checkpoint;
+    --full: everything), then the chain when asked."""
     conn = await db.connect(url)
     try:
-        violations = await run_audit(conn)
-        chain_lines = await _verify_chain(conn, chain_args) if chain_args else []
+        started = time.perf_counter()
+        run = await audit(conn, full=full, settle_seconds=config.chain_settle_seconds)
+        seconds = time.perf_counter() - started
+        chain_lines = (
+            await _verify_chain(conn, chain_args, full, config.chain_settle_seconds)
+            if chain_args
+            else []
+        )
     finally:
         await conn.close()
-    if violations:
-        for violation in violations:
+    if run.violations:
+        for violation in run.violations:
             print(f"FAIL {violation}")
     else:
-        print("ok: invariants 1 to 7 hold")
+        print("ok: invariants 1 to 8 hold")
+    checked = (
+        "in full"
+        if not run.since
+        else f"{len(run.full)} in full, {len(run.since)} since checkpoints"
+    )
+    print(f"checked {len(run.full) + len(run.since)} invariants {checked} in {seconds:.2f}s")
+    if run.since:
+        print(f"routine: transactions created since {min(run.since.values())} up to {run.cutoff}")
     for line in chain_lines:
         print(line)
-    failed = bool(violations) or any(line.startswith("FAIL") for line in chain_lines)
+    failed = bool(run.violations) or any(line.startswith("FAIL") for line in chain_lines)
     return 1 if failed else 0
 
 
-async def _verify_chain(conn: asyncpg.Connection, args: argparse.Namespace) -> list[str]:
-    """`audit --verify-chain`: verify (never append), then print the head to anchor."""
-    problem = await hash_chain.verify_chain(
-        conn, max_lag_seconds=args.max_lag_seconds, anchors=args.anchor or ()
+async def _verify_chain(
+    conn: asyncpg.Connection, args: argparse.Namespace, full: bool, settle_seconds: float
+) -> list[str]:
+    """`audit --verify-chain`: verify (never append) from the last verified
+    row (all of it with --full), record that row, then print the head to anchor."""
+    since: tuple[int, bytes] | None = None
+    if not full:
+        row = await conn.fetchrow(db.load_queries()["chain_row_verified"])
+        if row is not None:
+            since = (int(row["chain_seq"]), bytes(row["chain_hash"]))
+    started = time.perf_counter()
+    problem, verified = await hash_chain.verify_chain_since(
+        conn,
+        since,
+        max_lag_seconds=args.max_lag_seconds,
+        anchors=args.anchor or (),
+        settle_seconds=settle_seconds,
     )
+    seconds = time.perf_counter() - started
+    if problem is None and verified is not None:
+        await conn.execute(db.load_queries()["audit_chain_checkpoint_save"], *verified)
     head = await hash_chain.head(conn)
     count, oldest = await hash_chain.pending(conn)
     lines = [f"FAIL chain: {problem}" if problem else "ok: the hash chain verifies"]
+    start = f"from seq {since[0] + 1}" if since else "from seq 1"
+    lines.append(f"chain verified {start} in {seconds:.2f}s")
     lines.append(f"chain head: {head}" if head else "chain head: none (nothing chained yet)")
     if count:
         assert oldest is not None
@@ -545,20 +584,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--database-url", help="defaults to DATABASE_URL")
-    audit = sub.choices["audit"]
-    audit.add_argument(
+    audit_parser = sub.choices["audit"]
+    audit_parser.add_argument(
+        "--full",
+        action="store_true",
+        help="check all history, not only what came after the audit's checkpoints",
+    )
+    audit_parser.add_argument(
         "--verify-chain",
         action="store_true",
         help="also recompute the hash chain (appends nothing) and print its head",
     )
-    audit.add_argument(
+    audit_parser.add_argument(
         "--max-lag-seconds",
         type=float,
         default=None,
         help="fail when a transaction this much older than the newest one is not chained "
         "(default: TOKENLEDGER_CHAIN_SETTLE_SECONDS + 300)",
     )
-    audit.add_argument(
+    audit_parser.add_argument(
         "--anchor",
         type=_anchor,
         action="append",
@@ -650,10 +694,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     url = _database_url(args, config)
     if command == "audit":
         if not args.verify_chain:
-            return asyncio.run(_audit(url))
+            return asyncio.run(_audit(url, config, args.full))
         if args.max_lag_seconds is None:
             args.max_lag_seconds = config.chain_settle_seconds + 300
-        return asyncio.run(_audit(url, args))
+        return asyncio.run(_audit(url, config, args.full, args))
     if command == "migrate":
         return asyncio.run(_migrate(url, check=args.check, reapply=args.reapply))
     if command == "apply-schema":

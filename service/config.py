@@ -69,6 +69,12 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sweeper_interval_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
     sweeper_batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
     idempotency_retention_days: Annotated[int, msgspec.Meta(ge=30, le=3650)] = 30
+    # Usage events that occurred and were recorded more than this many days
+    # ago move to usage_events_archive (README, Retention); 0 keeps them all
+    # in usage_events. The roll-ups keep every event, so reports over whole
+    # days and months stay exact. At least 31: past
+    # usage_max_age_seconds a retried event is refused, never charged again.
+    usage_archive_after_days: Annotated[int, msgspec.Meta(ge=0, le=3650)] = 0
     # The hash chain (README, Tamper evidence): transactions are chained once
     # they are this old, which must exceed statement_timeout so that every
     # transaction created before the cutoff has committed.
@@ -188,6 +194,15 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(
                 "TOKENLEDGER_DB_ROLE cannot be set through pgbouncer (no SET ROLE at connect): "
                 "connect as a login role that is a member of it, with its defaults"
+            )
+        if self.usage_archive_after_days and (
+            self.usage_archive_after_days < 31
+            or self.usage_archive_after_days * 86_400 <= self.usage_max_age_seconds
+        ):
+            raise ValueError(
+                "usage_archive_after_days must be 0 (off), or at least 31 and longer than "
+                f"usage_max_age_seconds ({self.usage_archive_after_days} days, "
+                f"{self.usage_max_age_seconds}s)"
             )
         if self.chain_settle_seconds * 1000 <= self.statement_timeout_ms:
             raise ValueError(

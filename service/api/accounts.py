@@ -103,7 +103,10 @@ class AccountsController(Controller):
         after = decode_cursor(cursor)
         if after is not None and not isinstance(after, int):
             raise errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}])
-        rows = await ledger.fetch("account_entries", acc, after, from_, to, limit + 1)
+        if from_ is None and to is None:
+            rows = await ledger.fetch("account_entries_latest", acc, after, limit + 1)
+        else:
+            rows = await ledger.fetch("account_entries", acc, after, from_, to, limit + 1)
         return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
 
     @get(

@@ -8,8 +8,11 @@ SELECT tl_account_json(a.id, coalesce($2::timestamptz, clock_timestamp()))
 FROM accounts a WHERE a.address = $1;
 
 -- name: account_entries
--- One page of an account's entries, newest first; $2 is the cursor (an entry
--- id, exclusive), $3/$4 bound created_at to [from, to).
+-- One page of an account's entries, newest first, within [from, to): $2 is
+-- the cursor (an entry id, exclusive; NULL for the first page), $3/$4 bound
+-- created_at. The cursor is an index condition on entries_account_idx, so a
+-- page starts where the last one ended however deep it is; the time bounds
+-- filter what that index walk finds.
 SELECT e.id AS cursor,
        jsonb_build_object(
            'transaction_id', tl_public_id('txn_', e.transaction_id),
@@ -22,11 +25,35 @@ SELECT e.id AS cursor,
            'metadata', t.metadata) AS item
 FROM entries e JOIN transactions t ON t.id = e.transaction_id
 WHERE e.account_id = $1
-  AND ($2::bigint IS NULL OR e.id < $2)
+  AND e.id < coalesce($2::bigint, 9223372036854775807)
   AND ($3::timestamptz IS NULL OR e.created_at >= $3)
   AND ($4::timestamptz IS NULL OR e.created_at < $4)
 ORDER BY e.id DESC
 LIMIT $5;
+
+-- name: account_entries_latest
+-- The same page without time bounds, the common case (a wallet's history):
+-- a keyset read of entries_account_idx, (account_id, id DESC) from the
+-- cursor ($2, exclusive; NULL for the first page), $3 rows and no more.
+-- With the time bounds' "IS NULL OR" in the statement, a cached generic
+-- plan could not tell this page from a narrow time range, and filtered the
+-- cursor instead of starting at it: a page deep in a heavy user's history
+-- read every newer entry first.
+SELECT e.id AS cursor,
+       jsonb_build_object(
+           'transaction_id', tl_public_id('txn_', e.transaction_id),
+           'kind', t.kind,
+           'amount', e.amount,
+           'balance_after', e.balance_after,
+           'version', e.version,
+           'shard', e.shard,
+           'created_at', tl_ts(e.created_at),
+           'metadata', t.metadata) AS item
+FROM entries e JOIN transactions t ON t.id = e.transaction_id
+WHERE e.account_id = $1
+  AND e.id < coalesce($2::bigint, 9223372036854775807)
+ORDER BY e.id DESC
+LIMIT $3;
 
 -- name: balance_at
 -- The posted balance of an account as of an instant.

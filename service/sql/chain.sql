@@ -25,10 +25,20 @@ LEFT JOIN tl_canonical_many((SELECT array_agg(transaction_id) FROM c)) k ON k.tr
 LEFT JOIN transactions t ON t.id = c.transaction_id
 ORDER BY c.seq;
 
+-- name: chain_row
+-- One chain row by seq, with its transaction's created_at.
+SELECT c.seq, c.chain_hash, t.created_at FROM chain c LEFT JOIN transactions t ON t.id = c.transaction_id
+WHERE c.seq = $1;
+
+-- name: chain_row_verified
+-- The last chain row `audit --verify-chain` verified (none before the first).
+SELECT chain_seq, chain_hash FROM audit_checkpoints WHERE check_name = 'chain';
+
 -- name: chain_unchained_before
--- The first transaction created before $1 that is not chained.
+-- The first transaction created before $1 (and not before $2, when given:
+-- a routine verification looks only after its checkpoint) that is not chained.
 SELECT t.id, t.created_at FROM transactions t
-WHERE t.created_at < $1
+WHERE t.created_at < $1 AND ($2::timestamptz IS NULL OR t.created_at >= $2)
   AND NOT EXISTS (SELECT 1 FROM chain c WHERE c.transaction_id = t.id)
 ORDER BY t.created_at, t.id
 LIMIT 1;
@@ -40,6 +50,7 @@ LIMIT 1;
 -- copy of the database verifies the same as the original did.
 SELECT t.id, t.created_at FROM transactions t
 WHERE t.created_at < (SELECT max(created_at) FROM transactions) - $1::interval
+  AND ($2::timestamptz IS NULL OR t.created_at >= $2)
   AND NOT EXISTS (SELECT 1 FROM chain c WHERE c.transaction_id = t.id)
 ORDER BY t.created_at, t.id
 LIMIT 1;

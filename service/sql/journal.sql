@@ -41,6 +41,11 @@ SELECT tl_sweep_expired($1, $2);
 -- Deletes up to $2 idempotency records older than $1.
 SELECT tl_purge_idempotency_keys($1, $2);
 
+-- name: archive_usage_events
+-- Moves up to $2 usage events that occurred and were recorded before $1 to
+-- usage_events_archive; returns how many.
+SELECT tl_archive_usage_events($1, $2);
+
 -- name: reservation_json
 -- One reservation as of an instant (null clock = now).
 SELECT tl_reservation_json($1, coalesce($2::timestamptz, clock_timestamp()));

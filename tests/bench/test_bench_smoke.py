@@ -277,3 +277,21 @@ def test_reports_bench_smoke(pg_server: Server) -> None:
     for r in result["results"]:
         for field in ("http_json_seconds", "http_csv_seconds"):
             assert not str(r[field]).startswith("error"), r
+
+
+def test_bench_scale_smoke(pg_server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    """`make bench-scale` at a tiny size on the session's server: both
+    databases build, every figure is measured, the audit passes in full and
+    routinely (bench.scale asserts both)."""
+    from bench import scale
+
+    argv = ["--employees", "40", "--entries", "6000", "--ops", "10", "--reads", "10"]
+    argv += ["--day-ops", "200", "--database-url", pg_server.dsn]
+    scale.cli(argv)
+    out = capsys.readouterr().out
+    table, _, raw = out.partition("\n{")
+    result = json.loads("{" + raw)
+    for key, _label, _target in scale.ROWS:
+        assert result["fresh"][key] > 0 and result["scale"][key] > 0, (key, table)
+    assert result["scale"]["audit_routine_s"] > 0
+    assert result["scale"]["day_transactions"] > 0

@@ -725,6 +725,13 @@ CONSTRAINT_CASES: list[tuple[str, type[asyncpg.PostgresError], str]] = [
         "VALUES (gen_random_uuid(), 'grant', '{{}}', 'a', now(), 'k'), "
         "(gen_random_uuid(), 'grant', '{{}}', 'a', now(), 'k')",
     ),
+    # audit checkpoints: a check has an instant, the chain a row (seq and hash), never both
+    (
+        "audit_checkpoints_one_mark",
+        asyncpg.CheckViolationError,
+        "INSERT INTO audit_checkpoints (check_name, verified_to, chain_seq, chain_hash) "
+        "VALUES ('audit_1_unbalanced', now(), 1, sha256('h'))",
+    ),
 ]
 
 

@@ -1,0 +1,205 @@
+"""A year of ledger history, built set-based (generate_series, INSERT ...
+SELECT, one window pass for running balances), for `make bench-scale` and
+for the tests that need history at some size (tests/db/test_audit_plans.py).
+
+    await build_year(conn, employees=10_000, entries=1_000_000)
+
+What it writes, every invariant of DESIGN.md holding (the audit passes):
+
+- `employees` employees in 20 departments, their wallets, four priced models;
+- a grant program `monthly` (amount GRANT, rollover ROLLOVER, expiry at the
+  end of each cycle) with a run and a program grant per employee and cycle
+  for the 12 months before the current one and the current one: a `grant`
+  transaction and lot at each cycle's start;
+- at each cycle's end, per employee, the `rollover` transaction (ROLLOVER
+  credits of the cycle's lot into a new lot expiring at the next cycle's end)
+  and the `expiry` transaction of what is left (to system:expired);
+- spend in between, skewed toward a few heavy users (employee emp-1 spends
+  most; the n-th about 1/n^0.9 of that): `usage` transactions charging 1..5
+  usage events each, `capture` transactions of reservations (captured in
+  full, holds on the lots they drew on), and `debit` transactions; each
+  draws from the rollover lot first and then the cycle's lot, never more
+  than the wallet holds;
+- entries with running balances and versions per account and system-account
+  shard (one window pass over all legs), lot movements, lots' remaining,
+  accounts' and shards' posted balances, the usage roll-ups summed from the
+  events, and idempotency keys for the spend of the last 35 days;
+- optionally the hash chain (chain_all): content hashes by the database's
+  own tl_canonical_many, chained in Python, COPY'd in.
+
+The number of spend transactions follows from `entries`: every transaction
+has two entries, and grants, rollovers and expiries take 6 per employee and
+cycle. Sizes are approximate (within a few percent).
+
+Rows are loaded with session_replication_role = replica (no triggers, no
+foreign-key checks): the audit checks the result instead. Needs a superuser,
+as the bench's own throwaway server gives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+import asyncpg
+
+from bench.reports import ROLLUP_SQL
+
+DEPARTMENTS = 20
+MONTHS = 12
+GRANT = 1_000_000
+ROLLOVER = 200_000
+CHAIN_BATCH = 20_000
+SQL_FILE = Path(__file__).with_name("year.sql")
+
+
+def sections() -> dict[str, str]:
+    """The sections of bench/year.sql by name."""
+    found: dict[str, str] = {}
+    name = None
+    for line in SQL_FILE.read_text(encoding="utf-8").splitlines(keepends=True):
+        if line.startswith("-- section:"):
+            name = line.removeprefix("-- section:").strip()
+            found[name] = ""
+        elif name is not None:
+            found[name] += line
+    return found
+
+
+def _log(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
+
+
+async def build_year(
+    conn: asyncpg.Connection,
+    *,
+    employees: int,
+    entries: int,
+    months: int = MONTHS,
+    now: datetime | None = None,
+    log: Callable[[str], None] = _log,
+) -> dict[str, float]:
+    """Build the history (schema already applied, database empty) and
+    return the seconds each step took. `entries` is the size to aim at."""
+    seconds: dict[str, float] = {}
+    if now is None:
+        now = await conn.fetchval("SELECT now()")
+    assert now is not None
+    start: datetime = await conn.fetchval(
+        "SELECT date_trunc('month', $1::timestamptz AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' "
+        "- make_interval(months => $2)",
+        now,
+        months,
+    )
+    fixed = employees * (2 * (months + 1) + 4 * months)
+    spends = max(0, (entries - fixed) // 2)
+    spend_until = await conn.fetchval("SELECT $1::timestamptz - interval '1 hour'", now)
+    # Spend per cycle, the current (partial) cycle counting as the fraction elapsed.
+    elapsed = float(
+        await conn.fetchval(
+            "SELECT extract(epoch FROM $1::timestamptz - c) "
+            "/ extract(epoch FROM c + interval '1 month' - c) "
+            "FROM (SELECT $2::timestamptz + make_interval(months => $3) AS c) x",
+            spend_until,
+            start,
+            months,
+        )
+    )
+    cycles = months + max(elapsed, 0.01)
+    sql = sections()
+    fmt = {"grant": GRANT, "rollover": ROLLOVER, "departments": DEPARTMENTS, "employees": employees}
+
+    async def step(name: str, sql: str, *args: object) -> None:
+        began = time.perf_counter()
+        await conn.execute(sql, *args, timeout=7200)
+        seconds[name] = time.perf_counter() - began
+        log(f"bench.year: {name} in {seconds[name]:.1f}s")
+
+    await conn.execute("SET session_replication_role = replica")
+    await conn.execute("SET maintenance_work_mem = '512MB'")
+    await conn.execute("SET work_mem = '256MB'")
+    await conn.execute("SET jit = off")
+    try:
+        await _script(conn, sql["directory"].format(**fmt), start)
+        began = time.perf_counter()
+        await _script(conn, sql["stage"].format(**fmt), start, months, spends, spend_until, cycles)
+        seconds["stage"] = time.perf_counter() - began
+        log(f"bench.year: staged {spends} spend transactions in {seconds['stage']:.1f}s")
+        began = time.perf_counter()
+        await _script(conn, sql["journal"].format(**fmt), months)
+        seconds["journal"] = time.perf_counter() - began
+        log(f"bench.year: journal in {seconds['journal']:.1f}s")
+        await step("rollups", ROLLUP_SQL)
+        await conn.execute("DROP TABLE IF EXISTS y_em, y_spend, y_legs")
+    finally:
+        await conn.execute("RESET session_replication_role")
+    began = time.perf_counter()
+    await conn.execute("VACUUM ANALYZE", timeout=7200)
+    seconds["vacuum_analyze"] = time.perf_counter() - began
+    log(f"bench.year: vacuum analyze in {seconds['vacuum_analyze']:.1f}s")
+    return seconds
+
+
+async def _script(conn: asyncpg.Connection, sql: str, *params: object) -> None:
+    """Run a script statement by statement (none of ours has ";\n" inside a
+    literal); the statements that name $1 get the parameters."""
+    for statement in sql.split(";\n"):
+        if statement.strip():
+            args = params if "$1" in statement else ()
+            began = time.perf_counter()
+            await conn.execute(statement, *args, timeout=7200)
+            seconds = time.perf_counter() - began
+            if seconds > 5:
+                first = next(
+                    line for line in statement.strip().splitlines() if not line.startswith("--")
+                )
+                _log(f"bench.year:   {seconds:.0f}s {first[:70]}")
+
+
+async def chain_all(conn: asyncpg.Connection, log: Callable[[str], None] = _log) -> int:
+    """Chain every transaction, in (created_at, id) order as the chainer
+    does: content hashes by tl_canonical_many in the database, the chain
+    hashes folded here, rows COPY'd in. Returns how many."""
+    hash_sql = (
+        "SELECT k.transaction_id, sha256(convert_to(k.canonical, 'UTF8')) AS h "
+        "FROM unnest($1::uuid[]) WITH ORDINALITY u (id, n) "
+        "JOIN tl_canonical_many($1::uuid[]) k ON k.transaction_id = u.id ORDER BY u.n"
+    )
+    page_sql = (
+        "SELECT id, created_at FROM transactions "
+        "WHERE (created_at, id) > ($1::timestamptz, $2::uuid) ORDER BY created_at, id LIMIT $3"
+    )
+    # Each batch planned for its own ids (chain.verify_chain_since says why).
+    await conn.execute("SET plan_cache_mode = force_custom_plan")
+    seq = 0
+    prev = bytes(32)
+    cursor_at = await conn.fetchval("SELECT '-infinity'::timestamptz")
+    cursor_id = "00000000-0000-0000-0000-000000000000"
+    began = time.perf_counter()
+    while True:
+        rows = await conn.fetch(page_sql, cursor_at, cursor_id, CHAIN_BATCH)
+        if not rows:
+            break
+        cursor_at, cursor_id = rows[-1]["created_at"], rows[-1]["id"]
+        hashed = await conn.fetch(hash_sql, [r["id"] for r in rows])
+        records = []
+        for r in hashed:
+            content = bytes(r["h"])
+            chain_hash = hashlib.sha256(prev + content).digest()
+            seq += 1
+            records.append((seq, r["transaction_id"], content, prev, chain_hash))
+            prev = chain_hash
+        await conn.copy_records_to_table(
+            "chain",
+            records=records,
+            columns=["seq", "transaction_id", "content_hash", "prev_hash", "chain_hash"],
+        )
+        if seq % 200_000 < CHAIN_BATCH:
+            log(f"bench.year: chained {seq} in {time.perf_counter() - began:.0f}s")
+    await conn.execute("RESET plan_cache_mode")
+    return seq
