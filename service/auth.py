@@ -559,7 +559,9 @@ async def authorize(
         if _is_own(connection, principal, rule.own):
             return
         # Someone else's wallet: indistinguishable from one that does not exist.
-        raise errors.not_found_for(str(connection.path_params.get(rule.own, "")))
+        raise errors.not_found_for(
+            str(connection.path_params.get(rule.own, connection.query_params.get(rule.own, "")))
+        )
     raise errors.Forbidden(f"the {', '.join(sorted(principal.roles))} role may not do this")
 
 
@@ -586,7 +588,8 @@ async def _require_own_reservation(
 def _is_own(
     connection: ASGIConnection[Any, Any, Any, Any], principal: Principal, param: str
 ) -> bool:
-    value = connection.path_params.get(param)
+    # A path parameter, or (the forecast report) a query parameter of that name.
+    value = connection.path_params.get(param, connection.query_params.get(param))
     return value is not None and value == f"employee:{principal.employee}"
 
 

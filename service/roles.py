@@ -55,6 +55,7 @@ PERMISSIONS: dict[str, Permission] = {
     "prices.write": Permission(("finance",), "add prices"),
     "policy.read": Permission(("hr", "finance"), "read spend policies and their windows", True),
     "policy.write": Permission(("hr", "finance"), "set spend policies"),
+    "forecast.read": Permission(("hr", "finance"), "read forecasts", own=True),
     "alerts.read": Permission(("hr", "finance"), "read alert settings", own=True),
     "alerts.write": Permission(("hr",), "set alert settings", own=True),
     "webhooks": Permission((), "manage webhook subscriptions and their deliveries"),

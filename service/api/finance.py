@@ -231,7 +231,7 @@ class FinanceReportsController(Controller):
     @get(
         "/reports/forecast",
         summary="Forecast: when a wallet runs out",
-        opt={**access("reports.read"), **problems()},
+        opt={**access("forecast.read", own="account"), **problems()},
     )
     async def forecast(
         self,

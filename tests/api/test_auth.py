@@ -464,7 +464,7 @@ MATRIX: dict[tuple[str, str], Case] = {
         frozenset({FIN, HR}), 200, fixed(f"/v1/reports/compensation?{PERIOD}")
     ),
     ("GET", "/v1/reports/forecast"): Case(
-        frozenset({FIN, HR}), 200, fixed("/v1/reports/forecast?account=employee:e-own")
+        frozenset({FIN, HR, EMP}), 200, own_path("/v1/reports/forecast?account={address}"), own=True
     ),
     ("GET", "/v1/reports/efficiency"): Case(
         frozenset({FIN, HR}), 200, fixed(f"/v1/reports/efficiency?{PERIOD}&group_by=employee")
