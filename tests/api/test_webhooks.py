@@ -654,3 +654,27 @@ async def test_balance_low_in_a_usage_batch(
         (50_000, 20_000),
         (30_000, 20_000),
     ]
+
+
+async def test_limit_reached_is_delivered(
+    hooks: httpx.AsyncClient, receiver: Receiver, database_url: str
+) -> None:
+    """A soft spend limit's limit.reached (spend policy) reaches a subscriber, signed like
+    every event: once at 80 % and once at 100 % of the window."""
+    api = Api(hooks)  # type: ignore[arg-type]  # why: the same httpx client type
+    await api.employee("e1")
+    await api.grant("e1", 1_000)
+    await subscribe(hooks, receiver.url("/limit"), ["limit.reached"])
+    r = await hooks.put(
+        "/v1/accounts/employee:e1/policy",
+        json={"limits": [{"window": "day", "amount": 100, "mode": "soft"}]},
+    )
+    assert r.status_code == 200, r.text
+    for amount in (50, 35, 10, 30):  # 85 passes 80 %, 125 passes 100 %
+        assert (await api.debit("employee:e1", amount)).status_code == 201
+    await settled(database_url)
+    events = receiver.events("/limit")
+    assert [e["type"] for e in events] == ["limit.reached", "limit.reached"]
+    assert [e["data"]["threshold_percent"] for e in events] == [80, 100]
+    assert all(e["data"]["account"] == "employee:e1" for e in events)
+    assert len({got.webhook_id for got in receiver.on("/limit")}) == 2
