@@ -25,7 +25,7 @@ from typing import Any
 
 import msgspec
 from litestar import Litestar, Request
-from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.plugins import JsonRenderPlugin
 
 from service import errors
 from service.api.common import (
@@ -318,10 +318,5 @@ def served(app: Litestar) -> dict[str, Any]:
 
 
 class ContractJson(JsonRenderPlugin):
-    def render(self, request: Request[Any, Any, Any], openapi_schema: dict[str, Any]) -> bytes:
-        return super().render(request, served(request.app))
-
-
-class ContractSwagger(SwaggerRenderPlugin):
     def render(self, request: Request[Any, Any, Any], openapi_schema: dict[str, Any]) -> bytes:
         return super().render(request, served(request.app))
