@@ -4509,9 +4509,13 @@ $$;
 -- section header): what policy_spend rows must equal (audit), and how a
 -- row starts. Usage events and reservations are read without the one being
 -- recorded by the caller (a claimed event has no result yet).
+-- PL/pgSQL only so that it may name usage_events_archive, which is created
+-- further down (a SQL function's body is checked when it is created):
+-- archived events still count in the windows they were spent in.
 CREATE OR REPLACE FUNCTION tl_journal_spend(p_account bigint, p_from timestamptz, p_to timestamptz) RETURNS bigint
-LANGUAGE sql STABLE AS $$
-    SELECT (coalesce((SELECT sum(-e.amount) FROM entries e JOIN transactions t ON t.id = e.transaction_id
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (coalesce((SELECT sum(-e.amount) FROM entries e JOIN transactions t ON t.id = e.transaction_id
                       WHERE e.account_id = p_account AND e.shard = 0
                         AND e.created_at >= p_from AND e.created_at < p_to AND t.kind = 'debit'), 0)
           + coalesce((SELECT sum(-e.amount) FROM entries e
@@ -4522,11 +4526,14 @@ LANGUAGE sql STABLE AS $$
           + coalesce((SELECT sum(u.cost) FROM usage_events u
                       WHERE u.account_id = p_account AND u.occurred_at >= p_from AND u.occurred_at < p_to
                         AND u.reservation_id IS NULL AND u.result IS NOT NULL), 0)
+          + coalesce((SELECT sum(u.cost) FROM usage_events_archive u
+                      WHERE u.account_id = p_account AND u.occurred_at >= p_from AND u.occurred_at < p_to
+                        AND u.reservation_id IS NULL AND u.result IS NOT NULL), 0)
           + coalesce((SELECT sum(CASE WHEN r.status = 'active' THEN r.amount ELSE r.captured END)
                       FROM reservations r
                       WHERE r.account_id = p_account AND r.status IN ('active', 'captured')
-                        AND r.created_at >= p_from AND r.created_at < p_to), 0))::bigint
-$$;
+                        AND r.created_at >= p_from AND r.created_at < p_to), 0))::bigint;
+END $$;
 
 -- Adds p_delta to an account's row for one window (made from the journal
 -- when missing) and answers the new spend. The caller holds the account lock.
@@ -5939,6 +5946,10 @@ CREATE TABLE IF NOT EXISTS usage_events_archive (
     occurred_at         timestamptz NOT NULL,
     recorded_at         timestamptz NOT NULL,
     result              jsonb,
+    -- Spend policy's marks, kept so that overage and violations stay
+    -- auditable (audit_9_overage reads both tables).
+    shortfall           bigint NOT NULL DEFAULT 0,
+    violation           text,
     archived_at         timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX IF NOT EXISTS usage_events_archive_transaction_idx ON usage_events_archive (transaction_id);
@@ -5961,11 +5972,12 @@ LANGUAGE sql AS $$
         DELETE FROM usage_events u USING doomed d WHERE u.id = d.id
         RETURNING u.id, u.source, u.event_id, u.account_id, u.model, u.price_id, u.input_tokens,
                   u.cached_input_tokens, u.output_tokens, u.cost, u.transaction_id, u.reservation_id,
-                  u.project, u.tags, u.occurred_at, u.recorded_at, u.result)
+                  u.project, u.tags, u.occurred_at, u.recorded_at, u.result, u.shortfall, u.violation)
     , kept AS (
         INSERT INTO usage_events_archive (id, source, event_id, account_id, model, price_id, input_tokens,
                                           cached_input_tokens, output_tokens, cost, transaction_id,
-                                          reservation_id, project, tags, occurred_at, recorded_at, result)
+                                          reservation_id, project, tags, occurred_at, recorded_at, result,
+                                          shortfall, violation)
         SELECT * FROM moved RETURNING 1)
     SELECT count(*)::integer FROM kept
 $$;

@@ -455,7 +455,11 @@ SELECT coalesce(
      LEFT JOIN (SELECT transaction_id, sum(amount) AS moved FROM entries
                 JOIN accounts a ON a.id = entries.account_id AND a.address = 'system:overage'
                 GROUP BY transaction_id) e ON e.transaction_id = t.id
-     LEFT JOIN (SELECT transaction_id, sum(shortfall) AS shortfall FROM usage_events GROUP BY transaction_id) u
+     LEFT JOIN (SELECT transaction_id, sum(shortfall) AS shortfall FROM (
+                    SELECT transaction_id, shortfall FROM usage_events
+                    UNION ALL
+                    SELECT transaction_id, shortfall FROM usage_events_archive) ue
+                GROUP BY transaction_id) u
             ON u.transaction_id = t.id
      WHERE t.kind = 'usage' AND coalesce(-e.moved, 0) <> coalesce(u.shortfall, 0)
      LIMIT 1),
@@ -477,7 +481,10 @@ SELECT coalesce(
          JOIN accounts a ON a.id = en.account_id AND a.address = 'system:overage'
          WHERE en.transaction_id = t.id) e ON true
      LEFT JOIN LATERAL (
-         SELECT sum(ue.shortfall) AS shortfall FROM usage_events ue WHERE ue.transaction_id = t.id) u ON true
+         SELECT sum(ue.shortfall) AS shortfall FROM (
+             SELECT shortfall FROM usage_events WHERE transaction_id = t.id
+             UNION ALL
+             SELECT shortfall FROM usage_events_archive WHERE transaction_id = t.id) ue) u ON true
      WHERE t.created_at >= $1 AND t.created_at < $2 AND t.kind = 'usage'
        AND coalesce(-e.moved, 0) <> coalesce(u.shortfall, 0)
      LIMIT 1),

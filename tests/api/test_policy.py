@@ -479,6 +479,23 @@ async def test_usage_beyond_balance_and_overdraft_goes_to_overage(
     assert 'tokenledger_refusals_total{code="limit_exceeded"} 1.0' in metrics
     assert 'tokenledger_refusals_total{code="insufficient_credits"} 1.0' in metrics
     await assert_audit_clean(database_url)
+    # Retention moves the events to the archive with their shortfall and violation, so the
+    # overage invariant still holds after it (issue 21's archive met issue 12's overage).
+    conn = await asyncpg.connect(database_url)
+    try:
+        moved = await conn.fetchval("SELECT tl_archive_usage_events('2100-01-01', 100)")
+        assert moved == 3
+        archived = await conn.fetch(
+            "SELECT event_id, shortfall FROM usage_events_archive ORDER BY event_id"
+        )
+    finally:
+        await conn.close()
+    assert [(a["event_id"], a["shortfall"]) for a in archived] == [
+        ("u-1", 50),
+        ("u-2", 10),
+        ("u-3", 200),
+    ]
+    await assert_audit_clean(database_url)
 
 
 async def add_limit_refusal(client: Any) -> None:
