@@ -2164,7 +2164,17 @@ async def wrk_phases(ctx: Context, base_url: str, token: str) -> dict[str, Any]:
         others = {k: v for k, v in phase["statuses"].items() if k != ok_status}
         check: dict[str, Any] = {"other_statuses": others, "socket_errors": phase["unknown"]}
         if kind == "debit":
-            debited = before_posted - sum(await wallet_postings(ctx, wallets))
+            # wrk stops with requests in flight; the server may still commit them after
+            # wrk has exited (a coalesced batch in progress). Read the wallets until two
+            # reads 100 ms apart agree, so the system:usage check compares like with like.
+            postings = sum(await wallet_postings(ctx, wallets))
+            for _ in range(50):
+                await asyncio.sleep(0.1)
+                again = sum(await wallet_postings(ctx, wallets))
+                if again == postings:
+                    break
+                postings = again
+            debited = before_posted - postings
             in_flight = phase["connections"] + phase["unknown"]
             check.update({"debits_answered_201": ok, "debited_by_server": debited})
             check["passed"] = not others and ok <= debited <= ok + in_flight
