@@ -4,6 +4,7 @@ PostgreSQL on Ctrl-C, SIGTERM and a closed terminal (SIGHUP)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pty
 import select
@@ -13,8 +14,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -46,6 +48,37 @@ async def _service_connections(db: asyncpg.Connection) -> int:
             "AND application_name LIKE 'tokenledger%' AND pid <> pg_backend_pid()"
         )
     )
+
+
+@contextlib.asynccontextmanager
+async def _debit_behind_a_lock(
+    service: Service, database_url: str, db: asyncpg.Connection, key: str
+) -> AsyncIterator[tuple[httpx.AsyncClient, asyncio.Task[httpx.Response], Any]]:
+    """A debit of employee:e-1 sent to `service` and waiting (seen in pg_stat_activity) for
+    the wallet's row lock, which another connection holds: yields the client, the request's
+    task and that lock's transaction (roll it back to let the debit go on)."""
+    lock = await asyncpg.connect(database_url)
+    try:
+        tx = lock.transaction()
+        await tx.start()
+        await lock.execute("SELECT 1 FROM accounts WHERE address = 'employee:e-1' FOR UPDATE")
+        async with httpx.AsyncClient(
+            base_url=service.base_url,
+            headers={"Authorization": f"Bearer {service.admin_key}"},
+            trust_env=False,
+            timeout=30,
+        ) as client:
+            debit = asyncio.create_task(
+                client.post(
+                    "/v1/debits",
+                    json={"account": "employee:e-1", "amount": 100},
+                    headers={"Idempotency-Key": key},
+                )
+            )
+            await _wait_for_lock_waiter(db)
+            yield client, debit, tx
+    finally:
+        await lock.close()
 
 
 async def _started(database_url: str, tmp_path: Path, grace_seconds: float) -> Service:
@@ -85,24 +118,11 @@ async def test_sigterm_finishes_the_request_in_flight_refuses_new_ones_and_exits
     process releases every database connection and exits 0."""
     service = await _started(database_url, tmp_path, grace_seconds=10)
     try:
-        lock = await asyncpg.connect(database_url)
-        tx = lock.transaction()
-        await tx.start()
-        await lock.execute("SELECT 1 FROM accounts WHERE address = 'employee:e-1' FOR UPDATE")
-        async with httpx.AsyncClient(
-            base_url=service.base_url,
-            headers={"Authorization": f"Bearer {service.admin_key}"},
-            trust_env=False,
-            timeout=30,
-        ) as client:
-            debit = asyncio.create_task(
-                client.post(
-                    "/v1/debits",
-                    json={"account": "employee:e-1", "amount": 100},
-                    headers={"Idempotency-Key": "in-flight-1"},
-                )
-            )
-            await _wait_for_lock_waiter(db)
+        async with _debit_behind_a_lock(service, database_url, db, "in-flight-1") as (
+            client,
+            debit,
+            tx,
+        ):
             assert service.proc is not None
             service.proc.send_signal(signal.SIGTERM)
             stopped_at = time.monotonic()
@@ -110,7 +130,6 @@ async def test_sigterm_finishes_the_request_in_flight_refuses_new_ones_and_exits
             with pytest.raises(httpx.ConnectError):
                 await client.get("/healthz")
             await tx.rollback()
-            await lock.close()
             answer = await debit
         assert answer.status_code == 201, answer.text
         rc = await asyncio.to_thread(service.proc.wait, 30)
@@ -131,24 +150,11 @@ async def test_a_request_outlasting_the_grace_is_cut_and_the_process_still_exits
     statement does not commit later: its backend goes away while the lock is still held."""
     service = await _started(database_url, tmp_path, grace_seconds=1)
     try:
-        lock = await asyncpg.connect(database_url)
-        tx = lock.transaction()
-        await tx.start()
-        await lock.execute("SELECT 1 FROM accounts WHERE address = 'employee:e-1' FOR UPDATE")
-        async with httpx.AsyncClient(
-            base_url=service.base_url,
-            headers={"Authorization": f"Bearer {service.admin_key}"},
-            trust_env=False,
-            timeout=30,
-        ) as client:
-            debit = asyncio.create_task(
-                client.post(
-                    "/v1/debits",
-                    json={"account": "employee:e-1", "amount": 100},
-                    headers={"Idempotency-Key": "too-slow-1"},
-                )
-            )
-            await _wait_for_lock_waiter(db)
+        async with _debit_behind_a_lock(service, database_url, db, "too-slow-1") as (
+            _client,
+            debit,
+            tx,
+        ):
             assert service.proc is not None
             service.proc.send_signal(signal.SIGTERM)
             stopped_at = time.monotonic()
@@ -166,7 +172,6 @@ async def test_a_request_outlasting_the_grace_is_cut_and_the_process_still_exits
                 await asyncio.sleep(0.1)
                 left = await _service_connections(db)
             await tx.rollback()
-            await lock.close()
         assert rc == 0, service.log_tail()
         assert elapsed < 6, elapsed
         assert left == 0
