@@ -355,7 +355,12 @@ SELECT coalesce(
      WHERE t.kind = 'usage' AND coalesce(m.moved, 0) <> coalesce(c.cost, 0)
      LIMIT 1),
     (SELECT format('usage event %s/%s costs %s but no transaction charged it', source, event_id, cost)
-     FROM usage_events WHERE cost > 0 AND transaction_id IS NULL AND result IS NOT NULL LIMIT 1)) AS problem;
+     FROM usage_events WHERE cost > 0 AND transaction_id IS NULL AND result IS NOT NULL LIMIT 1),
+    -- No foreign key checks an event's transaction (see usage_events in schema.sql).
+    (SELECT format('usage event %s/%s names transaction %s, which does not exist',
+                   u.source, u.event_id, tl_public_id('txn_', u.transaction_id))
+     FROM usage_events u LEFT JOIN transactions t ON t.id = u.transaction_id
+     WHERE u.transaction_id IS NOT NULL AND t.id IS NULL LIMIT 1)) AS problem;
 
 -- name: audit_6_usage_charged_once__since
 -- The same for usage transactions created since (their events by
@@ -377,7 +382,16 @@ SELECT coalesce(
      WHERE t.created_at >= $1 AND t.created_at < $2 AND t.kind = 'usage' AND m.moved <> c.cost
      LIMIT 1),
     (SELECT format('usage event %s/%s costs %s but no transaction charged it', source, event_id, cost)
-     FROM usage_events WHERE transaction_id IS NULL AND cost > 0 AND result IS NOT NULL LIMIT 1)) AS problem;
+     FROM usage_events WHERE transaction_id IS NULL AND cost > 0 AND result IS NOT NULL LIMIT 1),
+    -- Events claimed since (their uuid7 ids by the primary key) whose
+    -- transaction does not exist.
+    (SELECT format('usage event %s/%s names transaction %s, which does not exist',
+                   u.source, u.event_id, tl_public_id('txn_', u.transaction_id))
+     FROM usage_events u
+     WHERE u.id >= tl_uuid7_floor($1) AND u.id < tl_uuid7_floor($2 + interval '1 millisecond')
+       AND u.transaction_id IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM transactions t WHERE t.id = u.transaction_id)
+     LIMIT 1)) AS problem;
 
 -- name: audit_7_triggers
 -- Invariant 7: the append-only triggers exist and are enabled.
@@ -387,7 +401,8 @@ FROM (VALUES ('transactions_immutable', 'transactions'), ('transactions_no_trunc
              ('lot_movements_immutable', 'lot_movements'), ('lot_movements_no_truncate', 'lot_movements'),
              ('entries_balanced', 'entries'), ('reservations_resolve_once', 'reservations'),
              ('reservation_holds_immutable', 'reservation_holds'),
-             ('chain_immutable', 'chain'), ('chain_no_truncate', 'chain')) AS want (tgname, tbl)
+             ('chain_immutable', 'chain'), ('chain_no_truncate', 'chain'),
+             ('usage_events_refs', 'usage_events')) AS want (tgname, tbl)
 LEFT JOIN pg_trigger t ON t.tgname = want.tgname AND t.tgrelid = want.tbl::regclass AND t.tgenabled <> 'D'
 WHERE t.oid IS NULL
 LIMIT 1;

@@ -917,6 +917,8 @@ async def test_every_trigger_has_a_case(db: asyncpg.Connection) -> None:
     rows = await db.fetch("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal")
     covered = {c[0] for c in IMMUTABLE_CASES}
     covered.add("entries_balanced")  # test_unbalanced_transaction_fails_at_commit
+    # test_usage_event_naming_a_missing_account_or_price_is_refused
+    covered |= {"usage_events_refs", "usage_events_refs_update"}
     covered.add("reservations_resolve_once")  # test_resolved_reservation_cannot_change
     # tests/api/test_prices.py::test_prices_are_append_only
     covered |= {"prices_immutable", "prices_no_truncate"}
@@ -1084,3 +1086,42 @@ async def test_emit_writes_an_event_once_per_dedup_key(db: asyncpg.Connection) -
         ("balance.low", '{"x": 1}'),
         ("grant.created", "{}"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("account_id", "999999"), ("price_id", "'00000000-0000-0000-0000-00000000dead'")],
+)
+async def test_usage_event_naming_a_missing_account_or_price_is_refused(
+    db: asyncpg.Connection, world: World, column: str, value: str
+) -> None:
+    """A usage event's account and price must exist. They are checked once per statement, set-based
+    (usage_events_refs), not by a foreign key's per-row trigger: in a batch of 500 events the three
+    per-row checks cost about a quarter of PostgreSQL's CPU. The event, the statement and nothing
+    else are refused, with the SQLSTATE a foreign key gives."""
+    good = await db.fetchval(
+        "INSERT INTO prices (id, model, tier, effective_from, input_per_mtok, "
+        "cached_input_per_mtok, output_per_mtok, source) VALUES (gen_random_uuid(), 'um', "
+        "'standard', '2020-01-01Z', 1, 1, 1, 'test') RETURNING id"
+    )
+    row = {"account_id": str(world.acc), "price_id": f"'{good}'"}
+    insert = (
+        "INSERT INTO usage_events (id, source, event_id, account_id, model, price_id, "
+        "input_tokens, cached_input_tokens, output_tokens, cost, occurred_at, recorded_at, "
+        "transaction_id, result) SELECT gen_random_uuid(), 's', 'e' || g, {account_id}, 'um', "
+        "{price_id}, 1, 0, 1, 1, now(), now(), '" + str(world.debit_txn) + "', '{{}}' "
+        "FROM generate_series(1, 3) g"
+    )
+    await db.execute(insert.format(**row))  # three good events pass
+    bad = dict(row, **{column: value})
+    with pytest.raises(asyncpg.ForeignKeyViolationError) as exc:
+        await db.execute(insert.format(**bad).replace("'e' || g", "'bad' || g"))
+    assert column in str(exc.value)
+    assert await db.fetchval("SELECT count(*) FROM usage_events WHERE event_id LIKE 'bad%'") == 0
+    assert await db.fetchval("SELECT count(*) FROM usage_events WHERE source = 's'") == 3
+    # An update that names a missing one is refused too (usage_events_refs_update); one that
+    # leaves them alone is not.
+    with pytest.raises(asyncpg.ForeignKeyViolationError) as exc:
+        await db.execute(f"UPDATE usage_events SET {column} = {value} WHERE event_id = 'e1'")
+    assert column in str(exc.value)
+    await db.execute("UPDATE usage_events SET shortfall = 0 WHERE source = 's'")

@@ -18,6 +18,7 @@ import pytest
 
 from service import db as service_db
 from service.audit import CHECKS, Violation, run_audit
+from service.audit import audit as service_audit
 
 REPO = Path(__file__).resolve().parents[2]
 T = datetime(2030, 1, 1, tzinfo=UTC)
@@ -32,6 +33,7 @@ JOURNAL_TRIGGERS = [
     ("lot_movements", "lot_movements_no_truncate"),
     ("reservations", "reservations_resolve_once"),
     ("reservation_holds", "reservation_holds_immutable"),
+    ("usage_events", "usage_events_refs"),
 ]
 
 
@@ -418,6 +420,33 @@ async def test_uncharged_usage_breaks_invariant_6(scenario: str, db: asyncpg.Con
     await db.execute("UPDATE usage_events SET cost = cost + 1 WHERE event_id = 'u1'")
     violations = await audit(scenario)
     assert "audit_6_usage_charged_once" in checks(violations)
+
+
+async def test_usage_event_naming_a_missing_transaction_breaks_invariant_6(
+    scenario: str, db: asyncpg.Connection
+) -> None:
+    """An event whose transaction does not exist (no foreign key checks it per row: the batch
+    writes the transaction after claiming its events) is caught by invariant 6, in full and in
+    the routine run since a checkpoint."""
+    conn = await service_db.connect(scenario)
+    try:
+        assert (await service_audit(conn)).violations == []  # checkpoints now
+        await db.execute(
+            "INSERT INTO usage_events (id, source, event_id, account_id, model, price_id, "
+            "input_tokens, cached_input_tokens, output_tokens, cost, occurred_at, recorded_at, "
+            "transaction_id, result) SELECT tl_uuid7(), 's', 'dangling', account_id, model, "
+            "price_id, 1, 0, 1, 0, now(), now(), gen_random_uuid(), '{}' FROM usage_events "
+            "WHERE event_id = 'u1'"
+        )
+        routine = await service_audit(conn, settle_seconds=0)
+        assert "audit_6_usage_charged_once" in routine.since
+        assert checks(routine.violations) == {"audit_6_usage_charged_once"}
+        assert "s/dangling names transaction" in routine.violations[0].problem
+    finally:
+        await conn.close()
+    violations = await audit(scenario)
+    assert checks(violations) == {"audit_6_usage_charged_once"}
+    assert "s/dangling names transaction" in violations[0].problem
 
 
 async def test_posted_below_zero_breaks_invariant_3(scenario: str, db: asyncpg.Connection) -> None:
