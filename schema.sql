@@ -4353,10 +4353,10 @@ DECLARE
     v_floor timestamptz := '-infinity';
     v_head record;
     v_ids uuid[];
-    v_txn record;
-    v_prev bytea;
-    v_content bytea;
-    v_count integer := 0;
+    v_txns uuid[];
+    v_contents bytea[];
+    v_prevs bytea[] := '{}';
+    v_hashes bytea[] := '{}';
 BEGIN
     -- 32770271507212654 is "tlchain" as a bigint.
     IF NOT pg_try_advisory_xact_lock(32770271507212654) THEN
@@ -4378,21 +4378,23 @@ BEGIN
           AND NOT EXISTS (SELECT 1 FROM chain c WHERE c.transaction_id = t.id)
         ORDER BY t.created_at, t.id
         LIMIT p_limit) x;
-    FOR v_txn IN
-        SELECT k.transaction_id, k.canonical
-        FROM unnest(v_ids) WITH ORDINALITY AS u (id, n)
-        JOIN tl_canonical_many(v_ids) k ON k.transaction_id = u.id
-        ORDER BY u.n
-    LOOP
-        v_content := sha256(convert_to(v_txn.canonical, 'UTF8'));
-        v_prev := v_hash;
-        v_hash := sha256(v_prev || v_content);
-        v_seq := v_seq + 1;
-        INSERT INTO chain (seq, transaction_id, content_hash, prev_hash, chain_hash)
-        VALUES (v_seq, v_txn.transaction_id, v_content, v_prev, v_hash);
-        v_count := v_count + 1;
+    -- The content hashes set-based, the links in order (each names the one
+    -- before), then one INSERT for the whole pass: a statement per link cost
+    -- about as much as building the canonical texts.
+    SELECT array_agg(k.transaction_id ORDER BY u.n), array_agg(sha256(convert_to(k.canonical, 'UTF8')) ORDER BY u.n)
+      INTO v_txns, v_contents
+      FROM unnest(v_ids) WITH ORDINALITY AS u (id, n)
+      JOIN tl_canonical_many(v_ids) k ON k.transaction_id = u.id;
+    FOR i IN 1 .. coalesce(cardinality(v_txns), 0) LOOP
+        v_prevs[i] := v_hash;
+        v_hash := sha256(v_hash || v_contents[i]);
+        v_hashes[i] := v_hash;
     END LOOP;
-    RETURN v_count;
+    INSERT INTO chain (seq, transaction_id, content_hash, prev_hash, chain_hash)
+    SELECT v_seq + x.n, x.txn, x.content, x.prev, x.hash
+      FROM unnest(v_txns, v_contents, v_prevs, v_hashes) WITH ORDINALITY AS x (txn, content, prev, hash, n)
+     ORDER BY x.n;
+    RETURN coalesce(cardinality(v_txns), 0);
 END $$;
 
 -- The service role appends to the chain and never changes it. (Its own
