@@ -4292,28 +4292,37 @@ CREATE TRIGGER chain_no_truncate BEFORE TRUNCATE ON chain
 -- the verifier hash thousands of transactions per statement.
 CREATE OR REPLACE FUNCTION tl_canonical_many(p_ids uuid[])
 RETURNS TABLE (transaction_id uuid, canonical text) LANGUAGE sql STABLE AS $$
-    SELECT t.id, jsonb_build_object(
-        'id', t.id,
-        'kind', t.kind,
-        'memo', t.memo,
-        'metadata', t.metadata,
-        'details', t.details,
-        'actor', t.actor,
-        'request_id', t.request_id,
-        'reverses', t.reverses,
-        'created_at', tl_ts(t.created_at),
-        'entries', coalesce((
-            SELECT jsonb_agg(jsonb_build_object(
-                       'account', a.address, 'shard', e.shard, 'asset', e.asset, 'amount', e.amount,
-                       'balance_after', e.balance_after, 'version', e.version,
-                       'created_at', tl_ts(e.created_at))
-                       ORDER BY a.address, e.shard, e.version)
+    -- The text of jsonb_build_object(...)::text for the transaction and its
+    -- entries and lot movements, written out: jsonb's output puts keys in
+    -- (length, bytes) order and separates with ", " and ": ", and strings
+    -- are escaped by the same routine as to_json(text). Building the jsonb
+    -- values and printing them cost about 0.1 ms per transaction, a quarter
+    -- of a debit's PostgreSQL CPU; this costs about half of that. The text
+    -- must never change (the chain's content hashes are of it):
+    -- tests/invariants/test_chain.py compares it with the jsonb form.
+    SELECT t.id,
+        '{"id": "' || t.id::text
+        || '", "kind": ' || to_json(t.kind)::text
+        || ', "lots": [' || coalesce((
+            SELECT string_agg('{"lot": "' || m.lot_id::text || '", "amount": ' || m.amount::text || '}', ', '
+                              ORDER BY m.lot_id)
+            FROM lot_movements m WHERE m.transaction_id = t.id), '')
+        || '], "memo": ' || coalesce(to_json(t.memo)::text, 'null')
+        || ', "actor": ' || coalesce(to_json(t.actor)::text, 'null')
+        || ', "details": ' || coalesce(t.details::text, 'null')
+        || ', "entries": [' || coalesce((
+            SELECT string_agg('{"asset": ' || to_json(e.asset)::text || ', "shard": ' || e.shard::text
+                              || ', "amount": ' || e.amount::text || ', "account": ' || to_json(a.address)::text
+                              || ', "version": ' || e.version::text || ', "created_at": "' || tl_ts(e.created_at)
+                              || '", "balance_after": ' || e.balance_after::text || '}', ', '
+                              ORDER BY a.address, e.shard, e.version)
             FROM entries e JOIN accounts a ON a.id = e.account_id
-            WHERE e.transaction_id = t.id), '[]'::jsonb),
-        'lots', coalesce((
-            SELECT jsonb_agg(jsonb_build_object('lot', m.lot_id, 'amount', m.amount) ORDER BY m.lot_id)
-            FROM lot_movements m
-            WHERE m.transaction_id = t.id), '[]'::jsonb))::text
+            WHERE e.transaction_id = t.id), '')
+        || '], "metadata": ' || coalesce(t.metadata::text, 'null')
+        || ', "reverses": ' || coalesce('"' || t.reverses::text || '"', 'null')
+        || ', "created_at": "' || tl_ts(t.created_at)
+        || '", "request_id": ' || coalesce(to_json(t.request_id)::text, 'null')
+        || '}'
     -- Each transaction by key, its entries and movements by index, whatever
     -- the plan: a prepared statement's generic plan does not know how many
     -- ids there are, and once it joined aggregates of all the ids to each

@@ -522,3 +522,60 @@ async def test_hashes_are_reproducible_outside_the_database(
         assert row["chain_hash"] == prev
     first = rows[0]["text"]
     assert '"account": "employee:e1"' in first and '"amount": 100' in first
+
+
+# The canonical text as it was first defined: jsonb_build_object(...)::text.
+# tl_canonical_many writes the same text out by hand (it is five times
+# cheaper); every content hash ever chained is of this form, so the two
+# must never differ.
+_JSONB_CANONICAL = """
+SELECT t.id AS transaction_id, jsonb_build_object(
+    'id', t.id, 'kind', t.kind, 'memo', t.memo, 'metadata', t.metadata, 'details', t.details,
+    'actor', t.actor, 'request_id', t.request_id, 'reverses', t.reverses,
+    'created_at', tl_ts(t.created_at),
+    'entries', coalesce((
+        SELECT jsonb_agg(jsonb_build_object(
+                   'account', a.address, 'shard', e.shard, 'asset', e.asset, 'amount', e.amount,
+                   'balance_after', e.balance_after, 'version', e.version,
+                   'created_at', tl_ts(e.created_at))
+                   ORDER BY a.address, e.shard, e.version)
+        FROM entries e JOIN accounts a ON a.id = e.account_id
+        WHERE e.transaction_id = t.id), '[]'::jsonb),
+    'lots', coalesce((
+        SELECT jsonb_agg(jsonb_build_object('lot', m.lot_id, 'amount', m.amount) ORDER BY m.lot_id)
+        FROM lot_movements m WHERE m.transaction_id = t.id), '[]'::jsonb))::text AS canonical
+FROM transactions t
+"""
+
+
+async def test_canonical_text_is_the_jsonb_form(conn: asyncpg.Connection, world: World) -> None:
+    """tl_canonical_many's text equals jsonb_build_object(...)::text for every transaction, memos
+    and metadata with quotes, backslashes, control characters, non-ASCII text and nesting
+    included, so the chain's content hashes are what they always were."""
+    odd = [
+        'a "quoted" \\ back\\slash',
+        "tab\there, newline\nthere, bell\x07, del\x7f",
+        "日本語 ünïcödé 🚀 \u2028",
+        "",
+    ]
+    for k, memo in enumerate(odd):
+        await _op(
+            conn,
+            "debit",
+            {
+                "account": "employee:e2",
+                "amount": 1,
+                "memo": memo,
+                "metadata": {"model": memo, "n": k, "nested": {"z": [1, None, True], "a": "\\"}},
+            },
+            40 + k,
+        )
+    expected = {r["transaction_id"]: r["canonical"] for r in await conn.fetch(_JSONB_CANONICAL)}
+    got = {
+        r["transaction_id"]: r["canonical"]
+        for r in await conn.fetch(
+            "SELECT * FROM tl_canonical_many(ARRAY(SELECT id FROM transactions))"
+        )
+    }
+    assert len(expected) == 7 + len(odd)
+    assert got == expected
