@@ -83,6 +83,7 @@ bench-pages: venv ## Time the wallet page's first render in Chromium (10k entrie
 	@command -v chromium >/dev/null || { echo "make bench-pages: installing chromium (apt-get)"; \
 		(apt-get update -qq && apt-get install -y -qq chromium) >/dev/null; }
 	TOKENLEDGER_PAGES_BENCH_ENTRIES=10000 TOKENLEDGER_PAGES_RENDER_MS_MAX=200 \
+		TOKENLEDGER_PAGES_RENDER_COLD_RUNS=$${TOKENLEDGER_PAGES_RENDER_COLD_RUNS:-9} TOKENLEDGER_PAGES_RENDER_CACHED_RUNS=$${TOKENLEDGER_PAGES_RENDER_CACHED_RUNS:-9} \
 		$(PY) -m pytest -q -s tests/pages -k first_render
 # A year of history built set-based (bench/year.py), then the hot path, the
 # reads and the audit against it next to a fresh database. SCALE_ARGS, e.g.

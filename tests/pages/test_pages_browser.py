@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,11 @@ HISTORY_DAYS = 12
 # issue's 200 ms target.
 BIG_WALLET_ENTRIES = int(os.environ.get("TOKENLEDGER_PAGES_BENCH_ENTRIES", "2000"))
 RENDER_MS_MAX = float(os.environ.get("TOKENLEDGER_PAGES_RENDER_MS_MAX", "1000"))
+# Loads timed: this many cold (a new browser context each), and this many
+# cached (one context, after its first load); the medians are compared.
+RENDER_COLD_RUNS = int(os.environ.get("TOKENLEDGER_PAGES_RENDER_COLD_RUNS", "3"))
+RENDER_CACHED_RUNS = int(os.environ.get("TOKENLEDGER_PAGES_RENDER_CACHED_RUNS", "3"))
+WINDOW_SETTLE_SECONDS = 1.5
 
 
 def ok(r: Any, *statuses: int) -> Any:
@@ -319,35 +325,88 @@ async def test_first_render_of_a_busy_wallet(
     site: Site, seeded: dict[str, Any], browser: Browser
 ) -> None:
     """A busy wallet renders in a browser quickly: the time from navigation to
-    everything shown (performance mark `wallet-rendered`), cold (a new
-    browser context, nothing cached) and, as an employee opening the page
-    again sees it, the median of five loads with the scripts cached."""
+    everything shown (performance mark `wallet-rendered`) against a warmed-up
+    service, cold (each load in a new browser context: an empty cache and new
+    connections, as an employee opening the page sees it) and cached (the same
+    context loading the page again, scripts from the cache)."""
     await seed_busy_wallet(site, "e-2", BIG_WALLET_ENTRIES)
+    token = employee_token("e-2")
+    # One load to warm the service up: its pool's connections are open and
+    # its statements prepared, as on a service that has been serving for a
+    # while. Not measured: a user never meets a service that has just started.
+    await load_wallet(browser, site, token, loads=1)
+    cold = [(await load_wallet(browser, site, token, loads=1))[0] for _ in range(RENDER_COLD_RUNS)]
+    cached = (await load_wallet(browser, site, token, loads=RENDER_CACHED_RUNS + 1))[1:]
+    cold_ms = statistics.median(c.ms for c in cold)
+    cached_ms = statistics.median(c.ms for c in cached)
+    print(
+        f"wallet first render, {BIG_WALLET_ENTRIES} entries: cold median {cold_ms:.0f} ms "
+        f"of {[round(c.ms) for c in cold]}; cached median {cached_ms:.0f} ms "
+        f"of {[round(c.ms) for c in cached]}"
+    )
+    median_cold = sorted(cold, key=lambda c: c.ms)[len(cold) // 2]
+    print("the median cold load, ms from navigation (start-end):")
+    for name, begin, finish in median_cold.resources:
+        print(f"  {begin:7.1f} {finish:7.1f}  {name}")
+    # The target is 200 ms (README, Web pages; make bench-pages); in the suite
+    # a loaded shared CI box gets slack.
+    assert cold_ms < RENDER_MS_MAX, [c.ms for c in cold]
+    assert cached_ms < RENDER_MS_MAX, [c.ms for c in cached]
+    entries = ok(site.admin.get("/v1/accounts/employee:e-2/entries", params={"limit": 1}))
+    assert entries["items"][0]["kind"] == "debit"
+
+
+@dataclass
+class Render:
+    """One load of the wallet: ms from navigation to `wallet-rendered`, and each
+    request of the page (path, start, end), in ms from navigation."""
+
+    ms: float
+    resources: list[tuple[str, float, float]]
+
+
+async def load_wallet(browser: Browser, site: Site, token: str, loads: int) -> list[Render]:
+    """`loads` loads of the wallet in one new browser context: the first with
+    an empty cache, the others as a reload would find it."""
     # No request routing here: Playwright turns the HTTP cache off in a
     # routed context. The pages' requests are the ones the other tests
     # watched with every outside request blocked.
     ctx = await browser.new_context(viewport=DESKTOP)
-    await use_token(ctx, employee_token("e-2"))
-    page = await ctx.new_page()
-    times = []
-    for _ in range(6):
-        await page.goto(f"{site.base}/wallet")
-        await expect(page.locator("body[data-ready=true]")).to_have_count(1, timeout=15_000)
-        times.append(
-            await page.evaluate("performance.getEntriesByName('wallet-rendered')[0].startTime")
-        )
-        assert await page.get_attribute("#available", "data-value") is not None
-    await ctx.close()
-    cold, warm = times[0], statistics.median(times[1:])
-    print(
-        f"wallet first render, {BIG_WALLET_ENTRIES} entries: cold {cold:.0f} ms, "
-        f"cached median {warm:.0f} ms of {[round(t) for t in times[1:]]}"
-    )
-    # The target is 200 ms (README, Web pages; make bench-pages); in the suite
-    # a loaded shared CI box gets slack.
-    assert warm < RENDER_MS_MAX, times
-    entries = ok(site.admin.get("/v1/accounts/employee:e-2/entries", params={"limit": 1}))
-    assert entries["items"][0]["kind"] == "debit"
+    try:
+        await use_token(ctx, token)
+        page = await ctx.new_page()
+        # A new context is a new browser window, and headless Chromium builds
+        # its window's own pages (the omnibox's WebUI renderer, about 350 ms
+        # of CPU in a trace) right then; a user's browser has its window open
+        # already. Let that finish first, so that the page is not timed
+        # against it for the two cores.
+        await page.goto("about:blank")
+        await asyncio.sleep(WINDOW_SETTLE_SECONDS)
+        renders = []
+        for _ in range(loads):
+            await page.goto(f"{site.base}/wallet")
+            await expect(page.locator("body[data-ready=true]")).to_have_count(1, timeout=15_000)
+            assert await page.get_attribute("#available", "data-value") is not None
+            ms, resources = await page.evaluate(RENDER_TIMINGS)
+            renders.append(
+                Render(ms, [(n.replace(site.base, ""), b, f) for n, b, f in resources])
+            )
+    finally:
+        await ctx.close()
+    return renders
+
+
+# The `wallet-rendered` mark and, for the page's document and each request it
+# made before the mark, [path, start, end] in ms from navigation.
+RENDER_TIMINGS = """() => {
+  const mark = performance.getEntriesByName('wallet-rendered')[0].startTime;
+  const nav = performance.getEntriesByType('navigation')[0];
+  const rows = [[nav.name, nav.startTime, nav.responseEnd]];
+  for (const r of performance.getEntriesByType('resource')) {
+    if (r.startTime < mark) rows.push([r.name, r.startTime, r.responseEnd]);
+  }
+  return [mark, rows];
+}"""
 
 
 async def seed_busy_wallet(site: Site, employee: str, entries: int) -> None:
