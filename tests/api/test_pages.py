@@ -58,6 +58,26 @@ async def test_docs_assets_are_served_by_the_service(client: Any) -> None:
     assert (await client.get("/static/../pages.py")).status_code == 404
 
 
+async def test_static_files_revalidate_with_their_etag(client: Any) -> None:
+    """The pages' files are cached five minutes and then revalidated: the same
+    ETag answers 304 without a body; an unknown file is 404."""
+    r = await client.get("/static/js/wallet-calls.js", headers={"Authorization": ""})
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "text/javascript; charset=utf-8"
+    assert r.headers["cache-control"] == "max-age=300"
+    assert b"tokenledgerWallet" in r.content
+    etag = r.headers["etag"]
+    again = await client.get(
+        "/static/js/wallet-calls.js", headers={"Authorization": "", "If-None-Match": etag}
+    )
+    assert again.status_code == 304 and again.content == b""
+    assert again.headers["etag"] == etag
+    other = await client.get("/static/js/common.js", headers={"If-None-Match": etag})
+    assert other.status_code == 200 and other.headers["etag"] != etag
+    assert (await client.get("/static/js/nothing.js")).status_code == 404
+    assert (await client.get("/static/css/app.css")).headers["content-type"].startswith("text/css")
+
+
 async def test_api_answers_keep_their_headers(client: Any) -> None:
     """The page headers are for browsers: /v1 answers are unchanged."""
     r = await client.get("/v1/accounts/system:issuance")
