@@ -100,6 +100,10 @@ def seeded(site: Site) -> dict[str, Any]:
             body = {"account": "employee:e-1", "amount": 100 + d, "metadata": {"model": "gpt-x"}}
             ok(a.post("/v1/debits", json=body, headers=key()))
     site.clock.now = None
+    # Today's spend without a model, and with one, whatever day of the month it is.
+    ok(a.post("/v1/debits", json={"account": "employee:e-1", "amount": 25}, headers=key()))
+    body = {"account": "employee:e-1", "amount": 50, "metadata": {"model": "gpt-x"}}
+    ok(a.post("/v1/debits", json=body, headers=key()))
     price = {
         "model": "gpt-test",
         "effective_from": (now - 400 * DAY).isoformat(),
@@ -205,8 +209,27 @@ async def test_wallet_shows_balances_expiry_and_history(
     assert posted == [s["posted"] for s in series]
     # The history moved on each of the days with entries.
     assert len(set(posted[-HISTORY_DAYS:])) == HISTORY_DAYS
-    # The month's spend by model and project.
-    assert "alpha" in await page.inner_text("#spend") and "beta" in await page.inner_text("#spend")
+    # The month's spend by model and project, debits (gpt-x, and one without a
+    # model) and usage alike: the rows of the API's /spend for the month.
+    month = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    tomorrow = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) + DAY
+    spend = ok(
+        site.admin.get(
+            "/v1/accounts/employee:e-1/spend",
+            params={"from": month.isoformat(), "to": tomorrow.isoformat()},
+        )
+    )
+    assert {m["model"] for m in spend["models"]} == {"gpt-test", "gpt-x", None}
+    shown = [r.split("\t") for r in await page.locator("#spend tbody tr").all_inner_texts()]
+    assert shown == [
+        [
+            "(no model)" if m["model"] is None else m["model"],
+            m["project"] or "—",
+            f"{m['events']:,}",
+            f"{m['credits']:,}",
+        ]
+        for m in spend["models"]
+    ]
     # The service's forecast: its burn rate and the day the credits run out.
     forecast = ok(site.admin.get("/v1/reports/forecast", params={"account": "employee:e-1"}))
     item = forecast["items"][0]

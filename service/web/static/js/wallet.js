@@ -98,10 +98,11 @@ function renderSpend(spend) {
   const box = document.getElementById("spend");
   box.replaceChildren();
   if (spend.models.length === 0) {
-    box.append(el("p", { text: "No usage this month." }));
+    box.append(el("p", { text: "Nothing spent this month." }));
     return;
   }
-  const rows = spend.models.map((m) => [m.model, m.project || "—", credits(m.events), credits(m.credits)]);
+  // Debits, usage and captures alike; what names no model is its own row.
+  const rows = spend.models.map((m) => [m.model === null ? "(no model)" : m.model, m.project || "—", credits(m.events), credits(m.credits)]);
   box.append(table(
     [{ label: "Model" }, { label: "Project" }, { label: "Calls", numeric: true }, { label: "Credits", numeric: true }],
     rows,
