@@ -320,9 +320,28 @@ async def test_finance_page_and_its_csv(
         assert rows == len(expected.text.strip().splitlines()) - 1
     top = page.locator("#top tbody tr")
     assert (await top.first.inner_text()).split("\t")[1] == "e-3"
-    assert "eng" in await page.inner_text("#funding") and "500,000" not in await page.inner_text(
-        "#top"
+    assert "500,000" not in await page.inner_text("#top")
+    # Each department's funding in the period against its spend in the period:
+    # the table is the API's report, row for row, and so is the CSV.
+    funding = api.get(
+        "/v1/reports/funding", params={"from": f"{frm}T00:00:00Z", "to": f"{to}T00:00:00Z"}
     )
+    items = ok(funding)["items"]
+    assert {i["department"]: i["funded"] for i in items} == {"eng": 500_000, "sales": 200_000}
+    assert all(i["spent"] > 0 for i in items)
+    shown = [r.split("\t") for r in await page.locator("#funding tbody tr").all_inner_texts()]
+    assert shown == [[i["department"], f"{i['funded']:,}", f"{i['spent']:,}"] for i in items]
+    assert await page.locator("#funding svg g.bar").count() == len(items)
+    async with page.expect_download() as info:
+        await page.click("button.csv[data-group=funding]")
+    path = await (await info.value).path()
+    downloaded = await asyncio.to_thread(Path(path).read_bytes)
+    expected = api.get(
+        "/v1/reports/funding",
+        params={"from": f"{frm}T00:00:00Z", "to": f"{to}T00:00:00Z"},
+        headers={"Accept": "text/csv"},
+    )
+    assert downloaded == expected.content
     no_csp_errors(errors)
     await shot(page, "finance-desktop")
     await page.set_viewport_size(PHONE)
