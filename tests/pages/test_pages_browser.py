@@ -140,8 +140,9 @@ def seeded(site: Site) -> dict[str, Any]:
 
 
 async def sign_in_dev(page: Page, site: Site, employee: str, role: str = "employee") -> None:
-    """The development sign-in, as a person would use it."""
+    """The development sign-in, as a person would use it (an accessible form)."""
     await page.goto(f"{site.base}/dev/sign-in")
+    assert await serious(page) == []
     await page.fill("#employee", employee)
     await page.select_option("#role", role)
     await page.click("button[type=submit]")
@@ -280,6 +281,7 @@ async def test_empty_wallet_and_sign_in_redirect(
     page = await context.new_page()
     await page.goto(f"{site.base}/wallet")
     await page.wait_for_url(f"{site.base}/sign-in?next=%2Fwallet")
+    assert await serious(page) == []
     await page.fill("#token", employee_token("e-4"))
     await page.click("#token-form button")
     await page.wait_for_url(f"{site.base}/wallet")
@@ -511,11 +513,6 @@ async def seed_busy_wallet(site: Site, employee: str, entries: int) -> None:
     await run()
 
 
-async def test_no_request_left_the_origin(site: Site) -> None:
-    """Across every page above, nothing was requested from outside the service."""
-    assert site.outside == []
-
-
 async def test_database_down_shows_an_error(
     site: Site, seeded: dict[str, Any], context: BrowserContext
 ) -> None:
@@ -547,3 +544,9 @@ async def test_database_down_shows_an_error(
         assert await page.locator("#wallet").is_hidden()
     finally:
         await lock(True)
+
+
+async def test_no_request_left_the_origin(site: Site) -> None:
+    """Across every page of the tests above (the module's last test), nothing
+    was requested from outside the service."""
+    assert site.outside == []
