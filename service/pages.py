@@ -214,9 +214,9 @@ def read_static(directory: Path) -> dict[str, StaticFile]:
 
 def web_static_router() -> Router:
     """`/static/...`: the pages' files, from memory. They are on every page's
-    first render, in parallel with its API calls; Litestar's static-files
-    router opened and read each from disk in a worker thread per request,
-    5 to 25 ms apiece on a busy 2-core box. A file changes with a release (a
+    first render, ahead of its API calls; Litestar's static-files router
+    opened and read each from disk in a worker thread per request, 5 to 25
+    ms apiece on a busy 2-core box (the server's request log). A file changes with a release (a
     restart), so each is read once, and an ETag lets a browser whose
     five-minute cache has run out revalidate it with a 304."""
     files = read_static(WEB_DIR / "static")
