@@ -2,9 +2,9 @@
 //
 // This is the page's first script, a classic one that the parser waits for,
 // so that the first render's six API calls leave as soon as this small file
-// has arrived: before the stylesheet and the modules have, before the first
-// paint, and before the modules are compiled and run (in a new browser
-// profile that was 50 to 90 ms of the first render). The module
+// has arrived: without waiting for the stylesheet, the first paint, or the
+// modules to be compiled and run (in a new browser profile that wait was
+// 50 to 90 ms of the first render). The module
 // (wallet.js) builds every path with the functions below, and common.js's
 // api() answers a call that was started here with its pending answer, so a
 // path can never differ between the two: a call not started here is just
