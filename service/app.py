@@ -35,6 +35,7 @@ from service.api.approvals import ApprovalsController
 from service.api.common import provide_ledger
 from service.api.directory import DirectoryController
 from service.api.finance import FinanceReportsController
+from service.api.funding import FundingController
 from service.api.grants import GrantsController
 from service.api.imports import ImportsController
 from service.api.policy import PolicyController
@@ -622,6 +623,7 @@ def create_app(
         ApprovalsController,
         ImportsController,
         FinanceReportsController,
+        FundingController,
     ]
     app = Litestar(
         route_handlers=[

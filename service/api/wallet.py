@@ -30,16 +30,19 @@ class SpendDay(msgspec.Struct, frozen=True):
 
 
 class SpendModel(msgspec.Struct, frozen=True):
-    model: str
+    """Spend under one model and project; `model` null: spend that names no
+    model (a debit without one, say); `project` null: no project."""
+
+    model: str | None
     project: str | None
     events: int
     credits: int
 
 
 class Spend(msgspec.Struct, frozen=True):
-    """`credits` and `days` count every debit, usage event and capture (net of
-    reversals of them) by when the journal recorded it; `models` counts usage
-    events by when they occurred."""
+    """Every debit, usage event and capture (net of reversals of them), by when
+    the journal recorded it: in total, per UTC day, and per model and project.
+    `models` adds up to `credits`."""
 
     address: str
     from_: str = msgspec.field(name="from")
@@ -71,9 +74,12 @@ class WalletController(Controller):
         ],
         to: Annotated[datetime, QueryParameter(description="End, excluded; at most 400 days on.")],
     ) -> Spend:
-        """Credits spent in `[from, to)`: in total and per UTC day (debits, usage
-        and captures, net of their reversals), and per model and project (usage
-        events). Employees may ask about their own wallet."""
+        """Credits spent in `[from, to)` (debits, usage and captures, net of their
+        reversals): in total, per UTC day, and per model and project, where a
+        usage charge counts under its events' model and project, a debit or
+        capture under its metadata's `model` and `project` (a capture of an
+        estimate: the estimate's model), and spend without a model under
+        `model: null`. Employees may ask about their own wallet."""
         reports.check_period(from_, to)
         acc = await account_id(ledger, address)
         body = await ledger.fetchval("account_spend", acc, from_, to)

@@ -466,6 +466,9 @@ MATRIX: dict[tuple[str, str], Case] = {
     ("GET", "/v1/reports/forecast"): Case(
         frozenset({FIN, HR, EMP}), 200, own_path("/v1/reports/forecast?account={address}"), own=True
     ),
+    ("GET", "/v1/reports/funding"): Case(
+        frozenset({FIN, HR}), 200, fixed(f"/v1/reports/funding?{PERIOD}")
+    ),
     ("GET", "/v1/reports/efficiency"): Case(
         frozenset({FIN, HR}), 200, fixed(f"/v1/reports/efficiency?{PERIOD}&group_by=employee")
     ),

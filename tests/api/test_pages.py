@@ -12,9 +12,9 @@ import pytest
 from service.app import create_app
 from service.config import Config
 from service.pages import CONTENT_SECURITY_POLICY, parse_origins
-from tests.api.conftest import Api, problem, running
+from tests.api.conftest import Api, key, problem, running
 from tests.api.test_auth import employee_token
-from tests.api.test_usage import add_price, event, recorded
+from tests.api.test_usage import add_price, batch, event, recorded, reserve_estimate
 
 PAGES = ("/wallet", "/finance", "/sign-in", "/schema")
 
@@ -56,6 +56,26 @@ async def test_docs_assets_are_served_by_the_service(client: Any) -> None:
         assert r.status_code == 200, path
         assert r.headers["x-content-type-options"] == "nosniff"
     assert (await client.get("/static/../pages.py")).status_code == 404
+
+
+async def test_static_files_revalidate_with_their_etag(client: Any) -> None:
+    """The pages' files are cached five minutes and then revalidated: the same
+    ETag answers 304 without a body; an unknown file is 404."""
+    r = await client.get("/static/js/wallet-calls.js", headers={"Authorization": ""})
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "text/javascript; charset=utf-8"
+    assert r.headers["cache-control"] == "max-age=300"
+    assert b"tokenledgerWallet" in r.content
+    etag = r.headers["etag"]
+    again = await client.get(
+        "/static/js/wallet-calls.js", headers={"Authorization": "", "If-None-Match": etag}
+    )
+    assert again.status_code == 304 and again.content == b""
+    assert again.headers["etag"] == etag
+    other = await client.get("/static/js/common.js", headers={"If-None-Match": etag})
+    assert other.status_code == 200 and other.headers["etag"] != etag
+    assert (await client.get("/static/js/nothing.js")).status_code == 404
+    assert (await client.get("/static/css/app.css")).headers["content-type"].startswith("text/css")
 
 
 async def test_api_answers_keep_their_headers(client: Any) -> None:
@@ -216,7 +236,8 @@ async def test_spend_of_a_wallet(client: Any, api: Api) -> None:
     assert [d["credits"] for d in body["days"]] == [700 + used["cost"]]
     assert body["days"][0]["day"] == now.strftime("%Y-%m-%d")
     assert body["models"] == [
-        {"model": "gpt-test", "project": "alpha", "events": 1, "credits": used["cost"]}
+        {"model": "gpt-test", "project": "alpha", "events": 1, "credits": used["cost"]},
+        {"model": "x", "project": None, "events": 1, "credits": 700},
     ]
     other = await client.get(
         "/v1/accounts/employee:e-2/spend", params={"from": frm, "to": to}, headers=own
@@ -224,6 +245,80 @@ async def test_spend_of_a_wallet(client: Any, api: Api) -> None:
     problem(other, 404, "employee_not_found")
     bad = await client.get("/v1/accounts/employee:e-1/spend", params={"from": to, "to": frm})
     problem(bad, 400, "invalid_request")
+
+
+async def test_spend_by_model_counts_every_kind_of_spend(client: Any, api: Api) -> None:
+    """The spend per model and project counts usage events, debits and captures
+    by amount (net of reversals), each under the model and project it names,
+    spend without a model under `model: null`, and adds up to the total,
+    which is what the journal took from the wallet."""
+    await api.employee("e-1")
+    await api.grant("e-1", 1_000_000)
+    now = datetime.now(UTC)
+    await add_price(client, now - timedelta(days=1))
+    a = "employee:e-1"
+    assert (await api.debit(a, 700, metadata={"model": "x", "project": "p"})).status_code == 201
+    assert (await api.debit(a, 300)).status_code == 201
+    reversed_debit = await api.debit(a, 5_000, metadata={"model": "x", "project": "p"})
+    assert reversed_debit.status_code == 201
+    r = await client.post(
+        f"/v1/transactions/{reversed_debit.json()['id']}/reverse", json={}, headers=key()
+    )
+    assert r.status_code == 201, r.text
+    used = await recorded(client, event("s-1", account=a, project="alpha"))
+    # Two events charged by one batch transaction, under two projects.
+    two = await batch(
+        client,
+        [event("s-2", account=a, project="alpha"), event("s-3", 2000, account=a, project="beta")],
+    )
+    assert [x["status"] for x in two] == ["recorded", "recorded"]
+    # A reservation of an estimate captured by amount: under the estimate's model.
+    rsv = await reserve_estimate(
+        client, a, model="gpt-test", input_tokens=1000, max_output_tokens=100
+    )
+    assert rsv.status_code == 201, rsv.text
+    cap = await client.post(
+        f"/v1/reservations/{rsv.json()['id']}/capture", json={"amount": 111}, headers=key()
+    )
+    assert cap.status_code == 200, cap.text
+    # A reservation by amount, its model in its metadata, captured by amount.
+    rsv = await client.post(
+        "/v1/reservations",
+        json={"account": a, "amount": 500, "metadata": {"model": "y"}},
+        headers=key(),
+    )
+    assert rsv.status_code == 201, rsv.text
+    cap = await client.post(
+        f"/v1/reservations/{rsv.json()['id']}/capture", json={"amount": 222}, headers=key()
+    )
+    assert cap.status_code == 200, cap.text
+    body = (
+        await client.get(
+            f"/v1/accounts/{a}/spend",
+            params={
+                "from": (now - timedelta(days=1)).isoformat(),
+                "to": (now + timedelta(days=1)).isoformat(),
+            },
+        )
+    ).json()
+    alpha = used["cost"] + two[0]["cost"]
+    assert body["models"] == sorted(
+        [
+            {"model": "gpt-test", "project": "alpha", "events": 2, "credits": alpha},
+            {"model": "gpt-test", "project": "beta", "events": 1, "credits": two[1]["cost"]},
+            {"model": "gpt-test", "project": None, "events": 1, "credits": 111},
+            {"model": "x", "project": "p", "events": 2, "credits": 700},
+            {"model": None, "project": None, "events": 1, "credits": 300},
+            {"model": "y", "project": None, "events": 1, "credits": 222},
+        ],
+        key=lambda m: -m["credits"],
+    )
+    # The ledger's figure: the wallet's debit, usage and capture entries, net
+    # of reversals, read back through the journal.
+    entries = (await client.get(f"/v1/accounts/{a}/entries", params={"limit": 500})).json()
+    spent = -sum(e["amount"] for e in entries["items"] if e["kind"] != "grant")
+    assert body["credits"] == spent == sum(m["credits"] for m in body["models"])
+    assert spent == 700 + 300 + alpha + two[1]["cost"] + 111 + 222
 
 
 async def test_database_refusing_connections_is_unavailable(

@@ -5,8 +5,10 @@ every request outside the service's origin blocked."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import statistics
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,11 @@ HISTORY_DAYS = 12
 # issue's 200 ms target.
 BIG_WALLET_ENTRIES = int(os.environ.get("TOKENLEDGER_PAGES_BENCH_ENTRIES", "2000"))
 RENDER_MS_MAX = float(os.environ.get("TOKENLEDGER_PAGES_RENDER_MS_MAX", "1000"))
+# Loads timed: this many cold (a new browser context each), and this many
+# cached (one context, after its first load); the medians are compared.
+RENDER_COLD_RUNS = int(os.environ.get("TOKENLEDGER_PAGES_RENDER_COLD_RUNS", "3"))
+RENDER_CACHED_RUNS = int(os.environ.get("TOKENLEDGER_PAGES_RENDER_CACHED_RUNS", "3"))
+WINDOW_SETTLE_SECONDS = 1.5
 
 
 def ok(r: Any, *statuses: int) -> Any:
@@ -93,6 +100,10 @@ def seeded(site: Site) -> dict[str, Any]:
             body = {"account": "employee:e-1", "amount": 100 + d, "metadata": {"model": "gpt-x"}}
             ok(a.post("/v1/debits", json=body, headers=key()))
     site.clock.now = None
+    # Today's spend without a model, and with one, whatever day of the month it is.
+    ok(a.post("/v1/debits", json={"account": "employee:e-1", "amount": 25}, headers=key()))
+    body = {"account": "employee:e-1", "amount": 50, "metadata": {"model": "gpt-x"}}
+    ok(a.post("/v1/debits", json=body, headers=key()))
     price = {
         "model": "gpt-test",
         "effective_from": (now - 400 * DAY).isoformat(),
@@ -129,8 +140,9 @@ def seeded(site: Site) -> dict[str, Any]:
 
 
 async def sign_in_dev(page: Page, site: Site, employee: str, role: str = "employee") -> None:
-    """The development sign-in, as a person would use it."""
+    """The development sign-in, as a person would use it (an accessible form)."""
     await page.goto(f"{site.base}/dev/sign-in")
+    assert await serious(page) == []
     await page.fill("#employee", employee)
     await page.select_option("#role", role)
     await page.click("button[type=submit]")
@@ -198,9 +210,37 @@ async def test_wallet_shows_balances_expiry_and_history(
     assert posted == [s["posted"] for s in series]
     # The history moved on each of the days with entries.
     assert len(set(posted[-HISTORY_DAYS:])) == HISTORY_DAYS
-    # The month's spend by model and project, and the burn rate.
-    assert "alpha" in await page.inner_text("#spend") and "beta" in await page.inner_text("#spend")
-    assert "Burn rate over the last 30 days" in await page.inner_text("#forecast")
+    # The month's spend by model and project, debits (gpt-x, and one without a
+    # model) and usage alike: the rows of the API's /spend for the month.
+    month = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    tomorrow = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) + DAY
+    spend = ok(
+        site.admin.get(
+            "/v1/accounts/employee:e-1/spend",
+            params={"from": month.isoformat(), "to": tomorrow.isoformat()},
+        )
+    )
+    assert {m["model"] for m in spend["models"]} == {"gpt-test", "gpt-x", None}
+    shown = [r.split("\t") for r in await page.locator("#spend tbody tr").all_inner_texts()]
+    assert shown == [
+        [
+            "(no model)" if m["model"] is None else m["model"],
+            m["project"] or "—",
+            f"{m['events']:,}",
+            f"{m['credits']:,}",
+        ]
+        for m in spend["models"]
+    ]
+    # The service's forecast: its burn rate and the day the credits run out.
+    forecast = ok(site.admin.get("/v1/reports/forecast", params={"account": "employee:e-1"}))
+    item = forecast["items"][0]
+    assert item["depletes_at"] is not None
+    assert await page.inner_text("#forecast") == (
+        # Math.round: halves up (Python's round() rounds them to even).
+        f"At this rate ({math.floor(item['burn_rate_per_day'] + 0.5):,} credits a day) your "
+        f"credits run "
+        f"out on {item['depletes_at'][:10]}."
+    )
     # Entries: the newest first, paginated by 20.
     newest = ok(site.admin.get("/v1/accounts/employee:e-1/entries", params={"limit": 40}))
     assert len(newest["items"]) > 20
@@ -241,6 +281,7 @@ async def test_empty_wallet_and_sign_in_redirect(
     page = await context.new_page()
     await page.goto(f"{site.base}/wallet")
     await page.wait_for_url(f"{site.base}/sign-in?next=%2Fwallet")
+    assert await serious(page) == []
     await page.fill("#token", employee_token("e-4"))
     await page.click("#token-form button")
     await page.wait_for_url(f"{site.base}/wallet")
@@ -281,9 +322,28 @@ async def test_finance_page_and_its_csv(
         assert rows == len(expected.text.strip().splitlines()) - 1
     top = page.locator("#top tbody tr")
     assert (await top.first.inner_text()).split("\t")[1] == "e-3"
-    assert "eng" in await page.inner_text("#funding") and "500,000" not in await page.inner_text(
-        "#top"
+    assert "500,000" not in await page.inner_text("#top")
+    # Each department's funding in the period against its spend in the period:
+    # the table is the API's report, row for row, and so is the CSV.
+    funding = api.get(
+        "/v1/reports/funding", params={"from": f"{frm}T00:00:00Z", "to": f"{to}T00:00:00Z"}
     )
+    items = ok(funding)["items"]
+    assert {i["department"]: i["funded"] for i in items} == {"eng": 500_000, "sales": 200_000}
+    assert all(i["spent"] > 0 for i in items)
+    shown = [r.split("\t") for r in await page.locator("#funding tbody tr").all_inner_texts()]
+    assert shown == [[i["department"], f"{i['funded']:,}", f"{i['spent']:,}"] for i in items]
+    assert await page.locator("#funding svg g.bar").count() == len(items)
+    async with page.expect_download() as info:
+        await page.click("button.csv[data-group=funding]")
+    path = await (await info.value).path()
+    downloaded = await asyncio.to_thread(Path(path).read_bytes)
+    expected = api.get(
+        "/v1/reports/funding",
+        params={"from": f"{frm}T00:00:00Z", "to": f"{to}T00:00:00Z"},
+        headers={"Accept": "text/csv"},
+    )
+    assert downloaded == expected.content
     no_csp_errors(errors)
     await shot(page, "finance-desktop")
     await page.set_viewport_size(PHONE)
@@ -319,35 +379,91 @@ async def test_first_render_of_a_busy_wallet(
     site: Site, seeded: dict[str, Any], browser: Browser
 ) -> None:
     """A busy wallet renders in a browser quickly: the time from navigation to
-    everything shown (performance mark `wallet-rendered`), cold (a new
-    browser context, nothing cached) and, as an employee opening the page
-    again sees it, the median of five loads with the scripts cached."""
+    everything shown (performance mark `wallet-rendered`) against a warmed-up
+    service, cold (each load in a new browser context: an empty cache and new
+    connections, as an employee opening the page sees it) and cached (the same
+    context loading the page again, scripts from the cache)."""
     await seed_busy_wallet(site, "e-2", BIG_WALLET_ENTRIES)
+    token = employee_token("e-2")
+    # One load to warm the service up: its pool's connections are open and
+    # its statements prepared, as on a service that has been serving for a
+    # while. Not measured: a user never meets a service that has just started.
+    await load_wallet(browser, site, token, loads=1)
+    cold = [(await load_wallet(browser, site, token, loads=1))[0] for _ in range(RENDER_COLD_RUNS)]
+    cached = (await load_wallet(browser, site, token, loads=RENDER_CACHED_RUNS + 1))[1:]
+    cold_ms = statistics.median(c.ms for c in cold)
+    cached_ms = statistics.median(c.ms for c in cached)
+    print(
+        f"wallet first render, {BIG_WALLET_ENTRIES} entries: cold median {cold_ms:.0f} ms "
+        f"of {[round(c.ms) for c in cold]}; cached median {cached_ms:.0f} ms "
+        f"of {[round(c.ms) for c in cached]}"
+    )
+    median_cold = sorted(cold, key=lambda c: c.ms)[len(cold) // 2]
+    print("the median cold load, ms from navigation (start-end):")
+    for name, begin, finish in sorted(median_cold.resources, key=lambda r: r[1]):
+        print(f"  {begin:7.1f} {finish:7.1f}  {name}")
+    # The target is 200 ms (README, Web pages; make bench-pages); in the suite
+    # a loaded shared CI box gets slack.
+    assert cold_ms < RENDER_MS_MAX, [c.ms for c in cold]
+    assert cached_ms < RENDER_MS_MAX, [c.ms for c in cached]
+    entries = ok(site.admin.get("/v1/accounts/employee:e-2/entries", params={"limit": 1}))
+    assert entries["items"][0]["kind"] == "debit"
+
+
+@dataclass
+class Render:
+    """One load of the wallet: ms from navigation to `wallet-rendered`, and each
+    request of the page (path, start, end), in ms from navigation."""
+
+    ms: float
+    resources: list[tuple[str, float, float]]
+
+
+async def load_wallet(browser: Browser, site: Site, token: str, loads: int) -> list[Render]:
+    """`loads` loads of the wallet in one new browser context: the first with
+    an empty cache, the others as a reload would find it."""
     # No request routing here: Playwright turns the HTTP cache off in a
     # routed context. The pages' requests are the ones the other tests
     # watched with every outside request blocked.
     ctx = await browser.new_context(viewport=DESKTOP)
-    await use_token(ctx, employee_token("e-2"))
-    page = await ctx.new_page()
-    times = []
-    for _ in range(6):
-        await page.goto(f"{site.base}/wallet")
-        await expect(page.locator("body[data-ready=true]")).to_have_count(1, timeout=15_000)
-        times.append(
-            await page.evaluate("performance.getEntriesByName('wallet-rendered')[0].startTime")
-        )
-        assert await page.get_attribute("#available", "data-value") is not None
-    await ctx.close()
-    cold, warm = times[0], statistics.median(times[1:])
-    print(
-        f"wallet first render, {BIG_WALLET_ENTRIES} entries: cold {cold:.0f} ms, "
-        f"cached median {warm:.0f} ms of {[round(t) for t in times[1:]]}"
-    )
-    # The target is 200 ms (README, Web pages; make bench-pages); in the suite
-    # a loaded shared CI box gets slack.
-    assert warm < RENDER_MS_MAX, times
-    entries = ok(site.admin.get("/v1/accounts/employee:e-2/entries", params={"limit": 1}))
-    assert entries["items"][0]["kind"] == "debit"
+    try:
+        await use_token(ctx, token)
+        page = await ctx.new_page()
+        # A new context is a new browser window, and headless Chromium builds
+        # its window's own pages (the omnibox's WebUI renderer, about 350 ms
+        # of CPU in a trace) right then; a user's browser has its window open
+        # already. Let that finish first, so that the page is not timed
+        # against it for the two cores.
+        await page.goto("about:blank")
+        await asyncio.sleep(WINDOW_SETTLE_SECONDS)
+        renders = []
+        for _ in range(loads):
+            await page.goto(f"{site.base}/wallet")
+            await expect(page.locator("body[data-ready=true]")).to_have_count(1, timeout=15_000)
+            assert await page.get_attribute("#available", "data-value") is not None
+            ms, resources = await page.evaluate(RENDER_TIMINGS)
+            renders.append(Render(ms, [(n.replace(site.base, ""), b, f) for n, b, f in resources]))
+    finally:
+        await ctx.close()
+    return renders
+
+
+# The `wallet-rendered` mark and, for the page's document and each request it
+# made before the mark, [path, start, end] in ms from navigation.
+RENDER_TIMINGS = """() => {
+  const mark = performance.getEntriesByName('wallet-rendered')[0].startTime;
+  const nav = performance.getEntriesByType('navigation')[0];
+  const rows = [[nav.name, nav.startTime, nav.responseEnd]];
+  rows.push(['(parsed to DOMContentLoaded)', nav.domInteractive, nav.domContentLoadedEventStart]);
+  for (const p of performance.getEntriesByType('paint')) {
+    rows.push(['(' + p.name + ')', p.startTime, p.startTime]);
+  }
+  for (const r of performance.getEntriesByType('resource')) {
+    if (r.startTime < mark) rows.push([r.name, r.startTime, r.responseEnd]);
+  }
+  rows.push(['(wallet-rendered)', mark, mark]);
+  return [mark, rows];
+}"""
 
 
 async def seed_busy_wallet(site: Site, employee: str, entries: int) -> None:
@@ -397,11 +513,6 @@ async def seed_busy_wallet(site: Site, employee: str, entries: int) -> None:
     await run()
 
 
-async def test_no_request_left_the_origin(site: Site) -> None:
-    """Across every page above, nothing was requested from outside the service."""
-    assert site.outside == []
-
-
 async def test_database_down_shows_an_error(
     site: Site, seeded: dict[str, Any], context: BrowserContext
 ) -> None:
@@ -433,3 +544,9 @@ async def test_database_down_shows_an_error(
         assert await page.locator("#wallet").is_hidden()
     finally:
         await lock(True)
+
+
+async def test_no_request_left_the_origin(site: Site) -> None:
+    """Across every page of the tests above (the module's last test), nothing
+    was requested from outside the service."""
+    assert site.outside == []

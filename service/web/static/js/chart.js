@@ -77,7 +77,9 @@ export function barChart(rows, { title }) {
     }
     g.append(svg("rect", { x: L, y: y + 4, width: Math.max(1, ((W - L - R) * r.value) / max), height: rowH - 8, class: "part" }));
     g.append(svg("text", { x: W - R + 6, y: y + 17, class: "tick" }, fmt.format(r.value)));
-    g.append(svg("title", {}, `${r.label}: ${fmt.format(r.value)} credits`));
+    g.append(svg("title", {}, r.of === undefined
+      ? `${r.label}: ${fmt.format(r.value)} credits`
+      : `${r.label}: ${fmt.format(r.value)} of ${fmt.format(r.of)} credits`));
     root.append(g);
   });
   return root;

@@ -1,6 +1,6 @@
 // Finance's page: usage over a chosen period by department, model and
 // employee (GET /v1/reports/usage), the top spenders, and each department's
-// spend against its funding. Each table's CSV button downloads the API's own
+// spend against its funding in the period (GET /v1/reports/funding). Each table's CSV button downloads the API's own
 // CSV of exactly that report (same period, same grouping), so the file is
 // what the table shows, byte for byte what the API answers.
 "use strict";
@@ -26,6 +26,11 @@ function period() {
     from: valid(params.get("from")) ? params.get("from") : d.from,
     to: valid(params.get("to")) ? params.get("to") : d.to,
   };
+}
+
+function fundingPath(p) {
+  const q = new URLSearchParams({ from: p.from + "T00:00:00Z", to: p.to + "T00:00:00Z" });
+  return "/v1/reports/funding?" + q.toString();
 }
 
 function reportPath(group, p) {
@@ -73,24 +78,25 @@ function renderTop(items) {
   ));
 }
 
-async function renderFunding(items) {
+// Each department's funding in the period (transfers and grants into its
+// account, less their reversals) against what it spent in the period (its
+// account and its employees' wallets): GET /v1/reports/funding, every
+// department, as its CSV has them.
+function renderFunding(items) {
   const box = document.getElementById("funding");
-  const depts = items.filter((i) => i.department);
-  if (depts.length === 0) {
-    box.replaceChildren(el("p", { text: "No department spent anything in this period." }));
+  if (items.length === 0) {
+    box.replaceChildren(el("p", { text: "There are no departments yet." }));
     return;
   }
-  // A department's funding is its budget account: what finance transferred
-  // to it and it has not yet granted or spent. Shown beside the period's spend.
-  const accounts = await Promise.all(depts.map((d) =>
-    api(`/v1/accounts/${encodeURIComponent("department:" + d.department)}`).catch(() => null)));
-  const rows = depts.map((d, n) => ({ dept: d.department, spent: d.credits, left: accounts[n] ? accounts[n].available : null }));
+  const active = items.filter((i) => i.funded !== 0 || i.spent !== 0);
   box.replaceChildren(
-    barChart(rows.map((r) => ({ label: r.dept, value: r.spent, of: r.left === null ? undefined : r.spent + Math.max(0, r.left) })),
-      { title: "Spend in the period against spend plus the budget left" }),
+    active.length === 0
+      ? el("p", { text: "No department was funded or spent anything in this period." })
+      : barChart(active.map((i) => ({ label: i.department, value: i.spent, of: Math.max(0, i.funded) })),
+        { title: "Spent in the period against funded in the period, per department" }),
     table(
-      [{ label: "Department" }, { label: "Spent in period", numeric: true }, { label: "Budget left now", numeric: true }],
-      rows.map((r) => [r.dept, credits(r.spent), r.left === null ? "—" : credits(r.left)]),
+      [{ label: "Department" }, { label: "Funded in period", numeric: true }, { label: "Spent in period", numeric: true }],
+      items.map((i) => [i.department, credits(i.funded), credits(i.spent)]),
     ),
   );
 }
@@ -98,9 +104,11 @@ async function renderFunding(items) {
 async function download(group) {
   const p = period();
   try {
-    const csv = await api(reportPath(group, p), { accept: "text/csv" });
+    const funding = group === "funding";
+    const csv = await api(funding ? fundingPath(p) : reportPath(group, p), { accept: "text/csv" });
     const blob = new Blob([csv], { type: "text/csv" });
-    const a = el("a", { href: URL.createObjectURL(blob), download: `usage-by-${group}-${p.from}-to-${p.to}.csv` });
+    const name = funding ? `funding-${p.from}-to-${p.to}.csv` : `usage-by-${group}-${p.from}-to-${p.to}.csv`;
+    const a = el("a", { href: URL.createObjectURL(blob), download: name });
     document.body.append(a);
     a.click();
     a.remove();
@@ -114,9 +122,9 @@ async function load() {
   const p = period();
   document.getElementById("from").value = p.from;
   document.getElementById("to").value = p.to;
-  let reports;
+  let reports, funding;
   try {
-    reports = await Promise.all(GROUPS.map((g) => api(reportPath(g, p))));
+    [funding, ...reports] = await Promise.all([api(fundingPath(p)), ...GROUPS.map((g) => api(reportPath(g, p)))]);
   } catch (e) {
     if (e instanceof ApiError && e.status === 401) return requireSignIn();
     if (e instanceof ApiError && e.status === 403) {
@@ -128,12 +136,7 @@ async function load() {
   }
   GROUPS.forEach((g, n) => renderGroup(g, reports[n].items));
   renderTop(reports[2].items);
-  try {
-    await renderFunding(reports[0].items);
-  } catch (e) {
-    setStatus(explain(e), "error");
-    return;
-  }
+  renderFunding(funding.items);
   setStatus("");
   document.getElementById("report").hidden = false;
   document.body.dataset.ready = "true";

@@ -6,35 +6,13 @@
 // the API's 404 and sees nothing of it.
 "use strict";
 
-import { api, token, optional, credits, utc, day, el, setStatus, explain, requireSignIn, wireHeader, table, ApiError } from "./common.js";
+import { api, optional, credits, utc, day, el, setStatus, explain, requireSignIn, wireHeader, table, ApiError } from "./common.js";
 import { lineChart } from "./chart.js";
 
-const DAY_MS = 86400000;
-const ENTRIES_PAGE = 20;
-
-function startOfUtcDay(ms) {
-  return ms - (ms % DAY_MS);
-}
-
-function rangeBounds(range, nowMs) {
-  if (range === "48h") {
-    const to = nowMs - (nowMs % 3600000);
-    return { from: new Date(to - 47 * 3600000), to: new Date(to), interval: "hour" };
-  }
-  const days = range === "90d" ? 90 : 30;
-  const to = startOfUtcDay(nowMs);
-  // One point per day: midnight UTC of each of the last `days` days, today included.
-  return { from: new Date(to - (days - 1) * DAY_MS), to: new Date(to), interval: "day" };
-}
-
-function iso(d) {
-  return d.toISOString();
-}
-
-function path(address, tail, params) {
-  const q = params ? "?" + new URLSearchParams(params).toString() : "";
-  return `/v1/accounts/${encodeURIComponent(address)}${tail}${q}`;
-}
+// The paths of every call, and the first render's calls already started:
+// the page's first script, wallet-calls.js.
+const calls = window.tokenledgerWallet;
+const DAY_MS = calls.DAY_MS;
 
 function text(id, value) {
   const node = document.getElementById(id);
@@ -120,10 +98,11 @@ function renderSpend(spend) {
   const box = document.getElementById("spend");
   box.replaceChildren();
   if (spend.models.length === 0) {
-    box.append(el("p", { text: "No usage this month." }));
+    box.append(el("p", { text: "Nothing spent this month." }));
     return;
   }
-  const rows = spend.models.map((m) => [m.model, m.project || "—", credits(m.events), credits(m.credits)]);
+  // Debits, usage and captures alike; what names no model is its own row.
+  const rows = spend.models.map((m) => [m.model === null ? "(no model)" : m.model, m.project || "—", credits(m.events), credits(m.credits)]);
   box.append(table(
     [{ label: "Model" }, { label: "Project" }, { label: "Calls", numeric: true }, { label: "Credits", numeric: true }],
     rows,
@@ -132,25 +111,32 @@ function renderSpend(spend) {
 
 const state = { address: null, cursors: [null], page: 0, range: "30d" };
 
-// Everything the page shows about `address` but the account itself, asked at once.
-function loadParts(address, nowMs, monthStart) {
-  const since30 = new Date(startOfUtcDay(nowMs) - 29 * DAY_MS);
-  const tomorrow = new Date(startOfUtcDay(nowMs) + DAY_MS);
+// Everything the page shows about `address` but the account itself, asked at
+// once (wallet-calls.js started them already when it knew the address):
+// every call here is on the first render's critical path.
+function loadParts(address) {
+  const first = calls.firstCalls(address, calls.asked, calls.nowMs);
   return Promise.all([
-    api(path(address, "/spend", { from: iso(monthStart), to: iso(tomorrow) })),
-    api(path(address, "/spend", { from: iso(since30), to: iso(tomorrow) })),
-    optional(`/v1/reports/forecast?account=${encodeURIComponent(address)}`).catch(() => null),
-    optional(path(address, "/policy", null)).catch(() => null),
+    api(first.spendMonth),
+    forecastOrBurn(address, first.forecast),
+    optional(first.policy).catch(() => null),
     fetchChart(address),
     fetchEntries(address),
   ]);
 }
 
+// The service's forecast, or, where it has none (an older service, or a
+// caller it refuses), the trailing 30 days' spend to compute a burn rate
+// from: asked only then, as it adds up the same 30 days of entries again.
+async function forecastOrBurn(address, forecastPath) {
+  const forecast = await optional(forecastPath).catch(() => null);
+  const item = forecast && forecast.items && forecast.items[0];
+  if (item) return { forecast: item, spend30: null };
+  return { forecast: null, spend30: await api(calls.spendPath(address, "30d", Date.now())) };
+}
+
 function fetchEntries(address) {
-  const cursor = state.cursors[state.page];
-  const params = { limit: ENTRIES_PAGE };
-  if (cursor) params.cursor = cursor;
-  return api(path(address, "/entries", params));
+  return api(calls.entriesPath(address, state.cursors[state.page]));
 }
 
 async function loadEntries() {
@@ -181,14 +167,16 @@ function renderEntries(page) {
   document.getElementById("newer").disabled = state.page === 0;
 }
 
-async function fetchChart(address) {
-  const b = rangeBounds(state.range, Date.now());
-  const series = await api(path(address, "/series", { from: iso(b.from), to: iso(b.to), interval: b.interval }));
+// The first render's chart is of the page's start (the call wallet-calls.js
+// started); a range chosen later, of that moment.
+async function fetchChart(address, nowMs = calls.nowMs) {
+  const b = calls.rangeBounds(state.range, nowMs);
+  const series = await api(calls.seriesPath(address, state.range, nowMs));
   return { b, series };
 }
 
 async function loadChart() {
-  renderChart(await fetchChart(state.address));
+  renderChart(await fetchChart(state.address, Date.now()));
 }
 
 function renderChart({ b, series }) {
@@ -201,33 +189,14 @@ function renderChart({ b, series }) {
   fig.dataset.points = series.items.length;
 }
 
-// The wallet an employee token names (its `sub`), so that every call of the
-// page can start at once instead of after /v1/me. Only a guess to save a
-// round trip: the API still decides what the token may read, and /v1/me
-// (asked at the same time) is what the page believes.
-function ownAddress() {
-  const t = token();
-  if (!t || t.startsWith("tlk_")) return null;
-  try {
-    const claims = JSON.parse(atob(t.split(".")[1].replace(/-/g, "+").replace(/_/g, "/")));
-    return typeof claims.sub === "string" ? "employee:" + claims.sub : null;
-  } catch (e) {
-    return null;
-  }
-}
-
 async function load() {
-  const params = new URLSearchParams(location.search);
-  const asked = params.get("account");
-  const guess = asked || ownAddress();
-  const nowMs = Date.now();
-  const monthStart = new Date(Date.UTC(new Date(nowMs).getUTCFullYear(), new Date(nowMs).getUTCMonth(), 1));
+  const { asked, guess } = calls;
   // With the address known, the account and everything else go together.
-  const early = guess ? loadParts(guess, nowMs, monthStart) : null;
+  const early = guess ? loadParts(guess) : null;
   if (early) early.catch(() => {});
   let account;
   try {
-    account = asked ? await api(path(asked, "", null)) : await api("/v1/me");
+    account = await api(asked ? calls.accountPath(asked, "", null) : "/v1/me");
   } catch (e) {
     if (e instanceof ApiError && e.status === 401) return requireSignIn();
     if (e instanceof ApiError && e.status === 404) {
@@ -241,8 +210,8 @@ async function load() {
   }
   text("title", asked ? `Credits of ${account.address}` : "Your credits");
   try {
-    const parts = early && guess === account.address ? early : loadParts(account.address, nowMs, monthStart);
-    const [spendMonth, spend30, forecast, policy, series, entries] = await parts;
+    const parts = early && guess === account.address ? early : loadParts(account.address);
+    const [spendMonth, { forecast, spend30 }, policy, series, entries] = await parts;
     state.address = account.address;
     renderChart(series);
     renderEntries(entries);
