@@ -36,7 +36,18 @@ TOTALS = (
     # model_not_allowed.
     "overage",
     "violations",
+    # Debits and captures by amount (issue 16): how many, and their credits,
+    # which `credits` includes. They count under their metadata's `model`,
+    # `project` and `tags`, null where it has none.
+    "debits",
+    "debit_credits",
 )
+# `tag:<name>` keys: the value of that tag of a usage event (or of a debit's
+# or capture's metadata `tags`), null where it has none. At most MAX_TAG_KEYS
+# per report; service/sql/reports.sql has a column for each.
+TAG_PREFIX = "tag:"
+MAX_TAG_KEYS = 3
+TAG_NAME_MAX = 64
 # A report covers at most this long a period.
 MAX_PERIOD = timedelta(days=400)
 
@@ -48,11 +59,43 @@ def parse_group_by(text: str) -> tuple[str, ...]:
     if keys == ("",):
         raise invalid("group_by", "at least one grouping key is needed")
     for k in keys:
-        if k not in GROUP_KEYS:
-            raise invalid("group_by", f"unknown grouping key {k!r}; use {', '.join(GROUP_KEYS)}")
+        if k.startswith(TAG_PREFIX):
+            name = k[len(TAG_PREFIX) :]
+            if not 1 <= len(name) <= TAG_NAME_MAX or name != name.strip():
+                raise invalid(
+                    "group_by",
+                    f"a tag key is tag:<name>, the name 1 to {TAG_NAME_MAX} characters"
+                    " without surrounding spaces",
+                )
+        elif k not in GROUP_KEYS:
+            raise invalid(
+                "group_by",
+                f"unknown grouping key {k!r}; use {', '.join(GROUP_KEYS)} or tag:<name>",
+            )
     if len(set(keys)) != len(keys):
         raise invalid("group_by", "a grouping key appears twice")
+    if sum(k.startswith(TAG_PREFIX) for k in keys) > MAX_TAG_KEYS:
+        raise invalid("group_by", f"at most {MAX_TAG_KEYS} tag keys")
     return keys
+
+
+def tag_names(keys: tuple[str, ...]) -> list[str]:
+    """The tag names of the `tag:<name>` keys, in the caller's order."""
+    return [k[len(TAG_PREFIX) :] for k in keys if k.startswith(TAG_PREFIX)]
+
+
+def sql_keys(keys: tuple[str, ...]) -> list[str]:
+    """The keys as service/sql/reports.sql names them: `tag:<name>` keys become
+    tag1, tag2, tag3 in order (the names themselves go in a parameter of their
+    own, never into the SQL text)."""
+    out, n = [], 0
+    for k in keys:
+        if k.startswith(TAG_PREFIX):
+            n += 1
+            out.append(f"tag{n}")
+        else:
+            out.append(k)
+    return out
 
 
 def check_period(start: datetime, end: datetime) -> None:
@@ -87,7 +130,8 @@ def source_for(
     project key is asked), a per-day roll-up without the
     account when no employee or department key is asked, the daily roll-up
     for other whole days, and the events themselves for any other period."""
-    if not uses_rollup(start, end):
+    if not uses_rollup(start, end) or any(k.startswith(TAG_PREFIX) for k in keys):
+        # The roll-ups keep no tags.
         return "events"
     if not {"employee", "department"} & set(keys):
         return "models"
@@ -100,7 +144,7 @@ async def usage_report(
     ledger: Ledger, start: datetime, end: datetime, keys: tuple[str, ...]
 ) -> list[dict[str, Any]]:
     """The report's rows: the asked keys in the caller's order, then TOTALS."""
-    assert keys and set(keys) <= set(GROUP_KEYS), keys
+    assert keys and all(k in GROUP_KEYS or k.startswith(TAG_PREFIX) for k in keys), keys
     # `department` is the department of the time of the spend: when someone
     # moved within the period, the rows are split by day (issue 16).
     split = "department" in keys and bool(await ledger.fetchval("departments_moved", start, end))
@@ -109,11 +153,16 @@ async def usage_report(
         ledger.config.report_statement_timeout_ms,
         start,
         end,
-        list(keys),
+        sql_keys(keys),
         source_for(start, end, keys, split),
         split,
+        tag_names(keys),
     )
-    return [{**{k: r[k] for k in keys}, **{t: int(r[t]) for t in TOTALS}} for r in rows]
+    names = sql_keys(keys)
+    return [
+        {**{k: r[n] for k, n in zip(keys, names, strict=True)}, **{t: int(r[t]) for t in TOTALS}}
+        for r in rows
+    ]
 
 
 # A spreadsheet reads a cell starting with one of these as a formula

@@ -13,7 +13,6 @@ to them.
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Annotated, Any, Literal
 
 import msgspec

@@ -21,7 +21,8 @@ JSON = "application/json"
 
 
 class UsageReportItem(msgspec.Struct, frozen=True, omit_defaults=True):
-    """One group: the asked grouping keys (only those), then the totals."""
+    """One group: the asked grouping keys (only those; a `tag:<name>` key is a property
+    of that name, a string or null), then the totals."""
 
     events: int
     input_tokens: int
@@ -32,6 +33,9 @@ class UsageReportItem(msgspec.Struct, frozen=True, omit_defaults=True):
     # system:overage); and the events whose model was outside the policy.
     overage: int
     violations: int
+    # Debits and captures by amount: how many, and their credits (in `credits`).
+    debits: int
+    debit_credits: int
     employee: str | None | msgspec.UnsetType = msgspec.UNSET
     department: str | None | msgspec.UnsetType = msgspec.UNSET
     model: str | None | msgspec.UnsetType = msgspec.UNSET
@@ -65,13 +69,22 @@ class ReportsController(Controller):
         group_by: Annotated[
             str,
             QueryParameter(
-                description="A comma list of employee, department, model, project, day, month.",
+                description=(
+                    "A comma list of employee, department, model, project, day, month and "
+                    "up to 3 tag:<name> keys."
+                ),
             ),
         ],
     ) -> Response[UsageReport]:
-        """Usage events with `from <= occurred_at < to`, summed per group of the
-        `group_by` keys (in that order, which is also the order of the items; null
-        last). `employee` is null for usage charged to a department account;
+        """Every kind of spend in the period, summed per group of the `group_by` keys (in
+        that order, which is also the order of the items; null last): usage events with
+        `from <= occurred_at < to`, and debits and captures by amount made in it (their
+        count in `debits`, their credits in `debit_credits` and in `credits`). A debit or
+        capture counts under its metadata's `model` and `project`, null when it has none.
+        `tag:<name>` groups by a usage event's tag of that name, or a debit's or
+        capture's metadata key of that name (null when it has none); a report with a tag
+        key reads the events themselves (the roll-ups keep no tags), so it is slower.
+        `employee` is null for spend charged to a department account;
         `department` is the department the employee belonged to when the usage
         happened (at the end of its UTC day when someone moved within the period; a
         department account's own id for its usage); `project` is null for usage
