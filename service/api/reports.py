@@ -3,6 +3,7 @@ grouped, as JSON or CSV."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -10,6 +11,7 @@ import msgspec
 from litestar import Controller, Request, Response, get
 from litestar.di import NamedDependency
 from litestar.params import QueryParameter
+from litestar.response import Stream
 
 from service import reports
 from service.auth import access
@@ -93,12 +95,43 @@ class ReportsController(Controller):
         the report reads the daily roll-up (fast); otherwise it aggregates the events
         themselves (exact at any instant, slower over long periods). With
         `Accept: text/csv` the answer is CSV: a header row of the keys then the
-        totals, and one row per item (null is empty)."""
+        totals, and one row per item (null is empty). Either form is streamed as the
+        rows are read, a few thousand at a time, so a large report is never whole in
+        memory."""
         keys = reports.parse_group_by(group_by)
         reports.check_period(from_, to)
-        items = await reports.usage_report(ledger, from_, to, keys)
+        pages = reports.usage_report_pages(ledger, from_, to, keys)
+        # The first rows are read before answering, so that a failing query
+        # still answers its problem (503 and the like) instead of a cut body.
+        first: list[dict[str, Any]] = await anext(pages, [])
         if request.accept.best_match([JSON, CSV], default=JSON) == CSV:
-            text = reports.to_csv(keys, items)
             # The CSV form of the same report.
-            return Response(text, media_type=f"{CSV}; charset=utf-8")  # type: ignore[arg-type]  # why: CSV text, not the JSON struct
-        return Response(UsageReport(items=items))  # type: ignore[arg-type]  # why: dicts encode the same
+            return Stream(  # type: ignore[return-value]  # why: CSV text, not the JSON struct
+                _csv_chunks(keys, first, pages), media_type=f"{CSV}; charset=utf-8"
+            )
+        return Stream(_json_chunks(first, pages), media_type=JSON)  # type: ignore[return-value]  # why: the same JSON, written page by page
+
+
+async def _csv_chunks(
+    keys: tuple[str, ...], first: list[dict[str, Any]], pages: AsyncIterator[list[dict[str, Any]]]
+) -> AsyncIterator[bytes]:
+    yield reports.to_csv(keys, first).encode()
+    async for items in pages:
+        yield reports.to_csv(keys, items, header=False).encode()
+
+
+async def _json_chunks(
+    first: list[dict[str, Any]], pages: AsyncIterator[list[dict[str, Any]]]
+) -> AsyncIterator[bytes]:
+    """`{"items": [...]}` written page by page: never the whole report in memory."""
+    yield b'{"items":['
+    yield _encoder.encode(first)[1:-1]
+    sep = bool(first)
+    async for items in pages:
+        if items:
+            yield (b"," if sep else b"") + _encoder.encode(items)[1:-1]
+            sep = True
+    yield b"]}"
+
+
+_encoder = msgspec.json.Encoder()

@@ -161,3 +161,44 @@ async def test_bad_tag_keys(api: Api, group_by: str, message: str) -> None:
     )
     body = problem(r, 400, "invalid_request")
     assert message in body["detail"], body
+
+
+async def test_large_reports_stream_in_batches(
+    api: Api, database_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The usage report is read through a cursor STREAM_BATCH rows at a time and written as
+    it is read, JSON and CSV alike: never the whole answer in memory. The streamed answer is
+    exactly the report."""
+    from service import reports
+    from service.journal import Ledger
+
+    events = await make_events(api, database_url, count=60)
+    events += await make_spends(api, clock)
+    monkeypatch.setattr(reports, "STREAM_BATCH", 4)
+    sizes: list[int] = []
+    original = Ledger.stream_slow
+
+    async def counting(self: Ledger, *args: Any, **kw: Any) -> Any:
+        async for rows in original(self, *args, **kw):
+            sizes.append(len(rows))
+            yield rows
+
+    monkeypatch.setattr(Ledger, "stream_slow", counting)
+    keys = ("employee", "day")
+    lo, hi = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 3, 1, tzinfo=UTC)
+    want = expected(events, lo, hi, keys)
+    assert len(want) > 20
+    r = await report(api, "2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z", keys)
+    assert r.status_code == 200, r.text
+    assert "content-length" not in r.headers  # streamed, not one body
+    assert r.json() == {"items": want}
+    assert max(sizes) == 4 and sum(sizes) == len(want)
+    sizes.clear()
+    r = await report(
+        api, "2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z", keys, headers={"Accept": "text/csv"}
+    )
+    rows = list(csv.reader(io.StringIO(r.text)))
+    assert len(rows) == len(want) + 1 and max(sizes) == 4
+    # An empty report is still well-formed.
+    r = await report(api, "2024-01-01T00:00:00Z", "2024-02-01T00:00:00Z", keys)
+    assert r.json() == {"items": []}
