@@ -79,16 +79,22 @@ WITH raw AS (
     -- reads their metadata's <name> (metadata is a flat object of scalars,
     -- a debit's tags), null where it has none, in the bucket of their
     -- created_at.
-    SELECT CASE WHEN $4::text = 'models' THEN NULL ELSE e.account_id END, t.metadata ->> 'model',
-           CASE WHEN $4::text = 'monthly_models' THEN '' ELSE coalesce(t.metadata ->> 'project', '') END,
+    -- The metadata is read (from the table) only when a model, project or
+    -- tag key is asked; otherwise the index alone (it includes the id)
+    -- gives the transactions, and only their entries are read.
+    SELECT CASE WHEN $4::text = 'models' THEN NULL ELSE e.account_id END, md.metadata ->> 'model',
+           CASE WHEN $4::text = 'monthly_models' THEN '' ELSE coalesce(md.metadata ->> 'project', '') END,
            CASE WHEN $4::text IN ('monthly', 'monthly_models')
                 THEN date_trunc('month', t.created_at AT TIME ZONE 'UTC')::date
                 ELSE (t.created_at AT TIME ZONE 'UTC')::date END,
            0, 0, 0, 0, -e.amount, 0, 0,
-           t.metadata,
+           md.metadata,
            1, -e.amount
     FROM transactions t
     JOIN entries e ON e.transaction_id = t.id AND e.amount < 0
+    LEFT JOIN LATERAL (SELECT x.metadata FROM transactions x
+                       WHERE x.id = t.id
+                         AND $3::text[] && ARRAY['model', 'project', 'tag1', 'tag2', 'tag3']) md ON true
     WHERE t.kind IN ('debit', 'capture')
       AND t.created_at >= $1::timestamptz AND t.created_at < $2::timestamptz
 ),
