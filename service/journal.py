@@ -176,7 +176,7 @@ class Ledger:
         return await self._run(lambda conn: conn.fetch(sql, *args))
 
     async def fetch_slow(
-        self, query: str, timeout_ms: int, *args: Any, jit: bool = True
+        self, query: str, timeout_ms: int, *args: Any, jit: bool = True, work_mem_mb: int = 0
     ) -> list[asyncpg.Record]:
         """A read-only query allowed a longer statement timeout than the
         pool's (reports): SET LOCAL inside its own transaction, so the
@@ -195,13 +195,21 @@ class Ledger:
                 await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
                 if not jit:
                     await conn.execute("SET LOCAL jit = off")
+                if work_mem_mb:
+                    await conn.execute(f"SET LOCAL work_mem = '{int(work_mem_mb)}MB'")
                 return await conn.fetch(sql, *args, timeout=client_timeout)
 
         result: list[asyncpg.Record] = await self._run(run)
         return result
 
     async def stream_slow(
-        self, query: str, timeout_ms: int, *args: Any, batch: int, jit: bool = True
+        self,
+        query: str,
+        timeout_ms: int,
+        *args: Any,
+        batch: int,
+        jit: bool = True,
+        work_mem_mb: int = 0,
     ) -> AsyncIterator[list[asyncpg.Record]]:
         """A report's rows in lists of at most `batch`, read through a server-side
         cursor in a read-only transaction (under `timeout_ms`, as fetch_slow), so a
@@ -224,6 +232,8 @@ class Ledger:
             # (cursor_tuple_fraction): a report is always read to its end, and
             # that plan was several times slower than fetch_slow's.
             await conn.execute("SET LOCAL cursor_tuple_fraction = 1.0")
+            if work_mem_mb:
+                await conn.execute(f"SET LOCAL work_mem = '{int(work_mem_mb)}MB'")
             # As fetch_slow: past the pool's client-side command timeout.
             client_timeout = timeout_ms / 1000 + max(1.0, timeout_ms / 1000 * 0.1)
             cursor = await conn.cursor(sql, *args, timeout=client_timeout)

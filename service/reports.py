@@ -144,6 +144,9 @@ def source_for(
 # Rows per read of a streamed report (usage_report_pages): what one step of
 # the answer holds in memory.
 STREAM_BATCH = 2000
+# work_mem of a usage report's transaction: hashing a month's debits (hundreds
+# of thousands of rows) spilled to disk in batches at the default 4 MB.
+REPORT_WORK_MEM_MB = 64
 
 
 async def _usage_args(
@@ -184,6 +187,7 @@ async def usage_report(
         # The month's debits and captures make the estimate large enough for
         # PostgreSQL to JIT-compile the query, which costs more than it saves.
         jit=False,
+        work_mem_mb=REPORT_WORK_MEM_MB,
     )
     return _items(keys, rows)
 
@@ -200,6 +204,7 @@ async def usage_report_pages(
         *args,
         batch=STREAM_BATCH,
         jit=False,
+        work_mem_mb=REPORT_WORK_MEM_MB,
     ):
         yield _items(keys, rows)
 
