@@ -10,12 +10,18 @@
    March 2026 (5% charged to department accounts, a project on 8 in 9), then
    usage_daily filled from them with one INSERT ... SELECT ... GROUP BY, the
    same rows tl_usage_rollup keeps one event at a time.
-3. For a few groupings, the month's report through the service's SQL path
+3. For every single grouping key, two combinations, a tag key alone and with
+   the department, and the third-of-a-million-row export, the month's report
+   (usage events and the journal's debits) through the service's SQL path
    (service.reports.usage_report on a Ledger: the `usage_report` named query)
    for the roll-up path (from and to at UTC midnights) and the raw-events path
    (a microsecond later), and through HTTP (the app in-process over ASGI, as
    finance, JSON and CSV). Each timing is the median of --runs after one
    warm-up run.
+
+4. Every finance report (liability by department, month and employee,
+   compensation, efficiency by employee and department, forecasts) over
+   HTTP: the first JSON page of 500 and the whole CSV export.
 
 The figures go to stdout as a table and as JSON (and to --json when given).
 """
