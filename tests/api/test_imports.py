@@ -219,3 +219,26 @@ async def test_import_grants_emit_grant_created_once_each(
         )
         assert r["data"]["expires_at"] == "2030-01-01T00:00:00.000000Z"
         assert r["data"]["transaction_id"].startswith("txn_")
+
+
+async def test_import_grants_chunks_posted_concurrently(
+    api: Api, client: AsyncTestClient[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks of one import post two at a time; chunks granting to the same wallets (locked
+    in id order) all post, each row once, and the balances are the sums."""
+    import service.api.imports as api_imports
+
+    monkeypatch.setattr(api_imports, "GRANT_CHUNK_ROWS", 2)
+    for n in range(3):
+        await api.employee(f"c-{n}")
+    text = "key,employee,amount,reason\n" + "".join(
+        f"ck-{i},c-{i % 3},{i + 1},spot_bonus\n" for i in range(11)
+    )
+    r = await upload(client, "grants", text)
+    assert r.status_code == 200, r.text
+    assert (r.json()["created"], r.json()["rejected"]) == (11, [])
+    for n in range(3):
+        want = sum(i + 1 for i in range(11) if i % 3 == n)
+        assert (await api.account(f"employee:c-{n}"))["posted"] == want
+    r = await upload(client, "grants", text)
+    assert r.json()["duplicate"] == 11 and r.json()["created"] == 0
