@@ -10,12 +10,18 @@
    March 2026 (5% charged to department accounts, a project on 8 in 9), then
    usage_daily filled from them with one INSERT ... SELECT ... GROUP BY, the
    same rows tl_usage_rollup keeps one event at a time.
-3. For a few groupings, the month's report through the service's SQL path
+3. For every single grouping key, two combinations, a tag key alone and with
+   the department, and the third-of-a-million-row export, the month's report
+   (usage events and the journal's debits) through the service's SQL path
    (service.reports.usage_report on a Ledger: the `usage_report` named query)
    for the roll-up path (from and to at UTC midnights) and the raw-events path
    (a microsecond later), and through HTTP (the app in-process over ASGI, as
    finance, JSON and CSV). Each timing is the median of --runs after one
    warm-up run.
+
+4. Every finance report (liability by department, month and employee,
+   compensation, efficiency by employee and department, forecasts) over
+   HTTP: the first JSON page of 500 and the whole CSV export.
 
 The figures go to stdout as a table and as JSON (and to --json when given).
 """
@@ -49,9 +55,16 @@ MONTH_END = datetime(2026, 4, 1, tzinfo=UTC)
 DEPARTMENTS = 20
 GROUPINGS: tuple[tuple[str, ...], ...] = (
     ("employee",),
-    ("department", "model"),
+    ("department",),
+    ("model",),
+    ("project",),
     ("day",),
+    ("month",),
+    ("department", "model"),
     ("employee", "model", "project"),
+    # Tags (a usage event's, a debit's metadata key) are read from the events.
+    ("tag:team",),
+    ("department", "tag:team"),
 )
 
 SETUP_SQL = """
@@ -90,14 +103,16 @@ WITH g AS (
 )
 INSERT INTO usage_events (id, source, event_id, account_id, model, price_id, input_tokens,
                           cached_input_tokens, output_tokens, cost, project, occurred_at,
-                          recorded_at)
+                          recorded_at, tags)
 SELECT gen_random_uuid(), 'bench', g.n::text, a.id, m.model, m.id, g.input_tokens,
        g.input_tokens / 4, g.output_tokens,
        ceil(((g.input_tokens - g.input_tokens / 4) * m.input_per_mtok
              + (g.input_tokens / 4) * m.cached_input_per_mtok
              + g.output_tokens * m.output_per_mtok) / 1e6)::bigint,
        CASE WHEN g.project_n > 0 THEN 'project-' || g.project_n END,
-       least(g.occurred_at, $2::timestamptz - interval '1 microsecond'), g.occurred_at
+       least(g.occurred_at, $2::timestamptz - interval '1 microsecond'), g.occurred_at,
+       CASE WHEN g.project_n > 1 THEN jsonb_build_object('team', 'team-' || g.project_n)
+            ELSE '{{}}'::jsonb END
 FROM g
 JOIN bench_accounts a ON a.n = g.account_n
 JOIN bench_models m ON m.n = g.model_n
@@ -136,7 +151,8 @@ GROUP BY 1, 2, 3;
 # The journal the finance reports read (issue 16): a grant per employee a
 # minute into the month (a lot expiring after it), and JOURNAL_DEBITS debits
 # per employee spread over the month, with consistent balance_after and
-# versions; usage events above stay outside the journal as before. Written
+# versions (two in three with a model and a team in their metadata, which
+# usage reports group by); usage events above stay outside the journal. Written
 # set-based with triggers off (session_replication_role = replica), so the
 # deferred balance check does not run per row; the bench does not audit.
 JOURNAL_DEBITS = 30
@@ -166,8 +182,11 @@ INSERT INTO entries (transaction_id, account_id, shard, asset, amount, balance_a
     SELECT md5('g' || w.id)::uuid, i.id, 0, 'CREDIT', -{grant}, -{grant} * w.n, w.n,
            '{start}'::timestamptz + interval '1 minute'
     FROM bench_wallets w, accounts i WHERE i.address = 'system:issuance';
-INSERT INTO transactions (id, kind, actor, created_at)
-    SELECT md5('d' || w.id || '-' || k)::uuid, 'debit', 'bench',
+INSERT INTO transactions (id, kind, metadata, actor, created_at)
+    SELECT md5('d' || w.id || '-' || k)::uuid, 'debit',
+           CASE WHEN k % 3 = 0 THEN '{{}}'::jsonb
+                ELSE jsonb_build_object('model', 'batch-job', 'team', 'team-' || k % 7) END,
+           'bench',
            '{start}'::timestamptz
                + (k - 0.5) * ('{end}'::timestamptz - '{start}'::timestamptz) / {debits}
     FROM bench_wallets w, generate_series(1, {debits}) k;

@@ -31,6 +31,10 @@ LIABILITY_TOTALS = (
 )
 EFFICIENCY_GROUPS = ("employee", "department")
 FORECAST_WINDOW_DAYS = 30
+# CSV exports read one query through a cursor, this many rows at a time; the
+# page size that stands for "no limit" in the queries that take one.
+STREAM_BATCH = 2000
+ALL_ROWS = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,32 @@ async def liability(
     return items, None
 
 
+async def liability_by_employee_stream(
+    ledger: Ledger, start: datetime, end: datetime, after: str | None
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """Liability by employee for every wallet after `after`, for a CSV export: one
+    query over all the wallets (the period's flows read once), streamed from a cursor.
+    Paging it as JSON pages do re-read the period for every 500 wallets."""
+    overage = await _overage(ledger, start, end, False)
+    async for rows in ledger.stream_slow(
+        "liability_report",
+        ledger.config.report_statement_timeout_ms,
+        start,
+        end,
+        False,
+        False,
+        None,
+        batch=STREAM_BATCH,
+        jit=False,
+    ):
+        groups = _fold(rows, lambda r: r["employee"], overage)
+        yield [
+            {"employee": emp, **totals}
+            for emp, totals in groups.items()
+            if after is None or emp > after
+        ]
+
+
 # --- compensation ----------------------------------------------------------------
 
 COMPENSATION_COLUMNS = ("employee", "month", "reason", "credits", "currency", "value")
@@ -165,7 +195,12 @@ async def compensation(
             employees.append(r["employee"])
     more = len(employees) > limit
     keep = set(employees[:limit])
-    items = [
+    items = _compensation_items(value, (r for r in rows if r["employee"] in keep))
+    return items, (employees[limit - 1] if more else None)
+
+
+def _compensation_items(value: CreditValue, rows: Iterable[Any]) -> list[dict[str, Any]]:
+    return [
         {
             "employee": r["employee"],
             "month": r["month"],
@@ -175,9 +210,29 @@ async def compensation(
             "value": str(Decimal(r["value"]).normalize()) if Decimal(r["value"]) != 0 else "0",
         }
         for r in rows
-        if r["employee"] in keep
     ]
-    return items, (employees[limit - 1] if more else None)
+
+
+async def compensation_stream(
+    ledger: Ledger, start: datetime, end: datetime, employee: str | None, after: str | None
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """Every row after the employee `after`, for a CSV export: the grants of the
+    period read once, streamed from a cursor (paging re-read them for every page, so
+    the export grew with the square of the employees)."""
+    value = CreditValue.parse(ledger.config.credit_value)
+    async for rows in ledger.stream_slow(
+        "compensation_report",
+        ledger.config.report_statement_timeout_ms,
+        start,
+        end,
+        employee,
+        value.amount,
+        after,
+        ALL_ROWS,
+        batch=STREAM_BATCH,
+        jit=False,
+    ):
+        yield _compensation_items(value, rows)
 
 
 # --- forecast --------------------------------------------------------------------
@@ -280,29 +335,57 @@ def _ratio(a: int, b: int) -> float | None:
 async def efficiency(
     ledger: Ledger, start: datetime, end: datetime, group_by: str, cursor: str | None, limit: int
 ) -> tuple[list[dict[str, Any]], str | None]:
-    from service.reports import at_month_start, uses_rollup
-
     assert group_by in EFFICIENCY_GROUPS, group_by
-    source = "daily" if uses_rollup(start, end) else "events"
-    if at_month_start(start) and at_month_start(end):
-        # The monthly roll-up has no day to find a department by: only when
-        # no employee moved in the period (or no department is asked).
-        if group_by == "employee" or not await ledger.fetchval("departments_moved", start, end):
-            source = "monthly"
     rows = await ledger.fetch_slow(
         "efficiency_report",
         ledger.config.report_statement_timeout_ms,
         start,
         end,
         group_by,
-        source,
+        await _efficiency_source(ledger, start, end, group_by),
         cursor,
         limit + 1,
         jit=False,
     )
     more = len(rows) > limit
+    return _efficiency_items(group_by, rows[:limit]), (rows[limit - 1]["key"] if more else None)
+
+
+async def efficiency_stream(
+    ledger: Ledger, start: datetime, end: datetime, group_by: str, after: str | None
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """Every group after `after`, for a CSV export: one query, streamed from a cursor."""
+    assert group_by in EFFICIENCY_GROUPS, group_by
+    async for rows in ledger.stream_slow(
+        "efficiency_report",
+        ledger.config.report_statement_timeout_ms,
+        start,
+        end,
+        group_by,
+        await _efficiency_source(ledger, start, end, group_by),
+        after,
+        ALL_ROWS,
+        batch=STREAM_BATCH,
+        jit=False,
+    ):
+        yield _efficiency_items(group_by, rows)
+
+
+async def _efficiency_source(ledger: Ledger, start: datetime, end: datetime, group_by: str) -> str:
+    from service.reports import at_month_start, uses_rollup
+
+    source = "daily" if uses_rollup(start, end) else "events"
+    if at_month_start(start) and at_month_start(end):
+        # The monthly roll-up has no day to find a department by: only when
+        # no employee moved in the period (or no department is asked).
+        if group_by == "employee" or not await ledger.fetchval("departments_moved", start, end):
+            source = "monthly"
+    return source
+
+
+def _efficiency_items(group_by: str, rows: Iterable[Any]) -> list[dict[str, Any]]:
     items = []
-    for r in rows[:limit]:
+    for r in rows:
         events, credits = int(r["events"]), int(r["credits"])
         tokens = int(r["input_tokens"]) + int(r["output_tokens"])
         items.append(
@@ -320,7 +403,7 @@ async def efficiency(
                 "tokens_per_event": _ratio(tokens, events),
             }
         )
-    return items, (rows[limit - 1]["key"] if more else None)
+    return items
 
 
 # --- CSV -------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from service.api.common import (
     MAX_IDEMPOTENCY_KEY,
     REF_PATTERN,
 )
-from service.reports import GROUP_KEYS
+from service.reports import GROUP_KEYS, MAX_TAG_KEYS
 from service.roles import ROLES
 
 PROBLEM_JSON = "application/problem+json"
@@ -67,7 +67,14 @@ QUERY_SCHEMAS: dict[str, dict[str, Any]] = {
         "explode": False,
         "schema": {
             "type": "array",
-            "items": {"enum": list(GROUP_KEYS)},
+            "items": {
+                "anyOf": [
+                    {"enum": list(GROUP_KEYS)},
+                    # service.reports: a tag key, at most MAX_TAG_KEYS of them.
+                    {"type": "string", "pattern": "^tag:[^,\\s]([^,]{0,62}[^,\\s])?$"},
+                ]
+            },
+            "maxItems": len(GROUP_KEYS) + MAX_TAG_KEYS,
             "minItems": 1,
             "uniqueItems": True,
         },

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
@@ -36,7 +37,18 @@ TOTALS = (
     # model_not_allowed.
     "overage",
     "violations",
+    # Debits and captures by amount (issue 16): how many, and their credits,
+    # which `credits` includes. They count under their metadata's `model`,
+    # `project` and `tags`, null where it has none.
+    "debits",
+    "debit_credits",
 )
+# `tag:<name>` keys: the value of that tag of a usage event (or of a debit's
+# or capture's metadata `tags`), null where it has none. At most MAX_TAG_KEYS
+# per report; service/sql/reports.sql has a column for each.
+TAG_PREFIX = "tag:"
+MAX_TAG_KEYS = 3
+TAG_NAME_MAX = 64
 # A report covers at most this long a period.
 MAX_PERIOD = timedelta(days=400)
 
@@ -48,11 +60,43 @@ def parse_group_by(text: str) -> tuple[str, ...]:
     if keys == ("",):
         raise invalid("group_by", "at least one grouping key is needed")
     for k in keys:
-        if k not in GROUP_KEYS:
-            raise invalid("group_by", f"unknown grouping key {k!r}; use {', '.join(GROUP_KEYS)}")
+        if k.startswith(TAG_PREFIX):
+            name = k[len(TAG_PREFIX) :]
+            if not 1 <= len(name) <= TAG_NAME_MAX or name != name.strip():
+                raise invalid(
+                    "group_by",
+                    f"a tag key is tag:<name>, the name 1 to {TAG_NAME_MAX} characters"
+                    " without surrounding spaces",
+                )
+        elif k not in GROUP_KEYS:
+            raise invalid(
+                "group_by",
+                f"unknown grouping key {k!r}; use {', '.join(GROUP_KEYS)} or tag:<name>",
+            )
     if len(set(keys)) != len(keys):
         raise invalid("group_by", "a grouping key appears twice")
+    if sum(k.startswith(TAG_PREFIX) for k in keys) > MAX_TAG_KEYS:
+        raise invalid("group_by", f"at most {MAX_TAG_KEYS} tag keys")
     return keys
+
+
+def tag_names(keys: tuple[str, ...]) -> list[str]:
+    """The tag names of the `tag:<name>` keys, in the caller's order."""
+    return [k[len(TAG_PREFIX) :] for k in keys if k.startswith(TAG_PREFIX)]
+
+
+def sql_keys(keys: tuple[str, ...]) -> list[str]:
+    """The keys as service/sql/reports.sql names them: `tag:<name>` keys become
+    tag1, tag2, tag3 in order (the names themselves go in a parameter of their
+    own, never into the SQL text)."""
+    out, n = [], 0
+    for k in keys:
+        if k.startswith(TAG_PREFIX):
+            n += 1
+            out.append(f"tag{n}")
+        else:
+            out.append(k)
+    return out
 
 
 def check_period(start: datetime, end: datetime) -> None:
@@ -87,7 +131,8 @@ def source_for(
     project key is asked), a per-day roll-up without the
     account when no employee or department key is asked, the daily roll-up
     for other whole days, and the events themselves for any other period."""
-    if not uses_rollup(start, end):
+    if not uses_rollup(start, end) or any(k.startswith(TAG_PREFIX) for k in keys):
+        # The roll-ups keep no tags.
         return "events"
     if not {"employee", "department"} & set(keys):
         return "models"
@@ -96,24 +141,72 @@ def source_for(
     return "daily"
 
 
-async def usage_report(
+# Rows per read of a streamed report (usage_report_pages): what one step of
+# the answer holds in memory.
+STREAM_BATCH = 2000
+# work_mem of a usage report's transaction: hashing a month's debits (hundreds
+# of thousands of rows) spilled to disk in batches at the default 4 MB.
+REPORT_WORK_MEM_MB = 64
+
+
+async def _usage_args(
     ledger: Ledger, start: datetime, end: datetime, keys: tuple[str, ...]
-) -> list[dict[str, Any]]:
-    """The report's rows: the asked keys in the caller's order, then TOTALS."""
-    assert keys and set(keys) <= set(GROUP_KEYS), keys
+) -> tuple[Any, ...]:
+    assert keys and all(k in GROUP_KEYS or k.startswith(TAG_PREFIX) for k in keys), keys
     # `department` is the department of the time of the spend: when someone
     # moved within the period, the rows are split by day (issue 16).
     split = "department" in keys and bool(await ledger.fetchval("departments_moved", start, end))
+    return (
+        start,
+        end,
+        sql_keys(keys),
+        source_for(start, end, keys, split),
+        split,
+        tag_names(keys),
+    )
+
+
+def _items(keys: tuple[str, ...], rows: Any) -> list[dict[str, Any]]:
+    names = sql_keys(keys)
+    return [
+        {**{k: r[n] for k, n in zip(keys, names, strict=True)}, **{t: int(r[t]) for t in TOTALS}}
+        for r in rows
+    ]
+
+
+async def usage_report(
+    ledger: Ledger, start: datetime, end: datetime, keys: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """The report's rows, all in one list: the asked keys in the caller's order, then
+    TOTALS. For callers that know the answer is small (the bench, the pages); the
+    HTTP answer streams (usage_report_pages)."""
     rows = await ledger.fetch_slow(
         "usage_report",
         ledger.config.report_statement_timeout_ms,
-        start,
-        end,
-        list(keys),
-        source_for(start, end, keys, split),
-        split,
+        *await _usage_args(ledger, start, end, keys),
+        # The month's debits and captures make the estimate large enough for
+        # PostgreSQL to JIT-compile the query, which costs more than it saves.
+        jit=False,
+        work_mem_mb=REPORT_WORK_MEM_MB,
     )
-    return [{**{k: r[k] for k in keys}, **{t: int(r[t]) for t in TOTALS}} for r in rows]
+    return _items(keys, rows)
+
+
+async def usage_report_pages(
+    ledger: Ledger, start: datetime, end: datetime, keys: tuple[str, ...]
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """The same rows, STREAM_BATCH at a time from a server-side cursor: a report of
+    a third of a million groups is never whole in the service's memory."""
+    args = await _usage_args(ledger, start, end, keys)
+    async for rows in ledger.stream_slow(
+        "usage_report",
+        ledger.config.report_statement_timeout_ms,
+        *args,
+        batch=STREAM_BATCH,
+        jit=False,
+        work_mem_mb=REPORT_WORK_MEM_MB,
+    ):
+        yield _items(keys, rows)
 
 
 # A spreadsheet reads a cell starting with one of these as a formula
@@ -131,12 +224,13 @@ def csv_cell(value: Any) -> Any:
     return value
 
 
-def to_csv(keys: tuple[str, ...], items: list[dict[str, Any]]) -> str:
+def to_csv(keys: tuple[str, ...], items: list[dict[str, Any]], header: bool = True) -> str:
     """A header row (keys, then TOTALS) and one row per item; null is empty."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
     columns = (*keys, *TOTALS)
-    writer.writerow(columns)
+    if header:
+        writer.writerow(columns)
     for item in items:
         writer.writerow([csv_cell(item[c]) for c in columns])
     return out.getvalue()

@@ -12,6 +12,7 @@ to them.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -200,12 +201,16 @@ class ApprovalsController(Controller):
             and body.get("kind") == "program_run"
             and body.get("result") is None
         ):
+            # The run's grants carry the requester as actor, as an approved
+            # grant's posting does (tl_op_approve); the approval row names the
+            # approver, so the audit trail shows both.
+            approver = context_of(request)
             run = await run_cycle(
                 ledger,
                 body["request"]["program"],
                 body["request"]["cycle"],
                 "api",
-                context_of(request),
+                dataclasses.replace(approver, actor=body["requested_by"]),
             )
             updated = await ledger.fetchval("approval_set_result", uid, run)
             answer: Any = updated or body

@@ -140,9 +140,22 @@ async def answer(
     cursor: str | None,
     limit: int,
     columns: tuple[str, ...],
+    stream: Callable[[str | None], AsyncIterator[list[dict[str, Any]]]] | None = None,
 ) -> Response[Any]:
-    """JSON: one page. CSV: every page from `cursor` on, streamed."""
+    """JSON: one page. CSV: every row from `cursor` on, streamed: from one query read
+    through a cursor (`stream`) where the report has one, else page by page."""
     after = text_cursor(cursor)
+    if request.accept.best_match([JSON, CSV], default=JSON) == CSV and stream is not None:
+        rows = stream(after)
+        # Read before answering: a failing query still answers its problem.
+        head: list[dict[str, Any]] = await anext(rows, [])
+
+        async def streamed() -> AsyncIterator[list[dict[str, Any]]]:
+            yield head
+            async for items in rows:
+                yield items
+
+        return Stream(finance.stream_csv(columns, streamed()), media_type=f"{CSV}; charset=utf-8")
     if request.accept.best_match([JSON, CSV], default=JSON) == CSV:
         first = await pager(after, 500)
 
@@ -196,7 +209,13 @@ class FinanceReportsController(Controller):
         async def pager(after: str | None, size: int) -> tuple[list[dict[str, Any]], str | None]:
             return await finance.liability(ledger, from_, to, group_by, after, size)
 
-        return await answer(request, pager, cursor, limit, columns)
+        stream = None
+        if group_by == "employee":
+
+            def stream(after: str | None) -> AsyncIterator[list[dict[str, Any]]]:
+                return finance.liability_by_employee_stream(ledger, from_, to, after)
+
+        return await answer(request, pager, cursor, limit, columns, stream)
 
     @get(
         "/reports/compensation",
@@ -226,7 +245,10 @@ class FinanceReportsController(Controller):
         async def pager(after: str | None, size: int) -> tuple[list[dict[str, Any]], str | None]:
             return await finance.compensation(ledger, from_, to, employee, after, size)
 
-        return await answer(request, pager, cursor, limit, finance.COMPENSATION_COLUMNS)
+        def stream(after: str | None) -> AsyncIterator[list[dict[str, Any]]]:
+            return finance.compensation_stream(ledger, from_, to, employee, after)
+
+        return await answer(request, pager, cursor, limit, finance.COMPENSATION_COLUMNS, stream)
 
     @get(
         "/reports/forecast",
@@ -290,4 +312,9 @@ class FinanceReportsController(Controller):
         async def pager(after: str | None, size: int) -> tuple[list[dict[str, Any]], str | None]:
             return await finance.efficiency(ledger, from_, to, group_by, after, size)
 
-        return await answer(request, pager, cursor, limit, (group_by, *finance.EFFICIENCY_COLUMNS))
+        def stream(after: str | None) -> AsyncIterator[list[dict[str, Any]]]:
+            return finance.efficiency_stream(ledger, from_, to, group_by, after)
+
+        return await answer(
+            request, pager, cursor, limit, (group_by, *finance.EFFICIENCY_COLUMNS), stream
+        )

@@ -3,6 +3,7 @@ grouped, as JSON or CSV."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -10,6 +11,7 @@ import msgspec
 from litestar import Controller, Request, Response, get
 from litestar.di import NamedDependency
 from litestar.params import QueryParameter
+from litestar.response import Stream
 
 from service import reports
 from service.auth import access
@@ -21,7 +23,8 @@ JSON = "application/json"
 
 
 class UsageReportItem(msgspec.Struct, frozen=True, omit_defaults=True):
-    """One group: the asked grouping keys (only those), then the totals."""
+    """One group: the asked grouping keys (only those; a `tag:<name>` key is a property
+    of that name, a string or null), then the totals."""
 
     events: int
     input_tokens: int
@@ -32,6 +35,9 @@ class UsageReportItem(msgspec.Struct, frozen=True, omit_defaults=True):
     # system:overage); and the events whose model was outside the policy.
     overage: int
     violations: int
+    # Debits and captures by amount: how many, and their credits (in `credits`).
+    debits: int
+    debit_credits: int
     employee: str | None | msgspec.UnsetType = msgspec.UNSET
     department: str | None | msgspec.UnsetType = msgspec.UNSET
     model: str | None | msgspec.UnsetType = msgspec.UNSET
@@ -65,13 +71,22 @@ class ReportsController(Controller):
         group_by: Annotated[
             str,
             QueryParameter(
-                description="A comma list of employee, department, model, project, day, month.",
+                description=(
+                    "A comma list of employee, department, model, project, day, month and "
+                    "up to 3 tag:<name> keys."
+                ),
             ),
         ],
     ) -> Response[UsageReport]:
-        """Usage events with `from <= occurred_at < to`, summed per group of the
-        `group_by` keys (in that order, which is also the order of the items; null
-        last). `employee` is null for usage charged to a department account;
+        """Every kind of spend in the period, summed per group of the `group_by` keys (in
+        that order, which is also the order of the items; null last): usage events with
+        `from <= occurred_at < to`, and debits and captures by amount made in it (their
+        count in `debits`, their credits in `debit_credits` and in `credits`). A debit or
+        capture counts under its metadata's `model` and `project`, null when it has none.
+        `tag:<name>` groups by a usage event's tag of that name, or a debit's or
+        capture's metadata key of that name (null when it has none); a report with a tag
+        key reads the events themselves (the roll-ups keep no tags), so it is slower.
+        `employee` is null for spend charged to a department account;
         `department` is the department the employee belonged to when the usage
         happened (at the end of its UTC day when someone moved within the period; a
         department account's own id for its usage); `project` is null for usage
@@ -80,12 +95,43 @@ class ReportsController(Controller):
         the report reads the daily roll-up (fast); otherwise it aggregates the events
         themselves (exact at any instant, slower over long periods). With
         `Accept: text/csv` the answer is CSV: a header row of the keys then the
-        totals, and one row per item (null is empty)."""
+        totals, and one row per item (null is empty). Either form is streamed as the
+        rows are read, a few thousand at a time, so a large report is never whole in
+        memory."""
         keys = reports.parse_group_by(group_by)
         reports.check_period(from_, to)
-        items = await reports.usage_report(ledger, from_, to, keys)
+        pages = reports.usage_report_pages(ledger, from_, to, keys)
+        # The first rows are read before answering, so that a failing query
+        # still answers its problem (503 and the like) instead of a cut body.
+        first: list[dict[str, Any]] = await anext(pages, [])
         if request.accept.best_match([JSON, CSV], default=JSON) == CSV:
-            text = reports.to_csv(keys, items)
             # The CSV form of the same report.
-            return Response(text, media_type=f"{CSV}; charset=utf-8")  # type: ignore[arg-type]  # why: CSV text, not the JSON struct
-        return Response(UsageReport(items=items))  # type: ignore[arg-type]  # why: dicts encode the same
+            return Stream(  # type: ignore[return-value]  # why: CSV text, not the JSON struct
+                _csv_chunks(keys, first, pages), media_type=f"{CSV}; charset=utf-8"
+            )
+        return Stream(_json_chunks(first, pages), media_type=JSON)  # type: ignore[return-value]  # why: the same JSON, written page by page
+
+
+async def _csv_chunks(
+    keys: tuple[str, ...], first: list[dict[str, Any]], pages: AsyncIterator[list[dict[str, Any]]]
+) -> AsyncIterator[bytes]:
+    yield reports.to_csv(keys, first).encode()
+    async for items in pages:
+        yield reports.to_csv(keys, items, header=False).encode()
+
+
+async def _json_chunks(
+    first: list[dict[str, Any]], pages: AsyncIterator[list[dict[str, Any]]]
+) -> AsyncIterator[bytes]:
+    """`{"items": [...]}` written page by page: never the whole report in memory."""
+    yield b'{"items":['
+    yield _encoder.encode(first)[1:-1]
+    sep = bool(first)
+    async for items in pages:
+        if items:
+            yield (b"," if sep else b"") + _encoder.encode(items)[1:-1]
+            sep = True
+    yield b"]}"
+
+
+_encoder = msgspec.json.Encoder()

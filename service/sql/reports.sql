@@ -9,7 +9,10 @@
 -- UTC months, no day or project key), 'monthly' (usage_monthly: whole UTC
 -- months, no day key), 'models' (usage_daily_models: whole days, no employee or
 -- department key), 'daily' (usage_daily: whole days), or 'events'
--- (usage_events itself, exact at any instant).
+-- (usage_events itself, exact at any instant). $6: the names of the
+-- `tag:<name>` keys, which $3 calls tag1, tag2, tag3 (source 'events' only:
+-- the roll-ups keep no tags). Debits and captures by amount are read from
+-- the journal whatever the source (issue 16).
 --
 -- The grouping is static SQL: every allow-listed key has its expression
 -- below, and a key not in $3 turns into NULL, a constant that groups
@@ -19,28 +22,29 @@
 -- final ORDER BY picks each position's key by name.
 WITH raw AS (
     SELECT d.account_id, d.model, d.project, d.day, d.events, d.input_tokens,
-           d.cached_input_tokens, d.output_tokens, d.credits, 0::bigint AS overage, 0::bigint AS violations
+           d.cached_input_tokens, d.output_tokens, d.credits, 0::bigint AS overage, 0::bigint AS violations,
+           NULL::jsonb AS tags, 0::bigint AS debits, 0::bigint AS debit_credits
     FROM usage_daily d
     WHERE $4::text = 'daily'
       AND d.day >= ($1::timestamptz AT TIME ZONE 'UTC')::date
       AND d.day < ($2::timestamptz AT TIME ZONE 'UTC')::date
     UNION ALL
     SELECT m.account_id, m.model, m.project, m.month, m.events, m.input_tokens,
-           m.cached_input_tokens, m.output_tokens, m.credits, 0, 0
+           m.cached_input_tokens, m.output_tokens, m.credits, 0, 0, NULL, 0, 0
     FROM usage_monthly m
     WHERE $4::text = 'monthly'
       AND m.month >= ($1::timestamptz AT TIME ZONE 'UTC')::date
       AND m.month < ($2::timestamptz AT TIME ZONE 'UTC')::date
     UNION ALL
     SELECT mm.account_id, mm.model, '', mm.month, mm.events, mm.input_tokens,
-           mm.cached_input_tokens, mm.output_tokens, mm.credits, 0, 0
+           mm.cached_input_tokens, mm.output_tokens, mm.credits, 0, 0, NULL, 0, 0
     FROM usage_monthly_models mm
     WHERE $4::text = 'monthly_models'
       AND mm.month >= ($1::timestamptz AT TIME ZONE 'UTC')::date
       AND mm.month < ($2::timestamptz AT TIME ZONE 'UTC')::date
     UNION ALL
     SELECT NULL::bigint, g.model, g.project, g.day, g.events, g.input_tokens,
-           g.cached_input_tokens, g.output_tokens, g.credits, 0, 0
+           g.cached_input_tokens, g.output_tokens, g.credits, 0, 0, NULL, 0, 0
     FROM usage_daily_models g
     WHERE $4::text = 'models'
       AND g.day >= ($1::timestamptz AT TIME ZONE 'UTC')::date
@@ -48,7 +52,7 @@ WITH raw AS (
     UNION ALL
     SELECT u.account_id, u.model, coalesce(u.project, ''), (u.occurred_at AT TIME ZONE 'UTC')::date, 1,
            u.input_tokens, u.cached_input_tokens, u.output_tokens, u.cost,
-           u.shortfall, (u.violation IS NOT NULL)::integer
+           u.shortfall, (u.violation IS NOT NULL)::integer, u.tags, 0, 0
     FROM usage_events u
     WHERE $4::text = 'events'
       AND u.occurred_at >= $1::timestamptz AND u.occurred_at < $2::timestamptz
@@ -62,10 +66,37 @@ WITH raw AS (
            CASE WHEN $4::text IN ('monthly', 'monthly_models')
                 THEN date_trunc('month', u.occurred_at AT TIME ZONE 'UTC')::date
                 ELSE (u.occurred_at AT TIME ZONE 'UTC')::date END,
-           0, 0, 0, 0, 0, u.shortfall, (u.violation IS NOT NULL)::integer
+           0, 0, 0, 0, 0, u.shortfall, (u.violation IS NOT NULL)::integer, NULL, 0, 0
     FROM usage_events u
     WHERE $4::text <> 'events' AND (u.shortfall > 0 OR u.violation IS NOT NULL)
       AND u.occurred_at >= $1::timestamptz AND u.occurred_at < $2::timestamptz
+    UNION ALL
+    -- Debits and captures by amount (captures by usage are usage events),
+    -- whatever the source: the period's transactions of those kinds by
+    -- transactions_spend_time_idx, each with its one spending entry (the
+    -- account that paid; the other entry is system:usage's). They count
+    -- under their metadata's `model` and `project`, and a tag:<name> key
+    -- reads their metadata's <name> (metadata is a flat object of scalars,
+    -- a debit's tags), null where it has none, in the bucket of their
+    -- created_at.
+    -- The metadata is read (from the table) only when a model, project or
+    -- tag key is asked; otherwise the index alone (it includes the id)
+    -- gives the transactions, and only their entries are read.
+    SELECT CASE WHEN $4::text = 'models' THEN NULL ELSE e.account_id END, md.metadata ->> 'model',
+           CASE WHEN $4::text = 'monthly_models' THEN '' ELSE coalesce(md.metadata ->> 'project', '') END,
+           CASE WHEN $4::text IN ('monthly', 'monthly_models')
+                THEN date_trunc('month', t.created_at AT TIME ZONE 'UTC')::date
+                ELSE (t.created_at AT TIME ZONE 'UTC')::date END,
+           0, 0, 0, 0, -e.amount, 0, 0,
+           md.metadata,
+           1, -e.amount
+    FROM transactions t
+    JOIN entries e ON e.transaction_id = t.id AND e.amount < 0
+    LEFT JOIN LATERAL (SELECT x.metadata FROM transactions x
+                       WHERE x.id = t.id
+                         AND $3::text[] && ARRAY['model', 'project', 'tag1', 'tag2', 'tag3']) md ON true
+    WHERE t.kind IN ('debit', 'capture')
+      AND t.created_at >= $1::timestamptz AND t.created_at < $2::timestamptz
 ),
 -- The asked keys as booleans, computed once: testing the array per row
 -- costs more than the aggregation itself on a million rows.
@@ -74,7 +105,9 @@ flags AS (
            'model' = ANY ($3::text[]) AS by_model,
            'project' = ANY ($3::text[]) AS by_project,
            'day' = ANY ($3::text[]) OR $5::boolean AS by_day,
-           'month' = ANY ($3::text[]) AS by_month
+           'month' = ANY ($3::text[]) AS by_month,
+           -- tag:<name> keys: their names in $6, in the order of tag1..tag3.
+           $6::text[] AS tag_names
 ),
 firsts AS (
     SELECT CASE WHEN f.by_account THEN r.account_id END AS account_id,
@@ -88,9 +121,14 @@ firsts AS (
            sum(r.output_tokens) AS output_tokens,
            sum(r.credits) AS credits,
            sum(r.overage) AS overage,
-           sum(r.violations) AS violations
+           sum(r.violations) AS violations,
+           sum(r.debits) AS debits,
+           sum(r.debit_credits) AS debit_credits,
+           r.tags ->> f.tag_names[1] AS tag1,
+           r.tags ->> f.tag_names[2] AS tag2,
+           r.tags ->> f.tag_names[3] AS tag3
     FROM raw r CROSS JOIN flags f
-    GROUP BY 1, 2, 3, 4
+    GROUP BY 1, 2, 3, 4, tag1, tag2, tag3
 ),
 keyed AS (
     SELECT CASE WHEN 'employee' = ANY ($3::text[]) AND a.type = 'employee' THEN a.ref END AS employee,
@@ -113,41 +151,62 @@ keyed AS (
            nullif(f.project, '') AS project,
            CASE WHEN 'day' = ANY ($3::text[]) THEN to_char(f.bucket, 'YYYY-MM-DD') END AS day,
            CASE WHEN 'month' = ANY ($3::text[]) THEN to_char(f.bucket, 'YYYY-MM') END AS month,
+           f.tag1, f.tag2, f.tag3,
            f.events, f.input_tokens, f.cached_input_tokens, f.output_tokens, f.credits,
-           f.overage, f.violations
+           f.overage, f.violations, f.debits, f.debit_credits
     FROM firsts f
     LEFT JOIN accounts a ON a.id = f.account_id
     LEFT JOIN employees e ON a.type = 'employee' AND e.id = a.ref
 ),
 totals AS (
-    SELECT employee, department, model, project, day, month,
+    SELECT employee, department, model, project, day, month, tag1, tag2, tag3,
            sum(events)::bigint AS events,
            sum(input_tokens)::bigint AS input_tokens,
            sum(cached_input_tokens)::bigint AS cached_input_tokens,
            sum(output_tokens)::bigint AS output_tokens,
            sum(credits)::bigint AS credits,
            sum(overage)::bigint AS overage,
-           sum(violations)::bigint AS violations
+           sum(violations)::bigint AS violations,
+           sum(debits)::bigint AS debits,
+           sum(debit_credits)::bigint AS debit_credits
     FROM keyed
-    GROUP BY employee, department, model, project, day, month
+    GROUP BY employee, department, model, project, day, month, tag1, tag2, tag3
 )
 SELECT t.*
 FROM totals t
 ORDER BY (CASE ($3::text[])[1] WHEN 'employee' THEN t.employee WHEN 'department' THEN t.department
               WHEN 'model' THEN t.model WHEN 'project' THEN t.project WHEN 'day' THEN t.day
-              WHEN 'month' THEN t.month END) COLLATE "C",
+              WHEN 'month' THEN t.month WHEN 'tag1' THEN t.tag1 WHEN 'tag2' THEN t.tag2
+              WHEN 'tag3' THEN t.tag3 END) COLLATE "C",
          (CASE ($3::text[])[2] WHEN 'employee' THEN t.employee WHEN 'department' THEN t.department
               WHEN 'model' THEN t.model WHEN 'project' THEN t.project WHEN 'day' THEN t.day
-              WHEN 'month' THEN t.month END) COLLATE "C",
+              WHEN 'month' THEN t.month WHEN 'tag1' THEN t.tag1 WHEN 'tag2' THEN t.tag2
+              WHEN 'tag3' THEN t.tag3 END) COLLATE "C",
          (CASE ($3::text[])[3] WHEN 'employee' THEN t.employee WHEN 'department' THEN t.department
               WHEN 'model' THEN t.model WHEN 'project' THEN t.project WHEN 'day' THEN t.day
-              WHEN 'month' THEN t.month END) COLLATE "C",
+              WHEN 'month' THEN t.month WHEN 'tag1' THEN t.tag1 WHEN 'tag2' THEN t.tag2
+              WHEN 'tag3' THEN t.tag3 END) COLLATE "C",
          (CASE ($3::text[])[4] WHEN 'employee' THEN t.employee WHEN 'department' THEN t.department
               WHEN 'model' THEN t.model WHEN 'project' THEN t.project WHEN 'day' THEN t.day
-              WHEN 'month' THEN t.month END) COLLATE "C",
+              WHEN 'month' THEN t.month WHEN 'tag1' THEN t.tag1 WHEN 'tag2' THEN t.tag2
+              WHEN 'tag3' THEN t.tag3 END) COLLATE "C",
          (CASE ($3::text[])[5] WHEN 'employee' THEN t.employee WHEN 'department' THEN t.department
               WHEN 'model' THEN t.model WHEN 'project' THEN t.project WHEN 'day' THEN t.day
-              WHEN 'month' THEN t.month END) COLLATE "C",
+              WHEN 'month' THEN t.month WHEN 'tag1' THEN t.tag1 WHEN 'tag2' THEN t.tag2
+              WHEN 'tag3' THEN t.tag3 END) COLLATE "C",
          (CASE ($3::text[])[6] WHEN 'employee' THEN t.employee WHEN 'department' THEN t.department
               WHEN 'model' THEN t.model WHEN 'project' THEN t.project WHEN 'day' THEN t.day
-              WHEN 'month' THEN t.month END) COLLATE "C";
+              WHEN 'month' THEN t.month WHEN 'tag1' THEN t.tag1 WHEN 'tag2' THEN t.tag2
+              WHEN 'tag3' THEN t.tag3 END) COLLATE "C",
+         (CASE ($3::text[])[7] WHEN 'employee' THEN t.employee WHEN 'department' THEN t.department
+              WHEN 'model' THEN t.model WHEN 'project' THEN t.project WHEN 'day' THEN t.day
+              WHEN 'month' THEN t.month WHEN 'tag1' THEN t.tag1 WHEN 'tag2' THEN t.tag2
+              WHEN 'tag3' THEN t.tag3 END) COLLATE "C",
+         (CASE ($3::text[])[8] WHEN 'employee' THEN t.employee WHEN 'department' THEN t.department
+              WHEN 'model' THEN t.model WHEN 'project' THEN t.project WHEN 'day' THEN t.day
+              WHEN 'month' THEN t.month WHEN 'tag1' THEN t.tag1 WHEN 'tag2' THEN t.tag2
+              WHEN 'tag3' THEN t.tag3 END) COLLATE "C",
+         (CASE ($3::text[])[9] WHEN 'employee' THEN t.employee WHEN 'department' THEN t.department
+              WHEN 'model' THEN t.model WHEN 'project' THEN t.project WHEN 'day' THEN t.day
+              WHEN 'month' THEN t.month WHEN 'tag1' THEN t.tag1 WHEN 'tag2' THEN t.tag2
+              WHEN 'tag3' THEN t.tag3 END) COLLATE "C";

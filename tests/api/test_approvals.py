@@ -241,3 +241,37 @@ async def test_program_run_above_threshold_needs_approval(
     )
     assert r.status_code == 200 and r.json()["issued"] == 0
     assert (await api.account("employee:e-1"))["posted"] == THRESHOLD * 2
+
+
+async def test_approved_program_run_names_requester_like_grants(
+    api: Api, client: AsyncTestClient[Any], hr: tuple[dict[str, str], dict[str, str]], clock: Any
+) -> None:
+    """An approved program run's grants carry the requester as actor, as an approved grant's
+    posting does; the approval names the approver (the audit trail shows both)."""
+    from datetime import UTC, datetime
+
+    clock.set(datetime(2026, 5, 10, tzinfo=UTC))
+    await api.employee("e-1")
+    requester, approver = hr
+    program = {
+        "amount": THRESHOLD * 2,
+        "reason": "monthly_allotment",
+        "cadence": {"every": "month", "day": 1},
+        "audience": {"all": True},
+        "starts_on": "2026-05-01",
+        "active": True,
+    }
+    r = await client.put("/v1/grant-programs/big", json=program, headers=requester)
+    assert r.status_code == 201, r.text
+    r = await client.post(
+        "/v1/grant-programs/big/runs", json={"cycle": "2026-05"}, headers=requester
+    )
+    apr = r.json()["approval"]
+    r = await client.post(f"/v1/approvals/{apr['id']}/approve", headers={**approver, **key()})
+    assert r.status_code == 200, r.text
+    done = r.json()
+    assert done["decided_by"] and done["decided_by"] != done["requested_by"]
+    r = await client.get("/v1/transactions?kind=grant&limit=10")
+    grants = r.json()["items"]
+    assert len(grants) == 1
+    assert grants[0]["actor"] == apr["requested_by"]

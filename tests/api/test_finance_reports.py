@@ -356,3 +356,72 @@ async def test_efficiency_and_department_at_the_time(
         },
     )
     assert [i["department"] for i in r.json()["items"]] == ["eng"]
+
+
+@pytest.mark.parametrize(
+    ("path", "query"),
+    [
+        ("/v1/reports/liability", {"group_by": "employee"}),
+        ("/v1/reports/compensation", {}),
+        ("/v1/reports/efficiency", {"group_by": "employee"}),
+    ],
+)
+async def test_csv_exports_stream_one_query(
+    api: Api,
+    client: AsyncTestClient[Any],
+    clock: FakeClock,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    path: str,
+    query: dict[str, str],
+) -> None:
+    """A CSV export by employee is one query read through a cursor STREAM_BATCH rows at a
+    time (not a query per page of 500, which re-read the period each time), and holds
+    exactly the rows of every JSON page, in the same order; from a cursor, the rest."""
+    from service import finance
+    from service.journal import Ledger
+    from tests.api.test_reports import make_events
+
+    await make_events(api, database_url, count=40)  # e-a..e-d's usage in Jan and Feb
+    clock.set(datetime(2026, 1, 5, tzinfo=UTC))
+    for n in range(7):
+        await api.employee(f"s-{n}", "eng")
+        await api.grant(f"s-{n}", 100 + n)
+        await api.grant(f"s-{n}", 5, reason="signing_bonus")
+    for emp in ("e-a", "e-b", "e-c"):
+        await api.grant(emp, 50)
+    clock.set(datetime(2026, 3, 2, tzinfo=UTC))
+    monkeypatch.setattr(finance, "STREAM_BATCH", 2)
+    batches: list[int] = []
+    original = Ledger.stream_slow
+
+    async def counting(self: Ledger, *args: Any, **kw: Any) -> Any:
+        batches.append(0)
+        async for rows in original(self, *args, **kw):
+            assert len(rows) <= 2
+            batches[-1] += 1
+            yield rows
+
+    monkeypatch.setattr(Ledger, "stream_slow", counting)
+    params = {"from": "2026-01-01T00:00:00Z", "to": "2026-03-01T00:00:00Z", **query}
+    pages = await all_pages(client, path, params)
+    assert len(pages) >= 3
+    r = await client.get(path, params=params, headers={"Accept": "text/csv"})
+    assert r.status_code == 200, r.text
+    table = list(csv.DictReader(io.StringIO(r.text)))
+    key_column = "employee"
+    assert [t[key_column] for t in table] == [p[key_column] for p in pages]
+    assert [int(t["credits" if "credits" in t else "granted"]) for t in table] == [
+        p["credits" if "credits" in p else "granted"] for p in pages
+    ]
+    assert len(batches) == 1 and batches[0] > 1  # one query, several reads
+    # From a JSON page's cursor on: the rest of the rows.
+    r = await client.get(path, params={**params, "limit": 1})
+    rest = await client.get(
+        path,
+        params={**params, "cursor": r.json()["next_cursor"]},
+        headers={"Accept": "text/csv"},
+    )
+    rows = list(csv.DictReader(io.StringIO(rest.text)))
+    first = r.json()["items"][0][key_column]
+    assert [t[key_column] for t in rows] == [p[key_column] for p in pages if p[key_column] != first]

@@ -180,3 +180,65 @@ async def test_import_grants(api: Api, client: AsyncTestClient[Any]) -> None:
     (result,) = r.json()["results"]
     assert result["status"] == "duplicate" and result["transaction_id"].startswith("txn_")
     assert (await api.account("employee:e-1"))["posted"] == 100
+
+
+async def test_import_grants_emit_grant_created_once_each(
+    api: Api, client: AsyncTestClient[Any], database_url: str
+) -> None:
+    """Each imported grant puts one grant.created event in the outbox (written set-based, by a
+    statement trigger over the inserted lots), with its lot, account and reason; a re-upload
+    emits nothing more."""
+    from service import db as service_db
+
+    for n in range(3):
+        await api.employee(f"g-{n}")
+    text = "key,employee,amount,reason,expires_at\n" + "".join(
+        f"k-{n},g-{n},{10 + n},signing_bonus,2030-01-01T00:00:00Z\n" for n in range(3)
+    )
+    r = await upload(client, "grants", text)
+    assert r.status_code == 200 and r.json()["created"] == 3, r.text
+    r = await upload(client, "grants", text)
+    assert r.json()["duplicate"] == 3, r.text
+    conn = await service_db.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT data, dedup_key FROM outbox WHERE type = 'grant.created' ORDER BY seq"
+        )
+        lots = {
+            f"lot_{rec['id'].hex}": rec
+            for rec in await conn.fetch("SELECT id, amount, account_id FROM lots")
+        }
+    finally:
+        await conn.close()
+    assert len(rows) == 3
+    got = sorted((r["data"]["account"], r["data"]["amount"], r["data"]["reason"]) for r in rows)
+    assert got == [(f"employee:g-{n}", 10 + n, "signing_bonus") for n in range(3)]
+    for r in rows:
+        assert r["data"]["lot_id"] in lots and r["dedup_key"] == "grant.created:" + str(
+            lots[r["data"]["lot_id"]]["id"]
+        )
+        assert r["data"]["expires_at"] == "2030-01-01T00:00:00.000000Z"
+        assert r["data"]["transaction_id"].startswith("txn_")
+
+
+async def test_import_grants_chunks_posted_concurrently(
+    api: Api, client: AsyncTestClient[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks of one import post two at a time; chunks granting to the same wallets (locked
+    in id order) all post, each row once, and the balances are the sums."""
+    import service.api.imports as api_imports
+
+    monkeypatch.setattr(api_imports, "GRANT_CHUNK_ROWS", 2)
+    for n in range(3):
+        await api.employee(f"c-{n}")
+    text = "key,employee,amount,reason\n" + "".join(
+        f"ck-{i},c-{i % 3},{i + 1},spot_bonus\n" for i in range(11)
+    )
+    r = await upload(client, "grants", text)
+    assert r.status_code == 200, r.text
+    assert (r.json()["created"], r.json()["rejected"]) == (11, [])
+    for n in range(3):
+        want = sum(i + 1 for i in range(11) if i % 3 == n)
+        assert (await api.account(f"employee:c-{n}"))["posted"] == want
+    r = await upload(client, "grants", text)
+    assert r.json()["duplicate"] == 11 and r.json()["created"] == 0

@@ -40,6 +40,12 @@ RATES = (2_500_000, 1_250_000, 10_000_000)  # input, cached input, output per Mt
 START = datetime(2026, 1, 1, tzinfo=UTC)
 END = datetime(2026, 3, 1, tzinfo=UTC)
 REPORT = "/v1/reports/usage"
+# Usage events' tags, by event number: grouping by tag:team sees red, blue and null.
+TAGS: tuple[dict[str, str], ...] = (
+    {"team": "red", "cost center": "=cc-1"},
+    {"team": "blue"},
+    {},
+)
 
 
 @dataclass(frozen=True)
@@ -86,9 +92,9 @@ async def make_events(api: Api, database_url: str, count: int = 120) -> list[Eve
             await conn.execute(
                 "INSERT INTO usage_events (id, source, event_id, account_id, model, price_id,"
                 " input_tokens, cached_input_tokens, output_tokens, cost, project,"
-                " occurred_at, recorded_at)"
+                " occurred_at, recorded_at, tags)"
                 " VALUES ($1, 'test', $2, (SELECT id FROM accounts WHERE address = $3), $4, $5,"
-                " $6, $7, $8, $9, $10, $11, $11)",
+                " $6, $7, $8, $9, $10, $11, $11, $12)",
                 event_id,
                 f"evt-{n}",
                 address,
@@ -100,6 +106,7 @@ async def make_events(api: Api, database_url: str, count: int = 120) -> list[Eve
                 cost,
                 project,
                 when,
+                TAGS[n % len(TAGS)],
             )
             await conn.execute(
                 "SELECT tl_usage_rollup(u) FROM usage_events u WHERE id = $1", event_id
@@ -111,8 +118,11 @@ async def make_events(api: Api, database_url: str, count: int = 120) -> list[Eve
                 "project": project,
                 "day": when.strftime("%Y-%m-%d"),
                 "month": when.strftime("%Y-%m"),
+                "tag:team": TAGS[n % len(TAGS)].get("team"),
+                "tag:cost center": TAGS[n % len(TAGS)].get("cost center"),
             }
             totals = {
+                **dict.fromkeys(TOTALS, 0),
                 "events": 1,
                 "input_tokens": inp,
                 "cached_input_tokens": cached,
@@ -249,7 +259,8 @@ async def test_an_empty_period_has_no_items(api: Api) -> None:
         headers={"Accept": "text/csv"},
     )
     assert r.text == (
-        "day,events,input_tokens,cached_input_tokens,output_tokens,credits,overage,violations\r\n"
+        "day,events,input_tokens,cached_input_tokens,output_tokens,credits,overage,violations,"
+        "debits,debit_credits\r\n"
     )
 
 
@@ -350,7 +361,7 @@ async def test_report_timeout_outlasts_the_pool_command_timeout(
         # well within the report's 5 s.
         ledger.queries["usage_report"] = (
             "SELECT 1 FROM (SELECT $1::timestamptz, $2::timestamptz, $3::text[], $4::text,"
-            " $5::boolean) AS a"
+            " $5::boolean, $6::text[]) AS a"
             " WHERE (SELECT count(*) FROM pg_sleep(1.5)) = 0"
         )
         transport = httpx.ASGITransport(app=app)
