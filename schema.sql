@@ -2670,19 +2670,39 @@ DECLARE
     v_take bigint;
     v_id uuid;
     v_shortfall bigint;
-    -- Spend policy: the bound wallets' limits (tl_policy_batch_limits), and
-    -- what the batch takes from each wallet.
-    v_p_wallet integer[];
+    v_r_created timestamptz[];
+    -- Spend policy (tl_policy_batch_links). The limits binding the bound
+    -- wallets, each once (a department's is shared by its members in the
+    -- batch), with the spend it counts, kept up to date in the loop:
     v_p_owner text[];
+    v_p_ord integer[];
     v_p_period text[];
     v_p_tz text[];
     v_p_start timestamptz[];
     v_p_amount bigint[];
     v_p_hard boolean[];
     v_p_total bigint[];
-    v_p_added bigint[];
+    -- each wallet's limits in check order (links v_pw_first .. v_pw_last),
+    v_pk_wallet integer[];
+    v_pk_limit integer[];
+    v_pw_first integer[];
+    v_pw_last integer[];
+    -- what the batch adds to each wallet's window rows (net),
+    v_p_delta bigint[];
+    -- a wallet whose named reservation was made in an earlier window (its
+    -- spend is trued up there: one by one),
+    v_w_skip boolean[];
+    -- a debit or reservation refused for its model (model_not_allowed),
+    v_p_model jsonb[];
+    v_refusal jsonb;
+    -- and soft-limit crossings to emit (limit, threshold, spend then).
+    v_e_limit integer[] := '{}';
+    v_e_pct integer[] := '{}';
+    v_e_spent bigint[] := '{}';
     v_p_refused integer;
     v_p_any boolean;
+    v_delta bigint;
+    v_pct integer;
 BEGIN
     v_items := ARRAY(
         SELECT i FROM generate_subscripts(p_ops, 1) i
@@ -2698,8 +2718,9 @@ BEGIN
     END IF;
     v_now := coalesce((p_ctxs[v_items[1]] ->> 'now')::timestamptz, clock_timestamp());
     SELECT array_agg(r.id ORDER BY r.id), array_agg(r.account_id ORDER BY r.id),
-           array_agg(r.amount ORDER BY r.id), array_agg(r.metadata ORDER BY r.id)
-      INTO v_r_id, v_r_account, v_r_amount, v_r_metadata
+           array_agg(r.amount ORDER BY r.id), array_agg(r.metadata ORDER BY r.id),
+           array_agg(r.created_at ORDER BY r.id)
+      INTO v_r_id, v_r_account, v_r_amount, v_r_metadata, v_r_created
       FROM reservations r
      WHERE r.id = ANY (ARRAY(SELECT (p_args[i] ->> 'reservation_id')::uuid FROM unnest(v_items) i
                               WHERE p_ops[i] IN ('capture', 'release')))
@@ -2732,15 +2753,6 @@ BEGIN
             OR a.id = ANY (coalesce(v_r_account, '{}')))
        AND a.type <> 'system' AND a.status = 'open' AND a.shard_count = 1
        AND a.address <> ALL (v_busy) AND a.id <> ALL (v_busy_ids)
-       -- A wallet bound by a spend policy goes set-based only when the batch
-       -- just debits it or reserves on it, naming no model, and it has no hard
-       -- department limit; its limits are checked in the loop below.
-       AND (NOT a.policy_bound
-            OR (a.id <> ALL (coalesce(v_r_account, '{}')) AND tl_policy_batchable(a)
-                AND NOT EXISTS (SELECT 1 FROM unnest(v_items) i
-                                 WHERE p_args[i] ->> 'account' = a.address
-                                   AND jsonb_typeof(p_args[i] -> 'metadata') = 'object'
-                                   AND p_args[i] -> 'metadata' ? 'model')))
        -- Nothing for tl_expire_due to do: no reservation past its time, no
        -- lot to roll over, no voided lot holding credits, and no lot past
        -- its expiry with anything left (held or not: what a capture would
@@ -2791,12 +2803,64 @@ BEGIN
     v_h_reservation := coalesce(v_h_reservation, '{}');
     -- Spend policy: the limits of the bound wallets, with their totals now
     -- (nothing to read when none is bound, the common case).
+    -- A bound wallet's limits are checked in the loop below as
+    -- tl_policy_count checks them one by one (the same order, the same
+    -- answers, the same soft-limit events); its window rows are written once.
+    v_w_skip := array_fill(false, ARRAY[cardinality(v_w_id)]);
     IF v_p_any THEN
-        SELECT array_agg(b.wallet), array_agg(b.owner), array_agg(b.period), array_agg(b.time_zone),
-               array_agg(b.starts_at), array_agg(b.amount), array_agg(b.hard), array_agg(b.total)
-          INTO v_p_wallet, v_p_owner, v_p_period, v_p_tz, v_p_start, v_p_amount, v_p_hard, v_p_total
-          FROM tl_policy_batch_limits(v_w_id, v_now) b;
-        v_p_added := array_fill(0::bigint, ARRAY[cardinality(v_w_id)]);
+        WITH b AS MATERIALIZED (
+            SELECT * FROM tl_policy_batch_links(v_w_id, v_now)
+                          WITH ORDINALITY AS b(wallet, rank, owner, ord, department, period, time_zone, starts_at,
+                                               amount, hard, total, n)),
+        l AS (SELECT DISTINCT ON (b.owner, b.ord) b.*, dense_rank() OVER (ORDER BY b.owner, b.ord)::integer AS li
+                FROM b ORDER BY b.owner, b.ord)
+        SELECT array_agg(l.owner ORDER BY l.li), array_agg(l.ord ORDER BY l.li), array_agg(l.period ORDER BY l.li),
+               array_agg(l.time_zone ORDER BY l.li), array_agg(l.starts_at ORDER BY l.li),
+               array_agg(l.amount ORDER BY l.li), array_agg(l.hard ORDER BY l.li), array_agg(l.total ORDER BY l.li),
+               (SELECT array_agg(b.wallet ORDER BY b.n) FROM b),
+               (SELECT array_agg(x.li ORDER BY b.n) FROM b JOIN l x ON x.owner = b.owner AND x.ord = b.ord)
+          INTO v_p_owner, v_p_ord, v_p_period, v_p_tz, v_p_start, v_p_amount, v_p_hard, v_p_total,
+               v_pk_wallet, v_pk_limit
+          FROM l;
+    END IF;
+    IF v_pk_wallet IS NOT NULL THEN
+        SELECT array_agg(coalesce(s.first, 1) ORDER BY w.n), array_agg(coalesce(s.last, 0) ORDER BY w.n)
+          INTO v_pw_first, v_pw_last
+          FROM generate_series(1, cardinality(v_w_id)) AS w(n)
+          LEFT JOIN (SELECT k.wallet, min(k.n)::integer AS first, max(k.n)::integer AS last
+                       FROM unnest(v_pk_wallet) WITH ORDINALITY AS k(wallet, n) GROUP BY k.wallet) s
+                 ON s.wallet = w.n;
+        v_p_delta := array_fill(0::bigint, ARRAY[cardinality(v_w_id)]);
+        -- A capture or release trues up the window its reservation was made
+        -- in: when that is not the current one of every limit, one by one.
+        v_w_skip := ARRAY(
+            SELECT EXISTS (SELECT 1 FROM unnest(v_r_account, v_r_created) AS r(account, created),
+                                         generate_series(v_pw_first[w.n], v_pw_last[w.n]) AS k
+                            WHERE r.account = w.id
+                              AND tl_window_start(v_p_period[v_pk_limit[k]], v_p_tz[v_pk_limit[k]], r.created)
+                                  <> v_p_start[v_pk_limit[k]])
+              FROM unnest(v_w_id) WITH ORDINALITY AS w(id, n) ORDER BY w.n);
+    END IF;
+    IF v_p_any THEN
+        -- A model its policies do not allow is refused before anything is
+        -- held (tl_require_model).
+        v_p_model := array_fill(NULL::jsonb, ARRAY[cardinality(p_ops)]);
+        FOR v_i, v_refusal IN
+            SELECT i, jsonb_build_object(
+                       'code', 'model_not_allowed',
+                       'detail', format('the spend policy of %s does not allow model %s (%s tier)',
+                                        a.address, m.model, pr.tier),
+                       'extra', jsonb_build_object('account', a.address, 'model', m.model, 'tier', pr.tier))
+              FROM unnest(v_items) AS i
+              JOIN accounts a ON a.address = p_args[i] ->> 'account' AND a.id = ANY (v_w_id) AND a.policy_bound
+             CROSS JOIN LATERAL (SELECT coalesce(p_args[i] -> 'estimate' ->> 'model',
+                                                 p_args[i] -> 'metadata' ->> 'model') AS model) m
+             CROSS JOIN LATERAL tl_price_at(m.model, v_now) pr
+             WHERE p_ops[i] IN ('debit', 'reserve') AND m.model IS NOT NULL AND pr.id IS NOT NULL
+               AND NOT tl_model_allowed(a, m.model, pr.tier)
+        LOOP
+            v_p_model[v_i] := v_refusal;
+        END LOOP;
     END IF;
     -- This transaction's shard of system:usage, locked by tl_lock.
     SELECT * INTO v_usage FROM accounts WHERE address = 'system:usage';
@@ -2814,11 +2878,38 @@ BEGIN
         ELSE
             v_w := array_position(v_w_address, p_args[v_i] ->> 'account');
         END IF;
-        CONTINUE WHEN v_w IS NULL;  -- not eligible: tl_execute_batch runs it one by one
+        -- Not eligible: tl_execute_batch runs it one by one.
+        CONTINUE WHEN v_w IS NULL OR v_w_skip[v_w];
         v_amt := (p_args[v_i] ->> 'amount')::bigint;
+        IF v_p_model[v_i] IS NOT NULL THEN
+            v_out[v_i] := jsonb_build_object('status', 409, 'replayed', false, 'body', v_p_model[v_i]);
+            CONTINUE;
+        END IF;
         -- What must come from free credits, beyond the reservation's own holds.
         v_shortfall := CASE v_op WHEN 'debit' THEN v_amt WHEN 'reserve' THEN v_amt
                                  WHEN 'capture' THEN greatest(v_amt - v_r_amount[v_r], 0) ELSE 0 END;
+        -- Spend policy: what it adds to the wallet's windows, and the first
+        -- hard limit that would pass, as tl_policy_count finds it. A capture
+        -- checks its limits before the credits of an over-capture; a debit
+        -- and a reservation after their credits.
+        v_delta := CASE v_op WHEN 'capture' THEN v_amt - v_r_amount[v_r]
+                             WHEN 'release' THEN -v_r_amount[v_r] ELSE v_amt END;
+        v_p_refused := NULL;
+        IF v_pw_first IS NOT NULL AND v_delta > 0 THEN
+            FOR v_k IN v_pw_first[v_w] .. v_pw_last[v_w] LOOP
+                IF v_p_hard[v_pk_limit[v_k]]
+                   AND v_p_total[v_pk_limit[v_k]] + v_delta > v_p_amount[v_pk_limit[v_k]] THEN
+                    v_p_refused := v_pk_limit[v_k];
+                    EXIT;
+                END IF;
+            END LOOP;
+        END IF;
+        IF v_p_refused IS NOT NULL AND (v_op = 'capture' OR v_w_free[v_w] >= v_shortfall) THEN
+            v_out[v_i] := jsonb_build_object('status', 409, 'replayed', false, 'body', tl_limit_exceeded_json(
+                v_p_owner[v_p_refused], v_p_period[v_p_refused], v_p_tz[v_p_refused], v_p_amount[v_p_refused],
+                v_p_total[v_p_refused], v_delta, v_p_start[v_p_refused]));
+            CONTINUE;
+        END IF;
         IF v_w_free[v_w] < v_shortfall THEN
             v_out[v_i] := jsonb_build_object('status', 409, 'replayed', false, 'body', jsonb_build_object(
                 'code', 'insufficient_credits',
@@ -2828,28 +2919,24 @@ BEGIN
                                             'requested', v_shortfall)));
             CONTINUE;
         END IF;
-        -- Spend policy: the first hard limit it would pass refuses it, as
-        -- tl_policy_count would (only debits and reservations get here).
-        IF v_p_wallet IS NOT NULL AND v_w = ANY (v_p_wallet) THEN
-            v_p_refused := NULL;
-            FOR v_k IN 1 .. cardinality(v_p_wallet) LOOP
-                IF v_p_wallet[v_k] = v_w AND v_p_hard[v_k] AND v_p_total[v_k] + v_amt > v_p_amount[v_k] THEN
-                    v_p_refused := v_k;
-                    EXIT;
-                END IF;
+        -- Counted: the window totals, and each soft limit's 80 % and 100 %
+        -- crossings (emitted after the loop; the outbox keeps the first).
+        IF v_pw_first IS NOT NULL AND v_delta <> 0 AND v_pw_first[v_w] <= v_pw_last[v_w] THEN
+            v_p_delta[v_w] := v_p_delta[v_w] + v_delta;
+            FOR v_k IN v_pw_first[v_w] .. v_pw_last[v_w] LOOP
+                v_p_refused := v_pk_limit[v_k];
+                v_p_total[v_p_refused] := v_p_total[v_p_refused] + v_delta;
+                CONTINUE WHEN v_delta < 0 OR v_p_hard[v_p_refused];
+                FOREACH v_pct IN ARRAY ARRAY[80, 100] LOOP
+                    IF v_p_total[v_p_refused] * 100 >= v_p_amount[v_p_refused] * v_pct
+                       AND NOT EXISTS (SELECT 1 FROM unnest(v_e_limit, v_e_pct) AS e(l, p)
+                                        WHERE e.l = v_p_refused AND e.p = v_pct) THEN
+                        v_e_limit := v_e_limit || v_p_refused;
+                        v_e_pct := v_e_pct || v_pct;
+                        v_e_spent := v_e_spent || v_p_total[v_p_refused];
+                    END IF;
+                END LOOP;
             END LOOP;
-            IF v_p_refused IS NOT NULL THEN
-                v_out[v_i] := jsonb_build_object('status', 409, 'replayed', false, 'body', tl_limit_exceeded_json(
-                    v_p_owner[v_p_refused], v_p_period[v_p_refused], v_p_tz[v_p_refused], v_p_amount[v_p_refused],
-                    v_p_total[v_p_refused], v_amt, v_p_start[v_p_refused]));
-                CONTINUE;
-            END IF;
-            FOR v_k IN 1 .. cardinality(v_p_wallet) LOOP
-                IF v_p_wallet[v_k] = v_w THEN
-                    v_p_total[v_k] := v_p_total[v_k] + v_amt;
-                END IF;
-            END LOOP;
-            v_p_added[v_w] := v_p_added[v_w] + v_amt;
         END IF;
         IF v_op IN ('debit', 'capture') THEN
             v_id := tl_uuid7();
@@ -2992,9 +3079,29 @@ BEGIN
          WHERE r.id = v_r_id[c.r] AND r.id = ANY (ARRAY(SELECT v_r_id[x] FROM unnest(v_done_res) x));
     END IF;
 
-    -- Spend policy: the bound wallets' window rows and soft-limit events.
-    IF v_p_wallet IS NOT NULL THEN
-        PERFORM tl_policy_batch_count(v_w_id, v_p_added, v_now);
+    -- Spend policy: the bound wallets' window rows, each once, and the
+    -- soft-limit events in the order they were crossed.
+    IF v_pk_wallet IS NOT NULL THEN
+        UPDATE policy_spend s SET spent = s.spent + d.delta
+          FROM (SELECT DISTINCT v_w_id[k.wallet] AS account_id, v_p_period[k.li] AS period, v_p_tz[k.li] AS tz,
+                       v_p_start[k.li] AS starts_at, v_p_delta[k.wallet] AS delta
+                  FROM unnest(v_pk_wallet, v_pk_limit) AS k(wallet, li)
+                 WHERE v_p_delta[k.wallet] <> 0) d
+         WHERE s.account_id = d.account_id AND s.period = d.period AND s.time_zone = d.tz
+           AND s.starts_at = d.starts_at;
+        FOR v_k IN 1 .. cardinality(v_e_limit) LOOP
+            v_p_refused := v_e_limit[v_k];
+            PERFORM tl_emit('limit.reached',
+                jsonb_build_object('account', v_p_owner[v_p_refused], 'window', v_p_period[v_p_refused],
+                                   'time_zone', v_p_tz[v_p_refused], 'mode', 'soft',
+                                   'limit', v_p_amount[v_p_refused], 'threshold_percent', v_e_pct[v_k],
+                                   'spent', v_e_spent[v_k], 'starts_at', tl_ts(v_p_start[v_p_refused]),
+                                   'resets_at', tl_ts(tl_window_end(v_p_period[v_p_refused], v_p_tz[v_p_refused],
+                                                                    v_p_start[v_p_refused]))),
+                format('limit.reached:%s:%s:%s:%s:%s', v_p_owner[v_p_refused], v_p_period[v_p_refused],
+                       v_p_tz[v_p_refused], tl_ts(v_p_start[v_p_refused]), v_e_pct[v_k]),
+                v_now);
+        END LOOP;
     END IF;
 
     -- The answers: a debit's is built from what was written; the others are
@@ -4603,55 +4710,102 @@ BEGIN
     PERFORM tl_raise('TLB08', 'limit_exceeded', v ->> 'detail', v -> 'extra');
 END $$;
 
--- Whether tl_batch_fast may decide a bound account's debits and
--- reservations set-based: none of its limits is a hard department limit
--- (whose exact check takes the department's lock, tl_policy_total).
-CREATE OR REPLACE FUNCTION tl_policy_batchable(p_account accounts) RETURNS boolean
-LANGUAGE sql STABLE AS $$
-    SELECT NOT EXISTS (SELECT 1 FROM tl_policy_limits(p_account) l WHERE l.department IS NOT NULL AND l.mode = 'hard')
-$$;
-
--- The limits of the bound accounts among p_wallets (tl_batch_fast's
--- wallets, by position), in the order tl_policy_count checks them, each with
--- the spend it counts now; the accounts' own window rows are made (from the
--- journal) when missing, before the batch writes anything.
-CREATE OR REPLACE FUNCTION tl_policy_batch_limits(p_wallets bigint[], p_now timestamptz)
-RETURNS TABLE (wallet integer, owner text, period text, time_zone text, starts_at timestamptz, amount bigint,
-               hard boolean, total bigint)
+-- The limits binding the bound accounts among p_wallets (tl_batch_fast's
+-- wallets, by position), set-based, one row per (wallet, limit), in the
+-- order tl_policy_count checks a wallet's limits (`rank`). A limit is named
+-- by its owner and its place in the owner's policy (`ord`): a department's
+-- limit is the same one for every member in the batch, so members' spend
+-- adds up in it as it does in its rows. `total` is the spend it counts
+-- now. Before the totals are read, the accounts' own window rows are made
+-- (from the journal) where missing, and the (department, window) advisory
+-- locks of hard department limits are taken, all at once and sorted (the
+-- order tl_policy_count takes one department's in), so that the sums read
+-- in the next statement stay exact until the batch commits.
+CREATE OR REPLACE FUNCTION tl_policy_batch_links(p_wallets bigint[], p_now timestamptz)
+RETURNS TABLE (wallet integer, rank integer, owner text, ord integer, department text, period text,
+               time_zone text, starts_at timestamptz, amount bigint, hard boolean, total bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_acc accounts;
-    v_l record;
-    v_start timestamptz;
+    v_wallet integer[];
+    v_rank integer[];
+    v_account bigint[];
+    v_own_department text[];
+    v_owner text[];
+    v_ord integer[];
+    v_department text[];
+    v_period text[];
+    v_tz text[];
+    v_start timestamptz[];
+    v_amount bigint[];
+    v_hard boolean[];
 BEGIN
-    FOR v_acc IN SELECT * FROM accounts WHERE id = ANY (p_wallets) AND policy_bound ORDER BY id LOOP
-        FOR v_l IN SELECT * FROM tl_policy_limits(v_acc) l ORDER BY l.department NULLS FIRST, l.period, l.time_zone LOOP
-            v_start := tl_window_start(v_l.period, v_l.time_zone, p_now);
-            IF NOT EXISTS (SELECT 1 FROM policy_spend s WHERE s.account_id = v_acc.id AND s.period = v_l.period
-                                                          AND s.time_zone = v_l.time_zone AND s.starts_at = v_start) THEN
-                PERFORM tl_policy_spend_row(v_acc.id, tl_policy_department(v_acc), v_l.period, v_l.time_zone,
-                                            v_start, 0);
-            END IF;
-            wallet := array_position(p_wallets, v_acc.id); owner := v_l.owner; period := v_l.period;
-            time_zone := v_l.time_zone; starts_at := v_start; amount := v_l.amount; hard := v_l.mode = 'hard';
-            total := tl_policy_total(v_acc.id, v_l.department, v_l.period, v_l.time_zone, v_start, false);
-            RETURN NEXT;
-        END LOOP;
-    END LOOP;
+    SELECT array_agg(k.wallet ORDER BY k.wallet, k.rank), array_agg(k.rank ORDER BY k.wallet, k.rank),
+           array_agg(k.account ORDER BY k.wallet, k.rank), array_agg(k.own_department ORDER BY k.wallet, k.rank),
+           array_agg(k.owner ORDER BY k.wallet, k.rank), array_agg(k.ord ORDER BY k.wallet, k.rank),
+           array_agg(k.department ORDER BY k.wallet, k.rank), array_agg(k.period ORDER BY k.wallet, k.rank),
+           array_agg(k.tz ORDER BY k.wallet, k.rank),
+           array_agg(tl_window_start(k.period, k.tz, p_now) ORDER BY k.wallet, k.rank),
+           array_agg(k.amount ORDER BY k.wallet, k.rank), array_agg(k.hard ORDER BY k.wallet, k.rank)
+      INTO v_wallet, v_rank, v_account, v_own_department, v_owner, v_ord, v_department, v_period, v_tz,
+           v_start, v_amount, v_hard
+      FROM (SELECT l.*, row_number() OVER (PARTITION BY l.wallet
+                                           ORDER BY l.department NULLS FIRST, l.period, l.tz, l.owner, l.ord)::integer
+                                    AS rank
+              FROM (SELECT x.n::integer AS wallet, a.id AS account,
+                           CASE a.type WHEN 'department' THEN a.ref ELSE e.department END AS own_department,
+                           o.address AS owner, v.ord::integer AS ord,
+                           -- tl_policies_of: an account's own limits count its own spend,
+                           -- but a department account's own are its department's.
+                           CASE WHEN o.id <> a.id OR a.type = 'department' THEN o.ref END AS department,
+                           v.l ->> 'window' AS period, coalesce(v.l ->> 'time_zone', 'UTC') AS tz,
+                           (v.l ->> 'amount')::bigint AS amount, coalesce(v.l ->> 'mode', 'hard') = 'hard' AS hard
+                      FROM unnest(p_wallets) WITH ORDINALITY AS x(id, n)
+                      JOIN accounts a ON a.id = x.id AND a.policy_bound
+                      LEFT JOIN employees e ON a.type = 'employee' AND e.id = a.ref
+                      CROSS JOIN LATERAL (SELECT a.id AS id
+                                          UNION ALL
+                                          SELECT d.id FROM accounts d
+                                           WHERE a.type = 'employee' AND d.address = 'department:' || e.department) b
+                      JOIN accounts o ON o.id = b.id
+                      JOIN spend_policies p ON p.account_id = o.id
+                     CROSS JOIN LATERAL jsonb_array_elements(p.limits) WITH ORDINALITY AS v(l, ord)) l) k;
+    IF v_wallet IS NULL THEN
+        RETURN;
+    END IF;
+    -- The accounts' own rows of the windows their limits count in.
+    INSERT INTO policy_spend (account_id, period, time_zone, starts_at, department, spent)
+    SELECT DISTINCT ON (k.account, k.period, k.tz) k.account, k.period, k.tz, k.start, k.own_department,
+           tl_journal_spend(k.account, k.start, tl_window_end(k.period, k.tz, k.start))
+      FROM unnest(v_account, v_own_department, v_period, v_tz, v_start) AS k(account, own_department, period, tz, start)
+     WHERE NOT EXISTS (SELECT 1 FROM policy_spend s WHERE s.account_id = k.account AND s.period = k.period
+                                                      AND s.time_zone = k.tz AND s.starts_at = k.start)
+    ON CONFLICT DO NOTHING;
+    -- The hard department limits' locks (tl_policy_total), sorted.
+    PERFORM pg_advisory_xact_lock(1969516656, hashtext(d.department || '|' || d.period || '|' || d.tz
+                                                       || '|' || tl_ts(d.start)))
+       FROM (SELECT DISTINCT k.department, k.period, k.tz, k.start
+               FROM unnest(v_department, v_period, v_tz, v_start, v_hard) AS k(department, period, tz, start, hard)
+              WHERE k.hard AND k.department IS NOT NULL
+              ORDER BY 1, 2, 3, 4) d;
+    RETURN QUERY
+    SELECT k.wallet, k.rank, k.owner, k.ord, k.department, k.period, k.tz, k.start, k.amount, k.hard,
+           CASE WHEN k.department IS NULL
+                THEN coalesce((SELECT s.spent FROM policy_spend s
+                                WHERE s.account_id = k.account AND s.period = k.period AND s.time_zone = k.tz
+                                  AND s.starts_at = k.start), 0)
+                ELSE coalesce((SELECT sum(s.spent) FROM policy_spend s
+                                WHERE s.department = k.department AND s.period = k.period AND s.time_zone = k.tz
+                                  AND s.starts_at = k.start), 0) END::bigint
+      FROM unnest(v_wallet, v_rank, v_account, v_owner, v_ord, v_department, v_period, v_tz, v_start, v_amount,
+                  v_hard) WITH ORDINALITY AS k(wallet, rank, account, owner, ord, department, period, tz, start,
+                                               amount, hard, n)
+     ORDER BY k.n;
 END $$;
 
--- Counts what tl_batch_fast took from each bound wallet (p_added, by
--- position in p_wallets): its window rows, and soft-limit events.
-CREATE OR REPLACE FUNCTION tl_policy_batch_count(p_wallets bigint[], p_added bigint[], p_now timestamptz)
-RETURNS void LANGUAGE plpgsql AS $$
-DECLARE
-    v_acc accounts;
-BEGIN
-    FOR v_acc IN SELECT a.* FROM unnest(p_wallets, p_added) AS w (id, added) JOIN accounts a ON a.id = w.id
-                  WHERE w.added > 0 ORDER BY a.id LOOP
-        PERFORM tl_policy_count(v_acc, p_added[array_position(p_wallets, v_acc.id)], p_now, false, p_now);
-    END LOOP;
-END $$;
+-- Superseded by the set-based checks in tl_batch_fast (tl_policy_batch_limits).
+DROP FUNCTION IF EXISTS tl_policy_batchable(accounts);
+DROP FUNCTION IF EXISTS tl_policy_batch_limits(bigint[], timestamptz);
+DROP FUNCTION IF EXISTS tl_policy_batch_count(bigint[], bigint[], timestamptz);
 
 -- Counts p_delta credits of spend (negative: given back) of a bound
 -- account in every window of its limits that contains p_at. With p_check,
