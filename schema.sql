@@ -1007,6 +1007,9 @@ BEGIN
         PERFORM tl_raise('TLD01', 'invalid_request', 'debits draw on a wallet or a department account',
                          jsonb_build_object('path', '$.account'));
     END IF;
+    IF p_ctx ? 'departments' THEN
+        PERFORM tl_require_key_scope(w, p_ctx);  -- a key limited to departments
+    END IF;
     PERFORM tl_lock(ARRAY[w.id], ARRAY['system:expired', 'system:usage']);
     v_now := tl_now(p_ctx);
     SELECT * INTO w FROM accounts WHERE id = w.id;
@@ -1019,6 +1022,9 @@ BEGIN
     PERFORM 1 FROM tl_consume(v_txn, w, v_amount, v_now);
     PERFORM tl_post_entry(v_txn, w.id, -v_amount, v_now);
     PERFORM tl_post_entry(v_txn, tl_account_id('system:usage'), v_amount, v_now);
+    IF p_ctx ? 'rate_limit' THEN
+        PERFORM tl_key_charge(p_ctx, v_amount);  -- the key's spend rate cap, checked last
+    END IF;
     RETURN tl_transaction_json(v_txn);
 END $$;
 
@@ -1366,6 +1372,9 @@ BEGIN
         PERFORM tl_raise('TLD01', 'invalid_request', 'reservations hold credits of a wallet or a department account',
                          jsonb_build_object('path', '$.account'));
     END IF;
+    IF p_ctx ? 'departments' THEN
+        PERFORM tl_require_key_scope(w, p_ctx);  -- a key limited to departments
+    END IF;
     PERFORM tl_lock(ARRAY[w.id], ARRAY['system:expired', 'system:issuance']);
     v_now := tl_now(p_ctx);
     SELECT * INTO w FROM accounts WHERE id = w.id;
@@ -1408,6 +1417,9 @@ BEGIN
     END LOOP;
     ASSERT v_left = 0, 'tl_op_reserve: spendable credits changed under a held lock';
     UPDATE accounts SET reserved = reserved + v_amount, updated_at = v_now WHERE id = w.id;
+    IF p_ctx ? 'rate_limit' THEN
+        PERFORM tl_key_charge(p_ctx, v_amount);  -- the key's spend rate cap, checked last
+    END IF;
     RETURN tl_reservation_json(v_id, v_now)
            || jsonb_build_object('available_after', v_available - v_amount)
            || CASE WHEN v_estimate IS NULL THEN '{}'::jsonb
@@ -1903,6 +1915,12 @@ BEGIN
         PERFORM tl_raise('TLD01', 'invalid_request', 'usage is charged to a wallet or a department account',
                          jsonb_build_object('path', '$.account'));
     END IF;
+    IF p_ctx ? 'departments' THEN
+        PERFORM tl_require_key_scope(w, p_ctx);  -- a key limited to departments
+    END IF;
+    IF p_ctx ? 'rate_limit' AND p_args ->> 'reservation' IS NULL THEN
+        PERFORM tl_key_lock(ARRAY[p_ctx]);  -- before the event is claimed (see tl_key_lock)
+    END IF;
     IF p_args ? 'reservation' AND p_args ->> 'reservation' IS NOT NULL THEN
         SELECT * INTO v_res FROM reservations WHERE id = (p_args ->> 'reservation_id')::uuid;
         IF NOT FOUND OR NOT tl_may_act_on(v_res, p_ctx) THEN
@@ -1972,6 +1990,9 @@ BEGIN
         SELECT * INTO w FROM accounts WHERE id = w.id;
         v_cover := tl_usage_cover(w, v_cost, v_now);
         v_shortfall := v_cover.shortfall;
+        IF p_ctx ? 'rate_limit' THEN
+            PERFORM tl_key_charge(p_ctx, v_cost);  -- the key's spend rate cap
+        END IF;
         IF w.policy_bound THEN
             PERFORM tl_policy_count(w, v_cost, v_occurred, false, v_now);
         END IF;
@@ -2130,6 +2151,8 @@ DECLARE
     v_answer jsonb;
     v_rollup record;
     v_rows tl_usage_batch_item[];
+    v_minute timestamptz;
+    v_key_spent bigint;
     v_pos integer[];
     v_codes text[];
     v_statuses text[];
@@ -2166,7 +2189,10 @@ BEGIN
     -- whole: the generic plan is kept for the session, and one made while a
     -- table was small would otherwise go on hashing all of it at every batch.
     a AS (
-        SELECT a.id, a.type, a.address, a.policy_bound FROM accounts a
+        SELECT a.id, a.type, a.address, a.policy_bound,
+               -- A key limited to departments (tl_key_in_scope).
+               CASE WHEN p_ctx ? 'departments' THEN tl_key_in_scope(a, p_ctx) ELSE true END AS in_scope
+        FROM accounts a
         WHERE a.address = ANY (ARRAY(SELECT DISTINCT account FROM e))),
     r AS (
         SELECT r.id, r.account_id, r.details FROM reservations r
@@ -2175,7 +2201,7 @@ BEGIN
           AND tl_may_act_on(r, p_ctx)),
     c AS (
         SELECT e.*, u.result AS stored, u.differs, a.id AS account_id, a.type AS account_type,
-               a.policy_bound AS bound,
+               a.policy_bound AS bound, coalesce(a.in_scope, true) AS in_scope,
                r.id AS res_id, r.account_id AS res_account,
                -- An event settling a reservation made by estimate is priced at that reservation's price.
                CASE WHEN r.details ? 'price_id'
@@ -2205,6 +2231,7 @@ BEGIN
                     WHEN c.stored IS NOT NULL THEN 'duplicate'
                     WHEN c.repeat AND c.repeat_differs THEN 'rejected'
                     WHEN c.repeat THEN 'repeat'
+                    WHEN NOT c.in_scope THEN 'rejected'
                     WHEN c.account_id IS NULL OR c.account_type = 'system'
                       OR c.reservation IS NOT NULL AND (c.res_id IS NULL OR c.res_account <> c.account_id)
                       OR (q.price).id IS NULL OR (q.price).model <> c.model THEN 'rejected'
@@ -2214,6 +2241,7 @@ BEGIN
                CASE WHEN c.stored IS NOT NULL AND c.differs OR c.stored IS NULL AND c.repeat AND c.repeat_differs
                     THEN 'idempotency_key_reused'
                     WHEN c.repeat OR c.stored IS NOT NULL THEN NULL
+                    WHEN NOT c.in_scope THEN 'forbidden'
                     WHEN c.account_type = 'system' THEN 'invalid_request'
                     WHEN c.account_id IS NULL AND c.account LIKE 'employee:%' THEN 'employee_not_found'
                     WHEN c.account_id IS NULL AND c.account LIKE 'department:%' THEN 'department_not_found'
@@ -2263,6 +2291,30 @@ BEGIN
            count(*) FILTER (WHERE w.status = 'pending')
     INTO v_rows, v_pending
     FROM w;
+
+    -- A capped key's spend rate (tl_key_charge): its row locked before any
+    -- event is claimed, the events it would charge counted in batch order,
+    -- and each one that would pass the cap rejected alone (key_rate_limited).
+    IF p_ctx ? 'rate_limit' THEN
+        PERFORM tl_key_lock(ARRAY[p_ctx]);
+        v_minute := date_trunc('minute', tl_now(p_ctx), 'UTC');
+        SELECT CASE WHEN s.minute = v_minute THEN s.spent ELSE 0 END INTO v_key_spent
+          FROM key_spend s WHERE s.actor = p_ctx ->> 'actor';
+        FOR i IN 1 .. coalesce(cardinality(v_rows), 0) LOOP
+            CONTINUE WHEN v_rows[i].status NOT IN ('pending', 'single') OR v_rows[i].reservation IS NOT NULL
+                          OR coalesce(v_rows[i].cost, 0) <= 0;
+            IF v_key_spent + v_rows[i].cost > (p_ctx ->> 'rate_limit')::bigint THEN
+                IF v_rows[i].status = 'pending' THEN
+                    v_pending := v_pending - 1;
+                END IF;
+                v_rows[i].status := 'rejected';
+                v_rows[i].code := 'key_rate_limited';
+            ELSE
+                v_key_spent := v_key_spent + v_rows[i].cost;
+            END IF;
+        END LOOP;
+        UPDATE key_spend SET spent = v_key_spent, minute = v_minute WHERE actor = p_ctx ->> 'actor';
+    END IF;
 
     -- Claim the new events in key order, each with its final row (an event
     -- that settles a reservation without its answer, which needs the
@@ -2489,7 +2541,8 @@ BEGIN
         FOR i IN 1 .. coalesce(cardinality(v_pos), 0) LOOP
             v_e := v_rows[v_pos[i]];
             BEGIN
-                v_res := tl_record_usage(p_events -> (v_e.pos - 1), p_ctx);
+                -- Counted against the key's cap above already.
+                v_res := tl_record_usage(p_events -> (v_e.pos - 1), p_ctx - 'rate_limit');
                 v_rows[v_e.pos].status := CASE WHEN (v_res ->> 'status')::integer = 201 THEN 'recorded_single'
                                                ELSE 'duplicate' END;
                 v_rows[v_e.pos].result := (v_res -> 'body') - 'status';
@@ -2703,6 +2756,14 @@ DECLARE
     v_p_any boolean;
     v_delta bigint;
     v_pct integer;
+    -- Per-key spend rate caps (tl_key_charge): each capped caller's cap and
+    -- spend this minute (its key_spend row, locked by tl_execute_batch).
+    v_ka_actor text[];
+    v_ka_cap bigint[];
+    v_ka_spent bigint[];
+    v_ka_changed boolean := false;
+    v_ka integer;
+    v_minute timestamptz;
 BEGIN
     v_items := ARRAY(
         SELECT i FROM generate_subscripts(p_ops, 1) i
@@ -2711,12 +2772,23 @@ BEGIN
                    WHEN 'reserve' THEN jsonb_typeof(p_args[i] -> 'amount') = 'number'
                    WHEN 'capture' THEN jsonb_typeof(p_args[i] -> 'amount') = 'number'
                    ELSE true END
+           -- A key limited to departments charging outside them goes one by
+           -- one, to be refused there (403 forbidden, never stored).
+           AND (NOT p_ctxs[i] ? 'departments' OR p_ops[i] NOT IN ('debit', 'reserve')
+                OR tl_key_in_scope((SELECT a FROM accounts a WHERE a.address = p_args[i] ->> 'account'), p_ctxs[i]))
          ORDER BY i);
     IF cardinality(v_items) = 0
        OR (SELECT count(DISTINCT coalesce(p_ctxs[i] ->> 'now', '')) FROM unnest(v_items) i) > 1 THEN
         RETURN v_out;  -- nothing to do, or items pinned to different instants (tests): one by one
     END IF;
     v_now := coalesce((p_ctxs[v_items[1]] ->> 'now')::timestamptz, clock_timestamp());
+    v_minute := date_trunc('minute', v_now, 'UTC');
+    SELECT array_agg(c.actor ORDER BY c.actor), array_agg(c.cap ORDER BY c.actor),
+           array_agg(coalesce(CASE WHEN s.minute = v_minute THEN s.spent END, 0) ORDER BY c.actor)
+      INTO v_ka_actor, v_ka_cap, v_ka_spent
+      FROM (SELECT DISTINCT p_ctxs[i] ->> 'actor' AS actor, (p_ctxs[i] ->> 'rate_limit')::bigint AS cap
+              FROM unnest(v_items) AS i WHERE p_ctxs[i] ? 'rate_limit') c
+      LEFT JOIN key_spend s ON s.actor = c.actor;
     SELECT array_agg(r.id ORDER BY r.id), array_agg(r.account_id ORDER BY r.id),
            array_agg(r.amount ORDER BY r.id), array_agg(r.metadata ORDER BY r.id),
            array_agg(r.created_at ORDER BY r.id)
@@ -2919,6 +2991,20 @@ BEGIN
                                             'requested', v_shortfall)));
             CONTINUE;
         END IF;
+        -- The key's spend rate cap, checked last (tl_key_charge): debits and
+        -- reservations count; over it, an error that gives the key back.
+        IF v_ka_actor IS NOT NULL AND v_op IN ('debit', 'reserve') AND p_ctxs[v_i] ? 'rate_limit' THEN
+            v_ka := array_position(v_ka_actor, p_ctxs[v_i] ->> 'actor');
+            IF v_ka_spent[v_ka] + v_amt > v_ka_cap[v_ka] THEN
+                v_refusal := tl_key_rate_limited_json(v_ka_cap[v_ka], v_ka_spent[v_ka], v_amt, v_minute, v_now);
+                v_out[v_i] := jsonb_build_object('error', jsonb_build_object(
+                    'state', 'TLD29', 'code', 'key_rate_limited', 'detail', v_refusal ->> 'detail',
+                    'hint', (v_refusal -> 'extra')::text));
+                CONTINUE;
+            END IF;
+            v_ka_spent[v_ka] := v_ka_spent[v_ka] + v_amt;
+            v_ka_changed := true;
+        END IF;
         -- Counted: the window totals, and each soft limit's 80 % and 100 %
         -- crossings (emitted after the loop; the outbox keeps the first).
         IF v_pw_first IS NOT NULL AND v_delta <> 0 AND v_pw_first[v_w] <= v_pw_last[v_w] THEN
@@ -3079,6 +3165,11 @@ BEGIN
          WHERE r.id = v_r_id[c.r] AND r.id = ANY (ARRAY(SELECT v_r_id[x] FROM unnest(v_done_res) x));
     END IF;
 
+    IF v_ka_changed THEN
+        UPDATE key_spend s SET spent = k.spent, minute = v_minute
+          FROM unnest(v_ka_actor, v_ka_spent) AS k(actor, spent)
+         WHERE s.actor = k.actor AND s.actor = ANY (v_ka_actor);
+    END IF;
     -- Spend policy: the bound wallets' window rows, each once, and the
     -- soft-limit events in the order they were crossed.
     IF v_pk_wallet IS NOT NULL THEN
@@ -3200,6 +3291,7 @@ SET enable_seqscan = off
 AS $$
 DECLARE
     v_n integer := cardinality(p_ops);
+    v_capped boolean;
     v_claimed boolean[];
     v_fast jsonb[];
     v_row idempotency_keys;
@@ -3225,7 +3317,9 @@ BEGIN
                      ORDER BY u.i)
       INTO v_claimed
       FROM unnest(p_callers, p_keys) WITH ORDINALITY AS u(c, k, i);
-    -- 2. Lock what the fresh items can touch, in the global order.
+    -- 2. Lock the capped keys' spend rows (tl_key_lock), then what the fresh
+    --    items can touch, in the global order.
+    v_capped := tl_key_lock(p_ctxs);
     PERFORM tl_lock(
         ARRAY(SELECT a.id FROM unnest(p_args, v_claimed) AS u(args, fresh)
                 JOIN accounts a ON a.address IN (u.args ->> 'account', u.args ->> 'from', u.args ->> 'to')
@@ -3239,7 +3333,14 @@ BEGIN
     v_fast := tl_batch_fast(p_ops, p_args, p_ctxs, p_statuses, v_claimed);
     UPDATE idempotency_keys k SET status_code = (u.r ->> 'status')::integer, body = u.r -> 'body'
       FROM unnest(p_callers, p_keys, v_fast) AS u(c, k, r)
-     WHERE u.r IS NOT NULL AND k.caller = u.c AND k.key = u.k;
+     WHERE u.r IS NOT NULL AND NOT u.r ? 'error' AND k.caller = u.c AND k.key = u.k;
+    IF v_capped THEN
+        -- An item tl_batch_fast answered with an operating error (a key's
+        -- spend rate cap) gives its key back, as below.
+        DELETE FROM idempotency_keys k
+         USING unnest(p_callers, p_keys, v_fast) AS u(c, k, r)
+         WHERE u.r ? 'error' AND k.caller = u.c AND k.key = u.k;
+    END IF;
     FOR i IN 1 .. v_n LOOP
         IF v_fast[i] IS NOT NULL THEN
             v_out := v_out || v_fast[i];
@@ -3347,6 +3448,9 @@ BEGIN
             END IF;
             RETURN jsonb_build_object('status', v_row.status_code, 'body', v_row.body, 'replayed', true);
         END IF;
+    END IF;
+    IF p_ctx ? 'rate_limit' THEN
+        PERFORM tl_key_lock(ARRAY[p_ctx]);  -- a capped key's spend row, before any account
     END IF;
     BEGIN
         v_body := tl_dispatch(p_op, p_args, p_ctx);
@@ -6143,6 +6247,150 @@ BEGIN
     REVOKE UPDATE, DELETE, TRUNCATE ON usage_events_archive FROM tokenledger_app;
 EXCEPTION WHEN insufficient_privilege OR undefined_object THEN
     RAISE NOTICE 'tokenledger_app not granted on audit_checkpoints, usage_events_archive: %', SQLERRM;
+END $$;
+
+-- ---------------------------------------------------------------------------
+-- Key scopes by department and per-key spend rate caps (issue 11, defect 8)
+--
+-- A service key may be limited to charging the accounts of given
+-- departments (api_keys.departments: employees currently in one of them,
+-- and the department accounts themselves), and to a number of credits per
+-- minute (api_keys.rate_limit). The service passes both in the operation's
+-- context (ctx.departments, ctx.rate_limit) and the checks run inside the
+-- operation's own database call: an employee's department is only known
+-- here, and a cap must count what the key's concurrent calls spend.
+--
+-- What a key spends: debits, reservations (the amount held) and usage
+-- events that settle no reservation (their cost); a capture is counted when
+-- its reservation was made, a release gives nothing back. The count is per
+-- calendar minute (UTC) in one row per key (key_spend), locked for the
+-- rest of the transaction by every call of a capped key, before any account
+-- (tl_key_lock: in tl_execute and tl_execute_batch after the idempotency
+-- keys, in the usage functions before the events are claimed), so the cap
+-- is exact. That row serialises a capped key's calls; a coalesced batch and
+-- a usage batch take it once and update it once for all their items. Keys
+-- without a cap never touch it. A call over the cap is answered 429
+-- key_rate_limited (SQLSTATE TLD29, with retry_after: the seconds to the
+-- next minute) and rolls back: nothing is written. Out of scope: 403
+-- forbidden (TLD43).
+-- ---------------------------------------------------------------------------
+
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS departments text[];
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS rate_limit bigint;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'api_keys_rate_limit_positive') THEN
+        ALTER TABLE api_keys ADD CONSTRAINT api_keys_rate_limit_positive CHECK (rate_limit > 0);
+    END IF;
+END $$;
+
+-- A change of a key's departments or cap drops it from every replica's
+-- cache too (the trigger of the key section, with the new columns).
+DROP TRIGGER IF EXISTS api_keys_changed ON api_keys;
+CREATE TRIGGER api_keys_changed AFTER INSERT OR UPDATE OF revoked_at, secret_hash, role, prefix,
+        sources, account_types, departments, rate_limit OR DELETE
+    ON api_keys FOR EACH STATEMENT EXECUTE FUNCTION tl_api_keys_changed();
+
+CREATE TABLE IF NOT EXISTS key_spend (
+    actor  text PRIMARY KEY,       -- the caller ("key:<id>"), as ctx.actor
+    minute timestamptz NOT NULL,   -- the minute `spent` counts
+    spent  bigint NOT NULL
+);
+
+-- Locks (making them when missing) the spend rows of the capped keys among
+-- the callers, in actor order, and starts a new minute's count.
+-- Answers whether there was any.
+CREATE OR REPLACE FUNCTION tl_key_lock(p_ctxs jsonb[]) RETURNS boolean
+LANGUAGE sql AS $$
+    WITH locked AS (
+    INSERT INTO key_spend AS s (actor, minute, spent)
+    SELECT DISTINCT ON (c ->> 'actor') c ->> 'actor', date_trunc('minute', tl_now(c), 'UTC'), 0
+      FROM unnest(p_ctxs) AS c
+     WHERE c ? 'rate_limit'
+     ORDER BY c ->> 'actor'
+    ON CONFLICT (actor) DO UPDATE
+       SET spent = CASE WHEN s.minute = EXCLUDED.minute THEN s.spent ELSE 0 END, minute = EXCLUDED.minute
+    RETURNING 1)
+    SELECT EXISTS (SELECT 1 FROM locked)
+$$;
+
+-- The 429 key_rate_limited as {code, detail, extra} (extra.retry_after:
+-- seconds to the next minute, when the count starts again).
+CREATE OR REPLACE FUNCTION tl_key_rate_limited_json(
+    p_limit bigint, p_spent bigint, p_requested bigint, p_minute timestamptz, p_now timestamptz)
+RETURNS jsonb LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'code', 'key_rate_limited',
+        'detail', format('this key may spend %s credits a minute: %s spent this minute, %s requested',
+                         p_limit, p_spent, p_requested),
+        'extra', jsonb_build_object(
+            'limit', p_limit, 'spent', p_spent, 'requested', p_requested,
+            'retry_after', greatest(1, ceil(extract(epoch FROM p_minute + interval '1 minute' - p_now)))::integer))
+$$;
+
+-- Counts p_amount credits spent by the calling key (a no-op without a cap)
+-- and raises key_rate_limited when that passes its cap for the minute.
+CREATE OR REPLACE FUNCTION tl_key_charge(p_ctx jsonb, p_amount bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_cap bigint := (p_ctx ->> 'rate_limit')::bigint;
+    v_now timestamptz;
+    v_minute timestamptz;
+    v_spent bigint;
+    v jsonb;
+BEGIN
+    IF v_cap IS NULL OR p_amount <= 0 THEN
+        RETURN;
+    END IF;
+    v_now := tl_now(p_ctx);
+    v_minute := date_trunc('minute', v_now, 'UTC');
+    INSERT INTO key_spend AS s (actor, minute, spent) VALUES (p_ctx ->> 'actor', v_minute, p_amount)
+    ON CONFLICT (actor) DO UPDATE
+       SET spent = CASE WHEN s.minute = EXCLUDED.minute THEN s.spent ELSE 0 END + EXCLUDED.spent,
+           minute = EXCLUDED.minute
+    RETURNING spent INTO v_spent;
+    IF v_spent > v_cap THEN
+        v := tl_key_rate_limited_json(v_cap, v_spent - p_amount, p_amount, v_minute, v_now);
+        PERFORM tl_raise('TLD29', 'key_rate_limited', v ->> 'detail', v -> 'extra');
+    END IF;
+END $$;
+
+-- Whether the calling key may charge an account: always, unless the key is
+-- limited to departments; then only a department account among them, or
+-- an employee wallet whose employee is in one of them now.
+CREATE OR REPLACE FUNCTION tl_key_in_scope(p_account accounts, p_ctx jsonb) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT NOT (p_ctx ? 'departments')
+        OR coalesce(CASE p_account.type
+                        WHEN 'department' THEN p_account.ref
+                        WHEN 'employee' THEN (SELECT e.department FROM employees e WHERE e.id = p_account.ref)
+                    END = ANY (ARRAY(SELECT jsonb_array_elements_text(p_ctx -> 'departments'))), false)
+$$;
+
+CREATE OR REPLACE FUNCTION tl_key_scope_json(p_address text) RETURNS jsonb
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT jsonb_build_object(
+        'code', 'forbidden',
+        'detail', format('this key may not charge %s: it is outside the key''s departments', p_address),
+        'extra', jsonb_build_object('account', p_address))
+$$;
+
+CREATE OR REPLACE FUNCTION tl_require_key_scope(p_account accounts, p_ctx jsonb) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v jsonb;
+BEGIN
+    IF NOT tl_key_in_scope(p_account, p_ctx) THEN
+        v := tl_key_scope_json(p_account.address);
+        PERFORM tl_raise('TLD43', 'forbidden', v ->> 'detail', v -> 'extra');
+    END IF;
+END $$;
+
+DO $$
+BEGIN
+    GRANT SELECT, INSERT, UPDATE ON key_spend TO tokenledger_app;
+EXCEPTION WHEN insufficient_privilege OR undefined_object THEN
+    RAISE NOTICE 'tokenledger_app not granted on key_spend: %', SQLERRM;
 END $$;
 
 -- ---------------------------------------------------------------------------
