@@ -2880,20 +2880,18 @@ BEGIN
     -- answers, the same soft-limit events); its window rows are written once.
     v_w_skip := array_fill(false, ARRAY[cardinality(v_w_id)]);
     IF v_p_any THEN
-        WITH b AS MATERIALIZED (
-            SELECT * FROM tl_policy_batch_links(v_w_id, v_now)
-                          WITH ORDINALITY AS b(wallet, rank, owner, ord, department, period, time_zone, starts_at,
-                                               amount, hard, total, n)),
-        l AS (SELECT DISTINCT ON (b.owner, b.ord) b.*, dense_rank() OVER (ORDER BY b.owner, b.ord)::integer AS li
-                FROM b ORDER BY b.owner, b.ord)
-        SELECT array_agg(l.owner ORDER BY l.li), array_agg(l.ord ORDER BY l.li), array_agg(l.period ORDER BY l.li),
-               array_agg(l.time_zone ORDER BY l.li), array_agg(l.starts_at ORDER BY l.li),
-               array_agg(l.amount ORDER BY l.li), array_agg(l.hard ORDER BY l.li), array_agg(l.total ORDER BY l.li),
-               (SELECT array_agg(b.wallet ORDER BY b.n) FROM b),
-               (SELECT array_agg(x.li ORDER BY b.n) FROM b JOIN l x ON x.owner = b.owner AND x.ord = b.ord)
-          INTO v_p_owner, v_p_ord, v_p_period, v_p_tz, v_p_start, v_p_amount, v_p_hard, v_p_total,
-               v_pk_wallet, v_pk_limit
-          FROM l;
+        -- The links in check order, each naming its limit by the limit's
+        -- first link (a department's limit is linked once per member).
+        SELECT array_agg(b.wallet), array_agg(b.first), array_agg(b.owner), array_agg(b.ord), array_agg(b.period),
+               array_agg(b.time_zone), array_agg(b.starts_at), array_agg(b.amount), array_agg(b.hard),
+               array_agg(b.total)
+          INTO v_pk_wallet, v_pk_limit, v_p_owner, v_p_ord, v_p_period, v_p_tz, v_p_start, v_p_amount, v_p_hard,
+               v_p_total
+          FROM (SELECT b.*, min(b.n) OVER (PARTITION BY b.owner, b.ord)::integer AS first
+                  FROM tl_policy_batch_links(v_w_id, v_now)
+                       WITH ORDINALITY AS b(wallet, rank, owner, ord, department, period, time_zone, starts_at,
+                                            amount, hard, total, n)
+                 ORDER BY b.n) b;
     END IF;
     IF v_pk_wallet IS NOT NULL THEN
         SELECT array_agg(coalesce(s.first, 1) ORDER BY w.n), array_agg(coalesce(s.last, 0) ORDER BY w.n)
@@ -4843,13 +4841,11 @@ DECLARE
     v_amount bigint[];
     v_hard boolean[];
 BEGIN
-    SELECT array_agg(k.wallet ORDER BY k.wallet, k.rank), array_agg(k.rank ORDER BY k.wallet, k.rank),
-           array_agg(k.account ORDER BY k.wallet, k.rank), array_agg(k.own_department ORDER BY k.wallet, k.rank),
-           array_agg(k.owner ORDER BY k.wallet, k.rank), array_agg(k.ord ORDER BY k.wallet, k.rank),
-           array_agg(k.department ORDER BY k.wallet, k.rank), array_agg(k.period ORDER BY k.wallet, k.rank),
-           array_agg(k.tz ORDER BY k.wallet, k.rank),
-           array_agg(tl_window_start(k.period, k.tz, p_now) ORDER BY k.wallet, k.rank),
-           array_agg(k.amount ORDER BY k.wallet, k.rank), array_agg(k.hard ORDER BY k.wallet, k.rank)
+    -- One sort (the window's), read in its order: an ORDER BY in each
+    -- array_agg would sort the rows once per array.
+    SELECT array_agg(k.wallet), array_agg(k.rank), array_agg(k.account), array_agg(k.own_department),
+           array_agg(k.owner), array_agg(k.ord), array_agg(k.department), array_agg(k.period), array_agg(k.tz),
+           array_agg(tl_window_start(k.period, k.tz, p_now)), array_agg(k.amount), array_agg(k.hard)
       INTO v_wallet, v_rank, v_account, v_own_department, v_owner, v_ord, v_department, v_period, v_tz,
            v_start, v_amount, v_hard
       FROM (SELECT l.*, row_number() OVER (PARTITION BY l.wallet
@@ -4872,7 +4868,8 @@ BEGIN
                                            WHERE a.type = 'employee' AND d.address = 'department:' || e.department) b
                       JOIN accounts o ON o.id = b.id
                       JOIN spend_policies p ON p.account_id = o.id
-                     CROSS JOIN LATERAL jsonb_array_elements(p.limits) WITH ORDINALITY AS v(l, ord)) l) k;
+                     CROSS JOIN LATERAL jsonb_array_elements(p.limits) WITH ORDINALITY AS v(l, ord)) l
+             ORDER BY l.wallet, rank) k;
     IF v_wallet IS NULL THEN
         RETURN;
     END IF;
