@@ -8,13 +8,18 @@ injected clock) it works again."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
+import msgspec
 import pytest
 
 from service import db, errors
-from tests.api.conftest import Api, FakeClock, assert_audit_clean, key, problem
+from service.app import create_app
+from service.config import Config
+from tests.api.conftest import Api, FakeClock, assert_audit_clean, key, problem, running
 from tests.api.test_auth import service_key
 from tests.api.test_coalescing import fast_items, item, ledger_of
 
@@ -243,3 +248,38 @@ async def test_a_key_capped_per_minute_in_a_usage_batch(
     if r.status_code == 200:
         assert sorted(x["event_id"] for x in r.json()["items"]) == ["e1", "e3"]
     await assert_audit_clean(database_url)
+
+
+async def test_new_departments_and_cap_reach_a_replica_that_cached_the_key(
+    config: Config, api: Api, clock: FakeClock, database_url: str
+) -> None:
+    """A replica that has the key cached (TTL 60 s, so only the NOTIFY can drop it) applies a
+    key's new departments, then its new cap, at once."""
+    await world(api, clock)
+    auth, _ = await limit_key(database_url, "meter")
+    prefix = auth.split("_")[1]
+    config = msgspec.structs.replace(config, key_cache_ttl_seconds=60.0)
+    async with running(app := create_app(config, clock=clock)):
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://replica.local"
+        ) as c:
+            h = {"Authorization": auth}
+            body = {"account": "department:eng", "amount": 5}
+            r = await c.post("/v1/debits", json=body, headers={**h, **key()})
+            assert r.status_code == 201, r.text
+            for departments, cap, expected in ((["ops"], None, 403), (None, 1, 429)):
+                conn = await db.connect(database_url)
+                try:
+                    await conn.fetchrow(
+                        db.load_queries()["set_key_limits"], prefix, departments, cap
+                    )
+                finally:
+                    await conn.close()
+                statuses: list[int] = []
+                for _ in range(100):
+                    r = await c.post("/v1/debits", json=body, headers={**h, **key()})
+                    statuses.append(r.status_code)
+                    if statuses[-1] == expected:
+                        break
+                    await asyncio.sleep(0.01)
+                assert statuses[-1] == expected, statuses
