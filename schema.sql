@@ -2638,8 +2638,15 @@ END $$;
 -- lots, in consumption order, the same answers and rejections), and then
 -- written with one statement per table for the whole batch. Returns one
 -- element per item: the result for the items it took, NULL for the others,
--- which tl_execute_batch runs one by one afterwards. The caller holds every
--- lock.
+-- which tl_execute_batch runs one by one afterwards; an item over its key's
+-- spend rate cap is answered {error: ...}, which gives its key back. The
+-- caller holds every lock (the capped keys' key_spend rows too).
+--
+-- Spend policy and key limits are decided here too, in the order the
+-- one-by-one functions check them: the key's departments (an item outside
+-- them is left to the one-by-one path, which refuses it), the model rules,
+-- a capture's hard limits, the credits, a debit's or reservation's hard
+-- limits, then the key's spend rate cap.
 --
 -- Every statement reaches accounts, lots and reservations through
 -- `key = ANY (array)`, which the planner can only answer with the index,
@@ -4591,12 +4598,14 @@ END $$;
 -- accounts.policy_bound says whether any policy binds an account (its own or
 -- its department's): the hot functions read it from the account row they
 -- already hold, so a wallet without a policy pays no look-up at all. The
--- set-based batch path (tl_batch_fast) decides a bound wallet's debits and
--- reservations against its limits loaded once per batch
--- (tl_policy_batch_limits, tl_policy_batch_count); a wallet with a hard
--- department limit, a debit naming a model, and captures and releases of a
--- bound wallet's reservations go through the one-by-one functions, where
--- the checks below run inside the same call.
+-- set-based batch path (tl_batch_fast) decides a bound wallet's debits,
+-- reservations, captures and releases against its limits and model rules
+-- loaded once per batch for all its wallets (tl_policy_batch_links), in
+-- memory, exactly as the one-by-one functions below would (tests/api/
+-- test_policy.py compares the two), and writes the window rows once; only
+-- a capture or release of a reservation made in an earlier window sends its
+-- wallet through the one-by-one functions, where the checks below run
+-- inside the same call.
 --
 -- Spend is kept per account and window (policy_spend), never in one row per
 -- department: a member's row is written only under that member's account
@@ -4606,7 +4615,7 @@ END $$;
 -- lock taken after the account locks, and only by writes that add spend
 -- under a hard department limit; it is held to commit, which is the end of
 -- the same database call (no Python in between), and a coalesced batch
--- takes it once for all its members. Soft department limits and member
+-- takes them once for all its members, sorted (tl_policy_batch_links). Soft department limits and member
 -- limits take no such lock. See README, "Spend policy".
 --
 -- Where spend counts: a debit and a usage event without a reservation in
@@ -4903,7 +4912,7 @@ BEGIN
      ORDER BY k.n;
 END $$;
 
--- Superseded by the set-based checks in tl_batch_fast (tl_policy_batch_limits).
+-- Superseded by the set-based checks in tl_batch_fast (tl_policy_batch_links).
 DROP FUNCTION IF EXISTS tl_policy_batchable(accounts);
 DROP FUNCTION IF EXISTS tl_policy_batch_limits(bigint[], timestamptz);
 DROP FUNCTION IF EXISTS tl_policy_batch_count(bigint[], bigint[], timestamptz);
