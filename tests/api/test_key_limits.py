@@ -9,7 +9,11 @@ injected clock) it works again."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -283,3 +287,41 @@ async def test_new_departments_and_cap_reach_a_replica_that_cached_the_key(
                         break
                     await asyncio.sleep(0.01)
                 assert statuses[-1] == expected, statuses
+
+
+def test_cli_sets_a_keys_departments_and_cap(database_url: str) -> None:
+    """`keys create --departments --rate-limit` stores them; `keys scope` replaces them (an
+    omitted one becomes unrestricted); a cap that is not a positive number is refused."""
+    env = {**os.environ, "DATABASE_URL": database_url, "TOKENLEDGER_DATABASE_URL": database_url}
+
+    def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(  # noqa: S603  # why: our own interpreter and module
+            [sys.executable, "-m", "service", "keys", *args],
+            cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
+            timeout=60, check=check,
+        )  # fmt: skip
+
+    secret = cli(
+        "create", "--name", "gw", "--role", "meter", "--departments", "eng,ops",
+        "--rate-limit", "100",
+    ).stdout.strip().splitlines()[-1]  # fmt: skip
+    prefix = secret.split("_")[1]
+
+    async def limits() -> tuple[Any, Any]:
+        conn = await db.connect(database_url)
+        try:
+            row = await conn.fetchrow(
+                "SELECT departments, rate_limit FROM api_keys WHERE prefix = $1", prefix
+            )
+        finally:
+            await conn.close()
+        assert row is not None
+        return row["departments"], row["rate_limit"]
+
+    assert asyncio.run(limits()) == (["eng", "ops"], 100)
+    out = cli("scope", prefix, "--rate-limit", "5").stdout
+    assert "departments any, credits 5/min" in out, out
+    assert asyncio.run(limits()) == (None, 5)
+    refused = cli("scope", prefix, "--rate-limit", "0", check=False)
+    assert refused.returncode == 2 and "positive" in refused.stderr, refused.stderr
+    assert asyncio.run(limits()) == (None, 5)
