@@ -2771,6 +2771,8 @@ DECLARE
     v_ka_changed boolean := false;
     v_ka integer;
     v_minute timestamptz;
+    v_mixed boolean;
+    v_capped boolean;
 BEGIN
     v_items := ARRAY(
         SELECT i FROM generate_subscripts(p_ops, 1) i
@@ -2784,18 +2786,25 @@ BEGIN
            AND (NOT p_ctxs[i] ? 'departments' OR p_ops[i] NOT IN ('debit', 'reserve')
                 OR tl_key_in_scope((SELECT a FROM accounts a WHERE a.address = p_args[i] ->> 'account'), p_ctxs[i]))
          ORDER BY i);
-    IF cardinality(v_items) = 0
-       OR (SELECT count(DISTINCT coalesce(p_ctxs[i] ->> 'now', '')) FROM unnest(v_items) i) > 1 THEN
-        RETURN v_out;  -- nothing to do, or items pinned to different instants (tests): one by one
+    IF cardinality(v_items) = 0 THEN
+        RETURN v_out;
+    END IF;
+    SELECT count(DISTINCT coalesce(p_ctxs[i] ->> 'now', '')) > 1, coalesce(bool_or(p_ctxs[i] ? 'rate_limit'), false)
+      INTO v_mixed, v_capped
+      FROM unnest(v_items) i;
+    IF v_mixed THEN
+        RETURN v_out;  -- items pinned to different instants (tests): one by one
     END IF;
     v_now := coalesce((p_ctxs[v_items[1]] ->> 'now')::timestamptz, clock_timestamp());
     v_minute := date_trunc('minute', v_now, 'UTC');
-    SELECT array_agg(c.actor ORDER BY c.actor), array_agg(c.cap ORDER BY c.actor),
-           array_agg(coalesce(CASE WHEN s.minute = v_minute THEN s.spent END, 0) ORDER BY c.actor)
-      INTO v_ka_actor, v_ka_cap, v_ka_spent
-      FROM (SELECT DISTINCT p_ctxs[i] ->> 'actor' AS actor, (p_ctxs[i] ->> 'rate_limit')::bigint AS cap
-              FROM unnest(v_items) AS i WHERE p_ctxs[i] ? 'rate_limit') c
-      LEFT JOIN key_spend s ON s.actor = c.actor;
+    IF v_capped THEN
+        SELECT array_agg(c.actor ORDER BY c.actor), array_agg(c.cap ORDER BY c.actor),
+               array_agg(coalesce(CASE WHEN s.minute = v_minute THEN s.spent END, 0) ORDER BY c.actor)
+          INTO v_ka_actor, v_ka_cap, v_ka_spent
+          FROM (SELECT DISTINCT p_ctxs[i] ->> 'actor' AS actor, (p_ctxs[i] ->> 'rate_limit')::bigint AS cap
+                  FROM unnest(v_items) AS i WHERE p_ctxs[i] ? 'rate_limit') c
+          LEFT JOIN key_spend s ON s.actor = c.actor;
+    END IF;
     SELECT array_agg(r.id ORDER BY r.id), array_agg(r.account_id ORDER BY r.id),
            array_agg(r.amount ORDER BY r.id), array_agg(r.metadata ORDER BY r.id),
            array_agg(r.created_at ORDER BY r.id)
@@ -6305,20 +6314,24 @@ CREATE TABLE IF NOT EXISTS key_spend (
 
 -- Locks (making them when missing) the spend rows of the capped keys among
 -- the callers, in actor order, and starts a new minute's count.
--- Answers whether there was any.
+-- Answers whether there was any. PL/pgSQL, so that its plans are kept for
+-- the session (a SQL function's INSERT is planned again at every call), and
+-- a batch without a capped key pays one array test.
 CREATE OR REPLACE FUNCTION tl_key_lock(p_ctxs jsonb[]) RETURNS boolean
-LANGUAGE sql AS $$
-    WITH locked AS (
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM unnest(p_ctxs) AS c WHERE c ? 'rate_limit') THEN
+        RETURN false;
+    END IF;
     INSERT INTO key_spend AS s (actor, minute, spent)
     SELECT DISTINCT ON (c ->> 'actor') c ->> 'actor', date_trunc('minute', tl_now(c), 'UTC'), 0
       FROM unnest(p_ctxs) AS c
      WHERE c ? 'rate_limit'
      ORDER BY c ->> 'actor'
     ON CONFLICT (actor) DO UPDATE
-       SET spent = CASE WHEN s.minute = EXCLUDED.minute THEN s.spent ELSE 0 END, minute = EXCLUDED.minute
-    RETURNING 1)
-    SELECT EXISTS (SELECT 1 FROM locked)
-$$;
+       SET spent = CASE WHEN s.minute = EXCLUDED.minute THEN s.spent ELSE 0 END, minute = EXCLUDED.minute;
+    RETURN true;
+END $$;
 
 -- The 429 key_rate_limited as {code, detail, extra} (extra.retry_after:
 -- seconds to the next minute, when the count starts again).
