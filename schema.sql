@@ -1016,6 +1016,9 @@ BEGIN
         PERFORM tl_raise('TLD01', 'invalid_request', 'debits draw on a wallet or a department account',
                          jsonb_build_object('path', '$.account'));
     END IF;
+    IF p_ctx ? 'departments' THEN
+        PERFORM tl_require_key_scope(w, p_ctx);  -- a key limited to departments
+    END IF;
     PERFORM tl_lock(ARRAY[w.id], ARRAY['system:expired', 'system:usage']);
     v_now := tl_now(p_ctx);
     SELECT * INTO w FROM accounts WHERE id = w.id;
@@ -1028,6 +1031,9 @@ BEGIN
     PERFORM 1 FROM tl_consume(v_txn, w, v_amount, v_now);
     PERFORM tl_post_entry(v_txn, w.id, -v_amount, v_now);
     PERFORM tl_post_entry(v_txn, tl_account_id('system:usage'), v_amount, v_now);
+    IF p_ctx ? 'rate_limit' THEN
+        PERFORM tl_key_charge(p_ctx, v_amount);  -- the key's spend rate cap, checked last
+    END IF;
     RETURN tl_transaction_json(v_txn);
 END $$;
 
@@ -1375,6 +1381,9 @@ BEGIN
         PERFORM tl_raise('TLD01', 'invalid_request', 'reservations hold credits of a wallet or a department account',
                          jsonb_build_object('path', '$.account'));
     END IF;
+    IF p_ctx ? 'departments' THEN
+        PERFORM tl_require_key_scope(w, p_ctx);  -- a key limited to departments
+    END IF;
     PERFORM tl_lock(ARRAY[w.id], ARRAY['system:expired', 'system:issuance']);
     v_now := tl_now(p_ctx);
     SELECT * INTO w FROM accounts WHERE id = w.id;
@@ -1417,6 +1426,9 @@ BEGIN
     END LOOP;
     ASSERT v_left = 0, 'tl_op_reserve: spendable credits changed under a held lock';
     UPDATE accounts SET reserved = reserved + v_amount, updated_at = v_now WHERE id = w.id;
+    IF p_ctx ? 'rate_limit' THEN
+        PERFORM tl_key_charge(p_ctx, v_amount);  -- the key's spend rate cap, checked last
+    END IF;
     RETURN tl_reservation_json(v_id, v_now)
            || jsonb_build_object('available_after', v_available - v_amount)
            || CASE WHEN v_estimate IS NULL THEN '{}'::jsonb
@@ -1982,6 +1994,12 @@ BEGIN
         PERFORM tl_raise('TLD01', 'invalid_request', 'usage is charged to a wallet or a department account',
                          jsonb_build_object('path', '$.account'));
     END IF;
+    IF p_ctx ? 'departments' THEN
+        PERFORM tl_require_key_scope(w, p_ctx);  -- a key limited to departments
+    END IF;
+    IF p_ctx ? 'rate_limit' AND p_args ->> 'reservation' IS NULL THEN
+        PERFORM tl_key_lock(ARRAY[p_ctx]);  -- before the event is claimed (see tl_key_lock)
+    END IF;
     IF p_args ? 'reservation' AND p_args ->> 'reservation' IS NOT NULL THEN
         SELECT * INTO v_res FROM reservations WHERE id = (p_args ->> 'reservation_id')::uuid;
         IF NOT FOUND OR NOT tl_may_act_on(v_res, p_ctx) THEN
@@ -2051,6 +2069,9 @@ BEGIN
         SELECT * INTO w FROM accounts WHERE id = w.id;
         v_cover := tl_usage_cover(w, v_cost, v_now);
         v_shortfall := v_cover.shortfall;
+        IF p_ctx ? 'rate_limit' THEN
+            PERFORM tl_key_charge(p_ctx, v_cost);  -- the key's spend rate cap
+        END IF;
         IF w.policy_bound THEN
             PERFORM tl_policy_count(w, v_cost, v_occurred, false, v_now);
         END IF;
@@ -2209,6 +2230,8 @@ DECLARE
     v_answer jsonb;
     v_rollup record;
     v_rows tl_usage_batch_item[];
+    v_minute timestamptz;
+    v_key_spent bigint;
     v_pos integer[];
     v_codes text[];
     v_statuses text[];
@@ -2245,7 +2268,10 @@ BEGIN
     -- whole: the generic plan is kept for the session, and one made while a
     -- table was small would otherwise go on hashing all of it at every batch.
     a AS (
-        SELECT a.id, a.type, a.address, a.policy_bound FROM accounts a
+        SELECT a.id, a.type, a.address, a.policy_bound,
+               -- A key limited to departments (tl_key_in_scope).
+               CASE WHEN p_ctx ? 'departments' THEN tl_key_in_scope(a, p_ctx) ELSE true END AS in_scope
+        FROM accounts a
         WHERE a.address = ANY (ARRAY(SELECT DISTINCT account FROM e))),
     r AS (
         SELECT r.id, r.account_id, r.details FROM reservations r
@@ -2254,7 +2280,7 @@ BEGIN
           AND tl_may_act_on(r, p_ctx)),
     c AS (
         SELECT e.*, u.result AS stored, u.differs, a.id AS account_id, a.type AS account_type,
-               a.policy_bound AS bound,
+               a.policy_bound AS bound, coalesce(a.in_scope, true) AS in_scope,
                r.id AS res_id, r.account_id AS res_account,
                -- An event settling a reservation made by estimate is priced at that reservation's price.
                CASE WHEN r.details ? 'price_id'
@@ -2284,6 +2310,7 @@ BEGIN
                     WHEN c.stored IS NOT NULL THEN 'duplicate'
                     WHEN c.repeat AND c.repeat_differs THEN 'rejected'
                     WHEN c.repeat THEN 'repeat'
+                    WHEN NOT c.in_scope THEN 'rejected'
                     WHEN c.account_id IS NULL OR c.account_type = 'system'
                       OR c.reservation IS NOT NULL AND (c.res_id IS NULL OR c.res_account <> c.account_id)
                       OR (q.price).id IS NULL OR (q.price).model <> c.model THEN 'rejected'
@@ -2293,6 +2320,7 @@ BEGIN
                CASE WHEN c.stored IS NOT NULL AND c.differs OR c.stored IS NULL AND c.repeat AND c.repeat_differs
                     THEN 'idempotency_key_reused'
                     WHEN c.repeat OR c.stored IS NOT NULL THEN NULL
+                    WHEN NOT c.in_scope THEN 'forbidden'
                     WHEN c.account_type = 'system' THEN 'invalid_request'
                     WHEN c.account_id IS NULL AND c.account LIKE 'employee:%' THEN 'employee_not_found'
                     WHEN c.account_id IS NULL AND c.account LIKE 'department:%' THEN 'department_not_found'
@@ -2342,6 +2370,30 @@ BEGIN
            count(*) FILTER (WHERE w.status = 'pending')
     INTO v_rows, v_pending
     FROM w;
+
+    -- A capped key's spend rate (tl_key_charge): its row locked before any
+    -- event is claimed, the events it would charge counted in batch order,
+    -- and each one that would pass the cap rejected alone (key_rate_limited).
+    IF p_ctx ? 'rate_limit' THEN
+        PERFORM tl_key_lock(ARRAY[p_ctx]);
+        v_minute := date_trunc('minute', tl_now(p_ctx), 'UTC');
+        SELECT CASE WHEN s.minute = v_minute THEN s.spent ELSE 0 END INTO v_key_spent
+          FROM key_spend s WHERE s.actor = p_ctx ->> 'actor';
+        FOR i IN 1 .. coalesce(cardinality(v_rows), 0) LOOP
+            CONTINUE WHEN v_rows[i].status NOT IN ('pending', 'single') OR v_rows[i].reservation IS NOT NULL
+                          OR coalesce(v_rows[i].cost, 0) <= 0;
+            IF v_key_spent + v_rows[i].cost > (p_ctx ->> 'rate_limit')::bigint THEN
+                IF v_rows[i].status = 'pending' THEN
+                    v_pending := v_pending - 1;
+                END IF;
+                v_rows[i].status := 'rejected';
+                v_rows[i].code := 'key_rate_limited';
+            ELSE
+                v_key_spent := v_key_spent + v_rows[i].cost;
+            END IF;
+        END LOOP;
+        UPDATE key_spend SET spent = v_key_spent, minute = v_minute WHERE actor = p_ctx ->> 'actor';
+    END IF;
 
     -- Claim the new events in key order, each with its final row (an event
     -- that settles a reservation without its answer, which needs the
@@ -2568,7 +2620,8 @@ BEGIN
         FOR i IN 1 .. coalesce(cardinality(v_pos), 0) LOOP
             v_e := v_rows[v_pos[i]];
             BEGIN
-                v_res := tl_record_usage(p_events -> (v_e.pos - 1), p_ctx);
+                -- Counted against the key's cap above already.
+                v_res := tl_record_usage(p_events -> (v_e.pos - 1), p_ctx - 'rate_limit');
                 v_rows[v_e.pos].status := CASE WHEN (v_res ->> 'status')::integer = 201 THEN 'recorded_single'
                                                ELSE 'duplicate' END;
                 v_rows[v_e.pos].result := (v_res -> 'body') - 'status';
@@ -2664,8 +2717,15 @@ END $$;
 -- lots, in consumption order, the same answers and rejections), and then
 -- written with one statement per table for the whole batch. Returns one
 -- element per item: the result for the items it took, NULL for the others,
--- which tl_execute_batch runs one by one afterwards. The caller holds every
--- lock.
+-- which tl_execute_batch runs one by one afterwards; an item over its key's
+-- spend rate cap is answered {error: ...}, which gives its key back. The
+-- caller holds every lock (the capped keys' key_spend rows too).
+--
+-- Spend policy and key limits are decided here too, in the order the
+-- one-by-one functions check them: the key's departments (an item outside
+-- them is left to the one-by-one path, which refuses it), the model rules,
+-- a capture's hard limits, the credits, a debit's or reservation's hard
+-- limits, then the key's spend rate cap.
 --
 -- Every statement reaches accounts, lots and reservations through
 -- `key = ANY (array)`, which the planner can only answer with the index,
@@ -2749,19 +2809,49 @@ DECLARE
     v_take bigint;
     v_id uuid;
     v_shortfall bigint;
-    -- Spend policy: the bound wallets' limits (tl_policy_batch_limits), and
-    -- what the batch takes from each wallet.
-    v_p_wallet integer[];
+    v_r_created timestamptz[];
+    -- Spend policy (tl_policy_batch_links). The limits binding the bound
+    -- wallets, each once (a department's is shared by its members in the
+    -- batch), with the spend it counts, kept up to date in the loop:
     v_p_owner text[];
+    v_p_ord integer[];
     v_p_period text[];
     v_p_tz text[];
     v_p_start timestamptz[];
     v_p_amount bigint[];
     v_p_hard boolean[];
     v_p_total bigint[];
-    v_p_added bigint[];
+    -- each wallet's limits in check order (links v_pw_first .. v_pw_last),
+    v_pk_wallet integer[];
+    v_pk_limit integer[];
+    v_pw_first integer[];
+    v_pw_last integer[];
+    -- what the batch adds to each wallet's window rows (net),
+    v_p_delta bigint[];
+    -- a wallet whose named reservation was made in an earlier window (its
+    -- spend is trued up there: one by one),
+    v_w_skip boolean[];
+    -- a debit or reservation refused for its model (model_not_allowed),
+    v_p_model jsonb[];
+    v_refusal jsonb;
+    -- and soft-limit crossings to emit (limit, threshold, spend then).
+    v_e_limit integer[] := '{}';
+    v_e_pct integer[] := '{}';
+    v_e_spent bigint[] := '{}';
     v_p_refused integer;
     v_p_any boolean;
+    v_delta bigint;
+    v_pct integer;
+    -- Per-key spend rate caps (tl_key_charge): each capped caller's cap and
+    -- spend this minute (its key_spend row, locked by tl_execute_batch).
+    v_ka_actor text[];
+    v_ka_cap bigint[];
+    v_ka_spent bigint[];
+    v_ka_changed boolean := false;
+    v_ka integer;
+    v_minute timestamptz;
+    v_mixed boolean;
+    v_capped boolean;
 BEGIN
     v_items := ARRAY(
         SELECT i FROM generate_subscripts(p_ops, 1) i
@@ -2770,15 +2860,34 @@ BEGIN
                    WHEN 'reserve' THEN jsonb_typeof(p_args[i] -> 'amount') = 'number'
                    WHEN 'capture' THEN jsonb_typeof(p_args[i] -> 'amount') = 'number'
                    ELSE true END
+           -- A key limited to departments charging outside them goes one by
+           -- one, to be refused there (403 forbidden, never stored).
+           AND (NOT p_ctxs[i] ? 'departments' OR p_ops[i] NOT IN ('debit', 'reserve')
+                OR tl_key_in_scope((SELECT a FROM accounts a WHERE a.address = p_args[i] ->> 'account'), p_ctxs[i]))
          ORDER BY i);
-    IF cardinality(v_items) = 0
-       OR (SELECT count(DISTINCT coalesce(p_ctxs[i] ->> 'now', '')) FROM unnest(v_items) i) > 1 THEN
-        RETURN v_out;  -- nothing to do, or items pinned to different instants (tests): one by one
+    IF cardinality(v_items) = 0 THEN
+        RETURN v_out;
+    END IF;
+    SELECT count(DISTINCT coalesce(p_ctxs[i] ->> 'now', '')) > 1, coalesce(bool_or(p_ctxs[i] ? 'rate_limit'), false)
+      INTO v_mixed, v_capped
+      FROM unnest(v_items) i;
+    IF v_mixed THEN
+        RETURN v_out;  -- items pinned to different instants (tests): one by one
     END IF;
     v_now := coalesce((p_ctxs[v_items[1]] ->> 'now')::timestamptz, clock_timestamp());
+    v_minute := date_trunc('minute', v_now, 'UTC');
+    IF v_capped THEN
+        SELECT array_agg(c.actor ORDER BY c.actor), array_agg(c.cap ORDER BY c.actor),
+               array_agg(coalesce(CASE WHEN s.minute = v_minute THEN s.spent END, 0) ORDER BY c.actor)
+          INTO v_ka_actor, v_ka_cap, v_ka_spent
+          FROM (SELECT DISTINCT p_ctxs[i] ->> 'actor' AS actor, (p_ctxs[i] ->> 'rate_limit')::bigint AS cap
+                  FROM unnest(v_items) AS i WHERE p_ctxs[i] ? 'rate_limit') c
+          LEFT JOIN key_spend s ON s.actor = c.actor;
+    END IF;
     SELECT array_agg(r.id ORDER BY r.id), array_agg(r.account_id ORDER BY r.id),
-           array_agg(r.amount ORDER BY r.id), array_agg(r.metadata ORDER BY r.id)
-      INTO v_r_id, v_r_account, v_r_amount, v_r_metadata
+           array_agg(r.amount ORDER BY r.id), array_agg(r.metadata ORDER BY r.id),
+           array_agg(r.created_at ORDER BY r.id)
+      INTO v_r_id, v_r_account, v_r_amount, v_r_metadata, v_r_created
       FROM reservations r
      WHERE r.id = ANY (ARRAY(SELECT (p_args[i] ->> 'reservation_id')::uuid FROM unnest(v_items) i
                               WHERE p_ops[i] IN ('capture', 'release')))
@@ -2811,15 +2920,6 @@ BEGIN
             OR a.id = ANY (coalesce(v_r_account, '{}')))
        AND a.type <> 'system' AND a.status = 'open' AND a.shard_count = 1
        AND a.address <> ALL (v_busy) AND a.id <> ALL (v_busy_ids)
-       -- A wallet bound by a spend policy goes set-based only when the batch
-       -- just debits it or reserves on it, naming no model, and it has no hard
-       -- department limit; its limits are checked in the loop below.
-       AND (NOT a.policy_bound
-            OR (a.id <> ALL (coalesce(v_r_account, '{}')) AND tl_policy_batchable(a)
-                AND NOT EXISTS (SELECT 1 FROM unnest(v_items) i
-                                 WHERE p_args[i] ->> 'account' = a.address
-                                   AND jsonb_typeof(p_args[i] -> 'metadata') = 'object'
-                                   AND p_args[i] -> 'metadata' ? 'model')))
        -- Nothing for tl_expire_due to do: no reservation past its time, no
        -- lot to roll over, no voided lot holding credits, and no lot past
        -- its expiry with anything left (held or not: what a capture would
@@ -2870,12 +2970,62 @@ BEGIN
     v_h_reservation := coalesce(v_h_reservation, '{}');
     -- Spend policy: the limits of the bound wallets, with their totals now
     -- (nothing to read when none is bound, the common case).
+    -- A bound wallet's limits are checked in the loop below as
+    -- tl_policy_count checks them one by one (the same order, the same
+    -- answers, the same soft-limit events); its window rows are written once.
+    v_w_skip := array_fill(false, ARRAY[cardinality(v_w_id)]);
     IF v_p_any THEN
-        SELECT array_agg(b.wallet), array_agg(b.owner), array_agg(b.period), array_agg(b.time_zone),
-               array_agg(b.starts_at), array_agg(b.amount), array_agg(b.hard), array_agg(b.total)
-          INTO v_p_wallet, v_p_owner, v_p_period, v_p_tz, v_p_start, v_p_amount, v_p_hard, v_p_total
-          FROM tl_policy_batch_limits(v_w_id, v_now) b;
-        v_p_added := array_fill(0::bigint, ARRAY[cardinality(v_w_id)]);
+        -- The links in check order, each naming its limit by the limit's
+        -- first link (a department's limit is linked once per member).
+        SELECT array_agg(b.wallet), array_agg(b.first), array_agg(b.owner), array_agg(b.ord), array_agg(b.period),
+               array_agg(b.time_zone), array_agg(b.starts_at), array_agg(b.amount), array_agg(b.hard),
+               array_agg(b.total)
+          INTO v_pk_wallet, v_pk_limit, v_p_owner, v_p_ord, v_p_period, v_p_tz, v_p_start, v_p_amount, v_p_hard,
+               v_p_total
+          FROM (SELECT b.*, min(b.n) OVER (PARTITION BY b.owner, b.ord)::integer AS first
+                  FROM tl_policy_batch_links(v_w_id, v_now)
+                       WITH ORDINALITY AS b(wallet, rank, owner, ord, department, period, time_zone, starts_at,
+                                            amount, hard, total, n)
+                 ORDER BY b.n) b;
+    END IF;
+    IF v_pk_wallet IS NOT NULL THEN
+        SELECT array_agg(coalesce(s.first, 1) ORDER BY w.n), array_agg(coalesce(s.last, 0) ORDER BY w.n)
+          INTO v_pw_first, v_pw_last
+          FROM generate_series(1, cardinality(v_w_id)) AS w(n)
+          LEFT JOIN (SELECT k.wallet, min(k.n)::integer AS first, max(k.n)::integer AS last
+                       FROM unnest(v_pk_wallet) WITH ORDINALITY AS k(wallet, n) GROUP BY k.wallet) s
+                 ON s.wallet = w.n;
+        v_p_delta := array_fill(0::bigint, ARRAY[cardinality(v_w_id)]);
+        -- A capture or release trues up the window its reservation was made
+        -- in: when that is not the current one of every limit, one by one.
+        v_w_skip := ARRAY(
+            SELECT EXISTS (SELECT 1 FROM unnest(v_r_account, v_r_created) AS r(account, created),
+                                         generate_series(v_pw_first[w.n], v_pw_last[w.n]) AS k
+                            WHERE r.account = w.id
+                              AND tl_window_start(v_p_period[v_pk_limit[k]], v_p_tz[v_pk_limit[k]], r.created)
+                                  <> v_p_start[v_pk_limit[k]])
+              FROM unnest(v_w_id) WITH ORDINALITY AS w(id, n) ORDER BY w.n);
+    END IF;
+    IF v_p_any THEN
+        -- A model its policies do not allow is refused before anything is
+        -- held (tl_require_model).
+        v_p_model := array_fill(NULL::jsonb, ARRAY[cardinality(p_ops)]);
+        FOR v_i, v_refusal IN
+            SELECT i, jsonb_build_object(
+                       'code', 'model_not_allowed',
+                       'detail', format('the spend policy of %s does not allow model %s (%s tier)',
+                                        a.address, m.model, pr.tier),
+                       'extra', jsonb_build_object('account', a.address, 'model', m.model, 'tier', pr.tier))
+              FROM unnest(v_items) AS i
+              JOIN accounts a ON a.address = p_args[i] ->> 'account' AND a.id = ANY (v_w_id) AND a.policy_bound
+             CROSS JOIN LATERAL (SELECT coalesce(p_args[i] -> 'estimate' ->> 'model',
+                                                 p_args[i] -> 'metadata' ->> 'model') AS model) m
+             CROSS JOIN LATERAL tl_price_at(m.model, v_now) pr
+             WHERE p_ops[i] IN ('debit', 'reserve') AND m.model IS NOT NULL AND pr.id IS NOT NULL
+               AND NOT tl_model_allowed(a, m.model, pr.tier)
+        LOOP
+            v_p_model[v_i] := v_refusal;
+        END LOOP;
     END IF;
     -- This transaction's shard of system:usage, locked by tl_lock.
     SELECT * INTO v_usage FROM accounts WHERE address = 'system:usage';
@@ -2893,11 +3043,38 @@ BEGIN
         ELSE
             v_w := array_position(v_w_address, p_args[v_i] ->> 'account');
         END IF;
-        CONTINUE WHEN v_w IS NULL;  -- not eligible: tl_execute_batch runs it one by one
+        -- Not eligible: tl_execute_batch runs it one by one.
+        CONTINUE WHEN v_w IS NULL OR v_w_skip[v_w];
         v_amt := (p_args[v_i] ->> 'amount')::bigint;
+        IF v_p_model[v_i] IS NOT NULL THEN
+            v_out[v_i] := jsonb_build_object('status', 409, 'replayed', false, 'body', v_p_model[v_i]);
+            CONTINUE;
+        END IF;
         -- What must come from free credits, beyond the reservation's own holds.
         v_shortfall := CASE v_op WHEN 'debit' THEN v_amt WHEN 'reserve' THEN v_amt
                                  WHEN 'capture' THEN greatest(v_amt - v_r_amount[v_r], 0) ELSE 0 END;
+        -- Spend policy: what it adds to the wallet's windows, and the first
+        -- hard limit that would pass, as tl_policy_count finds it. A capture
+        -- checks its limits before the credits of an over-capture; a debit
+        -- and a reservation after their credits.
+        v_delta := CASE v_op WHEN 'capture' THEN v_amt - v_r_amount[v_r]
+                             WHEN 'release' THEN -v_r_amount[v_r] ELSE v_amt END;
+        v_p_refused := NULL;
+        IF v_pw_first IS NOT NULL AND v_delta > 0 THEN
+            FOR v_k IN v_pw_first[v_w] .. v_pw_last[v_w] LOOP
+                IF v_p_hard[v_pk_limit[v_k]]
+                   AND v_p_total[v_pk_limit[v_k]] + v_delta > v_p_amount[v_pk_limit[v_k]] THEN
+                    v_p_refused := v_pk_limit[v_k];
+                    EXIT;
+                END IF;
+            END LOOP;
+        END IF;
+        IF v_p_refused IS NOT NULL AND (v_op = 'capture' OR v_w_free[v_w] >= v_shortfall) THEN
+            v_out[v_i] := jsonb_build_object('status', 409, 'replayed', false, 'body', tl_limit_exceeded_json(
+                v_p_owner[v_p_refused], v_p_period[v_p_refused], v_p_tz[v_p_refused], v_p_amount[v_p_refused],
+                v_p_total[v_p_refused], v_delta, v_p_start[v_p_refused]));
+            CONTINUE;
+        END IF;
         IF v_w_free[v_w] < v_shortfall THEN
             v_out[v_i] := jsonb_build_object('status', 409, 'replayed', false, 'body', jsonb_build_object(
                 'code', 'insufficient_credits',
@@ -2907,28 +3084,38 @@ BEGIN
                                             'requested', v_shortfall)));
             CONTINUE;
         END IF;
-        -- Spend policy: the first hard limit it would pass refuses it, as
-        -- tl_policy_count would (only debits and reservations get here).
-        IF v_p_wallet IS NOT NULL AND v_w = ANY (v_p_wallet) THEN
-            v_p_refused := NULL;
-            FOR v_k IN 1 .. cardinality(v_p_wallet) LOOP
-                IF v_p_wallet[v_k] = v_w AND v_p_hard[v_k] AND v_p_total[v_k] + v_amt > v_p_amount[v_k] THEN
-                    v_p_refused := v_k;
-                    EXIT;
-                END IF;
-            END LOOP;
-            IF v_p_refused IS NOT NULL THEN
-                v_out[v_i] := jsonb_build_object('status', 409, 'replayed', false, 'body', tl_limit_exceeded_json(
-                    v_p_owner[v_p_refused], v_p_period[v_p_refused], v_p_tz[v_p_refused], v_p_amount[v_p_refused],
-                    v_p_total[v_p_refused], v_amt, v_p_start[v_p_refused]));
+        -- The key's spend rate cap, checked last (tl_key_charge): debits and
+        -- reservations count; over it, an error that gives the key back.
+        IF v_ka_actor IS NOT NULL AND v_op IN ('debit', 'reserve') AND p_ctxs[v_i] ? 'rate_limit' THEN
+            v_ka := array_position(v_ka_actor, p_ctxs[v_i] ->> 'actor');
+            IF v_ka_spent[v_ka] + v_amt > v_ka_cap[v_ka] THEN
+                v_refusal := tl_key_rate_limited_json(v_ka_cap[v_ka], v_ka_spent[v_ka], v_amt, v_minute, v_now);
+                v_out[v_i] := jsonb_build_object('error', jsonb_build_object(
+                    'state', 'TLD29', 'code', 'key_rate_limited', 'detail', v_refusal ->> 'detail',
+                    'hint', (v_refusal -> 'extra')::text));
                 CONTINUE;
             END IF;
-            FOR v_k IN 1 .. cardinality(v_p_wallet) LOOP
-                IF v_p_wallet[v_k] = v_w THEN
-                    v_p_total[v_k] := v_p_total[v_k] + v_amt;
-                END IF;
+            v_ka_spent[v_ka] := v_ka_spent[v_ka] + v_amt;
+            v_ka_changed := true;
+        END IF;
+        -- Counted: the window totals, and each soft limit's 80 % and 100 %
+        -- crossings (emitted after the loop; the outbox keeps the first).
+        IF v_pw_first IS NOT NULL AND v_delta <> 0 AND v_pw_first[v_w] <= v_pw_last[v_w] THEN
+            v_p_delta[v_w] := v_p_delta[v_w] + v_delta;
+            FOR v_k IN v_pw_first[v_w] .. v_pw_last[v_w] LOOP
+                v_p_refused := v_pk_limit[v_k];
+                v_p_total[v_p_refused] := v_p_total[v_p_refused] + v_delta;
+                CONTINUE WHEN v_delta < 0 OR v_p_hard[v_p_refused];
+                FOREACH v_pct IN ARRAY ARRAY[80, 100] LOOP
+                    IF v_p_total[v_p_refused] * 100 >= v_p_amount[v_p_refused] * v_pct
+                       AND NOT EXISTS (SELECT 1 FROM unnest(v_e_limit, v_e_pct) AS e(l, p)
+                                        WHERE e.l = v_p_refused AND e.p = v_pct) THEN
+                        v_e_limit := v_e_limit || v_p_refused;
+                        v_e_pct := v_e_pct || v_pct;
+                        v_e_spent := v_e_spent || v_p_total[v_p_refused];
+                    END IF;
+                END LOOP;
             END LOOP;
-            v_p_added[v_w] := v_p_added[v_w] + v_amt;
         END IF;
         IF v_op IN ('debit', 'capture') THEN
             v_id := tl_uuid7();
@@ -3071,9 +3258,34 @@ BEGIN
          WHERE r.id = v_r_id[c.r] AND r.id = ANY (ARRAY(SELECT v_r_id[x] FROM unnest(v_done_res) x));
     END IF;
 
-    -- Spend policy: the bound wallets' window rows and soft-limit events.
-    IF v_p_wallet IS NOT NULL THEN
-        PERFORM tl_policy_batch_count(v_w_id, v_p_added, v_now);
+    IF v_ka_changed THEN
+        UPDATE key_spend s SET spent = k.spent, minute = v_minute
+          FROM unnest(v_ka_actor, v_ka_spent) AS k(actor, spent)
+         WHERE s.actor = k.actor AND s.actor = ANY (v_ka_actor);
+    END IF;
+    -- Spend policy: the bound wallets' window rows, each once, and the
+    -- soft-limit events in the order they were crossed.
+    IF v_pk_wallet IS NOT NULL THEN
+        UPDATE policy_spend s SET spent = s.spent + d.delta
+          FROM (SELECT DISTINCT v_w_id[k.wallet] AS account_id, v_p_period[k.li] AS period, v_p_tz[k.li] AS tz,
+                       v_p_start[k.li] AS starts_at, v_p_delta[k.wallet] AS delta
+                  FROM unnest(v_pk_wallet, v_pk_limit) AS k(wallet, li)
+                 WHERE v_p_delta[k.wallet] <> 0) d
+         WHERE s.account_id = d.account_id AND s.period = d.period AND s.time_zone = d.tz
+           AND s.starts_at = d.starts_at;
+        FOR v_k IN 1 .. cardinality(v_e_limit) LOOP
+            v_p_refused := v_e_limit[v_k];
+            PERFORM tl_emit('limit.reached',
+                jsonb_build_object('account', v_p_owner[v_p_refused], 'window', v_p_period[v_p_refused],
+                                   'time_zone', v_p_tz[v_p_refused], 'mode', 'soft',
+                                   'limit', v_p_amount[v_p_refused], 'threshold_percent', v_e_pct[v_k],
+                                   'spent', v_e_spent[v_k], 'starts_at', tl_ts(v_p_start[v_p_refused]),
+                                   'resets_at', tl_ts(tl_window_end(v_p_period[v_p_refused], v_p_tz[v_p_refused],
+                                                                    v_p_start[v_p_refused]))),
+                format('limit.reached:%s:%s:%s:%s:%s', v_p_owner[v_p_refused], v_p_period[v_p_refused],
+                       v_p_tz[v_p_refused], tl_ts(v_p_start[v_p_refused]), v_e_pct[v_k]),
+                v_now);
+        END LOOP;
     END IF;
 
     -- The answers: a debit's is built from what was written; the others are
@@ -3172,6 +3384,7 @@ SET enable_seqscan = off
 AS $$
 DECLARE
     v_n integer := cardinality(p_ops);
+    v_capped boolean;
     v_claimed boolean[];
     v_fast jsonb[];
     v_row idempotency_keys;
@@ -3197,7 +3410,9 @@ BEGIN
                      ORDER BY u.i)
       INTO v_claimed
       FROM unnest(p_callers, p_keys) WITH ORDINALITY AS u(c, k, i);
-    -- 2. Lock what the fresh items can touch, in the global order.
+    -- 2. Lock the capped keys' spend rows (tl_key_lock), then what the fresh
+    --    items can touch, in the global order.
+    v_capped := tl_key_lock(p_ctxs);
     PERFORM tl_lock(
         ARRAY(SELECT a.id FROM unnest(p_args, v_claimed) AS u(args, fresh)
                 JOIN accounts a ON a.address IN (u.args ->> 'account', u.args ->> 'from', u.args ->> 'to')
@@ -3211,7 +3426,14 @@ BEGIN
     v_fast := tl_batch_fast(p_ops, p_args, p_ctxs, p_statuses, v_claimed);
     UPDATE idempotency_keys k SET status_code = (u.r ->> 'status')::integer, body = u.r -> 'body'
       FROM unnest(p_callers, p_keys, v_fast) AS u(c, k, r)
-     WHERE u.r IS NOT NULL AND k.caller = u.c AND k.key = u.k;
+     WHERE u.r IS NOT NULL AND NOT u.r ? 'error' AND k.caller = u.c AND k.key = u.k;
+    IF v_capped THEN
+        -- An item tl_batch_fast answered with an operating error (a key's
+        -- spend rate cap) gives its key back, as below.
+        DELETE FROM idempotency_keys k
+         USING unnest(p_callers, p_keys, v_fast) AS u(c, k, r)
+         WHERE u.r ? 'error' AND k.caller = u.c AND k.key = u.k;
+    END IF;
     FOR i IN 1 .. v_n LOOP
         IF v_fast[i] IS NOT NULL THEN
             v_out := v_out || v_fast[i];
@@ -3319,6 +3541,9 @@ BEGIN
             END IF;
             RETURN jsonb_build_object('status', v_row.status_code, 'body', v_row.body, 'replayed', true);
         END IF;
+    END IF;
+    IF p_ctx ? 'rate_limit' THEN
+        PERFORM tl_key_lock(ARRAY[p_ctx]);  -- a capped key's spend row, before any account
     END IF;
     BEGIN
         v_body := tl_dispatch(p_op, p_args, p_ctx);
@@ -4472,12 +4697,14 @@ END $$;
 -- accounts.policy_bound says whether any policy binds an account (its own or
 -- its department's): the hot functions read it from the account row they
 -- already hold, so a wallet without a policy pays no look-up at all. The
--- set-based batch path (tl_batch_fast) decides a bound wallet's debits and
--- reservations against its limits loaded once per batch
--- (tl_policy_batch_limits, tl_policy_batch_count); a wallet with a hard
--- department limit, a debit naming a model, and captures and releases of a
--- bound wallet's reservations go through the one-by-one functions, where
--- the checks below run inside the same call.
+-- set-based batch path (tl_batch_fast) decides a bound wallet's debits,
+-- reservations, captures and releases against its limits and model rules
+-- loaded once per batch for all its wallets (tl_policy_batch_links), in
+-- memory, exactly as the one-by-one functions below would (tests/api/
+-- test_policy.py compares the two), and writes the window rows once; only
+-- a capture or release of a reservation made in an earlier window sends its
+-- wallet through the one-by-one functions, where the checks below run
+-- inside the same call.
 --
 -- Spend is kept per account and window (policy_spend), never in one row per
 -- department: a member's row is written only under that member's account
@@ -4487,7 +4714,7 @@ END $$;
 -- lock taken after the account locks, and only by writes that add spend
 -- under a hard department limit; it is held to commit, which is the end of
 -- the same database call (no Python in between), and a coalesced batch
--- takes it once for all its members. Soft department limits and member
+-- takes them once for all its members, sorted (tl_policy_batch_links). Soft department limits and member
 -- limits take no such lock. See README, "Spend policy".
 --
 -- Where spend counts: a debit and a usage event without a reservation in
@@ -4693,55 +4920,101 @@ BEGIN
     PERFORM tl_raise('TLB08', 'limit_exceeded', v ->> 'detail', v -> 'extra');
 END $$;
 
--- Whether tl_batch_fast may decide a bound account's debits and
--- reservations set-based: none of its limits is a hard department limit
--- (whose exact check takes the department's lock, tl_policy_total).
-CREATE OR REPLACE FUNCTION tl_policy_batchable(p_account accounts) RETURNS boolean
-LANGUAGE sql STABLE AS $$
-    SELECT NOT EXISTS (SELECT 1 FROM tl_policy_limits(p_account) l WHERE l.department IS NOT NULL AND l.mode = 'hard')
-$$;
-
--- The limits of the bound accounts among p_wallets (tl_batch_fast's
--- wallets, by position), in the order tl_policy_count checks them, each with
--- the spend it counts now; the accounts' own window rows are made (from the
--- journal) when missing, before the batch writes anything.
-CREATE OR REPLACE FUNCTION tl_policy_batch_limits(p_wallets bigint[], p_now timestamptz)
-RETURNS TABLE (wallet integer, owner text, period text, time_zone text, starts_at timestamptz, amount bigint,
-               hard boolean, total bigint)
+-- The limits binding the bound accounts among p_wallets (tl_batch_fast's
+-- wallets, by position), set-based, one row per (wallet, limit), in the
+-- order tl_policy_count checks a wallet's limits (`rank`). A limit is named
+-- by its owner and its place in the owner's policy (`ord`): a department's
+-- limit is the same one for every member in the batch, so members' spend
+-- adds up in it as it does in its rows. `total` is the spend it counts
+-- now. Before the totals are read, the accounts' own window rows are made
+-- (from the journal) where missing, and the (department, window) advisory
+-- locks of hard department limits are taken, all at once and sorted (the
+-- order tl_policy_count takes one department's in), so that the sums read
+-- in the next statement stay exact until the batch commits.
+CREATE OR REPLACE FUNCTION tl_policy_batch_links(p_wallets bigint[], p_now timestamptz)
+RETURNS TABLE (wallet integer, rank integer, owner text, ord integer, department text, period text,
+               time_zone text, starts_at timestamptz, amount bigint, hard boolean, total bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_acc accounts;
-    v_l record;
-    v_start timestamptz;
+    v_wallet integer[];
+    v_rank integer[];
+    v_account bigint[];
+    v_own_department text[];
+    v_owner text[];
+    v_ord integer[];
+    v_department text[];
+    v_period text[];
+    v_tz text[];
+    v_start timestamptz[];
+    v_amount bigint[];
+    v_hard boolean[];
 BEGIN
-    FOR v_acc IN SELECT * FROM accounts WHERE id = ANY (p_wallets) AND policy_bound ORDER BY id LOOP
-        FOR v_l IN SELECT * FROM tl_policy_limits(v_acc) l ORDER BY l.department NULLS FIRST, l.period, l.time_zone LOOP
-            v_start := tl_window_start(v_l.period, v_l.time_zone, p_now);
-            IF NOT EXISTS (SELECT 1 FROM policy_spend s WHERE s.account_id = v_acc.id AND s.period = v_l.period
-                                                          AND s.time_zone = v_l.time_zone AND s.starts_at = v_start) THEN
-                PERFORM tl_policy_spend_row(v_acc.id, tl_policy_department(v_acc), v_l.period, v_l.time_zone,
-                                            v_start, 0);
-            END IF;
-            wallet := array_position(p_wallets, v_acc.id); owner := v_l.owner; period := v_l.period;
-            time_zone := v_l.time_zone; starts_at := v_start; amount := v_l.amount; hard := v_l.mode = 'hard';
-            total := tl_policy_total(v_acc.id, v_l.department, v_l.period, v_l.time_zone, v_start, false);
-            RETURN NEXT;
-        END LOOP;
-    END LOOP;
+    -- One sort (the window's), read in its order: an ORDER BY in each
+    -- array_agg would sort the rows once per array.
+    SELECT array_agg(k.wallet), array_agg(k.rank), array_agg(k.account), array_agg(k.own_department),
+           array_agg(k.owner), array_agg(k.ord), array_agg(k.department), array_agg(k.period), array_agg(k.tz),
+           array_agg(tl_window_start(k.period, k.tz, p_now)), array_agg(k.amount), array_agg(k.hard)
+      INTO v_wallet, v_rank, v_account, v_own_department, v_owner, v_ord, v_department, v_period, v_tz,
+           v_start, v_amount, v_hard
+      FROM (SELECT l.*, row_number() OVER (PARTITION BY l.wallet
+                                           ORDER BY l.department NULLS FIRST, l.period, l.tz, l.owner, l.ord)::integer
+                                    AS rank
+              FROM (SELECT x.n::integer AS wallet, a.id AS account,
+                           CASE a.type WHEN 'department' THEN a.ref ELSE e.department END AS own_department,
+                           o.address AS owner, v.ord::integer AS ord,
+                           -- tl_policies_of: an account's own limits count its own spend,
+                           -- but a department account's own are its department's.
+                           CASE WHEN o.id <> a.id OR a.type = 'department' THEN o.ref END AS department,
+                           v.l ->> 'window' AS period, coalesce(v.l ->> 'time_zone', 'UTC') AS tz,
+                           (v.l ->> 'amount')::bigint AS amount, coalesce(v.l ->> 'mode', 'hard') = 'hard' AS hard
+                      FROM unnest(p_wallets) WITH ORDINALITY AS x(id, n)
+                      JOIN accounts a ON a.id = x.id AND a.policy_bound
+                      LEFT JOIN employees e ON a.type = 'employee' AND e.id = a.ref
+                      CROSS JOIN LATERAL (SELECT a.id AS id
+                                          UNION ALL
+                                          SELECT d.id FROM accounts d
+                                           WHERE a.type = 'employee' AND d.address = 'department:' || e.department) b
+                      JOIN accounts o ON o.id = b.id
+                      JOIN spend_policies p ON p.account_id = o.id
+                     CROSS JOIN LATERAL jsonb_array_elements(p.limits) WITH ORDINALITY AS v(l, ord)) l
+             ORDER BY l.wallet, rank) k;
+    IF v_wallet IS NULL THEN
+        RETURN;
+    END IF;
+    -- The accounts' own rows of the windows their limits count in.
+    INSERT INTO policy_spend (account_id, period, time_zone, starts_at, department, spent)
+    SELECT DISTINCT ON (k.account, k.period, k.tz) k.account, k.period, k.tz, k.start, k.own_department,
+           tl_journal_spend(k.account, k.start, tl_window_end(k.period, k.tz, k.start))
+      FROM unnest(v_account, v_own_department, v_period, v_tz, v_start) AS k(account, own_department, period, tz, start)
+     WHERE NOT EXISTS (SELECT 1 FROM policy_spend s WHERE s.account_id = k.account AND s.period = k.period
+                                                      AND s.time_zone = k.tz AND s.starts_at = k.start)
+    ON CONFLICT DO NOTHING;
+    -- The hard department limits' locks (tl_policy_total), sorted.
+    PERFORM pg_advisory_xact_lock(1969516656, hashtext(d.department || '|' || d.period || '|' || d.tz
+                                                       || '|' || tl_ts(d.start)))
+       FROM (SELECT DISTINCT k.department, k.period, k.tz, k.start
+               FROM unnest(v_department, v_period, v_tz, v_start, v_hard) AS k(department, period, tz, start, hard)
+              WHERE k.hard AND k.department IS NOT NULL
+              ORDER BY 1, 2, 3, 4) d;
+    RETURN QUERY
+    SELECT k.wallet, k.rank, k.owner, k.ord, k.department, k.period, k.tz, k.start, k.amount, k.hard,
+           CASE WHEN k.department IS NULL
+                THEN coalesce((SELECT s.spent FROM policy_spend s
+                                WHERE s.account_id = k.account AND s.period = k.period AND s.time_zone = k.tz
+                                  AND s.starts_at = k.start), 0)
+                ELSE coalesce((SELECT sum(s.spent) FROM policy_spend s
+                                WHERE s.department = k.department AND s.period = k.period AND s.time_zone = k.tz
+                                  AND s.starts_at = k.start), 0) END::bigint
+      FROM unnest(v_wallet, v_rank, v_account, v_owner, v_ord, v_department, v_period, v_tz, v_start, v_amount,
+                  v_hard) WITH ORDINALITY AS k(wallet, rank, account, owner, ord, department, period, tz, start,
+                                               amount, hard, n)
+     ORDER BY k.n;
 END $$;
 
--- Counts what tl_batch_fast took from each bound wallet (p_added, by
--- position in p_wallets): its window rows, and soft-limit events.
-CREATE OR REPLACE FUNCTION tl_policy_batch_count(p_wallets bigint[], p_added bigint[], p_now timestamptz)
-RETURNS void LANGUAGE plpgsql AS $$
-DECLARE
-    v_acc accounts;
-BEGIN
-    FOR v_acc IN SELECT a.* FROM unnest(p_wallets, p_added) AS w (id, added) JOIN accounts a ON a.id = w.id
-                  WHERE w.added > 0 ORDER BY a.id LOOP
-        PERFORM tl_policy_count(v_acc, p_added[array_position(p_wallets, v_acc.id)], p_now, false, p_now);
-    END LOOP;
-END $$;
+-- Superseded by the set-based checks in tl_batch_fast (tl_policy_batch_links).
+DROP FUNCTION IF EXISTS tl_policy_batchable(accounts);
+DROP FUNCTION IF EXISTS tl_policy_batch_limits(bigint[], timestamptz);
+DROP FUNCTION IF EXISTS tl_policy_batch_count(bigint[], bigint[], timestamptz);
 
 -- Counts p_delta credits of spend (negative: given back) of a bound
 -- account in every window of its limits that contains p_at. With p_check,
@@ -6103,6 +6376,154 @@ END $$;
 -- the entries.
 CREATE INDEX IF NOT EXISTS transactions_spend_time_idx ON transactions (created_at) INCLUDE (id)
     WHERE kind IN ('debit', 'capture');
+
+-- ---------------------------------------------------------------------------
+-- Key scopes by department and per-key spend rate caps (issue 11, defect 8)
+--
+-- A service key may be limited to charging the accounts of given
+-- departments (api_keys.departments: employees currently in one of them,
+-- and the department accounts themselves), and to a number of credits per
+-- minute (api_keys.rate_limit). The service passes both in the operation's
+-- context (ctx.departments, ctx.rate_limit) and the checks run inside the
+-- operation's own database call: an employee's department is only known
+-- here, and a cap must count what the key's concurrent calls spend.
+--
+-- What a key spends: debits, reservations (the amount held) and usage
+-- events that settle no reservation (their cost); a capture is counted when
+-- its reservation was made, a release gives nothing back. The count is per
+-- calendar minute (UTC) in one row per key (key_spend), locked for the
+-- rest of the transaction by every call of a capped key, before any account
+-- (tl_key_lock: in tl_execute and tl_execute_batch after the idempotency
+-- keys, in the usage functions before the events are claimed), so the cap
+-- is exact. That row serialises a capped key's calls; a coalesced batch and
+-- a usage batch take it once and update it once for all their items. Keys
+-- without a cap never touch it. A call over the cap is answered 429
+-- key_rate_limited (SQLSTATE TLD29, with retry_after: the seconds to the
+-- next minute) and rolls back: nothing is written. Out of scope: 403
+-- forbidden (TLD43).
+-- ---------------------------------------------------------------------------
+
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS departments text[];
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS rate_limit bigint;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'api_keys_rate_limit_positive') THEN
+        ALTER TABLE api_keys ADD CONSTRAINT api_keys_rate_limit_positive CHECK (rate_limit > 0);
+    END IF;
+END $$;
+
+-- A change of a key's departments or cap drops it from every replica's
+-- cache too (the trigger of the key section, with the new columns).
+DROP TRIGGER IF EXISTS api_keys_changed ON api_keys;
+CREATE TRIGGER api_keys_changed AFTER INSERT OR UPDATE OF revoked_at, secret_hash, role, prefix,
+        sources, account_types, departments, rate_limit OR DELETE
+    ON api_keys FOR EACH STATEMENT EXECUTE FUNCTION tl_api_keys_changed();
+
+CREATE TABLE IF NOT EXISTS key_spend (
+    actor  text PRIMARY KEY,       -- the caller ("key:<id>"), as ctx.actor
+    minute timestamptz NOT NULL,   -- the minute `spent` counts
+    spent  bigint NOT NULL
+);
+
+-- Locks (making them when missing) the spend rows of the capped keys among
+-- the callers, in actor order, and starts a new minute's count.
+-- Answers whether there was any. PL/pgSQL, so that its plans are kept for
+-- the session (a SQL function's INSERT is planned again at every call), and
+-- a batch without a capped key pays one array test.
+CREATE OR REPLACE FUNCTION tl_key_lock(p_ctxs jsonb[]) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM unnest(p_ctxs) AS c WHERE c ? 'rate_limit') THEN
+        RETURN false;
+    END IF;
+    INSERT INTO key_spend AS s (actor, minute, spent)
+    SELECT DISTINCT ON (c ->> 'actor') c ->> 'actor', date_trunc('minute', tl_now(c), 'UTC'), 0
+      FROM unnest(p_ctxs) AS c
+     WHERE c ? 'rate_limit'
+     ORDER BY c ->> 'actor'
+    ON CONFLICT (actor) DO UPDATE
+       SET spent = CASE WHEN s.minute = EXCLUDED.minute THEN s.spent ELSE 0 END, minute = EXCLUDED.minute;
+    RETURN true;
+END $$;
+
+-- The 429 key_rate_limited as {code, detail, extra} (extra.retry_after:
+-- seconds to the next minute, when the count starts again).
+CREATE OR REPLACE FUNCTION tl_key_rate_limited_json(
+    p_limit bigint, p_spent bigint, p_requested bigint, p_minute timestamptz, p_now timestamptz)
+RETURNS jsonb LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'code', 'key_rate_limited',
+        'detail', format('this key may spend %s credits a minute: %s spent this minute, %s requested',
+                         p_limit, p_spent, p_requested),
+        'extra', jsonb_build_object(
+            'limit', p_limit, 'spent', p_spent, 'requested', p_requested,
+            'retry_after', greatest(1, ceil(extract(epoch FROM p_minute + interval '1 minute' - p_now)))::integer))
+$$;
+
+-- Counts p_amount credits spent by the calling key (a no-op without a cap)
+-- and raises key_rate_limited when that passes its cap for the minute.
+CREATE OR REPLACE FUNCTION tl_key_charge(p_ctx jsonb, p_amount bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_cap bigint := (p_ctx ->> 'rate_limit')::bigint;
+    v_now timestamptz;
+    v_minute timestamptz;
+    v_spent bigint;
+    v jsonb;
+BEGIN
+    IF v_cap IS NULL OR p_amount <= 0 THEN
+        RETURN;
+    END IF;
+    v_now := tl_now(p_ctx);
+    v_minute := date_trunc('minute', v_now, 'UTC');
+    INSERT INTO key_spend AS s (actor, minute, spent) VALUES (p_ctx ->> 'actor', v_minute, p_amount)
+    ON CONFLICT (actor) DO UPDATE
+       SET spent = CASE WHEN s.minute = EXCLUDED.minute THEN s.spent ELSE 0 END + EXCLUDED.spent,
+           minute = EXCLUDED.minute
+    RETURNING spent INTO v_spent;
+    IF v_spent > v_cap THEN
+        v := tl_key_rate_limited_json(v_cap, v_spent - p_amount, p_amount, v_minute, v_now);
+        PERFORM tl_raise('TLD29', 'key_rate_limited', v ->> 'detail', v -> 'extra');
+    END IF;
+END $$;
+
+-- Whether the calling key may charge an account: always, unless the key is
+-- limited to departments; then only a department account among them, or
+-- an employee wallet whose employee is in one of them now.
+CREATE OR REPLACE FUNCTION tl_key_in_scope(p_account accounts, p_ctx jsonb) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT NOT (p_ctx ? 'departments')
+        OR coalesce(CASE p_account.type
+                        WHEN 'department' THEN p_account.ref
+                        WHEN 'employee' THEN (SELECT e.department FROM employees e WHERE e.id = p_account.ref)
+                    END = ANY (ARRAY(SELECT jsonb_array_elements_text(p_ctx -> 'departments'))), false)
+$$;
+
+CREATE OR REPLACE FUNCTION tl_key_scope_json(p_address text) RETURNS jsonb
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT jsonb_build_object(
+        'code', 'forbidden',
+        'detail', format('this key may not charge %s: it is outside the key''s departments', p_address),
+        'extra', jsonb_build_object('account', p_address))
+$$;
+
+CREATE OR REPLACE FUNCTION tl_require_key_scope(p_account accounts, p_ctx jsonb) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v jsonb;
+BEGIN
+    IF NOT tl_key_in_scope(p_account, p_ctx) THEN
+        v := tl_key_scope_json(p_account.address);
+        PERFORM tl_raise('TLD43', 'forbidden', v ->> 'detail', v -> 'extra');
+    END IF;
+END $$;
+
+DO $$
+BEGIN
+    GRANT SELECT, INSERT, UPDATE ON key_spend TO tokenledger_app;
+EXCEPTION WHEN insufficient_privilege OR undefined_object THEN
+    RAISE NOTICE 'tokenledger_app not granted on key_spend: %', SQLERRM;
+END $$;
 
 -- ---------------------------------------------------------------------------
 -- Seed rows and version

@@ -68,6 +68,12 @@ class Principal:
     # account types it may charge.
     sources: frozenset[str] | None = None
     account_types: frozenset[str] | None = None
+    # The departments whose accounts it may charge, and its spend rate cap (credits per
+    # minute). Both are checked in the operation's own database call (schema.sql, "Key
+    # scopes by department"): an employee's department is only known there, and the cap
+    # must count what all of the key's concurrent calls spend.
+    departments: tuple[str, ...] | None = None
+    rate_limit: int | None = None
 
     def check_scope(self, account: str, source: str | None = None) -> None:
         """Refuses (403 `forbidden`) a charge outside the key's scopes, before anything is
@@ -622,6 +628,8 @@ async def authenticate(
             name=row["name"],
             sources=None if row["sources"] is None else frozenset(row["sources"]),
             account_types=None if row["account_types"] is None else frozenset(row["account_types"]),
+            departments=None if row["departments"] is None else tuple(sorted(row["departments"])),
+            rate_limit=row["rate_limit"],
         )
         if cache is not None:
             cache.put(parsed[1], principal, since)

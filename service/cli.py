@@ -353,6 +353,18 @@ def _account_types(text: str) -> list[str]:
     return kinds
 
 
+def _rate_limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"a rate limit is a positive number of credits, not {text!r}"
+        )
+    return value
+
+
 async def _keys(url: str, args: argparse.Namespace) -> int:
     from service.auth import new_key
 
@@ -375,6 +387,10 @@ async def _keys(url: str, args: argparse.Namespace) -> int:
                 await conn.fetchrow(
                     queries["set_key_scopes"], str(key.id), args.sources, args.account_types
                 )
+            if args.departments is not None or args.rate_limit is not None:
+                await conn.fetchrow(
+                    queries["set_key_limits"], str(key.id), args.departments, args.rate_limit
+                )
             print(f"created key {row['id']} ({row['name']}, role {row['role']})", file=sys.stderr)
             print("the secret is shown once; store it now:", file=sys.stderr)
             print(key.secret)
@@ -385,15 +401,21 @@ async def _keys(url: str, args: argparse.Namespace) -> int:
                 key_id = f"{r['id']}  tlk_{r['prefix']}_…"
                 print(f"{key_id}  {r['role']:8} {state:18} used {used:16} {r['name']}")
         elif args.keys_command == "scope":
-            row = await conn.fetchrow(
-                queries["set_key_scopes"], args.key, args.sources, args.account_types
-            )
-            if row is None:
+            async with conn.transaction():
+                row = await conn.fetchrow(
+                    queries["set_key_scopes"], args.key, args.sources, args.account_types
+                )
+                limits = await conn.fetchrow(
+                    queries["set_key_limits"], args.key, args.departments, args.rate_limit
+                )
+            if row is None or limits is None:
                 print(f"no active key {args.key}", file=sys.stderr)
                 return 1
+            rate = "any" if limits["rate_limit"] is None else f"{limits['rate_limit']}/min"
             print(
                 f"{row['id']} ({row['name']}): sources {_scope(row['sources'])}, "
-                f"account types {_scope(row['account_types'])}"
+                f"account types {_scope(row['account_types'])}, "
+                f"departments {_scope(limits['departments'])}, credits {rate}"
             )
         elif args.keys_command == "revoke":
             row = await conn.fetchrow(queries["revoke_key"], args.key)
@@ -637,6 +659,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=_account_types,
         default=None,
         help="account types it may charge: employee, department (comma list)",
+    )
+    scopes.add_argument(
+        "--departments",
+        type=_scope_list,
+        default=None,
+        help="departments whose accounts it may charge: their employees' wallets and the"
+        " department accounts (comma list)",
+    )
+    scopes.add_argument(
+        "--rate-limit",
+        type=_rate_limit,
+        default=None,
+        help="most credits it may spend per minute (debits, reservations, usage)",
     )
     create = keys_sub.add_parser(
         "create", parents=[url_arg, scopes], help="create a key and print its secret once"

@@ -75,7 +75,8 @@ class Unauthenticated(LedgerError):
 class Forbidden(LedgerError):
     """The caller's role may not do this."""
 
-    code, status, title = "forbidden", 403, "Forbidden"
+    # Raised by SQL for a key limited to departments (tl_require_key_scope).
+    code, status, title, sqlstate = "forbidden", 403, "Forbidden", "TLD43"
 
 
 class PayloadTooLarge(LedgerError):
@@ -280,6 +281,17 @@ class RateLimited(LedgerError):
     code, status, title = "rate_limited", 429, "Rate limited"
 
 
+class KeyRateLimited(LedgerError):
+    """This key has spent its credits for the minute; retry after the given seconds."""
+
+    code, status, title, sqlstate = "key_rate_limited", 429, "Key rate limited", "TLD29"
+
+    def __init__(self, detail: str | None = None, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        # The SQL answers when the key's minute ends (extra.retry_after).
+        self.headers["Retry-After"] = str(extra.get("retry_after", 60))
+
+
 class Unavailable(LedgerError):
     """The service is overloaded or its database is unreachable; retry after the given seconds."""
 
@@ -317,6 +329,7 @@ ERRORS: tuple[type[LedgerError], ...] = (
     ModelNotAllowed,
     IdempotencyKeyReused,
     RateLimited,
+    KeyRateLimited,
     Unavailable,
 )
 

@@ -46,6 +46,9 @@ class Context:
     request_id: str
     # An admin may act on what other callers made (their reservations).
     admin: bool = False
+    # A service key's departments and spend rate cap (Principal), checked in SQL.
+    departments: tuple[str, ...] | None = None
+    rate_limit: int | None = None
 
 
 class DatabaseRefused(OSError):
@@ -126,7 +129,18 @@ class Ledger:
             "request_id": ctx.request_id,
             "now": now.isoformat() if now is not None else None,
             "admin": ctx.admin,
-        }
+        } | self._key_limits(ctx)
+
+    @staticmethod
+    def _key_limits(ctx: Context) -> dict[str, Any]:
+        """ctx.departments and ctx.rate_limit, only when the key has them: the SQL
+        tests for the member (`ctx ? 'rate_limit'`), so an unlimited key costs nothing."""
+        limits: dict[str, Any] = {}
+        if ctx.departments is not None:
+            limits["departments"] = list(ctx.departments)
+        if ctx.rate_limit is not None:
+            limits["rate_limit"] = ctx.rate_limit
+        return limits
 
     async def _run(self, fn: Callable[[Any], Any], *, translate: bool = True) -> Any:
         """Acquire a connection within the configured bound and run one

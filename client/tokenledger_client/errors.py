@@ -252,6 +252,17 @@ class RateLimited(RetryableError):
     code = "rate_limited"
 
 
+class KeyRateLimited(RateLimited):
+    """The key's spend rate cap (credits per minute) is used up until the minute ends
+    (`Retry-After`); a RateLimited, so callers that handle that handle this too."""
+
+    code = "key_rate_limited"
+    extra_names = ("limit", "spent", "requested")
+    limit: int | None
+    spent: int | None
+    requested: int | None
+
+
 class Unavailable(RetryableError):
     code = "unavailable"
 
@@ -301,6 +312,7 @@ ERROR_CLASSES: dict[str, type[TokenledgerError]] = {
         NotApprovable,
         IdempotencyKeyReused,
         RateLimited,
+        KeyRateLimited,
         Unavailable,
     )
 }

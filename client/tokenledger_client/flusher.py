@@ -9,7 +9,7 @@ answered for it:
 * `recorded` or `duplicate`: delivered. `(source, event_id)` is the
   idempotency key, so an event sent again after a lost answer is charged
   once and answered `duplicate`.
-* `rejected` with a code that can change by itself (`rate_limited`,
+* `rejected` with a code that can change by itself (`rate_limited`, `key_rate_limited`,
   `unavailable`, `idempotency_key_in_progress`): kept and sent again.
 * `rejected` with any other code (an unknown model, a closed account ...):
   handed to `on_rejected` and kept in `rejected` (and `<spool>.rejected`),
@@ -45,7 +45,9 @@ __all__ = ["UsageFlusher", "FlusherClosed", "FlusherFull"]
 log = logging.getLogger("tokenledger_client.flusher")
 
 # Rejections that may succeed when sent again unchanged.
-RETRYABLE_REJECTIONS = frozenset({"rate_limited", "unavailable", "idempotency_key_in_progress"})
+RETRYABLE_REJECTIONS = frozenset(
+    {"rate_limited", "key_rate_limited", "unavailable", "idempotency_key_in_progress"}
+)
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(UsageEvent)
 

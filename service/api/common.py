@@ -98,6 +98,8 @@ def context_of(request: Request[Any, Any, Any]) -> Context:
         actor=principal.id,
         request_id=request.state.request_id,
         admin="admin" in principal.roles,
+        departments=principal.departments,
+        rate_limit=principal.rate_limit,
     )
 
 

@@ -129,6 +129,7 @@ class ReservationsController(Controller):
                 errors.AccountClosed,
                 errors.LimitExceeded,
                 errors.ModelNotAllowed,
+                errors.KeyRateLimited,
                 idempotent=True,
             ),
         },

@@ -72,6 +72,7 @@ class TransactionsController(Controller):
                 errors.BalanceLimitExceeded,
                 errors.LimitExceeded,
                 errors.ModelNotAllowed,
+                errors.KeyRateLimited,
                 idempotent=True,
             ),
         },

@@ -137,6 +137,7 @@ class UsageController(Controller):
                 errors.ReservationNotActive,
                 errors.BalanceLimitExceeded,
                 errors.LimitExceeded,
+                errors.KeyRateLimited,
                 errors.IdempotencyKeyReused,
             ),
             **statuses(200),

@@ -1,6 +1,6 @@
 -- name: authenticate_key
 -- The key's id, name, role and scopes when the presented secret is valid and not revoked.
-SELECT a.id, a.name, a.role, k.sources, k.account_types
+SELECT a.id, a.name, a.role, k.sources, k.account_types, k.departments, k.rate_limit
 FROM tl_authenticate_key($1, $2) a JOIN api_keys k ON k.id = a.id;
 
 -- name: create_key
@@ -15,6 +15,13 @@ RETURNING id, prefix, name, role, created_at;
 UPDATE api_keys SET sources = $2, account_types = $3
 WHERE (id::text = $1 OR prefix = $1) AND revoked_at IS NULL
 RETURNING id, prefix, name, role, sources, account_types;
+
+-- name: set_key_limits
+-- The departments a key, by id or prefix, may charge and its spend rate cap in credits per
+-- minute; NULL lifts either. The api_keys trigger drops the key from every replica's cache.
+UPDATE api_keys SET departments = $2, rate_limit = $3
+WHERE (id::text = $1 OR prefix = $1) AND revoked_at IS NULL
+RETURNING id, prefix, name, role, departments, rate_limit;
 
 -- name: ensure_key
 -- Stores a key given in configuration unless it already exists, and revokes

@@ -586,65 +586,175 @@ async def test_usage_reports_show_overage_and_violations(
 async def test_bound_wallets_go_set_based_and_decide_as_one_by_one(
     client: Any, api: Api, clock: FakeClock, database_url: str
 ) -> None:
-    """Debits and reservations of a wallet with a spend policy (own hard and soft limits)
-    are decided set-based in a coalesced batch (tl_batch_fast), with exactly the answers,
-    window totals and limit.reached events of the same operations run one by one on a
-    twin wallet; a wallet with a hard department limit, or a debit naming a model, goes
-    one by one."""
-    from tests.api.test_coalescing import _canon, _wallet_state, fast_items, item, ledger_of
+    """Debits, reservations, captures (under, over and beyond a limit) and releases
+    of wallets bound by their own hard and soft limits and by their department's
+    hard and soft limits and model rules are decided set-based in one coalesced
+    batch (tl_batch_fast), with exactly the answers, wallet states, window totals
+    and limit.reached events (with the spend at the crossing) of the same
+    operations run one by one on a twin department."""
+    from tests.api.test_coalescing import (
+        _canon,
+        _wallet_state,
+        fast_items,
+        item,
+        ledger_of,
+        reservation_item,
+    )
 
     clock.set(None)  # type: ignore[arg-type]  # why: the batch path needs one shared instant
     ledger = ledger_of(client)
+    for model, tier in (("fast-std", "standard"), ("fast-premium", "premium")):
+        body = {
+            "model": model,
+            "effective_from": "2020-01-01T00:00:00Z",
+            "input_per_mtok": 1_000_000,
+            "cached_input_per_mtok": 0,
+            "output_per_mtok": 1_000_000,
+            "tier": tier,
+        }
+        assert (await client.post("/v1/prices", json=body, headers=key())).status_code == 201
     outcomes = {}
     states = {}
     spent = {}
-    for twin, one_by_one in (("e-batch", False), ("e-single", True)):
-        await api.employee(twin)
-        await api.grant(twin, 500)
-        address = f"employee:{twin}"
+    events = {}
+    for twin, one_by_one in (("batch", False), ("single", True)):
+        w1, w2 = f"employee:{twin}-1", f"employee:{twin}-2"
+        for emp in (f"{twin}-1", f"{twin}-2"):
+            await api.employee(emp, twin)
+            await api.grant(emp, 500)
+            await put_policy(
+                client,
+                f"employee:{emp}",
+                limits=[
+                    {"window": "day", "amount": 150},
+                    {"window": "month", "amount": 140, "mode": "soft"},
+                ],
+            )
         await put_policy(
             client,
-            address,
+            f"department:{twin}",
             limits=[
-                {"window": "day", "amount": 100},
-                {"window": "month", "amount": 120, "mode": "soft"},
+                {"window": "day", "amount": 250},
+                {"window": "month", "amount": 300, "mode": "soft"},
             ],
+            models={"tiers": ["standard"]},
         )
+        held = []  # w1 25 and 10, w2 20 and 15: 35 each, 70 for the department
+        for wallet, amount in ((w1, 25), (w2, 20), (w1, 10), (w2, 15)):
+            r = await reserve(client, wallet, amount=amount)
+            assert r.status_code == 201, r.text
+            held.append(r.json()["id"])
         keys = (f"{twin}-{k}" for k in range(100))
-        reserve = {"account": address, "ttl_seconds": 600, "metadata": None}
+        res = {"ttl_seconds": 600, "metadata": None}
         items = [
-            item("debit", {"account": address, "amount": 40}, next(keys)),
-            item("reserve", {**reserve, "amount": 50}, next(keys)),
-            item("debit", {"account": address, "amount": 20}, next(keys)),  # 110 > 100
-            item("debit", {"account": address, "amount": 900}, next(keys)),  # insufficient
-            item("reserve", {**reserve, "amount": 10}, next(keys)),  # exactly 100
-            item("debit", {"account": address, "amount": 1}, next(keys)),  # 101 > 100
+            item("debit", {"account": w1, "amount": 40}, next(keys)),  # w1 75, dept 110
+            item("reserve", {"account": w1, "amount": 50, **res}, next(keys)),  # w1 125: 80 %
+            # Over the held 25 by 10: w1 135, dept 170.
+            reservation_item(
+                "capture", {"amount": 35, "metadata": None}, held[0], next(keys), status=200
+            ),
+            # The department allows standard models only.
+            item(
+                "debit",
+                {"account": w1, "amount": 5, "metadata": {"model": "fast-premium"}},
+                next(keys),
+            ),
+            item(
+                "debit",
+                {"account": w2, "amount": 30, "metadata": {"model": "fast-std"}},
+                next(keys),
+            ),
+            reservation_item("release", {}, held[1], next(keys), status=200),  # w2 45, dept 180
+            # 20 over its hold would take w1 to 155 > 150.
+            reservation_item(
+                "capture", {"amount": 30, "metadata": None}, held[2], next(keys), status=200
+            ),
+            item("debit", {"account": w2, "amount": 80}, next(keys)),  # dept 260 > 250
+            item(
+                "reserve", {"account": w2, "amount": 70, **res}, next(keys)
+            ),  # dept 250: 80 % of 300
+            item("debit", {"account": w1, "amount": 900}, next(keys)),  # insufficient first
+            # Under its hold by 12: w2 103, dept 238.
+            reservation_item(
+                "capture", {"amount": 3, "metadata": None}, held[3], next(keys), status=200
+            ),
+            item("debit", {"account": w1, "amount": 12}, next(keys)),  # w1 147: 100 %; dept 250
+            item("debit", {"account": w2, "amount": 1}, next(keys)),  # dept 251 > 250
         ]
         if one_by_one:
             results = [await ledger._execute_one(i) for i in items]
         else:
             assert await fast_items(ledger, items) == [True] * len(items)
             results = await ledger._execute_batch(items)
-        names = {twin: "TWIN", address: "TWIN"}
+        names = {twin: "TWIN"}
         outcomes[twin] = [
             (r["status"], _canon(r["body"], names)) if isinstance(r, dict) else repr(r)
             for r in results
         ]
-        states[twin] = await _wallet_state(client, address, names)
-        spent[twin] = [w["spent"] for w in (await get_policy(client, address))["limits"]]
-    assert [o[0] for o in outcomes["e-batch"]] == [201, 201, 409, 409, 201, 409], outcomes
-    assert outcomes["e-batch"] == outcomes["e-single"]
-    assert states["e-batch"] == states["e-single"]
-    assert spent["e-batch"] == spent["e-single"] == [100, 100]
-    events = await outbox(database_url)
-    assert sorted(e["data"]["account"] for e in events) == ["employee:e-batch", "employee:e-single"]
-    # Not set-based: a debit naming a model, and a wallet under a hard department limit.
-    await api.employee("e-dept", "ops")
-    await api.grant("e-dept", 100)
-    await put_policy(client, "department:ops", limits=[{"window": "day", "amount": 50}])
-    named = item(
-        "debit", {"account": "employee:e-batch", "amount": 1, "metadata": {"model": "m"}}, "k1"
+        states[twin] = [await _wallet_state(client, w, names) for w in (w1, w2)]
+        spent[twin] = [
+            [w["spent"] for w in (await get_policy(client, a))["limits"]]
+            for a in (w1, w2, f"department:{twin}")
+        ]
+        events[twin] = [
+            (
+                e["data"]["account"].replace(twin, "TWIN"),
+                e["data"]["window"],
+                e["data"]["threshold_percent"],
+                e["data"]["spent"],
+            )
+            for e in await outbox(database_url)
+            if twin in e["data"]["account"]
+        ]
+    statuses = [o[0] for o in outcomes["batch"]]
+    assert statuses == [201, 201, 200, 409, 201, 200, 409, 409, 201, 409, 200, 201, 409], outcomes
+    codes = [o[1].get("code") for o in outcomes["batch"]]
+    assert [c for c in codes if c] == [
+        "model_not_allowed",
+        "limit_exceeded",
+        "limit_exceeded",
+        "insufficient_credits",
+        "limit_exceeded",
+    ]
+    assert outcomes["batch"] == outcomes["single"]
+    assert states["batch"] == states["single"]
+    assert spent["batch"] == spent["single"] == [[147, 147], [103, 103], [250, 250]]
+    assert (
+        events["batch"]
+        == events["single"]
+        == [
+            ("employee:TWIN-1", "month", 80, 125),
+            ("employee:TWIN-2", "month", 80, 115),
+            ("department:TWIN", "month", 80, 250),
+            ("employee:TWIN-1", "month", 100, 147),
+        ]
+    ), events
+    await assert_audit_clean(database_url)
+
+
+async def test_capture_of_a_reservation_from_an_earlier_window_goes_one_by_one(
+    client: Any, api: Api, clock: FakeClock, database_url: str
+) -> None:
+    """A capture trues up the window its reservation was made in: when that is
+    not the current one, the wallet goes one by one (and the answer is right)."""
+    from tests.api.test_coalescing import fast_items, item, ledger_of, reservation_item
+
+    await setup(api, clock, {"e-1": 1000})
+    await put_policy(client, WALLET, limits=[{"window": "day", "amount": 100}])
+    clock.set(T.replace(hour=23, minute=55))
+    r = await reserve(client, amount=60, ttl_seconds=3600)
+    assert r.status_code == 201, r.text
+    now = T.replace(hour=0) + timedelta(days=1, minutes=1)  # the next day
+    clock.set(now)
+    ledger = ledger_of(client)
+    capture = reservation_item(
+        "capture", {"amount": 80, "metadata": None}, r.json()["id"], "k1", status=200
     )
-    dept = item("debit", {"account": "employee:e-dept", "amount": 1}, "k2")
-    assert await fast_items(ledger, [named, dept]) == [False, False]
+    debit = item("debit", {"account": WALLET, "amount": 90}, "k2")
+    for i in (capture, debit):
+        i.ctx["now"] = now.isoformat()
+    assert await fast_items(ledger, [capture, debit]) == [False, False]
+    assert [x["status"] for x in await ledger._execute_batch([capture, debit])] == [200, 201]
+    limits = (await get_policy(client, WALLET))["limits"]
+    assert limits[0]["spent"] == 90
     await assert_audit_clean(database_url)

@@ -394,6 +394,12 @@ CONSTRAINT_CASES: list[tuple[str, type[asyncpg.PostgresError], str]] = [
         "(gen_random_uuid(), 'p4', sha256('a'), 'n', 'meter', ARRAY['system'])",
     ),
     (
+        "api_keys_rate_limit_positive",
+        asyncpg.CheckViolationError,
+        "INSERT INTO api_keys (id, prefix, secret_hash, name, role, rate_limit) VALUES "
+        "(gen_random_uuid(), 'p9', sha256('a'), 'n', 'meter', 0)",
+    ),
+    (
         "api_keys_name_length",
         asyncpg.CheckViolationError,
         "INSERT INTO api_keys (id, prefix, secret_hash, name, role) VALUES (gen_random_uuid(), "
