@@ -1,7 +1,7 @@
 """Background work that every replica runs: the expiry sweeper, the
-settled-lot marks of the as-of balance, the idempotency-key purge, the usage-event archiver, the hash chainer, the
-grant-program scheduler and the credits.expiring alerts (the webhook
-dispatcher is service/webhooks.py).
+settled-lot marks of the as-of balance, the idempotency-key purge, the
+usage-event archiver, the hash chainer, the grant-program scheduler and
+the credits.expiring alerts (the webhook dispatcher is service/webhooks.py).
 
 All are safe on many replicas at once: the sweeper takes accounts with
 FOR UPDATE SKIP LOCKED, the purge deletes rows it alone has locked, and the

@@ -45,7 +45,8 @@ LANGUAGE sql STABLE AS $$
     )::bigint - (
         SELECT coalesce(sum(greatest(0, y.remaining - y.held)
                             - CASE WHEN y.rollover_max IS NOT NULL AND y.rollover_until > p_at
-                                   THEN least(y.rollover_max, greatest(0, y.remaining - y.held)) ELSE 0 END), 0)
+                                   THEN least(y.rollover_max, greatest(0, y.remaining - y.held))
+                                   ELSE 0 END), 0)
         FROM (SELECT l.rollover_max, l.rollover_until,
                 (SELECT coalesce(sum(m.amount), 0) FROM lot_movements m
                  JOIN transactions t ON t.id = m.transaction_id
