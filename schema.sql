@@ -5993,6 +5993,9 @@ CREATE TABLE IF NOT EXISTS lot_settle_progress (
     movement_id bigint NOT NULL,
     seen_id     bigint NOT NULL
 );
+-- The routine audit checks the marks of lots last moved since its checkpoint.
+CREATE INDEX IF NOT EXISTS lot_settled_settled_idx ON lot_settled (settled_at);
+
 INSERT INTO lot_settle_progress (name, movement_id, seen_id) VALUES ('lots', 0, 0)
 ON CONFLICT (name) DO NOTHING;
 

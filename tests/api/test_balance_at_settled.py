@@ -24,6 +24,7 @@ from litestar.testing import AsyncTestClient
 from bench.year import build_year
 from service import db as service_db
 from service import migrate
+from service.audit import audit
 from service.background import Background
 from tests.api.conftest import Api, FakeClock, assert_audit_clean, key, ts
 
@@ -202,3 +203,29 @@ async def test_a_spent_lot_is_settled_and_a_reversal_unsettles_it(
     assert await sql.fetchval("SELECT settled_at FROM lot_settled") == reversed_at
     await assert_exact(sql, "employee:e1", [*instants, reversed_at - MS, reversed_at])
     await assert_audit_clean(database_url)
+
+
+async def test_audit_finds_a_lot_settled_before_its_last_movement(
+    api: Api, client: AsyncTestClient[Any], clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    """A settled mark earlier than the lot's last movement (the as-of balance would skip credits
+    the lot held) fails audit_4_settled_lots, in full and in the routine audit after it."""
+    # Checkpoints first (at the wall clock), then the history after them.
+    assert (await audit(sql, full=True, settle_seconds=0)).violations == []
+    start = datetime.now(UTC) + timedelta(days=1)
+    clock.set(start)
+    await api.employee("e1")
+    await api.grant("e1", 100, expires_at=ts(start + timedelta(days=2)))
+    clock.set(start + timedelta(days=1))
+    assert (await api.debit("employee:e1", 100)).status_code == 201
+    await settle(client)
+    assert await sql.fetchval("SELECT count(*) FROM lot_settled") == 1
+    assert (await audit(sql, full=False, settle_seconds=0)).violations == []
+
+    await sql.execute("UPDATE lot_settled SET settled_at = settled_at - interval '1 hour'")
+    routine = await audit(sql, full=False, settle_seconds=0)
+    assert "audit_4_settled_lots" in routine.since
+    assert [v.check for v in routine.violations] == ["audit_4_settled_lots"]
+    full = await audit(sql, full=True, settle_seconds=0)
+    assert [v.check for v in full.violations] == ["audit_4_settled_lots"]
+    assert "settled lot lot_" in full.violations[0].problem
