@@ -821,38 +821,8 @@ BEGIN
         'updated_at', tl_ts(v_updated));
 END $$;
 
--- The posted balance of an account as of an instant: the balance_after of
--- its last entry at or before it (per shard for system accounts), less the
--- credits of lots that had expired by then but whose expiry was written
--- later (expiry is exact at expires_at; the journal records it when a write
--- or the sweeper gets there). A lot's credits as of p_at are its movements
--- up to p_at, less what reservations alive at p_at held on it.
-CREATE OR REPLACE FUNCTION tl_balance_at(p_account bigint, p_at timestamptz) RETURNS bigint
-LANGUAGE sql STABLE AS $$
-    SELECT (
-        SELECT coalesce(sum(x.balance_after), 0)
-        FROM generate_series(0, (SELECT shard_count - 1 FROM accounts WHERE id = p_account)) s
-        CROSS JOIN LATERAL (
-            SELECT e.balance_after FROM entries e
-            WHERE e.account_id = p_account AND e.shard = s AND e.created_at <= p_at
-            ORDER BY e.created_at DESC, e.version DESC LIMIT 1) x
-    )::bigint - (
-        -- (a program lot's rollover part lives on until rollover_until)
-        SELECT coalesce(sum(greatest(0, y.remaining - y.held)
-                            - CASE WHEN y.rollover_max IS NOT NULL AND y.rollover_until > p_at
-                                   THEN least(y.rollover_max, greatest(0, y.remaining - y.held)) ELSE 0 END), 0)
-        FROM (SELECT l.rollover_max, l.rollover_until,
-                (SELECT coalesce(sum(m.amount), 0) FROM lot_movements m
-                 JOIN transactions t ON t.id = m.transaction_id
-                 WHERE m.lot_id = l.id AND t.created_at <= p_at) AS remaining,
-                (SELECT coalesce(sum(h.amount), 0) FROM reservation_holds h
-                 JOIN reservations r ON r.id = h.reservation_id
-                 WHERE h.lot_id = l.id AND r.created_at <= p_at
-                   AND coalesce(r.resolved_at, r.expires_at) > p_at) AS held
-              FROM lots l
-              WHERE l.account_id = p_account AND l.expires_at <= p_at AND l.created_at <= p_at) y
-    )::bigint
-$$;
+-- tl_balance_at, the posted balance as of an instant, is defined in the
+-- section "Settled lots" near the end: it reads lot_settled, created there.
 
 CREATE OR REPLACE FUNCTION tl_department_json(p_id text) RETURNS jsonb
 LANGUAGE sql STABLE AS $$
@@ -6523,6 +6493,146 @@ BEGIN
     GRANT SELECT, INSERT, UPDATE ON key_spend TO tokenledger_app;
 EXCEPTION WHEN insufficient_privilege OR undefined_object THEN
     RAISE NOTICE 'tokenledger_app not granted on key_spend: %', SQLERRM;
+END $$;
+
+-- ---------------------------------------------------------------------------
+-- Settled lots: an as-of balance that does not grow with history (issue 21)
+-- ---------------------------------------------------------------------------
+
+-- A lot is settled from an instant on when it held nothing at any instant
+-- after it: it holds nothing now (remaining = 0, so reserved = 0 too) and
+-- every movement it ever had happened at or before settled_at. The as-of
+-- balance (tl_balance_at) subtracts, for each lot that had expired by the
+-- instant, what it still held then; summing a lot's movements for that
+-- read all of its history (tens of thousands of rows for a heavy user's
+-- monthly lot, for every point of a series), while a lot settled by the
+-- instant held nothing and is skipped on one primary-key probe.
+--
+-- Written off the hot path, by tl_settle_lots (the background loop), for
+-- lots that died in the movements since its last pass. A lot given credits
+-- again (a reversal after it was spent or expired) loses its row in the
+-- same statement (trigger lots_unsettle), so a row here is never stale: a
+-- lot without one is summed as before, exact and only slower.
+CREATE TABLE IF NOT EXISTS lot_settled (
+    lot_id     uuid PRIMARY KEY REFERENCES lots (id),
+    settled_at timestamptz NOT NULL
+);
+
+-- tl_settle_lots' place in lot_movements: it has looked at the movements up
+-- to movement_id, and will look up to seen_id next (the newest id at its
+-- previous pass, so that a movement whose transaction was still in flight
+-- then has committed by the time it is read).
+CREATE TABLE IF NOT EXISTS lot_settle_progress (
+    name        text PRIMARY KEY,
+    movement_id bigint NOT NULL,
+    seen_id     bigint NOT NULL
+);
+-- The routine audit checks the marks of lots last moved since its checkpoint.
+CREATE INDEX IF NOT EXISTS lot_settled_settled_idx ON lot_settled (settled_at);
+
+INSERT INTO lot_settle_progress (name, movement_id, seen_id) VALUES ('lots', 0, 0)
+ON CONFLICT (name) DO NOTHING;
+
+CREATE OR REPLACE FUNCTION tl_lot_unsettled() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM lot_settled WHERE lot_id = NEW.id;
+    RETURN NULL;
+END $$;
+
+-- Only a lot at 0 that gets credits back can have a row here; the WHEN is
+-- evaluated without calling the function, so the debits' and captures'
+-- updates of lots pay nothing for it.
+DROP TRIGGER IF EXISTS lots_unsettle ON lots;
+CREATE TRIGGER lots_unsettle AFTER UPDATE OF remaining ON lots
+    FOR EACH ROW WHEN (OLD.remaining = 0 AND NEW.remaining <> 0)
+    EXECUTE FUNCTION tl_lot_unsettled();
+
+-- Marks the lots that hold nothing among those moved by up to p_limit
+-- movement ids after the progress mark; returns how many ids it covered
+-- (less than p_limit: caught up). One caller at a time (the progress row is
+-- taken with SKIP LOCKED: another replica's call returns 0 at once). The
+-- lots are locked (FOR SHARE, SKIP LOCKED) before the statement that reads
+-- their movements, so that no movement can be added between that read and
+-- the commit of the mark without its trigger seeing the mark.
+CREATE OR REPLACE FUNCTION tl_settle_lots(p_limit integer) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_progress lot_settle_progress;
+    v_to bigint;
+    v_lots uuid[];
+BEGIN
+    SELECT * INTO v_progress FROM lot_settle_progress WHERE name = 'lots' FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
+    v_to := least(v_progress.seen_id, v_progress.movement_id + p_limit);
+    SELECT array_agg(l.id) INTO v_lots FROM (
+        SELECT l.id FROM lots l
+        WHERE l.id IN (SELECT m.lot_id FROM lot_movements m
+                       WHERE m.id > v_progress.movement_id AND m.id <= v_to)
+          AND l.remaining = 0
+        ORDER BY l.id FOR SHARE SKIP LOCKED) l;
+    IF v_lots IS NOT NULL THEN
+        INSERT INTO lot_settled (lot_id, settled_at)
+        SELECT m.lot_id, max(t.created_at)
+        FROM lot_movements m JOIN transactions t ON t.id = m.transaction_id
+        WHERE m.lot_id = ANY (v_lots)
+          AND m.lot_id IN (SELECT l.id FROM lots l WHERE l.id = ANY (v_lots) AND l.remaining = 0)
+        GROUP BY m.lot_id
+        ON CONFLICT (lot_id) DO UPDATE SET settled_at = EXCLUDED.settled_at;
+    END IF;
+    UPDATE lot_settle_progress
+       SET movement_id = v_to,
+           seen_id = CASE WHEN v_to = seen_id
+                          THEN coalesce((SELECT max(id) FROM lot_movements), 0) ELSE seen_id END
+     WHERE name = 'lots';
+    RETURN (v_to - v_progress.movement_id)::integer;
+END $$;
+
+-- The posted balance of an account as of an instant: the balance_after of
+-- its last entry at or before it (per shard for system accounts), less the
+-- credits of lots that had expired by then but whose expiry was written
+-- later (expiry is exact at expires_at; the journal records it when a write
+-- or the sweeper gets there). A lot's credits as of p_at are its movements
+-- up to p_at, less what reservations alive at p_at held on it; a lot
+-- settled by p_at (lot_settled) held none, and its movements are not read.
+-- Each lot's two sums are computed once (LATERAL), not once per use.
+CREATE OR REPLACE FUNCTION tl_balance_at(p_account bigint, p_at timestamptz) RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT (
+        SELECT coalesce(sum(x.balance_after), 0)
+        FROM generate_series(0, (SELECT shard_count - 1 FROM accounts WHERE id = p_account)) s
+        CROSS JOIN LATERAL (
+            SELECT e.balance_after FROM entries e
+            WHERE e.account_id = p_account AND e.shard = s AND e.created_at <= p_at
+            ORDER BY e.created_at DESC, e.version DESC LIMIT 1) x
+    )::bigint - (
+        -- (a program lot's rollover part lives on until rollover_until)
+        SELECT coalesce(sum(greatest(0, r.remaining - h.held)
+                            - CASE WHEN l.rollover_max IS NOT NULL AND l.rollover_until > p_at
+                                   THEN least(l.rollover_max, greatest(0, r.remaining - h.held)) ELSE 0 END), 0)
+        FROM lots l
+        CROSS JOIN LATERAL (
+            SELECT coalesce(sum(m.amount), 0) AS remaining FROM lot_movements m
+            JOIN transactions t ON t.id = m.transaction_id
+            WHERE m.lot_id = l.id AND t.created_at <= p_at) r
+        CROSS JOIN LATERAL (
+            SELECT coalesce(sum(rh.amount), 0) AS held FROM reservation_holds rh
+            JOIN reservations rv ON rv.id = rh.reservation_id
+            WHERE rh.lot_id = l.id AND rv.created_at <= p_at
+              AND coalesce(rv.resolved_at, rv.expires_at) > p_at) h
+        WHERE l.account_id = p_account AND l.expires_at <= p_at AND l.created_at <= p_at
+          AND NOT EXISTS (SELECT 1 FROM lot_settled s WHERE s.lot_id = l.id AND s.settled_at <= p_at)
+    )::bigint
+$$;
+
+DO $$
+BEGIN
+    GRANT SELECT, INSERT, UPDATE, DELETE ON lot_settled TO tokenledger_app;
+    GRANT SELECT, UPDATE ON lot_settle_progress TO tokenledger_app;
+EXCEPTION WHEN insufficient_privilege OR undefined_object THEN
+    RAISE NOTICE 'tokenledger_app not granted on lot_settled, lot_settle_progress: %', SQLERRM;
 END $$;
 
 -- ---------------------------------------------------------------------------

@@ -199,3 +199,15 @@ ORDER BY s.t;
 INSERT INTO idempotency_keys (caller, key, request_hash, status_code, body, created_at)
 SELECT 'gateway', 'k-' || txn, '\x00', 201, jsonb_build_object('id', tl_public_id('txn_', txn)), t
 FROM y_spend WHERE kind <> 'usage' AND t > (SELECT max(t) FROM y_spend) - interval '35 days';
+
+-- Lots that hold nothing are settled from their last movement on, as the
+-- background loop's tl_settle_lots marks them, and its progress mark is
+-- past every movement (the as-of balance then skips them: schema.sql,
+-- "Settled lots").
+INSERT INTO lot_settled (lot_id, settled_at)
+SELECT m.lot_id, max(t.created_at)
+FROM lot_movements m JOIN transactions t ON t.id = m.transaction_id JOIN lots l ON l.id = m.lot_id
+WHERE l.remaining = 0
+GROUP BY m.lot_id;
+UPDATE lot_settle_progress SET movement_id = x.id, seen_id = x.id
+FROM (SELECT coalesce(max(id), 0) AS id FROM lot_movements) x WHERE name = 'lots';

@@ -36,6 +36,7 @@ CHECKS: tuple[str, ...] = (
     "audit_2_orphan_entries",
     "audit_3_available",
     "audit_4_lot_movements",
+    "audit_4_settled_lots",
     "audit_4_lots_cover_posted",
     "audit_4_closed_or_voided_holds_credits",
     "audit_4_lot_reserved",

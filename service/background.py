@@ -1,7 +1,7 @@
 """Background work that every replica runs: the expiry sweeper, the
-idempotency-key purge, the usage-event archiver, the hash chainer, the
-grant-program scheduler and the credits.expiring alerts (the webhook
-dispatcher is service/webhooks.py).
+settled-lot marks of the as-of balance, the idempotency-key purge, the
+usage-event archiver, the hash chainer, the grant-program scheduler and
+the credits.expiring alerts (the webhook dispatcher is service/webhooks.py).
 
 All are safe on many replicas at once: the sweeper takes accounts with
 FOR UPDATE SKIP LOCKED, the purge deletes rows it alone has locked, and the
@@ -31,6 +31,8 @@ log = structlog.get_logger("tokenledger.background")
 MAX_BATCHES_PER_PASS = 50
 PURGE_BATCH = 1000
 EXPIRING_BATCH = 1000
+# Movement ids tl_settle_lots looks at in one call (one short transaction).
+SETTLE_BATCH = 5000
 
 SWEEPER = Context(caller="system", actor="system:sweeper", request_id="sweeper")
 SCHEDULER = Context(caller="system", actor="system:scheduler", request_id="scheduler")
@@ -60,6 +62,7 @@ class Background:
             try:
                 await self.run_programs()
                 await self.sweep_expired()
+                await self.settle_lots()
                 await self.purge_idempotency_keys()
                 await self.archive_usage_events()
                 await self.chain_pending()
@@ -88,6 +91,21 @@ class Background:
             self.ledger.metrics.expired_credits.inc(total)
             log.info("expired_credits", credits=total)
         return total
+
+    async def settle_lots(self) -> int:
+        """Mark the lots that hold nothing among those moved since the last
+        pass (tl_settle_lots), SETTLE_BATCH movement ids a call, so that the
+        as-of balance skips them without reading their movements; returns
+        how many movement ids it covered. A movement is looked at one pass
+        after it was first seen, when its transaction has committed."""
+        covered = 0
+        for _ in range(MAX_BATCHES_PER_PASS):
+            n = int(await self.ledger.fetchval("settle_lots", SETTLE_BATCH))
+            covered += n
+            if n < SETTLE_BATCH:
+                break
+        self.ledger.metrics.sweeper_runs.labels("lot_settle", "ok").inc()
+        return covered
 
     async def purge_idempotency_keys(self) -> int:
         older = timedelta(days=self.ledger.config.idempotency_retention_days)

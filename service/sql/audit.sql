@@ -192,6 +192,45 @@ SELECT format('lot %s: remaining %s but its movements sum to %s', tl_public_id('
        AS problem
 FROM bad;
 
+-- name: audit_4_settled_lots
+-- A settled lot (lot_settled, which the as-of balance trusts to skip a
+-- lot's movements) holds nothing now and had no movement after its
+-- settled_at.
+WITH moved AS (
+    SELECT m.lot_id, max(t.created_at) AS moved_at
+    FROM lot_movements m JOIN transactions t ON t.id = m.transaction_id
+    GROUP BY m.lot_id),
+bad AS MATERIALIZED (
+    SELECT s.lot_id, s.settled_at, l.remaining, moved.moved_at
+    FROM lot_settled s JOIN lots l ON l.id = s.lot_id LEFT JOIN moved ON moved.lot_id = s.lot_id
+    WHERE l.remaining <> 0 OR moved.moved_at > s.settled_at
+    LIMIT 1)
+SELECT format('settled lot %s: remaining %s, last moved at %s, settled at %s', tl_public_id('lot_', lot_id),
+              remaining, tl_ts(moved_at), tl_ts(settled_at)) AS problem
+FROM bad;
+
+-- name: audit_4_settled_lots__since
+-- The same for the lots moved by a new transaction and the marks of lots
+-- whose last movement is new (a mark written late for an older movement is
+-- left to --full).
+WITH touched AS (
+    SELECT m.lot_id FROM transactions t JOIN lot_movements m ON m.transaction_id = t.id
+    WHERE t.created_at >= $1 AND t.created_at < $2
+    UNION
+    SELECT lot_id FROM lot_settled WHERE settled_at >= $1),
+bad AS MATERIALIZED (
+    SELECT s.lot_id, s.settled_at, l.remaining, x.moved_at
+    FROM touched
+    JOIN lot_settled s ON s.lot_id = touched.lot_id
+    JOIN lots l ON l.id = s.lot_id
+    CROSS JOIN LATERAL (SELECT max(t.created_at) AS moved_at FROM lot_movements m
+                        JOIN transactions t ON t.id = m.transaction_id WHERE m.lot_id = s.lot_id) x
+    WHERE l.remaining <> 0 OR x.moved_at > s.settled_at
+    LIMIT 1)
+SELECT format('settled lot %s: remaining %s, last moved at %s, settled at %s', tl_public_id('lot_', lot_id),
+              remaining, tl_ts(moved_at), tl_ts(settled_at)) AS problem
+FROM bad;
+
 -- name: audit_4_lots_cover_posted
 -- Invariant 4: a lot-holding account's posted balance is the sum of its
 -- lots' remaining credits (so spendable credits are exactly its live lots),

@@ -41,6 +41,11 @@ SELECT tl_sweep_expired($1, $2);
 -- Deletes up to $2 idempotency records older than $1.
 SELECT tl_purge_idempotency_keys($1, $2);
 
+-- name: settle_lots
+-- Marks the lots that hold nothing among those moved by up to $1 movement
+-- ids after the last mark (lot_settled); returns how many ids it covered.
+SELECT tl_settle_lots($1);
+
 -- name: archive_usage_events
 -- Moves up to $2 usage events that occurred and were recorded before $1 to
 -- usage_events_archive; returns how many.

@@ -30,6 +30,7 @@ HISTORY = {
     "entries",
     "transactions",
     "lot_movements",
+    "lot_settled",
     "lots",
     "reservations",
     "reservation_holds",

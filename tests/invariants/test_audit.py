@@ -323,6 +323,21 @@ async def test_changed_lot_remaining_breaks_invariant_4(
     )
 
 
+async def test_lot_settled_while_it_holds_credits_breaks_invariant_4(
+    scenario: str, db: asyncpg.Connection
+) -> None:
+    """A lot marked settled (the as-of balance would skip it) while it still holds credits is
+    caught by audit_4_settled_lots."""
+    lot = await db.fetchval(
+        "SELECT l.id FROM lots l JOIN accounts a ON a.id = l.account_id "
+        "WHERE a.address = 'employee:e1' AND l.remaining > 0 LIMIT 1"
+    )
+    await db.execute("INSERT INTO lot_settled (lot_id, settled_at) VALUES ($1, now())", lot)
+    violations = await audit(scenario)
+    assert checks(violations) == {"audit_4_settled_lots"}
+    assert public("lot_", lot) in violations[0].problem
+
+
 async def test_credits_left_in_a_closed_account_or_voided_lot_break_invariant_4(
     scenario: str, db: asyncpg.Connection
 ) -> None:
