@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Request, Response
 from litestar.datastructures import State
+from litestar.params import QueryParameter
 
 from service import errors
 from service.journal import Context, Ledger, Outcome, request_hash
@@ -76,6 +77,13 @@ Metadata = Annotated[
     msgspec.Meta(max_length=50, description="Free-form key/values, at most 50 keys."),
 ]
 Timestamp = Annotated[datetime, msgspec.Meta(tz=True, description="RFC 3339 with offset.")]
+
+# A report's period, [from, to): the query parameters every report and the
+# wallet's spend take (the 400-day bound is checked by each report).
+From = Annotated[
+    datetime, QueryParameter(name="from", description="Start, included (RFC 3339 with offset).")
+]
+To = Annotated[datetime, QueryParameter(description="End, excluded; at most 400 days on.")]
 Limit = Annotated[int, msgspec.Meta(ge=1, le=500)]
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"

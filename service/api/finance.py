@@ -4,7 +4,6 @@ efficiency, as JSON pages or streamed CSV (`Accept: text/csv`)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -14,7 +13,14 @@ from litestar.params import QueryParameter
 from litestar.response import Stream
 
 from service import errors, finance, reports
-from service.api.common import ADDRESS_PATTERN, REF_PATTERN, decode_cursor, encode_cursor
+from service.api.common import (
+    ADDRESS_PATTERN,
+    REF_PATTERN,
+    From,
+    To,
+    decode_cursor,
+    encode_cursor,
+)
 from service.auth import access
 from service.journal import Ledger
 from service.openapi import problems
@@ -22,10 +28,6 @@ from service.openapi import problems
 CSV = "text/csv"
 JSON = "application/json"
 
-From = Annotated[
-    datetime, QueryParameter(name="from", description="Start, included (RFC 3339 with offset).")
-]
-To = Annotated[datetime, QueryParameter(description="End, excluded; at most 400 days on.")]
 Limit = Annotated[int, QueryParameter(ge=1, le=500, description="Page size, 1..500.")]
 Cursor = Annotated[str | None, QueryParameter(description="Opaque cursor from next_cursor.")]
 

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import datetime
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
 from litestar import Controller, Request, Response, get
 from litestar.di import NamedDependency
-from litestar.params import QueryParameter
 
 from service import reports
+from service.api.common import From, To
 from service.auth import access
 from service.journal import Ledger
 from service.openapi import problems
@@ -68,11 +67,8 @@ class FundingController(Controller):
         self,
         request: Request[Any, Any, Any],
         ledger: NamedDependency[Ledger],
-        from_: Annotated[
-            datetime,
-            QueryParameter(name="from", description="Start, included (RFC 3339 with offset)."),
-        ],
-        to: Annotated[datetime, QueryParameter(description="End, excluded; at most 400 days on.")],
+        from_: From,
+        to: To,
     ) -> Response[FundingReport]:
         """Every department, in id order: credits funded into its account in
         `[from, to)` (transfers and grants to it, less their reversals) and credits

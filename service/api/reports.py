@@ -4,7 +4,6 @@ grouped, as JSON or CSV."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -14,6 +13,7 @@ from litestar.params import QueryParameter
 from litestar.response import Stream
 
 from service import reports
+from service.api.common import From, To
 from service.auth import access
 from service.journal import Ledger
 from service.openapi import problems
@@ -63,11 +63,8 @@ class ReportsController(Controller):
         self,
         request: Request[Any, Any, Any],
         ledger: NamedDependency[Ledger],
-        from_: Annotated[
-            datetime,
-            QueryParameter(name="from", description="Start, included (RFC 3339 with offset)."),
-        ],
-        to: Annotated[datetime, QueryParameter(description="End, excluded; at most 400 days on.")],
+        from_: From,
+        to: To,
         group_by: Annotated[
             str,
             QueryParameter(

@@ -9,16 +9,14 @@ question of its own account: one query on the account's own indexes.
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated
-
 import msgspec
 from litestar import Controller, get
 from litestar.di import NamedDependency
-from litestar.params import FromPath, QueryParameter
+from litestar.params import FromPath
 
 from service import errors, reports
 from service.api.accounts import account_id, iso
+from service.api.common import From, To
 from service.auth import access
 from service.journal import Ledger
 from service.openapi import problems
@@ -68,11 +66,8 @@ class WalletController(Controller):
         self,
         ledger: NamedDependency[Ledger],
         address: FromPath[str],
-        from_: Annotated[
-            datetime,
-            QueryParameter(name="from", description="Start, included (RFC 3339 with offset)."),
-        ],
-        to: Annotated[datetime, QueryParameter(description="End, excluded; at most 400 days on.")],
+        from_: From,
+        to: To,
     ) -> Spend:
         """Credits spent in `[from, to)` (debits, usage and captures, net of their
         reversals): in total, per UTC day, and per model and project, where a
