@@ -205,9 +205,12 @@ def apply_contract(document: dict[str, Any], app: Litestar) -> None:
             handler = handlers.get((path, method))
             if handler is None or not isinstance(operation, dict):
                 continue
+            # A route may narrow a path parameter's pattern (its opt
+            # "path_patterns"): the policy routes take wallets only.
+            narrowed = handler.opt.get("path_patterns", {})
             for parameter in operation.get("parameters", []):
                 pattern = (
-                    PATH_PATTERNS.get(parameter["name"])
+                    narrowed.get(parameter["name"], PATH_PATTERNS.get(parameter["name"]))
                     if parameter["in"] == "path"
                     else QUERY_PATTERNS.get(parameter["name"])
                     if parameter["in"] == "query"

@@ -143,6 +143,7 @@ class PolicyController(Controller):
         opt={
             **access("policy.write"),
             **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            "path_patterns": {"address": WALLET_PATTERN},
         },
     )
     async def put_policy(
@@ -168,6 +169,7 @@ class PolicyController(Controller):
         opt={
             **access("policy.read", own="address"),
             **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            "path_patterns": {"address": WALLET_PATTERN},
         },
     )
     async def get_policy(self, ledger: NamedDependency[Ledger], address: FromPath[str]) -> Policy:

@@ -10,6 +10,7 @@ from litestar.routes import HTTPRoute
 from litestar.testing import AsyncTestClient
 
 from service import migrate
+from service.api.common import ADDRESS_PATTERN, WALLET_PATTERN
 from tests.api.conftest import Api, key
 
 PROBLEM_JSON = "application/problem+json"
@@ -203,3 +204,23 @@ async def test_public_endpoints_cost_the_database_little_under_a_flood(client: A
         assert (await client.get("/metrics")).status_code == 200
     assert 1 <= calls.count("schema_state") <= 2, calls
     assert calls.count("active_reservations") <= 2, calls
+
+
+async def test_policy_routes_state_that_they_take_wallets_only(
+    client: AsyncTestClient[Any],
+) -> None:
+    """A spend policy belongs to an employee wallet or a department: the served schema says so
+    for `address` (schemathesis found `system:` addresses schema-valid but answered 400), and a
+    `system:` address is the 400 the schema now predicts."""
+    doc = (await client.get("/schema/openapi.json")).json()
+    for method in ("get", "put"):
+        (param,) = [
+            p
+            for p in doc["paths"]["/v1/accounts/{address}/policy"][method]["parameters"]
+            if p["name"] == "address"
+        ]
+        assert param["schema"]["pattern"] == WALLET_PATTERN, (method, param)
+    other = doc["paths"]["/v1/accounts/{address}"]["get"]["parameters"]
+    assert [p["schema"]["pattern"] for p in other if p["name"] == "address"] == [ADDRESS_PATTERN]
+    r = await client.get("/v1/accounts/system:usage/policy")
+    assert r.status_code == 400, r.text
