@@ -1681,31 +1681,31 @@ ALTER TABLE usage_events DROP CONSTRAINT IF EXISTS usage_events_account_id_fkey,
                          DROP CONSTRAINT IF EXISTS usage_events_price_id_fkey,
                          DROP CONSTRAINT IF EXISTS usage_events_transaction_id_fkey;
 
--- The references of a statement's new or changed usage events, checked once
--- for all its rows (see usage_events above): the distinct accounts and
+-- The references of new or changed usage events: the distinct accounts and
 -- prices named, each looked up once by its primary key. Refused with the
 -- SQLSTATE of a foreign key (23503), naming the column, like the foreign
--- keys it replaces.
-CREATE OR REPLACE FUNCTION tl_usage_events_refs() RETURNS trigger LANGUAGE plpgsql AS $$
+-- keys it replaces (see usage_events above).
+CREATE OR REPLACE FUNCTION tl_usage_refs_exist(p_accounts bigint[], p_prices uuid[]) RETURNS void
+LANGUAGE plpgsql AS $$
 DECLARE
-    v_accounts bigint[];
-    v_prices uuid[];
     v_missing text;
 BEGIN
-    SELECT array_agg(DISTINCT account_id), array_agg(DISTINCT price_id) INTO v_accounts, v_prices FROM new_rows;
-    IF v_accounts IS NULL THEN
-        RETURN NULL;
-    END IF;
-    SELECT format('account_id %s', x) INTO v_missing FROM unnest(v_accounts) x
+    SELECT format('account_id %s', x) INTO v_missing FROM unnest(p_accounts) x
      WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.id = x) LIMIT 1;
     IF v_missing IS NULL THEN
-        SELECT format('price_id %s', x) INTO v_missing FROM unnest(v_prices) x
+        SELECT format('price_id %s', x) INTO v_missing FROM unnest(p_prices) x
          WHERE NOT EXISTS (SELECT 1 FROM prices p WHERE p.id = x) LIMIT 1;
     END IF;
     IF v_missing IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'foreign_key_violation', TABLE = 'usage_events',
             MESSAGE = format('usage_events names %s, which does not exist', v_missing);
     END IF;
+END $$;
+
+-- Once for all of an INSERT's rows.
+CREATE OR REPLACE FUNCTION tl_usage_events_refs() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM tl_usage_refs_exist(array_agg(DISTINCT account_id), array_agg(DISTINCT price_id)) FROM new_rows;
     RETURN NULL;
 END $$;
 
@@ -1717,14 +1717,7 @@ CREATE TRIGGER usage_events_refs AFTER INSERT ON usage_events
 -- others from calling anything.
 CREATE OR REPLACE FUNCTION tl_usage_event_refs() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM accounts WHERE id = NEW.account_id) THEN
-        RAISE EXCEPTION USING ERRCODE = 'foreign_key_violation', TABLE = 'usage_events',
-            MESSAGE = format('usage_events names account_id %s, which does not exist', NEW.account_id);
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM prices WHERE id = NEW.price_id) THEN
-        RAISE EXCEPTION USING ERRCODE = 'foreign_key_violation', TABLE = 'usage_events',
-            MESSAGE = format('usage_events names price_id %s, which does not exist', NEW.price_id);
-    END IF;
+    PERFORM tl_usage_refs_exist(ARRAY[NEW.account_id], ARRAY[NEW.price_id]);
     RETURN NULL;
 END $$;
 
@@ -6650,6 +6643,28 @@ BEGIN
 EXCEPTION WHEN insufficient_privilege OR undefined_object THEN
     RAISE NOTICE 'tokenledger_app not granted on lot_settled, lot_settle_progress: %', SQLERRM;
 END $$;
+
+-- ---------------------------------------------------------------------------
+-- Report periods
+-- ---------------------------------------------------------------------------
+
+-- The periods of a finance report over [p_from, p_to): the whole span, or
+-- with p_monthly one period per UTC month (the first and last cut at the
+-- bounds). At most 14 month starts in 400 days; the LIMIT and ROWS tell the
+-- planner so (it guesses 1,000 rows for a generate_series and then plans,
+-- and JIT-compiles, for a thousand times the work).
+CREATE OR REPLACE FUNCTION tl_report_periods(p_from timestamptz, p_to timestamptz, p_monthly boolean)
+RETURNS TABLE (starts timestamptz, ends timestamptz) LANGUAGE sql STABLE ROWS 14 AS $$
+    SELECT b, coalesce(lead(b) OVER (ORDER BY b), p_to)
+    FROM (SELECT p_from AS b
+          UNION
+          SELECT m AT TIME ZONE 'UTC'
+          FROM generate_series(date_trunc('month', p_from AT TIME ZONE 'UTC') + interval '1 month',
+                               p_to AT TIME ZONE 'UTC' - interval '1 microsecond',
+                               interval '1 month') m
+          WHERE p_monthly
+          LIMIT 14) x
+$$;
 
 -- ---------------------------------------------------------------------------
 -- Seed rows and version

@@ -17,20 +17,7 @@
 -- created_at, as the balances at instants do. $1 from, $2 to, $3 true for
 -- monthly periods, $4 the wallets' department as of each period's end.
 -- Only non-spend transactions are read (transactions_ledger_time_idx).
-WITH bounds AS (
-    SELECT b AS starts, coalesce(lead(b) OVER (ORDER BY b), $2::timestamptz) AS ends
-    FROM (SELECT $1::timestamptz AS b
-          UNION
-          SELECT m AT TIME ZONE 'UTC'
-          FROM generate_series(date_trunc('month', $1::timestamptz AT TIME ZONE 'UTC') + interval '1 month',
-                               $2::timestamptz AT TIME ZONE 'UTC' - interval '1 microsecond',
-                               interval '1 month') m
-          WHERE $3::boolean
-          -- At most 14 month starts in 400 days; the LIMIT also tells the
-          -- planner so (it guesses 1,000 rows for a generate_series and then
-          -- plans, and JIT-compiles, for a thousand times the work).
-          LIMIT 14) x
-),
+WITH bounds AS MATERIALIZED (SELECT * FROM tl_report_periods($1, $2, $3)),
 -- By address (accounts_address_key), one probe per id: `ref = ANY (array)`
 -- compared every account with every element.
 wallets AS (
@@ -113,20 +100,7 @@ ORDER BY p.ref, p.starts;
 -- transactions in (start, end] that also have an entry on the wallet. $1
 -- from, $2 to, $3 monthly periods. Nothing while there is no system:overage
 -- account. Kept apart so that its rule can change with the spend policy.
-WITH bounds AS (
-    SELECT b AS starts, coalesce(lead(b) OVER (ORDER BY b), $2::timestamptz) AS ends
-    FROM (SELECT $1::timestamptz AS b
-          UNION
-          SELECT m AT TIME ZONE 'UTC'
-          FROM generate_series(date_trunc('month', $1::timestamptz AT TIME ZONE 'UTC') + interval '1 month',
-                               $2::timestamptz AT TIME ZONE 'UTC' - interval '1 microsecond',
-                               interval '1 month') m
-          WHERE $3::boolean
-          -- At most 14 month starts in 400 days; the LIMIT also tells the
-          -- planner so (it guesses 1,000 rows for a generate_series and then
-          -- plans, and JIT-compiles, for a thousand times the work).
-          LIMIT 14) x
-),
+WITH bounds AS MATERIALIZED (SELECT * FROM tl_report_periods($1, $2, $3)),
 overage AS (SELECT id FROM accounts WHERE address = 'system:overage')
 SELECT w.account_id, b.starts, sum(o.amount)::bigint AS overage
 FROM overage a
