@@ -7,6 +7,7 @@ constraint name or SQLSTATE that refuses them.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -262,6 +263,12 @@ CONSTRAINT_CASES: list[tuple[str, type[asyncpg.PostgresError], str]] = [
         "INSERT INTO accounts (address, type, ref) VALUES ('employee:X', 'employee', 'X')",
     ),
     (
+        "accounts_ref_format",
+        asyncpg.CheckViolationError,
+        "INSERT INTO accounts (address, type, ref) "
+        "VALUES ('employee:' || repeat('a', 65), 'employee', repeat('a', 65))",
+    ),
+    (
         "accounts_status_valid",
         asyncpg.CheckViolationError,
         "UPDATE accounts SET status = 'frozen' WHERE id = {acc}",
@@ -484,6 +491,12 @@ CONSTRAINT_CASES: list[tuple[str, type[asyncpg.PostgresError], str]] = [
         asyncpg.CheckViolationError,
         "INSERT INTO idempotency_keys (caller, key, request_hash, status_code, body) "
         "VALUES ('c', E'bad\\nkey', '\\x00', 200, 'null')",
+    ),
+    (
+        "idempotency_keys_key_format",
+        asyncpg.CheckViolationError,
+        "INSERT INTO idempotency_keys (caller, key, request_hash, status_code, body) "
+        "VALUES ('c', repeat('k', 256), '\\x00', 200, 'null')",
     ),
     # prices
     (
@@ -769,6 +782,39 @@ async def test_every_named_constraint_has_a_case(db: asyncpg.Connection) -> None
     in_schema = {r["conname"] for r in rows}
     covered = {c[0] for c in CONSTRAINT_CASES}
     assert in_schema == covered
+
+
+async def test_format_checks_use_no_counted_repetition(db: asyncpg.Connection) -> None:
+    """A CHECK runs on every insert and update of its row, and PostgreSQL's regex engine
+    expands a counted repetition such as {1,255} into that many copies of its states: the
+    Idempotency-Key check written so cost about 50 µs per row, twice per request. Format
+    checks bound the length apart and use an unbounded pattern (schema.sql, "Tables")."""
+    rows = await db.fetch(
+        "SELECT conname, pg_get_constraintdef(c.oid) AS def FROM pg_constraint c "
+        "JOIN pg_namespace n ON n.oid = c.connamespace "
+        "WHERE n.nspname = 'public' AND c.contype = 'c'"
+    )
+    counted = {
+        r["conname"]: r["def"]
+        for r in rows
+        if re.search(r"~.*\{\d*,?\d{2,}\}", r["def"])  # {n,mm} or {mm}: 10 copies or more
+    }
+    assert counted == {}
+
+
+async def test_format_checks_accept_the_longest_allowed_values(
+    db: asyncpg.Connection, world: World
+) -> None:
+    """The length bounds are the old patterns' bounds: a 255-character key and a
+    64-character reference still pass."""
+    await db.execute(
+        "INSERT INTO idempotency_keys (caller, key, request_hash, status_code, body) "
+        "VALUES ('c', repeat('~', 255), '\\x00', 200, 'null')"
+    )
+    await db.execute(
+        "INSERT INTO accounts (address, type, ref) "
+        "VALUES ('department:' || repeat('a', 64), 'department', repeat('a', 64))"
+    )
 
 
 async def test_idempotency_key_is_unique_per_caller(db: asyncpg.Connection, world: World) -> None:
