@@ -969,6 +969,7 @@ async def test_every_trigger_has_a_case(db: asyncpg.Connection) -> None:
     rows = await db.fetch("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal")
     covered = {c[0] for c in IMMUTABLE_CASES}
     covered.add("entries_balanced")  # test_unbalanced_transaction_fails_at_commit
+    covered.add("entries_balanced_reset")  # test_leg_added_after_an_early_check_is_checked_again
     # test_usage_event_naming_a_missing_account_or_price_is_refused
     covered |= {"usage_events_refs", "usage_events_refs_update"}
     covered.add("reservations_resolve_once")  # test_resolved_reservation_cannot_change
@@ -1043,6 +1044,54 @@ async def test_unbalanced_transaction_fails_at_commit(
     assert exc.value.message == "transaction_unbalanced"
     assert await db.fetchval("SELECT count(*) FROM transactions WHERE id = $1", txn) == 0
     assert await db.fetchval("SELECT count(*) FROM entries WHERE transaction_id = $1", txn) == 0
+
+
+async def test_leg_added_after_an_early_check_is_checked_again(
+    db: asyncpg.Connection, world: World
+) -> None:
+    """tl_check_balanced checks a transaction once for all its legs and remembers it; a leg
+    inserted after a check that SET CONSTRAINTS ... IMMEDIATE ran early makes it forget
+    (entries_balanced_reset), so the leg is checked at COMMIT all the same."""
+    with pytest.raises(asyncpg.PostgresError) as exc:
+        async with db.transaction():
+            txn = await _insert_transaction(db)
+            await _insert_entry(db, txn, world.acc, -5, "CREDIT", 1000)
+            await _insert_entry(db, txn, world.usage, 5, "CREDIT", 1000)
+            await db.execute("SET CONSTRAINTS entries_balanced IMMEDIATE")  # balanced: passes
+            await db.execute("SET CONSTRAINTS entries_balanced DEFERRED")
+            await _insert_entry(db, txn, world.acc, -1, "CREDIT", 1001)
+    assert exc.value.sqlstate == "TLE02"
+    assert await db.fetchval("SELECT count(*) FROM transactions WHERE id = $1", txn) == 0
+
+
+async def test_balance_check_reads_each_transaction_once(
+    db: asyncpg.Connection, world: World
+) -> None:
+    """Two legs of one transaction inserted together cost one check at COMMIT, not two (the
+    second event finds the transaction just checked)."""
+    await db.execute("SELECT pg_stat_reset()")
+    async with db.transaction():
+        txn = await _insert_transaction(db)
+        await db.execute(
+            "INSERT INTO entries (transaction_id, account_id, asset, amount, balance_after, "
+            "version, created_at) VALUES ($1, $2, 'CREDIT', -5, 0, 1000, now()), "
+            "($1, $3, 'CREDIT', 5, 0, 1000, now())",
+            txn,
+            world.acc,
+            world.usage,
+        )
+        scans_before = await _entries_index_scans(db)
+    assert await _entries_index_scans(db) - scans_before == 1
+
+
+async def _entries_index_scans(db: asyncpg.Connection) -> int:
+    await db.execute("SELECT pg_stat_force_next_flush()")
+    return int(
+        await db.fetchval(
+            "SELECT idx_scan FROM pg_stat_user_indexes "
+            "WHERE indexrelname = 'entries_transaction_idx'"
+        )
+    )
 
 
 async def test_balanced_transaction_commits(db: asyncpg.Connection, world: World) -> None:
