@@ -2304,7 +2304,16 @@ BEGIN
     k AS (
         SELECT c.*, (q.price).id AS price_id, (q.price).model AS price_model,
                CASE WHEN (q.price).id IS NOT NULL
-                    THEN tl_usage_cost(q.price, c.input_tokens, c.cached_input_tokens, c.output_tokens) END AS cost,
+                    THEN CASE WHEN c.input_tokens < 0 OR c.cached_input_tokens < 0 OR c.output_tokens < 0
+                                   OR c.cached_input_tokens > c.input_tokens
+                              -- (which raises invalid_request)
+                              THEN tl_usage_cost(q.price, c.input_tokens, c.cached_input_tokens, c.output_tokens)
+                              -- tl_usage_cost's arithmetic, written out: a plpgsql
+                              -- call per event cost more than the sum itself.
+                              ELSE div((c.input_tokens - c.cached_input_tokens)::numeric * (q.price).input_per_mtok
+                                       + c.cached_input_tokens::numeric * (q.price).cached_input_per_mtok
+                                       + c.output_tokens::numeric * (q.price).output_per_mtok
+                                       + 999999, 1000000)::bigint END END AS cost,
                -- An event recorded before answers by that record (duplicate,
                -- or reused key when it says something else); one new to this
                -- batch, repeated in it, by its first occurrence.
@@ -2399,15 +2408,33 @@ BEGIN
     -- that settles a reservation without its answer, which needs the
     -- capture's transaction). One claimed meanwhile by a concurrent request
     -- is a duplicate (the INSERT waited for that request to commit).
-    INSERT INTO usage_events (id, source, event_id, account_id, model, price_id, input_tokens,
-                              cached_input_tokens, output_tokens, cost, transaction_id, reservation_id,
-                              project, tags, occurred_at, recorded_at, result)
-    SELECT w.id, w.source, w.event_id, w.account_id, w.model, w.price_id, w.input_tokens, w.cached_input_tokens,
-           w.output_tokens, w.cost, w.txn, w.reservation_id, w.project, w.tags, w.occurred_at, clock_timestamp(),
-           CASE WHEN w.reservation IS NULL THEN w.result END
-    FROM unnest(v_rows) w WHERE w.status = 'pending' ORDER BY w.source, w.event_id
-    ON CONFLICT (source, event_id) DO NOTHING;
-    GET DIAGNOSTICS v_claimed = ROW_COUNT;
+    --
+    -- First as a plain INSERT: the events recorded before were found above,
+    -- so a conflict means a concurrent claim, which is rare; and ON CONFLICT
+    -- costs each row a speculative insertion (a probe of the key, then a
+    -- confirmation record), about half again what the row costs. Only when
+    -- the plain INSERT meets a claimed key is it undone (its subtransaction)
+    -- and run again with ON CONFLICT DO NOTHING.
+    BEGIN
+        INSERT INTO usage_events (id, source, event_id, account_id, model, price_id, input_tokens,
+                                  cached_input_tokens, output_tokens, cost, transaction_id, reservation_id,
+                                  project, tags, occurred_at, recorded_at, result)
+        SELECT w.id, w.source, w.event_id, w.account_id, w.model, w.price_id, w.input_tokens, w.cached_input_tokens,
+               w.output_tokens, w.cost, w.txn, w.reservation_id, w.project, w.tags, w.occurred_at, clock_timestamp(),
+               CASE WHEN w.reservation IS NULL THEN w.result END
+        FROM unnest(v_rows) w WHERE w.status = 'pending' ORDER BY w.source, w.event_id;
+        GET DIAGNOSTICS v_claimed = ROW_COUNT;
+    EXCEPTION WHEN unique_violation THEN
+        INSERT INTO usage_events (id, source, event_id, account_id, model, price_id, input_tokens,
+                                  cached_input_tokens, output_tokens, cost, transaction_id, reservation_id,
+                                  project, tags, occurred_at, recorded_at, result)
+        SELECT w.id, w.source, w.event_id, w.account_id, w.model, w.price_id, w.input_tokens, w.cached_input_tokens,
+               w.output_tokens, w.cost, w.txn, w.reservation_id, w.project, w.tags, w.occurred_at, clock_timestamp(),
+               CASE WHEN w.reservation IS NULL THEN w.result END
+        FROM unnest(v_rows) w WHERE w.status = 'pending' ORDER BY w.source, w.event_id
+        ON CONFLICT (source, event_id) DO NOTHING;
+        GET DIAGNOSTICS v_claimed = ROW_COUNT;
+    END;
     IF v_claimed < v_pending THEN
         SELECT array_agg(w.pos), array_agg(u.result), array_agg(tl_usage_differs(u, p_events -> (w.pos - 1)))
         INTO v_pos, v_results, v_differs
