@@ -1,7 +1,8 @@
 """Background work that every replica runs: the expiry sweeper, the
 settled-lot marks of the as-of balance, the idempotency-key purge, the
-usage-event archiver, the hash chainer, the grant-program scheduler and
-the credits.expiring alerts (the webhook dispatcher is service/webhooks.py).
+usage-event archiver, the hash chainer, the grant-program scheduler, the
+credits.expiring alerts and the statistics of tables that grew (the webhook
+dispatcher is service/webhooks.py).
 
 All are safe on many replicas at once: the sweeper takes accounts with
 FOR UPDATE SKIP LOCKED, the purge deletes rows it alone has locked, and the
@@ -67,6 +68,7 @@ class Background:
                 await self.archive_usage_events()
                 await self.chain_pending()
                 await self.emit_expiring()
+                await self.analyze_grown()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001  # why: a failed pass is logged and retried next interval
@@ -91,6 +93,19 @@ class Background:
             self.ledger.metrics.expired_credits.inc(total)
             log.info("expired_credits", credits=total)
         return total
+
+    async def analyze_grown(self) -> list[str]:
+        """ANALYZE the hot tables that at least doubled since they were last
+        analyzed (tl_analyze_grown): the generic plans the hot path keeps per
+        connection are made again with statistics that know the table's
+        size, instead of waiting for autovacuum, whose first analysis of a
+        fresh table can come a minute and many thousand rows late. Returns
+        the tables analyzed."""
+        done = list(await self.ledger.fetchval("analyze_grown") or [])
+        self.ledger.metrics.sweeper_runs.labels("analyze", "ok").inc()
+        if done:
+            log.info("tables_analyzed", tables=done)
+        return done
 
     async def settle_lots(self) -> int:
         """Mark the lots that hold nothing among those moved since the last

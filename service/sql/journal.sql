@@ -41,6 +41,11 @@ SELECT tl_sweep_expired($1, $2);
 -- Deletes up to $2 idempotency records older than $1.
 SELECT tl_purge_idempotency_keys($1, $2);
 
+-- name: analyze_grown
+-- Analyzes the hot tables that at least doubled since their last analysis
+-- (tl_analyze_grown); returns their names.
+SELECT tl_analyze_grown();
+
 -- name: settle_lots
 -- Marks the lots that hold nothing among those moved by up to $1 movement
 -- ids after the last mark (lot_settled); returns how many ids it covered.

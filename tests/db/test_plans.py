@@ -79,3 +79,39 @@ async def test_formatting_helpers_are_inlined(db: asyncpg.Connection, function: 
     plan = await db.fetchval(f"EXPLAIN (VERBOSE, FORMAT JSON) SELECT {call} FROM transactions t")  # noqa: S608  # why: a fixed call from the parameter list above
     output = " ".join(json.loads(plan)[0]["Plan"]["Output"])
     assert function not in output, output
+
+
+async def _flushed(db: asyncpg.Connection) -> None:
+    await db.execute("SELECT pg_stat_force_next_flush()")
+
+
+async def test_tables_that_doubled_are_analyzed_again(db: asyncpg.Connection) -> None:
+    """tl_analyze_grown analyzes a hot table once its changed rows since the last analysis reach
+    what it held then (500 at least), and then leaves it alone: generic plans made while the
+    table was empty are made again with statistics that know its size."""
+    await db.execute("ANALYZE idempotency_keys")
+    await db.execute(
+        "INSERT INTO idempotency_keys (caller, key, request_hash, status_code, body) "
+        "SELECT 'c', 'k' || g, '\\x00', 200, 'null' FROM generate_series(1, 400) g"
+    )
+    await _flushed(db)
+    assert "idempotency_keys" not in await db.fetchval("SELECT tl_analyze_grown()")  # < 500
+    await db.execute(
+        "INSERT INTO idempotency_keys (caller, key, request_hash, status_code, body) "
+        "SELECT 'c', 'm' || g, '\\x00', 200, 'null' FROM generate_series(1, 200) g"
+    )
+    await _flushed(db)
+    assert "idempotency_keys" in await db.fetchval("SELECT tl_analyze_grown()")
+    assert (
+        await db.fetchval("SELECT reltuples FROM pg_class WHERE relname = 'idempotency_keys'")
+        == 600
+    )
+    await _flushed(db)
+    assert "idempotency_keys" not in await db.fetchval("SELECT tl_analyze_grown()")
+    # Doubled again (600 more changes than the 600 rows it held): analyzed again.
+    await db.execute(
+        "INSERT INTO idempotency_keys (caller, key, request_hash, status_code, body) "
+        "SELECT 'c', 'n' || g, '\\x00', 200, 'null' FROM generate_series(1, 600) g"
+    )
+    await _flushed(db)
+    assert "idempotency_keys" in await db.fetchval("SELECT tl_analyze_grown()")
