@@ -3047,9 +3047,25 @@ BEGIN
               JOIN accounts a ON a.address = p_args[i] ->> 'account' AND a.id = ANY (v_w_id) AND a.policy_bound
              CROSS JOIN LATERAL (SELECT coalesce(p_args[i] -> 'estimate' ->> 'model',
                                                  p_args[i] -> 'metadata' ->> 'model') AS model) m
-             CROSS JOIN LATERAL tl_price_at(m.model, v_now) pr
-             WHERE p_ops[i] IN ('debit', 'reserve') AND m.model IS NOT NULL AND pr.id IS NOT NULL
-               AND NOT tl_model_allowed(a, m.model, pr.tier)
+             -- tl_price_at and tl_model_allowed, written out: called per item
+             -- they were not inlined, and each call planned its body again
+             -- (about half of what a policy added to a debit).
+             CROSS JOIN LATERAL (SELECT x.tier FROM prices x
+                                  WHERE x.model = m.model AND x.effective_from <= v_now
+                                  ORDER BY x.effective_from DESC LIMIT 1) pr
+             WHERE p_ops[i] IN ('debit', 'reserve') AND m.model IS NOT NULL
+               AND NOT coalesce((
+                   SELECT bool_and((NOT (p.models ? 'tiers') OR p.models -> 'tiers' ? pr.tier)
+                                   AND (NOT (p.models ? 'allow') OR p.models -> 'allow' ? m.model)
+                                   AND NOT (coalesce(p.models -> 'deny', '[]'::jsonb) ? m.model))
+                     FROM spend_policies p
+                    WHERE p.account_id = ANY (ARRAY[
+                              a.id,
+                              CASE WHEN a.type = 'employee' THEN (
+                                  SELECT d.id FROM accounts d
+                                   WHERE d.address = 'department:' || (SELECT e.department FROM employees e
+                                                                        WHERE e.id = a.ref)) END])),
+                   true)
         LOOP
             v_p_model[v_i] := v_refusal;
         END LOOP;
