@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import asyncpg
@@ -199,11 +200,14 @@ async def test_public_endpoints_cost_the_database_little_under_a_flood(client: A
 
     ledger.fetchval = counting
     ledger.fetchrow = counting_row
+    started = time.monotonic()
     for _ in range(50):
         assert (await client.get("/readyz")).status_code == 200
         assert (await client.get("/metrics")).status_code == 200
-    assert 1 <= calls.count("schema_state") <= 2, calls
-    assert calls.count("active_reservations") <= 2, calls
+    # Once a second: on a loaded machine the 100 requests may span more than one.
+    seconds = int(time.monotonic() - started) + 2
+    assert 1 <= calls.count("schema_state") <= seconds, calls
+    assert calls.count("active_reservations") <= seconds, calls
 
 
 async def test_policy_routes_state_that_they_take_wallets_only(
