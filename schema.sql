@@ -2213,8 +2213,6 @@ SET enable_seqscan = off
 AS $$
 DECLARE
     v_now timestamptz;
-    v_pending integer;
-    v_claimed integer;
     v_changed boolean;
     v_rejected integer := 0;
     v_accounts bigint[];
@@ -2239,6 +2237,7 @@ DECLARE
     v_statuses text[];
     v_results jsonb[];
     v_differs boolean[];
+    v_try integer;
 BEGIN
     -- The working rows are an array (v_rows[pos] is event pos), not a
     -- temporary table: emptying one at commit rebuilt its indexes, which
@@ -2375,9 +2374,8 @@ BEGIN
                     'project', w.project,
                     'tags', w.tags,
                     'occurred_at', tl_ts(w.occurred_at)) END
-           )::tl_usage_batch_item ORDER BY w.pos),
-           count(*) FILTER (WHERE w.status = 'pending')
-    INTO v_rows, v_pending
+           )::tl_usage_batch_item ORDER BY w.pos)
+    INTO v_rows
     FROM w;
 
     -- A capped key's spend rate (tl_key_charge): its row locked before any
@@ -2392,9 +2390,6 @@ BEGIN
             CONTINUE WHEN v_rows[i].status NOT IN ('pending', 'single') OR v_rows[i].reservation IS NOT NULL
                           OR coalesce(v_rows[i].cost, 0) <= 0;
             IF v_key_spent + v_rows[i].cost > (p_ctx ->> 'rate_limit')::bigint THEN
-                IF v_rows[i].status = 'pending' THEN
-                    v_pending := v_pending - 1;
-                END IF;
                 v_rows[i].status := 'rejected';
                 v_rows[i].code := 'key_rate_limited';
             ELSE
@@ -2409,47 +2404,42 @@ BEGIN
     -- capture's transaction). One claimed meanwhile by a concurrent request
     -- is a duplicate (the INSERT waited for that request to commit).
     --
-    -- First as a plain INSERT: the events recorded before were found above,
-    -- so a conflict means a concurrent claim, which is rare; and ON CONFLICT
-    -- costs each row a speculative insertion (a probe of the key, then a
-    -- confirmation record), about half again what the row costs. Only when
-    -- the plain INSERT meets a claimed key is it undone (its subtransaction)
-    -- and run again with ON CONFLICT DO NOTHING.
-    BEGIN
-        INSERT INTO usage_events (id, source, event_id, account_id, model, price_id, input_tokens,
-                                  cached_input_tokens, output_tokens, cost, transaction_id, reservation_id,
-                                  project, tags, occurred_at, recorded_at, result)
-        SELECT w.id, w.source, w.event_id, w.account_id, w.model, w.price_id, w.input_tokens, w.cached_input_tokens,
-               w.output_tokens, w.cost, w.txn, w.reservation_id, w.project, w.tags, w.occurred_at, clock_timestamp(),
-               CASE WHEN w.reservation IS NULL THEN w.result END
-        FROM unnest(v_rows) w WHERE w.status = 'pending' ORDER BY w.source, w.event_id;
-        GET DIAGNOSTICS v_claimed = ROW_COUNT;
-    EXCEPTION WHEN unique_violation THEN
-        INSERT INTO usage_events (id, source, event_id, account_id, model, price_id, input_tokens,
-                                  cached_input_tokens, output_tokens, cost, transaction_id, reservation_id,
-                                  project, tags, occurred_at, recorded_at, result)
-        SELECT w.id, w.source, w.event_id, w.account_id, w.model, w.price_id, w.input_tokens, w.cached_input_tokens,
-               w.output_tokens, w.cost, w.txn, w.reservation_id, w.project, w.tags, w.occurred_at, clock_timestamp(),
-               CASE WHEN w.reservation IS NULL THEN w.result END
-        FROM unnest(v_rows) w WHERE w.status = 'pending' ORDER BY w.source, w.event_id
-        ON CONFLICT (source, event_id) DO NOTHING;
-        GET DIAGNOSTICS v_claimed = ROW_COUNT;
-    END;
-    IF v_claimed < v_pending THEN
-        SELECT array_agg(w.pos), array_agg(u.result), array_agg(tl_usage_differs(u, p_events -> (w.pos - 1)))
-        INTO v_pos, v_results, v_differs
-        FROM unnest(v_rows) w JOIN usage_events u ON u.source = w.source AND u.event_id = w.event_id
-        WHERE w.status = 'pending' AND u.id <> w.id;
-        FOR i IN 1 .. coalesce(cardinality(v_pos), 0) LOOP
-            IF v_differs[i] THEN
-                v_rows[v_pos[i]].status := 'rejected';
-                v_rows[v_pos[i]].code := 'idempotency_key_reused';
-            ELSE
-                v_rows[v_pos[i]].status := 'duplicate';
-                v_rows[v_pos[i]].result := v_results[i];
-            END IF;
-        END LOOP;
-    END IF;
+    -- As a plain INSERT: the events recorded before were found above, so a
+    -- conflict means a concurrent claim, which is rare; and ON CONFLICT DO
+    -- NOTHING would cost each row a speculative insertion (a probe of the
+    -- key, then a confirmation record), about half again what the row costs.
+    -- When the INSERT meets a key claimed meanwhile, it is undone (its
+    -- subtransaction), the events claimed elsewhere are answered, and the
+    -- rest are claimed again.
+    FOR v_try IN 1 .. 10 LOOP
+        BEGIN
+            INSERT INTO usage_events (id, source, event_id, account_id, model, price_id, input_tokens,
+                                      cached_input_tokens, output_tokens, cost, transaction_id, reservation_id,
+                                      project, tags, occurred_at, recorded_at, result)
+            SELECT w.id, w.source, w.event_id, w.account_id, w.model, w.price_id, w.input_tokens,
+                   w.cached_input_tokens, w.output_tokens, w.cost, w.txn, w.reservation_id, w.project, w.tags,
+                   w.occurred_at, clock_timestamp(), CASE WHEN w.reservation IS NULL THEN w.result END
+            FROM unnest(v_rows) w WHERE w.status = 'pending' ORDER BY w.source, w.event_id;
+            EXIT;
+        EXCEPTION WHEN unique_violation THEN
+            -- Claimed by a request that has committed since (the INSERT waited
+            -- for it): a duplicate, or a reused key when it says otherwise.
+            SELECT array_agg(w.pos), array_agg(u.result), array_agg(tl_usage_differs(u, p_events -> (w.pos - 1)))
+            INTO v_pos, v_results, v_differs
+            FROM unnest(v_rows) w JOIN usage_events u ON u.source = w.source AND u.event_id = w.event_id
+            WHERE w.status = 'pending';
+            ASSERT v_try < 10 AND v_pos IS NOT NULL, 'tl_record_usage_batch: the claim keeps meeting claimed keys';
+            FOR i IN 1 .. cardinality(v_pos) LOOP
+                IF v_differs[i] THEN
+                    v_rows[v_pos[i]].status := 'rejected';
+                    v_rows[v_pos[i]].code := 'idempotency_key_reused';
+                ELSE
+                    v_rows[v_pos[i]].status := 'duplicate';
+                    v_rows[v_pos[i]].result := v_results[i];
+                END IF;
+            END LOOP;
+        END;
+    END LOOP;
 
     -- Everything the lock does not change, built now: the accounts to lock,
     -- those charged directly with their totals, the answer and the roll-up
