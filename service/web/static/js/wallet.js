@@ -111,18 +111,38 @@ function renderSpend(spend) {
 
 const state = { address: null, cursors: [null], page: 0, range: "30d" };
 
-// Everything the page shows about `address` but the account itself, asked at
-// once (wallet-calls.js started them already when it knew the address):
-// every call here is on the first render's critical path.
+// The rest of the first render (wallet-calls.js started these calls already
+// when it knew the address): the limits, the chart and the first page of
+// entries, asked at once.
 function loadParts(address) {
   const first = calls.firstCalls(address, calls.asked, calls.nowMs);
   return Promise.all([
-    api(first.spendMonth),
-    forecastOrBurn(address, first.forecast),
     optional(first.policy).catch(() => null),
     fetchChart(address),
     fetchEntries(address),
   ]);
+}
+
+// After the first render: this month's spend by model and the forecast, the
+// two answers that add up a month of entries (wallet-calls.js, laterCalls).
+// Each fills its own place when it arrives; one that fails says so there.
+async function loadLater(account) {
+  const later = calls.laterCalls(account.address, calls.nowMs);
+  const spend = api(later.spendMonth).then(renderSpend);
+  const forecast = forecastOrBurn(account.address, later.forecast).then(
+    ({ forecast, spend30 }) => renderForecast(account, spend30, forecast),
+  );
+  const outcomes = await Promise.allSettled([spend, forecast]);
+  const failed = outcomes.find((o) => o.status === "rejected");
+  if (failed) {
+    const e = failed.reason;
+    if (e instanceof ApiError && e.status === 401) return requireSignIn();
+    for (const [o, id] of [[outcomes[0], "spend"], [outcomes[1], "forecast"]]) {
+      if (o.status === "rejected") document.getElementById(id).textContent = explain(o.reason);
+    }
+  }
+  document.body.dataset.ready = "true";
+  performance.mark("wallet-complete");
 }
 
 // The service's forecast, or, where it has none (an older service, or a
@@ -211,15 +231,13 @@ async function load() {
   text("title", asked ? `Credits of ${account.address}` : "Your credits");
   try {
     const parts = early && guess === account.address ? early : loadParts(account.address);
-    const [spendMonth, { forecast, spend30 }, policy, series, entries] = await parts;
+    const [policy, series, entries] = await parts;
     state.address = account.address;
     renderChart(series);
     renderEntries(entries);
     renderBalances(account);
     renderExpiry(account);
-    renderForecast(account, spend30, forecast);
     renderLimits(policy);
-    renderSpend(spendMonth);
   } catch (e) {
     if (e instanceof ApiError && e.status === 401) return requireSignIn();
     setStatus(explain(e), "error");
@@ -227,8 +245,11 @@ async function load() {
   }
   setStatus("");
   document.getElementById("wallet").hidden = false;
-  document.body.dataset.ready = "true";
+  // The first render: balances, expiry, limits, chart and entries drawn. The
+  // month's spend and the forecast follow (data-ready and wallet-complete).
+  document.body.dataset.rendered = "true";
   performance.mark("wallet-rendered");
+  await loadLater(account);
 }
 
 function wireControls() {
