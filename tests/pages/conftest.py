@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -42,6 +43,9 @@ CHROMIUM = os.environ.get("TOKENLEDGER_TEST_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOTS = Path(__file__).resolve().parent.parent.parent / "docs" / "screenshots"
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
+# A file for the request log of the service timed apart (service_apart):
+# each request's latency_seconds as the service measured it.
+SERVICE_LOG = os.environ.get("TOKENLEDGER_PAGES_SERVICE_LOG", "")
 
 
 def free_port() -> int:
@@ -167,7 +171,7 @@ def service_apart(site: Site) -> Iterator[str]:
         "TOKENLEDGER_ENVIRONMENT": "development",
         "TOKENLEDGER_HOST": "127.0.0.1",
         "TOKENLEDGER_PORT": str(port),
-        "TOKENLEDGER_LOG_LEVEL": "warning",
+        "TOKENLEDGER_LOG_LEVEL": "info" if SERVICE_LOG else "warning",
         "TOKENLEDGER_RATE_LIMITS": "",
         # The site's own admin key: a bootstrap key replaces the one before.
         "TOKENLEDGER_BOOTSTRAP_ADMIN_KEY": site.admin_key,
@@ -176,18 +180,26 @@ def service_apart(site: Site) -> Iterator[str]:
         "TOKENLEDGER_JWT_HS256_SECRET": JWT_SECRET,
         "TOKENLEDGER_JWT_ALLOWED_ROLES": "employee,hr,finance",
     }
+    # Its output in a file, read back if it fails: a pipe nobody reads would
+    # stop the service once full.
+    output = tempfile.TemporaryFile()
     process = subprocess.Popen(
         [sys.executable, "-m", "service", "serve"],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=output,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
+
+    def said(last: int = 3000) -> str:
+        output.seek(0)
+        return output.read().decode(errors="replace")[-last:]
+
     try:
         deadline = time.monotonic() + 60
         while True:
-            assert process.poll() is None, process.communicate()[1].decode()[-3000:]
+            assert process.poll() is None, said()
             assert time.monotonic() < deadline, "the service did not answer /readyz within 60 s"
             try:
                 if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
@@ -204,8 +216,9 @@ def service_apart(site: Site) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-        assert process.stderr is not None
-        process.stderr.close()
+        if SERVICE_LOG:
+            Path(SERVICE_LOG).write_text(said(10_000_000))
+        output.close()
 
 
 # The browser fixtures and tests run in one event loop per module

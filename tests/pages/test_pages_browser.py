@@ -260,6 +260,53 @@ async def test_wallet_shows_balances_expiry_and_history(
     assert await serious(page) == []
 
 
+async def test_first_render_waits_for_no_chart_spend_or_forecast(
+    site: Site, seeded: dict[str, Any], context: BrowserContext
+) -> None:
+    """The wallet's first render waits neither for the balance history nor
+    for the month's spend or the forecast: with all three held back,
+    balances, limits and entries are drawn and their places say they are
+    loading; when they fail, each place says why and the rest stays."""
+    page = await context.new_page()
+    errors = watch(page)
+    held: list[Any] = []
+    release = asyncio.Event()
+
+    async def hold_then_fail(route: Any) -> None:
+        held.append(route.request.url)
+        await release.wait()
+        await route.fulfill(
+            status=503,
+            content_type="application/problem+json",
+            body='{"code": "unavailable", "status": 503, "title": "Service Unavailable"}',
+        )
+
+    await page.route("**/v1/accounts/*/spend?*", hold_then_fail)
+    await page.route("**/v1/accounts/*/series?*", hold_then_fail)
+    await page.route("**/v1/reports/forecast?*", hold_then_fail)
+    await use_token(page.context, employee_token("e-1"))
+    await page.goto(f"{site.base}/wallet")
+    await expect(page.locator("body[data-rendered=true]")).to_have_count(1, timeout=15_000)
+    me = ok(site.admin.get("/v1/accounts/employee:e-1"))
+    assert await page.inner_text("#available") == f"{me['available']:,}"
+    assert await page.locator("#entries tbody tr").count() > 0
+    assert await page.inner_text("#spend") == "Loading…"
+    assert await page.inner_text("#forecast") == "Working out your burn rate…"
+    assert await page.inner_text("#chart") == "Loading the balance history…"
+    assert await page.get_attribute("body", "data-ready") is None
+    assert len(held) == 3, held
+    release.set()
+    await expect(page.locator("body[data-ready=true]")).to_have_count(1, timeout=15_000)
+    unavailable = "The ledger cannot be reached right now"
+    assert (await page.inner_text("#spend")).startswith(unavailable)
+    assert (await page.inner_text("#forecast")).startswith(unavailable)
+    assert (await page.inner_text("#chart")).startswith(unavailable)
+    assert await page.inner_text("#available") == f"{me['available']:,}"
+    assert await page.is_visible("#wallet")
+    # The console reports the two failed calls; nothing else went wrong.
+    assert [e for e in errors if "503" not in e] == []
+
+
 async def test_another_wallet_is_not_reachable(
     site: Site, seeded: dict[str, Any], context: BrowserContext
 ) -> None:
@@ -406,11 +453,12 @@ async def test_first_render_of_a_busy_wallet(
 ) -> None:
     """A busy wallet renders in a browser quickly: the time from navigation to
     its first render (performance mark `wallet-rendered`: balances, expiry,
-    limits, chart and entries drawn) against a warmed-up service, cold (each
+    limits and entries drawn) against a warmed-up service, cold (each
     load in a new browser context: an empty cache and new connections, as an
     employee opening the page sees it) and cached (the same context loading
     the page again, scripts from the cache). The time to `wallet-complete`
-    (the month's spend and the forecast drawn too) is printed beside it."""
+    (the chart, the month's spend and the forecast drawn too) is printed
+    beside it."""
     await seed_busy_wallet(site, "e-2", BIG_WALLET_ENTRIES)
     token = employee_token("e-2")
     # Timed against the service in processes of its own, as deployed
@@ -432,11 +480,12 @@ async def test_first_render_of_a_busy_wallet(
     )
     for name, renders in (("cold", cold), ("cached", cached)):
         for label, values in (
-            ("first render", [r.ms for r in renders]),
-            ("complete", [r.complete_ms for r in renders]),
+            ("first render painted", [r.ms for r in renders]),
+            ("first render built", [r.built_ms for r in renders]),
+            ("complete (built)", [r.complete_ms for r in renders]),
         ):
             print(
-                f"  {name:6s} {label:12s} median {statistics.median(values):4.0f} ms, "
+                f"  {name:6s} {label:20s} median {statistics.median(values):4.0f} ms, "
                 f"p90 {p90(values):4.0f} ms of {[round(v) for v in values]}"
             )
     median_cold = sorted(cold, key=lambda c: c.ms)[len(cold) // 2]
@@ -461,11 +510,12 @@ def p90(values: list[float]) -> float:
 
 @dataclass
 class Render:
-    """One load of the wallet: ms from navigation to `wallet-rendered` and to
-    `wallet-complete`, and each request of the page (path, start, end), in ms
-    from navigation."""
+    """One load of the wallet: ms from navigation to its first render painted,
+    to the `wallet-rendered` and `wallet-complete` marks, and each request of
+    the page (path, start, end), in ms from navigation (RENDER_TIMINGS)."""
 
     ms: float
+    built_ms: float
     complete_ms: float
     resources: list[tuple[str, float, float]]
 
@@ -489,21 +539,49 @@ async def load_wallet(browser: Browser, base: str, token: str, loads: int) -> li
         await asyncio.sleep(WINDOW_SETTLE_SECONDS)
         renders = []
         for _ in range(loads):
-            await page.goto(f"{base}/wallet")
-            await expect(page.locator("body[data-ready=true]")).to_have_count(1, timeout=15_000)
+            # Waited for from inside the page, not with a locator: Playwright
+            # evaluates its own script (about 20 ms of the renderer's main
+            # thread in a trace) in the page the first time a locator looks,
+            # and after goto's load event that was often before the first
+            # render, which then waited for it.
+            await page.goto(f"{base}/wallet", wait_until="commit")
+            await page.evaluate(UNTIL_COMPLETE)
             assert await page.get_attribute("#available", "data-value") is not None
-            ms, complete_ms, resources = await page.evaluate(RENDER_TIMINGS)
+            ms, built_ms, complete_ms, resources = await page.evaluate(RENDER_TIMINGS)
             paths = [(n.replace(base, ""), b, f) for n, b, f in resources]
-            renders.append(Render(ms, complete_ms, paths))
+            renders.append(Render(ms, built_ms, complete_ms, paths))
     finally:
         await ctx.close()
     return renders
 
 
-# The `wallet-rendered` and `wallet-complete` marks and, for the page's
-# document and each request it made before the second, [path, start, end] in
-# ms from navigation.
-RENDER_TIMINGS = """() => {
+# Resolves once the page has set its `wallet-complete` mark (15 s at most).
+UNTIL_COMPLETE = """() => new Promise((resolve, reject) => {
+  const done = () => performance.getEntriesByName('wallet-complete').length > 0;
+  if (done()) return resolve();
+  const observer = new PerformanceObserver(() => {
+    if (done()) { observer.disconnect(); resolve(); }
+  });
+  observer.observe({ type: 'mark' });
+  setTimeout(() => reject(new Error('no wallet-complete mark within 15 s')), 15000);
+})"""
+
+
+# The first render as painted: when the browser painted the available
+# balance (Element Timing of `#available`, elementtiming="wallet-first-render":
+# its text is drawn with the rest of the first render, in the same task); the
+# `wallet-rendered` mark (that task's end, the DOM built but not yet laid out
+# or painted); the `wallet-complete` mark; and, for the page's document and
+# each request it made before the last, [path, start, end]; all in ms from
+# navigation.
+RENDER_TIMINGS = """async () => {
+  const painted = await new Promise((resolve, reject) => {
+    new PerformanceObserver((list, observer) => {
+      const e = list.getEntries().find((e) => e.identifier === 'wallet-first-render');
+      if (e) { observer.disconnect(); resolve(e.renderTime); }
+    }).observe({ type: 'element', buffered: true });
+    setTimeout(() => reject(new Error('the balance was not painted within 5 s')), 5000);
+  });
   const mark = performance.getEntriesByName('wallet-rendered')[0].startTime;
   const complete = performance.getEntriesByName('wallet-complete')[0].startTime;
   const nav = performance.getEntriesByType('navigation')[0];
@@ -515,11 +593,18 @@ RENDER_TIMINGS = """() => {
     rows.push(['(' + p.name + ')', p.startTime, p.startTime]);
   }
   for (const r of performance.getEntriesByType('resource')) {
-    if (r.startTime < complete) rows.push([r.name, r.startTime, r.responseEnd]);
+    if (r.startTime < complete) {
+      // Sent later than asked: a new connection, or a wait for one of the
+      // six a browser opens to an HTTP/1.1 origin.
+      const waited = r.requestStart - r.startTime;
+      const name = waited >= 5 ? `${r.name} (sent at +${waited.toFixed(0)} ms)` : r.name;
+      rows.push([name, r.startTime, r.responseEnd]);
+    }
   }
-  rows.push(['(wallet-rendered)', mark, mark]);
-  rows.push(['(wallet-complete: spend and forecast drawn)', complete, complete]);
-  return [mark, complete, rows];
+  rows.push(['(wallet-rendered mark: first render built)', mark, mark]);
+  rows.push(['(first render painted)', painted, painted]);
+  rows.push(['(wallet-complete mark: chart, spend and forecast built)', complete, complete]);
+  return [painted, mark, complete, rows];
 }"""
 
 

@@ -2,7 +2,7 @@
 //
 // The service puts this file inside the wallet page (service/pages.py,
 // build_page; the page's Content-Security-Policy allows it by its SHA-256),
-// ahead of the stylesheet, so that the first render's four API calls leave
+// ahead of the stylesheet, so that the first render's three API calls leave
 // as soon as the parser reaches it: not after one more round trip for the
 // file, the stylesheet, or the modules to be compiled and run. The module
 // (wallet.js) builds every path with the functions below, and common.js's
@@ -62,22 +62,23 @@ window.tokenledgerWallet = (function () {
   }
 
   // The first render's calls about `address` (`asked`: the ?account the page
-  // was opened with, else the caller's own wallet through /v1/me): each a
-  // few milliseconds of the service's time.
-  function firstCalls(address, asked, nowMs) {
+  // was opened with, else the caller's own wallet through /v1/me): the
+  // balances and what expires, the limits, the first page of entries.
+  function firstCalls(address, asked) {
     return {
       account: asked ? accountPath(asked, "", null) : "/v1/me",
       policy: accountPath(address, "/policy", null),
-      series: seriesPath(address, "30d", nowMs),
       entries: entriesPath(address, null),
     };
   }
 
-  // The calls asked once the first render is drawn: the month's spend by
-  // model and the forecast each add up a month of the wallet's entries (30
-  // to 40 ms of PostgreSQL time apiece for 10,000 entries). Asked with the
-  // others they held every other answer back, on a service with one worker
-  // and two cores; asked after, they delay nothing but their own two lines.
+  // Asked once the first render is drawn, with the balance history (the
+  // chart's own call, seriesPath): the month's spend by model and the
+  // forecast, which each add up a month of the wallet's entries (30 to 40 ms
+  // of PostgreSQL time apiece for 10,000 entries). Asked with the others
+  // they held the first render back: every call more is a request more for
+  // the service's workers and the browser on a busy machine, and the page
+  // waits for the slowest answer.
   function laterCalls(address, nowMs) {
     return {
       spendMonth: spendPath(address, "month", nowMs),
@@ -108,7 +109,7 @@ window.tokenledgerWallet = (function () {
   if (guess) {
     const headers = { Accept: "application/json" };
     if (token) headers.Authorization = "Bearer " + token;
-    for (const path of Object.values(firstCalls(guess, asked, nowMs))) {
+    for (const path of Object.values(firstCalls(guess, asked))) {
       const pending = fetch(path, { headers, credentials: "same-origin", cache: "no-store" });
       pending.catch(() => {});
       started.set(path, pending);

@@ -112,34 +112,33 @@ function renderSpend(spend) {
 const state = { address: null, cursors: [null], page: 0, range: "30d" };
 
 // The rest of the first render (wallet-calls.js started these calls already
-// when it knew the address): the limits, the chart and the first page of
-// entries, asked at once.
+// when it knew the address): the limits and the first page of entries,
+// asked at once.
 function loadParts(address) {
-  const first = calls.firstCalls(address, calls.asked, calls.nowMs);
+  const first = calls.firstCalls(address, calls.asked);
   return Promise.all([
     optional(first.policy).catch(() => null),
-    fetchChart(address),
     fetchEntries(address),
   ]);
 }
 
-// After the first render: this month's spend by model and the forecast, the
-// two answers that add up a month of entries (wallet-calls.js, laterCalls).
-// Each fills its own place when it arrives; one that fails says so there.
+// After the first render: the balance history, this month's spend by model
+// and the forecast (wallet-calls.js, laterCalls), asked at once. Each fills
+// its own place when it arrives; one that fails says why there.
 async function loadLater(account) {
   const later = calls.laterCalls(account.address, calls.nowMs);
-  const spend = api(later.spendMonth).then(renderSpend);
-  const forecast = forecastOrBurn(account.address, later.forecast).then(
-    ({ forecast, spend30 }) => renderForecast(account, spend30, forecast),
-  );
-  const outcomes = await Promise.allSettled([spend, forecast]);
-  const failed = outcomes.find((o) => o.status === "rejected");
-  if (failed) {
-    const e = failed.reason;
-    if (e instanceof ApiError && e.status === 401) return requireSignIn();
-    for (const [o, id] of [[outcomes[0], "spend"], [outcomes[1], "forecast"]]) {
-      if (o.status === "rejected") document.getElementById(id).textContent = explain(o.reason);
-    }
+  const parts = [
+    ["chart", fetchChart(account.address).then(renderChart)],
+    ["spend", api(later.spendMonth).then(renderSpend)],
+    ["forecast", forecastOrBurn(account.address, later.forecast).then(
+      ({ forecast, spend30 }) => renderForecast(account, spend30, forecast),
+    )],
+  ];
+  const outcomes = await Promise.allSettled(parts.map(([, p]) => p));
+  for (const [i, o] of outcomes.entries()) {
+    if (o.status !== "rejected") continue;
+    if (o.reason instanceof ApiError && o.reason.status === 401) return requireSignIn();
+    document.getElementById(parts[i][0]).textContent = explain(o.reason);
   }
   document.body.dataset.ready = "true";
   performance.mark("wallet-complete");
@@ -231,9 +230,8 @@ async function load() {
   text("title", asked ? `Credits of ${account.address}` : "Your credits");
   try {
     const parts = early && guess === account.address ? early : loadParts(account.address);
-    const [policy, series, entries] = await parts;
+    const [policy, entries] = await parts;
     state.address = account.address;
-    renderChart(series);
     renderEntries(entries);
     renderBalances(account);
     renderExpiry(account);
@@ -245,8 +243,8 @@ async function load() {
   }
   setStatus("");
   document.getElementById("wallet").hidden = false;
-  // The first render: balances, expiry, limits, chart and entries drawn. The
-  // month's spend and the forecast follow (data-ready and wallet-complete).
+  // The first render: balances, expiry, limits and entries drawn. The chart,
+  // the month's spend and the forecast follow (data-ready, wallet-complete).
   document.body.dataset.rendered = "true";
   performance.mark("wallet-rendered");
   await loadLater(account);
