@@ -78,9 +78,11 @@ bench-alerts: venv ## PostgreSQL CPU per debit with and without low-balance aler
 	$(PY) -m bench.alerts
 # The browser test of the wallet's first render, with the issue-15 figures:
 # a wallet of 10,000 entries and the 200 ms target for the medians of 9 cold
-# loads (new browser contexts) and 9 cached ones, against a warmed-up service
+# loads (new browser contexts) and 9 cached ones, each to the first render's
+# paint, against a warmed-up service run apart (`python -m service serve`)
 # (the suite runs 2,000 entries, 3 loads each, and allows 1 s). Needs
-# Debian's Chromium, as the tests do.
+# Debian's Chromium, as the tests do. TOKENLEDGER_PAGES_SERVICE_LOG=FILE keeps
+# the timed service's request log.
 bench-pages: venv ## Time the wallet page's first render in Chromium (10k entries)
 	@command -v chromium >/dev/null || { echo "make bench-pages: installing chromium (apt-get)"; \
 		(apt-get update -qq && apt-get install -y -qq chromium) >/dev/null; }

@@ -20,10 +20,12 @@ mints an employee token; it is not routed at all in production.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import importlib.util
 import mimetypes
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path, PurePath
@@ -93,7 +95,9 @@ DEV_TOKEN_SECONDS = 8 * 3600
 
 def security_headers(app: ASGIApp) -> ASGIApp:
     """Adds PAGE_HEADERS to every answer outside /v1 (pages, static files,
-    the docs, errors of unknown paths)."""
+    the docs, errors of unknown paths); a page that names its own
+    Content-Security-Policy (one with its inline scripts' hashes, build_page)
+    keeps it, since a browser enforces every policy it is sent."""
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"].startswith(_API_PREFIX):
@@ -105,7 +109,8 @@ def security_headers(app: ASGIApp) -> ASGIApp:
                 headers = [
                     h for h in message.get("headers", []) if h[0].lower() != b"x-frame-options"
                 ]
-                headers.extend(PAGE_HEADERS)
+                own = {h[0].lower() for h in headers}
+                headers.extend(h for h in PAGE_HEADERS if h[0] not in own)
                 message["headers"] = headers
             await send(message)
 
@@ -155,11 +160,46 @@ class LocalSwagger(OpenAPIRenderPlugin):
         return self.html
 
 
-def _page(name: str) -> Any:
-    body = (WEB_DIR / name).read_bytes()
+# `<script src="/static/js/NAME.js" data-inline></script>` in a page: the
+# service puts that file's text in the page itself (build_page).
+_INLINE_SCRIPT = re.compile(rb'<script src="/static/(js/[a-z0-9-]+\.js)" data-inline></script>')
+
+
+class Page(msgspec.Struct, frozen=True):
+    body: bytes
+    content_security_policy: str
+
+
+def build_page(html: bytes, files: dict[str, StaticFile]) -> Page:
+    """A page as served: each script marked `data-inline` put inside the
+    page, and the page's own Content-Security-Policy, which allows exactly
+    those scripts by their SHA-256 (CSP level 2 hash sources) and no other
+    inline script. The wallet's first script starts the first render's API
+    calls: inside the page they leave as soon as the parser reaches it,
+    instead of one more round trip later, when its file has arrived."""
+    sources: list[str] = []
+
+    def inline(match: re.Match[bytes]) -> bytes:
+        script = files[match.group(1).decode()].body
+        # The text ends its element at the first "</script", whatever follows.
+        assert b"</script" not in script.lower(), f"{match.group(1)!r} cannot be inlined"
+        digest = base64.b64encode(hashlib.sha256(script).digest()).decode()
+        sources.append(f"'sha256-{digest}'")
+        return b"<script>" + script + b"</script>"
+
+    body = _INLINE_SCRIPT.sub(inline, html)
+    policy = CONTENT_SECURITY_POLICY
+    if sources:
+        policy = policy.replace("script-src 'self';", f"script-src 'self' {' '.join(sources)};")
+    return Page(body, policy)
+
+
+def _page(name: str, files: dict[str, StaticFile]) -> Any:
+    page = build_page((WEB_DIR / name).read_bytes(), files)
+    headers = {"content-security-policy": page.content_security_policy}
 
     async def handler() -> Response[bytes]:
-        return Response(body, media_type="text/html; charset=utf-8")
+        return Response(page.body, media_type="text/html; charset=utf-8", headers=headers)
 
     return handler
 
@@ -167,15 +207,16 @@ def _page(name: str) -> Any:
 def page_routes(config: Config) -> list[Any]:
     """The pages, their static files, and (outside production) the
     development sign-in."""
+    files = read_static(WEB_DIR / "static")
     routes: list[Any] = [
         get("/wallet", opt=public(), include_in_schema=False, name="page_wallet")(
-            _page("wallet.html")
+            _page("wallet.html", files)
         ),
         get("/finance", opt=public(), include_in_schema=False, name="page_finance")(
-            _page("finance.html")
+            _page("finance.html", files)
         ),
         get("/sign-in", opt=public(), include_in_schema=False, name="page_sign_in")(
-            _page("sign-in.html")
+            _page("sign-in.html", files)
         ),
         create_static_files_router(
             path="/static/swagger-ui",
@@ -184,7 +225,7 @@ def page_routes(config: Config) -> list[Any]:
             opt=public(),
             cache_control=STATIC_CACHE,
         ),
-        web_static_router(),
+        web_static_router(files),
     ]
     if config.environment != "production":
         routes.append(dev_sign_in_router(config))
@@ -212,14 +253,13 @@ def read_static(directory: Path) -> dict[str, StaticFile]:
     return files
 
 
-def web_static_router() -> Router:
+def web_static_router(files: dict[str, StaticFile]) -> Router:
     """`/static/...`: the pages' files, from memory. They are on every page's
     first render, ahead of its API calls; Litestar's static-files router
     opened and read each from disk in a worker thread per request, 5 to 25
     ms apiece on a busy 2-core box (the server's request log). A file changes with a release (a
     restart), so each is read once, and an ETag lets a browser whose
     five-minute cache has run out revalidate it with a 304."""
-    files = read_static(WEB_DIR / "static")
 
     @get(
         "/{file_path:path}",

@@ -12,9 +12,14 @@ asserts that none was recorded (`site.outside`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -38,6 +43,9 @@ CHROMIUM = os.environ.get("TOKENLEDGER_TEST_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOTS = Path(__file__).resolve().parent.parent.parent / "docs" / "screenshots"
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
+# A file for the request log of the service timed apart (service_apart):
+# each request's latency_seconds as the service measured it.
+SERVICE_LOG = os.environ.get("TOKENLEDGER_PAGES_SERVICE_LOG", "")
 
 
 def free_port() -> int:
@@ -53,6 +61,7 @@ class Site:
 
     base: str
     admin: httpx.Client
+    admin_key: str
     clock: FakeClock
     database_url: str
     outside: list[str] = field(default_factory=list)
@@ -136,13 +145,80 @@ def site(pg_server: Server, template_database: str) -> Iterator[Site]:
             base_url=base, headers={"Authorization": f"Bearer {admin_key}"}, timeout=30
         )
         try:
-            yield Site(base, admin, clock, dsn)
+            yield Site(base, admin, admin_key, clock, dsn)
         finally:
             admin.close()
             server.should_exit = True
             thread.join(timeout=30)
     finally:
         off_loop(lambda: clone.__exit__(None, None, None))
+
+
+@contextlib.contextmanager
+def service_apart(site: Site) -> Iterator[str]:
+    """The service as it is deployed, for timing pages: `python -m service
+    serve` in processes of its own (its default worker count, one per core;
+    uvloop and httptools) on the module's database, with the same employee
+    tokens and no rate limits; yields its base URL. The `site` fixture's
+    service runs in a thread of the test process, where every request waits
+    its turn for the interpreter lock with Playwright's client, and its
+    answers are timed the slower for it; a real service has its processes
+    to itself."""
+    port = free_port()
+    env = os.environ | {
+        "TOKENLEDGER_DATABASE_URL": site.database_url,
+        "TOKENLEDGER_APPLY_SCHEMA": "false",
+        "TOKENLEDGER_ENVIRONMENT": "development",
+        "TOKENLEDGER_HOST": "127.0.0.1",
+        "TOKENLEDGER_PORT": str(port),
+        "TOKENLEDGER_LOG_LEVEL": "info" if SERVICE_LOG else "warning",
+        "TOKENLEDGER_RATE_LIMITS": "",
+        # The site's own admin key: a bootstrap key replaces the one before.
+        "TOKENLEDGER_BOOTSTRAP_ADMIN_KEY": site.admin_key,
+        "TOKENLEDGER_JWT_ISSUER": JWT_ISSUER,
+        "TOKENLEDGER_JWT_AUDIENCE": JWT_AUDIENCE,
+        "TOKENLEDGER_JWT_HS256_SECRET": JWT_SECRET,
+        "TOKENLEDGER_JWT_ALLOWED_ROLES": "employee,hr,finance",
+    }
+    # Its output in a file, read back if it fails: a pipe nobody reads would
+    # stop the service once full.
+    output = tempfile.TemporaryFile()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", "serve"],
+        env=env,
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def said(last: int = 3000) -> str:
+        output.seek(0)
+        return output.read().decode(errors="replace")[-last:]
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, said()
+            assert time.monotonic() < deadline, "the service did not answer /readyz within 60 s"
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        yield base
+    finally:
+        # The whole process group: the supervisor and its workers.
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        if SERVICE_LOG:
+            Path(SERVICE_LOG).write_text(said(10_000_000))
+        output.close()
 
 
 # The browser fixtures and tests run in one event loop per module

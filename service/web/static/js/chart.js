@@ -4,6 +4,8 @@
 // scale to any width, and need no script or style but this file.
 "use strict";
 
+import { credits } from "./common.js";
+
 const NS = "http://www.w3.org/2000/svg";
 
 function svg(tag, attrs = {}, text) {
@@ -12,8 +14,6 @@ function svg(tag, attrs = {}, text) {
   if (text !== undefined) node.textContent = text;
   return node;
 }
-
-const fmt = new Intl.NumberFormat("en-US");
 
 // points: [{at, posted}] in time order. label(at) names a point.
 export function lineChart(points, { title, label }) {
@@ -34,8 +34,8 @@ export function lineChart(points, { title, label }) {
   const y = (v) => T + ((hi - v) * (H - T - B)) / (hi - lo);
   // Axes: the range's top and bottom, the first and last label.
   root.append(svg("line", { x1: L, y1: y(lo), x2: W - R, y2: y(lo), class: "axis" }));
-  root.append(svg("text", { x: L - 6, y: y(hi) + 4, "text-anchor": "end", class: "tick" }, fmt.format(hi)));
-  root.append(svg("text", { x: L - 6, y: y(lo) + 4, "text-anchor": "end", class: "tick" }, fmt.format(lo)));
+  root.append(svg("text", { x: L - 6, y: y(hi) + 4, "text-anchor": "end", class: "tick" }, credits(hi)));
+  root.append(svg("text", { x: L - 6, y: y(lo) + 4, "text-anchor": "end", class: "tick" }, credits(lo)));
   root.append(svg("text", { x: L, y: H - 8, class: "tick" }, label(points[0].at)));
   if (points.length > 1) {
     root.append(svg("text", { x: W - R, y: H - 8, "text-anchor": "end", class: "tick" }, label(points[points.length - 1].at)));
@@ -52,7 +52,7 @@ export function lineChart(points, { title, label }) {
       "data-at": p.at,
       "data-posted": p.posted,
     });
-    dot.append(svg("title", {}, `${label(p.at)}: ${fmt.format(p.posted)} credits`));
+    dot.append(svg("title", {}, `${label(p.at)}: ${credits(p.posted)} credits`));
     marks.append(dot);
   });
   root.append(marks);
@@ -76,10 +76,10 @@ export function barChart(rows, { title }) {
       g.append(svg("rect", { x: L, y: y + 4, width: ((W - L - R) * r.of) / max, height: rowH - 8, class: "whole" }));
     }
     g.append(svg("rect", { x: L, y: y + 4, width: Math.max(1, ((W - L - R) * r.value) / max), height: rowH - 8, class: "part" }));
-    g.append(svg("text", { x: W - R + 6, y: y + 17, class: "tick" }, fmt.format(r.value)));
+    g.append(svg("text", { x: W - R + 6, y: y + 17, class: "tick" }, credits(r.value)));
     g.append(svg("title", {}, r.of === undefined
-      ? `${r.label}: ${fmt.format(r.value)} credits`
-      : `${r.label}: ${fmt.format(r.value)} of ${fmt.format(r.of)} credits`));
+      ? `${r.label}: ${credits(r.value)} credits`
+      : `${r.label}: ${credits(r.value)} of ${credits(r.of)} credits`));
     root.append(g);
   });
   return root;

@@ -111,18 +111,37 @@ function renderSpend(spend) {
 
 const state = { address: null, cursors: [null], page: 0, range: "30d" };
 
-// Everything the page shows about `address` but the account itself, asked at
-// once (wallet-calls.js started them already when it knew the address):
-// every call here is on the first render's critical path.
+// The rest of the first render (wallet-calls.js started these calls already
+// when it knew the address): the limits and the first page of entries,
+// asked at once.
 function loadParts(address) {
-  const first = calls.firstCalls(address, calls.asked, calls.nowMs);
+  const first = calls.firstCalls(address, calls.asked);
   return Promise.all([
-    api(first.spendMonth),
-    forecastOrBurn(address, first.forecast),
     optional(first.policy).catch(() => null),
-    fetchChart(address),
     fetchEntries(address),
   ]);
+}
+
+// After the first render: the balance history, this month's spend by model
+// and the forecast (wallet-calls.js, laterCalls), asked at once. Each fills
+// its own place when it arrives; one that fails says why there.
+async function loadLater(account) {
+  const later = calls.laterCalls(account.address, calls.nowMs);
+  const parts = [
+    ["chart", fetchChart(account.address).then(renderChart)],
+    ["spend", api(later.spendMonth).then(renderSpend)],
+    ["forecast", forecastOrBurn(account.address, later.forecast).then(
+      ({ forecast, spend30 }) => renderForecast(account, spend30, forecast),
+    )],
+  ];
+  const outcomes = await Promise.allSettled(parts.map(([, p]) => p));
+  for (const [i, o] of outcomes.entries()) {
+    if (o.status !== "rejected") continue;
+    if (o.reason instanceof ApiError && o.reason.status === 401) return requireSignIn();
+    document.getElementById(parts[i][0]).textContent = explain(o.reason);
+  }
+  document.body.dataset.ready = "true";
+  performance.mark("wallet-complete");
 }
 
 // The service's forecast, or, where it has none (an older service, or a
@@ -211,15 +230,12 @@ async function load() {
   text("title", asked ? `Credits of ${account.address}` : "Your credits");
   try {
     const parts = early && guess === account.address ? early : loadParts(account.address);
-    const [spendMonth, { forecast, spend30 }, policy, series, entries] = await parts;
+    const [policy, entries] = await parts;
     state.address = account.address;
-    renderChart(series);
     renderEntries(entries);
     renderBalances(account);
     renderExpiry(account);
-    renderForecast(account, spend30, forecast);
     renderLimits(policy);
-    renderSpend(spendMonth);
   } catch (e) {
     if (e instanceof ApiError && e.status === 401) return requireSignIn();
     setStatus(explain(e), "error");
@@ -227,8 +243,11 @@ async function load() {
   }
   setStatus("");
   document.getElementById("wallet").hidden = false;
-  document.body.dataset.ready = "true";
+  // The first render: balances, expiry, limits and entries drawn. The chart,
+  // the month's spend and the forecast follow (data-ready, wallet-complete).
+  document.body.dataset.rendered = "true";
   performance.mark("wallet-rendered");
+  await loadLater(account);
 }
 
 function wireControls() {
