@@ -203,6 +203,7 @@ class KeyCache:
         self.enabled = False
         self._entries: dict[bytes, tuple[Principal, float]] = {}
         self._unknown: dict[bytes, float] = {}
+        self._in_flight: dict[bytes, asyncio.Future[Principal | None]] = {}
 
     def knows_unknown(self, digest: bytes) -> bool:
         """Whether this key was looked up lately and the database did not know it."""
@@ -239,6 +240,23 @@ class KeyCache:
     def clear(self) -> None:
         self._entries.clear()
         self._unknown.clear()
+
+    def in_flight(self, digest: bytes) -> asyncio.Future[Principal | None] | None:
+        """The look-up of this key already on its way to the database, if any."""
+        return self._in_flight.get(digest)
+
+    def start_lookup(self, digest: bytes) -> asyncio.Future[Principal | None]:
+        """Marks a look-up of this key as sent: requests that miss the cache
+        meanwhile wait for its answer instead of sending their own (when an
+        entry expires under load, every request of that key missed at once,
+        one database round trip each)."""
+        future: asyncio.Future[Principal | None] = asyncio.get_running_loop().create_future()
+        self._in_flight[digest] = future
+        return future
+
+    def end_lookup(self, digest: bytes, future: asyncio.Future[Principal | None]) -> None:
+        if self._in_flight.get(digest) is future:
+            del self._in_flight[digest]
 
     def set_enabled(self, enabled: bool) -> None:
         self.enabled = enabled and self.ttl_seconds > 0
@@ -610,29 +628,41 @@ async def authenticate(
     if parsed is not None:
         if not well_formed(token):
             raise unauthenticated("unknown or revoked key")
-        if cache is not None:
+        if cache is None:
+            principal = await _look_up_key(ledger, parsed)
+        else:
             principal = cache.get(parsed[1])
             if principal is not None:
                 return principal
             if cache.knows_unknown(parsed[1]):
                 raise unauthenticated("unknown or revoked key")
-            since = cache.clock()
-        row = await ledger.fetchrow("authenticate_key", parsed[0], parsed[1])
-        if row is None:
-            if cache is not None:
-                cache.put_unknown(parsed[1], since)
+            pending = cache.in_flight(parsed[1])
+            if pending is not None:
+                # The same key's look-up, sent just before: its answer, no older
+                # than a cached one would be. If it failed, ask on our own.
+                await asyncio.wait({pending})
+                if not pending.cancelled() and pending.exception() is None:
+                    principal = pending.result()
+                else:
+                    principal = await _look_up_key(ledger, parsed)
+            else:
+                since = cache.clock()
+                future = cache.start_lookup(parsed[1])
+                try:
+                    principal = await _look_up_key(ledger, parsed)
+                except BaseException:
+                    future.cancel()
+                    raise
+                else:
+                    future.set_result(principal)
+                finally:
+                    cache.end_lookup(parsed[1], future)
+                if principal is None:
+                    cache.put_unknown(parsed[1], since)
+                else:
+                    cache.put(parsed[1], principal, since)
+        if principal is None:
             raise unauthenticated("unknown or revoked key")
-        principal = Principal(
-            id=f"key:{row['id']}",
-            roles=frozenset({row["role"]}),
-            name=row["name"],
-            sources=None if row["sources"] is None else frozenset(row["sources"]),
-            account_types=None if row["account_types"] is None else frozenset(row["account_types"]),
-            departments=None if row["departments"] is None else tuple(sorted(row["departments"])),
-            rate_limit=row["rate_limit"],
-        )
-        if cache is not None:
-            cache.put(parsed[1], principal, since)
         return principal
     if verifier is None:
         raise unauthenticated("employee tokens are not configured on this service")
@@ -641,3 +671,19 @@ async def authenticate(
     except errors.Unauthenticated as exc:
         exc.headers["WWW-Authenticate"] = WWW_AUTHENTICATE
         raise
+
+
+async def _look_up_key(ledger: Any, parsed: tuple[str, bytes]) -> Principal | None:
+    """The key's principal from the database; None when it is unknown or revoked."""
+    row = await ledger.fetchrow("authenticate_key", parsed[0], parsed[1])
+    if row is None:
+        return None
+    return Principal(
+        id=f"key:{row['id']}",
+        roles=frozenset({row["role"]}),
+        name=row["name"],
+        sources=None if row["sources"] is None else frozenset(row["sources"]),
+        account_types=None if row["account_types"] is None else frozenset(row["account_types"]),
+        departments=None if row["departments"] is None else tuple(sorted(row["departments"])),
+        rate_limit=row["rate_limit"],
+    )

@@ -254,3 +254,38 @@ async def test_an_unknown_key_is_looked_up_once_until_keys_change(
         await conn.close()
     await until(lambda: not a.app.state.key_cache.knows_unknown(k.secret_hash), 1.0)
     assert await a.status(k.secret) == 200
+
+
+async def test_concurrent_misses_of_one_key_share_one_lookup(
+    replicas: list[Replica], database_url: str
+) -> None:
+    """When a key is not in the cache (first use, or its entry expired), the requests that
+    arrive while its look-up is on its way wait for that look-up instead of each sending one."""
+    a = replicas[0]
+    secret = await create_key(database_url)
+    statuses = await asyncio.gather(*(a.status(secret) for _ in range(20)))
+    assert statuses == [200] * 20
+    assert a.lookups == 1
+
+
+async def test_a_failed_shared_lookup_makes_the_waiters_ask_on_their_own(
+    replicas: list[Replica], database_url: str
+) -> None:
+    """The look-up the others wait for fails (the database answered an error to it alone):
+    its request fails, and each waiting request looks the key up itself."""
+    a = replicas[0]
+    secret = await create_key(database_url)
+    ledger = a.app.state.ledger
+    counting = ledger.fetchrow
+    first = asyncio.Event()
+
+    async def failing_once(query: str, *args: Any) -> Any:
+        if query == "authenticate_key" and not first.is_set():
+            first.set()
+            await asyncio.sleep(0.05)  # the others arrive meanwhile
+            raise asyncpg.exceptions.ConnectionDoesNotExistError("gone")
+        return await counting(query, *args)
+
+    ledger.fetchrow = failing_once
+    statuses = await asyncio.gather(*(a.status(secret) for _ in range(5)))
+    assert sorted(statuses) == [200, 200, 200, 200, 503]
