@@ -4997,17 +4997,24 @@ DECLARE
     v_start timestamptz[];
     v_amount bigint[];
     v_hard boolean[];
+    -- The account's own row of the window (NULL: none yet), read with the
+    -- links: the wallets are locked, so no one else changes these rows.
+    v_own_spent bigint[];
+    v_missing boolean;
+    v_locks boolean;
 BEGIN
     -- One sort (the window's), read in its order: an ORDER BY in each
     -- array_agg would sort the rows once per array.
     SELECT array_agg(k.wallet), array_agg(k.rank), array_agg(k.account), array_agg(k.own_department),
            array_agg(k.owner), array_agg(k.ord), array_agg(k.department), array_agg(k.period), array_agg(k.tz),
-           array_agg(tl_window_start(k.period, k.tz, p_now)), array_agg(k.amount), array_agg(k.hard)
+           array_agg(k.start), array_agg(k.amount), array_agg(k.hard), array_agg(s.spent),
+           bool_or(s.account_id IS NULL), bool_or(k.hard AND k.department IS NOT NULL)
       INTO v_wallet, v_rank, v_account, v_own_department, v_owner, v_ord, v_department, v_period, v_tz,
-           v_start, v_amount, v_hard
-      FROM (SELECT l.*, row_number() OVER (PARTITION BY l.wallet
-                                           ORDER BY l.department NULLS FIRST, l.period, l.tz, l.owner, l.ord)::integer
-                                    AS rank
+           v_start, v_amount, v_hard, v_own_spent, v_missing, v_locks
+      FROM (SELECT l.*, tl_window_start(l.period, l.tz, p_now) AS start,
+                   row_number() OVER (PARTITION BY l.wallet
+                                      ORDER BY l.department NULLS FIRST, l.period, l.tz, l.owner, l.ord)::integer
+                       AS rank
               FROM (SELECT x.n::integer AS wallet, a.id AS account,
                            CASE a.type WHEN 'department' THEN a.ref ELSE e.department END AS own_department,
                            o.address AS owner, v.ord::integer AS ord,
@@ -5026,28 +5033,40 @@ BEGIN
                       JOIN accounts o ON o.id = b.id
                       JOIN spend_policies p ON p.account_id = o.id
                      CROSS JOIN LATERAL jsonb_array_elements(p.limits) WITH ORDINALITY AS v(l, ord)) l
-             ORDER BY l.wallet, rank) k;
+             ORDER BY l.wallet, rank) k
+      LEFT JOIN LATERAL (SELECT y.account_id, y.spent FROM policy_spend y
+                          WHERE y.account_id = k.account AND y.period = k.period AND y.time_zone = k.tz
+                            AND y.starts_at = k.start) s ON true;
     IF v_wallet IS NULL THEN
         RETURN;
     END IF;
-    -- The accounts' own rows of the windows their limits count in.
-    INSERT INTO policy_spend (account_id, period, time_zone, starts_at, department, spent)
-    SELECT DISTINCT ON (k.account, k.period, k.tz) k.account, k.period, k.tz, k.start, k.own_department,
-           tl_journal_spend(k.account, k.start, tl_window_end(k.period, k.tz, k.start))
-      FROM unnest(v_account, v_own_department, v_period, v_tz, v_start) AS k(account, own_department, period, tz, start)
-     WHERE NOT EXISTS (SELECT 1 FROM policy_spend s WHERE s.account_id = k.account AND s.period = k.period
-                                                      AND s.time_zone = k.tz AND s.starts_at = k.start)
-    ON CONFLICT DO NOTHING;
+    -- The accounts' own rows of the windows their limits count in (a new
+    -- window, or a limit just set).
+    IF v_missing THEN
+        INSERT INTO policy_spend (account_id, period, time_zone, starts_at, department, spent)
+        SELECT DISTINCT ON (k.account, k.period, k.tz) k.account, k.period, k.tz, k.start, k.own_department,
+               tl_journal_spend(k.account, k.start, tl_window_end(k.period, k.tz, k.start))
+          FROM unnest(v_account, v_own_department, v_period, v_tz, v_start)
+               AS k(account, own_department, period, tz, start)
+         WHERE NOT EXISTS (SELECT 1 FROM policy_spend s WHERE s.account_id = k.account AND s.period = k.period
+                                                          AND s.time_zone = k.tz AND s.starts_at = k.start)
+        ON CONFLICT DO NOTHING;
+    END IF;
     -- The hard department limits' locks (tl_policy_total), sorted.
-    PERFORM pg_advisory_xact_lock(1969516656, hashtext(d.department || '|' || d.period || '|' || d.tz
-                                                       || '|' || tl_ts(d.start)))
-       FROM (SELECT DISTINCT k.department, k.period, k.tz, k.start
-               FROM unnest(v_department, v_period, v_tz, v_start, v_hard) AS k(department, period, tz, start, hard)
-              WHERE k.hard AND k.department IS NOT NULL
-              ORDER BY 1, 2, 3, 4) d;
+    IF v_locks THEN
+        PERFORM pg_advisory_xact_lock(1969516656, hashtext(d.department || '|' || d.period || '|' || d.tz
+                                                           || '|' || tl_ts(d.start)))
+           FROM (SELECT DISTINCT k.department, k.period, k.tz, k.start
+                   FROM unnest(v_department, v_period, v_tz, v_start, v_hard) AS k(department, period, tz, start, hard)
+                  WHERE k.hard AND k.department IS NOT NULL
+                  ORDER BY 1, 2, 3, 4) d;
+    END IF;
+    -- Each link's total: the account's own row, read above unless it was
+    -- missing; a department's sum, read now, under its lock.
     RETURN QUERY
     SELECT k.wallet, k.rank, k.owner, k.ord, k.department, k.period, k.tz, k.start, k.amount, k.hard,
-           CASE WHEN k.department IS NULL
+           CASE WHEN k.department IS NULL AND k.own IS NOT NULL THEN k.own
+                WHEN k.department IS NULL
                 THEN coalesce((SELECT s.spent FROM policy_spend s
                                 WHERE s.account_id = k.account AND s.period = k.period AND s.time_zone = k.tz
                                   AND s.starts_at = k.start), 0)
@@ -5055,8 +5074,8 @@ BEGIN
                                 WHERE s.department = k.department AND s.period = k.period AND s.time_zone = k.tz
                                   AND s.starts_at = k.start), 0) END::bigint
       FROM unnest(v_wallet, v_rank, v_account, v_owner, v_ord, v_department, v_period, v_tz, v_start, v_amount,
-                  v_hard) WITH ORDINALITY AS k(wallet, rank, account, owner, ord, department, period, tz, start,
-                                               amount, hard, n)
+                  v_hard, v_own_spent) WITH ORDINALITY AS k(wallet, rank, account, owner, ord, department, period, tz,
+                                                            start, amount, hard, own, n)
      ORDER BY k.n;
 END $$;
 
