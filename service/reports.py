@@ -10,7 +10,9 @@ without a day key read `usage_monthly_models` (per month, account and model)
 when no project key is asked either, else `usage_monthly` (per month,
 account, model and project); other whole days read `usage_daily` (per day
 and account). tl_usage_rollup_many keeps all four in the same transaction as
-each event, so every source gives the same totals.
+each event, so every source gives the same totals. Debits and captures by
+amount come from their own roll-ups (spend_daily, spend_monthly: schema.sql,
+tl_spend_rollup) on the same rule, or from the journal (spend_source_for).
 """
 
 from __future__ import annotations
@@ -141,6 +143,21 @@ def source_for(
     return "daily"
 
 
+def spend_source_for(
+    start: datetime, end: datetime, keys: tuple[str, ...], split_days: bool = False
+) -> str:
+    """Where the debits and captures by amount are read: their monthly roll-up
+    (spend_monthly) for whole UTC months without a day key when nobody moved
+    department, their daily roll-up (spend_daily) for other whole days, and
+    the journal for any other period or a tag key (the roll-ups keep no
+    metadata but the model and project). Every choice gives the same sums."""
+    if not uses_rollup(start, end) or any(k.startswith(TAG_PREFIX) for k in keys):
+        return "journal"
+    if "day" not in keys and not split_days and at_month_start(start) and at_month_start(end):
+        return "monthly"
+    return "daily"
+
+
 # Rows per read of a streamed report (usage_report_pages): what one step of
 # the answer holds in memory.
 STREAM_BATCH = 2000
@@ -163,6 +180,7 @@ async def _usage_args(
         source_for(start, end, keys, split),
         split,
         tag_names(keys),
+        spend_source_for(start, end, keys, split),
     )
 
 
