@@ -15,7 +15,8 @@ import pytest
 
 from service import db as service_db
 from service import migrate
-from service.reports import TOTALS
+from service.journal import Ledger
+from service.reports import TOTALS, _usage_args, parse_group_by
 from tests.api.conftest import Api, FakeClock, assert_audit_clean, key
 from tests.api.test_coalescing import item, ledger_of
 from tests.api.test_reports import GROUPINGS, Event, expected, report
@@ -50,7 +51,8 @@ FROM usage_events u JOIN accounts a ON a.id = u.account_id
 """
 # The roll-ups as the journal gives them, and as they are.
 JOURNAL_DAILY = """
-SELECT (t.created_at AT TIME ZONE 'UTC')::date AS day, e.account_id, t.metadata ->> 'model' AS model,
+SELECT (t.created_at AT TIME ZONE 'UTC')::date AS day, e.account_id,
+       t.metadata ->> 'model' AS model,
        coalesce(t.metadata ->> 'project', '') AS project, count(*) AS debits,
        -sum(e.amount) AS credits
 FROM transactions t JOIN entries e ON e.transaction_id = t.id AND e.amount < 0
@@ -75,10 +77,6 @@ FROM ("""
 GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3 NULLS FIRST, 4
 """
 )
-
-
-async def at(clock: FakeClock, when: datetime) -> None:
-    clock.set(when)
 
 
 async def debit(
@@ -327,8 +325,8 @@ async def test_whole_days_do_not_read_the_journal(
             await conn.execute("SELECT pg_stat_force_next_flush()")
             return int(
                 await conn.fetchval(
-                    "SELECT sum(coalesce(seq_scan, 0) + coalesce(idx_scan, 0)) FROM pg_stat_user_tables "
-                    "WHERE relname IN ('transactions', 'entries')"
+                    "SELECT sum(coalesce(seq_scan, 0) + coalesce(idx_scan, 0)) "
+                    "FROM pg_stat_user_tables WHERE relname IN ('transactions', 'entries')"
                 )
             )
 
@@ -337,9 +335,6 @@ async def test_whole_days_do_not_read_the_journal(
         # at its end.
         reader = await asyncpg.connect(database_url)
         try:
-            from service.reports import _usage_args, parse_group_by
-            from service.journal import Ledger
-
             ledger: Ledger = ledger_of(api.c)
             args = await _usage_args(
                 ledger,
