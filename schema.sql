@@ -6721,19 +6721,29 @@ CREATE TABLE IF NOT EXISTS spend_rollup_builds (
     built_at timestamptz PRIMARY KEY
 );
 
--- The trigger: one INSERT ... SELECT per roll-up over the statement's new
--- entries, each grouped and sorted by key (the rows of one statement are
--- written in one order). The paying entries are the negative ones; the
--- transaction's kind and metadata are read by primary key, only for those.
+-- The trigger: the statement's paying entries (the negative ones) of debits
+-- and captures, their transaction's kind and metadata read by primary key,
+-- summed per key in key order (one statement's rows are written in one
+-- order), then one upsert per roll-up, all in one statement.
 CREATE OR REPLACE FUNCTION tl_spend_rollup() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
+    -- One statement without parameters, so its plan is made once per
+    -- session and reused (with the spend passed on in arrays, the upserts
+    -- took parameters and were planned anew at most calls: several times
+    -- the cost). A statement without spend (a lone debit's system:usage
+    -- leg, a grant, a usage batch) runs it too and writes nothing.
     WITH s AS MATERIALIZED (
         SELECT (t.created_at AT TIME ZONE 'UTC')::date AS day, n.account_id,
                t.metadata ->> 'model' AS model, coalesce(t.metadata ->> 'project', '') AS project,
                count(*)::bigint AS debits, -sum(n.amount)::bigint AS credits
         FROM tl_new_entries n
-        JOIN transactions t ON t.id = n.transaction_id
+        -- One primary-key probe per paying entry, never a join planned
+        -- against the whole table: the plan is cached for the session, made
+        -- when the transition table's size was whatever it was then
+        -- (OFFSET 0 keeps the subquery from being flattened into a join).
+        CROSS JOIN LATERAL (SELECT x.kind, x.created_at, x.metadata FROM transactions x
+                            WHERE x.id = n.transaction_id OFFSET 0) t
         WHERE n.amount < 0 AND t.kind IN ('debit', 'capture')
         GROUP BY 1, 2, 3, 4),
     daily AS (
