@@ -148,14 +148,40 @@ def spend_source_for(
 ) -> str:
     """Where the debits and captures by amount are read: their monthly roll-up
     (spend_monthly) for whole UTC months without a day key when nobody moved
-    department, their daily roll-up (spend_daily) for other whole days, and
-    the journal for any other period or a tag key (the roll-ups keep no
+    department, their daily roll-up (spend_daily) for other whole days, the
+    journal for the parts of days at the ends of any other period and
+    spend_daily for the whole days between ("edges"), and the journal alone
+    for a period within one day or with a tag key (the roll-ups keep no
     metadata but the model and project). Every choice gives the same sums."""
-    if not uses_rollup(start, end) or any(k.startswith(TAG_PREFIX) for k in keys):
+    if any(k.startswith(TAG_PREFIX) for k in keys):
         return "journal"
+    if not uses_rollup(start, end):
+        first, last = whole_days(start, end)
+        return "edges" if first < last else "journal"
     if "day" not in keys and not split_days and at_month_start(start) and at_month_start(end):
         return "monthly"
     return "daily"
+
+
+def whole_days(start: datetime, end: datetime) -> tuple[datetime, datetime]:
+    """The first and last UTC midnights within [start, end] (first > last when no
+    whole day lies between)."""
+    day = timedelta(days=1)
+    first = datetime.combine(start.astimezone(UTC).date(), time(0), UTC)
+    if first < start:
+        first += day
+    last = datetime.combine(end.astimezone(UTC).date(), time(0), UTC)
+    return first, last
+
+
+def spend_bounds(start: datetime, end: datetime, source: str) -> tuple[datetime, datetime]:
+    """$8 and $9 of usage_report: the whole days spend_daily answers, [$8, $9); the
+    journal answers [start, $8) and [$9, end)."""
+    if source == "edges":
+        return whole_days(start, end)
+    if source == "daily":
+        return start, end
+    return end, end
 
 
 # Rows per read of a streamed report (usage_report_pages): what one step of
@@ -173,6 +199,7 @@ async def _usage_args(
     # `department` is the department of the time of the spend: when someone
     # moved within the period, the rows are split by day (issue 16).
     split = "department" in keys and bool(await ledger.fetchval("departments_moved", start, end))
+    spend = spend_source_for(start, end, keys, split)
     return (
         start,
         end,
@@ -180,7 +207,8 @@ async def _usage_args(
         source_for(start, end, keys, split),
         split,
         tag_names(keys),
-        spend_source_for(start, end, keys, split),
+        spend,
+        *spend_bounds(start, end, spend),
     )
 
 

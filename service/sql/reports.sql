@@ -14,8 +14,11 @@
 -- the roll-ups keep no tags). Debits and captures by amount (issue 16) are
 -- read from $7, which service/reports.py picked: 'monthly' (spend_monthly:
 -- whole UTC months, no day key, nobody moved department), 'daily'
--- (spend_daily: whole days) or 'journal' (the transactions themselves,
--- exact at any instant, with their metadata for tag keys).
+-- (spend_daily: whole days), 'journal' (the transactions themselves,
+-- exact at any instant, with their metadata for tag keys) or 'edges'
+-- (a period inside whole days: the journal for the parts of days at each
+-- end, spend_daily for the whole days between). $8 and $9 bound the whole
+-- days spend_daily answers; the journal answers [$1, $8) and [$9, $2).
 --
 -- The grouping is static SQL: every allow-listed key has its expression
 -- below, and a key not in $3 turns into NULL, a constant that groups
@@ -82,9 +85,9 @@ WITH raw AS (
            CASE WHEN $4::text = 'monthly_models' THEN '' ELSE sd.project END,
            sd.day, 0, 0, 0, 0, sd.credits, 0, 0, NULL, sd.debits, sd.credits
     FROM spend_daily sd
-    WHERE $7::text = 'daily'
-      AND sd.day >= ($1::timestamptz AT TIME ZONE 'UTC')::date
-      AND sd.day < ($2::timestamptz AT TIME ZONE 'UTC')::date
+    WHERE $7::text IN ('daily', 'edges')
+      AND sd.day >= ($8::timestamptz AT TIME ZONE 'UTC')::date
+      AND sd.day < ($9::timestamptz AT TIME ZONE 'UTC')::date
     UNION ALL
     SELECT CASE WHEN $4::text = 'models' THEN NULL ELSE sm.account_id END, sm.model,
            CASE WHEN $4::text = 'monthly_models' THEN '' ELSE sm.project END,
@@ -117,8 +120,9 @@ WITH raw AS (
     LEFT JOIN LATERAL (SELECT x.metadata FROM transactions x
                        WHERE x.id = t.id
                          AND $3::text[] && ARRAY['model', 'project', 'tag1', 'tag2', 'tag3']) md ON true
-    WHERE $7::text = 'journal' AND t.kind IN ('debit', 'capture')
-      AND t.created_at >= $1::timestamptz AND t.created_at < $2::timestamptz
+    WHERE $7::text IN ('journal', 'edges') AND t.kind IN ('debit', 'capture')
+      AND ((t.created_at >= $1::timestamptz AND t.created_at < $8::timestamptz)
+           OR (t.created_at >= $9::timestamptz AND t.created_at < $2::timestamptz))
 ),
 -- The asked keys as booleans, computed once: testing the array per row
 -- costs more than the aggregation itself on a million rows.

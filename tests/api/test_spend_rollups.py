@@ -16,7 +16,7 @@ import pytest
 from service import db as service_db
 from service import migrate
 from service.journal import Ledger
-from service.reports import TOTALS, _usage_args, parse_group_by
+from service.reports import TOTALS, _usage_args, parse_group_by, spend_bounds, spend_source_for
 from tests.api.conftest import Api, FakeClock, assert_audit_clean, key
 from tests.api.test_coalescing import item, ledger_of
 from tests.api.test_reports import GROUPINGS, Event, expected, report
@@ -29,7 +29,9 @@ PERIODS = [
     ("2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z", "whole months"),
     ("2026-01-02T00:00:00Z", "2026-02-20T00:00:00Z", "whole days"),
     ("2026-02-01T00:00:00Z", "2026-03-01T00:00:00Z", "one month, nobody moved"),
-    ("2026-01-10T12:00:00Z", "2026-02-20T12:00:00.5Z", "the journal"),
+    ("2026-01-10T12:00:00Z", "2026-02-20T12:00:00.5Z", "the journal at both ends"),
+    ("2026-01-20T00:00:00Z", "2026-02-14T08:00:00Z", "the journal at the end"),
+    ("2026-01-03T10:30:00+01:00", "2026-01-03T23:00:00Z", "the journal within a day"),
 ]
 
 # The journal's own answer: every paying (negative) entry of a debit or capture, with its
@@ -350,3 +352,39 @@ async def test_whole_days_do_not_read_the_journal(
     finally:
         await conn.close()
     assert (after > before) == reads_journal, (before, after)
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "keys", "source", "bounds"),
+    [
+        ("2026-01-01T00:00Z", "2026-03-01T00:00Z", ("employee",), "monthly", None),
+        ("2026-01-01T00:00Z", "2026-03-01T00:00Z", ("employee", "day"), "daily", None),
+        ("2026-01-02T00:00Z", "2026-03-01T00:00Z", ("model",), "daily", None),
+        ("2026-01-01T00:00Z", "2026-03-01T00:00Z", ("tag:team",), "journal", None),
+        (
+            "2026-01-01T00:00:00.000001Z",
+            "2026-03-01T00:00Z",
+            ("employee",),
+            "edges",
+            ("2026-01-02T00:00Z", "2026-03-01T00:00Z"),
+        ),
+        (
+            "2026-01-01T06:00+07:00",
+            "2026-01-03T01:00+01:00",
+            ("model",),
+            "edges",
+            ("2026-01-01T00:00Z", "2026-01-03T00:00Z"),
+        ),
+        ("2026-01-01T01:00Z", "2026-01-01T23:00Z", ("model",), "journal", None),
+        ("2026-01-01T01:00Z", "2026-01-02T01:00Z", ("model",), "journal", None),
+    ],
+)
+def test_spend_source_and_bounds(
+    start: str, end: str, keys: tuple[str, ...], source: str, bounds: tuple[str, str] | None
+) -> None:
+    """Which source answers the debits, and for `edges` the whole days between the ends
+    (UTC midnights, whatever the offsets)."""
+    lo, hi = datetime.fromisoformat(start), datetime.fromisoformat(end)
+    assert spend_source_for(lo, hi, keys) == source
+    if bounds is not None:
+        assert spend_bounds(lo, hi, source) == tuple(datetime.fromisoformat(b) for b in bounds)
