@@ -6177,17 +6177,26 @@ BEGIN
     FROM claimed c WHERE 'grants:batch/' || r.key = c.key;
     IF EXISTS (SELECT 1 FROM tl_import_grant_rows WHERE state = 'fast') THEN
         -- Only wallets with something due need tl_expire_due (the same tests it makes).
+        -- Read from the other side: what is due anywhere (the partial
+        -- indexes of due reservations and lots hold few rows), kept if its
+        -- wallet is in the chunk. Four EXISTS per row of the chunk took 1.2
+        -- to 1.6 s per 5,000 rows (a third of a 50,000-grant import).
         FOR v_wallet IN
-            SELECT DISTINCT r.wallet FROM tl_import_grant_rows r
-            WHERE r.state = 'fast' AND (
-                EXISTS (SELECT 1 FROM reservations s WHERE s.account_id = r.wallet AND s.status = 'active'
-                                                        AND s.expires_at <= v_now)
-                OR EXISTS (SELECT 1 FROM lots l WHERE l.account_id = r.wallet AND l.rollover_max IS NOT NULL
-                                                  AND l.rolled_at IS NULL AND l.expires_at <= v_now)
-                OR EXISTS (SELECT 1 FROM lots l WHERE l.account_id = r.wallet AND l.status = 'voided' AND l.live)
-                OR EXISTS (SELECT 1 FROM lots l WHERE l.account_id = r.wallet AND l.status = 'active' AND l.live
-                                                  AND l.expires_at <= v_now))
-            ORDER BY r.wallet
+            WITH w AS MATERIALIZED (SELECT DISTINCT wallet FROM tl_import_grant_rows WHERE state = 'fast')
+            SELECT s.account_id FROM reservations s
+            WHERE s.status = 'active' AND s.expires_at <= v_now AND s.account_id IN (SELECT wallet FROM w)
+            UNION
+            SELECT l.account_id FROM lots l
+            WHERE l.rollover_max IS NOT NULL AND l.rolled_at IS NULL AND l.expires_at <= v_now
+              AND l.account_id IN (SELECT wallet FROM w)
+            UNION
+            SELECT l.account_id FROM lots l
+            WHERE l.status = 'voided' AND l.live AND l.account_id IN (SELECT wallet FROM w)
+            UNION
+            SELECT l.account_id FROM lots l
+            WHERE l.status = 'active' AND l.live AND l.expires_at IS NOT NULL AND l.expires_at <= v_now
+              AND l.account_id IN (SELECT wallet FROM w)
+            ORDER BY 1
         LOOP
             PERFORM tl_expire_due(v_wallet, v_now, p_ctx);
         END LOOP;
