@@ -6707,8 +6707,8 @@ CREATE TABLE IF NOT EXISTS spend_daily (
     debits     bigint NOT NULL DEFAULT 0,
     credits    bigint NOT NULL DEFAULT 0
 );
--- A unique index, NULLS NOT DISTINCT: one row per key, a NULL model
--- included (ON CONFLICT infers it).
+-- A unique index, NULLS NOT DISTINCT (PostgreSQL 15 or later): one row per
+-- key, a NULL model included (ON CONFLICT infers it).
 CREATE UNIQUE INDEX IF NOT EXISTS spend_daily_key_idx
     ON spend_daily (day, account_id, model, project) NULLS NOT DISTINCT;
 
