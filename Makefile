@@ -68,6 +68,10 @@ bench: venv ## Run the load generator (scenarios, then wrk throughput phases)
 bench-reports: venv ## Time usage reports on 1M events for 10k employees
 	$(PY) -m bench.reports
 
+.PHONY: bench-spend-rollup
+bench-spend-rollup: venv ## PostgreSQL cost of the debits' roll-up trigger, with and without it
+	$(PY) -m bench.spend_rollup
+
 bench-imports: venv ## Time CSV imports of 50k employees and 50k grants
 	$(PY) -m bench.imports
 

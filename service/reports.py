@@ -10,7 +10,9 @@ without a day key read `usage_monthly_models` (per month, account and model)
 when no project key is asked either, else `usage_monthly` (per month,
 account, model and project); other whole days read `usage_daily` (per day
 and account). tl_usage_rollup_many keeps all four in the same transaction as
-each event, so every source gives the same totals.
+each event, so every source gives the same totals. Debits and captures by
+amount come from their own roll-ups (spend_daily, spend_monthly: schema.sql,
+tl_spend_rollup) on the same rule, or from the journal (spend_source_for).
 """
 
 from __future__ import annotations
@@ -141,6 +143,47 @@ def source_for(
     return "daily"
 
 
+def spend_source_for(
+    start: datetime, end: datetime, keys: tuple[str, ...], split_days: bool = False
+) -> str:
+    """Where the debits and captures by amount are read: their monthly roll-up
+    (spend_monthly) for whole UTC months without a day key when nobody moved
+    department, their daily roll-up (spend_daily) for other whole days, the
+    journal for the parts of days at the ends of any other period and
+    spend_daily for the whole days between ("edges"), and the journal alone
+    for a period within one day or with a tag key (the roll-ups keep no
+    metadata but the model and project). Every choice gives the same sums."""
+    if any(k.startswith(TAG_PREFIX) for k in keys):
+        return "journal"
+    if not uses_rollup(start, end):
+        first, last = whole_days(start, end)
+        return "edges" if first < last else "journal"
+    if "day" not in keys and not split_days and at_month_start(start) and at_month_start(end):
+        return "monthly"
+    return "daily"
+
+
+def whole_days(start: datetime, end: datetime) -> tuple[datetime, datetime]:
+    """The first and last UTC midnights within [start, end] (first > last when no
+    whole day lies between)."""
+    day = timedelta(days=1)
+    first = datetime.combine(start.astimezone(UTC).date(), time(0), UTC)
+    if first < start:
+        first += day
+    last = datetime.combine(end.astimezone(UTC).date(), time(0), UTC)
+    return first, last
+
+
+def spend_bounds(start: datetime, end: datetime, source: str) -> tuple[datetime, datetime]:
+    """$8 and $9 of usage_report: the whole days spend_daily answers, [$8, $9); the
+    journal answers [start, $8) and [$9, end)."""
+    if source == "edges":
+        return whole_days(start, end)
+    if source == "daily":
+        return start, end
+    return end, end
+
+
 # Rows per read of a streamed report (usage_report_pages): what one step of
 # the answer holds in memory.
 STREAM_BATCH = 2000
@@ -156,6 +199,7 @@ async def _usage_args(
     # `department` is the department of the time of the spend: when someone
     # moved within the period, the rows are split by day (issue 16).
     split = "department" in keys and bool(await ledger.fetchval("departments_moved", start, end))
+    spend = spend_source_for(start, end, keys, split)
     return (
         start,
         end,
@@ -163,6 +207,8 @@ async def _usage_args(
         source_for(start, end, keys, split),
         split,
         tag_names(keys),
+        spend,
+        *spend_bounds(start, end, spend),
     )
 
 

@@ -52,7 +52,10 @@ journal AS (
                      ORDER BY e.created_at DESC, e.version DESC LIMIT 1), 0) AS journal_outstanding
     FROM wallets w CROSS JOIN bounds b
 ),
-points AS (
+-- MATERIALIZED: each row's journal balances are read once. Inlined, the
+-- outer SELECT's references to them (opening, outstanding, expired, spent)
+-- each ran the correlated index probes again.
+points AS MATERIALIZED (
     SELECT j.*,
            CASE WHEN j.exact THEN tl_balance_at(j.id, j.starts) ELSE j.journal_opening END AS opening,
            CASE WHEN j.exact THEN tl_balance_at(j.id, j.ends) ELSE j.journal_outstanding END AS outstanding

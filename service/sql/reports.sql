@@ -11,8 +11,14 @@
 -- department key), 'daily' (usage_daily: whole days), or 'events'
 -- (usage_events itself, exact at any instant). $6: the names of the
 -- `tag:<name>` keys, which $3 calls tag1, tag2, tag3 (source 'events' only:
--- the roll-ups keep no tags). Debits and captures by amount are read from
--- the journal whatever the source (issue 16).
+-- the roll-ups keep no tags). Debits and captures by amount (issue 16) are
+-- read from $7, which service/reports.py picked: 'monthly' (spend_monthly:
+-- whole UTC months, no day key, nobody moved department), 'daily'
+-- (spend_daily: whole days), 'journal' (the transactions themselves,
+-- exact at any instant, with their metadata for tag keys) or 'edges'
+-- (a period inside whole days: the journal for the parts of days at each
+-- end, spend_daily for the whole days between). $8 and $9 bound the whole
+-- days spend_daily answers; the journal answers [$1, $8) and [$9, $2).
 --
 -- The grouping is static SQL: every allow-listed key has its expression
 -- below, and a key not in $3 turns into NULL, a constant that groups
@@ -71,8 +77,27 @@ WITH raw AS (
     WHERE $4::text <> 'events' AND (u.shortfall > 0 OR u.violation IS NOT NULL)
       AND u.occurred_at >= $1::timestamptz AND u.occurred_at < $2::timestamptz
     UNION ALL
-    -- Debits and captures by amount (captures by usage are usage events),
-    -- whatever the source: the period's transactions of those kinds by
+    -- Debits and captures by amount (captures by usage are usage events)
+    -- from their roll-ups (schema.sql, tl_spend_rollup), which hold the
+    -- same sums as the journal read below, per day or month, paying
+    -- account, model and project.
+    SELECT CASE WHEN $4::text = 'models' THEN NULL ELSE sd.account_id END, sd.model,
+           CASE WHEN $4::text = 'monthly_models' THEN '' ELSE sd.project END,
+           sd.day, 0, 0, 0, 0, sd.credits, 0, 0, NULL, sd.debits, sd.credits
+    FROM spend_daily sd
+    WHERE $7::text IN ('daily', 'edges')
+      AND sd.day >= ($8::timestamptz AT TIME ZONE 'UTC')::date
+      AND sd.day < ($9::timestamptz AT TIME ZONE 'UTC')::date
+    UNION ALL
+    SELECT CASE WHEN $4::text = 'models' THEN NULL ELSE sm.account_id END, sm.model,
+           CASE WHEN $4::text = 'monthly_models' THEN '' ELSE sm.project END,
+           sm.month, 0, 0, 0, 0, sm.credits, 0, 0, NULL, sm.debits, sm.credits
+    FROM spend_monthly sm
+    WHERE $7::text = 'monthly'
+      AND sm.month >= ($1::timestamptz AT TIME ZONE 'UTC')::date
+      AND sm.month < ($2::timestamptz AT TIME ZONE 'UTC')::date
+    UNION ALL
+    -- Source 'journal': the period's transactions of those kinds by
     -- transactions_spend_time_idx, each with its one spending entry (the
     -- account that paid; the other entry is system:usage's). They count
     -- under their metadata's `model` and `project`, and a tag:<name> key
@@ -95,8 +120,9 @@ WITH raw AS (
     LEFT JOIN LATERAL (SELECT x.metadata FROM transactions x
                        WHERE x.id = t.id
                          AND $3::text[] && ARRAY['model', 'project', 'tag1', 'tag2', 'tag3']) md ON true
-    WHERE t.kind IN ('debit', 'capture')
-      AND t.created_at >= $1::timestamptz AND t.created_at < $2::timestamptz
+    WHERE $7::text IN ('journal', 'edges') AND t.kind IN ('debit', 'capture')
+      AND ((t.created_at >= $1::timestamptz AND t.created_at < $8::timestamptz)
+           OR (t.created_at >= $9::timestamptz AND t.created_at < $2::timestamptz))
 ),
 -- The asked keys as booleans, computed once: testing the array per row
 -- costs more than the aggregation itself on a million rows.

@@ -9,7 +9,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from service.config import Config
-from tests.api.conftest import Api, problem
+from tests.api.conftest import Api, assert_audit_clean, problem
 
 CSV = {"Content-Type": "text/csv"}
 
@@ -242,3 +242,43 @@ async def test_import_grants_chunks_posted_concurrently(
         assert (await api.account(f"employee:c-{n}"))["posted"] == want
     r = await upload(client, "grants", text)
     assert r.json()["duplicate"] == 11 and r.json()["created"] == 0
+
+
+async def test_import_grants_settle_what_is_due_first(
+    api: Api, client: AsyncTestClient[Any], clock: Any, database_url: str
+) -> None:
+    """An imported grant to a wallet with something due settles it first, as a single grant
+    does: a lot past its expiry is expired (in the journal, before the grant), a reservation
+    past its expiry expires; wallets with nothing due in the same file are left alone."""
+    from datetime import UTC, datetime, timedelta
+
+    from tests.api.conftest import key
+
+    start = datetime(2026, 3, 1, tzinfo=UTC)
+    clock.set(start)
+    for emp in ("d-lot", "d-held", "d-none"):
+        await api.employee(emp)
+    await api.grant("d-lot", 30, expires_at=(start + timedelta(days=1)).isoformat())
+    await api.grant("d-held", 50)
+    await api.grant("d-none", 70)
+    r = await client.post(
+        "/v1/reservations",
+        json={"account": "employee:d-held", "amount": 20, "ttl_seconds": 60},
+        headers=key(),
+    )
+    assert r.status_code == 201, r.text
+    held = r.json()["id"]
+    clock.set(start + timedelta(days=2))
+    text = "key,employee,amount,reason\n" + "".join(
+        f"due-{emp},{emp},5,spot_bonus\n" for emp in ("d-lot", "d-held", "d-none")
+    )
+    r = await upload(client, "grants", text)
+    assert r.status_code == 200 and r.json()["created"] == 3, r.text
+    expired = (await client.get("/v1/transactions", params={"kind": "expiry"})).json()["items"]
+    assert len(expired) == 1
+    assert [e["account"] for e in expired[0]["entries"] if e["amount"] < 0] == ["employee:d-lot"]
+    assert (await client.get(f"/v1/reservations/{held}")).json()["status"] == "expired"
+    assert await api.available("employee:d-lot") == 5
+    assert await api.available("employee:d-held") == 55
+    assert await api.available("employee:d-none") == 75
+    await assert_audit_clean(database_url)

@@ -361,7 +361,7 @@ async def test_report_timeout_outlasts_the_pool_command_timeout(
         # well within the report's 5 s.
         ledger.queries["usage_report"] = (
             "SELECT 1 FROM (SELECT $1::timestamptz, $2::timestamptz, $3::text[], $4::text,"
-            " $5::boolean, $6::text[]) AS a"
+            " $5::boolean, $6::text[], $7::text, $8::timestamptz, $9::timestamptz) AS a"
             " WHERE (SELECT count(*) FROM pg_sleep(1.5)) = 0"
         )
         transport = httpx.ASGITransport(app=app)

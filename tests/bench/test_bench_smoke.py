@@ -279,6 +279,23 @@ def test_reports_bench_smoke(pg_server: Server) -> None:
             assert not str(r[field]).startswith("error"), r
 
 
+def test_spend_rollup_bench_smoke(pg_server: Server) -> None:
+    """The roll-up trigger's cost benchmark at 2 rounds of 64 ops: every mode measured with
+    and without the trigger, and the roll-ups hold exactly the debits and captures made
+    while it was enabled (half the rounds' debits, a quarter of the pairs)."""
+    import argparse
+    import asyncio
+
+    from bench import spend_rollup
+
+    args = argparse.Namespace(rounds=2, ops=64, database_url=pg_server.dsn, json=None)
+    result = asyncio.run(spend_rollup.main(args))
+    for mode in spend_rollup.MODES:
+        assert len(result[mode]["rounds_with"]) == len(result[mode]["rounds_without"]) == 2
+    # Per round with the trigger on: 64 debits, 64 in batches, 16 captures.
+    assert result["rolled_up_spends"] == 2 * (64 + 64 + 16)
+
+
 def test_bench_scale_smoke(pg_server: Server, capsys: pytest.CaptureFixture[str]) -> None:
     """`make bench-scale` at a tiny size on the session's server: both
     databases build, every figure is measured, the audit passes in full and

@@ -990,6 +990,8 @@ async def test_every_trigger_has_a_case(db: asyncpg.Connection) -> None:
     }
     # tests/api/test_balance_at_settled.py::test_a_spent_lot_is_settled_and_a_reversal_unsettles_it
     covered.add("lots_unsettle")
+    # tests/api/test_spend_rollups.py::test_rollups_equal_the_journal_and_their_rebuild
+    covered.add("entries_spend_rollup")
     assert {r["tgname"] for r in rows} == covered
 
 
