@@ -6874,8 +6874,12 @@ BEGIN
     -- One statement without parameters, so its plan is made once per
     -- session and reused (with the spend passed on in arrays, the upserts
     -- took parameters and were planned anew at most calls: several times
-    -- the cost). A statement without spend (a lone debit's system:usage
-    -- leg, a grant, a usage batch) runs it too and writes nothing.
+    -- the cost). A statement without spend (a grant, a usage batch) runs it
+    -- too and writes nothing; one without a negative entry (a lone debit's
+    -- system:usage leg, which tl_post_entry writes apart) stops here.
+    IF NOT EXISTS (SELECT 1 FROM tl_new_entries WHERE amount < 0) THEN
+        RETURN NULL;
+    END IF;
     WITH s AS MATERIALIZED (
         SELECT (t.created_at AT TIME ZONE 'UTC')::date AS day, n.account_id,
                t.metadata ->> 'model' AS model, coalesce(t.metadata ->> 'project', '') AS project,
