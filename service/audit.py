@@ -20,6 +20,8 @@ does too.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -84,6 +86,9 @@ class AuditRun:
     full: list[str] = field(default_factory=list)
     since: dict[str, datetime] = field(default_factory=dict)
     cutoff: datetime | None = None
+    # Wall seconds of each check, in check order: which invariant a slow
+    # audit spends its time on (make bench-audit compares them by size).
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 async def run_audit(conn: asyncpg.Connection) -> list[Violation]:
@@ -93,11 +98,16 @@ async def run_audit(conn: asyncpg.Connection) -> list[Violation]:
 
 
 async def audit(
-    conn: asyncpg.Connection, *, full: bool = False, settle_seconds: float = 10.0
+    conn: asyncpg.Connection,
+    *,
+    full: bool = False,
+    settle_seconds: float = 10.0,
+    on_check: Callable[[str], None] | None = None,
 ) -> AuditRun:
     """Run every check, in full or since its checkpoint, then advance the
     checkpoints of the checks that passed (in a transaction of their own,
-    after the read-only snapshot)."""
+    after the read-only snapshot). `on_check(name)` is called as each check
+    ends, before the next begins: a bench reads the server's CPU there."""
     queries = db.load_queries()
     run = AuditRun()
     async with conn.transaction(isolation="repeatable_read", readonly=True):
@@ -110,6 +120,7 @@ async def audit(
             for r in await conn.fetch(queries["audit_checkpoints"])
         }
         for name in CHECKS:
+            started = time.perf_counter()
             since = marks.get(name)
             if not full and since is not None and f"{name}__since" in queries:
                 run.since[name] = since
@@ -131,6 +142,9 @@ async def audit(
                     await conn.execute(f"SET LOCAL {setting} TO DEFAULT")
             if problem is not None:
                 run.violations.append(Violation(name, str(problem)))
+            run.seconds[name] = time.perf_counter() - started
+            if on_check is not None:
+                on_check(name)
     failed = {v.check for v in run.violations}
     async with conn.transaction():
         for name in CHECKS:
