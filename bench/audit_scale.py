@@ -4,7 +4,9 @@
                                 [--database-url DSN] [--reuse] [--keep]
                                 [--json PATH]
 
-Builds a year of history (bench/year.py, no hash chain) at each size on one
+Builds a year of history (bench/year.py, no hash chain) at each size, with
+employees in proportion to the size (the same history per employee, so the
+same mix of rows per entry: employees_for), on one
 PostgreSQL server (a throwaway one of its own, files on disk, unless
 --database-url names one), then runs `audit --full` on each --runs times,
 the sizes taking turns (1M, 10M, 1M, 10M), so that a change in the
@@ -19,8 +21,9 @@ ratio of the largest size to the smallest (the issue's target: at most
 1.3x), overall and per check: a check that grows faster than its input
 shows up there.
 
---reuse keeps a database built earlier by this command with the same size
-and employees (its parameters are in the database's comment) rather than
+--reuse keeps a year built earlier by this command or by bench.scale
+--no-chain with the same size and employees (its parameters are in the
+database's comment; bench.scale.year_database) rather than
 building it again (a 10M year takes about 25 minutes); --keep leaves the
 databases behind for a later --reuse.
 """
@@ -37,40 +40,23 @@ from typing import Any
 import asyncpg
 
 from bench import cpu
-from bench.harness import dsn_for, start_own_server
-from bench.scale import build, log, size, timed_audit
+from bench.harness import start_own_server
+from bench.scale import log, size, timed_audit, year_database, year_name
 from service.audit import CHECKS
 
 
-def database_name(entries: int) -> str:
-    return f"bench_audit_{entries}"
-
-
-def marker(entries: int, employees: int) -> str:
-    return json.dumps({"bench": "audit_scale", "entries": entries, "employees": employees})
-
-
-async def ensure_built(admin_dsn: str, entries: int, employees: int, reuse: bool) -> str:
-    """The DSN of a year of `entries`, built now unless --reuse finds one."""
-    name = database_name(entries)
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        comment = await conn.fetchval(
-            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1",
-            name,
-        )
-    finally:
-        await conn.close()
-    if reuse and comment == marker(entries, employees):
-        log(f"bench.audit_scale: reusing {name}")
-        return dsn_for(admin_dsn, name)
-    built = await build(admin_dsn, name, employees, entries, 12, chain=False)
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f"COMMENT ON DATABASE \"{name}\" IS '{marker(entries, employees)}'")
-    finally:
-        await conn.close()
-    return str(built["dsn"])
+def employees_for(entries: int, args: argparse.Namespace) -> int:
+    """Employees of the year at a size: --employees at the largest, in
+    proportion below it, so that every size has the same history per
+    employee and the same mix of rows per entry. With 10,000 employees at
+    both 1M and 10M entries, the 1M year was mostly monthly grants, rollovers
+    and expiries (six entries per employee and month) and the 10M year mostly
+    spend: 0.37 usage events per entry against 0.97, 4x the reservations
+    per entry, and the usage checks looked 3.7x slower per entry for that
+    alone."""
+    if args.same_employees:
+        return int(args.employees)
+    return max(10, round(args.employees * entries / max(args.sizes)))
 
 
 def report(results: dict[int, list[dict[str, Any]]]) -> str:
@@ -135,7 +121,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             version = str(await conn.fetchval("SELECT version()"))
         finally:
             await conn.close()
-        dsns = {n: await ensure_built(admin_dsn, n, args.employees, args.reuse) for n in args.sizes}
+        dsns = {}
+        for n in args.sizes:
+            year = await year_database(
+                admin_dsn, n, employees_for(n, args), chain=False, reuse=args.reuse
+            )
+            dsns[n] = str(year["dsn"])
         results: dict[int, list[dict[str, Any]]] = {n: [] for n in args.sizes}
         for run in range(args.runs):
             for n in args.sizes:
@@ -157,7 +148,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             conn = await asyncpg.connect(admin_dsn)
             try:
                 for n in args.sizes:
-                    await conn.execute(f'DROP DATABASE IF EXISTS "{database_name(n)}" WITH (FORCE)')
+                    await conn.execute(
+                        f'DROP DATABASE IF EXISTS "{year_name(n, False)}" WITH (FORCE)'
+                    )
             finally:
                 await conn.close()
         if server is not None:
@@ -173,7 +166,17 @@ def cli(argv: list[str] | None = None) -> None:
         help="journal entries of each year, comma-separated (default 1M,10M)",
     )
     parser.add_argument("--runs", type=int, default=2, help="audits of each size (default 2)")
-    parser.add_argument("--employees", type=size, default=10_000)
+    parser.add_argument(
+        "--employees",
+        type=size,
+        default=10_000,
+        help="employees of the largest year; smaller ones in proportion (employees_for)",
+    )
+    parser.add_argument(
+        "--same-employees",
+        action="store_true",
+        help="--employees at every size (the mix of rows then differs by size)",
+    )
     parser.add_argument(
         "--database-url",
         default=None,

@@ -2,13 +2,16 @@
 next to the same figures on a fresh database, in one run.
 
     python -m bench.scale [--employees 10000] [--entries 1M] [--ops 400]
-                          [--reads 200] [--day-ops 3000] [--database-url DSN]
+                          [--reads 200] [--day-ops 3000] [--audit-runs 2]
+                          [--database-url DSN] [--reuse] [--keep] [--no-chain]
                           [--json PATH]
 
 1. A throwaway PostgreSQL of its own (tests.pg's, files on disk), two
    databases on it: `fresh` (the directory, the program, the current cycle's
    grant) and `scale` (bench/year.py: a year of history at --entries, the
-   hash chain included), each built set-based.
+   hash chain included), each built set-based. With --database-url and
+   --keep the year's database stays on that server, and --reuse measures on
+   it again instead of building it (year_database).
 2. On each, with the service in-process (httpx over ASGI, as bench.reports):
    - PostgreSQL CPU per operation (the server's whole process tree, from
      /proc, bench/cpu.py): a debit, a reservation and its capture, a usage
@@ -17,7 +20,9 @@ next to the same figures on a fresh database, in one run.
    - latency (median, p99) of GET /v1/accounts/{a}, its entries page, the
      balance as of an instant and a 30-day series, for the heaviest user;
    - a month's usage report by employee (the last whole month).
-3. On the scale database only: `audit --full` (time, and per journal entry),
+   The reads alternate request by request between the two databases.
+3. On the scale database only: `audit --full` (--audit-runs times: wall and
+   server CPU seconds, in all, per journal entry and per check),
    then --day-ops more operations (about a day of traffic at 10M entries a
    year is 12k transactions), chained, then the routine audit and the
    routine chain verification since the checkpoints, then `--verify-chain`
@@ -428,6 +433,52 @@ async def build(
     return {"dsn": dsn, "build_seconds": seconds, "database_bytes": database_bytes}
 
 
+def year_name(entries: int, chain: bool) -> str:
+    """The database of a year at that size (shared by bench.scale and bench.audit_scale)."""
+    return f"bench_year_{entries}" + ("_chained" if chain else "")
+
+
+def year_marker(entries: int, employees: int, chain: bool) -> str:
+    return json.dumps({"bench": "year", "entries": entries, "employees": employees, "chain": chain})
+
+
+async def year_database(
+    admin_dsn: str, entries: int, employees: int, *, chain: bool, reuse: bool
+) -> dict[str, Any]:
+    """A year of `entries` on admin_dsn's server: built now, or with `reuse`
+    the one an earlier run built with the same parameters (they are in the
+    database's comment; a 10M year takes about 25 minutes to build)."""
+    name = year_name(entries, chain)
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        comment = await conn.fetchval(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1",
+            name,
+        )
+    finally:
+        await conn.close()
+    if reuse and comment == year_marker(entries, employees, chain):
+        log(f"bench: reusing the year in database {name}")
+        conn = await asyncpg.connect(dsn_for(admin_dsn, name))
+        try:
+            size = int(await conn.fetchval("SELECT pg_database_size(current_database())"))
+        finally:
+            await conn.close()
+        return {
+            "dsn": dsn_for(admin_dsn, name),
+            "build_seconds": {"reused": 0.0},
+            "database_bytes": size,
+        }
+    built = await build(admin_dsn, name, employees, entries, 12, chain)
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        marker = year_marker(entries, employees, chain).replace("'", "''")
+        await conn.execute(f"COMMENT ON DATABASE \"{name}\" IS '{marker}'")
+    finally:
+        await conn.close()
+    return built
+
+
 ROWS = (
     ("cpu_ms_per_debit", "PostgreSQL CPU per debit (ms)", 1.2),
     ("cpu_ms_per_reservation_capture", "PostgreSQL CPU per reservation + capture (ms)", 1.2),
@@ -484,7 +535,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         conn = await asyncpg.connect(admin_dsn)
         try:
-            for name in ("bench_fresh", "bench_scale"):
+            names = ["bench_fresh"]
+            if not args.keep:
+                names.append(year_name(args.entries, args.chain))
+            for name in names:
                 await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await conn.close()
@@ -502,8 +556,8 @@ async def run(admin_dsn: str, args: argparse.Namespace) -> dict[str, Any]:
         await conn.close()
     built = {
         "fresh": await build(admin_dsn, "bench_fresh", args.employees, 0, 0, args.chain),
-        "scale": await build(
-            admin_dsn, "bench_scale", args.employees, args.entries, 12, args.chain
+        "scale": await year_database(
+            admin_dsn, args.entries, args.employees, chain=args.chain, reuse=args.reuse
         ),
     }
     targets = {name: Target(name, b["dsn"], args.employees) for name, b in built.items()}
@@ -555,8 +609,20 @@ def cli(argv: list[str] | None = None) -> None:
         action="store_false",
         help="build no hash chain and time no chain verification (saves most of the build)",
     )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="measure on a year built earlier with the same parameters (see --keep)",
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the year's database behind for a later --reuse (needs --database-url)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.keep and args.database_url is None:
+        parser.error("--keep needs --database-url: a throwaway server is removed at the end")
     summary = asyncio.run(main(args))
     print(table(summary["fresh"], summary["scale"]))
     text = json.dumps(summary, indent=2, default=str)
