@@ -6705,9 +6705,19 @@ END $$;
 -- up to p_at, less what reservations alive at p_at held on it; a lot
 -- settled by p_at (lot_settled) held none, and its movements are not read.
 -- Each lot's two sums are computed once (LATERAL), not once per use.
+--
+-- PL/pgSQL with a generic plan, not a SQL function: a SQL function that is
+-- not inlined (this one has subqueries) has its body planned again at every
+-- call, and that planning cost five times the execution (0.65 against 0.13 ms
+-- of CPU on a year of 1M entries, 48 buffers touched per call, more as the
+-- tables grow), the tail of the as-of balance at scale. PL/pgSQL keeps the
+-- plan for the session. Generic, because p_at's value buys nothing (every
+-- part is an index probe by account and lot) while a custom plan per call,
+-- which the plan cache kept choosing, cost more than the SQL function did.
 CREATE OR REPLACE FUNCTION tl_balance_at(p_account bigint, p_at timestamptz) RETURNS bigint
-LANGUAGE sql STABLE AS $$
-    SELECT (
+LANGUAGE plpgsql STABLE SET plan_cache_mode = force_generic_plan AS $$
+BEGIN
+    RETURN (
         SELECT coalesce(sum(x.balance_after), 0)
         FROM generate_series(0, (SELECT shard_count - 1 FROM accounts WHERE id = p_account)) s
         CROSS JOIN LATERAL (
@@ -6731,8 +6741,8 @@ LANGUAGE sql STABLE AS $$
               AND coalesce(rv.resolved_at, rv.expires_at) > p_at) h
         WHERE l.account_id = p_account AND l.expires_at <= p_at AND l.created_at <= p_at
           AND NOT EXISTS (SELECT 1 FROM lot_settled s WHERE s.lot_id = l.id AND s.settled_at <= p_at)
-    )::bigint
-$$;
+    )::bigint;
+END $$;
 
 DO $$
 BEGIN

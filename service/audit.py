@@ -20,6 +20,8 @@ does too.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -64,6 +66,26 @@ FULL_SETTINGS: tuple[tuple[str, str], ...] = (
     ("work_mem", "64MB"),
 )
 
+# More settings of single complete checks. The two checks that read every
+# entry grouped by account would be planned as a scan of
+# entries_account_version_key, which is in account order while the rows are
+# in time order: each entry is a fetch from another heap page, and once the
+# table outgrows the cache a buffer miss. At 10M entries they took 2.4x
+# (running balance) and 2.6x (posted) the CPU per entry they took at 1M, and
+# were a third of the audit; read in the table's order and sorted (or
+# hashed) instead, 0.93x and 0.98x (make bench-audit, README). The other
+# checks' whole-index scans follow the rows' order (transaction ids are
+# time-ordered) and stay: without them audit_1_unbalanced took 2.3x the CPU.
+CHECK_SETTINGS: dict[str, tuple[tuple[str, str], ...]] = {
+    "audit_2_running_balance": (("enable_indexscan", "off"),),
+    "audit_2_posted": (("enable_indexscan", "off"),),
+}
+
+
+def full_settings(check: str) -> tuple[tuple[str, str], ...]:
+    """The session settings a complete check runs under."""
+    return FULL_SETTINGS + CHECK_SETTINGS.get(check, ())
+
 
 @dataclass(frozen=True)
 class Violation:
@@ -84,6 +106,9 @@ class AuditRun:
     full: list[str] = field(default_factory=list)
     since: dict[str, datetime] = field(default_factory=dict)
     cutoff: datetime | None = None
+    # Wall seconds of each check, in check order: which invariant a slow
+    # audit spends its time on (make bench-audit compares them by size).
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 async def run_audit(conn: asyncpg.Connection) -> list[Violation]:
@@ -93,11 +118,16 @@ async def run_audit(conn: asyncpg.Connection) -> list[Violation]:
 
 
 async def audit(
-    conn: asyncpg.Connection, *, full: bool = False, settle_seconds: float = 10.0
+    conn: asyncpg.Connection,
+    *,
+    full: bool = False,
+    settle_seconds: float = 10.0,
+    on_check: Callable[[str], None] | None = None,
 ) -> AuditRun:
     """Run every check, in full or since its checkpoint, then advance the
     checkpoints of the checks that passed (in a transaction of their own,
-    after the read-only snapshot)."""
+    after the read-only snapshot). `on_check(name)` is called as each check
+    ends, before the next begins: a bench reads the server's CPU there."""
     queries = db.load_queries()
     run = AuditRun()
     async with conn.transaction(isolation="repeatable_read", readonly=True):
@@ -110,6 +140,7 @@ async def audit(
             for r in await conn.fetch(queries["audit_checkpoints"])
         }
         for name in CHECKS:
+            started = time.perf_counter()
             since = marks.get(name)
             if not full and since is not None and f"{name}__since" in queries:
                 run.since[name] = since
@@ -124,13 +155,16 @@ async def audit(
                 problem = await conn.fetchval(queries[name])
             else:
                 run.full.append(name)
-                for setting, value in FULL_SETTINGS:
+                for setting, value in full_settings(name):
                     await conn.execute(f"SET LOCAL {setting} = '{value}'")
                 problem = await conn.fetchval(queries[name])
-                for setting, _ in FULL_SETTINGS:
+                for setting, _ in full_settings(name):
                     await conn.execute(f"SET LOCAL {setting} TO DEFAULT")
             if problem is not None:
                 run.violations.append(Violation(name, str(problem)))
+            run.seconds[name] = time.perf_counter() - started
+            if on_check is not None:
+                on_check(name)
     failed = {v.check for v in run.violations}
     async with conn.transaction():
         for name in CHECKS:

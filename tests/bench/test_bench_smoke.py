@@ -312,3 +312,30 @@ def test_bench_scale_smoke(pg_server: Server, capsys: pytest.CaptureFixture[str]
         assert result["fresh"][key] > 0 and result["scale"][key] > 0, (key, table)
     assert result["scale"]["audit_routine_s"] > 0
     assert result["scale"]["day_transactions"] > 0
+
+
+def test_bench_audit_scale_smoke(
+    pg_server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`make bench-audit` at two tiny sizes on the session's server: each
+    year builds, `audit --full` passes on each twice (bench.audit_scale
+    asserts it), timed in wall and CPU seconds in all and per check, and the
+    table gives the ratio of the two sizes per entry for every check."""
+    from bench import audit_scale
+    from service.audit import CHECKS
+
+    out = tmp_path / "audit.json"
+    argv = ["--employees", "30", "--sizes", "3000,6000", "--runs", "2"]
+    argv += ["--database-url", pg_server.dsn, "--json", str(out)]
+    audit_scale.cli(argv)
+    table = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert sorted(result["results"]) == ["3000", "6000"]
+    for runs in result["results"].values():
+        assert len(runs) == 2
+        for run in runs:
+            assert run["entries"] > 0 and run["total"]["wall"] > 0
+            assert run["total"]["server_cpu"] > 0, run["total"]
+            assert list(run["checks"]) == list(CHECKS)
+    for check in ("**all**", *CHECKS):
+        assert f"| {check} |" in table, (check, table)
