@@ -227,6 +227,15 @@ async def server_facts(conn: asyncpg.Connection) -> dict[str, str]:
     return settings
 
 
+def print_summary(summary: dict[str, Any], path: Path | None) -> None:
+    """A side bench's result: printed as JSON, and written to `path` (its
+    --json) when given."""
+    text = json.dumps(summary, indent=2)
+    print(text)
+    if path is not None:
+        path.write_text(text + "\n", encoding="utf-8")
+
+
 async def provision(
     admin_dsn: str | None, name: str, *, durable: bool = False, stat_statements: bool = False
 ) -> Database:

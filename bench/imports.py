@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
@@ -23,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from bench.harness import provision
+from bench.harness import print_summary, provision
 from service import db, migrate
 from service.app import create_app
 from service.audit import run_audit
@@ -122,10 +121,7 @@ def cli() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     summary = asyncio.run(main(args))
-    text = json.dumps(summary, indent=2)
-    print(text)
-    if args.json is not None:
-        args.json.write_text(text + "\n", encoding="utf-8")
+    print_summary(summary, args.json)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from typing import Any
 
 import httpx
 
-from bench.harness import Service, provision, run_audit
+from bench.harness import Service, print_summary, provision, run_audit
 from service import db, migrate
 
 AMOUNT = 1000
@@ -209,10 +209,7 @@ def cli(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     summary = asyncio.run(main(args))
     print(table(summary["results"]))
-    text = json.dumps(summary, indent=2)
-    print(text)
-    if args.json is not None:
-        args.json.write_text(text + "\n", encoding="utf-8")
+    print_summary(summary, args.json)
     return 0 if summary["passed"] else 1
 
 

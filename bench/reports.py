@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -42,7 +41,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from bench.harness import provision
+from bench.harness import print_summary, provision
 from service import db, errors, migrate, reports
 from service.app import create_app
 from service.auth import new_key
@@ -452,10 +451,7 @@ def cli() -> None:
     args = parser.parse_args()
     summary = asyncio.run(main(args))
     print(table(summary["results"]))
-    text = json.dumps(summary, indent=2)
-    print(text)
-    if args.json is not None:
-        args.json.write_text(text + "\n", encoding="utf-8")
+    print_summary(summary, args.json)
 
 
 if __name__ == "__main__":

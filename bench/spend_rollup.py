@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
 import os
 import statistics
 import sys
@@ -38,7 +37,7 @@ from typing import Any
 
 import asyncpg
 
-from bench.harness import provision
+from bench.harness import print_summary, provision
 from service import db, migrate
 
 WALLETS = 1000
@@ -207,10 +206,7 @@ def cli() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     summary = asyncio.run(main(args))
-    text = json.dumps(summary, indent=2)
-    print(text)
-    if args.json is not None:
-        args.json.write_text(text + "\n", encoding="utf-8")
+    print_summary(summary, args.json)
 
 
 if __name__ == "__main__":
