@@ -76,19 +76,26 @@ def looped_over_history(plan: dict[str, Any]) -> list[str]:
     return found
 
 
-async def test_full_checks_never_loop_over_history(year: asyncpg.Connection) -> None:
-    """Every complete check is planned as scans joined by hash or merge: no
-    nested loop and no correlated subplan touches a table that grows with history."""
+async def full_plans(year: asyncpg.Connection) -> dict[str, dict[str, Any]]:
+    """Each complete check's plan, made under the settings `audit --full` runs it with."""
     queries = service_db.load_queries()
-    bad: dict[str, list[str]] = {}
+    plans = {}
     for name in CHECKS:
         async with year.transaction():
             for setting, value in full_settings(name):
                 await year.execute(f"SET LOCAL {setting} = '{value}'")
             raw = await year.fetchval(f"EXPLAIN (FORMAT JSON) {queries[name]}")
-            plan = json.loads(raw)[0]["Plan"]
-            if looped := looped_over_history(plan):
-                bad[name] = looped
+        plans[name] = json.loads(raw)[0]["Plan"]
+    return plans
+
+
+async def test_full_checks_never_loop_over_history(year: asyncpg.Connection) -> None:
+    """Every complete check is planned as scans joined by hash or merge: no
+    nested loop and no correlated subplan touches a table that grows with history."""
+    bad: dict[str, list[str]] = {}
+    for name, plan in (await full_plans(year)).items():
+        if looped := looped_over_history(plan):
+            bad[name] = looped
     assert bad == {}
 
 
@@ -119,14 +126,9 @@ async def test_full_checks_read_entries_in_heap_order(year: asyncpg.Connection) 
             "WHERE i.indrelid = 'entries'::regclass"
         )
     }
-    queries = service_db.load_queries()
     bad: dict[str, list[str]] = {}
-    for name in CHECKS:
-        async with year.transaction():
-            for setting, value in full_settings(name):
-                await year.execute(f"SET LOCAL {setting} = '{value}'")
-            plan = json.loads(await year.fetchval(f"EXPLAIN (FORMAT JSON) {queries[name]}"))
-        for node in walk(plan[0]["Plan"]):
+    for name, plan in (await full_plans(year)).items():
+        for node in walk(plan):
             index = node.get("Index Name")
             if node["Node Type"] == "Index Scan" and node.get("Relation Name") == "entries":
                 if "Index Cond" not in node and correlation[leading[index]] < 0.9:
