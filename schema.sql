@@ -138,6 +138,12 @@ CREATE TABLE IF NOT EXISTS transactions (
     CONSTRAINT transactions_metadata_object CHECK (jsonb_typeof(metadata) = 'object')
 );
 CREATE INDEX IF NOT EXISTS transactions_kind_idx ON transactions (kind, id DESC);
+-- The usage transactions that overdrew their account (spend policy's
+-- overdraft_limit): a routine audit sums them per account (invariant 4,
+-- audit_4_lots_cover_posted) without reading every usage transaction. Few
+-- rows; a write that is not one only evaluates the predicate.
+CREATE INDEX IF NOT EXISTS transactions_overdraft_idx ON transactions (id)
+    WHERE kind = 'usage' AND details ? 'overdraft';
 
 CREATE TABLE IF NOT EXISTS entries (
     id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

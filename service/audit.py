@@ -150,7 +150,9 @@ async def audit(
                 problem = await conn.fetchval(sql, *bounds)
             elif not full and since is not None:
                 # A check of the current state only (accounts, live lots,
-                # active reservations): its size does not grow with history.
+                # active reservations, and the rare usage transactions that
+                # overdrew, by their partial index): its size does not grow
+                # with history.
                 run.since[name] = since
                 problem = await conn.fetchval(queries[name])
             else:

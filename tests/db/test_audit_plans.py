@@ -160,6 +160,10 @@ PRESENT = {
     "lots_rollover_due_idx",
     "reservations_due_idx",
 }
+# Partial indexes of rare rows of a history table, which a routine check may
+# read whole: the usage transactions that overdrew an account (spend
+# policy), summed per account by audit_4_lots_cover_posted.
+RARE = {"transactions_overdraft_idx"}
 
 
 def reads_all_history(plan: dict[str, Any]) -> list[str]:
@@ -171,7 +175,7 @@ def reads_all_history(plan: dict[str, Any]) -> list[str]:
         index = node.get("Index Name")
         if node["Node Type"] == "Seq Scan" and relation in HISTORY:
             found.append(f"Seq Scan on {relation}")
-        if index and "Index Cond" not in node and index not in PRESENT:
+        if index and "Index Cond" not in node and index not in PRESENT | RARE:
             owner = relation or index
             if any(owner.startswith(t) for t in HISTORY):
                 found.append(f"{node['Node Type']} on {index} without a condition")
@@ -248,3 +252,21 @@ async def test_routine_audit_finds_a_broken_new_transaction(year: asyncpg.Connec
         "audit_2_running_balance",
         "audit_2_posted",
     ]
+
+
+async def test_routine_lots_cover_posted_reads_only_the_overdrafts(
+    year: asyncpg.Connection,
+) -> None:
+    """A routine audit runs audit_4_lots_cover_posted whole, as a check of the current state
+    (accounts, live lots): the only history it reads is the usage transactions that overdrew
+    an account, through their partial index. It read every usage transaction before: 78 s of
+    a 115 s routine audit on a year of 10M entries."""
+    query = service_db.load_queries()["audit_4_lots_cover_posted"]
+    plan = json.loads(await year.fetchval(f"EXPLAIN (FORMAT JSON) {query}"))[0]["Plan"]
+    reads = [
+        (node["Node Type"], node.get("Index Name"))
+        for node in walk(plan)
+        if node.get("Relation Name") == "transactions"
+    ]
+    assert reads, plan
+    assert all(index == "transactions_overdraft_idx" for _, index in reads), reads
