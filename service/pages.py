@@ -20,12 +20,10 @@ mints an employee token; it is not routed at all in production.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import importlib.util
 import mimetypes
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path, PurePath
@@ -95,9 +93,7 @@ DEV_TOKEN_SECONDS = 8 * 3600
 
 def security_headers(app: ASGIApp) -> ASGIApp:
     """Adds PAGE_HEADERS to every answer outside /v1 (pages, static files,
-    the docs, errors of unknown paths); a page that names its own
-    Content-Security-Policy (one with its inline scripts' hashes, build_page)
-    keeps it, since a browser enforces every policy it is sent."""
+    the docs, errors of unknown paths)."""
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"].startswith(_API_PREFIX):
@@ -109,8 +105,7 @@ def security_headers(app: ASGIApp) -> ASGIApp:
                 headers = [
                     h for h in message.get("headers", []) if h[0].lower() != b"x-frame-options"
                 ]
-                own = {h[0].lower() for h in headers}
-                headers.extend(h for h in PAGE_HEADERS if h[0] not in own)
+                headers.extend(PAGE_HEADERS)
                 message["headers"] = headers
             await send(message)
 
@@ -160,46 +155,11 @@ class LocalSwagger(OpenAPIRenderPlugin):
         return self.html
 
 
-# `<script src="/static/js/NAME.js" data-inline></script>` in a page: the
-# service puts that file's text in the page itself (build_page).
-_INLINE_SCRIPT = re.compile(rb'<script src="/static/(js/[a-z0-9-]+\.js)" data-inline></script>')
-
-
-class Page(msgspec.Struct, frozen=True):
-    body: bytes
-    content_security_policy: str
-
-
-def build_page(html: bytes, files: dict[str, StaticFile]) -> Page:
-    """A page as served: each script marked `data-inline` put inside the
-    page, and the page's own Content-Security-Policy, which allows exactly
-    those scripts by their SHA-256 (CSP level 2 hash sources) and no other
-    inline script. The wallet's first script starts the first render's API
-    calls: inside the page they leave as soon as the parser reaches it,
-    instead of one more round trip later, when its file has arrived."""
-    sources: list[str] = []
-
-    def inline(match: re.Match[bytes]) -> bytes:
-        script = files[match.group(1).decode()].body
-        # The text ends its element at the first "</script", whatever follows.
-        assert b"</script" not in script.lower(), f"{match.group(1)!r} cannot be inlined"
-        digest = base64.b64encode(hashlib.sha256(script).digest()).decode()
-        sources.append(f"'sha256-{digest}'")
-        return b"<script>" + script + b"</script>"
-
-    body = _INLINE_SCRIPT.sub(inline, html)
-    policy = CONTENT_SECURITY_POLICY
-    if sources:
-        policy = policy.replace("script-src 'self';", f"script-src 'self' {' '.join(sources)};")
-    return Page(body, policy)
-
-
-def _page(name: str, files: dict[str, StaticFile]) -> Any:
-    page = build_page((WEB_DIR / name).read_bytes(), files)
-    headers = {"content-security-policy": page.content_security_policy}
+def _page(name: str) -> Any:
+    body = (WEB_DIR / name).read_bytes()
 
     async def handler() -> Response[bytes]:
-        return Response(page.body, media_type="text/html; charset=utf-8", headers=headers)
+        return Response(body, media_type="text/html; charset=utf-8")
 
     return handler
 
@@ -210,13 +170,13 @@ def page_routes(config: Config) -> list[Any]:
     files = read_static(WEB_DIR / "static")
     routes: list[Any] = [
         get("/wallet", opt=public(), include_in_schema=False, name="page_wallet")(
-            _page("wallet.html", files)
+            _page("wallet.html")
         ),
         get("/finance", opt=public(), include_in_schema=False, name="page_finance")(
-            _page("finance.html", files)
+            _page("finance.html")
         ),
         get("/sign-in", opt=public(), include_in_schema=False, name="page_sign_in")(
-            _page("sign-in.html", files)
+            _page("sign-in.html")
         ),
         create_static_files_router(
             path="/static/swagger-ui",
