@@ -198,41 +198,15 @@ totals AS (
     FROM keyed
     GROUP BY employee, department, model, project, day, month, tag1, tag2, tag3
 )
+-- Each position's key found once (o.pos), then read from the row's values
+-- (x.v) in the order of that list.
 SELECT t.*
 FROM totals t
-ORDER BY (CASE ($3::text[])[1] WHEN 'employee' THEN t.employee WHEN 'department' THEN t.department
-              WHEN 'model' THEN t.model WHEN 'project' THEN t.project WHEN 'day' THEN t.day
-              WHEN 'month' THEN t.month WHEN 'tag1' THEN t.tag1 WHEN 'tag2' THEN t.tag2
-              WHEN 'tag3' THEN t.tag3 END) COLLATE "C",
-         (CASE ($3::text[])[2] WHEN 'employee' THEN t.employee WHEN 'department' THEN t.department
-              WHEN 'model' THEN t.model WHEN 'project' THEN t.project WHEN 'day' THEN t.day
-              WHEN 'month' THEN t.month WHEN 'tag1' THEN t.tag1 WHEN 'tag2' THEN t.tag2
-              WHEN 'tag3' THEN t.tag3 END) COLLATE "C",
-         (CASE ($3::text[])[3] WHEN 'employee' THEN t.employee WHEN 'department' THEN t.department
-              WHEN 'model' THEN t.model WHEN 'project' THEN t.project WHEN 'day' THEN t.day
-              WHEN 'month' THEN t.month WHEN 'tag1' THEN t.tag1 WHEN 'tag2' THEN t.tag2
-              WHEN 'tag3' THEN t.tag3 END) COLLATE "C",
-         (CASE ($3::text[])[4] WHEN 'employee' THEN t.employee WHEN 'department' THEN t.department
-              WHEN 'model' THEN t.model WHEN 'project' THEN t.project WHEN 'day' THEN t.day
-              WHEN 'month' THEN t.month WHEN 'tag1' THEN t.tag1 WHEN 'tag2' THEN t.tag2
-              WHEN 'tag3' THEN t.tag3 END) COLLATE "C",
-         (CASE ($3::text[])[5] WHEN 'employee' THEN t.employee WHEN 'department' THEN t.department
-              WHEN 'model' THEN t.model WHEN 'project' THEN t.project WHEN 'day' THEN t.day
-              WHEN 'month' THEN t.month WHEN 'tag1' THEN t.tag1 WHEN 'tag2' THEN t.tag2
-              WHEN 'tag3' THEN t.tag3 END) COLLATE "C",
-         (CASE ($3::text[])[6] WHEN 'employee' THEN t.employee WHEN 'department' THEN t.department
-              WHEN 'model' THEN t.model WHEN 'project' THEN t.project WHEN 'day' THEN t.day
-              WHEN 'month' THEN t.month WHEN 'tag1' THEN t.tag1 WHEN 'tag2' THEN t.tag2
-              WHEN 'tag3' THEN t.tag3 END) COLLATE "C",
-         (CASE ($3::text[])[7] WHEN 'employee' THEN t.employee WHEN 'department' THEN t.department
-              WHEN 'model' THEN t.model WHEN 'project' THEN t.project WHEN 'day' THEN t.day
-              WHEN 'month' THEN t.month WHEN 'tag1' THEN t.tag1 WHEN 'tag2' THEN t.tag2
-              WHEN 'tag3' THEN t.tag3 END) COLLATE "C",
-         (CASE ($3::text[])[8] WHEN 'employee' THEN t.employee WHEN 'department' THEN t.department
-              WHEN 'model' THEN t.model WHEN 'project' THEN t.project WHEN 'day' THEN t.day
-              WHEN 'month' THEN t.month WHEN 'tag1' THEN t.tag1 WHEN 'tag2' THEN t.tag2
-              WHEN 'tag3' THEN t.tag3 END) COLLATE "C",
-         (CASE ($3::text[])[9] WHEN 'employee' THEN t.employee WHEN 'department' THEN t.department
-              WHEN 'model' THEN t.model WHEN 'project' THEN t.project WHEN 'day' THEN t.day
-              WHEN 'month' THEN t.month WHEN 'tag1' THEN t.tag1 WHEN 'tag2' THEN t.tag2
-              WHEN 'tag3' THEN t.tag3 END) COLLATE "C";
+CROSS JOIN (SELECT array_agg(array_position(ARRAY['employee', 'department', 'model', 'project', 'day', 'month',
+                                                  'tag1', 'tag2', 'tag3'], g.k) ORDER BY g.n) AS pos
+            FROM unnest($3::text[]) WITH ORDINALITY AS g(k, n)) o
+CROSS JOIN LATERAL (SELECT ARRAY[t.employee, t.department, t.model, t.project, t.day, t.month,
+                                 t.tag1, t.tag2, t.tag3] AS v) x
+ORDER BY x.v[o.pos[1]] COLLATE "C", x.v[o.pos[2]] COLLATE "C", x.v[o.pos[3]] COLLATE "C",
+         x.v[o.pos[4]] COLLATE "C", x.v[o.pos[5]] COLLATE "C", x.v[o.pos[6]] COLLATE "C",
+         x.v[o.pos[7]] COLLATE "C", x.v[o.pos[8]] COLLATE "C", x.v[o.pos[9]] COLLATE "C";
