@@ -3051,9 +3051,7 @@ BEGIN
                                   ORDER BY x.effective_from DESC LIMIT 1) pr
              WHERE p_ops[i] IN ('debit', 'reserve') AND m.model IS NOT NULL
                AND NOT coalesce((
-                   SELECT bool_and((NOT (p.models ? 'tiers') OR p.models -> 'tiers' ? pr.tier)
-                                   AND (NOT (p.models ? 'allow') OR p.models -> 'allow' ? m.model)
-                                   AND NOT (coalesce(p.models -> 'deny', '[]'::jsonb) ? m.model))
+                   SELECT bool_and(tl_models_allow(p.models, m.model, pr.tier))
                      FROM spend_policies p
                     WHERE p.account_id = ANY (ARRAY[
                               a.id,
@@ -5167,12 +5165,19 @@ END $$;
 
 -- Whether the policies binding an account allow a model of a tier: every
 -- one of them must (a department's rules narrow its members' own).
+-- One policy's model rules (its `models` object) on a model of a tier; a
+-- single expression, so PostgreSQL inlines it where it is called
+-- (tl_model_allowed, and tl_batch_fast's check of a whole batch).
+CREATE OR REPLACE FUNCTION tl_models_allow(p_models jsonb, p_model text, p_tier text) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT (NOT (p_models ? 'tiers') OR p_models -> 'tiers' ? p_tier)
+       AND (NOT (p_models ? 'allow') OR p_models -> 'allow' ? p_model)
+       AND NOT (coalesce(p_models -> 'deny', '[]'::jsonb) ? p_model)
+$$;
+
 CREATE OR REPLACE FUNCTION tl_model_allowed(p_account accounts, p_model text, p_tier text) RETURNS boolean
 LANGUAGE sql STABLE AS $$
-    SELECT coalesce(bool_and(
-               (NOT (p.models ? 'tiers') OR p.models -> 'tiers' ? p_tier)
-           AND (NOT (p.models ? 'allow') OR p.models -> 'allow' ? p_model)
-           AND NOT (coalesce(p.models -> 'deny', '[]'::jsonb) ? p_model)), true)
+    SELECT coalesce(bool_and(tl_models_allow(p.models, p_model, p_tier)), true)
     FROM tl_policies_of(p_account) p
 $$;
 

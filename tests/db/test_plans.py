@@ -70,12 +70,16 @@ async def test_no_lot_table_scan(db: asyncpg.Connection, many_lots: str, stateme
     assert await lots_seq_scans(db) == before
 
 
-@pytest.mark.parametrize("function", ["tl_ts", "tl_public_id"])
+@pytest.mark.parametrize("function", ["tl_ts", "tl_public_id", "tl_models_allow"])
 async def test_formatting_helpers_are_inlined(db: asyncpg.Connection, function: str) -> None:
     """The helpers every answer calls per row are inlined into the calling statement: a SQL
     function that is not (tl_ts was declared IMMUTABLE over the STABLE to_char()) has its
     body planned again in each statement that calls it, and run once per row."""
-    call = {"tl_ts": "tl_ts(t.created_at)", "tl_public_id": "tl_public_id('txn_', t.id)"}[function]
+    call = {
+        "tl_ts": "tl_ts(t.created_at)",
+        "tl_public_id": "tl_public_id('txn_', t.id)",
+        "tl_models_allow": "tl_models_allow(t.metadata, t.kind, t.memo)",
+    }[function]
     plan = await db.fetchval(f"EXPLAIN (VERBOSE, FORMAT JSON) SELECT {call} FROM transactions t")  # noqa: S608  # why: a fixed call from the parameter list above
     output = " ".join(json.loads(plan)[0]["Plan"]["Output"])
     assert function not in output, output
