@@ -13,10 +13,8 @@ Two kinds of callers present `Authorization: Bearer <token>`:
   or PEM keys, HS256 for a shared secret), requiring `exp`, `iss`, `aud` and
   `sub`. `sub` is the employee id; an optional claim adds roles.
 
-Routes declare the permission they need with `opt=access(...)`; the roles
-behind it come from the one table in `service.roles`, and `authorize` is the
-only place that decides. An employee reaches only their own wallet and what
-hangs off it; anything else answers 404 so that ids cannot be probed.
+Every route declares who may call it, and one guard decides (`guard` says
+how); an employee reaches only their own wallet and what hangs off it.
 
 The modules, each one responsibility:
 

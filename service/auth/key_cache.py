@@ -1,7 +1,7 @@
 """The replica's memory of service keys it verified lately, and the listener
 that makes every replica forget them at once when api_keys changes.
 
-A replica remembers a key for at most `TOKENLEDGER_KEY_CACHE_SECONDS`, so
+A replica remembers a key for at most `TOKENLEDGER_KEY_CACHE_TTL_SECONDS`, so
 the hot path costs no round trip to authenticate; a revocation reaches every
 replica at once by NOTIFY, and within that TTL even when the notification
 channel is silently broken (the cache is off while the listener is down).
