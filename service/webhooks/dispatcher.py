@@ -29,7 +29,6 @@ FANOUT_BATCH = 500
 # A claim outlives twice the attempt's timeout by this much before another
 # replica may take the delivery over.
 LEASE_MARGIN_SECONDS = 2.0
-# The receiver's answer is not read; only its status counts.
 _encoder = msgspec.json.Encoder()
 
 
@@ -218,6 +217,7 @@ class Dispatcher:
         request = self._http.build_request(
             "POST", target, content=body, headers=headers, extensions=extensions
         )
+        # The receiver's answer is not read; only its status counts.
         response = await self._http.send(request, stream=True)
         await response.aclose()
         return response.status_code
