@@ -17,13 +17,13 @@ catches up.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import UTC, datetime, timedelta
 
 import structlog
 
 from service.journal import Context, Ledger
 from service.programs import run_cycle
+from service.tasks import cancel
 
 log = structlog.get_logger("tokenledger.background")
 
@@ -51,11 +51,8 @@ class Background:
         self._task = asyncio.create_task(self._loop(), name="tokenledger-background")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
 
     async def _loop(self) -> None:
         interval = self.ledger.config.sweeper_interval_seconds

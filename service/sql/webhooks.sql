@@ -1,4 +1,4 @@
--- Alerts and webhooks (schema.sql, "Alerts and webhooks"; service/webhooks.py).
+-- Alerts and webhooks (schema.sql, "Alerts and webhooks"; service/webhooks/).
 
 -- name: put_alerts
 -- Replace an account's alert settings; the settings as JSON.

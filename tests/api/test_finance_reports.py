@@ -378,7 +378,7 @@ async def test_csv_exports_stream_one_query(
     """A CSV export by employee is one query read through a cursor STREAM_BATCH rows at a
     time (not a query per page of 500, which re-read the period each time), and holds
     exactly the rows of every JSON page, in the same order; from a cursor, the rest."""
-    from service import finance
+    from service.finance import queries
     from service.journal import Ledger
     from tests.api.test_reports import make_events
 
@@ -391,7 +391,7 @@ async def test_csv_exports_stream_one_query(
     for emp in ("e-a", "e-b", "e-c"):
         await api.grant(emp, 50)
     clock.set(datetime(2026, 3, 2, tzinfo=UTC))
-    monkeypatch.setattr(finance, "STREAM_BATCH", 2)
+    monkeypatch.setattr(queries, "STREAM_BATCH", 2)
     batches: list[int] = []
     original = Ledger.stream_slow
 
