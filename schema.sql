@@ -4577,6 +4577,179 @@ BEGIN
     RETURNING (xmax = 0) INTO v_created;
     RETURN jsonb_build_object('created', v_created, 'body', tl_program_json(v_id, v_now));
 END $$;
+-- tl_program_run's steps (below), each a function of its own so that the
+-- run reads as a list of steps; all but the first work on the run's
+-- temporary table tl_program_rows with the same set-based statements as
+-- before: a few more function calls per batch of members, none per member.
+
+-- Checks that cycle p_cycle of program p may be issued now; answers its
+-- bounds and the end of the next cycle (where a rollover ends).
+CREATE OR REPLACE FUNCTION tl_program_cycle(p grant_programs, p_cycle text, p_ctx jsonb,
+                                            OUT o_starts timestamptz, OUT o_ends timestamptz,
+                                            OUT o_next_ends timestamptz)
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_cycle !~ '^[0-9]{4}-(0[1-9]|1[0-2])$' THEN
+        PERFORM tl_raise('TLD01', 'invalid_request', 'cycle must be YYYY-MM', jsonb_build_object('path', '$.cycle'));
+    END IF;
+    IF NOT p.active THEN
+        PERFORM tl_raise('TLD01', 'invalid_request', format('grant program %s is not active', p.id),
+                         jsonb_build_object('path', '$.cycle'));
+    END IF;
+    IF p_cycle < tl_program_first_cycle(p) OR p_cycle > tl_program_last_cycle(p) THEN
+        PERFORM tl_raise('TLD01', 'invalid_request',
+            format('cycle %s is outside grant program %s (cycles %s to %s)', p_cycle, p.id,
+                   tl_program_first_cycle(p), coalesce(tl_program_last_cycle(p), 'open-ended')),
+            jsonb_build_object('path', '$.cycle'));
+    END IF;
+    SELECT b.starts_at, b.ends_at INTO o_starts, o_ends FROM tl_cycle_bounds(p_cycle, p.cadence_day, p.time_zone) b;
+    SELECT b.ends_at INTO o_next_ends FROM tl_cycle_bounds(tl_cycle_add(p_cycle, 1), p.cadence_day, p.time_zone) b;
+    IF tl_now(p_ctx) < o_starts THEN
+        PERFORM tl_raise('TLD01', 'invalid_request',
+            format('cycle %s starts at %s; it cannot be issued before then', p_cycle, tl_ts(o_starts)),
+            jsonb_build_object('path', '$.cycle'));
+    END IF;
+END $$;
+
+-- Step 2: one row per member of the batch whose wallet the run holds (or who
+-- was granted this cycle already), with the outcome known before funding:
+-- NULL (to issue), already_granted, offboarded or prorated_to_zero.
+CREATE OR REPLACE FUNCTION tl_program_classify(p grant_programs, p_cycle text, p_batch text[],
+                                               p_locked bigint[], p_amount bigint,
+                                               p_expires timestamptz, p_rollover_until timestamptz)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    CREATE TEMP TABLE IF NOT EXISTS tl_program_rows (
+        ord bigint, employee_id text, account_id bigint, outcome text, amount bigint,
+        txn uuid, lot uuid, expires_at timestamptz, rollover_until timestamptz
+    ) ON COMMIT DROP;
+    TRUNCATE tl_program_rows;
+    INSERT INTO tl_program_rows (ord, employee_id, account_id, outcome, amount, expires_at, rollover_until)
+    SELECT row_number() OVER (ORDER BY e.id), e.id, w.id,
+           CASE WHEN EXISTS (SELECT 1 FROM program_grants g
+                             WHERE g.program_id = p.id AND g.cycle = p_cycle AND g.employee_id = e.id)
+                     THEN 'already_granted'
+                WHEN e.status <> 'active' OR w.status <> 'open' THEN 'offboarded'
+                WHEN p_amount <= 0 THEN 'prorated_to_zero' END,
+           p_amount, p_expires, p_rollover_until
+    FROM employees e JOIN accounts w ON w.address = 'employee:' || e.id
+    WHERE e.id = ANY (p_batch)
+      AND (w.id = ANY (p_locked) OR EXISTS (SELECT 1 FROM program_grants g
+                                            WHERE g.program_id = p.id AND g.cycle = p_cycle
+                                              AND g.employee_id = e.id));
+END $$;
+
+-- Step 5a: a department's lots are consumed in consumption order, member by
+-- member: each member's share is the overlap of its running range with each
+-- lot's. A lot made of department credits never outlives them.
+CREATE OR REPLACE FUNCTION tl_program_fund(p_funder bigint, p_end timestamptz, p_now timestamptz)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    CREATE TEMP TABLE IF NOT EXISTS tl_program_pieces (txn uuid, lot_id uuid, taken bigint, expires_at timestamptz)
+        ON COMMIT DROP;
+    TRUNCATE tl_program_pieces;
+    INSERT INTO tl_program_pieces
+    SELECT g.txn, l.id, least(g.hi, l.hi) - greatest(g.hi - g.amount, l.hi - l.free), l.expires_at
+    FROM (SELECT txn, amount, sum(amount) OVER (ORDER BY ord) AS hi
+          FROM tl_program_rows WHERE outcome = 'issued') g
+    JOIN (SELECT id, remaining - reserved AS free, expires_at,
+                 sum(remaining - reserved) OVER (ORDER BY priority, expires_at NULLS LAST, effective_at, id) AS hi
+          FROM lots
+          WHERE account_id = p_funder AND status = 'active' AND live AND remaining > reserved
+            AND effective_at <= p_now AND (expires_at IS NULL OR expires_at > p_now)) l
+      ON l.hi - l.free < g.hi AND g.hi - g.amount < l.hi;
+    INSERT INTO lot_movements (transaction_id, lot_id, amount)
+    SELECT txn, lot_id, -taken FROM tl_program_pieces ORDER BY txn, lot_id;
+    UPDATE lots l SET remaining = l.remaining - x.taken
+    FROM (SELECT lot_id, sum(taken) AS taken FROM tl_program_pieces GROUP BY lot_id) x
+    WHERE l.id = x.lot_id;
+    UPDATE tl_program_rows r
+       SET expires_at = CASE WHEN r.expires_at IS NULL OR x.min_expiry < r.expires_at
+                             THEN x.min_expiry ELSE r.expires_at END,
+           rollover_until = CASE WHEN x.min_expiry < r.rollover_until THEN x.min_expiry
+                                 ELSE r.rollover_until END
+    FROM (SELECT txn, min(expires_at) AS min_expiry FROM tl_program_pieces GROUP BY txn) x
+    WHERE x.txn = r.txn AND x.min_expiry IS NOT NULL;
+    -- Rollover happens at the cycle's end; a lot cut short by its
+    -- department credits does not roll over.
+    UPDATE tl_program_rows SET rollover_until = NULL
+    WHERE outcome = 'issued' AND (expires_at IS DISTINCT FROM p_end OR rollover_until <= expires_at);
+END $$;
+
+-- Steps 5b and 5c: the issued members' lots, their movements, and the
+-- entries and balances of the wallets and the funder.
+CREATE OR REPLACE FUNCTION tl_program_post(p grant_programs, f accounts, p_effective timestamptz,
+                                           p_now timestamptz, p_count integer, p_total bigint)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_shard integer := 0;
+    v_posted bigint;
+    v_version bigint;
+BEGIN
+    INSERT INTO lots (id, account_id, amount, remaining, priority, effective_at, expires_at,
+                      grant_transaction_id, funded_by, created_at, rollover_max, rollover_until)
+    SELECT r.lot, r.account_id, r.amount, r.amount, 100, p_effective, r.expires_at, r.txn, f.id, p_now,
+           CASE WHEN r.rollover_until IS NOT NULL THEN p.rollover_max END, r.rollover_until
+    FROM tl_program_rows r WHERE r.outcome = 'issued' ORDER BY r.ord;
+    INSERT INTO lot_movements (transaction_id, lot_id, amount)
+    SELECT r.txn, r.lot, r.amount FROM tl_program_rows r WHERE r.outcome = 'issued' ORDER BY r.ord;
+
+    -- Entries: each wallet's next version; the funder's (one shard of
+    -- system:issuance, or the department) running balance.
+    INSERT INTO entries (transaction_id, account_id, shard, asset, amount, balance_after, version, created_at)
+    SELECT r.txn, w.id, 0, w.asset, r.amount, w.posted + r.amount, w.version + 1, p_now
+    FROM tl_program_rows r JOIN accounts w ON w.id = r.account_id
+    WHERE r.outcome = 'issued' ORDER BY r.ord;
+    UPDATE accounts w SET posted = w.posted + r.amount, version = w.version + 1, updated_at = p_now
+    FROM tl_program_rows r WHERE r.outcome = 'issued' AND w.id = r.account_id;
+    IF f.shard_count > 1 THEN
+        v_shard := tl_shard(f.shard_count);
+        SELECT posted, version INTO v_posted, v_version FROM account_shards
+            WHERE account_id = f.id AND shard = v_shard;
+    ELSE
+        SELECT posted, version INTO v_posted, v_version FROM accounts WHERE id = f.id;
+    END IF;
+    INSERT INTO entries (transaction_id, account_id, shard, asset, amount, balance_after, version, created_at)
+    SELECT r.txn, f.id, v_shard, f.asset, -r.amount,
+           v_posted - sum(r.amount) OVER (ORDER BY r.ord), v_version + row_number() OVER (ORDER BY r.ord), p_now
+    FROM tl_program_rows r WHERE r.outcome = 'issued' ORDER BY r.ord;
+    IF f.shard_count > 1 THEN
+        UPDATE account_shards SET posted = posted - p_total, version = version + p_count, updated_at = p_now
+            WHERE account_id = f.id AND shard = v_shard;
+    ELSE
+        UPDATE accounts SET posted = posted - p_total, version = version + p_count, updated_at = p_now
+            WHERE id = f.id;
+    END IF;
+END $$;
+
+-- Step 6: adds the batch's counts, skips and skipped employees to the run,
+-- and completes it with the last batch.
+CREATE OR REPLACE FUNCTION tl_program_record(p_run uuid, p_count integer, p_total bigint,
+                                             p_done boolean, p_now timestamptz)
+RETURNS program_runs LANGUAGE plpgsql AS $$
+DECLARE
+    v_run program_runs;
+BEGIN
+    UPDATE program_runs r SET
+        issued = r.issued + p_count,
+        credits = r.credits + p_total,
+        skipped = (SELECT coalesce(jsonb_object_agg(k, n), '{}'::jsonb) FROM (
+                       SELECT k, sum(n) AS n FROM (
+                           SELECT key AS k, value::bigint AS n FROM jsonb_each_text(r.skipped)
+                           UNION ALL
+                           SELECT outcome, count(*) FROM tl_program_rows
+                           WHERE outcome <> 'issued' GROUP BY outcome) a
+                       GROUP BY k) s),
+        skipped_employees = r.skipped_employees || (
+            SELECT coalesce(jsonb_agg(jsonb_build_object('employee', employee_id, 'reason', outcome)
+                                      ORDER BY ord), '[]'::jsonb)
+            FROM tl_program_rows WHERE outcome NOT IN ('issued', 'already_granted')),
+        completed_at = CASE WHEN p_done THEN p_now END
+    WHERE id = p_run
+    RETURNING * INTO v_run;
+    RETURN v_run;
+END $$;
+
 CREATE OR REPLACE FUNCTION tl_program_run(p_program text, p_cycle text, p_trigger text, p_employee text,
                                           p_ctx jsonb, p_run uuid DEFAULT NULL, p_after text DEFAULT NULL,
                                           p_limit integer DEFAULT NULL)
@@ -4597,9 +4770,6 @@ DECLARE
     v_rollover_until timestamptz;
     v_budget bigint;
     v_run program_runs;
-    v_shard integer := 0;
-    v_posted bigint;
-    v_version bigint;
     v_total bigint;
     v_count integer;
 BEGIN
@@ -4609,26 +4779,7 @@ BEGIN
         PERFORM tl_raise('TLA07', 'grant_program_not_found', format('no grant program %s', p_program),
                          jsonb_build_object('program', p_program));
     END IF;
-    IF p_cycle !~ '^[0-9]{4}-(0[1-9]|1[0-2])$' THEN
-        PERFORM tl_raise('TLD01', 'invalid_request', 'cycle must be YYYY-MM', jsonb_build_object('path', '$.cycle'));
-    END IF;
-    IF NOT p.active THEN
-        PERFORM tl_raise('TLD01', 'invalid_request', format('grant program %s is not active', p.id),
-                         jsonb_build_object('path', '$.cycle'));
-    END IF;
-    IF p_cycle < tl_program_first_cycle(p) OR p_cycle > tl_program_last_cycle(p) THEN
-        PERFORM tl_raise('TLD01', 'invalid_request',
-            format('cycle %s is outside grant program %s (cycles %s to %s)', p_cycle, p.id,
-                   tl_program_first_cycle(p), coalesce(tl_program_last_cycle(p), 'open-ended')),
-            jsonb_build_object('path', '$.cycle'));
-    END IF;
-    SELECT b.starts_at, b.ends_at INTO v_start, v_end FROM tl_cycle_bounds(p_cycle, p.cadence_day, p.time_zone) b;
-    SELECT b.ends_at INTO v_next_end FROM tl_cycle_bounds(tl_cycle_add(p_cycle, 1), p.cadence_day, p.time_zone) b;
-    IF tl_now(p_ctx) < v_start THEN
-        PERFORM tl_raise('TLD01', 'invalid_request',
-            format('cycle %s starts at %s; it cannot be issued before then', p_cycle, tl_ts(v_start)),
-            jsonb_build_object('path', '$.cycle'));
-    END IF;
+    SELECT * INTO v_start, v_end, v_next_end FROM tl_program_cycle(p, p_cycle, p_ctx);
     SELECT * INTO f FROM accounts WHERE id = p.funded_by;
     SELECT array_agg(x.id ORDER BY x.id) INTO v_batch FROM (
         SELECT e.id FROM employees e
@@ -4686,25 +4837,8 @@ BEGIN
         END IF;
     END IF;
 
-    -- 2. Classify.
-    CREATE TEMP TABLE IF NOT EXISTS tl_program_rows (
-        ord bigint, employee_id text, account_id bigint, outcome text, amount bigint,
-        txn uuid, lot uuid, expires_at timestamptz, rollover_until timestamptz
-    ) ON COMMIT DROP;
-    TRUNCATE tl_program_rows;
-    INSERT INTO tl_program_rows (ord, employee_id, account_id, outcome, amount, expires_at, rollover_until)
-    SELECT row_number() OVER (ORDER BY e.id), e.id, w.id,
-           CASE WHEN EXISTS (SELECT 1 FROM program_grants g
-                             WHERE g.program_id = p.id AND g.cycle = p_cycle AND g.employee_id = e.id)
-                     THEN 'already_granted'
-                WHEN e.status <> 'active' OR w.status <> 'open' THEN 'offboarded'
-                WHEN v_amount <= 0 THEN 'prorated_to_zero' END,
-           v_amount, v_expires, v_rollover_until
-    FROM employees e JOIN accounts w ON w.address = 'employee:' || e.id
-    WHERE e.id = ANY (v_batch)
-      AND (w.id = ANY (v_locked) OR EXISTS (SELECT 1 FROM program_grants g
-                                            WHERE g.program_id = p.id AND g.cycle = p_cycle
-                                              AND g.employee_id = e.id));
+    -- 2. Classify (tl_program_rows).
+    PERFORM tl_program_classify(p, p_cycle, v_batch, v_locked, v_amount, v_expires, v_rollover_until);
 
     -- 3. A department funds what it holds, in ascending employee id.
     IF f.type <> 'system' THEN
@@ -4735,95 +4869,17 @@ BEGIN
                p_ctx ->> 'actor', p_ctx ->> 'request_id', v_now
         FROM tl_program_rows r WHERE r.outcome = 'issued' ORDER BY r.ord;
 
-        -- 5a. A department's lots are consumed in consumption order, member by
-        -- member: each member's share is the overlap of its running range with
-        -- each lot's. A lot made of department credits never outlives them.
+        -- 5a. A department's lots fund the members' grants.
         IF f.type <> 'system' THEN
-            CREATE TEMP TABLE IF NOT EXISTS tl_program_pieces (txn uuid, lot_id uuid, taken bigint, expires_at timestamptz)
-                ON COMMIT DROP;
-            TRUNCATE tl_program_pieces;
-            INSERT INTO tl_program_pieces
-            SELECT g.txn, l.id, least(g.hi, l.hi) - greatest(g.hi - g.amount, l.hi - l.free), l.expires_at
-            FROM (SELECT txn, amount, sum(amount) OVER (ORDER BY ord) AS hi
-                  FROM tl_program_rows WHERE outcome = 'issued') g
-            JOIN (SELECT id, remaining - reserved AS free, expires_at,
-                         sum(remaining - reserved) OVER (ORDER BY priority, expires_at NULLS LAST, effective_at, id) AS hi
-                  FROM lots
-                  WHERE account_id = f.id AND status = 'active' AND live AND remaining > reserved
-                    AND effective_at <= v_now AND (expires_at IS NULL OR expires_at > v_now)) l
-              ON l.hi - l.free < g.hi AND g.hi - g.amount < l.hi;
-            INSERT INTO lot_movements (transaction_id, lot_id, amount)
-            SELECT txn, lot_id, -taken FROM tl_program_pieces ORDER BY txn, lot_id;
-            UPDATE lots l SET remaining = l.remaining - x.taken
-            FROM (SELECT lot_id, sum(taken) AS taken FROM tl_program_pieces GROUP BY lot_id) x
-            WHERE l.id = x.lot_id;
-            UPDATE tl_program_rows r
-               SET expires_at = CASE WHEN r.expires_at IS NULL OR x.min_expiry < r.expires_at
-                                     THEN x.min_expiry ELSE r.expires_at END,
-                   rollover_until = CASE WHEN x.min_expiry < r.rollover_until THEN x.min_expiry
-                                         ELSE r.rollover_until END
-            FROM (SELECT txn, min(expires_at) AS min_expiry FROM tl_program_pieces GROUP BY txn) x
-            WHERE x.txn = r.txn AND x.min_expiry IS NOT NULL;
-            -- Rollover happens at the cycle's end; a lot cut short by its
-            -- department credits does not roll over.
-            UPDATE tl_program_rows SET rollover_until = NULL
-            WHERE outcome = 'issued' AND (expires_at IS DISTINCT FROM v_end OR rollover_until <= expires_at);
+            PERFORM tl_program_fund(f.id, v_end, v_now);
         END IF;
 
-        -- 5b. The members' lots.
-        INSERT INTO lots (id, account_id, amount, remaining, priority, effective_at, expires_at,
-                          grant_transaction_id, funded_by, created_at, rollover_max, rollover_until)
-        SELECT r.lot, r.account_id, r.amount, r.amount, 100, v_effective, r.expires_at, r.txn, f.id, v_now,
-               CASE WHEN r.rollover_until IS NOT NULL THEN p.rollover_max END, r.rollover_until
-        FROM tl_program_rows r WHERE r.outcome = 'issued' ORDER BY r.ord;
-        INSERT INTO lot_movements (transaction_id, lot_id, amount)
-        SELECT r.txn, r.lot, r.amount FROM tl_program_rows r WHERE r.outcome = 'issued' ORDER BY r.ord;
-
-        -- 5c. Entries: each wallet's next version; the funder's (one shard of
-        -- system:issuance, or the department) running balance.
-        INSERT INTO entries (transaction_id, account_id, shard, asset, amount, balance_after, version, created_at)
-        SELECT r.txn, w.id, 0, w.asset, r.amount, w.posted + r.amount, w.version + 1, v_now
-        FROM tl_program_rows r JOIN accounts w ON w.id = r.account_id
-        WHERE r.outcome = 'issued' ORDER BY r.ord;
-        UPDATE accounts w SET posted = w.posted + r.amount, version = w.version + 1, updated_at = v_now
-        FROM tl_program_rows r WHERE r.outcome = 'issued' AND w.id = r.account_id;
-        IF f.shard_count > 1 THEN
-            v_shard := tl_shard(f.shard_count);
-            SELECT posted, version INTO v_posted, v_version FROM account_shards
-                WHERE account_id = f.id AND shard = v_shard;
-        ELSE
-            SELECT posted, version INTO v_posted, v_version FROM accounts WHERE id = f.id;
-        END IF;
-        INSERT INTO entries (transaction_id, account_id, shard, asset, amount, balance_after, version, created_at)
-        SELECT r.txn, f.id, v_shard, f.asset, -r.amount,
-               v_posted - sum(r.amount) OVER (ORDER BY r.ord), v_version + row_number() OVER (ORDER BY r.ord), v_now
-        FROM tl_program_rows r WHERE r.outcome = 'issued' ORDER BY r.ord;
-        IF f.shard_count > 1 THEN
-            UPDATE account_shards SET posted = posted - v_total, version = version + v_count, updated_at = v_now
-                WHERE account_id = f.id AND shard = v_shard;
-        ELSE
-            UPDATE accounts SET posted = posted - v_total, version = version + v_count, updated_at = v_now
-                WHERE id = f.id;
-        END IF;
+        -- 5b, 5c. Lots, movements, entries and balances.
+        PERFORM tl_program_post(p, f, v_effective, v_now, v_count, v_total);
     END IF;
 
-    UPDATE program_runs r SET
-        issued = r.issued + v_count,
-        credits = r.credits + v_total,
-        skipped = (SELECT coalesce(jsonb_object_agg(k, n), '{}'::jsonb) FROM (
-                       SELECT k, sum(n) AS n FROM (
-                           SELECT key AS k, value::bigint AS n FROM jsonb_each_text(r.skipped)
-                           UNION ALL
-                           SELECT outcome, count(*) FROM tl_program_rows
-                           WHERE outcome <> 'issued' GROUP BY outcome) a
-                       GROUP BY k) s),
-        skipped_employees = r.skipped_employees || (
-            SELECT coalesce(jsonb_agg(jsonb_build_object('employee', employee_id, 'reason', outcome)
-                                      ORDER BY ord), '[]'::jsonb)
-            FROM tl_program_rows WHERE outcome NOT IN ('issued', 'already_granted')),
-        completed_at = CASE WHEN v_next IS NULL THEN v_now END
-    WHERE id = v_run.id
-    RETURNING * INTO v_run;
+    -- 6. The run's record.
+    v_run := tl_program_record(v_run.id, v_count, v_total, v_next IS NULL, v_now);
     RETURN jsonb_build_object('run', tl_program_run_json(v_run), 'next', v_next);
 END $$;
 
