@@ -2313,81 +2313,19 @@ BEGIN
           GROUP BY 1, 2, 3, 4) s;
 END $$;
 
--- Records a batch of usage events in one database transaction, set-based:
--- duplicates (earlier ones and within the batch), unknown accounts, models
--- and reservations are sorted out with joins; every new event, reservation
--- or not, is claimed in one INSERT sorted by (source, event_id); then all
--- the accounts they charge are locked in one ordered statement (after the
--- claims, so a concurrent duplicate never waits on us while we wait on its
--- account), each locked account is expired only if it has anything due, and
--- charged once, in a single `usage` transaction for all its accepted
--- events, with one statement per table for all accounts. Events that do not
--- fit an account's available credits, in batch order (a loop over that
--- account's events only when they do not all fit), and every event of an
--- account bound by a spend policy, are recorded afterwards one at a time by
--- tl_record_usage (overdraft, shortfall to system:overage, policy). Events
--- that settle a reservation capture or release it one at a time (each fails
--- alone). The roll-ups are written last, once per key, in key order.
---
--- The account row locks are held from tl_lock to COMMIT, and batches over
--- the same accounts queue for them, so whatever needs no lock is done
--- before it: the transaction id of each account's `usage` transaction is
--- chosen up front, so each event is claimed once with its final row (its
--- transaction id and stored answer; the reference to transactions is
--- deferred to COMMIT for that, the transaction row being written after the
--- lock), and the answer and the roll-up sums are built before the lock on
--- the assumption that every claimed event is recorded. In the rare batch
--- where that is not so (a closed account, credits that do not cover, a
--- reservation, a repeated event), v_changed is set, and the rejected claims
--- are deleted and the answer and the roll-ups rebuilt after the charge.
--- Returns {results: [{event_id, status, code?, cost?, id?, transaction_id?}]}.
-CREATE OR REPLACE FUNCTION tl_record_usage_batch(p_events jsonb, p_ctx jsonb) RETURNS jsonb
-LANGUAGE plpgsql
--- Generic plans: a parameter's value (the batch, the working rows, v_now)
--- tells the planner nothing here, and the custom plans it otherwise makes
--- now and then cost CPU (planning: 1.2% -> 0.7% of the backend's samples).
-SET plan_cache_mode = force_generic_plan
--- Every table is reached by key (accounts by address or id, usage_events by
--- (source, event_id), lots by account, prices by model): the indexes whatever
--- the statistics say, as under tl_execute_batch. A cached generic plan made
--- with the statistics of a small, fresh table would otherwise scan the whole
--- table at every batch once it has grown.
-SET enable_seqscan = off
-AS $$
-DECLARE
-    v_now timestamptz;
-    v_changed boolean;
-    v_rejected integer := 0;
-    v_accounts bigint[];
-    v_charged bigint[];
-    v_txns uuid[];
-    v_totals bigint[];
-    v_counts bigint[];
-    v_taken bigint;
-    v_acc record;
-    v_left bigint;
-    v_e record;
-    v_txn uuid;
-    v_res jsonb;
-    v_code text;
-    v_answer jsonb;
-    v_rollup record;
-    v_rows tl_usage_batch_item[];
-    v_minute timestamptz;
-    v_key_spent bigint;
-    v_pos integer[];
-    v_codes text[];
-    v_statuses text[];
-    v_results jsonb[];
-    v_differs boolean[];
-    v_try integer;
-BEGIN
-    -- The working rows are an array (v_rows[pos] is event pos), not a
-    -- temporary table: emptying one at commit rebuilt its indexes, which
-    -- invalidated the plan of every statement that used it, so each batch
-    -- planned them all again; and every event was written to it (with its
-    -- index entries) once more than to usage_events.
+-- tl_record_usage_batch's steps (below), each a function called once per
+-- batch: the working rows (tl_usage_batch_item[]) go in and come back, and
+-- every statement is the set-based one it was when the steps were written
+-- out in one body.
 
+-- Step 1, before any lock: the batch's working rows.
+-- Runs inside tl_record_usage_batch, under its settings (generic plans, no
+-- sequential scans): called once per batch, never per event.
+CREATE OR REPLACE FUNCTION tl_usage_batch_rows(p_events jsonb, p_ctx jsonb) RETURNS tl_usage_batch_item[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_rows tl_usage_batch_item[];
+BEGIN
     -- Parse, and answer what needs no lock: repeats within the batch (later
     -- ones answer like the first), events recorded before (their stored
     -- answer), unknown or system accounts, unknown reservations, prices
@@ -2520,29 +2458,321 @@ BEGIN
            )::tl_usage_batch_item ORDER BY w.pos)
     INTO v_rows
     FROM w;
+    RETURN v_rows;
+END $$;
 
+-- Step 2, for a key with a rate cap only.
     -- A capped key's spend rate (tl_key_charge): its row locked before any
     -- event is claimed, the events it would charge counted in batch order,
     -- and each one that would pass the cap rejected alone (key_rate_limited).
-    IF p_ctx ? 'rate_limit' THEN
-        PERFORM tl_key_lock(ARRAY[p_ctx]);
-        v_minute := date_trunc('minute', tl_now(p_ctx), 'UTC');
-        SELECT CASE WHEN s.minute = v_minute THEN s.spent ELSE 0 END INTO v_key_spent
-          FROM key_spend s WHERE s.actor = p_ctx ->> 'actor';
-        FOR i IN 1 .. coalesce(cardinality(v_rows), 0) LOOP
-            CONTINUE WHEN v_rows[i].status NOT IN ('pending', 'single') OR v_rows[i].reservation IS NOT NULL
-                          OR coalesce(v_rows[i].cost, 0) <= 0;
-            IF v_key_spent + v_rows[i].cost > (p_ctx ->> 'rate_limit')::bigint THEN
-                v_rows[i].status := 'rejected';
-                v_rows[i].code := 'key_rate_limited';
+CREATE OR REPLACE FUNCTION tl_usage_batch_key_cap(p_rows tl_usage_batch_item[], p_ctx jsonb)
+RETURNS tl_usage_batch_item[] LANGUAGE plpgsql AS $$
+DECLARE
+    v_minute timestamptz;
+    v_key_spent bigint;
+BEGIN
+    PERFORM tl_key_lock(ARRAY[p_ctx]);
+    v_minute := date_trunc('minute', tl_now(p_ctx), 'UTC');
+    SELECT CASE WHEN s.minute = v_minute THEN s.spent ELSE 0 END INTO v_key_spent
+      FROM key_spend s WHERE s.actor = p_ctx ->> 'actor';
+    FOR i IN 1 .. coalesce(cardinality(p_rows), 0) LOOP
+        CONTINUE WHEN p_rows[i].status NOT IN ('pending', 'single') OR p_rows[i].reservation IS NOT NULL
+                      OR coalesce(p_rows[i].cost, 0) <= 0;
+        IF v_key_spent + p_rows[i].cost > (p_ctx ->> 'rate_limit')::bigint THEN
+            p_rows[i].status := 'rejected';
+            p_rows[i].code := 'key_rate_limited';
+        ELSE
+            v_key_spent := v_key_spent + p_rows[i].cost;
+        END IF;
+    END LOOP;
+    UPDATE key_spend SET spent = v_key_spent, minute = v_minute WHERE actor = p_ctx ->> 'actor';
+    RETURN p_rows;
+END $$;
+
+-- Step 4, under the account locks, for the accounts charged directly (p_charged,
+-- with the totals of their events, p_totals): a closed one rejects all its
+-- events; an open one is brought up to now (only when something is due).
+-- Answers the rows, and how many of them became 'rejected' or 'single'.
+-- Runs inside tl_record_usage_batch, under its settings (generic plans, no
+-- sequential scans): called once per batch, never per event.
+CREATE OR REPLACE FUNCTION tl_usage_batch_fit(p_rows tl_usage_batch_item[], p_charged bigint[], p_totals bigint[],
+                                              p_now timestamptz, p_ctx jsonb,
+                                              OUT o_rows tl_usage_batch_item[], OUT o_rejected integer)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_acc record;
+    v_left bigint;
+    v_pos integer[];
+    v_differs boolean[];
+BEGIN
+    o_rejected := 0;
+    -- (Spend policy: an account bound by a policy set since the events
+    -- were sorted out goes one by one too, now that it is locked.)
+    IF EXISTS (SELECT 1 FROM accounts a WHERE a.id = ANY (p_charged) AND (a.status <> 'open' OR a.policy_bound)) THEN
+        SELECT array_agg(w.pos), array_agg(a.status <> 'open') INTO v_pos, v_differs
+        FROM unnest(p_rows) w JOIN accounts a ON a.id = w.account_id
+        WHERE a.id = ANY (p_charged) AND (a.status <> 'open' OR a.policy_bound) AND w.status = 'pending';
+        FOR i IN 1 .. coalesce(cardinality(v_pos), 0) LOOP
+            IF v_differs[i] THEN
+                p_rows[v_pos[i]].status := 'rejected';
+                p_rows[v_pos[i]].code := 'account_closed';
             ELSE
-                v_key_spent := v_key_spent + v_rows[i].cost;
+                p_rows[v_pos[i]].status := 'single';
+            END IF;
+            o_rejected := o_rejected + 1;
+        END LOOP;
+    END IF;
+    FOR v_acc IN
+        SELECT a.id FROM accounts a
+        WHERE a.id = ANY (p_charged) AND a.status = 'open' AND (
+              EXISTS (SELECT 1 FROM reservations r WHERE r.account_id = a.id AND r.status = 'active'
+                                                     AND r.expires_at <= p_now)
+           OR EXISTS (SELECT 1 FROM lots l WHERE l.account_id = a.id AND l.rollover_max IS NOT NULL
+                                             AND l.rolled_at IS NULL AND l.expires_at <= p_now)
+           OR EXISTS (SELECT 1 FROM lots l WHERE l.account_id = a.id AND l.status = 'voided'
+                                             AND l.live AND l.remaining > l.reserved)
+           OR EXISTS (SELECT 1 FROM lots l WHERE l.account_id = a.id AND l.status = 'active'
+                                             AND l.live AND l.remaining > l.reserved
+                                             AND l.expires_at <= p_now))
+        ORDER BY a.id
+    LOOP
+        PERFORM tl_expire_due(v_acc.id, p_now, p_ctx);
+    END LOOP;
+    -- Where an account's events do not all fit, reject in batch order
+    -- those that do not fit what the earlier ones left.
+    FOR v_acc IN
+        SELECT n.account_id, coalesce(sum(l.remaining - l.reserved), 0)::bigint AS spendable
+        FROM unnest(p_charged, p_totals) AS n (account_id, total)
+        LEFT JOIN lots l ON l.account_id = ANY (p_charged) AND l.account_id = n.account_id
+                        AND l.status = 'active' AND l.live
+                        AND l.remaining > l.reserved AND l.effective_at <= p_now
+                        AND (l.expires_at IS NULL OR l.expires_at > p_now)
+        GROUP BY n.account_id, n.total
+        HAVING n.total > coalesce(sum(l.remaining - l.reserved), 0)
+        ORDER BY n.account_id
+    LOOP
+        v_left := v_acc.spendable;
+        SELECT array_agg(w.pos ORDER BY w.pos) INTO v_pos FROM unnest(p_rows) w
+        WHERE w.account_id = v_acc.account_id AND w.status = 'pending' AND w.reservation IS NULL AND w.cost > 0;
+        -- (None left pending when the account is closed.)
+        FOR i IN 1 .. coalesce(cardinality(v_pos), 0) LOOP
+            IF p_rows[v_pos[i]].cost <= v_left THEN
+                v_left := v_left - p_rows[v_pos[i]].cost;
+            ELSE
+                -- Never dropped: recorded by tl_record_usage below, with
+                -- its shortfall charged to system:overage.
+                p_rows[v_pos[i]].status := 'single';
+                o_rejected := o_rejected + 1;
             END IF;
         END LOOP;
-        UPDATE key_spend SET spent = v_key_spent, minute = v_minute WHERE actor = p_ctx ->> 'actor';
+    END LOOP;
+    o_rows := p_rows;
+END $$;
+
+-- Step 5, the charge.
+    -- Charge: one `usage` transaction per account (the id its events were
+    -- claimed with), its lots consumed in consumption order, its balance and
+    -- system:usage's moved once each.
+-- Runs inside tl_record_usage_batch, under its settings (generic plans, no
+-- sequential scans): called once per batch, never per event.
+CREATE OR REPLACE FUNCTION tl_usage_batch_charge(p_charged bigint[], p_txns uuid[], p_totals bigint[],
+                                                 p_counts bigint[], p_now timestamptz, p_ctx jsonb)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_taken bigint;
+BEGIN
+    INSERT INTO transactions (id, kind, memo, metadata, details, actor, request_id, created_at)
+    SELECT t.id, 'usage', NULL, '{}'::jsonb, jsonb_build_object('batch', true, 'events', t.n),
+           p_ctx ->> 'actor', p_ctx ->> 'request_id', p_now
+    FROM unnest(p_txns, p_counts) WITH ORDINALITY AS t (id, n, ord) ORDER BY t.ord;
+    WITH need AS (
+        SELECT * FROM unnest(p_charged, p_txns, p_totals) AS n (account_id, txn, total)),
+    live AS (
+        SELECT l.id, n.txn, n.total, l.remaining - l.reserved AS free,
+               coalesce(sum(l.remaining - l.reserved) OVER (
+                   PARTITION BY l.account_id ORDER BY l.priority, l.expires_at NULLS LAST, l.effective_at, l.id
+                   ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
+        FROM need n JOIN lots l ON l.account_id = ANY (p_charged) AND l.account_id = n.account_id
+        WHERE l.status = 'active' AND l.live AND l.remaining > l.reserved
+          AND l.effective_at <= p_now AND (l.expires_at IS NULL OR l.expires_at > p_now)),
+    taken AS (
+        SELECT id, txn, least(free, total - before)::bigint AS take FROM live WHERE before < total),
+    moved AS (
+        UPDATE lots l SET remaining = l.remaining - t.take FROM taken t
+        WHERE l.id = ANY (ARRAY(SELECT id FROM taken)) AND l.id = t.id
+        RETURNING t.id, t.txn, t.take),
+    logged AS (
+        INSERT INTO lot_movements (transaction_id, lot_id, amount)
+        SELECT txn, id, -take FROM moved RETURNING amount)
+    SELECT coalesce(-sum(amount), 0) INTO v_taken FROM logged;
+    ASSERT v_taken = (SELECT sum(x) FROM unnest(p_totals) x),
+        'tl_record_usage_batch: spendable credits changed under a held lock';
+    PERFORM tl_post_entries(array_agg(l.txn ORDER BY l.ord, l.leg), array_agg(l.account ORDER BY l.ord, l.leg),
+                            array_agg(l.amount ORDER BY l.ord, l.leg), p_now)
+    FROM (SELECT n.ord, 1 AS leg, n.txn, n.account, -n.total AS amount
+          FROM unnest(p_txns, p_charged, p_totals) WITH ORDINALITY AS n (txn, account, total, ord)
+          UNION ALL
+          SELECT n.ord, 2, n.txn, tl_account_id('system:usage'), n.total
+          FROM unnest(p_txns, p_totals) WITH ORDINALITY AS n (txn, total, ord)) l;
+END $$;
+
+-- Step 6, only in a batch where not every claimed event was recorded by the
+-- charge (a reservation, a bound account, credits that do not cover, a
+-- repeated event): the rest, one at a time.
+    -- Events that settle a reservation, one at a time (each fails alone):
+    -- a capture with the priced cost, or a release when it cost nothing.
+CREATE OR REPLACE FUNCTION tl_usage_batch_settle(p_rows tl_usage_batch_item[], p_events jsonb, p_ctx jsonb)
+RETURNS tl_usage_batch_item[] LANGUAGE plpgsql AS $$
+DECLARE
+    v_e record;
+    v_txn uuid;
+    v_res jsonb;
+    v_code text;
+    v_pos integer[];
+    v_codes text[];
+    v_statuses text[];
+    v_results jsonb[];
+BEGIN
+    SELECT array_agg(pos ORDER BY pos) INTO v_pos FROM unnest(p_rows)
+    WHERE status = 'pending' AND reservation IS NOT NULL;
+    FOR i IN 1 .. coalesce(cardinality(v_pos), 0) LOOP
+        v_e := p_rows[v_pos[i]];
+        BEGIN
+            v_txn := NULL;
+            IF v_e.cost > 0 THEN
+                v_res := tl_op_capture(jsonb_build_object(
+                    'reservation', v_e.reservation, 'reservation_id', v_e.reservation_id, 'amount', v_e.cost,
+                    'metadata', jsonb_build_object('usage_event', v_e.event_id, 'model', v_e.price_model)),
+                    p_ctx);
+                v_txn := (replace(v_res #>> '{transaction,id}', 'txn_', ''))::uuid;
+            ELSE
+                PERFORM tl_op_release(jsonb_build_object('reservation', v_e.reservation,
+                                                         'reservation_id', v_e.reservation_id), p_ctx);
+            END IF;
+            v_res := v_e.result || jsonb_build_object('transaction_id', tl_public_id('txn_', v_txn));
+            UPDATE usage_events SET transaction_id = v_txn, result = v_res WHERE id = v_e.id;
+            p_rows[v_e.pos].status := 'recorded';
+            p_rows[v_e.pos].txn := v_txn;
+            p_rows[v_e.pos].result := v_res;
+        EXCEPTION WHEN SQLSTATE 'TLA01' OR SQLSTATE 'TLA02' OR SQLSTATE 'TLA03' OR SQLSTATE 'TLA05'
+                     OR SQLSTATE 'TLA08' OR SQLSTATE 'TLB01' OR SQLSTATE 'TLB02' OR SQLSTATE 'TLB04'
+                     OR SQLSTATE 'TLD01' THEN
+            GET STACKED DIAGNOSTICS v_code = MESSAGE_TEXT;
+            DELETE FROM usage_events WHERE id = v_e.id;
+            p_rows[v_e.pos].status := 'rejected';
+            p_rows[v_e.pos].code := v_code;
+        END;
+    END LOOP;
+    -- Events of bound accounts, and those their account could not cover
+    -- in full, one at a time through tl_record_usage (each fails alone).
+    SELECT array_agg(pos ORDER BY pos) INTO v_pos FROM unnest(p_rows) WHERE status = 'single';
+    FOR i IN 1 .. coalesce(cardinality(v_pos), 0) LOOP
+        v_e := p_rows[v_pos[i]];
+        BEGIN
+            -- Counted against the key's cap above already.
+            v_res := tl_record_usage(p_events -> (v_e.pos - 1), p_ctx - 'rate_limit');
+            p_rows[v_e.pos].status := CASE WHEN (v_res ->> 'status')::integer = 201 THEN 'recorded_single'
+                                           ELSE 'duplicate' END;
+            p_rows[v_e.pos].result := (v_res -> 'body') - 'status';
+            p_rows[v_e.pos].cost := (v_res #>> '{body,cost}')::bigint;
+            p_rows[v_e.pos].txn := replace(v_res #>> '{body,transaction_id}', 'txn_', '')::uuid;
+        EXCEPTION WHEN SQLSTATE 'TLA01' OR SQLSTATE 'TLA02' OR SQLSTATE 'TLA03' OR SQLSTATE 'TLA05'
+                     OR SQLSTATE 'TLA08' OR SQLSTATE 'TLB01' OR SQLSTATE 'TLB02' OR SQLSTATE 'TLB04'
+                     OR SQLSTATE 'TLB08' OR SQLSTATE 'TLC01' OR SQLSTATE 'TLD01' THEN
+            GET STACKED DIAGNOSTICS v_code = MESSAGE_TEXT;
+            p_rows[v_e.pos].status := 'rejected';
+            p_rows[v_e.pos].code := v_code;
+        END;
+    END LOOP;
+    -- Repeats within the batch answer like their first occurrence did.
+    SELECT array_agg(b.pos),
+           array_agg(CASE WHEN o.status IN ('pending', 'recorded', 'recorded_single', 'duplicate') THEN 'duplicate'
+                          ELSE o.status END),
+           array_agg(o.code), array_agg(o.result)
+    INTO v_pos, v_statuses, v_codes, v_results
+    FROM unnest(p_rows) b JOIN unnest(p_rows) o ON o.source = b.source AND o.event_id = b.event_id
+    WHERE b.status = 'repeat' AND o.status <> 'repeat';
+    FOR i IN 1 .. coalesce(cardinality(v_pos), 0) LOOP
+        p_rows[v_pos[i]].status := v_statuses[i];
+        p_rows[v_pos[i]].code := v_codes[i];
+        p_rows[v_pos[i]].result := v_results[i];
+    END LOOP;
+    RETURN p_rows;
+END $$;
+
+-- Records a batch of usage events in one database transaction, set-based:
+-- duplicates (earlier ones and within the batch), unknown accounts, models
+-- and reservations are sorted out with joins; every new event, reservation
+-- or not, is claimed in one INSERT sorted by (source, event_id); then all
+-- the accounts they charge are locked in one ordered statement (after the
+-- claims, so a concurrent duplicate never waits on us while we wait on its
+-- account), each locked account is expired only if it has anything due, and
+-- charged once, in a single `usage` transaction for all its accepted
+-- events, with one statement per table for all accounts. Events that do not
+-- fit an account's available credits, in batch order (a loop over that
+-- account's events only when they do not all fit), and every event of an
+-- account bound by a spend policy, are recorded afterwards one at a time by
+-- tl_record_usage (overdraft, shortfall to system:overage, policy). Events
+-- that settle a reservation capture or release it one at a time (each fails
+-- alone). The roll-ups are written last, once per key, in key order.
+--
+-- The account row locks are held from tl_lock to COMMIT, and batches over
+-- the same accounts queue for them, so whatever needs no lock is done
+-- before it: the transaction id of each account's `usage` transaction is
+-- chosen up front, so each event is claimed once with its final row (its
+-- transaction id and stored answer; the reference to transactions is
+-- deferred to COMMIT for that, the transaction row being written after the
+-- lock), and the answer and the roll-up sums are built before the lock on
+-- the assumption that every claimed event is recorded. In the rare batch
+-- where that is not so (a closed account, credits that do not cover, a
+-- reservation, a repeated event), v_changed is set, and the rejected claims
+-- are deleted and the answer and the roll-ups rebuilt after the charge.
+-- Returns {results: [{event_id, status, code?, cost?, id?, transaction_id?}]}.
+CREATE OR REPLACE FUNCTION tl_record_usage_batch(p_events jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql
+-- Generic plans: a parameter's value (the batch, the working rows, v_now)
+-- tells the planner nothing here, and the custom plans it otherwise makes
+-- now and then cost CPU (planning: 1.2% -> 0.7% of the backend's samples).
+SET plan_cache_mode = force_generic_plan
+-- Every table is reached by key (accounts by address or id, usage_events by
+-- (source, event_id), lots by account, prices by model): the indexes whatever
+-- the statistics say, as under tl_execute_batch. A cached generic plan made
+-- with the statistics of a small, fresh table would otherwise scan the whole
+-- table at every batch once it has grown.
+SET enable_seqscan = off
+AS $$
+DECLARE
+    v_now timestamptz;
+    v_changed boolean;
+    v_rejected integer := 0;
+    v_accounts bigint[];
+    v_charged bigint[];
+    v_txns uuid[];
+    v_totals bigint[];
+    v_counts bigint[];
+    v_answer jsonb;
+    v_rollup record;
+    v_rows tl_usage_batch_item[];
+    v_pos integer[];
+    v_results jsonb[];
+    v_differs boolean[];
+    v_try integer;
+BEGIN
+    -- The working rows are an array (v_rows[pos] is event pos), not a
+    -- temporary table: emptying one at commit rebuilt its indexes, which
+    -- invalidated the plan of every statement that used it, so each batch
+    -- planned them all again; and every event was written to it (with its
+    -- index entries) once more than to usage_events.
+
+    -- 1. Parse, price and sort out the events (tl_usage_batch_rows).
+    v_rows := tl_usage_batch_rows(p_events, p_ctx);
+
+    -- 2. A capped key's spend rate (tl_usage_batch_key_cap).
+    IF p_ctx ? 'rate_limit' THEN
+        v_rows := tl_usage_batch_key_cap(v_rows, p_ctx);
     END IF;
 
-    -- Claim the new events in key order, each with its final row (an event
+    -- 3. Claim the new events in key order, each with its final row (an event
     -- that settles a reservation without its answer, which needs the
     -- capture's transaction). One claimed meanwhile by a concurrent request
     -- is a duplicate (the INSERT waited for that request to commit).
@@ -2625,69 +2855,9 @@ BEGIN
     END IF;
     v_now := tl_now(p_ctx);
 
-    -- Accounts charged directly: a closed one rejects all its events; an
-    -- open one is brought up to now (only when something is due).
+    -- 4. Accounts charged directly: closed, bound, due, or short (tl_usage_batch_fit).
     IF v_charged IS NOT NULL THEN
-        -- (Spend policy: an account bound by a policy set since the events
-        -- were sorted out goes one by one too, now that it is locked.)
-        IF EXISTS (SELECT 1 FROM accounts a WHERE a.id = ANY (v_charged) AND (a.status <> 'open' OR a.policy_bound)) THEN
-            SELECT array_agg(w.pos), array_agg(a.status <> 'open') INTO v_pos, v_differs
-            FROM unnest(v_rows) w JOIN accounts a ON a.id = w.account_id
-            WHERE a.id = ANY (v_charged) AND (a.status <> 'open' OR a.policy_bound) AND w.status = 'pending';
-            FOR i IN 1 .. coalesce(cardinality(v_pos), 0) LOOP
-                IF v_differs[i] THEN
-                    v_rows[v_pos[i]].status := 'rejected';
-                    v_rows[v_pos[i]].code := 'account_closed';
-                ELSE
-                    v_rows[v_pos[i]].status := 'single';
-                END IF;
-                v_rejected := v_rejected + 1;
-            END LOOP;
-        END IF;
-        FOR v_acc IN
-            SELECT a.id FROM accounts a
-            WHERE a.id = ANY (v_charged) AND a.status = 'open' AND (
-                  EXISTS (SELECT 1 FROM reservations r WHERE r.account_id = a.id AND r.status = 'active'
-                                                         AND r.expires_at <= v_now)
-               OR EXISTS (SELECT 1 FROM lots l WHERE l.account_id = a.id AND l.rollover_max IS NOT NULL
-                                                 AND l.rolled_at IS NULL AND l.expires_at <= v_now)
-               OR EXISTS (SELECT 1 FROM lots l WHERE l.account_id = a.id AND l.status = 'voided'
-                                                 AND l.live AND l.remaining > l.reserved)
-               OR EXISTS (SELECT 1 FROM lots l WHERE l.account_id = a.id AND l.status = 'active'
-                                                 AND l.live AND l.remaining > l.reserved
-                                                 AND l.expires_at <= v_now))
-            ORDER BY a.id
-        LOOP
-            PERFORM tl_expire_due(v_acc.id, v_now, p_ctx);
-        END LOOP;
-        -- Where an account's events do not all fit, reject in batch order
-        -- those that do not fit what the earlier ones left.
-        FOR v_acc IN
-            SELECT n.account_id, coalesce(sum(l.remaining - l.reserved), 0)::bigint AS spendable
-            FROM unnest(v_charged, v_totals) AS n (account_id, total)
-            LEFT JOIN lots l ON l.account_id = ANY (v_charged) AND l.account_id = n.account_id
-                            AND l.status = 'active' AND l.live
-                            AND l.remaining > l.reserved AND l.effective_at <= v_now
-                            AND (l.expires_at IS NULL OR l.expires_at > v_now)
-            GROUP BY n.account_id, n.total
-            HAVING n.total > coalesce(sum(l.remaining - l.reserved), 0)
-            ORDER BY n.account_id
-        LOOP
-            v_left := v_acc.spendable;
-            SELECT array_agg(w.pos ORDER BY w.pos) INTO v_pos FROM unnest(v_rows) w
-            WHERE w.account_id = v_acc.account_id AND w.status = 'pending' AND w.reservation IS NULL AND w.cost > 0;
-            -- (None left pending when the account is closed.)
-            FOR i IN 1 .. coalesce(cardinality(v_pos), 0) LOOP
-                IF v_rows[v_pos[i]].cost <= v_left THEN
-                    v_left := v_left - v_rows[v_pos[i]].cost;
-                ELSE
-                    -- Never dropped: recorded by tl_record_usage below, with
-                    -- its shortfall charged to system:overage.
-                    v_rows[v_pos[i]].status := 'single';
-                    v_rejected := v_rejected + 1;
-                END IF;
-            END LOOP;
-        END LOOP;
+        SELECT * INTO v_rows, v_rejected FROM tl_usage_batch_fit(v_rows, v_charged, v_totals, v_now, p_ctx);
     END IF;
     IF v_rejected > 0 THEN
         v_changed := true;
@@ -2702,112 +2872,14 @@ BEGIN
               WHERE status = 'pending' AND reservation IS NULL AND cost > 0 GROUP BY account_id) s;
     END IF;
 
-    -- Charge: one `usage` transaction per account (the id its events were
-    -- claimed with), its lots consumed in consumption order, its balance and
-    -- system:usage's moved once each.
+    -- 5. Charge (tl_usage_batch_charge).
     IF v_charged IS NOT NULL THEN
-        INSERT INTO transactions (id, kind, memo, metadata, details, actor, request_id, created_at)
-        SELECT t.id, 'usage', NULL, '{}'::jsonb, jsonb_build_object('batch', true, 'events', t.n),
-               p_ctx ->> 'actor', p_ctx ->> 'request_id', v_now
-        FROM unnest(v_txns, v_counts) WITH ORDINALITY AS t (id, n, ord) ORDER BY t.ord;
-        WITH need AS (
-            SELECT * FROM unnest(v_charged, v_txns, v_totals) AS n (account_id, txn, total)),
-        live AS (
-            SELECT l.id, n.txn, n.total, l.remaining - l.reserved AS free,
-                   coalesce(sum(l.remaining - l.reserved) OVER (
-                       PARTITION BY l.account_id ORDER BY l.priority, l.expires_at NULLS LAST, l.effective_at, l.id
-                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
-            FROM need n JOIN lots l ON l.account_id = ANY (v_charged) AND l.account_id = n.account_id
-            WHERE l.status = 'active' AND l.live AND l.remaining > l.reserved
-              AND l.effective_at <= v_now AND (l.expires_at IS NULL OR l.expires_at > v_now)),
-        taken AS (
-            SELECT id, txn, least(free, total - before)::bigint AS take FROM live WHERE before < total),
-        moved AS (
-            UPDATE lots l SET remaining = l.remaining - t.take FROM taken t
-            WHERE l.id = ANY (ARRAY(SELECT id FROM taken)) AND l.id = t.id
-            RETURNING t.id, t.txn, t.take),
-        logged AS (
-            INSERT INTO lot_movements (transaction_id, lot_id, amount)
-            SELECT txn, id, -take FROM moved RETURNING amount)
-        SELECT coalesce(-sum(amount), 0) INTO v_taken FROM logged;
-        ASSERT v_taken = (SELECT sum(x) FROM unnest(v_totals) x),
-            'tl_record_usage_batch: spendable credits changed under a held lock';
-        PERFORM tl_post_entries(array_agg(l.txn ORDER BY l.ord, l.leg), array_agg(l.account ORDER BY l.ord, l.leg),
-                                array_agg(l.amount ORDER BY l.ord, l.leg), v_now)
-        FROM (SELECT n.ord, 1 AS leg, n.txn, n.account, -n.total AS amount
-              FROM unnest(v_txns, v_charged, v_totals) WITH ORDINALITY AS n (txn, account, total, ord)
-              UNION ALL
-              SELECT n.ord, 2, n.txn, tl_account_id('system:usage'), n.total
-              FROM unnest(v_txns, v_totals) WITH ORDINALITY AS n (txn, total, ord)) l;
+        PERFORM tl_usage_batch_charge(v_charged, v_txns, v_totals, v_counts, v_now, p_ctx);
     END IF;
 
-    -- Events that settle a reservation, one at a time (each fails alone):
-    -- a capture with the priced cost, or a release when it cost nothing.
+    -- 6. What the charge did not record, one at a time (tl_usage_batch_settle).
     IF v_changed THEN
-        SELECT array_agg(pos ORDER BY pos) INTO v_pos FROM unnest(v_rows)
-        WHERE status = 'pending' AND reservation IS NOT NULL;
-        FOR i IN 1 .. coalesce(cardinality(v_pos), 0) LOOP
-            v_e := v_rows[v_pos[i]];
-            BEGIN
-                v_txn := NULL;
-                IF v_e.cost > 0 THEN
-                    v_res := tl_op_capture(jsonb_build_object(
-                        'reservation', v_e.reservation, 'reservation_id', v_e.reservation_id, 'amount', v_e.cost,
-                        'metadata', jsonb_build_object('usage_event', v_e.event_id, 'model', v_e.price_model)),
-                        p_ctx);
-                    v_txn := (replace(v_res #>> '{transaction,id}', 'txn_', ''))::uuid;
-                ELSE
-                    PERFORM tl_op_release(jsonb_build_object('reservation', v_e.reservation,
-                                                             'reservation_id', v_e.reservation_id), p_ctx);
-                END IF;
-                v_res := v_e.result || jsonb_build_object('transaction_id', tl_public_id('txn_', v_txn));
-                UPDATE usage_events SET transaction_id = v_txn, result = v_res WHERE id = v_e.id;
-                v_rows[v_e.pos].status := 'recorded';
-                v_rows[v_e.pos].txn := v_txn;
-                v_rows[v_e.pos].result := v_res;
-            EXCEPTION WHEN SQLSTATE 'TLA01' OR SQLSTATE 'TLA02' OR SQLSTATE 'TLA03' OR SQLSTATE 'TLA05'
-                         OR SQLSTATE 'TLA08' OR SQLSTATE 'TLB01' OR SQLSTATE 'TLB02' OR SQLSTATE 'TLB04'
-                         OR SQLSTATE 'TLD01' THEN
-                GET STACKED DIAGNOSTICS v_code = MESSAGE_TEXT;
-                DELETE FROM usage_events WHERE id = v_e.id;
-                v_rows[v_e.pos].status := 'rejected';
-                v_rows[v_e.pos].code := v_code;
-            END;
-        END LOOP;
-        -- Events of bound accounts, and those their account could not cover
-        -- in full, one at a time through tl_record_usage (each fails alone).
-        SELECT array_agg(pos ORDER BY pos) INTO v_pos FROM unnest(v_rows) WHERE status = 'single';
-        FOR i IN 1 .. coalesce(cardinality(v_pos), 0) LOOP
-            v_e := v_rows[v_pos[i]];
-            BEGIN
-                -- Counted against the key's cap above already.
-                v_res := tl_record_usage(p_events -> (v_e.pos - 1), p_ctx - 'rate_limit');
-                v_rows[v_e.pos].status := CASE WHEN (v_res ->> 'status')::integer = 201 THEN 'recorded_single'
-                                               ELSE 'duplicate' END;
-                v_rows[v_e.pos].result := (v_res -> 'body') - 'status';
-                v_rows[v_e.pos].cost := (v_res #>> '{body,cost}')::bigint;
-                v_rows[v_e.pos].txn := replace(v_res #>> '{body,transaction_id}', 'txn_', '')::uuid;
-            EXCEPTION WHEN SQLSTATE 'TLA01' OR SQLSTATE 'TLA02' OR SQLSTATE 'TLA03' OR SQLSTATE 'TLA05'
-                         OR SQLSTATE 'TLA08' OR SQLSTATE 'TLB01' OR SQLSTATE 'TLB02' OR SQLSTATE 'TLB04'
-                         OR SQLSTATE 'TLB08' OR SQLSTATE 'TLC01' OR SQLSTATE 'TLD01' THEN
-                GET STACKED DIAGNOSTICS v_code = MESSAGE_TEXT;
-                v_rows[v_e.pos].status := 'rejected';
-                v_rows[v_e.pos].code := v_code;
-            END;
-        END LOOP;
-        -- Repeats within the batch answer like their first occurrence did.
-        SELECT array_agg(b.pos),
-               array_agg(CASE WHEN o.status IN ('pending', 'recorded', 'recorded_single', 'duplicate') THEN 'duplicate'
-                              ELSE o.status END),
-               array_agg(o.code), array_agg(o.result)
-        INTO v_pos, v_statuses, v_codes, v_results
-        FROM unnest(v_rows) b JOIN unnest(v_rows) o ON o.source = b.source AND o.event_id = b.event_id
-        WHERE b.status = 'repeat' AND o.status <> 'repeat';
-        FOR i IN 1 .. coalesce(cardinality(v_pos), 0) LOOP
-            v_rows[v_pos[i]].status := v_statuses[i];
-            v_rows[v_pos[i]].code := v_codes[i];
-            v_rows[v_pos[i]].result := v_results[i];
-        END LOOP;
+        v_rows := tl_usage_batch_settle(v_rows, p_events, p_ctx);
         v_answer := tl_usage_batch_answer(v_rows);
         v_rollup := tl_usage_batch_sums(v_rows);
     END IF;
