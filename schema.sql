@@ -59,7 +59,10 @@
 --                 tl_usage_refs_exist, tl_usage_events_refs,
 --                 tl_usage_event_refs, tl_usage_json, tl_usage_differs,
 --                 tl_usage_duplicate, tl_record_usage, tl_usage_batch_answer,
---                 tl_usage_batch_sums, tl_record_usage_batch.
+--                 tl_usage_batch_sums, tl_usage_batch_rows,
+--                 tl_usage_batch_key_cap, tl_usage_batch_fit,
+--                 tl_usage_batch_charge, tl_usage_batch_settle,
+--                 tl_record_usage_batch.
 --
 --  5. The entry point
 --       functions: tl_estimate, tl_batch_fast, tl_debit_fast, tl_execute_batch,
@@ -78,8 +81,10 @@
 --       functions: tl_cycle_bounds, tl_cycle_at, tl_cycle_add,
 --                 tl_program_first_cycle, tl_program_last_cycle,
 --                 tl_in_audience, tl_cycle_json, tl_program_json,
---                 tl_program_run_json, tl_op_put_program, tl_program_run,
---                 tl_program_onboard, tl_programs_due.
+--                 tl_program_run_json, tl_op_put_program, tl_program_cycle,
+--                 tl_program_classify, tl_program_fund, tl_program_post,
+--                 tl_program_record, tl_program_run, tl_program_onboard,
+--                 tl_programs_due.
 --
 --  8. Spend policy
 --       tables:    spend_policies, policy_spend.
