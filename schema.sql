@@ -36,7 +36,8 @@
 --                 tl_uuid7_floor, tl_ts, tl_public_id, tl_raise, tl_now,
 --                 tl_shard, tl_account_id, tl_require_account, tl_lock,
 --                 tl_require_open, tl_new_transaction, tl_post_entry,
---                 tl_parse_public_id, tl_transaction_json, tl_account_json,
+--                 tl_parse_public_id, tl_transaction_json, tl_entry_json,
+--                 tl_account_json,
 --                 tl_department_json, tl_employee_json, tl_op_put_department,
 --                 tl_op_put_employee, tl_record_department, tl_department_at,
 --                 tl_rehire.
@@ -52,6 +53,7 @@
 --       functions: tl_release_holds, tl_reservation_json, tl_may_act_on,
 --                 tl_lock_reservation, tl_op_reserve, tl_op_capture,
 --                 tl_op_release, tl_op_extend.
+--       views:     tl_reserved_mismatches.
 --
 --  4. Prices and usage
 --       tables:    prices, usage_events.
@@ -74,7 +76,8 @@
 --                 spend_rollup_builds, lot_settled, lot_settle_progress.
 --       functions: tl_usage_rollup_sums, tl_usage_rollup_many, tl_usage_rollup,
 --                 tl_spend_rollup, tl_spend_rollup_rebuild, tl_lot_unsettled,
---                 tl_settle_lots, tl_balance_at, tl_report_periods.
+--                 tl_settle_lots, tl_balance_at, tl_settled_lot_problem,
+--                 tl_report_periods.
 --
 --  7. Grant programs
 --       tables:    grant_programs, program_runs, program_grants.
@@ -776,6 +779,22 @@ LANGUAGE sql STABLE AS $$
         'reversed_by', (SELECT tl_public_id('txn_', r.id) FROM transactions r WHERE r.reverses = t.id),
         'created_at', tl_ts(t.created_at))
     FROM transactions t WHERE t.id = p_id
+$$;
+
+-- An item of an account's entries page (service/sql/accounts.sql), from
+-- the entry and its transaction. Inlined into the calling statement (one
+-- SELECT of an expression): its field selections become plain columns.
+CREATE OR REPLACE FUNCTION tl_entry_json(e entries, t transactions) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'transaction_id', tl_public_id('txn_', e.transaction_id),
+        'kind', t.kind,
+        'amount', e.amount,
+        'balance_after', e.balance_after,
+        'version', e.version,
+        'shard', e.shard,
+        'created_at', tl_ts(e.created_at),
+        'metadata', t.metadata)
 $$;
 
 -- The balance view at p_now. Lots that expired at or before p_now count as
@@ -1836,6 +1855,16 @@ BEGIN
      WHERE id = r.id;
     RETURN tl_reservation_json(r.id, v_now);
 END $$;
+
+-- Accounts whose reserved amount is not the sum of their active
+-- reservations: the audit's invariant 4 (service/sql/audit.sql), in both its
+-- full and its routine form. A view, so each query plans it as its own.
+CREATE OR REPLACE VIEW tl_reserved_mismatches AS
+SELECT a.address, a.reserved, coalesce(r.total, 0) AS held
+FROM accounts a
+LEFT JOIN (SELECT account_id, sum(amount) AS total FROM reservations WHERE status = 'active'
+           GROUP BY account_id) r ON r.account_id = a.id
+WHERE a.reserved <> coalesce(r.total, 0);
 
 -- ===========================================================================
 -- 4. Prices and usage: versioned prices; usage events, recorded one by one or
@@ -4401,6 +4430,15 @@ BEGIN
           AND NOT EXISTS (SELECT 1 FROM lot_settled s WHERE s.lot_id = l.id AND s.settled_at <= p_at)
     )::bigint;
 END $$;
+
+-- The audit's finding for a settled lot that is not (service/sql/audit.sql,
+-- audit_4_settled_lots and its __since form).
+CREATE OR REPLACE FUNCTION tl_settled_lot_problem(p_lot uuid, p_remaining bigint, p_moved_at timestamptz,
+                                                  p_settled_at timestamptz) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT format('settled lot %s: remaining %s, last moved at %s, settled at %s', tl_public_id('lot_', p_lot),
+                  p_remaining, tl_ts(p_moved_at), tl_ts(p_settled_at))
+$$;
 
 -- ---------------------------------------------------------------------------
 -- Report periods
