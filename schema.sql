@@ -2593,8 +2593,8 @@ BEGIN
             IF p_rows[v_pos[i]].cost <= v_left THEN
                 v_left := v_left - p_rows[v_pos[i]].cost;
             ELSE
-                -- Never dropped: recorded by tl_record_usage below, with
-                -- its shortfall charged to system:overage.
+                -- Never dropped: recorded by tl_record_usage later
+                -- (tl_usage_batch_settle), its shortfall charged to system:overage.
                 p_rows[v_pos[i]].status := 'single';
                 o_rejected := o_rejected + 1;
             END IF;
@@ -2703,7 +2703,7 @@ BEGIN
     FOR i IN 1 .. coalesce(cardinality(v_pos), 0) LOOP
         v_e := p_rows[v_pos[i]];
         BEGIN
-            -- Counted against the key's cap above already.
+            -- Counted against the key's cap already (tl_usage_batch_key_cap).
             v_res := tl_record_usage(p_events -> (v_e.pos - 1), p_ctx - 'rate_limit');
             p_rows[v_e.pos].status := CASE WHEN (v_res ->> 'status')::integer = 201 THEN 'recorded_single'
                                            ELSE 'duplicate' END;
@@ -4210,7 +4210,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS spend_monthly_key_idx
     ON spend_monthly (month, account_id, model, project) NULLS NOT DISTINCT;
 
 -- When the roll-ups were (re)built from the journal: the first application
--- of this section backfills them once (below), tl_spend_rollup_rebuild()
+-- of this file backfills them once (section 15), tl_spend_rollup_rebuild()
 -- again on demand.
 CREATE TABLE IF NOT EXISTS spend_rollup_builds (
     built_at timestamptz PRIMARY KEY
@@ -4269,7 +4269,7 @@ CREATE TRIGGER entries_spend_rollup AFTER INSERT ON entries
 
 -- Rebuilds both roll-ups from the journal, exactly as the trigger keeps
 -- them, with entries locked against writers meanwhile (SHARE: reads go on).
--- For the first application below, and for a journal written with triggers
+-- For the first application (section 15), and for a journal written with triggers
 -- off (bench/reports.py writes one set-based).
 CREATE OR REPLACE FUNCTION tl_spend_rollup_rebuild() RETURNS void
 LANGUAGE plpgsql AS $$
