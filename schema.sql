@@ -1029,6 +1029,10 @@ END $$;
 -- debits, transfers, voids, reversals, offboarding
 -- ===========================================================================
 
+-- ---------------------------------------------------------------------------
+-- Lots: consumption, expiry, rollover
+-- ---------------------------------------------------------------------------
+
 CREATE OR REPLACE FUNCTION tl_move_lot(p_txn uuid, p_lot uuid, p_amount bigint) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -4012,6 +4016,11 @@ END $$;
 -- ===========================================================================
 -- 6. Roll-ups: usage and spend roll-ups, settled lots, report periods
 -- ===========================================================================
+
+-- ---------------------------------------------------------------------------
+-- Usage roll-ups: the usage events summed per day and month, in the
+-- transaction of each event
+-- ---------------------------------------------------------------------------
 
 -- Daily roll-up for reports, kept in the same transaction as each event.
 -- project '' stands for "no project" so it can be part of the key.
