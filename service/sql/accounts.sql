@@ -13,16 +13,7 @@ FROM accounts a WHERE a.address = $1;
 -- created_at. The cursor is an index condition on entries_account_idx, so a
 -- page starts where the last one ended however deep it is; the time bounds
 -- filter what that index walk finds.
-SELECT e.id AS cursor,
-       jsonb_build_object(
-           'transaction_id', tl_public_id('txn_', e.transaction_id),
-           'kind', t.kind,
-           'amount', e.amount,
-           'balance_after', e.balance_after,
-           'version', e.version,
-           'shard', e.shard,
-           'created_at', tl_ts(e.created_at),
-           'metadata', t.metadata) AS item
+SELECT e.id AS cursor, tl_entry_json(e, t) AS item
 FROM entries e JOIN transactions t ON t.id = e.transaction_id
 WHERE e.account_id = $1
   AND e.id < coalesce($2::bigint, 9223372036854775807)
@@ -39,16 +30,7 @@ LIMIT $5;
 -- plan could not tell this page from a narrow time range, and filtered the
 -- cursor instead of starting at it: a page deep in a heavy user's history
 -- read every newer entry first.
-SELECT e.id AS cursor,
-       jsonb_build_object(
-           'transaction_id', tl_public_id('txn_', e.transaction_id),
-           'kind', t.kind,
-           'amount', e.amount,
-           'balance_after', e.balance_after,
-           'version', e.version,
-           'shard', e.shard,
-           'created_at', tl_ts(e.created_at),
-           'metadata', t.metadata) AS item
+SELECT e.id AS cursor, tl_entry_json(e, t) AS item
 FROM entries e JOIN transactions t ON t.id = e.transaction_id
 WHERE e.account_id = $1
   AND e.id < coalesce($2::bigint, 9223372036854775807)

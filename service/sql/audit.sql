@@ -205,9 +205,7 @@ bad AS MATERIALIZED (
     FROM lot_settled s JOIN lots l ON l.id = s.lot_id LEFT JOIN moved ON moved.lot_id = s.lot_id
     WHERE l.remaining <> 0 OR moved.moved_at > s.settled_at
     LIMIT 1)
-SELECT format('settled lot %s: remaining %s, last moved at %s, settled at %s', tl_public_id('lot_', lot_id),
-              remaining, tl_ts(moved_at), tl_ts(settled_at)) AS problem
-FROM bad;
+SELECT tl_settled_lot_problem(lot_id, remaining, moved_at, settled_at) AS problem FROM bad;
 
 -- name: audit_4_settled_lots__since
 -- The same for the lots moved by a new transaction and the marks of lots
@@ -227,9 +225,7 @@ bad AS MATERIALIZED (
                         JOIN transactions t ON t.id = m.transaction_id WHERE m.lot_id = s.lot_id) x
     WHERE l.remaining <> 0 OR x.moved_at > s.settled_at
     LIMIT 1)
-SELECT format('settled lot %s: remaining %s, last moved at %s, settled at %s', tl_public_id('lot_', lot_id),
-              remaining, tl_ts(moved_at), tl_ts(settled_at)) AS problem
-FROM bad;
+SELECT tl_settled_lot_problem(lot_id, remaining, moved_at, settled_at) AS problem FROM bad;
 
 -- name: audit_4_lots_cover_posted
 -- Invariant 4: a lot-holding account's posted balance is the sum of its
@@ -315,12 +311,8 @@ FROM bad;
 -- Invariant 4: an account's reserved amount is the sum of its active
 -- reservations, and each reservation's holds add up to its amount.
 SELECT coalesce(
-    (SELECT format('account %s: reserved %s but active reservations hold %s', a.address, a.reserved,
-                   coalesce(r.total, 0))
-     FROM accounts a
-     LEFT JOIN (SELECT account_id, sum(amount) AS total FROM reservations WHERE status = 'active'
-                GROUP BY account_id) r ON r.account_id = a.id
-     WHERE a.reserved <> coalesce(r.total, 0) LIMIT 1),
+    (SELECT format('account %s: reserved %s but active reservations hold %s', address, reserved, held)
+     FROM tl_reserved_mismatches LIMIT 1),
     (SELECT format('reservation %s: amount %s but its holds sum to %s', tl_public_id('rsv_', r.id), r.amount,
                    coalesce(h.total, 0))
      FROM reservations r
@@ -332,12 +324,8 @@ SELECT coalesce(
 -- Holds are written with their reservation and never change, and neither
 -- does its amount: only reservations made since need their holds summed.
 SELECT coalesce(
-    (SELECT format('account %s: reserved %s but active reservations hold %s', a.address, a.reserved,
-                   coalesce(r.total, 0))
-     FROM accounts a
-     LEFT JOIN (SELECT account_id, sum(amount) AS total FROM reservations WHERE status = 'active'
-                GROUP BY account_id) r ON r.account_id = a.id
-     WHERE a.reserved <> coalesce(r.total, 0) LIMIT 1),
+    (SELECT format('account %s: reserved %s but active reservations hold %s', address, reserved, held)
+     FROM tl_reserved_mismatches LIMIT 1),
     (SELECT format('reservation %s: amount %s but its holds sum to %s', tl_public_id('rsv_', r.id), r.amount,
                    coalesce(sum(h.amount), 0))
      FROM reservations r LEFT JOIN reservation_holds h ON h.reservation_id = r.id

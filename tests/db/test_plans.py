@@ -85,6 +85,19 @@ async def test_formatting_helpers_are_inlined(db: asyncpg.Connection, function: 
     assert function not in output, output
 
 
+async def test_entry_json_is_inlined(db: asyncpg.Connection) -> None:
+    """The entries page's item (tl_entry_json, shared by its two queries) is inlined, and its
+    field selections of the entry and transaction rows read plain columns, not whole rows."""
+    plan = await db.fetchval(
+        "EXPLAIN (VERBOSE, FORMAT JSON) SELECT tl_entry_json(e, t) "
+        "FROM entries e JOIN transactions t ON t.id = e.transaction_id"
+    )
+    output = " ".join(json.loads(plan)[0]["Plan"]["Output"])
+    assert "tl_entry_json" not in output, output
+    assert "e.balance_after" in output and "t.metadata" in output, output
+    assert "e.*" not in output and "ROW(" not in output, output
+
+
 async def _flushed(db: asyncpg.Connection) -> None:
     await db.execute("SELECT pg_stat_force_next_flush()")
 
