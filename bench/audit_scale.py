@@ -40,7 +40,7 @@ from typing import Any
 import asyncpg
 
 from bench import cpu
-from bench.harness import start_own_server
+from bench.postgres import start_own_server
 from bench.scale import log, size, timed_audit, year_database, year_name
 from service.audit import CHECKS
 

@@ -3,7 +3,7 @@
     python -m bench.chaos [--seconds 30] [--workers 16] [--kill-every 2]
                           [--json PATH] [--database-url DSN] [--seed N]
 
-The service runs as in the benchmark (bench/harness.py). For --seconds,
+The service runs as in the benchmark (bench/process.py). For --seconds,
 --workers workers send debits, transfers, grants and reservations (reserve,
 then capture -- now and then more than held -- or release) against
 well-funded wallets while, every --kill-every seconds, a separate connection
@@ -51,22 +51,12 @@ from typing import Any
 import asyncpg
 import httpx
 
-from bench.harness import (
-    RESULTS_DIR,
-    SETUP_CONCURRENCY,
-    Api,
-    Service,
-    bounded_gather,
-    git_commit,
-    machine_facts,
-    make_client,
-    problem_code,
-    provision,
-    redact,
-    run_async,
-    run_audit,
-    write_json,
-)
+from bench import RESULTS_DIR
+from bench.api import SETUP_CONCURRENCY, Api, bounded_gather, make_client, problem_code
+from bench.driver import run_async
+from bench.postgres import provision, redact
+from bench.process import Service, run_audit
+from bench.report import git_commit, machine_facts, write_json
 
 DEFAULT_JSON = RESULTS_DIR / "chaos.json"
 WALLET_FUNDING = 10_000_000

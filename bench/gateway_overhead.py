@@ -4,8 +4,8 @@ before the model, capture after it, against a running tokenledger.
     python -m bench.gateway_overhead [--calls N] [--concurrency C] [--json PATH]
                                      [--url URL --api-key KEY] [--database-url DSN]
 
-Without --url it provisions a database (bench.harness.provision: DATABASE_URL's
-server or a throwaway one from tests.pg), starts `python -m service` on it
+Without --url it provisions a database (bench.postgres.provision: DATABASE_URL's
+server or a throwaway one from service/devdb.py), starts `python -m service` on it
 (one worker) and sets up a department, a price and one funded employee per
 concurrent caller. The hook (tokenledger_client.litellm_hook.TokenledgerHook)
 then runs its pre-call hook and its success hook for each call exactly as the
@@ -33,7 +33,10 @@ from typing import Any
 
 import httpx
 
-from bench.harness import REPO, Service, percentile, provision
+from bench import REPO
+from bench.postgres import provision
+from bench.process import Service
+from bench.stats import percentile
 from service import db, migrate
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")

@@ -2,7 +2,7 @@
 
     python -m bench.imports [--rows N] [--database-url DSN] [--json PATH]
 
-A database of its own (bench.harness.provision), schema.sql applied, 20
+A database of its own (bench.postgres.provision), schema.sql applied, 20
 departments; then, through the app in-process over ASGI as an hr key:
 POST /v1/imports/employees with N rows (a dry run, the real run, and the
 same file again: every row a duplicate), then POST /v1/imports/grants with
@@ -22,7 +22,8 @@ from typing import Any
 
 import httpx
 
-from bench.harness import print_summary, provision
+from bench.postgres import provision
+from bench.report import print_summary
 from service import db, migrate
 from service.app import create_app
 from service.audit import run_audit

@@ -2,9 +2,9 @@
 
     python -m bench.programs [--employees N] [--database-url DSN] [--json PATH]
 
-1. A database of its own (bench.harness.provision: DATABASE_URL's server, or a
-   throwaway one from tests.pg), and the real service as a subprocess
-   (bench.harness.Service, `python -m service`) with its background tasks
+1. A database of its own (bench.postgres.provision: DATABASE_URL's server, or a
+   throwaway one from service/devdb.py), and the real service as a subprocess
+   (bench.process.Service, `python -m service`) with its background tasks
    off, so that only the runs we time issue anything.
 2. N employees in one department, written set-based straight into the
    database (their onboarding is not what is measured).
@@ -38,7 +38,9 @@ from typing import Any
 
 import httpx
 
-from bench.harness import Service, print_summary, provision, run_audit
+from bench.postgres import provision
+from bench.process import Service, run_audit
+from bench.report import print_summary
 from service import db, migrate
 
 AMOUNT = 1000

@@ -3,8 +3,8 @@
     python -m bench.reports [--employees N] [--events N] [--runs N]
                             [--database-url DSN] [--json PATH]
 
-1. A database of its own (bench.harness.provision: DATABASE_URL's server, or a
-   throwaway one from tests.pg), with schema.sql applied.
+1. A database of its own (bench.postgres.provision: DATABASE_URL's server, or a
+   throwaway one from service/devdb.py), with schema.sql applied.
 2. Set-based SQL (generate_series): N employees in 20 departments, their
    accounts and the department accounts, four priced models, and N events in
    March 2026 (5% charged to department accounts, a project on 8 in 9), then
@@ -41,7 +41,8 @@ from typing import Any
 import asyncpg
 import httpx
 
-from bench.harness import print_summary, provision
+from bench.postgres import provision
+from bench.report import print_summary
 from service import db, errors, migrate, reports
 from service.app import create_app
 from service.auth import new_key

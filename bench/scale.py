@@ -6,7 +6,7 @@ next to the same figures on a fresh database, in one run.
                           [--database-url DSN] [--reuse] [--keep] [--no-chain]
                           [--json PATH]
 
-1. A throwaway PostgreSQL of its own (tests.pg's, files on disk), two
+1. A throwaway PostgreSQL of its own (service/devdb.py's, files on disk), two
    databases on it: `fresh` (the directory, the program, the current cycle's
    grant) and `scale` (bench/year.py: a year of history at --entries, the
    hash chain included), each built set-based. With --database-url and
@@ -53,7 +53,7 @@ import asyncpg
 import httpx
 
 from bench import cpu
-from bench.harness import dsn_for, start_own_server
+from bench.postgres import dsn_for, start_own_server
 from bench.year import build_year, chain_all
 from service import chain as hash_chain
 from service import db, migrate

@@ -3,7 +3,7 @@
     python -m bench.spend_rollup [--rounds 6] [--ops 2000] [--database-url DSN] [--json PATH]
 
 Database-only, one connection, so the figure is PostgreSQL's alone and does not
-drown in the HTTP service's noise: on a database of its own (bench.harness.provision)
+drown in the HTTP service's noise: on a database of its own (bench.postgres.provision)
 with 1,000 funded wallets, interleaved rounds with the trigger enabled and disabled
 (ALTER TABLE entries ENABLE/DISABLE TRIGGER) of
 
@@ -37,7 +37,8 @@ from typing import Any
 
 import asyncpg
 
-from bench.harness import print_summary, provision
+from bench.postgres import provision
+from bench.report import print_summary
 from service import db, migrate
 
 WALLETS = 1000
