@@ -37,10 +37,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
-from bench import cpu
-from bench.postgres import start_own_server
+from bench.postgres import admin_server, server_identity
 from bench.scale import log, size, timed_audit, year_database, year_name
 from service.audit import CHECKS
 
@@ -109,18 +106,9 @@ def report(results: dict[int, list[dict[str, Any]]]) -> str:
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    server = None
-    admin_dsn = args.database_url
-    if admin_dsn is None:
-        server = await asyncio.to_thread(start_own_server, on_disk=True, stat_statements=False)
-        admin_dsn = server.dsn
-    try:
-        conn = await asyncpg.connect(admin_dsn)
-        try:
-            postmaster = cpu.local_postmaster(int(await conn.fetchval("SELECT pg_backend_pid()")))
-            version = str(await conn.fetchval("SELECT version()"))
-        finally:
-            await conn.close()
+    drop = [] if args.keep else [year_name(n, False) for n in args.sizes]
+    async with admin_server(args.database_url, drop) as admin_dsn:
+        postmaster, version = await server_identity(admin_dsn)
         dsns = {}
         for n in args.sizes:
             year = await year_database(
@@ -143,18 +131,6 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "results": {str(n): v for n, v in results.items()},
             "table": report(results),
         }
-    finally:
-        if not args.keep:
-            conn = await asyncpg.connect(admin_dsn)
-            try:
-                for n in args.sizes:
-                    await conn.execute(
-                        f'DROP DATABASE IF EXISTS "{year_name(n, False)}" WITH (FORCE)'
-                    )
-            finally:
-                await conn.close()
-        if server is not None:
-            await asyncio.to_thread(server.stop)
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -58,10 +58,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 
-from bench import REPO, cpu
+from bench import REPO
 from bench import pgbench as pgbench_reference
 from bench.api import Api, SetupError, make_client
 from bench.driver import (
@@ -75,7 +74,7 @@ from bench.driver import (
     run_async,
 )
 from bench.http import LeanClient
-from bench.postgres import Database, dsn_for, provision, redact
+from bench.postgres import Database, dsn_for, provision, redact, server_identity
 from bench.probes import CpuProbe, Statements
 from bench.process import POOL_MAX_SIZE, Service, run_audit
 from bench.report import git_commit, machine_facts, table, targets, write_json
@@ -102,11 +101,7 @@ async def run_pgbench(db: Database, opts: Options) -> dict[str, Any]:
     if opts.pgbench_seconds <= 0:
         return {"available": False, "error": "skipped (--pgbench-seconds 0)"}
     print("bench: pgbench tpcb-like reference ...", file=sys.stderr, flush=True)
-    conn = await asyncpg.connect(db.admin_dsn, timeout=30)
-    try:
-        postmaster = cpu.local_postmaster(int(await conn.fetchval("SELECT pg_backend_pid()")))
-    finally:
-        await conn.close(timeout=10)
+    postmaster, _ = await server_identity(db.admin_dsn)
     name = f"tokenledger_pgbench_{os.getpid()}"
     return await pgbench_reference.reference(
         db.admin_dsn,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -49,13 +49,7 @@ class Database:
     async def drop(self) -> None:
         """Drop the database, then stop the server if it was ours."""
         try:
-            conn = await asyncpg.connect(self.admin_dsn, timeout=30)
-            try:
-                await conn.execute(
-                    f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)', timeout=60
-                )
-            finally:
-                await conn.close(timeout=10)
+            await drop_databases(self.admin_dsn, [self.name])
         finally:
             if self.server is not None:
                 await asyncio.to_thread(self.server.stop)
@@ -107,17 +101,35 @@ async def make_durable(dsn: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def admin_server(database_url: str | None) -> AsyncIterator[str]:
+async def admin_server(database_url: str | None, drop: Sequence[str] = ()) -> AsyncIterator[str]:
     """The admin DSN of the server named by `database_url`, or else of a
-    throwaway durable one of our own (files on disk), stopped on exit."""
-    if database_url is not None:
-        yield database_url
-        return
-    server = await asyncio.to_thread(start_own_server, on_disk=True, stat_statements=False)
+    throwaway durable one of our own (files on disk). On exit, whatever
+    happens: the databases named in `drop` are dropped, then a server of our
+    own is stopped and its files removed."""
+    server = None
+    if database_url is None:
+        server = await asyncio.to_thread(start_own_server, on_disk=True, stat_statements=False)
+    admin_dsn = database_url if server is None else server.dsn
     try:
-        yield server.dsn
+        yield admin_dsn
     finally:
-        await asyncio.to_thread(server.stop)
+        try:
+            await drop_databases(admin_dsn, drop)
+        finally:
+            if server is not None:
+                await asyncio.to_thread(server.stop)
+
+
+async def drop_databases(admin_dsn: str, names: Sequence[str]) -> None:
+    """DROP DATABASE each of `names`, FORCE: connections left open end."""
+    if not names:
+        return
+    conn = await asyncpg.connect(admin_dsn, timeout=30)
+    try:
+        for name in names:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', timeout=60)
+    finally:
+        await conn.close(timeout=10)
 
 
 async def server_identity(admin_dsn: str) -> tuple[int | None, str]:

@@ -53,7 +53,7 @@ import asyncpg
 import httpx
 
 from bench import cpu
-from bench.postgres import dsn_for, start_own_server
+from bench.postgres import admin_server, dsn_for, server_identity
 from bench.year import build_year, chain_all
 from service import chain as hash_chain
 from service import db, migrate
@@ -525,35 +525,14 @@ def table(fresh: dict[str, Any], scale: dict[str, Any]) -> str:
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     """Both databases, both measurements; the databases are dropped (and a
     server of our own stopped, its files removed) whatever happens."""
-    server = None
-    admin_dsn = args.database_url
-    if admin_dsn is None:
-        server = await asyncio.to_thread(start_own_server, on_disk=True, stat_statements=False)
-        admin_dsn = server.dsn
-    try:
+    drop = ["bench_fresh"] if args.keep else ["bench_fresh", year_name(args.entries, args.chain)]
+    async with admin_server(args.database_url, drop) as admin_dsn:
         return await run(admin_dsn, args)
-    finally:
-        conn = await asyncpg.connect(admin_dsn)
-        try:
-            names = ["bench_fresh"]
-            if not args.keep:
-                names.append(year_name(args.entries, args.chain))
-            for name in names:
-                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
-        if server is not None:
-            await asyncio.to_thread(server.stop)
 
 
 async def run(admin_dsn: str, args: argparse.Namespace) -> dict[str, Any]:
     """Build both databases on admin_dsn's server and measure each."""
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        postmaster = cpu.local_postmaster(int(await conn.fetchval("SELECT pg_backend_pid()")))
-        version = str(await conn.fetchval("SELECT version()"))
-    finally:
-        await conn.close()
+    postmaster, version = await server_identity(admin_dsn)
     built = {
         "fresh": await build(admin_dsn, "bench_fresh", args.employees, 0, 0, args.chain),
         "scale": await year_database(
