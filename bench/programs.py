@@ -40,7 +40,7 @@ import httpx
 
 from bench.postgres import provision
 from bench.process import Service, run_audit
-from bench.report import print_summary
+from bench.report import run_side_bench
 from service import db, migrate
 
 AMOUNT = 1000
@@ -206,12 +206,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--employees", type=int, default=10_000)
-    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args(argv)
-    summary = asyncio.run(main(args))
-    print(table(summary["results"]))
-    print_summary(summary, args.json)
+    summary = run_side_bench(parser, main, argv, table=table)
     return 0 if summary["passed"] else 1
 
 

@@ -4,15 +4,38 @@ the printed tables.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
 import os
 import platform
 import subprocess
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from bench import REPO
 from bench.postgres import Database
+
+
+def run_side_bench(
+    parser: argparse.ArgumentParser,
+    main: Callable[[argparse.Namespace], Awaitable[dict[str, Any]]],
+    argv: Sequence[str] | None = None,
+    table: Callable[[Any], str] | None = None,
+) -> dict[str, Any]:
+    """A side bench's command line after its own options: --database-url (the
+    server for its database; default DATABASE_URL, unset: a throwaway one) and
+    --json. Runs `main`, prints the table of its results when it has one, then
+    its summary (print_summary)."""
+    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    summary = asyncio.run(main(args))
+    if table is not None:
+        print(table(summary["results"]))
+    print_summary(summary, args.json)
+    return summary
 
 
 def print_summary(summary: dict[str, Any], path: Path | None) -> None:

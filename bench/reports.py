@@ -29,24 +29,21 @@ The figures go to stdout as a table and as JSON (and to --json when given).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import sys
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 
+from bench import inprocess
 from bench.postgres import provision
-from bench.report import print_summary
+from bench.report import run_side_bench
 from service import db, errors, migrate, reports
-from service.app import create_app
 from service.auth import new_key
-from service.config import Config
 from service.journal import Ledger, database_clock
 from service.observability import Metrics
 
@@ -299,18 +296,7 @@ async def timed(runs: int, fn: Any) -> tuple[float | str, int]:
 
 
 async def measure(dsn: str, runs: int) -> list[dict[str, Any]]:
-    admin = new_key().secret
-    config = Config(
-        database_url=dsn,
-        apply_schema=False,
-        sweeper_enabled=False,
-        pool_min_size=1,
-        pool_max_size=4,
-        log_level="warning",
-        environment="development",
-        bootstrap_admin_key=admin,
-        rate_limits="",
-    )
+    config = inprocess.bench_config(dsn, pool_min_size=1, pool_max_size=4)
     pool = await db.create_pool(
         dsn,
         min_size=1,
@@ -323,16 +309,7 @@ async def measure(dsn: str, runs: int) -> list[dict[str, Any]]:
     results = []
     try:
         ledger = Ledger(pool, config, Metrics(), database_clock)
-        app = create_app(config, pool=pool)
-        async with (
-            app.lifespan(),
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app),
-                base_url="http://bench.local",
-                headers={"Authorization": f"Bearer {admin}"},
-                timeout=120,
-            ) as client,
-        ):
+        async with inprocess.client(config, timeout_seconds=120, pool=pool) as client:
             secret = new_key()
             await ledger.fetchval(
                 "create_key", secret.id, secret.prefix, secret.secret_hash, "bench", "finance", "b"
@@ -447,12 +424,7 @@ def cli() -> None:
     parser.add_argument("--employees", type=int, default=10_000)
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-    summary = asyncio.run(main(args))
-    print(table(summary["results"]))
-    print_summary(summary, args.json)
+    run_side_bench(parser, main, table=table)
 
 
 if __name__ == "__main__":

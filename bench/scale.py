@@ -52,15 +52,12 @@ from typing import Any
 import asyncpg
 import httpx
 
-from bench import cpu
+from bench import cpu, inprocess
 from bench.postgres import admin_server, dsn_for, server_identity
 from bench.year import build_year, chain_all
 from service import chain as hash_chain
 from service import db, migrate
-from service.app import create_app
 from service.audit import audit
-from service.auth import new_key
-from service.config import Config
 
 USAGE_BATCH = 100
 MODELS = ("gpt-4o", "gpt-4o-mini", "claude-sonnet", "o3")
@@ -113,29 +110,10 @@ async def cpu_seconds(postmaster: int | None) -> float:
 @contextlib.asynccontextmanager
 async def service(target: Target) -> AsyncIterator[httpx.AsyncClient]:
     """The service in-process on a target's database, and a client of it."""
-    admin = new_key().secret
-    config = Config(
-        database_url=target.dsn,
-        apply_schema=False,
-        sweeper_enabled=False,
-        pool_min_size=1,
-        pool_max_size=4,
-        log_level="warning",
-        environment="development",
-        bootstrap_admin_key=admin,
-        rate_limits="",
-        usage_max_age_seconds=30 * 86_400,
+    config = inprocess.bench_config(
+        target.dsn, pool_min_size=1, pool_max_size=4, usage_max_age_seconds=30 * 86_400
     )
-    app = create_app(config)
-    async with (
-        app.lifespan(),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://bench.local",
-            headers={"Authorization": f"Bearer {admin}"},
-            timeout=300,
-        ) as client,
-    ):
+    async with inprocess.client(config, timeout_seconds=300) as client:
         yield client
 
 
