@@ -136,11 +136,7 @@ def _alerts(threshold: int) -> str:
 async def main_async(debits: int, rounds: int) -> None:
     db = await provision(None, f"tokenledger_alerts_{uuid.uuid4().hex[:8]}")
     try:
-        conn = await asyncpg.connect(db.dsn)
-        try:
-            await migrate.migrate(conn)
-        finally:
-            await conn.close()
+        await db.apply_schema()
         results = await measure(db.dsn, debits, rounds)
     finally:
         await db.drop()

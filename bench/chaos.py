@@ -48,19 +48,12 @@ from typing import Any
 
 from bench import RESULTS_DIR
 from bench.api import Api, make_client
-from bench.chaos_ops import (
-    KINDS,
-    SETTLE_ATTEMPTS,
-    SETTLE_SECONDS,
-    WALLET_FUNDING,
-    Chaos,
-    Tally,
-)
+from bench.chaos_ops import KINDS, SETTLE_ATTEMPTS, SETTLE_SECONDS, WALLET_FUNDING, Chaos, Tally
 from bench.driver import run_async
 from bench.faults import killer, wait_ready_again
 from bench.postgres import provision, redact
 from bench.process import Service, run_audit
-from bench.report import git_commit, machine_facts, write_json
+from bench.report import git_commit, machine_facts, service_log_lines, write_json
 
 DEFAULT_JSON = RESULTS_DIR / "chaos.json"
 READY_AGAIN_SECONDS = 30.0
@@ -313,13 +306,7 @@ def summary(result: dict[str, Any]) -> str:
                 f"{check['without_final_capture_or_release']} without a final capture/release)"
             )
         lines.append(f"check {name}: {verdict}{detail}")
-    events = result.get("service_log_events", {})
-    if events:
-        lines.append(
-            "service log events: " + ", ".join(f"{k}={v}" for k, v in sorted(events.items()))
-        )
-    for exc, n in result.get("service_unhandled_exceptions", {}).items():
-        lines.append(f"  500 x{n}: {exc}")
+    lines += service_log_lines(result)
     lines.append(f"service stop: {result.get('service_stop')}")
     shown = 15
     for v in result["violations"][:shown]:

@@ -37,7 +37,6 @@ from bench import REPO
 from bench.postgres import provision
 from bench.process import Service
 from bench.stats import percentile
-from service import db, migrate
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -163,11 +162,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     database = await provision(args.database_url, f"tokenledger_gw_{os.getpid()}")
     service = None
     try:
-        conn = await db.connect(database.dsn)
-        try:
-            await migrate.migrate(conn)
-        finally:
-            await conn.close()
+        await database.apply_schema()
         log_path = Path(tempfile.mkdtemp(prefix="bench-gateway-")) / "service.log"
         service = Service(database.dsn, log_path, extra_env={"TOKENLEDGER_WORKERS": "1"})
         service.start()

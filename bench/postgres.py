@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from bench import cpu
-from service import devdb
+from service import devdb, migrate
 from service.devdb import Server
 
 
@@ -45,6 +45,14 @@ class Database:
     server_version: str
     settings: dict[str, str]
     server: Server | None = None  # when we started the server ourselves
+
+    async def apply_schema(self) -> None:
+        """The service's schema, as `python -m service migrate` applies it."""
+        conn = await asyncpg.connect(self.dsn, timeout=30)
+        try:
+            await migrate.migrate(conn)
+        finally:
+            await conn.close(timeout=10)
 
     async def drop(self) -> None:
         """Drop the database, then stop the server if it was ours."""

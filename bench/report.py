@@ -226,6 +226,19 @@ def targets_table(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def service_log_lines(result: dict[str, Any]) -> list[str]:
+    """The service's log events by name, and the exceptions behind its 500s."""
+    lines = []
+    events = result.get("service_log_events", {})
+    if events:
+        lines.append(
+            "service log events: " + ", ".join(f"{k}={v}" for k, v in sorted(events.items()))
+        )
+    for exc, n in result.get("service_unhandled_exceptions", {}).items():
+        lines.append(f"  500 x{n}: {exc}")
+    return lines
+
+
 def fmt(value: Any, width: int, digits: int = 1) -> str:
     if value is None:
         return "-".rjust(width)
@@ -318,13 +331,7 @@ def table(result: dict[str, Any]) -> str:
                 lines.append("  " + check.get("output", "").replace("\n", "\n  "))
         else:
             lines.append(f"check {name}: FAIL\n{check}")
-    events = result.get("service_log_events", {})
-    if events:
-        lines.append(
-            "service log events: " + ", ".join(f"{k}={v}" for k, v in sorted(events.items()))
-        )
-    for exc, n in result.get("service_unhandled_exceptions", {}).items():
-        lines.append(f"  500 x{n}: {exc}")
+    lines += service_log_lines(result)
     m = result.get("machine", {})
     lines.append(
         f"machine: nproc={m.get('nproc')} python={m.get('python')} "

@@ -6,14 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from bench.driver import (
-    Context,
-    Request,
-    debits_known,
-    drive,
-    split,
-    wallet_postings,
-)
+from bench.driver import Context, Request, debits_known, drive, split, wallet_postings
 from bench.stats import Stats
 
 

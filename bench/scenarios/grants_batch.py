@@ -5,11 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from bench.driver import (
-    Context,
-    run_workers,
-    send,
-)
+from bench.driver import Context, run_workers, send
 from bench.stats import Stats
 
 GRANTS_BATCH_MAX = 1000  # the API's limit on items per POST /v1/grants:batch

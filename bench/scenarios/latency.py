@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-from bench.driver import (
-    Context,
-    Request,
-    balance_check,
-    debits_known,
-    drive,
-)
+from bench.driver import Context, Request, balance_check, debits_known, drive
 from bench.stats import Stats
 
 

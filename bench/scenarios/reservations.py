@@ -10,12 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.driver import (
-    Context,
-    run_workers,
-    send,
-    split,
-)
+from bench.driver import Context, run_workers, send, split
 from bench.stats import Stats
 
 # Reservation scenarios: each pair holds RESERVE_AMOUNT, then captures

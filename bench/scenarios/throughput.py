@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from bench.driver import (
-    Context,
-    wallet_postings,
-)
+from bench.driver import Context, wallet_postings
 from bench.stats import cpu_ms_per_op
 
 WRK_FUNDING = 100_000  # credits per wallet of the wrk phases: far more than they can debit

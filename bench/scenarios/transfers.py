@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import random
 
-from bench.driver import (
-    Context,
-    Request,
-    drive,
-    split,
-)
+from bench.driver import Context, Request, drive, split
 from bench.stats import Stats
 
 

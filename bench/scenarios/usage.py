@@ -10,12 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.api import SetupError, expect, problem_code
-from bench.driver import (
-    Context,
-    run_workers,
-    send,
-    split,
-)
+from bench.driver import Context, run_workers, send, split
 from bench.stats import Stats
 
 # The usage scenarios charge events of one bench model, priced from
