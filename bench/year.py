@@ -54,7 +54,6 @@ from typing import Any
 import asyncpg
 
 from bench.postgres import dsn_for
-from bench.reports import ROLLUP_SQL
 from service import db, migrate
 
 DEPARTMENTS = 20
@@ -63,13 +62,15 @@ GRANT = 1_000_000
 ROLLOVER = 200_000
 CHAIN_BATCH = 20_000
 SQL_FILE = Path(__file__).with_name("year.sql")
+# Its roll-ups are built by the reports bench's SQL.
+REPORTS_SQL_FILE = Path(__file__).with_name("reports.sql")
 
 
-def sections() -> dict[str, str]:
-    """The sections of bench/year.sql by name."""
+def sections(path: Path = SQL_FILE) -> dict[str, str]:
+    """The sections of a bench SQL file (bench/year.sql unless named) by name."""
     found: dict[str, str] = {}
     name = None
-    for line in SQL_FILE.read_text(encoding="utf-8").splitlines(keepends=True):
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
         if line.startswith("-- section:"):
             name = line.removeprefix("-- section:").strip()
             found[name] = ""
@@ -141,7 +142,7 @@ async def build_year(
         await _script(conn, sql["journal"].format(**fmt), months)
         seconds["journal"] = time.perf_counter() - began
         log(f"bench.year: journal in {seconds['journal']:.1f}s")
-        await step("rollups", ROLLUP_SQL)
+        await step("rollups", sections(REPORTS_SQL_FILE)["rollup"])
         await conn.execute("DROP TABLE IF EXISTS y_em, y_spend, y_legs")
     finally:
         await conn.execute("RESET session_replication_role")
