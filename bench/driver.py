@@ -33,6 +33,8 @@ PGBENCH_SCALE_DEFAULT = 10
 
 @dataclass
 class Options:
+    """`python -m bench`'s command line (bench.harness.parse_args)."""
+
     scale: float = 1.0
     requests: int | None = None  # overrides each scenario's default count
     workers: int | None = None  # overrides the concurrent scenarios' workers
@@ -54,6 +56,9 @@ class Options:
 
 @dataclass
 class Context:
+    """What every scenario is given: the clients, the run's options and id,
+    the probes, and what the scenarios before it left for the checks."""
+
     client: httpx.AsyncClient
     api: Api
     opts: Options
