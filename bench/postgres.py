@@ -117,7 +117,9 @@ async def admin_server(database_url: str | None, drop: Sequence[str] = ()) -> As
     server = None
     if database_url is None:
         server = await asyncio.to_thread(start_own_server, on_disk=True, stat_statements=False)
-    admin_dsn = database_url if server is None else server.dsn
+        admin_dsn = server.dsn
+    else:
+        admin_dsn = database_url
     try:
         yield admin_dsn
     finally:

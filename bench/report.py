@@ -10,7 +10,7 @@ import json
 import os
 import platform
 import subprocess
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from bench.postgres import Database
 
 def run_side_bench(
     parser: argparse.ArgumentParser,
-    main: Callable[[argparse.Namespace], Awaitable[dict[str, Any]]],
+    main: Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, Any]]],
     argv: Sequence[str] | None = None,
     table: Callable[[Any], str] | None = None,
 ) -> dict[str, Any]:
