@@ -2,7 +2,7 @@
 without the balance.low trigger and with and without a threshold set.
 
 `python -m bench.alerts [--debits N]` starts a throwaway PostgreSQL
-(tests/pg.py), applies schema.sql and gives one wallet enough credits, then
+(service/devdb.py), applies schema.sql and gives one wallet enough credits, then
 runs the same debits (each with its own Idempotency-Key, as the service
 sends them) in four set-ups, one after another on one connection:
 
@@ -32,9 +32,9 @@ from typing import Any
 import asyncpg
 
 from bench import cpu
+from bench.postgres import provision
 from service import db as service_db
 from service import migrate
-from tests.pg import execute, start_server
 
 CTX: dict[str, Any] = {"actor": "bench", "request_id": "alerts", "now": None}
 BATCH = 32
@@ -134,19 +134,12 @@ def _alerts(threshold: int) -> str:
 
 
 async def main_async(debits: int, rounds: int) -> None:
-    server = start_server()
-    name = f"tokenledger_alerts_{uuid.uuid4().hex[:8]}"
+    db = await provision(None, f"tokenledger_alerts_{uuid.uuid4().hex[:8]}")
     try:
-        await execute(server.dsn, f'CREATE DATABASE "{name}"')
-        conn = await asyncpg.connect(server.dsn_for(name))
-        try:
-            await migrate.migrate(conn)
-        finally:
-            await conn.close()
-        results = await measure(server.dsn_for(name), debits, rounds)
+        await db.apply_schema()
+        results = await measure(db.dsn, debits, rounds)
     finally:
-        await execute(server.dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        server.stop()
+        await db.drop()
     print(f"PostgreSQL backend CPU per debit, {debits} debits, median of {rounds} rounds:")
     print(f"{'set-up':<12} {'tl_execute':>14} {'batch of 32':>14}")
     for setup in ("no_trigger", "no_alert", "armed", "below"):

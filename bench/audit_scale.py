@@ -23,7 +23,7 @@ shows up there.
 
 --reuse keeps a year built earlier by this command or by bench.scale
 --no-chain with the same size and employees (its parameters are in the
-database's comment; bench.scale.year_database) rather than
+database's comment; bench.year.year_database) rather than
 building it again (a 10M year takes about 25 minutes); --keep leaves the
 databases behind for a later --reuse.
 """
@@ -34,15 +34,15 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
 from bench import cpu
-from bench.harness import start_own_server
-from bench.scale import log, size, timed_audit, year_database, year_name
-from service.audit import CHECKS
+from bench.postgres import admin_server, server_identity
+from bench.year import log, size, year_database, year_name
+from service import db
+from service.audit import CHECKS, audit
 
 
 def employees_for(entries: int, args: argparse.Namespace) -> int:
@@ -108,19 +108,42 @@ def report(results: dict[int, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-async def main(args: argparse.Namespace) -> dict[str, Any]:
-    server = None
-    admin_dsn = args.database_url
-    if admin_dsn is None:
-        server = await asyncio.to_thread(start_own_server, on_disk=True, stat_statements=False)
-        admin_dsn = server.dsn
+async def timed_audit(dsn: str, postmaster: int | None) -> dict[str, Any]:
+    """One `audit --full`: wall and CPU seconds, in all and per check."""
+    conn = await db.connect(dsn)
     try:
-        conn = await asyncpg.connect(admin_dsn)
-        try:
-            postmaster = cpu.local_postmaster(int(await conn.fetchval("SELECT pg_backend_pid()")))
-            version = str(await conn.fetchval("SELECT version()"))
-        finally:
-            await conn.close()
+        backend = int(await conn.fetchval("SELECT pg_backend_pid()"))
+        entries = int(await conn.fetchval("SELECT count(*) FROM entries"))
+        checks: dict[str, dict[str, float]] = {}
+        last = {"wall": time.perf_counter(), **readings(backend, postmaster)}
+        first = dict(last)
+
+        def on_check(name: str) -> None:
+            now = {"wall": time.perf_counter(), **readings(backend, postmaster)}
+            checks[name] = {k: now[k] - last[k] for k in now}
+            last.update(now)
+
+        run = await audit(conn, full=True, settle_seconds=0, on_check=on_check)
+        assert not run.violations, run.violations
+        total = {k: last[k] - first[k] for k in last}
+    finally:
+        await conn.close()
+    return {"entries": entries, "total": total, "checks": checks}
+
+
+def readings(backend: int, postmaster: int | None) -> dict[str, float]:
+    """CPU seconds so far of the backend (the leader) and of the server's tree."""
+    stat = cpu.read_stat(backend)
+    return {
+        "backend_cpu": stat[1] if stat is not None else float("nan"),
+        "server_cpu": cpu.tree_cpu_seconds(postmaster) or float("nan"),
+    }
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    drop = [] if args.keep else [year_name(n, False) for n in args.sizes]
+    async with admin_server(args.database_url, drop) as admin_dsn:
+        postmaster, version = await server_identity(admin_dsn)
         dsns = {}
         for n in args.sizes:
             year = await year_database(
@@ -143,18 +166,6 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "results": {str(n): v for n, v in results.items()},
             "table": report(results),
         }
-    finally:
-        if not args.keep:
-            conn = await asyncpg.connect(admin_dsn)
-            try:
-                for n in args.sizes:
-                    await conn.execute(
-                        f'DROP DATABASE IF EXISTS "{year_name(n, False)}" WITH (FORCE)'
-                    )
-            finally:
-                await conn.close()
-        if server is not None:
-            await asyncio.to_thread(server.stop)
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -4,8 +4,8 @@ before the model, capture after it, against a running tokenledger.
     python -m bench.gateway_overhead [--calls N] [--concurrency C] [--json PATH]
                                      [--url URL --api-key KEY] [--database-url DSN]
 
-Without --url it provisions a database (bench.harness.provision: DATABASE_URL's
-server or a throwaway one from tests.pg), starts `python -m service` on it
+Without --url it provisions a database (bench.postgres.provision: DATABASE_URL's
+server or a throwaway one from service/devdb.py), starts `python -m service` on it
 (one worker) and sets up a department, a price and one funded employee per
 concurrent caller. The hook (tokenledger_client.litellm_hook.TokenledgerHook)
 then runs its pre-call hook and its success hook for each call exactly as the
@@ -33,8 +33,10 @@ from typing import Any
 
 import httpx
 
-from bench.harness import REPO, Service, percentile, provision
-from service import db, migrate
+from bench import REPO
+from bench.postgres import provision
+from bench.process import Service
+from bench.stats import percentile
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -160,11 +162,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     database = await provision(args.database_url, f"tokenledger_gw_{os.getpid()}")
     service = None
     try:
-        conn = await db.connect(database.dsn)
-        try:
-            await migrate.migrate(conn)
-        finally:
-            await conn.close()
+        await database.apply_schema()
         log_path = Path(tempfile.mkdtemp(prefix="bench-gateway-")) / "service.log"
         service = Service(database.dsn, log_path, extra_env={"TOKENLEDGER_WORKERS": "1"})
         service.start()

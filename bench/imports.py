@@ -2,7 +2,7 @@
 
     python -m bench.imports [--rows N] [--database-url DSN] [--json PATH]
 
-A database of its own (bench.harness.provision), schema.sql applied, 20
+A database of its own (bench.postgres.provision), schema.sql applied, 20
 departments; then, through the app in-process over ASGI as an hr key:
 POST /v1/imports/employees with N rows (a dry run, the real run, and the
 same file again: every row a duplicate), then POST /v1/imports/grants with
@@ -13,21 +13,16 @@ answer's counts, and the audit at the end.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-import httpx
-
-from bench.harness import print_summary, provision
+from bench import inprocess
+from bench.postgres import provision
+from bench.report import run_side_bench
 from service import db, migrate
-from service.app import create_app
 from service.audit import run_audit
-from service.auth import new_key
-from service.config import Config
 
 DEPARTMENTS = 20  # the departments the setup SQL creates
 
@@ -61,26 +56,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             )
         finally:
             await conn.close()
-        admin = new_key().secret
-        config = Config(
-            database_url=database.dsn,
-            apply_schema=False,
-            sweeper_enabled=False,
-            log_level="warning",
-            environment="development",
-            bootstrap_admin_key=admin,
-            rate_limits="",
-        )
-        app = create_app(config)
-        async with (
-            app.lifespan(),
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app),
-                base_url="http://bench.local",
-                headers={"Authorization": f"Bearer {admin}", "Content-Type": "text/csv"},
-                timeout=300,
-            ) as client,
-        ):
+        config = inprocess.bench_config(database.dsn)
+        async with inprocess.client(
+            config, timeout_seconds=300, headers={"Content-Type": "text/csv"}
+        ) as client:
             plan = (
                 ("employees dry run", "/v1/imports/employees?dry_run=true", employees_csv),
                 ("employees", "/v1/imports/employees", employees_csv),
@@ -117,11 +96,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=50_000)
-    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-    summary = asyncio.run(main(args))
-    print_summary(summary, args.json)
+    run_side_bench(parser, main)
 
 
 if __name__ == "__main__":

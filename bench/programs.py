@@ -2,9 +2,9 @@
 
     python -m bench.programs [--employees N] [--database-url DSN] [--json PATH]
 
-1. A database of its own (bench.harness.provision: DATABASE_URL's server, or a
-   throwaway one from tests.pg), and the real service as a subprocess
-   (bench.harness.Service, `python -m service`) with its background tasks
+1. A database of its own (bench.postgres.provision: DATABASE_URL's server, or a
+   throwaway one from service/devdb.py), and the real service as a subprocess
+   (bench.process.Service, `python -m service`) with its background tasks
    off, so that only the runs we time issue anything.
 2. N employees in one department, written set-based straight into the
    database (their onboarding is not what is measured).
@@ -38,7 +38,9 @@ from typing import Any
 
 import httpx
 
-from bench.harness import Service, print_summary, provision, run_audit
+from bench.postgres import provision
+from bench.process import Service, run_audit
+from bench.report import run_side_bench
 from service import db, migrate
 
 AMOUNT = 1000
@@ -204,12 +206,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--employees", type=int, default=10_000)
-    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args(argv)
-    summary = asyncio.run(main(args))
-    print(table(summary["results"]))
-    print_summary(summary, args.json)
+    summary = run_side_bench(parser, main, argv, table=table)
     return 0 if summary["passed"] else 1
 
 

@@ -3,8 +3,8 @@
     python -m bench.reports [--employees N] [--events N] [--runs N]
                             [--database-url DSN] [--json PATH]
 
-1. A database of its own (bench.harness.provision: DATABASE_URL's server, or a
-   throwaway one from tests.pg), with schema.sql applied.
+1. A database of its own (bench.postgres.provision: DATABASE_URL's server, or a
+   throwaway one from service/devdb.py), with schema.sql applied.
 2. Set-based SQL (generate_series): N employees in 20 departments, their
    accounts and the department accounts, four priced models, and N events in
    March 2026 (5% charged to department accounts, a project on 8 in 9), then
@@ -29,7 +29,6 @@ The figures go to stdout as a table and as JSON (and to --json when given).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import sys
@@ -41,14 +40,16 @@ from typing import Any
 import asyncpg
 import httpx
 
-from bench.harness import print_summary, provision
+from bench import inprocess
+from bench.postgres import provision
+from bench.report import run_side_bench
+from bench.year import sections
 from service import db, errors, migrate, reports
-from service.app import create_app
 from service.auth import new_key
-from service.config import Config
 from service.journal import Ledger, database_clock
 from service.observability import Metrics
 
+SQL = sections(Path(__file__).with_name("reports.sql"))
 MONTH_START = datetime(2026, 3, 1, tzinfo=UTC)
 MONTH_END = datetime(2026, 4, 1, tzinfo=UTC)
 DEPARTMENTS = 20
@@ -66,142 +67,11 @@ GROUPINGS: tuple[tuple[str, ...], ...] = (
     ("department", "tag:team"),
 )
 
-SETUP_SQL = """
-INSERT INTO departments (id, name)
-    SELECT 'dept-' || g, 'Department ' || g FROM generate_series(1, {departments}) g;
-INSERT INTO employees (id, name, email, department)
-    SELECT 'emp-' || g, 'Employee ' || g, 'emp-' || g || '@example.com',
-           'dept-' || (g % {departments} + 1)
-    FROM generate_series(1, {employees}) g;
-INSERT INTO accounts (address, type, ref)
-    SELECT 'department:' || id, 'department', id FROM departments
-    UNION ALL SELECT 'employee:' || id, 'employee', id FROM employees;
-INSERT INTO prices (id, model, effective_from, input_per_mtok, cached_input_per_mtok,
-                    output_per_mtok, source)
-    VALUES (gen_random_uuid(), 'gpt-4o', '2026-01-01', 2500000, 1250000, 10000000, 'bench'),
-           (gen_random_uuid(), 'gpt-4o-mini', '2026-01-01', 150000, 75000, 600000, 'bench'),
-           (gen_random_uuid(), 'claude-sonnet', '2026-01-01', 3000000, 300000, 15000000, 'bench'),
-           (gen_random_uuid(), 'o3', '2026-01-01', 2000000, 500000, 8000000, 'bench');
-CREATE TEMP TABLE bench_accounts AS
-    SELECT row_number() OVER (ORDER BY id) AS n, id, type FROM accounts;
-CREATE TEMP TABLE bench_models AS
-    SELECT row_number() OVER (ORDER BY model) - 1 AS n, * FROM prices;
-"""
 
-EVENTS_SQL = """
-WITH g AS (
-    SELECT g AS n,
-           CASE WHEN random() < 0.05 THEN 1 + floor(random() * {departments})::int
-                ELSE {departments} + 1 + floor(random() * {employees})::int END AS account_n,
-           floor(random() * 4)::int AS model_n,
-           floor(random() * 9)::int AS project_n,
-           $1::timestamptz + random() * ($2::timestamptz - $1::timestamptz) AS occurred_at,
-           floor(random() * 20000)::bigint AS input_tokens,
-           floor(random() * 2000)::bigint AS output_tokens
-    FROM generate_series($3::bigint, $4::bigint) g
-)
-INSERT INTO usage_events (id, source, event_id, account_id, model, price_id, input_tokens,
-                          cached_input_tokens, output_tokens, cost, project, occurred_at,
-                          recorded_at, tags)
-SELECT gen_random_uuid(), 'bench', g.n::text, a.id, m.model, m.id, g.input_tokens,
-       g.input_tokens / 4, g.output_tokens,
-       ceil(((g.input_tokens - g.input_tokens / 4) * m.input_per_mtok
-             + (g.input_tokens / 4) * m.cached_input_per_mtok
-             + g.output_tokens * m.output_per_mtok) / 1e6)::bigint,
-       CASE WHEN g.project_n > 0 THEN 'project-' || g.project_n END,
-       least(g.occurred_at, $2::timestamptz - interval '1 microsecond'), g.occurred_at,
-       CASE WHEN g.project_n > 1 THEN jsonb_build_object('team', 'team-' || g.project_n)
-            ELSE '{{}}'::jsonb END
-FROM g
-JOIN bench_accounts a ON a.n = g.account_n
-JOIN bench_models m ON m.n = g.model_n
-"""
-
-# The same rows the service's tl_usage_rollup_many keeps, built in bulk.
-ROLLUP_SQL = """
-INSERT INTO usage_daily (day, account_id, model, project, events, input_tokens,
-                         cached_input_tokens, output_tokens, credits)
-SELECT (occurred_at AT TIME ZONE 'UTC')::date, account_id, model, coalesce(project, ''),
-       count(*), sum(input_tokens), sum(cached_input_tokens), sum(output_tokens), sum(cost)
-FROM usage_events
-GROUP BY 1, 2, 3, 4;
-INSERT INTO usage_monthly (month, account_id, model, project, events, input_tokens,
-                           cached_input_tokens, output_tokens, credits)
-SELECT date_trunc('month', occurred_at AT TIME ZONE 'UTC')::date, account_id, model,
-       coalesce(project, ''), count(*), sum(input_tokens), sum(cached_input_tokens),
-       sum(output_tokens), sum(cost)
-FROM usage_events
-GROUP BY 1, 2, 3, 4;
-INSERT INTO usage_monthly_models (month, account_id, model, events, input_tokens,
-                                  cached_input_tokens, output_tokens, credits)
-SELECT date_trunc('month', occurred_at AT TIME ZONE 'UTC')::date, account_id, model,
-       count(*), sum(input_tokens), sum(cached_input_tokens), sum(output_tokens), sum(cost)
-FROM usage_events
-GROUP BY 1, 2, 3;
-INSERT INTO usage_daily_models (day, model, project, shard, events, input_tokens,
-                                cached_input_tokens, output_tokens, credits)
-SELECT (occurred_at AT TIME ZONE 'UTC')::date, model, coalesce(project, ''), 0,
-       count(*), sum(input_tokens), sum(cached_input_tokens), sum(output_tokens), sum(cost)
-FROM usage_events
-GROUP BY 1, 2, 3;
-"""
-
-
-# The journal the finance reports read (issue 16): a grant per employee a
-# minute into the month (a lot expiring after it), and JOURNAL_DEBITS debits
-# per employee spread over the month, with consistent balance_after and
-# versions (two in three with a model and a team in their metadata, which
-# usage reports group by); usage events above stay outside the journal. Written
-# set-based with triggers off (session_replication_role = replica), so the
-# deferred balance check does not run per row; the bench does not audit.
+# The journal (reports.sql, section journal): debits per employee, and amounts.
 JOURNAL_DEBITS = 30
 GRANT_AMOUNT = 100_000
 DEBIT_AMOUNT = 100
-JOURNAL_SQL = """
-SET session_replication_role = replica;
-CREATE TEMP TABLE bench_wallets AS
-    SELECT id, ref, row_number() OVER (ORDER BY id) AS n FROM accounts WHERE type = 'employee';
-INSERT INTO transactions (id, kind, details, actor, created_at)
-    SELECT md5('g' || id)::uuid, 'grant', '{{"reason": "monthly_allotment"}}', 'bench',
-           '{start}'::timestamptz + interval '1 minute'
-    FROM bench_wallets;
-INSERT INTO lots (id, account_id, amount, remaining, priority, effective_at, expires_at,
-                  grant_transaction_id, funded_by, created_at)
-    SELECT md5('l' || id)::uuid, id, {grant}, {grant} - {debits} * {debit}, 100,
-           '{start}'::timestamptz + interval '1 minute', '{end}'::timestamptz + interval '10 days',
-           md5('g' || id)::uuid, (SELECT id FROM accounts WHERE address = 'system:issuance'),
-           '{start}'::timestamptz + interval '1 minute'
-    FROM bench_wallets;
-INSERT INTO entries (transaction_id, account_id, shard, asset, amount, balance_after, version,
-                     created_at)
-    SELECT md5('g' || id)::uuid, id, 0, 'CREDIT', {grant}, {grant}, 1,
-           '{start}'::timestamptz + interval '1 minute'
-    FROM bench_wallets
-    UNION ALL
-    SELECT md5('g' || w.id)::uuid, i.id, 0, 'CREDIT', -{grant}, -{grant} * w.n, w.n,
-           '{start}'::timestamptz + interval '1 minute'
-    FROM bench_wallets w, accounts i WHERE i.address = 'system:issuance';
-INSERT INTO transactions (id, kind, metadata, actor, created_at)
-    SELECT md5('d' || w.id || '-' || k)::uuid, 'debit',
-           CASE WHEN k % 3 = 0 THEN '{{}}'::jsonb
-                ELSE jsonb_build_object('model', 'batch-job', 'team', 'team-' || k % 7) END,
-           'bench',
-           '{start}'::timestamptz
-               + (k - 0.5) * ('{end}'::timestamptz - '{start}'::timestamptz) / {debits}
-    FROM bench_wallets w, generate_series(1, {debits}) k;
-INSERT INTO entries (transaction_id, account_id, shard, asset, amount, balance_after, version,
-                     created_at)
-    SELECT md5('d' || w.id || '-' || k)::uuid, w.id, 0, 'CREDIT', -{debit},
-           {grant} - {debit} * k, 1 + k,
-           '{start}'::timestamptz
-               + (k - 0.5) * ('{end}'::timestamptz - '{start}'::timestamptz) / {debits}
-    FROM bench_wallets w, generate_series(1, {debits}) k;
-UPDATE accounts SET posted = {grant} - {debits} * {debit}, version = 1 + {debits}
-    WHERE type = 'employee';
-INSERT INTO employee_departments (employee_id, department, since)
-    SELECT id, department, '-infinity' FROM employees ON CONFLICT DO NOTHING;
-SET session_replication_role = origin;
-"""
 
 # The finance reports (issue 16) timed over HTTP as finance, JSON (one page)
 # and CSV (every row, streamed): (name, path, query).
@@ -231,13 +101,13 @@ async def build(dsn: str, employees: int, events: int) -> dict[str, float]:
         seconds["schema"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        await conn.execute(SETUP_SQL.format(departments=DEPARTMENTS, employees=employees))
+        await conn.execute(SQL["setup"].format(departments=DEPARTMENTS, employees=employees))
         seconds["directory"] = time.perf_counter() - started
         log(f"bench.reports: {employees} employees in {DEPARTMENTS} departments")
 
         started = time.perf_counter()
         chunk = 250_000
-        sql = EVENTS_SQL.format(departments=DEPARTMENTS, employees=employees)
+        sql = SQL["events"].format(departments=DEPARTMENTS, employees=employees)
         for first in range(1, events + 1, chunk):
             last = min(first + chunk - 1, events)
             await conn.execute(sql, MONTH_START, MONTH_END, first, last, timeout=1800)
@@ -245,18 +115,20 @@ async def build(dsn: str, employees: int, events: int) -> dict[str, float]:
         seconds["events"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        await conn.execute(ROLLUP_SQL, timeout=1800)
-        await conn.execute("VACUUM ANALYZE usage_events", timeout=1800)
-        await conn.execute("VACUUM ANALYZE usage_daily", timeout=1800)
-        await conn.execute("VACUUM ANALYZE usage_monthly", timeout=1800)
-        await conn.execute("VACUUM ANALYZE usage_monthly_models", timeout=1800)
-        await conn.execute("VACUUM ANALYZE usage_daily_models", timeout=1800)
-        await conn.execute("ANALYZE", timeout=1800)
+        await conn.execute(SQL["rollup"], timeout=1800)
+        await vacuum_analyze(
+            conn,
+            "usage_events",
+            "usage_daily",
+            "usage_monthly",
+            "usage_monthly_models",
+            "usage_daily_models",
+        )
         seconds["rollup_and_analyze"] = time.perf_counter() - started
 
         started = time.perf_counter()
         await conn.execute(
-            JOURNAL_SQL.format(
+            SQL["journal"].format(
                 grant=GRANT_AMOUNT,
                 debits=JOURNAL_DEBITS,
                 debit=DEBIT_AMOUNT,
@@ -269,17 +141,22 @@ async def build(dsn: str, employees: int, events: int) -> dict[str, float]:
         # (spend_daily, spend_monthly) are built as the schema's backfill
         # builds them.
         await conn.execute("SELECT tl_spend_rollup_rebuild()", timeout=1800)
-        await conn.execute("VACUUM ANALYZE transactions", timeout=1800)
-        await conn.execute("VACUUM ANALYZE entries", timeout=1800)
-        await conn.execute("VACUUM ANALYZE lots", timeout=1800)
-        await conn.execute("VACUUM ANALYZE spend_daily", timeout=1800)
-        await conn.execute("VACUUM ANALYZE spend_monthly", timeout=1800)
-        await conn.execute("ANALYZE", timeout=1800)
+        await vacuum_analyze(
+            conn, "transactions", "entries", "lots", "spend_daily", "spend_monthly"
+        )
         seconds["journal"] = time.perf_counter() - started
         log(f"bench.reports: journal of {JOURNAL_DEBITS} debits per employee")
     finally:
         await conn.close()
     return seconds
+
+
+async def vacuum_analyze(conn: asyncpg.Connection, *tables: str) -> None:
+    """VACUUM ANALYZE the tables just filled, then ANALYZE the rest, so the
+    reports are planned on fresh statistics."""
+    for table in tables:
+        await conn.execute(f"VACUUM ANALYZE {table}", timeout=1800)
+    await conn.execute("ANALYZE", timeout=1800)
 
 
 async def timed(runs: int, fn: Any) -> tuple[float | str, int]:
@@ -298,18 +175,7 @@ async def timed(runs: int, fn: Any) -> tuple[float | str, int]:
 
 
 async def measure(dsn: str, runs: int) -> list[dict[str, Any]]:
-    admin = new_key().secret
-    config = Config(
-        database_url=dsn,
-        apply_schema=False,
-        sweeper_enabled=False,
-        pool_min_size=1,
-        pool_max_size=4,
-        log_level="warning",
-        environment="development",
-        bootstrap_admin_key=admin,
-        rate_limits="",
-    )
+    config = inprocess.bench_config(dsn, pool_min_size=1, pool_max_size=4)
     pool = await db.create_pool(
         dsn,
         min_size=1,
@@ -322,16 +188,7 @@ async def measure(dsn: str, runs: int) -> list[dict[str, Any]]:
     results = []
     try:
         ledger = Ledger(pool, config, Metrics(), database_clock)
-        app = create_app(config, pool=pool)
-        async with (
-            app.lifespan(),
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app),
-                base_url="http://bench.local",
-                headers={"Authorization": f"Bearer {admin}"},
-                timeout=120,
-            ) as client,
-        ):
+        async with inprocess.client(config, timeout_seconds=120, pool=pool) as client:
             secret = new_key()
             await ledger.fetchval(
                 "create_key", secret.id, secret.prefix, secret.secret_hash, "bench", "finance", "b"
@@ -446,12 +303,7 @@ def cli() -> None:
     parser.add_argument("--employees", type=int, default=10_000)
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-    summary = asyncio.run(main(args))
-    print(table(summary["results"]))
-    print_summary(summary, args.json)
+    run_side_bench(parser, main, table=table)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python -m bench.spend_rollup [--rounds 6] [--ops 2000] [--database-url DSN] [--json PATH]
 
 Database-only, one connection, so the figure is PostgreSQL's alone and does not
-drown in the HTTP service's noise: on a database of its own (bench.harness.provision)
+drown in the HTTP service's noise: on a database of its own (bench.postgres.provision)
 with 1,000 funded wallets, interleaved rounds with the trigger enabled and disabled
 (ALTER TABLE entries ENABLE/DISABLE TRIGGER) of
 
@@ -25,7 +25,6 @@ steadier measure.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import os
 import statistics
@@ -37,7 +36,8 @@ from typing import Any
 
 import asyncpg
 
-from bench.harness import print_summary, provision
+from bench.postgres import provision
+from bench.report import run_side_bench
 from service import db, migrate
 
 WALLETS = 1000
@@ -202,11 +202,7 @@ def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--ops", type=int, default=2000)
-    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-    summary = asyncio.run(main(args))
-    print_summary(summary, args.json)
+    run_side_bench(parser, main)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ for the tests that need history at some size (tests/db/test_audit_plans.py).
 
     await build_year(conn, employees=10_000, entries=1_000_000)
 
+year_database() builds one in a database of its own on a server (schema
+applied, checkpointed), or finds the one an earlier run left with --keep:
+bench.scale and bench.audit_scale measure on it.
+
 What it writes, every invariant of DESIGN.md holding (the audit passes):
 
 - `employees` employees in 20 departments, their wallets, four priced models;
@@ -39,14 +43,18 @@ as the bench's own throwaway server gives.
 from __future__ import annotations
 
 import hashlib
+import json
+import sys
 import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
-from bench.reports import ROLLUP_SQL
+from bench.postgres import dsn_for
+from service import db, migrate
 
 DEPARTMENTS = 20
 MONTHS = 12
@@ -54,13 +62,15 @@ GRANT = 1_000_000
 ROLLOVER = 200_000
 CHAIN_BATCH = 20_000
 SQL_FILE = Path(__file__).with_name("year.sql")
+# Its roll-ups are built by the reports bench's SQL.
+REPORTS_SQL_FILE = Path(__file__).with_name("reports.sql")
 
 
-def sections() -> dict[str, str]:
-    """The sections of bench/year.sql by name."""
+def sections(path: Path = SQL_FILE) -> dict[str, str]:
+    """The sections of a bench SQL file (bench/year.sql unless named) by name."""
     found: dict[str, str] = {}
     name = None
-    for line in SQL_FILE.read_text(encoding="utf-8").splitlines(keepends=True):
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
         if line.startswith("-- section:"):
             name = line.removeprefix("-- section:").strip()
             found[name] = ""
@@ -69,9 +79,7 @@ def sections() -> dict[str, str]:
     return found
 
 
-def _log(message: str) -> None:
-    import sys
-
+def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
@@ -82,7 +90,7 @@ async def build_year(
     entries: int,
     months: int = MONTHS,
     now: datetime | None = None,
-    log: Callable[[str], None] = _log,
+    log: Callable[[str], None] = log,
 ) -> dict[str, float]:
     """Build the history (schema already applied, database empty) and
     return the seconds each step took. `entries` is the size to aim at."""
@@ -134,7 +142,7 @@ async def build_year(
         await _script(conn, sql["journal"].format(**fmt), months)
         seconds["journal"] = time.perf_counter() - began
         log(f"bench.year: journal in {seconds['journal']:.1f}s")
-        await step("rollups", ROLLUP_SQL)
+        await step("rollups", sections(REPORTS_SQL_FILE)["rollup"])
         await conn.execute("DROP TABLE IF EXISTS y_em, y_spend, y_legs")
     finally:
         await conn.execute("RESET session_replication_role")
@@ -158,10 +166,10 @@ async def _script(conn: asyncpg.Connection, sql: str, *params: object) -> None:
                 first = next(
                     line for line in statement.strip().splitlines() if not line.startswith("--")
                 )
-                _log(f"bench.year:   {seconds:.0f}s {first[:70]}")
+                log(f"bench.year:   {seconds:.0f}s {first[:70]}")
 
 
-async def chain_all(conn: asyncpg.Connection, log: Callable[[str], None] = _log) -> int:
+async def chain_all(conn: asyncpg.Connection, log: Callable[[str], None] = log) -> int:
     """Chain every transaction, in (created_at, id) order as the chainer
     does: content hashes by tl_canonical_many in the database, the chain
     hashes folded here, rows COPY'd in. Returns how many."""
@@ -203,3 +211,93 @@ async def chain_all(conn: asyncpg.Connection, log: Callable[[str], None] = _log)
             log(f"bench.year: chained {seq} in {time.perf_counter() - began:.0f}s")
     await conn.execute("RESET plan_cache_mode")
     return seq
+
+
+# --- A year as a database of its own (bench.scale, bench.audit_scale) ------------
+
+
+def size(text: str) -> int:
+    """10000, 1M, 10M, 2.5M."""
+    text = text.strip().upper()
+    factor = 1
+    if text.endswith("M"):
+        factor, text = 1_000_000, text[:-1]
+    elif text.endswith("K"):
+        factor, text = 1_000, text[:-1]
+    return int(float(text) * factor)
+
+
+async def build(
+    admin_dsn: str, name: str, employees: int, entries: int, months: int, chain: bool
+) -> dict[str, Any]:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    dsn = dsn_for(admin_dsn, name)
+    conn = await db.connect(dsn)
+    try:
+        await migrate.migrate(conn)
+        started = time.perf_counter()
+        seconds = await build_year(conn, employees=employees, entries=entries, months=months)
+        chained_started = time.perf_counter()
+        chained = await chain_all(conn) if chain else 0
+        seconds["chain"] = time.perf_counter() - chained_started
+        seconds["total"] = time.perf_counter() - started
+        database_bytes = int(await conn.fetchval("SELECT pg_database_size(current_database())"))
+        # The build leaves gigabytes of dirty pages: written out now, not by
+        # the checkpointer during the hot path, whose server CPU it inflated
+        # (a 1M run measured 3x the fresh CPU per debit without this).
+        await conn.execute("CHECKPOINT", timeout=3600)
+    finally:
+        await conn.close()
+    log(f"bench.scale: {name} built in {seconds['total']:.0f}s ({chained} transactions chained)")
+    return {"dsn": dsn, "build_seconds": seconds, "database_bytes": database_bytes}
+
+
+def year_name(entries: int, chain: bool) -> str:
+    """The database of a year at that size (shared by bench.scale and bench.audit_scale)."""
+    return f"bench_year_{entries}" + ("_chained" if chain else "")
+
+
+def year_marker(entries: int, employees: int, chain: bool) -> str:
+    return json.dumps({"bench": "year", "entries": entries, "employees": employees, "chain": chain})
+
+
+async def year_database(
+    admin_dsn: str, entries: int, employees: int, *, chain: bool, reuse: bool
+) -> dict[str, Any]:
+    """A year of `entries` on admin_dsn's server: built now, or with `reuse`
+    the one an earlier run built with the same parameters (they are in the
+    database's comment; a 10M year takes about 25 minutes to build)."""
+    name = year_name(entries, chain)
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        comment = await conn.fetchval(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1",
+            name,
+        )
+    finally:
+        await conn.close()
+    if reuse and comment == year_marker(entries, employees, chain):
+        log(f"bench: reusing the year in database {name}")
+        conn = await asyncpg.connect(dsn_for(admin_dsn, name))
+        try:
+            size = int(await conn.fetchval("SELECT pg_database_size(current_database())"))
+        finally:
+            await conn.close()
+        return {
+            "dsn": dsn_for(admin_dsn, name),
+            "build_seconds": {"reused": 0.0},
+            "database_bytes": size,
+        }
+    built = await build(admin_dsn, name, employees, entries, 12, chain)
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        marker = year_marker(entries, employees, chain).replace("'", "''")
+        await conn.execute(f"COMMENT ON DATABASE \"{name}\" IS '{marker}'")
+    finally:
+        await conn.close()
+    return built

@@ -15,12 +15,13 @@ import asyncpg
 import pytest
 
 from service import migrate
-from tests.pg import Server, cloned_database, execute, run_sync, start_server
+from service.devdb import Server, run_sync, start_server
+from tests.pg import cloned_database, execute
 
 
 @pytest.fixture(scope="session")
 def pg_server(request: pytest.FixtureRequest) -> Iterator[Server]:
-    """The session's PostgreSQL server (tests/pg.py says where it comes from)."""
+    """The session's PostgreSQL server (service/devdb.py says where it comes from)."""
     capture = request.config.pluginmanager.getplugin("capturemanager")
     # Let the one line naming the server's kind reach the terminal.
     with capture.global_and_fixture_disabled():

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import httpx
 
-from bench.harness import Service, dsn_for
+from bench.postgres import dsn_for
+from bench.process import Service
 
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 CONFIG = Path(__file__).with_name("schemathesis.toml")

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.harness import free_port, new_admin_key, service_auth_env
+from bench.process import free_port, new_admin_key, service_auth_env
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -22,7 +22,7 @@ import asyncpg
 import httpx
 import pytest
 
-from bench.harness import Service, new_admin_key
+from bench.process import Service, new_admin_key
 
 REPO = Path(__file__).resolve().parent.parent
 EMPLOYEES = [f"e-{i}" for i in range(10)]

@@ -22,7 +22,8 @@ import asyncpg
 import httpx
 import pytest
 
-from bench.harness import Api, Service, free_port
+from bench.api import Api
+from bench.process import Service, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

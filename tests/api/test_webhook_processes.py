@@ -1,6 +1,6 @@
 """Webhook delivery across real service processes (issue 14): a service killed
 with SIGKILL mid-send loses nothing, and three replicas on one database send
-each of 500 events once. `python -m service` processes (bench/harness.py),
+each of 500 events once. `python -m service` processes (bench/process.py),
 a real HTTP receiver on loopback (tests/webhook_receiver.py)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import asyncpg
 import httpx
 import pytest
 
-from bench.harness import Service
+from bench.process import Service
 from tests.api.conftest import TEST_WEBHOOK_KEY, key
 from tests.webhook_receiver import Receiver, receiving
 

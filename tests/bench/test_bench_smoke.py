@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from bench import chaos, harness, pgbench
-from tests.pg import Server
+from bench.scenarios import SCENARIOS
+from service.devdb import Server
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +52,7 @@ def test_bench_smoke(pg_server: Server, tmp_path: Path, capsys: pytest.CaptureFi
     result = json.loads(out.read_text())
     report = capsys.readouterr().out.split("\n{", 1)[0]  # the table, not the JSON
     scenarios = {s["name"]: s for s in result["scenarios"]}
-    assert list(scenarios) == list(harness.SCENARIOS), report
+    assert list(scenarios) == list(SCENARIOS), report
     for name, s in scenarios.items():
         assert s["setup_error"] is None, (name, s["setup_error"])
         per_op = 2 if s["op"] == "reserve+capture pair" else 1

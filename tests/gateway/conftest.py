@@ -1,6 +1,6 @@
 """Gateway fixtures: a real tokenledger process and a real LiteLLM proxy.
 
-`ledger` is `python -m service` (bench.harness.Service) on a database cloned
+`ledger` is `python -m service` (bench.process.Service) on a database cloned
 for this module, with a meter key for the gateway and the admin key for
 setting up wallets and prices. `proxy` is `litellm --config
 deploy/litellm/config.yaml` exactly as the README tells a gateway team to run
@@ -28,8 +28,8 @@ from unittest import mock
 import httpx
 import pytest
 
-import bench.harness
-from bench.harness import Service
+import bench.process
+from bench.process import Service
 from tests.pg import Server, cloned_database, run_sync
 
 # LiteLLM fetches its model price map from the network at import unless told
@@ -154,7 +154,7 @@ def start_ledger(dsn: str, log_path: Path, port: int | None = None) -> Service:
     (a restart keeps its address)."""
     service = Service(dsn, log_path, pool_max_size=10, extra_env={"TOKENLEDGER_WORKERS": "1"})
     if port is not None:
-        with mock.patch.object(bench.harness, "free_port", lambda: port):
+        with mock.patch.object(bench.process, "free_port", lambda: port):
             service.start()
     else:
         service.start()
@@ -171,7 +171,7 @@ def restart_ledger(service: Service) -> Service:
     again = Service(service.dsn, service.log_path.with_suffix(".2.log"), pool_max_size=10,
                     extra_env={"TOKENLEDGER_WORKERS": "1"})  # fmt: skip
     again.admin_key = service.admin_key
-    with mock.patch.object(bench.harness, "free_port", lambda: service.port):
+    with mock.patch.object(bench.process, "free_port", lambda: service.port):
         again.start()
     run_sync(again.wait_ready())
     return again
@@ -228,7 +228,7 @@ def proxy(ledger: Ledger, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     """`litellm --config deploy/litellm/config.yaml` as the README runs it."""
     litellm_bin = shutil.which("litellm", path=str(Path(sys.executable).parent))
     assert litellm_bin, "the litellm CLI is not installed (make venv)"
-    port = bench.harness.free_port()
+    port = bench.process.free_port()
     env = proxy_env(ledger)
     log_path = tmp_path_factory.mktemp("proxy") / "litellm.log"
     with open(log_path, "wb") as log:
