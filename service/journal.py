@@ -91,6 +91,25 @@ def _answer(answer: dict[str, Any]) -> Any:
     return cls(failure.get("detail"), **extra)
 
 
+def _client_timeout(timeout_ms: int) -> float:
+    """The client-side bound of a statement allowed `timeout_ms` on the server: as
+    long as the server may run it and a little more (the pool's command timeout,
+    twice the usual statement timeout, would cut it off first and answer 503)."""
+    return timeout_ms / 1000 + max(1.0, timeout_ms / 1000 * 0.1)
+
+
+async def _set_local(
+    conn: asyncpg.Connection, timeout_ms: int, *, jit: bool = True, work_mem_mb: int = 0
+) -> None:
+    """The settings of a long statement, for its transaction only (SET LOCAL),
+    so the connection goes back to the pool with the usual ones."""
+    await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
+    if not jit:
+        await conn.execute("SET LOCAL jit = off")
+    if work_mem_mb:
+        await conn.execute(f"SET LOCAL work_mem = '{int(work_mem_mb)}MB'")
+
+
 def request_hash(method: str, path: str, payload: Any) -> bytes:
     """The fingerprint an idempotency key is bound to: method, path and the
     decoded body in canonical form (so whitespace or key order do not
@@ -122,7 +141,9 @@ class Ledger:
     def now(self) -> datetime | None:
         return self.clock()
 
-    def _ctx(self, ctx: Context) -> dict[str, Any]:
+    def context_json(self, ctx: Context) -> dict[str, Any]:
+        """The context argument of the SQL functions (p_ctx): who asks, on
+        which request, at which instant (None: the database's clock)."""
         now = self.clock()
         return {
             "actor": ctx.actor,
@@ -142,19 +163,29 @@ class Ledger:
             limits["rate_limit"] = ctx.rate_limit
         return limits
 
+    async def _acquire(self) -> asyncpg.Connection:
+        """A pool connection within the configured bound. A refusal (too many, starting
+        up, gone) means the database is unreachable: a 503, whatever the SQLSTATE."""
+        try:
+            return await self.pool.acquire(timeout=self.config.pool_acquire_timeout_seconds)
+        except asyncpg.PostgresError as exc:
+            raise DatabaseRefused(f"{exc.sqlstate}: {exc}") from exc
+
+    async def _release(self, conn: asyncpg.Connection) -> None:
+        """Back to the pool. The outcome is decided by now: a connection that breaks
+        while being reset (asyncpg terminates it) must not turn a success into an error."""
+        try:
+            await self.pool.release(conn)
+        except (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError) as exc:
+            log.warning("connection_release_failed", error=repr(exc))
+
     async def _run(self, fn: Callable[[Any], Any], *, translate: bool = True) -> Any:
         """Acquire a connection within the configured bound and run one
         statement on it, retrying the whole thing on 40001/40P01. Errors are
         translated to LedgerErrors unless `translate` is false."""
 
         async def attempt() -> Any:
-            try:
-                conn = await self.pool.acquire(timeout=self.config.pool_acquire_timeout_seconds)
-            except asyncpg.PostgresError as exc:
-                # The database refused a new connection (not accepting
-                # connections, too many, starting up, gone): the service cannot
-                # reach its database, which is a 503, whatever the SQLSTATE.
-                raise DatabaseRefused(f"{exc.sqlstate}: {exc}") from exc
+            conn = await self._acquire()
             try:
                 return await fn(conn)
             except asyncpg.PostgresError as exc:
@@ -162,14 +193,7 @@ class Ledger:
                     self.metrics.db_retries.inc()
                 raise
             finally:
-                # The statement's outcome is already decided here (committed or
-                # not); a connection that breaks while being reset for the pool
-                # must not turn a success into an error.
-                try:
-                    await self.pool.release(conn)
-                except (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError) as exc:
-                    # asyncpg has already terminated it; the pool opens a new one.
-                    log.warning("connection_release_failed", error=repr(exc))
+                await self._release(conn)
 
         try:
             return await db.retry(attempt, attempts=self.config.retry_attempts)
@@ -199,19 +223,11 @@ class Ledger:
         row is estimated expensive, and compiling it cost seconds on a busy
         2-core machine for a query that runs in milliseconds."""
         sql = self.queries[query]
-        # The pool's client-side command timeout (twice the usual statement
-        # timeout) would cut a longer statement off first and answer 503: this
-        # call waits as long as the server may run it, and a little more.
-        client_timeout = timeout_ms / 1000 + max(1.0, timeout_ms / 1000 * 0.1)
 
         async def run(conn: asyncpg.Connection) -> list[asyncpg.Record]:
             async with conn.transaction(readonly=True):
-                await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
-                if not jit:
-                    await conn.execute("SET LOCAL jit = off")
-                if work_mem_mb:
-                    await conn.execute(f"SET LOCAL work_mem = '{int(work_mem_mb)}MB'")
-                return await conn.fetch(sql, *args, timeout=client_timeout)
+                await _set_local(conn, timeout_ms, jit=jit, work_mem_mb=work_mem_mb)
+                return await conn.fetch(sql, *args, timeout=_client_timeout(timeout_ms))
 
         result: list[asyncpg.Record] = await self._run(run)
         return result
@@ -233,23 +249,18 @@ class Ledger:
         query (translated, as a 503 for a refused connection) before answering."""
         sql = self.queries[query]
         try:
-            conn = await self.pool.acquire(timeout=self.config.pool_acquire_timeout_seconds)
-        except asyncpg.PostgresError as exc:
-            raise self._translated(DatabaseRefused(f"{exc.sqlstate}: {exc}")) from exc
+            conn = await self._acquire()
+        except DatabaseRefused as exc:
+            raise self._translated(exc) from exc.__cause__
         tr = conn.transaction(readonly=True)
         try:
             await tr.start()
-            await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
-            if not jit:
-                await conn.execute("SET LOCAL jit = off")
+            await _set_local(conn, timeout_ms, jit=jit, work_mem_mb=work_mem_mb)
             # A cursor's query is planned for its first tenth of rows by default
             # (cursor_tuple_fraction): a report is always read to its end, and
             # that plan was several times slower than fetch_slow's.
             await conn.execute("SET LOCAL cursor_tuple_fraction = 1.0")
-            if work_mem_mb:
-                await conn.execute(f"SET LOCAL work_mem = '{int(work_mem_mb)}MB'")
-            # As fetch_slow: past the pool's client-side command timeout.
-            client_timeout = timeout_ms / 1000 + max(1.0, timeout_ms / 1000 * 0.1)
+            client_timeout = _client_timeout(timeout_ms)
             cursor = await conn.cursor(sql, *args, timeout=client_timeout)
             while True:
                 rows = await cursor.fetch(batch, timeout=client_timeout)
@@ -269,10 +280,7 @@ class Ledger:
                     await tr.rollback()
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
                 pass
-            try:
-                await self.pool.release(conn)
-            except (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError) as exc:
-                log.warning("connection_release_failed", error=repr(exc))
+            await self._release(conn)
 
     async def fetchval_long(
         self, query: str, timeout_ms: int, *args: Any, rollback: bool = False
@@ -282,14 +290,13 @@ class Ledger:
         back: the answer says exactly what the call would do, and nothing changes (dry
         runs)."""
         sql = self.queries[query]
-        client_timeout = timeout_ms / 1000 + max(1.0, timeout_ms / 1000 * 0.1)
 
         async def run(conn: asyncpg.Connection) -> Any:
             tr = conn.transaction()
             await tr.start()
             try:
-                await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
-                value = await conn.fetchval(sql, *args, timeout=client_timeout)
+                await _set_local(conn, timeout_ms)
+                value = await conn.fetchval(sql, *args, timeout=_client_timeout(timeout_ms))
             except BaseException:
                 await tr.rollback()
                 raise
@@ -317,7 +324,7 @@ class Ledger:
     ) -> Outcome:
         """Run one operation; a stored 409 (first time or replayed) is raised
         as its LedgerError, marked replayed where it was."""
-        item = Item(ctx.caller, key, fingerprint, op, success_status, args, self._ctx(ctx))
+        item = Item(ctx.caller, key, fingerprint, op, success_status, args, self.context_json(ctx))
         try:
             if op in COALESCED_OPS:
                 result = await self.coalescer.submit(item)
@@ -398,7 +405,4 @@ class Ledger:
 
     async def call(self, query: str, args: dict[str, Any], ctx: Context) -> Any:
         """Run a named query that takes (arguments, context) and returns JSON."""
-        return await self.fetchval(query, args, self._ctx(ctx))
-
-    def context_json(self, ctx: Context) -> dict[str, Any]:
-        return self._ctx(ctx)
+        return await self.fetchval(query, args, self.context_json(ctx))
