@@ -65,7 +65,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         config = Config(
             database_url=database.dsn,
             apply_schema=False,
-            sweeper_enabled=False,
+            background_enabled=False,
             log_level="warning",
             environment="development",
             bootstrap_admin_key=admin,

@@ -302,7 +302,7 @@ async def measure(dsn: str, runs: int) -> list[dict[str, Any]]:
     config = Config(
         database_url=dsn,
         apply_schema=False,
-        sweeper_enabled=False,
+        background_enabled=False,
         pool_min_size=1,
         pool_max_size=4,
         log_level="warning",

@@ -117,7 +117,7 @@ async def service(target: Target) -> AsyncIterator[httpx.AsyncClient]:
     config = Config(
         database_url=target.dsn,
         apply_schema=False,
-        sweeper_enabled=False,
+        background_enabled=False,
         pool_min_size=1,
         pool_max_size=4,
         log_level="warning",

@@ -22,7 +22,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ import asyncpg
 from service import chain as hash_chain
 from service import db, migrate, pricing
 from service.audit import audit
-from service.config import Config, env_var
+from service.config import Config, deprecated_in, env_var
 
 
 def _database_url(args: argparse.Namespace, config: Config) -> str:
@@ -92,6 +92,16 @@ def _dev_employee_tokens(config: Config) -> Config:
     )
 
 
+def warn_deprecated(environ: Mapping[str, str]) -> None:
+    """A warning at start for each former setting name still in use."""
+    import structlog
+
+    for old, new in deprecated_in(environ):
+        structlog.get_logger("tokenledger.config").warning(
+            "deprecated_setting", setting=old, use=new
+        )
+
+
 def serve(config: Config) -> int:
     """Serve until SIGINT, SIGTERM or SIGHUP, then stop gracefully and exit 0
     (service/serving.py); the embedded PostgreSQL, if this started one, is
@@ -103,6 +113,7 @@ def serve(config: Config) -> int:
     from service.observability import configure_logging
 
     configure_logging(config.log_format, config.log_level)
+    warn_deprecated(os.environ)
     stop_embedded: Callable[[], None] | None = None
     if not config.database_url:
         from service.devdb import start_embedded
