@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import structlog
 
@@ -40,6 +43,25 @@ SCHEDULER = Context(caller="system", actor="system:scheduler", request_id="sched
 # Cycles the scheduler runs in one pass at most (a long outage catches up
 # over several passes, oldest cycle first).
 MAX_PROGRAM_RUNS_PER_PASS = 100
+
+
+async def sweep_expired(
+    sweep: Callable[[int], Awaitable[Any]], batch_size: int, *, to_the_end: bool
+) -> int:
+    """Call `sweep` (the sweep_expired query: expiry transactions for up to
+    that many accounts with due lots, one database transaction each) until
+    the due lots are written; returns the credits expired. A background pass
+    stops at a short batch, and after MAX_BATCHES_PER_PASS, so a backlog
+    never monopolises a connection; `to_the_end` (`tokenledger sweep`) goes
+    on until a call finds no account, past accounts that were locked."""
+    total = 0
+    for _ in itertools.count() if to_the_end else range(MAX_BATCHES_PER_PASS):
+        result = await sweep(batch_size)
+        total += int(result["credits"])
+        accounts = int(result["accounts"])
+        if accounts == 0 or (not to_the_end and accounts < batch_size):
+            break
+    return total
 
 
 class Background:
@@ -78,16 +100,12 @@ class Background:
 
     async def sweep_expired(self) -> int:
         """Write expiry transactions for due lots; returns the credits expired."""
-        total = 0
-        for _ in range(MAX_BATCHES_PER_PASS):
-            result = await self.ledger.fetchval(
-                "sweep_expired",
-                self.ledger.config.sweeper_batch_size,
-                self.ledger.context_json(SWEEPER),
-            )
-            total += int(result["credits"])
-            if int(result["accounts"]) < self.ledger.config.sweeper_batch_size:
-                break
+        ctx = self.ledger.context_json(SWEEPER)
+
+        async def sweep(batch: int) -> Any:
+            return await self.ledger.fetchval("sweep_expired", batch, ctx)
+
+        total = await sweep_expired(sweep, self.ledger.config.sweeper_batch_size, to_the_end=False)
         self.ledger.metrics.sweeper_runs.labels("expiry", "ok").inc()
         if total:
             self.ledger.metrics.expired_credits.inc(total)

@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 import msgspec
 import structlog
+from asyncpg.pool import PoolConnectionProxy
 
 from service import db, errors
 from service.coalesce import Coalescer, Item
@@ -99,7 +100,11 @@ def _client_timeout(timeout_ms: int) -> float:
 
 
 async def _set_local(
-    conn: asyncpg.Connection, timeout_ms: int, *, jit: bool = True, work_mem_mb: int = 0
+    conn: asyncpg.Connection | PoolConnectionProxy[asyncpg.Record],
+    timeout_ms: int,
+    *,
+    jit: bool = True,
+    work_mem_mb: int = 0,
 ) -> None:
     """The settings of a long statement, for its transaction only (SET LOCAL),
     so the connection goes back to the pool with the usual ones."""
@@ -163,7 +168,7 @@ class Ledger:
             limits["rate_limit"] = ctx.rate_limit
         return limits
 
-    async def _acquire(self) -> asyncpg.Connection:
+    async def _acquire(self) -> PoolConnectionProxy[asyncpg.Record]:
         """A pool connection within the configured bound. A refusal (too many, starting
         up, gone) means the database is unreachable: a 503, whatever the SQLSTATE."""
         try:
@@ -171,7 +176,7 @@ class Ledger:
         except asyncpg.PostgresError as exc:
             raise DatabaseRefused(f"{exc.sqlstate}: {exc}") from exc
 
-    async def _release(self, conn: asyncpg.Connection) -> None:
+    async def _release(self, conn: PoolConnectionProxy[asyncpg.Record]) -> None:
         """Back to the pool. The outcome is decided by now: a connection that breaks
         while being reset (asyncpg terminates it) must not turn a success into an error."""
         try:

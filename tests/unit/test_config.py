@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from structlog.testing import capture_logs
 
-from service.cli import warn_deprecated
+from service.cli.serve import warn_deprecated
 from service.config import Config, deprecated_in
 
 
