@@ -47,4 +47,3 @@ async def sql_costs(
         [c[2] for c in counts],
     )
     return [int(r[0]) for r in rows]
-
