@@ -45,23 +45,39 @@ SCHEDULER = Context(caller="system", actor="system:scheduler", request_id="sched
 MAX_PROGRAM_RUNS_PER_PASS = 100
 
 
+async def in_batches(
+    call: Callable[[], Awaitable[int]], batch: int, *, to_the_end: bool = False
+) -> int:
+    """Call `call` (one short database transaction that does up to `batch`
+    things and answers how many it did) until it is done; returns how many
+    were done in all. A background pass stops at a short batch, and after
+    MAX_BATCHES_PER_PASS, so a backlog never monopolises a connection;
+    `to_the_end` (a command run by hand) goes on until a call does nothing,
+    past rows that were locked the time before."""
+    total = 0
+    for _ in itertools.count() if to_the_end else range(MAX_BATCHES_PER_PASS):
+        done = await call()
+        total += done
+        if done == 0 or (not to_the_end and done < batch):
+            break
+    return total
+
+
 async def sweep_expired(
     sweep: Callable[[int], Awaitable[Any]], batch_size: int, *, to_the_end: bool
 ) -> int:
     """Call `sweep` (the sweep_expired query: expiry transactions for up to
-    that many accounts with due lots, one database transaction each) until
-    the due lots are written; returns the credits expired. A background pass
-    stops at a short batch, and after MAX_BATCHES_PER_PASS, so a backlog
-    never monopolises a connection; `to_the_end` (`tokenledger sweep`) goes
-    on until a call finds no account, past accounts that were locked."""
-    total = 0
-    for _ in itertools.count() if to_the_end else range(MAX_BATCHES_PER_PASS):
+    that many accounts with due lots) in_batches; returns the credits expired."""
+    credits = 0
+
+    async def one() -> int:
+        nonlocal credits
         result = await sweep(batch_size)
-        total += int(result["credits"])
-        accounts = int(result["accounts"])
-        if accounts == 0 or (not to_the_end and accounts < batch_size):
-            break
-    return total
+        credits += int(result["credits"])
+        return int(result["accounts"])
+
+    await in_batches(one, batch_size, to_the_end=to_the_end)
+    return credits
 
 
 class Background:
@@ -131,23 +147,21 @@ class Background:
         as-of balance skips them without reading their movements; returns
         how many movement ids it covered. A movement is looked at one pass
         after it was first seen, when its transaction has committed."""
-        covered = 0
-        for _ in range(MAX_BATCHES_PER_PASS):
-            n = int(await self.ledger.fetchval("settle_lots", SETTLE_BATCH))
-            covered += n
-            if n < SETTLE_BATCH:
-                break
+
+        async def one() -> int:
+            return int(await self.ledger.fetchval("settle_lots", SETTLE_BATCH))
+
+        covered = await in_batches(one, SETTLE_BATCH)
         self.ledger.metrics.sweeper_runs.labels("lot_settle", "ok").inc()
         return covered
 
     async def purge_idempotency_keys(self) -> int:
         older = timedelta(days=self.ledger.config.idempotency_retention_days)
-        deleted = 0
-        for _ in range(MAX_BATCHES_PER_PASS):
-            n = int(await self.ledger.fetchval("purge_idempotency_keys", older, PURGE_BATCH))
-            deleted += n
-            if n < PURGE_BATCH:
-                break
+
+        async def one() -> int:
+            return int(await self.ledger.fetchval("purge_idempotency_keys", older, PURGE_BATCH))
+
+        deleted = await in_batches(one, PURGE_BATCH)
         self.ledger.metrics.sweeper_runs.labels("idempotency_purge", "ok").inc()
         return deleted
 
@@ -158,17 +172,13 @@ class Background:
         days = self.ledger.config.usage_archive_after_days
         if not days:
             return 0
-        moved = 0
-        for _ in range(MAX_BATCHES_PER_PASS):
+
+        async def one() -> int:
             before = self.ledger.now() or datetime.now(UTC)
-            n = int(
-                await self.ledger.fetchval(
-                    "archive_usage_events", before - timedelta(days=days), PURGE_BATCH
-                )
-            )
-            moved += n
-            if n < PURGE_BATCH:
-                break
+            cutoff = before - timedelta(days=days)
+            return int(await self.ledger.fetchval("archive_usage_events", cutoff, PURGE_BATCH))
+
+        moved = await in_batches(one, PURGE_BATCH)
         self.ledger.metrics.sweeper_runs.labels("usage_archive", "ok").inc()
         if moved:
             log.info("usage_events_archived", events=moved)
@@ -179,14 +189,12 @@ class Background:
         returns how many. Another replica chaining makes this a no-op."""
         config = self.ledger.config
         settle = timedelta(seconds=config.chain_settle_seconds)
-        total = 0
-        for _ in range(MAX_BATCHES_PER_PASS):
-            n = int(
-                await self.ledger.fetchval("chain_pending", config.chain_batch_size, settle, False)
-            )
-            total += n
-            if n < config.chain_batch_size:
-                break
+
+        async def one() -> int:
+            batch = config.chain_batch_size
+            return int(await self.ledger.fetchval("chain_pending", batch, settle, False))
+
+        total = await in_batches(one, config.chain_batch_size)
         self.ledger.metrics.sweeper_runs.labels("chain", "ok").inc()
         if total:
             self.ledger.metrics.chained_transactions.inc(total)
@@ -207,12 +215,12 @@ class Background:
         """credits.expiring for every lot that has come within its account's
         `expiring_within_days` of expiring (once per lot: a unique key in the
         outbox), by the ledger's clock; returns how many were emitted."""
-        total = 0
-        for _ in range(MAX_BATCHES_PER_PASS):
-            n = int(await self.ledger.fetchval("emit_expiring", self.ledger.now(), EXPIRING_BATCH))
-            total += n
-            if n < EXPIRING_BATCH:
-                break
+
+        async def one() -> int:
+            now = self.ledger.now()
+            return int(await self.ledger.fetchval("emit_expiring", now, EXPIRING_BATCH))
+
+        total = await in_batches(one, EXPIRING_BATCH)
         self.ledger.metrics.sweeper_runs.labels("expiring", "ok").inc()
         if total:
             self.ledger.metrics.events_emitted.labels("credits.expiring").inc(total)
