@@ -10,6 +10,7 @@ lock: it sends one statement and reads the answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +21,6 @@ from typing import Any
 import asyncpg
 import msgspec
 import structlog
-from asyncpg.pool import PoolConnectionProxy
 
 from service import db, errors
 from service.coalesce import Coalescer, Item
@@ -92,29 +92,6 @@ def _answer(answer: dict[str, Any]) -> Any:
     return cls(failure.get("detail"), **extra)
 
 
-def _client_timeout(timeout_ms: int) -> float:
-    """The client-side bound of a statement allowed `timeout_ms` on the server: as
-    long as the server may run it and a little more (the pool's command timeout,
-    twice the usual statement timeout, would cut it off first and answer 503)."""
-    return timeout_ms / 1000 + max(1.0, timeout_ms / 1000 * 0.1)
-
-
-async def _set_local(
-    conn: asyncpg.Connection | PoolConnectionProxy[asyncpg.Record],
-    timeout_ms: int,
-    *,
-    jit: bool = True,
-    work_mem_mb: int = 0,
-) -> None:
-    """The settings of a long statement, for its transaction only (SET LOCAL),
-    so the connection goes back to the pool with the usual ones."""
-    await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
-    if not jit:
-        await conn.execute("SET LOCAL jit = off")
-    if work_mem_mb:
-        await conn.execute(f"SET LOCAL work_mem = '{int(work_mem_mb)}MB'")
-
-
 def request_hash(method: str, path: str, payload: Any) -> bytes:
     """The fingerprint an idempotency key is bound to: method, path and the
     decoded body in canonical form (so whitespace or key order do not
@@ -148,27 +125,23 @@ class Ledger:
 
     def context_json(self, ctx: Context) -> dict[str, Any]:
         """The context argument of the SQL functions (p_ctx): who asks, on
-        which request, at which instant (None: the database's clock)."""
+        which request, at which instant (None: the database's clock). A key's
+        departments and rate limit only when it has them: the SQL tests for
+        the member (`ctx ? 'rate_limit'`), so an unlimited key costs nothing."""
         now = self.clock()
-        return {
+        context: dict[str, Any] = {
             "actor": ctx.actor,
             "request_id": ctx.request_id,
             "now": now.isoformat() if now is not None else None,
             "admin": ctx.admin,
-        } | self._key_limits(ctx)
-
-    @staticmethod
-    def _key_limits(ctx: Context) -> dict[str, Any]:
-        """ctx.departments and ctx.rate_limit, only when the key has them: the SQL
-        tests for the member (`ctx ? 'rate_limit'`), so an unlimited key costs nothing."""
-        limits: dict[str, Any] = {}
+        }
         if ctx.departments is not None:
-            limits["departments"] = list(ctx.departments)
+            context["departments"] = list(ctx.departments)
         if ctx.rate_limit is not None:
-            limits["rate_limit"] = ctx.rate_limit
-        return limits
+            context["rate_limit"] = ctx.rate_limit
+        return context
 
-    async def _acquire(self) -> PoolConnectionProxy[asyncpg.Record]:
+    async def _acquire(self) -> db.Pooled:
         """A pool connection within the configured bound. A refusal (too many, starting
         up, gone) means the database is unreachable: a 503, whatever the SQLSTATE."""
         try:
@@ -176,7 +149,7 @@ class Ledger:
         except asyncpg.PostgresError as exc:
             raise DatabaseRefused(f"{exc.sqlstate}: {exc}") from exc
 
-    async def _release(self, conn: PoolConnectionProxy[asyncpg.Record]) -> None:
+    async def _release(self, conn: db.Pooled) -> None:
         """Back to the pool. The outcome is decided by now: a connection that breaks
         while being reset (asyncpg terminates it) must not turn a success into an error."""
         try:
@@ -231,8 +204,8 @@ class Ledger:
 
         async def run(conn: asyncpg.Connection) -> list[asyncpg.Record]:
             async with conn.transaction(readonly=True):
-                await _set_local(conn, timeout_ms, jit=jit, work_mem_mb=work_mem_mb)
-                return await conn.fetch(sql, *args, timeout=_client_timeout(timeout_ms))
+                await db.set_local(conn, timeout_ms, jit=jit, work_mem_mb=work_mem_mb)
+                return await conn.fetch(sql, *args, timeout=db.client_timeout(timeout_ms))
 
         result: list[asyncpg.Record] = await self._run(run)
         return result
@@ -260,12 +233,12 @@ class Ledger:
         tr = conn.transaction(readonly=True)
         try:
             await tr.start()
-            await _set_local(conn, timeout_ms, jit=jit, work_mem_mb=work_mem_mb)
+            await db.set_local(conn, timeout_ms, jit=jit, work_mem_mb=work_mem_mb)
             # A cursor's query is planned for its first tenth of rows by default
             # (cursor_tuple_fraction): a report is always read to its end, and
             # that plan was several times slower than fetch_slow's.
             await conn.execute("SET LOCAL cursor_tuple_fraction = 1.0")
-            client_timeout = _client_timeout(timeout_ms)
+            client_timeout = db.client_timeout(timeout_ms)
             cursor = await conn.cursor(sql, *args, timeout=client_timeout)
             while True:
                 rows = await cursor.fetch(batch, timeout=client_timeout)
@@ -280,11 +253,9 @@ class Ledger:
                 raise
             raise translated from exc
         finally:
-            try:
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
                 if not conn.is_closed():
                     await tr.rollback()
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                pass
             await self._release(conn)
 
     async def fetchval_long(
@@ -300,8 +271,8 @@ class Ledger:
             tr = conn.transaction()
             await tr.start()
             try:
-                await _set_local(conn, timeout_ms)
-                value = await conn.fetchval(sql, *args, timeout=_client_timeout(timeout_ms))
+                await db.set_local(conn, timeout_ms)
+                value = await conn.fetchval(sql, *args, timeout=db.client_timeout(timeout_ms))
             except BaseException:
                 await tr.rollback()
                 raise
