@@ -25,13 +25,10 @@ IMPORT_CHUNK_ROWS = 5000
 
 def add_parsers(sub: Any) -> None:
     """prices import and import employees, with their options."""
-    url_arg = url_option()
-    prices = sub.add_parser("prices", help="manage model prices")
-    prices_sub = prices.add_subparsers(dest="prices_command", required=True)
-    price_import = prices_sub.add_parser(
-        "import",
-        parents=[url_arg],
-        help="add versions from a LiteLLM model_prices_and_context_window.json-format file",
+    price_import = _subcommand(
+        sub,
+        ("prices", "manage model prices"),
+        ("import", "add versions from a LiteLLM model_prices_and_context_window.json-format file"),
     )
     price_import.add_argument("file", help="the price map (see deploy/prices.example.json)")
     price_import.add_argument(
@@ -46,17 +43,28 @@ def add_parsers(sub: Any) -> None:
         default=None,
         help="RFC 3339 instant the changed prices take effect (default now)",
     )
-    importer = sub.add_parser("import", help="bulk imports from CSV")
-    import_sub = importer.add_subparsers(dest="import_command", required=True)
-    import_employees = import_sub.add_parser(
-        "employees",
-        parents=[url_arg],
-        help="create or update employees from a CSV (id,name,email,department)",
+    import_employees = _subcommand(
+        sub,
+        ("import", "bulk imports from CSV"),
+        ("employees", "create or update employees from a CSV (id,name,email,department)"),
     )
     import_employees.add_argument("file", help="the CSV file, with a header row")
     import_employees.add_argument(
         "--dry-run", action="store_true", help="report what would happen; change nothing"
     )
+
+
+def _subcommand(
+    sub: Any, group: tuple[str, str], command: tuple[str, str]
+) -> argparse.ArgumentParser:
+    """`tokenledger GROUP COMMAND [--database-url URL]`, each (name, help)."""
+    commands = sub.add_parser(group[0], help=group[1]).add_subparsers(
+        dest=f"{group[0]}_command", required=True
+    )
+    parser: argparse.ArgumentParser = commands.add_parser(
+        command[0], parents=[url_option()], help=command[1]
+    )
+    return parser
 
 
 def import_prices(url: str, args: argparse.Namespace, config: Config) -> int:
