@@ -14,22 +14,25 @@ from service.cli.ledger import migrate_database
 from service.config import Config, deprecated_in, env_var
 
 
+def _kept_secret(config: Config, name: str, new: Callable[[], str]) -> str:
+    """A development secret kept in the data dir across restarts (readable by
+    its owner only), made by `new` the first time."""
+    path = Path(config.data_dir) / name
+    if path.exists():
+        return path.read_text().strip()
+    secret = new()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(secret + "\n")
+    path.chmod(0o600)
+    return secret
+
+
 def _dev_admin_key(config: Config) -> Config:
     """`make run` on a developer machine: make sure there is an admin key and
     print it, so the first curl works. Kept in the data dir across restarts."""
     from service.auth import new_key
 
-    if config.bootstrap_admin_key:
-        key = config.bootstrap_admin_key
-    else:
-        path = Path(config.data_dir) / "admin-key"
-        if path.exists():
-            key = path.read_text().strip()
-        else:
-            key = new_key().secret
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(key + "\n")
-            path.chmod(0o600)
+    key = config.bootstrap_admin_key or _kept_secret(config, "admin-key", lambda: new_key().secret)
     print(f"development admin key: {key}", flush=True)
     print(f"  curl -H 'Authorization: Bearer {key}' ...", flush=True)
     return _replace(config, bootstrap_admin_key=key)
@@ -47,14 +50,7 @@ def _dev_employee_tokens(config: Config) -> Config:
         return config
     if config.jwt_jwks_file or config.jwt_public_key_file:
         return config
-    path = Path(config.data_dir) / "dev-jwt-secret"
-    if path.exists():
-        secret = path.read_text().strip()
-    else:
-        secret = secrets.token_urlsafe(32)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secret + "\n")
-        path.chmod(0o600)
+    secret = _kept_secret(config, "dev-jwt-secret", lambda: secrets.token_urlsafe(32))
     return _replace(
         config,
         jwt_issuer="tokenledger-dev",
