@@ -218,7 +218,6 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 f"({self.chain_settle_seconds}s <= {self.statement_timeout_ms}ms)"
             )
 
-    @classmethod
     def statement_cache_size(self) -> int:
         """asyncpg's prepared-statement cache: 0 behind pgbouncer, whose
         transaction pooling cannot keep a prepared statement (1.21 and later

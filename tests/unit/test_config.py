@@ -45,3 +45,10 @@ def test_a_former_name_in_use_logs_a_warning() -> None:
             "use": "TOKENLEDGER_BACKGROUND_ENABLED",
         }
     ]
+
+
+def test_no_prepared_statement_cache_behind_pgbouncer() -> None:
+    """Behind pgbouncer the CLI's and the start-up migration's connections keep no
+    prepared statements (the pooler may run the next statement elsewhere); else 100."""
+    assert Config(db_pooler="pgbouncer").statement_cache_size() == 0
+    assert Config().statement_cache_size() == 100
