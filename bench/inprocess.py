@@ -23,7 +23,7 @@ def bench_config(dsn: str, **fields: Any) -> Config:
     return Config(
         database_url=dsn,
         apply_schema=False,
-        sweeper_enabled=False,
+        background_enabled=False,
         log_level="warning",
         environment="development",
         bootstrap_admin_key=new_key().secret,

@@ -178,7 +178,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             await conn.close()
         log_path = Path(tempfile.mkdtemp(prefix="bench-programs-")) / "service.log"
         service = Service(
-            database.dsn, log_path, extra_env={"TOKENLEDGER_SWEEPER_ENABLED": "false"}
+            database.dsn, log_path, extra_env={"TOKENLEDGER_BACKGROUND_ENABLED": "false"}
         )
         service.start()
         await service.wait_ready()

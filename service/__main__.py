@@ -1,5 +1,5 @@
 """python -m service: load config from the environment and serve (or run a
-subcommand; see service/cli.py)."""
+subcommand; see service/cli/)."""
 
 import sys
 

@@ -505,7 +505,7 @@ def create_app(
         if config.bootstrap_admin_key:
             await ensure_admin_key(ledger, config.bootstrap_admin_key)
         background = Background(ledger)
-        if config.sweeper_enabled:
+        if config.background_enabled:
             background.start()
         dispatcher = None
         if webhook_box is not None and config.webhook_dispatcher_enabled:

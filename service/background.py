@@ -17,7 +17,10 @@ catches up.
 from __future__ import annotations
 
 import asyncio
+import itertools
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import structlog
 
@@ -40,6 +43,41 @@ SCHEDULER = Context(caller="system", actor="system:scheduler", request_id="sched
 # Cycles the scheduler runs in one pass at most (a long outage catches up
 # over several passes, oldest cycle first).
 MAX_PROGRAM_RUNS_PER_PASS = 100
+
+
+async def in_batches(
+    call: Callable[[], Awaitable[int]], batch: int, *, to_the_end: bool = False
+) -> int:
+    """Call `call` (one short database transaction that does up to `batch`
+    things and answers how many it did) until it is done; returns how many
+    were done in all. A background pass stops at a short batch, and after
+    MAX_BATCHES_PER_PASS, so a backlog never monopolises a connection;
+    `to_the_end` (a command run by hand) goes on until a call does nothing,
+    past rows that were locked the time before."""
+    total = 0
+    for _ in itertools.count() if to_the_end else range(MAX_BATCHES_PER_PASS):
+        done = await call()
+        total += done
+        if done == 0 or (not to_the_end and done < batch):
+            break
+    return total
+
+
+async def sweep_expired(
+    sweep: Callable[[int], Awaitable[Any]], batch_size: int, *, to_the_end: bool
+) -> int:
+    """Call `sweep` (the sweep_expired query: expiry transactions for up to
+    that many accounts with due lots) in_batches; returns the credits expired."""
+    credits = 0
+
+    async def one() -> int:
+        nonlocal credits
+        result = await sweep(batch_size)
+        credits += int(result["credits"])
+        return int(result["accounts"])
+
+    await in_batches(one, batch_size, to_the_end=to_the_end)
+    return credits
 
 
 class Background:
@@ -75,16 +113,12 @@ class Background:
 
     async def sweep_expired(self) -> int:
         """Write expiry transactions for due lots; returns the credits expired."""
-        total = 0
-        for _ in range(MAX_BATCHES_PER_PASS):
-            result = await self.ledger.fetchval(
-                "sweep_expired",
-                self.ledger.config.sweeper_batch_size,
-                self.ledger.context_json(SWEEPER),
-            )
-            total += int(result["credits"])
-            if int(result["accounts"]) < self.ledger.config.sweeper_batch_size:
-                break
+        ctx = self.ledger.context_json(SWEEPER)
+
+        async def sweep(batch: int) -> Any:
+            return await self.ledger.fetchval("sweep_expired", batch, ctx)
+
+        total = await sweep_expired(sweep, self.ledger.config.sweeper_batch_size, to_the_end=False)
         self.ledger.metrics.sweeper_runs.labels("expiry", "ok").inc()
         if total:
             self.ledger.metrics.expired_credits.inc(total)
@@ -110,23 +144,21 @@ class Background:
         as-of balance skips them without reading their movements; returns
         how many movement ids it covered. A movement is looked at one pass
         after it was first seen, when its transaction has committed."""
-        covered = 0
-        for _ in range(MAX_BATCHES_PER_PASS):
-            n = int(await self.ledger.fetchval("settle_lots", SETTLE_BATCH))
-            covered += n
-            if n < SETTLE_BATCH:
-                break
+
+        async def one() -> int:
+            return int(await self.ledger.fetchval("settle_lots", SETTLE_BATCH))
+
+        covered = await in_batches(one, SETTLE_BATCH)
         self.ledger.metrics.sweeper_runs.labels("lot_settle", "ok").inc()
         return covered
 
     async def purge_idempotency_keys(self) -> int:
         older = timedelta(days=self.ledger.config.idempotency_retention_days)
-        deleted = 0
-        for _ in range(MAX_BATCHES_PER_PASS):
-            n = int(await self.ledger.fetchval("purge_idempotency_keys", older, PURGE_BATCH))
-            deleted += n
-            if n < PURGE_BATCH:
-                break
+
+        async def one() -> int:
+            return int(await self.ledger.fetchval("purge_idempotency_keys", older, PURGE_BATCH))
+
+        deleted = await in_batches(one, PURGE_BATCH)
         self.ledger.metrics.sweeper_runs.labels("idempotency_purge", "ok").inc()
         return deleted
 
@@ -137,17 +169,13 @@ class Background:
         days = self.ledger.config.usage_archive_after_days
         if not days:
             return 0
-        moved = 0
-        for _ in range(MAX_BATCHES_PER_PASS):
+
+        async def one() -> int:
             before = self.ledger.now() or datetime.now(UTC)
-            n = int(
-                await self.ledger.fetchval(
-                    "archive_usage_events", before - timedelta(days=days), PURGE_BATCH
-                )
-            )
-            moved += n
-            if n < PURGE_BATCH:
-                break
+            cutoff = before - timedelta(days=days)
+            return int(await self.ledger.fetchval("archive_usage_events", cutoff, PURGE_BATCH))
+
+        moved = await in_batches(one, PURGE_BATCH)
         self.ledger.metrics.sweeper_runs.labels("usage_archive", "ok").inc()
         if moved:
             log.info("usage_events_archived", events=moved)
@@ -158,14 +186,12 @@ class Background:
         returns how many. Another replica chaining makes this a no-op."""
         config = self.ledger.config
         settle = timedelta(seconds=config.chain_settle_seconds)
-        total = 0
-        for _ in range(MAX_BATCHES_PER_PASS):
-            n = int(
-                await self.ledger.fetchval("chain_pending", config.chain_batch_size, settle, False)
-            )
-            total += n
-            if n < config.chain_batch_size:
-                break
+
+        async def one() -> int:
+            batch = config.chain_batch_size
+            return int(await self.ledger.fetchval("chain_pending", batch, settle, False))
+
+        total = await in_batches(one, config.chain_batch_size)
         self.ledger.metrics.sweeper_runs.labels("chain", "ok").inc()
         if total:
             self.ledger.metrics.chained_transactions.inc(total)
@@ -186,12 +212,12 @@ class Background:
         """credits.expiring for every lot that has come within its account's
         `expiring_within_days` of expiring (once per lot: a unique key in the
         outbox), by the ledger's clock; returns how many were emitted."""
-        total = 0
-        for _ in range(MAX_BATCHES_PER_PASS):
-            n = int(await self.ledger.fetchval("emit_expiring", self.ledger.now(), EXPIRING_BATCH))
-            total += n
-            if n < EXPIRING_BATCH:
-                break
+
+        async def one() -> int:
+            now = self.ledger.now()
+            return int(await self.ledger.fetchval("emit_expiring", now, EXPIRING_BATCH))
+
+        total = await in_batches(one, EXPIRING_BATCH)
         self.ledger.metrics.sweeper_runs.labels("expiring", "ok").inc()
         if total:
             self.ledger.metrics.events_emitted.labels("credits.expiring").inc(total)

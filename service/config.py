@@ -17,6 +17,13 @@ import msgspec
 # except database_url, which also answers to the conventional DATABASE_URL.
 _PREFIX = "TOKENLEDGER_"
 
+# Former names still read, each for the field it became. The new name wins
+# when both are set; serving logs a warning for each former name in use.
+DEPRECATED_NAMES = {
+    # It switches every background task off, not only the sweeper.
+    "TOKENLEDGER_SWEEPER_ENABLED": "background_enabled",
+}
+
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Every setting of the service, with its default. The README's
@@ -64,8 +71,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Requests.
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
     retry_after_seconds: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 1
-    # Background work.
-    sweeper_enabled: bool = True
+    # Background work: the sweeper, the scheduler, the chainer and the rest
+    # of service/background.py (TOKENLEDGER_SWEEPER_ENABLED before).
+    background_enabled: bool = True
     sweeper_interval_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
     sweeper_batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
     idempotency_retention_days: Annotated[int, msgspec.Meta(ge=30, le=3650)] = 30
@@ -210,7 +218,6 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 f"({self.chain_settle_seconds}s <= {self.statement_timeout_ms}ms)"
             )
 
-    @classmethod
     def statement_cache_size(self) -> int:
         """asyncpg's prepared-statement cache: 0 behind pgbouncer, whose
         transaction pooling cannot keep a prepared statement (1.21 and later
@@ -229,8 +236,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         """Read the settings from the environment; bad values fail loudly."""
         env = os.environ if environ is None else environ
         raw: dict[str, object] = {}
+        for old, name in DEPRECATED_NAMES.items():
+            if old in env:
+                raw[name] = env[old]
         for name in cls.__struct_fields__:
-            key = _PREFIX + name.upper()
+            key = env_var(name)
             if key in env:
                 raw[name] = env[key]
         if "database_url" not in raw and env.get("DATABASE_URL"):
@@ -240,4 +250,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 def env_var(field: str) -> str:
+    """The environment variable of a Config field (the CLI passes settings to
+    worker processes through them)."""
     return _PREFIX + field.upper()
+
+
+def deprecated_in(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The former setting names set in `environ`, each with its new name."""
+    return [(old, env_var(new)) for old, new in DEPRECATED_NAMES.items() if old in environ]

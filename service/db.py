@@ -10,16 +10,22 @@ import asyncio
 import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
 import asyncpg
 import msgspec
+from asyncpg.pool import PoolConnectionProxy
 
 SQL_DIR = Path(__file__).resolve().parent / "sql"
 
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 
 T = TypeVar("T")
+
+if TYPE_CHECKING:
+    # A connection of the pool, as pool.acquire() hands it out (not
+    # subscriptable at run time).
+    Pooled: TypeAlias = PoolConnectionProxy[asyncpg.Record]
 
 
 def load_queries() -> dict[str, str]:
@@ -115,6 +121,25 @@ async def retry(
             # why S311: jitter spreads retries; it protects nothing secret.
             await asyncio.sleep(random.uniform(0, cap))  # noqa: S311
     raise AssertionError("unreachable: the loop returns or raises")
+
+
+def client_timeout(timeout_ms: int) -> float:
+    """The client-side bound of a statement allowed `timeout_ms` on the server: as
+    long as the server may run it and a little more (the pool's command timeout,
+    twice the usual statement timeout, would cut it off first and answer 503)."""
+    return timeout_ms / 1000 + max(1.0, timeout_ms / 1000 * 0.1)
+
+
+async def set_local(
+    conn: asyncpg.Connection | Pooled, timeout_ms: int, *, jit: bool = True, work_mem_mb: int = 0
+) -> None:
+    """The settings of a long statement, for its transaction only (SET LOCAL),
+    so the connection goes back to the pool with the usual ones."""
+    await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
+    if not jit:
+        await conn.execute("SET LOCAL jit = off")
+    if work_mem_mb:
+        await conn.execute(f"SET LOCAL work_mem = '{int(work_mem_mb)}MB'")
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

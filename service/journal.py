@@ -10,6 +10,7 @@ lock: it sends one statement and reads the answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 from collections.abc import AsyncIterator, Callable
@@ -122,25 +123,39 @@ class Ledger:
     def now(self) -> datetime | None:
         return self.clock()
 
-    def _ctx(self, ctx: Context) -> dict[str, Any]:
+    def context_json(self, ctx: Context) -> dict[str, Any]:
+        """The context argument of the SQL functions (p_ctx): who asks, on
+        which request, at which instant (None: the database's clock). A key's
+        departments and rate limit only when it has them: the SQL tests for
+        the member (`ctx ? 'rate_limit'`), so an unlimited key costs nothing."""
         now = self.clock()
-        return {
+        context: dict[str, Any] = {
             "actor": ctx.actor,
             "request_id": ctx.request_id,
             "now": now.isoformat() if now is not None else None,
             "admin": ctx.admin,
-        } | self._key_limits(ctx)
-
-    @staticmethod
-    def _key_limits(ctx: Context) -> dict[str, Any]:
-        """ctx.departments and ctx.rate_limit, only when the key has them: the SQL
-        tests for the member (`ctx ? 'rate_limit'`), so an unlimited key costs nothing."""
-        limits: dict[str, Any] = {}
+        }
         if ctx.departments is not None:
-            limits["departments"] = list(ctx.departments)
+            context["departments"] = list(ctx.departments)
         if ctx.rate_limit is not None:
-            limits["rate_limit"] = ctx.rate_limit
-        return limits
+            context["rate_limit"] = ctx.rate_limit
+        return context
+
+    async def _acquire(self) -> db.Pooled:
+        """A pool connection within the configured bound. A refusal (too many, starting
+        up, gone) means the database is unreachable: a 503, whatever the SQLSTATE."""
+        try:
+            return await self.pool.acquire(timeout=self.config.pool_acquire_timeout_seconds)
+        except asyncpg.PostgresError as exc:
+            raise DatabaseRefused(f"{exc.sqlstate}: {exc}") from exc
+
+    async def _release(self, conn: db.Pooled) -> None:
+        """Back to the pool. The outcome is decided by now: a connection that breaks
+        while being reset (asyncpg terminates it) must not turn a success into an error."""
+        try:
+            await self.pool.release(conn)
+        except (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError) as exc:
+            log.warning("connection_release_failed", error=repr(exc))
 
     async def _run(self, fn: Callable[[Any], Any], *, translate: bool = True) -> Any:
         """Acquire a connection within the configured bound and run one
@@ -148,13 +163,7 @@ class Ledger:
         translated to LedgerErrors unless `translate` is false."""
 
         async def attempt() -> Any:
-            try:
-                conn = await self.pool.acquire(timeout=self.config.pool_acquire_timeout_seconds)
-            except asyncpg.PostgresError as exc:
-                # The database refused a new connection (not accepting
-                # connections, too many, starting up, gone): the service cannot
-                # reach its database, which is a 503, whatever the SQLSTATE.
-                raise DatabaseRefused(f"{exc.sqlstate}: {exc}") from exc
+            conn = await self._acquire()
             try:
                 return await fn(conn)
             except asyncpg.PostgresError as exc:
@@ -162,14 +171,7 @@ class Ledger:
                     self.metrics.db_retries.inc()
                 raise
             finally:
-                # The statement's outcome is already decided here (committed or
-                # not); a connection that breaks while being reset for the pool
-                # must not turn a success into an error.
-                try:
-                    await self.pool.release(conn)
-                except (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError) as exc:
-                    # asyncpg has already terminated it; the pool opens a new one.
-                    log.warning("connection_release_failed", error=repr(exc))
+                await self._release(conn)
 
         try:
             return await db.retry(attempt, attempts=self.config.retry_attempts)
@@ -199,19 +201,11 @@ class Ledger:
         row is estimated expensive, and compiling it cost seconds on a busy
         2-core machine for a query that runs in milliseconds."""
         sql = self.queries[query]
-        # The pool's client-side command timeout (twice the usual statement
-        # timeout) would cut a longer statement off first and answer 503: this
-        # call waits as long as the server may run it, and a little more.
-        client_timeout = timeout_ms / 1000 + max(1.0, timeout_ms / 1000 * 0.1)
 
         async def run(conn: asyncpg.Connection) -> list[asyncpg.Record]:
             async with conn.transaction(readonly=True):
-                await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
-                if not jit:
-                    await conn.execute("SET LOCAL jit = off")
-                if work_mem_mb:
-                    await conn.execute(f"SET LOCAL work_mem = '{int(work_mem_mb)}MB'")
-                return await conn.fetch(sql, *args, timeout=client_timeout)
+                await db.set_local(conn, timeout_ms, jit=jit, work_mem_mb=work_mem_mb)
+                return await conn.fetch(sql, *args, timeout=db.client_timeout(timeout_ms))
 
         result: list[asyncpg.Record] = await self._run(run)
         return result
@@ -233,23 +227,18 @@ class Ledger:
         query (translated, as a 503 for a refused connection) before answering."""
         sql = self.queries[query]
         try:
-            conn = await self.pool.acquire(timeout=self.config.pool_acquire_timeout_seconds)
-        except asyncpg.PostgresError as exc:
-            raise self._translated(DatabaseRefused(f"{exc.sqlstate}: {exc}")) from exc
+            conn = await self._acquire()
+        except DatabaseRefused as exc:
+            raise self._translated(exc) from exc.__cause__
         tr = conn.transaction(readonly=True)
         try:
             await tr.start()
-            await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
-            if not jit:
-                await conn.execute("SET LOCAL jit = off")
+            await db.set_local(conn, timeout_ms, jit=jit, work_mem_mb=work_mem_mb)
             # A cursor's query is planned for its first tenth of rows by default
             # (cursor_tuple_fraction): a report is always read to its end, and
             # that plan was several times slower than fetch_slow's.
             await conn.execute("SET LOCAL cursor_tuple_fraction = 1.0")
-            if work_mem_mb:
-                await conn.execute(f"SET LOCAL work_mem = '{int(work_mem_mb)}MB'")
-            # As fetch_slow: past the pool's client-side command timeout.
-            client_timeout = timeout_ms / 1000 + max(1.0, timeout_ms / 1000 * 0.1)
+            client_timeout = db.client_timeout(timeout_ms)
             cursor = await conn.cursor(sql, *args, timeout=client_timeout)
             while True:
                 rows = await cursor.fetch(batch, timeout=client_timeout)
@@ -264,15 +253,10 @@ class Ledger:
                 raise
             raise translated from exc
         finally:
-            try:
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
                 if not conn.is_closed():
                     await tr.rollback()
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                pass
-            try:
-                await self.pool.release(conn)
-            except (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError) as exc:
-                log.warning("connection_release_failed", error=repr(exc))
+            await self._release(conn)
 
     async def fetchval_long(
         self, query: str, timeout_ms: int, *args: Any, rollback: bool = False
@@ -282,14 +266,13 @@ class Ledger:
         back: the answer says exactly what the call would do, and nothing changes (dry
         runs)."""
         sql = self.queries[query]
-        client_timeout = timeout_ms / 1000 + max(1.0, timeout_ms / 1000 * 0.1)
 
         async def run(conn: asyncpg.Connection) -> Any:
             tr = conn.transaction()
             await tr.start()
             try:
-                await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
-                value = await conn.fetchval(sql, *args, timeout=client_timeout)
+                await db.set_local(conn, timeout_ms)
+                value = await conn.fetchval(sql, *args, timeout=db.client_timeout(timeout_ms))
             except BaseException:
                 await tr.rollback()
                 raise
@@ -317,7 +300,7 @@ class Ledger:
     ) -> Outcome:
         """Run one operation; a stored 409 (first time or replayed) is raised
         as its LedgerError, marked replayed where it was."""
-        item = Item(ctx.caller, key, fingerprint, op, success_status, args, self._ctx(ctx))
+        item = Item(ctx.caller, key, fingerprint, op, success_status, args, self.context_json(ctx))
         try:
             if op in COALESCED_OPS:
                 result = await self.coalescer.submit(item)
@@ -398,7 +381,4 @@ class Ledger:
 
     async def call(self, query: str, args: dict[str, Any], ctx: Context) -> Any:
         """Run a named query that takes (arguments, context) and returns JSON."""
-        return await self.fetchval(query, args, self._ctx(ctx))
-
-    def context_json(self, ctx: Context) -> dict[str, Any]:
-        return self._ctx(ctx)
+        return await self.fetchval(query, args, self.context_json(ctx))

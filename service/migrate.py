@@ -120,6 +120,15 @@ def latest_version() -> int:
     return max((m.version for m in migrations()), default=LEGACY_VERSION)
 
 
+async def _schema_applied(conn: asyncpg.Connection) -> bool:
+    """Whether this content of schema.sql has been applied (ever: a replica of
+    the previous release stays ready while the next one rolls out); the query
+    readiness asks too (schema_state)."""
+    state = await conn.fetchrow(db.load_queries()["schema_state"], schema_checksum())
+    assert state is not None
+    return bool(state["schema_applied"])
+
+
 async def status(conn: asyncpg.Connection) -> Status:
     """Read-only: what migrate() would do (`tokenledger migrate --check`)."""
     q = db.load_queries()
@@ -136,7 +145,7 @@ async def status(conn: asyncpg.Connection) -> Status:
     return Status(
         version=version,
         pending=[m for m in migrations() if m.version not in applied],
-        schema_applied=bool(await conn.fetchval(q["migrate_schema_applied"], schema_checksum())),
+        schema_applied=await _schema_applied(conn),
         ahead=version is not None and version > latest_version(),
     )
 
@@ -191,7 +200,7 @@ async def migrate(conn: asyncpg.Connection, *, reapply: bool = False) -> Report:
             await conn.execute(m.sql)
             await conn.execute(q["migrate_record"], m.version, m.name, m.checksum, "migration")
             report.applied.append(f"{m.version:04d}_{m.name}")
-        if reapply or not await conn.fetchval(q["migrate_schema_applied"], schema_checksum()):
+        if reapply or not await _schema_applied(conn):
             await conn.execute(schema_sql())
             await conn.execute(q["migrate_record_schema"], schema_checksum())
             report.applied.append("schema.sql")

@@ -1,14 +1,10 @@
-"""Prices to credits: pure functions, no I/O (STYLE.md, Layout).
+"""Prices in: LiteLLM's USD-per-token map to credits per million tokens,
+exactly (`tokenledger prices import`), and the limits of a rate and of a
+token count. Pure functions, no I/O (STYLE.md, Layout).
 
-A price gives a model's rates in credits per million tokens (Mtok). The cost
-of one usage event (API.md, Metering and prices) is
-
-    ceil(((input - cached) * input_per_mtok + cached * cached_input_per_mtok
-          + output * output_per_mtok) / 10^6)
-
-computed here in integers only and rounded up once per event, never per
-token class. `tl_usage_cost` in schema.sql computes the same in SQL; a test
-holds the two together.
+A price gives a model's rates in credits per million tokens (Mtok). What a
+usage event costs is computed in one place, `tl_usage_cost` in schema.sql
+(README, Prices; its cases are tests/db/test_usage_cost.py).
 """
 
 from __future__ import annotations
@@ -17,26 +13,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
-from typing import Any, Protocol
+from typing import Any
 
 TOKENS_PER_MTOK = 1_000_000
 # Limits of a rate and of a token count of one event (schema.sql CHECKs the
 # rates too). Their largest products sum to 2 * 10^18, within a signed 64-bit
-# integer, so the SQL side never overflows either, and the largest cost
+# integer, so tl_usage_cost's sum never overflows, and the largest cost
 # (2 * 10^12 credits) is far below 2^53.
 MAX_RATE_PER_MTOK = 10**9
 MAX_TOKENS = 10**9
-
-
-class Rates(Protocol):
-    """What a cost needs from a price version."""
-
-    @property
-    def input_per_mtok(self) -> int: ...
-    @property
-    def cached_input_per_mtok(self) -> int: ...
-    @property
-    def output_per_mtok(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,56 +42,6 @@ def _check_range(name: str, value: int, most: int) -> None:
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if not 0 <= value <= most:
         raise ValueError(f"{name} must be between 0 and {most}, got {value}")
-
-
-def _numerator(
-    input_tokens: int, cached_input_tokens: int, output_tokens: int, price: Rates
-) -> int:
-    """The cost times 10^6, exactly."""
-    _check_range("input_tokens", input_tokens, MAX_TOKENS)
-    _check_range("cached_input_tokens", cached_input_tokens, MAX_TOKENS)
-    _check_range("output_tokens", output_tokens, MAX_TOKENS)
-    if cached_input_tokens > input_tokens:
-        raise ValueError(
-            "cached_input_tokens counts among input_tokens, so it cannot exceed it "
-            f"({cached_input_tokens} > {input_tokens})"
-        )
-    return (
-        (input_tokens - cached_input_tokens) * price.input_per_mtok
-        + cached_input_tokens * price.cached_input_per_mtok
-        + output_tokens * price.output_per_mtok
-    )
-
-
-def usage_cost(
-    input_tokens: int, cached_input_tokens: int, output_tokens: int, price: Rates
-) -> int:
-    """The credits one usage event costs: the exact cost rounded up once.
-
-    `input_tokens` counts every prompt token, the cached ones included;
-    `output_tokens` includes reasoning tokens. Raises ValueError for negative
-    or too large counts and for more cached than input tokens.
-    """
-    numerator = _numerator(input_tokens, cached_input_tokens, output_tokens, price)
-    return -(-numerator // TOKENS_PER_MTOK)
-
-
-def max_output_tokens_for(
-    budget: int, input_tokens: int, price: Rates, *, cached_input_tokens: int = 0
-) -> int:
-    """The most output tokens whose event still costs at most `budget` credits
-    (0 when the input alone costs more), capped at MAX_TOKENS, which is also
-    the answer when output is free. For sizing a reservation's `max_tokens`."""
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
-        raise ValueError(f"budget must be a non-negative int, got {budget!r}")
-    base = _numerator(input_tokens, cached_input_tokens, 0, price)
-    # ceil(x / 10^6) <= budget exactly when x <= budget * 10^6 (budget is whole).
-    room = budget * TOKENS_PER_MTOK - base
-    if room < 0:
-        return 0
-    if price.output_per_mtok == 0:
-        return MAX_TOKENS
-    return min(room // price.output_per_mtok, MAX_TOKENS)
 
 
 def credits_per_mtok_from_usd_per_token(usd: Decimal | str | int, credits_per_usd: int) -> int:

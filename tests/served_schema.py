@@ -135,7 +135,7 @@ async def run(
         # The harness sets rate limits no run reaches; the sweeper would only
         # race the stateful phase's reservations.
         extra_env={
-            "TOKENLEDGER_SWEEPER_ENABLED": "0",
+            "TOKENLEDGER_BACKGROUND_ENABLED": "0",
             # Webhooks can be made (a URL that does not resolve here answers 400).
             "TOKENLEDGER_WEBHOOK_SECRET_KEY": "dGVzdC13ZWJob29rLWtleS0wMTIzNDU2Nzg5YWJjZGU=",
         },

@@ -16,7 +16,7 @@ from bench.stats import Stats
 # The usage scenarios charge events of one bench model, priced from
 # USAGE_PRICE_FROM, spread round-robin over USAGE_WALLETS funded wallets.
 # Token counts vary per event (a seeded generator), so costs vary and some
-# round up; the expected cost of each is service.pricing.usage_cost.
+# round up; the expected cost of each is usage_cost below.
 USAGE_MODEL = "bench-model"
 USAGE_SOURCE = "bench"
 USAGE_PRICE_FROM = "2024-01-01T00:00:00Z"
@@ -27,10 +27,21 @@ USAGE_RESEND_MAX = 500
 USAGE_SINGLE_RESEND_SINGLY = 16
 
 
+def usage_cost(input_tokens: int, cached: int, output_tokens: int, rates: Any) -> int:
+    """README, Prices: the credits of one event, rounded up once. The bench's own
+    oracle, to check the cost the service answers (tl_usage_cost in schema.sql)."""
+    millionths = (
+        (input_tokens - cached) * rates.input_per_mtok
+        + cached * rates.cached_input_per_mtok
+        + output_tokens * rates.output_per_mtok
+    )
+    return -(-millionths // 1_000_000)
+
+
 @dataclass
 class UsageEvent:
     body: dict[str, Any]
-    cost: int  # expected, by service.pricing.usage_cost
+    cost: int  # expected, by usage_cost
 
     @property
     def event_id(self) -> str:
@@ -74,8 +85,6 @@ def usage_events(
     ctx: Context, name: str, wallets: Sequence[str], total: int, rates: Any
 ) -> list[UsageEvent]:
     """`total` events with unique ids, round-robin over `wallets`."""
-    from service.pricing import usage_cost
-
     rng = random.Random(ctx.opts.seed * 7919 + len(name))  # noqa: S311  # why: load shape, not security
     events: list[UsageEvent] = []
     for k in range(total):

@@ -1,6 +1,8 @@
 -- name: schema_state
 -- The newest migration the database has and whether the given content of
--- schema.sql has been applied to it (service/migrate.py).
+-- schema.sql has been applied to it (ever: a replica of the previous release
+-- stays ready while the next one rolls out). Readiness (/readyz) and
+-- `tokenledger migrate` both ask it (service/migrate.py).
 SELECT (SELECT max(version) FROM schema_migrations) AS version,
        EXISTS (SELECT 1 FROM schema_applied WHERE checksum = $1) AS schema_applied;
 

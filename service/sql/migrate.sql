@@ -40,11 +40,6 @@ SELECT version, name, checksum FROM schema_migrations ORDER BY version;
 -- name: migrate_record
 INSERT INTO schema_migrations (version, name, checksum, how) VALUES ($1, $2, $3, $4);
 
--- name: migrate_schema_applied
--- Whether this content of schema.sql has been applied (ever: a replica of
--- the previous release stays ready while the next one rolls out).
-SELECT EXISTS (SELECT 1 FROM schema_applied WHERE checksum = $1);
-
 -- name: migrate_record_schema
 INSERT INTO schema_applied (checksum) VALUES ($1)
 ON CONFLICT (checksum) DO UPDATE SET applied_at = clock_timestamp();

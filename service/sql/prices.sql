@@ -29,9 +29,3 @@ SELECT (tl_price_at($1, $2)).*;
 -- Adds a price version outside a request (the import command): $1 arguments
 -- as for POST /v1/prices plus `source`, $2 context.
 SELECT tl_op_add_price($1, $2);
-
--- name: usage_cost
--- The credits of a usage event at the version of model $1 in effect at $2
--- (tl_usage_cost; NULL when there is no such version): $3 input tokens,
--- $4 cached input tokens, $5 output tokens.
-SELECT tl_usage_cost(tl_price_at($1, $2), $3, $4, $5);

@@ -67,7 +67,7 @@ def config(database_url: str, admin_key: str) -> Config:
     return Config(
         database_url=database_url,
         apply_schema=False,  # the template already has it
-        sweeper_enabled=False,  # tests run the sweeper explicitly
+        background_enabled=False,  # tests run the sweeper explicitly
         pool_min_size=1,
         pool_max_size=30,
         # A busy 2-core CI box must not turn a queue for the pool into 503s;

@@ -363,7 +363,7 @@ def test_make_run_configures_development_tokens(tmp_path: Any) -> None:
     """`make run` (development, no JWT settings) verifies HS256 tokens with a
     secret kept in the data dir, so the development sign-in works at once;
     configured JWT settings are left alone."""
-    from service.cli import _dev_employee_tokens
+    from service.cli.serve import _dev_employee_tokens
 
     base = Config(environment="development", data_dir=str(tmp_path))
     first = _dev_employee_tokens(base)

@@ -12,7 +12,7 @@ import pytest
 
 from service import db
 from service.api.resources import Price, PricesPage
-from service.pricing import MAX_RATE_PER_MTOK, MAX_TOKENS, PriceRates, usage_cost
+from service.pricing import MAX_RATE_PER_MTOK, MAX_TOKENS, PriceRates
 from tests.api.conftest import key, problem
 from tests.api.test_auth import service_key
 
@@ -227,8 +227,22 @@ async def test_prices_are_append_only(client: Any, database_url: str) -> None:
         await conn.close()
 
 
-async def test_sql_and_python_costs_agree(client: Any, database_url: str) -> None:
-    """tl_usage_cost and pricing.usage_cost give the same credits on many events."""
+# tl_usage_cost at the version in effect at an instant (NULL when there is none).
+COST_AT = "SELECT tl_usage_cost(tl_price_at($1, $2), $3, $4, $5)"
+
+
+def formula(input_tokens: int, cached: int, output: int, rates: PriceRates) -> int:
+    """README, Prices: the exact cost of an event in millionths, rounded up once."""
+    millionths = (
+        (input_tokens - cached) * rates.input_per_mtok
+        + cached * rates.cached_input_per_mtok
+        + output * rates.output_per_mtok
+    )
+    return -(-millionths // 10**6)
+
+
+async def test_sql_cost_is_the_formula_on_many_events(client: Any, database_url: str) -> None:
+    """tl_usage_cost at a model's version gives README's formula's credits on many events."""
     rng = random.Random(20260101)  # noqa: S311  # why: a seeded, repeatable test sample
     rate_choices = [0, 1, 3, 75, 150, 999_999, 1_000_000, 1_000_001, MAX_RATE_PER_MTOK]
     token_choices = [0, 1, 2, 999, 999_999, 1_000_000, 1_000_001, MAX_TOKENS - 1, MAX_TOKENS]
@@ -242,7 +256,7 @@ async def test_sql_and_python_costs_agree(client: Any, database_url: str) -> Non
         await add(client, model=f"m-{i}", **rates)
         models.append((f"m-{i}", PriceRates(**rates)))
     conn = await db.connect(database_url)
-    query = db.load_queries()["usage_cost"]
+    query = COST_AT
     try:
         checked = 0
         for model, rates in models:
@@ -250,7 +264,7 @@ async def test_sql_and_python_costs_agree(client: Any, database_url: str) -> Non
                 input_tokens = rng.choice(token_choices + [rng.randrange(MAX_TOKENS)])
                 cached = rng.choice([0, input_tokens, rng.randint(0, input_tokens)])
                 output = rng.choice(token_choices + [rng.randrange(MAX_TOKENS)])
-                expected = usage_cost(input_tokens, cached, output, rates)
+                expected = formula(input_tokens, cached, output, rates)
                 got = await conn.fetchval(query, model, T1, input_tokens, cached, output)
                 assert got == expected, (model, rates, input_tokens, cached, output)
                 checked += 1

@@ -8,9 +8,10 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from service.pricing import PriceRates, max_output_tokens_for, usage_cost
+from service.pricing import PriceRates
 from tests.api.conftest import Api, FakeClock, assert_audit_clean, key, posted, problem, ts
 from tests.api.test_auth import service_key
+from tests.costs import usage_costs
 
 P1 = datetime(2030, 1, 1, tzinfo=UTC)  # first price version of MODEL
 P2 = datetime(2030, 2, 1, 12, 0, tzinfo=UTC)  # second price version of MODEL
@@ -122,7 +123,8 @@ async def test_event_is_priced_at_the_version_in_effect_when_it_occurred(
     await setup(client, api, clock, {"e-1": 100_000})
     v1 = await add_price(client, P1, V1)
     v2 = await add_price(client, P2, V2)
-    old, new = usage_cost(1000, 400, 200, V1), usage_cost(1000, 400, 200, V2)
+    (old,) = await usage_costs(database_url, V1, [(1000, 400, 200)])
+    (new,) = await usage_costs(database_url, V2, [(1000, 400, 200)])
     assert (old, new) == (4000, 4320)
 
     before_any = await record(client, event("at-p1-minus", occurred_at=(P1 - US).isoformat()))
@@ -209,7 +211,6 @@ async def test_golden_charges(client: Any, api: Api, clock: FakeClock, database_
     ]
     total = 0
     for i, (inp, cached, out, credits) in enumerate(golden):
-        assert usage_cost(inp, cached, out, V1) == credits
         body = event(f"golden-{i}", inp, out, cached=cached)
         result = await recorded(client, body)
         assert result["cost"] == credits, (inp, cached, out)
@@ -233,7 +234,7 @@ async def test_more_cached_than_input_is_refused(client: Any, api: Api, clock: F
     assert await posted(api, WALLET) == 10_000
     # Nothing was stored under the key: a corrected event records.
     fixed = await recorded(client, event("too-cached", 10, 0, cached=10))
-    assert fixed["cost"] == usage_cost(10, 10, 0, V1) == 13
+    assert fixed["cost"] == 13  # 10 * 1.25 rounded up
 
 
 async def test_usage_beyond_the_balance_is_recorded_with_its_shortfall(
@@ -324,7 +325,7 @@ async def test_unknown_model_records_nothing_until_priced(
     assert await usage_total(api) == 0
     price = await add_price(client, P1, V2, model="brand-new-model")
     out = await recorded(client, body)
-    assert (out["price_id"], out["cost"]) == (price["id"], usage_cost(1000, 400, 200, V2))
+    assert (out["price_id"], out["cost"]) == (price["id"], 4320)  # 600*3 + 400*0.3 + 200*12
     assert await posted(api, WALLET) == 10_000 - 4320
     await assert_audit_clean(database_url)
 
@@ -467,7 +468,7 @@ async def test_batch_of_1000_events(
     ]
     results = await batch(client, events)
     assert [r["status"] for r in results] == ["recorded"] * 1000
-    costs = [usage_cost(i, i // 3, i % 7, V1) for i in range(1000)]
+    costs = await usage_costs(database_url, V1, [(i, i // 3, i % 7) for i in range(1000)])
     assert [r["cost"] for r in results] == costs
     assert [r["event_id"] for r in results] == [f"k-{i}" for i in range(1000)]
     odd = sum(costs[1::2])
@@ -502,8 +503,7 @@ async def test_estimate_reserves_the_worst_case(client: Any, api: Api, clock: Fa
     r = await reserve_estimate(client, model=MODEL, input_tokens=1000, max_output_tokens=500)
     assert r.status_code == 201, r.text
     rsv = r.json()
-    cost = usage_cost(1000, 0, 500, V2)
-    assert cost == 3000 + 6000
+    cost = 3000 + 6000  # 1000 * 3 + 500 * 12 at V2
     assert (rsv["amount"], rsv["max_output_tokens_allowed"], rsv["available_after"]) == (
         cost,
         500,
@@ -521,7 +521,7 @@ async def test_estimate_all_or_nothing_refused(client: Any, api: Api, clock: Fak
     r = await reserve_estimate(client, model=MODEL, input_tokens=1000, max_output_tokens=500)
     err = problem(r, 409, "insufficient_credits")
     assert (
-        (err["available"], err["requested"]) == (7499, usage_cost(1000, 0, 500, V1)) == (7499, 7500)
+        (err["available"], err["requested"]) == (7499, 2500 + 5000)  # 1000 * 2.5 + 500 * 10
     )
     account = await api.account(WALLET)
     assert (account["reserved"], account["available"]) == (0, 7499)
@@ -533,9 +533,8 @@ async def test_estimate_partial_down_to_min_output_tokens(
     """Short of the worst case, an estimate reserves the most output tokens covered, down to min."""
     await setup(client, api, clock, {"e-1": 4999})
     await add_price(client, P1, V1)
-    allowed = max_output_tokens_for(4999, 1000, V1)
-    amount = usage_cost(1000, 0, allowed, V1)
-    assert (allowed, amount) == (249, 4990)
+    # 1000 input tokens cost 2500; 2499 credits cover 249 output tokens at 10 each.
+    allowed, amount = 249, 2500 + 2490
     r = await reserve_estimate(
         client, model=MODEL, input_tokens=1000, max_output_tokens=500, min_output_tokens=100
     )
@@ -570,7 +569,7 @@ async def test_estimate_below_min_output_tokens_is_refused(
     )
     err = problem(r, 409, "insufficient_credits")
     assert (
-        (err["available"], err["requested"]) == (4999, usage_cost(1000, 0, 250, V1)) == (4999, 5000)
+        (err["available"], err["requested"]) == (4999, 2500 + 2500)  # 1000 * 2.5 + 250 * 10
     )
     account = await api.account(WALLET)
     assert (account["reserved"], account["available"]) == (0, 4999)
@@ -606,13 +605,13 @@ async def test_capture_by_usage_uses_the_reservations_price(
     r = await reserve_estimate(client, model=MODEL, input_tokens=1000, max_output_tokens=500)
     assert r.status_code == 201, r.text
     rsv = r.json()
-    assert rsv["amount"] == usage_cost(1000, 0, 500, V1) == 7500
+    assert rsv["amount"] == 2500 + 5000  # 1000 * 2.5 + 500 * 10 at V1
     # A new price version takes effect before the capture.
     await add_price(client, P2, V2)
     clock.set(P2 + timedelta(minutes=1))
     usage = {"model": MODEL, "input_tokens": 800, "cached_input_tokens": 200, "output_tokens": 300}
-    cost = usage_cost(800, 200, 300, V1)
-    assert (cost, usage_cost(800, 200, 300, V2)) == (4750, 5460)
+    # 600 * 2.5 + 200 * 1.25 + 300 * 10 at V1; V2 would be 600 * 3 + 200 * 0.3 + 300 * 12 = 5460.
+    cost = 4750
     r = await client.post(
         f"/v1/reservations/{rsv['id']}/capture", json={"usage": usage}, headers=key()
     )
@@ -818,12 +817,14 @@ async def test_concurrent_batches_and_singles_charge_each_event_once(
     events = [
         event(f"ov-{i}", 10 * i, i, cached=i, account=WALLET if i % 2 else OTHER) for i in range(40)
     ]
-    costs = {
-        e["event_id"]: usage_cost(
-            e["input_tokens"], e["cached_input_tokens"], e["output_tokens"], V1
+    counts = [(e["input_tokens"], e["cached_input_tokens"], e["output_tokens"]) for e in events]
+    costs = dict(
+        zip(
+            [e["event_id"] for e in events],
+            await usage_costs(database_url, V1, counts),
+            strict=True,
         )
-        for e in events
-    }
+    )
 
     async def post_batch(items: list[dict[str, Any]]) -> Any:
         return await client.post("/v1/usage:batch", json={"events": items})
@@ -1051,11 +1052,10 @@ async def test_concurrent_batches_over_shared_accounts_never_deadlock(
     assert all(r["status"] == "recorded" for results in answers for r in results)
     assert db_retries((await client.get("/metrics")).text) == before
     charged = {w: 0 for w in wallets}
-    for items in batches:
-        for e in items:
-            charged[e["account"].removeprefix("employee:")] += usage_cost(
-                e["input_tokens"], e["cached_input_tokens"], e["output_tokens"], V1
-            )
+    sent = [e for items in batches for e in items]
+    counts = [(e["input_tokens"], e["cached_input_tokens"], e["output_tokens"]) for e in sent]
+    for e, credits in zip(sent, await usage_costs(database_url, V1, counts), strict=True):
+        charged[e["account"].removeprefix("employee:")] += credits
     for w in wallets:
         assert await posted(api, f"employee:{w}") == 1_000_000 - charged[w], w
     assert await usage_total(api) == sum(charged.values())
@@ -1086,7 +1086,7 @@ async def test_the_reservation_source_is_the_services_own(
     assert r.status_code == 200, r.text
     assert r.json()["reservation"]["status"] == "captured"
     assert r.json()["usage"]["status"] == "recorded"
-    assert await usage_total(api) == usage_cost(800, 0, 300, V1)
+    assert await usage_total(api) == 2000 + 3000  # 800 * 2.5 + 300 * 10
     await assert_audit_clean(database_url)
 
 

@@ -27,7 +27,7 @@ def service(database_url: str, log: Path, **extra: str) -> Service:
     env = {
         "TOKENLEDGER_WORKERS": "1",
         "TOKENLEDGER_APPLY_SCHEMA": "false",
-        "TOKENLEDGER_SWEEPER_ENABLED": "false",
+        "TOKENLEDGER_BACKGROUND_ENABLED": "false",
         "TOKENLEDGER_POOL_MIN_SIZE": "1",
         "TOKENLEDGER_WEBHOOK_SECRET_KEY": TEST_WEBHOOK_KEY,
         "TOKENLEDGER_WEBHOOK_ALLOW_PRIVATE": "true",

@@ -33,7 +33,7 @@ def served() -> Schema:
         database_url="postgresql://unused@127.0.0.1:1/unused",
         environment="development",
         apply_schema=False,
-        sweeper_enabled=False,
+        background_enabled=False,
     )
     app = create_app(config)
     document: Schema = served_document(app)

@@ -107,7 +107,7 @@ def site(pg_server: Server, template_database: str) -> Iterator[Site]:
         config = Config(
             database_url=dsn,
             apply_schema=False,
-            sweeper_enabled=False,
+            background_enabled=False,
             pool_min_size=1,
             pool_max_size=10,
             pool_acquire_timeout_seconds=5,
