@@ -68,7 +68,7 @@ from service.observability import (
     new_request_id,
     status_class,
 )
-from service.openapi import ContractJson
+from service.openapi import ContractJson, openapi_description
 from service.pages import LocalSwagger, cors_config, page_routes, security_headers
 from service.ratelimit import FailureLimiter, RateLimiter, parse_limits
 from service.webhooks import Dispatcher, SecretBox
@@ -690,25 +690,6 @@ def create_app(
                 handler.opt["access"] = PUBLIC
             assert "access" in handler.opt, f"{route.path} declares no access rule"
     return app
-
-
-def openapi_description() -> str:
-    """The API's conventions and its closed set of error codes, in precedence order."""
-    rows = "\n".join(
-        f"| {cls.status} | `{cls.code}` | {(cls.__doc__ or '').strip().splitlines()[0]} |"
-        for cls in errors.ERRORS
-    )
-    return (
-        "A double-entry ledger of AI-token credits. Amounts are JSON integers (credits), "
-        "1..2^53. Every `/v1` route needs `Authorization: Bearer <token>` (a service key or an "
-        "employee JWT). Every state-changing POST takes an `Idempotency-Key` header (1..255 "
-        "printable ASCII, scoped to the caller); a replay returns the stored answer with "
-        "`Idempotent-Replayed: true`. Lists are newest first with an opaque `cursor`, `limit` "
-        "1..500 (default 50). Request bodies are at most 1 MiB by default. Errors are RFC 9457 "
-        "`application/problem+json` with a stable `code` (schema `Problem`); when several "
-        "checks fail the first in this table answers (401/403 are checked before the body):"
-        "\n\n| status | code | meaning |\n|---|---|---|\n" + rows
-    )
 
 
 async def ensure_admin_key(ledger: Ledger, secret: str) -> None:

@@ -14,7 +14,6 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from service import errors
 from service.journal import Ledger
 from service.reports import csv_cell
 
@@ -438,7 +437,3 @@ async def stream_csv(
 
 def _ts(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def invalid(path: str, message: str) -> errors.InvalidRequest:
-    return errors.InvalidRequest(message, errors=[{"path": path, "message": message}])
