@@ -7,6 +7,7 @@ metrics with bounded label sets: route templates, never account ids.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import sys
 import time
@@ -43,6 +44,16 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
 def new_request_id() -> str:
     # 128 random bits, as uuid4().hex gave, for a fraction of its cost.
     return "req_" + secrets.token_hex(16)
+
+
+_REQUEST_ID_OK = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+def request_id_for(incoming: str | None) -> str:
+    """The request id a request is logged and answered with: the caller's
+    X-Request-Id when it is 1 to 128 printable ASCII characters (no spaces),
+    else a new one."""
+    return incoming if incoming and _REQUEST_ID_OK.match(incoming) else new_request_id()
 
 
 class Metrics:
