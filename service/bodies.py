@@ -5,8 +5,8 @@ be an amount of 5). Here, before the handler runs, the body is parsed once
 and converted once, strictly, and that value is what the handler gets:
 Litestar's own conversion passes a value of the right type through as it is.
 Timestamps are made UTC (PostgreSQL takes offsets up to 15:59 only; RFC 3339
-allows 23:59), so a body that holds one is converted again from its
-normalised form; the hot path's bodies (integers, no timestamps) are not.
+allows 23:59), so a body with a timestamp in another offset is converted
+again from its UTC form; other bodies are converted once.
 """
 
 from __future__ import annotations
@@ -38,24 +38,30 @@ def integral(value: Any) -> Any:
     return value
 
 
-def in_utc(value: Any, path: str = "$") -> Any:
+def in_utc(value: Any, path: str = "$", shifted: list[str] | None = None) -> Any:
     """`value` (from msgspec.to_builtins) with its datetimes as RFC 3339 UTC
     text; text with a NUL character is refused (PostgreSQL cannot store it,
-    and the schema's strings exclude it)."""
+    and the schema's strings exclude it). The path of each datetime that was
+    not in UTC is added to `shifted`."""
     if isinstance(value, str):
         if "\x00" in value:
             message = "text may not contain the NUL character"
             raise errors.invalid(path, message, f"{path}: {message}")
         return value
     if isinstance(value, datetime):
+        if shifted is not None and value.tzinfo is not UTC:
+            shifted.append(path)
         try:
             return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
         except OverflowError:
             raise errors.invalid(path, "the timestamp is out of range") from None
     if isinstance(value, list):
-        return [in_utc(item, f"{path}[{i}]") for i, item in enumerate(value)]
+        return [in_utc(item, f"{path}[{i}]", shifted) for i, item in enumerate(value)]
     if isinstance(value, dict):
-        return {in_utc(key, path): in_utc(item, f"{path}.{key!s}") for key, item in value.items()}
+        return {
+            in_utc(key, path, shifted): in_utc(item, f"{path}.{key!s}", shifted)
+            for key, item in value.items()
+        }
     return value
 
 
@@ -119,13 +125,14 @@ async def strict_body(request: Request[Any, Any, Any]) -> None:
             value = msgspec.convert(integral(parsed), annotation, strict=True)
         # The hot path's bodies (no timestamps, no NUL) are used as they are:
         # walking every body in Python cost the service a fifth more CPU per
-        # debit.
-        timestamps = has_datetime(annotation)
-        if timestamps or b"\\u0000" in body:
-            normal = in_utc(msgspec.to_builtins(value, builtin_types=(datetime,)))
-            if timestamps:
-                # As Litestar would convert it (leniently: the text of a
-                # timestamp, a UUID or a decimal back to its type).
+        # debit. A body whose type holds a timestamp is walked.
+        if has_datetime(annotation) or b"\\u0000" in body:
+            shifted: list[str] = []
+            normal = in_utc(msgspec.to_builtins(value, builtin_types=(datetime,)), "$", shifted)
+            if shifted:
+                # A timestamp with another offset: the value is made again
+                # from the UTC form, as Litestar would convert it (leniently:
+                # the text of a timestamp, a UUID or a decimal to its type).
                 value = msgspec.convert(normal, annotation, strict=False, str_keys=True)
     except msgspec.ValidationError as exc:
         match = _MSGSPEC_PATH.match(str(exc))

@@ -159,7 +159,7 @@ TABLE: tuple[Code, ...] = (
          "malformed body, unknown field, bad amount, bad id or address; `errors: [{path, "
          "message}]` names the JSON path"),
     Code(IdempotencyKeyRequired, "idempotency_key_required", 400, "Idempotency-Key required", None,
-         # As the class's docstring had it (served so since): a line break mid-sentence.
+         # Kept as served since it was a docstring, wrapped mid-sentence.
          "This request changes state and needs an Idempotency-Key header of 1 to 255 printable"
          "\n    ASCII characters.",
          "a state-changing `POST` without a valid `Idempotency-Key`"),

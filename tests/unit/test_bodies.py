@@ -98,10 +98,17 @@ def test_nul_text_and_malformed_json_are_refused(client: TestClient[Litestar]) -
 
 
 def test_a_timestamp_reaches_the_handler_in_utc(client: TestClient[Litestar]) -> None:
-    """A body with a timestamp is normalised to UTC and converted again from
-    that form (the one kind of body decoded twice)."""
+    """A timestamp in another offset reaches the handler in UTC (its body is
+    the one kind converted again, from its UTC form); one in UTC is decoded
+    once like any other body."""
     r = client.post("/expiring", json={"at": "2030-01-01T23:30:00+23:59"})
     assert r.status_code == 201, r.text
     assert RECEIVED[0].at == datetime(2029, 12, 31, 23, 31, tzinfo=UTC)
     assert RECEIVED[0].at.tzinfo is UTC
     assert len(DECODED) == 2
+    DECODED.clear()
+    r = client.post("/expiring", json={"at": "2030-01-01T23:30:00Z"})
+    assert r.status_code == 201, r.text
+    assert RECEIVED[1].at == datetime(2030, 1, 1, 23, 30, tzinfo=UTC)
+    assert RECEIVED[1].at.tzinfo is UTC
+    assert len(DECODED) == 1
