@@ -1,16 +1,20 @@
 """The closed set of error codes, and the one place database errors become them.
 
-Each code is a LedgerError subclass whose docstring is its default detail
-(API.md, Errors). The classes are listed in precedence order: when several
-checks fail, the first in this order answers. Database errors are translated
-by SQLSTATE (our PL/pgSQL functions raise class TL with their own codes),
-never by message text.
+Each code is a LedgerError subclass whose docstring is its default detail.
+One table (TABLE) states every code once, in precedence order (when several
+checks fail, the first in this order answers): the classes take their code,
+status, title, SQLSTATE and detail from it, and the OpenAPI document's and the
+README's tables of error codes are made from it (`python -m service.errors`
+prints the README's). Database errors are translated by SQLSTATE (our
+PL/pgSQL functions raise class TL with their own codes), never by message
+text.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import asyncpg
@@ -51,109 +55,47 @@ class LedgerError(Exception):
         return body
 
 
-# 400 ----------------------------------------------------------------------
-class InvalidRequest(LedgerError):
-    """The request is malformed; see `errors` for the offending fields."""
-
-    code, status, title, sqlstate = "invalid_request", 400, "Invalid request", "TLD01"
-
-
-class IdempotencyKeyRequired(LedgerError):
-    """This request changes state and needs an Idempotency-Key header of 1 to 255 printable
-    ASCII characters."""
-
-    code, status, title = "idempotency_key_required", 400, "Idempotency-Key required"
-
-
-# 401 / 403 ----------------------------------------------------------------
-class Unauthenticated(LedgerError):
-    """A valid bearer token is required."""
-
-    code, status, title = "unauthenticated", 401, "Unauthenticated"
-
-
-class Forbidden(LedgerError):
-    """The caller's role may not do this."""
-
-    # Raised by SQL for a key limited to departments (tl_require_key_scope).
-    code, status, title, sqlstate = "forbidden", 403, "Forbidden", "TLD43"
-
-
-class PayloadTooLarge(LedgerError):
-    """The request body is larger than the configured limit."""
-
-    code, status, title = "payload_too_large", 413, "Payload too large"
-
-
-# 404 ----------------------------------------------------------------------
-class AccountNotFound(LedgerError):
-    """No account has that address."""
-
-    code, status, title, sqlstate = "account_not_found", 404, "Account not found", "TLA01"
-
-
-class EmployeeNotFound(LedgerError):
-    """No employee has that id."""
-
-    code, status, title, sqlstate = "employee_not_found", 404, "Employee not found", "TLA02"
-
-
-class DepartmentNotFound(LedgerError):
-    """No department has that id."""
-
-    code, status, title, sqlstate = "department_not_found", 404, "Department not found", "TLA03"
-
-
-class TransactionNotFound(LedgerError):
-    """No transaction has that id."""
-
-    code, status, title, sqlstate = "transaction_not_found", 404, "Transaction not found", "TLA04"
-
-
-class ReservationNotFound(LedgerError):
-    """No reservation has that id."""
-
-    code, status, title, sqlstate = "reservation_not_found", 404, "Reservation not found", "TLA05"
-
-
-class LotNotFound(LedgerError):
-    """No lot has that id."""
-
-    code, status, title, sqlstate = "lot_not_found", 404, "Lot not found", "TLA06"
-
-
-class GrantProgramNotFound(LedgerError):
-    """No grant program has that id."""
-
-    code, status, title, sqlstate = (
-        "grant_program_not_found",
-        404,
-        "Grant program not found",
-        "TLA07",
-    )
-
-
-class ApprovalNotFound(LedgerError):
-    """No such approval."""
-
-    code, status, title, sqlstate = "approval_not_found", 404, "Approval not found", "TLA16"
-
-
-class UnknownModel(LedgerError):
-    """No price is known for that model at that time."""
-
-    code, status, title, sqlstate = "unknown_model", 404, "Unknown model", "TLA08"
-
-
-class WebhookNotFound(LedgerError):
-    """No webhook (or delivery of it) has that id."""
-
-    code, status, title, sqlstate = "webhook_not_found", 404, "Webhook not found", "TLAW1"
+# The classes of the codes. Each takes its code, status, title, SQLSTATE and
+# default detail (its docstring) from its row in TABLE below; they are named
+# here so that raising, catching and annotating them is type-checked, one a
+# line (a list of names), those with behaviour of their own after them.
+# fmt: off
+class InvalidRequest(LedgerError): ...
+class IdempotencyKeyRequired(LedgerError): ...
+class Unauthenticated(LedgerError): ...
+class Forbidden(LedgerError): ...
+class PayloadTooLarge(LedgerError): ...
+class AccountNotFound(LedgerError): ...
+class EmployeeNotFound(LedgerError): ...
+class DepartmentNotFound(LedgerError): ...
+class TransactionNotFound(LedgerError): ...
+class ReservationNotFound(LedgerError): ...
+class LotNotFound(LedgerError): ...
+class GrantProgramNotFound(LedgerError): ...
+class ApprovalNotFound(LedgerError): ...
+class UnknownModel(LedgerError): ...
+class WebhookNotFound(LedgerError): ...
+class InsufficientCredits(LedgerError): ...
+class AccountClosed(LedgerError): ...
+class AssetMismatch(LedgerError): ...
+class AlreadyReversed(LedgerError): ...
+class ApprovalRequired(LedgerError): ...
+class NotApprovable(LedgerError): ...
+class BalanceLimitExceeded(LedgerError): ...
+class IdempotencyKeyInProgress(LedgerError): ...
+class LimitExceeded(LedgerError): ...
+class ModelNotAllowed(LedgerError): ...
+class IdempotencyKeyReused(LedgerError): ...
+class RateLimited(LedgerError): ...
+class Unavailable(LedgerError): ...
+# fmt: on
 
 
 class NotFound(LedgerError):
     """No such route."""
 
+    # Litestar's own 404 for an unknown route (service/problems.py): not one
+    # of the codes an operation answers, so not in TABLE.
     code, status, title = "not_found", 404, "Not found"
 
 
@@ -161,25 +103,6 @@ class MethodNotAllowed(LedgerError):
     """This route does not take that method."""
 
     code, status, title = "method_not_allowed", 405, "Method not allowed"
-
-
-# 409 ----------------------------------------------------------------------
-class InsufficientCredits(LedgerError):
-    """The account's available credits do not cover the amount."""
-
-    code, status, title, sqlstate = "insufficient_credits", 409, "Insufficient credits", "TLB01"
-
-
-class AccountClosed(LedgerError):
-    """The account is closed; it takes no more writes."""
-
-    code, status, title, sqlstate = "account_closed", 409, "Account closed", "TLB02"
-
-
-class AssetMismatch(LedgerError):
-    """The accounts hold different assets."""
-
-    code, status, title, sqlstate = "asset_mismatch", 409, "Asset mismatch", "TLB03"
 
 
 class ResourceNotActive(LedgerError):
@@ -196,145 +119,181 @@ class ResourceNotActive(LedgerError):
 
 
 class ReservationNotActive(ResourceNotActive):
-    """The reservation is no longer active."""
-
-    code, status, title, sqlstate = "reservation_not_active", 409, "Reservation not active", "TLB04"
     state_extra = "reservation_status"
 
 
 class LotNotActive(ResourceNotActive):
-    """The lot has nothing left to act on."""
-
-    code, status, title, sqlstate = "lot_not_active", 409, "Lot not active", "TLB05"
     state_extra = "lot_status"
 
 
-class AlreadyReversed(LedgerError):
-    """The transaction was already reversed."""
-
-    code, status, title, sqlstate = "already_reversed", 409, "Already reversed", "TLB06"
-
-
-class ApprovalRequired(LedgerError):
-    """The grant is above the approval threshold: it waits for another caller's approval."""
-
-    code, status, title = "approval_required", 409, "Approval required"
-
-
-class NotApprovable(LedgerError):
-    """The approval is already decided, or the caller requested it (another caller must decide)."""
-
-    code, status, title, sqlstate = "not_approvable", 409, "Not approvable", "TLB16"
-
-
-class BalanceLimitExceeded(LedgerError):
-    """The write would take an account's balance past ±2^62 (sums could overflow)."""
-
-    code, status, title = "balance_limit_exceeded", 409, "Balance limit exceeded"
-
-
-# Check constraints that keep balances within the limit (schema.sql).
-_BALANCE_LIMIT_CONSTRAINTS = frozenset(
-    {"accounts_posted_within_limit", "account_shards_posted_within_limit"}
-)
-
-
-class IdempotencyKeyInProgress(LedgerError):
-    """A request with this Idempotency-Key is still being processed; retry shortly."""
-
-    code, status, title, sqlstate = (
-        "idempotency_key_in_progress",
-        409,
-        "Idempotency key in progress",
-        "TLB07",
-    )
-
-
-class LimitExceeded(LedgerError):
-    """The operation would pass a hard spend limit of the account or its department."""
-
-    code, status, title, sqlstate = "limit_exceeded", 409, "Limit exceeded", "TLB08"
-
-
-class ModelNotAllowed(LedgerError):
-    """The spend policy of the account or its department does not allow this model."""
-
-    code, status, title, sqlstate = "model_not_allowed", 409, "Model not allowed", "TLB09"
-
-
-# 422 ----------------------------------------------------------------------
-class IdempotencyKeyReused(LedgerError):
-    """This Idempotency-Key was used with a different request; nothing was changed."""
-
-    code, status, title, sqlstate = (
-        "idempotency_key_reused",
-        422,
-        "Idempotency key reused",
-        "TLC01",
-    )
-
-
-# 429 / 503 ----------------------------------------------------------------
-class RateLimited(LedgerError):
-    """Too many requests from this caller; retry after the given seconds."""
-
-    code, status, title = "rate_limited", 429, "Rate limited"
-
-
 class KeyRateLimited(LedgerError):
-    """This key has spent its credits for the minute; retry after the given seconds."""
-
-    code, status, title, sqlstate = "key_rate_limited", 429, "Key rate limited", "TLD29"
-
     def __init__(self, detail: str | None = None, **extra: Any) -> None:
         super().__init__(detail, **extra)
         # The SQL answers when the key's minute ends (extra.retry_after).
         self.headers["Retry-After"] = str(extra.get("retry_after", 60))
 
 
-class Unavailable(LedgerError):
-    """The service is overloaded or its database is unreachable; retry after the given seconds."""
+@dataclass(frozen=True)
+class Code:
+    """One error code: its class, the `code` and HTTP `status` it answers
+    with, its problem `title`, the SQLSTATE our SQL functions raise for it
+    (class TL, if any), its default `detail`, and `when` it answers (the
+    README's table, Errors)."""
 
-    code, status, title = "unavailable", 503, "Service unavailable"
+    cls: type[LedgerError]
+    code: str
+    status: int
+    title: str
+    sqlstate: str | None
+    detail: str
+    when: str
 
 
-# In precedence order; the README's error table is generated from this list.
-ERRORS: tuple[type[LedgerError], ...] = (
-    InvalidRequest,
-    IdempotencyKeyRequired,
-    Unauthenticated,
-    Forbidden,
-    PayloadTooLarge,
-    AccountNotFound,
-    EmployeeNotFound,
-    DepartmentNotFound,
-    TransactionNotFound,
-    ReservationNotFound,
-    LotNotFound,
-    GrantProgramNotFound,
-    ApprovalNotFound,
-    UnknownModel,
-    WebhookNotFound,
-    InsufficientCredits,
-    AccountClosed,
-    AssetMismatch,
-    ReservationNotActive,
-    LotNotActive,
-    AlreadyReversed,
-    ApprovalRequired,
-    NotApprovable,
-    BalanceLimitExceeded,
-    IdempotencyKeyInProgress,
-    LimitExceeded,
-    ModelNotAllowed,
-    IdempotencyKeyReused,
-    RateLimited,
-    KeyRateLimited,
-    Unavailable,
+# The closed set of codes in precedence order: when several checks fail, the
+# first answers. The classes, the OpenAPI document's error table
+# (service.openapi) and the README's (markdown_table) come from it.
+# fmt: off
+TABLE: tuple[Code, ...] = (
+    Code(InvalidRequest, "invalid_request", 400, "Invalid request", "TLD01",
+         "The request is malformed; see `errors` for the offending fields.",
+         "malformed body, unknown field, bad amount, bad id or address; `errors: [{path, "
+         "message}]` names the JSON path"),
+    Code(IdempotencyKeyRequired, "idempotency_key_required", 400, "Idempotency-Key required", None,
+         # Kept as served since it was a docstring, wrapped mid-sentence.
+         "This request changes state and needs an Idempotency-Key header of 1 to 255 printable"
+         "\n    ASCII characters.",
+         "a state-changing `POST` without a valid `Idempotency-Key`"),
+    Code(Unauthenticated, "unauthenticated", 401, "Unauthenticated", None,
+         "A valid bearer token is required.",
+         "missing, unknown, revoked or invalid token; with `WWW-Authenticate`"),
+    Code(Forbidden, "forbidden", 403, "Forbidden", "TLD43",
+         "The caller's role may not do this.",
+         "the caller's role may not use this route, or a service key charges outside its scopes "
+         "(sources, account types, departments)"),
+    Code(PayloadTooLarge, "payload_too_large", 413, "Payload too large", None,
+         "The request body is larger than the configured limit.",
+         "body over `TOKENLEDGER_MAX_BODY_BYTES`"),
+    Code(AccountNotFound, "account_not_found", 404, "Account not found", "TLA01",
+         "No account has that address.",
+         "no account at that address"),
+    Code(EmployeeNotFound, "employee_not_found", 404, "Employee not found", "TLA02",
+         "No employee has that id.",
+         "no such employee (also for `employee:` addresses)"),
+    Code(DepartmentNotFound, "department_not_found", 404, "Department not found", "TLA03",
+         "No department has that id.",
+         "no such department (also for `department:` addresses)"),
+    Code(TransactionNotFound, "transaction_not_found", 404, "Transaction not found", "TLA04",
+         "No transaction has that id.",
+         "no such transaction"),
+    Code(ReservationNotFound, "reservation_not_found", 404, "Reservation not found", "TLA05",
+         "No reservation has that id.",
+         "no such reservation"),
+    Code(LotNotFound, "lot_not_found", 404, "Lot not found", "TLA06",
+         "No lot has that id.",
+         "no such lot"),
+    Code(GrantProgramNotFound, "grant_program_not_found", 404, "Grant program not found", "TLA07",
+         "No grant program has that id.",
+         "no such grant program"),
+    Code(ApprovalNotFound, "approval_not_found", 404, "Approval not found", "TLA16",
+         "No such approval.",
+         "no such approval"),
+    Code(UnknownModel, "unknown_model", 404, "Unknown model", "TLA08",
+         "No price is known for that model at that time.",
+         "no price for that model"),
+    Code(WebhookNotFound, "webhook_not_found", 404, "Webhook not found", "TLAW1",
+         "No webhook (or delivery of it) has that id.",
+         "no such webhook, or no such delivery of it"),
+    Code(InsufficientCredits, "insufficient_credits", 409, "Insufficient credits", "TLB01",
+         "The account's available credits do not cover the amount.",
+         "available credits do not cover the amount; extras `available`, `requested`"),
+    Code(AccountClosed, "account_closed", 409, "Account closed", "TLB02",
+         "The account is closed; it takes no more writes.",
+         "the wallet was closed by offboarding"),
+    Code(AssetMismatch, "asset_mismatch", 409, "Asset mismatch", "TLB03",
+         "The accounts hold different assets.",
+         "the accounts hold different assets"),
+    Code(ReservationNotActive, "reservation_not_active", 409, "Reservation not active", "TLB04",
+         "The reservation is no longer active.",
+         "capture, release or extend of a reservation that is captured, released or expired; "
+         "extra `reservation_status`"),
+    Code(LotNotActive, "lot_not_active", 409, "Lot not active", "TLB05",
+         "The lot has nothing left to act on.",
+         "the lot is spent, expired or voided; extra `lot_status` (`depleted`, `expired`, "
+         "`voided`)"),
+    Code(AlreadyReversed, "already_reversed", 409, "Already reversed", "TLB06",
+         "The transaction was already reversed.",
+         "the transaction was reversed before; extra `reversed_by`"),
+    Code(ApprovalRequired, "approval_required", 409, "Approval required", None,
+         "The grant is above the approval threshold: it waits for another caller's approval.",
+         "(a CSV import row) the grant is above `TOKENLEDGER_APPROVAL_THRESHOLD` and waits in a "
+         "pending approval; extra `approval`"),
+    Code(NotApprovable, "not_approvable", 409, "Not approvable", "TLB16",
+         "The approval is already decided, or the caller requested it (another caller must "
+         "decide).",
+         "the approval is already approved or rejected (extra `approval_status`), or the caller "
+         "requested it: another caller must decide"),
+    Code(BalanceLimitExceeded, "balance_limit_exceeded", 409, "Balance limit exceeded", None,
+         "The write would take an account's balance past ±2^62 (sums could overflow).",
+         "the write would take an account's balance past ±2^62 credits, where sums of balances "
+         "could overflow; nothing is written"),
+    Code(IdempotencyKeyInProgress, "idempotency_key_in_progress", 409,
+         "Idempotency key in progress", "TLB07",
+         "A request with this Idempotency-Key is still being processed; retry shortly.",
+         "a request with the same key is still running past `lock_timeout`"),
+    Code(LimitExceeded, "limit_exceeded", 409, "Limit exceeded", "TLB08",
+         "The operation would pass a hard spend limit of the account or its department.",
+         "the reservation, debit or capture would pass a hard spend limit of the account or its "
+         "department; extras `account` (whose policy), `window`, `time_zone`, `limit`, `spent`, "
+         "`remaining`, `requested`, `starts_at`, `resets_at`"),
+    Code(ModelNotAllowed, "model_not_allowed", 409, "Model not allowed", "TLB09",
+         "The spend policy of the account or its department does not allow this model.",
+         "the spend policy of the account or its department does not allow the model (of an "
+         "estimate, or named in `metadata.model`); extras `model`, `tier`"),
+    Code(IdempotencyKeyReused, "idempotency_key_reused", 422, "Idempotency key reused", "TLC01",
+         "This Idempotency-Key was used with a different request; nothing was changed.",
+         "the key was used with a different request (method, path or body)"),
+    Code(RateLimited, "rate_limited", 429, "Rate limited", None,
+         "Too many requests from this caller; retry after the given seconds.",
+         "over the caller's rate; with `Retry-After`"),
+    Code(KeyRateLimited, "key_rate_limited", 429, "Key rate limited", "TLD29",
+         "This key has spent its credits for the minute; retry after the given seconds.",
+         "the service key's spend rate cap (`keys scope --rate-limit`, credits per minute) would "
+         "be passed; with `Retry-After` (to the next minute) and extras `limit`, `spent`, "
+         "`requested`; nothing is written"),
+    Code(Unavailable, "unavailable", 503, "Service unavailable", None,
+         "The service is overloaded or its database is unreachable; retry after the given "
+         "seconds.",
+         "pool exhausted, database unreachable or timing out; with `Retry-After`"),
 )
+# fmt: on
 
+
+def _give_rows(table: tuple[Code, ...]) -> tuple[type[LedgerError], ...]:
+    """Give each class its row; check that the table names each class of this
+    module once (a class without a row would answer as `internal`)."""
+    for row in table:
+        row.cls.code, row.cls.status, row.cls.title = row.code, row.status, row.title
+        row.cls.sqlstate = row.sqlstate
+        row.cls.__doc__ = row.detail
+    classes = tuple(row.cls for row in table)
+    declared = {
+        value
+        for value in globals().values()
+        if isinstance(value, type) and issubclass(value, LedgerError)
+    } - {LedgerError, ResourceNotActive, NotFound, MethodNotAllowed}
+    assert len(set(classes)) == len(classes), "a class has two rows in TABLE"
+    assert set(classes) == declared, f"no row in TABLE for {declared - set(classes)}"
+    return classes
+
+
+ERRORS: tuple[type[LedgerError], ...] = _give_rows(TABLE)
 BY_CODE: dict[str, type[LedgerError]] = {cls.code: cls for cls in ERRORS}
 BY_SQLSTATE: dict[str, type[LedgerError]] = {cls.sqlstate: cls for cls in ERRORS if cls.sqlstate}
+
+# Check constraints that keep balances within the limit (schema.sql).
+_BALANCE_LIMIT_CONSTRAINTS = frozenset(
+    {"accounts_posted_within_limit", "account_shards_posted_within_limit"}
+)
 
 # SQLSTATEs that mean "the database is overloaded or going away": answer 503
 # so callers back off and retry, never a misleading 4xx.
@@ -420,3 +379,19 @@ def translate(exc: BaseException) -> LedgerError | None:
         # with the same Idempotency-Key and gets the one outcome.
         return Unavailable()
     return None
+
+
+def invalid(path: str, message: str, detail: str | None = None) -> InvalidRequest:
+    """The 400 for one offending field: `path` (a JSON path such as
+    `$.grants[3].amount`, or a parameter's name) and what is wrong with it."""
+    return InvalidRequest(detail or message, errors=[{"path": path, "message": message}])
+
+
+def markdown_table() -> str:
+    """The README's table of error codes (Errors), from TABLE."""
+    rows = [f"| {row.status} | `{row.code}` | {row.when} |" for row in TABLE]
+    return "\n".join(["| status | code | when |", "|---|---|---|", *rows])
+
+
+if __name__ == "__main__":
+    print(markdown_table())

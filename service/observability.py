@@ -7,9 +7,11 @@ metrics with bounded label sets: route templates, never account ids.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
@@ -45,146 +47,146 @@ def new_request_id() -> str:
     return "req_" + secrets.token_hex(16)
 
 
+_REQUEST_ID_OK = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+def request_id_for(incoming: str | None) -> str:
+    """The request id a request is logged and answered with: the caller's
+    X-Request-Id when it is 1 to 128 printable ASCII characters (no spaces),
+    else a new one."""
+    return incoming if incoming and _REQUEST_ID_OK.match(incoming) else new_request_id()
+
+
 class Metrics:
     """The service's metrics, on a registry of their own so that several apps
     (tests build many) never collide on the process-global one."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.request_latency = Histogram(
+        self.registry = registry = CollectorRegistry()
+
+        # Every metric on this registry (a label list, and buckets, when it has them).
+        def counter(name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+            return Counter(name, doc, labels, registry=registry)
+
+        def gauge(name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
+            return Gauge(name, doc, labels, registry=registry)
+
+        def histogram(
+            name: str, doc: str, labels: Sequence[str] = (), *, buckets: Sequence[float]
+        ) -> Histogram:
+            return Histogram(name, doc, labels, registry=registry, buckets=buckets)
+
+        self.request_latency = histogram(
             "tokenledger_http_request_duration_seconds",
             "HTTP request latency by method, route template and status class.",
             ["method", "route", "status_class"],
-            registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
-        self.operations = Counter(
+        self.operations = counter(
             "tokenledger_ledger_operations_total",
             "Ledger operations by kind and outcome (ok, replayed, or an error code).",
             ["kind", "outcome"],
-            registry=self.registry,
         )
-        self.pool_size = Gauge(
+        self.pool_size = gauge(
             "tokenledger_db_pool_connections",
             "Connections open in the database pool.",
-            registry=self.registry,
         )
-        self.pool_in_use = Gauge(
+        self.pool_in_use = gauge(
             "tokenledger_db_pool_connections_in_use",
             "Connections of the pool currently lent to a request.",
-            registry=self.registry,
         )
-        self.pool_max = Gauge(
+        self.pool_max = gauge(
             "tokenledger_db_pool_connections_max",
             "Configured maximum size of the database pool.",
-            registry=self.registry,
         )
-        self.db_retries = Counter(
+        self.db_retries = counter(
             "tokenledger_db_retries_total",
             "Whole transactions retried after a serialization failure or deadlock.",
-            registry=self.registry,
         )
-        self.coalesced_batch_size = Histogram(
+        self.coalesced_batch_size = histogram(
             "tokenledger_coalesced_batch_size",
             "Operations sent together in one tl_execute_batch call.",
-            registry=self.registry,
             buckets=(1, 2, 4, 8, 16, 32, 64),
         )
-        self.coalesced_fallbacks = Counter(
+        self.coalesced_fallbacks = counter(
             "tokenledger_coalesced_fallbacks_total",
             "Coalesced batches that failed as a whole and were run again one by one.",
-            registry=self.registry,
         )
-        self.sweeper_runs = Counter(
+        self.sweeper_runs = counter(
             "tokenledger_sweeper_runs_total",
             "Background sweeps by task and outcome.",
             ["task", "outcome"],
-            registry=self.registry,
         )
-        self.reservations = Counter(
+        self.reservations = counter(
             "tokenledger_reservations_total",
             "Reservations by outcome: created, captured, released (expiries show as the "
             "active gauge falling).",
             ["outcome"],
-            registry=self.registry,
         )
-        self.active_reservations = Gauge(
+        self.active_reservations = gauge(
             "tokenledger_reservations_active",
             "Reservations holding credits now (read at scrape time).",
-            registry=self.registry,
         )
-        self.refusals = Counter(
+        self.refusals = counter(
             "tokenledger_refusals_total",
             "409 answers (business refusals) by error code: limit_exceeded, "
             "model_not_allowed, insufficient_credits, ...",
             ["code"],
-            registry=self.registry,
         )
-        self.overage_credits = Counter(
+        self.overage_credits = counter(
             "tokenledger_overage_credits_total",
             "Credits of recorded usage that no wallet could cover, charged to system:overage.",
-            registry=self.registry,
         )
-        self.expired_credits = Counter(
+        self.expired_credits = counter(
             "tokenledger_expired_credits_total",
             "Credits moved to system:expired by the sweeper.",
-            registry=self.registry,
         )
-        self.chained_transactions = Counter(
+        self.chained_transactions = counter(
             "tokenledger_chained_transactions_total",
             "Transactions appended to the hash chain by this replica.",
-            registry=self.registry,
         )
-        self.program_grants = Counter(
+        self.program_grants = counter(
             "tokenledger_program_grants_total",
             "Grant-program members by program and outcome: issued, or the reason they were "
             "skipped (already_granted, offboarded, insufficient_budget, prorated_to_zero).",
             ["program", "outcome"],
-            registry=self.registry,
         )
-        self.program_scheduler_last_run = Gauge(
+        self.program_scheduler_last_run = gauge(
             "tokenledger_program_scheduler_last_run_timestamp_seconds",
             "When this replica's scheduler last ran a cycle of the program (Unix time of the "
             "run, by the ledger's clock).",
             ["program"],
-            registry=self.registry,
         )
         # Alerts and webhooks (service/webhooks.py).
-        self.outbox_lag = Gauge(
+        self.outbox_lag = gauge(
             "tokenledger_outbox_lag_seconds",
             "Age of the oldest event not yet delivered: not fanned out to its webhooks yet, or "
             "with a delivery still pending (0 when there is none).",
-            registry=self.registry,
         )
-        self.webhook_pending = Gauge(
+        self.webhook_pending = gauge(
             "tokenledger_webhook_deliveries_pending",
             "Webhook deliveries not yet delivered nor failed.",
-            registry=self.registry,
         )
-        self.webhook_deliveries = Counter(
+        self.webhook_deliveries = counter(
             "tokenledger_webhook_deliveries_total",
             "Webhook delivery attempts by this replica, by outcome: delivered, retry (failed, "
             "retried later), failed (gave up), refused (the address is not allowed), stale "
             "(a later attempt had taken over).",
             ["outcome"],
-            registry=self.registry,
         )
-        self.webhook_retries = Counter(
+        self.webhook_retries = counter(
             "tokenledger_webhook_retries_total",
             "Webhook attempts by this replica that were not a delivery's first.",
-            registry=self.registry,
         )
-        self.webhook_latency = Histogram(
+        self.webhook_latency = histogram(
             "tokenledger_webhook_attempt_seconds",
             "Time from sending a webhook to its answer (or its failure).",
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-            registry=self.registry,
         )
-        self.events_emitted = Counter(
+        self.events_emitted = counter(
             "tokenledger_alert_events_total",
             "credits.expiring events emitted by this replica's background loop.",
             ["type"],
-            registry=self.registry,
         )
 
         # Operations (deploy/grafana, deploy/prometheus): what the dashboard
@@ -192,38 +194,33 @@ class Metrics:
         # are read from the database at scrape time (one query, at most once a
         # second), so every replica reports the same values: aggregate them
         # with max(), not sum().
-        self.unavailable_responses = Counter(
+        self.unavailable_responses = counter(
             "tokenledger_http_unavailable_responses_total",
             "503 answers by method and route template: the pool, the database or a lock "
             "wait was over its bound (the latency histogram only keeps the status class).",
             ["method", "route"],
-            registry=self.registry,
         )
-        self.chain_lag = Gauge(
+        self.chain_lag = gauge(
             "tokenledger_chain_lag_seconds",
             "Age of the oldest committed transaction not yet in the hash chain, settle "
             "window included (0 when all are chained).",
-            registry=self.registry,
         )
-        self.sweeper_lag = Gauge(
+        self.sweeper_lag = gauge(
             "tokenledger_sweeper_lag_seconds",
             "Age of the oldest expiry (of a lot or a reservation) that is due and not yet "
             "written to the journal (0 when none is due).",
-            registry=self.registry,
         )
-        self.scheduler_lag = Gauge(
+        self.scheduler_lag = gauge(
             "tokenledger_scheduler_lag_seconds",
             "Age of the oldest grant-program cycle that has started and has not been run "
             "(0 when none is owed).",
-            registry=self.registry,
         )
-        self.system_balance = Gauge(
+        self.system_balance = gauge(
             "tokenledger_system_account_balance_credits",
             "Posted balance of each system account, summed over its shards: minus the "
             "credits ever issued (system:issuance), the credits ever spent (system:usage) "
             "and expired (system:expired), net of reversals.",
             ["account"],
-            registry=self.registry,
         )
 
     def record_ledger_gauges(self, row: Any) -> None:

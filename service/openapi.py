@@ -316,6 +316,24 @@ def document_operation(operation: dict[str, Any], handler: Any, *, has_body: boo
         }
 
 
+def openapi_description() -> str:
+    """The API's conventions and its closed set of error codes, in precedence order."""
+    rows = "\n".join(
+        f"| {row.status} | `{row.code}` | {row.detail.splitlines()[0]} |" for row in errors.TABLE
+    )
+    return (
+        "A double-entry ledger of AI-token credits. Amounts are JSON integers (credits), "
+        "1..2^53. Every `/v1` route needs `Authorization: Bearer <token>` (a service key or an "
+        "employee JWT). Every state-changing POST takes an `Idempotency-Key` header (1..255 "
+        "printable ASCII, scoped to the caller); a replay returns the stored answer with "
+        "`Idempotent-Replayed: true`. Lists are newest first with an opaque `cursor`, `limit` "
+        "1..500 (default 50). Request bodies are at most 1 MiB by default. Errors are RFC 9457 "
+        "`application/problem+json` with a stable `code` (schema `Problem`); when several "
+        "checks fail the first in this table answers (401/403 are checked before the body):"
+        "\n\n| status | code | meaning |\n|---|---|---|\n" + rows
+    )
+
+
 def served(app: Litestar) -> dict[str, Any]:
     """The document /schema/openapi.json serves (built and rewritten once)."""
     from litestar._openapi.plugin import OpenAPIPlugin

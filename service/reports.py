@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
-from service import errors
+from service.errors import invalid
 from service.journal import Ledger
 
 # The allow-list of grouping keys; service/sql/reports.sql has one
@@ -280,7 +280,3 @@ def to_csv(keys: tuple[str, ...], items: list[dict[str, Any]], header: bool = Tr
     for item in items:
         writer.writerow([csv_cell(item[c]) for c in columns])
     return out.getvalue()
-
-
-def invalid(path: str, message: str) -> errors.InvalidRequest:
-    return errors.InvalidRequest(message, errors=[{"path": path, "message": message}])

@@ -212,12 +212,14 @@ async def run_operation(
     Idempotency-Key, the fingerprint of its body, one SQL call, and the
     stored-or-fresh answer. `args` defaults to the decoded body."""
     key = idempotency_key(request)
+    # The body's builtin form, made once: the fingerprint's and the SQL's.
+    body = msgspec.to_builtins(payload)
     outcome = await ledger.execute(
         op,
-        msgspec.to_builtins(payload) if args is None else args,
+        body if args is None else args,
         ctx=context_of(request),
         key=key,
-        fingerprint=fingerprint(request, payload),
+        fingerprint=request_hash(request.method, request.url.path, body),
         success_status=success_status,
     )
     return replay_response(outcome)

@@ -279,7 +279,7 @@ class FinanceReportsController(Controller):
         of spend; the depletion date from today's spendable credits and their scheduled
         expiries (null when nothing was spent). An unknown account gives no items."""
         if (account is None) == (department is None):
-            raise finance.invalid("account", "give exactly one of account and department")
+            raise errors.invalid("account", "give exactly one of account and department")
         items, nxt = await finance.forecast(ledger, account, department, text_cursor(cursor), limit)
         return msgspec.convert(
             {"items": items, "next_cursor": encode_cursor(nxt) if nxt is not None else None},

@@ -35,6 +35,7 @@ from service.api.common import (
 from service.api.grants import Reason
 from service.api.resources import Program, ProgramRun, ProgramRunsPage, ProgramsPage
 from service.auth import access
+from service.errors import invalid
 from service.journal import Ledger
 from service.openapi import problems, statuses
 from service.programs import run_cycle
@@ -90,10 +91,6 @@ class ProgramIn(msgspec.Struct, forbid_unknown_fields=True):
 
 class RunIn(msgspec.Struct, forbid_unknown_fields=True):
     cycle: Cycle
-
-
-def invalid(path: str, message: str) -> errors.InvalidRequest:
-    return errors.InvalidRequest(message, errors=[{"path": path, "message": message}])
 
 
 def program_args(program_id: str, data: ProgramIn) -> dict[str, Any]:

@@ -10,7 +10,6 @@ One module a report (`liability`, `compensation`, `forecast`, `efficiency`),
 
 from __future__ import annotations
 
-from service import errors
 from service.finance.compensation import (
     COMPENSATION_COLUMNS,
     CreditValue,
@@ -48,12 +47,7 @@ __all__ = [
     "efficiency_stream",
     "forecast",
     "forecast_item",
-    "invalid",
     "liability",
     "liability_by_employee_stream",
     "stream_csv",
 ]
-
-
-def invalid(path: str, message: str) -> errors.InvalidRequest:
-    return errors.InvalidRequest(message, errors=[{"path": path, "message": message}])

@@ -32,7 +32,7 @@ ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 PENDING: dict[str, str] = {}
 
 # The app answers /metrics' database queries at most once a second
-# (service/app.py, PUBLIC_QUERY_SECONDS); a test that changes the ledger
+# (service/operations.py, PUBLIC_QUERY_SECONDS); a test that changes the ledger
 # waits this long before scraping again.
 FRESH_SECONDS = 1.1
 
