@@ -10,7 +10,16 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, QueryParameter
 
 from service import errors
-from service.api.common import check_address, decode_cursor, encode_cursor, page
+from service.api.common import (
+    CursorParam,
+    LimitParam,
+    check_address,
+    decode_cursor,
+    encode_cursor,
+    int_cursor,
+    invalid_cursor,
+    page,
+)
 from service.api.resources import Account, Balance, EntriesPage, LotsPage, Series
 from service.auth import access
 from service.journal import Ledger
@@ -19,9 +28,6 @@ from service.openapi import problems
 # A series may not ask for more points than this (hourly for ~6 weeks, daily
 # for ~20 years): bounded work per request.
 MAX_SERIES_POINTS = 1000
-
-LimitParam = Annotated[int, QueryParameter(ge=1, le=500, description="Page size, 1..500.")]
-CursorParam = Annotated[str | None, QueryParameter(description="Opaque cursor from next_cursor.")]
 
 
 async def account_id(ledger: Ledger, address: str) -> int:
@@ -100,9 +106,7 @@ class AccountsController(Controller):
         require_tz(from_, "from")
         require_tz(to, "to")
         acc = await account_id(ledger, address)
-        after = decode_cursor(cursor)
-        if after is not None and not isinstance(after, int):
-            raise errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}])
+        after = int_cursor(cursor)
         if from_ is None and to is None:
             rows = await ledger.fetch("account_entries_latest", acc, after, limit + 1)
         else:
@@ -182,7 +186,7 @@ class AccountsController(Controller):
         acc = await account_id(ledger, address)
         offset = decode_cursor(cursor) or 0
         if not isinstance(offset, int) or offset < 0:
-            raise errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}])
+            raise invalid_cursor()
         rows = await ledger.fetch("account_lots", acc, ledger.now(), offset, limit + 1)
         items = [r[0] for r in rows]
         more = len(items) > limit

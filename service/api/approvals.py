@@ -23,6 +23,8 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 
 from service import errors
 from service.api.common import (
+    CursorParam,
+    LimitParam,
     Memo,
     context_of,
     page,
@@ -131,10 +133,8 @@ class ApprovalsController(Controller):
         status: Annotated[
             ApprovalStatus | None, QueryParameter(description="Only this status.")
         ] = None,
-        limit: Annotated[int, QueryParameter(ge=1, le=500, description="Page size, 1..500.")] = 50,
-        cursor: Annotated[
-            str | None, QueryParameter(description="Opaque cursor from next_cursor.")
-        ] = None,
+        limit: LimitParam = 50,
+        cursor: CursorParam = None,
     ) -> ApprovalsPage:
         """Newest first. Each names who requested it and who decided it, and when: the
         audit trail of the four-eyes rule."""

@@ -84,7 +84,15 @@ From = Annotated[
     datetime, QueryParameter(name="from", description="Start, included (RFC 3339 with offset).")
 ]
 To = Annotated[datetime, QueryParameter(description="End, excluded; at most 400 days on.")]
-Limit = Annotated[int, msgspec.Meta(ge=1, le=500)]
+
+# The query parameters of every paginated list: its page size and the
+# opaque cursor of its previous page (`next_cursor`).
+LimitParam = Annotated[int, QueryParameter(ge=1, le=500, description="Page size, 1..500.")]
+CursorParam = Annotated[str | None, QueryParameter(description="Opaque cursor from next_cursor.")]
+
+# Items per batch request (grants:batch, usage:batch): bounded work per
+# database transaction.
+MAX_BATCH = 1000
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY = 255
@@ -150,6 +158,11 @@ CursorId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 CursorValue = CursorId | str | list[str] | None
 
 
+def invalid_cursor() -> errors.InvalidRequest:
+    """What every list answers to a cursor it did not hand out."""
+    return errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}])
+
+
 def decode_cursor(cursor: str | None) -> Any:
     if cursor is None:
         return None
@@ -157,7 +170,32 @@ def decode_cursor(cursor: str | None) -> Any:
         padded = cursor + "=" * (-len(cursor) % 4)
         return msgspec.json.decode(base64.urlsafe_b64decode(padded), type=CursorValue)
     except (binascii.Error, msgspec.DecodeError, ValueError, RecursionError):
-        raise errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}]) from None
+        raise invalid_cursor() from None
+
+
+def text_cursor(cursor: str | None) -> str | None:
+    """A cursor that carries the last item's text key (an id, a name)."""
+    after = decode_cursor(cursor)
+    if after is not None and not isinstance(after, str):
+        raise invalid_cursor()
+    return after
+
+
+def int_cursor(cursor: str | None) -> int | None:
+    """A cursor that carries the last item's bigint id."""
+    after = decode_cursor(cursor)
+    if after is not None and not isinstance(after, int):
+        raise invalid_cursor()
+    return after
+
+
+def uuid_cursor(cursor: str | None) -> uuid.UUID | None:
+    """A cursor that carries the last item's UUID."""
+    after = decode_cursor(cursor)
+    try:
+        return uuid.UUID(after) if after is not None else None
+    except (ValueError, TypeError, AttributeError):
+        raise invalid_cursor() from None
 
 
 def page(rows: list[Any], limit: int, cursor_of: Any = None) -> dict[str, Any]:
@@ -170,13 +208,6 @@ def page(rows: list[Any], limit: int, cursor_of: Any = None) -> dict[str, Any]:
         last = rows[-1]["cursor"]
         next_cursor = encode_cursor(cursor_of(last) if cursor_of else last)
     return {"items": items, "next_cursor": next_cursor}
-
-
-class Page(msgspec.Struct):
-    """A page of a list, newest first."""
-
-    items: list[dict[str, Any]]
-    next_cursor: str | None
 
 
 _REF = re.compile(REF_PATTERN)
@@ -221,15 +252,6 @@ async def run_operation(
         success_status=success_status,
     )
     return replay_response(outcome)
-
-
-def uuid_cursor(cursor: str | None) -> uuid.UUID | None:
-    """A cursor that carries the last item's UUID."""
-    after = decode_cursor(cursor)
-    try:
-        return uuid.UUID(after) if after is not None else None
-    except (ValueError, TypeError, AttributeError):
-        raise errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}]) from None
 
 
 def replay_response(outcome: Outcome) -> Response[Any]:

@@ -12,14 +12,16 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from service import errors
 from service.api.common import (
     REF_PATTERN,
+    CursorParam,
+    LimitParam,
     Memo,
     Name,
     Ref,
     check_ref,
     context_of,
-    decode_cursor,
     page,
     run_operation,
+    text_cursor,
 )
 from service.api.resources import Department, Employee
 from service.auth import access
@@ -66,14 +68,6 @@ class EmployeesPage(msgspec.Struct, frozen=True):
 class DepartmentsPage(msgspec.Struct, frozen=True):
     items: list[Department]
     next_cursor: str | None
-
-
-def text_cursor(cursor: str | None) -> str | None:
-    """A cursor that carries the last item's id."""
-    after = decode_cursor(cursor)
-    if after is not None and not isinstance(after, str):
-        raise errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}])
-    return after
 
 
 class OffboardIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -125,10 +119,8 @@ class DirectoryController(Controller):
     async def list_departments(
         self,
         ledger: NamedDependency[Ledger],
-        limit: Annotated[int, QueryParameter(ge=1, le=500, description="Page size, 1..500.")] = 50,
-        cursor: Annotated[
-            str | None, QueryParameter(description="Opaque cursor from next_cursor.")
-        ] = None,
+        limit: LimitParam = 50,
+        cursor: CursorParam = None,
     ) -> DepartmentsPage:
         """By id (keyset pagination: stable while departments are added)."""
         rows = await ledger.fetch("departments_page", text_cursor(cursor), limit + 1)
@@ -156,10 +148,8 @@ class DirectoryController(Controller):
                 description="Case-insensitive prefix of the id, the name or the email.",
             ),
         ] = None,
-        limit: Annotated[int, QueryParameter(ge=1, le=500, description="Page size, 1..500.")] = 50,
-        cursor: Annotated[
-            str | None, QueryParameter(description="Opaque cursor from next_cursor.")
-        ] = None,
+        limit: LimitParam = 50,
+        cursor: CursorParam = None,
     ) -> EmployeesPage:
         """By id, with keyset pagination: a page never repeats or skips an employee while
         others are added. `q` matches the start of the id, the name or the email, ignoring

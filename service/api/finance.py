@@ -12,14 +12,16 @@ from litestar.di import NamedDependency
 from litestar.params import QueryParameter
 from litestar.response import Stream
 
-from service import errors, finance, reports
+from service import finance, reports
 from service.api.common import (
     ADDRESS_PATTERN,
     REF_PATTERN,
+    CursorParam,
     From,
+    LimitParam,
     To,
-    decode_cursor,
     encode_cursor,
+    text_cursor,
 )
 from service.auth import access
 from service.journal import Ledger
@@ -27,9 +29,6 @@ from service.openapi import problems
 
 CSV = "text/csv"
 JSON = "application/json"
-
-Limit = Annotated[int, QueryParameter(ge=1, le=500, description="Page size, 1..500.")]
-Cursor = Annotated[str | None, QueryParameter(description="Opaque cursor from next_cursor.")]
 
 
 class LiabilityItem(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -129,13 +128,6 @@ class EfficiencyReport(msgspec.Struct, frozen=True):
 Pager = Callable[[str | None, int], Awaitable[tuple[list[dict[str, Any]], str | None]]]
 
 
-def text_cursor(cursor: str | None) -> str | None:
-    after = decode_cursor(cursor)
-    if after is not None and not isinstance(after, str):
-        raise errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}])
-    return after
-
-
 async def answer(
     request: Request[Any, Any, Any],
     pager: Pager,
@@ -194,8 +186,8 @@ class FinanceReportsController(Controller):
             Literal["department", "employee", "month"],
             QueryParameter(description="One row per department, employee, or UTC month."),
         ],
-        limit: Limit = 50,
-        cursor: Cursor = None,
+        limit: LimitParam = 50,
+        cursor: CursorParam = None,
     ) -> Response[LiabilityReport]:
         """Per group over [from, to): credits granted, spent, expired (breakage), voided,
         adjusted (transfers, reversals, rollovers), overage, and the balances at `from`
@@ -236,7 +228,7 @@ class FinanceReportsController(Controller):
         limit: Annotated[
             int, QueryParameter(ge=1, le=500, description="Employees per page, 1..500.")
         ] = 50,
-        cursor: Cursor = None,
+        cursor: CursorParam = None,
     ) -> Response[CompensationReport]:
         """Per employee, UTC month and reason: the credits granted in [from, to) (less
         reversals of grants in the period) and their value at TOKENLEDGER_CREDIT_VALUE, a
@@ -272,8 +264,8 @@ class FinanceReportsController(Controller):
                 pattern=REF_PATTERN, description="Every open wallet of this department."
             ),
         ] = None,
-        limit: Limit = 50,
-        cursor: Cursor = None,
+        limit: LimitParam = 50,
+        cursor: CursorParam = None,
     ) -> ForecastReport:
         """Exactly one of `account` and `department`. Burn rate from the trailing 30 days
         of spend; the depletion date from today's spendable credits and their scheduled
@@ -301,8 +293,8 @@ class FinanceReportsController(Controller):
             Literal["employee", "department"],
             QueryParameter(description="One row per employee or per department."),
         ],
-        limit: Limit = 50,
-        cursor: Cursor = None,
+        limit: LimitParam = 50,
+        cursor: CursorParam = None,
     ) -> Response[EfficiencyReport]:
         """Usage events in [from, to) per employee or department: the cached share of
         input tokens, the premium-tier share of credits (tier of the model's latest price),

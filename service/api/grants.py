@@ -12,6 +12,7 @@ from litestar.params import FromPath, JSONBody
 from service import errors
 from service.api.approvals import APPROVAL_RESPONSE, needs_approval, request_approval
 from service.api.common import (
+    MAX_BATCH,
     Amount,
     Funder,
     Memo,
@@ -26,8 +27,6 @@ from service.api.resources import BatchGrantResponse, GrantResult, Transaction
 from service.auth import access
 from service.journal import Ledger, request_hash
 from service.openapi import problems
-
-MAX_BATCH = 1000
 
 Reason = Literal["signing_bonus", "monthly_allotment", "spot_bonus", "adjustment"]
 Priority = Annotated[

@@ -11,16 +11,19 @@ from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromQuery, JSONBody, QueryParameter
 
-from service import errors
-from service.api.accounts import CursorParam, LimitParam, require_tz
+from service.api.accounts import require_tz
 from service.api.common import (
+    CursorParam,
+    LimitParam,
     Timestamp,
     context_of,
     decode_cursor,
     fingerprint,
     idempotency_key,
+    invalid_cursor,
     page,
     replay_response,
+    text_cursor,
 )
 from service.api.resources import Price, PricesPage
 from service.auth import access
@@ -111,14 +114,12 @@ class PricesController(Controller):
         instant (the latest with `effective_from <= at`), by model name; models
         without a price then are left out."""
         require_tz(at, "at")
-        after = decode_cursor(cursor)
         if at is not None:
-            if after is not None and not isinstance(after, str):
-                raise invalid_cursor()
-            rows = await ledger.fetch("prices_at", model, at, after, limit + 1)
+            rows = await ledger.fetch("prices_at", model, at, text_cursor(cursor), limit + 1)
             return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
         after_at: datetime | None = None
         after_id: uuid.UUID | None = None
+        after = decode_cursor(cursor)
         if after is not None:
             try:
                 after_at = datetime.fromisoformat(after[0])
@@ -127,7 +128,3 @@ class PricesController(Controller):
                 raise invalid_cursor() from None
         rows = await ledger.fetch("prices_versions", model, after_at, after_id, limit + 1)
         return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
-
-
-def invalid_cursor() -> errors.InvalidRequest:
-    return errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}])

@@ -19,17 +19,18 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 
 from service import errors
-from service.api.accounts import CursorParam, LimitParam
 from service.api.approvals import APPROVAL_RESPONSE, needs_approval, request_approval
 from service.api.common import (
     MAX_AMOUNT,
     Amount,
+    CursorParam,
     Funder,
+    LimitParam,
     Ref,
     check_ref,
     context_of,
-    decode_cursor,
     page,
+    text_cursor,
     uuid_cursor,
 )
 from service.api.grants import Reason
@@ -202,10 +203,7 @@ class ProgramsController(Controller):
         cursor: CursorParam = None,
     ) -> ProgramsPage:
         """By id."""
-        after = decode_cursor(cursor)
-        if after is not None and not isinstance(after, str):
-            raise errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}])
-        rows = await ledger.fetch("programs_page", after, limit + 1, ledger.now())
+        rows = await ledger.fetch("programs_page", text_cursor(cursor), limit + 1, ledger.now())
         return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
 
     @get(

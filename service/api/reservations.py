@@ -12,15 +12,17 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, JSONBody
 
 from service import errors
-from service.api.accounts import CursorParam, LimitParam, account_id
+from service.api.accounts import account_id
 from service.api.common import (
     Amount,
+    CursorParam,
+    LimitParam,
     Metadata,
     Wallet,
-    decode_cursor,
     page,
     parse_public_id,
     run_operation,
+    uuid_cursor,
 )
 from service.api.prices import Model
 from service.api.resources import CaptureResult, Reservation, ReservationsPage
@@ -287,14 +289,7 @@ class ReservationsController(Controller):
         cursor: CursorParam = None,
     ) -> ReservationsPage:
         acc = await account_id(ledger, address)
-        after = decode_cursor(cursor)
-        try:
-            after_id = uuid.UUID(after) if after is not None else None
-        except (ValueError, TypeError, AttributeError):
-            raise errors.InvalidRequest(
-                "cursor is not valid", errors=[{"path": "cursor"}]
-            ) from None
         rows = await ledger.fetch(
-            "account_reservations", acc, status, after_id, limit + 1, ledger.now()
+            "account_reservations", acc, status, uuid_cursor(cursor), limit + 1, ledger.now()
         )
         return page(rows, limit, cursor_of=str)  # type: ignore[return-value]  # why: SQL rows

@@ -11,6 +11,11 @@ from typing import Any, Literal
 
 import msgspec
 
+# What a transaction is: the `kind` of its record, and a filter of the list.
+TransactionKind = Literal[
+    "grant", "debit", "usage", "transfer", "capture", "expiry", "void", "reversal", "rollover"
+]
+
 
 class EntryLeg(msgspec.Struct, frozen=True):
     account: str
@@ -30,9 +35,7 @@ class Transaction(msgspec.Struct, frozen=True):
     so a reversal can restore exactly those lots."""
 
     id: str
-    kind: Literal[
-        "grant", "debit", "usage", "transfer", "capture", "expiry", "void", "reversal", "rollover"
-    ]
+    kind: TransactionKind
     entries: list[EntryLeg]
     lots: list[LotMovement]
     memo: str | None

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
@@ -11,27 +10,25 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from service import errors
-from service.api.accounts import CursorParam, LimitParam, account_id
+from service.api.accounts import account_id
 from service.api.common import (
     Address,
     Amount,
+    CursorParam,
+    LimitParam,
     Memo,
     Metadata,
     Wallet,
-    decode_cursor,
     page,
     parse_public_id,
     run_operation,
+    uuid_cursor,
 )
-from service.api.resources import Transaction, TransactionsPage
+from service.api.resources import Transaction, TransactionKind, TransactionsPage
 from service.auth import access
 from service.journal import Ledger
 from service.openapi import problems
 from service.roles import grants
-
-Kind = Literal[
-    "grant", "debit", "usage", "transfer", "capture", "expiry", "void", "reversal", "rollover"
-]
 
 
 class DebitIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -158,19 +155,12 @@ class TransactionsController(Controller):
         account: Annotated[
             str | None, QueryParameter(description="Only those touching this account.")
         ] = None,
-        kind: FromQuery[Kind | None] = None,
+        kind: FromQuery[TransactionKind | None] = None,
         limit: LimitParam = 50,
         cursor: CursorParam = None,
     ) -> TransactionsPage:
         acc = await account_id(ledger, account) if account is not None else None
-        after = decode_cursor(cursor)
-        try:
-            after_id = uuid.UUID(after) if after is not None else None
-        except (ValueError, TypeError, AttributeError):
-            raise errors.InvalidRequest(
-                "cursor is not valid", errors=[{"path": "cursor"}]
-            ) from None
-        rows = await ledger.fetch("transactions_page", acc, kind, after_id, limit + 1)
+        rows = await ledger.fetch("transactions_page", acc, kind, uuid_cursor(cursor), limit + 1)
         return page(rows, limit, cursor_of=str)  # type: ignore[return-value]  # why: built from SQL rows
 
     @post(

@@ -20,9 +20,10 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
 from service import errors
-from service.api.accounts import CursorParam, LimitParam
 from service.api.common import (
     Amount,
+    CursorParam,
+    LimitParam,
     check_address,
     context_of,
     fingerprint,
