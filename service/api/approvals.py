@@ -26,6 +26,7 @@ from service.api.common import (
     CursorParam,
     LimitParam,
     Memo,
+    Page,
     context_of,
     page,
     parse_public_id,
@@ -63,9 +64,8 @@ class ApprovalRequested(msgspec.Struct, frozen=True):
     approval: Approval
 
 
-class ApprovalsPage(msgspec.Struct, frozen=True):
+class ApprovalsPage(Page):
     items: list[Approval]
-    next_cursor: str | None
 
 
 class DecisionIn(msgspec.Struct, forbid_unknown_fields=True):

@@ -198,6 +198,14 @@ def uuid_cursor(cursor: str | None) -> uuid.UUID | None:
         raise invalid_cursor() from None
 
 
+class Page(msgspec.Struct, frozen=True):
+    # The shape of every paginated list: a subclass narrows `items` (msgspec
+    # keeps a redefined field in its place, so `next_cursor` stays second).
+    # No docstring: a subclass would show it as its own description.
+    items: list[Any]
+    next_cursor: str | None
+
+
 def page(rows: list[Any], limit: int, cursor_of: Any = None) -> dict[str, Any]:
     """{items, next_cursor} from rows fetched with LIMIT limit+1."""
     more = len(rows) > limit

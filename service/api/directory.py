@@ -16,6 +16,7 @@ from service.api.common import (
     LimitParam,
     Memo,
     Name,
+    Page,
     Ref,
     check_ref,
     context_of,
@@ -60,14 +61,12 @@ class EmployeeListItem(msgspec.Struct, frozen=True):
     updated_at: str
 
 
-class EmployeesPage(msgspec.Struct, frozen=True):
+class EmployeesPage(Page):
     items: list[EmployeeListItem]
-    next_cursor: str | None
 
 
-class DepartmentsPage(msgspec.Struct, frozen=True):
+class DepartmentsPage(Page):
     items: list[Department]
-    next_cursor: str | None
 
 
 class OffboardIn(msgspec.Struct, forbid_unknown_fields=True):

@@ -19,6 +19,7 @@ from service.api.common import (
     CursorParam,
     From,
     LimitParam,
+    Page,
     To,
     encode_cursor,
     text_cursor,
@@ -52,9 +53,8 @@ class LiabilityItem(msgspec.Struct, frozen=True, omit_defaults=True):
     month: str | msgspec.UnsetType = msgspec.UNSET
 
 
-class LiabilityReport(msgspec.Struct, frozen=True):
+class LiabilityReport(Page):
     items: list[LiabilityItem]
-    next_cursor: str | None
 
 
 class CompensationItem(msgspec.Struct, frozen=True):
@@ -70,9 +70,8 @@ class CompensationItem(msgspec.Struct, frozen=True):
     value: str
 
 
-class CompensationReport(msgspec.Struct, frozen=True):
+class CompensationReport(Page):
     items: list[CompensationItem]
-    next_cursor: str | None
 
 
 class Expiring(msgspec.Struct, frozen=True):
@@ -94,11 +93,10 @@ class Forecast(msgspec.Struct, frozen=True):
     expiring: list[Expiring]
 
 
-class ForecastReport(msgspec.Struct, frozen=True):
+class ForecastReport(Page):
     """One item for `account`; every open wallet of `department`, paginated."""
 
     items: list[Forecast]
-    next_cursor: str | None
 
 
 class EfficiencyItem(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -120,9 +118,8 @@ class EfficiencyItem(msgspec.Struct, frozen=True, omit_defaults=True):
     department: str | msgspec.UnsetType = msgspec.UNSET
 
 
-class EfficiencyReport(msgspec.Struct, frozen=True):
+class EfficiencyReport(Page):
     items: list[EfficiencyItem]
-    next_cursor: str | None
 
 
 Pager = Callable[[str | None, int], Awaitable[tuple[list[dict[str, Any]], str | None]]]

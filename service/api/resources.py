@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from service.api.common import Page
+
 # What a transaction is: the `kind` of its record, and a filter of the list.
 TransactionKind = Literal[
     "grant", "debit", "usage", "transfer", "capture", "expiry", "void", "reversal", "rollover"
@@ -154,19 +156,16 @@ class Series(msgspec.Struct, frozen=True):
     items: list[SeriesPoint]
 
 
-class EntriesPage(msgspec.Struct, frozen=True):
+class EntriesPage(Page):
     items: list[Entry]
-    next_cursor: str | None
 
 
-class TransactionsPage(msgspec.Struct, frozen=True):
+class TransactionsPage(Page):
     items: list[Transaction]
-    next_cursor: str | None
 
 
-class LotsPage(msgspec.Struct, frozen=True):
+class LotsPage(Page):
     items: list[Lot]
-    next_cursor: str | None
 
 
 class Problem(msgspec.Struct, frozen=True):
@@ -224,9 +223,8 @@ class CaptureResult(msgspec.Struct, frozen=True):
     usage: UsageRecorded | None = None
 
 
-class ReservationsPage(msgspec.Struct, frozen=True):
+class ReservationsPage(Page):
     items: list[Reservation]
-    next_cursor: str | None
 
 
 class Price(msgspec.Struct, frozen=True):
@@ -244,9 +242,8 @@ class Price(msgspec.Struct, frozen=True):
     created_at: str
 
 
-class PricesPage(msgspec.Struct, frozen=True):
+class PricesPage(Page):
     items: list[Price]
-    next_cursor: str | None
 
 
 class UsageRecorded(msgspec.Struct, frozen=True):
@@ -330,9 +327,8 @@ class Program(msgspec.Struct, frozen=True):
     updated_at: str
 
 
-class ProgramsPage(msgspec.Struct, frozen=True):
+class ProgramsPage(Page):
     items: list[Program]
-    next_cursor: str | None
 
 
 class SkippedEmployee(msgspec.Struct, frozen=True):
@@ -358,6 +354,5 @@ class ProgramRun(msgspec.Struct, frozen=True):
     completed_at: str | None
 
 
-class ProgramRunsPage(msgspec.Struct, frozen=True):
+class ProgramRunsPage(Page):
     items: list[ProgramRun]
-    next_cursor: str | None

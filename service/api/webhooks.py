@@ -24,6 +24,7 @@ from service.api.common import (
     Amount,
     CursorParam,
     LimitParam,
+    Page,
     check_address,
     context_of,
     fingerprint,
@@ -86,9 +87,8 @@ class WebhookCreated(msgspec.Struct, frozen=True):
     secret: str
 
 
-class WebhooksPage(msgspec.Struct, frozen=True):
+class WebhooksPage(Page):
     items: list[Webhook]
-    next_cursor: str | None
 
 
 class Attempt(msgspec.Struct, frozen=True):
@@ -121,9 +121,8 @@ class Delivery(msgspec.Struct, frozen=True):
     attempt_log: list[Attempt]
 
 
-class DeliveriesPage(msgspec.Struct, frozen=True):
+class DeliveriesPage(Page):
     items: list[Delivery]
-    next_cursor: str | None
 
 
 class AlertsIn(msgspec.Struct, forbid_unknown_fields=True):
