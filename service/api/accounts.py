@@ -11,6 +11,7 @@ from litestar.params import FromPath, FromQuery, QueryParameter
 
 from service import errors
 from service.api.common import (
+    ADDRESS_NOT_FOUND,
     CursorParam,
     LimitParam,
     check_address,
@@ -63,7 +64,7 @@ class AccountsController(Controller):
         summary="Balances of an account",
         opt={
             **access("balance.read", own="address"),
-            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            **problems(*ADDRESS_NOT_FOUND),
         },
     )
     async def get_account(self, ledger: NamedDependency[Ledger], address: FromPath[str]) -> Account:
@@ -91,7 +92,7 @@ class AccountsController(Controller):
         summary="Entries of an account, newest first",
         opt={
             **access("history.read", own="address"),
-            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            **problems(*ADDRESS_NOT_FOUND),
         },
     )
     async def entries(
@@ -118,7 +119,7 @@ class AccountsController(Controller):
         summary="Posted balance as of an instant",
         opt={
             **access("balance.read", own="address"),
-            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            **problems(*ADDRESS_NOT_FOUND),
         },
     )
     async def balance(
@@ -139,7 +140,7 @@ class AccountsController(Controller):
         summary="Posted balance over time, for charts",
         opt={
             **access("history.read", own="address"),
-            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            **problems(*ADDRESS_NOT_FOUND),
         },
     )
     async def series(
@@ -171,7 +172,7 @@ class AccountsController(Controller):
         summary="Live lots in consumption order",
         opt={
             **access("history.read", own="address"),
-            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            **problems(*ADDRESS_NOT_FOUND),
         },
     )
     async def lots(

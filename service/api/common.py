@@ -94,6 +94,10 @@ CursorParam = Annotated[str | None, QueryParameter(description="Opaque cursor fr
 # database transaction.
 MAX_BATCH = 1000
 
+# What a route that names an account may answer when there is none: the
+# address's type decides which (errors.not_found_for).
+ADDRESS_NOT_FOUND = (errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound)
+
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY = 255
 
@@ -251,7 +255,25 @@ async def run_operation(
     Idempotency-Key, the fingerprint of its body, one SQL call, and the
     stored-or-fresh answer. `args` defaults to the decoded body."""
     key = idempotency_key(request)
-    outcome = await ledger.execute(
+    outcome = await operation_outcome(
+        request, ledger, op, payload, key=key, args=args, success_status=success_status
+    )
+    return replay_response(outcome)
+
+
+async def operation_outcome(
+    request: Request[Any, Any, Any],
+    ledger: Ledger,
+    op: str,
+    payload: Any,
+    *,
+    key: str,
+    args: dict[str, Any] | None = None,
+    success_status: int,
+) -> Outcome:
+    """run_operation's SQL call, for a route that reads its Idempotency-Key
+    before other checks (`key`) or adds to the stored answer."""
+    return await ledger.execute(
         op,
         msgspec.to_builtins(payload) if args is None else args,
         ctx=context_of(request),
@@ -259,7 +281,20 @@ async def run_operation(
         fingerprint=fingerprint(request, payload),
         success_status=success_status,
     )
-    return replay_response(outcome)
+
+
+def object_args(
+    name: str,
+    public_id: str,
+    prefix: str,
+    not_found: type[errors.LedgerError],
+    payload: Any,
+) -> dict[str, Any]:
+    """The arguments of an operation on the object a path names: its public
+    id as given (`name`, for answers and errors), its UUID (`name_id`, for
+    the lookup; another form is simply not found) and the body's fields."""
+    uid = parse_public_id(public_id, prefix, not_found)
+    return {name: public_id, f"{name}_id": str(uid), **msgspec.to_builtins(payload)}
 
 
 def replay_response(outcome: Outcome) -> Response[Any]:

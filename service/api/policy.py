@@ -18,7 +18,14 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
 from service import errors
-from service.api.common import MAX_AMOUNT, WALLET_PATTERN, Amount, check_address, context_of
+from service.api.common import (
+    ADDRESS_NOT_FOUND,
+    MAX_AMOUNT,
+    WALLET_PATTERN,
+    Amount,
+    check_address,
+    context_of,
+)
 from service.api.prices import Model
 from service.auth import access
 from service.journal import Ledger
@@ -142,7 +149,7 @@ class PolicyController(Controller):
         summary="Set the spend policy of a wallet or department",
         opt={
             **access("policy.write"),
-            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            **problems(*ADDRESS_NOT_FOUND),
             "path_patterns": {"address": WALLET_PATTERN},
         },
     )
@@ -168,7 +175,7 @@ class PolicyController(Controller):
         summary="The spend policy of a wallet or department, with its current windows",
         opt={
             **access("policy.read", own="address"),
-            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            **problems(*ADDRESS_NOT_FOUND),
             "path_patterns": {"address": WALLET_PATTERN},
         },
     )

@@ -16,13 +16,10 @@ from service.api.common import (
     CursorParam,
     LimitParam,
     Timestamp,
-    context_of,
     decode_cursor,
-    fingerprint,
-    idempotency_key,
     invalid_cursor,
     page,
-    replay_response,
+    run_operation,
     text_cursor,
 )
 from service.api.resources import Price, PricesPage
@@ -81,17 +78,10 @@ class PricesController(Controller):
         `effective_from` with the same tier and rates answers the existing version;
         with different ones, 400 `invalid_request` (add a version with a later
         `effective_from` instead). Requires an `Idempotency-Key`."""
-        key = idempotency_key(request)
         args = {**msgspec.to_builtins(data), "source": "api"}
-        outcome = await ledger.execute(
-            "add_price",
-            args,
-            ctx=context_of(request),
-            key=key,
-            fingerprint=fingerprint(request, data),
-            success_status=201,
+        return await run_operation(
+            request, ledger, "add_price", data, args=args, success_status=201
         )
-        return replay_response(outcome)
 
     @get(
         "/prices",

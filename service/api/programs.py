@@ -21,6 +21,7 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from service import errors
 from service.api.approvals import APPROVAL_RESPONSE, needs_approval, request_approval
 from service.api.common import (
+    ADDRESS_NOT_FOUND,
     MAX_AMOUNT,
     Amount,
     CursorParam,
@@ -170,7 +171,7 @@ class ProgramsController(Controller):
         summary="Create or update a grant program",
         opt={
             **access("programs.write"),
-            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            **problems(*ADDRESS_NOT_FOUND),
             **statuses(201),
         },
     )

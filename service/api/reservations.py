@@ -14,11 +14,13 @@ from litestar.params import FromPath, FromQuery, JSONBody
 from service import errors
 from service.api.accounts import account_id
 from service.api.common import (
+    ADDRESS_NOT_FOUND,
     Amount,
     CursorParam,
     LimitParam,
     Metadata,
     Wallet,
+    object_args,
     page,
     parse_public_id,
     run_operation,
@@ -107,14 +109,12 @@ class ReservationsController(Controller):
         payload: msgspec.Struct,
         **extra: Any,
     ) -> Response[Any]:
-        rid = reservation_uuid(reservation_id)
-        args = {
-            "reservation": reservation_id,
-            "reservation_id": str(rid),
-            **msgspec.to_builtins(payload),
-            **extra,
-        }
-        return await run_operation(request, ledger, op, payload, args=args, success_status=200)
+        args = object_args(
+            "reservation", reservation_id, "rsv_", errors.ReservationNotFound, payload
+        )
+        return await run_operation(
+            request, ledger, op, payload, args={**args, **extra}, success_status=200
+        )
 
     @post(
         "/reservations",
@@ -123,9 +123,7 @@ class ReservationsController(Controller):
         opt={
             **access("spend"),
             **problems(
-                errors.AccountNotFound,
-                errors.EmployeeNotFound,
-                errors.DepartmentNotFound,
+                *ADDRESS_NOT_FOUND,
                 errors.UnknownModel,
                 errors.InsufficientCredits,
                 errors.AccountClosed,
@@ -277,7 +275,7 @@ class ReservationsController(Controller):
         summary="Reservations of an account, newest first",
         opt={
             **access("reservations.read", own="address"),
-            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            **problems(*ADDRESS_NOT_FOUND),
         },
     )
     async def account_reservations(

@@ -12,6 +12,7 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from service import errors
 from service.api.accounts import account_id
 from service.api.common import (
+    ADDRESS_NOT_FOUND,
     Address,
     Amount,
     CursorParam,
@@ -19,6 +20,7 @@ from service.api.common import (
     Memo,
     Metadata,
     Wallet,
+    object_args,
     page,
     parse_public_id,
     run_operation,
@@ -61,9 +63,7 @@ class TransactionsController(Controller):
         opt={
             **access("spend"),
             **problems(
-                errors.AccountNotFound,
-                errors.EmployeeNotFound,
-                errors.DepartmentNotFound,
+                *ADDRESS_NOT_FOUND,
                 errors.InsufficientCredits,
                 errors.AccountClosed,
                 errors.BalanceLimitExceeded,
@@ -94,9 +94,7 @@ class TransactionsController(Controller):
         opt={
             **access("transfers", "departments.fund"),
             **problems(
-                errors.AccountNotFound,
-                errors.EmployeeNotFound,
-                errors.DepartmentNotFound,
+                *ADDRESS_NOT_FOUND,
                 errors.InsufficientCredits,
                 errors.AccountClosed,
                 errors.AssetMismatch,
@@ -146,7 +144,7 @@ class TransactionsController(Controller):
         summary="List transactions, newest first",
         opt={
             **access("transactions.read"),
-            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            **problems(*ADDRESS_NOT_FOUND),
         },
     )
     async def list_transactions(
@@ -193,12 +191,9 @@ class TransactionsController(Controller):
         `already_reversed`. Reversing credits the receiver has already spent answers 409
         `insufficient_credits`. Requires an `Idempotency-Key`."""
         payload = data or ReverseIn()
-        txn = parse_public_id(transaction_id, "txn_", errors.TransactionNotFound)
-        args = {
-            "transaction": transaction_id,
-            "transaction_id": str(txn),
-            **msgspec.to_builtins(payload),
-        }
+        args = object_args(
+            "transaction", transaction_id, "txn_", errors.TransactionNotFound, payload
+        )
         return await run_operation(
             request, ledger, "reverse", payload, args=args, success_status=201
         )

@@ -13,7 +13,14 @@ from litestar.di import NamedDependency
 from litestar.params import JSONBody
 
 from service import errors
-from service.api.common import MAX_BATCH, Timestamp, Wallet, context_of, parse_public_id
+from service.api.common import (
+    ADDRESS_NOT_FOUND,
+    MAX_BATCH,
+    Timestamp,
+    Wallet,
+    context_of,
+    parse_public_id,
+)
 from service.api.prices import Model
 from service.api.resources import UsageBatchResponse, UsageRecorded
 from service.auth import access
@@ -125,9 +132,7 @@ class UsageController(Controller):
         opt={
             **access("spend"),
             **problems(
-                errors.AccountNotFound,
-                errors.EmployeeNotFound,
-                errors.DepartmentNotFound,
+                *ADDRESS_NOT_FOUND,
                 errors.UnknownModel,
                 errors.ReservationNotFound,
                 errors.InsufficientCredits,

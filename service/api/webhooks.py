@@ -8,6 +8,7 @@ settings of an account. The events themselves are written by the database
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import time
 import uuid
@@ -21,17 +22,19 @@ from litestar.params import FromPath, JSONBody
 
 from service import errors
 from service.api.common import (
+    ADDRESS_NOT_FOUND,
     Amount,
     CursorParam,
     LimitParam,
     Page,
     check_address,
     context_of,
-    fingerprint,
     idempotency_key,
+    operation_outcome,
     page,
     parse_public_id,
     replay_response,
+    run_operation,
     uuid_cursor,
 )
 from service.auth import access
@@ -215,13 +218,8 @@ class WebhooksController(Controller):
             "description": data.description,
             "secret_encrypted": base64.b64encode(box.seal(webhook_id, secret)).decode(),
         }
-        outcome = await ledger.execute(
-            "create_webhook",
-            args,
-            ctx=context_of(request),
-            key=key,
-            fingerprint=fingerprint(request, data),
-            success_status=201,
+        outcome = await operation_outcome(
+            request, ledger, "create_webhook", data, key=key, args=args, success_status=201
         )
         body = dict(outcome.body)
         if outcome.replayed:
@@ -229,8 +227,7 @@ class WebhooksController(Controller):
             sealed = await ledger.fetchval("webhook_secret", stored_id)
             secret = box.open(stored_id, bytes(sealed))
         body["secret"] = secret
-        headers = {"Idempotent-Replayed": "true"} if outcome.replayed else {}
-        return Response(body, status_code=outcome.status, headers=headers)  # type: ignore[arg-type]  # why: the SQL-built body plus the secret is a WebhookCreated
+        return replay_response(dataclasses.replace(outcome, body=body))
 
     @get("/webhooks", summary="Webhooks, newest first", opt={**access("webhooks"), **problems()})
     async def list_webhooks(
@@ -302,17 +299,10 @@ class WebhooksController(Controller):
         `webhook-id`); a failed one gets one more attempt. Requires an `Idempotency-Key`."""
         hook = webhook_uuid(webhook_id)
         delivery = parse_public_id(delivery_id, "dlv_", errors.WebhookNotFound)
-        key = idempotency_key(request)
         args = {"webhook": str(hook), "delivery": str(delivery)}
-        outcome = await ledger.execute(
-            "retry_delivery",
-            args,
-            ctx=context_of(request),
-            key=key,
-            fingerprint=fingerprint(request, args),
-            success_status=200,
+        return await run_operation(
+            request, ledger, "retry_delivery", args, args=args, success_status=200
         )
-        return replay_response(outcome)
 
     @put(
         "/accounts/{address:str}/alerts",
@@ -320,7 +310,7 @@ class WebhooksController(Controller):
         tags=["Accounts"],
         opt={
             **access("alerts.write", own="address"),
-            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            **problems(*ADDRESS_NOT_FOUND),
         },
     )
     async def put_alerts(
@@ -347,7 +337,7 @@ class WebhooksController(Controller):
         tags=["Accounts"],
         opt={
             **access("alerts.read", own="address"),
-            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            **problems(*ADDRESS_NOT_FOUND),
         },
     )
     async def get_alerts(self, ledger: NamedDependency[Ledger], address: FromPath[str]) -> Alerts:
