@@ -98,8 +98,19 @@ MAX_BATCH = 1000
 # address's type decides which (errors.not_found_for).
 ADDRESS_NOT_FOUND = (errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound)
 
+# Reports answer JSON, or CSV to a caller whose Accept prefers it; imports
+# take CSV.
+CSV = "text/csv"
+JSON = "application/json"
+CSV_UTF8 = f"{CSV}; charset=utf-8"
+
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY = 255
+
+
+def wants_csv(request: Request[Any, Any, Any]) -> bool:
+    """Whether the caller's Accept prefers CSV to JSON (JSON when it says neither)."""
+    return request.accept.best_match([JSON, CSV], default=JSON) == CSV
 
 
 def ledger_of(state: State) -> Ledger:

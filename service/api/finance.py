@@ -15,6 +15,7 @@ from litestar.response import Stream
 from service import finance, reports
 from service.api.common import (
     ADDRESS_PATTERN,
+    CSV_UTF8,
     REF_PATTERN,
     CursorParam,
     From,
@@ -23,13 +24,11 @@ from service.api.common import (
     To,
     encode_cursor,
     text_cursor,
+    wants_csv,
 )
 from service.auth import access
 from service.journal import Ledger
 from service.openapi import problems
-
-CSV = "text/csv"
-JSON = "application/json"
 
 
 class LiabilityItem(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -136,7 +135,8 @@ async def answer(
     """JSON: one page. CSV: every row from `cursor` on, streamed: from one query read
     through a cursor (`stream`) where the report has one, else page by page."""
     after = text_cursor(cursor)
-    if request.accept.best_match([JSON, CSV], default=JSON) == CSV and stream is not None:
+    as_csv = wants_csv(request)
+    if as_csv and stream is not None:
         rows = stream(after)
         # Read before answering: a failing query still answers its problem.
         head: list[dict[str, Any]] = await anext(rows, [])
@@ -146,8 +146,8 @@ async def answer(
             async for items in rows:
                 yield items
 
-        return Stream(finance.stream_csv(columns, streamed()), media_type=f"{CSV}; charset=utf-8")
-    if request.accept.best_match([JSON, CSV], default=JSON) == CSV:
+        return Stream(finance.stream_csv(columns, streamed()), media_type=CSV_UTF8)
+    if as_csv:
         first = await pager(after, 500)
 
         async def pages() -> AsyncIterator[list[dict[str, Any]]]:
@@ -157,7 +157,7 @@ async def answer(
                 items, nxt = await pager(nxt, 500)
                 yield items
 
-        return Stream(finance.stream_csv(columns, pages()), media_type=f"{CSV}; charset=utf-8")
+        return Stream(finance.stream_csv(columns, pages()), media_type=CSV_UTF8)
     items, nxt = await pager(after, limit)
     return Response(
         {"items": items, "next_cursor": encode_cursor(nxt) if nxt is not None else None}

@@ -14,12 +14,11 @@ from litestar.params import QueryParameter
 
 from service import errors, imports
 from service.api.approvals import needs_approval, request_batch_approval
-from service.api.common import context_of
+from service.api.common import CSV, context_of
 from service.auth import access
 from service.journal import Ledger
 from service.openapi import problems
 
-CSV = "text/csv"
 # A CSV import may be larger than a JSON body: 100,000 rows of employees are
 # about 8 MB.
 IMPORT_MAX_BYTES = 32 * 1024 * 1024
