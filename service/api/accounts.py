@@ -16,10 +16,10 @@ from service.api.common import (
     LimitParam,
     check_address,
     decode_cursor,
-    encode_cursor,
     int_cursor,
     invalid_cursor,
     page,
+    page_of,
 )
 from service.api.resources import Account, Balance, EntriesPage, LotsPage, Series
 from service.auth import access
@@ -112,7 +112,7 @@ class AccountsController(Controller):
             rows = await ledger.fetch("account_entries_latest", acc, after, limit + 1)
         else:
             rows = await ledger.fetch("account_entries", acc, after, from_, to, limit + 1)
-        return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
+        return page(rows, limit)
 
     @get(
         "/accounts/{address:str}/balance",
@@ -190,8 +190,4 @@ class AccountsController(Controller):
             raise invalid_cursor()
         rows = await ledger.fetch("account_lots", acc, ledger.now(), offset, limit + 1)
         items = [r[0] for r in rows]
-        more = len(items) > limit
-        return {  # type: ignore[return-value]  # why: built from SQL rows
-            "items": items[:limit],
-            "next_cursor": encode_cursor(offset + limit) if more else None,
-        }
+        return page_of(items[:limit], offset + limit if len(items) > limit else None)

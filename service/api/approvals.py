@@ -67,7 +67,7 @@ class ApprovalRequested(msgspec.Struct, frozen=True):
     approval: Approval
 
 
-class ApprovalsPage(Page):
+class ApprovalsPage(Page, frozen=True):
     items: list[Approval]
 
 
@@ -154,7 +154,7 @@ class ApprovalsController(Controller):
         """Newest first. Each names who requested it and who decided it, and when: the
         audit trail of the four-eyes rule."""
         rows = await ledger.fetch("approvals_page", status, uuid_cursor(cursor), limit + 1)
-        return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
+        return page(rows, limit)
 
     @get(
         "/approvals/{approval_id:str}",

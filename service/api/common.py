@@ -221,8 +221,10 @@ class Page(msgspec.Struct, frozen=True):
     next_cursor: str | None
 
 
-def page(rows: list[Any], limit: int, cursor_of: Any = None) -> dict[str, Any]:
-    """{items, next_cursor} from rows fetched with LIMIT limit+1."""
+def page(rows: list[Any], limit: int, cursor_of: Any = None) -> Any:
+    """{items, next_cursor} from rows fetched with LIMIT limit+1, each an
+    `item` and its `cursor`. Typed Any: a route returns it as its Page
+    struct, which documents the rows' JSON built in SQL."""
     more = len(rows) > limit
     rows = rows[:limit]
     items = [row["item"] for row in rows]
@@ -231,6 +233,15 @@ def page(rows: list[Any], limit: int, cursor_of: Any = None) -> dict[str, Any]:
         last = rows[-1]["cursor"]
         next_cursor = encode_cursor(cursor_of(last) if cursor_of else last)
     return {"items": items, "next_cursor": next_cursor}
+
+
+def page_of(items: list[Any], next_key: Any) -> Any:
+    """{items, next_cursor} of a page whose query gave the next page's key
+    (None: the last page). Typed Any, as page()."""
+    return {
+        "items": items,
+        "next_cursor": encode_cursor(next_key) if next_key is not None else None,
+    }
 
 
 _REF = re.compile(REF_PATTERN)
@@ -278,7 +289,7 @@ async def operation_outcome(
     op: str,
     payload: Any,
     *,
-    key: str,
+    key: str | None,
     args: dict[str, Any] | None = None,
     success_status: int,
 ) -> Outcome:

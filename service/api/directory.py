@@ -24,7 +24,7 @@ from service.api.common import (
     run_operation,
     text_cursor,
 )
-from service.api.resources import Department, Employee
+from service.api.resources import Department, Employee, EmployeeListItem
 from service.auth import access
 from service.journal import Ledger
 from service.openapi import problems, statuses
@@ -50,22 +50,11 @@ class EmployeeIn(msgspec.Struct, forbid_unknown_fields=True):
     status: Literal["active"] | msgspec.UnsetType = msgspec.UNSET
 
 
-class EmployeeListItem(msgspec.Struct, frozen=True):
-    id: str
-    name: str
-    email: str
-    department: str
-    status: Literal["active", "offboarded"]
-    offboarded_at: str | None
-    created_at: str
-    updated_at: str
-
-
-class EmployeesPage(Page):
+class EmployeesPage(Page, frozen=True):
     items: list[EmployeeListItem]
 
 
-class DepartmentsPage(Page):
+class DepartmentsPage(Page, frozen=True):
     items: list[Department]
 
 
@@ -123,7 +112,7 @@ class DirectoryController(Controller):
     ) -> DepartmentsPage:
         """By id (keyset pagination: stable while departments are added)."""
         rows = await ledger.fetch("departments_page", text_cursor(cursor), limit + 1)
-        return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
+        return page(rows, limit)
 
     @get(
         "/employees",
@@ -164,7 +153,7 @@ class DirectoryController(Controller):
             search,
             limit + 1,
         )
-        return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
+        return page(rows, limit)
 
     @put(
         "/employees/{employee_id:str}",

@@ -22,7 +22,7 @@ from service.api.common import (
     LimitParam,
     Page,
     To,
-    encode_cursor,
+    page_of,
     text_cursor,
     wants_csv,
 )
@@ -52,7 +52,7 @@ class LiabilityItem(msgspec.Struct, frozen=True, omit_defaults=True):
     month: str | msgspec.UnsetType = msgspec.UNSET
 
 
-class LiabilityReport(Page):
+class LiabilityReport(Page, frozen=True):
     items: list[LiabilityItem]
 
 
@@ -69,7 +69,7 @@ class CompensationItem(msgspec.Struct, frozen=True):
     value: str
 
 
-class CompensationReport(Page):
+class CompensationReport(Page, frozen=True):
     items: list[CompensationItem]
 
 
@@ -92,7 +92,7 @@ class Forecast(msgspec.Struct, frozen=True):
     expiring: list[Expiring]
 
 
-class ForecastReport(Page):
+class ForecastReport(Page, frozen=True):
     """One item for `account`; every open wallet of `department`, paginated."""
 
     items: list[Forecast]
@@ -117,7 +117,7 @@ class EfficiencyItem(msgspec.Struct, frozen=True, omit_defaults=True):
     department: str | msgspec.UnsetType = msgspec.UNSET
 
 
-class EfficiencyReport(Page):
+class EfficiencyReport(Page, frozen=True):
     items: list[EfficiencyItem]
 
 
@@ -159,9 +159,7 @@ async def answer(
 
         return Stream(finance.stream_csv(columns, pages()), media_type=CSV_UTF8)
     items, nxt = await pager(after, limit)
-    return Response(
-        {"items": items, "next_cursor": encode_cursor(nxt) if nxt is not None else None}
-    )
+    return Response(page_of(items, nxt))
 
 
 class FinanceReportsController(Controller):
@@ -270,10 +268,7 @@ class FinanceReportsController(Controller):
         if (account is None) == (department is None):
             raise finance.invalid("account", "give exactly one of account and department")
         items, nxt = await finance.forecast(ledger, account, department, text_cursor(cursor), limit)
-        return msgspec.convert(
-            {"items": items, "next_cursor": encode_cursor(nxt) if nxt is not None else None},
-            ForecastReport,
-        )
+        return msgspec.convert(page_of(items, nxt), ForecastReport)
 
     @get(
         "/reports/efficiency",

@@ -106,7 +106,7 @@ class PricesController(Controller):
         require_tz(at, "at")
         if at is not None:
             rows = await ledger.fetch("prices_at", model, at, text_cursor(cursor), limit + 1)
-            return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
+            return page(rows, limit)
         after_at: datetime | None = None
         after_id: uuid.UUID | None = None
         after = decode_cursor(cursor)
@@ -117,4 +117,4 @@ class PricesController(Controller):
             except (ValueError, TypeError, KeyError, IndexError):
                 raise invalid_cursor() from None
         rows = await ledger.fetch("prices_versions", model, after_at, after_id, limit + 1)
-        return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
+        return page(rows, limit)

@@ -205,7 +205,7 @@ class ProgramsController(Controller):
     ) -> ProgramsPage:
         """By id."""
         rows = await ledger.fetch("programs_page", text_cursor(cursor), limit + 1, ledger.now())
-        return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
+        return page(rows, limit)
 
     @get(
         "/grant-programs/{program_id:str}",
@@ -293,4 +293,4 @@ class ProgramsController(Controller):
         rows = await ledger.fetch(
             "program_runs_page", program_id, cycle, uuid_cursor(cursor), limit + 1
         )
-        return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
+        return page(rows, limit)

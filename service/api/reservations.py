@@ -290,4 +290,4 @@ class ReservationsController(Controller):
         rows = await ledger.fetch(
             "account_reservations", acc, status, uuid_cursor(cursor), limit + 1, ledger.now()
         )
-        return page(rows, limit, cursor_of=str)  # type: ignore[return-value]  # why: SQL rows
+        return page(rows, limit, cursor_of=str)

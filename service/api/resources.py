@@ -109,7 +109,7 @@ class Department(msgspec.Struct, frozen=True):
     updated_at: str
 
 
-class Employee(msgspec.Struct, frozen=True):
+class EmployeeListItem(msgspec.Struct, frozen=True):
     id: str
     name: str
     email: str
@@ -118,6 +118,11 @@ class Employee(msgspec.Struct, frozen=True):
     offboarded_at: str | None
     created_at: str
     updated_at: str
+
+
+# An employee with their wallet; a list item has no wallet. (No docstring:
+# the schema shows none for either.)
+class Employee(EmployeeListItem, frozen=True):
     wallet: Account
 
 
@@ -156,15 +161,15 @@ class Series(msgspec.Struct, frozen=True):
     items: list[SeriesPoint]
 
 
-class EntriesPage(Page):
+class EntriesPage(Page, frozen=True):
     items: list[Entry]
 
 
-class TransactionsPage(Page):
+class TransactionsPage(Page, frozen=True):
     items: list[Transaction]
 
 
-class LotsPage(Page):
+class LotsPage(Page, frozen=True):
     items: list[Lot]
 
 
@@ -223,7 +228,7 @@ class CaptureResult(msgspec.Struct, frozen=True):
     usage: UsageRecorded | None = None
 
 
-class ReservationsPage(Page):
+class ReservationsPage(Page, frozen=True):
     items: list[Reservation]
 
 
@@ -242,7 +247,7 @@ class Price(msgspec.Struct, frozen=True):
     created_at: str
 
 
-class PricesPage(Page):
+class PricesPage(Page, frozen=True):
     items: list[Price]
 
 
@@ -327,7 +332,7 @@ class Program(msgspec.Struct, frozen=True):
     updated_at: str
 
 
-class ProgramsPage(Page):
+class ProgramsPage(Page, frozen=True):
     items: list[Program]
 
 
@@ -354,5 +359,5 @@ class ProgramRun(msgspec.Struct, frozen=True):
     completed_at: str | None
 
 
-class ProgramRunsPage(Page):
+class ProgramRunsPage(Page, frozen=True):
     items: list[ProgramRun]

@@ -159,7 +159,7 @@ class TransactionsController(Controller):
     ) -> TransactionsPage:
         acc = await account_id(ledger, account) if account is not None else None
         rows = await ledger.fetch("transactions_page", acc, kind, uuid_cursor(cursor), limit + 1)
-        return page(rows, limit, cursor_of=str)  # type: ignore[return-value]  # why: built from SQL rows
+        return page(rows, limit, cursor_of=str)
 
     @post(
         "/transactions/{transaction_id:str}/reverse",

@@ -90,7 +90,7 @@ class WebhookCreated(msgspec.Struct, frozen=True):
     secret: str
 
 
-class WebhooksPage(Page):
+class WebhooksPage(Page, frozen=True):
     items: list[Webhook]
 
 
@@ -124,7 +124,7 @@ class Delivery(msgspec.Struct, frozen=True):
     attempt_log: list[Attempt]
 
 
-class DeliveriesPage(Page):
+class DeliveriesPage(Page, frozen=True):
     items: list[Delivery]
 
 
@@ -234,7 +234,7 @@ class WebhooksController(Controller):
         self, ledger: NamedDependency[Ledger], limit: LimitParam = 50, cursor: CursorParam = None
     ) -> WebhooksPage:
         rows = await ledger.fetch("webhook_list", uuid_cursor(cursor), limit + 1)
-        return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
+        return page(rows, limit)
 
     @get(
         "/webhooks/{webhook_id:str}",
@@ -280,7 +280,7 @@ class WebhooksController(Controller):
         if await ledger.fetchval("webhook_get", hook) is None:
             raise errors.WebhookNotFound(f"no webhook {webhook_id}")
         rows = await ledger.fetch("webhook_deliveries", hook, after, limit + 1)
-        return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
+        return page(rows, limit)
 
     @post(
         "/webhooks/{webhook_id:str}/deliveries/{delivery_id:str}/retry",
