@@ -10,6 +10,7 @@ import base64
 import binascii
 import re
 import uuid
+import zoneinfo
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -254,6 +255,15 @@ def check_ref(value: str, name: str) -> None:
             f"{name} must match {REF_PATTERN}",
             errors=[{"path": name, "message": f"must match {REF_PATTERN}"}],
         )
+
+
+def check_time_zone(name: str, path: str) -> None:
+    """A time zone the service knows (IANA), which a schema cannot check."""
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        message = f"unknown IANA time zone {name!r}"
+        raise errors.InvalidRequest(message, errors=[{"path": path, "message": message}]) from None
 
 
 def check_address(value: str, name: str = "address") -> None:

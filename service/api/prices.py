@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
@@ -22,7 +22,7 @@ from service.api.common import (
     run_operation,
     text_cursor,
 )
-from service.api.resources import Price, PricesPage
+from service.api.resources import Price, PricesPage, Tier
 from service.auth import access
 from service.journal import Ledger
 from service.openapi import problems
@@ -45,7 +45,6 @@ RatePerMtok = Annotated[
         examples=[2_500_000],
     ),
 ]
-Tier = Literal["standard", "premium"]
 
 
 class PriceIn(msgspec.Struct, forbid_unknown_fields=True):

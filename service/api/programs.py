@@ -9,7 +9,6 @@ issue it. This module validates the definition's shape and maps HTTP to it.
 
 from __future__ import annotations
 
-import zoneinfo
 from datetime import date
 from typing import Annotated, Any, Literal
 
@@ -29,6 +28,7 @@ from service.api.common import (
     LimitParam,
     Ref,
     check_ref,
+    check_time_zone,
     context_of,
     page,
     text_cursor,
@@ -136,10 +136,7 @@ def program_args(program_id: str, data: ProgramIn) -> dict[str, Any]:
         raise invalid("$.rollover_max", 'rollover needs expiry {"at": "end_of_cycle"}')
     if data.ends_on is not None and data.ends_on < data.starts_on:
         raise invalid("$.ends_on", "ends_on must not be before starts_on")
-    try:
-        zoneinfo.ZoneInfo(data.time_zone)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise invalid("$.time_zone", f"unknown IANA time zone {data.time_zone!r}") from None
+    check_time_zone(data.time_zone, "$.time_zone")
     return {
         "id": program_id,
         "amount": data.amount,

@@ -13,6 +13,9 @@ import msgspec
 
 from service.api.common import Page
 
+# A model's price tier: a price version's, and what a spend policy allows.
+Tier = Literal["standard", "premium"]
+
 # What a transaction is: the `kind` of its record, and a filter of the list.
 TransactionKind = Literal[
     "grant", "debit", "usage", "transfer", "capture", "expiry", "void", "reversal", "rollover"
@@ -238,7 +241,7 @@ class Price(msgspec.Struct, frozen=True):
 
     id: str
     model: str
-    tier: Literal["standard", "premium"]
+    tier: Tier
     effective_from: str
     input_per_mtok: int
     cached_input_per_mtok: int
