@@ -149,10 +149,6 @@ def idempotency_key(request: Request[Any, Any, Any], *, required: bool = True) -
     return key
 
 
-def fingerprint(request: Request[Any, Any, Any], payload: Any) -> bytes:
-    return request_hash(request.method, request.url.path, msgspec.to_builtins(payload))
-
-
 def parse_public_id(value: str, prefix: str, not_found: type[errors.LedgerError]) -> uuid.UUID:
     """`txn_<32 hex>` to a UUID; anything else is simply not found."""
     if not value.startswith(prefix):
@@ -305,12 +301,14 @@ async def operation_outcome(
 ) -> Outcome:
     """run_operation's SQL call, for a route that reads its Idempotency-Key
     before other checks (`key`) or adds to the stored answer."""
+    # The body's builtin form, made once: the fingerprint's and the SQL's.
+    body = msgspec.to_builtins(payload)
     return await ledger.execute(
         op,
-        msgspec.to_builtins(payload) if args is None else args,
+        body if args is None else args,
         ctx=context_of(request),
         key=key,
-        fingerprint=fingerprint(request, payload),
+        fingerprint=request_hash(request.method, request.url.path, body),
         success_status=success_status,
     )
 
