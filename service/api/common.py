@@ -327,6 +327,12 @@ def object_args(
     return {name: public_id, f"{name}_id": str(uid), **msgspec.to_builtins(payload)}
 
 
+def put_response(result: dict[str, Any]) -> Response[Any]:
+    """A create-or-update's answer (PUT): 201 when the call created the object,
+    200 when it updated it."""
+    return Response(result["body"], status_code=201 if result["created"] else 200)
+
+
 def replay_response(outcome: Outcome) -> Response[Any]:
     """The operation's stored or fresh response, marked when replayed."""
     headers = {"Idempotent-Replayed": "true"} if outcome.replayed else {}

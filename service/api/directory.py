@@ -21,6 +21,7 @@ from service.api.common import (
     check_ref,
     context_of,
     page,
+    put_response,
     run_operation,
     text_cursor,
 )
@@ -82,7 +83,7 @@ class DirectoryController(Controller):
         check_ref(department_id, "department_id")
         args = {"id": department_id, **msgspec.to_builtins(data)}
         result = await ledger.call("put_department", args, context_of(request))
-        return Response(result["body"], status_code=201 if result["created"] else 200)
+        return put_response(result)
 
     @get(
         "/departments/{department_id:str}",
@@ -183,7 +184,7 @@ class DirectoryController(Controller):
         result = await ledger.call("put_employee", args, context_of(request))
         for run in result.get("program_runs") or ():
             ledger.metrics.record_program_run(run)
-        return Response(result["body"], status_code=201 if result["created"] else 200)
+        return put_response(result)
 
     @get(
         "/employees/{employee_id:str}",

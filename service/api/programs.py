@@ -31,6 +31,7 @@ from service.api.common import (
     check_time_zone,
     context_of,
     page,
+    put_response,
     text_cursor,
     uuid_cursor,
 )
@@ -187,7 +188,7 @@ class ProgramsController(Controller):
         check_ref(program_id, "program_id")
         args = program_args(program_id, data)
         result = await ledger.call("put_program", args, context_of(request))
-        return Response(result["body"], status_code=201 if result["created"] else 200)
+        return put_response(result)
 
     @get(
         "/grant-programs",
