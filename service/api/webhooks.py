@@ -78,15 +78,10 @@ class Webhook(msgspec.Struct, frozen=True):
     created_at: str
 
 
-class WebhookCreated(msgspec.Struct, frozen=True):
+class WebhookCreated(Webhook, frozen=True):
     """The new webhook and its signing secret (`whsec_…`), which is shown only in
     this answer (and in its idempotent replay)."""
 
-    id: str
-    url: str
-    events: list[str]
-    description: str | None
-    created_at: str
     secret: str
 
 
