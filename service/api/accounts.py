@@ -10,7 +10,17 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, QueryParameter
 
 from service import errors
-from service.api.common import check_address, decode_cursor, encode_cursor, page
+from service.api.common import (
+    ADDRESS_NOT_FOUND,
+    CursorParam,
+    LimitParam,
+    check_address,
+    decode_cursor,
+    int_cursor,
+    invalid_cursor,
+    page,
+    page_of,
+)
 from service.api.resources import Account, Balance, EntriesPage, LotsPage, Series
 from service.auth import access
 from service.journal import Ledger
@@ -19,9 +29,6 @@ from service.openapi import problems
 # A series may not ask for more points than this (hourly for ~6 weeks, daily
 # for ~20 years): bounded work per request.
 MAX_SERIES_POINTS = 1000
-
-LimitParam = Annotated[int, QueryParameter(ge=1, le=500, description="Page size, 1..500.")]
-CursorParam = Annotated[str | None, QueryParameter(description="Opaque cursor from next_cursor.")]
 
 
 async def account_id(ledger: Ledger, address: str) -> int:
@@ -57,7 +64,7 @@ class AccountsController(Controller):
         summary="Balances of an account",
         opt={
             **access("balance.read", own="address"),
-            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            **problems(*ADDRESS_NOT_FOUND),
         },
     )
     async def get_account(self, ledger: NamedDependency[Ledger], address: FromPath[str]) -> Account:
@@ -85,7 +92,7 @@ class AccountsController(Controller):
         summary="Entries of an account, newest first",
         opt={
             **access("history.read", own="address"),
-            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            **problems(*ADDRESS_NOT_FOUND),
         },
     )
     async def entries(
@@ -100,21 +107,19 @@ class AccountsController(Controller):
         require_tz(from_, "from")
         require_tz(to, "to")
         acc = await account_id(ledger, address)
-        after = decode_cursor(cursor)
-        if after is not None and not isinstance(after, int):
-            raise errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}])
+        after = int_cursor(cursor)
         if from_ is None and to is None:
             rows = await ledger.fetch("account_entries_latest", acc, after, limit + 1)
         else:
             rows = await ledger.fetch("account_entries", acc, after, from_, to, limit + 1)
-        return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
+        return page(rows, limit)
 
     @get(
         "/accounts/{address:str}/balance",
         summary="Posted balance as of an instant",
         opt={
             **access("balance.read", own="address"),
-            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            **problems(*ADDRESS_NOT_FOUND),
         },
     )
     async def balance(
@@ -135,7 +140,7 @@ class AccountsController(Controller):
         summary="Posted balance over time, for charts",
         opt={
             **access("history.read", own="address"),
-            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            **problems(*ADDRESS_NOT_FOUND),
         },
     )
     async def series(
@@ -167,7 +172,7 @@ class AccountsController(Controller):
         summary="Live lots in consumption order",
         opt={
             **access("history.read", own="address"),
-            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            **problems(*ADDRESS_NOT_FOUND),
         },
     )
     async def lots(
@@ -182,11 +187,7 @@ class AccountsController(Controller):
         acc = await account_id(ledger, address)
         offset = decode_cursor(cursor) or 0
         if not isinstance(offset, int) or offset < 0:
-            raise errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}])
+            raise invalid_cursor()
         rows = await ledger.fetch("account_lots", acc, ledger.now(), offset, limit + 1)
         items = [r[0] for r in rows]
-        more = len(items) > limit
-        return {  # type: ignore[return-value]  # why: built from SQL rows
-            "items": items[:limit],
-            "next_cursor": encode_cursor(offset + limit) if more else None,
-        }
+        return page_of(items[:limit], offset + limit if len(items) > limit else None)

@@ -13,6 +13,7 @@ to them.
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -23,15 +24,20 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 
 from service import errors
 from service.api.common import (
+    ADDRESS_NOT_FOUND,
+    CursorParam,
+    LimitParam,
     Memo,
+    Page,
     context_of,
+    object_args,
     page,
     parse_public_id,
     run_operation,
     uuid_cursor,
 )
 from service.auth import access
-from service.journal import Ledger
+from service.journal import Ledger, request_hash
 from service.openapi import problems
 from service.programs import run_cycle
 
@@ -61,9 +67,8 @@ class ApprovalRequested(msgspec.Struct, frozen=True):
     approval: Approval
 
 
-class ApprovalsPage(msgspec.Struct, frozen=True):
+class ApprovalsPage(Page, frozen=True):
     items: list[Approval]
-    next_cursor: str | None
 
 
 class DecisionIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -116,6 +121,18 @@ async def request_approval(
     return Response(outcome.body, status_code=202)
 
 
+async def request_batch_approval(
+    request: Request[Any, Any, Any], ledger: Ledger, items: list[dict[str, Any]]
+) -> Response[Any]:
+    """A pending approval of grant batch items (`{key, hash, grant}`, from
+    grants:batch or a CSV import), once per caller and items: the same items
+    again answer the same approval, and approving posts them under their keys."""
+    digest = request_hash("POST", "/v1/grants:batch", items).hex()
+    return await request_approval(
+        request, ledger, None, "grant_batch", {"items": items}, dedup_key=f"batch:{digest}"
+    )
+
+
 class ApprovalsController(Controller):
     path = "/v1"
     tags = ["Approvals"]
@@ -131,15 +148,13 @@ class ApprovalsController(Controller):
         status: Annotated[
             ApprovalStatus | None, QueryParameter(description="Only this status.")
         ] = None,
-        limit: Annotated[int, QueryParameter(ge=1, le=500, description="Page size, 1..500.")] = 50,
-        cursor: Annotated[
-            str | None, QueryParameter(description="Opaque cursor from next_cursor.")
-        ] = None,
+        limit: LimitParam = 50,
+        cursor: CursorParam = None,
     ) -> ApprovalsPage:
         """Newest first. Each names who requested it and who decided it, and when: the
         audit trail of the four-eyes rule."""
         rows = await ledger.fetch("approvals_page", status, uuid_cursor(cursor), limit + 1)
-        return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
+        return page(rows, limit)
 
     @get(
         "/approvals/{approval_id:str}",
@@ -163,9 +178,7 @@ class ApprovalsController(Controller):
             **access("approvals"),
             **problems(
                 errors.ApprovalNotFound,
-                errors.AccountNotFound,
-                errors.EmployeeNotFound,
-                errors.DepartmentNotFound,
+                *ADDRESS_NOT_FOUND,
                 errors.GrantProgramNotFound,
                 errors.InsufficientCredits,
                 errors.AccountClosed,
@@ -190,8 +203,7 @@ class ApprovalsController(Controller):
         program run is run right after (it is exactly-once per employee by itself).
         Requires an `Idempotency-Key`."""
         payload = data or DecisionIn()
-        uid = parse_public_id(approval_id, "apr_", errors.ApprovalNotFound)
-        args = {"approval": approval_id, "approval_id": str(uid), **msgspec.to_builtins(payload)}
+        args = object_args("approval", approval_id, "apr_", errors.ApprovalNotFound, payload)
         response = await run_operation(
             request, ledger, "approve", payload, args=args, success_status=200
         )
@@ -212,6 +224,7 @@ class ApprovalsController(Controller):
                 "api",
                 dataclasses.replace(approver, actor=body["requested_by"]),
             )
+            uid = uuid.UUID(args["approval_id"])
             updated = await ledger.fetchval("approval_set_result", uid, run)
             answer: Any = updated or body
             return Response(answer, status_code=200, headers=response.headers)
@@ -236,8 +249,7 @@ class ApprovalsController(Controller):
         """Rejection is final: the request is never posted, and approving it later answers
         409 `not_approvable`. Requires an `Idempotency-Key`."""
         payload = data or DecisionIn()
-        uid = parse_public_id(approval_id, "apr_", errors.ApprovalNotFound)
-        args = {"approval": approval_id, "approval_id": str(uid), **msgspec.to_builtins(payload)}
+        args = object_args("approval", approval_id, "apr_", errors.ApprovalNotFound, payload)
         return await run_operation(
             request, ledger, "reject", payload, args=args, success_status=200
         )

@@ -10,6 +10,7 @@ import base64
 import binascii
 import re
 import uuid
+import zoneinfo
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -84,10 +85,33 @@ From = Annotated[
     datetime, QueryParameter(name="from", description="Start, included (RFC 3339 with offset).")
 ]
 To = Annotated[datetime, QueryParameter(description="End, excluded; at most 400 days on.")]
-Limit = Annotated[int, msgspec.Meta(ge=1, le=500)]
+
+# The query parameters of every paginated list: its page size and the
+# opaque cursor of its previous page (`next_cursor`).
+LimitParam = Annotated[int, QueryParameter(ge=1, le=500, description="Page size, 1..500.")]
+CursorParam = Annotated[str | None, QueryParameter(description="Opaque cursor from next_cursor.")]
+
+# Items per batch request (grants:batch, usage:batch): bounded work per
+# database transaction.
+MAX_BATCH = 1000
+
+# What a route that names an account may answer when there is none: the
+# address's type decides which (errors.not_found_for).
+ADDRESS_NOT_FOUND = (errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound)
+
+# Reports answer JSON, or CSV to a caller whose Accept prefers it; imports
+# take CSV.
+CSV = "text/csv"
+JSON = "application/json"
+CSV_UTF8 = f"{CSV}; charset=utf-8"
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY = 255
+
+
+def wants_csv(request: Request[Any, Any, Any]) -> bool:
+    """Whether the caller's Accept prefers CSV to JSON (JSON when it says neither)."""
+    return request.accept.best_match([JSON, CSV], default=JSON) == CSV
 
 
 def ledger_of(state: State) -> Ledger:
@@ -125,10 +149,6 @@ def idempotency_key(request: Request[Any, Any, Any], *, required: bool = True) -
     return key
 
 
-def fingerprint(request: Request[Any, Any, Any], payload: Any) -> bytes:
-    return request_hash(request.method, request.url.path, msgspec.to_builtins(payload))
-
-
 def parse_public_id(value: str, prefix: str, not_found: type[errors.LedgerError]) -> uuid.UUID:
     """`txn_<32 hex>` to a UUID; anything else is simply not found."""
     if not value.startswith(prefix):
@@ -150,6 +170,11 @@ CursorId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 CursorValue = CursorId | str | list[str] | None
 
 
+def invalid_cursor() -> errors.InvalidRequest:
+    """What every list answers to a cursor it did not hand out."""
+    return errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}])
+
+
 def decode_cursor(cursor: str | None) -> Any:
     if cursor is None:
         return None
@@ -157,11 +182,46 @@ def decode_cursor(cursor: str | None) -> Any:
         padded = cursor + "=" * (-len(cursor) % 4)
         return msgspec.json.decode(base64.urlsafe_b64decode(padded), type=CursorValue)
     except (binascii.Error, msgspec.DecodeError, ValueError, RecursionError):
-        raise errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}]) from None
+        raise invalid_cursor() from None
 
 
-def page(rows: list[Any], limit: int, cursor_of: Any = None) -> dict[str, Any]:
-    """{items, next_cursor} from rows fetched with LIMIT limit+1."""
+def text_cursor(cursor: str | None) -> str | None:
+    """A cursor that carries the last item's text key (an id, a name)."""
+    after = decode_cursor(cursor)
+    if after is not None and not isinstance(after, str):
+        raise invalid_cursor()
+    return after
+
+
+def int_cursor(cursor: str | None) -> int | None:
+    """A cursor that carries the last item's bigint id."""
+    after = decode_cursor(cursor)
+    if after is not None and not isinstance(after, int):
+        raise invalid_cursor()
+    return after
+
+
+def uuid_cursor(cursor: str | None) -> uuid.UUID | None:
+    """A cursor that carries the last item's UUID."""
+    after = decode_cursor(cursor)
+    try:
+        return uuid.UUID(after) if after is not None else None
+    except (ValueError, TypeError, AttributeError):
+        raise invalid_cursor() from None
+
+
+class Page(msgspec.Struct, frozen=True):
+    # The shape of every paginated list: a subclass narrows `items` (msgspec
+    # keeps a redefined field in its place, so `next_cursor` stays second).
+    # No docstring: a subclass would show it as its own description.
+    items: list[Any]
+    next_cursor: str | None
+
+
+def page(rows: list[Any], limit: int, cursor_of: Any = None) -> Any:
+    """{items, next_cursor} from rows fetched with LIMIT limit+1, each an
+    `item` and its `cursor`. Typed Any: a route returns it as its Page
+    struct, which documents the rows' JSON built in SQL."""
     more = len(rows) > limit
     rows = rows[:limit]
     items = [row["item"] for row in rows]
@@ -172,11 +232,13 @@ def page(rows: list[Any], limit: int, cursor_of: Any = None) -> dict[str, Any]:
     return {"items": items, "next_cursor": next_cursor}
 
 
-class Page(msgspec.Struct):
-    """A page of a list, newest first."""
-
-    items: list[dict[str, Any]]
-    next_cursor: str | None
+def page_of(items: list[Any], next_key: Any) -> Any:
+    """{items, next_cursor} of a page whose query gave the next page's key
+    (None: the last page). Typed Any, as page()."""
+    return {
+        "items": items,
+        "next_cursor": encode_cursor(next_key) if next_key is not None else None,
+    }
 
 
 _REF = re.compile(REF_PATTERN)
@@ -189,6 +251,15 @@ def check_ref(value: str, name: str) -> None:
             f"{name} must match {REF_PATTERN}",
             errors=[{"path": name, "message": f"must match {REF_PATTERN}"}],
         )
+
+
+def check_time_zone(name: str, path: str) -> None:
+    """A time zone the service knows (IANA), which a schema cannot check."""
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        message = f"unknown IANA time zone {name!r}"
+        raise errors.InvalidRequest(message, errors=[{"path": path, "message": message}]) from None
 
 
 def check_address(value: str, name: str = "address") -> None:
@@ -212,9 +283,27 @@ async def run_operation(
     Idempotency-Key, the fingerprint of its body, one SQL call, and the
     stored-or-fresh answer. `args` defaults to the decoded body."""
     key = idempotency_key(request)
+    outcome = await operation_outcome(
+        request, ledger, op, payload, key=key, args=args, success_status=success_status
+    )
+    return replay_response(outcome)
+
+
+async def operation_outcome(
+    request: Request[Any, Any, Any],
+    ledger: Ledger,
+    op: str,
+    payload: Any,
+    *,
+    key: str | None,
+    args: dict[str, Any] | None = None,
+    success_status: int,
+) -> Outcome:
+    """run_operation's SQL call, for a route that reads its Idempotency-Key
+    before other checks (`key`) or adds to the stored answer."""
     # The body's builtin form, made once: the fingerprint's and the SQL's.
     body = msgspec.to_builtins(payload)
-    outcome = await ledger.execute(
+    return await ledger.execute(
         op,
         body if args is None else args,
         ctx=context_of(request),
@@ -222,16 +311,26 @@ async def run_operation(
         fingerprint=request_hash(request.method, request.url.path, body),
         success_status=success_status,
     )
-    return replay_response(outcome)
 
 
-def uuid_cursor(cursor: str | None) -> uuid.UUID | None:
-    """A cursor that carries the last item's UUID."""
-    after = decode_cursor(cursor)
-    try:
-        return uuid.UUID(after) if after is not None else None
-    except (ValueError, TypeError, AttributeError):
-        raise errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}]) from None
+def object_args(
+    name: str,
+    public_id: str,
+    prefix: str,
+    not_found: type[errors.LedgerError],
+    payload: Any,
+) -> dict[str, Any]:
+    """The arguments of an operation on the object a path names: its public
+    id as given (`name`, for answers and errors), its UUID (`name_id`, for
+    the lookup; another form is simply not found) and the body's fields."""
+    uid = parse_public_id(public_id, prefix, not_found)
+    return {name: public_id, f"{name}_id": str(uid), **msgspec.to_builtins(payload)}
+
+
+def put_response(result: dict[str, Any]) -> Response[Any]:
+    """A create-or-update's answer (PUT): 201 when the call created the object,
+    200 when it updated it."""
+    return Response(result["body"], status_code=201 if result["created"] else 200)
 
 
 def replay_response(outcome: Outcome) -> Response[Any]:

@@ -12,16 +12,20 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from service import errors
 from service.api.common import (
     REF_PATTERN,
+    CursorParam,
+    LimitParam,
     Memo,
     Name,
+    Page,
     Ref,
     check_ref,
     context_of,
-    decode_cursor,
     page,
+    put_response,
     run_operation,
+    text_cursor,
 )
-from service.api.resources import Department, Employee
+from service.api.resources import Department, Employee, EmployeeListItem
 from service.auth import access
 from service.journal import Ledger
 from service.openapi import problems, statuses
@@ -47,33 +51,12 @@ class EmployeeIn(msgspec.Struct, forbid_unknown_fields=True):
     status: Literal["active"] | msgspec.UnsetType = msgspec.UNSET
 
 
-class EmployeeListItem(msgspec.Struct, frozen=True):
-    id: str
-    name: str
-    email: str
-    department: str
-    status: Literal["active", "offboarded"]
-    offboarded_at: str | None
-    created_at: str
-    updated_at: str
-
-
-class EmployeesPage(msgspec.Struct, frozen=True):
+class EmployeesPage(Page, frozen=True):
     items: list[EmployeeListItem]
-    next_cursor: str | None
 
 
-class DepartmentsPage(msgspec.Struct, frozen=True):
+class DepartmentsPage(Page, frozen=True):
     items: list[Department]
-    next_cursor: str | None
-
-
-def text_cursor(cursor: str | None) -> str | None:
-    """A cursor that carries the last item's id."""
-    after = decode_cursor(cursor)
-    if after is not None and not isinstance(after, str):
-        raise errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}])
-    return after
 
 
 class OffboardIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -100,7 +83,7 @@ class DirectoryController(Controller):
         check_ref(department_id, "department_id")
         args = {"id": department_id, **msgspec.to_builtins(data)}
         result = await ledger.call("put_department", args, context_of(request))
-        return Response(result["body"], status_code=201 if result["created"] else 200)
+        return put_response(result)
 
     @get(
         "/departments/{department_id:str}",
@@ -125,14 +108,12 @@ class DirectoryController(Controller):
     async def list_departments(
         self,
         ledger: NamedDependency[Ledger],
-        limit: Annotated[int, QueryParameter(ge=1, le=500, description="Page size, 1..500.")] = 50,
-        cursor: Annotated[
-            str | None, QueryParameter(description="Opaque cursor from next_cursor.")
-        ] = None,
+        limit: LimitParam = 50,
+        cursor: CursorParam = None,
     ) -> DepartmentsPage:
         """By id (keyset pagination: stable while departments are added)."""
         rows = await ledger.fetch("departments_page", text_cursor(cursor), limit + 1)
-        return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
+        return page(rows, limit)
 
     @get(
         "/employees",
@@ -156,10 +137,8 @@ class DirectoryController(Controller):
                 description="Case-insensitive prefix of the id, the name or the email.",
             ),
         ] = None,
-        limit: Annotated[int, QueryParameter(ge=1, le=500, description="Page size, 1..500.")] = 50,
-        cursor: Annotated[
-            str | None, QueryParameter(description="Opaque cursor from next_cursor.")
-        ] = None,
+        limit: LimitParam = 50,
+        cursor: CursorParam = None,
     ) -> EmployeesPage:
         """By id, with keyset pagination: a page never repeats or skips an employee while
         others are added. `q` matches the start of the id, the name or the email, ignoring
@@ -175,7 +154,7 @@ class DirectoryController(Controller):
             search,
             limit + 1,
         )
-        return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
+        return page(rows, limit)
 
     @put(
         "/employees/{employee_id:str}",
@@ -205,7 +184,7 @@ class DirectoryController(Controller):
         result = await ledger.call("put_employee", args, context_of(request))
         for run in result.get("program_runs") or ():
             ledger.metrics.record_program_run(run)
-        return Response(result["body"], status_code=201 if result["created"] else 200)
+        return put_response(result)
 
     @get(
         "/employees/{employee_id:str}",

@@ -12,24 +12,23 @@ from litestar.di import NamedDependency
 from litestar.params import QueryParameter
 from litestar.response import Stream
 
-from service import errors, finance, reports
+from service import finance, reports
 from service.api.common import (
     ADDRESS_PATTERN,
+    CSV_UTF8,
     REF_PATTERN,
+    CursorParam,
     From,
+    LimitParam,
+    Page,
     To,
-    decode_cursor,
-    encode_cursor,
+    page_of,
+    text_cursor,
+    wants_csv,
 )
 from service.auth import access
 from service.journal import Ledger
 from service.openapi import problems
-
-CSV = "text/csv"
-JSON = "application/json"
-
-Limit = Annotated[int, QueryParameter(ge=1, le=500, description="Page size, 1..500.")]
-Cursor = Annotated[str | None, QueryParameter(description="Opaque cursor from next_cursor.")]
 
 
 class LiabilityItem(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -53,9 +52,8 @@ class LiabilityItem(msgspec.Struct, frozen=True, omit_defaults=True):
     month: str | msgspec.UnsetType = msgspec.UNSET
 
 
-class LiabilityReport(msgspec.Struct, frozen=True):
+class LiabilityReport(Page, frozen=True):
     items: list[LiabilityItem]
-    next_cursor: str | None
 
 
 class CompensationItem(msgspec.Struct, frozen=True):
@@ -71,9 +69,8 @@ class CompensationItem(msgspec.Struct, frozen=True):
     value: str
 
 
-class CompensationReport(msgspec.Struct, frozen=True):
+class CompensationReport(Page, frozen=True):
     items: list[CompensationItem]
-    next_cursor: str | None
 
 
 class Expiring(msgspec.Struct, frozen=True):
@@ -95,11 +92,10 @@ class Forecast(msgspec.Struct, frozen=True):
     expiring: list[Expiring]
 
 
-class ForecastReport(msgspec.Struct, frozen=True):
+class ForecastReport(Page, frozen=True):
     """One item for `account`; every open wallet of `department`, paginated."""
 
     items: list[Forecast]
-    next_cursor: str | None
 
 
 class EfficiencyItem(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -121,19 +117,11 @@ class EfficiencyItem(msgspec.Struct, frozen=True, omit_defaults=True):
     department: str | msgspec.UnsetType = msgspec.UNSET
 
 
-class EfficiencyReport(msgspec.Struct, frozen=True):
+class EfficiencyReport(Page, frozen=True):
     items: list[EfficiencyItem]
-    next_cursor: str | None
 
 
 Pager = Callable[[str | None, int], Awaitable[tuple[list[dict[str, Any]], str | None]]]
-
-
-def text_cursor(cursor: str | None) -> str | None:
-    after = decode_cursor(cursor)
-    if after is not None and not isinstance(after, str):
-        raise errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}])
-    return after
 
 
 async def answer(
@@ -147,7 +135,8 @@ async def answer(
     """JSON: one page. CSV: every row from `cursor` on, streamed: from one query read
     through a cursor (`stream`) where the report has one, else page by page."""
     after = text_cursor(cursor)
-    if request.accept.best_match([JSON, CSV], default=JSON) == CSV and stream is not None:
+    as_csv = wants_csv(request)
+    if as_csv and stream is not None:
         rows = stream(after)
         # Read before answering: a failing query still answers its problem.
         head: list[dict[str, Any]] = await anext(rows, [])
@@ -157,8 +146,8 @@ async def answer(
             async for items in rows:
                 yield items
 
-        return Stream(finance.stream_csv(columns, streamed()), media_type=f"{CSV}; charset=utf-8")
-    if request.accept.best_match([JSON, CSV], default=JSON) == CSV:
+        return Stream(finance.stream_csv(columns, streamed()), media_type=CSV_UTF8)
+    if as_csv:
         first = await pager(after, 500)
 
         async def pages() -> AsyncIterator[list[dict[str, Any]]]:
@@ -168,11 +157,9 @@ async def answer(
                 items, nxt = await pager(nxt, 500)
                 yield items
 
-        return Stream(finance.stream_csv(columns, pages()), media_type=f"{CSV}; charset=utf-8")
+        return Stream(finance.stream_csv(columns, pages()), media_type=CSV_UTF8)
     items, nxt = await pager(after, limit)
-    return Response(
-        {"items": items, "next_cursor": encode_cursor(nxt) if nxt is not None else None}
-    )
+    return Response(page_of(items, nxt))
 
 
 class FinanceReportsController(Controller):
@@ -194,8 +181,8 @@ class FinanceReportsController(Controller):
             Literal["department", "employee", "month"],
             QueryParameter(description="One row per department, employee, or UTC month."),
         ],
-        limit: Limit = 50,
-        cursor: Cursor = None,
+        limit: LimitParam = 50,
+        cursor: CursorParam = None,
     ) -> Response[LiabilityReport]:
         """Per group over [from, to): credits granted, spent, expired (breakage), voided,
         adjusted (transfers, reversals, rollovers), overage, and the balances at `from`
@@ -236,7 +223,7 @@ class FinanceReportsController(Controller):
         limit: Annotated[
             int, QueryParameter(ge=1, le=500, description="Employees per page, 1..500.")
         ] = 50,
-        cursor: Cursor = None,
+        cursor: CursorParam = None,
     ) -> Response[CompensationReport]:
         """Per employee, UTC month and reason: the credits granted in [from, to) (less
         reversals of grants in the period) and their value at TOKENLEDGER_CREDIT_VALUE, a
@@ -272,8 +259,8 @@ class FinanceReportsController(Controller):
                 pattern=REF_PATTERN, description="Every open wallet of this department."
             ),
         ] = None,
-        limit: Limit = 50,
-        cursor: Cursor = None,
+        limit: LimitParam = 50,
+        cursor: CursorParam = None,
     ) -> ForecastReport:
         """Exactly one of `account` and `department`. Burn rate from the trailing 30 days
         of spend; the depletion date from today's spendable credits and their scheduled
@@ -281,10 +268,7 @@ class FinanceReportsController(Controller):
         if (account is None) == (department is None):
             raise errors.invalid("account", "give exactly one of account and department")
         items, nxt = await finance.forecast(ledger, account, department, text_cursor(cursor), limit)
-        return msgspec.convert(
-            {"items": items, "next_cursor": encode_cursor(nxt) if nxt is not None else None},
-            ForecastReport,
-        )
+        return msgspec.convert(page_of(items, nxt), ForecastReport)
 
     @get(
         "/reports/efficiency",
@@ -301,8 +285,8 @@ class FinanceReportsController(Controller):
             Literal["employee", "department"],
             QueryParameter(description="One row per employee or per department."),
         ],
-        limit: Limit = 50,
-        cursor: Cursor = None,
+        limit: LimitParam = 50,
+        cursor: CursorParam = None,
     ) -> Response[EfficiencyReport]:
         """Usage events in [from, to) per employee or department: the cached share of
         input tokens, the premium-tier share of credits (tier of the model's latest price),

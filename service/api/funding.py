@@ -18,13 +18,11 @@ from litestar import Controller, Request, Response, get
 from litestar.di import NamedDependency
 
 from service import reports
-from service.api.common import From, To
+from service.api.common import CSV_UTF8, From, To, wants_csv
 from service.auth import access
 from service.journal import Ledger
 from service.openapi import problems
 
-CSV = "text/csv"
-JSON = "application/json"
 COLUMNS = ("department", "funded", "spent")
 
 
@@ -81,7 +79,7 @@ class FundingController(Controller):
             "funding_report", ledger.config.report_statement_timeout_ms, from_, to, jit=False
         )
         items = [FundingItem(r["department"], int(r["funded"]), int(r["spent"])) for r in rows]
-        if request.accept.best_match([JSON, CSV], default=JSON) == CSV:
+        if wants_csv(request):
             # The CSV form of the same report.
-            return Response(to_csv(items), media_type=f"{CSV}; charset=utf-8")  # type: ignore[arg-type]  # why: CSV text, not the JSON struct
+            return Response(to_csv(items), media_type=CSV_UTF8)  # type: ignore[arg-type]  # why: CSV text, not the JSON struct
         return Response(FundingReport(items=items))

@@ -10,8 +10,15 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
 from service import errors
-from service.api.approvals import APPROVAL_RESPONSE, needs_approval, request_approval
+from service.api.approvals import (
+    APPROVAL_RESPONSE,
+    needs_approval,
+    request_approval,
+    request_batch_approval,
+)
 from service.api.common import (
+    ADDRESS_NOT_FOUND,
+    MAX_BATCH,
     Amount,
     Funder,
     Memo,
@@ -19,15 +26,13 @@ from service.api.common import (
     Ref,
     Timestamp,
     context_of,
-    parse_public_id,
+    object_args,
     run_operation,
 )
 from service.api.resources import BatchGrantResponse, GrantResult, Transaction
 from service.auth import access
 from service.journal import Ledger, request_hash
 from service.openapi import problems
-
-MAX_BATCH = 1000
 
 Reason = Literal["signing_bonus", "monthly_allotment", "spot_bonus", "adjustment"]
 Priority = Annotated[
@@ -85,9 +90,7 @@ class GrantsController(Controller):
         opt={
             **access("grants.write"),
             **problems(
-                errors.AccountNotFound,
-                errors.EmployeeNotFound,
-                errors.DepartmentNotFound,
+                *ADDRESS_NOT_FOUND,
                 errors.InsufficientCredits,
                 errors.AccountClosed,
                 errors.BalanceLimitExceeded,
@@ -146,15 +149,7 @@ class GrantsController(Controller):
             digest = request_hash("POST", "/v1/grants", args)
             items.append({"key": g.key, "hash": digest.hex(), "grant": args})
         if any(needs_approval(ledger, g.amount) for g in data.grants):
-            batch_digest = request_hash("POST", "/v1/grants:batch", items).hex()
-            return await request_approval(
-                request,
-                ledger,
-                data,
-                "grant_batch",
-                {"items": items},
-                dedup_key=f"batch:{batch_digest}",
-            )
+            return await request_batch_approval(request, ledger, items)
         ctx = context_of(request)
         results = await ledger.fetchval("grant_batch", ctx.caller, items, ledger.context_json(ctx))
         return Response(results)
@@ -184,8 +179,7 @@ class GrantsController(Controller):
         `void` transaction. A lot with nothing left (spent, expired or already voided)
         answers 409 `lot_not_active`. Requires an `Idempotency-Key`."""
         payload = data or VoidIn()
-        lot_uuid = parse_public_id(lot_id, "lot_", errors.LotNotFound)
-        args = {"lot": lot_id, "lot_id": str(lot_uuid), **msgspec.to_builtins(payload)}
+        args = object_args("lot", lot_id, "lot_", errors.LotNotFound, payload)
         return await run_operation(
             request, ledger, "void_lot", payload, args=args, success_status=200
         )

@@ -13,13 +13,12 @@ from litestar.di import NamedDependency
 from litestar.params import QueryParameter
 
 from service import errors, imports
-from service.api.approvals import needs_approval
-from service.api.common import context_of
+from service.api.approvals import needs_approval, request_batch_approval
+from service.api.common import CSV, context_of
 from service.auth import access
-from service.journal import Ledger, request_hash
+from service.journal import Ledger
 from service.openapi import problems
 
-CSV = "text/csv"
 # A CSV import may be larger than a JSON body: 100,000 rows of employees are
 # about 8 MB.
 IMPORT_MAX_BYTES = 32 * 1024 * 1024
@@ -169,20 +168,8 @@ class ImportsController(Controller):
             approval_id = None
             if not dry_run:
                 batch = [item for _, item in held]
-                digest = request_hash("POST", "/v1/grants:batch", batch).hex()
-                outcome = await ledger.execute(
-                    "request_approval",
-                    {
-                        "kind": "grant_batch",
-                        "request": {"items": batch},
-                        "dedup_key": f"batch:{digest}",
-                    },
-                    ctx=ctx,
-                    key=None,
-                    fingerprint=None,
-                    success_status=202,
-                )
-                approval_id = outcome.body["approval"]["id"]
+                pending = await request_batch_approval(request, ledger, batch)
+                approval_id = pending.content["approval"]["id"]
             parts.append(
                 {
                     "rejected": [

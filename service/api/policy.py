@@ -9,7 +9,6 @@ operation they belong to. This module only validates and routes.
 from __future__ import annotations
 
 import re
-import zoneinfo
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -18,8 +17,17 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
 from service import errors
-from service.api.common import MAX_AMOUNT, WALLET_PATTERN, Amount, check_address, context_of
+from service.api.common import (
+    ADDRESS_NOT_FOUND,
+    MAX_AMOUNT,
+    WALLET_PATTERN,
+    Amount,
+    check_address,
+    check_time_zone,
+    context_of,
+)
 from service.api.prices import Model
+from service.api.resources import Tier
 from service.auth import access
 from service.journal import Ledger
 from service.openapi import problems
@@ -30,7 +38,6 @@ MAX_MODELS = 200
 
 Period = Literal["day", "week", "month"]
 Mode = Literal["hard", "soft"]
-Tier = Literal["standard", "premium"]
 TimeZone = Annotated[
     str,
     msgspec.Meta(
@@ -103,14 +110,7 @@ class Policy(msgspec.Struct, frozen=True):
 def policy_args(address: str, data: PolicyIn) -> dict[str, Any]:
     """The policy in its stored form, after the checks a schema cannot express."""
     for i, limit in enumerate(data.limits or []):
-        try:
-            zoneinfo.ZoneInfo(limit.time_zone)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            path = f"$.limits[{i}].time_zone"
-            message = f"unknown IANA time zone {limit.time_zone!r}"
-            raise errors.InvalidRequest(
-                message, errors=[{"path": path, "message": message}]
-            ) from None
+        check_time_zone(limit.time_zone, f"$.limits[{i}].time_zone")
     models = (
         {k: v for k, v in msgspec.to_builtins(data.models).items() if v is not None}
         if data.models is not None
@@ -142,7 +142,7 @@ class PolicyController(Controller):
         summary="Set the spend policy of a wallet or department",
         opt={
             **access("policy.write"),
-            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            **problems(*ADDRESS_NOT_FOUND),
             "path_patterns": {"address": WALLET_PATTERN},
         },
     )
@@ -168,7 +168,7 @@ class PolicyController(Controller):
         summary="The spend policy of a wallet or department, with its current windows",
         opt={
             **access("policy.read", own="address"),
-            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            **problems(*ADDRESS_NOT_FOUND),
             "path_patterns": {"address": WALLET_PATTERN},
         },
     )

@@ -4,25 +4,25 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromQuery, JSONBody, QueryParameter
 
-from service import errors
-from service.api.accounts import CursorParam, LimitParam, require_tz
+from service.api.accounts import require_tz
 from service.api.common import (
+    CursorParam,
+    LimitParam,
     Timestamp,
-    context_of,
     decode_cursor,
-    fingerprint,
-    idempotency_key,
+    invalid_cursor,
     page,
-    replay_response,
+    run_operation,
+    text_cursor,
 )
-from service.api.resources import Price, PricesPage
+from service.api.resources import Price, PricesPage, Tier
 from service.auth import access
 from service.journal import Ledger
 from service.openapi import problems
@@ -45,7 +45,6 @@ RatePerMtok = Annotated[
         examples=[2_500_000],
     ),
 ]
-Tier = Literal["standard", "premium"]
 
 
 class PriceIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -78,17 +77,10 @@ class PricesController(Controller):
         `effective_from` with the same tier and rates answers the existing version;
         with different ones, 400 `invalid_request` (add a version with a later
         `effective_from` instead). Requires an `Idempotency-Key`."""
-        key = idempotency_key(request)
         args = {**msgspec.to_builtins(data), "source": "api"}
-        outcome = await ledger.execute(
-            "add_price",
-            args,
-            ctx=context_of(request),
-            key=key,
-            fingerprint=fingerprint(request, data),
-            success_status=201,
+        return await run_operation(
+            request, ledger, "add_price", data, args=args, success_status=201
         )
-        return replay_response(outcome)
 
     @get(
         "/prices",
@@ -111,14 +103,12 @@ class PricesController(Controller):
         instant (the latest with `effective_from <= at`), by model name; models
         without a price then are left out."""
         require_tz(at, "at")
-        after = decode_cursor(cursor)
         if at is not None:
-            if after is not None and not isinstance(after, str):
-                raise invalid_cursor()
-            rows = await ledger.fetch("prices_at", model, at, after, limit + 1)
-            return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
+            rows = await ledger.fetch("prices_at", model, at, text_cursor(cursor), limit + 1)
+            return page(rows, limit)
         after_at: datetime | None = None
         after_id: uuid.UUID | None = None
+        after = decode_cursor(cursor)
         if after is not None:
             try:
                 after_at = datetime.fromisoformat(after[0])
@@ -126,8 +116,4 @@ class PricesController(Controller):
             except (ValueError, TypeError, KeyError, IndexError):
                 raise invalid_cursor() from None
         rows = await ledger.fetch("prices_versions", model, after_at, after_id, limit + 1)
-        return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
-
-
-def invalid_cursor() -> errors.InvalidRequest:
-    return errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}])
+        return page(rows, limit)

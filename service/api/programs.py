@@ -9,7 +9,6 @@ issue it. This module validates the definition's shape and maps HTTP to it.
 
 from __future__ import annotations
 
-import zoneinfo
 from datetime import date
 from typing import Annotated, Any, Literal
 
@@ -19,17 +18,21 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 
 from service import errors
-from service.api.accounts import CursorParam, LimitParam
 from service.api.approvals import APPROVAL_RESPONSE, needs_approval, request_approval
 from service.api.common import (
+    ADDRESS_NOT_FOUND,
     MAX_AMOUNT,
     Amount,
+    CursorParam,
     Funder,
+    LimitParam,
     Ref,
     check_ref,
+    check_time_zone,
     context_of,
-    decode_cursor,
     page,
+    put_response,
+    text_cursor,
     uuid_cursor,
 )
 from service.api.grants import Reason
@@ -131,10 +134,7 @@ def program_args(program_id: str, data: ProgramIn) -> dict[str, Any]:
         raise invalid("$.rollover_max", 'rollover needs expiry {"at": "end_of_cycle"}')
     if data.ends_on is not None and data.ends_on < data.starts_on:
         raise invalid("$.ends_on", "ends_on must not be before starts_on")
-    try:
-        zoneinfo.ZoneInfo(data.time_zone)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise invalid("$.time_zone", f"unknown IANA time zone {data.time_zone!r}") from None
+    check_time_zone(data.time_zone, "$.time_zone")
     return {
         "id": program_id,
         "amount": data.amount,
@@ -166,7 +166,7 @@ class ProgramsController(Controller):
         summary="Create or update a grant program",
         opt={
             **access("programs.write"),
-            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            **problems(*ADDRESS_NOT_FOUND),
             **statuses(201),
         },
     )
@@ -185,7 +185,7 @@ class ProgramsController(Controller):
         check_ref(program_id, "program_id")
         args = program_args(program_id, data)
         result = await ledger.call("put_program", args, context_of(request))
-        return Response(result["body"], status_code=201 if result["created"] else 200)
+        return put_response(result)
 
     @get(
         "/grant-programs",
@@ -199,11 +199,8 @@ class ProgramsController(Controller):
         cursor: CursorParam = None,
     ) -> ProgramsPage:
         """By id."""
-        after = decode_cursor(cursor)
-        if after is not None and not isinstance(after, str):
-            raise errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}])
-        rows = await ledger.fetch("programs_page", after, limit + 1, ledger.now())
-        return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
+        rows = await ledger.fetch("programs_page", text_cursor(cursor), limit + 1, ledger.now())
+        return page(rows, limit)
 
     @get(
         "/grant-programs/{program_id:str}",
@@ -291,4 +288,4 @@ class ProgramsController(Controller):
         rows = await ledger.fetch(
             "program_runs_page", program_id, cycle, uuid_cursor(cursor), limit + 1
         )
-        return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
+        return page(rows, limit)

@@ -13,13 +13,10 @@ from litestar.params import QueryParameter
 from litestar.response import Stream
 
 from service import reports
-from service.api.common import From, To
+from service.api.common import CSV_UTF8, JSON, From, To, wants_csv
 from service.auth import access
 from service.journal import Ledger
 from service.openapi import problems
-
-CSV = "text/csv"
-JSON = "application/json"
 
 
 class UsageReportItem(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -101,10 +98,10 @@ class ReportsController(Controller):
         # The first rows are read before answering, so that a failing query
         # still answers its problem (503 and the like) instead of a cut body.
         first: list[dict[str, Any]] = await anext(pages, [])
-        if request.accept.best_match([JSON, CSV], default=JSON) == CSV:
+        if wants_csv(request):
             # The CSV form of the same report.
             return Stream(  # type: ignore[return-value]  # why: CSV text, not the JSON struct
-                _csv_chunks(keys, first, pages), media_type=f"{CSV}; charset=utf-8"
+                _csv_chunks(keys, first, pages), media_type=CSV_UTF8
             )
         return Stream(_json_chunks(first, pages), media_type=JSON)  # type: ignore[return-value]  # why: the same JSON, written page by page
 

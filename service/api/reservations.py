@@ -12,15 +12,19 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, JSONBody
 
 from service import errors
-from service.api.accounts import CursorParam, LimitParam, account_id
+from service.api.accounts import account_id
 from service.api.common import (
+    ADDRESS_NOT_FOUND,
     Amount,
+    CursorParam,
+    LimitParam,
     Metadata,
     Wallet,
-    decode_cursor,
+    object_args,
     page,
     parse_public_id,
     run_operation,
+    uuid_cursor,
 )
 from service.api.prices import Model
 from service.api.resources import CaptureResult, Reservation, ReservationsPage
@@ -105,14 +109,12 @@ class ReservationsController(Controller):
         payload: msgspec.Struct,
         **extra: Any,
     ) -> Response[Any]:
-        rid = reservation_uuid(reservation_id)
-        args = {
-            "reservation": reservation_id,
-            "reservation_id": str(rid),
-            **msgspec.to_builtins(payload),
-            **extra,
-        }
-        return await run_operation(request, ledger, op, payload, args=args, success_status=200)
+        args = object_args(
+            "reservation", reservation_id, "rsv_", errors.ReservationNotFound, payload
+        )
+        return await run_operation(
+            request, ledger, op, payload, args={**args, **extra}, success_status=200
+        )
 
     @post(
         "/reservations",
@@ -121,9 +123,7 @@ class ReservationsController(Controller):
         opt={
             **access("spend"),
             **problems(
-                errors.AccountNotFound,
-                errors.EmployeeNotFound,
-                errors.DepartmentNotFound,
+                *ADDRESS_NOT_FOUND,
                 errors.UnknownModel,
                 errors.InsufficientCredits,
                 errors.AccountClosed,
@@ -275,7 +275,7 @@ class ReservationsController(Controller):
         summary="Reservations of an account, newest first",
         opt={
             **access("reservations.read", own="address"),
-            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            **problems(*ADDRESS_NOT_FOUND),
         },
     )
     async def account_reservations(
@@ -287,14 +287,7 @@ class ReservationsController(Controller):
         cursor: CursorParam = None,
     ) -> ReservationsPage:
         acc = await account_id(ledger, address)
-        after = decode_cursor(cursor)
-        try:
-            after_id = uuid.UUID(after) if after is not None else None
-        except (ValueError, TypeError, AttributeError):
-            raise errors.InvalidRequest(
-                "cursor is not valid", errors=[{"path": "cursor"}]
-            ) from None
         rows = await ledger.fetch(
-            "account_reservations", acc, status, after_id, limit + 1, ledger.now()
+            "account_reservations", acc, status, uuid_cursor(cursor), limit + 1, ledger.now()
         )
-        return page(rows, limit, cursor_of=str)  # type: ignore[return-value]  # why: SQL rows
+        return page(rows, limit, cursor_of=str)

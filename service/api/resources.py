@@ -11,6 +11,16 @@ from typing import Any, Literal
 
 import msgspec
 
+from service.api.common import Page
+
+# A model's price tier: a price version's, and what a spend policy allows.
+Tier = Literal["standard", "premium"]
+
+# What a transaction is: the `kind` of its record, and a filter of the list.
+TransactionKind = Literal[
+    "grant", "debit", "usage", "transfer", "capture", "expiry", "void", "reversal", "rollover"
+]
+
 
 class EntryLeg(msgspec.Struct, frozen=True):
     account: str
@@ -30,9 +40,7 @@ class Transaction(msgspec.Struct, frozen=True):
     so a reversal can restore exactly those lots."""
 
     id: str
-    kind: Literal[
-        "grant", "debit", "usage", "transfer", "capture", "expiry", "void", "reversal", "rollover"
-    ]
+    kind: TransactionKind
     entries: list[EntryLeg]
     lots: list[LotMovement]
     memo: str | None
@@ -104,7 +112,7 @@ class Department(msgspec.Struct, frozen=True):
     updated_at: str
 
 
-class Employee(msgspec.Struct, frozen=True):
+class EmployeeListItem(msgspec.Struct, frozen=True):
     id: str
     name: str
     email: str
@@ -113,6 +121,11 @@ class Employee(msgspec.Struct, frozen=True):
     offboarded_at: str | None
     created_at: str
     updated_at: str
+
+
+# An employee with their wallet; a list item has no wallet. (No docstring:
+# the schema shows none for either.)
+class Employee(EmployeeListItem, frozen=True):
     wallet: Account
 
 
@@ -151,19 +164,16 @@ class Series(msgspec.Struct, frozen=True):
     items: list[SeriesPoint]
 
 
-class EntriesPage(msgspec.Struct, frozen=True):
+class EntriesPage(Page, frozen=True):
     items: list[Entry]
-    next_cursor: str | None
 
 
-class TransactionsPage(msgspec.Struct, frozen=True):
+class TransactionsPage(Page, frozen=True):
     items: list[Transaction]
-    next_cursor: str | None
 
 
-class LotsPage(msgspec.Struct, frozen=True):
+class LotsPage(Page, frozen=True):
     items: list[Lot]
-    next_cursor: str | None
 
 
 class Problem(msgspec.Struct, frozen=True):
@@ -221,9 +231,8 @@ class CaptureResult(msgspec.Struct, frozen=True):
     usage: UsageRecorded | None = None
 
 
-class ReservationsPage(msgspec.Struct, frozen=True):
+class ReservationsPage(Page, frozen=True):
     items: list[Reservation]
-    next_cursor: str | None
 
 
 class Price(msgspec.Struct, frozen=True):
@@ -232,7 +241,7 @@ class Price(msgspec.Struct, frozen=True):
 
     id: str
     model: str
-    tier: Literal["standard", "premium"]
+    tier: Tier
     effective_from: str
     input_per_mtok: int
     cached_input_per_mtok: int
@@ -241,9 +250,8 @@ class Price(msgspec.Struct, frozen=True):
     created_at: str
 
 
-class PricesPage(msgspec.Struct, frozen=True):
+class PricesPage(Page, frozen=True):
     items: list[Price]
-    next_cursor: str | None
 
 
 class UsageRecorded(msgspec.Struct, frozen=True):
@@ -327,9 +335,8 @@ class Program(msgspec.Struct, frozen=True):
     updated_at: str
 
 
-class ProgramsPage(msgspec.Struct, frozen=True):
+class ProgramsPage(Page, frozen=True):
     items: list[Program]
-    next_cursor: str | None
 
 
 class SkippedEmployee(msgspec.Struct, frozen=True):
@@ -355,6 +362,5 @@ class ProgramRun(msgspec.Struct, frozen=True):
     completed_at: str | None
 
 
-class ProgramRunsPage(msgspec.Struct, frozen=True):
+class ProgramRunsPage(Page, frozen=True):
     items: list[ProgramRun]
-    next_cursor: str | None

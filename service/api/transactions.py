@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
@@ -11,27 +10,27 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from service import errors
-from service.api.accounts import CursorParam, LimitParam, account_id
+from service.api.accounts import account_id
 from service.api.common import (
+    ADDRESS_NOT_FOUND,
     Address,
     Amount,
+    CursorParam,
+    LimitParam,
     Memo,
     Metadata,
     Wallet,
-    decode_cursor,
+    object_args,
     page,
     parse_public_id,
     run_operation,
+    uuid_cursor,
 )
-from service.api.resources import Transaction, TransactionsPage
+from service.api.resources import Transaction, TransactionKind, TransactionsPage
 from service.auth import access
 from service.journal import Ledger
 from service.openapi import problems
 from service.roles import grants
-
-Kind = Literal[
-    "grant", "debit", "usage", "transfer", "capture", "expiry", "void", "reversal", "rollover"
-]
 
 
 class DebitIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -64,9 +63,7 @@ class TransactionsController(Controller):
         opt={
             **access("spend"),
             **problems(
-                errors.AccountNotFound,
-                errors.EmployeeNotFound,
-                errors.DepartmentNotFound,
+                *ADDRESS_NOT_FOUND,
                 errors.InsufficientCredits,
                 errors.AccountClosed,
                 errors.BalanceLimitExceeded,
@@ -97,9 +94,7 @@ class TransactionsController(Controller):
         opt={
             **access("transfers", "departments.fund"),
             **problems(
-                errors.AccountNotFound,
-                errors.EmployeeNotFound,
-                errors.DepartmentNotFound,
+                *ADDRESS_NOT_FOUND,
                 errors.InsufficientCredits,
                 errors.AccountClosed,
                 errors.AssetMismatch,
@@ -149,7 +144,7 @@ class TransactionsController(Controller):
         summary="List transactions, newest first",
         opt={
             **access("transactions.read"),
-            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            **problems(*ADDRESS_NOT_FOUND),
         },
     )
     async def list_transactions(
@@ -158,20 +153,13 @@ class TransactionsController(Controller):
         account: Annotated[
             str | None, QueryParameter(description="Only those touching this account.")
         ] = None,
-        kind: FromQuery[Kind | None] = None,
+        kind: FromQuery[TransactionKind | None] = None,
         limit: LimitParam = 50,
         cursor: CursorParam = None,
     ) -> TransactionsPage:
         acc = await account_id(ledger, account) if account is not None else None
-        after = decode_cursor(cursor)
-        try:
-            after_id = uuid.UUID(after) if after is not None else None
-        except (ValueError, TypeError, AttributeError):
-            raise errors.InvalidRequest(
-                "cursor is not valid", errors=[{"path": "cursor"}]
-            ) from None
-        rows = await ledger.fetch("transactions_page", acc, kind, after_id, limit + 1)
-        return page(rows, limit, cursor_of=str)  # type: ignore[return-value]  # why: built from SQL rows
+        rows = await ledger.fetch("transactions_page", acc, kind, uuid_cursor(cursor), limit + 1)
+        return page(rows, limit, cursor_of=str)
 
     @post(
         "/transactions/{transaction_id:str}/reverse",
@@ -203,12 +191,9 @@ class TransactionsController(Controller):
         `already_reversed`. Reversing credits the receiver has already spent answers 409
         `insufficient_credits`. Requires an `Idempotency-Key`."""
         payload = data or ReverseIn()
-        txn = parse_public_id(transaction_id, "txn_", errors.TransactionNotFound)
-        args = {
-            "transaction": transaction_id,
-            "transaction_id": str(txn),
-            **msgspec.to_builtins(payload),
-        }
+        args = object_args(
+            "transaction", transaction_id, "txn_", errors.TransactionNotFound, payload
+        )
         return await run_operation(
             request, ledger, "reverse", payload, args=args, success_status=201
         )

@@ -13,15 +13,20 @@ from litestar.di import NamedDependency
 from litestar.params import JSONBody
 
 from service import errors
-from service.api.common import Timestamp, Wallet, context_of, parse_public_id
+from service.api.common import (
+    ADDRESS_NOT_FOUND,
+    MAX_BATCH,
+    Timestamp,
+    Wallet,
+    context_of,
+    parse_public_id,
+)
 from service.api.prices import Model
 from service.api.resources import UsageBatchResponse, UsageRecorded
 from service.auth import access
 from service.journal import Ledger
 from service.openapi import problems, statuses
 from service.pricing import MAX_TOKENS
-
-MAX_BATCH = 1000
 
 Tokens = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS, description="0..10^9 tokens.")]
 Source = Annotated[
@@ -127,9 +132,7 @@ class UsageController(Controller):
         opt={
             **access("spend"),
             **problems(
-                errors.AccountNotFound,
-                errors.EmployeeNotFound,
-                errors.DepartmentNotFound,
+                *ADDRESS_NOT_FOUND,
                 errors.UnknownModel,
                 errors.ReservationNotFound,
                 errors.InsufficientCredits,

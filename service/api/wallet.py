@@ -14,9 +14,9 @@ from litestar import Controller, get
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
-from service import errors, reports
+from service import reports
 from service.api.accounts import account_id, iso
-from service.api.common import From, To
+from service.api.common import ADDRESS_NOT_FOUND, From, To
 from service.auth import access
 from service.journal import Ledger
 from service.openapi import problems
@@ -59,7 +59,7 @@ class WalletController(Controller):
         summary="What an account spent over a period, per day and per model",
         opt={
             **access("history.read", own="address"),
-            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            **problems(*ADDRESS_NOT_FOUND),
         },
     )
     async def spend(

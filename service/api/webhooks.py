@@ -8,6 +8,7 @@ settings of an account. The events themselves are written by the database
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import time
 import uuid
@@ -20,16 +21,20 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
 from service import errors
-from service.api.accounts import CursorParam, LimitParam
 from service.api.common import (
+    ADDRESS_NOT_FOUND,
     Amount,
+    CursorParam,
+    LimitParam,
+    Page,
     check_address,
     context_of,
-    fingerprint,
     idempotency_key,
+    operation_outcome,
     page,
     parse_public_id,
     replay_response,
+    run_operation,
     uuid_cursor,
 )
 from service.auth import access
@@ -73,21 +78,15 @@ class Webhook(msgspec.Struct, frozen=True):
     created_at: str
 
 
-class WebhookCreated(msgspec.Struct, frozen=True):
+class WebhookCreated(Webhook, frozen=True):
     """The new webhook and its signing secret (`whsec_…`), which is shown only in
     this answer (and in its idempotent replay)."""
 
-    id: str
-    url: str
-    events: list[str]
-    description: str | None
-    created_at: str
     secret: str
 
 
-class WebhooksPage(msgspec.Struct, frozen=True):
+class WebhooksPage(Page, frozen=True):
     items: list[Webhook]
-    next_cursor: str | None
 
 
 class Attempt(msgspec.Struct, frozen=True):
@@ -120,9 +119,8 @@ class Delivery(msgspec.Struct, frozen=True):
     attempt_log: list[Attempt]
 
 
-class DeliveriesPage(msgspec.Struct, frozen=True):
+class DeliveriesPage(Page, frozen=True):
     items: list[Delivery]
-    next_cursor: str | None
 
 
 class AlertsIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -215,13 +213,8 @@ class WebhooksController(Controller):
             "description": data.description,
             "secret_encrypted": base64.b64encode(box.seal(webhook_id, secret)).decode(),
         }
-        outcome = await ledger.execute(
-            "create_webhook",
-            args,
-            ctx=context_of(request),
-            key=key,
-            fingerprint=fingerprint(request, data),
-            success_status=201,
+        outcome = await operation_outcome(
+            request, ledger, "create_webhook", data, key=key, args=args, success_status=201
         )
         body = dict(outcome.body)
         if outcome.replayed:
@@ -229,15 +222,14 @@ class WebhooksController(Controller):
             sealed = await ledger.fetchval("webhook_secret", stored_id)
             secret = box.open(stored_id, bytes(sealed))
         body["secret"] = secret
-        headers = {"Idempotent-Replayed": "true"} if outcome.replayed else {}
-        return Response(body, status_code=outcome.status, headers=headers)  # type: ignore[arg-type]  # why: the SQL-built body plus the secret is a WebhookCreated
+        return replay_response(dataclasses.replace(outcome, body=body))
 
     @get("/webhooks", summary="Webhooks, newest first", opt={**access("webhooks"), **problems()})
     async def list_webhooks(
         self, ledger: NamedDependency[Ledger], limit: LimitParam = 50, cursor: CursorParam = None
     ) -> WebhooksPage:
         rows = await ledger.fetch("webhook_list", uuid_cursor(cursor), limit + 1)
-        return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
+        return page(rows, limit)
 
     @get(
         "/webhooks/{webhook_id:str}",
@@ -283,7 +275,7 @@ class WebhooksController(Controller):
         if await ledger.fetchval("webhook_get", hook) is None:
             raise errors.WebhookNotFound(f"no webhook {webhook_id}")
         rows = await ledger.fetch("webhook_deliveries", hook, after, limit + 1)
-        return page(rows, limit)  # type: ignore[return-value]  # why: built from SQL rows
+        return page(rows, limit)
 
     @post(
         "/webhooks/{webhook_id:str}/deliveries/{delivery_id:str}/retry",
@@ -302,17 +294,10 @@ class WebhooksController(Controller):
         `webhook-id`); a failed one gets one more attempt. Requires an `Idempotency-Key`."""
         hook = webhook_uuid(webhook_id)
         delivery = parse_public_id(delivery_id, "dlv_", errors.WebhookNotFound)
-        key = idempotency_key(request)
         args = {"webhook": str(hook), "delivery": str(delivery)}
-        outcome = await ledger.execute(
-            "retry_delivery",
-            args,
-            ctx=context_of(request),
-            key=key,
-            fingerprint=fingerprint(request, args),
-            success_status=200,
+        return await run_operation(
+            request, ledger, "retry_delivery", args, args=args, success_status=200
         )
-        return replay_response(outcome)
 
     @put(
         "/accounts/{address:str}/alerts",
@@ -320,7 +305,7 @@ class WebhooksController(Controller):
         tags=["Accounts"],
         opt={
             **access("alerts.write", own="address"),
-            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            **problems(*ADDRESS_NOT_FOUND),
         },
     )
     async def put_alerts(
@@ -347,7 +332,7 @@ class WebhooksController(Controller):
         tags=["Accounts"],
         opt={
             **access("alerts.read", own="address"),
-            **problems(errors.AccountNotFound, errors.EmployeeNotFound, errors.DepartmentNotFound),
+            **problems(*ADDRESS_NOT_FOUND),
         },
     )
     async def get_alerts(self, ledger: NamedDependency[Ledger], address: FromPath[str]) -> Alerts:
