@@ -12,7 +12,7 @@ from litestar.di import NamedDependency
 from litestar.params import QueryParameter
 from litestar.response import Stream
 
-from service import finance, reports
+from service import errors, finance, reports
 from service.api.common import (
     ADDRESS_PATTERN,
     CSV_UTF8,
