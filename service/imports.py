@@ -73,32 +73,32 @@ def parse(text: str, kind: type[msgspec.Struct], max_rows: int) -> Parsed:
     would refuse rejects that row (`invalid_request`, line and detail). Empty cells
     are absent fields."""
     if "\x00" in text:
-        raise _invalid("$", "the CSV must not contain NUL characters")
+        raise errors.invalid("$", "the CSV must not contain NUL characters")
     records = _records(text)
     try:
         first = next(records, None)
     except csv.Error as exc:
-        raise _invalid("$", f"line 1: {exc}") from None
+        raise errors.invalid("$", f"line 1: {exc}") from None
     if first is None:
-        raise _invalid("$", "the CSV needs a header row")
+        raise errors.invalid("$", "the CSV needs a header row")
     header = [name.strip() for name in first[1]]
     required, known = _columns(kind)
     unknown = [name for name in header if name not in known]
     if unknown:
-        raise _invalid(
+        raise errors.invalid(
             "$", f"unknown column {unknown[0]!r}; columns are {', '.join(sorted(known))}"
         )
     if len(set(header)) != len(header):
-        raise _invalid("$", "a column appears twice in the header")
+        raise errors.invalid("$", "a column appears twice in the header")
     missing = sorted(required - set(header))
     if missing:
-        raise _invalid("$", f"missing column {missing[0]!r}")
+        raise errors.invalid("$", f"missing column {missing[0]!r}")
     out = Parsed()
     try:
         for line, record in records:
             out.rows += 1
             if out.rows > max_rows:
-                raise _invalid("$", f"a CSV import takes at most {max_rows} rows")
+                raise errors.invalid("$", f"a CSV import takes at most {max_rows} rows")
             if len(record) != len(header):
                 out.rejected.append(
                     _row_error(line, f"expected {len(header)} fields, found {len(record)}")
@@ -110,7 +110,7 @@ def parse(text: str, kind: type[msgspec.Struct], max_rows: int) -> Parsed:
             except msgspec.ValidationError as exc:
                 out.rejected.append(_row_error(line, str(exc)))
     except csv.Error as exc:
-        raise _invalid("$", f"malformed CSV: {exc}") from None
+        raise errors.invalid("$", f"malformed CSV: {exc}") from None
     return out
 
 
@@ -216,7 +216,3 @@ Progress = Callable[[int], None]
 
 def _row_error(line: int, detail: str) -> dict[str, Any]:
     return {"line": line, "code": "invalid_request", "detail": detail}
-
-
-def _invalid(path: str, message: str) -> errors.InvalidRequest:
-    return errors.InvalidRequest(message, errors=[{"path": path, "message": message}])

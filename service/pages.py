@@ -283,10 +283,11 @@ def dev_sign_in_router(config: Config) -> Router:
         if data.role != "employee" and (
             verifier is None or data.role not in verifier.allowed_roles
         ):
-            raise errors.InvalidRequest(
+            raise errors.invalid(
+                "$.role",
+                "role not allowed in employee tokens",
                 f"employee tokens may not carry the {data.role} role here: add it to "
                 "TOKENLEDGER_JWT_ALLOWED_ROLES",
-                errors=[{"path": "$.role", "message": "role not allowed in employee tokens"}],
             )
         found = await ledger.fetchval("employee_json", data.employee, ledger.now())
         if found is None:

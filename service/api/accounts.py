@@ -49,9 +49,8 @@ def iso(value: datetime) -> str:
 
 def require_tz(value: datetime | None, name: str) -> None:
     if value is not None and value.tzinfo is None:
-        raise errors.InvalidRequest(
-            f"{name} needs a UTC offset (RFC 3339)",
-            errors=[{"path": name, "message": "timestamp without offset"}],
+        raise errors.invalid(
+            name, "timestamp without offset", f"{name} needs a UTC offset (RFC 3339)"
         )
 
 

@@ -247,10 +247,7 @@ _REF = re.compile(REF_PATTERN)
 def check_ref(value: str, name: str) -> None:
     """Path parameters get the same format check as body fields."""
     if not _REF.match(value):
-        raise errors.InvalidRequest(
-            f"{name} must match {REF_PATTERN}",
-            errors=[{"path": name, "message": f"must match {REF_PATTERN}"}],
-        )
+        raise errors.invalid(name, f"must match {REF_PATTERN}", f"{name} must match {REF_PATTERN}")
 
 
 def check_time_zone(name: str, path: str) -> None:
@@ -259,14 +256,13 @@ def check_time_zone(name: str, path: str) -> None:
         zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         message = f"unknown IANA time zone {name!r}"
-        raise errors.InvalidRequest(message, errors=[{"path": path, "message": message}]) from None
+        raise errors.invalid(path, message) from None
 
 
 def check_address(value: str, name: str = "address") -> None:
     if not re.match(ADDRESS_PATTERN, value):
-        raise errors.InvalidRequest(
-            f"{name} must be an account address type:ref",
-            errors=[{"path": name, "message": f"must match {ADDRESS_PATTERN}"}],
+        raise errors.invalid(
+            name, f"must match {ADDRESS_PATTERN}", f"{name} must be an account address type:ref"
         )
 
 

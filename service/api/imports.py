@@ -62,16 +62,12 @@ DryRun = Annotated[
 async def csv_text(request: Request[Any, Any, Any]) -> str:
     content_type = request.headers.get("content-type", "")
     if content_type.split(";")[0].strip().lower() != CSV:
-        raise errors.InvalidRequest(
-            "the body must be text/csv", errors=[{"path": "$", "message": "Content-Type: text/csv"}]
-        )
+        raise errors.invalid("$", "Content-Type: text/csv", "the body must be text/csv")
     body = await request.body()
     try:
         return body.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise errors.InvalidRequest(
-            "the CSV must be UTF-8", errors=[{"path": "$", "message": "not UTF-8"}]
-        ) from None
+        raise errors.invalid("$", "not UTF-8", "the CSV must be UTF-8") from None
 
 
 CSV_BODY = {

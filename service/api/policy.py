@@ -127,9 +127,10 @@ def policy_args(address: str, data: PolicyIn) -> dict[str, Any]:
 def check_policy_address(address: str) -> None:
     check_address(address)
     if re.match(WALLET_PATTERN, address) is None:
-        raise errors.InvalidRequest(
+        raise errors.invalid(
+            "address",
+            "not employee:ref or department:ref",
             "a spend policy belongs to an employee wallet or a department",
-            errors=[{"path": "address", "message": "not employee:ref or department:ref"}],
         )
 
 

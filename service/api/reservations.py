@@ -72,9 +72,10 @@ class CaptureIn(msgspec.Struct, forbid_unknown_fields=True):
 
 def exactly_one(first: str, second: str, a: Any, b: Any) -> None:
     if (a is None) == (b is None):
-        raise errors.InvalidRequest(
+        raise errors.invalid(
+            f"$.{first}",
+            f"exactly one of {first} and {second}",
             f"give exactly one of {first} and {second}",
-            errors=[{"path": f"$.{first}", "message": f"exactly one of {first} and {second}"}],
         )
 
 
@@ -152,9 +153,10 @@ class ReservationsController(Controller):
         if data.estimate is not None:
             lo, hi = data.estimate.min_output_tokens, data.estimate.max_output_tokens
             if lo is not None and lo > hi:
-                raise errors.InvalidRequest(
+                raise errors.invalid(
+                    "$.estimate.min_output_tokens",
+                    "above max",
                     "min_output_tokens cannot exceed max_output_tokens",
-                    errors=[{"path": "$.estimate.min_output_tokens", "message": "above max"}],
                 )
         response = await run_operation(request, ledger, "reserve", data, success_status=201)
         count(ledger, response, "created")

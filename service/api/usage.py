@@ -83,9 +83,10 @@ class UsageBatchIn(msgspec.Struct, forbid_unknown_fields=True):
 
 def check_counts(counts: UsageCounts, path: str = "$") -> None:
     if counts.cached_input_tokens > counts.input_tokens:
-        raise errors.InvalidRequest(
+        raise errors.invalid(
+            f"{path}.cached_input_tokens",
+            "more than input_tokens",
             "cached_input_tokens cannot exceed input_tokens",
-            errors=[{"path": f"{path}.cached_input_tokens", "message": "more than input_tokens"}],
         )
 
 
@@ -99,7 +100,7 @@ def usage_args(event: UsageIn, ledger: Ledger) -> dict[str, Any]:
     check_counts(event)
     if event.source == SERVICE_SOURCE:
         message = f'source "{SERVICE_SOURCE}" is the service\'s own (captures by usage)'
-        raise errors.InvalidRequest(message, errors=[{"path": "$.source", "message": message}])
+        raise errors.invalid("$.source", message)
     if event.occurred_at is not None:
         now = ledger.now() or datetime.now(UTC)
         config = ledger.config
@@ -110,9 +111,7 @@ def usage_args(event: UsageIn, ledger: Ledger) -> dict[str, Any]:
                 f"occurred_at must lie between {config.usage_max_age_seconds} s before and "
                 f"{config.usage_max_ahead_seconds} s after now"
             )
-            raise errors.InvalidRequest(
-                message, errors=[{"path": "$.occurred_at", "message": message}]
-            )
+            raise errors.invalid("$.occurred_at", message)
     args: dict[str, Any] = msgspec.to_builtins(event)
     if event.reservation is not None:
         args["reservation_id"] = str(

@@ -31,9 +31,7 @@ def check_url_shape(url: str, allow_private: bool) -> tuple[str, str, int]:
     credentials or fragment; a literal IP must be public unless allowed."""
 
     def bad(message: str) -> errors.InvalidRequest:
-        return errors.InvalidRequest(
-            f"$.url: {message}", errors=[{"path": "$.url", "message": message}]
-        )
+        return errors.invalid("$.url", message, f"$.url: {message}")
 
     try:
         parts = urlsplit(url)
@@ -92,6 +90,4 @@ async def check_url(url: str, allow_private: bool, within_seconds: float = 5.0) 
     try:
         await resolve_allowed(host, port, allow_private, within_seconds)
     except AddressNotAllowed as exc:
-        raise errors.InvalidRequest(
-            f"$.url: {exc}", errors=[{"path": "$.url", "message": str(exc)}]
-        ) from None
+        raise errors.invalid("$.url", str(exc), f"$.url: {exc}") from None
