@@ -13,7 +13,7 @@
 3. For every single grouping key, two combinations, a tag key alone and with
    the department, and the third-of-a-million-row export, the month's report
    (usage events and the journal's debits) through the service's SQL path
-   (service.reports.usage_report on a Ledger: the `usage_report` named query)
+   (service.reports.usage_report on a Database: the `usage_report` named query)
    for the roll-up path (from and to at UTC midnights) and the raw-events path
    (a microsecond later), and through HTTP (the app in-process over ASGI, as
    finance, JSON and CSV). Each timing is the median of --runs after one
@@ -46,7 +46,7 @@ from bench.report import run_side_bench
 from bench.year import sections
 from service import db, errors, migrate, reports
 from service.auth import new_key
-from service.journal import Ledger, database_clock
+from service.journal import Database, database_clock
 from service.observability import Metrics
 
 SQL = sections(Path(__file__).with_name("reports.sql"))
@@ -187,7 +187,7 @@ async def measure(dsn: str, runs: int) -> list[dict[str, Any]]:
     )
     results = []
     try:
-        ledger = Ledger(pool, config, Metrics(), database_clock)
+        ledger = Database(pool, config, Metrics(), database_clock)
         async with inprocess.client(config, timeout_seconds=120, pool=pool) as client:
             secret = new_key()
             await ledger.fetchval(

@@ -52,7 +52,7 @@ from service.auth import (
 )
 from service.background import Background
 from service.config import Config
-from service.journal import Clock, Ledger, database_clock
+from service.journal import Clock, Database, database_clock
 from service.middleware import before_request, request_middleware
 from service.observability import Metrics
 from service.openapi import ContractJson, openapi_description
@@ -129,7 +129,7 @@ def create_app(
             )
             if config.db_pooler == "pgbouncer":
                 await db.check_pooled_timeouts(the_pool)
-        ledger = Ledger(the_pool, config, metrics, clock)
+        ledger = Database(the_pool, config, metrics, clock)
         app.state.ledger = ledger
         key_listener = None
         if config.database_url and listen_url:
@@ -250,7 +250,7 @@ def create_app(
     return app
 
 
-async def ensure_admin_key(ledger: Ledger, secret: str) -> None:
+async def ensure_admin_key(ledger: Database, secret: str) -> None:
     """Make a configured bootstrap key usable (idempotent across restarts)."""
     parsed = parse_key(secret)
     if parsed is None:

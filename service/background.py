@@ -24,7 +24,7 @@ from typing import Any
 
 import structlog
 
-from service.journal import Context, Ledger
+from service.journal import Context, Database
 from service.programs import run_cycle
 from service.tasks import cancel
 
@@ -81,7 +81,7 @@ async def sweep_expired(
 
 
 class Background:
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Database) -> None:
         self.ledger = ledger
         self._task: asyncio.Task[None] | None = None
 

@@ -105,8 +105,10 @@ def request_hash(method: str, path: str, payload: Any) -> bytes:
     return digest.digest()
 
 
-class Ledger:
-    """The pool, the named queries and the policy for using them."""
+class Database:
+    """The service's gateway to PostgreSQL: the pool, the named queries and the
+    policy for using them (timeouts, retries, idempotent execution, coalescing).
+    Every module reaches the database through it (once `journal.Ledger`)."""
 
     def __init__(self, pool: asyncpg.Pool, config: Config, metrics: Metrics, clock: Clock) -> None:
         self.pool = pool

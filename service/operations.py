@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import migrate
 from service.auth import public
-from service.journal import Ledger
+from service.journal import Database
 from service.observability import Metrics
 from service.webhooks import SecretBox
 
@@ -83,7 +83,7 @@ def operation_routes(metrics: Metrics, webhook_box: SecretBox | None) -> list[HT
         },
     )
     async def readyz(state: State) -> Response[dict[str, Any]]:
-        ledger: Ledger = state.ledger
+        ledger: Database = state.ledger
         try:
             schema = await public_queries.value(
                 "schema_state",
@@ -119,7 +119,7 @@ def operation_routes(metrics: Metrics, webhook_box: SecretBox | None) -> list[HT
         opt=public(),
     )
     async def metrics_endpoint(state: State) -> Response[bytes]:
-        ledger: Ledger = state.ledger
+        ledger: Database = state.ledger
         metrics.pool_size.set(ledger.pool.get_size())
         metrics.pool_in_use.set(ledger.pool.get_size() - ledger.pool.get_idle_size())
         metrics.pool_max.set(ledger.pool.get_max_size())

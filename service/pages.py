@@ -47,7 +47,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from service import errors
 from service.auth import public
 from service.config import Config
-from service.journal import Ledger
+from service.journal import Database
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 
@@ -272,7 +272,9 @@ def dev_sign_in_router(config: Config) -> Router:
         return Response((WEB_DIR / "dev-sign-in.html").read_bytes(), media_type="text/html")
 
     async def sign_in(
-        request: Request[Any, Any, Any], data: JSONBody[DevSignIn], ledger: NamedDependency[Ledger]
+        request: Request[Any, Any, Any],
+        data: JSONBody[DevSignIn],
+        ledger: NamedDependency[Database],
     ) -> DevToken:
         verifier = request.app.state.jwt_verifier
         if not (config.jwt_hs256_secret and config.jwt_issuer and config.jwt_audience):

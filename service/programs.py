@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.journal import Context, Ledger
+from service.journal import Context, Database
 
 
-async def run_cycle(ledger: Ledger, program: str, cycle: str, trigger: str, ctx: Context) -> Any:
+async def run_cycle(ledger: Database, program: str, cycle: str, trigger: str, ctx: Context) -> Any:
     """Issue `cycle` of `program` batch by batch; returns the completed run."""
     run_id: str | None = None
     after: str | None = None

@@ -24,7 +24,7 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 from service.errors import invalid
-from service.journal import Ledger
+from service.journal import Database
 
 # The allow-list of grouping keys; service/sql/reports.sql has one
 # expression per key and nothing else reaches the SQL but this list.
@@ -193,7 +193,7 @@ REPORT_WORK_MEM_MB = 64
 
 
 async def _usage_args(
-    ledger: Ledger, start: datetime, end: datetime, keys: tuple[str, ...]
+    ledger: Database, start: datetime, end: datetime, keys: tuple[str, ...]
 ) -> tuple[Any, ...]:
     assert keys and all(k in GROUP_KEYS or k.startswith(TAG_PREFIX) for k in keys), keys
     # `department` is the department of the time of the spend: when someone
@@ -221,7 +221,7 @@ def _items(keys: tuple[str, ...], rows: Any) -> list[dict[str, Any]]:
 
 
 async def usage_report(
-    ledger: Ledger, start: datetime, end: datetime, keys: tuple[str, ...]
+    ledger: Database, start: datetime, end: datetime, keys: tuple[str, ...]
 ) -> list[dict[str, Any]]:
     """The report's rows, all in one list: the asked keys in the caller's order, then
     TOTALS. For callers that know the answer is small (the bench, the pages); the
@@ -239,7 +239,7 @@ async def usage_report(
 
 
 async def usage_report_pages(
-    ledger: Ledger, start: datetime, end: datetime, keys: tuple[str, ...]
+    ledger: Database, start: datetime, end: datetime, keys: tuple[str, ...]
 ) -> AsyncIterator[list[dict[str, Any]]]:
     """The same rows, STREAM_BATCH at a time from a server-side cursor: a report of
     a third of a million groups is never whole in the service's memory."""

@@ -23,7 +23,7 @@ from service.api.common import (
 )
 from service.api.resources import Account, Balance, EntriesPage, LotsPage, Series
 from service.auth import access
-from service.journal import Ledger
+from service.journal import Database
 from service.openapi import problems
 
 # A series may not ask for more points than this (hourly for ~6 weeks, daily
@@ -31,7 +31,7 @@ from service.openapi import problems
 MAX_SERIES_POINTS = 1000
 
 
-async def account_id(ledger: Ledger, address: str) -> int:
+async def account_id(ledger: Database, address: str) -> int:
     check_address(address)
     found = await ledger.fetchval("account_id", address)
     if found is None:
@@ -66,7 +66,9 @@ class AccountsController(Controller):
             **problems(*ADDRESS_NOT_FOUND),
         },
     )
-    async def get_account(self, ledger: NamedDependency[Ledger], address: FromPath[str]) -> Account:
+    async def get_account(
+        self, ledger: NamedDependency[Database], address: FromPath[str]
+    ) -> Account:
         """Posted, reserved, pending and available credits, and what expires when."""
         check_address(address)
         body = await ledger.fetchval("account_json", address, ledger.now())
@@ -79,7 +81,9 @@ class AccountsController(Controller):
         summary="The calling employee's wallet",
         opt={**access("me"), **problems(errors.EmployeeNotFound)},
     )
-    async def me(self, request: Request[Any, Any, Any], ledger: NamedDependency[Ledger]) -> Account:
+    async def me(
+        self, request: Request[Any, Any, Any], ledger: NamedDependency[Database]
+    ) -> Account:
         principal = getattr(request.state, "principal", None)
         employee = getattr(principal, "employee", None)
         if employee is None:
@@ -96,7 +100,7 @@ class AccountsController(Controller):
     )
     async def entries(
         self,
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         address: FromPath[str],
         limit: LimitParam = 50,
         cursor: CursorParam = None,
@@ -123,7 +127,7 @@ class AccountsController(Controller):
     )
     async def balance(
         self,
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         address: FromPath[str],
         at: FromQuery[datetime | None] = None,
     ) -> Balance:
@@ -144,7 +148,7 @@ class AccountsController(Controller):
     )
     async def series(
         self,
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         address: FromPath[str],
         from_: Annotated[datetime, QueryParameter(name="from")],
         to: FromQuery[datetime],
@@ -176,7 +180,7 @@ class AccountsController(Controller):
     )
     async def lots(
         self,
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         address: FromPath[str],
         limit: LimitParam = 50,
         cursor: CursorParam = None,

@@ -37,7 +37,7 @@ from service.api.common import (
     uuid_cursor,
 )
 from service.auth import access
-from service.journal import Ledger, request_hash
+from service.journal import Database, request_hash
 from service.openapi import problems
 from service.programs import run_cycle
 
@@ -87,14 +87,14 @@ APPROVAL_RESPONSE = {
 }
 
 
-def needs_approval(ledger: Ledger, amount: int) -> bool:
+def needs_approval(ledger: Database, amount: int) -> bool:
     threshold = ledger.config.approval_threshold
     return threshold is not None and amount > threshold
 
 
 async def request_approval(
     request: Request[Any, Any, Any],
-    ledger: Ledger,
+    ledger: Database,
     payload: Any,
     kind: str,
     body: dict[str, Any],
@@ -122,7 +122,7 @@ async def request_approval(
 
 
 async def request_batch_approval(
-    request: Request[Any, Any, Any], ledger: Ledger, items: list[dict[str, Any]]
+    request: Request[Any, Any, Any], ledger: Database, items: list[dict[str, Any]]
 ) -> Response[Any]:
     """A pending approval of grant batch items (`{key, hash, grant}`, from
     grants:batch or a CSV import), once per caller and items: the same items
@@ -144,7 +144,7 @@ class ApprovalsController(Controller):
     )
     async def list_approvals(
         self,
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         status: Annotated[
             ApprovalStatus | None, QueryParameter(description="Only this status.")
         ] = None,
@@ -162,7 +162,7 @@ class ApprovalsController(Controller):
         opt={**access("approvals"), **problems(errors.ApprovalNotFound)},
     )
     async def get_approval(
-        self, ledger: NamedDependency[Ledger], approval_id: FromPath[str]
+        self, ledger: NamedDependency[Database], approval_id: FromPath[str]
     ) -> Approval:
         uid = parse_public_id(approval_id, "apr_", errors.ApprovalNotFound)
         body = await ledger.fetchval("approval_json", uid)
@@ -191,7 +191,7 @@ class ApprovalsController(Controller):
     async def approve(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         approval_id: FromPath[str],
         data: JSONBody[DecisionIn | None] = None,
     ) -> Response[Approval]:
@@ -242,7 +242,7 @@ class ApprovalsController(Controller):
     async def reject(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         approval_id: FromPath[str],
         data: JSONBody[DecisionIn | None] = None,
     ) -> Response[Approval]:

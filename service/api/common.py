@@ -20,7 +20,7 @@ from litestar.datastructures import State
 from litestar.params import QueryParameter
 
 from service import errors
-from service.journal import Context, Ledger, Outcome, request_hash
+from service.journal import Context, Database, Outcome, request_hash
 
 MAX_AMOUNT = 2**53
 REF_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
@@ -114,12 +114,12 @@ def wants_csv(request: Request[Any, Any, Any]) -> bool:
     return request.accept.best_match([JSON, CSV], default=JSON) == CSV
 
 
-def ledger_of(state: State) -> Ledger:
-    ledger: Ledger = state.ledger
+def ledger_of(state: State) -> Database:
+    ledger: Database = state.ledger
     return ledger
 
 
-async def provide_ledger(state: State) -> Ledger:
+async def provide_ledger(state: State) -> Database:
     return ledger_of(state)
 
 
@@ -268,7 +268,7 @@ def check_address(value: str, name: str = "address") -> None:
 
 async def run_operation(
     request: Request[Any, Any, Any],
-    ledger: Ledger,
+    ledger: Database,
     op: str,
     payload: Any,
     *,
@@ -287,7 +287,7 @@ async def run_operation(
 
 async def operation_outcome(
     request: Request[Any, Any, Any],
-    ledger: Ledger,
+    ledger: Database,
     op: str,
     payload: Any,
     *,

@@ -27,7 +27,7 @@ from service.api.common import (
 )
 from service.api.resources import Department, Employee, EmployeeListItem
 from service.auth import access
-from service.journal import Ledger
+from service.journal import Database
 from service.openapi import problems, statuses
 
 
@@ -75,7 +75,7 @@ class DirectoryController(Controller):
     async def put_department(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         department_id: FromPath[str],
         data: JSONBody[DepartmentIn],
     ) -> Response[Department]:
@@ -91,7 +91,7 @@ class DirectoryController(Controller):
         opt={**access("directory.read"), **problems(errors.DepartmentNotFound)},
     )
     async def get_department(
-        self, ledger: NamedDependency[Ledger], department_id: FromPath[str]
+        self, ledger: NamedDependency[Database], department_id: FromPath[str]
     ) -> Department:
         body = await ledger.fetchval("department_json", department_id)
         if body is None:
@@ -107,7 +107,7 @@ class DirectoryController(Controller):
     )
     async def list_departments(
         self,
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         limit: LimitParam = 50,
         cursor: CursorParam = None,
     ) -> DepartmentsPage:
@@ -122,7 +122,7 @@ class DirectoryController(Controller):
     )
     async def list_employees(
         self,
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         department: Annotated[
             str | None, QueryParameter(pattern=REF_PATTERN, description="Only this department.")
         ] = None,
@@ -168,7 +168,7 @@ class DirectoryController(Controller):
     async def put_employee(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         employee_id: FromPath[str],
         data: JSONBody[EmployeeIn],
     ) -> Response[Employee]:
@@ -192,7 +192,7 @@ class DirectoryController(Controller):
         opt={**access("directory.read"), **problems(errors.EmployeeNotFound)},
     )
     async def get_employee(
-        self, ledger: NamedDependency[Ledger], employee_id: FromPath[str]
+        self, ledger: NamedDependency[Database], employee_id: FromPath[str]
     ) -> Employee:
         body = await ledger.fetchval("employee_json", employee_id, ledger.now())
         if body is None:
@@ -216,7 +216,7 @@ class DirectoryController(Controller):
     async def offboard(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         employee_id: FromPath[str],
         data: JSONBody[OffboardIn | None] = None,
     ) -> Response[Employee]:

@@ -27,7 +27,7 @@ from service.api.common import (
     wants_csv,
 )
 from service.auth import access
-from service.journal import Ledger
+from service.journal import Database
 from service.openapi import problems
 
 
@@ -174,7 +174,7 @@ class FinanceReportsController(Controller):
     async def liability(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         from_: From,
         to: To,
         group_by: Annotated[
@@ -214,7 +214,7 @@ class FinanceReportsController(Controller):
     async def compensation(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         from_: From,
         to: To,
         employee: Annotated[
@@ -246,7 +246,7 @@ class FinanceReportsController(Controller):
     )
     async def forecast(
         self,
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         account: Annotated[
             str | None,
             QueryParameter(
@@ -278,7 +278,7 @@ class FinanceReportsController(Controller):
     async def efficiency(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         from_: From,
         to: To,
         group_by: Annotated[

@@ -20,7 +20,7 @@ from litestar.di import NamedDependency
 from service import reports
 from service.api.common import CSV_UTF8, From, To, wants_csv
 from service.auth import access
-from service.journal import Ledger
+from service.journal import Database
 from service.openapi import problems
 
 COLUMNS = ("department", "funded", "spent")
@@ -64,7 +64,7 @@ class FundingController(Controller):
     async def funding(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         from_: From,
         to: To,
     ) -> Response[FundingReport]:

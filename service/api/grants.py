@@ -31,7 +31,7 @@ from service.api.common import (
 )
 from service.api.resources import BatchGrantResponse, GrantResult, Transaction
 from service.auth import access
-from service.journal import Ledger, request_hash
+from service.journal import Database, request_hash
 from service.openapi import problems
 
 Reason = Literal["signing_bonus", "monthly_allotment", "spot_bonus", "adjustment"]
@@ -101,7 +101,7 @@ class GrantsController(Controller):
     async def grant(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         data: JSONBody[GrantIn],
     ) -> Response[GrantResult]:
         """Creates a lot in the employee's wallet, funded by `system:issuance` or a
@@ -128,7 +128,7 @@ class GrantsController(Controller):
     async def grant_batch(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         data: JSONBody[GrantBatchIn],
     ) -> Response[BatchGrantResponse]:
         """Up to 1000 grants in one database transaction. Each item is idempotent by its
@@ -171,7 +171,7 @@ class GrantsController(Controller):
     async def void_lot(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         lot_id: FromPath[str],
         data: JSONBody[VoidIn | None] = None,
     ) -> Response[Transaction]:

@@ -16,7 +16,7 @@ from service import errors, imports
 from service.api.approvals import needs_approval, request_batch_approval
 from service.api.common import CSV, context_of
 from service.auth import access
-from service.journal import Ledger
+from service.journal import Database
 from service.openapi import problems
 
 # A CSV import may be larger than a JSON body: 100,000 rows of employees are
@@ -94,7 +94,7 @@ class ImportsController(Controller):
     async def import_employees(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         dry_run: DryRun = False,
     ) -> ImportResult:
         """`text/csv` with a header row of `id,name,email,department` (and optionally
@@ -131,7 +131,7 @@ class ImportsController(Controller):
     async def import_grants(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         dry_run: DryRun = False,
     ) -> ImportResult:
         """`text/csv` with a header row of the fields of a `POST /v1/grants:batch` item

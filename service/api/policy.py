@@ -29,7 +29,7 @@ from service.api.common import (
 from service.api.prices import Model
 from service.api.resources import Tier
 from service.auth import access
-from service.journal import Ledger
+from service.journal import Database
 from service.openapi import problems
 
 # Bounded work per check: every limit is a window row to write per spend.
@@ -150,7 +150,7 @@ class PolicyController(Controller):
     async def put_policy(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         address: FromPath[str],
         data: JSONBody[PolicyIn],
     ) -> Policy:
@@ -173,7 +173,7 @@ class PolicyController(Controller):
             "path_patterns": {"address": WALLET_PATTERN},
         },
     )
-    async def get_policy(self, ledger: NamedDependency[Ledger], address: FromPath[str]) -> Policy:
+    async def get_policy(self, ledger: NamedDependency[Database], address: FromPath[str]) -> Policy:
         """Each limit with its current window at the instant of the request: `spent`,
         `remaining`, `starts_at` and `resets_at` (the next local midnight of the window's
         end in its time zone, exact on daylight-saving days). Employees may read their own."""

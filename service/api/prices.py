@@ -24,7 +24,7 @@ from service.api.common import (
 )
 from service.api.resources import Price, PricesPage, Tier
 from service.auth import access
-from service.journal import Ledger
+from service.journal import Database
 from service.openapi import problems
 from service.pricing import MAX_RATE_PER_MTOK, MODEL_PATTERN
 
@@ -69,7 +69,7 @@ class PricesController(Controller):
     async def add_price(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         data: JSONBody[PriceIn],
     ) -> Response[Price]:
         """Adds a version of a model's price, in effect from `effective_from` until the
@@ -89,7 +89,7 @@ class PricesController(Controller):
     )
     async def list_prices(
         self,
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         model: Annotated[
             str | None,
             QueryParameter(pattern=MODEL_PATTERN, description="Only this model's prices."),

@@ -39,7 +39,7 @@ from service.api.grants import Reason
 from service.api.resources import Program, ProgramRun, ProgramRunsPage, ProgramsPage
 from service.auth import access
 from service.errors import invalid
-from service.journal import Ledger
+from service.journal import Database
 from service.openapi import problems, statuses
 from service.programs import run_cycle
 
@@ -152,7 +152,7 @@ def program_args(program_id: str, data: ProgramIn) -> dict[str, Any]:
     }
 
 
-async def require_program(ledger: Ledger, program_id: str) -> None:
+async def require_program(ledger: Database, program_id: str) -> None:
     if not await ledger.fetchval("program_exists", program_id):
         raise errors.GrantProgramNotFound(f"no grant program {program_id}", program=program_id)
 
@@ -173,7 +173,7 @@ class ProgramsController(Controller):
     async def put_program(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         program_id: FromPath[str],
         data: JSONBody[ProgramIn],
     ) -> Response[Program]:
@@ -194,7 +194,7 @@ class ProgramsController(Controller):
     )
     async def list_programs(
         self,
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         limit: LimitParam = 50,
         cursor: CursorParam = None,
     ) -> ProgramsPage:
@@ -208,7 +208,7 @@ class ProgramsController(Controller):
         opt={**access("programs.read"), **problems(errors.GrantProgramNotFound)},
     )
     async def get_program(
-        self, ledger: NamedDependency[Ledger], program_id: FromPath[str]
+        self, ledger: NamedDependency[Database], program_id: FromPath[str]
     ) -> Program:
         """With `current_cycle` (the cycle in progress, if the program covers it) and
         `next_cycle`."""
@@ -232,7 +232,7 @@ class ProgramsController(Controller):
     async def run_program(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         program_id: FromPath[str],
         data: JSONBody[RunIn],
     ) -> ProgramRun:
@@ -274,7 +274,7 @@ class ProgramsController(Controller):
     )
     async def list_runs(
         self,
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         program_id: FromPath[str],
         cycle: Annotated[
             str | None, QueryParameter(pattern=CYCLE_PATTERN, description="Only this cycle.")

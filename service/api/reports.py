@@ -15,7 +15,7 @@ from litestar.response import Stream
 from service import reports
 from service.api.common import CSV_UTF8, JSON, From, To, wants_csv
 from service.auth import access
-from service.journal import Ledger
+from service.journal import Database
 from service.openapi import problems
 
 
@@ -59,7 +59,7 @@ class ReportsController(Controller):
     async def usage(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         from_: From,
         to: To,
         group_by: Annotated[

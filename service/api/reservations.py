@@ -30,7 +30,7 @@ from service.api.prices import Model
 from service.api.resources import CaptureResult, Reservation, ReservationsPage
 from service.api.usage import Tokens, UsageCounts, check_counts
 from service.auth import access
-from service.journal import Ledger
+from service.journal import Database
 from service.openapi import problems
 
 TtlSeconds = Annotated[
@@ -87,7 +87,7 @@ class ExtendIn(msgspec.Struct, forbid_unknown_fields=True):
     ttl_seconds: TtlSeconds
 
 
-def count(ledger: Ledger, response: Response[Any], outcome: str) -> None:
+def count(ledger: Database, response: Response[Any], outcome: str) -> None:
     """Reservations by outcome; a replay changes nothing and is counted apart."""
     replayed = response.headers.get("Idempotent-Replayed") == "true"
     ledger.metrics.reservations.labels("replayed" if replayed else outcome).inc()
@@ -104,7 +104,7 @@ class ReservationsController(Controller):
     async def _op(
         self,
         request: Request[Any, Any, Any],
-        ledger: Ledger,
+        ledger: Database,
         op: str,
         reservation_id: str,
         payload: msgspec.Struct,
@@ -138,7 +138,7 @@ class ReservationsController(Controller):
     async def reserve(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         data: JSONBody[ReserveIn],
     ) -> Response[Reservation]:
         """Holds `amount` credits of a wallet or department account for `ttl_seconds`
@@ -183,7 +183,7 @@ class ReservationsController(Controller):
     async def capture(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         reservation_id: FromPath[str],
         data: JSONBody[CaptureIn],
     ) -> Response[CaptureResult]:
@@ -214,7 +214,7 @@ class ReservationsController(Controller):
     async def release(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         reservation_id: FromPath[str],
         data: JSONBody[ReleaseIn | None] = None,
     ) -> Response[Reservation]:
@@ -236,7 +236,7 @@ class ReservationsController(Controller):
     async def extend(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         reservation_id: FromPath[str],
         data: JSONBody[ExtendIn],
     ) -> Response[Reservation]:
@@ -261,7 +261,7 @@ class ReservationsController(Controller):
         },
     )
     async def get_reservation(
-        self, ledger: NamedDependency[Ledger], reservation_id: FromPath[str]
+        self, ledger: NamedDependency[Database], reservation_id: FromPath[str]
     ) -> Reservation:
         body = await ledger.fetchval(
             "reservation_json", reservation_uuid(reservation_id), ledger.now()
@@ -282,7 +282,7 @@ class ReservationsController(Controller):
     )
     async def account_reservations(
         self,
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         address: FromPath[str],
         status: FromQuery[Status | None] = None,
         limit: LimitParam = 50,

@@ -28,7 +28,7 @@ from service.api.common import (
 )
 from service.api.resources import Transaction, TransactionKind, TransactionsPage
 from service.auth import access
-from service.journal import Ledger
+from service.journal import Database
 from service.openapi import problems
 from service.roles import grants
 
@@ -77,7 +77,7 @@ class TransactionsController(Controller):
     async def debit(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         data: JSONBody[DebitIn],
     ) -> Response[Transaction]:
         """Consumes live lots in consumption order (priority, soonest expiry, oldest
@@ -106,7 +106,7 @@ class TransactionsController(Controller):
     async def transfer(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         data: JSONBody[TransferIn],
     ) -> Response[Transaction]:
         """Moves credits between wallets and department accounts (or to and from
@@ -129,7 +129,7 @@ class TransactionsController(Controller):
         opt={**access("transactions.read"), **problems(errors.TransactionNotFound)},
     )
     async def get_transaction(
-        self, ledger: NamedDependency[Ledger], transaction_id: FromPath[str]
+        self, ledger: NamedDependency[Database], transaction_id: FromPath[str]
     ) -> Transaction:
         txn = parse_public_id(transaction_id, "txn_", errors.TransactionNotFound)
         body = await ledger.fetchval("transaction_json", txn)
@@ -149,7 +149,7 @@ class TransactionsController(Controller):
     )
     async def list_transactions(
         self,
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         account: Annotated[
             str | None, QueryParameter(description="Only those touching this account.")
         ] = None,
@@ -181,7 +181,7 @@ class TransactionsController(Controller):
     async def reverse(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         transaction_id: FromPath[str],
         data: JSONBody[ReverseIn | None] = None,
     ) -> Response[Transaction]:

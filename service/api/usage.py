@@ -24,7 +24,7 @@ from service.api.common import (
 from service.api.prices import Model
 from service.api.resources import UsageBatchResponse, UsageRecorded
 from service.auth import access
-from service.journal import Ledger
+from service.journal import Database
 from service.openapi import problems, statuses
 from service.pricing import MAX_TOKENS
 
@@ -96,7 +96,7 @@ def check_counts(counts: UsageCounts, path: str = "$") -> None:
 SERVICE_SOURCE = "reservation"
 
 
-def usage_args(event: UsageIn, ledger: Ledger) -> dict[str, Any]:
+def usage_args(event: UsageIn, ledger: Database) -> dict[str, Any]:
     check_counts(event)
     if event.source == SERVICE_SOURCE:
         message = f'source "{SERVICE_SOURCE}" is the service\'s own (captures by usage)'
@@ -148,7 +148,7 @@ class UsageController(Controller):
     async def record(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         data: JSONBody[UsageIn],
     ) -> Response[UsageRecorded]:
         """Prices the event at the version in effect at `occurred_at` (default now) and
@@ -182,7 +182,7 @@ class UsageController(Controller):
     async def record_batch(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         data: JSONBody[UsageBatchIn],
     ) -> UsageBatchResponse:
         """Up to 1000 events in one database transaction, set-based: each answers

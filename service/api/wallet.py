@@ -18,7 +18,7 @@ from service import reports
 from service.api.accounts import account_id, iso
 from service.api.common import ADDRESS_NOT_FOUND, From, To
 from service.auth import access
-from service.journal import Ledger
+from service.journal import Database
 from service.openapi import problems
 
 
@@ -64,7 +64,7 @@ class WalletController(Controller):
     )
     async def spend(
         self,
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         address: FromPath[str],
         from_: From,
         to: To,

@@ -38,7 +38,7 @@ from service.api.common import (
     uuid_cursor,
 )
 from service.auth import access
-from service.journal import Ledger
+from service.journal import Database
 from service.openapi import problems
 from service.webhooks import SecretBox, check_url, new_secret
 
@@ -193,7 +193,7 @@ class WebhooksController(Controller):
     async def create(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         state: State,
         data: JSONBody[WebhookIn],
     ) -> Response[WebhookCreated]:
@@ -226,7 +226,7 @@ class WebhooksController(Controller):
 
     @get("/webhooks", summary="Webhooks, newest first", opt={**access("webhooks"), **problems()})
     async def list_webhooks(
-        self, ledger: NamedDependency[Ledger], limit: LimitParam = 50, cursor: CursorParam = None
+        self, ledger: NamedDependency[Database], limit: LimitParam = 50, cursor: CursorParam = None
     ) -> WebhooksPage:
         rows = await ledger.fetch("webhook_list", uuid_cursor(cursor), limit + 1)
         return page(rows, limit)
@@ -237,7 +237,7 @@ class WebhooksController(Controller):
         opt={**access("webhooks"), **problems(errors.WebhookNotFound)},
     )
     async def get_webhook(
-        self, ledger: NamedDependency[Ledger], webhook_id: FromPath[str]
+        self, ledger: NamedDependency[Database], webhook_id: FromPath[str]
     ) -> Webhook:
         body = await ledger.fetchval("webhook_get", webhook_uuid(webhook_id))
         if body is None:
@@ -251,7 +251,7 @@ class WebhooksController(Controller):
         opt={**access("webhooks"), **problems(errors.WebhookNotFound)},
     )
     async def delete_webhook(
-        self, ledger: NamedDependency[Ledger], webhook_id: FromPath[str]
+        self, ledger: NamedDependency[Database], webhook_id: FromPath[str]
     ) -> None:
         """No more events are delivered to it; its pending deliveries are marked failed."""
         if not await ledger.fetchval("webhook_delete", webhook_uuid(webhook_id)):
@@ -264,7 +264,7 @@ class WebhooksController(Controller):
     )
     async def deliveries(
         self,
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         webhook_id: FromPath[str],
         limit: LimitParam = 50,
         cursor: CursorParam = None,
@@ -286,7 +286,7 @@ class WebhooksController(Controller):
     async def retry(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         webhook_id: FromPath[str],
         delivery_id: FromPath[str],
     ) -> Response[Delivery]:
@@ -311,7 +311,7 @@ class WebhooksController(Controller):
     async def put_alerts(
         self,
         request: Request[Any, Any, Any],
-        ledger: NamedDependency[Ledger],
+        ledger: NamedDependency[Database],
         address: FromPath[str],
         data: JSONBody[AlertsIn],
     ) -> Alerts:
@@ -335,7 +335,7 @@ class WebhooksController(Controller):
             **problems(*ADDRESS_NOT_FOUND),
         },
     )
-    async def get_alerts(self, ledger: NamedDependency[Ledger], address: FromPath[str]) -> Alerts:
+    async def get_alerts(self, ledger: NamedDependency[Database], address: FromPath[str]) -> Alerts:
         check_address(address)
         body = await ledger.fetchval("get_alerts", address)
         if body is None:

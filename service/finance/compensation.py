@@ -10,7 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 from service.finance.queries import ALL_ROWS, fetch_report, stream_report
-from service.journal import Ledger
+from service.journal import Database
 
 COMPENSATION_COLUMNS = ("employee", "month", "reason", "credits", "currency", "value")
 
@@ -32,7 +32,7 @@ class CreditValue:
 
 
 async def compensation(
-    ledger: Ledger,
+    ledger: Database,
     start: datetime,
     end: datetime,
     employee: str | None,
@@ -70,7 +70,7 @@ def _compensation_items(value: CreditValue, rows: Iterable[Any]) -> list[dict[st
 
 
 async def compensation_stream(
-    ledger: Ledger, start: datetime, end: datetime, employee: str | None, after: str | None
+    ledger: Database, start: datetime, end: datetime, employee: str | None, after: str | None
 ) -> AsyncIterator[list[dict[str, Any]]]:
     """Every row after the employee `after`, for a CSV export: the grants of the
     period read once, streamed from a cursor (paging re-read them for every page, so

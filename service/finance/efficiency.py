@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from service.finance.queries import ALL_ROWS, fetch_report, stream_report
-from service.journal import Ledger
+from service.journal import Database
 from service.reports import at_month_start, uses_rollup
 
 EFFICIENCY_GROUPS = ("employee", "department")
@@ -31,7 +31,7 @@ def _ratio(a: int, b: int) -> float | None:
 
 
 async def efficiency(
-    ledger: Ledger, start: datetime, end: datetime, group_by: str, cursor: str | None, limit: int
+    ledger: Database, start: datetime, end: datetime, group_by: str, cursor: str | None, limit: int
 ) -> tuple[list[dict[str, Any]], str | None]:
     assert group_by in EFFICIENCY_GROUPS, group_by
     source = await _efficiency_source(ledger, start, end, group_by)
@@ -43,7 +43,7 @@ async def efficiency(
 
 
 async def efficiency_stream(
-    ledger: Ledger, start: datetime, end: datetime, group_by: str, after: str | None
+    ledger: Database, start: datetime, end: datetime, group_by: str, after: str | None
 ) -> AsyncIterator[list[dict[str, Any]]]:
     """Every group after `after`, for a CSV export: one query, streamed from a cursor."""
     assert group_by in EFFICIENCY_GROUPS, group_by
@@ -54,7 +54,9 @@ async def efficiency_stream(
         yield _efficiency_items(group_by, rows)
 
 
-async def _efficiency_source(ledger: Ledger, start: datetime, end: datetime, group_by: str) -> str:
+async def _efficiency_source(
+    ledger: Database, start: datetime, end: datetime, group_by: str
+) -> str:
     source = "daily" if uses_rollup(start, end) else "events"
     if at_month_start(start) and at_month_start(end):
         # The monthly roll-up has no day to find a department by: only when

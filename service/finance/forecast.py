@@ -9,7 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 from service.finance.queries import fetch_report
-from service.journal import Ledger
+from service.journal import Database
 
 FORECAST_WINDOW_DAYS = 30
 
@@ -60,7 +60,7 @@ def forecast_item(
 
 
 async def forecast(
-    ledger: Ledger, account: str | None, department: str | None, cursor: str | None, limit: int
+    ledger: Database, account: str | None, department: str | None, cursor: str | None, limit: int
 ) -> tuple[list[dict[str, Any]], str | None]:
     now = ledger.now() or datetime.now(UTC)
     accounts = await ledger.fetch("forecast_accounts", account, department, cursor, limit + 1)

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from service.finance.queries import fetch_report, stream_report
-from service.journal import Ledger
+from service.journal import Database
 
 LIABILITY_GROUPS = ("department", "employee", "month")
 LIABILITY_TOTALS = (
@@ -38,14 +38,14 @@ def _fold(
 
 
 async def _overage(
-    ledger: Ledger, start: datetime, end: datetime, monthly: bool
+    ledger: Database, start: datetime, end: datetime, monthly: bool
 ) -> dict[tuple[int, Any], int]:
     rows = await fetch_report(ledger, "liability_overage", start, end, monthly)
     return {(r["account_id"], r["starts"]): int(r["overage"]) for r in rows}
 
 
 async def liability(
-    ledger: Ledger,
+    ledger: Database,
     start: datetime,
     end: datetime,
     group_by: str,
@@ -88,7 +88,7 @@ async def liability(
 
 
 async def liability_by_employee_stream(
-    ledger: Ledger, start: datetime, end: datetime, after: str | None
+    ledger: Database, start: datetime, end: datetime, after: str | None
 ) -> AsyncIterator[list[dict[str, Any]]]:
     """Liability by employee for every wallet after `after`, for a CSV export: one
     query over all the wallets (the period's flows read once), streamed from a cursor.

@@ -10,7 +10,7 @@ from typing import Any
 
 import asyncpg
 
-from service.journal import Ledger
+from service.journal import Database
 
 # CSV exports read one query through a cursor, this many rows at a time; the
 # page size that stands for "no limit" in the queries that take one.
@@ -18,17 +18,17 @@ STREAM_BATCH = 2000
 ALL_ROWS = 2**31 - 1
 
 
-async def fetch_report(ledger: Ledger, query: str, *args: Any) -> list[asyncpg.Record]:
+async def fetch_report(ledger: Database, query: str, *args: Any) -> list[asyncpg.Record]:
     """The rows of a report query, allowed the report statement timeout, with
-    JIT off (Ledger.fetch_slow says why)."""
+    JIT off (Database.fetch_slow says why)."""
     return await ledger.fetch_slow(
         query, ledger.config.report_statement_timeout_ms, *args, jit=False
     )
 
 
-def stream_report(ledger: Ledger, query: str, *args: Any) -> AsyncIterator[list[asyncpg.Record]]:
+def stream_report(ledger: Database, query: str, *args: Any) -> AsyncIterator[list[asyncpg.Record]]:
     """The rows of a report query in lists of STREAM_BATCH, read through a
-    cursor (Ledger.stream_slow), under the same timeout as fetch_report."""
+    cursor (Database.stream_slow), under the same timeout as fetch_report."""
     return ledger.stream_slow(
         query,
         ledger.config.report_statement_timeout_ms,

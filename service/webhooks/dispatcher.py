@@ -17,7 +17,7 @@ import msgspec
 import structlog
 
 from service import errors
-from service.journal import Ledger
+from service.journal import Database
 from service.tasks import cancel
 from service.webhooks.signing import SecretBox, sign
 from service.webhooks.url_guard import AddressNotAllowed, check_url_shape, resolve_allowed
@@ -52,7 +52,7 @@ def event_body(row: Any) -> bytes:
 class Dispatcher:
     """One per replica: the fan-out, claim, send, record loop."""
 
-    def __init__(self, ledger: Ledger, box: SecretBox) -> None:
+    def __init__(self, ledger: Database, box: SecretBox) -> None:
         self.ledger = ledger
         self.config = ledger.config
         self.metrics = ledger.metrics

@@ -11,12 +11,12 @@ import pytest
 from service import errors
 from service.api.common import parse_public_id
 from service.coalesce import Coalescer, Item
-from service.journal import Ledger, request_hash
+from service.journal import Database, request_hash
 from tests.api.conftest import Api, assert_audit_clean, key, posted, problem
 
 
-def ledger_of(client: Any) -> Ledger:
-    ledger: Ledger = client.app.state.ledger
+def ledger_of(client: Any) -> Database:
+    ledger: Database = client.app.state.ledger
     return ledger
 
 
@@ -36,7 +36,7 @@ def item(op: str, args: dict[str, Any], key: str | None, *, status: int = 201) -
     )
 
 
-def batch_totals(ledger: Ledger) -> tuple[float, float]:
+def batch_totals(ledger: Database) -> tuple[float, float]:
     """(items, batches) the batch-size histogram has seen: items exceed
     batches exactly when some batch held more than one item."""
     values = {
@@ -337,7 +337,7 @@ def reservation_item(
     return item(kind, args, key, status=status)
 
 
-async def fast_items(ledger: Ledger, items: list[Item]) -> list[bool]:
+async def fast_items(ledger: Database, items: list[Item]) -> list[bool]:
     """Which items tl_batch_fast would take set-based (in a transaction rolled back)."""
     async with ledger.pool.acquire() as conn:
         probe = conn.transaction()

@@ -379,7 +379,7 @@ async def test_csv_exports_stream_one_query(
     time (not a query per page of 500, which re-read the period each time), and holds
     exactly the rows of every JSON page, in the same order; from a cursor, the rest."""
     from service.finance import queries
-    from service.journal import Ledger
+    from service.journal import Database
     from tests.api.test_reports import make_events
 
     await make_events(api, database_url, count=40)  # e-a..e-d's usage in Jan and Feb
@@ -393,16 +393,16 @@ async def test_csv_exports_stream_one_query(
     clock.set(datetime(2026, 3, 2, tzinfo=UTC))
     monkeypatch.setattr(queries, "STREAM_BATCH", 2)
     batches: list[int] = []
-    original = Ledger.stream_slow
+    original = Database.stream_slow
 
-    async def counting(self: Ledger, *args: Any, **kw: Any) -> Any:
+    async def counting(self: Database, *args: Any, **kw: Any) -> Any:
         batches.append(0)
         async for rows in original(self, *args, **kw):
             assert len(rows) <= 2
             batches[-1] += 1
             yield rows
 
-    monkeypatch.setattr(Ledger, "stream_slow", counting)
+    monkeypatch.setattr(Database, "stream_slow", counting)
     params = {"from": "2026-01-01T00:00:00Z", "to": "2026-03-01T00:00:00Z", **query}
     pages = await all_pages(client, path, params)
     assert len(pages) >= 3

@@ -170,20 +170,20 @@ async def test_large_reports_stream_in_batches(
     it is read, JSON and CSV alike: never the whole answer in memory. The streamed answer is
     exactly the report."""
     from service import reports
-    from service.journal import Ledger
+    from service.journal import Database
 
     events = await make_events(api, database_url, count=60)
     events += await make_spends(api, clock)
     monkeypatch.setattr(reports, "STREAM_BATCH", 4)
     sizes: list[int] = []
-    original = Ledger.stream_slow
+    original = Database.stream_slow
 
-    async def counting(self: Ledger, *args: Any, **kw: Any) -> Any:
+    async def counting(self: Database, *args: Any, **kw: Any) -> Any:
         async for rows in original(self, *args, **kw):
             sizes.append(len(rows))
             yield rows
 
-    monkeypatch.setattr(Ledger, "stream_slow", counting)
+    monkeypatch.setattr(Database, "stream_slow", counting)
     keys = ("employee", "day")
     lo, hi = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 3, 1, tzinfo=UTC)
     want = expected(events, lo, hi, keys)

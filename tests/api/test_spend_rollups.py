@@ -15,7 +15,7 @@ import pytest
 
 from service import db as service_db
 from service import migrate
-from service.journal import Ledger
+from service.journal import Database
 from service.reports import TOTALS, _usage_args, parse_group_by, spend_bounds, spend_source_for
 from tests.api.conftest import Api, FakeClock, assert_audit_clean, key
 from tests.api.test_coalescing import item, ledger_of
@@ -337,7 +337,7 @@ async def test_whole_days_do_not_read_the_journal(
         # at its end.
         reader = await asyncpg.connect(database_url)
         try:
-            ledger: Ledger = ledger_of(api.c)
+            ledger: Database = ledger_of(api.c)
             args = await _usage_args(
                 ledger,
                 datetime.fromisoformat(start),

@@ -21,7 +21,7 @@ from service import chain
 from service import db as service_db
 from service.background import Background
 from service.config import Config
-from service.journal import Ledger, database_clock
+from service.journal import Database, database_clock
 from service.observability import Metrics
 
 # The scripted operations run at injected instants in 2020, so that they
@@ -442,7 +442,7 @@ async def test_background_pass_chains_and_counts(
         connect_timeout_seconds=config.connect_timeout_seconds,
     )
     try:
-        ledger = Ledger(pool, config, Metrics(), database_clock)
+        ledger = Database(pool, config, Metrics(), database_clock)
         assert await Background(ledger).chain_pending() == 7
         counted = ledger.metrics.registry.get_sample_value("tokenledger_chained_transactions_total")
         assert counted == 7
