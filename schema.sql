@@ -61,7 +61,7 @@
 --                 tl_usage_refs_exist, tl_usage_events_refs,
 --                 tl_usage_event_refs, tl_usage_json, tl_usage_differs,
 --                 tl_usage_duplicate, tl_record_usage, tl_usage_batch_answer,
---                 tl_usage_batch_sums, tl_usage_batch_rows,
+--                 tl_usage_batch_sums, tl_usage_batch_totals, tl_usage_batch_rows,
 --                 tl_usage_batch_key_cap, tl_usage_batch_fit,
 --                 tl_usage_batch_charge, tl_usage_batch_settle,
 --                 tl_record_usage_batch.
@@ -2351,6 +2351,23 @@ BEGIN
           GROUP BY 1, 2, 3, 4) s;
 END $$;
 
+-- The accounts a usage batch charges directly (claimed, priced, no
+-- reservation), in lock order, each with the transaction its charge posts,
+-- its total and its number of events: built before the locks, and again
+-- after tl_usage_batch_fit rejected some.
+CREATE OR REPLACE FUNCTION tl_usage_batch_totals(
+    p_rows tl_usage_batch_item[],
+    OUT charged bigint[], OUT txns uuid[], OUT totals bigint[], OUT counts bigint[])
+LANGUAGE plpgsql AS $$
+BEGIN
+    SELECT array_agg(s.account_id ORDER BY s.account_id), array_agg(s.txn ORDER BY s.account_id),
+           array_agg(s.total ORDER BY s.account_id), array_agg(s.n ORDER BY s.account_id)
+    INTO charged, txns, totals, counts
+    FROM (SELECT w.account_id, (array_agg(w.txn))[1] AS txn, sum(w.cost)::bigint AS total, count(*) AS n
+          FROM unnest(p_rows) w
+          WHERE w.status = 'pending' AND w.reservation IS NULL AND w.cost > 0 GROUP BY w.account_id) s;
+END $$;
+
 -- tl_record_usage_batch's steps (below), each a function called once per
 -- batch: the working rows (tl_usage_batch_item[]) go in and come back, and
 -- every statement is the set-based one it was when the steps were written
@@ -2859,12 +2876,7 @@ BEGIN
            coalesce(bool_or(status IN ('repeat', 'single') OR status = 'pending' AND reservation IS NOT NULL), false)
     INTO v_accounts, v_changed
     FROM unnest(v_rows);
-    SELECT array_agg(account_id ORDER BY account_id), array_agg(txn ORDER BY account_id),
-           array_agg(total ORDER BY account_id), array_agg(n ORDER BY account_id)
-    INTO v_charged, v_txns, v_totals, v_counts
-    FROM (SELECT account_id, (array_agg(txn))[1] AS txn, sum(cost)::bigint AS total, count(*) AS n
-          FROM unnest(v_rows)
-          WHERE status = 'pending' AND reservation IS NULL AND cost > 0 GROUP BY account_id) s;
+    SELECT * INTO v_charged, v_txns, v_totals, v_counts FROM tl_usage_batch_totals(v_rows);
     IF NOT v_changed THEN
         v_answer := tl_usage_batch_answer(v_rows);
         v_rollup := tl_usage_batch_sums(v_rows);
@@ -2902,12 +2914,7 @@ BEGIN
         -- Rejected claims are given back, so a retry can record them later.
         DELETE FROM usage_events u USING unnest(v_rows) b
             WHERE b.status IN ('rejected', 'single') AND b.id IS NOT NULL AND u.id = b.id;
-        SELECT array_agg(account_id ORDER BY account_id), array_agg(txn ORDER BY account_id),
-               array_agg(total ORDER BY account_id), array_agg(n ORDER BY account_id)
-        INTO v_charged, v_txns, v_totals, v_counts
-        FROM (SELECT account_id, (array_agg(txn))[1] AS txn, sum(cost)::bigint AS total, count(*) AS n
-              FROM unnest(v_rows)
-              WHERE status = 'pending' AND reservation IS NULL AND cost > 0 GROUP BY account_id) s;
+        SELECT * INTO v_charged, v_txns, v_totals, v_counts FROM tl_usage_batch_totals(v_rows);
     END IF;
 
     -- 5. Charge (tl_usage_batch_charge).
