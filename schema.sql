@@ -5181,17 +5181,35 @@ $$;
 -- PL/pgSQL only so that it may name usage_events_archive, which is created
 -- further down (a SQL function's body is checked when it is created):
 -- archived events still count in the windows they were spent in.
+--
+-- Debits and their reversals are read from the account's entries in the
+-- window, each entry's transaction (and a debit's reversal) probed by key
+-- in a scalar subquery. As a join, the planner hashed every debit
+-- transaction of the ledger against the wallet's few entries whenever the
+-- tables were small enough for that to look cheap (in `make bench`, a
+-- sequential scan of transactions at each wallet's first operation of a
+-- day); a LATERAL forced into a nested loop instead is what the audit's
+-- enable_nestloop = off prices at disable_cost, which made PostgreSQL
+-- JIT-compile every call (1 s each). A subplan is neither
+-- (tests/api/test_policy_scans.py).
 CREATE OR REPLACE FUNCTION tl_journal_spend(p_account bigint, p_from timestamptz, p_to timestamptz) RETURNS bigint
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    RETURN (coalesce((SELECT sum(-e.amount) FROM entries e JOIN transactions t ON t.id = e.transaction_id
-                      WHERE e.account_id = p_account AND e.shard = 0
-                        AND e.created_at >= p_from AND e.created_at < p_to AND t.kind = 'debit'), 0)
-          + coalesce((SELECT sum(-e.amount) FROM entries e
-                        JOIN transactions t ON t.id = e.transaction_id AND t.kind = 'reversal'
-                        JOIN transactions o ON o.id = t.reverses AND o.kind = 'debit'
-                      WHERE e.account_id = p_account AND e.shard = 0 AND e.created_at >= p_from
-                        AND o.created_at >= p_from AND o.created_at < p_to), 0)
+    RETURN (coalesce((
+                -- Each debit's spend, less what its reversal (if any, in any
+                -- window since) gave back to this account.
+                SELECT sum(d.spent) FROM (
+                    SELECT -sum(e.amount)
+                           - coalesce((SELECT sum(re.amount) FROM entries re
+                                        WHERE re.transaction_id = (SELECT rv.id FROM transactions rv
+                                                                    WHERE rv.reverses = e.transaction_id
+                                                                      AND rv.kind = 'reversal')
+                                          AND re.account_id = p_account AND re.shard = 0), 0) AS spent
+                      FROM entries e
+                     WHERE e.account_id = p_account AND e.shard = 0
+                       AND e.created_at >= p_from AND e.created_at < p_to
+                       AND (SELECT t.kind FROM transactions t WHERE t.id = e.transaction_id) = 'debit'
+                     GROUP BY e.transaction_id) d), 0)
           + coalesce((SELECT sum(u.cost) FROM usage_events u
                       WHERE u.account_id = p_account AND u.occurred_at >= p_from AND u.occurred_at < p_to
                         AND u.reservation_id IS NULL AND u.result IS NOT NULL), 0)
@@ -5310,14 +5328,22 @@ BEGIN
     -- array_agg would sort the rows once per array.
     SELECT array_agg(k.wallet), array_agg(k.rank), array_agg(k.account), array_agg(k.own_department),
            array_agg(k.owner), array_agg(k.ord), array_agg(k.department), array_agg(k.period), array_agg(k.tz),
-           array_agg(k.start), array_agg(k.amount), array_agg(k.hard), array_agg(s.spent),
-           bool_or(s.account_id IS NULL), bool_or(k.hard AND k.department IS NOT NULL)
+           array_agg(k.start), array_agg(k.amount), array_agg(k.hard), array_agg(k.own_spent),
+           bool_or(k.own_spent IS NULL), bool_or(k.hard AND k.department IS NOT NULL)
       INTO v_wallet, v_rank, v_account, v_own_department, v_owner, v_ord, v_department, v_period, v_tz,
            v_start, v_amount, v_hard, v_own_spent, v_missing, v_locks
-      FROM (SELECT l.*, tl_window_start(l.period, l.tz, p_now) AS start,
+      FROM (SELECT l.*,
                    row_number() OVER (PARTITION BY l.wallet
                                       ORDER BY l.department NULLS FIRST, l.period, l.tz, l.owner, l.ord)::integer
-                       AS rank
+                       AS rank,
+                   -- The account's own row, probed by key: as a join, the
+                   -- planner hashed the whole of policy_spend (a row per
+                   -- bound wallet and window) whenever it looked small
+                   -- enough (tests/api/test_policy_scans.py).
+                   (SELECT y.spent FROM policy_spend y
+                     WHERE y.account_id = l.account AND y.period = l.period AND y.time_zone = l.tz
+                       AND y.starts_at = l.start) AS own_spent
+              FROM (SELECT l.*, tl_window_start(l.period, l.tz, p_now) AS start
               FROM (SELECT x.n::integer AS wallet, a.id AS account,
                            CASE a.type WHEN 'department' THEN a.ref ELSE e.department END AS own_department,
                            o.address AS owner, v.ord::integer AS ord,
@@ -5335,11 +5361,8 @@ BEGIN
                                            WHERE a.type = 'employee' AND d.address = 'department:' || e.department) b
                       JOIN accounts o ON o.id = b.id
                       JOIN spend_policies p ON p.account_id = o.id
-                     CROSS JOIN LATERAL jsonb_array_elements(p.limits) WITH ORDINALITY AS v(l, ord)) l
-             ORDER BY l.wallet, rank) k
-      LEFT JOIN LATERAL (SELECT y.account_id, y.spent FROM policy_spend y
-                          WHERE y.account_id = k.account AND y.period = k.period AND y.time_zone = k.tz
-                            AND y.starts_at = k.start) s ON true;
+                     CROSS JOIN LATERAL jsonb_array_elements(p.limits) WITH ORDINALITY AS v(l, ord)) l) l
+             ORDER BY l.wallet, rank) k;
     IF v_wallet IS NULL THEN
         RETURN;
     END IF;

@@ -5,7 +5,9 @@ the balance as of an instant and a series never start a sequential scan of
 their partial indexes made every debit scan all lots, seen only by counting).
 
 Counted with the server's table statistics like tests/db/test_plans.py,
-around each request repeated past the five custom plans a prepared statement
+the service's connections' counters flushed first (tests/api/stats.py;
+before that they were read before the service's backends had published
+them, so the check saw only zeros), around each request repeated past the five custom plans a prepared statement
 gets before PostgreSQL may switch it to a generic one."""
 
 from __future__ import annotations
@@ -19,18 +21,17 @@ import httpx
 
 from bench.year import build_year
 from service import migrate
+from tests.api.stats import table_counters
 
 WATCHED = ("lots", "entries", "usage_events")
 REPEAT = 7
 
 
-async def seq_scans(db: asyncpg.Connection) -> dict[str, int]:
-    await db.execute("SELECT pg_stat_force_next_flush()")
-    rows = await db.fetch(
-        "SELECT relname, seq_scan FROM pg_stat_user_tables WHERE relname = ANY ($1::text[])",
-        list(WATCHED),
-    )
-    return {r["relname"]: int(r["seq_scan"]) for r in rows}
+async def seq_scans(db: asyncpg.Connection, client: Any) -> dict[str, int]:
+    """Sequential scans so far, the service's own connections' included (they
+    publish their counters only when flushed: tests/api/stats.py)."""
+    counters = await table_counters(db, client, WATCHED)
+    return {table: scans for table, (scans, _) in counters.items()}
 
 
 async def test_no_hot_path_scans_a_history_table(db: asyncpg.Connection, client: Any) -> None:
@@ -93,10 +94,10 @@ async def test_no_hot_path_scans_a_history_table(db: asyncpg.Connection, client:
     }
     scanned: dict[str, dict[str, int]] = {}
     for name, step in steps.items():
-        before = await seq_scans(db)
+        before = await seq_scans(db, client)
         for _ in range(REPEAT):
             await step()
-        after = await seq_scans(db)
+        after = await seq_scans(db, client)
         if delta := {t: after[t] - before[t] for t in WATCHED if after[t] != before[t]}:
             scanned[name] = delta
     assert scanned == {}
