@@ -3259,16 +3259,9 @@ BEGIN
     IF v_p_any THEN
         -- The links in check order, each naming its limit by the limit's
         -- first link (a department's limit is linked once per member).
-        SELECT array_agg(b.wallet), array_agg(b.first), array_agg(b.owner), array_agg(b.ord), array_agg(b.period),
-               array_agg(b.time_zone), array_agg(b.starts_at), array_agg(b.amount), array_agg(b.hard),
-               array_agg(b.total)
-          INTO v_pk_wallet, v_pk_limit, v_p_owner, v_p_ord, v_p_period, v_p_tz, v_p_start, v_p_amount, v_p_hard,
-               v_p_total
-          FROM (SELECT b.*, min(b.n) OVER (PARTITION BY b.owner, b.ord)::integer AS first
-                  FROM tl_policy_batch_links(v_w_id, v_now)
-                       WITH ORDINALITY AS b(wallet, rank, owner, ord, department, period, time_zone, starts_at,
-                                            amount, hard, total, n)
-                 ORDER BY b.n) b;
+        SELECT * INTO v_pk_wallet, v_pk_limit, v_p_owner, v_p_ord, v_p_period, v_p_tz, v_p_start, v_p_amount,
+                      v_p_hard, v_p_total
+          FROM tl_policy_batch_links(v_w_id, v_now);
     END IF;
     IF v_pk_wallet IS NOT NULL THEN
         SELECT array_agg(coalesce(s.first, 1) ORDER BY w.n), array_agg(coalesce(s.last, 0) ORDER BY w.n)
@@ -5301,13 +5294,19 @@ END $$;
 -- locks of hard department limits are taken, all at once and sorted (the
 -- order tl_policy_count takes one department's in), so that the sums read
 -- in the next statement stay exact until the batch commits.
-CREATE OR REPLACE FUNCTION tl_policy_batch_links(p_wallets bigint[], p_now timestamptz)
-RETURNS TABLE (wallet integer, rank integer, owner text, ord integer, department text, period text,
-               time_zone text, starts_at timestamptz, amount bigint, hard boolean, total bigint)
+--
+-- The answer is the links as arrays, in check order, each naming its limit
+-- by the position of the limit's first link (`first`): what tl_batch_fast
+-- keeps. (It returned a set, which tl_batch_fast aggregated back into
+-- arrays after a window and a sort: half of what loading the links cost.)
+CREATE OR REPLACE FUNCTION tl_policy_batch_links(
+    p_wallets bigint[], p_now timestamptz,
+    OUT wallet integer[], OUT first integer[], OUT owner text[], OUT ord integer[], OUT period text[],
+    OUT time_zone text[], OUT starts_at timestamptz[], OUT amount bigint[], OUT hard boolean[],
+    OUT total bigint[])
 LANGUAGE plpgsql AS $$
 DECLARE
     v_wallet integer[];
-    v_rank integer[];
     v_account bigint[];
     v_own_department text[];
     v_owner text[];
@@ -5326,11 +5325,11 @@ DECLARE
 BEGIN
     -- One sort (the window's), read in its order: an ORDER BY in each
     -- array_agg would sort the rows once per array.
-    SELECT array_agg(k.wallet), array_agg(k.rank), array_agg(k.account), array_agg(k.own_department),
+    SELECT array_agg(k.wallet), array_agg(k.account), array_agg(k.own_department),
            array_agg(k.owner), array_agg(k.ord), array_agg(k.department), array_agg(k.period), array_agg(k.tz),
            array_agg(k.start), array_agg(k.amount), array_agg(k.hard), array_agg(k.own_spent),
            bool_or(k.own_spent IS NULL), bool_or(k.hard AND k.department IS NOT NULL)
-      INTO v_wallet, v_rank, v_account, v_own_department, v_owner, v_ord, v_department, v_period, v_tz,
+      INTO v_wallet, v_account, v_own_department, v_owner, v_ord, v_department, v_period, v_tz,
            v_start, v_amount, v_hard, v_own_spent, v_missing, v_locks
       FROM (SELECT l.*,
                    row_number() OVER (PARTITION BY l.wallet
@@ -5388,21 +5387,25 @@ BEGIN
                   ORDER BY 1, 2, 3, 4) d;
     END IF;
     -- Each link's total: the account's own row, read above unless it was
-    -- missing; a department's sum, read now, under its lock.
-    RETURN QUERY
-    SELECT k.wallet, k.rank, k.owner, k.ord, k.department, k.period, k.tz, k.start, k.amount, k.hard,
-           CASE WHEN k.department IS NULL AND k.own IS NOT NULL THEN k.own
-                WHEN k.department IS NULL
-                THEN coalesce((SELECT s.spent FROM policy_spend s
-                                WHERE s.account_id = k.account AND s.period = k.period AND s.time_zone = k.tz
-                                  AND s.starts_at = k.start), 0)
-                ELSE coalesce((SELECT sum(s.spent) FROM policy_spend s
-                                WHERE s.department = k.department AND s.period = k.period AND s.time_zone = k.tz
-                                  AND s.starts_at = k.start), 0) END::bigint
-      FROM unnest(v_wallet, v_rank, v_account, v_owner, v_ord, v_department, v_period, v_tz, v_start, v_amount,
-                  v_hard, v_own_spent) WITH ORDINALITY AS k(wallet, rank, account, owner, ord, department, period, tz,
-                                                            start, amount, hard, own, n)
-     ORDER BY k.n;
+    -- missing; a department's sum, read now, under its lock. Read in check
+    -- order after the window's sort.
+    SELECT array_agg(k.wallet), array_agg(k.first), array_agg(k.owner), array_agg(k.ord), array_agg(k.period),
+           array_agg(k.tz), array_agg(k.start), array_agg(k.amount), array_agg(k.hard), array_agg(k.total)
+      INTO wallet, first, owner, ord, period, time_zone, starts_at, amount, hard, total
+      FROM (SELECT k.wallet, min(k.n) OVER (PARTITION BY k.owner, k.ord)::integer AS first, k.owner, k.ord,
+                   k.period, k.tz, k.start, k.amount, k.hard,
+                   CASE WHEN k.department IS NULL AND k.own IS NOT NULL THEN k.own
+                        WHEN k.department IS NULL
+                        THEN coalesce((SELECT s.spent FROM policy_spend s
+                                        WHERE s.account_id = k.account AND s.period = k.period
+                                          AND s.time_zone = k.tz AND s.starts_at = k.start), 0)
+                        ELSE coalesce((SELECT sum(s.spent) FROM policy_spend s
+                                        WHERE s.department = k.department AND s.period = k.period
+                                          AND s.time_zone = k.tz AND s.starts_at = k.start), 0) END::bigint AS total
+              FROM unnest(v_wallet, v_account, v_owner, v_ord, v_department, v_period, v_tz, v_start, v_amount,
+                          v_hard, v_own_spent) WITH ORDINALITY AS k(wallet, account, owner, ord, department, period,
+                                                                    tz, start, amount, hard, own, n)
+             ORDER BY k.n) k;
 END $$;
 
 -- Counts p_delta credits of spend (negative: given back) of a bound

@@ -7,8 +7,9 @@ their partial indexes made every debit scan all lots, seen only by counting).
 Counted with the server's table statistics like tests/db/test_plans.py,
 the service's connections' counters flushed first (tests/api/stats.py;
 before that they were read before the service's backends had published
-them, so the check saw only zeros), around each request repeated past the five custom plans a prepared statement
-gets before PostgreSQL may switch it to a generic one."""
+them, so the check saw only zeros), around each request repeated past the
+five custom plans a prepared statement gets before PostgreSQL may switch it
+to a generic one."""
 
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ async def crowd(db: asyncpg.Connection, clock: FakeClock) -> None:
         "INSERT INTO accounts (address, type, ref)"
         " SELECT 'employee:' || id, 'employee', id FROM employees WHERE id LIKE 'x%'"
     )
-    ctx = '{"actor": "test", "request_id": "crowd", "now": "%s"}' % now.isoformat()
+    ctx = json.dumps({"actor": "test", "request_id": "crowd", "now": now.isoformat()})
     for g in range(1, OTHERS + 1, 500):
         await db.execute(
             "SELECT tl_op_grant(jsonb_build_object('employee', 'x' || g, 'amount', 10,"
@@ -131,8 +131,8 @@ async def test_policy_reads_probe_whatever_the_planner_prefers(
                 "SELECT tl_journal_spend($1, $2, $3)", account, day, day + timedelta(days=1)
             )
             assert spent == 5
-        links = await db.fetch("SELECT * FROM tl_policy_batch_links($1::bigint[], $2)", ids, T)
-        assert len(links) == 2 * len(ids)
+        links = await db.fetchrow("SELECT * FROM tl_policy_batch_links($1::bigint[], $2)", ids, T)
+        assert links is not None and len(links["wallet"]) == 2 * len(ids)
     after = await table_counters(db, client, tables)
     assert {t: after[t][0] - before[t][0] for t in tables} == {t: 0 for t in tables}
     reads = {t: after[t][1] - before[t][1] for t in tables}
