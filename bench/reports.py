@@ -1,7 +1,12 @@
 """The usage-report benchmark: one month of usage at scale, then report timings.
 
     python -m bench.reports [--employees N] [--events N] [--runs N]
-                            [--database-url DSN] [--json PATH]
+                            [--database-url DSN] [--keep] [--reuse] [--json PATH]
+
+--keep leaves the database (named after --employees and --events) on the
+server of --database-url, and --reuse measures on it again without building
+it (the schema is applied again first, so a changed schema's new objects
+exist), for measuring one change after another on the same data.
 
 1. A database of its own (bench.postgres.provision: DATABASE_URL's server, or a
    throwaway one from service/devdb.py), with schema.sql applied.
@@ -41,7 +46,8 @@ import asyncpg
 import httpx
 
 from bench import inprocess
-from bench.postgres import provision
+from bench.postgres import Database as BenchDatabase
+from bench.postgres import dsn_for, provision
 from bench.report import run_side_bench
 from bench.year import sections
 from service import db, errors, migrate, reports
@@ -270,19 +276,38 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def kept_name(employees: int, events: int) -> str:
+    """The database --keep leaves behind and --reuse measures on."""
+    return f"tokenledger_reports_kept_{employees}_{events}"
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    database = await provision(args.database_url, f"tokenledger_reports_{os.getpid()}")
+    if args.reuse:
+        database = reused(args.database_url, kept_name(args.employees, args.events))
+    else:
+        name = (
+            kept_name(args.employees, args.events)
+            if args.keep
+            else f"tokenledger_reports_{os.getpid()}"
+        )
+        database = await provision(args.database_url, name)
     try:
         log(f"bench.reports: database {database.name} ({database.source})")
-        build_seconds = await build(database.dsn, args.employees, args.events)
+        if args.reuse:
+            build_seconds = await rebuild_schema(database.dsn)
+        else:
+            build_seconds = await build(database.dsn, args.employees, args.events)
         conn = await db.connect(database.dsn)
         try:
             daily_rows = int(await conn.fetchval("SELECT count(*) FROM usage_daily"))
         finally:
             await conn.close()
+        loadavg_start = [round(x, 2) for x in os.getloadavg()]
         results = await measure(database.dsn, args.runs)
+        loadavg_end = [round(x, 2) for x in os.getloadavg()]
     finally:
-        await database.drop()
+        if not (args.keep or args.reuse):
+            await database.drop()
     return {
         "employees": args.employees,
         "departments": DEPARTMENTS,
@@ -291,6 +316,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "month": [MONTH_START.isoformat(), MONTH_END.isoformat()],
         "runs": args.runs,
         "server_version": database.server_version,
+        # The machine is shared: its load average (1, 5, 15 min) when the
+        # timings started and ended.
+        "loadavg_start": loadavg_start,
+        "loadavg_end": loadavg_end,
         "build_seconds": {k: round(v, 3) for k, v in build_seconds.items()},
         "results": [
             {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in results
@@ -298,11 +327,46 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def reused(database_url: str | None, name: str) -> BenchDatabase:
+    """The database a --keep run left on database_url's server."""
+    if database_url is None:
+        raise SystemExit("--reuse needs --database-url: a throwaway server is gone")
+    return BenchDatabase(
+        dsn=dsn_for(database_url, name),
+        admin_dsn=database_url,
+        name=name,
+        source="database-url, reused",
+        server_version="",
+        settings={},
+    )
+
+
+async def rebuild_schema(dsn: str) -> dict[str, float]:
+    """A reused database: the schema applied again (idempotent), so that the
+    objects of a changed schema exist and are filled, then fresh statistics."""
+    conn = await db.connect(dsn)
+    try:
+        started = time.perf_counter()
+        await migrate.migrate(conn)
+        await conn.execute("ANALYZE", timeout=1800)
+        return {"schema": time.perf_counter() - started}
+    finally:
+        await conn.close()
+
+
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--employees", type=int, default=10_000)
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the database behind for a later --reuse (needs --database-url)",
+    )
+    parser.add_argument(
+        "--reuse", action="store_true", help="measure on the database a --keep run left"
+    )
     run_side_bench(parser, main, table=table)
 
 
