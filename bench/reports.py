@@ -19,8 +19,8 @@ exist), for measuring one change after another on the same data.
    the department, and the third-of-a-million-row export, the month's report
    (usage events and the journal's debits) through the service's SQL path
    (service.reports.usage_report on a Database: the `usage_report` named query)
-   for the roll-up path (from and to at UTC midnights) and the raw-events path
-   (a microsecond later), and through HTTP (the app in-process over ASGI, as
+   over the periods of PERIODS (UTC midnights, a microsecond later, six hours
+   in at each end), and through HTTP (the app in-process over ASGI, as
    finance, JSON and CSV). Each timing is the median of --runs after one
    warm-up run.
 
@@ -71,6 +71,19 @@ GROUPINGS: tuple[tuple[str, ...], ...] = (
     # Tags (a usage event's, a debit's metadata key) are read from the events.
     ("tag:team",),
     ("department", "tag:team"),
+)
+
+
+# The periods each grouping is timed over: (path, from, to). `rollup`: the month
+# between UTC midnights (the roll-ups alone); `shifted`: a microsecond later
+# (the roll-ups of the nearest midnights, less the events and debits of that
+# microsecond: service/reports.py usage_span); `hours`: from 06:00 on the first
+# to 18:00 on the last day (the roll-ups, less six hours of events and debits
+# at each end).
+PERIODS: tuple[tuple[str, datetime, datetime], ...] = (
+    ("rollup", MONTH_START, MONTH_END),
+    ("shifted", MONTH_START + timedelta(microseconds=1), MONTH_END),
+    ("hours", MONTH_START + timedelta(hours=6), MONTH_END - timedelta(hours=6)),
 )
 
 
@@ -201,19 +214,18 @@ async def measure(dsn: str, runs: int) -> list[dict[str, Any]]:
             )
             client.headers["Authorization"] = f"Bearer {secret.secret}"
             for keys in GROUPINGS:
-                for path, start in (
-                    ("rollup", MONTH_START),
-                    ("events", MONTH_START + timedelta(microseconds=1)),
-                ):
+                for path, start, end in PERIODS:
                     row: dict[str, Any] = {"group_by": ",".join(keys), "path": path}
 
-                    async def sql(s: datetime = start, k: tuple[str, ...] = keys) -> Any:
-                        return await reports.usage_report(ledger, s, MONTH_END, k)
+                    async def sql(
+                        s: datetime = start, e: datetime = end, k: tuple[str, ...] = keys
+                    ) -> Any:
+                        return await reports.usage_report(ledger, s, e, k)
 
                     row["sql_seconds"], row["rows"] = await timed(runs, sql)
                     params = {
                         "from": start.isoformat(),
-                        "to": MONTH_END.isoformat(),
+                        "to": end.isoformat(),
                         "group_by": ",".join(keys),
                     }
                     for fmt, accept in (("json", "application/json"), ("csv", "text/csv")):
@@ -282,18 +294,19 @@ def kept_name(employees: int, events: int) -> str:
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    if args.reuse:
+    # --keep and --reuse are optional for callers that build their own
+    # arguments (the bench smoke test).
+    keep, reuse = getattr(args, "keep", False), getattr(args, "reuse", False)
+    if reuse:
         database = reused(args.database_url, kept_name(args.employees, args.events))
     else:
         name = (
-            kept_name(args.employees, args.events)
-            if args.keep
-            else f"tokenledger_reports_{os.getpid()}"
+            kept_name(args.employees, args.events) if keep else f"tokenledger_reports_{os.getpid()}"
         )
         database = await provision(args.database_url, name)
     try:
         log(f"bench.reports: database {database.name} ({database.source})")
-        if args.reuse:
+        if reuse:
             build_seconds = await rebuild_schema(database.dsn)
         else:
             build_seconds = await build(database.dsn, args.employees, args.events)
@@ -306,7 +319,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         results = await measure(database.dsn, args.runs)
         loadavg_end = [round(x, 2) for x in os.getloadavg()]
     finally:
-        if not (args.keep or args.reuse):
+        if not (keep or reuse):
             await database.drop()
     return {
         "employees": args.employees,
