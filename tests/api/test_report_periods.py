@@ -238,6 +238,7 @@ async def test_a_corrected_month_reads_only_its_edges_events(
                 "SELECT coalesce(seq_scan, 0) AS seq, coalesce(idx_tup_fetch, 0) AS fetched"
                 " FROM pg_stat_user_tables WHERE relname = 'usage_events'"
             )
+            assert row is not None
             return int(row["seq"]), int(row["fetched"])
 
         ledger: Database = ledger_of(api.c)

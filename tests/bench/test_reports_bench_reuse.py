@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from typing import Any
 
 import asyncpg
 
@@ -19,7 +20,7 @@ def test_keep_then_reuse(pg_server: Server) -> None:
     every grouping, no error) and leaves it too; each run's load average is recorded."""
     name = reports.kept_name(30, 300)
 
-    def run(**flags: bool) -> dict[str, object]:
+    def run(**flags: bool) -> dict[str, Any]:
         args = argparse.Namespace(
             employees=30, events=300, runs=1, database_url=pg_server.dsn, **flags
         )
@@ -37,14 +38,13 @@ def test_keep_then_reuse(pg_server: Server) -> None:
         assert asyncio.run(exists())
         reused = run(keep=False, reuse=True)
         assert asyncio.run(exists())
-        assert set(reused["build_seconds"]) == {"schema"}  # type: ignore[arg-type]
+        assert set(reused["build_seconds"]) == {"schema"}
         results = reused["results"]
-        assert isinstance(results, list)
         paths = {r["path"] for r in results if r["path"] != "journal"}
         assert paths == {p for p, *_ in reports.PERIODS}
         assert not [r for r in results if str(r["http_json_seconds"]).startswith("error")]
-        assert [r["rows"] for r in results] == [r["rows"] for r in kept["results"]]  # type: ignore[union-attr]
+        assert [r["rows"] for r in results] == [r["rows"] for r in kept["results"]]
         for summary in (kept, reused):
-            assert len(summary["loadavg_start"]) == 3  # type: ignore[arg-type]
+            assert len(summary["loadavg_start"]) == 3
     finally:
         asyncio.run(drop_databases(pg_server.dsn, [name]))
