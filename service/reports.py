@@ -135,8 +135,8 @@ MIN_CORRECTED_PERIOD = timedelta(days=2)
 
 
 def nearest_midnight(when: datetime) -> datetime:
-    """The UTC midnight nearest to `when`, a tie (noon) rounding down: schema.sql's
-    tl_report_midnight, which the report's SQL uses for the same bounds."""
+    """The UTC midnight nearest to `when`, a tie (noon) rounding down: the end of a
+    corrected period is then at most half a day of events from its roll-up."""
     floor = datetime.combine(when.astimezone(UTC).date(), time(0), UTC)
     ceil = floor + timedelta(days=1)
     return floor if when - floor <= ceil - when else ceil
@@ -200,8 +200,8 @@ def spend_source_for(
 def spend_bounds(start: datetime, end: datetime, source: str) -> tuple[datetime, datetime]:
     """$8 and $9 of usage_report: the UTC days [$8, $9) the roll-ups answer (usage_span),
     the journal and the events correcting the ends between $1 and $8 and between $9 and
-    $2 (added where the bound is before its midnight, subtracted where after). The
-    journal alone answers with $8 = $9 = end: [start, end) added."""
+    $2 (added where the midnight lies outside [start, end), subtracted where inside).
+    The journal alone answers with $8 = $9 = end: [start, end) added."""
     span = usage_span(start, end)
     if source == "journal" or span is None:
         return end, end
