@@ -24,6 +24,7 @@ import csv
 import io
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, time, timedelta
+from operator import itemgetter
 from typing import Any
 
 from service.errors import invalid
@@ -239,11 +240,12 @@ async def _usage_args(
 
 
 def _items(keys: tuple[str, ...], rows: Any) -> list[dict[str, Any]]:
-    names = sql_keys(keys)
-    return [
-        {**{k: r[n] for k, n in zip(keys, names, strict=True)}, **{t: int(r[t]) for t in TOTALS}}
-        for r in rows
-    ]
+    """The rows as items: the asked keys in the caller's order (by their SQL names),
+    then TOTALS (bigints in the SQL, so ints already). One itemgetter per batch: at a
+    third of a million rows, building each item key by key cost about a second."""
+    get = itemgetter(*sql_keys(keys), *TOTALS)
+    columns = (*keys, *TOTALS)
+    return [dict(zip(columns, get(r), strict=True)) for r in rows]
 
 
 async def usage_report(
@@ -303,6 +305,10 @@ def to_csv(keys: tuple[str, ...], items: list[dict[str, Any]], header: bool = Tr
     columns = (*keys, *TOTALS)
     if header:
         writer.writerow(columns)
-    for item in items:
-        writer.writerow([csv_cell(item[c]) for c in columns])
+    # Only the keys are text that may need neutralising; the totals are ints.
+    get_keys, get_totals = itemgetter(*keys), itemgetter(*TOTALS)
+    if len(keys) == 1:
+        writer.writerows([csv_cell(get_keys(i)), *get_totals(i)] for i in items)
+    else:
+        writer.writerows([*map(csv_cell, get_keys(i)), *get_totals(i)] for i in items)
     return out.getvalue()
