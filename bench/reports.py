@@ -1,7 +1,12 @@
 """The usage-report benchmark: one month of usage at scale, then report timings.
 
     python -m bench.reports [--employees N] [--events N] [--runs N]
-                            [--database-url DSN] [--json PATH]
+                            [--database-url DSN] [--keep] [--reuse] [--json PATH]
+
+--keep leaves the database (named after --employees and --events) on the
+server of --database-url, and --reuse measures on it again without building
+it (the schema is applied again first, so a changed schema's new objects
+exist), for measuring one change after another on the same data.
 
 1. A database of its own (bench.postgres.provision: DATABASE_URL's server, or a
    throwaway one from service/devdb.py), with schema.sql applied.
@@ -14,8 +19,8 @@
    the department, and the third-of-a-million-row export, the month's report
    (usage events and the journal's debits) through the service's SQL path
    (service.reports.usage_report on a Database: the `usage_report` named query)
-   for the roll-up path (from and to at UTC midnights) and the raw-events path
-   (a microsecond later), and through HTTP (the app in-process over ASGI, as
+   over the periods of PERIODS (UTC midnights, a microsecond later, six hours
+   in at each end), and through HTTP (the app in-process over ASGI, as
    finance, JSON and CSV). Each timing is the median of --runs after one
    warm-up run.
 
@@ -41,7 +46,8 @@ import asyncpg
 import httpx
 
 from bench import inprocess
-from bench.postgres import provision
+from bench.postgres import Database as BenchDatabase
+from bench.postgres import dsn_for, provision
 from bench.report import run_side_bench
 from bench.year import sections
 from service import db, errors, migrate, reports
@@ -65,6 +71,19 @@ GROUPINGS: tuple[tuple[str, ...], ...] = (
     # Tags (a usage event's, a debit's metadata key) are read from the events.
     ("tag:team",),
     ("department", "tag:team"),
+)
+
+
+# The periods each grouping is timed over: (path, from, to). `rollup`: the month
+# between UTC midnights (the roll-ups alone); `shifted`: a microsecond later
+# (the roll-ups of the nearest midnights, less the events and debits of that
+# microsecond: service/reports.py usage_span); `hours`: from 06:00 on the first
+# to 18:00 on the last day (the roll-ups, less six hours of events and debits
+# at each end).
+PERIODS: tuple[tuple[str, datetime, datetime], ...] = (
+    ("rollup", MONTH_START, MONTH_END),
+    ("shifted", MONTH_START + timedelta(microseconds=1), MONTH_END),
+    ("hours", MONTH_START + timedelta(hours=6), MONTH_END - timedelta(hours=6)),
 )
 
 
@@ -195,19 +214,18 @@ async def measure(dsn: str, runs: int) -> list[dict[str, Any]]:
             )
             client.headers["Authorization"] = f"Bearer {secret.secret}"
             for keys in GROUPINGS:
-                for path, start in (
-                    ("rollup", MONTH_START),
-                    ("events", MONTH_START + timedelta(microseconds=1)),
-                ):
+                for path, start, end in PERIODS:
                     row: dict[str, Any] = {"group_by": ",".join(keys), "path": path}
 
-                    async def sql(s: datetime = start, k: tuple[str, ...] = keys) -> Any:
-                        return await reports.usage_report(ledger, s, MONTH_END, k)
+                    async def sql(
+                        s: datetime = start, e: datetime = end, k: tuple[str, ...] = keys
+                    ) -> Any:
+                        return await reports.usage_report(ledger, s, e, k)
 
                     row["sql_seconds"], row["rows"] = await timed(runs, sql)
                     params = {
                         "from": start.isoformat(),
-                        "to": MONTH_END.isoformat(),
+                        "to": end.isoformat(),
                         "group_by": ",".join(keys),
                     }
                     for fmt, accept in (("json", "application/json"), ("csv", "text/csv")):
@@ -270,19 +288,39 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def kept_name(employees: int, events: int) -> str:
+    """The database --keep leaves behind and --reuse measures on."""
+    return f"tokenledger_reports_kept_{employees}_{events}"
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    database = await provision(args.database_url, f"tokenledger_reports_{os.getpid()}")
+    # --keep and --reuse are optional for callers that build their own
+    # arguments (the bench smoke test).
+    keep, reuse = getattr(args, "keep", False), getattr(args, "reuse", False)
+    if reuse:
+        database = reused(args.database_url, kept_name(args.employees, args.events))
+    else:
+        name = (
+            kept_name(args.employees, args.events) if keep else f"tokenledger_reports_{os.getpid()}"
+        )
+        database = await provision(args.database_url, name)
     try:
         log(f"bench.reports: database {database.name} ({database.source})")
-        build_seconds = await build(database.dsn, args.employees, args.events)
+        if reuse:
+            build_seconds = await rebuild_schema(database.dsn)
+        else:
+            build_seconds = await build(database.dsn, args.employees, args.events)
         conn = await db.connect(database.dsn)
         try:
             daily_rows = int(await conn.fetchval("SELECT count(*) FROM usage_daily"))
         finally:
             await conn.close()
+        loadavg_start = [round(x, 2) for x in os.getloadavg()]
         results = await measure(database.dsn, args.runs)
+        loadavg_end = [round(x, 2) for x in os.getloadavg()]
     finally:
-        await database.drop()
+        if not (keep or reuse):
+            await database.drop()
     return {
         "employees": args.employees,
         "departments": DEPARTMENTS,
@@ -291,6 +329,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "month": [MONTH_START.isoformat(), MONTH_END.isoformat()],
         "runs": args.runs,
         "server_version": database.server_version,
+        # The machine is shared: its load average (1, 5, 15 min) when the
+        # timings started and ended.
+        "loadavg_start": loadavg_start,
+        "loadavg_end": loadavg_end,
         "build_seconds": {k: round(v, 3) for k, v in build_seconds.items()},
         "results": [
             {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in results
@@ -298,11 +340,46 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def reused(database_url: str | None, name: str) -> BenchDatabase:
+    """The database a --keep run left on database_url's server."""
+    if database_url is None:
+        raise SystemExit("--reuse needs --database-url: a throwaway server is gone")
+    return BenchDatabase(
+        dsn=dsn_for(database_url, name),
+        admin_dsn=database_url,
+        name=name,
+        source="database-url, reused",
+        server_version="",
+        settings={},
+    )
+
+
+async def rebuild_schema(dsn: str) -> dict[str, float]:
+    """A reused database: the schema applied again (idempotent), so that the
+    objects of a changed schema exist and are filled, then fresh statistics."""
+    conn = await db.connect(dsn)
+    try:
+        started = time.perf_counter()
+        await migrate.migrate(conn)
+        await conn.execute("ANALYZE", timeout=1800)
+        return {"schema": time.perf_counter() - started}
+    finally:
+        await conn.close()
+
+
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--employees", type=int, default=10_000)
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the database behind for a later --reuse (needs --database-url)",
+    )
+    parser.add_argument(
+        "--reuse", action="store_true", help="measure on the database a --keep run left"
+    )
     run_side_bench(parser, main, table=table)
 
 

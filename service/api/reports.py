@@ -86,8 +86,10 @@ class ReportsController(Controller):
         department account's own id for its usage); `project` is null for usage
         without one; `day` and `month` are
         UTC (`YYYY-MM-DD`, `YYYY-MM`). When `from` and `to` are both UTC midnights
-        the report reads the daily roll-up (fast); otherwise it aggregates the events
-        themselves (exact at any instant, slower over long periods). With
+        the report reads the roll-ups (fast); over two days or more between other
+        instants it reads the roll-ups of the nearest UTC midnights and corrects each
+        end with the spend between bound and midnight (as fast, and exact); a shorter
+        period aggregates the events themselves (exact at any instant). With
         `Accept: text/csv` the answer is CSV: a header row of the keys then the
         totals, and one row per item (null is empty). Either form is streamed as the
         rows are read, a few thousand at a time, so a large report is never whole in

@@ -9,16 +9,30 @@
 -- UTC months, no day or project key), 'monthly' (usage_monthly: whole UTC
 -- months, no day key), 'models' (usage_daily_models: whole days, no employee or
 -- department key), 'daily' (usage_daily: whole days), or 'events'
--- (usage_events itself, exact at any instant). $6: the names of the
+-- (usage_events itself, exact at any instant). A roll-up is read over the
+-- UTC days [$8, $9), which service/reports.py (usage_span) set to $1 and $2
+-- when both are midnights and else to their nearest midnights (see below).
+-- $6: the names of the
 -- `tag:<name>` keys, which $3 calls tag1, tag2, tag3 (source 'events' only:
 -- the roll-ups keep no tags). Debits and captures by amount (issue 16) are
 -- read from $7, which service/reports.py picked: 'monthly' (spend_monthly:
 -- whole UTC months, no day key, nobody moved department), 'daily'
--- (spend_daily: whole days), 'journal' (the transactions themselves,
--- exact at any instant, with their metadata for tag keys) or 'edges'
--- (a period inside whole days: the journal for the parts of days at each
--- end, spend_daily for the whole days between). $8 and $9 bound the whole
--- days spend_daily answers; the journal answers [$1, $8) and [$9, $2).
+-- (spend_daily: whole days) or 'journal' (the transactions themselves,
+-- exact at any instant, with their metadata for tag keys), the roll-ups
+-- over [$8, $9) like the usage events'.
+--
+-- Corrections at the ends (issue 16, the reports' speed): a period of two
+-- days or more whose bounds are not both UTC midnights is read from the
+-- roll-ups over [$8, $9), the midnights nearest to $1 and $2, and each end
+-- is corrected with the usage events and the journal's spend between the
+-- bound and its midnight: added when the midnight is outside the period
+-- ([$1, $8) when $1 < $8), subtracted when it is inside ([$8, $1) when
+-- $8 < $1), and the same between $9 and $2. Sums and counts are additive, so
+-- this is exact; a group whose corrected counts are all zero (subtracted
+-- spend only) is not in the period and is dropped. Whole days have $8 = $1
+-- and $9 = $2: nothing to correct. The journal source is the same formula
+-- with $8 = $9 = $2: [$1, $2) added. The usage corrections read the archive
+-- too, where the roll-ups' older events live.
 --
 -- The grouping is static SQL: every allow-listed key has its expression
 -- below, and a key not in $3 turns into NULL, a constant that groups
@@ -32,29 +46,29 @@ WITH raw AS (
            NULL::jsonb AS tags, 0::bigint AS debits, 0::bigint AS debit_credits
     FROM usage_daily d
     WHERE $4::text = 'daily'
-      AND d.day >= ($1::timestamptz AT TIME ZONE 'UTC')::date
-      AND d.day < ($2::timestamptz AT TIME ZONE 'UTC')::date
+      AND d.day >= ($8::timestamptz AT TIME ZONE 'UTC')::date
+      AND d.day < ($9::timestamptz AT TIME ZONE 'UTC')::date
     UNION ALL
     SELECT m.account_id, m.model, m.project, m.month, m.events, m.input_tokens,
            m.cached_input_tokens, m.output_tokens, m.credits, 0, 0, NULL, 0, 0
     FROM usage_monthly m
     WHERE $4::text = 'monthly'
-      AND m.month >= ($1::timestamptz AT TIME ZONE 'UTC')::date
-      AND m.month < ($2::timestamptz AT TIME ZONE 'UTC')::date
+      AND m.month >= ($8::timestamptz AT TIME ZONE 'UTC')::date
+      AND m.month < ($9::timestamptz AT TIME ZONE 'UTC')::date
     UNION ALL
     SELECT mm.account_id, mm.model, '', mm.month, mm.events, mm.input_tokens,
            mm.cached_input_tokens, mm.output_tokens, mm.credits, 0, 0, NULL, 0, 0
     FROM usage_monthly_models mm
     WHERE $4::text = 'monthly_models'
-      AND mm.month >= ($1::timestamptz AT TIME ZONE 'UTC')::date
-      AND mm.month < ($2::timestamptz AT TIME ZONE 'UTC')::date
+      AND mm.month >= ($8::timestamptz AT TIME ZONE 'UTC')::date
+      AND mm.month < ($9::timestamptz AT TIME ZONE 'UTC')::date
     UNION ALL
     SELECT NULL::bigint, g.model, g.project, g.day, g.events, g.input_tokens,
            g.cached_input_tokens, g.output_tokens, g.credits, 0, 0, NULL, 0, 0
     FROM usage_daily_models g
     WHERE $4::text = 'models'
-      AND g.day >= ($1::timestamptz AT TIME ZONE 'UTC')::date
-      AND g.day < ($2::timestamptz AT TIME ZONE 'UTC')::date
+      AND g.day >= ($8::timestamptz AT TIME ZONE 'UTC')::date
+      AND g.day < ($9::timestamptz AT TIME ZONE 'UTC')::date
     UNION ALL
     SELECT u.account_id, u.model, coalesce(u.project, ''), (u.occurred_at AT TIME ZONE 'UTC')::date, 1,
            u.input_tokens, u.cached_input_tokens, u.output_tokens, u.cost,
@@ -77,6 +91,45 @@ WITH raw AS (
     WHERE $4::text <> 'events' AND (u.shortfall > 0 OR u.violation IS NOT NULL)
       AND u.occurred_at >= $1::timestamptz AND u.occurred_at < $2::timestamptz
     UNION ALL
+    -- The corrections at the ends of a period read from a roll-up over the
+    -- nearest midnights of its bounds (see the header): each event between
+    -- a bound and its midnight, with the sign of its side, keyed as the
+    -- roll-up's rows are (the expressions of the policy leg above).
+    SELECT CASE WHEN $4::text = 'models' THEN NULL ELSE c.account_id END, c.model,
+           CASE WHEN $4::text = 'monthly_models' THEN '' ELSE coalesce(c.project, '') END,
+           CASE WHEN $4::text IN ('monthly', 'monthly_models')
+                THEN date_trunc('month', c.occurred_at AT TIME ZONE 'UTC')::date
+                ELSE (c.occurred_at AT TIME ZONE 'UTC')::date END,
+           c.sign, c.sign * c.input_tokens, c.sign * c.cached_input_tokens,
+           c.sign * c.output_tokens, c.sign * c.cost, 0, 0, NULL, 0, 0
+    FROM (
+        SELECT u.account_id, u.model, u.project, u.occurred_at, u.input_tokens,
+               u.cached_input_tokens, u.output_tokens, u.cost
+        FROM usage_events u
+        WHERE (u.occurred_at >= least($1::timestamptz, $8::timestamptz)
+               AND u.occurred_at < greatest($1::timestamptz, $8::timestamptz))
+           OR (u.occurred_at >= least($9::timestamptz, $2::timestamptz)
+               AND u.occurred_at < greatest($9::timestamptz, $2::timestamptz))
+        UNION ALL
+        SELECT u.account_id, u.model, u.project, u.occurred_at, u.input_tokens,
+               u.cached_input_tokens, u.output_tokens, u.cost
+        FROM usage_events_archive u
+        WHERE (u.occurred_at >= least($1::timestamptz, $8::timestamptz)
+               AND u.occurred_at < greatest($1::timestamptz, $8::timestamptz))
+           OR (u.occurred_at >= least($9::timestamptz, $2::timestamptz)
+               AND u.occurred_at < greatest($9::timestamptz, $2::timestamptz))
+    ) c0
+    CROSS JOIN LATERAL (
+        SELECT c0.*,
+               CASE WHEN c0.occurred_at < greatest($1::timestamptz, $8::timestamptz)
+                    THEN CASE WHEN $1::timestamptz < $8::timestamptz THEN 1 ELSE -1 END
+                    ELSE CASE WHEN $9::timestamptz < $2::timestamptz THEN 1 ELSE -1 END
+               END::bigint AS sign
+    ) c
+    -- Nothing to correct between midnights: not even an index probe.
+    WHERE $4::text <> 'events'
+      AND ($1::timestamptz <> $8::timestamptz OR $9::timestamptz <> $2::timestamptz)
+    UNION ALL
     -- Debits and captures by amount (captures by usage are usage events)
     -- from their roll-ups (schema.sql, tl_spend_rollup), which hold the
     -- same sums as the journal read below, per day or month, paying
@@ -85,7 +138,7 @@ WITH raw AS (
            CASE WHEN $4::text = 'monthly_models' THEN '' ELSE sd.project END,
            sd.day, 0, 0, 0, 0, sd.credits, 0, 0, NULL, sd.debits, sd.credits
     FROM spend_daily sd
-    WHERE $7::text IN ('daily', 'edges')
+    WHERE $7::text = 'daily'
       AND sd.day >= ($8::timestamptz AT TIME ZONE 'UTC')::date
       AND sd.day < ($9::timestamptz AT TIME ZONE 'UTC')::date
     UNION ALL
@@ -94,12 +147,14 @@ WITH raw AS (
            sm.month, 0, 0, 0, 0, sm.credits, 0, 0, NULL, sm.debits, sm.credits
     FROM spend_monthly sm
     WHERE $7::text = 'monthly'
-      AND sm.month >= ($1::timestamptz AT TIME ZONE 'UTC')::date
-      AND sm.month < ($2::timestamptz AT TIME ZONE 'UTC')::date
+      AND sm.month >= ($8::timestamptz AT TIME ZONE 'UTC')::date
+      AND sm.month < ($9::timestamptz AT TIME ZONE 'UTC')::date
     UNION ALL
-    -- Source 'journal': the period's transactions of those kinds by
-    -- transactions_spend_time_idx, each with its one spending entry (the
-    -- account that paid; the other entry is system:usage's). They count
+    -- The journal: the transactions of those kinds between $1 and $8 and
+    -- between $9 and $2, with the sign of their side (the header: the whole
+    -- period added for source 'journal', the corrections at the ends for the
+    -- roll-ups), by transactions_spend_time_idx, each with its one spending
+    -- entry (the account that paid; the other entry is system:usage's). They count
     -- under their metadata's `model` and `project`, and a tag:<name> key
     -- reads their metadata's <name> (metadata is a flat object of scalars,
     -- a debit's tags), null where it has none, in the bucket of their
@@ -112,17 +167,25 @@ WITH raw AS (
            CASE WHEN $4::text IN ('monthly', 'monthly_models')
                 THEN date_trunc('month', t.created_at AT TIME ZONE 'UTC')::date
                 ELSE (t.created_at AT TIME ZONE 'UTC')::date END,
-           0, 0, 0, 0, -e.amount, 0, 0,
+           0, 0, 0, 0, -e.amount * sg.sign, 0, 0,
            md.metadata,
-           1, -e.amount
+           sg.sign, -e.amount * sg.sign
     FROM transactions t
     JOIN entries e ON e.transaction_id = t.id AND e.amount < 0
     LEFT JOIN LATERAL (SELECT x.metadata FROM transactions x
                        WHERE x.id = t.id
                          AND $3::text[] && ARRAY['model', 'project', 'tag1', 'tag2', 'tag3']) md ON true
-    WHERE $7::text IN ('journal', 'edges') AND t.kind IN ('debit', 'capture')
-      AND ((t.created_at >= $1::timestamptz AND t.created_at < $8::timestamptz)
-           OR (t.created_at >= $9::timestamptz AND t.created_at < $2::timestamptz))
+    CROSS JOIN LATERAL (
+        SELECT CASE WHEN t.created_at < greatest($1::timestamptz, $8::timestamptz)
+                    THEN CASE WHEN $1::timestamptz < $8::timestamptz THEN 1 ELSE -1 END
+                    ELSE CASE WHEN $9::timestamptz < $2::timestamptz THEN 1 ELSE -1 END
+               END::bigint AS sign) sg
+    WHERE ($1::timestamptz <> $8::timestamptz OR $9::timestamptz <> $2::timestamptz)
+      AND t.kind IN ('debit', 'capture')
+      AND ((t.created_at >= least($1::timestamptz, $8::timestamptz)
+            AND t.created_at < greatest($1::timestamptz, $8::timestamptz))
+           OR (t.created_at >= least($9::timestamptz, $2::timestamptz)
+               AND t.created_at < greatest($9::timestamptz, $2::timestamptz)))
 ),
 -- The asked keys as booleans, computed once: testing the array per row
 -- costs more than the aggregation itself on a million rows.
@@ -135,42 +198,57 @@ flags AS (
            -- tag:<name> keys: their names in $6, in the order of tag1..tag3.
            $6::text[] AS tag_names
 ),
+-- The sums are cast back to bigint at each level (every total is a bigint in
+-- the end): the next level then adds bigints, not numerics, which cost
+-- seconds on a third of a million groups.
 firsts AS (
     SELECT CASE WHEN f.by_account THEN r.account_id END AS account_id,
            CASE WHEN f.by_model THEN r.model END AS model,
            CASE WHEN f.by_project THEN r.project END AS project,
            CASE WHEN f.by_day THEN r.day
                 WHEN f.by_month THEN date_trunc('month', r.day)::date END AS bucket,
-           sum(r.events) AS events,
-           sum(r.input_tokens) AS input_tokens,
-           sum(r.cached_input_tokens) AS cached_input_tokens,
-           sum(r.output_tokens) AS output_tokens,
-           sum(r.credits) AS credits,
-           sum(r.overage) AS overage,
-           sum(r.violations) AS violations,
-           sum(r.debits) AS debits,
-           sum(r.debit_credits) AS debit_credits,
+           sum(r.events)::bigint AS events,
+           sum(r.input_tokens)::bigint AS input_tokens,
+           sum(r.cached_input_tokens)::bigint AS cached_input_tokens,
+           sum(r.output_tokens)::bigint AS output_tokens,
+           sum(r.credits)::bigint AS credits,
+           sum(r.overage)::bigint AS overage,
+           sum(r.violations)::bigint AS violations,
+           sum(r.debits)::bigint AS debits,
+           sum(r.debit_credits)::bigint AS debit_credits,
            r.tags ->> f.tag_names[1] AS tag1,
            r.tags ->> f.tag_names[2] AS tag2,
            r.tags ->> f.tag_names[3] AS tag3
     FROM raw r CROSS JOIN flags f
     GROUP BY 1, 2, 3, 4, tag1, tag2, tag3
 ),
+-- The department of the time of each employee account in firsts (and day,
+-- when days are split), looked up once per account (and day) rather than
+-- once per group: a month by department and model has six groups per
+-- account. At the end of the day when days are split ($5: someone moved in
+-- the period), else at `from` (nobody moved until `to`).
+homes AS (
+    SELECT d.account_id, d.bucket,
+           coalesce((SELECT h.department FROM employee_departments h
+                     WHERE h.employee_id = a.ref
+                       AND h.since <= CASE WHEN $5::boolean
+                                           THEN (d.bucket + 1)::timestamp AT TIME ZONE 'UTC' - interval '1 microsecond'
+                                           ELSE $1::timestamptz END
+                     ORDER BY h.since DESC LIMIT 1),
+                    e.department) AS department
+    FROM (SELECT DISTINCT f.account_id,
+                 CASE WHEN $5::boolean THEN f.bucket ELSE DATE '-infinity' END AS bucket
+          FROM firsts f
+          WHERE 'department' = ANY ($3::text[])) d
+    JOIN accounts a ON a.id = d.account_id AND a.type = 'employee'
+    LEFT JOIN employees e ON e.id = a.ref
+),
 keyed AS (
     SELECT CASE WHEN 'employee' = ANY ($3::text[]) AND a.type = 'employee' THEN a.ref END AS employee,
-           -- The department of the time (employee_departments): at the end of
-           -- the row's day when days are split ($5: someone moved in the
-           -- period), else at `from` (nobody moved until `to`).
+           -- The department of the time (homes), or the department account's own.
            CASE WHEN 'department' = ANY ($3::text[])
                 THEN CASE a.type
-                    WHEN 'employee' THEN coalesce(
-                        (SELECT h.department FROM employee_departments h
-                         WHERE h.employee_id = a.ref
-                           AND h.since <= CASE WHEN $5::boolean
-                                               THEN (f.bucket + 1)::timestamp AT TIME ZONE 'UTC' - interval '1 microsecond'
-                                               ELSE $1::timestamptz END
-                         ORDER BY h.since DESC LIMIT 1),
-                        e.department)
+                    WHEN 'employee' THEN hm.department
                     WHEN 'department' THEN a.ref END
            END AS department,
            f.model,
@@ -182,7 +260,8 @@ keyed AS (
            f.overage, f.violations, f.debits, f.debit_credits
     FROM firsts f
     LEFT JOIN accounts a ON a.id = f.account_id
-    LEFT JOIN employees e ON a.type = 'employee' AND e.id = a.ref
+    LEFT JOIN homes hm ON hm.account_id = f.account_id
+                      AND hm.bucket = CASE WHEN $5::boolean THEN f.bucket ELSE DATE '-infinity' END
 ),
 totals AS (
     SELECT employee, department, model, project, day, month, tag1, tag2, tag3,
@@ -197,6 +276,10 @@ totals AS (
            sum(debit_credits)::bigint AS debit_credits
     FROM keyed
     GROUP BY employee, department, model, project, day, month, tag1, tag2, tag3
+    -- A group of subtracted spend only (the corrections, see the header)
+    -- sums to zero events and debits: nothing of it is in the period, where
+    -- every group has an event or a debit.
+    HAVING sum(events) <> 0 OR sum(debits) <> 0
 )
 -- Each position's key found once (o.pos), then read from the row's values
 -- (x.v) in the order of that list.
