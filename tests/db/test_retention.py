@@ -20,6 +20,14 @@ __all__ = ["year"]  # the fixture, shared with the audit tests
 async def test_idempotency_keys_purged_after_30_days_in_batches(year: asyncpg.Connection) -> None:
     """Each purge call deletes at most its batch, oldest first; in the end no
     key older than 30 days is left and every newer one is."""
+    # The year's own keys older than 30 days are few and random in number (9
+    # in one run, where the batches below need more than 10): twelve more,
+    # 31 to 34 days old, so that the purge always takes several batches.
+    await year.execute(
+        "INSERT INTO idempotency_keys (caller, key, request_hash, status_code, body, created_at)"
+        " SELECT 'gateway', 'old-' || g, '\\x00', 201, '{}'::jsonb,"
+        " now() - interval '31 days' - g * interval '6 hours' FROM generate_series(1, 12) g"
+    )
     cutoff = await year.fetchval("SELECT now() - interval '30 days'")
     old = await year.fetchval("SELECT count(*) FROM idempotency_keys WHERE created_at < $1", cutoff)
     young = await year.fetchval(
