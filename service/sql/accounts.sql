@@ -42,10 +42,12 @@ LIMIT $3;
 SELECT tl_balance_at($1, $2);
 
 -- name: balance_series
--- The posted balance at the end of each interval from $2 to $3.
-SELECT b AS at, tl_balance_at($1, b) AS posted
-FROM generate_series($2::timestamptz, $3::timestamptz, $4::interval) b
-ORDER BY b;
+-- The posted balance at the end of each interval from $2 to $3, every $4:
+-- tl_balance_at's answer at each point, computed in one pass (schema.sql,
+-- "Balance series").
+SELECT s.at, s.posted
+FROM tl_balance_series($1, $2::timestamptz, $3::timestamptz, $4::interval) s
+ORDER BY s.at;
 
 -- name: account_lots
 -- Live lots of an account in consumption order (pending ones included).
