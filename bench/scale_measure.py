@@ -111,13 +111,15 @@ async def hot_path(
     target: Target, client: httpx.AsyncClient, postmaster: int | None, args: argparse.Namespace
 ) -> None:
     """PostgreSQL CPU per operation, each kind in a run of its own."""
-    # Warm up the pool's prepared statements and the caches: every pool
-    # connection plans its statements on first use, and a year's pages are
-    # read (and their hint bits set) on first touch. With 20 warm-up debits
-    # the 200 timed ones were still mostly warm-up: on one connection, the
-    # first 300 debits cost 2.2 to 3.3 ms of backend CPU each and the next
-    # 0.33 to 0.53 ms, on the fresh database and on the 10M year alike, and
-    # the ratio of the two swung from 0.67 to 1.8 between runs on one year.
+    # Warm up the pool's prepared statements and the caches: a connection
+    # plans its statements on first use, and pages just written (the year's
+    # bulk load, the fresh database's set-up) are read and their hint bits
+    # set on first touch. With 20 warm-up debits the ratio of the two
+    # databases' CPU per debit swung from 0.67 to 1.8 between runs on one
+    # year. Debits on one connection, in blocks of 300, right after 10,000
+    # grants to each database: 2.2 to 3.3 ms of backend CPU per debit in the
+    # first three blocks, then 0.33 to 0.53 ms in three more (on a new
+    # connection), on the fresh database and the 10M year alike.
     for _ in range(WARM_UP_DEBITS):
         await post(client, "/v1/debits", {"account": target.wallet(), "amount": 1})
 
