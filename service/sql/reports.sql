@@ -102,22 +102,17 @@ WITH raw AS (
                 ELSE (c.occurred_at AT TIME ZONE 'UTC')::date END,
            c.sign, c.sign * c.input_tokens, c.sign * c.cached_input_tokens,
            c.sign * c.output_tokens, c.sign * c.cost, 0, 0, NULL, 0, 0
+    -- (The bounds' filter, in the WHERE below, is written once for both
+    -- tables: PostgreSQL pushes it into each branch of the UNION ALL, onto
+    -- each table's index.)
     FROM (
         SELECT u.account_id, u.model, u.project, u.occurred_at, u.input_tokens,
                u.cached_input_tokens, u.output_tokens, u.cost
         FROM usage_events u
-        WHERE (u.occurred_at >= least($1::timestamptz, $8::timestamptz)
-               AND u.occurred_at < greatest($1::timestamptz, $8::timestamptz))
-           OR (u.occurred_at >= least($9::timestamptz, $2::timestamptz)
-               AND u.occurred_at < greatest($9::timestamptz, $2::timestamptz))
         UNION ALL
         SELECT u.account_id, u.model, u.project, u.occurred_at, u.input_tokens,
                u.cached_input_tokens, u.output_tokens, u.cost
         FROM usage_events_archive u
-        WHERE (u.occurred_at >= least($1::timestamptz, $8::timestamptz)
-               AND u.occurred_at < greatest($1::timestamptz, $8::timestamptz))
-           OR (u.occurred_at >= least($9::timestamptz, $2::timestamptz)
-               AND u.occurred_at < greatest($9::timestamptz, $2::timestamptz))
     ) c0
     CROSS JOIN LATERAL (
         SELECT c0.*,
@@ -129,6 +124,10 @@ WITH raw AS (
     -- Nothing to correct between midnights: not even an index probe.
     WHERE $4::text <> 'events'
       AND ($1::timestamptz <> $8::timestamptz OR $9::timestamptz <> $2::timestamptz)
+      AND ((c0.occurred_at >= least($1::timestamptz, $8::timestamptz)
+            AND c0.occurred_at < greatest($1::timestamptz, $8::timestamptz))
+           OR (c0.occurred_at >= least($9::timestamptz, $2::timestamptz)
+               AND c0.occurred_at < greatest($9::timestamptz, $2::timestamptz)))
     UNION ALL
     -- Debits and captures by amount (captures by usage are usage events)
     -- from their roll-ups (schema.sql, tl_spend_rollup), which hold the

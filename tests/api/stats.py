@@ -33,6 +33,14 @@ async def table_counters(
     """(sequential scans, rows fetched by index scans) of each table so far,
     the service's connections' counters included."""
     await flush_service_stats(client)
+    return await own_table_counters(db, tables)
+
+
+async def own_table_counters(
+    db: asyncpg.Connection, tables: tuple[str, ...]
+) -> dict[str, tuple[int, int]]:
+    """The same, with only `db`'s own counters flushed (when the statements
+    counted ran on `db` itself)."""
     await db.execute("SELECT pg_stat_force_next_flush()")
     rows = await db.fetch(
         "SELECT relname, seq_scan, coalesce(idx_tup_fetch, 0) AS fetched"

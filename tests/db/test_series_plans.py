@@ -18,19 +18,14 @@ import pytest
 from bench.year import build_year
 from service import db as service_db
 from service import migrate
+from tests.api.stats import own_table_counters
 
 WATCHED = ("lots", "entries", "lot_movements", "transactions", "reservation_holds")
 
 
 async def table_reads(db: asyncpg.Connection) -> dict[str, tuple[int, int]]:
     """Per watched table: sequential scans started, and rows fetched by index."""
-    await db.execute("SELECT pg_stat_force_next_flush()")
-    rows = await db.fetch(
-        "SELECT relname, seq_scan, coalesce(idx_tup_fetch, 0) AS fetched "
-        "FROM pg_stat_user_tables WHERE relname = ANY ($1::text[])",
-        list(WATCHED),
-    )
-    return {r["relname"]: (int(r["seq_scan"]), int(r["fetched"])) for r in rows}
+    return await own_table_counters(db, WATCHED)
 
 
 async def blocks(db: asyncpg.Connection, statement: str, *args: object) -> int:
