@@ -17,7 +17,7 @@ import httpx
 from bench import RESULTS_DIR
 from bench.api import SETUP_CONCURRENCY, Api, bounded_gather
 from bench.http import LeanClient
-from bench.probes import CpuProbe, Statements
+from bench.probes import CpuProbe, Statements, add_cpu
 from bench.stats import Stats
 
 DEFAULT_JSON = RESULTS_DIR / "latest.json"
@@ -104,26 +104,34 @@ async def run_workers(
     stats: Stats,
     per_worker: Sequence[int],
     step: Callable[[int, int], Awaitable[None]],
+    first: Sequence[int] | None = None,
 ) -> None:
     """Run workers, each doing its count of steps one after the other, until
-    done or the scenario's time cap (a step begun before the cap finishes)."""
+    done or the scenario's time cap (a step begun before the cap finishes).
+
+    Worker w's steps are numbered from first[w] (0 when not given): a
+    scenario run in rounds (run_interleaved) calls this once per round, and
+    the time, CPU and latencies of the rounds add up in `stats`."""
     if ctx.statements is not None:
         await ctx.statements.reset()
     before = await ctx.probe.snapshot() if ctx.probe else None
     started = time.monotonic()
-    deadline = started + stats.time_cap
+    deadline = started + max(0.0, stats.time_cap - stats.elapsed)
+    starts = first or [0] * len(per_worker)
 
     async def worker(w: int, count: int) -> None:
-        for i in range(count):
+        for i in range(starts[w], starts[w] + count):
             if time.monotonic() >= deadline:
                 stats.capped = True
                 return
             await step(w, i)
 
     await asyncio.gather(*(worker(w, n) for w, n in enumerate(per_worker)))
-    stats.elapsed = time.monotonic() - started
+    elapsed = time.monotonic() - started
+    stats.elapsed += elapsed
+    stats.rounds.append(elapsed)
     if ctx.probe and before:
-        stats.cpu = ctx.probe.delta(before, await ctx.probe.snapshot())
+        stats.cpu = add_cpu(stats.cpu, ctx.probe.delta(before, await ctx.probe.snapshot()))
     if ctx.statements is not None:
         stats.statements = await ctx.statements.top()
 
@@ -153,14 +161,39 @@ async def drive(
     stats: Stats,
     per_worker: Sequence[int],
     make: Callable[[int, int], Request],
+    first: Sequence[int] | None = None,
 ) -> None:
     """Run workers, each sending its count of requests one after the other,
-    until done or the scenario's time cap."""
+    until done or the scenario's time cap (run_workers: `first`)."""
 
     async def step(w: int, i: int) -> None:
         await send(ctx, stats, make(w, i))
 
-    await run_workers(ctx, stats, per_worker, step)
+    await run_workers(ctx, stats, per_worker, step, first)
+
+
+@dataclass
+class Prepared:
+    """A scenario set up and ready to run its timed requests in one go or in
+    rounds (bench.scenarios.run_interleaved): `run(share)` sends the next
+    `share` of each worker's requests, `finish()` checks the outcome."""
+
+    stats: Stats
+    per_worker: list[int]
+    run_share: Callable[[list[int], list[int]], Awaitable[None]]
+    finish: Callable[[], Awaitable[None]]
+    sent: list[int] = field(default_factory=list)
+
+    async def run(self, share: list[int]) -> None:
+        if not self.sent:
+            self.sent = [0] * len(self.per_worker)
+        await self.run_share(share, list(self.sent))
+        self.sent = [a + b for a, b in zip(self.sent, share, strict=True)]
+
+    async def run_all(self) -> Stats:
+        await self.run(list(self.per_worker))
+        await self.finish()
+        return self.stats
 
 
 def debits_known(stats: Stats) -> int | None:

@@ -78,7 +78,15 @@ from bench.postgres import Database, dsn_for, provision, redact, server_identity
 from bench.probes import CpuProbe, Statements
 from bench.process import POOL_MAX_SIZE, Service, run_audit
 from bench.report import git_commit, machine_facts, table, targets, write_json
-from bench.scenarios import RATIOS, SCENARIOS, warm_up
+from bench.scenarios import (
+    POLICY_RATIOS,
+    RATIOS,
+    SCENARIOS,
+    interleaved_later,
+    interleaved_partner,
+    run_interleaved,
+    warm_up,
+)
 from bench.scenarios.throughput import wrk_phases
 from bench.stats import Stats
 
@@ -182,13 +190,21 @@ async def run_bench(opts: Options) -> dict[str, Any]:
             result["warm_up"] = await warm_up(ctx, concurrency)
             usage_before = await ctx.api.posted("system:usage")
             for name in names:
-                print(f"bench: {name} ...", file=sys.stderr, flush=True)
+                if interleaved_later(name, names):
+                    continue
+                partner = interleaved_partner(name, names)
+                together = (name,) if partner is None else (name, partner)
+                print(f"bench: {' + '.join(together)} ...", file=sys.stderr, flush=True)
                 try:
-                    stats = await SCENARIOS[name](ctx)
+                    if partner is None:
+                        ran = [await SCENARIOS[name](ctx)]
+                    else:
+                        ran = list(await run_interleaved(ctx, name, partner))
                 except (SetupError, httpx.TransportError) as exc:
-                    stats = Stats(name, 0, 0, 0, 0)
-                    stats.setup_error = f"{type(exc).__name__}: {exc}"[:1000]
-                result["scenarios"].append(stats.summary())
+                    ran = [Stats(n, 0, 0, 0, 0) for n in together]
+                    for stats in ran:
+                        stats.setup_error = f"{type(exc).__name__}: {exc}"[:1000]
+                result["scenarios"].extend(stats.summary() for stats in ran)
                 if not service.alive():
                     result["checks"]["service_died"] = service.log_tail()
                     break
@@ -235,6 +251,14 @@ async def run_bench(opts: Options) -> dict[str, Any]:
         spread, shared = by_name.get(spread_name), by_name.get(shared_name)
         if spread and shared and spread["ops_per_s"] and shared["ops_per_s"] is not None:
             result["ratios"][ratio] = round(shared["ops_per_s"] / spread["ops_per_s"], 3)
+    for ratio, (plain_name, policy_name) in POLICY_RATIOS.items():
+        # CPU per op, with a policy over without (above 1: the policy costs).
+        plain, policy = by_name.get(plain_name), by_name.get(policy_name)
+        for part in ("postgres_server", "service"):
+            a = plain and plain.get(f"{part}_cpu_ms_per_op")
+            b = policy and policy.get(f"{part}_cpu_ms_per_op")
+            if a and b:
+                result["ratios"][f"{ratio}_{part}_cpu_per_op"] = round(b / a, 3)
     # Reported, never part of `passed`: a target is a goal, a check is correctness.
     result["targets"] = targets(result)
     result["finished_at"] = datetime.now(UTC).isoformat()

@@ -99,6 +99,7 @@ class CpuProbe:
         client = b["client"] - a["client"]
         ours = (service or 0.0) + (pg if server is None else server) + client
         return {
+            "wall_s": round(wall, 4),
             "service_cores": cores(service),
             "postgres_cores": cores(pg),
             "postgres_server_cores": cores(server),
@@ -109,6 +110,30 @@ class CpuProbe:
             "postgres_cpu_s": round(pg, 4),
             "postgres_server_cpu_s": None if server is None else round(server, 4),
         }
+
+
+def add_cpu(total: dict[str, Any] | None, part: dict[str, Any]) -> dict[str, Any]:
+    """Two CpuProbe.delta answers as one over both spans (the rounds of an
+    interleaved scenario): CPU-seconds and wall time add up, cores are
+    CPU-seconds over the summed wall time, the machine's busy cores a
+    wall-weighted mean."""
+    if total is None:
+        return part
+    wall = total["wall_s"] + part["wall_s"]
+    out: dict[str, Any] = {"wall_s": round(wall, 4)}
+    for key in ("service", "postgres", "postgres_server"):
+        a, b = total[f"{key}_cpu_s"], part[f"{key}_cpu_s"]
+        seconds = None if a is None or b is None else a + b
+        out[f"{key}_cpu_s"] = None if seconds is None else round(seconds, 4)
+        out[f"{key}_cores"] = None if seconds is None else round(seconds / wall, 3)
+    for key in ("client_cores", "machine_busy_cores", "others_cores"):
+        a, b = total[key], part[key]
+        out[key] = (
+            None
+            if a is None or b is None
+            else round((a * total["wall_s"] + b * part["wall_s"]) / wall, 3)
+        )
+    return out
 
 
 class Statements:

@@ -16,6 +16,7 @@ from typing import Any
 
 from bench import REPO
 from bench.postgres import Database
+from bench.scenarios import POLICY_RATIOS
 
 
 def run_side_bench(
@@ -321,7 +322,25 @@ def table(result: dict[str, Any]) -> str:
     ):
         ratio = result["ratios"].get(key)
         if ratio is not None:
-            lines.append(f"ratio {label} with/without a spend policy (ops/s): {ratio:.3f}")
+            pg = result["ratios"].get(f"{key}_postgres_server_cpu_per_op")
+            svc = result["ratios"].get(f"{key}_service_cpu_per_op")
+            cpu = (
+                f"; CPU per op: postgres {pg:.3f}, service {svc:.3f}"
+                if pg is not None and svc is not None
+                else ""
+            )
+            rounds = max(
+                (
+                    s.get("rounds", 1)
+                    for s in result["scenarios"]
+                    if s["name"] in POLICY_RATIOS[key]
+                ),
+                default=1,
+            )
+            how = f" (interleaved, {rounds} rounds each)" if rounds > 1 else ""
+            lines.append(
+                f"ratio {label} with/without a spend policy (ops/s){how}: {ratio:.3f}{cpu}"
+            )
     for name, check in result["checks"].items():
         if isinstance(check, dict):
             verdict = "pass" if check.get("passed") else "FAIL"

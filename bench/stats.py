@@ -69,6 +69,9 @@ class Stats:
     ok_answers: int = 0
     # Latencies by request kind, for scenarios that send more than one kind.
     latencies_by: dict[str, list[float]] = field(default_factory=dict)
+    # Wall seconds of each timed round: one for most scenarios, several for
+    # the pairs run interleaved (bench.scenarios.run_interleaved).
+    rounds: list[float] = field(default_factory=list)
 
     def record(
         self,
@@ -156,6 +159,7 @@ class Stats:
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
             "error_codes": dict(self.codes),
             "elapsed_s": round(self.elapsed, 3),
+            "rounds": len(self.rounds),
             "ops_per_s": round(self.ops / elapsed, 1) if self.elapsed else None,
             "req_per_s": round(self.requests / elapsed, 1) if self.elapsed else None,
             "latency_ms": latency_summary(lat),

@@ -6,13 +6,21 @@ from __future__ import annotations
 
 from collections import Counter
 
-from bench.driver import Context, Request, debits_known, drive, split, wallet_postings
+from bench.driver import (
+    Context,
+    Prepared,
+    Request,
+    debits_known,
+    drive,
+    split,
+    wallet_postings,
+)
 from bench.stats import Stats
 
 
-async def _debits(
+async def prepare_debits(
     ctx: Context, name: str, shared: bool, default_count: int, policy: bool = False
-) -> Stats:
+) -> Prepared:
     """Workers debiting 1 credit at a time: all from one wallet (shared), or
     spread over ctx.wallets() wallets, worker w's i-th debit on wallet
     (i * workers + w) mod wallets, so that the workers, each at about the
@@ -47,12 +55,15 @@ async def _debits(
         body = {"account": f"employee:{wallets[pick(w, i)]}", "amount": 1}
         return "POST", "/v1/debits", body, ctx.key(name, w, i)
 
-    await drive(ctx, stats, per_worker, make)
-    known = debits_known(stats)
-    ctx.debited[name] = known
-    if known is None:
-        stats.check = {"passed": True, "skipped": "a transport error left some outcome unknown"}
-    else:
+    async def run_share(share: list[int], first: list[int]) -> None:
+        await drive(ctx, stats, share, make, first)
+
+    async def finish() -> None:
+        known = debits_known(stats)
+        ctx.debited[name] = known
+        if known is None:
+            stats.check = {"passed": True, "skipped": "a transport error left some outcome unknown"}
+            return
         posted = await wallet_postings(ctx, wallets)
         expected_total = sum(funding.values()) - known
         stats.check = {
@@ -61,7 +72,15 @@ async def _debits(
             "posted_sum": sum(posted),
             "passed": sum(posted) == expected_total,
         }
-    return stats
+
+    return Prepared(stats, per_worker, run_share, finish)
+
+
+async def _debits(
+    ctx: Context, name: str, shared: bool, default_count: int, policy: bool = False
+) -> Stats:
+    prepared = await prepare_debits(ctx, name, shared, default_count, policy)
+    return await prepared.run_all()
 
 
 async def debit_spread(ctx: Context) -> Stats:

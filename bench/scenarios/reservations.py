@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.driver import Context, run_workers, send, split
+from bench.driver import Context, Prepared, run_workers, send, split
 from bench.stats import Stats
 
 # Reservation scenarios: each pair holds RESERVE_AMOUNT, then captures
@@ -33,7 +33,9 @@ class PairLog:
     unknown_captures: int = 0  # transport errors: a capture may have happened
 
 
-async def _reserve_capture(ctx: Context, name: str, shared: bool, policy: bool = False) -> Stats:
+async def prepare_reserve_capture(
+    ctx: Context, name: str, shared: bool, policy: bool = False
+) -> Prepared:
     """Workers each doing sequential pairs: reserve RESERVE_AMOUNT, then
     capture 1..RESERVE_AMOUNT of it, or now and then OVER_CAPTURE_AMOUNT.
     One op = one pair (both answers 2xx); latencies are per request."""
@@ -57,7 +59,9 @@ async def _reserve_capture(ctx: Context, name: str, shared: bool, policy: bool =
     await ctx.api.grants(funding)
     if policy:
         await ctx.api.policies(wallets, funding)
-    usage_before = await ctx.api.posted("system:usage")
+    # What system:usage gained during this scenario's own rounds (another
+    # scenario's rounds may run between them: run_interleaved).
+    usage_gain = [0]
     rngs = [random.Random(ctx.opts.seed * 1000 + w) for w in range(workers)]  # noqa: S311  # why: load shape, not security
     log = PairLog()
 
@@ -101,11 +105,22 @@ async def _reserve_capture(ctx: Context, name: str, shared: bool, policy: bool =
             log.over_captures += int(over)
             stats.ops_done = (stats.ops_done or 0) + 1
 
-    await run_workers(ctx, stats, per_worker, step)
-    captured_sum = sum(log.captured.values())
-    ctx.debited[name] = None if log.unknown_captures else captured_sum
-    stats.check = await pair_check(ctx, stats, log, wallets, funding, usage_before)
-    return stats
+    async def run_share(share: list[int], first: list[int]) -> None:
+        before = await ctx.api.posted("system:usage")
+        await run_workers(ctx, stats, share, step, first)
+        usage_gain[0] += await ctx.api.posted("system:usage") - before
+
+    async def finish() -> None:
+        captured_sum = sum(log.captured.values())
+        ctx.debited[name] = None if log.unknown_captures else captured_sum
+        stats.check = await pair_check(ctx, stats, log, wallets, funding, usage_gain[0])
+
+    return Prepared(stats, per_worker, run_share, finish)
+
+
+async def _reserve_capture(ctx: Context, name: str, shared: bool, policy: bool = False) -> Stats:
+    prepared = await prepare_reserve_capture(ctx, name, shared, policy)
+    return await prepared.run_all()
 
 
 async def pair_check(
@@ -114,7 +129,7 @@ async def pair_check(
     log: PairLog,
     wallets: Sequence[str],
     funding: dict[str, int],
-    usage_before: int,
+    usage_gain: int,
 ) -> dict[str, Any]:
     """After a reservation scenario: no 5xx; every reservation the workers
     created got exactly one successful capture (by its answers, and by the
@@ -122,7 +137,6 @@ async def pair_check(
     system:usage gained, and the wallets lost, exactly the captured credits."""
     captured_sum = sum(log.captured.values())
     accounts = {w: await ctx.api.account(f"employee:{w}") for w in wallets}
-    usage_gain = await ctx.api.posted("system:usage") - usage_before
     # Capture transactions, by the reservation they captured (details.reservation_id).
     txn_count: Counter[str] = Counter()
     txn_amount: dict[str, int] = {}

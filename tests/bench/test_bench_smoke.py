@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench import chaos, harness, pgbench
-from bench.scenarios import SCENARIOS
+from bench.scenarios import INTERLEAVED, INTERLEAVED_ROUNDS, POLICY_RATIOS, SCENARIOS
 from service.devdb import Server
 
 pytestmark = pytest.mark.slow
@@ -105,6 +105,15 @@ def test_bench_smoke(pg_server: Server, tmp_path: Path, capsys: pytest.CaptureFi
     assert "shared_over_spread" in result["ratios"]
     assert "reserve_capture_shared_over_spread" in result["ratios"]
     assert "usage_batch_over_single" in result["ratios"]
+    # The spend-policy pairs ran interleaved, in rounds, and are compared in
+    # ops/s and in CPU per op.
+    for plain, policy in INTERLEAVED:
+        assert scenarios[plain]["rounds"] == scenarios[policy]["rounds"] == INTERLEAVED_ROUNDS
+    for key in POLICY_RATIOS:
+        assert key in result["ratios"], result["ratios"]
+        assert f"{key}_postgres_server_cpu_per_op" in result["ratios"], result["ratios"]
+    assert "(interleaved, 5 rounds each)" in report
+    assert scenarios["debit_latency"]["rounds"] == 1
     assert rc == 0 and result["passed"], report
 
 
