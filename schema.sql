@@ -5322,15 +5322,17 @@ DECLARE
     v_own_spent bigint[];
     v_missing boolean;
     v_locks boolean;
+    v_shared boolean;
 BEGIN
     -- One sort (the window's), read in its order: an ORDER BY in each
     -- array_agg would sort the rows once per array.
     SELECT array_agg(k.wallet), array_agg(k.account), array_agg(k.own_department),
            array_agg(k.owner), array_agg(k.ord), array_agg(k.department), array_agg(k.period), array_agg(k.tz),
            array_agg(k.start), array_agg(k.amount), array_agg(k.hard), array_agg(k.own_spent),
-           bool_or(k.own_spent IS NULL), bool_or(k.hard AND k.department IS NOT NULL)
+           bool_or(k.own_spent IS NULL), bool_or(k.hard AND k.department IS NOT NULL),
+           bool_or(k.department IS NOT NULL)
       INTO v_wallet, v_account, v_own_department, v_owner, v_ord, v_department, v_period, v_tz,
-           v_start, v_amount, v_hard, v_own_spent, v_missing, v_locks
+           v_start, v_amount, v_hard, v_own_spent, v_missing, v_locks, v_shared
       FROM (SELECT l.*,
                    row_number() OVER (PARTITION BY l.wallet
                                       ORDER BY l.department NULLS FIRST, l.period, l.tz, l.owner, l.ord)::integer
@@ -5363,6 +5365,24 @@ BEGIN
                      CROSS JOIN LATERAL jsonb_array_elements(p.limits) WITH ORDINALITY AS v(l, ord)) l) l
              ORDER BY l.wallet, rank) k;
     IF v_wallet IS NULL THEN
+        RETURN;
+    END IF;
+    -- Only the wallets' own limits, each with its row already read: the
+    -- answer is what was just read. No department limit means no lock to
+    -- take and no limit shared by two links (a link's limit is itself:
+    -- `first` is its own position). This skips the statement below, which
+    -- was a tenth of what a policy added to a batch of debits.
+    IF NOT v_missing AND NOT v_shared THEN
+        wallet := v_wallet;
+        first := ARRAY(SELECT generate_series(1, cardinality(v_wallet)));
+        owner := v_owner;
+        ord := v_ord;
+        period := v_period;
+        time_zone := v_tz;
+        starts_at := v_start;
+        amount := v_amount;
+        hard := v_hard;
+        total := v_own_spent;
         RETURN;
     END IF;
     -- The accounts' own rows of the windows their limits count in (a new

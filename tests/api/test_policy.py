@@ -732,6 +732,98 @@ async def test_bound_wallets_go_set_based_and_decide_as_one_by_one(
     await assert_audit_clean(database_url)
 
 
+async def test_wallets_bound_by_their_own_limits_only_decide_as_one_by_one(
+    client: Any, api: Api, clock: FakeClock, database_url: str
+) -> None:
+    """A batch whose wallets are bound by their own limits only, their window
+    rows already made, takes tl_policy_batch_links's short way (no department
+    lock, no limit shared by two wallets): the same answers, wallet states,
+    window totals and limit.reached events as one by one on a twin."""
+    from tests.api.test_coalescing import (
+        _canon,
+        _wallet_state,
+        fast_items,
+        item,
+        ledger_of,
+        reservation_item,
+    )
+
+    clock.set(None)  # type: ignore[arg-type]  # why: the batch path needs one shared instant
+    ledger = ledger_of(client)
+    outcomes, states, spent, events = {}, {}, {}, {}
+    for twin, one_by_one in (("own-batch", False), ("own-single", True)):
+        w1, w2 = f"employee:{twin}-1", f"employee:{twin}-2"
+        for emp, day in ((f"{twin}-1", 100), (f"{twin}-2", 60)):
+            await api.employee(emp, twin)
+            await api.grant(emp, 500)
+            await put_policy(
+                client,
+                f"employee:{emp}",
+                limits=[
+                    {"window": "month", "amount": 80, "mode": "soft"},
+                    {"window": "day", "amount": day},
+                ],
+            )
+        held = []  # made before the batch: their window rows exist (w1 30, w2 20)
+        for wallet, amount in ((w1, 30), (w2, 20)):
+            r = await reserve(client, wallet, amount=amount)
+            assert r.status_code == 201, r.text
+            held.append(r.json()["id"])
+        keys = (f"{twin}-{k}" for k in range(100))
+        res = {"ttl_seconds": 600, "metadata": None}
+        items = [
+            item("debit", {"account": w1, "amount": 40}, next(keys)),  # w1 70
+            item("debit", {"account": w2, "amount": 30}, next(keys)),  # w2 50
+            item("debit", {"account": w2, "amount": 11}, next(keys)),  # w2 61 > 60
+            # Over its hold by 5: w1 75.
+            reservation_item(
+                "capture", {"amount": 35, "metadata": None}, held[0], next(keys), status=200
+            ),
+            item("reserve", {"account": w1, "amount": 10, **res}, next(keys)),  # w1 85: soft 100 %
+            item("debit", {"account": w1, "amount": 16}, next(keys)),  # w1 101 > 100
+            reservation_item("release", {}, held[1], next(keys), status=200),  # w2 30
+            item("debit", {"account": w2, "amount": 30}, next(keys)),  # w2 60, under 64
+            item("debit", {"account": w1, "amount": 15}, next(keys)),  # w1 100
+        ]
+        if one_by_one:
+            results = [await ledger._execute_one(i) for i in items]
+        else:
+            assert await fast_items(ledger, items) == [True] * len(items)
+            results = await ledger._execute_batch(items)
+        names = {twin: "TWIN"}
+        outcomes[twin] = [
+            (r["status"], _canon(r["body"], names)) if isinstance(r, dict) else repr(r)
+            for r in results
+        ]
+        states[twin] = [await _wallet_state(client, w, names) for w in (w1, w2)]
+        spent[twin] = [
+            [w["spent"] for w in (await get_policy(client, a))["limits"]] for a in (w1, w2)
+        ]
+        events[twin] = [
+            (
+                e["data"]["account"].replace(twin, "TWIN"),
+                e["data"]["window"],
+                e["data"]["threshold_percent"],
+                e["data"]["spent"],
+            )
+            for e in await outbox(database_url)
+            if e["data"]["account"].startswith(f"employee:{twin}-")
+        ]
+    assert [o[0] for o in outcomes["own-batch"]] == [201, 201, 409, 200, 201, 409, 200, 201, 201]
+    assert outcomes["own-batch"] == outcomes["own-single"]
+    assert states["own-batch"] == states["own-single"]
+    assert spent["own-batch"] == spent["own-single"] == [[100, 100], [60, 60]]
+    assert (
+        events["own-batch"]
+        == events["own-single"]
+        == [
+            ("employee:TWIN-1", "month", 80, 70),
+            ("employee:TWIN-1", "month", 100, 85),
+        ]
+    ), events
+    await assert_audit_clean(database_url)
+
+
 async def test_capture_of_a_reservation_from_an_earlier_window_goes_one_by_one(
     client: Any, api: Api, clock: FakeClock, database_url: str
 ) -> None:
