@@ -557,10 +557,31 @@ LIMIT 1;
 
 -- name: audit_9_policy_bound
 -- Spend policy: an account is marked bound exactly when a policy binds it
--- (its own, or its department's), so no bound account skips its checks.
-SELECT format('account %s: policy_bound is %s', a.address, a.policy_bound) AS problem
-FROM accounts a
-WHERE a.type <> 'system' AND a.policy_bound IS DISTINCT FROM EXISTS (SELECT 1 FROM tl_policies_of(a) p)
+-- (its own, or its department's), so no bound account skips its checks;
+-- and its resolved limits (policy_links, what a coalesced batch checks)
+-- are exactly its policies' limits, in check order.
+SELECT problem FROM (
+    SELECT format('account %s: policy_bound is %s', a.address, a.policy_bound) AS problem
+    FROM accounts a
+    WHERE a.type <> 'system' AND a.policy_bound IS DISTINCT FROM EXISTS (SELECT 1 FROM tl_policies_of(a) p)
+    UNION ALL
+    SELECT format('account %s: policy_links %s, its policies %s', a.address, coalesce(x.stored::text, 'none'),
+                  coalesce(x.resolved::text, 'none'))
+    FROM accounts a
+    LEFT JOIN policy_links pl ON pl.account_id = a.id
+    CROSS JOIN LATERAL (
+        SELECT to_jsonb(pl) - 'account_id' AS stored,
+               (SELECT jsonb_build_object(
+                           'own_department', tl_policy_department(a), 'owner', array_agg(l.owner ORDER BY l.rank),
+                           'ord', array_agg(l.ord ORDER BY l.rank),
+                           'department', array_agg(l.department ORDER BY l.rank),
+                           'period', array_agg(l.period ORDER BY l.rank),
+                           'time_zone', array_agg(l.time_zone ORDER BY l.rank),
+                           'amount', array_agg(l.amount ORDER BY l.rank), 'hard', array_agg(l.hard ORDER BY l.rank))
+                  FROM tl_policy_links_of(a) l
+                HAVING a.policy_bound AND count(*) > 0) AS resolved) x
+    WHERE (a.policy_bound OR pl.account_id IS NOT NULL) AND x.stored IS DISTINCT FROM x.resolved
+) p
 LIMIT 1;
 -- name: audit_8_program_grants__since
 -- The same for the grant transactions created since and the program grants

@@ -979,7 +979,7 @@ async def test_every_trigger_has_a_case(db: asyncpg.Connection) -> None:
         "api_keys_changed"
     )  # tests/api/test_key_cache.py::test_key_changes_notify_and_use_does_not
     # tests/api/test_policy.py::test_member_joining_a_department_is_bound_by_its_policy
-    covered |= {"employees_policy_rebind", "accounts_policy_bind"}
+    covered |= {"employees_policy_rebind", "accounts_policy_bind", "accounts_policy_links"}
     # tests/api/test_webhooks.py: test_balance_low_fires_once_per_crossing_and_rearms and
     # test_grant_reservation_and_program_events
     covered |= {

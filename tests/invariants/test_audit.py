@@ -691,6 +691,27 @@ async def test_wrong_policy_binding_breaks_the_binding_check(
     assert checks(violations) == {"audit_9_policy_bound"}
 
 
+async def test_resolved_limits_off_the_policies_break_the_binding_check(
+    scenario: str, db: asyncpg.Connection
+) -> None:
+    """A wallet's resolved limits (policy_links, what a coalesced batch checks) that
+    no longer match its policy are caught: a batch would check the wrong amount. So
+    is a bound wallet whose row is missing."""
+    await _policy_usage(db)
+    assert await audit(scenario) == []
+    await db.execute(
+        "UPDATE policy_links SET amount = ARRAY[101]"
+        " WHERE account_id = (SELECT id FROM accounts WHERE address = 'employee:pe')"
+    )
+    violations = await audit(scenario)
+    assert checks(violations) == {"audit_9_policy_bound"}
+    assert "employee:pe: policy_links" in violations[0].problem
+    await db.execute("DELETE FROM policy_links")
+    violations = await audit(scenario)
+    assert checks(violations) == {"audit_9_policy_bound"}
+    assert "policy_links none" in violations[0].problem
+
+
 async def test_overdraft_beyond_its_limit_breaks_invariant_4(
     scenario: str, db: asyncpg.Connection
 ) -> None:
