@@ -3170,10 +3170,16 @@ BEGIN
            array_agg(r.amount ORDER BY r.id), array_agg(r.metadata ORDER BY r.id),
            array_agg(r.created_at ORDER BY r.id)
       INTO v_r_id, v_r_account, v_r_amount, v_r_metadata, v_r_created
-      FROM reservations r
-     WHERE r.id = ANY (ARRAY(SELECT (p_args[i] ->> 'reservation_id')::uuid FROM unnest(v_items) i
-                              WHERE p_ops[i] IN ('capture', 'release')))
-       AND r.status = 'active' AND r.expires_at > v_now
+      -- The named ones by key first (OFFSET 0 keeps the conditions below out
+      -- of that scan): given them all at once, the planner answered from
+      -- the index of open reservations by expiry whenever a fresh table's
+      -- statistics made it look small, reading every open reservation
+      -- (tests/db/test_plans.py).
+      FROM (SELECT * FROM reservations x
+             WHERE x.id = ANY (ARRAY(SELECT (p_args[i] ->> 'reservation_id')::uuid FROM unnest(v_items) i
+                                      WHERE p_ops[i] IN ('capture', 'release')))
+            OFFSET 0) r
+     WHERE r.status = 'active' AND r.expires_at > v_now
        -- One its caller may not act on goes one by one, to answer not found.
        AND NOT EXISTS (SELECT 1 FROM unnest(v_items) i
                        WHERE (p_args[i] ->> 'reservation_id')::uuid = r.id AND NOT tl_may_act_on(r, p_ctxs[i]));
@@ -3184,13 +3190,16 @@ BEGIN
                            LATERAL (VALUES (p_args[i] ->> 'account'), (p_args[i] ->> 'from'),
                                            (p_args[i] ->> 'to')) v(x)
                      WHERE p_claimed[i] AND x IS NOT NULL AND i <> ALL (v_items));
+    -- (The reservations by `id = ANY (array)`, as everywhere here.)
     v_busy_ids := ARRAY(
-        SELECT r.account_id FROM generate_subscripts(p_ops, 1) i
-          JOIN reservations r ON r.id = (p_args[i] ->> 'reservation_id')::uuid
-         WHERE p_claimed[i]
-           AND (i <> ALL (v_items) OR r.id <> ALL (coalesce(v_r_id, '{}'))
-                OR (SELECT count(*) FROM unnest(v_items) j
-                     WHERE p_args[j] ->> 'reservation_id' = p_args[i] ->> 'reservation_id') > 1));
+        SELECT r.account_id FROM reservations r
+         WHERE r.id = ANY (ARRAY(
+                   SELECT (p_args[i] ->> 'reservation_id')::uuid FROM generate_subscripts(p_ops, 1) i
+                    WHERE p_claimed[i]
+                      AND (i <> ALL (v_items)
+                           OR (p_args[i] ->> 'reservation_id')::uuid <> ALL (coalesce(v_r_id, '{}'))
+                           OR (SELECT count(*) FROM unnest(v_items) j
+                                WHERE p_args[j] ->> 'reservation_id' = p_args[i] ->> 'reservation_id') > 1))));
     SELECT array_agg(a.id ORDER BY a.id), array_agg(a.address ORDER BY a.id),
            array_agg(a.asset ORDER BY a.id), array_agg(a.posted ORDER BY a.id),
            array_agg(a.version ORDER BY a.id), array_agg(a.reserved ORDER BY a.id),
@@ -3707,9 +3716,13 @@ BEGIN
                 JOIN accounts a ON a.address IN (u.args ->> 'account', u.args ->> 'from', u.args ->> 'to')
                WHERE u.fresh
               UNION
-              SELECT r.account_id FROM unnest(p_args, v_claimed) AS u(args, fresh)
-                JOIN reservations r ON r.id = (u.args ->> 'reservation_id')::uuid
-               WHERE u.fresh),
+              -- By `id = ANY (array)`, which only the index answers: as a
+              -- join, a fresh table's statistics had it hash all of them
+              -- (tests/db/test_plans.py).
+              SELECT r.account_id FROM reservations r
+               WHERE r.id = ANY (ARRAY(SELECT (u.args ->> 'reservation_id')::uuid
+                                         FROM unnest(p_args, v_claimed) AS u(args, fresh)
+                                        WHERE u.fresh))),
         ARRAY['system:expired', 'system:issuance', 'system:usage']);
     -- 3. What can go set-based (tl_batch_fast), then the rest one by one, in arrival order.
     v_fast := tl_batch_fast(p_ops, p_args, p_ctxs, p_statuses, v_claimed);

@@ -132,3 +132,63 @@ async def test_tables_that_doubled_are_analyzed_again(db: asyncpg.Connection) ->
     )
     await _flushed(db)
     assert "idempotency_keys" in await db.fetchval("SELECT tl_analyze_grown()")
+
+
+async def reservation_reads(db: asyncpg.Connection) -> int:
+    """Rows of `reservations` read so far, by any scan (the backend's own counters)."""
+    await db.execute("SELECT pg_stat_force_next_flush()")
+    row = await db.fetchrow(
+        "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0) AS n"
+        " FROM pg_stat_user_tables WHERE relname = 'reservations'"
+    )
+    assert row is not None
+    return int(row["n"])
+
+
+async def test_batch_capture_reads_its_reservations_only(
+    db: asyncpg.Connection, many_lots: str
+) -> None:
+    """A coalesced capture and release (tl_execute_batch) read the reservations they
+    name, not every reservation: with 3,000 others open and the statistics of an
+    empty table (every table starts so), the statement finding the wallets a
+    reservation keeps on the one-by-one path was planned as a hash join of the
+    batch against all of them (1.4 ms of an 8.6 ms batch in `make bench`)."""
+    ctx = json.dumps(CTX)
+    await db.execute("ANALYZE reservations")  # empty: what a fresh database's planner sees
+    await db.execute(
+        "SELECT tl_op_reserve(jsonb_build_object('account', 'employee:e' || g, 'amount', 1,"
+        " 'ttl_seconds', 3600), $1::jsonb) FROM generate_series(1, 3000) g",
+        ctx,
+    )
+    ids = [
+        str(r["id"])
+        for r in await db.fetch(
+            "SELECT r.id FROM reservations r JOIN accounts a ON a.id = r.account_id"
+            " WHERE a.address = ANY ($1::text[]) ORDER BY a.address",
+            ["employee:e1", "employee:e2"],
+        )
+    ]
+    args = [
+        json.dumps({"reservation_id": ids[0], "amount": 1, "metadata": None}),
+        json.dumps({"reservation_id": ids[1]}),
+    ]
+    before = await reservation_reads(db)
+    for _ in range(7):  # past the five custom plans of a cached statement
+        tx = db.transaction()
+        await tx.start()
+        out = json.loads(
+            await db.fetchval(
+                "SELECT tl_execute_batch($1, $2, $3, $4, $5, $6::jsonb[], $7::jsonb[])::text",
+                ["t", "t"],
+                ["k-capture", "k-release"],
+                [b"\x01" * 32, b"\x02" * 32],
+                ["capture", "release"],
+                [200, 200],
+                args,
+                [ctx, ctx],
+            )
+        )
+        await tx.rollback()  # the same two reservations again, 7 times
+        assert [o["status"] for o in out] == [200, 200], out
+    reads = await reservation_reads(db) - before
+    assert reads <= 7 * 40, f"{reads} reservation rows read by 7 batches of 2"
