@@ -152,7 +152,11 @@ async def test_batch_capture_reads_its_reservations_only(
     name, not every reservation: with 3,000 others open and the statistics of an
     empty table (every table starts so), the statement finding the wallets a
     reservation keeps on the one-by-one path was planned as a hash join of the
-    batch against all of them (1.4 ms of an 8.6 ms batch in `make bench`)."""
+    batch against all of them (1.4 ms of an 8.6 ms batch in `make bench`).
+    The answer builders (tl_reservation_json) keep the plan the session made
+    first: here while the 3,000 were reserved one by one, outside the hot
+    path's settings, which as PL/pgSQL without enable_seqscan = off of their
+    own was a sequential scan at every later call."""
     ctx = json.dumps(CTX)
     await db.execute("ANALYZE reservations")  # empty: what a fresh database's planner sees
     await db.execute(
@@ -192,3 +196,17 @@ async def test_batch_capture_reads_its_reservations_only(
         assert [o["status"] for o in out] == [200, 200], out
     reads = await reservation_reads(db) - before
     assert reads <= 7 * 40, f"{reads} reservation rows read by 7 batches of 2"
+
+
+@pytest.mark.parametrize("function", ["tl_transaction_json", "tl_reservation_json"])
+async def test_answer_builders_keep_their_plans(db: asyncpg.Connection, function: str) -> None:
+    """The functions a reserve or capture batch answers with, one call per item,
+    read tables, so PostgreSQL cannot inline them; as SQL functions they were
+    planned again at every call (about 190 us a call where the PL/pgSQL form,
+    whose plan the session keeps, takes 65). They stay PL/pgSQL."""
+    language = await db.fetchval(
+        "SELECT l.lanname FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang"
+        " WHERE p.proname = $1",
+        function,
+    )
+    assert language == "plpgsql"
