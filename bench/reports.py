@@ -220,9 +220,13 @@ async def declare_tags(dsn: str, names: list[str]) -> float:
 
 
 async def measure(
-    dsn: str, runs: int, only: list[tuple[str, ...]] | None = None
+    dsn: str, runs: int, only: list[tuple[str, ...]] | None = None, tags: tuple[str, ...] = ()
 ) -> list[dict[str, Any]]:
-    config = inprocess.bench_config(dsn, pool_min_size=1, pool_max_size=4)
+    # The app syncs its TOKENLEDGER_REPORT_TAGS at start-up: the same keys as
+    # declare_tags, or it would undeclare them.
+    config = inprocess.bench_config(
+        dsn, pool_min_size=1, pool_max_size=4, report_tags=",".join(tags)
+    )
     pool = await db.create_pool(
         dsn,
         min_size=1,
@@ -339,8 +343,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             build_seconds = await rebuild_schema(database.dsn)
         else:
             build_seconds = await build(database.dsn, args.employees, args.events)
-        tags = [t for t in getattr(args, "tags", "").split(",") if t]
-        build_seconds["declare_tags"] = await declare_tags(database.dsn, tags)
+        # (--tags' default too for callers that build their own arguments.)
+        tags = [t for t in getattr(args, "tags", "team").split(",") if t]
+        declare_seconds = await declare_tags(database.dsn, tags)
         conn = await db.connect(database.dsn)
         try:
             daily_rows = int(await conn.fetchval("SELECT count(*) FROM usage_daily"))
@@ -348,7 +353,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             await conn.close()
         only = [tuple(g.split(",")) for g in getattr(args, "only", None) or []]
         loadavg_start = [round(x, 2) for x in os.getloadavg()]
-        results = await measure(database.dsn, args.runs, only or None)
+        results = await measure(database.dsn, args.runs, only or None, tuple(tags))
         loadavg_end = [round(x, 2) for x in os.getloadavg()]
     finally:
         if not (keep or reuse):
@@ -359,6 +364,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "events": args.events,
         "usage_daily_rows": daily_rows,
         "report_tags": tags,
+        "declare_tags_seconds": round(declare_seconds, 3),
         "month": [MONTH_START.isoformat(), MONTH_END.isoformat()],
         "runs": args.runs,
         "server_version": database.server_version,

@@ -42,7 +42,29 @@
 -- project and date bucket; the second joins the (few) resulting accounts to
 -- employees and folds them into the asked keys. Every key is text, so the
 -- final ORDER BY picks each position's key by name.
-WITH raw AS (
+WITH
+-- A report by department without employee from the tag roll-up per month and
+-- account ($4 'tag_monthly', so nobody moved department in the period): each
+-- employee account's department at $1, exactly as `homes` below finds it, as
+-- that department's own account. The tag roll-up's rows are then read under
+-- it, and the first aggregation folds a department's employees into one row
+-- per tag value (a month of 10,000 employees: about 200 groups instead of
+-- 100,000, which cost half a second). An account without a match keeps its
+-- own id, for `homes`.
+tag_homes AS (
+    SELECT a.id AS account_id, da.id AS home
+    FROM accounts a
+    JOIN employees e ON e.id = a.ref
+    CROSS JOIN LATERAL (
+        SELECT coalesce((SELECT h.department FROM employee_departments h
+                         WHERE h.employee_id = a.ref AND h.since <= $1::timestamptz
+                         ORDER BY h.since DESC LIMIT 1),
+                        e.department) AS department) d
+    JOIN accounts da ON da.address = 'department:' || d.department
+    WHERE $4::text = 'tag_monthly' AND 'department' = ANY ($3::text[])
+      AND NOT 'employee' = ANY ($3::text[]) AND a.type = 'employee'
+),
+raw AS (
     SELECT d.account_id, d.model, d.project, d.day, d.events, d.input_tokens,
            d.cached_input_tokens, d.output_tokens, d.credits, 0::bigint AS overage, 0::bigint AS violations,
            NULL::jsonb AS tags, 0::bigint AS debits, 0::bigint AS debit_credits
@@ -202,9 +224,10 @@ WITH raw AS (
       AND tg.day >= ($8::timestamptz AT TIME ZONE 'UTC')::date
       AND tg.day < ($9::timestamptz AT TIME ZONE 'UTC')::date
     UNION ALL
-    SELECT tm.account_id, NULL, '', tm.month, tm.events, tm.input_tokens,
+    SELECT coalesce(th.home, tm.account_id), NULL, '', tm.month, tm.events, tm.input_tokens,
            tm.cached_input_tokens, tm.output_tokens, tm.credits, 0, 0, tm.tag_values, 0, 0
     FROM usage_tag_monthly tm
+    LEFT JOIN tag_homes th ON th.account_id = tm.account_id
     WHERE $4::text = 'tag_monthly'
       AND tm.month >= ($8::timestamptz AT TIME ZONE 'UTC')::date
       AND tm.month < ($9::timestamptz AT TIME ZONE 'UTC')::date
@@ -216,9 +239,10 @@ WITH raw AS (
       AND sg.day >= ($8::timestamptz AT TIME ZONE 'UTC')::date
       AND sg.day < ($9::timestamptz AT TIME ZONE 'UTC')::date
     UNION ALL
-    SELECT st.account_id, NULL, '', st.month, 0, 0, 0, 0, st.credits, 0, 0, st.tag_values,
-           st.debits, st.credits
+    SELECT coalesce(th.home, st.account_id), NULL, '', st.month, 0, 0, 0, 0, st.credits, 0, 0,
+           st.tag_values, st.debits, st.credits
     FROM spend_tag_monthly st
+    LEFT JOIN tag_homes th ON th.account_id = st.account_id
     WHERE $7::text = 'tag_monthly'
       AND st.month >= ($8::timestamptz AT TIME ZONE 'UTC')::date
       AND st.month < ($9::timestamptz AT TIME ZONE 'UTC')::date
