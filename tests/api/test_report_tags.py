@@ -150,7 +150,7 @@ async def tagged_history(api: Api, clock: FakeClock) -> None:
             account=f"employee:{emp}",
             occurred_at=when.isoformat(),
             tags={"team": team} if team else None,
-            **({"project": "alpha"} if n % 2 else {}),
+            project="alpha" if n % 2 else None,
         )
         for n, (emp, team) in enumerate(
             [("e-a", "red"), ("e-z", "ghost"), ("e-c", "blue"), ("e-z", "ghost"), ("e-b", None)]
@@ -387,7 +387,8 @@ async def test_a_declared_month_reads_no_events_nor_journal(
     a month's report by the declared `team` (shifted by a microsecond, so corrected at
     its start) reads the tag roll-ups: no sequential scan of usage_events and only the
     edge's events fetched, and of the journal only its index probe of the edge (which holds
-    no debit), never the month's 3,000 debits a tag report read before. Its answer equals the events and the journal read whole."""
+    no debit), never the month's 3,000 debits a tag report read before. Its answer equals
+    the events and the journal read whole."""
     start, end = datetime(2026, 3, 1, 0, 0, 0, 1, tzinfo=UTC), datetime(2026, 4, 1, tzinfo=UTC)
     conn = await service_db.connect(database_url)
     try:
@@ -442,3 +443,41 @@ async def test_a_declared_month_reads_no_events_nor_journal(
     for table in ("transactions", "entries"):
         assert after[table][0] == before[table][0], table
         assert after[table][2] - before[table][2] <= 10, (table, before, after)
+
+
+async def test_app_role_syncs_and_keeps_the_tag_rollups(
+    config: Config, admin_key: str, clock: FakeClock, database_url: str
+) -> None:
+    """Run as tokenledger_app, start-up declares the keys (tl_report_tags_sync locks the
+    journal as its owner), the write paths keep the tag roll-ups and reports read them."""
+    import httpx
+
+    from service.app import create_app
+    from tests.api.conftest import running
+
+    cfg = msgspec.structs.replace(config, db_role="tokenledger_app", report_tags="team")
+    app = create_app(cfg, clock=clock)
+    async with (
+        running(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://testserver.local",
+            timeout=30,
+            headers={"Authorization": f"Bearer {admin_key}"},
+        ) as c,
+    ):
+        c.app = app  # type: ignore[attr-defined]  # why: ledger_of reaches the app's state
+        api = Api(c)
+        await build_history(api, clock)
+        await usage(api, clock, "e-a", datetime(2026, 2, 3, tzinfo=UTC), "r-1", tags={"team": "x"})
+        await debit(api, clock, "e-c", datetime(2026, 2, 4, tzinfo=UTC), 8, team="x")
+        assert await sources(api, *PERIODS[1], ("department", "tag:team")) == (
+            "tag_monthly",
+            "tag_monthly",
+        )
+        events = await direct_events(database_url)
+        lo, hi = (datetime.fromisoformat(b) for b in PERIODS[1])
+        for keys in (("department", "tag:team"), ("tag:team", "day")):
+            r = await report(api, *PERIODS[1], keys)
+            assert r.json() == {"items": expected(events, lo, hi, keys)}, keys
+            assert {i["tag:team"] for i in r.json()["items"]} >= {"x"}
