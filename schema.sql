@@ -7741,10 +7741,13 @@ BEGIN
 END $$;
 
 -- The service's role reads the keys and writes the roll-ups (the write paths
--- run as it); it changes the keys only through tl_report_tags_sync.
+-- run as it); it changes the keys only through tl_report_tags_sync, which
+-- nobody else may call (it runs as the owner and locks the journal).
+REVOKE EXECUTE ON FUNCTION tl_report_tags_sync(text[]) FROM PUBLIC;
 DO $$
 BEGIN
     GRANT SELECT ON report_tag_keys TO tokenledger_app;
+    GRANT EXECUTE ON FUNCTION tl_report_tags_sync(text[]) TO tokenledger_app;
     GRANT SELECT, INSERT, UPDATE ON usage_tag_daily, usage_tag_monthly, spend_tag_daily, spend_tag_monthly
         TO tokenledger_app;
 EXCEPTION WHEN insufficient_privilege OR undefined_object THEN

@@ -14,8 +14,8 @@
 -- when both are midnights and else to their nearest midnights (see below).
 -- $6: the names of the
 -- `tag:<name>` keys, which $3 calls tag1, tag2, tag3 (sources 'events',
--- 'tag_daily' and 'tag_monthly': only the tag roll-ups keep tags). Debits and captures by amount (issue 16) are
--- read from $7, which service/reports.py picked: 'monthly' (spend_monthly:
+-- 'tag_daily' and 'tag_monthly': only the tag roll-ups keep tags). Debits
+-- and captures by amount (issue 16) are read from $7, which service/reports.py picked: 'monthly' (spend_monthly:
 -- whole UTC months, no day key, nobody moved department), 'daily'
 -- (spend_daily: whole days) or 'journal' (the transactions themselves,
 -- exact at any instant, with their metadata for tag keys), the roll-ups
