@@ -4300,7 +4300,10 @@ BEGIN
             FROM tl_new_entries n
             CROSS JOIN LATERAL (SELECT x.kind, x.created_at, x.metadata FROM transactions x
                                 WHERE x.id = n.transaction_id OFFSET 0) t
-            CROSS JOIN (SELECT tl_report_tag_keys() AS keys) k
+            -- tl_report_tag_keys' query written out: a SQL function that is
+            -- not inlined has its body planned again at every statement.
+            CROSS JOIN (SELECT ARRAY(SELECT name FROM report_tag_keys
+                                     ORDER BY name COLLATE "C") AS keys) k
             WHERE n.amount < 0 AND t.kind IN ('debit', 'capture')
             GROUP BY 1, 2, 3, 4, 5),
         daily AS (
