@@ -2,11 +2,19 @@
 
     python -m bench.reports [--employees N] [--events N] [--runs N]
                             [--database-url DSN] [--keep] [--reuse] [--json PATH]
+                            [--tags NAMES] [--only GROUP_BY ...]
 
 --keep leaves the database (named after --employees and --events) on the
 server of --database-url, and --reuse measures on it again without building
 it (the schema is applied again first, so a changed schema's new objects
 exist), for measuring one change after another on the same data.
+
+--tags declares the report tag keys (TOKENLEDGER_REPORT_TAGS; default `team`,
+the events' and debits' tag) once the data is built or reused:
+tl_report_tags_sync rebuilds their roll-ups, and reports by them read those;
+`--tags ''` declares none (reports by a tag read the events and the journal).
+--only GROUP_BY (repeatable, e.g. `--only tag:team --only department,tag:team`)
+times only those groupings, and no finance report.
 
 1. A database of its own (bench.postgres.provision: DATABASE_URL's server, or a
    throwaway one from service/devdb.py), with schema.sql applied.
@@ -68,7 +76,8 @@ GROUPINGS: tuple[tuple[str, ...], ...] = (
     ("month",),
     ("department", "model"),
     ("employee", "model", "project"),
-    # Tags (a usage event's, a debit's metadata key) are read from the events.
+    # Tags (a usage event's, a debit's metadata key): from the tag roll-ups
+    # when `team` is declared (--tags), else from the events and the journal.
     ("tag:team",),
     ("department", "tag:team"),
 )
@@ -193,8 +202,31 @@ async def timed(runs: int, fn: Any) -> tuple[float | str, int]:
     return statistics.median(samples), size
 
 
-async def measure(dsn: str, runs: int) -> list[dict[str, Any]]:
-    config = inprocess.bench_config(dsn, pool_min_size=1, pool_max_size=4)
+async def declare_tags(dsn: str, names: list[str]) -> float:
+    """TOKENLEDGER_REPORT_TAGS as the service syncs it at start-up (tl_report_tags_sync:
+    the tag roll-ups rebuilt from the events and the journal when the set changed); the
+    seconds it took."""
+    conn = await db.connect(dsn)
+    try:
+        started = time.perf_counter()
+        if names or await conn.fetchval("SELECT to_regproc('tl_report_tags_sync') IS NOT NULL"):
+            await conn.execute("SELECT tl_report_tags_sync($1::text[])", names, timeout=1800)
+            await vacuum_analyze(
+                conn, "usage_tag_daily", "usage_tag_monthly", "spend_tag_daily", "spend_tag_monthly"
+            )
+        return time.perf_counter() - started
+    finally:
+        await conn.close()
+
+
+async def measure(
+    dsn: str, runs: int, only: list[tuple[str, ...]] | None = None, tags: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
+    # The app syncs its TOKENLEDGER_REPORT_TAGS at start-up: the same keys as
+    # declare_tags, or it would undeclare them.
+    config = inprocess.bench_config(
+        dsn, pool_min_size=1, pool_max_size=4, report_tags=",".join(tags)
+    )
     pool = await db.create_pool(
         dsn,
         min_size=1,
@@ -213,7 +245,7 @@ async def measure(dsn: str, runs: int) -> list[dict[str, Any]]:
                 "create_key", secret.id, secret.prefix, secret.secret_hash, "bench", "finance", "b"
             )
             client.headers["Authorization"] = f"Bearer {secret.secret}"
-            for keys in GROUPINGS:
+            for keys in only or GROUPINGS:
                 for path, start, end in PERIODS:
                     row: dict[str, Any] = {"group_by": ",".join(keys), "path": path}
 
@@ -240,7 +272,8 @@ async def measure(dsn: str, runs: int) -> list[dict[str, Any]]:
                         row[f"http_{fmt}_seconds"], _ = await timed(runs, http)
                     log(f"bench.reports: {row}")
                     results.append(row)
-            results += await measure_finance(client, runs)
+            if not only:
+                results += await measure_finance(client, runs)
     finally:
         await pool.close()
     return results
@@ -310,13 +343,17 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             build_seconds = await rebuild_schema(database.dsn)
         else:
             build_seconds = await build(database.dsn, args.employees, args.events)
+        # (--tags' default too for callers that build their own arguments.)
+        tags = [t for t in getattr(args, "tags", "team").split(",") if t]
+        declare_seconds = await declare_tags(database.dsn, tags)
         conn = await db.connect(database.dsn)
         try:
             daily_rows = int(await conn.fetchval("SELECT count(*) FROM usage_daily"))
         finally:
             await conn.close()
+        only = [tuple(g.split(",")) for g in getattr(args, "only", None) or []]
         loadavg_start = [round(x, 2) for x in os.getloadavg()]
-        results = await measure(database.dsn, args.runs)
+        results = await measure(database.dsn, args.runs, only or None, tuple(tags))
         loadavg_end = [round(x, 2) for x in os.getloadavg()]
     finally:
         if not (keep or reuse):
@@ -326,6 +363,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "departments": DEPARTMENTS,
         "events": args.events,
         "usage_daily_rows": daily_rows,
+        "report_tags": tags,
+        "declare_tags_seconds": round(declare_seconds, 3),
         "month": [MONTH_START.isoformat(), MONTH_END.isoformat()],
         "runs": args.runs,
         "server_version": database.server_version,
@@ -379,6 +418,17 @@ def cli() -> None:
     )
     parser.add_argument(
         "--reuse", action="store_true", help="measure on the database a --keep run left"
+    )
+    parser.add_argument(
+        "--tags",
+        default="team",
+        help="report tag keys to declare (TOKENLEDGER_REPORT_TAGS); '' declares none",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="GROUP_BY",
+        help="time only this grouping (repeatable); no finance report",
     )
     run_side_bench(parser, main, table=table)
 

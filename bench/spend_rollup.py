@@ -1,6 +1,7 @@
 """What the debits' roll-up trigger (schema.sql, entries_spend_rollup) costs the hot path.
 
-    python -m bench.spend_rollup [--rounds 6] [--ops 2000] [--database-url DSN] [--json PATH]
+    python -m bench.spend_rollup [--rounds 6] [--ops 2000] [--report-tags NAMES]
+                                 [--database-url DSN] [--json PATH]
 
 Database-only, one connection, so the figure is PostgreSQL's alone and does not
 drown in the HTTP service's noise: on a database of its own (bench.postgres.provision)
@@ -20,6 +21,9 @@ their difference, and the time spent inside the trigger function itself per op
 bound of its CPU). The machine is shared: the CPU figures of single rounds
 vary by more than the trigger costs; the time inside the trigger is the
 steadier measure.
+
+--report-tags declares report tag keys first (tl_report_tags_sync), so that the
+trigger also keeps the tag roll-ups (schema.sql, "Tag roll-ups").
 """
 
 from __future__ import annotations
@@ -140,12 +144,14 @@ async def trigger_time(conn: asyncpg.Connection) -> float:
 MODES = {"debit": (debits, 1), "debit_batch_32": (batches, 1), "reserve_capture": (pairs, 4)}
 
 
-async def run(dsn: str, rounds: int, ops: int) -> dict[str, Any]:
+async def run(dsn: str, rounds: int, ops: int, report_tags: str = "") -> dict[str, Any]:
     conn = await db.connect(dsn)
     samples: dict[str, dict[bool, list[float]]] = {m: {True: [], False: []} for m in MODES}
     in_trigger: dict[str, list[float]] = {m: [] for m in MODES}
     try:
         await setup(conn)
+        if report_tags:
+            await conn.execute("SELECT tl_report_tags_sync($1::text[])", report_tags.split(","))
         # The time spent inside the trigger function itself (pg_stat_user_functions).
         await conn.execute("SET track_functions = 'pl'")
         pid = await conn.fetchval("SELECT pg_backend_pid()")
@@ -190,7 +196,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     )
     try:
         started = time.perf_counter()
-        result = await run(database.dsn, args.rounds, args.ops)
+        result = await run(database.dsn, args.rounds, args.ops, getattr(args, "report_tags", ""))
         result["seconds"] = round(time.perf_counter() - started, 1)
         result["server_version"] = database.server_version
     finally:
@@ -202,6 +208,7 @@ def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--ops", type=int, default=2000)
+    parser.add_argument("--report-tags", default="", help="report tag keys to declare first")
     run_side_bench(parser, main)
 
 

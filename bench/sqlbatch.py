@@ -143,7 +143,13 @@ async def bench_grants(dsn: str, n: int) -> None:
 
 
 async def bench_usage(
-    dsn: str, clients: int, batch: int, rounds: int, accounts: int, seed: int
+    dsn: str,
+    clients: int,
+    batch: int,
+    rounds: int,
+    accounts: int,
+    seed: int,
+    tagged: bool = False,
 ) -> None:
     conns = [await asyncpg.connect(dsn_for(dsn, DB)) for _ in range(clients)]
     for c in conns:
@@ -169,7 +175,8 @@ async def bench_usage(
                     "occurred_at": None,
                     "reservation": None,
                     "project": rng.choice([None, "search", "chat"]),
-                    "tags": None,
+                    # --tagged-events: a `team` tag on each (report tag roll-ups).
+                    "tags": {"team": f"team-{rng.randrange(8)}"} if tagged else None,
                 }
             )
         return json.dumps(events)
@@ -236,16 +243,35 @@ async def main() -> None:
     ap.add_argument("--accounts", type=int, default=200)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--skip", default="", help="comma-separated: grants,usage")
+    ap.add_argument(
+        "--report-tags",
+        default="",
+        help="declare these report tag keys (comma-separated; tl_report_tags_sync)",
+    )
+    ap.add_argument("--tagged-events", action="store_true", help="events carry a team tag")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     schema = await asyncio.to_thread(Path(args.schema).read_text)
     await find_postmaster(args.dsn)
     await setup(args.dsn, schema, args.accounts)
+    if args.report_tags:
+        conn = await asyncpg.connect(dsn_for(args.dsn, DB))
+        names = args.report_tags.split(",")
+        await conn.execute("SELECT tl_report_tags_sync($1::text[])", names)
+        await conn.close()
     if "grants" not in skip:
         await bench_grants(args.dsn, args.grants)
     if "usage" not in skip:
         for clients in sorted({1, 4, args.clients}):
-            await bench_usage(args.dsn, clients, args.batch, args.rounds, args.accounts, args.seed)
+            await bench_usage(
+                args.dsn,
+                clients,
+                args.batch,
+                args.rounds,
+                args.accounts,
+                args.seed,
+                args.tagged_events,
+            )
 
 
 if __name__ == "__main__":

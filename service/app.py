@@ -60,6 +60,7 @@ from service.operations import operation_routes
 from service.pages import LocalSwagger, cors_config, page_routes, security_headers
 from service.problems import EXCEPTION_HANDLERS
 from service.ratelimit import FailureLimiter, RateLimiter, parse_limits
+from service.reports import sync_report_tags
 from service.webhooks import Dispatcher, SecretBox
 
 log = structlog.get_logger("tokenledger")
@@ -131,6 +132,10 @@ def create_app(
                 await db.check_pooled_timeouts(the_pool)
         ledger = Database(the_pool, config, metrics, clock)
         app.state.ledger = ledger
+        # TOKENLEDGER_REPORT_TAGS into report_tag_keys; a change rebuilds the
+        # tag roll-ups (README, Reports, "Tag roll-ups").
+        if await sync_report_tags(ledger):
+            log.info("report_tags_rebuilt", report_tags=list(config.report_tag_names()))
         key_listener = None
         if config.database_url and listen_url:
             key_listener = KeyListener(

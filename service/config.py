@@ -196,6 +196,12 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ] = "USD 0.000001"
     # Rows of one CSV import (README, Bulk import).
     import_max_rows: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 100_000
+    # Report tag keys (README, Reports, "Tag roll-ups"): a comma list of at
+    # most 8 tag names whose roll-ups are kept, so that usage reports by
+    # `tag:<name>` read them rather than the events and the journal. Empty,
+    # the default: none, and the write paths write nothing more. A change is
+    # applied at start-up, which rebuilds the tag roll-ups (writes wait).
+    report_tags: str = ""
 
     def __post_init__(self) -> None:
         if self.db_pooler == "pgbouncer" and self.db_role:
@@ -212,11 +218,30 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 f"usage_max_age_seconds ({self.usage_archive_after_days} days, "
                 f"{self.usage_max_age_seconds}s)"
             )
+        self.report_tag_names()  # fails on a bad list
         if self.chain_settle_seconds * 1000 <= self.statement_timeout_ms:
             raise ValueError(
                 "chain_settle_seconds must exceed statement_timeout_ms "
                 f"({self.chain_settle_seconds}s <= {self.statement_timeout_ms}ms)"
             )
+
+    def report_tag_names(self) -> tuple[str, ...]:
+        """report_tags as names: each 1 to 64 characters without surrounding
+        spaces (a `tag:<name>` key's name), none twice, at most 8 (the roll-ups
+        keep each one's value in a slot of an array of 8: schema.sql,
+        tl_report_tag_values)."""
+        if not self.report_tags.strip():
+            return ()
+        names = tuple(part.strip() for part in self.report_tags.split(","))
+        if not all(1 <= len(n) <= 64 for n in names):
+            raise ValueError(
+                f"report_tags: a tag name is 1 to 64 characters ({self.report_tags!r})"
+            )
+        if len(set(names)) != len(names):
+            raise ValueError(f"report_tags: a tag name appears twice ({self.report_tags!r})")
+        if len(names) > 8:
+            raise ValueError(f"report_tags: at most 8 tag names ({self.report_tags!r})")
+        return names
 
     def statement_cache_size(self) -> int:
         """asyncpg's prepared-statement cache: 0 behind pgbouncer, whose

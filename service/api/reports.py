@@ -78,8 +78,10 @@ class ReportsController(Controller):
         count in `debits`, their credits in `debit_credits` and in `credits`). A debit or
         capture counts under its metadata's `model` and `project`, null when it has none.
         `tag:<name>` groups by a usage event's tag of that name, or a debit's or
-        capture's metadata key of that name (null when it has none); a report with a tag
-        key reads the events themselves (the roll-ups keep no tags), so it is slower.
+        capture's metadata key of that name (null when it has none); a report whose tag
+        keys are all declared in TOKENLEDGER_REPORT_TAGS reads their roll-ups when they
+        answer it (tags with model, project, day and month; with employee, department
+        and month over whole months), any other reads the events themselves, slower.
         `employee` is null for spend charged to a department account;
         `department` is the department the employee belonged to when the usage
         happened (at the end of its UTC day when someone moved within the period; a

@@ -751,6 +751,12 @@ CONSTRAINT_CASES: list[tuple[str, type[asyncpg.PostgresError], str]] = [
         "INSERT INTO audit_checkpoints (check_name, verified_to, chain_seq, chain_hash) "
         "VALUES ('audit_1_unbalanced', now(), 1, sha256('h'))",
     ),
+    # report tag keys: a tag name as group_by takes it (no comma, no surrounding spaces)
+    (
+        "report_tag_keys_name_format",
+        asyncpg.CheckViolationError,
+        "INSERT INTO report_tag_keys (name) VALUES ('team,project')",
+    ),
 ]
 
 

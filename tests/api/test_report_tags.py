@@ -1,0 +1,483 @@
+"""Usage reports by declared tag keys (issue 16, tags16): with TOKENLEDGER_REPORT_TAGS
+declared, the usage and spend write paths keep tag roll-ups (schema.sql, "Tag roll-ups")
+and a report whose tag keys are all declared reads them, over whole days and months and,
+corrected at the ends, over periods between other instants. Whatever it reads, it equals
+the direct sum over the usage events (archived ones too) and the journal: a key declared
+and one not, two keys together, a department move, rejected events of a batch, a
+reversed debit, a coalesced batch; the rows the write paths keep are those a rebuild
+makes; declaring a key backfills its roll-ups; and a declared month report reads neither
+usage_events' rows nor the journal."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import msgspec
+import pytest
+
+from bench.year import sections
+from service import db as service_db
+from service.config import Config
+from service.journal import Database
+from service.reports import TOTALS, _usage_args, parse_group_by, sync_report_tags, tag_source
+from tests.api.conftest import Api, FakeClock, assert_audit_clean, key
+from tests.api.test_coalescing import item, ledger_of
+from tests.api.test_report_periods import CORRECTED, edge_usage
+from tests.api.test_reports import Event, expected, report
+from tests.api.test_spend_rollups import build_history, capture, debit, usage
+from tests.api.test_usage import batch, event
+
+DECLARED = "team,cost center"
+TAG_KEYS = ("team", "cost center", "batch")  # "batch" is never declared
+# Groupings: by the roll-up without the account (tag_daily), by the one per month and
+# account (tag_monthly), and ones that still read the events and the journal (an account
+# key with a model, a key not declared).
+GROUPINGS: list[tuple[str, ...]] = [
+    ("tag:team",),
+    ("tag:team", "model"),
+    ("tag:cost center", "project", "day"),
+    ("month", "tag:team", "tag:cost center"),
+    ("department", "tag:team"),
+    ("employee", "tag:cost center"),
+    ("employee", "department", "month", "tag:team", "tag:cost center"),
+    ("employee", "tag:team", "model"),
+    ("tag:batch",),
+    ("tag:team", "tag:batch"),
+]
+PERIODS = [
+    ("2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z"),  # whole months; e-b moved in January
+    ("2026-02-01T00:00:00Z", "2026-03-01T00:00:00Z"),  # a whole month, nobody moved
+    ("2026-01-02T00:00:00Z", "2026-02-20T00:00:00Z"),  # whole days
+    ("2026-02-01T00:00:00.000001Z", "2026-03-01T00:00:00Z"),  # a month less a microsecond
+    ("2026-01-03T10:30:00+01:00", "2026-01-03T23:00:00Z"),  # inside a day: the events
+    *CORRECTED,
+]
+
+# Every spend with its tags, straight from the usage events (the archive's too) and the
+# journal's paying entries of debits and captures (what the report counts).
+DIRECT = """
+SELECT a.ref AS employee, u.occurred_at AS at, u.model, u.project, u.cost AS credits,
+       u.input_tokens, u.cached_input_tokens, u.output_tokens, u.tags,
+       tl_department_at(a.ref, u.occurred_at) AS department, false AS is_debit
+FROM (SELECT account_id, occurred_at, model, project, cost, input_tokens, cached_input_tokens,
+             output_tokens, tags FROM usage_events
+      UNION ALL
+      SELECT account_id, occurred_at, model, project, cost, input_tokens, cached_input_tokens,
+             output_tokens, tags FROM usage_events_archive) u
+JOIN accounts a ON a.id = u.account_id
+UNION ALL
+SELECT a.ref, t.created_at, t.metadata ->> 'model', t.metadata ->> 'project', -e.amount,
+       0, 0, 0, t.metadata, tl_department_at(a.ref, t.created_at), true
+FROM transactions t
+JOIN entries e ON e.transaction_id = t.id AND e.amount < 0
+JOIN accounts a ON a.id = e.account_id
+WHERE t.kind IN ('debit', 'capture')
+"""
+
+
+@pytest.fixture
+def config(config: Config) -> Config:
+    """The app of these tests declares two tag keys (synced at its start-up)."""
+    return msgspec.structs.replace(config, report_tags=DECLARED)
+
+
+async def direct_events(database_url: str) -> list[Event]:
+    conn = await service_db.connect(database_url)
+    try:
+        rows = await conn.fetch(DIRECT)
+    finally:
+        await conn.close()
+    out = []
+    for r in rows:
+        when: datetime = r["at"]
+        tags = msgspec.json.decode(r["tags"]) if isinstance(r["tags"], str) else r["tags"]
+        keys: dict[str, str | None] = {
+            "employee": r["employee"],
+            "department": r["department"],
+            "model": r["model"],
+            "project": r["project"] or None,
+            "day": when.astimezone(UTC).strftime("%Y-%m-%d"),
+            "month": when.astimezone(UTC).strftime("%Y-%m"),
+        }
+        for name in TAG_KEYS:
+            value = tags.get(name)
+            # A metadata number is read as its JSON text, as `->>` reads it.
+            keys[f"tag:{name}"] = None if value is None else str(value)
+        totals = dict.fromkeys(TOTALS, 0)
+        totals["credits"] = r["credits"]
+        if r["is_debit"]:
+            totals["debits"], totals["debit_credits"] = 1, r["credits"]
+        else:
+            totals["events"] = 1
+            for t in ("input_tokens", "cached_input_tokens", "output_tokens"):
+                totals[t] = r[t]
+        out.append(Event(keys, when, totals))
+    return out
+
+
+async def tagged_history(api: Api, clock: FakeClock) -> None:
+    """build_history's debits, captures, usage events, reversal, coalesced batch and
+    department move, the edge events of the corrected periods, and tagged spend on top:
+    single usage events, a usage batch whose events of a closed account are rejected (their
+    tags must count nowhere), tagged debits and captures (a number among the values), and
+    a coalesced batch of tagged debits."""
+    # e-z is hired and leaves before the periods (a hire within one is a move).
+    clock.set(datetime(2025, 12, 19, tzinfo=UTC))
+    await api.employee("e-z", "ops")
+    r = await api.c.post("/v1/employees/e-z/offboard", json={}, headers=key())
+    assert r.status_code == 200, r.text
+    await build_history(api, clock)
+    await edge_usage(api, clock)
+    red, blue = {"team": "red", "batch": "b1"}, {"team": "blue", "cost center": "=cc-1"}
+    for n, (emp, when, tags) in enumerate(
+        [
+            ("e-a", datetime(2026, 1, 5, 9, tzinfo=UTC), red),
+            ("e-b", datetime(2026, 1, 10, 0, 30, tzinfo=UTC), blue),
+            ("e-b", datetime(2026, 1, 25, 23, 30, tzinfo=UTC), red),
+            ("e-c", datetime(2026, 2, 10, 22, 30, tzinfo=UTC), {"cost center": "cc-2"}),
+            ("e-c", datetime(2026, 2, 28, 23, 59, 59, tzinfo=UTC), blue),
+        ]
+    ):
+        await usage(api, clock, emp, when, f"tagged-{n}", tags=tags)
+    when = datetime(2026, 2, 1, 0, 0, 0, 1, tzinfo=UTC)
+    clock.set(when)
+    events = [
+        event(
+            f"b-{n}",
+            account=f"employee:{emp}",
+            occurred_at=when.isoformat(),
+            tags={"team": team} if team else None,
+            project="alpha" if n % 2 else None,
+        )
+        for n, (emp, team) in enumerate(
+            [("e-a", "red"), ("e-z", "ghost"), ("e-c", "blue"), ("e-z", "ghost"), ("e-b", None)]
+        )
+    ]
+    results = await batch(api.c, events)
+    assert [r["status"] for r in results] == [
+        "recorded",
+        "rejected",
+        "recorded",
+        "rejected",
+        "recorded",
+    ]
+    await debit(
+        api, clock, "e-a", datetime(2026, 1, 9, 21, tzinfo=UTC), 40, team="red", project="alpha"
+    )
+    await debit(api, clock, "e-b", datetime(2026, 1, 19, 12, tzinfo=UTC), 30, team="blue")
+    await debit(api, clock, "e-c", datetime(2026, 2, 10, 2, tzinfo=UTC), 25, **{"cost center": 7})
+    await capture(
+        api, clock, "e-a", datetime(2026, 2, 28, 23, 59, 59, 500000, tzinfo=UTC), 9, team="red"
+    )
+    when = datetime(2026, 2, 21, 12, tzinfo=UTC)
+    clock.set(when)
+    items = [
+        item(
+            "debit",
+            {"account": f"employee:{emp}", "amount": n, "metadata": {"team": team}},
+            f"tagged-{emp}-{n}",
+        )
+        for emp, n, team in (("e-a", 3, "red"), ("e-b", 4, "red"), ("e-c", 6, "blue"))
+    ]
+    for i in items:
+        i.ctx["now"] = when.isoformat()
+    assert [r["status"] for r in await ledger_of(api.c)._execute_batch(items)] == [201] * 3
+    clock.set(datetime(2026, 3, 2, tzinfo=UTC))
+
+
+async def sources(api: Api, start: str, end: str, keys: tuple[str, ...]) -> tuple[str, str]:
+    """The usage and spend sources the report picks."""
+    args = await _usage_args(
+        ledger_of(api.c), datetime.fromisoformat(start), datetime.fromisoformat(end), keys
+    )
+    return args[3], args[6]
+
+
+async def test_tag_reports_equal_the_events_and_the_journal(
+    api: Api, clock: FakeClock, database_url: str
+) -> None:
+    """Every tag grouping over whole months, whole days, a day's hours and periods
+    corrected at either end equals the direct sum over the events and the journal, with
+    the department of the time, a key not declared, and rejected events counted nowhere;
+    the tag roll-ups are what answered the declared groupings."""
+    await tagged_history(api, clock)
+    events = await direct_events(database_url)
+    assert "ghost" not in {e.keys["tag:team"] for e in events}
+    assert {e.keys["tag:cost center"] for e in events} >= {"=cc-1", "cc-2", "7"}
+    used: set[str] = set()
+    for start, end in PERIODS:
+        lo, hi = datetime.fromisoformat(start), datetime.fromisoformat(end)
+        for keys in GROUPINGS:
+            r = await report(api, start, end, keys)
+            assert r.status_code == 200, r.text
+            assert r.json() == {"items": expected(events, lo, hi, keys)}, (start, end, keys)
+            used.update(await sources(api, start, end, keys))
+    assert used == {"tag_daily", "tag_monthly", "events", "journal"}
+    assert await sources(api, *PERIODS[1], ("department", "tag:team")) == (
+        "tag_monthly",
+        "tag_monthly",
+    )
+    assert await sources(api, *PERIODS[0], ("department", "tag:team")) == ("events", "journal")
+    assert await sources(api, *PERIODS[3], ("tag:team", "model")) == ("tag_daily", "tag_daily")
+    assert await sources(api, *PERIODS[1], ("tag:batch",)) == ("events", "journal")
+    await assert_audit_clean(database_url)
+
+
+ROLLUPS = {
+    "usage_tag_daily": "SELECT day, model, project, tag_values, sum(events), sum(input_tokens),"
+    " sum(cached_input_tokens), sum(output_tokens), sum(credits) FROM usage_tag_daily"
+    " GROUP BY 1, 2, 3, 4 HAVING sum(events) <> 0 ORDER BY 1, 2, 3, 4",
+    "usage_tag_monthly": "SELECT month, account_id, tag_values, events, input_tokens,"
+    " cached_input_tokens, output_tokens, credits FROM usage_tag_monthly ORDER BY 1, 2, 3",
+    "spend_tag_daily": "SELECT day, model, project, tag_values, sum(debits), sum(credits)"
+    " FROM spend_tag_daily GROUP BY 1, 2, 3, 4 ORDER BY 1, 2 NULLS FIRST, 3, 4",
+    "spend_tag_monthly": "SELECT month, account_id, tag_values, debits, credits"
+    " FROM spend_tag_monthly ORDER BY 1, 2, 3",
+}
+
+
+async def rollup_rows(conn: asyncpg.Connection) -> dict[str, list[tuple[Any, ...]]]:
+    return {name: [tuple(r) for r in await conn.fetch(sql)] for name, sql in ROLLUPS.items()}
+
+
+async def test_write_paths_keep_what_a_rebuild_makes(
+    api: Api, clock: FakeClock, database_url: str
+) -> None:
+    """The rows the usage write paths (single events, a batch with rejected events) and the
+    spend trigger (debits, captures, a coalesced batch, a reversal) keep are exactly those
+    tl_report_tags_rebuild makes from the events and the journal; archived events stay."""
+    await tagged_history(api, clock)
+    conn = await service_db.connect(database_url)
+    try:
+        kept = await rollup_rows(conn)
+        assert all(kept.values()), kept
+        await conn.execute("SELECT tl_report_tags_rebuild()")
+        assert await rollup_rows(conn) == kept
+        # Archived events stay in the roll-ups and in their rebuild.
+        moved = await conn.execute(
+            "WITH a AS (DELETE FROM usage_events WHERE occurred_at < '2026-02-01' RETURNING *)"
+            " INSERT INTO usage_events_archive (id, source, event_id, account_id, model,"
+            " price_id, input_tokens, cached_input_tokens, output_tokens, cost,"
+            " transaction_id, reservation_id, project, tags, occurred_at, recorded_at, result,"
+            " shortfall, violation)"
+            " SELECT id, source, event_id, account_id, model, price_id, input_tokens,"
+            " cached_input_tokens, output_tokens, cost, transaction_id, reservation_id,"
+            " project, tags, occurred_at, recorded_at, result, shortfall, violation FROM a"
+        )
+        assert int(moved.split()[-1]) > 5
+        await conn.execute("SELECT tl_report_tags_rebuild()")
+        assert await rollup_rows(conn) == kept
+    finally:
+        await conn.close()
+    # Reports the tag roll-ups answer (the events alone, read whole, miss archived
+    # events: a tag key not declared, or a period shorter than two days).
+    events = await direct_events(database_url)
+    for (start, end), keys in (
+        (PERIODS[0], ("tag:team",)),
+        (PERIODS[0], ("employee", "tag:cost center")),
+        (PERIODS[2], ("tag:team", "day")),
+        (CORRECTED[0], ("tag:team", "project")),
+        (CORRECTED[3], ("employee", "month", "tag:team")),
+    ):
+        assert (await sources(api, start, end, keys))[0].startswith("tag_"), (start, keys)
+        lo, hi = datetime.fromisoformat(start), datetime.fromisoformat(end)
+        r = await report(api, start, end, keys)
+        assert r.json() == {"items": expected(events, lo, hi, keys)}, (start, keys)
+
+
+async def test_declaring_a_key_backfills_its_rollups(
+    api: Api, clock: FakeClock, database_url: str
+) -> None:
+    """History written with no key declared has no tag roll-ups; declaring `batch` then
+    (start-up's sync) rebuilds them from the events and the journal, and reports by it read
+    them and stay exact; syncing the same keys again rebuilds nothing; declaring none
+    empties them and reports read the events again, still exact."""
+    ledger = ledger_of(api.c)
+    declared = ledger.config
+    try:
+        ledger.config = msgspec.structs.replace(declared, report_tags="")
+        assert await sync_report_tags(ledger)
+        await tagged_history(api, clock)
+        conn = await service_db.connect(database_url)
+        try:
+            assert not any((await rollup_rows(conn)).values())
+            ledger.config = msgspec.structs.replace(declared, report_tags="batch,team")
+            assert await sync_report_tags(ledger)
+            assert not await sync_report_tags(ledger)
+            assert all((await rollup_rows(conn)).values())
+            events = await direct_events(database_url)
+            month = PERIODS[1]
+            for keys in (("tag:batch",), ("tag:team", "tag:batch"), ("employee", "tag:batch")):
+                assert (await sources(api, *month, keys))[0].startswith("tag_"), keys
+                r = await report(api, *month, keys)
+                lo, hi = (datetime.fromisoformat(b) for b in month)
+                assert r.json() == {"items": expected(events, lo, hi, keys)}, keys
+            ledger.config = msgspec.structs.replace(declared, report_tags="")
+            assert await sync_report_tags(ledger)
+            assert not any((await rollup_rows(conn)).values())
+            assert await sources(api, *month, ("tag:team",)) == ("events", "journal")
+            r = await report(api, *month, ("tag:team",))
+            assert r.json() == {"items": expected(events, lo, hi, ("tag:team",))}
+        finally:
+            await conn.close()
+    finally:
+        ledger.config = declared
+
+
+def test_which_tag_reports_read_the_rollups() -> None:
+    """Declared keys only; without an account key any span of two days or more; with
+    one, whole months (usage_span's) by employee, department and month, nobody moved."""
+    d = datetime.fromisoformat
+    month = (d("2026-03-01T00:00Z"), d("2026-04-01T00:00Z"))
+    hours = (d("2026-03-01T06:00Z"), d("2026-03-31T18:00Z"))
+    team = frozenset({"team"})
+    assert tag_source(*month, ("tag:team",), declared=team) == "tag_daily"
+    assert tag_source(*hours, ("tag:team", "model", "project", "day"), declared=team) == (
+        "tag_daily"
+    )
+    assert tag_source(*hours, ("department", "tag:team"), declared=team) == "tag_monthly"
+    assert tag_source(*month, ("employee", "month", "tag:team"), declared=team) == "tag_monthly"
+    assert tag_source(*month, ("department", "tag:team"), True, team) is None  # a move
+    assert tag_source(*month, ("employee", "tag:team", "day"), declared=team) is None
+    assert tag_source(*month, ("employee", "tag:team", "project"), declared=team) is None
+    assert (
+        tag_source(d("2026-03-02T00:00Z"), month[1], ("employee", "tag:team"), False, team) is None
+    )
+    assert tag_source(*month, ("tag:team",)) is None  # not declared
+    assert tag_source(*month, ("tag:team", "tag:x"), declared=team) is None
+    assert (
+        tag_source(d("2026-03-01T06:00Z"), d("2026-03-02T06:00Z"), ("tag:team",), False, team)
+        is None
+    )
+    assert tag_source(*month, ("employee",), declared=team) is None
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["a,,b", "a, b ,a", "x" * 65, "a,b,c,d,e,f,g,h,i"],
+)
+def test_bad_report_tags(value: str) -> None:
+    """TOKENLEDGER_REPORT_TAGS is at most 8 names of 1 to 64 characters, none twice."""
+    with pytest.raises(msgspec.ValidationError, match="report_tags"):
+        Config.from_env({"TOKENLEDGER_REPORT_TAGS": value})
+
+
+def test_report_tags_setting() -> None:
+    """Names are trimmed; empty declares none."""
+    assert Config.from_env(
+        {"TOKENLEDGER_REPORT_TAGS": " team , cost center"}
+    ).report_tag_names() == (
+        "team",
+        "cost center",
+    )
+    assert Config.from_env({}).report_tag_names() == ()
+
+
+BENCH_SQL = sections(Path(__file__).parents[2] / "bench" / "reports.sql")
+
+
+@pytest.mark.parametrize("keys", ["tag:team", "department,tag:team", "tag:team,project,day"])
+async def test_a_declared_month_reads_no_events_nor_journal(
+    api: Api, database_url: str, keys: str
+) -> None:
+    """On 20,000 events and 3,000 debits over March (bench/reports.sql at a small scale),
+    a month's report by the declared `team` (shifted by a microsecond, so corrected at
+    its start) reads the tag roll-ups: no sequential scan of usage_events and only the
+    edge's events fetched, and of the journal only its index probe of the edge (which holds
+    no debit), never the month's 3,000 debits a tag report read before. Its answer equals
+    the events and the journal read whole."""
+    start, end = datetime(2026, 3, 1, 0, 0, 0, 1, tzinfo=UTC), datetime(2026, 4, 1, tzinfo=UTC)
+    conn = await service_db.connect(database_url)
+    try:
+        await conn.execute(BENCH_SQL["setup"].format(departments=5, employees=100))
+        await conn.execute(
+            BENCH_SQL["events"].format(departments=5, employees=100),
+            datetime(2026, 3, 1, tzinfo=UTC),
+            end,
+            1,
+            20_000,
+        )
+        await conn.execute(BENCH_SQL["rollup"])
+        await conn.execute(
+            BENCH_SQL["journal"].format(
+                grant=100_000, debits=30, debit=100, start="2026-03-01T00:00:00+00:00", end=end
+            )
+        )
+        await conn.execute("SELECT tl_spend_rollup_rebuild()")
+        await conn.execute("SELECT tl_report_tags_rebuild()")
+        await conn.execute("ANALYZE")
+
+        async def counters() -> dict[str, tuple[int, int, int]]:
+            await conn.execute("SELECT pg_stat_force_next_flush()")
+            rows = await conn.fetch(
+                "SELECT relname, coalesce(seq_scan, 0) AS seq, coalesce(idx_scan, 0) AS idx,"
+                " coalesce(idx_tup_fetch, 0) AS fetched FROM pg_stat_user_tables"
+                " WHERE relname IN ('usage_events', 'transactions', 'entries')"
+            )
+            return {r["relname"]: (r["seq"], r["idx"], r["fetched"]) for r in rows}
+
+        ledger: Database = ledger_of(api.c)
+        args = await _usage_args(ledger, start, end, parse_group_by(keys))
+        assert args[3] == args[6] and args[3].startswith("tag_")
+        before = await counters()
+        reader = await asyncpg.connect(database_url)
+        try:
+            rows = await reader.fetch(ledger.queries["usage_report"], *args)
+            await reader.execute("SELECT pg_stat_force_next_flush()")
+        finally:
+            await reader.close()
+        after = await counters()
+        whole = await conn.fetch(
+            ledger.queries["usage_report"], *args[:3], "events", *args[4:6], "journal", end, end
+        )
+    finally:
+        await conn.close()
+    assert len(rows) > 1
+    assert [tuple(r) for r in rows] == [tuple(r) for r in whole]
+    assert after["usage_events"][0] == before["usage_events"][0]
+    assert after["usage_events"][2] - before["usage_events"][2] <= 10
+    # The journal's edge is probed by its index (a few tuples), never the month's 3,000.
+    for table in ("transactions", "entries"):
+        assert after[table][0] == before[table][0], table
+        assert after[table][2] - before[table][2] <= 10, (table, before, after)
+
+
+async def test_app_role_syncs_and_keeps_the_tag_rollups(
+    config: Config, admin_key: str, clock: FakeClock, database_url: str
+) -> None:
+    """Run as tokenledger_app, start-up declares the keys (tl_report_tags_sync locks the
+    journal as its owner), the write paths keep the tag roll-ups and reports read them."""
+    import httpx
+
+    from service.app import create_app
+    from tests.api.conftest import running
+
+    cfg = msgspec.structs.replace(config, db_role="tokenledger_app", report_tags="team")
+    app = create_app(cfg, clock=clock)
+    async with (
+        running(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://testserver.local",
+            timeout=30,
+            headers={"Authorization": f"Bearer {admin_key}"},
+        ) as c,
+    ):
+        c.app = app  # type: ignore[attr-defined]  # why: ledger_of reaches the app's state
+        api = Api(c)
+        await build_history(api, clock)
+        await usage(api, clock, "e-a", datetime(2026, 2, 3, tzinfo=UTC), "r-1", tags={"team": "x"})
+        await debit(api, clock, "e-c", datetime(2026, 2, 4, tzinfo=UTC), 8, team="x")
+        assert await sources(api, *PERIODS[1], ("department", "tag:team")) == (
+            "tag_monthly",
+            "tag_monthly",
+        )
+        events = await direct_events(database_url)
+        lo, hi = (datetime.fromisoformat(b) for b in PERIODS[1])
+        for keys in (("department", "tag:team"), ("tag:team", "day")):
+            r = await report(api, *PERIODS[1], keys)
+            assert r.json() == {"items": expected(events, lo, hi, keys)}, keys
+            assert {i["tag:team"] for i in r.json()["items"]} >= {"x"}
