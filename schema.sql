@@ -7417,6 +7417,34 @@ BEGIN
 END $$;
 
 -- ===========================================================================
+-- 14b. The usage export: employee, model and project in answer order
+-- ===========================================================================
+-- GET /v1/reports/usage?group_by=employee,model,project over whole UTC months
+-- (service/sql/usage_export.sql) walks the employee accounts in byte order of
+-- their ids, the answer's order, and reads each one's roll-up rows by key:
+-- the first row comes at once and a third of a million groups are never
+-- hashed or sorted whole. Written only when an account is created.
+CREATE INDEX IF NOT EXISTS accounts_employee_ref_idx ON accounts ((ref COLLATE "C")) INCLUDE (id)
+    WHERE type = 'employee';
+
+-- A text key as a CSV cell, exactly as service/reports.py writes one with
+-- Python's csv module (QUOTE_MINIMAL) after csv_cell: null is an empty field;
+-- text a spreadsheet would read as a formula (it starts with =, +, -, @, tab
+-- or carriage return) gets a leading apostrophe; a cell holding a comma, a
+-- double quote, CR or LF is quoted, its double quotes doubled. One
+-- expression, so PostgreSQL inlines it into the export's query.
+CREATE OR REPLACE FUNCTION tl_csv_cell(v text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE
+        WHEN v IS NULL THEN ''
+        WHEN v ~ E'[,"\r\n]'
+            THEN '"' || replace(CASE WHEN v ~ E'^[-=+@\t\r]' THEN '''' || v ELSE v END, '"', '""') || '"'
+        WHEN v ~ E'^[-=+@\t\r]' THEN '''' || v
+        ELSE v
+    END
+$$;
+
+-- ===========================================================================
 -- 15. Seed rows and back-fills: the system accounts, the settle cursor, one-
 -- time back-fills
 -- ===========================================================================
