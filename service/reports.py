@@ -27,8 +27,6 @@ from datetime import UTC, datetime, time, timedelta
 from operator import itemgetter
 from typing import Any
 
-import msgspec
-
 from service.errors import invalid
 from service.journal import Database
 
@@ -257,22 +255,16 @@ async def usage_report(
     TOTALS. For callers that know the answer is small (the bench, the pages); the
     HTTP answer streams (usage_report_pages)."""
     span = export_span(start, end, keys)
+    args: tuple[Any, ...]
     if span is not None:
-        lines = await ledger.fetch_slow(
-            "usage_export",
-            ledger.config.report_statement_timeout_ms,
-            start,
-            end,
-            *span,
-            "json",
-            jit=False,
-            work_mem_mb=REPORT_WORK_MEM_MB,
-        )
-        return [_item_decoder.decode(r[0]) for r in lines]
+        # employee,model,project over months of roll-ups: the same rows, in the same order.
+        query, args = "usage_export_rows", (start, end, *span)
+    else:
+        query, args = "usage_report", await _usage_args(ledger, start, end, keys)
     rows = await ledger.fetch_slow(
-        "usage_report",
+        query,
         ledger.config.report_statement_timeout_ms,
-        *await _usage_args(ledger, start, end, keys),
+        *args,
         # The month's debits and captures make the estimate large enough for
         # PostgreSQL to JIT-compile the query, which costs more than it saves.
         jit=False,
@@ -301,10 +293,6 @@ async def usage_report_pages(
 # The export (issue 16, the employee,model,project report under a second): the
 # keys it answers, in this order, over whole months of roll-ups.
 EXPORT_KEYS = ("employee", "model", "project")
-# Lines per read of the export: each is one short bytea, so a read of 5,000 is
-# about a megabyte in memory, and fewer round trips than STREAM_BATCH's.
-EXPORT_BATCH = 5000
-_item_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
 def export_span(
@@ -323,25 +311,54 @@ def export_span(
     return usage_span(start, end)
 
 
-async def usage_export_lines(
+async def usage_export_chunks(
     ledger: Database, start: datetime, end: datetime, span: tuple[datetime, datetime], form: str
-) -> AsyncIterator[list[bytes]]:
-    """The export's lines (`form` 'json': one item each; 'csv': one CSV row each, CRLF
-    included), EXPORT_BATCH at a time from a server-side cursor, in the answer's order.
-    The service decodes no row: the bytes go to the answer as they are."""
+) -> AsyncIterator[bytes]:
+    """The export's body as PostgreSQL writes it, chunk by chunk in the answer's order
+    (Database.copy_slow: the service decodes no row). `form` 'csv': the CSV rows after
+    the header, byte for byte what to_csv writes (usage_export_csv, COPY's CSV with CRLF
+    line ends); 'json': the items' JSON objects, comma-separated within a chunk (the
+    caller puts the commas between chunks and the brackets around)."""
     assert form in ("json", "csv"), form
-    async for rows in ledger.stream_slow(
-        "usage_export",
+    chunks = ledger.copy_slow(
+        f"usage_export_{form}",
         ledger.config.report_statement_timeout_ms,
         start,
         end,
         *span,
-        form,
-        batch=EXPORT_BATCH,
+        form="csv" if form == "csv" else "text",
         jit=False,
         work_mem_mb=REPORT_WORK_MEM_MB,
-    ):
-        yield [r[0] for r in rows]
+    )
+    async for chunk in chunks:
+        if chunk:
+            yield csv_line_ends(chunk) if form == "csv" else json_lines(chunk)
+
+
+def csv_line_ends(chunk: bytes) -> bytes:
+    """COPY's CSV rows (whole rows, each ending in LF) with the CRLF row ends of
+    Python's csv writer. A line feed inside a quoted cell stays as it is: only one
+    outside quotes (an even number of double quotes before it in its row, doubled
+    quotes counting two) ends a row."""
+    if b'"' not in chunk:
+        return chunk.replace(b"\n", b"\r\n")
+    out, quoted = [], False
+    parts = chunk.split(b"\n")
+    for part in parts[:-1]:
+        quoted ^= part.count(b'"') % 2 == 1
+        out.append(part + (b"\n" if quoted else b"\r\n"))
+    assert not quoted and parts[-1] == b"", "COPY sends whole rows"
+    return b"".join(out)
+
+
+def json_lines(chunk: bytes) -> bytes:
+    """COPY's text rows of JSON objects (whole rows, each ending in LF) as the objects
+    comma-separated. COPY's text format escapes a backslash as two and the control
+    characters, which a JSON text holds only escaped (so as backslashes)."""
+    assert chunk.endswith(b"\n"), "COPY sends whole rows"
+    if b"\\" in chunk:
+        chunk = chunk.replace(b"\\\\", b"\\")
+    return chunk[:-1].replace(b"\n", b",")
 
 
 # A spreadsheet reads a cell starting with one of these as a formula

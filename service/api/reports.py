@@ -121,38 +121,32 @@ async def _export(
     keys: tuple[str, ...],
     span: tuple[datetime, datetime],
 ) -> Response[UsageReport]:
-    """The same answer as the general path, byte for byte in CSV (and the same JSON),
-    from the `usage_export` query's lines: the service joins bytes and decodes no row.
-    As there, the first lines are read before answering, so a failing query still
-    answers its problem."""
+    """The same answer as the general path (the CSV byte for byte) from the bytes
+    PostgreSQL's COPY writes: the service decodes no row. As there, the first chunk is
+    read before answering, so a failing query still answers its problem."""
     form = "csv" if wants_csv(request) else "json"
-    lines = reports.usage_export_lines(ledger, start, end, span, form)
-    first: list[bytes] = await anext(lines, [])
+    chunks = reports.usage_export_chunks(ledger, start, end, span, form)
+    first = await anext(chunks, b"")
     if form == "csv":
         return Stream(  # type: ignore[return-value]  # why: CSV text, not the JSON struct
-            _csv_lines(reports.to_csv(keys, []).encode(), first, lines), media_type=CSV_UTF8
+            _csv_export(reports.to_csv(keys, []).encode() + first, chunks), media_type=CSV_UTF8
         )
-    return Stream(_json_lines(first, lines), media_type=JSON)  # type: ignore[return-value]  # why: the same JSON, written page by page
+    return Stream(_json_export(first, chunks), media_type=JSON)  # type: ignore[return-value]  # why: the same JSON, written chunk by chunk
 
 
-async def _csv_lines(
-    header: bytes, first: list[bytes], lines: AsyncIterator[list[bytes]]
-) -> AsyncIterator[bytes]:
-    yield header + b"".join(first)
-    async for batch in lines:
-        yield b"".join(batch)
+async def _csv_export(first: bytes, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in chunks:
+        yield chunk
 
 
-async def _json_lines(
-    first: list[bytes], lines: AsyncIterator[list[bytes]]
-) -> AsyncIterator[bytes]:
-    """`{"items": [...]}` from the items' JSON lines, batch by batch."""
-    yield b'{"items":[' + b",".join(first)
+async def _json_export(first: bytes, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """`{"items": [...]}` around the items' comma-separated objects, chunk by chunk."""
+    yield b'{"items":[' + first
     sep = bool(first)
-    async for batch in lines:
-        if batch:
-            yield (b"," if sep else b"") + b",".join(batch)
-            sep = True
+    async for chunk in chunks:
+        yield (b"," if sep else b"") + chunk
+        sep = True
     yield b"]}"
 
 

@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 
 from service import reports
+from service.db import load_queries
 from service.journal import Database
 from service.reports import EXPORT_KEYS, TOTALS, _items, _usage_args, export_span, to_csv
 from tests.api.conftest import Api, FakeClock
@@ -116,14 +117,14 @@ async def test_export_is_the_general_answer(
     lo, hi = parse(start), parse(end)
     assert export_span(lo, hi, EXPORT_KEYS) is not None
     queries: list[str] = []
-    original = Database.stream_slow
+    original = Database.copy_slow
 
     async def recording(self: Database, query: str, *args: Any, **kw: Any) -> Any:
         queries.append(query)
-        async for rows in original(self, query, *args, **kw):
-            yield rows
+        async for chunk in original(self, query, *args, **kw):
+            yield chunk
 
-    monkeypatch.setattr(Database, "stream_slow", recording)
+    monkeypatch.setattr(Database, "copy_slow", recording)
     want = expected(events, lo, hi, EXPORT_KEYS)
     general = await general_path(api, database_url, lo, hi)
     assert general == want
@@ -141,36 +142,45 @@ async def test_export_is_the_general_answer(
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("text/csv")
     assert r.content == to_csv(EXPORT_KEYS, general).encode()
-    assert queries == ["usage_export", "usage_export"]
+    assert queries == ["usage_export_json", "usage_export_csv"]
 
     # The list form (the bench's SQL path) is the same answer.
     assert await reports.usage_report(ledger_of(api.c), lo, hi, EXPORT_KEYS) == want
 
 
-async def test_export_streams_in_batches(
-    api: Api, database_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+async def test_export_streams_what_copy_writes(
+    api: Api, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The export is read EXPORT_BATCH lines at a time and written as it is read: with a
-    batch of 3 the answer comes in many reads and is still exactly the report; an empty
-    month is a well-formed empty answer in both forms."""
+    """The export is written as PostgreSQL's COPY sends it, chunk by chunk, without a
+    length known in advance: with the chunks cut one row each, the answer is still
+    exactly the report; an empty month is a well-formed empty answer in both forms."""
     events = await make_events(api, database_url)
-    monkeypatch.setattr(reports, "EXPORT_BATCH", 3)
+    original = Database.copy_slow
     sizes: list[int] = []
-    original = Database.stream_slow
 
-    async def counting(self: Database, *args: Any, **kw: Any) -> Any:
-        async for rows in original(self, *args, **kw):
-            sizes.append(len(rows))
-            yield rows
+    async def row_by_row(self: Database, *args: Any, **kw: Any) -> Any:
+        async for chunk in original(self, *args, **kw):
+            lines = chunk.split(b"\n")[:-1]
+            sizes.append(len(lines))
+            for line in lines:
+                yield line + b"\n"
 
-    monkeypatch.setattr(Database, "stream_slow", counting)
+    monkeypatch.setattr(Database, "copy_slow", row_by_row)
     lo, hi = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 3, 1, tzinfo=UTC)
     want = expected(events, lo, hi, EXPORT_KEYS)
     assert len(want) > 10
     r = await report(api, "2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z", EXPORT_KEYS)
     assert "content-length" not in r.headers  # streamed, not one body
     assert r.json() == {"items": want}
-    assert max(sizes) == 3 and sum(sizes) == len(want)
+    assert sum(sizes) == len(want)
+    r = await report(
+        api,
+        "2026-01-01T00:00:00Z",
+        "2026-03-01T00:00:00Z",
+        EXPORT_KEYS,
+        headers={"Accept": "text/csv"},
+    )
+    assert r.content == to_csv(EXPORT_KEYS, want).encode()
     r = await report(api, "2024-01-01T00:00:00Z", "2024-02-01T00:00:00Z", EXPORT_KEYS)
     assert r.json() == {"items": []}
     r = await report(
@@ -205,20 +215,102 @@ def test_only_months_of_roll_ups_take_the_export(
     assert export_span(parse(start), parse(end), keys) is None
 
 
-async def test_csv_cell_is_pythons(database_url: str) -> None:
-    """tl_csv_cell writes a key as service/reports.py's csv writer does, for text that
-    needs quoting, neutralising, both or neither, and for null."""
-    values: list[str | None] = [*AWKWARD, None, '"', ",", "\n", "=", "'", "a\r\nb", "-1"]
+async def test_copy_csv_is_pythons(database_url: str) -> None:
+    """A key through tl_csv_key and COPY's CSV, with csv_line_ends, is what
+    service/reports.py's csv writer writes after csv_cell: quoted, neutralised, both or
+    neither, and null or empty as an empty field, line breaks inside cells kept."""
+    values: list[str | None] = [*AWKWARD, None, '"', ",", "\n", "=", "'", "a\r\nb", "-1", '"\n"']
     conn = await asyncpg.connect(database_url)
+    got: list[bytes] = []
+
+    async def sink(chunk: bytes) -> None:
+        got.append(bytes(chunk))
+
     try:
-        got = await conn.fetch(
-            "SELECT tl_csv_cell(v) || ',1' || E'\\r\\n' AS line"
-            " FROM unnest($1::text[]) WITH ORDINALITY AS x(v, n) ORDER BY n",
+        await conn.copy_from_query(
+            "SELECT tl_csv_key(v), n FROM unnest($1::text[]) WITH ORDINALITY AS x(v, n) ORDER BY n",
             values,
+            output=sink,
+            format="csv",
         )
     finally:
         await conn.close()
-    for value, row in zip(values, got, strict=True):
-        out = io.StringIO()
-        csv.writer(out, lineterminator="\r\n").writerow([reports.csv_cell(value), 1])
-        assert row["line"] == out.getvalue(), value
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\r\n").writerows(
+        [reports.csv_cell(v), n] for n, v in enumerate(values, 1)
+    )
+    assert reports.csv_line_ends(b"".join(got)) == out.getvalue().encode()
+
+
+def test_line_ends_and_json_lines() -> None:
+    """csv_line_ends turns only the row ends into CRLF, not a line feed in a quoted cell;
+    json_lines undoes COPY's doubled backslashes and joins the objects with commas."""
+    assert reports.csv_line_ends(b"a,1\nb,2\n") == b"a,1\r\nb,2\r\n"
+    assert (
+        reports.csv_line_ends(b'"x\ny",1\n"say ""hi""\n",2\nz,3\n')
+        == b'"x\ny",1\r\n"say ""hi""\n",2\r\nz,3\r\n'
+    )
+    assert reports.json_lines(b'{"a":"b\\\\"}\n{"a":null}\n') == b'{"a":"b\\"},{"a":null}'
+    assert msgspec_json(reports.json_lines(b'{"a":"\\\\n\\\\u00e9"}\n')) == [{"a": "\n\u00e9"}]
+
+
+def msgspec_json(body: bytes) -> Any:
+    return json.loads(b"[" + body + b"]")
+
+
+def nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """A plan node and every node under it."""
+    out = [plan]
+    for child in plan.get("Plans", []):
+        out += nodes(child)
+    return out
+
+
+async def test_a_month_is_walked_in_answer_order(database_url: str) -> None:
+    """Over a whole month the export walks the employees by accounts_employee_ref_idx,
+    reads each one's roll-up rows by key and sorts only those few rows (Incremental
+    Sort): no hash aggregate and no full sort of the groups, whose sums come from one
+    GroupAggregate over a Merge Append."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO accounts (address, type, ref)"
+            " SELECT 'employee:e-' || n, 'employee', 'e-' || n FROM generate_series(1, 2000) n;"
+            " INSERT INTO usage_monthly (month, account_id, model, project, events, credits)"
+            " SELECT '2026-03-01', a.id, 'model-' || m, 'project-' || p, 1, 10"
+            " FROM accounts a, generate_series(1, 4) m, generate_series(0, 5) p"
+            " WHERE a.type = 'employee';"
+            " INSERT INTO spend_monthly (month, account_id, model, project, debits, credits)"
+            " SELECT '2026-03-01', a.id, CASE WHEN a.id % 2 = 0 THEN 'model-1' END, '', 1, 5"
+            " FROM accounts a WHERE a.type = 'employee';"
+            " ANALYZE accounts, usage_monthly, spend_monthly, usage_events, transactions, entries"
+        )
+        start, end = datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 4, 1, tzinfo=UTC)
+        explained = await conn.fetchval(
+            "EXPLAIN (FORMAT JSON) " + load_queries()["usage_export_rows"],
+            start,
+            end,
+            start,
+            end,
+        )
+    finally:
+        await conn.close()
+    plan = json.loads(explained)[0]["Plan"]
+    every = nodes(plan)
+    # tl_usage_export is inlined: its plan streams, no function result kept whole.
+    assert "Function Scan" not in [n["Node Type"] for n in every]
+    assert not [n for n in every if n.get("Strategy") == "Hashed"], "a hash aggregate"
+    groups = [n for n in every if n["Node Type"] == "Aggregate"]
+    assert [n["Strategy"] for n in groups] == ["Sorted"]
+    (merge,) = [n for n in every if n["Node Type"] == "Merge Append"]
+    walked = [
+        child
+        for child in merge["Plans"]
+        if any(n.get("Index Name") == "accounts_employee_ref_idx" for n in nodes(child))
+    ]
+    assert len(walked) == 1
+    kinds = [n["Node Type"] for n in nodes(walked[0])]
+    assert "Incremental Sort" in kinds and "Sort" not in kinds, kinds
+    # Each employee's roll-up rows by key, a probe per month: never a scan of the month.
+    scans = {n["Relation Name"]: n["Node Type"] for n in every if "Relation Name" in n}
+    assert scans["usage_monthly"] == scans["spend_monthly"] == "Index Scan", scans
