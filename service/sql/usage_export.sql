@@ -3,12 +3,10 @@
 -- roll-ups are whole UTC months (service/reports.py, export_span): the same
 -- rows as usage_report (service/sql/reports.sql) for those keys, in the
 -- answer's order, from tl_usage_export (schema.sql, section 14b, which says
--- how: the employees walked in byte order of their ids, each one's roll-up
--- rows read by key, no hash or sort of the whole). $1, $2: the period
--- [from, to); $3, $4: the UTC month starts whose roll-ups answer it
--- (usage_span: $1 and $2 themselves, or their nearest midnights), each end
--- corrected like usage_report's. The rows as records: for callers that keep
--- the answer whole (the bench's SQL path).
+-- how and why). $1, $2: the period [from, to); $3, $4: the UTC month starts
+-- whose roll-ups answer it (usage_span: $1 and $2 themselves, or their
+-- nearest midnights), each end corrected like usage_report's. The rows as
+-- records: for callers that keep the answer whole (the bench's SQL path).
 SELECT x.* FROM tl_usage_export($1::timestamptz, $2::timestamptz, $3::timestamptz, $4::timestamptz) x;
 
 -- name: usage_export_csv

@@ -314,3 +314,19 @@ async def test_a_month_is_walked_in_answer_order(database_url: str) -> None:
     # Each employee's roll-up rows by key, a probe per month: never a scan of the month.
     scans = {n["Relation Name"]: n["Node Type"] for n in every if "Relation Name" in n}
     assert scans["usage_monthly"] == scans["spend_monthly"] == "Index Scan", scans
+
+
+async def test_bigint_sum_fails_loudly_on_overflow(database_url: str) -> None:
+    """tl_bigint_sum adds bigints as bigints and refuses to wrap around, as the numeric
+    sum cast back to bigint refused."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert (
+            await conn.fetchval("SELECT tl_bigint_sum(x) FROM unnest('{1,2,-5}'::bigint[]) x") == -2
+        )
+        with pytest.raises(asyncpg.NumericValueOutOfRangeError):
+            await conn.fetchval(
+                "SELECT tl_bigint_sum(x) FROM unnest(ARRAY[9223372036854775807, 1]::bigint[]) x"
+            )
+    finally:
+        await conn.close()
