@@ -9,11 +9,13 @@ import csv
 import io
 import json
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
 import pytest
 
+from service import db as service_db
 from service import reports
 from service.db import load_queries
 from service.journal import Database
@@ -330,3 +332,41 @@ async def test_bigint_sum_fails_loudly_on_overflow(database_url: str) -> None:
             )
     finally:
         await conn.close()
+
+
+async def test_report_statements_are_planned_for_their_arguments(database_url: str) -> None:
+    """A long statement (db.set_local: reports, exports) is planned for its arguments at
+    every execution, never by PostgreSQL's generic plan of a statement prepared five
+    times before on the connection (compensation's export: 8 to 15 s instead of 0.2 s).
+    Without the setting, the same statement does switch to a generic plan."""
+    query = load_queries()["compensation_report"]
+    args = (
+        datetime(2026, 3, 1, tzinfo=UTC),
+        datetime(2026, 4, 1, tzinfo=UTC),
+        None,
+        Decimal("0.000001"),
+        None,
+        2**31 - 1,
+    )
+
+    async def plans(with_setting: bool) -> tuple[int, int]:
+        conn = await asyncpg.connect(database_url)
+        try:
+            for _ in range(8):
+                async with conn.transaction(readonly=True):
+                    if with_setting:
+                        await service_db.set_local(conn, 30_000, jit=False)
+                    cursor = await conn.cursor(query, *args)
+                    await cursor.fetch(100)
+            row = await conn.fetchrow(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+                " WHERE statement = $1",
+                query,
+            )
+            assert row is not None
+            return int(row["generic_plans"]), int(row["custom_plans"])
+        finally:
+            await conn.close()
+
+    assert await plans(with_setting=True) == (0, 8)
+    assert (await plans(with_setting=False))[0] > 0
