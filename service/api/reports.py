@@ -99,7 +99,7 @@ class ReportsController(Controller):
         reports.check_period(from_, to)
         span = reports.export_span(from_, to, keys)
         if span is not None:
-            # employee,model,project over months of roll-ups: lines PostgreSQL wrote.
+            # employee,model,project over months of roll-ups: bytes PostgreSQL writes.
             return await _export(request, ledger, from_, to, keys, span)
         pages = reports.usage_report_pages(ledger, from_, to, keys)
         # The first rows are read before answering, so that a failing query
