@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 
 from service import db as service_db
@@ -20,7 +21,7 @@ from service import reports
 from service.db import load_queries
 from service.journal import Database
 from service.reports import EXPORT_KEYS, TOTALS, _items, _usage_args, export_span, to_csv
-from tests.api.conftest import Api, FakeClock
+from tests.api.conftest import Api, FakeClock, problem
 from tests.api.test_coalescing import ledger_of
 from tests.api.test_reports import Event, expected, make_events, report
 from tests.api.test_reports_spend import make_spends
@@ -370,3 +371,33 @@ async def test_report_statements_are_planned_for_their_arguments(database_url: s
 
     assert await plans(with_setting=True) == (0, 8)
     assert (await plans(with_setting=False))[0] > 0
+
+
+@pytest.mark.parametrize("accept", ["application/json", "text/csv"])
+async def test_a_failing_export_answers_its_problem(
+    api: Api, client: Any, database_url: str, accept: str
+) -> None:
+    """The export runs under the report statement timeout (here 1 ms: 503) and reads its
+    first chunk before answering, so a failing query answers its problem, not a cut
+    body; the connection goes back to the pool usable, and the next export answers."""
+    await make_events(api, database_url)
+    ledger = client.app.state.ledger
+    normal = ledger.config
+    ledger.config = msgspec.structs.replace(normal, report_statement_timeout_ms=1)
+    try:
+        r = await report(
+            api,
+            "2026-01-01T00:00:00Z",
+            "2026-03-01T00:00:00Z",
+            EXPORT_KEYS,
+            headers={"Accept": accept},
+        )
+        problem(r, 503, "unavailable")
+    finally:
+        ledger.config = normal
+    r = await report(
+        api, "2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z", EXPORT_KEYS, headers={"Accept": accept}
+    )
+    assert r.status_code == 200, r.text
+    async with ledger.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT current_setting('statement_timeout')") != "1ms"
