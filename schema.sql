@@ -135,6 +135,10 @@
 --
 -- 14. Grants to the app role
 --
+-- 14b. The usage export (employee, model and project in answer order)
+--       indexes:   accounts_employee_ref_idx.
+--       functions: tl_csv_key, tl_bigint_sum (an aggregate), tl_usage_export.
+--
 -- 15. Seed rows and back-fills
 
 SET client_min_messages = warning;
@@ -7875,6 +7879,198 @@ BEGIN
 EXCEPTION WHEN insufficient_privilege OR undefined_object THEN
     RAISE NOTICE 'tokenledger_app not granted on the tag roll-ups: %', SQLERRM;
 END $$;
+
+-- ===========================================================================
+-- 14b. The usage export: employee, model and project in answer order
+-- ===========================================================================
+-- GET /v1/reports/usage?group_by=employee,model,project over whole UTC months
+-- (tl_usage_export below, service/sql/usage_export.sql) walks the employee
+-- accounts in byte order of their ids, the answer's order, and reads each
+-- one's roll-up rows by key: the first row comes at once and a third of a
+-- million groups are never hashed or sorted whole. Written only when an
+-- account is created.
+CREATE INDEX IF NOT EXISTS accounts_employee_ref_idx ON accounts ((ref COLLATE "C")) INCLUDE (id)
+    WHERE type = 'employee';
+
+-- A text key as PostgreSQL's COPY ... (FORMAT csv) must receive it to write
+-- exactly what service/reports.py writes with Python's csv module after
+-- csv_cell: text a spreadsheet would read as a formula (it starts with =, +,
+-- -, @, tab or carriage return) gets a leading apostrophe, and an empty text
+-- becomes null (COPY quotes an empty string, "", where Python writes an empty
+-- field, as for null). COPY's own quoting (a cell holding a comma, a double
+-- quote, CR or LF, its double quotes doubled) is Python's QUOTE_MINIMAL. One
+-- expression, so PostgreSQL inlines it.
+CREATE OR REPLACE FUNCTION tl_csv_key(v text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN ascii(v) IN (61, 43, 45, 64, 9, 13) THEN '''' || v ELSE nullif(v, '') END
+$$;
+
+-- A sum of bigints as a bigint: sum(bigint) adds in numeric (or int128) and
+-- returns a numeric that the export casts back, which cost a fifth of its
+-- query's CPU over a third of a million groups (measured in the README,
+-- Reports). int8pl fails loudly on overflow ("bigint out of range"), as the
+-- cast back did; every total is far below 2^63 (amounts are at most 2^53).
+CREATE OR REPLACE AGGREGATE tl_bigint_sum(bigint) (SFUNC = int8pl, STYPE = bigint, PARALLEL = SAFE);
+
+-- The usage export's groups (GET /v1/reports/usage?group_by=employee,model,project
+-- over months of roll-ups; its named queries are in service/sql/usage_export.sql):
+-- the same rows as usage_report (service/sql/reports.sql) for those keys, in the
+-- answer's order, over [p_from, p_to) read from the monthly roll-ups of the month
+-- starts [p_span_from, p_span_to) and corrected at the ends exactly as
+-- usage_report corrects them (its header says why that is exact).
+--
+-- Why not usage_report: it aggregates the roll-up rows by account, then again
+-- by the answer's keys, then sorts: for a month of 10,000 employees, a third of
+-- a million groups hashed twice (spilling to disk) and sorted (an external
+-- merge) before the first row comes out. Here the employee accounts are walked
+-- in byte order of their ids (accounts_employee_ref_idx) and each one's roll-up
+-- rows read by key (usage_monthly's primary key, spend_monthly_key_idx: one
+-- probe per month listed, as a range of months would scan every account's
+-- entries of those months at each employee), a few dozen rows sorted per
+-- employee (Incremental Sort). The accounts that are not an employee's
+-- (employee null, so last) and the corrections are few rows, sorted apart; a
+-- Merge Append of the three feeds one GroupAggregate, which sums the months and
+-- the corrections of each group with no hash and no sort of the whole.
+--
+-- LANGUAGE sql, STABLE, one SELECT and not STRICT, so PostgreSQL inlines it into
+-- the query that calls it: its plan streams (no result set kept whole), and each
+-- named query writes its rows (CSV cells, JSON objects) around the same plan.
+CREATE OR REPLACE FUNCTION tl_usage_export(
+    p_from timestamptz, p_to timestamptz, p_span_from timestamptz, p_span_to timestamptz
+) RETURNS TABLE (
+    employee text, model text, project text, events bigint, input_tokens bigint,
+    cached_input_tokens bigint, output_tokens bigint, credits bigint, overage bigint,
+    violations bigint, debits bigint, debit_credits bigint
+)
+LANGUAGE sql STABLE AS $$
+SELECT g.employee, g.model, g.project,
+       tl_bigint_sum(g.events) AS events,
+       tl_bigint_sum(g.input_tokens) AS input_tokens,
+       tl_bigint_sum(g.cached_input_tokens) AS cached_input_tokens,
+       tl_bigint_sum(g.output_tokens) AS output_tokens,
+       tl_bigint_sum(g.credits) AS credits,
+       tl_bigint_sum(g.overage) AS overage,
+       tl_bigint_sum(g.violations) AS violations,
+       tl_bigint_sum(g.debits) AS debits,
+       tl_bigint_sum(g.debit_credits) AS debit_credits
+FROM (
+    -- Every employee account in byte order of its id, with its roll-up rows.
+    (SELECT a.ref COLLATE "C" AS employee, r.model COLLATE "C" AS model,
+            nullif(r.project, '') COLLATE "C" AS project,
+            r.events, r.input_tokens, r.cached_input_tokens, r.output_tokens, r.credits,
+            r.overage, r.violations, r.debits, r.debit_credits
+     FROM accounts a
+     CROSS JOIN LATERAL (
+         SELECT m.model, m.project, m.events, m.input_tokens, m.cached_input_tokens,
+                m.output_tokens, m.credits, 0::bigint AS overage, 0::bigint AS violations,
+                0::bigint AS debits, 0::bigint AS debit_credits
+         FROM usage_monthly m
+         WHERE m.account_id = a.id
+           AND m.month = ANY (ARRAY(SELECT generate_series(
+                   (p_span_from AT TIME ZONE 'UTC')::date,
+                   (p_span_to AT TIME ZONE 'UTC')::date - 1, interval '1 month')::date))
+         UNION ALL
+         SELECT sm.model, sm.project, 0, 0, 0, 0, sm.credits, 0, 0, sm.debits, sm.credits
+         FROM spend_monthly sm
+         WHERE sm.account_id = a.id
+           AND sm.month = ANY (ARRAY(SELECT generate_series(
+                   (p_span_from AT TIME ZONE 'UTC')::date,
+                   (p_span_to AT TIME ZONE 'UTC')::date - 1, interval '1 month')::date))
+     ) r
+     WHERE a.type = 'employee'
+     ORDER BY 1, 2, 3)
+    UNION ALL
+    -- Department (and any other) accounts: spend without an employee.
+    (SELECT NULL::text COLLATE "C", r.model COLLATE "C", nullif(r.project, '') COLLATE "C",
+            r.events, r.input_tokens, r.cached_input_tokens, r.output_tokens, r.credits,
+            0::bigint, 0::bigint, r.debits, r.debit_credits
+     FROM accounts a
+     CROSS JOIN LATERAL (
+         SELECT m.model, m.project, m.events, m.input_tokens, m.cached_input_tokens,
+                m.output_tokens, m.credits, 0::bigint AS debits, 0::bigint AS debit_credits
+         FROM usage_monthly m
+         WHERE m.account_id = a.id
+           AND m.month = ANY (ARRAY(SELECT generate_series(
+                   (p_span_from AT TIME ZONE 'UTC')::date,
+                   (p_span_to AT TIME ZONE 'UTC')::date - 1, interval '1 month')::date))
+         UNION ALL
+         SELECT sm.model, sm.project, 0, 0, 0, 0, sm.credits, sm.debits, sm.credits
+         FROM spend_monthly sm
+         WHERE sm.account_id = a.id
+           AND sm.month = ANY (ARRAY(SELECT generate_series(
+                   (p_span_from AT TIME ZONE 'UTC')::date,
+                   (p_span_to AT TIME ZONE 'UTC')::date - 1, interval '1 month')::date))
+     ) r
+     WHERE a.type <> 'employee'
+     ORDER BY 1, 2, 3)
+    UNION ALL
+    -- The few rows the roll-ups do not hold, per account: the spend
+    -- policy's overage and violations in [p_from, p_to), and the corrections at
+    -- the ends (usage_report's legs for its 'monthly' source).
+    (SELECT CASE WHEN a.type = 'employee' THEN a.ref END COLLATE "C",
+            c.model COLLATE "C", nullif(c.project, '') COLLATE "C",
+            c.events, c.input_tokens, c.cached_input_tokens, c.output_tokens, c.credits,
+            c.overage, c.violations, c.debits, c.debit_credits
+     FROM (
+         SELECT u.account_id, u.model, coalesce(u.project, '') AS project,
+                0::bigint AS events, 0::bigint AS input_tokens,
+                0::bigint AS cached_input_tokens, 0::bigint AS output_tokens,
+                0::bigint AS credits, u.shortfall AS overage,
+                (u.violation IS NOT NULL)::integer::bigint AS violations,
+                0::bigint AS debits, 0::bigint AS debit_credits
+         FROM usage_events u
+         WHERE (u.shortfall > 0 OR u.violation IS NOT NULL)
+           AND u.occurred_at >= p_from AND u.occurred_at < p_to
+         UNION ALL
+         SELECT c.account_id, c.model, coalesce(c.project, ''),
+                c.sign, c.sign * c.input_tokens, c.sign * c.cached_input_tokens,
+                c.sign * c.output_tokens, c.sign * c.cost, 0, 0, 0, 0
+         FROM (
+             SELECT u.account_id, u.model, u.project, u.occurred_at, u.input_tokens,
+                    u.cached_input_tokens, u.output_tokens, u.cost
+             FROM usage_events u
+             UNION ALL
+             SELECT u.account_id, u.model, u.project, u.occurred_at, u.input_tokens,
+                    u.cached_input_tokens, u.output_tokens, u.cost
+             FROM usage_events_archive u
+         ) c0
+         CROSS JOIN LATERAL (
+             SELECT c0.*,
+                    CASE WHEN c0.occurred_at < greatest(p_from, p_span_from)
+                         THEN CASE WHEN p_from < p_span_from THEN 1 ELSE -1 END
+                         ELSE CASE WHEN p_span_to < p_to THEN 1 ELSE -1 END
+                    END::bigint AS sign
+         ) c
+         WHERE (p_from <> p_span_from OR p_span_to <> p_to)
+           AND ((c0.occurred_at >= least(p_from, p_span_from)
+                 AND c0.occurred_at < greatest(p_from, p_span_from))
+                OR (c0.occurred_at >= least(p_span_to, p_to)
+                    AND c0.occurred_at < greatest(p_span_to, p_to)))
+         UNION ALL
+         SELECT e.account_id, t.metadata ->> 'model', coalesce(t.metadata ->> 'project', ''),
+                0, 0, 0, 0, -e.amount * sg.sign, 0, 0, sg.sign, -e.amount * sg.sign
+         FROM transactions t
+         JOIN entries e ON e.transaction_id = t.id AND e.amount < 0
+         CROSS JOIN LATERAL (
+             SELECT CASE WHEN t.created_at < greatest(p_from, p_span_from)
+                         THEN CASE WHEN p_from < p_span_from THEN 1 ELSE -1 END
+                         ELSE CASE WHEN p_span_to < p_to THEN 1 ELSE -1 END
+                    END::bigint AS sign) sg
+         WHERE (p_from <> p_span_from OR p_span_to <> p_to)
+           AND t.kind IN ('debit', 'capture')
+           AND ((t.created_at >= least(p_from, p_span_from)
+                 AND t.created_at < greatest(p_from, p_span_from))
+                OR (t.created_at >= least(p_span_to, p_to)
+                    AND t.created_at < greatest(p_span_to, p_to)))
+     ) c
+     JOIN accounts a ON a.id = c.account_id
+     ORDER BY 1, 2, 3)
+) g
+GROUP BY g.employee, g.model, g.project
+-- As in usage_report: a group of subtracted spend only is not in the period.
+HAVING tl_bigint_sum(g.events) <> 0 OR tl_bigint_sum(g.debits) <> 0
+ORDER BY g.employee, g.model, g.project
+$$;
 
 -- ===========================================================================
 -- 15. Seed rows and back-fills: the system accounts, the settle cursor, one-

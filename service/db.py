@@ -136,6 +136,13 @@ async def set_local(
     """The settings of a long statement, for its transaction only (SET LOCAL),
     so the connection goes back to the pool with the usual ones."""
     await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
+    # Planned for its own arguments every time. asyncpg keeps each statement
+    # prepared on its connection, and PostgreSQL plans the sixth execution of a
+    # prepared statement generically (default selectivities) when that looks
+    # no dearer: compensation's export then estimated one grant where there were
+    # 10,000 and joined its page to them by nested loop, 8 to 15 s instead of
+    # 0.2 s (README, Reports). A report's planning is milliseconds.
+    await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
     if not jit:
         await conn.execute("SET LOCAL jit = off")
     if work_mem_mb:

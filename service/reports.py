@@ -326,10 +326,17 @@ async def usage_report(
     """The report's rows, all in one list: the asked keys in the caller's order, then
     TOTALS. For callers that know the answer is small (the bench, the pages); the
     HTTP answer streams (usage_report_pages)."""
+    span = export_span(start, end, keys)
+    args: tuple[Any, ...]
+    if span is not None:
+        # employee,model,project over months of roll-ups: the same rows, in the same order.
+        query, args = "usage_export_rows", (start, end, *span)
+    else:
+        query, args = "usage_report", await _usage_args(ledger, start, end, keys)
     rows = await ledger.fetch_slow(
-        "usage_report",
+        query,
         ledger.config.report_statement_timeout_ms,
-        *await _usage_args(ledger, start, end, keys),
+        *args,
         # The month's debits and captures make the estimate large enough for
         # PostgreSQL to JIT-compile the query, which costs more than it saves.
         jit=False,
@@ -353,6 +360,77 @@ async def usage_report_pages(
         work_mem_mb=REPORT_WORK_MEM_MB,
     ):
         yield _items(keys, rows)
+
+
+# The export (issue 16, the employee,model,project report under a second): the
+# keys it answers, in this order, over whole months of roll-ups.
+EXPORT_KEYS = ("employee", "model", "project")
+
+
+def export_span(
+    start: datetime, end: datetime, keys: tuple[str, ...]
+) -> tuple[datetime, datetime] | None:
+    """The month starts whose roll-ups answer [start, end) when the `usage_export`
+    query answers this report (service/sql/usage_export.sql: the rows walked in the
+    answer's order and written by PostgreSQL as JSON or CSV lines), else None (the
+    general usage_report). It answers exactly the EXPORT_KEYS when both the usage and
+    the debits read their monthly roll-ups: whole UTC months, or a longer period whose
+    nearest midnights are month starts (corrected at its ends)."""
+    if keys != EXPORT_KEYS:
+        return None
+    if source_for(start, end, keys) != "monthly" or spend_source_for(start, end, keys) != "monthly":
+        return None
+    return usage_span(start, end)
+
+
+async def usage_export_chunks(
+    ledger: Database, start: datetime, end: datetime, span: tuple[datetime, datetime], form: str
+) -> AsyncIterator[bytes]:
+    """The export's body as PostgreSQL writes it, chunk by chunk in the answer's order
+    (Database.copy_slow: the service decodes no row). `form` 'csv': the CSV rows after
+    the header, byte for byte what to_csv writes (usage_export_csv, COPY's CSV with CRLF
+    line ends); 'json': the items' JSON objects, comma-separated within a chunk (the
+    caller puts the commas between chunks and the brackets around)."""
+    assert form in ("json", "csv"), form
+    chunks = ledger.copy_slow(
+        f"usage_export_{form}",
+        ledger.config.report_statement_timeout_ms,
+        start,
+        end,
+        *span,
+        form="csv" if form == "csv" else "text",
+        jit=False,
+        work_mem_mb=REPORT_WORK_MEM_MB,
+    )
+    async for chunk in chunks:
+        if chunk:
+            yield csv_line_ends(chunk) if form == "csv" else json_lines(chunk)
+
+
+def csv_line_ends(chunk: bytes) -> bytes:
+    """COPY's CSV rows (whole rows, each ending in LF) with the CRLF row ends of
+    Python's csv writer. A line feed inside a quoted cell stays as it is: only one
+    outside quotes (an even number of double quotes before it in its row, doubled
+    quotes counting two) ends a row."""
+    if b'"' not in chunk:
+        return chunk.replace(b"\n", b"\r\n")
+    out, quoted = [], False
+    parts = chunk.split(b"\n")
+    for part in parts[:-1]:
+        quoted ^= part.count(b'"') % 2 == 1
+        out.append(part + (b"\n" if quoted else b"\r\n"))
+    assert not quoted and parts[-1] == b"", "COPY sends whole rows"
+    return b"".join(out)
+
+
+def json_lines(chunk: bytes) -> bytes:
+    """COPY's text rows of JSON objects (whole rows, each ending in LF) as the objects
+    comma-separated. COPY's text format escapes a backslash as two and the control
+    characters, which a JSON text holds only escaped (so as backslashes)."""
+    assert chunk.endswith(b"\n"), "COPY sends whole rows"
+    if b"\\" in chunk:
+        chunk = chunk.replace(b"\\\\", b"\\")
+    return chunk[:-1].replace(b"\n", b",")
 
 
 # A spreadsheet reads a cell starting with one of these as a formula

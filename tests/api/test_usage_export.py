@@ -1,0 +1,403 @@
+"""The employee,model,project export (issue 16, every report under a second): over
+months of roll-ups it is answered by the `usage_export` query, whose lines PostgreSQL
+writes as JSON or CSV in the answer's order. Its answer is the general path's, the CSV
+byte for byte, over whole months and over periods corrected at their ends."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import msgspec
+import pytest
+
+from service import db as service_db
+from service import reports
+from service.db import load_queries
+from service.journal import Database
+from service.reports import EXPORT_KEYS, TOTALS, _items, _usage_args, export_span, to_csv
+from tests.api.conftest import Api, FakeClock, problem
+from tests.api.test_coalescing import ledger_of
+from tests.api.test_reports import Event, expected, make_events, report
+from tests.api.test_reports_spend import make_spends
+
+# Keys a CSV must quote, neutralise or both, and one it must leave alone.
+AWKWARD = (
+    "a,b",
+    'say "hi"',
+    "=SUM(A1)",
+    "-minus",
+    "+plus",
+    "@at",
+    "\ttab",
+    "\rcr",
+    "line\nbreak",
+    '=1,"2"',
+    " space",
+    "naïve ünïcode",
+    "",
+    "\\.",
+    "plain",
+)
+
+# (from, to) of periods whose roll-ups are whole months: the export answers them.
+PERIODS = [
+    pytest.param("2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z", id="two-months"),
+    pytest.param("2026-02-01T00:00:00+00:00", "2026-03-01T00:00:00Z", id="one-month"),
+    pytest.param("2026-01-01T00:00:00.000001Z", "2026-03-01T00:00:00Z", id="shifted"),
+    pytest.param("2026-01-01T06:00:00Z", "2026-02-28T18:00:00Z", id="hours-subtracted"),
+    pytest.param("2025-12-31T20:00:00Z", "2026-03-01T03:00:00Z", id="hours-added"),
+    pytest.param("2026-01-01T01:00:00+01:00", "2026-03-01T05:30:00+05:30", id="offsets"),
+]
+
+
+def parse(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+async def make_awkward(api: Api, clock: FakeClock) -> list[Event]:
+    """Debits whose metadata model and project need quoting or neutralising in CSV (and
+    one charged to a department account, whose employee is null), as report events."""
+    await api.department("fin")
+    clock.set(datetime(2025, 12, 1, tzinfo=UTC))
+    assert (await api.transfer("system:issuance", "department:fin", 50_000)).status_code == 201
+    out = []
+    for n, text in enumerate(AWKWARD):
+        at = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(days=n * 4 % 59, hours=n)
+        account, emp = ("department:fin", None) if n % 5 == 4 else ("employee:e-b", "e-b")
+        clock.set(at)
+        metadata = {"model": text, "project": AWKWARD[-1 - n]}
+        r = await api.debit(account, 10 + n, metadata=metadata)
+        assert r.status_code == 201, r.text
+        keys: dict[str, str | None] = {
+            "employee": emp,
+            "model": text,
+            # The report folds an empty project into null, as for usage events.
+            "project": AWKWARD[-1 - n] or None,
+        }
+        totals = {**dict.fromkeys(TOTALS, 0), "credits": 10 + n, "debits": 1}
+        totals["debit_credits"] = 10 + n
+        out.append(Event(keys, at, totals))
+    clock.set(datetime(2026, 3, 2, tzinfo=UTC))
+    return out
+
+
+async def general_path(
+    api: Api, database_url: str, start: datetime, end: datetime
+) -> list[dict[str, Any]]:
+    """The same report by the general `usage_report` query (what answered it before)."""
+    ledger: Database = ledger_of(api.c)
+    args = await _usage_args(ledger, start, end, EXPORT_KEYS)
+    assert args[3] == "monthly" and args[6] == "monthly", args
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(ledger.queries["usage_report"], *args)
+    finally:
+        await conn.close()
+    return _items(EXPORT_KEYS, rows)
+
+
+@pytest.mark.parametrize(("start", "end"), PERIODS)
+async def test_export_is_the_general_answer(
+    api: Api,
+    database_url: str,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+    start: str,
+    end: str,
+) -> None:
+    """Over whole months and periods corrected at either end, the export's JSON is the
+    report summed in Python and the general path's, and its CSV is the general path's
+    byte for byte (nulls, commas, quotes, line breaks, formulas, an empty model)."""
+    events = await make_events(api, database_url)
+    events += await make_spends(api, clock)
+    events += await make_awkward(api, clock)
+    lo, hi = parse(start), parse(end)
+    assert export_span(lo, hi, EXPORT_KEYS) is not None
+    queries: list[str] = []
+    original = Database.copy_slow
+
+    async def recording(self: Database, query: str, *args: Any, **kw: Any) -> Any:
+        queries.append(query)
+        async for chunk in original(self, query, *args, **kw):
+            yield chunk
+
+    monkeypatch.setattr(Database, "copy_slow", recording)
+    want = expected(events, lo, hi, EXPORT_KEYS)
+    general = await general_path(api, database_url, lo, hi)
+    assert general == want
+
+    r = await report(api, start, end, EXPORT_KEYS)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json() == {"items": want}
+    # Every item carries exactly the keys, then the totals, in that order.
+    assert [list(i) for i in json.loads(r.content)["items"]] == [
+        [*EXPORT_KEYS, *TOTALS] for _ in want
+    ]
+
+    r = await report(api, start, end, EXPORT_KEYS, headers={"Accept": "text/csv"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/csv")
+    assert r.content == to_csv(EXPORT_KEYS, general).encode()
+    assert queries == ["usage_export_json", "usage_export_csv"]
+
+    # The list form (the bench's SQL path) is the same answer.
+    assert await reports.usage_report(ledger_of(api.c), lo, hi, EXPORT_KEYS) == want
+
+
+async def test_export_streams_what_copy_writes(
+    api: Api, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The export is written as PostgreSQL's COPY sends it, chunk by chunk, without a
+    length known in advance: with the chunks cut one row each, the answer is still
+    exactly the report; an empty month is a well-formed empty answer in both forms."""
+    events = await make_events(api, database_url)
+    original = Database.copy_slow
+    sizes: list[int] = []
+
+    async def row_by_row(self: Database, *args: Any, **kw: Any) -> Any:
+        async for chunk in original(self, *args, **kw):
+            lines = chunk.split(b"\n")[:-1]
+            sizes.append(len(lines))
+            for line in lines:
+                yield line + b"\n"
+
+    monkeypatch.setattr(Database, "copy_slow", row_by_row)
+    lo, hi = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 3, 1, tzinfo=UTC)
+    want = expected(events, lo, hi, EXPORT_KEYS)
+    assert len(want) > 10
+    r = await report(api, "2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z", EXPORT_KEYS)
+    assert "content-length" not in r.headers  # streamed, not one body
+    assert r.json() == {"items": want}
+    assert sum(sizes) == len(want)
+    r = await report(
+        api,
+        "2026-01-01T00:00:00Z",
+        "2026-03-01T00:00:00Z",
+        EXPORT_KEYS,
+        headers={"Accept": "text/csv"},
+    )
+    assert r.content == to_csv(EXPORT_KEYS, want).encode()
+    r = await report(api, "2024-01-01T00:00:00Z", "2024-02-01T00:00:00Z", EXPORT_KEYS)
+    assert r.json() == {"items": []}
+    r = await report(
+        api,
+        "2024-01-01T00:00:00Z",
+        "2024-02-01T00:00:00Z",
+        EXPORT_KEYS,
+        headers={"Accept": "text/csv"},
+    )
+    assert r.text == "employee,model,project," + ",".join(TOTALS) + "\r\n"
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "keys"),
+    [
+        # Whole days that are not month starts read usage_daily: the general path.
+        ("2026-01-02T00:00:00Z", "2026-02-15T00:00:00Z", EXPORT_KEYS),
+        # Shorter than two days: the events themselves.
+        ("2026-01-10T12:00:00Z", "2026-01-11T06:00:00Z", EXPORT_KEYS),
+        # Other keys, or the same in another order.
+        ("2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z", ("employee", "model")),
+        ("2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z", ("model", "employee", "project")),
+        # Nearest midnights that are not month starts.
+        ("2026-01-01T13:00:00Z", "2026-03-01T00:00:00Z", EXPORT_KEYS),
+    ],
+)
+def test_only_months_of_roll_ups_take_the_export(
+    start: str, end: str, keys: tuple[str, ...]
+) -> None:
+    """The export answers exactly employee,model,project over months of roll-ups; anything
+    else stays on the general path."""
+    assert export_span(parse(start), parse(end), keys) is None
+
+
+async def test_copy_csv_is_pythons(database_url: str) -> None:
+    """A key through tl_csv_key and COPY's CSV, with csv_line_ends, is what
+    service/reports.py's csv writer writes after csv_cell: quoted, neutralised, both or
+    neither, and null or empty as an empty field, line breaks inside cells kept."""
+    values: list[str | None] = [*AWKWARD, None, '"', ",", "\n", "=", "'", "a\r\nb", "-1", '"\n"']
+    conn = await asyncpg.connect(database_url)
+    got: list[bytes] = []
+
+    async def sink(chunk: bytes) -> None:
+        got.append(bytes(chunk))
+
+    try:
+        await conn.copy_from_query(
+            "SELECT tl_csv_key(v), n FROM unnest($1::text[]) WITH ORDINALITY AS x(v, n) ORDER BY n",
+            values,
+            output=sink,
+            format="csv",
+        )
+    finally:
+        await conn.close()
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\r\n").writerows(
+        [reports.csv_cell(v), n] for n, v in enumerate(values, 1)
+    )
+    assert reports.csv_line_ends(b"".join(got)) == out.getvalue().encode()
+
+
+def test_line_ends_and_json_lines() -> None:
+    """csv_line_ends turns only the row ends into CRLF, not a line feed in a quoted cell;
+    json_lines undoes COPY's doubled backslashes and joins the objects with commas."""
+    assert reports.csv_line_ends(b"a,1\nb,2\n") == b"a,1\r\nb,2\r\n"
+    assert (
+        reports.csv_line_ends(b'"x\ny",1\n"say ""hi""\n",2\nz,3\n')
+        == b'"x\ny",1\r\n"say ""hi""\n",2\r\nz,3\r\n'
+    )
+    assert reports.json_lines(b'{"a":"b\\\\"}\n{"a":null}\n') == b'{"a":"b\\"},{"a":null}'
+    assert msgspec_json(reports.json_lines(b'{"a":"\\\\n\\\\u00e9"}\n')) == [{"a": "\n\u00e9"}]
+
+
+def msgspec_json(body: bytes) -> Any:
+    return json.loads(b"[" + body + b"]")
+
+
+def nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """A plan node and every node under it."""
+    out = [plan]
+    for child in plan.get("Plans", []):
+        out += nodes(child)
+    return out
+
+
+async def test_a_month_is_walked_in_answer_order(database_url: str) -> None:
+    """Over a whole month the export walks the employees by accounts_employee_ref_idx,
+    reads each one's roll-up rows by key and sorts only those few rows (Incremental
+    Sort): no hash aggregate and no full sort of the groups, whose sums come from one
+    GroupAggregate over a Merge Append."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO accounts (address, type, ref)"
+            " SELECT 'employee:e-' || n, 'employee', 'e-' || n FROM generate_series(1, 2000) n;"
+            " INSERT INTO usage_monthly (month, account_id, model, project, events, credits)"
+            " SELECT '2026-03-01', a.id, 'model-' || m, 'project-' || p, 1, 10"
+            " FROM accounts a, generate_series(1, 4) m, generate_series(0, 5) p"
+            " WHERE a.type = 'employee';"
+            " INSERT INTO spend_monthly (month, account_id, model, project, debits, credits)"
+            " SELECT '2026-03-01', a.id, CASE WHEN a.id % 2 = 0 THEN 'model-1' END, '', 1, 5"
+            " FROM accounts a WHERE a.type = 'employee';"
+            " ANALYZE accounts, usage_monthly, spend_monthly, usage_events, transactions, entries"
+        )
+        start, end = datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 4, 1, tzinfo=UTC)
+        explained = await conn.fetchval(
+            "EXPLAIN (FORMAT JSON) " + load_queries()["usage_export_rows"],
+            start,
+            end,
+            start,
+            end,
+        )
+    finally:
+        await conn.close()
+    plan = json.loads(explained)[0]["Plan"]
+    every = nodes(plan)
+    # tl_usage_export is inlined: its plan streams, no function result kept whole.
+    assert "Function Scan" not in [n["Node Type"] for n in every]
+    assert not [n for n in every if n.get("Strategy") == "Hashed"], "a hash aggregate"
+    groups = [n for n in every if n["Node Type"] == "Aggregate"]
+    assert [n["Strategy"] for n in groups] == ["Sorted"]
+    (merge,) = [n for n in every if n["Node Type"] == "Merge Append"]
+    walked = [
+        child
+        for child in merge["Plans"]
+        if any(n.get("Index Name") == "accounts_employee_ref_idx" for n in nodes(child))
+    ]
+    assert len(walked) == 1
+    kinds = [n["Node Type"] for n in nodes(walked[0])]
+    assert "Incremental Sort" in kinds and "Sort" not in kinds, kinds
+    # Each employee's roll-up rows by key, a probe per month: never a scan of the month.
+    scans = {n["Relation Name"]: n["Node Type"] for n in every if "Relation Name" in n}
+    assert scans["usage_monthly"] == scans["spend_monthly"] == "Index Scan", scans
+
+
+async def test_bigint_sum_fails_loudly_on_overflow(database_url: str) -> None:
+    """tl_bigint_sum adds bigints as bigints and refuses to wrap around, as the numeric
+    sum cast back to bigint refused."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert (
+            await conn.fetchval("SELECT tl_bigint_sum(x) FROM unnest('{1,2,-5}'::bigint[]) x") == -2
+        )
+        with pytest.raises(asyncpg.NumericValueOutOfRangeError):
+            await conn.fetchval(
+                "SELECT tl_bigint_sum(x) FROM unnest(ARRAY[9223372036854775807, 1]::bigint[]) x"
+            )
+    finally:
+        await conn.close()
+
+
+async def test_report_statements_are_planned_for_their_arguments(database_url: str) -> None:
+    """A long statement (db.set_local: reports, exports) is planned for its arguments at
+    every execution, never by PostgreSQL's generic plan of a statement prepared five
+    times before on the connection (compensation's export: 8 to 15 s instead of 0.2 s).
+    Without the setting, the same statement does switch to a generic plan."""
+    query = load_queries()["compensation_report"]
+    args = (
+        datetime(2026, 3, 1, tzinfo=UTC),
+        datetime(2026, 4, 1, tzinfo=UTC),
+        None,
+        Decimal("0.000001"),
+        None,
+        2**31 - 1,
+    )
+
+    async def plans(with_setting: bool) -> tuple[int, int]:
+        conn = await asyncpg.connect(database_url)
+        try:
+            for _ in range(8):
+                async with conn.transaction(readonly=True):
+                    if with_setting:
+                        await service_db.set_local(conn, 30_000, jit=False)
+                    cursor = await conn.cursor(query, *args)
+                    await cursor.fetch(100)
+            row = await conn.fetchrow(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+                " WHERE statement = $1",
+                query,
+            )
+            assert row is not None
+            return int(row["generic_plans"]), int(row["custom_plans"])
+        finally:
+            await conn.close()
+
+    assert await plans(with_setting=True) == (0, 8)
+    assert (await plans(with_setting=False))[0] > 0
+
+
+@pytest.mark.parametrize("accept", ["application/json", "text/csv"])
+async def test_a_failing_export_answers_its_problem(
+    api: Api, client: Any, database_url: str, accept: str
+) -> None:
+    """The export runs under the report statement timeout (here 1 ms: 503) and reads its
+    first chunk before answering, so a failing query answers its problem, not a cut
+    body; the connection goes back to the pool usable, and the next export answers."""
+    await make_events(api, database_url)
+    ledger = client.app.state.ledger
+    normal = ledger.config
+    ledger.config = msgspec.structs.replace(normal, report_statement_timeout_ms=1)
+    try:
+        r = await report(
+            api,
+            "2026-01-01T00:00:00Z",
+            "2026-03-01T00:00:00Z",
+            EXPORT_KEYS,
+            headers={"Accept": accept},
+        )
+        problem(r, 503, "unavailable")
+    finally:
+        ledger.config = normal
+    r = await report(
+        api, "2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z", EXPORT_KEYS, headers={"Accept": accept}
+    )
+    assert r.status_code == 200, r.text
+    async with ledger.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT current_setting('statement_timeout')") != "1ms"
