@@ -5661,30 +5661,20 @@ BEGIN
     shortfall := p_cost - from_lots - overdraft;
 END $$;
 
--- An account's limits as tl_policy_batch_links links them: one row per
--- limit of its own policy and of its department's (tl_policies_of), with
--- the limit's place in its owner's policy (`ord`) and its place in check
--- order (`rank`: own limits first, then by window, time zone, owner, place).
+-- An account's limits as tl_policy_batch_links links them: tl_policy_limits'
+-- rows (its own policy's and its department's, tl_policies_of) with the
+-- limit's place in its owner's policy (`ord`) and its place in check order
+-- (`rank`: own limits first, then by window, time zone, owner, place).
 CREATE OR REPLACE FUNCTION tl_policy_links_of(p_account accounts)
 RETURNS TABLE (rank integer, owner text, ord integer, department text, period text, time_zone text,
                amount bigint, hard boolean)
 LANGUAGE sql STABLE AS $$
     SELECT (row_number() OVER (ORDER BY l.department NULLS FIRST, l.period, l.tz, l.owner, l.ord))::integer,
            l.owner, l.ord, l.department, l.period, l.tz, l.amount, l.hard
-      FROM (SELECT o.address AS owner, v.ord::integer AS ord,
-                   -- An account's own limits count its own spend, but a
-                   -- department account's own are its department's.
-                   CASE WHEN o.id <> p_account.id OR p_account.type = 'department' THEN o.ref END AS department,
-                   v.l ->> 'window' AS period, coalesce(v.l ->> 'time_zone', 'UTC') AS tz,
-                   (v.l ->> 'amount')::bigint AS amount, coalesce(v.l ->> 'mode', 'hard') = 'hard' AS hard
-              FROM (SELECT p_account.id AS id
-                    UNION ALL
-                    SELECT d.id FROM accounts d
-                     WHERE p_account.type = 'employee'
-                       AND d.address = 'department:' || (SELECT e.department FROM employees e
-                                                          WHERE e.id = p_account.ref)) b
-              JOIN accounts o ON o.id = b.id
-              JOIN spend_policies p ON p.account_id = o.id
+      FROM (SELECT p.owner, v.ord::integer AS ord, p.department, v.l ->> 'window' AS period,
+                   coalesce(v.l ->> 'time_zone', 'UTC') AS tz, (v.l ->> 'amount')::bigint AS amount,
+                   coalesce(v.l ->> 'mode', 'hard') = 'hard' AS hard
+              FROM tl_policies_of(p_account) p
              CROSS JOIN LATERAL jsonb_array_elements(p.limits) WITH ORDINALITY AS v(l, ord)) l
      ORDER BY 1
 $$;

@@ -212,6 +212,34 @@ class Database:
         result: list[asyncpg.Record] = await self._run(run)
         return result
 
+    @contextlib.asynccontextmanager
+    async def _reading(
+        self, timeout_ms: int, *, jit: bool, work_mem_mb: int
+    ) -> AsyncIterator[db.Pooled]:
+        """A pooled connection in a read-only transaction under `timeout_ms` (as
+        fetch_slow) for a report read piece by piece (stream_slow, copy_slow): errors
+        are translated (a refused connection as a 503), and at the end, however it
+        ends, the transaction is rolled back and the connection goes back."""
+        try:
+            conn = await self._acquire()
+        except DatabaseRefused as exc:
+            raise self._translated(exc) from exc.__cause__
+        tr = conn.transaction(readonly=True)
+        try:
+            await tr.start()
+            await db.set_local(conn, timeout_ms, jit=jit, work_mem_mb=work_mem_mb)
+            yield conn
+        except Exception as exc:
+            translated = self._translated(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+        finally:
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                if not conn.is_closed():
+                    await tr.rollback()
+            await self._release(conn)
+
     async def stream_slow(
         self,
         query: str,
@@ -228,14 +256,7 @@ class Database:
         anything is yielded, so a caller that awaits it first gets the errors of the
         query (translated, as a 503 for a refused connection) before answering."""
         sql = self.queries[query]
-        try:
-            conn = await self._acquire()
-        except DatabaseRefused as exc:
-            raise self._translated(exc) from exc.__cause__
-        tr = conn.transaction(readonly=True)
-        try:
-            await tr.start()
-            await db.set_local(conn, timeout_ms, jit=jit, work_mem_mb=work_mem_mb)
+        async with self._reading(timeout_ms, jit=jit, work_mem_mb=work_mem_mb) as conn:
             # A cursor's query is planned for its first tenth of rows by default
             # (cursor_tuple_fraction): a report is always read to its end, and
             # that plan was several times slower than fetch_slow's.
@@ -249,16 +270,6 @@ class Database:
                 yield rows
                 if len(rows) < batch:
                     break
-        except Exception as exc:
-            translated = self._translated(exc)
-            if translated is exc:
-                raise
-            raise translated from exc
-        finally:
-            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                if not conn.is_closed():
-                    await tr.rollback()
-            await self._release(conn)
 
     async def copy_slow(
         self,
@@ -281,50 +292,34 @@ class Database:
         first gets the errors of the query before answering (as stream_slow)."""
         # COPY (query) takes a statement, not a statement list.
         sql = self.queries[query].rstrip().removesuffix(";")
-        try:
-            conn = await self._acquire()
-        except DatabaseRefused as exc:
-            raise self._translated(exc) from exc.__cause__
-        tr = conn.transaction(readonly=True)
         chunks: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=queued)
+        async with self._reading(timeout_ms, jit=jit, work_mem_mb=work_mem_mb) as conn:
 
-        async def copy() -> None:
-            try:
-                await conn.copy_from_query(
-                    sql,
-                    *args,
-                    output=chunks.put,
-                    format=form,
-                    timeout=db.client_timeout(timeout_ms),
-                )
-            finally:
-                await chunks.put(None)
+            async def copy() -> None:
+                try:
+                    await conn.copy_from_query(
+                        sql,
+                        *args,
+                        output=chunks.put,
+                        format=form,
+                        timeout=db.client_timeout(timeout_ms),
+                    )
+                finally:
+                    await chunks.put(None)
 
-        task: asyncio.Task[None] | None = None
-        try:
-            await tr.start()
-            await db.set_local(conn, timeout_ms, jit=jit, work_mem_mb=work_mem_mb)
             task = asyncio.create_task(copy())
-            while (chunk := await chunks.get()) is not None:
-                # asyncpg hands over a bytearray; an answer's body is bytes.
-                yield bytes(chunk)
-            # The copy's own error, if it failed.
-            await task
-        except Exception as exc:
-            translated = self._translated(exc)
-            if translated is exc:
-                raise
-            raise translated from exc
-        finally:
-            if task is not None and not task.done():
-                # The answer was cut short (the client went away): stop the COPY.
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                if not conn.is_closed():
-                    await tr.rollback()
-            await self._release(conn)
+            try:
+                while (chunk := await chunks.get()) is not None:
+                    # asyncpg hands over a bytearray; an answer's body is bytes.
+                    yield bytes(chunk)
+                # The copy's own error, if it failed.
+                await task
+            finally:
+                if not task.done():
+                    # The answer was cut short (the client went away): stop the COPY.
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
 
     async def fetchval_long(
         self, query: str, timeout_ms: int, *args: Any, rollback: bool = False
