@@ -356,6 +356,21 @@ async def fast_items(ledger: Database, items: list[Item]) -> list[bool]:
     return [t is not None for t in taken]
 
 
+async def run_twin(ledger: Database, twin: str, items: list[Item], one_by_one: bool) -> list[Any]:
+    """A twin's items run one by one, or set-based in one coalesced batch (all of
+    them must go set-based), and their answers with the twin's name as TWIN: what
+    the two ways of a differential test must agree on."""
+    if one_by_one:
+        results = [await ledger._execute_one(i) for i in items]
+    else:
+        assert await fast_items(ledger, items) == [True] * len(items)
+        results = await ledger._execute_batch(items)
+    names = {twin: "TWIN"}
+    return [
+        (r["status"], _canon(r["body"], names)) if isinstance(r, dict) else repr(r) for r in results
+    ]
+
+
 async def test_set_based_reservations_decide_as_one_by_one(client: Any, api: Api) -> None:
     """A batch of reserves, captures (under, exactly and over the held
     amount), a release, and debits and a reserve beyond what is left, on one
@@ -404,17 +419,8 @@ async def test_set_based_reservations_decide_as_one_by_one(client: Any, api: Api
             ),
             reservation_item("debit", {"account": address, "amount": 1000}, None, next(keys)),
         ]
-        if one_by_one:
-            results = [await ledger._execute_one(i) for i in items]
-        else:
-            assert await fast_items(ledger, items) == [True] * len(items)
-            results = await ledger._execute_batch(items)
-        names = {twin: "TWIN"}
-        outcomes[twin] = [
-            (r["status"], _canon(r["body"], names)) if isinstance(r, dict) else repr(r)
-            for r in results
-        ]
-        states[twin] = await _wallet_state(client, address, names)
+        outcomes[twin] = await run_twin(ledger, twin, items, one_by_one)
+        states[twin] = await _wallet_state(client, address, {twin: "TWIN"})
     assert [o[0] for o in outcomes["e-batch"]] == [201, 200, 201, 200, 200, 409, 200, 201, 409]
     assert outcomes["e-batch"] == outcomes["e-single"]
     assert states["e-batch"] == states["e-single"]

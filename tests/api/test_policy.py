@@ -583,6 +583,38 @@ async def test_usage_reports_show_overage_and_violations(
 # The set-based batch path -----------------------------------------------------
 
 
+async def decide_on_twin(
+    client: Any,
+    database_url: str,
+    twin: str,
+    items: list[Any],
+    one_by_one: bool,
+    accounts: tuple[str, ...],
+) -> tuple[list[Any], list[Any], list[list[int]], list[tuple[Any, ...]]]:
+    """Runs a twin's items one by one, or set-based in one coalesced batch (all of
+    them must go set-based), and answers what the two ways must agree on, the
+    twin's name replaced by TWIN: the answers, the wallet states of `accounts`'
+    employee wallets, each account's window totals, and the limit.reached events."""
+    from tests.api.test_coalescing import _wallet_state, ledger_of, run_twin
+
+    outcomes = await run_twin(ledger_of(client), twin, items, one_by_one)
+    names = {twin: "TWIN"}
+    wallets = [a for a in accounts if a.startswith("employee:")]
+    states = [await _wallet_state(client, w, names) for w in wallets]
+    spent = [[w["spent"] for w in (await get_policy(client, a))["limits"]] for a in accounts]
+    events = [
+        (
+            e["data"]["account"].replace(twin, "TWIN"),
+            e["data"]["window"],
+            e["data"]["threshold_percent"],
+            e["data"]["spent"],
+        )
+        for e in await outbox(database_url)
+        if twin in e["data"]["account"]
+    ]
+    return outcomes, states, spent, events
+
+
 async def test_bound_wallets_go_set_based_and_decide_as_one_by_one(
     client: Any, api: Api, clock: FakeClock, database_url: str
 ) -> None:
@@ -592,17 +624,9 @@ async def test_bound_wallets_go_set_based_and_decide_as_one_by_one(
     batch (tl_batch_fast), with exactly the answers, wallet states, window totals
     and limit.reached events (with the spend at the crossing) of the same
     operations run one by one on a twin department."""
-    from tests.api.test_coalescing import (
-        _canon,
-        _wallet_state,
-        fast_items,
-        item,
-        ledger_of,
-        reservation_item,
-    )
+    from tests.api.test_coalescing import item, reservation_item
 
     clock.set(None)  # type: ignore[arg-type]  # why: the batch path needs one shared instant
-    ledger = ledger_of(client)
     for model, tier in (("fast-std", "standard"), ("fast-premium", "premium")):
         body = {
             "model": model,
@@ -681,31 +705,9 @@ async def test_bound_wallets_go_set_based_and_decide_as_one_by_one(
             item("debit", {"account": w1, "amount": 12}, next(keys)),  # w1 147: 100 %; dept 250
             item("debit", {"account": w2, "amount": 1}, next(keys)),  # dept 251 > 250
         ]
-        if one_by_one:
-            results = [await ledger._execute_one(i) for i in items]
-        else:
-            assert await fast_items(ledger, items) == [True] * len(items)
-            results = await ledger._execute_batch(items)
-        names = {twin: "TWIN"}
-        outcomes[twin] = [
-            (r["status"], _canon(r["body"], names)) if isinstance(r, dict) else repr(r)
-            for r in results
-        ]
-        states[twin] = [await _wallet_state(client, w, names) for w in (w1, w2)]
-        spent[twin] = [
-            [w["spent"] for w in (await get_policy(client, a))["limits"]]
-            for a in (w1, w2, f"department:{twin}")
-        ]
-        events[twin] = [
-            (
-                e["data"]["account"].replace(twin, "TWIN"),
-                e["data"]["window"],
-                e["data"]["threshold_percent"],
-                e["data"]["spent"],
-            )
-            for e in await outbox(database_url)
-            if twin in e["data"]["account"]
-        ]
+        outcomes[twin], states[twin], spent[twin], events[twin] = await decide_on_twin(
+            client, database_url, twin, items, one_by_one, (w1, w2, f"department:{twin}")
+        )
     statuses = [o[0] for o in outcomes["batch"]]
     assert statuses == [201, 201, 200, 409, 201, 200, 409, 409, 201, 409, 200, 201, 409], outcomes
     codes = [o[1].get("code") for o in outcomes["batch"]]
@@ -739,17 +741,9 @@ async def test_wallets_bound_by_their_own_limits_only_decide_as_one_by_one(
     rows already made, takes tl_policy_batch_links's short way (no department
     lock, no limit shared by two wallets): the same answers, wallet states,
     window totals and limit.reached events as one by one on a twin."""
-    from tests.api.test_coalescing import (
-        _canon,
-        _wallet_state,
-        fast_items,
-        item,
-        ledger_of,
-        reservation_item,
-    )
+    from tests.api.test_coalescing import item, reservation_item
 
     clock.set(None)  # type: ignore[arg-type]  # why: the batch path needs one shared instant
-    ledger = ledger_of(client)
     outcomes, states, spent, events = {}, {}, {}, {}
     for twin, one_by_one in (("own-batch", False), ("own-single", True)):
         w1, w2 = f"employee:{twin}-1", f"employee:{twin}-2"
@@ -785,30 +779,9 @@ async def test_wallets_bound_by_their_own_limits_only_decide_as_one_by_one(
             item("debit", {"account": w2, "amount": 30}, next(keys)),  # w2 60, under 64
             item("debit", {"account": w1, "amount": 15}, next(keys)),  # w1 100
         ]
-        if one_by_one:
-            results = [await ledger._execute_one(i) for i in items]
-        else:
-            assert await fast_items(ledger, items) == [True] * len(items)
-            results = await ledger._execute_batch(items)
-        names = {twin: "TWIN"}
-        outcomes[twin] = [
-            (r["status"], _canon(r["body"], names)) if isinstance(r, dict) else repr(r)
-            for r in results
-        ]
-        states[twin] = [await _wallet_state(client, w, names) for w in (w1, w2)]
-        spent[twin] = [
-            [w["spent"] for w in (await get_policy(client, a))["limits"]] for a in (w1, w2)
-        ]
-        events[twin] = [
-            (
-                e["data"]["account"].replace(twin, "TWIN"),
-                e["data"]["window"],
-                e["data"]["threshold_percent"],
-                e["data"]["spent"],
-            )
-            for e in await outbox(database_url)
-            if e["data"]["account"].startswith(f"employee:{twin}-")
-        ]
+        outcomes[twin], states[twin], spent[twin], events[twin] = await decide_on_twin(
+            client, database_url, twin, items, one_by_one, (w1, w2)
+        )
     assert [o[0] for o in outcomes["own-batch"]] == [201, 201, 409, 200, 201, 409, 200, 201, 201]
     assert outcomes["own-batch"] == outcomes["own-single"]
     assert states["own-batch"] == states["own-single"]

@@ -159,6 +159,24 @@ async def test_a_move_inside_a_subtracted_edge(
     ]
 
 
+async def archive_before(conn: asyncpg.Connection, day: str) -> int:
+    """Moves the usage events that occurred before `day` to usage_events_archive, as
+    the retention job does (tl_archive_usage_events, which also waits for the
+    events' recorded_at: the real clock here, not the tests' one); answers how many."""
+    moved = await conn.execute(
+        "WITH a AS (DELETE FROM usage_events WHERE occurred_at < $1::text::date RETURNING *)"
+        " INSERT INTO usage_events_archive (id, source, event_id, account_id, model,"
+        " price_id, input_tokens, cached_input_tokens, output_tokens, cost,"
+        " transaction_id, reservation_id, project, tags, occurred_at, recorded_at, result,"
+        " shortfall, violation)"
+        " SELECT id, source, event_id, account_id, model, price_id, input_tokens,"
+        " cached_input_tokens, output_tokens, cost, transaction_id, reservation_id,"
+        " project, tags, occurred_at, recorded_at, result, shortfall, violation FROM a",
+        day,
+    )
+    return int(moved.split()[-1])
+
+
 async def test_archived_events_are_corrected_for(
     api: Api, clock: FakeClock, database_url: str
 ) -> None:
@@ -170,17 +188,8 @@ async def test_archived_events_are_corrected_for(
     events = await journal_events(database_url)
     conn = await service_db.connect(database_url)
     try:
-        moved = await conn.execute(
-            "WITH a AS (DELETE FROM usage_events WHERE occurred_at < '2026-02-01' RETURNING *)"
-            " INSERT INTO usage_events_archive (id, source, event_id, account_id, model,"
-            " price_id, input_tokens, cached_input_tokens, output_tokens, cost,"
-            " transaction_id, reservation_id, project, tags, occurred_at, recorded_at, result,"
-            " shortfall, violation)"
-            " SELECT id, source, event_id, account_id, model, price_id, input_tokens,"
-            " cached_input_tokens, output_tokens, cost, transaction_id, reservation_id,"
-            " project, tags, occurred_at, recorded_at, result, shortfall, violation FROM a"
-        )
-        assert int(moved.split()[-1]) > 5
+        moved = await archive_before(conn, "2026-02-01")
+        assert moved > 5
     finally:
         await conn.close()
     for start, end in CORRECTED[:2]:

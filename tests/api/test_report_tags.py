@@ -25,7 +25,7 @@ from service.journal import Database
 from service.reports import TOTALS, _usage_args, parse_group_by, sync_report_tags, tag_source
 from tests.api.conftest import Api, FakeClock, assert_audit_clean, key
 from tests.api.test_coalescing import item, ledger_of
-from tests.api.test_report_periods import CORRECTED, edge_usage
+from tests.api.test_report_periods import CORRECTED, archive_before, edge_usage
 from tests.api.test_reports import Event, expected, report
 from tests.api.test_spend_rollups import build_history, capture, debit, usage
 from tests.api.test_usage import batch, event
@@ -257,17 +257,8 @@ async def test_write_paths_keep_what_a_rebuild_makes(
         await conn.execute("SELECT tl_report_tags_rebuild()")
         assert await rollup_rows(conn) == kept
         # Archived events stay in the roll-ups and in their rebuild.
-        moved = await conn.execute(
-            "WITH a AS (DELETE FROM usage_events WHERE occurred_at < '2026-02-01' RETURNING *)"
-            " INSERT INTO usage_events_archive (id, source, event_id, account_id, model,"
-            " price_id, input_tokens, cached_input_tokens, output_tokens, cost,"
-            " transaction_id, reservation_id, project, tags, occurred_at, recorded_at, result,"
-            " shortfall, violation)"
-            " SELECT id, source, event_id, account_id, model, price_id, input_tokens,"
-            " cached_input_tokens, output_tokens, cost, transaction_id, reservation_id,"
-            " project, tags, occurred_at, recorded_at, result, shortfall, violation FROM a"
-        )
-        assert int(moved.split()[-1]) > 5
+        moved = await archive_before(conn, "2026-02-01")
+        assert moved > 5
         await conn.execute("SELECT tl_report_tags_rebuild()")
         assert await rollup_rows(conn) == kept
     finally:
