@@ -7259,6 +7259,10 @@ CREATE TABLE IF NOT EXISTS usage_events_archive (
 );
 CREATE INDEX IF NOT EXISTS usage_events_archive_transaction_idx ON usage_events_archive (transaction_id);
 CREATE INDEX IF NOT EXISTS usage_events_archive_occurred_idx ON usage_events_archive (occurred_at);
+-- Usage reports read overage and violations from the events that have them,
+-- archived ones included (the roll-ups keep neither): as usage_events_policy_idx.
+CREATE INDEX IF NOT EXISTS usage_events_archive_policy_idx ON usage_events_archive (occurred_at)
+    WHERE shortfall > 0 OR violation IS NOT NULL;
 
 -- Moves up to p_limit events that occurred and were recorded before
 -- p_before into the archive, oldest first; returns how many. Each call is
@@ -7995,7 +7999,8 @@ FROM (
      ORDER BY 1, 2, 3)
     UNION ALL
     -- The few rows the roll-ups do not hold, per account: the spend
-    -- policy's overage and violations in [p_from, p_to), and the corrections at
+    -- policy's overage and violations in [p_from, p_to) (archived events
+    -- included), and the corrections at
     -- the ends (usage_report's legs for its 'monthly' source).
     (SELECT CASE WHEN a.type = 'employee' THEN a.ref END COLLATE "C",
             c.model COLLATE "C", nullif(c.project, '') COLLATE "C",
@@ -8008,7 +8013,11 @@ FROM (
                 0::bigint AS credits, u.shortfall AS overage,
                 (u.violation IS NOT NULL)::integer::bigint AS violations,
                 0::bigint AS debits, 0::bigint AS debit_credits
-         FROM usage_events u
+         FROM (SELECT u.account_id, u.model, u.project, u.occurred_at, u.shortfall, u.violation
+               FROM usage_events u
+               UNION ALL
+               SELECT u.account_id, u.model, u.project, u.occurred_at, u.shortfall, u.violation
+               FROM usage_events_archive u) u
          WHERE (u.shortfall > 0 OR u.violation IS NOT NULL)
            AND u.occurred_at >= p_from AND u.occurred_at < p_to
          UNION ALL

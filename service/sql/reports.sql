@@ -97,21 +97,35 @@ raw AS (
     SELECT u.account_id, u.model, coalesce(u.project, ''), (u.occurred_at AT TIME ZONE 'UTC')::date, 1,
            u.input_tokens, u.cached_input_tokens, u.output_tokens, u.cost,
            u.shortfall, (u.violation IS NOT NULL)::integer, u.tags, 0, 0
-    FROM usage_events u
+    -- The events of the period, and those of it that the retention job
+    -- moved to the archive (tl_archive_usage_events): the bounds' filter,
+    -- written once, reaches each table's index (see the corrections below).
+    FROM (SELECT u.account_id, u.model, u.project, u.occurred_at, u.input_tokens,
+                 u.cached_input_tokens, u.output_tokens, u.cost, u.shortfall, u.violation, u.tags
+          FROM usage_events u
+          UNION ALL
+          SELECT u.account_id, u.model, u.project, u.occurred_at, u.input_tokens,
+                 u.cached_input_tokens, u.output_tokens, u.cost, u.shortfall, u.violation, u.tags
+          FROM usage_events_archive u) u
     WHERE $4::text = 'events'
       AND u.occurred_at >= $1::timestamptz AND u.occurred_at < $2::timestamptz
     UNION ALL
     -- Spend policy: overage (shortfalls charged to system:overage) and
     -- model violations, which the roll-ups do not keep, from the few events
-    -- that have them (usage_events_policy_idx); their counts are in the
-    -- roll-up rows above.
+    -- that have them (usage_events_policy_idx, and the archive's
+    -- usage_events_archive_policy_idx); their counts are in the roll-up
+    -- rows above.
     SELECT CASE WHEN $4::text = 'models' THEN NULL ELSE u.account_id END, u.model,
            CASE WHEN $4::text = 'monthly_models' THEN '' ELSE coalesce(u.project, '') END,
            CASE WHEN $4::text IN ('monthly', 'monthly_models')
                 THEN date_trunc('month', u.occurred_at AT TIME ZONE 'UTC')::date
                 ELSE (u.occurred_at AT TIME ZONE 'UTC')::date END,
            0, 0, 0, 0, 0, u.shortfall, (u.violation IS NOT NULL)::integer, u.tags, 0, 0
-    FROM usage_events u
+    FROM (SELECT u.account_id, u.model, u.project, u.occurred_at, u.shortfall, u.violation, u.tags
+          FROM usage_events u
+          UNION ALL
+          SELECT u.account_id, u.model, u.project, u.occurred_at, u.shortfall, u.violation, u.tags
+          FROM usage_events_archive u) u
     WHERE $4::text <> 'events' AND (u.shortfall > 0 OR u.violation IS NOT NULL)
       AND u.occurred_at >= $1::timestamptz AND u.occurred_at < $2::timestamptz
     UNION ALL

@@ -13,9 +13,11 @@ import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
 
+from service import db as service_db
 from service.config import Config
 from service.finance import depletion
 from tests.api.conftest import Api, FakeClock, key, problem
+from tests.api.test_report_periods import archive_before
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 
@@ -279,10 +281,11 @@ async def record_usage(
 
 
 async def test_efficiency_and_department_at_the_time(
-    api: Api, client: AsyncTestClient[Any], clock: FakeClock
+    api: Api, client: AsyncTestClient[Any], clock: FakeClock, database_url: str
 ) -> None:
     """Efficiency gives cached and premium shares and per-event figures; moving an employee to
-    another department does not move their past spend in it."""
+    another department does not move their past spend in it. The same once the retention job
+    moved the events to usage_events_archive (the events path reads it too)."""
     clock.set(datetime(2026, 6, 1, tzinfo=UTC))
     for model, tier in (("std", "standard"), ("big", "premium")):
         r = await client.post(
@@ -312,26 +315,38 @@ async def test_efficiency_and_department_at_the_time(
         client, clock, "u3", "employee:e-1", "std", datetime(2026, 6, 2, 10, tzinfo=UTC), 1000
     )
     clock.set(datetime(2026, 6, 3, tzinfo=UTC))
-    for start, end in (
-        ("2026-06-01T00:00:00Z", "2026-06-03T00:00:00Z"),  # daily roll-up
-        ("2026-06-01T00:00:01Z", "2026-06-03T00:00:00Z"),  # events
-        ("2026-06-01T00:00:00Z", "2026-07-01T00:00:00Z"),  # a month with a move: daily
-    ):
-        params = {"from": start, "to": end}
-        r = await client.get("/v1/reports/efficiency", params={**params, "group_by": "department"})
-        assert r.status_code == 200, r.text
-        by_dept = {i["department"]: i for i in r.json()["items"]}
-        assert set(by_dept) == {"eng", "ops"}
-        assert by_dept["eng"]["events"] == 2 and by_dept["ops"]["events"] == 1
-        assert by_dept["eng"]["cached_input_share"] == 0.25
-        assert by_dept["eng"]["premium_share"] == 0.5  # 2000 credits each: one premium
-        assert (
-            by_dept["ops"]["cached_input_share"] == 1.0 and by_dept["ops"]["premium_share"] == 0.0
-        )
-        r = await client.get("/v1/reports/efficiency", params={**params, "group_by": "employee"})
-        (item,) = r.json()["items"]
-        assert item["employee"] == "e-1" and item["events"] == 3
-        assert item["credits_per_event"] == 2000.0 and item["tokens_per_event"] == 1100.0
+    for archived in (False, True):
+        if archived:
+            conn = await service_db.connect(database_url)
+            try:
+                assert await archive_before(conn, "2026-07-01") == 3
+            finally:
+                await conn.close()
+        for start, end in (
+            ("2026-06-01T00:00:00Z", "2026-06-03T00:00:00Z"),  # daily roll-up
+            ("2026-06-01T00:00:01Z", "2026-06-03T00:00:00Z"),  # events
+            ("2026-06-01T00:00:00Z", "2026-07-01T00:00:00Z"),  # a month with a move: daily
+        ):
+            params = {"from": start, "to": end}
+            r = await client.get(
+                "/v1/reports/efficiency", params={**params, "group_by": "department"}
+            )
+            assert r.status_code == 200, r.text
+            by_dept = {i["department"]: i for i in r.json()["items"]}
+            assert set(by_dept) == {"eng", "ops"}
+            assert by_dept["eng"]["events"] == 2 and by_dept["ops"]["events"] == 1
+            assert by_dept["eng"]["cached_input_share"] == 0.25
+            assert by_dept["eng"]["premium_share"] == 0.5  # 2000 credits each: one premium
+            assert (
+                by_dept["ops"]["cached_input_share"] == 1.0
+                and by_dept["ops"]["premium_share"] == 0.0
+            )
+            r = await client.get(
+                "/v1/reports/efficiency", params={**params, "group_by": "employee"}
+            )
+            (item,) = r.json()["items"]
+            assert item["employee"] == "e-1" and item["events"] == 3
+            assert item["credits_per_event"] == 2000.0 and item["tokens_per_event"] == 1100.0
     # The usage report too: by department, the department of the time of the spend, whether
     # the employee moved within the period or after it.
     for start, end in (

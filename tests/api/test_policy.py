@@ -15,7 +15,9 @@ from typing import Any
 
 import asyncpg
 
+from service import db as service_db
 from tests.api.conftest import Api, FakeClock, assert_audit_clean, key, posted, problem
+from tests.api.test_report_periods import archive_before
 
 T = datetime(2030, 1, 15, 12, 0, tzinfo=UTC)
 WALLET = "employee:e-1"
@@ -540,11 +542,12 @@ async def test_soft_limit_never_refuses_and_emits_once_per_threshold(
 
 
 async def test_usage_reports_show_overage_and_violations(
-    client: Any, api: Api, clock: FakeClock
+    client: Any, api: Api, clock: FakeClock, database_url: str
 ) -> None:
     """Usage reports per employee and per department carry each group's overage (credits
     charged to system:overage) and model violations, from the roll-ups (whole days and
-    months) and from raw events (any instant) alike."""
+    months) and from raw events (any instant) alike, and the usage export; still so once
+    the retention job moved the events to usage_events_archive."""
     await setup(api, clock, {"e-1": 100, "e-2": 10_000})
     await api.employee("e-3", "ops")
     await api.grant("e-3", 10_000)
@@ -565,6 +568,26 @@ async def test_usage_reports_show_overage_and_violations(
         ("2030-01-15T00:00:00Z", "2030-01-16T00:00:00Z"),  # whole day: daily roll-ups
         ("2030-01-15T11:00:00Z", "2030-01-15T13:00:00Z"),  # raw events
     )
+    await _overage_in_reports(client, windows)
+    conn = await service_db.connect(database_url)
+    try:
+        assert await archive_before(conn, "2030-02-01") == 4
+    finally:
+        await conn.close()
+    await _overage_in_reports(client, windows)
+
+
+async def _overage_in_reports(client: Any, windows: tuple[tuple[str, str], ...]) -> None:
+    """The checks of test_usage_reports_show_overage_and_violations over `windows`."""
+    params = {"from": windows[0][0], "to": windows[0][1], "group_by": "employee,model,project"}
+    items = (await client.get("/v1/reports/usage", params=params)).json()["items"]
+    brief = {(i["employee"], i["model"]): (i["overage"], i["violations"]) for i in items}
+    assert brief == {
+        ("e-1", STANDARD): (100, 0),
+        ("e-1", PREMIUM): (2000, 1),
+        ("e-2", STANDARD): (0, 0),
+        ("e-3", STANDARD): (0, 0),
+    }
     for start, end in windows:
         params = {"from": start, "to": end, "group_by": "employee"}
         items = (await client.get("/v1/reports/usage", params=params)).json()["items"]

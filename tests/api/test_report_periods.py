@@ -200,6 +200,37 @@ async def test_archived_events_are_corrected_for(
             assert r.json() == {"items": expected(events, lo, hi, keys)}, (start, keys)
 
 
+async def test_short_periods_over_archived_days_read_the_archive(
+    api: Api, clock: FakeClock, database_url: str
+) -> None:
+    """A period shorter than two days is summed from the events themselves (source
+    'events'): over days whose events the retention job moved to usage_events_archive,
+    it reads the archive too, so it still equals every event's sum (it used to answer
+    nothing for them, silently)."""
+    await build_history(api, clock)
+    await edge_usage(api, clock)
+    events = await journal_events(database_url)
+    conn = await service_db.connect(database_url)
+    try:
+        moved = await archive_before(conn, "2026-02-01")
+        assert moved > 5
+    finally:
+        await conn.close()
+    for start, end in (
+        ("2026-01-09T20:00:00Z", "2026-01-10T23:00:00Z"),
+        ("2026-01-14T11:00:00Z", "2026-01-15T20:00:00Z"),
+        ("2026-01-31T12:00:00Z", "2026-02-01T12:00:00Z"),
+    ):
+        lo, hi = datetime.fromisoformat(start), datetime.fromisoformat(end)
+        assert source_for(lo, hi, ("employee",)) == "events"
+        for keys in (("employee",), ("model", "project"), ("department", "day")):
+            want = expected(events, lo, hi, keys)
+            assert want, (start, keys)  # the period has archived events to miss
+            r = await report(api, start, end, keys)
+            assert r.status_code == 200, r.text
+            assert r.json() == {"items": want}, (start, keys)
+
+
 BENCH_SQL = sections(Path(__file__).parents[2] / "bench" / "reports.sql")
 
 
