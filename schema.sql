@@ -3708,6 +3708,9 @@ DECLARE
     v_n integer := cardinality(p_ops);
     v_capped boolean;
     v_claimed boolean[];
+    -- Where each key claimed now is (NULL: not claimed now), to complete it
+    -- by its row's address.
+    v_tids tid[];
     v_fast jsonb[];
     v_row idempotency_keys;
     v_out jsonb[] := '{}';
@@ -3727,11 +3730,11 @@ BEGIN
         WHERE k IS NOT NULL
         ORDER BY c, k
         ON CONFLICT DO NOTHING
-        RETURNING caller, key)
-    SELECT array_agg(u.k IS NULL OR EXISTS (SELECT 1 FROM claimed m WHERE m.caller = u.c AND m.key = u.k)
-                     ORDER BY u.i)
-      INTO v_claimed
-      FROM unnest(p_callers, p_keys) WITH ORDINALITY AS u(c, k, i);
+        RETURNING caller, key, ctid)
+    SELECT array_agg(u.k IS NULL OR m.ctid IS NOT NULL ORDER BY u.i), array_agg(m.ctid ORDER BY u.i)
+      INTO v_claimed, v_tids
+      FROM unnest(p_callers, p_keys) WITH ORDINALITY AS u(c, k, i)
+      LEFT JOIN claimed m ON m.caller = u.c AND m.key = u.k;
     -- 2. Lock the capped keys' spend rows (tl_key_lock), then what the fresh
     --    items can touch, in the global order.
     v_capped := tl_key_lock(p_ctxs);
@@ -3750,15 +3753,20 @@ BEGIN
         ARRAY['system:expired', 'system:issuance', 'system:usage']);
     -- 3. What can go set-based (tl_batch_fast), then the rest one by one, in arrival order.
     v_fast := tl_batch_fast(p_ops, p_args, p_ctxs, p_statuses, v_claimed);
+    -- The keys claimed above, by their rows' addresses (`ctid = ANY`, a TID
+    -- scan): joined by (caller, key), a connection whose plan was made while
+    -- the table was small (a fresh database) read every key of the caller at
+    -- each batch, the key a filter (tests/db/test_plans.py). Nothing else
+    -- writes these rows before this (they are this transaction's own).
     UPDATE idempotency_keys k SET status_code = (u.r ->> 'status')::integer, body = u.r -> 'body'
-      FROM unnest(p_callers, p_keys, v_fast) AS u(c, k, r)
-     WHERE u.r IS NOT NULL AND NOT u.r ? 'error' AND k.caller = u.c AND k.key = u.k;
+      FROM unnest(v_tids, v_fast) AS u(t, r)
+     WHERE u.r IS NOT NULL AND NOT u.r ? 'error' AND k.ctid = u.t AND k.ctid = ANY (v_tids);
     IF v_capped THEN
         -- An item tl_batch_fast answered with an operating error (a key's
         -- spend rate cap) gives its key back, as below.
         DELETE FROM idempotency_keys k
-         USING unnest(p_callers, p_keys, v_fast) AS u(c, k, r)
-         WHERE u.r ? 'error' AND k.caller = u.c AND k.key = u.k;
+         USING unnest(v_tids, v_fast) AS u(t, r)
+         WHERE u.r ? 'error' AND k.ctid = u.t AND k.ctid = ANY (v_tids);
     END IF;
     FOR i IN 1 .. v_n LOOP
         IF v_fast[i] IS NOT NULL THEN
