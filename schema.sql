@@ -3142,10 +3142,12 @@ DECLARE
     v_refusal jsonb;
     -- and soft-limit crossings to emit (limit, threshold, spend then).
     v_e_limit integer[] := '{}';
+    v_e_key bigint[] := '{}';
     v_e_pct integer[] := '{}';
     v_e_spent bigint[] := '{}';
     v_p_refused integer;
     v_p_any boolean;
+    v_p_models boolean;
     v_delta bigint;
     v_pct integer;
     -- Per-key spend rate caps (tl_key_charge): each capped caller's cap and
@@ -3227,8 +3229,14 @@ BEGIN
     SELECT array_agg(a.id ORDER BY a.id), array_agg(a.address ORDER BY a.id),
            array_agg(a.asset ORDER BY a.id), array_agg(a.posted ORDER BY a.id),
            array_agg(a.version ORDER BY a.id), array_agg(a.reserved ORDER BY a.id),
-           coalesce(bool_or(a.policy_bound), false)
-      INTO v_w_id, v_w_address, v_w_asset, v_w_posted, v_w_version, v_w_reserved, v_p_any
+           coalesce(bool_or(a.policy_bound), false),
+           -- Whether any debit or reservation names a model (the model rules'
+           -- statement below has nothing to check otherwise).
+           EXISTS (SELECT 1 FROM unnest(v_items) i
+                    WHERE p_ops[i] IN ('debit', 'reserve')
+                      AND coalesce(p_args[i] -> 'estimate' ->> 'model', p_args[i] -> 'metadata' ->> 'model')
+                          IS NOT NULL)
+      INTO v_w_id, v_w_address, v_w_asset, v_w_posted, v_w_version, v_w_reserved, v_p_any, v_p_models
       FROM accounts a
      WHERE (a.address = ANY (ARRAY(SELECT p_args[i] ->> 'account' FROM unnest(v_items) i
                                     WHERE p_ops[i] IN ('debit', 'reserve')))
@@ -3306,15 +3314,20 @@ BEGIN
         v_p_delta := array_fill(0::bigint, ARRAY[cardinality(v_w_id)]);
         -- A capture or release trues up the window its reservation was made
         -- in: when that is not the current one of every limit, one by one.
-        v_w_skip := ARRAY(
-            SELECT EXISTS (SELECT 1 FROM unnest(v_r_account, v_r_created) AS r(account, created),
-                                         generate_series(v_pw_first[w.n], v_pw_last[w.n]) AS k
-                            WHERE r.account = w.id
-                              AND tl_window_start(v_p_period[v_pk_limit[k]], v_p_tz[v_pk_limit[k]], r.created)
-                                  <> v_p_start[v_pk_limit[k]])
-              FROM unnest(v_w_id) WITH ORDINALITY AS w(id, n) ORDER BY w.n);
+        -- (Nothing to look at without one: each statement here costs its
+        -- executor start-up at every batch.)
+        IF cardinality(v_r_account) > 0 THEN
+            v_w_skip := ARRAY(
+                SELECT EXISTS (SELECT 1 FROM unnest(v_r_account, v_r_created) AS r(account, created),
+                                             generate_series(v_pw_first[w.n], v_pw_last[w.n]) AS k
+                                WHERE r.account = w.id
+                                  AND tl_window_start(v_p_period[v_pk_limit[k]], v_p_tz[v_pk_limit[k]],
+                                                      r.created)
+                                      <> v_p_start[v_pk_limit[k]])
+                  FROM unnest(v_w_id) WITH ORDINALITY AS w(id, n) ORDER BY w.n);
+        END IF;
     END IF;
-    IF v_p_any THEN
+    IF v_p_any AND v_p_models THEN
         -- A model its policies do not allow is refused before anything is
         -- held (tl_require_model).
         v_p_model := array_fill(NULL::jsonb, ARRAY[cardinality(p_ops)]);
@@ -3429,9 +3442,13 @@ BEGIN
                 v_p_total[v_p_refused] := v_p_total[v_p_refused] + v_delta;
                 CONTINUE WHEN v_delta < 0 OR v_p_hard[v_p_refused];
                 FOREACH v_pct IN ARRAY ARRAY[80, 100] LOOP
+                    -- (limit, threshold) pairs met, as one number each: a
+                    -- simple expression, which PL/pgSQL evaluates without
+                    -- the executor start-up a subquery here cost at every
+                    -- debit of a wallet with a soft limit.
                     IF v_p_total[v_p_refused] * 100 >= v_p_amount[v_p_refused] * v_pct
-                       AND NOT EXISTS (SELECT 1 FROM unnest(v_e_limit, v_e_pct) AS e(l, p)
-                                        WHERE e.l = v_p_refused AND e.p = v_pct) THEN
+                       AND NOT (v_p_refused::bigint * 1000 + v_pct) = ANY (v_e_key) THEN
+                        v_e_key := v_e_key || (v_p_refused::bigint * 1000 + v_pct);
                         v_e_limit := v_e_limit || v_p_refused;
                         v_e_pct := v_e_pct || v_pct;
                         v_e_spent := v_e_spent || v_p_total[v_p_refused];
@@ -5215,30 +5232,37 @@ CREATE INDEX IF NOT EXISTS policy_spend_department_idx ON policy_spend (departme
     WHERE department IS NOT NULL;
 
 -- Each bound account's limits, resolved: its own policy's and its
--- department's, in the order tl_policy_count checks them, as typed arrays.
--- tl_policy_batch_links reads this one row per wallet instead of joining
--- the account, its employee, its department's account and both policies
--- and parsing their jsonb at every coalesced batch: that join and its
--- executor start-up were most of what loading a batch's limits cost
--- (about 290 -> 180 us for 8 wallets). Written only by
--- tl_policy_links_refresh, from tl_policy_rebind (a policy put, an employee
--- moving) and when a bound account is created; audit_9_policy_bound checks
--- it against the policies. No row: no limit binds the account.
+-- department's, one row per limit in the order tl_policy_count checks them
+-- (`rank`). tl_policy_batch_links reads a batch's wallets' rows by key
+-- instead of joining the account, its employee, its department's account
+-- and both policies and parsing their jsonb at every coalesced batch: that
+-- join and its executor start-up were most of what loading a batch's limits
+-- cost (about 290 -> 180 us for 8 wallets). One row per limit rather than
+-- one per account with the limits as arrays: unnesting the arrays of each
+-- wallet (a function scan rescanned per wallet) cost as much again as
+-- reading the rows (about 90 -> 45 us for 8 wallets of two limits, measured
+-- in a loop). Written only by tl_policy_links_refresh, from
+-- tl_policy_rebind (a policy put, an employee moving) and when a bound
+-- account is created; audit_9_policy_bound checks it against the policies.
+-- No row: no limit binds the account.
 CREATE TABLE IF NOT EXISTS policy_links (
-    account_id     bigint PRIMARY KEY REFERENCES accounts (id),
+    account_id     bigint NOT NULL REFERENCES accounts (id),
+    -- The limit's place in the account's check order, from 1.
+    rank           integer NOT NULL,
     -- The department whose limits sum this account's window rows
-    -- (policy_spend.department).
+    -- (policy_spend.department), the same on each of its rows.
     own_department text,
-    -- Per limit, in check order: its owner's address and place in the
-    -- owner's policy, the department whose members' summed spend it counts
-    -- (NULL: the account's own), window, time zone, amount, hard or soft.
-    owner          text[] NOT NULL,
-    ord            integer[] NOT NULL,
-    department     text[] NOT NULL,
-    period         text[] NOT NULL,
-    time_zone      text[] NOT NULL,
-    amount         bigint[] NOT NULL,
-    hard           boolean[] NOT NULL
+    -- The limit: its owner's address and place in the owner's policy, the
+    -- department whose members' summed spend it counts (NULL: the account's
+    -- own), window, time zone, amount, hard or soft.
+    owner          text NOT NULL,
+    ord            integer NOT NULL,
+    department     text,
+    period         text NOT NULL,
+    time_zone      text NOT NULL,
+    amount         bigint NOT NULL,
+    hard           boolean NOT NULL,
+    PRIMARY KEY (account_id, rank)
 );
 
 -- The window of a period containing p_at, in a time zone: local midnight
@@ -5460,15 +5484,12 @@ BEGIN
                      WHERE y.account_id = l.account AND y.period = l.period AND y.time_zone = l.tz
                        AND y.starts_at = l.start) AS own_spent
               FROM (SELECT x.n::integer AS wallet, p.account_id AS account, p.own_department,
-                           k.owner, k.ord, k.department, k.period, k.tz,
-                           tl_window_start(k.period, k.tz, p_now) AS start, k.amount, k.hard, k.rank
+                           p.owner, p.ord, p.department, p.period, p.time_zone AS tz,
+                           tl_window_start(p.period, p.time_zone, p_now) AS start, p.amount, p.hard, p.rank
                       FROM unnest(p_wallets) WITH ORDINALITY AS x(id, n)
                       -- The wallets' limits, resolved and in check order
-                      -- (policy_links): one row per wallet by key.
-                      JOIN policy_links p ON p.account_id = x.id
-                     CROSS JOIN LATERAL unnest(p.owner, p.ord, p.department, p.period, p.time_zone, p.amount,
-                                               p.hard)
-                           WITH ORDINALITY AS k(owner, ord, department, period, tz, amount, hard, rank)) l
+                      -- (policy_links): each wallet's rows by key.
+                      JOIN policy_links p ON p.account_id = x.id) l
              ORDER BY l.wallet, l.rank) k;
     IF v_wallet IS NULL THEN
         RETURN;
@@ -5692,15 +5713,13 @@ CREATE OR REPLACE FUNCTION tl_policy_links_refresh(p_accounts bigint[]) RETURNS 
 LANGUAGE plpgsql AS $$
 BEGIN
     DELETE FROM policy_links WHERE account_id = ANY (p_accounts);
-    INSERT INTO policy_links (account_id, own_department, owner, ord, department, period, time_zone, amount, hard)
-    SELECT a.id, tl_policy_department(a), array_agg(l.owner ORDER BY l.rank), array_agg(l.ord ORDER BY l.rank),
-           array_agg(l.department ORDER BY l.rank), array_agg(l.period ORDER BY l.rank),
-           array_agg(l.time_zone ORDER BY l.rank), array_agg(l.amount ORDER BY l.rank),
-           array_agg(l.hard ORDER BY l.rank)
+    INSERT INTO policy_links (account_id, rank, own_department, owner, ord, department, period, time_zone,
+                              amount, hard)
+    SELECT a.id, l.rank, tl_policy_department(a), l.owner, l.ord, l.department, l.period, l.time_zone,
+           l.amount, l.hard
       FROM accounts a CROSS JOIN LATERAL tl_policy_links_of(a) l
      WHERE a.id = ANY (p_accounts) AND a.policy_bound
-     GROUP BY a.id
-     ORDER BY a.id;
+     ORDER BY a.id, l.rank;
 END $$;
 
 -- Sets whether each account is bound by a policy; a change of binding

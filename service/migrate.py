@@ -200,7 +200,9 @@ async def migrate(conn: asyncpg.Connection, *, reapply: bool = False) -> Report:
             await conn.execute(m.sql)
             await conn.execute(q["migrate_record"], m.version, m.name, m.checksum, "migration")
             report.applied.append(f"{m.version:04d}_{m.name}")
-        if reapply or not await _schema_applied(conn):
+        # After any migration too: a migration may drop what only schema.sql
+        # makes again (0012 drops policy_links), and schema.sql is safe to rerun.
+        if reapply or report.applied or not await _schema_applied(conn):
             await conn.execute(schema_sql())
             await conn.execute(q["migrate_record_schema"], schema_checksum())
             report.applied.append("schema.sql")

@@ -568,19 +568,28 @@ SELECT problem FROM (
     SELECT format('account %s: policy_links %s, its policies %s', a.address, coalesce(x.stored::text, 'none'),
                   coalesce(x.resolved::text, 'none'))
     FROM accounts a
-    LEFT JOIN policy_links pl ON pl.account_id = a.id
     CROSS JOIN LATERAL (
-        SELECT to_jsonb(pl) - 'account_id' AS stored,
+        SELECT (SELECT jsonb_build_object(
+                           'own_department', min(pl.own_department), 'owner', array_agg(pl.owner ORDER BY pl.rank),
+                           'ord', array_agg(pl.ord ORDER BY pl.rank),
+                           'department', array_agg(pl.department ORDER BY pl.rank),
+                           'period', array_agg(pl.period ORDER BY pl.rank),
+                           'time_zone', array_agg(pl.time_zone ORDER BY pl.rank),
+                           'amount', array_agg(pl.amount ORDER BY pl.rank), 'hard', array_agg(pl.hard ORDER BY pl.rank),
+                           'rank', array_agg(pl.rank ORDER BY pl.rank))
+                  FROM policy_links pl WHERE pl.account_id = a.id
+                HAVING count(*) > 0) AS stored,
                (SELECT jsonb_build_object(
                            'own_department', tl_policy_department(a), 'owner', array_agg(l.owner ORDER BY l.rank),
                            'ord', array_agg(l.ord ORDER BY l.rank),
                            'department', array_agg(l.department ORDER BY l.rank),
                            'period', array_agg(l.period ORDER BY l.rank),
                            'time_zone', array_agg(l.time_zone ORDER BY l.rank),
-                           'amount', array_agg(l.amount ORDER BY l.rank), 'hard', array_agg(l.hard ORDER BY l.rank))
+                           'amount', array_agg(l.amount ORDER BY l.rank), 'hard', array_agg(l.hard ORDER BY l.rank),
+                           'rank', array_agg(l.rank ORDER BY l.rank))
                   FROM tl_policy_links_of(a) l
                 HAVING a.policy_bound AND count(*) > 0) AS resolved) x
-    WHERE (a.policy_bound OR pl.account_id IS NOT NULL) AND x.stored IS DISTINCT FROM x.resolved
+    WHERE (a.policy_bound OR x.stored IS NOT NULL) AND x.stored IS DISTINCT FROM x.resolved
 ) p
 LIMIT 1;
 -- name: audit_8_program_grants__since

@@ -111,6 +111,61 @@ async def test_fresh_install_records_every_migration_as_contained_in_schema_sql(
     assert (await _migrate(empty_url)).applied == []
 
 
+async def test_policy_links_as_arrays_become_rows(empty_url: str) -> None:
+    """A database at migration 0011 kept each bound account's limits as arrays in one
+    policy_links row; 0012 drops that table and schema.sql, run after it, makes one row
+    per limit from the policies: the audit finds them equal to the policies. schema.sql
+    runs again after any migration, even one whose schema.sql content was applied before
+    (0012 drops a table only schema.sql makes)."""
+    await _migrate(empty_url)
+    conn = await service_db.connect(empty_url)
+    try:
+        ctx = {"actor": "test", "request_id": "r", "now": None}
+        await conn.execute("INSERT INTO departments (id, name) VALUES ('eng', 'Eng')")
+        for emp in ("a", "b"):
+            await conn.fetchval(
+                "SELECT tl_op_put_employee($1, $2)",
+                {"id": emp, "name": emp, "email": f"{emp}@example.com", "department": "eng"},
+                ctx,
+            )
+        policy = {
+            "limits": [
+                {"window": "day", "amount": 100},
+                {"window": "month", "amount": 1000, "mode": "soft"},
+            ]
+        }
+        await conn.fetchval(
+            "SELECT tl_op_put_policy($1, $2)", {"account": "employee:a", **policy}, ctx
+        )
+        rows = await conn.fetch("SELECT * FROM policy_links ORDER BY account_id, rank")
+        assert [(r["rank"], r["period"], r["amount"], r["hard"]) for r in rows] == [
+            (1, "day", 100, True),
+            (2, "month", 1000, False),
+        ]
+        await conn.execute(
+            "DROP TABLE policy_links;"
+            " CREATE TABLE policy_links (account_id bigint PRIMARY KEY REFERENCES accounts (id),"
+            " own_department text, owner text[] NOT NULL, ord integer[] NOT NULL,"
+            " department text[] NOT NULL, period text[] NOT NULL, time_zone text[] NOT NULL,"
+            " amount bigint[] NOT NULL, hard boolean[] NOT NULL);"
+            " INSERT INTO policy_links SELECT a.id, 'eng', ARRAY['employee:a', 'employee:a'],"
+            " ARRAY[1, 2], ARRAY[NULL, NULL]::text[], ARRAY['day', 'month'], ARRAY['UTC', 'UTC'],"
+            " ARRAY[100, 1000], ARRAY[true, false] FROM accounts a WHERE a.address = 'employee:a';"
+            " DELETE FROM schema_migrations WHERE version = 12"
+        )
+    finally:
+        await conn.close()
+    report = await _migrate(empty_url)
+    assert report.applied == ["0012_policy_links_as_rows", "schema.sql"]
+    conn = await service_db.connect(empty_url)
+    try:
+        after = await conn.fetch("SELECT * FROM policy_links ORDER BY account_id, rank")
+        assert [dict(r) for r in after] == [dict(r) for r in rows]
+        assert await run_audit(conn) == []
+    finally:
+        await conn.close()
+
+
 async def test_three_replicas_starting_at_once_migrate_once(empty_url: str) -> None:
     """Three `tokenledger migrate` processes started together on an empty database: one applies
     schema.sql, the other two wait for its lock and then find nothing to do."""

@@ -700,7 +700,7 @@ async def test_resolved_limits_off_the_policies_break_the_binding_check(
     await _policy_usage(db)
     assert await audit(scenario) == []
     await db.execute(
-        "UPDATE policy_links SET amount = ARRAY[101]"
+        "UPDATE policy_links SET amount = 101"
         " WHERE account_id = (SELECT id FROM accounts WHERE address = 'employee:pe')"
     )
     violations = await audit(scenario)
