@@ -338,8 +338,11 @@ def table(result: dict[str, Any]) -> str:
                 default=1,
             )
             how = f" (interleaved, {rounds} rounds each)" if rounds > 1 else ""
+            median = result["ratios"].get(f"{key}_median_of_rounds")
+            per_round = f"; median of the rounds' ratios {median:.3f}" if median is not None else ""
             lines.append(
-                f"ratio {label} with/without a spend policy (ops/s){how}: {ratio:.3f}{cpu}"
+                f"ratio {label} with/without a spend policy (ops/s){how}: {ratio:.3f}"
+                f"{per_round}{cpu}"
             )
     for name, check in result["checks"].items():
         if isinstance(check, dict):

@@ -34,13 +34,13 @@ class PairLog:
 
 
 async def prepare_reserve_capture(
-    ctx: Context, name: str, shared: bool, policy: bool = False
+    ctx: Context, name: str, shared: bool, policy: bool = False, default_count: int = 800
 ) -> Prepared:
     """Workers each doing sequential pairs: reserve RESERVE_AMOUNT, then
     capture 1..RESERVE_AMOUNT of it, or now and then OVER_CAPTURE_AMOUNT.
     One op = one pair (both answers 2xx); latencies are per request."""
     workers = ctx.workers(32)
-    total = ctx.count(800)  # pairs
+    total = ctx.count(default_count)  # pairs
     per_worker = split(total, workers)
     stats = Stats(
         name, workers, total, 90 * ctx.opts.time_cap_scale, 201, op_unit="reserve+capture pair"
