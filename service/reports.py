@@ -25,8 +25,9 @@ events and the journal otherwise.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import UTC, datetime, time, timedelta
 from operator import itemgetter
 from typing import Any
@@ -360,6 +361,96 @@ async def usage_report_pages(
         work_mem_mb=REPORT_WORK_MEM_MB,
     ):
         yield _items(keys, rows)
+
+
+def order_key(values: Any) -> tuple[tuple[bool, str], ...]:
+    """A row's place in the report's order from its key values in the caller's order:
+    byte order, null last (usage_report's ORDER BY; Python compares str by code point,
+    which is the byte order of their UTF-8)."""
+    return tuple((v is None, v or "") for v in values)
+
+
+def page_fingerprint(start: datetime, end: datetime, keys: tuple[str, ...]) -> str:
+    """What a page cursor names its report by, so that it is refused for another one."""
+    text = f"{start.isoformat()}|{end.isoformat()}|{','.join(keys)}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+async def usage_report_after(
+    ledger: Database,
+    start: datetime,
+    end: datetime,
+    keys: tuple[str, ...],
+    after: list[str | None] | None,
+) -> AsyncGenerator[list[dict[str, Any]], None]:
+    """The report's items after the item whose keys are `after` (all of them when
+    None), a batch at a time: the rows are read in the answer's order (the export's
+    query for its keys, else usage_report) and those up to `after` skipped, so a page
+    deep in a large report costs the rows before it, not their memory."""
+    span = export_span(start, end, keys)
+    if span is None:
+        pages = usage_report_pages(ledger, start, end, keys)
+    else:
+        pages = _export_pages(ledger, start, end, keys, span)
+    if after is None:
+        async for items in pages:
+            yield items
+        return
+    bound = order_key(after)
+    columns = keys
+    async for items in pages:
+        if items and order_key(items[-1][k] for k in columns) <= bound:
+            continue
+        yield [i for i in items if order_key(i[k] for k in columns) > bound]
+        break
+    async for items in pages:
+        yield items
+
+
+async def _export_pages(
+    ledger: Database,
+    start: datetime,
+    end: datetime,
+    keys: tuple[str, ...],
+    span: tuple[datetime, datetime],
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """The export's rows as items (usage_export_rows), STREAM_BATCH at a time."""
+    async for rows in ledger.stream_slow(
+        "usage_export_rows",
+        ledger.config.report_statement_timeout_ms,
+        start,
+        end,
+        *span,
+        batch=STREAM_BATCH,
+        jit=False,
+        work_mem_mb=REPORT_WORK_MEM_MB,
+    ):
+        yield _items(keys, rows)
+
+
+async def usage_report_page(
+    ledger: Database,
+    start: datetime,
+    end: datetime,
+    keys: tuple[str, ...],
+    after: list[str | None] | None,
+    limit: int,
+) -> tuple[list[dict[str, Any]], list[str | None] | None]:
+    """One JSON page: at most `limit` items after `after`, and the keys of its last
+    item when more follow (the next page's `after`), else None. The read stops at the
+    item after the page (its query is closed)."""
+    out: list[dict[str, Any]] = []
+    pages = usage_report_after(ledger, start, end, keys, after)
+    try:
+        async for items in pages:
+            out.extend(items[: limit + 1 - len(out)])
+            if len(out) > limit:
+                break
+    finally:
+        await pages.aclose()
+    if len(out) <= limit:
+        return out, None
+    return out[:limit], [out[limit - 1][k] for k in keys]
 
 
 # The export (issue 16, the employee,model,project report under a second): the

@@ -3,6 +3,8 @@ grouped, as JSON or CSV."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any
@@ -14,7 +16,16 @@ from litestar.params import QueryParameter
 from litestar.response import Stream
 
 from service import reports
-from service.api.common import CSV_UTF8, JSON, From, To, wants_csv
+from service.api.common import (
+    CSV_UTF8,
+    JSON,
+    CursorParam,
+    From,
+    To,
+    encode_cursor,
+    invalid_cursor,
+    wants_csv,
+)
 from service.auth import access
 from service.journal import Database
 from service.openapi import problems
@@ -44,8 +55,34 @@ class UsageReportItem(msgspec.Struct, frozen=True, omit_defaults=True):
     month: str | None | msgspec.UnsetType = msgspec.UNSET
 
 
-class UsageReport(msgspec.Struct, frozen=True):
+class UsageReport(msgspec.Struct, frozen=True, omit_defaults=True):
     items: list[UsageReportItem]
+    # Only on a page (`limit` or `cursor` given): the next page's cursor, null on
+    # the last page.
+    next_cursor: str | None | msgspec.UnsetType = msgspec.UNSET
+
+
+# A page's size when `cursor` is given without `limit` (the lists' default).
+PAGE_DEFAULT = 50
+
+
+def _page_cursor(
+    cursor: str | None, start: datetime, end: datetime, keys: tuple[str, ...]
+) -> list[str | None] | None:
+    """The keys of the last item of the page before (None: from the first item). A
+    cursor names its report (period and keys): one from another report is refused."""
+    if cursor is None:
+        return None
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        mark, after = msgspec.json.decode(
+            base64.urlsafe_b64decode(padded), type=tuple[str, list[str | None]]
+        )
+    except (binascii.Error, msgspec.DecodeError, ValueError, RecursionError):
+        raise invalid_cursor() from None
+    if mark != reports.page_fingerprint(start, end, keys) or len(after) != len(keys):
+        raise invalid_cursor()
+    return after
 
 
 class ReportsController(Controller):
@@ -72,6 +109,18 @@ class ReportsController(Controller):
                 ),
             ),
         ],
+        limit: Annotated[
+            int | None,
+            QueryParameter(
+                ge=1,
+                le=500,
+                description=(
+                    "JSON only: answer one page of this many items (1..500) with "
+                    "`next_cursor`. Without it (and without `cursor`) the whole report."
+                ),
+            ),
+        ] = None,
+        cursor: CursorParam = None,
     ) -> Response[UsageReport]:
         """Every kind of spend in the period, summed per group of the `group_by` keys (in
         that order, which is also the order of the items; null last): usage events with
@@ -96,9 +145,26 @@ class ReportsController(Controller):
         `Accept: text/csv` the answer is CSV: a header row of the keys then the
         totals, and one row per item (null is empty). Either form is streamed as the
         rows are read, a few thousand at a time, so a large report is never whole in
-        memory."""
+        memory. With `limit` (or `cursor`) the JSON answer is one page, `{items,
+        next_cursor}`, in the same order; the CSV answer with `cursor` streams every
+        row after it."""
         keys = reports.parse_group_by(group_by)
         reports.check_period(from_, to)
+        after = _page_cursor(cursor, from_, to, keys)
+        if not wants_csv(request) and (limit is not None or cursor is not None):
+            items, nxt = await reports.usage_report_page(
+                ledger, from_, to, keys, after, limit or PAGE_DEFAULT
+            )
+            mark = reports.page_fingerprint(from_, to, keys)
+            body = {"items": items, "next_cursor": encode_cursor([mark, nxt]) if nxt else None}
+            return Response(body)  # type: ignore[arg-type]  # why: the items as UsageReport has them, built as dicts
+        if after is not None:
+            # CSV from a cursor on: the rows after it, streamed.
+            rest = reports.usage_report_after(ledger, from_, to, keys, after)
+            head: list[dict[str, Any]] = await anext(rest, [])
+            return Stream(  # type: ignore[return-value]  # why: CSV text, not the JSON struct
+                _csv_chunks(keys, head, rest), media_type=CSV_UTF8
+            )
         span = reports.export_span(from_, to, keys)
         if span is not None:
             # employee,model,project over months of roll-ups: bytes PostgreSQL writes.

@@ -401,3 +401,88 @@ async def test_a_failing_export_answers_its_problem(
     assert r.status_code == 200, r.text
     async with ledger.pool.acquire() as conn:
         assert await conn.fetchval("SELECT current_setting('statement_timeout')") != "1ms"
+
+
+async def paged(
+    api: Api, start: str, end: str, keys: tuple[str, ...], extra: dict[str, str], **kw: Any
+) -> Any:
+    """The report with page parameters."""
+    params = {"from": start, "to": end, "group_by": ",".join(keys), **extra}
+    return await api.c.get("/v1/reports/usage", params=params, **kw)
+
+
+async def pages_of(
+    api: Api, start: str, end: str, keys: tuple[str, ...], limit: int
+) -> list[list[dict[str, Any]]]:
+    """Every JSON page of a report, following next_cursor to its null."""
+    out: list[list[dict[str, Any]]] = []
+    cursor = None
+    while True:
+        params = {"limit": str(limit)} | ({"cursor": cursor} if cursor else {})
+        r = await paged(api, start, end, keys, params)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert set(body) == {"items", "next_cursor"}, body
+        out.append(body["items"])
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return out
+        assert len(out) < 1000, "pages never end"
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "keys"),
+    [
+        # The export (whole months) and the general path, corrected and not.
+        ("2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z", EXPORT_KEYS),
+        ("2026-01-01T06:00:00Z", "2026-02-28T18:00:00Z", EXPORT_KEYS),
+        ("2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z", ("model", "project", "day")),
+        ("2026-01-10T12:00:00Z", "2026-02-10T06:30:00Z", ("department", "employee", "day")),
+    ],
+)
+async def test_json_pages_are_the_report_in_order(
+    api: Api, database_url: str, clock: FakeClock, start: str, end: str, keys: tuple[str, ...]
+) -> None:
+    """With `limit`, the JSON answer is a page, `{items, next_cursor}`: the pages, followed
+    to a null cursor, are the whole report in its order (nulls and awkward keys among
+    them), each at most `limit` items. With `cursor` and CSV, the rows after it."""
+    await make_events(api, database_url)
+    await make_spends(api, clock)
+    await make_awkward(api, clock)
+    whole = (await report(api, start, end, keys)).json()["items"]
+    assert len(whole) > 7
+    pages = await pages_of(api, start, end, keys, 3)
+    assert [len(p) for p in pages[:-1]] == [3] * (len(pages) - 1) and 1 <= len(pages[-1]) <= 3
+    assert [i for p in pages for i in p] == whole
+    # A page of the default size (a cursor without limit: 50).
+    first = (await paged(api, start, end, keys, {"limit": "3"})).json()
+    r = await paged(api, start, end, keys, {"cursor": first["next_cursor"]})
+    assert r.json()["items"] == whole[3:53]
+    # CSV from a cursor on: the header, then every row after it.
+    r = await paged(
+        api, start, end, keys, {"cursor": first["next_cursor"]}, headers={"Accept": "text/csv"}
+    )
+    assert r.status_code == 200, r.text
+    assert r.content == to_csv(keys, whole[3:]).encode()
+    # Without limit nor cursor, the whole report, without next_cursor (as before).
+    assert set((await report(api, start, end, keys)).json()) == {"items"}
+
+
+async def test_a_page_cursor_belongs_to_its_report(api: Api, database_url: str) -> None:
+    """A cursor from another report (keys or period), or not one at all, and a limit
+    outside 1..500 are 400 invalid_request."""
+    await make_events(api, database_url)
+    start, end = "2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z"
+    first = (await paged(api, start, end, ("employee",), {"limit": "1"})).json()
+    cursor = first["next_cursor"]
+    assert cursor
+    for keys, lo, hi, params in (
+        (("model",), start, end, {"cursor": cursor}),
+        (("employee",), start, "2026-02-01T00:00:00Z", {"cursor": cursor}),
+        (("employee",), start, end, {"cursor": "not-a-cursor"}),
+        (("employee",), start, end, {"cursor": cursor[:-4]}),
+        (("employee",), start, end, {"limit": "0"}),
+        (("employee",), start, end, {"limit": "501"}),
+    ):
+        r = await paged(api, lo, hi, keys, params)
+        problem(r, 400, "invalid_request")
