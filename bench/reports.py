@@ -29,8 +29,8 @@ times only those groupings, and no finance report.
    (service.reports.usage_report on a Database: the `usage_report` named query)
    over the periods of PERIODS (UTC midnights, a microsecond later, six hours
    in at each end), and through HTTP (the app in-process over ASGI, as
-   finance, JSON and CSV). Each timing is the median of --runs after one
-   warm-up run.
+   finance, JSON and CSV, and the JSON pages of 500 from the first row and from
+   the middle one). Each timing is the median of --runs after one warm-up run.
 
 4. Every finance report (liability by department, month and employee,
    compensation, efficiency by employee and department, forecasts) over
@@ -59,6 +59,7 @@ from bench.postgres import dsn_for, provision
 from bench.report import run_side_bench
 from bench.year import sections
 from service import db, errors, migrate, reports
+from service.api.common import encode_cursor
 from service.auth import new_key
 from service.journal import Database, database_clock
 from service.observability import Metrics
@@ -270,6 +271,21 @@ async def measure(
                             return r.content.splitlines() if a == "text/csv" else r.json()["items"]
 
                         row[f"http_{fmt}_seconds"], _ = await timed(runs, http)
+                    # JSON pages of 500: the first, and the one after the middle row.
+                    whole = await reports.usage_report(ledger, start, end, keys)
+                    middle = whole[len(whole) // 2] if whole else None
+                    mark = reports.page_fingerprint(start, end, keys)
+                    for name, after in (("page", None), ("mid_page", middle)):
+                        page = {**params, "limit": "500"}
+                        if after is not None:
+                            page["cursor"] = encode_cursor([mark, [after[k] for k in keys]])
+
+                        async def http_page(p: dict[str, str] = page) -> Any:
+                            r = await client.get("/v1/reports/usage", params=p)
+                            r.raise_for_status()
+                            return r.json()["items"]
+
+                        row[f"http_{name}_seconds"], _ = await timed(runs, http_page)
                     log(f"bench.reports: {row}")
                     results.append(row)
             if not only:
@@ -307,16 +323,23 @@ async def measure_finance(client: httpx.AsyncClient, runs: int) -> list[dict[str
 def table(results: list[dict[str, Any]]) -> str:
     header = (
         f"{'group_by':<26} {'path':<7} {'rows':>8} {'sql s':>8} "
-        f"{'http json s':>12} {'http csv s':>11}"
+        f"{'http json s':>12} {'http csv s':>11} {'page s':>7} {'mid page s':>10}"
     )
     lines = [header, "-" * len(header)]
     for r in results:
-        sql, js, cs = (
+        sql, js, cs, pg, mid = (
             f"{v:.3f}" if isinstance(v, float) else str(v)
-            for v in (r["sql_seconds"], r["http_json_seconds"], r["http_csv_seconds"])
+            for v in (
+                r["sql_seconds"],
+                r["http_json_seconds"],
+                r["http_csv_seconds"],
+                r.get("http_page_seconds", "-"),
+                r.get("http_mid_page_seconds", "-"),
+            )
         )
         lines.append(
             f"{r['group_by']:<26} {r['path']:<7} {r['rows']:>8} {sql:>8} {js:>12} {cs:>11}"
+            f" {pg:>7} {mid:>10}"
         )
     return "\n".join(lines)
 
