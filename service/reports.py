@@ -391,7 +391,7 @@ async def usage_report_after(
     if span is None:
         pages = usage_report_pages(ledger, start, end, keys)
     else:
-        pages = _export_pages(ledger, start, end, keys, span)
+        pages = _export_pages(ledger, start, end, keys, span, after)
     if after is None:
         async for items in pages:
             yield items
@@ -413,19 +413,28 @@ async def _export_pages(
     end: datetime,
     keys: tuple[str, ...],
     span: tuple[datetime, datetime],
+    after: list[str | None] | None = None,
 ) -> AsyncIterator[list[dict[str, Any]]]:
-    """The export's rows as items (usage_export_rows), STREAM_BATCH at a time."""
-    async for rows in ledger.stream_slow(
-        "usage_export_rows",
-        ledger.config.report_statement_timeout_ms,
-        start,
-        end,
-        *span,
-        batch=STREAM_BATCH,
-        jit=False,
-        work_mem_mb=REPORT_WORK_MEM_MB,
-    ):
-        yield _items(keys, rows)
+    """The export's rows as items (usage_export_rows), STREAM_BATCH at a time. After a
+    cursor: from its employee on (an index range of the employee walk, so a page deep
+    in the export costs its own rows, not those before it), then the rows without an
+    employee (last); only those when the cursor is among them."""
+    base = (start, end, *span)
+    parts: list[tuple[str, tuple[Any, ...]]] = [("usage_export_rows", base)]
+    if after is not None and after[0] is not None:
+        parts = [("usage_export_rows_from", (*base, after[0])), ("usage_export_rows_unowned", base)]
+    elif after is not None:
+        parts = [("usage_export_rows_unowned", base)]
+    for query, args in parts:
+        async for rows in ledger.stream_slow(
+            query,
+            ledger.config.report_statement_timeout_ms,
+            *args,
+            batch=STREAM_BATCH,
+            jit=False,
+            work_mem_mb=REPORT_WORK_MEM_MB,
+        ):
+            yield _items(keys, rows)
 
 
 async def usage_report_page(

@@ -33,3 +33,21 @@ SELECT concat('{"employee":', coalesce(to_json(x.employee)::text, 'null'),
               ',"overage":', x.overage, ',"violations":', x.violations,
               ',"debits":', x.debits, ',"debit_credits":', x.debit_credits, '}')
 FROM tl_usage_export($1::timestamptz, $2::timestamptz, $3::timestamptz, $4::timestamptz) x;
+
+-- name: usage_export_rows_from
+-- usage_export_rows from the employee $5 on (byte order): a JSON page after
+-- a cursor (service/reports.py, _export_pages, which then reads
+-- usage_export_rows_unowned and skips the rows of $5 up to the cursor's).
+-- The condition is on a grouping key of the inlined tl_usage_export, so
+-- PostgreSQL moves it below the aggregation into each branch: the employee
+-- walk starts at $5 in accounts_employee_ref_idx (an index range), and the
+-- branch of the accounts without an employee (null, last) is left out.
+SELECT x.* FROM tl_usage_export($1::timestamptz, $2::timestamptz, $3::timestamptz, $4::timestamptz) x
+WHERE x.employee >= $5::text COLLATE "C";
+
+-- name: usage_export_rows_unowned
+-- usage_export_rows of the accounts without an employee only (employee null,
+-- the last rows): a page after a cursor among them. The employee walk is
+-- left out (its condition, a.ref IS NULL, matches no employee account).
+SELECT x.* FROM tl_usage_export($1::timestamptz, $2::timestamptz, $3::timestamptz, $4::timestamptz) x
+WHERE x.employee IS NULL;

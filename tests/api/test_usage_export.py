@@ -18,6 +18,7 @@ import pytest
 
 from service import db as service_db
 from service import reports
+from service.api.common import encode_cursor
 from service.db import load_queries
 from service.journal import Database
 from service.reports import EXPORT_KEYS, TOTALS, _items, _usage_args, export_span, to_csv
@@ -441,17 +442,47 @@ async def pages_of(
     ],
 )
 async def test_json_pages_are_the_report_in_order(
-    api: Api, database_url: str, clock: FakeClock, start: str, end: str, keys: tuple[str, ...]
+    api: Api,
+    database_url: str,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+    start: str,
+    end: str,
+    keys: tuple[str, ...],
 ) -> None:
     """With `limit`, the JSON answer is a page, `{items, next_cursor}`: the pages, followed
     to a null cursor, are the whole report in its order (nulls and awkward keys among
-    them), each at most `limit` items. With `cursor` and CSV, the rows after it."""
+    them), each at most `limit` items. With `cursor` and CSV, the rows after it. The
+    export's pages after the first start their walk at the cursor's employee (or read
+    only the rows without one)."""
     await make_events(api, database_url)
     await make_spends(api, clock)
     await make_awkward(api, clock)
     whole = (await report(api, start, end, keys)).json()["items"]
     assert len(whole) > 7
+    queries: list[str] = []
+    original = Database.stream_slow
+
+    async def recording(self: Database, query: str, *args: Any, **kw: Any) -> Any:
+        queries.append(query)
+        async for rows in original(self, query, *args, **kw):
+            yield rows
+
+    monkeypatch.setattr(Database, "stream_slow", recording)
     pages = await pages_of(api, start, end, keys, 3)
+    if keys == EXPORT_KEYS:
+        assert queries[0] == "usage_export_rows"
+        assert set(queries[1:]) == {"usage_export_rows_from", "usage_export_rows_unowned"}
+        # A cursor among the rows without an employee (last) reads only those.
+        unowned = [n for n, i in enumerate(whole) if i["employee"] is None]
+        assert len(unowned) >= 2, whole
+        mark = reports.page_fingerprint(parse(start), parse(end), keys)
+        cursor = encode_cursor([mark, [whole[unowned[0]][k] for k in keys]])
+        r = await paged(api, start, end, keys, {"cursor": cursor, "limit": "2"})
+        assert r.json()["items"] == whole[unowned[0] + 1 : unowned[0] + 3]
+        assert queries[-1] == "usage_export_rows_unowned"
+    else:
+        assert set(queries) == {"usage_report"}
     assert [len(p) for p in pages[:-1]] == [3] * (len(pages) - 1) and 1 <= len(pages[-1]) <= 3
     assert [i for p in pages for i in p] == whole
     # A page of the default size (a cursor without limit: 50).
