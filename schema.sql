@@ -3728,6 +3728,7 @@ DECLARE
     -- Where each key claimed now is (NULL: not claimed now), to complete it
     -- by its row's address.
     v_tids tid[];
+    v_done bigint;
     v_fast jsonb[];
     v_row idempotency_keys;
     v_out jsonb[] := '{}';
@@ -3778,6 +3779,12 @@ BEGIN
     UPDATE idempotency_keys k SET status_code = (u.r ->> 'status')::integer, body = u.r -> 'body'
       FROM unnest(v_tids, v_fast) AS u(t, r)
      WHERE u.r IS NOT NULL AND NOT u.r ? 'error' AND k.ctid = u.t AND k.ctid = ANY (v_tids);
+    -- Every answered key completed: a key left claimed but empty would
+    -- answer its retries as in flight, so a row that moved fails the batch
+    -- (the service then runs its items one by one).
+    GET DIAGNOSTICS v_done = ROW_COUNT;
+    ASSERT v_done = (SELECT count(*) FROM unnest(v_fast) AS r WHERE r IS NOT NULL AND NOT r ? 'error'),
+        'tl_execute_batch: an answered key was not completed';
     IF v_capped THEN
         -- An item tl_batch_fast answered with an operating error (a key's
         -- spend rate cap) gives its key back, as below.

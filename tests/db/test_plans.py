@@ -261,3 +261,31 @@ async def test_batch_completes_its_keys_by_key(db: asyncpg.Connection, many_lots
     assert reads <= 7 * 20, f"{reads} key rows read by 7 batches of 2"
     stored = await db.fetch("SELECT status_code FROM idempotency_keys WHERE key LIKE 'k-%'")
     assert [r["status_code"] for r in stored] == [201] * 28
+
+
+async def test_a_key_left_uncompleted_fails_the_batch(
+    db: asyncpg.Connection, many_lots: str
+) -> None:
+    """The completion reaches the claimed keys by their rows' addresses; were a row to
+    move in between (here a trigger updates it right after the claim), the batch fails
+    instead of leaving an answered key claimed but empty (its retries would wait on a
+    request that finished)."""
+    await db.execute(
+        "CREATE FUNCTION t_touch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        " UPDATE idempotency_keys SET created_at = created_at"
+        " WHERE caller = NEW.caller AND key = NEW.key; RETURN NULL; END $$;"
+        " CREATE TRIGGER t_touch AFTER INSERT ON idempotency_keys"
+        " FOR EACH ROW EXECUTE FUNCTION t_touch()"
+    )
+    ctx = json.dumps(CTX)
+    with pytest.raises(asyncpg.PostgresError, match="an answered key was not completed"):
+        await db.fetchval(
+            "SELECT tl_execute_batch($1, $2, $3, $4, $5, $6::jsonb[], $7::jsonb[])::text",
+            ["t"],
+            ["k-moved"],
+            [b"\x01" * 32],
+            ["debit"],
+            [201],
+            [json.dumps({"account": "employee:e1", "amount": 1})],
+            [ctx],
+        )
