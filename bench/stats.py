@@ -160,7 +160,7 @@ class Stats:
             "error_codes": dict(self.codes),
             "elapsed_s": round(self.elapsed, 3),
             "rounds": len(self.rounds),
-            "round_seconds": [round(x, 4) for x in self.rounds] if len(self.rounds) > 1 else [],
+            "round_seconds": [round(x, 6) for x in self.rounds] if len(self.rounds) > 1 else [],
             "ops_per_s": round(self.ops / elapsed, 1) if self.elapsed else None,
             "req_per_s": round(self.requests / elapsed, 1) if self.elapsed else None,
             "latency_ms": latency_summary(lat),

@@ -352,3 +352,16 @@ def test_bench_audit_scale_smoke(
             assert list(run["checks"]) == list(CHECKS)
     for check in ("**all**", *CHECKS):
         assert f"| {check} |" in table, (check, table)
+
+
+def test_median_of_rounds_skips_rounds_too_short_to_time() -> None:
+    """The median of the interleaved rounds' ratios (plain's time over policy's) leaves
+    out a round that took no measurable time (no request in it), and is None when a
+    request of either scenario failed (a round's ops are then not its share)."""
+    from bench.harness import median_of_rounds
+
+    plain = {"round_seconds": [0.0, 1.0, 2.0, 1.0], "ops": 8, "planned": 8, "capped": False}
+    policy = {"round_seconds": [0.0, 2.0, 2.0, 1.0], "ops": 8, "planned": 8, "capped": False}
+    assert median_of_rounds(plain, policy) == 1.0  # 0.5, 1.0, 1.0
+    assert median_of_rounds(plain, {**policy, "ops": 7}) is None
+    assert median_of_rounds(plain, {**policy, "round_seconds": [1.0]}) is None
