@@ -9,7 +9,8 @@ repeatable step (the model of Flyway's versioned and repeatable migrations).
 * ``schema.sql`` (top level, shipped in the package) is the readable whole
   current schema: tables as they are now, functions, triggers and grants,
   all written to be safe to run again. After the pending migrations it is
-  applied when its content (checksum) has not been applied before, so a new
+  applied when its content (checksum) has not been applied before, or when
+  a migration ran (one may drop what only schema.sql makes), so a new
   function, trigger, grant or table needs no migration at all.
 * A fresh database gets schema.sql alone, and every migration is recorded as
   already contained in it. The test that upgrades a database of the last
