@@ -3728,7 +3728,9 @@ DECLARE
     -- Where each key claimed now is (NULL: not claimed now), to complete it
     -- by its row's address.
     v_tids tid[];
+    -- Keys completed or given back, less those of the answered items.
     v_done bigint;
+    v_given bigint;
     v_fast jsonb[];
     v_row idempotency_keys;
     v_out jsonb[] := '{}';
@@ -3739,7 +3741,8 @@ DECLARE
     v_detail text;
     v_hint text;
 BEGIN
-    ASSERT (SELECT count(DISTINCT (c, k)) = count(k) FROM unnest(p_callers, p_keys) AS u(c, k)),
+    ASSERT (SELECT count(DISTINCT (c, k)) FILTER (WHERE k IS NOT NULL) = count(k)
+              FROM unnest(p_callers, p_keys) AS u(c, k)),
         'tl_execute_batch: a key repeats within the batch';
     -- 1. Claim the keys; v_claimed[i] says whether item i took its key now.
     WITH claimed AS (
@@ -3779,21 +3782,20 @@ BEGIN
     UPDATE idempotency_keys k SET status_code = (u.r ->> 'status')::integer, body = u.r -> 'body'
       FROM unnest(v_tids, v_fast) AS u(t, r)
      WHERE u.r IS NOT NULL AND NOT u.r ? 'error' AND k.ctid = u.t AND k.ctid = ANY (v_tids);
-    -- Every answered key completed: a key left claimed but empty would
-    -- answer its retries as in flight, so a row that moved fails the batch
-    -- (the service then runs its items one by one).
     GET DIAGNOSTICS v_done = ROW_COUNT;
-    ASSERT v_done = (SELECT count(*) FROM unnest(v_fast) AS r WHERE r IS NOT NULL AND NOT r ? 'error'),
-        'tl_execute_batch: an answered key was not completed';
     IF v_capped THEN
         -- An item tl_batch_fast answered with an operating error (a key's
         -- spend rate cap) gives its key back, as below.
         DELETE FROM idempotency_keys k
          USING unnest(v_tids, v_fast) AS u(t, r)
          WHERE u.r ? 'error' AND k.ctid = u.t AND k.ctid = ANY (v_tids);
+        GET DIAGNOSTICS v_given = ROW_COUNT;
+        v_done := v_done + v_given;
     END IF;
     FOR i IN 1 .. v_n LOOP
         IF v_fast[i] IS NOT NULL THEN
+            -- (Its key, if it claimed one, was completed or given back above.)
+            v_done := v_done - (v_tids[i] IS NOT NULL)::integer;
             v_out := v_out || v_fast[i];
             CONTINUE;
         END IF;
@@ -3836,6 +3838,10 @@ BEGIN
         END IF;
         v_out := v_out || jsonb_build_object('status', v_status, 'body', v_body, 'replayed', false);
     END LOOP;
+    -- Every key an answered item claimed was completed (or given back): one
+    -- left claimed but empty would answer its retries as in flight, so a row
+    -- that moved fails the batch (the service then runs its items one by one).
+    ASSERT v_done = 0, 'tl_execute_batch: an answered key was not completed';
     RETURN to_jsonb(v_out);
 END $$;
 

@@ -289,3 +289,31 @@ async def test_a_key_left_uncompleted_fails_the_batch(
             [json.dumps({"account": "employee:e1", "amount": 1})],
             [ctx],
         )
+
+
+async def test_a_batch_of_items_without_keys_is_not_failed(
+    db: asyncpg.Connection, many_lots: str
+) -> None:
+    """Items without an Idempotency-Key (the coalescer passes them with a null key) claim
+    nothing, so they have no key to complete: the completion check counts only the keys
+    claimed now, and such a batch answers set-based like any other."""
+    ctx = json.dumps(CTX)
+    out = json.loads(
+        await db.fetchval(
+            "SELECT tl_execute_batch($1, $2, $3, $4, $5, $6::jsonb[], $7::jsonb[])::text",
+            ["t", "t"],
+            [None, "k-keyed"],
+            [None, b"\x02" * 32],
+            ["debit", "debit"],
+            [201, 201],
+            [
+                json.dumps({"account": "employee:e1", "amount": 1}),
+                json.dumps({"account": "employee:e2", "amount": 1}),
+            ],
+            [ctx, ctx],
+        )
+    )
+    assert [o["status"] for o in out] == [201, 201], out
+    assert (
+        await db.fetchval("SELECT status_code FROM idempotency_keys WHERE key = 'k-keyed'") == 201
+    )
