@@ -3141,9 +3141,9 @@ DECLARE
     v_p_model jsonb[];
     v_refusal jsonb;
     -- and soft-limit crossings to emit (limit, threshold, spend then).
-    v_e_limit integer[] := '{}';
+    -- Soft-limit crossings, in order: limit * 1000 + threshold percent, and
+    -- the window's spend at the crossing.
     v_e_key bigint[] := '{}';
-    v_e_pct integer[] := '{}';
     v_e_spent bigint[] := '{}';
     v_p_refused integer;
     v_p_any boolean;
@@ -3449,8 +3449,6 @@ BEGIN
                     IF v_p_total[v_p_refused] * 100 >= v_p_amount[v_p_refused] * v_pct
                        AND NOT (v_p_refused::bigint * 1000 + v_pct) = ANY (v_e_key) THEN
                         v_e_key := v_e_key || (v_p_refused::bigint * 1000 + v_pct);
-                        v_e_limit := v_e_limit || v_p_refused;
-                        v_e_pct := v_e_pct || v_pct;
                         v_e_spent := v_e_spent || v_p_total[v_p_refused];
                     END IF;
                 END LOOP;
@@ -3612,17 +3610,18 @@ BEGIN
                  WHERE v_p_delta[k.wallet] <> 0) d
          WHERE s.account_id = d.account_id AND s.period = d.period AND s.time_zone = d.tz
            AND s.starts_at = d.starts_at;
-        FOR v_k IN 1 .. cardinality(v_e_limit) LOOP
-            v_p_refused := v_e_limit[v_k];
+        FOR v_k IN 1 .. cardinality(v_e_key) LOOP
+            v_p_refused := v_e_key[v_k] / 1000;
+            v_pct := v_e_key[v_k] % 1000;
             PERFORM tl_emit('limit.reached',
                 jsonb_build_object('account', v_p_owner[v_p_refused], 'window', v_p_period[v_p_refused],
                                    'time_zone', v_p_tz[v_p_refused], 'mode', 'soft',
-                                   'limit', v_p_amount[v_p_refused], 'threshold_percent', v_e_pct[v_k],
+                                   'limit', v_p_amount[v_p_refused], 'threshold_percent', v_pct,
                                    'spent', v_e_spent[v_k], 'starts_at', tl_ts(v_p_start[v_p_refused]),
                                    'resets_at', tl_ts(tl_window_end(v_p_period[v_p_refused], v_p_tz[v_p_refused],
                                                                     v_p_start[v_p_refused]))),
                 format('limit.reached:%s:%s:%s:%s:%s', v_p_owner[v_p_refused], v_p_period[v_p_refused],
-                       v_p_tz[v_p_refused], tl_ts(v_p_start[v_p_refused]), v_e_pct[v_k]),
+                       v_p_tz[v_p_refused], tl_ts(v_p_start[v_p_refused]), v_pct),
                 v_now);
         END LOOP;
     END IF;
@@ -7304,6 +7303,22 @@ CREATE INDEX IF NOT EXISTS usage_events_archive_occurred_idx ON usage_events_arc
 CREATE INDEX IF NOT EXISTS usage_events_archive_policy_idx ON usage_events_archive (occurred_at)
     WHERE shortfall > 0 OR violation IS NOT NULL;
 
+-- Every usage event, recorded or archived: what the reports that read raw
+-- events read (service/sql/reports.sql, finance.sql, tl_usage_export), so
+-- that none of them misses the days the retention job moved. PostgreSQL
+-- flattens the UNION ALL and takes a condition on the view to each table's
+-- own indexes.
+CREATE OR REPLACE VIEW usage_events_all AS
+    SELECT id, source, event_id, account_id, model, price_id, input_tokens, cached_input_tokens,
+           output_tokens, cost, transaction_id, reservation_id, project, tags, occurred_at, recorded_at,
+           result, shortfall, violation
+    FROM usage_events
+    UNION ALL
+    SELECT id, source, event_id, account_id, model, price_id, input_tokens, cached_input_tokens,
+           output_tokens, cost, transaction_id, reservation_id, project, tags, occurred_at, recorded_at,
+           result, shortfall, violation
+    FROM usage_events_archive;
+
 -- Moves up to p_limit events that occurred and were recorded before
 -- p_before into the archive, oldest first; returns how many. Each call is
 -- one short transaction that locks only the rows it moves (SKIP LOCKED), so
@@ -7463,6 +7478,7 @@ BEGIN
     GRANT SELECT, INSERT, UPDATE ON audit_checkpoints TO tokenledger_app;
     GRANT SELECT, INSERT ON usage_events_archive TO tokenledger_app;
     REVOKE UPDATE, DELETE, TRUNCATE ON usage_events_archive FROM tokenledger_app;
+    GRANT SELECT ON usage_events_all TO tokenledger_app;
 EXCEPTION WHEN insufficient_privilege OR undefined_object THEN
     RAISE NOTICE 'tokenledger_app not granted on audit_checkpoints, usage_events_archive: %', SQLERRM;
 END $$;
@@ -8053,33 +8069,19 @@ FROM (
                 0::bigint AS credits, u.shortfall AS overage,
                 (u.violation IS NOT NULL)::integer::bigint AS violations,
                 0::bigint AS debits, 0::bigint AS debit_credits
-         FROM (SELECT u.account_id, u.model, u.project, u.occurred_at, u.shortfall, u.violation
-               FROM usage_events u
-               UNION ALL
-               SELECT u.account_id, u.model, u.project, u.occurred_at, u.shortfall, u.violation
-               FROM usage_events_archive u) u
+         FROM usage_events_all u
          WHERE (u.shortfall > 0 OR u.violation IS NOT NULL)
            AND u.occurred_at >= p_from AND u.occurred_at < p_to
          UNION ALL
-         SELECT c.account_id, c.model, coalesce(c.project, ''),
-                c.sign, c.sign * c.input_tokens, c.sign * c.cached_input_tokens,
-                c.sign * c.output_tokens, c.sign * c.cost, 0, 0, 0, 0
-         FROM (
-             SELECT u.account_id, u.model, u.project, u.occurred_at, u.input_tokens,
-                    u.cached_input_tokens, u.output_tokens, u.cost
-             FROM usage_events u
-             UNION ALL
-             SELECT u.account_id, u.model, u.project, u.occurred_at, u.input_tokens,
-                    u.cached_input_tokens, u.output_tokens, u.cost
-             FROM usage_events_archive u
-         ) c0
+         SELECT c0.account_id, c0.model, coalesce(c0.project, ''),
+                sg.sign, sg.sign * c0.input_tokens, sg.sign * c0.cached_input_tokens,
+                sg.sign * c0.output_tokens, sg.sign * c0.cost, 0, 0, 0, 0
+         FROM usage_events_all c0
          CROSS JOIN LATERAL (
-             SELECT c0.*,
-                    CASE WHEN c0.occurred_at < greatest(p_from, p_span_from)
+             SELECT CASE WHEN c0.occurred_at < greatest(p_from, p_span_from)
                          THEN CASE WHEN p_from < p_span_from THEN 1 ELSE -1 END
                          ELSE CASE WHEN p_span_to < p_to THEN 1 ELSE -1 END
-                    END::bigint AS sign
-         ) c
+                    END::bigint AS sign) sg
          WHERE (p_from <> p_span_from OR p_span_to <> p_to)
            AND ((c0.occurred_at >= least(p_from, p_span_from)
                  AND c0.occurred_at < greatest(p_from, p_span_from))

@@ -352,8 +352,19 @@ async def usage_report_pages(
     """The same rows, STREAM_BATCH at a time from a server-side cursor: a report of
     a third of a million groups is never whole in the service's memory."""
     args = await _usage_args(ledger, start, end, keys)
+    async for items in _stream_items(ledger, keys, "usage_report", *args):
+        yield items
+
+
+async def _stream_items(
+    ledger: Database, keys: tuple[str, ...], query: str, *args: Any
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """A report query's rows as items, STREAM_BATCH at a time from a server-side cursor,
+    under the report statement timeout and work_mem (and without JIT: the month's
+    debits and captures make the estimate large enough for PostgreSQL to compile the
+    query, which costs more than it saves)."""
     async for rows in ledger.stream_slow(
-        "usage_report",
+        query,
         ledger.config.report_statement_timeout_ms,
         *args,
         batch=STREAM_BATCH,
@@ -397,11 +408,10 @@ async def usage_report_after(
             yield items
         return
     bound = order_key(after)
-    columns = keys
     async for items in pages:
-        if items and order_key(items[-1][k] for k in columns) <= bound:
+        if items and order_key(items[-1][k] for k in keys) <= bound:
             continue
-        yield [i for i in items if order_key(i[k] for k in columns) > bound]
+        yield [i for i in items if order_key(i[k] for k in keys) > bound]
         break
     async for items in pages:
         yield items
@@ -415,7 +425,7 @@ async def _export_pages(
     span: tuple[datetime, datetime],
     after: list[str | None] | None = None,
 ) -> AsyncIterator[list[dict[str, Any]]]:
-    """The export's rows as items (usage_export_rows), STREAM_BATCH at a time. After a
+    """The export's rows as items (usage_export_rows). After a
     cursor: from its employee on (an index range of the employee walk, so a page deep
     in the export costs its own rows, not those before it), then the rows without an
     employee (last); only those when the cursor is among them."""
@@ -426,15 +436,8 @@ async def _export_pages(
     elif after is not None:
         parts = [("usage_export_rows_unowned", base)]
     for query, args in parts:
-        async for rows in ledger.stream_slow(
-            query,
-            ledger.config.report_statement_timeout_ms,
-            *args,
-            batch=STREAM_BATCH,
-            jit=False,
-            work_mem_mb=REPORT_WORK_MEM_MB,
-        ):
-            yield _items(keys, rows)
+        async for items in _stream_items(ledger, keys, query, *args):
+            yield items
 
 
 async def usage_report_page(

@@ -175,12 +175,14 @@ def invalid_cursor() -> errors.InvalidRequest:
     return errors.InvalidRequest("cursor is not valid", errors=[{"path": "cursor"}])
 
 
-def decode_cursor(cursor: str | None) -> Any:
+def decode_cursor(cursor: str | None, shape: Any = CursorValue) -> Any:
+    """What encode_cursor encoded, checked against `shape` (a msgspec type); anything
+    else is 400 invalid_request."""
     if cursor is None:
         return None
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
-        return msgspec.json.decode(base64.urlsafe_b64decode(padded), type=CursorValue)
+        return msgspec.json.decode(base64.urlsafe_b64decode(padded), type=shape)
     except (binascii.Error, msgspec.DecodeError, ValueError, RecursionError):
         raise invalid_cursor() from None
 

@@ -3,8 +3,6 @@ grouped, as JSON or CSV."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any
@@ -22,6 +20,7 @@ from service.api.common import (
     CursorParam,
     From,
     To,
+    decode_cursor,
     encode_cursor,
     invalid_cursor,
     wants_csv,
@@ -71,15 +70,10 @@ def _page_cursor(
 ) -> list[str | None] | None:
     """The keys of the last item of the page before (None: from the first item). A
     cursor names its report (period and keys): one from another report is refused."""
-    if cursor is None:
+    decoded = decode_cursor(cursor, tuple[str, list[str | None]])
+    if decoded is None:
         return None
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        mark, after = msgspec.json.decode(
-            base64.urlsafe_b64decode(padded), type=tuple[str, list[str | None]]
-        )
-    except (binascii.Error, msgspec.DecodeError, ValueError, RecursionError):
-        raise invalid_cursor() from None
+    mark, after = decoded
     if mark != reports.page_fingerprint(start, end, keys) or len(after) != len(keys):
         raise invalid_cursor()
     return after

@@ -205,15 +205,8 @@ WITH raw AS (
     UNION ALL
     SELECT u.account_id, u.model, (u.occurred_at AT TIME ZONE 'UTC')::date, 1, u.input_tokens,
            u.cached_input_tokens, u.output_tokens, u.cost
-    -- Archived events too (tl_archive_usage_events): the bounds' filter reaches
-    -- each table's index.
-    FROM (SELECT u.account_id, u.model, u.occurred_at, u.input_tokens, u.cached_input_tokens,
-                 u.output_tokens, u.cost
-          FROM usage_events u
-          UNION ALL
-          SELECT u.account_id, u.model, u.occurred_at, u.input_tokens, u.cached_input_tokens,
-                 u.output_tokens, u.cost
-          FROM usage_events_archive u) u
+    -- Archived events too (usage_events_all).
+    FROM usage_events_all u
     WHERE $4::text = 'events' AND u.occurred_at >= $1::timestamptz AND u.occurred_at < $2::timestamptz
 ),
 tiers AS (

@@ -97,16 +97,8 @@ raw AS (
     SELECT u.account_id, u.model, coalesce(u.project, ''), (u.occurred_at AT TIME ZONE 'UTC')::date, 1,
            u.input_tokens, u.cached_input_tokens, u.output_tokens, u.cost,
            u.shortfall, (u.violation IS NOT NULL)::integer, u.tags, 0, 0
-    -- The events of the period, and those of it that the retention job
-    -- moved to the archive (tl_archive_usage_events): the bounds' filter,
-    -- written once, reaches each table's index (see the corrections below).
-    FROM (SELECT u.account_id, u.model, u.project, u.occurred_at, u.input_tokens,
-                 u.cached_input_tokens, u.output_tokens, u.cost, u.shortfall, u.violation, u.tags
-          FROM usage_events u
-          UNION ALL
-          SELECT u.account_id, u.model, u.project, u.occurred_at, u.input_tokens,
-                 u.cached_input_tokens, u.output_tokens, u.cost, u.shortfall, u.violation, u.tags
-          FROM usage_events_archive u) u
+    -- The events of the period, archived ones included (usage_events_all).
+    FROM usage_events_all u
     WHERE $4::text = 'events'
       AND u.occurred_at >= $1::timestamptz AND u.occurred_at < $2::timestamptz
     UNION ALL
@@ -121,11 +113,7 @@ raw AS (
                 THEN date_trunc('month', u.occurred_at AT TIME ZONE 'UTC')::date
                 ELSE (u.occurred_at AT TIME ZONE 'UTC')::date END,
            0, 0, 0, 0, 0, u.shortfall, (u.violation IS NOT NULL)::integer, u.tags, 0, 0
-    FROM (SELECT u.account_id, u.model, u.project, u.occurred_at, u.shortfall, u.violation, u.tags
-          FROM usage_events u
-          UNION ALL
-          SELECT u.account_id, u.model, u.project, u.occurred_at, u.shortfall, u.violation, u.tags
-          FROM usage_events_archive u) u
+    FROM usage_events_all u
     WHERE $4::text <> 'events' AND (u.shortfall > 0 OR u.violation IS NOT NULL)
       AND u.occurred_at >= $1::timestamptz AND u.occurred_at < $2::timestamptz
     UNION ALL
@@ -133,32 +121,21 @@ raw AS (
     -- nearest midnights of its bounds (see the header): each event between
     -- a bound and its midnight, with the sign of its side, keyed as the
     -- roll-up's rows are (the expressions of the policy leg above).
-    SELECT CASE WHEN $4::text = 'models' THEN NULL ELSE c.account_id END, c.model,
-           CASE WHEN $4::text = 'monthly_models' THEN '' ELSE coalesce(c.project, '') END,
+    SELECT CASE WHEN $4::text = 'models' THEN NULL ELSE c0.account_id END, c0.model,
+           CASE WHEN $4::text = 'monthly_models' THEN '' ELSE coalesce(c0.project, '') END,
            CASE WHEN $4::text IN ('monthly', 'monthly_models')
-                THEN date_trunc('month', c.occurred_at AT TIME ZONE 'UTC')::date
-                ELSE (c.occurred_at AT TIME ZONE 'UTC')::date END,
-           c.sign, c.sign * c.input_tokens, c.sign * c.cached_input_tokens,
-           c.sign * c.output_tokens, c.sign * c.cost, 0, 0, c.tags, 0, 0
-    -- (The bounds' filter, in the WHERE below, is written once for both
-    -- tables: PostgreSQL pushes it into each branch of the UNION ALL, onto
-    -- each table's index.)
-    FROM (
-        SELECT u.account_id, u.model, u.project, u.occurred_at, u.input_tokens,
-               u.cached_input_tokens, u.output_tokens, u.cost, u.tags
-        FROM usage_events u
-        UNION ALL
-        SELECT u.account_id, u.model, u.project, u.occurred_at, u.input_tokens,
-               u.cached_input_tokens, u.output_tokens, u.cost, u.tags
-        FROM usage_events_archive u
-    ) c0
+                THEN date_trunc('month', c0.occurred_at AT TIME ZONE 'UTC')::date
+                ELSE (c0.occurred_at AT TIME ZONE 'UTC')::date END,
+           sg.sign, sg.sign * c0.input_tokens, sg.sign * c0.cached_input_tokens,
+           sg.sign * c0.output_tokens, sg.sign * c0.cost, 0, 0, c0.tags, 0, 0
+    -- (The bounds' filter, in the WHERE below, reaches both tables of
+    -- usage_events_all, each by its own index.)
+    FROM usage_events_all c0
     CROSS JOIN LATERAL (
-        SELECT c0.*,
-               CASE WHEN c0.occurred_at < greatest($1::timestamptz, $8::timestamptz)
+        SELECT CASE WHEN c0.occurred_at < greatest($1::timestamptz, $8::timestamptz)
                     THEN CASE WHEN $1::timestamptz < $8::timestamptz THEN 1 ELSE -1 END
                     ELSE CASE WHEN $9::timestamptz < $2::timestamptz THEN 1 ELSE -1 END
-               END::bigint AS sign
-    ) c
+               END::bigint AS sign) sg
     -- Nothing to correct between midnights: not even an index probe.
     WHERE $4::text <> 'events'
       AND ($1::timestamptz <> $8::timestamptz OR $9::timestamptz <> $2::timestamptz)

@@ -577,26 +577,31 @@ async def test_usage_reports_show_overage_and_violations(
     await _overage_in_reports(client, windows)
 
 
+async def _usage_items(client: Any, start: str, end: str, group_by: str) -> list[dict[str, Any]]:
+    params = {"from": start, "to": end, "group_by": group_by}
+    items: list[dict[str, Any]] = (await client.get("/v1/reports/usage", params=params)).json()[
+        "items"
+    ]
+    return items
+
+
 async def _overage_in_reports(client: Any, windows: tuple[tuple[str, str], ...]) -> None:
     """The checks of test_usage_reports_show_overage_and_violations over `windows`."""
-    params = {"from": windows[0][0], "to": windows[0][1], "group_by": "employee,model,project"}
-    items = (await client.get("/v1/reports/usage", params=params)).json()["items"]
-    brief = {(i["employee"], i["model"]): (i["overage"], i["violations"]) for i in items}
-    assert brief == {
+    items = await _usage_items(client, *windows[0], "employee,model,project")
+    exported = {(i["employee"], i["model"]): (i["overage"], i["violations"]) for i in items}
+    assert exported == {
         ("e-1", STANDARD): (100, 0),
         ("e-1", PREMIUM): (2000, 1),
         ("e-2", STANDARD): (0, 0),
         ("e-3", STANDARD): (0, 0),
     }
     for start, end in windows:
-        params = {"from": start, "to": end, "group_by": "employee"}
-        items = (await client.get("/v1/reports/usage", params=params)).json()["items"]
+        items = await _usage_items(client, start, end, "employee")
         brief = {i["employee"]: (i["credits"], i["overage"], i["violations"]) for i in items}
         assert brief == {"e-1": (2200, 2100, 1), "e-2": (200, 0, 0), "e-3": (200, 0, 0)}, start
-        params["group_by"] = "department,model"
-        items = (await client.get("/v1/reports/usage", params=params)).json()["items"]
-        brief = {(i["department"], i["model"]): (i["overage"], i["violations"]) for i in items}
-        assert brief == {
+        items = await _usage_items(client, start, end, "department,model")
+        by_model = {(i["department"], i["model"]): (i["overage"], i["violations"]) for i in items}
+        assert by_model == {
             ("eng", STANDARD): (100, 0),
             ("eng", PREMIUM): (2000, 1),
             ("ops", STANDARD): (0, 0),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -177,21 +178,27 @@ async def archive_before(conn: asyncpg.Connection, day: str) -> int:
     return int(moved.split()[-1])
 
 
+async def archived_history(api: Api, clock: FakeClock, database_url: str) -> list[Any]:
+    """build_history and edge_usage, with January's events then moved to the archive;
+    answers every event (the journal's view, archived ones included)."""
+    await build_history(api, clock)
+    await edge_usage(api, clock)
+    events = await journal_events(database_url)
+    conn = await service_db.connect(database_url)
+    try:
+        assert await archive_before(conn, "2026-02-01") > 5
+    finally:
+        await conn.close()
+    return events
+
+
 async def test_archived_events_are_corrected_for(
     api: Api, clock: FakeClock, database_url: str
 ) -> None:
     """Events moved to usage_events_archive stay in the roll-ups; the corrections read the
     archive too, so a corrected period over archived days still equals every event's sum
     (the events themselves, read whole, would miss them)."""
-    await build_history(api, clock)
-    await edge_usage(api, clock)
-    events = await journal_events(database_url)
-    conn = await service_db.connect(database_url)
-    try:
-        moved = await archive_before(conn, "2026-02-01")
-        assert moved > 5
-    finally:
-        await conn.close()
+    events = await archived_history(api, clock, database_url)
     for start, end in CORRECTED[:2]:
         lo, hi = datetime.fromisoformat(start), datetime.fromisoformat(end)
         for keys in (("employee",), ("model", "project"), ("department", "day")):
@@ -207,15 +214,7 @@ async def test_short_periods_over_archived_days_read_the_archive(
     'events'): over days whose events the retention job moved to usage_events_archive,
     it reads the archive too, so it still equals every event's sum (it used to answer
     nothing for them, silently)."""
-    await build_history(api, clock)
-    await edge_usage(api, clock)
-    events = await journal_events(database_url)
-    conn = await service_db.connect(database_url)
-    try:
-        moved = await archive_before(conn, "2026-02-01")
-        assert moved > 5
-    finally:
-        await conn.close()
+    events = await archived_history(api, clock, database_url)
     for start, end in (
         ("2026-01-09T20:00:00Z", "2026-01-10T23:00:00Z"),
         ("2026-01-14T11:00:00Z", "2026-01-15T20:00:00Z"),

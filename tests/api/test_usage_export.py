@@ -57,6 +57,21 @@ PERIODS = [
 ]
 
 
+def record_queries(monkeypatch: pytest.MonkeyPatch, method: str) -> list[str]:
+    """The named queries Database.<method> (copy_slow, stream_slow: async iterators) runs
+    from now on, in order."""
+    queries: list[str] = []
+    original = getattr(Database, method)
+
+    async def recording(self: Database, query: str, *args: Any, **kw: Any) -> Any:
+        queries.append(query)
+        async for part in original(self, query, *args, **kw):
+            yield part
+
+    monkeypatch.setattr(Database, method, recording)
+    return queries
+
+
 def parse(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
@@ -120,15 +135,7 @@ async def test_export_is_the_general_answer(
     events += await make_awkward(api, clock)
     lo, hi = parse(start), parse(end)
     assert export_span(lo, hi, EXPORT_KEYS) is not None
-    queries: list[str] = []
-    original = Database.copy_slow
-
-    async def recording(self: Database, query: str, *args: Any, **kw: Any) -> Any:
-        queries.append(query)
-        async for chunk in original(self, query, *args, **kw):
-            yield chunk
-
-    monkeypatch.setattr(Database, "copy_slow", recording)
+    queries = record_queries(monkeypatch, "copy_slow")
     want = expected(events, lo, hi, EXPORT_KEYS)
     general = await general_path(api, database_url, lo, hi)
     assert general == want
@@ -460,15 +467,7 @@ async def test_json_pages_are_the_report_in_order(
     await make_awkward(api, clock)
     whole = (await report(api, start, end, keys)).json()["items"]
     assert len(whole) > 7
-    queries: list[str] = []
-    original = Database.stream_slow
-
-    async def recording(self: Database, query: str, *args: Any, **kw: Any) -> Any:
-        queries.append(query)
-        async for rows in original(self, query, *args, **kw):
-            yield rows
-
-    monkeypatch.setattr(Database, "stream_slow", recording)
+    queries = record_queries(monkeypatch, "stream_slow")
     pages = await pages_of(api, start, end, keys, 3)
     if keys == EXPORT_KEYS:
         assert queries[0] == "usage_export_rows"
