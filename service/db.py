@@ -50,6 +50,15 @@ def load_queries() -> dict[str, str]:
                 lines.append(line)
         if name is not None:
             queries[name] = "\n".join(lines).strip()
+    # usage_report over the accounts $10 only (a JSON page of a report led by the
+    # employee: service/reports.py, _employee_pages), made from usage_report's own
+    # text so that the two never differ in anything else. The condition joins the
+    # first aggregation, and PostgreSQL pushes it into each source's branch.
+    mark = "    -- @accounts (usage_report_accounts restricts the accounts here: service/db.py)"
+    assert queries["usage_report"].count(mark) == 1, "usage_report lost its @accounts line"
+    queries["usage_report_accounts"] = queries["usage_report"].replace(
+        mark, "    WHERE r.account_id = ANY ($10::bigint[])"
+    )
     return queries
 
 

@@ -279,6 +279,7 @@ firsts AS (
            coalesce(r.tags ->> f.tag_names[2], r.tags ->> f.tag_slots[2]) AS tag2,
            coalesce(r.tags ->> f.tag_names[3], r.tags ->> f.tag_slots[3]) AS tag3
     FROM raw r CROSS JOIN flags f
+    -- @accounts (usage_report_accounts restricts the accounts here: service/db.py)
     GROUP BY 1, 2, 3, 4, tag1, tag2, tag3
 ),
 -- The department of the time of each employee account in firsts (and day,
@@ -352,3 +353,19 @@ CROSS JOIN LATERAL (SELECT ARRAY[t.employee, t.department, t.model, t.project, t
 ORDER BY x.v[o.pos[1]] COLLATE "C", x.v[o.pos[2]] COLLATE "C", x.v[o.pos[3]] COLLATE "C",
          x.v[o.pos[4]] COLLATE "C", x.v[o.pos[5]] COLLATE "C", x.v[o.pos[6]] COLLATE "C",
          x.v[o.pos[7]] COLLATE "C", x.v[o.pos[8]] COLLATE "C", x.v[o.pos[9]] COLLATE "C";
+
+-- name: report_employee_accounts
+-- Up to $3 employee accounts from the employee $1 on (byte order, the
+-- report's; $2: $1 itself included), with their employees: the next chunk of
+-- a JSON page of a report led by the employee (service/reports.py,
+-- _employee_pages), by accounts_employee_ref_idx.
+SELECT a.id, a.ref FROM accounts a
+WHERE a.type = 'employee' AND (a.ref COLLATE "C") >= ($1::text COLLATE "C")
+  AND ((a.ref COLLATE "C") <> ($1::text COLLATE "C") OR $2::boolean)
+ORDER BY (a.ref COLLATE "C")
+LIMIT $3;
+
+-- name: report_unowned_accounts
+-- The accounts without an employee (departments', the system's): the rows of
+-- a report led by the employee whose employee is null, last in its order.
+SELECT a.id FROM accounts a WHERE a.type <> 'employee' ORDER BY a.id;

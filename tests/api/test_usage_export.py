@@ -446,6 +446,9 @@ async def pages_of(
         ("2026-01-01T06:00:00Z", "2026-02-28T18:00:00Z", EXPORT_KEYS),
         ("2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z", ("model", "project", "day")),
         ("2026-01-10T12:00:00Z", "2026-02-10T06:30:00Z", ("department", "employee", "day")),
+        # Led by the employee: a chunk of employees at a time (_employee_pages).
+        ("2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z", ("employee", "day")),
+        ("2026-01-10T12:00:00Z", "2026-02-10T06:30:00Z", ("employee", "model", "department")),
     ],
 )
 async def test_json_pages_are_the_report_in_order(
@@ -480,6 +483,8 @@ async def test_json_pages_are_the_report_in_order(
         r = await paged(api, start, end, keys, {"cursor": cursor, "limit": "2"})
         assert r.json()["items"] == whole[unowned[0] + 1 : unowned[0] + 3]
         assert queries[-1] == "usage_export_rows_unowned"
+    elif keys[0] == "employee":
+        assert set(queries) == {"usage_report_accounts"}
     else:
         assert set(queries) == {"usage_report"}
     assert [len(p) for p in pages[:-1]] == [3] * (len(pages) - 1) and 1 <= len(pages[-1]) <= 3
@@ -516,3 +521,52 @@ async def test_a_page_cursor_belongs_to_its_report(api: Api, database_url: str) 
     ):
         r = await paged(api, lo, hi, keys, params)
         problem(r, 400, "invalid_request")
+
+
+async def test_employee_pages_read_the_employees_they_need(
+    api: Api, database_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A JSON page of a report led by the employee reads a chunk of employees at a time
+    from the cursor's on (the page's size and one more, then twice as many), the
+    accounts without an employee last: pages of one item are the report in its order
+    across chunk edges and employees without usage (first and last in byte order), a
+    cursor among the rows without an employee reads only theirs, and no chunk reads
+    more employees than it asks for."""
+    await make_events(api, database_url)
+    await make_spends(api, clock)
+    await make_awkward(api, clock)
+    for idle in ("e-0", "e-z"):
+        await api.employee(idle, "eng")
+    start, end, keys = "2026-01-01T06:00:00Z", "2026-02-28T18:00:00Z", ("employee", "day", "model")
+    whole = (await report(api, start, end, keys)).json()["items"]
+    assert {i["employee"] for i in whole} == {"e-a", "e-b", "e-c", "e-d", None}, whole
+    chunks: list[tuple[str, bool, int, int]] = []
+    fetch = Database.fetch
+
+    async def recording(self: Database, query: str, *args: Any) -> Any:
+        rows = await fetch(self, query, *args)
+        if query == "report_employee_accounts":
+            chunks.append((*args, len(rows)))
+        return rows
+
+    monkeypatch.setattr(Database, "fetch", recording)
+    queries = record_queries(monkeypatch, "stream_slow")
+    pages = await pages_of(api, start, end, keys, 1)
+    assert [i for p in pages for i in p] == whole
+    assert set(queries) == {"usage_report_accounts"}
+    # Each page reads the page's size and one more employees from its cursor's, that
+    # one included (the first page: e-0, without usage, and e-a); past the last
+    # employee with usage (e-d, then e-z without), twice as many, which are none.
+    assert chunks[0] == ("", True, 2, 2), chunks
+    assert all(c[2] == 2 for c in chunks if c[1]), chunks
+    assert ("e-z", False, 4, 0) in chunks, chunks
+    assert all(c[3] <= c[2] for c in chunks), chunks
+    chunks.clear()
+    queries.clear()
+    unowned = [n for n, i in enumerate(whole) if i["employee"] is None]
+    assert len(unowned) >= 2, whole
+    mark = reports.page_fingerprint(parse(start), parse(end), keys)
+    cursor = encode_cursor([mark, [whole[unowned[0]][k] for k in keys]])
+    r = await paged(api, start, end, keys, {"cursor": cursor, "limit": "2"})
+    assert r.json()["items"] == whole[unowned[0] + 1 : unowned[0] + 3]
+    assert chunks == [] and queries == ["usage_report_accounts"]
