@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -214,17 +214,19 @@ class Database:
 
     @contextlib.asynccontextmanager
     async def _reading(
-        self, timeout_ms: int, *, jit: bool, work_mem_mb: int
+        self, timeout_ms: int, *, jit: bool, work_mem_mb: int, snapshot: bool = False
     ) -> AsyncIterator[db.Pooled]:
         """A pooled connection in a read-only transaction under `timeout_ms` (as
         fetch_slow) for a report read piece by piece (stream_slow, copy_slow): errors
         are translated (a refused connection as a 503), and at the end, however it
-        ends, the transaction is rolled back and the connection goes back."""
+        ends, the transaction is rolled back and the connection goes back. With
+        `snapshot`, the transaction is REPEATABLE READ: every statement in it reads
+        the same snapshot (a report read in several queries, stream_parts_slow)."""
         try:
             conn = await self._acquire()
         except DatabaseRefused as exc:
             raise self._translated(exc) from exc.__cause__
-        tr = conn.transaction(readonly=True)
+        tr = conn.transaction(isolation="repeatable_read" if snapshot else None, readonly=True)
         try:
             await tr.start()
             await db.set_local(conn, timeout_ms, jit=jit, work_mem_mb=work_mem_mb)
@@ -270,6 +272,36 @@ class Database:
                 yield rows
                 if len(rows) < batch:
                     break
+
+    async def stream_parts_slow(
+        self,
+        timeout_ms: int,
+        plan: Callable[[db.Pooled], Awaitable[list[tuple[str, tuple[Any, ...]]]]],
+        *,
+        batch: int,
+        jit: bool = True,
+        work_mem_mb: int = 0,
+    ) -> AsyncIterator[list[asyncpg.Record]]:
+        """stream_slow over several named queries, one after the other, in one
+        read-only REPEATABLE READ transaction, so that together they read one
+        snapshot: `plan` (given the connection, in that transaction) answers the
+        queries and their arguments, and each one's rows are read through a cursor
+        in lists of at most `batch`. A caller that stops early never runs the rest
+        (a report's page, service/reports.py)."""
+        async with self._reading(
+            timeout_ms, jit=jit, work_mem_mb=work_mem_mb, snapshot=True
+        ) as conn:
+            await conn.execute("SET LOCAL cursor_tuple_fraction = 1.0")
+            client_timeout = db.client_timeout(timeout_ms)
+            for query, args in await plan(conn):
+                cursor = await conn.cursor(self.queries[query], *args, timeout=client_timeout)
+                while True:
+                    rows = await cursor.fetch(batch, timeout=client_timeout)
+                    if not rows:
+                        break
+                    yield rows
+                    if len(rows) < batch:
+                        break
 
     async def copy_slow(
         self,

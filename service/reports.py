@@ -351,6 +351,10 @@ async def usage_report_pages(
 ) -> AsyncIterator[list[dict[str, Any]]]:
     """The same rows, STREAM_BATCH at a time from a server-side cursor: a report of
     a third of a million groups is never whole in the service's memory."""
+    if by_employee(keys):
+        async for items in _employee_pages(ledger, start, end, keys, None, FIRST_CHUNK):
+            yield items
+        return
     args = await _usage_args(ledger, start, end, keys)
     async for items in _stream_items(ledger, keys, "usage_report", *args):
         yield items
@@ -398,15 +402,15 @@ async def usage_report_after(
     """The report's items after the item whose keys are `after` (all of them when
     None), a batch at a time: the rows are read in the answer's order (the export's
     query for its keys, else usage_report) and those up to `after` skipped, so a page
-    deep in a large report costs the rows before it, not their memory. With
-    `first_chunk` (a page of that many items and one more), a report led by the
-    employee and another key is read a chunk of employees at a time
-    (_employee_pages)."""
+    deep in a large report costs the rows before it, not their memory. A report led
+    by the employee and another key is read a chunk of employees at a time from the
+    cursor's (_employee_pages), the first chunk `first_chunk` employees (a page's
+    size and one more; FIRST_CHUNK when 0)."""
     span = export_span(start, end, keys)
     if span is not None:
         pages = _export_pages(ledger, start, end, keys, span, after)
-    elif first_chunk and len(keys) > 1 and keys[0] == "employee":
-        pages = _employee_pages(ledger, start, end, keys, after, first_chunk)
+    elif by_employee(keys):
+        pages = _employee_pages(ledger, start, end, keys, after, first_chunk or FIRST_CHUNK)
     else:
         pages = usage_report_pages(ledger, start, end, keys)
     if after is None:
@@ -446,18 +450,27 @@ async def _export_pages(
             yield items
 
 
-# The JSON pages of a report led by the employee and another key (issue 16: a
-# month's `employee,day` is a third of a million groups, which the general
-# query aggregates and sorts whole, 4 to 5 s, before its first row). A page
-# reads the next employees only, in the report's order: their accounts
-# (report_employee_accounts, by accounts_employee_ref_idx), then the report
-# over those accounts alone (usage_report_accounts: the same query, the
-# accounts a condition of its first aggregation), then the next chunk, twice
-# as many employees, while the page is not full; the accounts without an
-# employee (null, last) at the end. A chunk costs one read of the period's
-# roll-up rows (the condition is not on their indexes' leading column), so a
-# page costs about that read, not the whole report's sort.
+# Reports led by the employee and another key (issue 16: a month's
+# `employee,day` is a third of a million groups, which the general query
+# aggregates and sorts whole, 4 to 5 s, before its first row) are read a
+# chunk of employees at a time, in the report's order: the employee accounts
+# in byte order of their ids (accounts_employee_ref_idx), then the report over
+# a chunk's accounts alone (usage_report_accounts: the same query, the
+# accounts a condition of its first aggregation), the first chunk the page's
+# size and one more employees (a whole answer: FIRST_CHUNK), each next one
+# twice as large, and the accounts without an employee (null, last) at the
+# end. All of it in one REPEATABLE READ transaction (stream_parts_slow), so
+# the chunks read one snapshot, as the single query did. A chunk costs one
+# read of the period's roll-up rows (the condition is not on their indexes'
+# leading column): a page costs about that read, and a whole answer's first
+# rows come after it instead of after the whole sort.
+FIRST_CHUNK = 500
 EMPLOYEE_CHUNK_MAX = 8000
+
+
+def by_employee(keys: tuple[str, ...]) -> bool:
+    """Whether a report is read a chunk of employees at a time (above)."""
+    return len(keys) > 1 and keys[0] == "employee"
 
 
 async def _employee_pages(
@@ -472,21 +485,30 @@ async def _employee_pages(
     is None; only the rows without an employee when the cursor is among them), a
     chunk of employees at a time, each chunk's rows streamed."""
     args = await _usage_args(ledger, start, end, keys)
-    if after is None or after[0] is not None:
-        employee, inclusive, size = (after or [""])[0], True, first_chunk
-        while True:
-            chunk = await ledger.fetch("report_employee_accounts", employee, inclusive, size)
-            if chunk:
-                ids = [row["id"] for row in chunk]
-                async for items in _stream_items(ledger, keys, "usage_report_accounts", *args, ids):
-                    yield items
-            if len(chunk) < size:
-                break
-            employee, inclusive = chunk[-1]["ref"], False
-            size = min(2 * size, EMPLOYEE_CHUNK_MAX)
-    ids = [row["id"] for row in await ledger.fetch("report_unowned_accounts")]
-    async for items in _stream_items(ledger, keys, "usage_report_accounts", *args, ids):
-        yield items
+
+    async def plan(conn: Any) -> list[tuple[str, tuple[Any, ...]]]:
+        parts: list[tuple[str, tuple[Any, ...]]] = []
+        if after is None or after[0] is not None:
+            rows = await conn.fetch(
+                ledger.queries["report_employee_accounts"], (after or [""])[0], True, None
+            )
+            ids = [row["id"] for row in rows]
+            size, at = first_chunk, 0
+            while at < len(ids):
+                parts.append(("usage_report_accounts", (*args, ids[at : at + size])))
+                at, size = at + size, min(2 * size, EMPLOYEE_CHUNK_MAX)
+        unowned = await conn.fetch(ledger.queries["report_unowned_accounts"])
+        parts.append(("usage_report_accounts", (*args, [row["id"] for row in unowned])))
+        return parts
+
+    async for rows in ledger.stream_parts_slow(
+        ledger.config.report_statement_timeout_ms,
+        plan,
+        batch=STREAM_BATCH,
+        jit=False,
+        work_mem_mb=REPORT_WORK_MEM_MB,
+    ):
+        yield _items(keys, rows)
 
 
 async def usage_report_page(

@@ -184,6 +184,16 @@ async def test_large_reports_stream_in_batches(
             yield rows
 
     monkeypatch.setattr(Database, "stream_slow", counting)
+    # A report led by the employee is read in parts of one snapshot (its chunks of
+    # employees), each through a cursor the same way.
+    parts = Database.stream_parts_slow
+
+    async def counting_parts(self: Database, *args: Any, **kw: Any) -> Any:
+        async for rows in parts(self, *args, **kw):
+            sizes.append(len(rows))
+            yield rows
+
+    monkeypatch.setattr(Database, "stream_parts_slow", counting_parts)
     keys = ("employee", "day")
     lo, hi = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 3, 1, tzinfo=UTC)
     want = expected(events, lo, hi, keys)

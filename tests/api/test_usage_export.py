@@ -484,7 +484,7 @@ async def test_json_pages_are_the_report_in_order(
         assert r.json()["items"] == whole[unowned[0] + 1 : unowned[0] + 3]
         assert queries[-1] == "usage_export_rows_unowned"
     elif keys[0] == "employee":
-        assert set(queries) == {"usage_report_accounts"}
+        assert queries == []  # read by stream_parts_slow (the test below)
     else:
         assert set(queries) == {"usage_report"}
     assert [len(p) for p in pages[:-1]] == [3] * (len(pages) - 1) and 1 <= len(pages[-1]) <= 3
@@ -523,50 +523,75 @@ async def test_a_page_cursor_belongs_to_its_report(api: Api, database_url: str) 
         problem(r, 400, "invalid_request")
 
 
+def record_parts(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[str, int]]]:
+    """The parts of each Database.stream_parts_slow call from now on: each planned
+    query's name and how many accounts it reads (its last argument); and that the
+    plan ran in a REPEATABLE READ transaction."""
+    calls: list[list[tuple[str, int]]] = []
+    original = Database.stream_parts_slow
+
+    async def recording(self: Database, timeout_ms: int, plan: Any, **kw: Any) -> Any:
+        async def planned(conn: Any) -> Any:
+            assert await conn.fetchval("SHOW transaction_isolation") == "repeatable read"
+            parts = await plan(conn)
+            calls.append([(query, len(args[-1])) for query, args in parts])
+            return parts
+
+        async for rows in original(self, timeout_ms, planned, **kw):
+            yield rows
+
+    monkeypatch.setattr(Database, "stream_parts_slow", recording)
+    return calls
+
+
 async def test_employee_pages_read_the_employees_they_need(
     api: Api, database_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A JSON page of a report led by the employee reads a chunk of employees at a time
-    from the cursor's on (the page's size and one more, then twice as many), the
-    accounts without an employee last: pages of one item are the report in its order
-    across chunk edges and employees without usage (first and last in byte order), a
-    cursor among the rows without an employee reads only theirs, and no chunk reads
-    more employees than it asks for."""
+    """A report led by the employee and another key is read a chunk of employees at a
+    time, in one snapshot: from the cursor's employee on (the page's size and one
+    more, then twice as many), the accounts without an employee last. Its whole
+    answer is the single query's, row for row; pages of one item are the report in
+    its order across chunk edges and employees without usage (first and last in byte
+    order); a cursor among the rows without an employee reads only theirs."""
     await make_events(api, database_url)
     await make_spends(api, clock)
     await make_awkward(api, clock)
     for idle in ("e-0", "e-z"):
         await api.employee(idle, "eng")
     start, end, keys = "2026-01-01T06:00:00Z", "2026-02-28T18:00:00Z", ("employee", "day", "model")
+    calls = record_parts(monkeypatch)
+    stream = record_queries(monkeypatch, "stream_slow")
     whole = (await report(api, start, end, keys)).json()["items"]
     assert {i["employee"] for i in whole} == {"e-a", "e-b", "e-c", "e-d", None}, whole
-    chunks: list[tuple[str, bool, int, int]] = []
-    fetch = Database.fetch
-
-    async def recording(self: Database, query: str, *args: Any) -> Any:
-        rows = await fetch(self, query, *args)
-        if query == "report_employee_accounts":
-            chunks.append((*args, len(rows)))
-        return rows
-
-    monkeypatch.setattr(Database, "fetch", recording)
-    queries = record_queries(monkeypatch, "stream_slow")
+    # The whole answer: every employee in the first chunk (six), then the others.
+    unowned_accounts = calls[0][-1][1]
+    assert calls == [[("usage_report_accounts", 6), ("usage_report_accounts", unowned_accounts)]]
+    assert stream == []
+    ledger: Database = ledger_of(api.c)
+    args = await _usage_args(ledger, parse(start), parse(end), keys)
+    conn = await asyncpg.connect(database_url)
+    try:
+        single = _items(keys, await conn.fetch(ledger.queries["usage_report"], *args))
+    finally:
+        await conn.close()
+    assert whole == single
+    calls.clear()
     pages = await pages_of(api, start, end, keys, 1)
     assert [i for p in pages for i in p] == whole
-    assert set(queries) == {"usage_report_accounts"}
-    # Each page reads the page's size and one more employees from its cursor's, that
-    # one included (the first page: e-0, without usage, and e-a); past the last
-    # employee with usage (e-d, then e-z without), twice as many, which are none.
-    assert chunks[0] == ("", True, 2, 2), chunks
-    assert all(c[2] == 2 for c in chunks if c[1]), chunks
-    assert ("e-z", False, 4, 0) in chunks, chunks
-    assert all(c[3] <= c[2] for c in chunks), chunks
-    chunks.clear()
-    queries.clear()
+    assert stream == []
+    # The first page: e-0 (no usage) and e-a, then e-b to e-z (four), then the rest.
+    assert calls[0] == [
+        ("usage_report_accounts", 2),
+        ("usage_report_accounts", 4),
+        ("usage_report_accounts", unowned_accounts),
+    ], calls
+    # A page from e-d's last row on: e-d and e-z, then the rest.
+    assert [("usage_report_accounts", 2), ("usage_report_accounts", unowned_accounts)] in calls
+    calls.clear()
     unowned = [n for n, i in enumerate(whole) if i["employee"] is None]
     assert len(unowned) >= 2, whole
     mark = reports.page_fingerprint(parse(start), parse(end), keys)
     cursor = encode_cursor([mark, [whole[unowned[0]][k] for k in keys]])
     r = await paged(api, start, end, keys, {"cursor": cursor, "limit": "2"})
     assert r.json()["items"] == whole[unowned[0] + 1 : unowned[0] + 3]
-    assert chunks == [] and queries == ["usage_report_accounts"]
+    assert calls == [[("usage_report_accounts", unowned_accounts)]]
