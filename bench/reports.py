@@ -30,7 +30,10 @@ times only those groupings, and no finance report.
    over the periods of PERIODS (UTC midnights, a microsecond later, six hours
    in at each end), and through HTTP (the app in-process over ASGI, as
    finance, JSON and CSV, and the JSON pages of 500 from the first row and from
-   the middle one). Each timing is the median of --runs after one warm-up run.
+   the middle one), and the first rows of the whole answer (`first s`: the
+   first batch the HTTP answer reads before it starts to send; the in-process
+   client buffers whole bodies, so the HTTP figures are the whole answer's).
+   Each timing is the median of --runs after one warm-up run.
 
 4. Every finance report (liability by department, month and employee,
    compensation, efficiency by employee and department, forecasts) over
