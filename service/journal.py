@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -276,7 +276,7 @@ class Database:
     async def stream_parts_slow(
         self,
         timeout_ms: int,
-        plan: Callable[[db.Pooled], Awaitable[list[tuple[str, tuple[Any, ...]]]]],
+        plan: Callable[[db.Pooled], AsyncIterator[tuple[str, tuple[Any, ...]]]],
         *,
         batch: int,
         jit: bool = True,
@@ -284,16 +284,18 @@ class Database:
     ) -> AsyncIterator[list[asyncpg.Record]]:
         """stream_slow over several named queries, one after the other, in one
         read-only REPEATABLE READ transaction, so that together they read one
-        snapshot: `plan` (given the connection, in that transaction) answers the
-        queries and their arguments, and each one's rows are read through a cursor
-        in lists of at most `batch`. A caller that stops early never runs the rest
-        (a report's page, service/reports.py)."""
+        snapshot: `plan` (given the connection, in that transaction) yields the
+        queries and their arguments one at a time, each after the rows of the one
+        before were read (so it may read what it needs for the next one on the same
+        connection), and each one's rows are read through a cursor in lists of at
+        most `batch`. A caller that stops early never runs the rest (a report's
+        page, service/reports.py)."""
         async with self._reading(
             timeout_ms, jit=jit, work_mem_mb=work_mem_mb, snapshot=True
         ) as conn:
             await conn.execute("SET LOCAL cursor_tuple_fraction = 1.0")
             client_timeout = db.client_timeout(timeout_ms)
-            for query, args in await plan(conn):
+            async for query, args in plan(conn):
                 cursor = await conn.cursor(self.queries[query], *args, timeout=client_timeout)
                 while True:
                     rows = await cursor.fetch(batch, timeout=client_timeout)

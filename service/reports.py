@@ -486,20 +486,23 @@ async def _employee_pages(
     chunk of employees at a time, each chunk's rows streamed."""
     args = await _usage_args(ledger, start, end, keys)
 
-    async def plan(conn: Any) -> list[tuple[str, tuple[Any, ...]]]:
-        parts: list[tuple[str, tuple[Any, ...]]] = []
+    async def plan(conn: Any) -> AsyncIterator[tuple[str, tuple[Any, ...]]]:
+        # Each chunk's accounts read when the chunk before is done: only one
+        # chunk's ids are ever in memory, and a page that is full reads no more.
         if after is None or after[0] is not None:
-            rows = await conn.fetch(
-                ledger.queries["report_employee_accounts"], (after or [""])[0], True, None
-            )
-            ids = [row["id"] for row in rows]
-            size, at = first_chunk, 0
-            while at < len(ids):
-                parts.append(("usage_report_accounts", (*args, ids[at : at + size])))
-                at, size = at + size, min(2 * size, EMPLOYEE_CHUNK_MAX)
+            employee, inclusive, size = (after or [""])[0], True, first_chunk
+            while True:
+                chunk = await conn.fetch(
+                    ledger.queries["report_employee_accounts"], employee, inclusive, size
+                )
+                if chunk:
+                    yield "usage_report_accounts", (*args, [row["id"] for row in chunk])
+                if len(chunk) < size:
+                    break
+                employee, inclusive = chunk[-1]["ref"], False
+                size = min(2 * size, EMPLOYEE_CHUNK_MAX)
         unowned = await conn.fetch(ledger.queries["report_unowned_accounts"])
-        parts.append(("usage_report_accounts", (*args, [row["id"] for row in unowned])))
-        return parts
+        yield "usage_report_accounts", (*args, [row["id"] for row in unowned])
 
     async for rows in ledger.stream_parts_slow(
         ledger.config.report_statement_timeout_ms,
