@@ -242,7 +242,7 @@ class Database:
                     await tr.rollback()
             await self._release(conn)
 
-    async def stream_slow(
+    def stream_slow(
         self,
         query: str,
         timeout_ms: int,
@@ -257,23 +257,17 @@ class Database:
         iteration ends or the iterator is closed. The first list is read before
         anything is yielded, so a caller that awaits it first gets the errors of the
         query (translated, as a 503 for a refused connection) before answering."""
-        sql = self.queries[query]
-        async with self._reading(timeout_ms, jit=jit, work_mem_mb=work_mem_mb) as conn:
-            # A cursor's query is planned for its first tenth of rows by default
-            # (cursor_tuple_fraction): a report is always read to its end, and
-            # that plan was several times slower than fetch_slow's.
-            await conn.execute("SET LOCAL cursor_tuple_fraction = 1.0")
-            client_timeout = db.client_timeout(timeout_ms)
-            cursor = await conn.cursor(sql, *args, timeout=client_timeout)
-            while True:
-                rows = await cursor.fetch(batch, timeout=client_timeout)
-                if not rows:
-                    break
-                yield rows
-                if len(rows) < batch:
-                    break
 
-    async def stream_parts_slow(
+        async def one(conn: db.Pooled) -> AsyncIterator[tuple[str, tuple[Any, ...]]]:
+            yield query, args
+
+        # The reading generator itself, not one wrapping it: closing what the
+        # caller holds ends the transaction and gives the connection back.
+        return self._stream(
+            timeout_ms, one, batch=batch, jit=jit, work_mem_mb=work_mem_mb, snapshot=False
+        )
+
+    def stream_parts_slow(
         self,
         timeout_ms: int,
         plan: Callable[[db.Pooled], AsyncIterator[tuple[str, tuple[Any, ...]]]],
@@ -290,9 +284,28 @@ class Database:
         connection), and each one's rows are read through a cursor in lists of at
         most `batch`. A caller that stops early never runs the rest (a report's
         page, service/reports.py)."""
+        return self._stream(
+            timeout_ms, plan, batch=batch, jit=jit, work_mem_mb=work_mem_mb, snapshot=True
+        )
+
+    async def _stream(
+        self,
+        timeout_ms: int,
+        plan: Callable[[db.Pooled], AsyncIterator[tuple[str, tuple[Any, ...]]]],
+        *,
+        batch: int,
+        jit: bool,
+        work_mem_mb: int,
+        snapshot: bool,
+    ) -> AsyncIterator[list[asyncpg.Record]]:
+        """stream_slow's and stream_parts_slow's reading: each planned query's rows
+        through a cursor, in one read-only transaction (_reading)."""
         async with self._reading(
-            timeout_ms, jit=jit, work_mem_mb=work_mem_mb, snapshot=True
+            timeout_ms, jit=jit, work_mem_mb=work_mem_mb, snapshot=snapshot
         ) as conn:
+            # A cursor's query is planned for its first tenth of rows by default
+            # (cursor_tuple_fraction): a report is always read to its end, and
+            # that plan was several times slower than fetch_slow's.
             await conn.execute("SET LOCAL cursor_tuple_fraction = 1.0")
             client_timeout = db.client_timeout(timeout_ms)
             async for query, args in plan(conn):

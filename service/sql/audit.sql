@@ -568,27 +568,17 @@ SELECT problem FROM (
     SELECT format('account %s: policy_links %s, its policies %s', a.address, coalesce(x.stored::text, 'none'),
                   coalesce(x.resolved::text, 'none'))
     FROM accounts a
+    -- Each side as the JSON array of its rows in rank order (NULL when none):
+    -- the same columns, stored and resolved anew.
     CROSS JOIN LATERAL (
-        SELECT (SELECT jsonb_build_object(
-                           'own_department', min(pl.own_department), 'owner', array_agg(pl.owner ORDER BY pl.rank),
-                           'ord', array_agg(pl.ord ORDER BY pl.rank),
-                           'department', array_agg(pl.department ORDER BY pl.rank),
-                           'period', array_agg(pl.period ORDER BY pl.rank),
-                           'time_zone', array_agg(pl.time_zone ORDER BY pl.rank),
-                           'amount', array_agg(pl.amount ORDER BY pl.rank), 'hard', array_agg(pl.hard ORDER BY pl.rank),
-                           'rank', array_agg(pl.rank ORDER BY pl.rank))
-                  FROM policy_links pl WHERE pl.account_id = a.id
-                HAVING count(*) > 0) AS stored,
-               (SELECT jsonb_build_object(
-                           'own_department', tl_policy_department(a), 'owner', array_agg(l.owner ORDER BY l.rank),
-                           'ord', array_agg(l.ord ORDER BY l.rank),
-                           'department', array_agg(l.department ORDER BY l.rank),
-                           'period', array_agg(l.period ORDER BY l.rank),
-                           'time_zone', array_agg(l.time_zone ORDER BY l.rank),
-                           'amount', array_agg(l.amount ORDER BY l.rank), 'hard', array_agg(l.hard ORDER BY l.rank),
-                           'rank', array_agg(l.rank ORDER BY l.rank))
-                  FROM tl_policy_links_of(a) l
-                HAVING a.policy_bound AND count(*) > 0) AS resolved) x
+        SELECT (SELECT jsonb_agg(to_jsonb(r) ORDER BY r.rank) FROM (
+                    SELECT pl.own_department, pl.owner, pl.ord, pl.department, pl.period, pl.time_zone,
+                           pl.amount, pl.hard, pl.rank
+                      FROM policy_links pl WHERE pl.account_id = a.id) r) AS stored,
+               (SELECT jsonb_agg(to_jsonb(r) ORDER BY r.rank) FROM (
+                    SELECT tl_policy_department(a) AS own_department, l.owner, l.ord, l.department, l.period,
+                           l.time_zone, l.amount, l.hard, l.rank
+                      FROM tl_policy_links_of(a) l WHERE a.policy_bound) r) AS resolved) x
     WHERE (a.policy_bound OR x.stored IS NOT NULL) AND x.stored IS DISTINCT FROM x.resolved
 ) p
 LIMIT 1;

@@ -176,24 +176,19 @@ async def test_large_reports_stream_in_batches(
     events += await make_spends(api, clock)
     monkeypatch.setattr(reports, "STREAM_BATCH", 4)
     sizes: list[int] = []
-    original = Database.stream_slow
 
-    async def counting(self: Database, *args: Any, **kw: Any) -> Any:
-        async for rows in original(self, *args, **kw):
-            sizes.append(len(rows))
-            yield rows
+    def counting(original: Any) -> Any:
+        async def counted(self: Database, *args: Any, **kw: Any) -> Any:
+            async for rows in original(self, *args, **kw):
+                sizes.append(len(rows))
+                yield rows
 
-    monkeypatch.setattr(Database, "stream_slow", counting)
+        return counted
+
     # A report led by the employee is read in parts of one snapshot (its chunks of
-    # employees), each through a cursor the same way.
-    parts = Database.stream_parts_slow
-
-    async def counting_parts(self: Database, *args: Any, **kw: Any) -> Any:
-        async for rows in parts(self, *args, **kw):
-            sizes.append(len(rows))
-            yield rows
-
-    monkeypatch.setattr(Database, "stream_parts_slow", counting_parts)
+    # employees, stream_parts_slow), each through a cursor like stream_slow's.
+    for method in ("stream_slow", "stream_parts_slow"):
+        monkeypatch.setattr(Database, method, counting(getattr(Database, method)))
     keys = ("employee", "day")
     lo, hi = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 3, 1, tzinfo=UTC)
     want = expected(events, lo, hi, keys)

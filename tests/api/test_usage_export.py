@@ -104,18 +104,25 @@ async def make_awkward(api: Api, clock: FakeClock) -> list[Event]:
 
 
 async def general_path(
-    api: Api, database_url: str, start: datetime, end: datetime
+    api: Api,
+    database_url: str,
+    start: datetime,
+    end: datetime,
+    keys: tuple[str, ...] = EXPORT_KEYS,
+    sources: tuple[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """The same report by the general `usage_report` query (what answered it before)."""
+    """The same report by the general `usage_report` query in one statement (what
+    answered it before), its usage and spend sources `sources` when given."""
     ledger: Database = ledger_of(api.c)
-    args = await _usage_args(ledger, start, end, EXPORT_KEYS)
-    assert args[3] == "monthly" and args[6] == "monthly", args
+    args = await _usage_args(ledger, start, end, keys)
+    if sources is not None:
+        assert (args[3], args[6]) == sources, args
     conn = await asyncpg.connect(database_url)
     try:
         rows = await conn.fetch(ledger.queries["usage_report"], *args)
     finally:
         await conn.close()
-    return _items(EXPORT_KEYS, rows)
+    return _items(keys, rows)
 
 
 @pytest.mark.parametrize(("start", "end"), PERIODS)
@@ -137,7 +144,7 @@ async def test_export_is_the_general_answer(
     assert export_span(lo, hi, EXPORT_KEYS) is not None
     queries = record_queries(monkeypatch, "copy_slow")
     want = expected(events, lo, hi, EXPORT_KEYS)
-    general = await general_path(api, database_url, lo, hi)
+    general = await general_path(api, database_url, lo, hi, sources=("monthly", "monthly"))
     assert general == want
 
     r = await report(api, start, end, EXPORT_KEYS)
@@ -568,14 +575,7 @@ async def test_employee_pages_read_the_employees_they_need(
     unowned_accounts = calls[0][-1][1]
     assert calls == [[("usage_report_accounts", 6), ("usage_report_accounts", unowned_accounts)]]
     assert stream == []
-    ledger: Database = ledger_of(api.c)
-    args = await _usage_args(ledger, parse(start), parse(end), keys)
-    conn = await asyncpg.connect(database_url)
-    try:
-        single = _items(keys, await conn.fetch(ledger.queries["usage_report"], *args))
-    finally:
-        await conn.close()
-    assert whole == single
+    assert whole == await general_path(api, database_url, parse(start), parse(end), keys)
     calls.clear()
     pages = await pages_of(api, start, end, keys, 1)
     assert [i for p in pages for i in p] == whole

@@ -8,6 +8,7 @@ timing or on EXPLAIN output."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import asyncpg
 import pytest
@@ -222,6 +223,28 @@ async def key_reads(db: asyncpg.Connection) -> int:
     return int(row["n"])
 
 
+async def debit_batch(
+    db: asyncpg.Connection, keys: list[str | None], accounts: list[str]
+) -> list[dict[str, Any]]:
+    """The answers of one coalesced batch (tl_execute_batch) of debits of 1 credit by
+    caller "t", one per account, with these Idempotency-Keys (item i's request hash
+    i + 1 repeated, none without a key)."""
+    ctx = json.dumps(CTX)
+    out: list[dict[str, Any]] = json.loads(
+        await db.fetchval(
+            "SELECT tl_execute_batch($1, $2, $3, $4, $5, $6::jsonb[], $7::jsonb[])::text",
+            ["t"] * len(keys),
+            keys,
+            [None if k is None else bytes([i + 1]) * 32 for i, k in enumerate(keys)],
+            ["debit"] * len(keys),
+            [201] * len(keys),
+            [json.dumps({"account": a, "amount": 1}) for a in accounts],
+            [ctx] * len(keys),
+        )
+    )
+    return out
+
+
 async def test_batch_completes_its_keys_by_key(db: asyncpg.Connection, many_lots: str) -> None:
     """A coalesced batch (tl_execute_batch) completes the Idempotency-Keys it claimed by
     key, not by reading every key. The connection keeps the generic plan it made at its
@@ -229,24 +252,11 @@ async def test_batch_completes_its_keys_by_key(db: asyncpg.Connection, many_lots
     was a hash join of the batch against a full scan of the keys' index, and stayed so as
     the keys grew, until the table was analyzed (about 5 ms a batch at 8,000 keys in an
     A/B driver)."""
-    ctx = json.dumps(CTX)
 
     async def batches(tag: str) -> None:
         for n in range(7):
-            out = json.loads(
-                await db.fetchval(
-                    "SELECT tl_execute_batch($1, $2, $3, $4, $5, $6::jsonb[], $7::jsonb[])::text",
-                    ["t", "t"],
-                    [f"k-{tag}{n}-a", f"k-{tag}{n}-b"],
-                    [b"\x01" * 32, b"\x02" * 32],
-                    ["debit", "debit"],
-                    [201, 201],
-                    [
-                        json.dumps({"account": "employee:e1", "amount": 1}),
-                        json.dumps({"account": "employee:e2", "amount": 1}),
-                    ],
-                    [ctx, ctx],
-                )
+            out = await debit_batch(
+                db, [f"k-{tag}{n}-a", f"k-{tag}{n}-b"], ["employee:e1", "employee:e2"]
             )
             assert [o["status"] for o in out] == [201, 201], out
 
@@ -277,18 +287,8 @@ async def test_a_key_left_uncompleted_fails_the_batch(
         " CREATE TRIGGER t_touch AFTER INSERT ON idempotency_keys"
         " FOR EACH ROW EXECUTE FUNCTION t_touch()"
     )
-    ctx = json.dumps(CTX)
     with pytest.raises(asyncpg.PostgresError, match="an answered key was not completed"):
-        await db.fetchval(
-            "SELECT tl_execute_batch($1, $2, $3, $4, $5, $6::jsonb[], $7::jsonb[])::text",
-            ["t"],
-            ["k-moved"],
-            [b"\x01" * 32],
-            ["debit"],
-            [201],
-            [json.dumps({"account": "employee:e1", "amount": 1})],
-            [ctx],
-        )
+        await debit_batch(db, ["k-moved"], ["employee:e1"])
 
 
 async def test_a_batch_of_items_without_keys_is_not_failed(
@@ -297,22 +297,7 @@ async def test_a_batch_of_items_without_keys_is_not_failed(
     """Items without an Idempotency-Key (the coalescer passes them with a null key) claim
     nothing, so they have no key to complete: the completion check counts only the keys
     claimed now, and such a batch answers set-based like any other."""
-    ctx = json.dumps(CTX)
-    out = json.loads(
-        await db.fetchval(
-            "SELECT tl_execute_batch($1, $2, $3, $4, $5, $6::jsonb[], $7::jsonb[])::text",
-            ["t", "t"],
-            [None, "k-keyed"],
-            [None, b"\x02" * 32],
-            ["debit", "debit"],
-            [201, 201],
-            [
-                json.dumps({"account": "employee:e1", "amount": 1}),
-                json.dumps({"account": "employee:e2", "amount": 1}),
-            ],
-            [ctx, ctx],
-        )
-    )
+    out = await debit_batch(db, [None, "k-keyed"], ["employee:e1", "employee:e2"])
     assert [o["status"] for o in out] == [201, 201], out
     assert (
         await db.fetchval("SELECT status_code FROM idempotency_keys WHERE key = 'k-keyed'") == 201
