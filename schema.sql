@@ -2441,9 +2441,14 @@ BEGIN
                     THEN (SELECT rp FROM prices rp WHERE rp.id = (r.details ->> 'price_id')::uuid) END AS res_price,
                NOT e.repeat AND u.result IS NULL AND a.id IS NOT NULL AS priced
         FROM e
+        -- OFFSET 0 keeps this a probe per event, as in tl_spend_rollup:
+        -- without it the planner may flatten the subquery into a join, and
+        -- the generic plan a session made while usage_events was small read
+        -- the whole table at every batch (tests/db/test_usage_claims.py).
         LEFT JOIN LATERAL (
             SELECT u.result, tl_usage_differs(u, e.raw) AS differs FROM usage_events u
-            WHERE u.source = e.source AND u.event_id = e.event_id AND u.result IS NOT NULL) u ON true
+            WHERE u.source = e.source AND u.event_id = e.event_id AND u.result IS NOT NULL
+            OFFSET 0) u ON true
         LEFT JOIN a ON a.address = e.account
         LEFT JOIN r ON e.reservation IS NOT NULL AND r.id = e.reservation_id),
     -- The price versions of the models named, each with the instant the

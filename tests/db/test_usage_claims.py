@@ -98,3 +98,44 @@ async def test_event_claimed_concurrently_is_a_duplicate_and_the_rest_record(
     finally:
         await a.close()
         await b.close()
+
+
+async def test_batch_planned_on_a_small_table_probes_recorded_events_by_key(
+    database_url: str,
+) -> None:
+    """The look-up of events recorded before (a repeat answers their stored
+    result) reads usage_events by (source, event_id), one probe per event,
+    whatever the statistics said when the session's generic plan was made.
+    A plan made while the table was small turned the look-up into a hash
+    join fed by the whole table, kept for the session: a fresh database's
+    first batches slowed with every event recorded (290 ms a batch of 500
+    at 10,000 events, against 29 ms), until the background analysis made
+    the connections plan again. Counted: rows fetched by index scans in one
+    batch of 10, after 3,000 events, on the connection that planned the
+    statement when the table held 10."""
+    a = await service_db.connect(database_url)
+    try:
+        await _setup(a)
+        await a.execute("ANALYZE usage_events")
+        await _batch(a, [_event(f"first-{n}") for n in range(10)])
+        # 3,000 more events, recorded the way the service would (another connection).
+        b = await service_db.connect(database_url)
+        try:
+            for start in range(0, 3000, 500):
+                await _batch(b, [_event(f"bulk-{n}") for n in range(start, start + 500)])
+        finally:
+            await b.close()
+        await a.execute("SELECT pg_stat_force_next_flush()")
+        before = await a.fetchval(
+            "SELECT idx_tup_fetch FROM pg_stat_user_tables WHERE relname = 'usage_events'"
+        )
+        assert await _batch(a, [_event(f"last-{n}") for n in range(10)]) == {
+            f"last-{n}": "recorded" for n in range(10)
+        }
+        await a.execute("SELECT pg_stat_force_next_flush()")
+        after = await a.fetchval(
+            "SELECT idx_tup_fetch FROM pg_stat_user_tables WHERE relname = 'usage_events'"
+        )
+        assert after - before <= 50, f"one batch of 10 fetched {after - before} usage_events rows"
+    finally:
+        await a.close()
