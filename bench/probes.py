@@ -57,6 +57,7 @@ class CpuProbe:
 
     async def snapshot(self) -> dict[str, Any]:
         pids: list[int] = []
+        chain_seq = None
         if self.conn is not None:
             rows = await self.conn.fetch(
                 "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
@@ -64,6 +65,8 @@ class CpuProbe:
                 timeout=10,
             )
             pids = [int(r["pid"]) for r in rows]
+            # The chainer's progress: how much of its work fell in this scenario.
+            chain_seq = await self.conn.fetchval("SELECT coalesce(max(seq), 0) FROM chain", timeout=10)
         table = cpu.process_table()
         backends = {pid: table[pid][1] for pid in pids if pid in table}
         return {
@@ -73,6 +76,7 @@ class CpuProbe:
             "postgres": backends,
             "postgres_server": cpu.tree_cpu_seconds(self.postmaster, table),
             "machine": machine_ticks(),
+            "chain_seq": chain_seq,
         }
 
     @staticmethod
@@ -109,6 +113,9 @@ class CpuProbe:
             "service_cpu_s": None if service is None else round(service, 4),
             "postgres_cpu_s": round(pg, 4),
             "postgres_server_cpu_s": None if server is None else round(server, 4),
+            "chained": None
+            if a.get("chain_seq") is None or b.get("chain_seq") is None
+            else b["chain_seq"] - a["chain_seq"],
         }
 
 
@@ -133,6 +140,8 @@ def add_cpu(total: dict[str, Any] | None, part: dict[str, Any]) -> dict[str, Any
             if a is None or b is None
             else round((a * total["wall_s"] + b * part["wall_s"]) / wall, 3)
         )
+    a, b = total.get("chained"), part.get("chained")
+    out["chained"] = None if a is None or b is None else a + b
     return out
 
 
