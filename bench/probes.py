@@ -66,7 +66,9 @@ class CpuProbe:
             )
             pids = [int(r["pid"]) for r in rows]
             # The chainer's progress: how much of its work fell in this scenario.
-            chain_seq = await self.conn.fetchval("SELECT coalesce(max(seq), 0) FROM chain", timeout=10)
+            chain_seq = await self.conn.fetchval(
+                "SELECT coalesce(max(seq), 0) FROM chain", timeout=10
+            )
         table = cpu.process_table()
         backends = {pid: table[pid][1] for pid in pids if pid in table}
         return {
