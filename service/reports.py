@@ -27,8 +27,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-from collections.abc import AsyncGenerator, AsyncIterator
-from datetime import UTC, datetime, time, timedelta
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from datetime import UTC, date, datetime, time, timedelta
 from operator import itemgetter
 from typing import Any
 
@@ -297,6 +297,18 @@ async def _usage_args(
     declared = frozenset(
         await ledger.fetchval("report_tag_keys") if any(map(_is_tag, keys)) else ()
     )
+    return usage_args(start, end, keys, split, declared)
+
+
+def usage_args(
+    start: datetime,
+    end: datetime,
+    keys: tuple[str, ...],
+    split: bool,
+    declared: frozenset[str],
+) -> tuple[Any, ...]:
+    """usage_report's arguments, given whether someone moved department in the
+    period (`split`) and the declared tag keys."""
     spend = spend_source_for(start, end, keys, split, declared)
     # One span for both: the usage events read a roll-up exactly when the debits do
     # (usage_span, and no tag key), over the same days $8..$9.
@@ -351,8 +363,9 @@ async def usage_report_pages(
 ) -> AsyncIterator[list[dict[str, Any]]]:
     """The same rows, STREAM_BATCH at a time from a server-side cursor: a report of
     a third of a million groups is never whole in the service's memory."""
-    if by_employee(keys):
-        async for items in _employee_pages(ledger, start, end, keys, None, FIRST_CHUNK):
+    chunked = _chunked(ledger, start, end, keys, None, FIRST_CHUNK)
+    if chunked is not None:
+        async for items in chunked:
             yield items
         return
     args = await _usage_args(ledger, start, end, keys)
@@ -405,14 +418,17 @@ async def usage_report_after(
     deep in a large report costs the rows before it, not their memory. A report led
     by the employee and another key is read a chunk of employees at a time from the
     cursor's (_employee_pages), the first chunk `first_chunk` employees (a page's
-    size and one more; FIRST_CHUNK when 0)."""
+    size and one more; FIRST_CHUNK when 0); one led by the department, the day or
+    the month with the employee among its keys, a chunk of departments or of the
+    period at a time from the cursor's (_chunked)."""
     span = export_span(start, end, keys)
+    pages: AsyncIterator[list[dict[str, Any]]]
     if span is not None:
         pages = _export_pages(ledger, start, end, keys, span, after)
-    elif by_employee(keys):
-        pages = _employee_pages(ledger, start, end, keys, after, first_chunk or FIRST_CHUNK)
     else:
-        pages = usage_report_pages(ledger, start, end, keys)
+        pages = _chunked(
+            ledger, start, end, keys, after, first_chunk or FIRST_CHUNK
+        ) or usage_report_pages(ledger, start, end, keys)
     if after is None:
         async for items in pages:
             yield items
@@ -504,6 +520,20 @@ async def _employee_pages(
         unowned = await conn.fetch(ledger.queries["report_unowned_accounts"])
         yield "usage_report_accounts", (*args, [row["id"] for row in unowned])
 
+    async for items in _parts_items(ledger, keys, plan):
+        yield items
+
+
+async def _parts_items(
+    ledger: Database,
+    keys: tuple[str, ...],
+    plan: Callable[[Any], AsyncIterator[tuple[str, tuple[Any, ...]]]],
+    keep: Callable[[dict[str, Any]], bool] | None = None,
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """The rows of a chunked report's parts as items, in one snapshot
+    (Database.stream_parts_slow), those `keep` refuses left out. A part's rows come
+    in batches of their own, each yielded before the plan is asked for the next
+    part, so `keep` may follow the part being read."""
     async for rows in ledger.stream_parts_slow(
         ledger.config.report_statement_timeout_ms,
         plan,
@@ -511,7 +541,153 @@ async def _employee_pages(
         jit=False,
         work_mem_mb=REPORT_WORK_MEM_MB,
     ):
-        yield _items(keys, rows)
+        items = _items(keys, rows)
+        if keep is not None:
+            items = [i for i in items if keep(i)]
+        if items:
+            yield items
+
+
+def _chunked(
+    ledger: Database,
+    start: datetime,
+    end: datetime,
+    keys: tuple[str, ...],
+    after: list[str | None] | None,
+    first_chunk: int,
+) -> AsyncIterator[list[dict[str, Any]]] | None:
+    """The report's items after `after` read a chunk at a time when its keys are
+    chunked (by the employee, the department or the day or month that lead them),
+    else None (one query)."""
+    if by_employee(keys):
+        return _employee_pages(ledger, start, end, keys, after, first_chunk)
+    if by_department(keys):
+        return _department_pages(ledger, start, end, keys, after)
+    if by_time(keys):
+        return _time_pages(ledger, start, end, keys, after)
+    return None
+
+
+# Reports led by the department with the employee among their other keys
+# (`department,employee,day`: a third of a million rows a month) are read a
+# chunk of departments at a time, in byte order of their ids: one department
+# first (a page's worth, usually), then twice as many each time up to
+# DEPARTMENT_CHUNK_MAX, then the accounts of no department (null, last). A
+# chunk reads the report over the accounts whose spend can count under its
+# departments (report_department_accounts: theirs, and those of everyone who
+# is or was in one of them) and keeps the rows of its departments: an
+# employee who moved has rows under other departments too, read again with
+# theirs. Like the employee's chunks, in one REPEATABLE READ transaction.
+DEPARTMENT_CHUNK_MAX = 8
+
+
+def by_department(keys: tuple[str, ...]) -> bool:
+    """Whether a report is read a chunk of departments at a time (above). With
+    the department and the employee alone, the single query answers its few rows
+    per employee faster than chunks that each read the period's roll-ups."""
+    return len(keys) > 2 and keys[0] == "department" and "employee" in keys
+
+
+async def _department_pages(
+    ledger: Database,
+    start: datetime,
+    end: datetime,
+    keys: tuple[str, ...],
+    after: list[str | None] | None,
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """The report's items from the cursor's department on (all of them when
+    `after` is None; only the rows without a department when the cursor is among
+    them), a chunk of departments at a time."""
+    args = await _usage_args(ledger, start, end, keys)
+    # The departments of the part being read (None: the rows without one).
+    kept: frozenset[str | None] = frozenset()
+
+    async def plan(conn: Any) -> AsyncIterator[tuple[str, tuple[Any, ...]]]:
+        nonlocal kept
+        if after is None or after[0] is not None:
+            department, inclusive, size = (after or [""])[0], True, 1
+            while True:
+                rows = await conn.fetch(
+                    ledger.queries["report_departments"], department, inclusive, size
+                )
+                chunk = [row["id"] for row in rows]
+                if chunk:
+                    accounts = await conn.fetch(ledger.queries["report_department_accounts"], chunk)
+                    kept = frozenset(chunk)
+                    yield "usage_report_accounts", (*args, [row["id"] for row in accounts])
+                if len(chunk) < size:
+                    break
+                department, inclusive = chunk[-1], False
+                size = min(2 * size, DEPARTMENT_CHUNK_MAX)
+        system = await conn.fetch(ledger.queries["report_system_accounts"])
+        kept = frozenset([None])
+        yield "usage_report_accounts", (*args, [row["id"] for row in system])
+
+    async for items in _parts_items(ledger, keys, plan, lambda i: i["department"] in kept):
+        yield items
+
+
+# Reports led by the day or the month with the employee among their other
+# keys (`day,employee`: a third of a million rows a month) are read a chunk of
+# the period at a time, each part the same report over its own stretch of
+# UTC days or months: the first one day or month (or what is left of it after
+# `from`), then twice as many each time up to TIME_CHUNK_MAX. A day's (or a
+# month's) rows are those of the report over that day alone, sums being
+# additive; each part reads only its own days of the roll-ups, so the whole
+# answer costs about what the single query did, and its first rows come after
+# one day's. In one REPEATABLE READ transaction, like the other chunks.
+TIME_CHUNK_MAX = 8
+
+
+def by_time(keys: tuple[str, ...]) -> bool:
+    """Whether a report is read a stretch of days or months at a time (above)."""
+    return len(keys) > 1 and keys[0] in ("day", "month") and "employee" in keys
+
+
+def bucket_start(key: str, unit: str) -> datetime:
+    """The UTC instant a `day` (YYYY-MM-DD) or `month` (YYYY-MM) key starts at."""
+    text = key if unit == "day" else f"{key}-01"
+    return datetime.combine(date.fromisoformat(text), time(0), UTC)
+
+
+def next_bucket(when: datetime, unit: str, count: int) -> datetime:
+    """The start of the `count`-th UTC day (or month) after the one holding `when`."""
+    day = when.astimezone(UTC).date()
+    if unit == "day":
+        return datetime.combine(day + timedelta(days=count), time(0), UTC)
+    months = day.year * 12 + day.month - 1 + count
+    return datetime(months // 12, months % 12 + 1, 1, tzinfo=UTC)
+
+
+async def _time_pages(
+    ledger: Database,
+    start: datetime,
+    end: datetime,
+    keys: tuple[str, ...],
+    after: list[str | None] | None,
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """The report's items from the cursor's day (or month) on, all of them when
+    `after` is None, a stretch of the period at a time."""
+    unit = keys[0]
+    lo = start if after is None else max(start, bucket_start(str(after[0]), unit))
+    declared = frozenset(
+        await ledger.fetchval("report_tag_keys") if any(map(_is_tag, keys)) else ()
+    )
+
+    async def plan(conn: Any) -> AsyncIterator[tuple[str, tuple[Any, ...]]]:
+        part, size = lo, 1
+        while part < end:
+            part_end = min(end, next_bucket(part, unit, size))
+            # Whether someone moved department within this part (the rows of a
+            # part nobody moved in take the department at its start: the same).
+            split = "department" in keys and bool(
+                await conn.fetchval(ledger.queries["departments_moved"], part, part_end)
+            )
+            yield "usage_report", usage_args(part, part_end, keys, split, declared)
+            part, size = part_end, min(2 * size, TIME_CHUNK_MAX)
+
+    async for items in _parts_items(ledger, keys, plan):
+        yield items
 
 
 async def usage_report_page(

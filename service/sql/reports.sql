@@ -369,3 +369,33 @@ LIMIT $3;
 -- The accounts without an employee (departments', the system's): the rows of
 -- a report led by the employee whose employee is null, last in its order.
 SELECT a.id FROM accounts a WHERE a.type <> 'employee' ORDER BY a.id;
+
+-- name: report_departments
+-- Up to $3 departments from $1 on (byte order, the report's; $2: $1 itself
+-- included): the next chunk of a report led by the department
+-- (service/reports.py, _department_pages).
+SELECT d.id FROM departments d
+WHERE (d.id COLLATE "C") >= ($1::text COLLATE "C")
+  AND ((d.id COLLATE "C") <> ($1::text COLLATE "C") OR $2::boolean)
+ORDER BY (d.id COLLATE "C")
+LIMIT $3;
+
+-- name: report_department_accounts
+-- The accounts whose spend a report may put under one of the departments
+-- $1: the departments' own, and those of every employee who is or ever was
+-- in one of them (employee_departments keeps each move, the first
+-- department included). A superset for an employee who moved: the caller
+-- keeps the rows of $1's departments.
+SELECT a.id FROM accounts a
+WHERE a.address = ANY (ARRAY(SELECT 'department:' || d FROM unnest($1::text[]) d))
+   OR a.address = ANY (ARRAY(
+          SELECT 'employee:' || e.id FROM employees e WHERE e.department = ANY ($1::text[])
+          UNION
+          SELECT 'employee:' || h.employee_id FROM employee_departments h
+          WHERE h.department = ANY ($1::text[])))
+ORDER BY a.id;
+
+-- name: report_system_accounts
+-- The accounts of no department (the system's): the rows of a report led by
+-- the department whose department is null, last in its order.
+SELECT a.id FROM accounts a WHERE a.type = 'system' ORDER BY a.id;

@@ -452,7 +452,11 @@ async def pages_of(
         ("2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z", EXPORT_KEYS),
         ("2026-01-01T06:00:00Z", "2026-02-28T18:00:00Z", EXPORT_KEYS),
         ("2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z", ("model", "project", "day")),
+        # Led by the department or the day with the employee: chunks of
+        # departments or of the period (_department_pages, _time_pages).
         ("2026-01-10T12:00:00Z", "2026-02-10T06:30:00Z", ("department", "employee", "day")),
+        ("2026-01-10T12:00:00Z", "2026-02-10T06:30:00Z", ("day", "employee")),
+        ("2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z", ("day", "model", "employee")),
         # Led by the employee: a chunk of employees at a time (_employee_pages).
         ("2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z", ("employee", "day")),
         ("2026-01-10T12:00:00Z", "2026-02-10T06:30:00Z", ("employee", "model", "department")),
@@ -490,8 +494,8 @@ async def test_json_pages_are_the_report_in_order(
         r = await paged(api, start, end, keys, {"cursor": cursor, "limit": "2"})
         assert r.json()["items"] == whole[unowned[0] + 1 : unowned[0] + 3]
         assert queries[-1] == "usage_export_rows_unowned"
-    elif keys[0] == "employee":
-        assert queries == []  # read by stream_parts_slow (the test below)
+    elif keys[0] == "employee" or keys[:2] == ("department", "employee") or keys[0] == "day":
+        assert queries == []  # read by stream_parts_slow (the tests below)
     else:
         assert set(queries) == {"usage_report"}
     assert [len(p) for p in pages[:-1]] == [3] * (len(pages) - 1) and 1 <= len(pages[-1]) <= 3
@@ -594,3 +598,111 @@ async def test_employee_pages_read_the_employees_they_need(
     r = await paged(api, start, end, keys, {"cursor": cursor, "limit": "2"})
     assert r.json()["items"] == whole[unowned[0] + 1 : unowned[0] + 3]
     assert calls == [[("usage_report_accounts", unowned_accounts)]]
+
+
+def record_plans(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[str, Any]]]:
+    """The parts each Database.stream_parts_slow call from now on ran: each query's
+    name and what it reads (the accounts' count, or a usage_report's period)."""
+    calls: list[list[tuple[str, Any]]] = []
+    original = Database.stream_parts_slow
+
+    async def recording(self: Database, timeout_ms: int, plan: Any, **kw: Any) -> Any:
+        async def planned(conn: Any) -> Any:
+            assert await conn.fetchval("SHOW transaction_isolation") == "repeatable read"
+            calls.append([])
+            async for query, args in plan(conn):
+                reads = len(args[-1]) if query == "usage_report_accounts" else args[:2]
+                calls[-1].append((query, reads))
+                yield query, args
+
+        async for rows in original(self, timeout_ms, planned, **kw):
+            yield rows
+
+    monkeypatch.setattr(Database, "stream_parts_slow", recording)
+    return calls
+
+
+# (from, to): nobody moves within the first; e-c (ops -> eng, 00:30 on Jan 10), e-b
+# (eng -> ops, Jan 20) and e-a (eng -> zzz, Feb 15) move within the others (the rows
+# split by day).
+CHUNKED_PERIODS = (
+    ("2026-01-10T01:00:00Z", "2026-01-20T00:00:00Z"),
+    ("2026-01-10T00:20:00Z", "2026-02-11T00:05:00Z"),
+    ("2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z"),
+)
+CHUNKED_KEYS = (
+    ("department", "employee", "day"),
+    ("department", "employee", "model", "project"),
+    ("day", "employee"),
+    ("day", "department", "employee", "model"),
+    ("month", "employee", "department"),
+)
+
+
+async def test_department_and_time_chunks_are_the_single_query(
+    api: Api, database_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report led by the department (with the employee among its other keys) is read
+    a chunk of departments at a time, one led by the day or the month a stretch of the
+    period at a time: the whole answer is the single usage_report query's, row for
+    row, across employees who moved department inside and outside the period, and
+    their pages of two are the same rows. A department chunk keeps only its own
+    departments' rows (a mover's account is read with each of its departments)."""
+    from tests.api.test_report_periods import edge_usage
+    from tests.api.test_spend_rollups import build_history, usage
+
+    await build_history(api, clock)
+    await edge_usage(api, clock)
+    await usage(api, clock, "e-c", datetime(2026, 1, 10, 0, 5, tzinfo=UTC), "c-before")
+    clock.set(datetime(2026, 1, 10, 0, 30, tzinfo=UTC))
+    await api.employee("e-c", "eng")
+    await usage(api, clock, "e-c", datetime(2026, 1, 10, 4, tzinfo=UTC), "c-after")
+    # Departments without spend, first and last in byte order, and an idle employee.
+    await api.department("aaa")
+    await api.department("zzz")
+    await api.employee("e-idle", "zzz")
+    # e-a moves from eng to zzz, a department of another chunk, and spends there.
+    clock.set(datetime(2026, 2, 15, 12, tzinfo=UTC))
+    await api.employee("e-a", "zzz")
+    await usage(api, clock, "e-a", datetime(2026, 2, 16, 9, tzinfo=UTC), "a-after")
+    calls = record_plans(monkeypatch)
+    for start, end in CHUNKED_PERIODS:
+        for keys in CHUNKED_KEYS:
+            calls.clear()
+            whole = (await report(api, start, end, keys)).json()["items"]
+            single = await general_path(api, database_url, parse(start), parse(end), keys)
+            assert whole == single, (start, keys)
+            assert len(calls) == 1, calls
+            pages = await pages_of(api, start, end, keys, 2)
+            assert [i for p in pages for i in p] == whole, (start, keys)
+            if keys[0] == "department":
+                # aaa, then eng and ops, then zzz (two asked, one left), then the
+                # system's: each department's own account, and its employees'.
+                assert [q for q, _ in calls[0]] == ["usage_report_accounts"] * 4, calls
+                assert [n for _, n in calls[0][:3]] == [1, 5, 3], calls
+            elif start == "2026-01-10T01:00:00Z":
+                # One day (what is left of it), then 2, 4 and the last 3 days.
+                assert (
+                    [reads for _, reads in calls[0]]
+                    == [
+                        (parse(start), parse("2026-01-11T00:00:00Z")),
+                        (parse("2026-01-11T00:00:00Z"), parse("2026-01-13T00:00:00Z")),
+                        (parse("2026-01-13T00:00:00Z"), parse("2026-01-17T00:00:00Z")),
+                        (parse("2026-01-17T00:00:00Z"), parse(end)),
+                    ]
+                    if keys[0] == "day"
+                    else [(parse(start), parse(end))]
+                ), calls
+    # Each row under the department of its time (split by day): e-b under eng and
+    # then ops, e-a under eng and then zzz; e-c under eng only (its move's day counts
+    # where it ended).
+    items = (await report(api, *CHUNKED_PERIODS[2], ("department", "employee", "day"))).json()
+    homes = {(i["employee"], i["department"]) for i in items["items"]}
+    assert {("e-b", "eng"), ("e-b", "ops"), ("e-a", "eng"), ("e-a", "zzz"), ("e-c", "eng")} <= homes
+
+    assert ("e-c", "ops") not in homes, homes
+    # A page of a report led by the department reads its first chunk only.
+    calls.clear()
+    r = await paged(api, *CHUNKED_PERIODS[2], ("department", "employee", "day"), {"limit": "1"})
+    assert r.json()["items"] == items["items"][:1]
+    assert [len(c) for c in calls] == [2], calls  # aaa (nothing), then eng and ops
