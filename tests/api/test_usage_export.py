@@ -460,6 +460,10 @@ async def pages_of(
         # Led by the employee: a chunk of employees at a time (_employee_pages).
         ("2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z", ("employee", "day")),
         ("2026-01-10T12:00:00Z", "2026-02-10T06:30:00Z", ("employee", "model", "department")),
+        # Led by the model or the project with the employee: chunks of their values
+        # (_value_pages), the awkward ones and null among them.
+        ("2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z", ("model", "employee")),
+        ("2026-01-10T12:00:00Z", "2026-02-10T06:30:00Z", ("project", "employee", "model")),
     ],
 )
 async def test_json_pages_are_the_report_in_order(
@@ -494,8 +498,10 @@ async def test_json_pages_are_the_report_in_order(
         r = await paged(api, start, end, keys, {"cursor": cursor, "limit": "2"})
         assert r.json()["items"] == whole[unowned[0] + 1 : unowned[0] + 3]
         assert queries[-1] == "usage_export_rows_unowned"
-    elif keys[0] == "employee" or keys[:2] == ("department", "employee") or keys[0] == "day":
+    elif reports._chunked(ledger_of(api.c), parse(start), parse(end), keys, None, 1):
         assert queries == []  # read by stream_parts_slow (the tests below)
+        # The chunks' whole answer is the single query's.
+        assert whole == await general_path(api, database_url, parse(start), parse(end), keys)
     else:
         assert set(queries) == {"usage_report"}
     assert [len(p) for p in pages[:-1]] == [3] * (len(pages) - 1) and 1 <= len(pages[-1]) <= 3
@@ -611,7 +617,12 @@ def record_plans(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[str, Any]]]
             assert await conn.fetchval("SHOW transaction_isolation") == "repeatable read"
             calls.append([])
             async for query, args in plan(conn):
-                reads = len(args[-1]) if query == "usage_report_accounts" else args[:2]
+                if query == "usage_report_accounts":
+                    reads = len(args[-1])
+                elif query == "usage_report_values":
+                    reads = (args[-3], args[-2])
+                else:
+                    reads = args[:2]
                 calls[-1].append((query, reads))
                 yield query, args
 
@@ -636,6 +647,8 @@ CHUNKED_KEYS = (
     ("day", "employee"),
     ("day", "department", "employee", "model"),
     ("month", "employee", "department"),
+    ("model", "employee", "day"),
+    ("project", "department", "employee"),
 )
 
 
@@ -680,6 +693,13 @@ async def test_department_and_time_chunks_are_the_single_query(
                 # system's: each department's own account, and its employees'.
                 assert [q for q, _ in calls[0]] == ["usage_report_accounts"] * 4, calls
                 assert [n for _, n in calls[0][:3]] == [1, 5, 3], calls
+            elif keys[0] in ("model", "project"):
+                # The leading key's values: one, then two, then four... (null counts one).
+                assert {q for q, _ in calls[0]} == {"usage_report_values"}, calls
+                sizes = [len(named) + null for _, (named, null) in calls[0]]
+                assert sizes[:-1] == [2**n for n in range(len(sizes) - 1)], calls
+                assert 1 <= sizes[-1] <= 2 ** (len(sizes) - 1), calls
+                assert [i[keys[0]] for i in whole][-1] is None, whole
             elif start == "2026-01-10T01:00:00Z":
                 # One day (what is left of it), then 2, 4 and the last 3 days.
                 assert (
