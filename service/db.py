@@ -59,10 +59,14 @@ def load_queries() -> dict[str, str]:
     queries["usage_report_accounts"] = queries["usage_report"].replace(
         mark, "    WHERE r.account_id = ANY ($10::bigint[])"
     )
-    # And over the rows whose model ($12 'model') or project (else) is one of $10,
-    # or null with $11 (a chunk of a report led by the model or the project:
-    # _value_pages). A project is '' in the sources where the answer has null.
-    value = "CASE $12::text WHEN 'model' THEN r.model ELSE nullif(r.project, '') END"
+    # And over the rows whose model ($12 'model'), project ('project') or first tag
+    # key ('tag') is one of $10, or null with $11 (a chunk of a report led by that
+    # key: _value_pages). A project is '' in the sources where the answer has null;
+    # the tag is tag1's expression in `firsts`.
+    value = (
+        "CASE $12::text WHEN 'model' THEN r.model WHEN 'project' THEN nullif(r.project, '')"
+        " ELSE coalesce(r.tags ->> f.tag_names[1], r.tags ->> f.tag_slots[1]) END"
+    )
     queries["usage_report_values"] = queries["usage_report"].replace(
         mark, f"    WHERE {value} = ANY ($10::text[]) OR ($11::boolean AND {value} IS NULL)"
     )

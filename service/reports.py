@@ -819,9 +819,10 @@ def to_csv(keys: tuple[str, ...], items: list[dict[str, Any]], header: bool = Tr
     return out.getvalue()
 
 
-# Reports led by the model or the project with the employee among their other
-# keys (`project,employee`: ninety thousand rows a month) are read a chunk of
-# the leading key's values at a time: the values are those of the same report
+# Reports led by the model, the project or a tag key with the employee among
+# their other keys (`project,employee`: ninety thousand rows a month;
+# `tag:team,employee` a hundred thousand) are read a chunk of the leading
+# key's values at a time: the values are those of the same report
 # by that key alone (a group of the whole report has spend exactly when its
 # value's total has), one value first, then twice as many up to
 # VALUE_CHUNK_MAX, each chunk the report over the sources' rows of its values
@@ -831,8 +832,9 @@ VALUE_CHUNK_MAX = 8
 
 
 def by_value(keys: tuple[str, ...]) -> bool:
-    """Whether a report is read a chunk of model or project values at a time."""
-    return len(keys) > 1 and keys[0] in ("model", "project") and "employee" in keys
+    """Whether a report is read a chunk of model, project or tag values at a time."""
+    lead = keys[0] in ("model", "project") or _is_tag(keys[0])
+    return len(keys) > 1 and lead and "employee" in keys
 
 
 async def _value_pages(
@@ -842,22 +844,24 @@ async def _value_pages(
     keys: tuple[str, ...],
     after: list[str | None] | None,
 ) -> AsyncIterator[list[dict[str, Any]]]:
-    """The report's items from the cursor's model or project on (all of them when
-    `after` is None), a chunk of values at a time."""
+    """The report's items from the cursor's model, project or tag value on (all of
+    them when `after` is None), a chunk of values at a time."""
     args = await _usage_args(ledger, start, end, keys)
     lead = keys[0]
-    alone = usage_args(start, end, (lead,), False, frozenset())
+    declared = frozenset(await ledger.fetchval("report_tag_keys") if _is_tag(lead) else ())
+    alone = usage_args(start, end, (lead,), False, declared)
+    column, kind = sql_keys((lead,))[0], "tag" if _is_tag(lead) else lead
 
     async def plan(conn: Any) -> AsyncIterator[tuple[str, tuple[Any, ...]]]:
         rows = await conn.fetch(ledger.queries["usage_report"], *alone)
-        values: list[str | None] = [row[lead] for row in rows]
+        values: list[str | None] = [row[column] for row in rows]
         if after is not None:
             values = [v for v in values if order_key([v]) >= order_key([after[0]])]
         size = 1
         while values:
             chunk, values = values[:size], values[size:]
             named = [v for v in chunk if v is not None]
-            yield "usage_report_values", (*args, named, None in chunk, lead)
+            yield "usage_report_values", (*args, named, None in chunk, kind)
             size = min(2 * size, VALUE_CHUNK_MAX)
 
     async for items in _parts_items(ledger, keys, plan):

@@ -46,6 +46,11 @@ GROUPINGS: list[tuple[str, ...]] = [
     ("employee", "tag:team", "model"),
     ("tag:batch",),
     ("tag:team", "tag:batch"),
+    # Led by a tag key with the employee: a chunk of the tag's values at a time
+    # (service/reports.py, _value_pages), from the roll-ups' slots or the events.
+    ("tag:team", "employee", "month"),
+    ("tag:cost center", "employee", "project"),
+    ("tag:batch", "employee"),
 ]
 PERIODS = [
     ("2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z"),  # whole months; e-b moved in January
