@@ -464,7 +464,11 @@ async def pages_of(
         # (_value_pages), the awkward ones and null among them.
         ("2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z", ("model", "employee")),
         ("2026-01-10T12:00:00Z", "2026-02-10T06:30:00Z", ("project", "employee", "model")),
-        ("2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z", ("tag:team", "employee", "tag:cost center")),
+        (
+            "2026-01-01T00:00:00Z",
+            "2026-03-01T00:00:00Z",
+            ("tag:team", "employee", "tag:cost center"),
+        ),
     ],
 )
 async def test_json_pages_are_the_report_in_order(
