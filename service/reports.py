@@ -574,13 +574,14 @@ def _chunked(
 # (`department,employee,day`: a third of a million rows a month) are read a
 # chunk of departments at a time, in byte order of their ids: one department
 # first (a page's worth, usually), then twice as many each time up to
-# DEPARTMENT_CHUNK_MAX, then the accounts of no department (null, last). A
-# chunk reads the report over the accounts whose spend can count under its
+# DEPARTMENT_CHUNK_MAX (each chunk reads the period's roll-up rows once), then
+# the accounts of no department (null, last). A chunk reads the report over
+# the accounts whose spend can count under its
 # departments (report_department_accounts: theirs, and those of everyone who
 # is or was in one of them) and keeps the rows of its departments: an
 # employee who moved has rows under other departments too, read again with
 # theirs. Like the employee's chunks, in one REPEATABLE READ transaction.
-DEPARTMENT_CHUNK_MAX = 8
+DEPARTMENT_CHUNK_MAX = 64
 
 
 def by_department(keys: tuple[str, ...]) -> bool:
@@ -826,9 +827,11 @@ def to_csv(keys: tuple[str, ...], items: list[dict[str, Any]], header: bool = Tr
 # by that key alone (a group of the whole report has spend exactly when its
 # value's total has), one value first, then twice as many up to
 # VALUE_CHUNK_MAX, each chunk the report over the sources' rows of its values
-# (usage_report_values), null last. In one REPEATABLE READ transaction, like
-# the other chunks.
-VALUE_CHUNK_MAX = 8
+# (usage_report_values), null last. A chunk reads the period's roll-up rows
+# once, so a report read from the events or the journal themselves (a short
+# period, a tag key not declared) is not chunked. In one REPEATABLE READ
+# transaction, like the other chunks.
+VALUE_CHUNK_MAX = 64
 
 
 def by_value(keys: tuple[str, ...]) -> bool:
@@ -853,6 +856,12 @@ async def _value_pages(
     column, kind = sql_keys((lead,))[0], "tag" if _is_tag(lead) else lead
 
     async def plan(conn: Any) -> AsyncIterator[tuple[str, tuple[Any, ...]]]:
+        if args[3] == "events" or args[6] == "journal":
+            # Read from the events or the journal themselves (a short period, a
+            # tag key not declared), each chunk would read all of them again:
+            # the single query.
+            yield "usage_report", args
+            return
         rows = await conn.fetch(ledger.queries["usage_report"], *alone)
         values: list[str | None] = [row[column] for row in rows]
         if after is not None:

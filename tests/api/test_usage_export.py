@@ -726,6 +726,13 @@ async def test_department_and_time_chunks_are_the_single_query(
     assert {("e-b", "eng"), ("e-b", "ops"), ("e-a", "eng"), ("e-a", "zzz"), ("e-c", "eng")} <= homes
 
     assert ("e-c", "ops") not in homes, homes
+    # Led by a tag key not declared, the report reads the events and the journal
+    # themselves: each chunk would read them all again, so it is one query.
+    calls.clear()
+    keys = ("tag:team", "employee")
+    whole = (await report(api, *CHUNKED_PERIODS[2], keys)).json()["items"]
+    assert calls == [[("usage_report", tuple(map(parse, CHUNKED_PERIODS[2])))]], calls
+    assert whole == await general_path(api, database_url, *map(parse, CHUNKED_PERIODS[2]), keys)
     # A page of a report led by the department reads its first chunk only.
     calls.clear()
     r = await paged(api, *CHUNKED_PERIODS[2], ("department", "employee", "day"), {"limit": "1"})
