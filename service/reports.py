@@ -418,9 +418,10 @@ async def usage_report_after(
     deep in a large report costs the rows before it, not their memory. A report led
     by the employee and another key is read a chunk of employees at a time from the
     cursor's (_employee_pages), the first chunk `first_chunk` employees (a page's
-    size and one more; FIRST_CHUNK when 0); one led by the department, the day or
-    the month with the employee among its keys, a chunk of departments or of the
-    period at a time from the cursor's (_chunked)."""
+    size and one more; FIRST_CHUNK when 0); one led by the department, the day, the
+    month, the model, the project or a tag key with the employee among its keys, a
+    chunk of departments, of the period or of values at a time from the cursor's
+    (_chunked)."""
     span = export_span(start, end, keys)
     pages: AsyncIterator[list[dict[str, Any]]]
     if span is not None:
@@ -557,8 +558,8 @@ def _chunked(
     first_chunk: int,
 ) -> AsyncIterator[list[dict[str, Any]]] | None:
     """The report's items after `after` read a chunk at a time when its keys are
-    chunked (by the employee, the department, the day or month, or the model or
-    project that lead them), else None (one query)."""
+    chunked (by the employee, the department, the day or month, or the model,
+    project or tag that lead them), else None (one query)."""
     if by_employee(keys):
         return _employee_pages(ledger, start, end, keys, after, first_chunk)
     if by_department(keys):
@@ -576,11 +577,11 @@ def _chunked(
 # first (a page's worth, usually), then twice as many each time up to
 # DEPARTMENT_CHUNK_MAX (each chunk reads the period's roll-up rows once), then
 # the accounts of no department (null, last). A chunk reads the report over
-# the accounts whose spend can count under its
-# departments (report_department_accounts: theirs, and those of everyone who
-# is or was in one of them) and keeps the rows of its departments: an
-# employee who moved has rows under other departments too, read again with
-# theirs. Like the employee's chunks, in one REPEATABLE READ transaction.
+# the accounts whose spend can count under its departments
+# (report_department_accounts: theirs, and those of everyone who is or was in
+# one of them) and keeps the rows of its departments: an employee who moved
+# has rows under other departments too, read again with theirs. Like the
+# employee's chunks, in one REPEATABLE READ transaction.
 DEPARTMENT_CHUNK_MAX = 64
 
 
@@ -688,6 +689,63 @@ async def _time_pages(
             )
             yield "usage_report", usage_args(part, part_end, keys, split, declared)
             part, size = part_end, min(2 * size, TIME_CHUNK_MAX)
+
+    async for items in _parts_items(ledger, keys, plan):
+        yield items
+
+
+# Reports led by the model, the project or a tag key with the employee among
+# their other keys (`project,employee`: ninety thousand rows a month;
+# `tag:team,employee` a hundred thousand) are read a chunk of the leading
+# key's values at a time: the values are those of the same report
+# by that key alone (a group of the whole report has spend exactly when its
+# value's total has), one value first, then twice as many up to
+# VALUE_CHUNK_MAX, each chunk the report over the sources' rows of its values
+# (usage_report_values), null last. A chunk reads the period's roll-up rows
+# once, so a report read from the events or the journal themselves (a short
+# period, a tag key not declared) is not chunked. In one REPEATABLE READ
+# transaction, like the other chunks.
+VALUE_CHUNK_MAX = 64
+
+
+def by_value(keys: tuple[str, ...]) -> bool:
+    """Whether a report is read a chunk of model, project or tag values at a time."""
+    lead = keys[0] in ("model", "project") or _is_tag(keys[0])
+    return len(keys) > 1 and lead and "employee" in keys
+
+
+async def _value_pages(
+    ledger: Database,
+    start: datetime,
+    end: datetime,
+    keys: tuple[str, ...],
+    after: list[str | None] | None,
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """The report's items from the cursor's model, project or tag value on (all of
+    them when `after` is None), a chunk of values at a time."""
+    args = await _usage_args(ledger, start, end, keys)
+    lead = keys[0]
+    declared = frozenset(await ledger.fetchval("report_tag_keys") if _is_tag(lead) else ())
+    alone = usage_args(start, end, (lead,), False, declared)
+    column, kind = sql_keys((lead,))[0], "tag" if _is_tag(lead) else lead
+
+    async def plan(conn: Any) -> AsyncIterator[tuple[str, tuple[Any, ...]]]:
+        if args[3] == "events" or args[6] == "journal":
+            # Read from the events or the journal themselves (a short period, a
+            # tag key not declared), each chunk would read all of them again:
+            # the single query.
+            yield "usage_report", args
+            return
+        rows = await conn.fetch(ledger.queries["usage_report"], *alone)
+        values: list[str | None] = [row[column] for row in rows]
+        if after is not None:
+            values = [v for v in values if order_key([v]) >= order_key([after[0]])]
+        size = 1
+        while values:
+            chunk, values = values[:size], values[size:]
+            named = [v for v in chunk if v is not None]
+            yield "usage_report_values", (*args, named, None in chunk, kind)
+            size = min(2 * size, VALUE_CHUNK_MAX)
 
     async for items in _parts_items(ledger, keys, plan):
         yield items
@@ -818,60 +876,3 @@ def to_csv(keys: tuple[str, ...], items: list[dict[str, Any]], header: bool = Tr
     else:
         writer.writerows([*map(csv_cell, get_keys(i)), *get_totals(i)] for i in items)
     return out.getvalue()
-
-
-# Reports led by the model, the project or a tag key with the employee among
-# their other keys (`project,employee`: ninety thousand rows a month;
-# `tag:team,employee` a hundred thousand) are read a chunk of the leading
-# key's values at a time: the values are those of the same report
-# by that key alone (a group of the whole report has spend exactly when its
-# value's total has), one value first, then twice as many up to
-# VALUE_CHUNK_MAX, each chunk the report over the sources' rows of its values
-# (usage_report_values), null last. A chunk reads the period's roll-up rows
-# once, so a report read from the events or the journal themselves (a short
-# period, a tag key not declared) is not chunked. In one REPEATABLE READ
-# transaction, like the other chunks.
-VALUE_CHUNK_MAX = 64
-
-
-def by_value(keys: tuple[str, ...]) -> bool:
-    """Whether a report is read a chunk of model, project or tag values at a time."""
-    lead = keys[0] in ("model", "project") or _is_tag(keys[0])
-    return len(keys) > 1 and lead and "employee" in keys
-
-
-async def _value_pages(
-    ledger: Database,
-    start: datetime,
-    end: datetime,
-    keys: tuple[str, ...],
-    after: list[str | None] | None,
-) -> AsyncIterator[list[dict[str, Any]]]:
-    """The report's items from the cursor's model, project or tag value on (all of
-    them when `after` is None), a chunk of values at a time."""
-    args = await _usage_args(ledger, start, end, keys)
-    lead = keys[0]
-    declared = frozenset(await ledger.fetchval("report_tag_keys") if _is_tag(lead) else ())
-    alone = usage_args(start, end, (lead,), False, declared)
-    column, kind = sql_keys((lead,))[0], "tag" if _is_tag(lead) else lead
-
-    async def plan(conn: Any) -> AsyncIterator[tuple[str, tuple[Any, ...]]]:
-        if args[3] == "events" or args[6] == "journal":
-            # Read from the events or the journal themselves (a short period, a
-            # tag key not declared), each chunk would read all of them again:
-            # the single query.
-            yield "usage_report", args
-            return
-        rows = await conn.fetch(ledger.queries["usage_report"], *alone)
-        values: list[str | None] = [row[column] for row in rows]
-        if after is not None:
-            values = [v for v in values if order_key([v]) >= order_key([after[0]])]
-        size = 1
-        while values:
-            chunk, values = values[:size], values[size:]
-            named = [v for v in chunk if v is not None]
-            yield "usage_report_values", (*args, named, None in chunk, kind)
-            size = min(2 * size, VALUE_CHUNK_MAX)
-
-    async for items in _parts_items(ledger, keys, plan):
-        yield items
