@@ -285,18 +285,25 @@ STREAM_BATCH = 2000
 REPORT_WORK_MEM_MB = 64
 
 
+async def declared_tags(ledger: Database, keys: tuple[str, ...]) -> frozenset[str]:
+    """The declared tag keys, as the database has them (report_tag_keys), for a
+    report with tag keys; none for one without (it reads no tag roll-up)."""
+    return frozenset(await ledger.fetchval("report_tag_keys") if any(map(_is_tag, keys)) else ())
+
+
 async def _usage_args(
-    ledger: Database, start: datetime, end: datetime, keys: tuple[str, ...]
+    ledger: Database,
+    start: datetime,
+    end: datetime,
+    keys: tuple[str, ...],
+    declared: frozenset[str] | None = None,
 ) -> tuple[Any, ...]:
     assert keys and all(k in GROUP_KEYS or k.startswith(TAG_PREFIX) for k in keys), keys
     # `department` is the department of the time of the spend: when someone
     # moved within the period, the rows are split by day (issue 16).
     split = "department" in keys and bool(await ledger.fetchval("departments_moved", start, end))
-    # The declared tag keys, as the database has them (report_tag_keys), for a
-    # report with tag keys only.
-    declared = frozenset(
-        await ledger.fetchval("report_tag_keys") if any(map(_is_tag, keys)) else ()
-    )
+    if declared is None:
+        declared = await declared_tags(ledger, keys)
     return usage_args(start, end, keys, split, declared)
 
 
@@ -507,22 +514,35 @@ async def _employee_pages(
         # Each chunk's accounts read when the chunk before is done: only one
         # chunk's ids are ever in memory, and a page that is full reads no more.
         if after is None or after[0] is not None:
-            employee, inclusive, size = (after or [""])[0], True, first_chunk
-            while True:
-                chunk = await conn.fetch(
-                    ledger.queries["report_employee_accounts"], employee, inclusive, size
-                )
-                if chunk:
-                    yield "usage_report_accounts", (*args, [row["id"] for row in chunk])
-                if len(chunk) < size:
-                    break
-                employee, inclusive = chunk[-1]["ref"], False
-                size = min(2 * size, EMPLOYEE_CHUNK_MAX)
+            query = ledger.queries["report_employee_accounts"]
+            start_at = (after or [""])[0] or ""
+            async for chunk in _keyed_chunks(
+                conn, query, start_at, "ref", first_chunk, EMPLOYEE_CHUNK_MAX
+            ):
+                yield "usage_report_accounts", (*args, [row["id"] for row in chunk])
         unowned = await conn.fetch(ledger.queries["report_unowned_accounts"])
         yield "usage_report_accounts", (*args, [row["id"] for row in unowned])
 
     async for items in _parts_items(ledger, keys, plan):
         yield items
+
+
+async def _keyed_chunks(
+    conn: Any, query: str, key: str, column: str, size: int, cap: int | None
+) -> AsyncIterator[list[Any]]:
+    """The rows of `query` (arguments: the key to start from, whether it is
+    included, how many) from `key` on, a chunk at a time: `size` rows first, then
+    twice as many each time (up to `cap`), each chunk fetched when the one before
+    is done, the next starting after the last row's `column`."""
+    inclusive = True
+    while True:
+        rows = await conn.fetch(query, key, inclusive, size)
+        if rows:
+            yield rows
+        if len(rows) < size:
+            return
+        key, inclusive = rows[-1][column], False
+        size = 2 * size if cap is None else min(2 * size, cap)
 
 
 async def _parts_items(
@@ -609,20 +629,13 @@ async def _department_pages(
     async def plan(conn: Any) -> AsyncIterator[tuple[str, tuple[Any, ...]]]:
         nonlocal kept
         if after is None or after[0] is not None:
-            department, inclusive, size = (after or [""])[0], True, 1
-            while True:
-                rows = await conn.fetch(
-                    ledger.queries["report_departments"], department, inclusive, size
-                )
+            query = ledger.queries["report_departments"]
+            start_at = (after or [""])[0] or ""
+            async for rows in _keyed_chunks(conn, query, start_at, "id", 1, None):
                 chunk = [row["id"] for row in rows]
-                if chunk:
-                    accounts = await conn.fetch(ledger.queries["report_department_accounts"], chunk)
-                    kept = frozenset(chunk)
-                    yield "usage_report_accounts", (*args, [row["id"] for row in accounts])
-                if len(chunk) < size:
-                    break
-                department, inclusive = chunk[-1], False
-                size *= 2
+                accounts = await conn.fetch(ledger.queries["report_department_accounts"], chunk)
+                kept = frozenset(chunk)
+                yield "usage_report_accounts", (*args, [row["id"] for row in accounts])
         system = await conn.fetch(ledger.queries["report_system_accounts"])
         kept = frozenset([None])
         yield "usage_report_accounts", (*args, [row["id"] for row in system])
@@ -674,9 +687,7 @@ async def _time_pages(
     `after` is None, a stretch of the period at a time."""
     unit = keys[0]
     lo = start if after is None else max(start, bucket_start(str(after[0]), unit))
-    declared = frozenset(
-        await ledger.fetchval("report_tag_keys") if any(map(_is_tag, keys)) else ()
-    )
+    declared = await declared_tags(ledger, keys)
 
     async def plan(conn: Any) -> AsyncIterator[tuple[str, tuple[Any, ...]]]:
         part, size = lo, 1
@@ -723,9 +734,9 @@ async def _value_pages(
 ) -> AsyncIterator[list[dict[str, Any]]]:
     """The report's items from the cursor's model, project or tag value on (all of
     them when `after` is None), a chunk of values at a time."""
-    args = await _usage_args(ledger, start, end, keys)
     lead = keys[0]
-    declared = frozenset(await ledger.fetchval("report_tag_keys") if _is_tag(lead) else ())
+    declared = await declared_tags(ledger, keys)
+    args = await _usage_args(ledger, start, end, keys, declared)
     alone = usage_args(start, end, (lead,), False, declared)
     column, kind = sql_keys((lead,))[0], "tag" if _is_tag(lead) else lead
 

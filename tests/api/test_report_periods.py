@@ -129,6 +129,17 @@ async def test_corrected_periods_equal_the_journal(
             assert r.json() == {"items": expected(events, lo, hi, keys)}, (start, keys)
 
 
+async def history_with_a_move(api: Api, clock: FakeClock) -> None:
+    """build_history and edge_usage, then e-c's usage on either side of its move from
+    ops to eng at 00:30 on January 10th."""
+    await build_history(api, clock)
+    await edge_usage(api, clock)
+    await usage(api, clock, "e-c", datetime(2026, 1, 10, 0, 5, tzinfo=UTC), "c-before")
+    clock.set(datetime(2026, 1, 10, 0, 30, tzinfo=UTC))
+    await api.employee("e-c", "eng")
+    await usage(api, clock, "e-c", datetime(2026, 1, 10, 4, tzinfo=UTC), "c-after")
+
+
 async def test_a_move_inside_a_subtracted_edge(
     api: Api, clock: FakeClock, database_url: str
 ) -> None:
@@ -136,12 +147,7 @@ async def test_a_move_inside_a_subtracted_edge(
     roll-up's day and the subtracted events cancel in the same department, and the period's
     own spend is in eng (nobody moved within the period, so no day split); a period that
     contains the move splits by day."""
-    await build_history(api, clock)
-    await edge_usage(api, clock)
-    await usage(api, clock, "e-c", datetime(2026, 1, 10, 0, 5, tzinfo=UTC), "c-before")
-    clock.set(datetime(2026, 1, 10, 0, 30, tzinfo=UTC))
-    await api.employee("e-c", "eng")
-    await usage(api, clock, "e-c", datetime(2026, 1, 10, 4, tzinfo=UTC), "c-after")
+    await history_with_a_move(api, clock)
     events = await journal_events(database_url)
     for start, end in (
         ("2026-01-10T01:00:00Z", "2026-02-10T23:00:00Z"),

@@ -24,8 +24,10 @@ from service.journal import Database
 from service.reports import EXPORT_KEYS, TOTALS, _items, _usage_args, export_span, to_csv
 from tests.api.conftest import Api, FakeClock, problem
 from tests.api.test_coalescing import ledger_of
+from tests.api.test_report_periods import history_with_a_move
 from tests.api.test_reports import Event, expected, make_events, report
 from tests.api.test_reports_spend import make_spends
+from tests.api.test_spend_rollups import usage
 
 # Keys a CSV must quote, neutralise or both, and one it must leave alone.
 AWKWARD = (
@@ -545,11 +547,11 @@ async def test_a_page_cursor_belongs_to_its_report(api: Api, database_url: str) 
         problem(r, 400, "invalid_request")
 
 
-def record_parts(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[str, int]]]:
+def record_parts(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[str, Any]]]:
     """The parts each Database.stream_parts_slow call from now on ran: each query's
-    name and how many accounts it reads (its last argument); and that the plan ran in
-    a REPEATABLE READ transaction."""
-    calls: list[list[tuple[str, int]]] = []
+    name and what it reads (the accounts' count, the values and the null flag, or a
+    usage_report's period); and that the plan ran in a REPEATABLE READ transaction."""
+    calls: list[list[tuple[str, Any]]] = []
     original = Database.stream_parts_slow
 
     async def recording(self: Database, timeout_ms: int, plan: Any, **kw: Any) -> Any:
@@ -557,7 +559,13 @@ def record_parts(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[str, int]]]
             assert await conn.fetchval("SHOW transaction_isolation") == "repeatable read"
             calls.append([])
             async for query, args in plan(conn):
-                calls[-1].append((query, len(args[-1])))
+                if query == "usage_report_accounts":
+                    reads = len(args[-1])
+                elif query == "usage_report_values":
+                    reads = (args[-3], args[-2])
+                else:
+                    reads = args[:2]
+                calls[-1].append((query, reads))
                 yield query, args
 
         async for rows in original(self, timeout_ms, planned, **kw):
@@ -611,33 +619,6 @@ async def test_employee_pages_read_the_employees_they_need(
     assert calls == [[("usage_report_accounts", unowned_accounts)]]
 
 
-def record_plans(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[str, Any]]]:
-    """The parts each Database.stream_parts_slow call from now on ran: each query's
-    name and what it reads (the accounts' count, or a usage_report's period)."""
-    calls: list[list[tuple[str, Any]]] = []
-    original = Database.stream_parts_slow
-
-    async def recording(self: Database, timeout_ms: int, plan: Any, **kw: Any) -> Any:
-        async def planned(conn: Any) -> Any:
-            assert await conn.fetchval("SHOW transaction_isolation") == "repeatable read"
-            calls.append([])
-            async for query, args in plan(conn):
-                if query == "usage_report_accounts":
-                    reads = len(args[-1])
-                elif query == "usage_report_values":
-                    reads = (args[-3], args[-2])
-                else:
-                    reads = args[:2]
-                calls[-1].append((query, reads))
-                yield query, args
-
-        async for rows in original(self, timeout_ms, planned, **kw):
-            yield rows
-
-    monkeypatch.setattr(Database, "stream_parts_slow", recording)
-    return calls
-
-
 # (from, to): nobody moves within the first; e-c (ops -> eng, 00:30 on Jan 10), e-b
 # (eng -> ops, Jan 20) and e-a (eng -> zzz, Feb 15) move within the others (the rows
 # split by day).
@@ -666,15 +647,7 @@ async def test_department_and_time_chunks_are_the_single_query(
     row, across employees who moved department inside and outside the period, and
     their pages of two are the same rows. A department chunk keeps only its own
     departments' rows (a mover's account is read with each of its departments)."""
-    from tests.api.test_report_periods import edge_usage
-    from tests.api.test_spend_rollups import build_history, usage
-
-    await build_history(api, clock)
-    await edge_usage(api, clock)
-    await usage(api, clock, "e-c", datetime(2026, 1, 10, 0, 5, tzinfo=UTC), "c-before")
-    clock.set(datetime(2026, 1, 10, 0, 30, tzinfo=UTC))
-    await api.employee("e-c", "eng")
-    await usage(api, clock, "e-c", datetime(2026, 1, 10, 4, tzinfo=UTC), "c-after")
+    await history_with_a_move(api, clock)
     # Departments without spend, first and last in byte order, and an idle employee.
     await api.department("aaa")
     await api.department("zzz")
@@ -683,7 +656,7 @@ async def test_department_and_time_chunks_are_the_single_query(
     clock.set(datetime(2026, 2, 15, 12, tzinfo=UTC))
     await api.employee("e-a", "zzz")
     await usage(api, clock, "e-a", datetime(2026, 2, 16, 9, tzinfo=UTC), "a-after")
-    calls = record_plans(monkeypatch)
+    calls = record_parts(monkeypatch)
     for start, end in CHUNKED_PERIODS:
         for keys in CHUNKED_KEYS:
             calls.clear()
