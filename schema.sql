@@ -7750,7 +7750,7 @@ CREATE TABLE IF NOT EXISTS spend_tag_monthly (
 
 -- The declared keys in slot order (tl_report_tag_values, the reports).
 CREATE OR REPLACE FUNCTION tl_report_tag_keys() RETURNS text[]
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT ARRAY(SELECT name FROM report_tag_keys ORDER BY name COLLATE "C")
 $$;
 

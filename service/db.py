@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias, TypeVar
@@ -56,16 +57,29 @@ def load_queries() -> dict[str, str]:
     # first aggregation, and PostgreSQL pushes it into each source's branch.
     mark = "    -- @accounts (usage_report_accounts restricts the accounts here: service/db.py)"
     assert queries["usage_report"].count(mark) == 1, "usage_report lost its @accounts line"
-    queries["usage_report_accounts"] = queries["usage_report"].replace(
-        mark, "    WHERE r.account_id = ANY ($10::bigint[])"
+    # The events' and the journal's branches sum by the asked keys, so the account
+    # is a key there only when asked: they take the condition themselves, on the
+    # column their indexes have.
+    queries["usage_report_accounts"] = re.sub(
+        r"-- @accounts: (\w\.account_id)",
+        r"AND \1 = ANY ($10::bigint[])",
+        queries["usage_report"].replace(mark, "    WHERE r.account_id = ANY ($10::bigint[])"),
+    )
+    assert queries["usage_report_accounts"].count("account_id = ANY ($10::bigint[])") == 4
+    # And a window of its rows ($10 rows from row $11 on; $10 null: all of them): read
+    # with a plain query, which PostgreSQL may run with parallel workers, where it
+    # never does for a cursor (service/reports.py, _window_plan).
+    assert queries["usage_report"].endswith(";")
+    queries["usage_report_window"] = (
+        queries["usage_report"].removesuffix(";") + "\nLIMIT $10::bigint OFFSET $11::bigint;"
     )
     # And over the rows whose model ($12 'model'), project ('project') or first tag
     # key ('tag') is one of $10, or null with $11 (a chunk of a report led by that
     # key: _value_pages). A project is '' in the sources where the answer has null;
-    # the tag is tag1's expression in `firsts`.
+    # the tag is tag1 as each source reads it (`raw`).
     value = (
         "CASE $12::text WHEN 'model' THEN r.model WHEN 'project' THEN nullif(r.project, '')"
-        " ELSE coalesce(r.tags ->> f.tag_names[1], r.tags ->> f.tag_slots[1]) END"
+        " ELSE r.tag1 END"
     )
     queries["usage_report_values"] = queries["usage_report"].replace(
         mark, f"    WHERE {value} = ANY ($10::text[]) OR ($11::boolean AND {value} IS NULL)"
