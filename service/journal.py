@@ -16,7 +16,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import asyncpg
 import msgspec
@@ -50,6 +50,11 @@ class Context:
     # A service key's departments and spend rate cap (Principal), checked in SQL.
     departments: tuple[str, ...] | None = None
     rate_limit: int | None = None
+
+
+# A step of a report read in parts (Database.stream_parts_slow): a named query and its
+# arguments, to read through a cursor, or rows the plan read itself.
+PlanStep: TypeAlias = tuple[str, tuple[Any, ...]] | list[asyncpg.Record]
 
 
 class DatabaseRefused(OSError):
@@ -270,7 +275,7 @@ class Database:
     def stream_parts_slow(
         self,
         timeout_ms: int,
-        plan: Callable[[db.Pooled], AsyncIterator[tuple[str, tuple[Any, ...]]]],
+        plan: Callable[[db.Pooled], AsyncIterator[PlanStep]],
         *,
         batch: int,
         jit: bool = True,
@@ -291,7 +296,7 @@ class Database:
     async def _stream(
         self,
         timeout_ms: int,
-        plan: Callable[[db.Pooled], AsyncIterator[tuple[str, tuple[Any, ...]]]],
+        plan: Callable[[db.Pooled], AsyncIterator[PlanStep]],
         *,
         batch: int,
         jit: bool,
@@ -299,7 +304,10 @@ class Database:
         snapshot: bool,
     ) -> AsyncIterator[list[asyncpg.Record]]:
         """stream_slow's and stream_parts_slow's reading: each planned query's rows
-        through a cursor, in one read-only transaction (_reading)."""
+        through a cursor, in one read-only transaction (_reading). A plan may also
+        yield rows it read itself on the connection (a plain query, which PostgreSQL
+        may run with parallel workers, unlike a cursor): they are passed on in lists of
+        at most `batch`."""
         async with self._reading(
             timeout_ms, jit=jit, work_mem_mb=work_mem_mb, snapshot=snapshot
         ) as conn:
@@ -308,7 +316,12 @@ class Database:
             # that plan was several times slower than fetch_slow's.
             await conn.execute("SET LOCAL cursor_tuple_fraction = 1.0")
             client_timeout = db.client_timeout(timeout_ms)
-            async for query, args in plan(conn):
+            async for step in plan(conn):
+                if isinstance(step, list):
+                    for at in range(0, len(step), batch):
+                        yield step[at : at + batch]
+                    continue
+                query, args = step
                 cursor = await conn.cursor(self.queries[query], *args, timeout=client_timeout)
                 while True:
                     rows = await cursor.fetch(batch, timeout=client_timeout)

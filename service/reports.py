@@ -32,8 +32,9 @@ from datetime import UTC, date, datetime, time, timedelta
 from operator import itemgetter
 from typing import Any
 
+from service import db
 from service.errors import invalid
-from service.journal import Database
+from service.journal import Database, PlanStep
 
 # The allow-list of grouping keys; service/sql/reports.sql has one
 # expression per key and nothing else reaches the SQL but this list.
@@ -376,8 +377,47 @@ async def usage_report_pages(
             yield items
         return
     args = await _usage_args(ledger, start, end, keys)
+    if args[3] == "events":
+        rows = ledger.stream_parts_slow(
+            ledger.config.report_statement_timeout_ms,
+            _window_plan(ledger, args),
+            batch=STREAM_BATCH,
+            jit=False,
+            work_mem_mb=REPORT_WORK_MEM_MB,
+        )
+        async for part in rows:
+            yield _items(keys, part)
+        return
     async for items in _stream_items(ledger, keys, "usage_report", *args):
         yield items
+
+
+# Rows of a report read from the usage events themselves (a tag key that is not
+# declared, a period under two days) read with one plain query, at most this many.
+WINDOW = 5000
+
+
+def _window_plan(
+    ledger: Database, args: tuple[Any, ...]
+) -> Callable[[Any], AsyncIterator[PlanStep]]:
+    """A report read from the usage events themselves aggregates all of the
+    period's events before its first row. Read through a cursor, PostgreSQL runs it
+    on one core (a cursor's query never gets parallel workers); so its first WINDOW
+    rows are read with one plain query (usage_report_window), which may get them
+    (`tag:team` over a month of a million events: 0.85 -> 0.6 s), and only if there
+    are more, the rest through a cursor over the same query from there on, which
+    reads the events again (both in the stream's snapshot)."""
+
+    async def plan(conn: Any) -> AsyncIterator[PlanStep]:
+        timeout = db.client_timeout(ledger.config.report_statement_timeout_ms)
+        rows = await conn.fetch(
+            ledger.queries["usage_report_window"], *args, WINDOW + 1, 0, timeout=timeout
+        )
+        yield rows[:WINDOW]
+        if len(rows) > WINDOW:
+            yield "usage_report_window", (*args, None, WINDOW)
+
+    return plan
 
 
 async def _stream_items(

@@ -20,6 +20,7 @@ import pytest
 
 from bench.year import sections
 from service import db as service_db
+from service import reports
 from service.config import Config
 from service.journal import Database
 from service.reports import TOTALS, _usage_args, parse_group_by, sync_report_tags, tag_source
@@ -229,6 +230,62 @@ async def test_tag_reports_equal_the_events_and_the_journal(
     assert await sources(api, *PERIODS[3], ("tag:team", "model")) == ("tag_daily", "tag_daily")
     assert await sources(api, *PERIODS[1], ("tag:batch",)) == ("events", "journal")
     await assert_audit_clean(database_url)
+
+
+async def test_reports_from_the_events_read_a_window_then_the_rest(
+    api: Api, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> None:
+    """A report read from the events and the journal themselves (a key not declared, a
+    period inside a day) reads its first WINDOW rows with one plain query, and only when
+    there are more, the rest through a cursor over the same query from there on, in one
+    snapshot: whole answers and pages of two equal the direct sum, whichever side of the
+    window's edge they fall on."""
+    await tagged_history(api, clock)
+    events = await direct_events(database_url)
+    monkeypatch.setattr(reports, "WINDOW", 3)
+    steps: list[list[Any]] = []
+    original = Database.stream_parts_slow
+
+    async def recording(self: Database, timeout_ms: int, plan: Any, **kw: Any) -> Any:
+        async def planned(conn: Any) -> Any:
+            assert await conn.fetchval("SHOW transaction_isolation") == "repeatable read"
+            steps.append([])
+            async for step in plan(conn):
+                steps[-1].append(len(step) if isinstance(step, list) else (step[0], step[1][-2:]))
+                yield step
+
+        async for rows in original(self, timeout_ms, planned, **kw):
+            yield rows
+
+    monkeypatch.setattr(Database, "stream_parts_slow", recording)
+    continued = short = 0
+    for start, end in (PERIODS[0], PERIODS[4]):
+        lo, hi = datetime.fromisoformat(start), datetime.fromisoformat(end)
+        for keys in (("tag:batch",), ("tag:team", "tag:batch"), ("model", "tag:batch")):
+            assert (await sources(api, start, end, keys))[0] == "events"
+            want = expected(events, lo, hi, keys)
+            steps.clear()
+            r = await report(api, start, end, keys)
+            assert r.status_code == 200, r.text
+            assert r.json() == {"items": want}, (start, end, keys)
+            rest = [("usage_report_window", (None, 3))] if len(want) > 3 else []
+            continued, short = continued + bool(rest), short + (not rest)
+            assert steps == [[min(len(want), 3), *rest]], (start, end, keys, len(want))
+            assert await all_pages(api, start, end, keys) == want, (start, end, keys)
+    assert continued and short, (continued, short)
+
+
+async def all_pages(api: Api, start: str, end: str, keys: tuple[str, ...]) -> list[Any]:
+    """The report's JSON pages of two, followed to the end."""
+    items: list[Any] = []
+    params = {"from": start, "to": end, "group_by": ",".join(keys), "limit": "2"}
+    while True:
+        r = await api.c.get("/v1/reports/usage", params=params)
+        assert r.status_code == 200, r.text
+        items.extend(r.json()["items"])
+        if r.json()["next_cursor"] is None:
+            return items
+        params["cursor"] = r.json()["next_cursor"]
 
 
 ROLLUPS = {

@@ -558,7 +558,12 @@ def record_parts(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[str, Any]]]
         async def planned(conn: Any) -> Any:
             assert await conn.fetchval("SHOW transaction_isolation") == "repeatable read"
             calls.append([])
-            async for query, args in plan(conn):
+            async for step in plan(conn):
+                if isinstance(step, list):  # rows the plan read itself
+                    calls[-1].append(("rows", len(step)))
+                    yield step
+                    continue
+                query, args = step
                 if query == "usage_report_accounts":
                     reads = len(args[-1])
                 elif query == "usage_report_values":
