@@ -65,7 +65,9 @@ tag_homes AS (
       AND NOT 'employee' = ANY ($3::text[]) AND a.type = 'employee'
 ),
 -- The asked keys as booleans, computed once: testing the array per row
--- costs more than the aggregation itself on a million rows.
+-- costs more than the aggregation itself on a million rows. (Inlined into
+-- each branch that joins it, each of its values is a constant or one
+-- sub-select for the whole statement.)
 flags AS NOT MATERIALIZED (
     SELECT $3::text[] && ARRAY['employee', 'department'] AS by_account,
            'model' = ANY ($3::text[]) AS by_model,
@@ -115,24 +117,25 @@ raw AS (
     -- The events of the period, archived ones included (usage_events_all),
     -- summed here by the asked keys: a month's million events by a tag key
     -- that is not declared are ten rows for the levels above instead of a
-    -- million (1.4 -> 0.6 s). The flags are read as sub-selects (one value
-    -- each for the whole statement), not joined: a join with a CTE keeps
-    -- this branch from PostgreSQL's parallel workers, which a plain query
-    -- (not a cursor) gets (service/reports.py, _window_plan). The account is
+    -- million (1.4 -> 0.45 s). `flags` is NOT MATERIALIZED, so that each
+    -- branch's join with it is folded into the branch: a scan of a
+    -- materialized CTE keeps a branch from PostgreSQL's parallel workers,
+    -- which a plain query (not a cursor) gets (service/reports.py,
+    -- _window_plan). The account is
     -- a key only when asked, so usage_report_accounts puts its condition on
     -- the accounts here too (@accounts: service/db.py), where
     -- usage_events_account_idx can serve it.
-    SELECT CASE WHEN (SELECT by_account FROM flags) THEN u.account_id END,
-           CASE WHEN (SELECT by_model FROM flags) THEN u.model END,
-           CASE WHEN (SELECT by_project FROM flags) THEN coalesce(u.project, '') END,
-           CASE WHEN (SELECT by_day FROM flags) THEN (u.occurred_at AT TIME ZONE 'UTC')::date
-                WHEN (SELECT by_month FROM flags)
+    SELECT CASE WHEN f.by_account THEN u.account_id END,
+           CASE WHEN f.by_model THEN u.model END,
+           CASE WHEN f.by_project THEN coalesce(u.project, '') END,
+           CASE WHEN f.by_day THEN (u.occurred_at AT TIME ZONE 'UTC')::date
+                WHEN f.by_month
                 THEN date_trunc('month', u.occurred_at AT TIME ZONE 'UTC')::date END,
            count(*), sum(u.input_tokens)::bigint, sum(u.cached_input_tokens)::bigint,
            sum(u.output_tokens)::bigint, sum(u.cost)::bigint, sum(u.shortfall)::bigint,
-           count(u.violation), u.tags ->> (SELECT tag_names[1] FROM flags),
-           u.tags ->> (SELECT tag_names[2] FROM flags), u.tags ->> (SELECT tag_names[3] FROM flags), 0, 0
-    FROM usage_events_all u
+           count(u.violation), u.tags ->> f.tag_names[1],
+           u.tags ->> f.tag_names[2], u.tags ->> f.tag_names[3], 0, 0
+    FROM usage_events_all u CROSS JOIN flags f
     WHERE $4::text = 'events'
       AND u.occurred_at >= $1::timestamptz AND u.occurred_at < $2::timestamptz
       -- @accounts: u.account_id
@@ -218,19 +221,20 @@ raw AS (
     -- metadata is read from the transaction's own row: a second join of the
     -- transactions, for the metadata alone, cost a month's 300,000 debits
     -- about 0.25 s.
-    SELECT CASE WHEN $4::text <> 'models' AND (SELECT by_account FROM flags) THEN e.account_id END,
-           CASE WHEN (SELECT by_model FROM flags) THEN t.metadata ->> 'model' END,
-           CASE WHEN NOT (SELECT by_project FROM flags) THEN NULL
+    SELECT CASE WHEN $4::text <> 'models' AND f.by_account THEN e.account_id END,
+           CASE WHEN f.by_model THEN t.metadata ->> 'model' END,
+           CASE WHEN NOT f.by_project THEN NULL
                 WHEN $4::text = 'monthly_models' THEN '' ELSE coalesce(t.metadata ->> 'project', '') END,
-           CASE WHEN (SELECT by_day FROM flags) AND $4::text NOT IN ('monthly', 'monthly_models')
+           CASE WHEN f.by_day AND $4::text NOT IN ('monthly', 'monthly_models')
                 THEN (t.created_at AT TIME ZONE 'UTC')::date
-                WHEN (SELECT by_day OR by_month FROM flags)
+                WHEN (f.by_day OR f.by_month)
                 THEN date_trunc('month', t.created_at AT TIME ZONE 'UTC')::date END,
            0, 0, 0, 0, sum(-e.amount * sg.sign)::bigint, 0, 0,
-           t.metadata ->> (SELECT tag_names[1] FROM flags), t.metadata ->> (SELECT tag_names[2] FROM flags),
-           t.metadata ->> (SELECT tag_names[3] FROM flags),
+           t.metadata ->> f.tag_names[1], t.metadata ->> f.tag_names[2],
+           t.metadata ->> f.tag_names[3],
            sum(sg.sign)::bigint, sum(-e.amount * sg.sign)::bigint
     FROM transactions t
+    CROSS JOIN flags f
     JOIN entries e ON e.transaction_id = t.id AND e.amount < 0
     CROSS JOIN LATERAL (
         SELECT CASE WHEN t.created_at < greatest($1::timestamptz, $8::timestamptz)
@@ -249,19 +253,20 @@ raw AS (
     UNION ALL
     -- The same without a key of the metadata: the index alone gives the
     -- transactions (it includes the id), and only their entries are read.
-    SELECT CASE WHEN $4::text <> 'models' AND (SELECT by_account FROM flags) THEN e.account_id END,
-           CASE WHEN (SELECT by_model FROM flags) THEN NULL::jsonb ->> 'model' END,
-           CASE WHEN NOT (SELECT by_project FROM flags) THEN NULL
+    SELECT CASE WHEN $4::text <> 'models' AND f.by_account THEN e.account_id END,
+           CASE WHEN f.by_model THEN NULL::jsonb ->> 'model' END,
+           CASE WHEN NOT f.by_project THEN NULL
                 WHEN $4::text = 'monthly_models' THEN '' ELSE coalesce(NULL::jsonb ->> 'project', '') END,
-           CASE WHEN (SELECT by_day FROM flags) AND $4::text NOT IN ('monthly', 'monthly_models')
+           CASE WHEN f.by_day AND $4::text NOT IN ('monthly', 'monthly_models')
                 THEN (t.created_at AT TIME ZONE 'UTC')::date
-                WHEN (SELECT by_day OR by_month FROM flags)
+                WHEN (f.by_day OR f.by_month)
                 THEN date_trunc('month', t.created_at AT TIME ZONE 'UTC')::date END,
            0, 0, 0, 0, sum(-e.amount * sg.sign)::bigint, 0, 0,
-           NULL::jsonb ->> (SELECT tag_names[1] FROM flags), NULL::jsonb ->> (SELECT tag_names[2] FROM flags),
-           NULL::jsonb ->> (SELECT tag_names[3] FROM flags),
+           NULL::jsonb ->> f.tag_names[1], NULL::jsonb ->> f.tag_names[2],
+           NULL::jsonb ->> f.tag_names[3],
            sum(sg.sign)::bigint, sum(-e.amount * sg.sign)::bigint
     FROM transactions t
+    CROSS JOIN flags f
     JOIN entries e ON e.transaction_id = t.id AND e.amount < 0
     CROSS JOIN LATERAL (
         SELECT CASE WHEN t.created_at < greatest($1::timestamptz, $8::timestamptz)
