@@ -30,6 +30,7 @@ from tests.api.test_report_periods import CORRECTED, archive_before, edge_usage
 from tests.api.test_reports import Event, expected, report
 from tests.api.test_spend_rollups import build_history, capture, debit, usage
 from tests.api.test_usage import batch, event
+from tests.api.test_usage_export import pages_of, record_parts
 
 DECLARED = "team,cost center"
 TAG_KEYS = ("team", "cost center", "batch")  # "batch" is never declared
@@ -243,21 +244,7 @@ async def test_reports_from_the_events_read_a_window_then_the_rest(
     await tagged_history(api, clock)
     events = await direct_events(database_url)
     monkeypatch.setattr(reports, "WINDOW", 3)
-    steps: list[list[Any]] = []
-    original = Database.stream_parts_slow
-
-    async def recording(self: Database, timeout_ms: int, plan: Any, **kw: Any) -> Any:
-        async def planned(conn: Any) -> Any:
-            assert await conn.fetchval("SHOW transaction_isolation") == "repeatable read"
-            steps.append([])
-            async for step in plan(conn):
-                steps[-1].append(len(step) if isinstance(step, list) else (step[0], step[1][-2:]))
-                yield step
-
-        async for rows in original(self, timeout_ms, planned, **kw):
-            yield rows
-
-    monkeypatch.setattr(Database, "stream_parts_slow", recording)
+    steps = record_parts(monkeypatch)
     continued = short = 0
     for start, end in (PERIODS[0], PERIODS[4]):
         lo, hi = datetime.fromisoformat(start), datetime.fromisoformat(end)
@@ -270,22 +257,10 @@ async def test_reports_from_the_events_read_a_window_then_the_rest(
             assert r.json() == {"items": want}, (start, end, keys)
             rest = [("usage_report_window", (None, 3))] if len(want) > 3 else []
             continued, short = continued + bool(rest), short + (not rest)
-            assert steps == [[min(len(want), 3), *rest]], (start, end, keys, len(want))
-            assert await all_pages(api, start, end, keys) == want, (start, end, keys)
+            assert steps == [[("rows", min(len(want), 3)), *rest]], (start, end, keys, len(want))
+            pages = await pages_of(api, start, end, keys, 2)
+            assert [i for p in pages for i in p] == want, (start, end, keys)
     assert continued and short, (continued, short)
-
-
-async def all_pages(api: Api, start: str, end: str, keys: tuple[str, ...]) -> list[Any]:
-    """The report's JSON pages of two, followed to the end."""
-    items: list[Any] = []
-    params = {"from": start, "to": end, "group_by": ",".join(keys), "limit": "2"}
-    while True:
-        r = await api.c.get("/v1/reports/usage", params=params)
-        assert r.status_code == 200, r.text
-        items.extend(r.json()["items"])
-        if r.json()["next_cursor"] is None:
-            return items
-        params["cursor"] = r.json()["next_cursor"]
 
 
 ROLLUPS = {

@@ -549,8 +549,9 @@ async def test_a_page_cursor_belongs_to_its_report(api: Api, database_url: str) 
 
 def record_parts(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[str, Any]]]:
     """The parts each Database.stream_parts_slow call from now on ran: each query's
-    name and what it reads (the accounts' count, the values and the null flag, or a
-    usage_report's period); and that the plan ran in a REPEATABLE READ transaction."""
+    name and what it reads (the accounts' count, the values and the null flag, a
+    window's limit and offset, or a usage_report's period), or ("rows", how many) for
+    rows the plan read itself; and that the plan ran in a REPEATABLE READ transaction."""
     calls: list[list[tuple[str, Any]]] = []
     original = Database.stream_parts_slow
 
@@ -568,6 +569,8 @@ def record_parts(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[str, Any]]]
                     reads = len(args[-1])
                 elif query == "usage_report_values":
                     reads = (args[-3], args[-2])
+                elif query == "usage_report_window":
+                    reads = args[-2:]
                 else:
                     reads = args[:2]
                 calls[-1].append((query, reads))
