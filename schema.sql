@@ -2065,6 +2065,14 @@ CREATE INDEX IF NOT EXISTS usage_events_account_idx ON usage_events (account_id,
 -- them (the roll-ups do not keep them): a small index of just those.
 CREATE INDEX IF NOT EXISTS usage_events_policy_idx ON usage_events (occurred_at)
     WHERE shortfall > 0 OR violation IS NOT NULL;
+-- Usage reports by department read from the events (a tag key that is not
+-- declared) sum them by the UTC day or month, and PostgreSQL estimates those
+-- groups from these statistics: from the instant alone, a month was a million
+-- days, and a million events were sorted rather than hashed
+-- (service/sql/reports.sql, the events' arms under `folds`).
+CREATE STATISTICS IF NOT EXISTS usage_events_buckets (ndistinct)
+    ON ((occurred_at AT TIME ZONE 'UTC')::date), (date_trunc('month', occurred_at AT TIME ZONE 'UTC')::date)
+    FROM usage_events;
 
 -- The references of new or changed usage events: the distinct accounts and
 -- prices named, each looked up once by its primary key. Refused with the
@@ -7307,6 +7315,10 @@ CREATE INDEX IF NOT EXISTS usage_events_archive_occurred_idx ON usage_events_arc
 -- archived ones included (the roll-ups keep neither): as usage_events_policy_idx.
 CREATE INDEX IF NOT EXISTS usage_events_archive_policy_idx ON usage_events_archive (occurred_at)
     WHERE shortfall > 0 OR violation IS NOT NULL;
+-- As usage_events_buckets.
+CREATE STATISTICS IF NOT EXISTS usage_events_archive_buckets (ndistinct)
+    ON ((occurred_at AT TIME ZONE 'UTC')::date), (date_trunc('month', occurred_at AT TIME ZONE 'UTC')::date)
+    FROM usage_events_archive;
 
 -- Every usage event, recorded or archived: what the reports that read raw
 -- events read (service/sql/reports.sql, finance.sql, tl_usage_export), so

@@ -10,7 +10,7 @@ usage_events' rows nor the journal."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,8 @@ from tests.api.conftest import Api, FakeClock, assert_audit_clean, key
 from tests.api.test_coalescing import item, ledger_of
 from tests.api.test_report_periods import CORRECTED, archive_before, edge_usage
 from tests.api.test_reports import Event, expected, report
-from tests.api.test_spend_rollups import build_history, capture, debit, usage
-from tests.api.test_usage import batch, event
+from tests.api.test_spend_rollups import MOVE_AT, build_history, capture, debit, usage
+from tests.api.test_usage import batch, event, recorded
 from tests.api.test_usage_export import pages_of, record_parts
 
 DECLARED = "team,cost center"
@@ -64,11 +64,13 @@ PERIODS = [
 ]
 
 # Every spend with its tags, straight from the usage events (the archive's too) and the
-# journal's paying entries of debits and captures (what the report counts).
+# journal's paying entries of debits and captures (what the report counts); a department's
+# own wallet spends under that department, without an employee.
 DIRECT = """
-SELECT a.ref AS employee, u.occurred_at AS at, u.model, u.project, u.cost AS credits,
-       u.input_tokens, u.cached_input_tokens, u.output_tokens, u.tags,
-       tl_department_at(a.ref, u.occurred_at) AS department, false AS is_debit
+SELECT CASE a.type WHEN 'employee' THEN a.ref END AS employee, u.occurred_at AS at, u.model,
+       u.project, u.cost AS credits, u.input_tokens, u.cached_input_tokens, u.output_tokens,
+       u.tags, CASE a.type WHEN 'employee' THEN tl_department_at(a.ref, u.occurred_at)
+                           WHEN 'department' THEN a.ref END AS department, false AS is_debit
 FROM (SELECT account_id, occurred_at, model, project, cost, input_tokens, cached_input_tokens,
              output_tokens, tags FROM usage_events
       UNION ALL
@@ -76,8 +78,10 @@ FROM (SELECT account_id, occurred_at, model, project, cost, input_tokens, cached
              output_tokens, tags FROM usage_events_archive) u
 JOIN accounts a ON a.id = u.account_id
 UNION ALL
-SELECT a.ref, t.created_at, t.metadata ->> 'model', t.metadata ->> 'project', -e.amount,
-       0, 0, 0, t.metadata, tl_department_at(a.ref, t.created_at), true
+SELECT CASE a.type WHEN 'employee' THEN a.ref END, t.created_at, t.metadata ->> 'model',
+       t.metadata ->> 'project', -e.amount, 0, 0, 0, t.metadata,
+       CASE a.type WHEN 'employee' THEN tl_department_at(a.ref, t.created_at)
+                   WHEN 'department' THEN a.ref END, true
 FROM transactions t
 JOIN entries e ON e.transaction_id = t.id AND e.amount < 0
 JOIN accounts a ON a.id = e.account_id
@@ -231,6 +235,60 @@ async def test_tag_reports_equal_the_events_and_the_journal(
     assert await sources(api, *PERIODS[3], ("tag:team", "model")) == ("tag_daily", "tag_daily")
     assert await sources(api, *PERIODS[1], ("tag:batch",)) == ("events", "journal")
     await assert_audit_clean(database_url)
+
+
+async def test_by_department_from_the_events_each_account_is_read_under_its_home(
+    api: Api, clock: FakeClock, database_url: str
+) -> None:
+    """A report by department without the employee, read from the events and the journal
+    (a key not declared, a period inside a day) in which nobody moved, reads each account's
+    spend under its department at `from` (usage_report's `folds`): e-b's before the move
+    counts under eng, where e-b was at `from`, not under ops, where e-b is today; the
+    department's own wallet and an account without a department count under their own."""
+    await tagged_history(api, clock)
+    # Spend on the department's own wallet, and on a system account (no department).
+    clock.set(datetime(2026, 1, 12, 8, tzinfo=UTC))
+    r = await api.transfer("system:issuance", "department:eng", 10_000)
+    assert r.status_code == 201, r.text
+    r = await api.debit("department:eng", 7, metadata={"batch": "b2", "model": "m"})
+    assert r.status_code == 201, r.text
+    await recorded(api.c, event("dept-1", account="department:eng", tags={"batch": "b2"}))
+    events = await direct_events(database_url)
+    # Until e-b's move (since = to: not a move within the period), a whole February, and
+    # hours of a day.
+    periods = [
+        ("2026-01-02T00:00:00Z", MOVE_AT.isoformat()),
+        PERIODS[1],
+        ("2026-01-12T00:00:00Z", "2026-01-12T12:00:00Z"),
+    ]
+    groupings: list[tuple[str, ...]] = [
+        ("department",),
+        ("department", "tag:batch"),
+        ("department", "model", "tag:batch"),
+        ("month", "department", "project", "tag:team", "tag:batch"),
+        ("department", "day", "tag:cost center", "tag:batch"),
+    ]
+    under_eng = 0
+    for start, end in periods:
+        lo, hi = datetime.fromisoformat(start), datetime.fromisoformat(end)
+        for keys in groupings:
+            args = await _usage_args(ledger_of(api.c), lo, hi, keys)
+            if keys != ("department",) or hi - lo < timedelta(days=2):
+                assert (args[3], args[4]) == ("events", False), (start, end, keys)
+            r = await report(api, start, end, keys)
+            assert r.status_code == 200, r.text
+            want = expected(events, lo, hi, keys)
+            assert r.json() == {"items": want}, (start, end, keys)
+            under_eng += sum(i["department"] == "eng" for i in want)
+    # e-b's spend before the move is under eng in the first period: not nothing to check.
+    before = [
+        e
+        for e in events
+        if e.keys["employee"] == "e-b"
+        and datetime(2026, 1, 2, tzinfo=UTC) <= e.occurred_at < MOVE_AT
+    ]
+    assert before and {e.keys["department"] for e in before} == {"eng"}
+    assert under_eng
 
 
 async def test_reports_from_the_events_read_a_window_then_the_rest(
