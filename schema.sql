@@ -2069,10 +2069,21 @@ CREATE INDEX IF NOT EXISTS usage_events_policy_idx ON usage_events (occurred_at)
 -- declared) sum them by the UTC day or month, and PostgreSQL estimates those
 -- groups from these statistics: from the instant alone, a month was a million
 -- days, and a million events were sorted rather than hashed
--- (service/sql/reports.sql, the events' arms under `folds`).
-CREATE STATISTICS IF NOT EXISTS usage_events_buckets (ndistinct)
-    ON ((occurred_at AT TIME ZONE 'UTC')::date), (date_trunc('month', occurred_at AT TIME ZONE 'UTC')::date)
-    FROM usage_events;
+-- (service/sql/reports.sql, the events' arms under `folds`). Created with the
+-- table's ANALYZE, which fills them: otherwise they would stay empty until
+-- autovacuum's next analysis (after a tenth of the table changed).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_statistic_ext
+                   WHERE stxname = 'usage_events_buckets'
+                     AND stxnamespace = current_schema()::regnamespace) THEN
+        CREATE STATISTICS usage_events_buckets (ndistinct)
+            ON ((occurred_at AT TIME ZONE 'UTC')::date),
+               (date_trunc('month', occurred_at AT TIME ZONE 'UTC')::date)
+            FROM usage_events;
+        ANALYZE usage_events;
+    END IF;
+END $$;
 
 -- The references of new or changed usage events: the distinct accounts and
 -- prices named, each looked up once by its primary key. Refused with the
@@ -7316,9 +7327,18 @@ CREATE INDEX IF NOT EXISTS usage_events_archive_occurred_idx ON usage_events_arc
 CREATE INDEX IF NOT EXISTS usage_events_archive_policy_idx ON usage_events_archive (occurred_at)
     WHERE shortfall > 0 OR violation IS NOT NULL;
 -- As usage_events_buckets.
-CREATE STATISTICS IF NOT EXISTS usage_events_archive_buckets (ndistinct)
-    ON ((occurred_at AT TIME ZONE 'UTC')::date), (date_trunc('month', occurred_at AT TIME ZONE 'UTC')::date)
-    FROM usage_events_archive;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_statistic_ext
+                   WHERE stxname = 'usage_events_archive_buckets'
+                     AND stxnamespace = current_schema()::regnamespace) THEN
+        CREATE STATISTICS usage_events_archive_buckets (ndistinct)
+            ON ((occurred_at AT TIME ZONE 'UTC')::date),
+               (date_trunc('month', occurred_at AT TIME ZONE 'UTC')::date)
+            FROM usage_events_archive;
+        ANALYZE usage_events_archive;
+    END IF;
+END $$;
 
 -- Every usage event, recorded or archived: what the reports that read raw
 -- events read (service/sql/reports.sql, finance.sql, tl_usage_export), so

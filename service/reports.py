@@ -395,8 +395,11 @@ async def usage_report_pages(
 
 
 # Rows of a report read from the usage events themselves (a tag key that is not
-# declared, a period under two days) read with one plain query, at most this many.
-WINDOW = 5000
+# declared, a period under two days) read with one plain query, at most this many:
+# about 12 MB of rows (580 bytes each). A report with more reads the events again,
+# through a cursor, for the rest: at 5,000, `department,day,tag:team` over a month
+# (5,348 rows) took 1.9 to 2.4 s whole instead of about 1 s.
+WINDOW = 20_000
 
 
 def _window_plan(

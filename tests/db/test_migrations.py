@@ -76,6 +76,14 @@ async def test_release_7_database_with_data_migrates_to_what_a_fresh_install_is(
         assert await run_audit(conn) == []
         assert await conn.fetchval("SELECT count(*) FROM lots") == 8
         assert await conn.fetchval("SELECT count(*) FROM usage_events") == 2
+        # The statistics schema.sql adds to a table that has rows are filled at once,
+        # not at autovacuum's next analysis.
+        filled = await conn.fetch(
+            "SELECT statistics_name, n_distinct FROM pg_stats_ext_exprs"
+            " WHERE tablename = 'usage_events' ORDER BY 1"
+        )
+        assert [r["statistics_name"] for r in filled] == ["usage_events_buckets"] * 2, filled
+        assert None not in [r["n_distinct"] for r in filled], filled
         # Expiry, spending and chaining work on the old rows with the new functions.
         await conn.fetchval(service_db.load_queries()["sweep_expired"], 100, {"actor": "t"})
         answer = await conn.fetchval(
