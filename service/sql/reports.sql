@@ -44,21 +44,31 @@
 -- final ORDER BY picks each position's key by name.
 WITH
 -- Every account's department account at $1, for the reports by department
--- without employee in which nobody moved department in the period (`homes`
--- below then finds the department at $1 too): an employee account's
--- department at $1 (its latest move at or before $1, else its department), as
--- that department's own account; any other account, or an employee whose
--- department has none, keeps its own id. Their spend is then read under it, and
--- the first aggregation folds a department's employees into one row per key:
--- a month of 10,000 employees by a tag key is about 200 groups instead of
--- 100,000. Set-based (DISTINCT ON), which also keeps it a subquery when it is
+-- without employee: an employee account's department at $1 (its latest move
+-- at or before $1, else its department), as that department's own account;
+-- any other account, an employee whose department has none, and an employee
+-- who moved department after $1 and by the end of the period's last UTC day
+-- keep their own id. Their spend is then read under it, and the first
+-- aggregation folds a department's employees into one row per key: a month
+-- of 10,000 employees by a tag key is about 200 groups instead of 100,000.
+-- `homes` below finds the same department for every account folded here,
+-- whether it looks at $1 or, when someone moved ($5), at the end of each day
+-- (no move of theirs falls between), and finds each day's for those who
+-- moved. Set-based (DISTINCT ON), which also keeps it a subquery when it is
 -- inlined (NOT MATERIALIZED), so PostgreSQL estimates its few homes as a few
 -- groups, not as many as the accounts, and hashes them with parallel workers.
 folds AS NOT MATERIALIZED (
-    SELECT DISTINCT ON (a.id) a.id AS account_id, coalesce(da.id, a.id) AS home
+    SELECT DISTINCT ON (a.id) a.id AS account_id,
+           CASE WHEN m.employee_id IS NULL THEN coalesce(da.id, a.id) ELSE a.id END AS home
     FROM accounts a
     LEFT JOIN employee_departments h ON a.type = 'employee' AND h.employee_id = a.ref
                                     AND h.since <= $1::timestamptz
+    -- Those who moved (by employee_departments_since_idx: the period's few moves).
+    LEFT JOIN (SELECT DISTINCT m.employee_id FROM employee_departments m
+               WHERE m.since > $1::timestamptz
+                 AND m.since < (((($2::timestamptz - interval '1 microsecond')
+                                  AT TIME ZONE 'UTC')::date + 1)::timestamp AT TIME ZONE 'UTC')) m
+           ON a.type = 'employee' AND m.employee_id = a.ref
     LEFT JOIN employees e ON a.type = 'employee' AND e.id = a.ref
     LEFT JOIN accounts da ON da.address = 'department:' || coalesce(h.department, e.department)
     ORDER BY a.id, h.since DESC
@@ -79,7 +89,7 @@ flags AS NOT MATERIALIZED (
     SELECT $3::text[] && ARRAY['employee', 'department'] AS by_account,
            -- Spend read from the events and the journal is read under `folds`.
            $4::text = 'events' AND 'department' = ANY ($3::text[])
-             AND NOT 'employee' = ANY ($3::text[]) AND NOT $5::boolean AS by_home,
+             AND NOT 'employee' = ANY ($3::text[]) AS by_home,
            'model' = ANY ($3::text[]) AS by_model,
            'project' = ANY ($3::text[]) AS by_project,
            'day' = ANY ($3::text[]) OR $5::boolean AS by_day,
@@ -152,8 +162,8 @@ raw AS (
       -- @accounts: u.account_id
     GROUP BY 1, 2, 3, 4, 12, 13, 14
     UNION ALL
-    -- The same under `folds` (flags.by_home: by department without employee,
-    -- nobody moved): a month's million events are a few hundred rows for the
+    -- The same under `folds` (flags.by_home: by department without
+    -- employee): a month's million events are a few hundred rows for the
     -- levels above, where by account they are 80,000 for a month by a tag key,
     -- and no 80,000 groups are hashed. Planned so that PostgreSQL hashes these
     -- few groups (with parallel workers) rather than sorting the million rows:

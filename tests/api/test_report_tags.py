@@ -241,10 +241,12 @@ async def test_by_department_from_the_events_each_account_is_read_under_its_home
     api: Api, clock: FakeClock, database_url: str
 ) -> None:
     """A report by department without the employee, read from the events and the journal
-    (a key not declared, a period inside a day) in which nobody moved, reads each account's
-    spend under its department at `from` (usage_report's `folds`): e-b's before the move
-    counts under eng, where e-b was at `from`, not under ops, where e-b is today; the
-    department's own wallet and an account without a department count under their own."""
+    (a key not declared, a period inside a day), reads each account's spend under its
+    department at `from` (usage_report's `folds`), but for those who moved within the
+    period, whose spend is under the department of each day: e-b's before the move counts
+    under eng, where e-b was at `from`, not under ops, where e-b is today, and after it
+    under ops; the department's own wallet and an account without a department count
+    under their own."""
     await tagged_history(api, clock)
     # Spend on the department's own wallet, and on a system account (no department).
     clock.set(datetime(2026, 1, 12, 8, tzinfo=UTC))
@@ -255,12 +257,15 @@ async def test_by_department_from_the_events_each_account_is_read_under_its_home
     await recorded(api.c, event("dept-1", account="department:eng", tags={"batch": "b2"}))
     events = await direct_events(database_url)
     # Until e-b's move (since = to: not a move within the period), a whole February, and
-    # hours of a day.
+    # hours of a day; then with the move inside: two months, and hours around it.
     periods = [
         ("2026-01-02T00:00:00Z", MOVE_AT.isoformat()),
         PERIODS[1],
         ("2026-01-12T00:00:00Z", "2026-01-12T12:00:00Z"),
+        PERIODS[0],
+        ("2026-01-19T08:00:00Z", "2026-01-20T12:00:00Z"),
     ]
+    moved = {PERIODS[0], periods[-1]}
     groupings: list[tuple[str, ...]] = [
         ("department",),
         ("department", "tag:batch"),
@@ -274,7 +279,7 @@ async def test_by_department_from_the_events_each_account_is_read_under_its_home
         for keys in groupings:
             args = await _usage_args(ledger_of(api.c), lo, hi, keys)
             if keys != ("department",) or hi - lo < timedelta(days=2):
-                assert (args[3], args[4]) == ("events", False), (start, end, keys)
+                assert (args[3], args[4]) == ("events", (start, end) in moved), (start, end, keys)
             r = await report(api, start, end, keys)
             assert r.status_code == 200, r.text
             want = expected(events, lo, hi, keys)
