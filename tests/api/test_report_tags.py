@@ -245,10 +245,10 @@ async def test_by_department_from_the_events_each_account_is_read_under_its_home
     department at `from` (usage_report's `folds`), but for those who moved within the
     period, whose spend is under the department of each day: e-b's before the move counts
     under eng, where e-b was at `from`, not under ops, where e-b is today, and after it
-    under ops; the department's own wallet and an account without a department count
-    under their own."""
+    under ops; the department's own wallet (an account of no employee, read under its own
+    id) counts under its department."""
     await tagged_history(api, clock)
-    # Spend on the department's own wallet, and on a system account (no department).
+    # Spend on the department's own wallet, funded from system:issuance.
     clock.set(datetime(2026, 1, 12, 8, tzinfo=UTC))
     r = await api.transfer("system:issuance", "department:eng", 10_000)
     assert r.status_code == 201, r.text
