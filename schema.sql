@@ -2065,25 +2065,6 @@ CREATE INDEX IF NOT EXISTS usage_events_account_idx ON usage_events (account_id,
 -- them (the roll-ups do not keep them): a small index of just those.
 CREATE INDEX IF NOT EXISTS usage_events_policy_idx ON usage_events (occurred_at)
     WHERE shortfall > 0 OR violation IS NOT NULL;
--- Usage reports by department read from the events (a tag key that is not
--- declared) sum them by the UTC day or month, and PostgreSQL estimates those
--- groups from these statistics: from the instant alone, a month was a million
--- days, and a million events were sorted rather than hashed
--- (service/sql/reports.sql, the events' arms under `folds`). Created with the
--- table's ANALYZE, which fills them: otherwise they would stay empty until
--- autovacuum's next analysis (after a tenth of the table changed).
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_statistic_ext
-                   WHERE stxname = 'usage_events_buckets'
-                     AND stxnamespace = current_schema()::regnamespace) THEN
-        CREATE STATISTICS usage_events_buckets (ndistinct)
-            ON ((occurred_at AT TIME ZONE 'UTC')::date),
-               (date_trunc('month', occurred_at AT TIME ZONE 'UTC')::date)
-            FROM usage_events;
-        ANALYZE usage_events;
-    END IF;
-END $$;
 
 -- The references of new or changed usage events: the distinct accounts and
 -- prices named, each looked up once by its primary key. Refused with the
@@ -7326,18 +7307,29 @@ CREATE INDEX IF NOT EXISTS usage_events_archive_occurred_idx ON usage_events_arc
 -- archived ones included (the roll-ups keep neither): as usage_events_policy_idx.
 CREATE INDEX IF NOT EXISTS usage_events_archive_policy_idx ON usage_events_archive (occurred_at)
     WHERE shortfall > 0 OR violation IS NOT NULL;
--- As usage_events_buckets.
+-- Usage reports by department read from the events (a tag key that is not
+-- declared) sum them by the UTC day or month, and PostgreSQL estimates those
+-- groups from these statistics, one set per table (usage_events_buckets,
+-- usage_events_archive_buckets): from the instant alone, a month was a
+-- million days, and a million events were sorted rather than hashed
+-- (service/sql/reports.sql, the events' arms under `folds`). Created with the
+-- table's ANALYZE, which fills them: otherwise they would stay empty until
+-- autovacuum's next analysis (after a tenth of the table changed).
 DO $$
+DECLARE
+    v_table text;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_statistic_ext
-                   WHERE stxname = 'usage_events_archive_buckets'
-                     AND stxnamespace = current_schema()::regnamespace) THEN
-        CREATE STATISTICS usage_events_archive_buckets (ndistinct)
-            ON ((occurred_at AT TIME ZONE 'UTC')::date),
-               (date_trunc('month', occurred_at AT TIME ZONE 'UTC')::date)
-            FROM usage_events_archive;
-        ANALYZE usage_events_archive;
-    END IF;
+    FOREACH v_table IN ARRAY ARRAY['usage_events', 'usage_events_archive'] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_statistic_ext
+                       WHERE stxname = v_table || '_buckets'
+                         AND stxnamespace = current_schema()::regnamespace) THEN
+            EXECUTE format('CREATE STATISTICS %I (ndistinct)'
+                           ' ON ((occurred_at AT TIME ZONE ''UTC'')::date),'
+                           '    (date_trunc(''month'', occurred_at AT TIME ZONE ''UTC'')::date)'
+                           ' FROM %I', v_table || '_buckets', v_table);
+            EXECUTE format('ANALYZE %I', v_table);
+        END IF;
+    END LOOP;
 END $$;
 
 -- Every usage event, recorded or archived: what the reports that read raw
