@@ -84,6 +84,23 @@ def load_queries() -> dict[str, str]:
     queries["usage_report_values"] = queries["usage_report"].replace(
         mark, f"    WHERE {value} = ANY ($10::text[]) OR ($11::boolean AND {value} IS NULL)"
     )
+    # And over the rows whose value is from $10 on in byte order, up to $11 (both
+    # included; null $11: no end; null $10: none), or null with $12 ($13 the key as
+    # above), $14 rows from row $15 on ($14 null: all of them): a chunk of a report
+    # led by that key read from the events and the journal themselves
+    # (_value_range_plan), with a plain query (parallel workers) and a comparison
+    # or two a row however many values the chunk has.
+    value = value.replace("$12", "$13")
+    ranged = (
+        f'({value}) COLLATE "C" >= ($10::text COLLATE "C")'
+        f' AND (({value}) COLLATE "C" <= ($11::text COLLATE "C") OR $11::text IS NULL)'
+    )
+    queries["usage_report_range"] = (
+        queries["usage_report"]
+        .replace(mark, f"    WHERE ({ranged}) OR ($12::boolean AND {value} IS NULL)")
+        .removesuffix(";")
+        + "\nLIMIT $14::bigint OFFSET $15::bigint;"
+    )
     return queries
 
 

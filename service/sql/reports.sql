@@ -524,6 +524,45 @@ ORDER BY x.v[o.pos[1]] COLLATE "C", x.v[o.pos[2]] COLLATE "C", x.v[o.pos[3]] COL
          x.v[o.pos[4]] COLLATE "C", x.v[o.pos[5]] COLLATE "C", x.v[o.pos[6]] COLLATE "C",
          x.v[o.pos[7]] COLLATE "C", x.v[o.pos[8]] COLLATE "C", x.v[o.pos[9]] COLLATE "C";
 
+-- name: report_lead_values
+-- The values of a report's leading key ($3: 'model', 'project' or 'tag', the
+-- tag's name $4) among the usage events and the debits and captures of
+-- [$1, $2), after $6 (byte order; null $6: from the first), in the report's
+-- order (null last), at most $5: the chunks of a report led by that key with
+-- the employee that is read from the events and the journal themselves
+-- (service/reports.py, _value_range_plan). As usage_report reads them (`raw`):
+-- the events' model, project ('' is null) and tags, the transactions'
+-- metadata. A superset (a transaction with no spending entry has no row
+-- there): a chunk of such a value only has no rows. Each table's values
+-- grouped apart, so that each is hashed with parallel workers (read whole,
+-- then made distinct, a month's 1.3 million values were sorted: 0.98 s, against
+-- 0.39 s).
+SELECT v FROM (
+    SELECT CASE $3::text WHEN 'model' THEN u.model WHEN 'project' THEN nullif(u.project, '')
+                ELSE u.tags ->> $4::text END AS v
+    FROM usage_events u
+    WHERE u.occurred_at >= $1::timestamptz AND u.occurred_at < $2::timestamptz
+    GROUP BY 1
+    UNION ALL
+    SELECT CASE $3::text WHEN 'model' THEN u.model WHEN 'project' THEN nullif(u.project, '')
+                ELSE u.tags ->> $4::text END
+    FROM usage_events_archive u
+    WHERE u.occurred_at >= $1::timestamptz AND u.occurred_at < $2::timestamptz
+    GROUP BY 1
+    UNION ALL
+    SELECT CASE $3::text WHEN 'model' THEN t.metadata ->> 'model'
+                WHEN 'project' THEN nullif(t.metadata ->> 'project', '')
+                ELSE t.metadata ->> $4::text END
+    FROM transactions t
+    WHERE t.kind IN ('debit', 'capture')
+      AND t.created_at >= $1::timestamptz AND t.created_at < $2::timestamptz
+    GROUP BY 1
+) x
+WHERE $6::text IS NULL OR v IS NULL OR (v COLLATE "C") > ($6::text COLLATE "C")
+GROUP BY v
+ORDER BY v COLLATE "C"
+LIMIT $5;
+
 -- name: report_employee_accounts
 -- Up to $3 employee accounts from the employee $1 on (byte order, the
 -- report's; $2: $1 itself included), with their employees: the next chunk of

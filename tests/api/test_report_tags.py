@@ -21,6 +21,7 @@ import pytest
 from bench.year import sections
 from service import db as service_db
 from service import reports
+from service.api.common import encode_cursor
 from service.config import Config
 from service.journal import Database
 from service.reports import TOTALS, _usage_args, parse_group_by, sync_report_tags, tag_source
@@ -30,7 +31,7 @@ from tests.api.test_report_periods import CORRECTED, archive_before, edge_usage
 from tests.api.test_reports import Event, expected, report
 from tests.api.test_spend_rollups import MOVE_AT, build_history, capture, debit, usage
 from tests.api.test_usage import batch, event, recorded
-from tests.api.test_usage_export import pages_of, record_parts
+from tests.api.test_usage_export import paged, pages_of, record_parts
 
 DECLARED = "team,cost center"
 TAG_KEYS = ("team", "cost center", "batch")  # "batch" is never declared
@@ -324,6 +325,147 @@ async def test_reports_from_the_events_read_a_window_then_the_rest(
             pages = await pages_of(api, start, end, keys, 2)
             assert [i for p in pages for i in p] == want, (start, end, keys)
     assert continued and short, (continued, short)
+
+
+async def test_reports_led_by_a_key_from_the_events_read_stretches_of_its_values(
+    api: Api, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> None:
+    """A report led by a tag key not declared (or, over a short period, the model or
+    the project) with the employee reads the events and the journal themselves a
+    stretch of the key's values at a time (service/reports.py, _value_range_plan), in
+    one snapshot. Whole answers and pages of one, two and five equal the direct sum,
+    across values in byte order that another collation would order otherwise, the
+    empty string, a value only the journal has, a number in a debit's metadata and
+    null (last), with the values listed two at a time and a window of three rows. The
+    whole answer reads the first value with a plain query, then the others through one
+    cursor; a page reads one value first, and a page after a cursor the cursor's own
+    value, listing no values when that fills it; a key nobody sets (one value, null)
+    is the single query."""
+    await tagged_history(api, clock)
+    for n, (emp, when, batch_tag) in enumerate(
+        [
+            ("e-a", datetime(2026, 1, 3, 12, tzinfo=UTC), "B"),
+            ("e-b", datetime(2026, 1, 3, 13, tzinfo=UTC), "a"),
+            ("e-c", datetime(2026, 1, 3, 14, tzinfo=UTC), "\u00e9t\u00e9"),
+            ("e-a", datetime(2026, 1, 3, 15, tzinfo=UTC), ""),
+            ("e-c", datetime(2026, 1, 3, 16, tzinfo=UTC), "B"),
+            ("e-b", datetime(2026, 2, 3, 1, tzinfo=UTC), "a"),
+        ]
+    ):
+        project = ("Zeta", "beta", None)[n % 3]
+        tags = {"batch": batch_tag}
+        await usage(api, clock, emp, when, f"stretch-{n}", tags=tags, project=project)
+    await debit(api, clock, "e-b", datetime(2026, 1, 3, 17, tzinfo=UTC), 5, batch="j-only")
+    await debit(api, clock, "e-c", datetime(2026, 1, 3, 18, tzinfo=UTC), 6, batch=7)
+    # A tag set once, before the period that is asked for it below.
+    await usage(
+        api, clock, "e-a", datetime(2026, 1, 3, 1, tzinfo=UTC), "phase", tags={"phase": "p0"}
+    )
+    events = await direct_events(database_url)
+    monkeypatch.setattr(reports, "WINDOW", 3)
+    monkeypatch.setattr(reports, "LEAD_VALUES_MAX", 2)
+    steps = record_parts(monkeypatch)
+    day = ("2026-01-03T09:00:00Z", "2026-01-03T23:30:00Z")
+    cases = [
+        (PERIODS[0], ("tag:batch", "employee")),
+        (PERIODS[0], ("tag:batch", "employee", "model")),
+        (PERIODS[4], ("tag:batch", "employee")),
+        (CORRECTED[3], ("tag:batch", "employee", "project")),
+        (day, ("model", "employee")),
+        (day, ("project", "employee", "model")),
+    ]
+    for (start, end), keys in cases:
+        lo, hi = datetime.fromisoformat(start), datetime.fromisoformat(end)
+        assert (await sources(api, start, end, keys))[0] == "events", keys
+        want = expected(events, lo, hi, keys)
+        values = list(dict.fromkeys(i[keys[0]] for i in want))
+        assert len(values) >= 3 and values[-1] is None, (keys, values)
+        steps.clear()
+        r = await report(api, start, end, keys)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"items": want}, (start, end, keys)
+        first = sum(i[keys[0]] == values[0] for i in want)
+        head: list[tuple[str, Any]] = [("values", None), ("rows", min(first, 3))]
+        if first > 3:
+            head.append(("usage_report_range", (values[0], values[0], False, None, 3)))
+        rest = ("usage_report_range", (values[1], None, True, None, 0))
+        assert steps == [[*head, rest]], (keys, values, steps)
+        for size in (1, 2, 5):
+            pages = await pages_of(api, start, end, keys, size)
+            assert [i for p in pages for i in p] == want, (start, end, keys, size)
+        # The first page of one (two rows: one, and whether more follow): the first
+        # value's rows, and the next value's when the first has only one.
+        steps.clear()
+        r = await paged(api, start, end, keys, {"limit": "1"})
+        assert r.json()["items"] == want[:1]
+        assert steps[0][:2] == [("values", None), ("rows", min(first, 3))], steps
+        assert len(steps[0]) == (2 if first > 1 else 3), (first, steps)
+        # After a cursor on the second value's first row, when that value has another.
+        mark = reports.page_fingerprint(lo, hi, keys)
+        at = next(n for n, i in enumerate(want) if i[keys[0]] == values[1])
+        if at + 1 < len(want) and want[at + 1][keys[0]] == values[1]:
+            steps.clear()
+            cursor = encode_cursor([mark, [want[at][k] for k in keys]])
+            r = await paged(api, start, end, keys, {"cursor": cursor, "limit": "1"})
+            assert r.json()["items"] == want[at + 1 : at + 2]
+            assert steps[0][0][0] == "rows", steps
+            assert not [s for s in steps[0] if s[0] == "values"], steps
+        # A cursor among the rows of null (last) reads only theirs.
+        nulls = [n for n, i in enumerate(want) if i[keys[0]] is None]
+        steps.clear()
+        cursor = encode_cursor([mark, [want[nulls[0]][k] for k in keys]])
+        r = await paged(api, start, end, keys, {"cursor": cursor, "limit": "500"})
+        assert r.json()["items"] == want[nulls[0] + 1 :]
+        # (The values listed first for a report whose only tag key leads it: none
+        # but null would make it the report without the key.)
+        listed = [("values", None)] if keys[0].startswith("tag:") else []
+        reads = [s for s in steps[0] if s[0] != "rows"]
+        null = ("usage_report_range", (None, None, True, None, 3))
+        assert reads in (listed, [*listed, null]), steps
+    # A key nobody set in the period: its one value (null) is the single query, in
+    # windows, without the key (the roll-ups of the period, corrected at its ends,
+    # where the events that correct its start are tagged).
+    windows: list[tuple[str, str]] = []
+    window_plan = reports._window_plan
+
+    def recorded_window(ledger: Database, args: tuple[Any, ...]) -> Any:
+        windows.append((args[3], args[6]))
+        return window_plan(ledger, args)
+
+    monkeypatch.setattr(reports, "_window_plan", recorded_window)
+    monkeypatch.setattr(reports, "WINDOW", 2)
+    for (start, end), tag, source in (
+        (PERIODS[0], "tag:nobody", ("monthly_models", "monthly")),
+        (("2026-01-03T03:00:00Z", "2026-01-05T05:00:00Z"), "tag:phase", ("daily", "daily")),
+        (PERIODS[4], "tag:phase", ("events", "journal")),
+    ):
+        lo, hi = datetime.fromisoformat(start), datetime.fromisoformat(end)
+        keys = (tag, "employee")
+        want = [{tag: None, **i} for i in expected(events, lo, hi, ("employee",))]
+        assert len(want) == 3
+        windows.clear()
+        steps.clear()
+        assert (await report(api, start, end, keys)).json() == {"items": want}, (start, tag)
+        assert steps == [[("values", None), ("rows", 2), ("usage_report_window", (None, 2))]]
+        assert windows == [source], windows
+        # A page among the rows of null lists the values too, and reads the same.
+        mark = reports.page_fingerprint(lo, hi, keys)
+        cursor = encode_cursor([mark, [want[0][k] for k in keys]])
+        r = await paged(api, start, end, keys, {"cursor": cursor, "limit": "1"})
+        assert r.json()["items"] == want[1:2]
+        assert len(windows) == 2 and windows[0] == windows[1], windows
+    # With the tag set in the period: p0's row, then the rows of null, a stretch of
+    # their own, the same sums in all.
+    start, end = PERIODS[0]
+    keys = ("tag:phase", "employee")
+    steps.clear()
+    items = (await report(api, start, end, keys)).json()["items"]
+    assert [(i["tag:phase"], i["employee"]) for i in items[:2]] == [("p0", "e-a"), (None, "e-a")]
+    by_employee = expected(events, *map(datetime.fromisoformat, PERIODS[0]), ("employee",))
+    assert sum(i["events"] for i in items) == sum(i["events"] for i in by_employee)
+    assert steps == [
+        [("values", None), ("rows", 1), ("usage_report_range", (None, None, True, None, 0))]
+    ]
 
 
 ROLLUPS = {

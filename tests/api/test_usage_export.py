@@ -550,16 +550,33 @@ async def test_a_page_cursor_belongs_to_its_report(api: Api, database_url: str) 
 def record_parts(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[str, Any]]]:
     """The parts each Database.stream_parts_slow call from now on ran: each query's
     name and what it reads (the accounts' count, the values and the null flag, a
-    window's limit and offset, or a usage_report's period), or ("rows", how many) for
-    rows the plan read itself; and that the plan ran in a REPEATABLE READ transaction."""
+    window's limit and offset, a stretch's first and last value, null flag, limit and
+    offset, or a usage_report's period), or ("rows", how many) for rows the plan read
+    itself, or ("values", after which) for a list of a leading key's values
+    (report_lead_values); and that the plan ran in a REPEATABLE READ transaction."""
     calls: list[list[tuple[str, Any]]] = []
     original = Database.stream_parts_slow
+    listing = load_queries()["report_lead_values"]
+
+    class Recorded:
+        """The plan's connection, its lists of values recorded."""
+
+        def __init__(self, conn: Any) -> None:
+            self.conn = conn
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.conn, name)
+
+        async def fetch(self, query: str, *args: Any, **kw: Any) -> Any:
+            if query == listing:
+                calls[-1].append(("values", args[5]))
+            return await self.conn.fetch(query, *args, **kw)
 
     async def recording(self: Database, timeout_ms: int, plan: Any, **kw: Any) -> Any:
         async def planned(conn: Any) -> Any:
             assert await conn.fetchval("SHOW transaction_isolation") == "repeatable read"
             calls.append([])
-            async for step in plan(conn):
+            async for step in plan(Recorded(conn)):
                 if isinstance(step, list):  # rows the plan read itself
                     calls[-1].append(("rows", len(step)))
                     yield step
@@ -571,6 +588,8 @@ def record_parts(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[str, Any]]]
                     reads = (args[-3], args[-2])
                 elif query == "usage_report_window":
                     reads = args[-2:]
+                elif query == "usage_report_range":
+                    reads = (*args[-6:-3], *args[-2:])
                 else:
                     reads = args[:2]
                 calls[-1].append((query, reads))
@@ -708,11 +727,13 @@ async def test_department_and_time_chunks_are_the_single_query(
 
     assert ("e-c", "ops") not in homes, homes
     # Led by a tag key not declared, the report reads the events and the journal
-    # themselves: each chunk would read them all again, so it is one query.
+    # themselves; nobody here sets the tag, so its one value (null) is the single
+    # query's first window (_value_range_plan).
     calls.clear()
     keys = ("tag:team", "employee")
     whole = (await report(api, *CHUNKED_PERIODS[2], keys)).json()["items"]
-    assert calls == [[("usage_report", tuple(map(parse, CHUNKED_PERIODS[2])))]], calls
+    assert {i["tag:team"] for i in whole} == {None}, whole
+    assert calls == [[("values", None), ("rows", len(whole))]], calls
     assert whole == await general_path(api, database_url, *map(parse, CHUNKED_PERIODS[2]), keys)
     # A page of a report led by the department reads its first chunk only.
     calls.clear()
