@@ -60,7 +60,8 @@
 --       functions: tl_price_at, tl_price_json, tl_usage_cost, tl_op_add_price,
 --                 tl_usage_refs_exist, tl_usage_events_refs,
 --                 tl_usage_event_refs, tl_usage_json, tl_usage_differs,
---                 tl_usage_duplicate, tl_record_usage, tl_usage_batch_answer,
+--                 tl_usage_duplicate, tl_usage_prepare, tl_usage_settle,
+--                 tl_record_usage, tl_usage_batch_answer,
 --                 tl_usage_batch_sums, tl_usage_batch_totals, tl_usage_batch_rows,
 --                 tl_usage_batch_key_cap, tl_usage_batch_fit,
 --                 tl_usage_batch_charge, tl_usage_batch_settle,
@@ -2161,33 +2162,40 @@ BEGIN
     RETURN jsonb_build_object('status', 200, 'body', u.result || '{"status": "duplicate"}'::jsonb);
 END $$;
 
--- Records one usage event: prices it at the version in effect at
--- occurred_at (or, when it settles a reservation made by estimate, at that
--- reservation's price), charges the account in the same transaction (or
--- captures the reservation with the cost), and stores the answer under
--- (source, event_id). Returns {status: 201|200, body}.
-CREATE OR REPLACE FUNCTION tl_record_usage(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+-- Recording one usage event is in three steps, so that a coalesced batch
+-- (tl_execute_batch) can claim its events before it locks any account, as
+-- tl_record_usage and tl_record_usage_batch claim theirs:
+--   1. tl_usage_prepare, which takes no row lock: the answer when (source,
+--      event_id) is recorded already, or the event's row, priced;
+--   2. the claim: its row inserted (a concurrent request for the same event
+--      waits there for the first one's outcome);
+--   3. tl_usage_settle, under the account's lock: the charge (or the
+--      reservation's capture), the answer stored with the event, the roll-ups.
+
+-- Step 1. Prices the event at the version in effect at occurred_at (or,
+-- when it settles a reservation made by estimate, at that reservation's
+-- price) and returns either `answer`, {status: 200, body} for an event whose
+-- (source, event_id) is recorded already, or `event`, the row to claim (its
+-- id chosen, recorded_at not yet), with the spend-policy flag `violation`.
+-- Raises what the event answers before anything is claimed: an unknown
+-- account, reservation or model, a system account, a key's departments, a
+-- reused (source, event_id). With p_lock_key a capped key's spend row is
+-- locked here, before the claim (a coalesced batch locks it beforehand).
+CREATE OR REPLACE FUNCTION tl_usage_prepare(p_args jsonb, p_ctx jsonb, p_lock_key boolean,
+                                            OUT answer jsonb, OUT event usage_events, OUT violation text)
 LANGUAGE plpgsql AS $$
 DECLARE
     w accounts;
     v_price prices;
     v_existing usage_events;
-    v_event usage_events;
     v_occurred timestamptz := coalesce((p_args ->> 'occurred_at')::timestamptz, tl_now(p_ctx));
-    v_cost bigint;
-    v_now timestamptz;
-    v_txn uuid;
     v_res reservations;
-    v_capture jsonb;
-    v_body jsonb;
-    v_cover record;
-    v_shortfall bigint := 0;
-    v_violation text;
 BEGIN
     SELECT * INTO v_existing FROM usage_events
         WHERE source = p_args ->> 'source' AND event_id = p_args ->> 'event_id';
     IF FOUND AND v_existing.result IS NOT NULL THEN
-        RETURN tl_usage_duplicate(v_existing, p_args);
+        answer := tl_usage_duplicate(v_existing, p_args);
+        RETURN;
     END IF;
     w := tl_require_account(p_args ->> 'account');
     IF w.type = 'system' THEN
@@ -2197,7 +2205,7 @@ BEGIN
     IF p_ctx ? 'departments' THEN
         PERFORM tl_require_key_scope(w, p_ctx);  -- a key limited to departments
     END IF;
-    IF p_ctx ? 'rate_limit' AND p_args ->> 'reservation' IS NULL THEN
+    IF p_lock_key AND p_ctx ? 'rate_limit' AND p_args ->> 'reservation' IS NULL THEN
         PERFORM tl_key_lock(ARRAY[p_ctx]);  -- before the event is claimed (see tl_key_lock)
     END IF;
     IF p_args ? 'reservation' AND p_args ->> 'reservation' IS NOT NULL THEN
@@ -2222,46 +2230,64 @@ BEGIN
                          format('no price for model %s at %s', p_args ->> 'model', tl_ts(v_occurred)),
                          jsonb_build_object('model', p_args ->> 'model'));
     END IF;
-    v_cost := tl_usage_cost(v_price, (p_args ->> 'input_tokens')::bigint,
-                            coalesce((p_args ->> 'cached_input_tokens')::bigint, 0),
-                            (p_args ->> 'output_tokens')::bigint);
+    event.cost := tl_usage_cost(v_price, (p_args ->> 'input_tokens')::bigint,
+                                coalesce((p_args ->> 'cached_input_tokens')::bigint, 0),
+                                (p_args ->> 'output_tokens')::bigint);
     -- Spend policy: a call to a model outside it already happened; it is
     -- recorded and flagged, never dropped.
     IF w.policy_bound AND NOT tl_model_allowed(w, v_price.model, v_price.tier) THEN
-        v_violation := 'model_not_allowed';
+        violation := 'model_not_allowed';
     END IF;
-    -- Claim (source, event_id); a concurrent duplicate waits here for us.
-    INSERT INTO usage_events (id, source, event_id, account_id, model, price_id, input_tokens,
-                              cached_input_tokens, output_tokens, cost, reservation_id, project, tags,
-                              occurred_at, recorded_at)
-    VALUES (tl_uuid7(), p_args ->> 'source', p_args ->> 'event_id', w.id, p_args ->> 'model', v_price.id,
-            (p_args ->> 'input_tokens')::bigint, coalesce((p_args ->> 'cached_input_tokens')::bigint, 0),
-            (p_args ->> 'output_tokens')::bigint, v_cost, v_res.id, p_args ->> 'project',
-            coalesce(nullif(p_args -> 'tags', 'null'::jsonb), '{}'::jsonb), v_occurred, clock_timestamp())
-    ON CONFLICT (source, event_id) DO NOTHING
-    RETURNING * INTO v_event;
-    IF v_event.id IS NULL THEN
-        SELECT * INTO v_existing FROM usage_events
-            WHERE source = p_args ->> 'source' AND event_id = p_args ->> 'event_id';
-        RETURN tl_usage_duplicate(v_existing, p_args);
-    END IF;
-    IF v_res.id IS NOT NULL THEN
+    event.id := tl_uuid7();
+    event.source := p_args ->> 'source';
+    event.event_id := p_args ->> 'event_id';
+    event.account_id := w.id;
+    event.model := p_args ->> 'model';
+    event.price_id := v_price.id;
+    event.input_tokens := (p_args ->> 'input_tokens')::bigint;
+    event.cached_input_tokens := coalesce((p_args ->> 'cached_input_tokens')::bigint, 0);
+    event.output_tokens := (p_args ->> 'output_tokens')::bigint;
+    event.reservation_id := v_res.id;
+    event.project := p_args ->> 'project';
+    event.tags := coalesce(nullif(p_args -> 'tags', 'null'::jsonb), '{}'::jsonb);
+    event.occurred_at := v_occurred;
+END $$;
+
+-- Step 3. Records a claimed event (p_event, as tl_usage_prepare made it):
+-- charges the account in this transaction (or captures the reservation
+-- with the cost), and stores the answer with the event. Returns {status:
+-- 201, body}. p_rollup false leaves the roll-ups to the caller (a coalesced
+-- batch writes all of its events' at once, in key order).
+CREATE OR REPLACE FUNCTION tl_usage_settle(p_event usage_events, p_args jsonb, p_ctx jsonb, p_violation text,
+                                           p_rollup boolean)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    w accounts;
+    v_cost bigint := p_event.cost;
+    v_now timestamptz;
+    v_txn uuid;
+    v_capture jsonb;
+    v_body jsonb;
+    v_cover record;
+    v_shortfall bigint := 0;
+BEGIN
+    IF p_event.reservation_id IS NOT NULL THEN
         -- Settles the reservation: capture with the priced cost (same rules as
         -- a capture), or release it when the call cost nothing.
         IF v_cost > 0 THEN
             v_capture := tl_op_capture(jsonb_build_object(
-                'reservation', p_args ->> 'reservation', 'reservation_id', v_res.id, 'amount', v_cost,
-                'metadata', jsonb_build_object('usage_event', p_args ->> 'event_id', 'model', v_price.model)),
+                'reservation', p_args ->> 'reservation', 'reservation_id', p_event.reservation_id, 'amount', v_cost,
+                'metadata', jsonb_build_object('usage_event', p_args ->> 'event_id', 'model', p_event.model)),
                 p_ctx);
             v_txn := (replace(v_capture #>> '{transaction,id}', 'txn_', ''))::uuid;
         ELSE
             PERFORM tl_op_release(jsonb_build_object('reservation', p_args ->> 'reservation',
-                                                     'reservation_id', v_res.id), p_ctx);
+                                                     'reservation_id', p_event.reservation_id), p_ctx);
         END IF;
     ELSIF v_cost > 0 THEN
-        PERFORM tl_lock(ARRAY[w.id], ARRAY['system:expired', 'system:usage', 'system:issuance']);
+        PERFORM tl_lock(ARRAY[p_event.account_id], ARRAY['system:expired', 'system:usage', 'system:issuance']);
         v_now := tl_now(p_ctx);
-        SELECT * INTO w FROM accounts WHERE id = w.id;
+        SELECT * INTO w FROM accounts WHERE id = p_event.account_id;
         PERFORM tl_require_open(w);
         PERFORM tl_expire_due(w.id, v_now, p_ctx);
         -- Usage that happened is never dropped: what the wallet cannot cover
@@ -2273,12 +2299,12 @@ BEGIN
             PERFORM tl_key_charge(p_ctx, v_cost);  -- the key's spend rate cap
         END IF;
         IF w.policy_bound THEN
-            PERFORM tl_policy_count(w, v_cost, v_occurred, false, v_now);
+            PERFORM tl_policy_count(w, v_cost, p_event.occurred_at, false, v_now);
         END IF;
         v_txn := tl_new_transaction('usage', v_now, p_ctx, NULL,
-                                    jsonb_build_object('model', v_price.model, 'project', p_args ->> 'project'),
+                                    jsonb_build_object('model', p_event.model, 'project', p_args ->> 'project'),
                                     jsonb_build_object('source', p_args ->> 'source', 'event_id', p_args ->> 'event_id',
-                                                       'price_id', tl_public_id('prc_', v_price.id))
+                                                       'price_id', tl_public_id('prc_', p_event.price_id))
                                     || CASE WHEN v_cover.from_lots < v_cost
                                             THEN jsonb_build_object('overdraft', v_cover.overdraft,
                                                                     'shortfall', v_cover.shortfall)
@@ -2294,15 +2320,50 @@ BEGIN
         END IF;
         PERFORM tl_post_entry(v_txn, tl_account_id('system:usage'), v_cost, v_now);
     END IF;
-    v_event.transaction_id := v_txn;
-    v_body := tl_usage_json(v_event, 'recorded')
+    p_event.transaction_id := v_txn;
+    v_body := tl_usage_json(p_event, 'recorded')
               || CASE WHEN v_shortfall = 0 THEN '{}'::jsonb ELSE jsonb_build_object('shortfall', v_shortfall) END
-              || CASE WHEN v_violation IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('violation', v_violation) END;
+              || CASE WHEN p_violation IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('violation', p_violation) END;
     UPDATE usage_events SET transaction_id = v_txn, result = v_body - 'status', shortfall = v_shortfall,
-                            violation = v_violation
-     WHERE id = v_event.id;
-    PERFORM tl_usage_rollup(v_event);
+                            violation = p_violation
+     WHERE id = p_event.id;
+    IF p_rollup THEN
+        PERFORM tl_usage_rollup(p_event);
+    END IF;
     RETURN jsonb_build_object('status', 201, 'body', v_body);
+END $$;
+
+-- Records one usage event (the three steps above, in one go): prices it,
+-- claims (source, event_id), charges the account in the same transaction
+-- (or captures the reservation with the cost), and stores the answer under
+-- (source, event_id). Returns {status: 201|200, body}.
+CREATE OR REPLACE FUNCTION tl_record_usage(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_prepared record;
+    v_event usage_events;
+    v_existing usage_events;
+BEGIN
+    v_prepared := tl_usage_prepare(p_args, p_ctx, true);
+    IF v_prepared.answer IS NOT NULL THEN
+        RETURN v_prepared.answer;
+    END IF;
+    v_event := v_prepared.event;
+    -- Claim (source, event_id); a concurrent duplicate waits here for us.
+    INSERT INTO usage_events (id, source, event_id, account_id, model, price_id, input_tokens,
+                              cached_input_tokens, output_tokens, cost, reservation_id, project, tags,
+                              occurred_at, recorded_at)
+    VALUES (v_event.id, v_event.source, v_event.event_id, v_event.account_id, v_event.model, v_event.price_id,
+            v_event.input_tokens, v_event.cached_input_tokens, v_event.output_tokens, v_event.cost,
+            v_event.reservation_id, v_event.project, v_event.tags, v_event.occurred_at, clock_timestamp())
+    ON CONFLICT (source, event_id) DO NOTHING
+    RETURNING * INTO v_event;
+    IF v_event.id IS NULL THEN
+        SELECT * INTO v_existing FROM usage_events
+            WHERE source = p_args ->> 'source' AND event_id = p_args ->> 'event_id';
+        RETURN tl_usage_duplicate(v_existing, p_args);
+    END IF;
+    RETURN tl_usage_settle(v_event, p_args, p_ctx, v_prepared.violation, true);
 END $$;
 
 -- The working row of tl_record_usage_batch, one per event of the batch.
