@@ -61,9 +61,9 @@
 --                 tl_usage_refs_exist, tl_usage_events_refs,
 --                 tl_usage_event_refs, tl_usage_json, tl_usage_differs,
 --                 tl_usage_duplicate, tl_usage_prepare, tl_usage_settle,
---                 tl_record_usage, tl_usage_batch_answer,
---                 tl_usage_batch_sums, tl_usage_batch_totals, tl_usage_batch_rows,
---                 tl_usage_batch_key_cap, tl_usage_batch_fit,
+--                 tl_record_usage, tl_usage_batch_prepare, tl_usage_batch_claim,
+--                 tl_usage_batch_answer, tl_usage_batch_sums, tl_usage_batch_totals,
+--                 tl_usage_batch_rows, tl_usage_batch_key_cap, tl_usage_batch_fit,
 --                 tl_usage_batch_charge, tl_usage_batch_settle,
 --                 tl_record_usage_batch.
 --
@@ -76,9 +76,9 @@
 --                 usage_daily_models, spend_daily, spend_monthly,
 --                 spend_rollup_builds, lot_settled, lot_settle_progress.
 --       functions: tl_usage_rollup_sums, tl_usage_rollup_many, tl_usage_rollup,
---                 tl_spend_rollup, tl_spend_rollup_rebuild, tl_lot_unsettled,
---                 tl_settle_lots, tl_balance_at, tl_settled_lot_problem,
---                 tl_report_periods.
+--                 tl_usage_rollup_events, tl_spend_rollup, tl_spend_rollup_rebuild,
+--                 tl_lot_unsettled, tl_settle_lots, tl_balance_at,
+--                 tl_settled_lot_problem, tl_report_periods.
 --
 --  7. Grant programs
 --       tables:    grant_programs, program_runs, program_grants.
@@ -2366,6 +2366,89 @@ BEGIN
     RETURN tl_usage_settle(v_event, p_args, p_ctx, v_prepared.violation, true);
 END $$;
 
+-- Usage events in a coalesced batch (tl_execute_batch): tl_usage_prepare
+-- with the event's errors (TL...) as its answer, {error: {state, code,
+-- detail, hint}} as the batch answers an operating error, and a duplicate's
+-- answer with `replayed: false`. The batch has locked a capped key's row
+-- already. Anything else (a bug, a timeout) fails the batch.
+CREATE OR REPLACE FUNCTION tl_usage_batch_prepare(p_args jsonb, p_ctx jsonb,
+                                                  OUT answer jsonb, OUT event usage_events, OUT violation text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v record;
+    v_state text;
+    v_code text;
+    v_detail text;
+    v_hint text;
+BEGIN
+    v := tl_usage_prepare(p_args, p_ctx, false);
+    answer := v.answer || '{"replayed": false}'::jsonb;
+    event := v.event;
+    violation := v.violation;
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_code = MESSAGE_TEXT,
+                            v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT;
+    IF v_state !~ '^TL' THEN
+        RAISE;
+    END IF;
+    answer := jsonb_build_object('error', jsonb_build_object(
+        'state', v_state, 'code', v_code, 'detail', v_detail, 'hint', v_hint));
+END $$;
+
+-- Prepares the usage events p_items of a coalesced batch (item numbers;
+-- no event twice) and claims those to record in one INSERT, in (source,
+-- event_id) order as tl_record_usage_batch claims its own. An event claimed
+-- meanwhile by a request that has committed since (the INSERT waited for
+-- it) is that request's duplicate: prepared again, it answers so. Each
+-- item's answer (when it has one now), or its claimed row and spend-policy
+-- flag, go to its place in the batch's arrays.
+CREATE OR REPLACE FUNCTION tl_usage_batch_claim(
+    p_items integer[], p_args jsonb[], p_ctxs jsonb[],
+    INOUT answers jsonb[], INOUT events usage_events[], INOUT violations text[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    v record;
+    v_new usage_events[] := '{}';
+    v_ids uuid[];
+    v_i integer;
+BEGIN
+    FOREACH v_i IN ARRAY p_items LOOP
+        v := tl_usage_batch_prepare(p_args[v_i], p_ctxs[v_i]);
+        answers[v_i] := v.answer;
+        events[v_i] := v.event;
+        violations[v_i] := v.violation;
+        IF v.answer IS NULL THEN
+            v_new := v_new || v.event;
+        END IF;
+    END LOOP;
+    IF cardinality(v_new) = 0 THEN
+        RETURN;
+    END IF;
+    WITH claimed AS (
+        INSERT INTO usage_events (id, source, event_id, account_id, model, price_id, input_tokens,
+                                  cached_input_tokens, output_tokens, cost, reservation_id, project, tags,
+                                  occurred_at, recorded_at)
+        SELECT e.id, e.source, e.event_id, e.account_id, e.model, e.price_id, e.input_tokens,
+               e.cached_input_tokens, e.output_tokens, e.cost, e.reservation_id, e.project, e.tags,
+               e.occurred_at, clock_timestamp()
+          FROM unnest(v_new) e
+         ORDER BY e.source, e.event_id
+        ON CONFLICT (source, event_id) DO NOTHING
+        RETURNING id)
+    SELECT array_agg(id) INTO v_ids FROM claimed;
+    FOREACH v_i IN ARRAY p_items LOOP
+        CONTINUE WHEN answers[v_i] IS NOT NULL OR (events[v_i]).id = ANY (coalesce(v_ids, '{}'));
+        v := tl_usage_batch_prepare(p_args[v_i], p_ctxs[v_i]);
+        IF v.answer IS NULL THEN
+            RAISE EXCEPTION 'tl_execute_batch: usage event % was claimed elsewhere, and is not recorded',
+                            p_args[v_i] ->> 'event_id';
+        END IF;
+        answers[v_i] := v.answer;
+        events[v_i] := NULL;
+        violations[v_i] := NULL;
+    END LOOP;
+END $$;
+
 -- The working row of tl_record_usage_batch, one per event of the batch.
 -- Change it under a new name (a type in use cannot be altered in place).
 DO $$
@@ -3753,20 +3836,36 @@ $$;
 -- replica while its earlier calls were in flight, run in one database
 -- transaction, each with the outcome it would have had alone, in arrival
 -- order. Item i is (p_callers[i], p_keys[i], p_hashes[i], p_ops[i],
--- p_statuses[i], p_args[i], p_ctxs[i]), as the arguments of tl_execute.
+-- p_statuses[i], p_args[i], p_ctxs[i]), as the arguments of tl_execute. A
+-- single usage event (POST /v1/usage) is op `usage` with the arguments of
+-- tl_record_usage and no key: (source, event_id) is its key, and its status
+-- is its own (201 recorded, 200 duplicate), not p_statuses[i].
 --   1. Every key is claimed in one statement, in (caller, key) order and
 --      before any account lock: tl_execute also takes its key first, so a
 --      batch and a single call never wait on each other in a cycle.
---   2. Every account the batch can touch is locked once, ascending id, then
+--   2. The capped keys' spend rows are locked (tl_key_lock). Then the usage
+--      events are prepared (tl_usage_prepare: priced, or answered without a
+--      lock, as a duplicate or with their error) and those to record are
+--      claimed in one INSERT in (source, event_id) order, still before any
+--      account lock, as tl_record_usage and tl_record_usage_batch claim
+--      theirs, for the same reason. Of an event repeated in the batch only
+--      the first is claimed now; the others are prepared at their turn, when
+--      they answer as its duplicates.
+--   3. Every account the batch can touch is locked once, ascending id, then
 --      a free index of the system shards (tl_lock, the global order):
 --      concurrent batches cannot deadlock, and a hot wallet is locked once
 --      per batch.
---   3. Each operation runs in a subtransaction of its own. A business
+--   4. Each operation runs in a subtransaction of its own. A business
 --      rejection (TLB01..06) is stored with its key, as tl_execute does; any
 --      other operating error (TLA, TLB07, TLC, TLD) gives the key back and
---      answers that item alone. Anything else (a bug, a timeout, a broken
---      invariant) fails the whole batch; the service then runs its items one
---      by one, so that one bad request never fails the others.
+--      answers that item alone. A usage event is settled (tl_usage_settle)
+--      in a subtransaction of its own, and any of its errors answers it
+--      alone and gives its claim back (its row is deleted, as a single call
+--      rolls it back), so a retry can record it. Anything else (a bug, a
+--      timeout, a broken invariant) fails the whole batch; the service then
+--      runs its items one by one, so that one bad request never fails the
+--      others. The recorded usage events are rolled up last, once per key,
+--      in key order (tl_usage_rollup_events).
 -- Returns a JSON array with one element per item: {status, body, replayed},
 -- or {error: {state, code, detail, hint}}. Keys are distinct per caller
 -- within a batch: the coalescer defers a repeated key to the next batch.
@@ -3805,6 +3904,17 @@ DECLARE
     v_code text;
     v_detail text;
     v_hint text;
+    -- Usage events: whether the batch has any; per item, its answer given
+    -- before the lock (a duplicate, an error), or its claimed row and
+    -- spend-policy flag; the items that may take locks (all but those
+    -- answered already); and the events recorded, for the roll-ups.
+    v_usage boolean := 'usage' = ANY (p_ops);
+    v_early jsonb[];
+    v_events usage_events[];
+    v_violations text[];
+    v_lockable boolean[];
+    v_claim record;
+    v_recorded usage_events[] := '{}';
 BEGIN
     ASSERT (SELECT count(DISTINCT (c, k)) FILTER (WHERE k IS NOT NULL) = count(k)
               FROM unnest(p_callers, p_keys) AS u(c, k)),
@@ -3821,11 +3931,32 @@ BEGIN
       INTO v_claimed, v_tids
       FROM unnest(p_callers, p_keys) WITH ORDINALITY AS u(c, k, i)
       LEFT JOIN claimed m ON m.caller = u.c AND m.key = u.k;
-    -- 2. Lock the capped keys' spend rows (tl_key_lock), then what the fresh
-    --    items can touch, in the global order.
-    v_capped := tl_key_lock(p_ctxs);
+    -- 2. Lock the capped keys' spend rows (tl_key_lock; not for a usage event
+    --    that settles a reservation, which charges no key: it takes none
+    --    alone either), then prepare and claim the usage events.
+    IF NOT v_usage THEN
+        v_capped := tl_key_lock(p_ctxs);
+        v_lockable := v_claimed;
+    ELSE
+        v_capped := tl_key_lock(ARRAY(SELECT c FROM unnest(p_ops, p_args, p_ctxs) AS u(o, a, c)
+                                       WHERE o <> 'usage' OR a ->> 'reservation' IS NULL));
+        v_claim := tl_usage_batch_claim(
+            ARRAY(SELECT u.i::integer FROM (SELECT u.i, u.a, row_number() OVER (
+                                              PARTITION BY u.a ->> 'source', u.a ->> 'event_id' ORDER BY u.i) AS nth
+                                     FROM unnest(p_ops, p_args) WITH ORDINALITY AS u(o, a, i)
+                                    WHERE u.o = 'usage') u
+                   WHERE u.nth = 1 ORDER BY u.a ->> 'source', u.a ->> 'event_id'),
+            p_args, p_ctxs, array_fill(NULL::jsonb, ARRAY[v_n]), array_fill(NULL::usage_events, ARRAY[v_n]),
+            array_fill(NULL::text, ARRAY[v_n]));
+        v_early := v_claim.answers;
+        v_events := v_claim.events;
+        v_violations := v_claim.violations;
+        v_lockable := ARRAY(SELECT u.c AND u.e IS NULL FROM unnest(v_claimed, v_early) WITH ORDINALITY AS u(c, e, i)
+                             ORDER BY u.i);
+    END IF;
+    -- 3. Lock what the fresh items can touch, in the global order.
     PERFORM tl_lock(
-        ARRAY(SELECT a.id FROM unnest(p_args, v_claimed) AS u(args, fresh)
+        ARRAY(SELECT a.id FROM unnest(p_args, v_lockable) AS u(args, fresh)
                 JOIN accounts a ON a.address IN (u.args ->> 'account', u.args ->> 'from', u.args ->> 'to')
                WHERE u.fresh
               UNION
@@ -3834,11 +3965,13 @@ BEGIN
               -- (tests/db/test_plans.py).
               SELECT r.account_id FROM reservations r
                WHERE r.id = ANY (ARRAY(SELECT (u.args ->> 'reservation_id')::uuid
-                                         FROM unnest(p_args, v_claimed) AS u(args, fresh)
+                                         FROM unnest(p_args, v_lockable) AS u(args, fresh)
                                         WHERE u.fresh))),
         ARRAY['system:expired', 'system:issuance', 'system:usage']);
-    -- 3. What can go set-based (tl_batch_fast), then the rest one by one, in arrival order.
-    v_fast := tl_batch_fast(p_ops, p_args, p_ctxs, p_statuses, v_claimed);
+    -- 4. What can go set-based (tl_batch_fast), then the rest one by one, in
+    --    arrival order. (A usage event answered already changes nothing, so
+    --    its wallet may still go set-based.)
+    v_fast := tl_batch_fast(p_ops, p_args, p_ctxs, p_statuses, v_lockable);
     -- The keys claimed above, by their rows' addresses (`ctid = ANY`, a TID
     -- scan): joined by (caller, key), a connection whose plan was made while
     -- the table was small (a fresh database) read every key of the caller at
@@ -3862,6 +3995,36 @@ BEGIN
             -- (Its key, if it claimed one, was completed or given back above.)
             v_done := v_done - (v_tids[i] IS NOT NULL)::integer;
             v_out := v_out || v_fast[i];
+            CONTINUE;
+        END IF;
+        IF p_ops[i] = 'usage' THEN
+            IF v_early[i] IS NULL AND (v_events[i]).id IS NULL THEN
+                -- Repeated in the batch: prepared (and claimed, should the
+                -- first have failed) now, after the first.
+                v_claim := tl_usage_batch_claim(ARRAY[i], p_args, p_ctxs, v_early, v_events, v_violations);
+                v_early := v_claim.answers;
+                v_events := v_claim.events;
+                v_violations := v_claim.violations;
+            END IF;
+            IF v_early[i] IS NOT NULL THEN
+                v_out := v_out || v_early[i];
+                CONTINUE;
+            END IF;
+            BEGIN
+                v_body := tl_usage_settle(v_events[i], p_args[i], p_ctxs[i], v_violations[i], false);
+            EXCEPTION WHEN OTHERS THEN
+                GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_code = MESSAGE_TEXT,
+                                        v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT;
+                IF v_state !~ '^TL' THEN
+                    RAISE;
+                END IF;
+                DELETE FROM usage_events WHERE id = (v_events[i]).id;
+                v_out := v_out || jsonb_build_object('error', jsonb_build_object(
+                    'state', v_state, 'code', v_code, 'detail', v_detail, 'hint', v_hint));
+                CONTINUE;
+            END;
+            v_recorded := v_recorded || v_events[i];
+            v_out := v_out || (v_body || '{"replayed": false}'::jsonb);
             CONTINUE;
         END IF;
         IF NOT v_claimed[i] THEN
@@ -3907,6 +4070,9 @@ BEGIN
     -- left claimed but empty would answer its retries as in flight, so a row
     -- that moved fails the batch (the service then runs its items one by one).
     ASSERT v_done = 0, 'tl_execute_batch: an answered key was not completed';
+    IF cardinality(v_recorded) > 0 THEN
+        PERFORM tl_usage_rollup_events(v_recorded);
+    END IF;
     RETURN to_jsonb(v_out);
 END $$;
 
@@ -4319,6 +4485,35 @@ BEGIN
                                          ARRAY[tl_report_tag_values(p.tags, v_tag_keys)], ARRAY[1::bigint],
                                          ARRAY[p.input_tokens], ARRAY[p.cached_input_tokens],
                                          ARRAY[p.output_tokens], ARRAY[p.cost]);
+    END IF;
+END $$;
+
+-- The roll-ups of usage events recorded one by one in a coalesced batch
+-- (tl_execute_batch), all at once at its end: one row per key per roll-up,
+-- written in key order, so that batches that share roll-up rows
+-- (usage_daily_models is shared by every account) take their locks in one
+-- order, as tl_record_usage_batch does; written per event in the order the
+-- events came, two batches could each hold a row the other waits for.
+CREATE OR REPLACE FUNCTION tl_usage_rollup_events(p_events usage_events[]) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_tag_keys text[];
+BEGIN
+    PERFORM tl_usage_rollup_sums(array_agg((e.occurred_at AT TIME ZONE 'UTC')::date), array_agg(e.account_id),
+                                 array_agg(e.model), array_agg(coalesce(e.project, '')),
+                                 array_agg(1::bigint), array_agg(e.input_tokens), array_agg(e.cached_input_tokens),
+                                 array_agg(e.output_tokens), array_agg(e.cost))
+       FROM unnest(p_events) e;
+    v_tag_keys := ARRAY(SELECT name FROM report_tag_keys ORDER BY name COLLATE "C");
+    IF cardinality(v_tag_keys) > 0 THEN
+        PERFORM tl_usage_tag_rollup_sums(array_agg((e.occurred_at AT TIME ZONE 'UTC')::date),
+                                         array_agg(e.account_id), array_agg(e.model),
+                                         array_agg(coalesce(e.project, '')),
+                                         array_agg(tl_report_tag_values(e.tags, v_tag_keys)),
+                                         array_agg(1::bigint), array_agg(e.input_tokens),
+                                         array_agg(e.cached_input_tokens), array_agg(e.output_tokens),
+                                         array_agg(e.cost))
+           FROM unnest(p_events) e;
     END IF;
 END $$;
 
