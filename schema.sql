@@ -60,9 +60,10 @@
 --       functions: tl_price_at, tl_price_json, tl_usage_cost, tl_op_add_price,
 --                 tl_usage_refs_exist, tl_usage_events_refs,
 --                 tl_usage_event_refs, tl_usage_json, tl_usage_differs,
---                 tl_usage_duplicate, tl_record_usage, tl_usage_batch_answer,
---                 tl_usage_batch_sums, tl_usage_batch_totals, tl_usage_batch_rows,
---                 tl_usage_batch_key_cap, tl_usage_batch_fit,
+--                 tl_usage_duplicate, tl_usage_prepare, tl_usage_settle,
+--                 tl_record_usage, tl_usage_batch_prepare, tl_usage_batch_claim,
+--                 tl_usage_batch_answer, tl_usage_batch_sums, tl_usage_batch_totals,
+--                 tl_usage_batch_rows, tl_usage_batch_key_cap, tl_usage_batch_fit,
 --                 tl_usage_batch_charge, tl_usage_batch_settle,
 --                 tl_record_usage_batch.
 --
@@ -75,9 +76,9 @@
 --                 usage_daily_models, spend_daily, spend_monthly,
 --                 spend_rollup_builds, lot_settled, lot_settle_progress.
 --       functions: tl_usage_rollup_sums, tl_usage_rollup_many, tl_usage_rollup,
---                 tl_spend_rollup, tl_spend_rollup_rebuild, tl_lot_unsettled,
---                 tl_settle_lots, tl_balance_at, tl_settled_lot_problem,
---                 tl_report_periods.
+--                 tl_usage_rollup_events, tl_spend_rollup, tl_spend_rollup_rebuild,
+--                 tl_lot_unsettled, tl_settle_lots, tl_balance_at,
+--                 tl_settled_lot_problem, tl_report_periods.
 --
 --  7. Grant programs
 --       tables:    grant_programs, program_runs, program_grants.
@@ -2161,33 +2162,40 @@ BEGIN
     RETURN jsonb_build_object('status', 200, 'body', u.result || '{"status": "duplicate"}'::jsonb);
 END $$;
 
--- Records one usage event: prices it at the version in effect at
--- occurred_at (or, when it settles a reservation made by estimate, at that
--- reservation's price), charges the account in the same transaction (or
--- captures the reservation with the cost), and stores the answer under
--- (source, event_id). Returns {status: 201|200, body}.
-CREATE OR REPLACE FUNCTION tl_record_usage(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+-- Recording one usage event is in three steps, so that a coalesced batch
+-- (tl_execute_batch) can claim its events before it locks any account, as
+-- tl_record_usage and tl_record_usage_batch claim theirs:
+--   1. tl_usage_prepare, which takes no row lock: the answer when (source,
+--      event_id) is recorded already, or the event's row, priced;
+--   2. the claim: its row inserted (a concurrent request for the same event
+--      waits there for the first one's outcome);
+--   3. tl_usage_settle, under the account's lock: the charge (or the
+--      reservation's capture), the answer stored with the event, the roll-ups.
+
+-- Step 1. Prices the event at the version in effect at occurred_at (or,
+-- when it settles a reservation made by estimate, at that reservation's
+-- price) and returns either `answer`, {status: 200, body} for an event whose
+-- (source, event_id) is recorded already, or `event`, the row to claim (its
+-- id chosen, recorded_at not yet), with the spend-policy flag `violation`.
+-- Raises what the event answers before anything is claimed: an unknown
+-- account, reservation or model, a system account, a key's departments, a
+-- reused (source, event_id). With p_lock_key a capped key's spend row is
+-- locked here, before the claim (a coalesced batch locks it beforehand).
+CREATE OR REPLACE FUNCTION tl_usage_prepare(p_args jsonb, p_ctx jsonb, p_lock_key boolean,
+                                            OUT answer jsonb, OUT event usage_events, OUT violation text)
 LANGUAGE plpgsql AS $$
 DECLARE
     w accounts;
     v_price prices;
     v_existing usage_events;
-    v_event usage_events;
     v_occurred timestamptz := coalesce((p_args ->> 'occurred_at')::timestamptz, tl_now(p_ctx));
-    v_cost bigint;
-    v_now timestamptz;
-    v_txn uuid;
     v_res reservations;
-    v_capture jsonb;
-    v_body jsonb;
-    v_cover record;
-    v_shortfall bigint := 0;
-    v_violation text;
 BEGIN
     SELECT * INTO v_existing FROM usage_events
         WHERE source = p_args ->> 'source' AND event_id = p_args ->> 'event_id';
     IF FOUND AND v_existing.result IS NOT NULL THEN
-        RETURN tl_usage_duplicate(v_existing, p_args);
+        answer := tl_usage_duplicate(v_existing, p_args);
+        RETURN;
     END IF;
     w := tl_require_account(p_args ->> 'account');
     IF w.type = 'system' THEN
@@ -2197,7 +2205,7 @@ BEGIN
     IF p_ctx ? 'departments' THEN
         PERFORM tl_require_key_scope(w, p_ctx);  -- a key limited to departments
     END IF;
-    IF p_ctx ? 'rate_limit' AND p_args ->> 'reservation' IS NULL THEN
+    IF p_lock_key AND p_ctx ? 'rate_limit' AND p_args ->> 'reservation' IS NULL THEN
         PERFORM tl_key_lock(ARRAY[p_ctx]);  -- before the event is claimed (see tl_key_lock)
     END IF;
     IF p_args ? 'reservation' AND p_args ->> 'reservation' IS NOT NULL THEN
@@ -2222,46 +2230,64 @@ BEGIN
                          format('no price for model %s at %s', p_args ->> 'model', tl_ts(v_occurred)),
                          jsonb_build_object('model', p_args ->> 'model'));
     END IF;
-    v_cost := tl_usage_cost(v_price, (p_args ->> 'input_tokens')::bigint,
-                            coalesce((p_args ->> 'cached_input_tokens')::bigint, 0),
-                            (p_args ->> 'output_tokens')::bigint);
+    event.cost := tl_usage_cost(v_price, (p_args ->> 'input_tokens')::bigint,
+                                coalesce((p_args ->> 'cached_input_tokens')::bigint, 0),
+                                (p_args ->> 'output_tokens')::bigint);
     -- Spend policy: a call to a model outside it already happened; it is
     -- recorded and flagged, never dropped.
     IF w.policy_bound AND NOT tl_model_allowed(w, v_price.model, v_price.tier) THEN
-        v_violation := 'model_not_allowed';
+        violation := 'model_not_allowed';
     END IF;
-    -- Claim (source, event_id); a concurrent duplicate waits here for us.
-    INSERT INTO usage_events (id, source, event_id, account_id, model, price_id, input_tokens,
-                              cached_input_tokens, output_tokens, cost, reservation_id, project, tags,
-                              occurred_at, recorded_at)
-    VALUES (tl_uuid7(), p_args ->> 'source', p_args ->> 'event_id', w.id, p_args ->> 'model', v_price.id,
-            (p_args ->> 'input_tokens')::bigint, coalesce((p_args ->> 'cached_input_tokens')::bigint, 0),
-            (p_args ->> 'output_tokens')::bigint, v_cost, v_res.id, p_args ->> 'project',
-            coalesce(nullif(p_args -> 'tags', 'null'::jsonb), '{}'::jsonb), v_occurred, clock_timestamp())
-    ON CONFLICT (source, event_id) DO NOTHING
-    RETURNING * INTO v_event;
-    IF v_event.id IS NULL THEN
-        SELECT * INTO v_existing FROM usage_events
-            WHERE source = p_args ->> 'source' AND event_id = p_args ->> 'event_id';
-        RETURN tl_usage_duplicate(v_existing, p_args);
-    END IF;
-    IF v_res.id IS NOT NULL THEN
+    event.id := tl_uuid7();
+    event.source := p_args ->> 'source';
+    event.event_id := p_args ->> 'event_id';
+    event.account_id := w.id;
+    event.model := p_args ->> 'model';
+    event.price_id := v_price.id;
+    event.input_tokens := (p_args ->> 'input_tokens')::bigint;
+    event.cached_input_tokens := coalesce((p_args ->> 'cached_input_tokens')::bigint, 0);
+    event.output_tokens := (p_args ->> 'output_tokens')::bigint;
+    event.reservation_id := v_res.id;
+    event.project := p_args ->> 'project';
+    event.tags := coalesce(nullif(p_args -> 'tags', 'null'::jsonb), '{}'::jsonb);
+    event.occurred_at := v_occurred;
+END $$;
+
+-- Step 3. Records a claimed event (p_event, as tl_usage_prepare made it):
+-- charges the account in this transaction (or captures the reservation
+-- with the cost), and stores the answer with the event. Returns {status:
+-- 201, body}. p_rollup false leaves the roll-ups to the caller (a coalesced
+-- batch writes all of its events' at once, in key order).
+CREATE OR REPLACE FUNCTION tl_usage_settle(p_event usage_events, p_args jsonb, p_ctx jsonb, p_violation text,
+                                           p_rollup boolean)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    w accounts;
+    v_cost bigint := p_event.cost;
+    v_now timestamptz;
+    v_txn uuid;
+    v_capture jsonb;
+    v_body jsonb;
+    v_cover record;
+    v_shortfall bigint := 0;
+BEGIN
+    IF p_event.reservation_id IS NOT NULL THEN
         -- Settles the reservation: capture with the priced cost (same rules as
         -- a capture), or release it when the call cost nothing.
         IF v_cost > 0 THEN
             v_capture := tl_op_capture(jsonb_build_object(
-                'reservation', p_args ->> 'reservation', 'reservation_id', v_res.id, 'amount', v_cost,
-                'metadata', jsonb_build_object('usage_event', p_args ->> 'event_id', 'model', v_price.model)),
+                'reservation', p_args ->> 'reservation', 'reservation_id', p_event.reservation_id, 'amount', v_cost,
+                'metadata', jsonb_build_object('usage_event', p_args ->> 'event_id', 'model', p_event.model)),
                 p_ctx);
             v_txn := (replace(v_capture #>> '{transaction,id}', 'txn_', ''))::uuid;
         ELSE
             PERFORM tl_op_release(jsonb_build_object('reservation', p_args ->> 'reservation',
-                                                     'reservation_id', v_res.id), p_ctx);
+                                                     'reservation_id', p_event.reservation_id), p_ctx);
         END IF;
     ELSIF v_cost > 0 THEN
-        PERFORM tl_lock(ARRAY[w.id], ARRAY['system:expired', 'system:usage', 'system:issuance']);
+        PERFORM tl_lock(ARRAY[p_event.account_id], ARRAY['system:expired', 'system:usage', 'system:issuance']);
         v_now := tl_now(p_ctx);
-        SELECT * INTO w FROM accounts WHERE id = w.id;
+        SELECT * INTO w FROM accounts WHERE id = p_event.account_id;
         PERFORM tl_require_open(w);
         PERFORM tl_expire_due(w.id, v_now, p_ctx);
         -- Usage that happened is never dropped: what the wallet cannot cover
@@ -2273,12 +2299,12 @@ BEGIN
             PERFORM tl_key_charge(p_ctx, v_cost);  -- the key's spend rate cap
         END IF;
         IF w.policy_bound THEN
-            PERFORM tl_policy_count(w, v_cost, v_occurred, false, v_now);
+            PERFORM tl_policy_count(w, v_cost, p_event.occurred_at, false, v_now);
         END IF;
         v_txn := tl_new_transaction('usage', v_now, p_ctx, NULL,
-                                    jsonb_build_object('model', v_price.model, 'project', p_args ->> 'project'),
+                                    jsonb_build_object('model', p_event.model, 'project', p_args ->> 'project'),
                                     jsonb_build_object('source', p_args ->> 'source', 'event_id', p_args ->> 'event_id',
-                                                       'price_id', tl_public_id('prc_', v_price.id))
+                                                       'price_id', tl_public_id('prc_', p_event.price_id))
                                     || CASE WHEN v_cover.from_lots < v_cost
                                             THEN jsonb_build_object('overdraft', v_cover.overdraft,
                                                                     'shortfall', v_cover.shortfall)
@@ -2294,15 +2320,133 @@ BEGIN
         END IF;
         PERFORM tl_post_entry(v_txn, tl_account_id('system:usage'), v_cost, v_now);
     END IF;
-    v_event.transaction_id := v_txn;
-    v_body := tl_usage_json(v_event, 'recorded')
+    p_event.transaction_id := v_txn;
+    v_body := tl_usage_json(p_event, 'recorded')
               || CASE WHEN v_shortfall = 0 THEN '{}'::jsonb ELSE jsonb_build_object('shortfall', v_shortfall) END
-              || CASE WHEN v_violation IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('violation', v_violation) END;
+              || CASE WHEN p_violation IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('violation', p_violation) END;
     UPDATE usage_events SET transaction_id = v_txn, result = v_body - 'status', shortfall = v_shortfall,
-                            violation = v_violation
-     WHERE id = v_event.id;
-    PERFORM tl_usage_rollup(v_event);
+                            violation = p_violation
+     WHERE id = p_event.id;
+    IF p_rollup THEN
+        PERFORM tl_usage_rollup(p_event);
+    END IF;
     RETURN jsonb_build_object('status', 201, 'body', v_body);
+END $$;
+
+-- Records one usage event (the three steps above, in one go): prices it,
+-- claims (source, event_id), charges the account in the same transaction
+-- (or captures the reservation with the cost), and stores the answer under
+-- (source, event_id). Returns {status: 201|200, body}.
+CREATE OR REPLACE FUNCTION tl_record_usage(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_prepared record;
+    v_event usage_events;
+    v_existing usage_events;
+BEGIN
+    v_prepared := tl_usage_prepare(p_args, p_ctx, true);
+    IF v_prepared.answer IS NOT NULL THEN
+        RETURN v_prepared.answer;
+    END IF;
+    v_event := v_prepared.event;
+    -- Claim (source, event_id); a concurrent duplicate waits here for us.
+    INSERT INTO usage_events (id, source, event_id, account_id, model, price_id, input_tokens,
+                              cached_input_tokens, output_tokens, cost, reservation_id, project, tags,
+                              occurred_at, recorded_at)
+    VALUES (v_event.id, v_event.source, v_event.event_id, v_event.account_id, v_event.model, v_event.price_id,
+            v_event.input_tokens, v_event.cached_input_tokens, v_event.output_tokens, v_event.cost,
+            v_event.reservation_id, v_event.project, v_event.tags, v_event.occurred_at, clock_timestamp())
+    ON CONFLICT (source, event_id) DO NOTHING
+    RETURNING * INTO v_event;
+    IF v_event.id IS NULL THEN
+        SELECT * INTO v_existing FROM usage_events
+            WHERE source = p_args ->> 'source' AND event_id = p_args ->> 'event_id';
+        RETURN tl_usage_duplicate(v_existing, p_args);
+    END IF;
+    RETURN tl_usage_settle(v_event, p_args, p_ctx, v_prepared.violation, true);
+END $$;
+
+-- Usage events in a coalesced batch (tl_execute_batch): tl_usage_prepare
+-- with the event's errors (TL...) as its answer, {error: {state, code,
+-- detail, hint}} as the batch answers an operating error, and a duplicate's
+-- answer with `replayed: false`. The batch has locked a capped key's row
+-- already. Anything else (a bug, a timeout) fails the batch.
+CREATE OR REPLACE FUNCTION tl_usage_batch_prepare(p_args jsonb, p_ctx jsonb,
+                                                  OUT answer jsonb, OUT event usage_events, OUT violation text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v record;
+    v_state text;
+    v_code text;
+    v_detail text;
+    v_hint text;
+BEGIN
+    v := tl_usage_prepare(p_args, p_ctx, false);
+    answer := v.answer || '{"replayed": false}'::jsonb;
+    event := v.event;
+    violation := v.violation;
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_code = MESSAGE_TEXT,
+                            v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT;
+    IF v_state !~ '^TL' THEN
+        RAISE;
+    END IF;
+    answer := jsonb_build_object('error', jsonb_build_object(
+        'state', v_state, 'code', v_code, 'detail', v_detail, 'hint', v_hint));
+END $$;
+
+-- Prepares the usage events p_items of a coalesced batch (item numbers;
+-- no event twice) and claims those to record in one INSERT, in (source,
+-- event_id) order as tl_record_usage_batch claims its own. An event claimed
+-- meanwhile by a request that has committed since (the INSERT waited for
+-- it) is that request's duplicate: prepared again, it answers so. Each
+-- item's answer (when it has one now), or its claimed row and spend-policy
+-- flag, go to its place in the batch's arrays.
+CREATE OR REPLACE FUNCTION tl_usage_batch_claim(
+    p_items integer[], p_args jsonb[], p_ctxs jsonb[],
+    INOUT answers jsonb[], INOUT events usage_events[], INOUT violations text[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    v record;
+    v_new usage_events[] := '{}';
+    v_ids uuid[];
+    v_i integer;
+BEGIN
+    FOREACH v_i IN ARRAY p_items LOOP
+        v := tl_usage_batch_prepare(p_args[v_i], p_ctxs[v_i]);
+        answers[v_i] := v.answer;
+        events[v_i] := v.event;
+        violations[v_i] := v.violation;
+        IF v.answer IS NULL THEN
+            v_new := v_new || v.event;
+        END IF;
+    END LOOP;
+    IF cardinality(v_new) = 0 THEN
+        RETURN;
+    END IF;
+    WITH claimed AS (
+        INSERT INTO usage_events (id, source, event_id, account_id, model, price_id, input_tokens,
+                                  cached_input_tokens, output_tokens, cost, reservation_id, project, tags,
+                                  occurred_at, recorded_at)
+        SELECT e.id, e.source, e.event_id, e.account_id, e.model, e.price_id, e.input_tokens,
+               e.cached_input_tokens, e.output_tokens, e.cost, e.reservation_id, e.project, e.tags,
+               e.occurred_at, clock_timestamp()
+          FROM unnest(v_new) e
+         ORDER BY e.source, e.event_id
+        ON CONFLICT (source, event_id) DO NOTHING
+        RETURNING id)
+    SELECT array_agg(id) INTO v_ids FROM claimed;
+    FOREACH v_i IN ARRAY p_items LOOP
+        CONTINUE WHEN answers[v_i] IS NOT NULL OR (events[v_i]).id = ANY (coalesce(v_ids, '{}'));
+        v := tl_usage_batch_prepare(p_args[v_i], p_ctxs[v_i]);
+        IF v.answer IS NULL THEN
+            RAISE EXCEPTION 'tl_execute_batch: usage event % was claimed elsewhere, and is not recorded',
+                            p_args[v_i] ->> 'event_id';
+        END IF;
+        answers[v_i] := v.answer;
+        events[v_i] := NULL;
+        violations[v_i] := NULL;
+    END LOOP;
 END $$;
 
 -- The working row of tl_record_usage_batch, one per event of the batch.
@@ -3692,20 +3836,36 @@ $$;
 -- replica while its earlier calls were in flight, run in one database
 -- transaction, each with the outcome it would have had alone, in arrival
 -- order. Item i is (p_callers[i], p_keys[i], p_hashes[i], p_ops[i],
--- p_statuses[i], p_args[i], p_ctxs[i]), as the arguments of tl_execute.
+-- p_statuses[i], p_args[i], p_ctxs[i]), as the arguments of tl_execute. A
+-- single usage event (POST /v1/usage) is op `usage` with the arguments of
+-- tl_record_usage and no key: (source, event_id) is its key, and its status
+-- is its own (201 recorded, 200 duplicate), not p_statuses[i].
 --   1. Every key is claimed in one statement, in (caller, key) order and
 --      before any account lock: tl_execute also takes its key first, so a
 --      batch and a single call never wait on each other in a cycle.
---   2. Every account the batch can touch is locked once, ascending id, then
+--   2. The capped keys' spend rows are locked (tl_key_lock). Then the usage
+--      events are prepared (tl_usage_prepare: priced, or answered without a
+--      lock, as a duplicate or with their error) and those to record are
+--      claimed in one INSERT in (source, event_id) order, still before any
+--      account lock, as tl_record_usage and tl_record_usage_batch claim
+--      theirs, for the same reason. Of an event repeated in the batch only
+--      the first is claimed now; the others are prepared at their turn, when
+--      they answer as its duplicates.
+--   3. Every account the batch can touch is locked once, ascending id, then
 --      a free index of the system shards (tl_lock, the global order):
 --      concurrent batches cannot deadlock, and a hot wallet is locked once
 --      per batch.
---   3. Each operation runs in a subtransaction of its own. A business
+--   4. Each operation runs in a subtransaction of its own. A business
 --      rejection (TLB01..06) is stored with its key, as tl_execute does; any
 --      other operating error (TLA, TLB07, TLC, TLD) gives the key back and
---      answers that item alone. Anything else (a bug, a timeout, a broken
---      invariant) fails the whole batch; the service then runs its items one
---      by one, so that one bad request never fails the others.
+--      answers that item alone. A usage event is settled (tl_usage_settle)
+--      in a subtransaction of its own, and any of its errors answers it
+--      alone and gives its claim back (its row is deleted, as a single call
+--      rolls it back), so a retry can record it. Anything else (a bug, a
+--      timeout, a broken invariant) fails the whole batch; the service then
+--      runs its items one by one, so that one bad request never fails the
+--      others. The recorded usage events are rolled up last, once per key,
+--      in key order (tl_usage_rollup_events).
 -- Returns a JSON array with one element per item: {status, body, replayed},
 -- or {error: {state, code, detail, hint}}. Keys are distinct per caller
 -- within a batch: the coalescer defers a repeated key to the next batch.
@@ -3744,6 +3904,17 @@ DECLARE
     v_code text;
     v_detail text;
     v_hint text;
+    -- Usage events: whether the batch has any; per item, its answer given
+    -- before the lock (a duplicate, an error), or its claimed row and
+    -- spend-policy flag; the items that may take locks (all but those
+    -- answered already); and the events recorded, for the roll-ups.
+    v_usage boolean := 'usage' = ANY (p_ops);
+    v_early jsonb[];
+    v_events usage_events[];
+    v_violations text[];
+    v_lockable boolean[];
+    v_claim record;
+    v_recorded usage_events[] := '{}';
 BEGIN
     ASSERT (SELECT count(DISTINCT (c, k)) FILTER (WHERE k IS NOT NULL) = count(k)
               FROM unnest(p_callers, p_keys) AS u(c, k)),
@@ -3760,11 +3931,32 @@ BEGIN
       INTO v_claimed, v_tids
       FROM unnest(p_callers, p_keys) WITH ORDINALITY AS u(c, k, i)
       LEFT JOIN claimed m ON m.caller = u.c AND m.key = u.k;
-    -- 2. Lock the capped keys' spend rows (tl_key_lock), then what the fresh
-    --    items can touch, in the global order.
-    v_capped := tl_key_lock(p_ctxs);
+    -- 2. Lock the capped keys' spend rows (tl_key_lock; not for a usage event
+    --    that settles a reservation, which charges no key: it takes none
+    --    alone either), then prepare and claim the usage events.
+    IF NOT v_usage THEN
+        v_capped := tl_key_lock(p_ctxs);
+        v_lockable := v_claimed;
+    ELSE
+        v_capped := tl_key_lock(ARRAY(SELECT c FROM unnest(p_ops, p_args, p_ctxs) AS u(o, a, c)
+                                       WHERE o <> 'usage' OR a ->> 'reservation' IS NULL));
+        v_claim := tl_usage_batch_claim(
+            ARRAY(SELECT u.i::integer FROM (SELECT u.i, u.a, row_number() OVER (
+                                              PARTITION BY u.a ->> 'source', u.a ->> 'event_id' ORDER BY u.i) AS nth
+                                     FROM unnest(p_ops, p_args) WITH ORDINALITY AS u(o, a, i)
+                                    WHERE u.o = 'usage') u
+                   WHERE u.nth = 1 ORDER BY u.a ->> 'source', u.a ->> 'event_id'),
+            p_args, p_ctxs, array_fill(NULL::jsonb, ARRAY[v_n]), array_fill(NULL::usage_events, ARRAY[v_n]),
+            array_fill(NULL::text, ARRAY[v_n]));
+        v_early := v_claim.answers;
+        v_events := v_claim.events;
+        v_violations := v_claim.violations;
+        v_lockable := ARRAY(SELECT u.c AND u.e IS NULL FROM unnest(v_claimed, v_early) WITH ORDINALITY AS u(c, e, i)
+                             ORDER BY u.i);
+    END IF;
+    -- 3. Lock what the fresh items can touch, in the global order.
     PERFORM tl_lock(
-        ARRAY(SELECT a.id FROM unnest(p_args, v_claimed) AS u(args, fresh)
+        ARRAY(SELECT a.id FROM unnest(p_args, v_lockable) AS u(args, fresh)
                 JOIN accounts a ON a.address IN (u.args ->> 'account', u.args ->> 'from', u.args ->> 'to')
                WHERE u.fresh
               UNION
@@ -3773,11 +3965,13 @@ BEGIN
               -- (tests/db/test_plans.py).
               SELECT r.account_id FROM reservations r
                WHERE r.id = ANY (ARRAY(SELECT (u.args ->> 'reservation_id')::uuid
-                                         FROM unnest(p_args, v_claimed) AS u(args, fresh)
+                                         FROM unnest(p_args, v_lockable) AS u(args, fresh)
                                         WHERE u.fresh))),
         ARRAY['system:expired', 'system:issuance', 'system:usage']);
-    -- 3. What can go set-based (tl_batch_fast), then the rest one by one, in arrival order.
-    v_fast := tl_batch_fast(p_ops, p_args, p_ctxs, p_statuses, v_claimed);
+    -- 4. What can go set-based (tl_batch_fast), then the rest one by one, in
+    --    arrival order. (A usage event answered already changes nothing, so
+    --    its wallet may still go set-based.)
+    v_fast := tl_batch_fast(p_ops, p_args, p_ctxs, p_statuses, v_lockable);
     -- The keys claimed above, by their rows' addresses (`ctid = ANY`, a TID
     -- scan): joined by (caller, key), a connection whose plan was made while
     -- the table was small (a fresh database) read every key of the caller at
@@ -3801,6 +3995,36 @@ BEGIN
             -- (Its key, if it claimed one, was completed or given back above.)
             v_done := v_done - (v_tids[i] IS NOT NULL)::integer;
             v_out := v_out || v_fast[i];
+            CONTINUE;
+        END IF;
+        IF p_ops[i] = 'usage' THEN
+            IF v_early[i] IS NULL AND (v_events[i]).id IS NULL THEN
+                -- Repeated in the batch: prepared (and claimed, should the
+                -- first have failed) now, after the first.
+                v_claim := tl_usage_batch_claim(ARRAY[i], p_args, p_ctxs, v_early, v_events, v_violations);
+                v_early := v_claim.answers;
+                v_events := v_claim.events;
+                v_violations := v_claim.violations;
+            END IF;
+            IF v_early[i] IS NOT NULL THEN
+                v_out := v_out || v_early[i];
+                CONTINUE;
+            END IF;
+            BEGIN
+                v_body := tl_usage_settle(v_events[i], p_args[i], p_ctxs[i], v_violations[i], false);
+            EXCEPTION WHEN OTHERS THEN
+                GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_code = MESSAGE_TEXT,
+                                        v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT;
+                IF v_state !~ '^TL' THEN
+                    RAISE;
+                END IF;
+                DELETE FROM usage_events WHERE id = (v_events[i]).id;
+                v_out := v_out || jsonb_build_object('error', jsonb_build_object(
+                    'state', v_state, 'code', v_code, 'detail', v_detail, 'hint', v_hint));
+                CONTINUE;
+            END;
+            v_recorded := v_recorded || v_events[i];
+            v_out := v_out || (v_body || '{"replayed": false}'::jsonb);
             CONTINUE;
         END IF;
         IF NOT v_claimed[i] THEN
@@ -3846,6 +4070,9 @@ BEGIN
     -- left claimed but empty would answer its retries as in flight, so a row
     -- that moved fails the batch (the service then runs its items one by one).
     ASSERT v_done = 0, 'tl_execute_batch: an answered key was not completed';
+    IF cardinality(v_recorded) > 0 THEN
+        PERFORM tl_usage_rollup_events(v_recorded);
+    END IF;
     RETURN to_jsonb(v_out);
 END $$;
 
@@ -4258,6 +4485,35 @@ BEGIN
                                          ARRAY[tl_report_tag_values(p.tags, v_tag_keys)], ARRAY[1::bigint],
                                          ARRAY[p.input_tokens], ARRAY[p.cached_input_tokens],
                                          ARRAY[p.output_tokens], ARRAY[p.cost]);
+    END IF;
+END $$;
+
+-- The roll-ups of usage events recorded one by one in a coalesced batch
+-- (tl_execute_batch), all at once at its end: one row per key per roll-up,
+-- written in key order, so that batches that share roll-up rows
+-- (usage_daily_models is shared by every account) take their locks in one
+-- order, as tl_record_usage_batch does; written per event in the order the
+-- events came, two batches could each hold a row the other waits for.
+CREATE OR REPLACE FUNCTION tl_usage_rollup_events(p_events usage_events[]) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_tag_keys text[];
+BEGIN
+    PERFORM tl_usage_rollup_sums(array_agg((e.occurred_at AT TIME ZONE 'UTC')::date), array_agg(e.account_id),
+                                 array_agg(e.model), array_agg(coalesce(e.project, '')),
+                                 array_agg(1::bigint), array_agg(e.input_tokens), array_agg(e.cached_input_tokens),
+                                 array_agg(e.output_tokens), array_agg(e.cost))
+       FROM unnest(p_events) e;
+    v_tag_keys := ARRAY(SELECT name FROM report_tag_keys ORDER BY name COLLATE "C");
+    IF cardinality(v_tag_keys) > 0 THEN
+        PERFORM tl_usage_tag_rollup_sums(array_agg((e.occurred_at AT TIME ZONE 'UTC')::date),
+                                         array_agg(e.account_id), array_agg(e.model),
+                                         array_agg(coalesce(e.project, '')),
+                                         array_agg(tl_report_tag_values(e.tags, v_tag_keys)),
+                                         array_agg(1::bigint), array_agg(e.input_tokens),
+                                         array_agg(e.cached_input_tokens), array_agg(e.output_tokens),
+                                         array_agg(e.cost))
+           FROM unnest(p_events) e;
     END IF;
 END $$;
 

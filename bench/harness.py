@@ -21,12 +21,13 @@
    data they need is set up through the API first and is not timed. The
    reserve_capture scenarios count reserve+capture pairs instead: one op is
    one pair (two requests), and their ops/s are pairs/s. The usage scenarios
-   count usage events: usage_single sends one per request, usage_batch_500
-   (4 workers) and usage_batch_500_c16 (16) --batch-size (500) per POST
+   count usage events: usage_single (16 workers, 32 wallets) and
+   usage_single_32 (32 workers) send one per request, usage_batch_500 (4
+   workers) and usage_batch_500_c16 (16) --batch-size (500) per POST
    /v1/usage:batch; their ops/s are events/s (events answered `recorded`),
    their latencies per request. grants_batch_1000 is one POST
-   /v1/grants:batch; its op is a grant. debit_spread_32 and read_32 spread
-   over --wallets (1,000) wallets, times --scale.
+   /v1/grants:batch; its op is a grant. debit_spread_32, read_32 and
+   usage_single_32 spread over --wallets (1,000) wallets, times --scale.
    For each: the CPU-seconds per op of the service's process tree, of the
    pool's PostgreSQL backends, and of every process of the server.
    The measured requests go through a lean HTTP client (bench/http.py).
@@ -313,7 +314,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         "scenario's own: 300 sequential, 5000 spread debits and reads, 800 shared "
         "debits, 640 transfers); for the reserve_capture scenarios, the count of "
         "reserve+capture pairs (800); for the usage scenarios, the count of events "
-        "(800 single, 20000 in batches at 4 workers, 32000 at 16); for "
+        "(800 single, 5000 single at 32 workers, 20000 in batches at 4 workers, "
+        "32000 at 16); for "
         "grants_batch_1000, the grants in its one batch (1000, at most 1000, "
         "not times --scale)",
     )
@@ -356,7 +358,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         "--wallets",
         type=int,
         default=SPREAD_WALLETS_DEFAULT,
-        help="wallets that debit_spread_32 and read_32 spread over, times --scale "
+        help="wallets that debit_spread_32, read_32 and usage_single_32 spread over, "
+        "times --scale "
         f"(default {SPREAD_WALLETS_DEFAULT})",
     )
     parser.add_argument(

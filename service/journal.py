@@ -74,7 +74,8 @@ _canonical = msgspec.json.Encoder(order="sorted")
 # Operations that go through the coalescer (tl_execute_batch): the hot path
 # of the metering sources. tl_execute_batch locks what each of them touches
 # up front, so an operation added here must name its accounts in `account`,
-# `from`, `to` or `reservation_id`.
+# `from`, `to` or `reservation_id`. Single usage events go through it too
+# (Database.record_usage, op "usage"), without an Idempotency-Key.
 COALESCED_OPS = frozenset({"debit", "transfer", "reserve", "capture", "release", "extend"})
 
 # Connection-level failures: whether a batch committed is unknown, so its
@@ -445,8 +446,20 @@ class Database:
         self.metrics.operations.labels(op, "replayed" if outcome.replayed else "ok").inc()
         return outcome
 
+    async def record_usage(self, args: dict[str, Any], ctx: Context) -> dict[str, Any]:
+        """One usage event (POST /v1/usage), coalesced with those that arrive
+        meanwhile: {status: 201 | 200, body}, or raises its LedgerError. Its
+        (source, event_id) is its idempotency key, so it has no
+        Idempotency-Key; the caller counts it in the metrics (as before)."""
+        item = Item(ctx.caller, None, None, "usage", 201, args, self.context_json(ctx))
+        result: dict[str, Any] = await self.coalescer.submit(item)
+        return result
+
     async def _execute_one(self, item: Item) -> Any:
-        """tl_execute: one operation in a transaction of its own."""
+        """One operation in a transaction of its own: tl_execute, or for a
+        usage event tl_record_usage, as the service ran it before coalescing."""
+        if item.op == "usage":
+            return await self.fetchval("record_usage", item.args, item.ctx)
         return await self.fetchval(
             "execute",
             item.caller,
@@ -465,6 +478,16 @@ class Database:
         already retried), its items are run again one by one, so that only
         the item at fault gets the error."""
         self.metrics.coalesced_batch_size.observe(len(items))
+        if len(items) == 1 and items[0].op == "usage":
+            # A lone usage event runs as before coalescing (tl_record_usage):
+            # the same answer, and alone it costs PostgreSQL less so than as
+            # a batch of one (measured: 2.5 against 3.3 ms of backend CPU;
+            # a batch of two costs about what two lone events do, one of 16
+            # a quarter less per event).
+            try:
+                return [await self._execute_one(items[0])]
+            except Exception as exc:  # noqa: BLE001  # why: the item's own error is its answer
+                return [exc]
         sql = self.queries["execute_batch"]
         columns = (
             [i.caller for i in items],

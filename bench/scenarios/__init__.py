@@ -22,7 +22,7 @@ from bench.scenarios.reservations import (
     reserve_capture_spread_policy,
 )
 from bench.scenarios.transfers import transfer_pairs
-from bench.scenarios.usage import usage_batch, usage_batch_c16, usage_single
+from bench.scenarios.usage import usage_batch, usage_batch_c16, usage_single, usage_single_32
 from bench.stats import Stats
 
 SCENARIOS: dict[str, Callable[[Context], Awaitable[Stats]]] = {
@@ -38,6 +38,7 @@ SCENARIOS: dict[str, Callable[[Context], Awaitable[Stats]]] = {
     "reserve_capture_spread_32_policy": reserve_capture_spread_policy,
     "reserve_capture_shared_32": reserve_capture_shared,
     "usage_single": usage_single,
+    "usage_single_32": usage_single_32,
     "usage_batch_500": usage_batch,
     "usage_batch_500_c16": usage_batch_c16,
     "grants_batch_1000": grants_batch,

@@ -106,12 +106,12 @@ def usage_events(
 
 
 async def usage_setup(
-    ctx: Context, name: str, total: int
+    ctx: Context, name: str, total: int, wallet_count: int = USAGE_WALLETS
 ) -> tuple[list[str], dict[str, int], list[UsageEvent]]:
-    """Untimed: the price, USAGE_WALLETS wallets each funded with the expected
+    """Untimed: the price, `wallet_count` wallets each funded with the expected
     cost of its events plus a margin, and the events."""
     rates = await usage_price(ctx)
-    wallets = [f"{name.replace('_', '-')}-{k}" for k in range(USAGE_WALLETS)]
+    wallets = [f"{name.replace('_', '-')}-{k}" for k in range(wallet_count)]
     events = usage_events(ctx, name, wallets, total, rates)
     funding = {w: 100 for w in wallets}
     for e in events:
@@ -214,13 +214,26 @@ async def usage_check(
 async def usage_single(ctx: Context) -> Stats:
     """16 workers, each posting single POST /v1/usage events (unique ids)
     against 32 funded wallets. One op = one event = one request."""
-    name = "usage_single"
-    workers = ctx.workers(16)
-    total = ctx.count(800)
+    return await _usage_single(ctx, "usage_single", 16, 800, USAGE_WALLETS)
+
+
+async def usage_single_32(ctx: Context) -> Stats:
+    """32 workers posting single POST /v1/usage events (unique ids) spread over
+    --wallets (1,000) funded wallets, as debit_spread_32 spreads its debits:
+    the two compare one request kind with the other at the same load (single
+    usage events are coalesced as debits are). One op = one event = one request."""
+    return await _usage_single(ctx, "usage_single_32", 32, 5000, ctx.wallets())
+
+
+async def _usage_single(
+    ctx: Context, name: str, default_workers: int, default_events: int, wallet_count: int
+) -> Stats:
+    workers = ctx.workers(default_workers)
+    total = ctx.count(default_events)
     per_worker = split(total, workers)
     stats = Stats(name, workers, total, 90 * ctx.opts.time_cap_scale, 201, op_unit="event")
     stats.ops_done = 0
-    wallets, funding, events = await usage_setup(ctx, name, total)
+    wallets, funding, events = await usage_setup(ctx, name, total, wallet_count)
     starts = [sum(per_worker[:w]) for w in range(workers)]
     usage_before = await ctx.api.posted("system:usage")
     log = UsageLog()

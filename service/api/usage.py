@@ -163,9 +163,7 @@ class UsageController(Controller):
         is recorded and flagged `violation: "model_not_allowed"`."""
         request.state.principal.check_scope(data.account, data.source)
         ctx = context_of(request)
-        result = await ledger.fetchval(
-            "record_usage", usage_args(data, ledger), ledger.context_json(ctx)
-        )
+        result = await ledger.record_usage(usage_args(data, ledger), ctx)
         ledger.metrics.operations.labels(
             "usage", "ok" if result["status"] == 201 else "duplicate"
         ).inc()
