@@ -4454,14 +4454,17 @@ BEGIN
 END $$;
 
 -- Adds a set of events (as rows of usage_events) to the four roll-ups.
+-- plpgsql, so that its statement is planned once per session (it runs once
+-- per coalesced batch of usage events: tl_usage_rollup_events).
 CREATE OR REPLACE FUNCTION tl_usage_rollup_many(p_events usage_events[]) RETURNS void
-LANGUAGE sql AS $$
-    SELECT tl_usage_rollup_sums(array_agg((e.occurred_at AT TIME ZONE 'UTC')::date), array_agg(e.account_id),
-                                array_agg(e.model), array_agg(coalesce(e.project, '')),
-                                array_agg(1::bigint), array_agg(e.input_tokens), array_agg(e.cached_input_tokens),
-                                array_agg(e.output_tokens), array_agg(e.cost))
-    FROM unnest(p_events) e
-$$;
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM tl_usage_rollup_sums(array_agg((e.occurred_at AT TIME ZONE 'UTC')::date), array_agg(e.account_id),
+                                 array_agg(e.model), array_agg(coalesce(e.project, '')),
+                                 array_agg(1::bigint), array_agg(e.input_tokens), array_agg(e.cached_input_tokens),
+                                 array_agg(e.output_tokens), array_agg(e.cost))
+       FROM unnest(p_events) e;
+END $$;
 
 -- One event's roll-ups (tl_record_usage), straight to the sums: plpgsql, so
 -- that the call is planned once per session; as a SQL function over
@@ -4499,11 +4502,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_tag_keys text[];
 BEGIN
-    PERFORM tl_usage_rollup_sums(array_agg((e.occurred_at AT TIME ZONE 'UTC')::date), array_agg(e.account_id),
-                                 array_agg(e.model), array_agg(coalesce(e.project, '')),
-                                 array_agg(1::bigint), array_agg(e.input_tokens), array_agg(e.cached_input_tokens),
-                                 array_agg(e.output_tokens), array_agg(e.cost))
-       FROM unnest(p_events) e;
+    PERFORM tl_usage_rollup_many(p_events);
     v_tag_keys := ARRAY(SELECT name FROM report_tag_keys ORDER BY name COLLATE "C");
     IF cardinality(v_tag_keys) > 0 THEN
         PERFORM tl_usage_tag_rollup_sums(array_agg((e.occurred_at AT TIME ZONE 'UTC')::date),

@@ -73,14 +73,19 @@ def load_queries() -> dict[str, str]:
     queries["usage_report_window"] = (
         queries["usage_report"].removesuffix(";") + "\nLIMIT $10::bigint OFFSET $11::bigint;"
     )
+
     # And over the rows whose model ($12 'model'), project ('project') or first tag
     # key ('tag') is one of $10, or null with $11 (a chunk of a report led by that
     # key: _value_pages). A project is '' in the sources where the answer has null;
     # the tag is tag1 as each source reads it (`raw`).
-    value = (
-        "CASE $12::text WHEN 'model' THEN r.model WHEN 'project' THEN nullif(r.project, '')"
-        " ELSE r.tag1 END"
-    )
+    def lead(kind: str) -> str:
+        """The leading key's value of a row of `raw`, the key named by parameter `kind`."""
+        return (
+            f"CASE {kind}::text WHEN 'model' THEN r.model WHEN 'project' THEN nullif(r.project, '')"
+            " ELSE r.tag1 END"
+        )
+
+    value = lead("$12")
     queries["usage_report_values"] = queries["usage_report"].replace(
         mark, f"    WHERE {value} = ANY ($10::text[]) OR ($11::boolean AND {value} IS NULL)"
     )
@@ -90,7 +95,7 @@ def load_queries() -> dict[str, str]:
     # led by that key read from the events and the journal themselves
     # (_value_range_plan), with a plain query (parallel workers) and a comparison
     # or two a row however many values the chunk has.
-    value = value.replace("$12", "$13")
+    value = lead("$13")
     ranged = (
         f'({value}) COLLATE "C" >= ($10::text COLLATE "C")'
         f' AND (({value}) COLLATE "C" <= ($11::text COLLATE "C") OR $11::text IS NULL)'
