@@ -30,7 +30,8 @@ times only those groupings, and no finance report.
    over the periods of PERIODS (UTC midnights, a microsecond later, six hours
    in at each end), and through HTTP (the app in-process over ASGI, as
    finance, JSON and CSV, and the JSON pages of 500 from the first row and from
-   the middle one), and the first rows of the whole answer (`first s`: the
+   the middle one, the latter also from the cursor the page before it handed out:
+   `walked s`), and the first rows of the whole answer (`first s`: the
    first batch the HTTP answer reads before it starts to send; the in-process
    client buffers whole bodies, so the HTTP figures are the whole answer's).
    Each timing is the median of --runs after one warm-up run.
@@ -304,6 +305,30 @@ async def measure(
                             return r.json()["items"]
 
                         row[f"http_{name}_seconds"], _ = await timed(runs, http_page)
+                    # The page after the middle row from the cursor the page before it
+                    # handed out, as a client walking the pages has it (it may carry
+                    # what that page learnt of the values ahead: reports.Lookahead).
+                    if len(whole) > 1000:
+                        before = whole[len(whole) // 2 - 500]
+                        prior = {**params, "limit": "500"}
+                        prior["cursor"] = encode_cursor([mark, [before[k] for k in keys]])
+
+                        async def prior_page(p: dict[str, str] = prior) -> Any:
+                            r = await client.get("/v1/reports/usage", params=p)
+                            r.raise_for_status()
+                            return r.json()
+
+                        # (That page pays for what it learns: JSON only, not in the table.)
+                        row["http_walk_prior_seconds"], _ = await timed(runs, prior_page)
+                        nxt = (await prior_page())["next_cursor"]
+                        walked = {**params, "limit": "500", "cursor": nxt}
+
+                        async def walk_page(p: dict[str, str] = walked) -> Any:
+                            r = await client.get("/v1/reports/usage", params=p)
+                            r.raise_for_status()
+                            return r.json()["items"]
+
+                        row["http_walk_page_seconds"], _ = await timed(runs, walk_page)
                     log(f"bench.reports: {row}")
                     results.append(row)
             if not only:
@@ -342,10 +367,11 @@ def table(results: list[dict[str, Any]]) -> str:
     header = (
         f"{'group_by':<26} {'path':<7} {'rows':>8} {'sql s':>8} "
         f"{'http json s':>12} {'http csv s':>11} {'first s':>8} {'page s':>7} {'mid page s':>10}"
+        f" {'walked s':>8}"
     )
     lines = [header, "-" * len(header)]
     for r in results:
-        sql, js, cs, fr, pg, mid = (
+        sql, js, cs, fr, pg, mid, walk = (
             f"{v:.3f}" if isinstance(v, float) else str(v)
             for v in (
                 r["sql_seconds"],
@@ -354,11 +380,12 @@ def table(results: list[dict[str, Any]]) -> str:
                 r.get("first_rows_seconds", "-"),
                 r.get("http_page_seconds", "-"),
                 r.get("http_mid_page_seconds", "-"),
+                r.get("http_walk_page_seconds", "-"),
             )
         )
         lines.append(
             f"{r['group_by']:<26} {r['path']:<7} {r['rows']:>8} {sql:>8} {js:>12} {cs:>11}"
-            f" {fr:>8} {pg:>7} {mid:>10}"
+            f" {fr:>8} {pg:>7} {mid:>10} {walk:>8}"
         )
     return "\n".join(lines)
 

@@ -65,18 +65,52 @@ class UsageReport(msgspec.Struct, frozen=True, omit_defaults=True):
 PAGE_DEFAULT = 50
 
 
+class _PageCursor(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
+    """A report page's cursor: its report's fingerprint and the keys of the page's
+    last item, then (a report read a stretch of values at a time) what the page
+    learnt of the rows after it (reports.Lookahead). A cursor of two items is one
+    handed out before the last three were added, still good."""
+
+    mark: str
+    after: list[str | None]
+    left: Annotated[int, msgspec.Meta(ge=0, le=2**31)] | None = None
+    per: Annotated[int, msgspec.Meta(ge=1, le=2**31)] | None = None
+    ahead: Annotated[list[str | None], msgspec.Meta(max_length=reports.AHEAD_MAX)] = []
+
+
 def _page_cursor(
     cursor: str | None, start: datetime, end: datetime, keys: tuple[str, ...]
-) -> list[str | None] | None:
-    """The keys of the last item of the page before (None: from the first item). A
-    cursor names its report (period and keys): one from another report is refused."""
-    decoded = decode_cursor(cursor, tuple[str, list[str | None]])
+) -> tuple[list[str | None] | None, reports.Lookahead | None]:
+    """The keys of the last item of the page before (None: from the first item), and
+    what that page learnt of the rows after it. A cursor names its report (period
+    and keys): one from another report is refused."""
+    decoded = decode_cursor(cursor, _PageCursor)
     if decoded is None:
-        return None
-    mark, after = decoded
-    if mark != reports.page_fingerprint(start, end, keys) or len(after) != len(keys):
+        return None, None
+    if decoded.mark != reports.page_fingerprint(start, end, keys) or len(decoded.after) != len(
+        keys
+    ):
         raise invalid_cursor()
-    return after
+    known = None
+    if decoded.left is not None:
+        known = reports.Lookahead(decoded.left, decoded.per, list(decoded.ahead))
+    return decoded.after, known
+
+
+def _next_cursor(
+    start: datetime,
+    end: datetime,
+    keys: tuple[str, ...],
+    after: list[str | None] | None,
+    found: reports.Lookahead | None,
+) -> str | None:
+    """The cursor of the page after the one whose last item's keys are `after`."""
+    if after is None:
+        return None
+    mark = reports.page_fingerprint(start, end, keys)
+    if found is None:
+        return encode_cursor([mark, after])
+    return encode_cursor([mark, after, found.left, found.per, found.values])
 
 
 class ReportsController(Controller):
@@ -144,13 +178,12 @@ class ReportsController(Controller):
         row after it."""
         keys = reports.parse_group_by(group_by)
         reports.check_period(from_, to)
-        after = _page_cursor(cursor, from_, to, keys)
+        after, known = _page_cursor(cursor, from_, to, keys)
         if not wants_csv(request) and (limit is not None or cursor is not None):
-            items, nxt = await reports.usage_report_page(
-                ledger, from_, to, keys, after, limit or PAGE_DEFAULT
+            items, nxt, found = await reports.usage_report_page(
+                ledger, from_, to, keys, after, limit or PAGE_DEFAULT, known
             )
-            mark = reports.page_fingerprint(from_, to, keys)
-            body = {"items": items, "next_cursor": encode_cursor([mark, nxt]) if nxt else None}
+            body = {"items": items, "next_cursor": _next_cursor(from_, to, keys, nxt, found)}
             return Response(body)  # type: ignore[arg-type]  # why: the items as UsageReport has them, built as dicts
         if after is not None:
             # CSV from a cursor on: the rows after it, streamed.
