@@ -106,6 +106,18 @@ def load_queries() -> dict[str, str]:
         .removesuffix(";")
         + "\nLIMIT $14::bigint OFFSET $15::bigint;"
     )
+    # And the same over the accounts $16 only: a page's read of its cursor's value
+    # alone, from the cursor's employee on (report_accounts_after).
+    queries["usage_report_range_accounts"] = (
+        queries["usage_report"]
+        .replace(
+            mark,
+            f"    WHERE (({ranged}) OR ($12::boolean AND {value} IS NULL))"
+            " AND r.account_id = ANY ($16::bigint[])",
+        )
+        .removesuffix(";")
+        + "\nLIMIT $14::bigint OFFSET $15::bigint;"
+    )
     return queries
 
 

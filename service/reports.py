@@ -860,6 +860,13 @@ class Lookahead:
     value: str | None = None
 
 
+# A page that reads its cursor's value alone reads only the rows of the employees
+# from the cursor's on when they are at most this share of all employees. On the
+# bench month (`tag:team,employee`, a value of 10,000 rows) the read took 0.46 to
+# 0.51 s whole, 0.35 s over the second half of the employees, 0.26 s over the last
+# tenth, and 0.60 s over all of them (the list of accounts costs its own).
+RESTRICT_SHARE = 0.7
+
 # At most this many values, of this many characters in all, ride in a page cursor
 # (a tag of long values does not make a URL of kilobytes).
 AHEAD_MAX = 8
@@ -909,7 +916,6 @@ def _value_range_plan(
     lead = keys[0]
     kind = "tag" if _is_tag(lead) else lead
     name = lead.removeprefix(TAG_PREFIX) if kind == "tag" else None
-    query = ledger.queries["usage_report_range"]
     columns = sql_keys(keys)
     column = columns[0]
 
@@ -959,16 +965,27 @@ def _value_range_plan(
         # plain read: its rest comes through a cursor this plan does not count).
         got: int | None = 0
 
-        async def read(chunk: list[str | None]) -> AsyncIterator[PlanStep]:
+        async def read(
+            chunk: list[str | None], accounts: list[int] | None = None, share: float = 1.0
+        ) -> AsyncIterator[PlanStep]:
+            """The chunk's rows (over `accounts` only, `share` of the employees,
+            when given)."""
             nonlocal got
-            rows = await conn.fetch(query, *chunk_part(chunk), WINDOW + 1, 0, timeout=timeout)
-            counted.append((len(rows), len(chunk)))
+            extra: tuple[Any, ...]
+            name, extra = "usage_report_range", ()
+            if accounts is not None:
+                name, extra = "usage_report_range_accounts", (accounts,)
+            rows = await conn.fetch(
+                ledger.queries[name], *chunk_part(chunk), WINDOW + 1, 0, *extra, timeout=timeout
+            )
+            # (As many rows as the whole value would have, for the rows per value.)
+            counted.append((round(len(rows) / share), len(chunk)))
             head = rows[:WINDOW]
             if found is not None and got is not None and need:
                 await learn(head, len(rows) > WINDOW)
             yield head
             if len(rows) > WINDOW:
-                yield "usage_report_range", (*chunk_part(chunk), None, WINDOW)
+                yield name, (*chunk_part(chunk), None, WINDOW, *extra)
 
         async def learn(head: list[Any], overflow: bool) -> None:
             """Count the chunk's rows after the cursor, and when the page ends in
@@ -1056,6 +1073,19 @@ def _value_range_plan(
             while size <= len(hinted) and left + (size - 1) * per < need:
                 size += 1
             values, more, listed_all = known_values[:size], True, False
+        # A page that reads its cursor's value alone, led by that value and then the
+        # employee, reads the rows of the employees from the cursor's on when they
+        # are few enough (RESTRICT_SHARE): all of the value's events are read all
+        # the same, but only theirs summed.
+        accounts: list[int] | None = None
+        share = 1.0
+        if size == 1 and after is not None and keys[1] == "employee" and after[1] is not None:
+            row = await conn.fetchrow(
+                ledger.queries["report_accounts_after"], after[1], timeout=timeout
+            )
+            if row["employees"] and row["after"] <= RESTRICT_SHARE * row["employees"]:
+                accounts = list(row["ids"] or [])
+                share = max(row["after"], 1) / row["employees"]
         # The last value listed (named whenever more follow: null is last).
         past = values[-1]
         while values or more:
@@ -1068,8 +1098,9 @@ def _value_range_plan(
                 listed_all = not more
                 past = values[-1]
             chunk, values = values[:size], values[size:]
-            async for step in read(chunk):
+            async for step in read(chunk, accounts, share):
                 yield step
+            accounts, share = None, 1.0
             if None in chunk:  # (read to the end)
                 return
             rows, _ = counted[-1]

@@ -574,6 +574,20 @@ WHERE a.type = 'employee' AND (a.ref COLLATE "C") >= ($1::text COLLATE "C")
 ORDER BY (a.ref COLLATE "C")
 LIMIT $3;
 
+-- name: report_accounts_after
+-- The accounts whose rows come from the employee $1 on in a report led by a
+-- value and then the employee: those of the employees from $1 on (byte order,
+-- the report's) and every account without an employee (null, last); and how
+-- many employees there are, and from $1 on. A page that reads the rows of its
+-- cursor's value alone reads only theirs when they are few enough
+-- (service/reports.py, _value_range_plan).
+SELECT array_agg(a.id) FILTER (
+           WHERE a.type <> 'employee' OR (a.ref COLLATE "C") >= ($1::text COLLATE "C")) AS ids,
+       count(*) FILTER (WHERE a.type = 'employee') AS employees,
+       count(*) FILTER (
+           WHERE a.type = 'employee' AND (a.ref COLLATE "C") >= ($1::text COLLATE "C")) AS after
+FROM accounts a;
+
 -- name: report_unowned_accounts
 -- The accounts without an employee (departments', the system's): the rows of
 -- a report led by the employee whose employee is null, last in its order.

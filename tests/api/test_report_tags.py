@@ -762,6 +762,8 @@ async def test_a_page_cursor_carries_what_its_page_learnt_of_the_values_ahead(
     # item says it exactly; and a page after one that names the values ahead, where
     # its value has fewer rows left than the page needs, reads one stretch and lists
     # nothing after the cursor's value.
+    # (Their rows read whole: the narrowing to the cursor's employee on is below.)
+    monkeypatch.setattr(reports, "RESTRICT_SHARE", 0.0)
     carried = stretched = nulls = 0
     walked: list[str] = []
     for limit in (1, 2, 3):
@@ -819,6 +821,36 @@ async def test_a_page_cursor_carries_what_its_page_learnt_of_the_values_ahead(
                 held = encode_cursor([mark, after, left, 1, ahead])
                 r = await paged(api, start, end, keys, {"cursor": held, "limit": "4"})
                 assert r.json()["items"] == want[at + 1 : at + 5], (after, ahead, left)
+
+    # A page that reads its cursor's value alone (a cursor made of its keys alone
+    # here) reads only the rows of the employees from the cursor's on, and those
+    # without an employee, when they are few enough: every one of them here.
+    monkeypatch.setattr(reports, "RESTRICT_SHARE", 1.0)
+    restricted = 0
+    for at in range(len(want) - 1):
+        after = [want[at][k] for k in keys]
+        steps.clear()
+        held = encode_cursor([mark, after])
+        r = await paged(api, start, end, keys, {"cursor": held, "limit": "2"})
+        assert r.json()["items"] == want[at + 1 : at + 3], after
+        first = next(s for s in steps[0] if s[0] == "rows")
+        of_value = [i for i in want if i[lead] == after[0]]
+        if after[1] is None:  # (the rows without an employee: no narrowing)
+            assert first == ("rows", len(of_value)), (after, steps)
+            continue
+        theirs = [i for i in of_value if i["employee"] is None or i["employee"] >= after[1]]
+        assert first == ("rows", len(theirs)), (after, steps)
+        restricted += len(theirs) < len(of_value)
+    assert restricted >= 3, restricted
+    # Over the share, the value's rows are read whole.
+    monkeypatch.setattr(reports, "RESTRICT_SHARE", 0.0)
+    at = max(n for n, i in enumerate(want[:-1]) if i["employee"] is not None)
+    after = [want[at][k] for k in keys]
+    steps.clear()
+    r = await paged(api, start, end, keys, {"cursor": encode_cursor([mark, after]), "limit": "1"})
+    assert r.json()["items"] == want[at + 1 : at + 2]
+    first = next(s for s in steps[0] if s[0] == "rows")
+    assert first == ("rows", sum(i[lead] == after[0] for i in want)), steps
 
     # Values added after the cursors were handed out, between the values they name
     # and after them: each cursor's walk to the end reads them.

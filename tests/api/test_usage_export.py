@@ -590,6 +590,8 @@ def record_parts(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[str, Any]]]
                     reads = args[-2:]
                 elif query == "usage_report_range":
                     reads = (*args[-6:-3], *args[-2:])
+                elif query == "usage_report_range_accounts":  # (and how many accounts)
+                    reads = (*args[-7:-4], *args[-3:-1], len(args[-1]))
                 else:
                     reads = args[:2]
                 calls[-1].append((query, reads))
