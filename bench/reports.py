@@ -33,8 +33,11 @@ times only those groupings, and no finance report.
    the middle one, the latter also from the cursor the page before it handed out:
    `walked s`), and the first rows of the whole answer (`first s`: the
    first batch the HTTP answer reads before it starts to send; the in-process
-   client buffers whole bodies, so the HTTP figures are the whole answer's).
-   Each timing is the median of --runs after one warm-up run.
+   client buffers whole bodies, so the HTTP figures are the whole answer's, to
+   its last byte, read as bytes: the bench client parses neither JSON nor CSV,
+   which took it about a second more for 76 MB of JSON; before 2026-12-07's
+   last session it did). Each timing is the median of --runs after one warm-up
+   run.
 
 4. Every finance report (liability by department, month and employee,
    compensation, efficiency by employee and department, forecasts) over
@@ -268,18 +271,25 @@ async def measure(
                     for fmt, accept in (("json", "application/json"), ("csv", "text/csv")):
 
                         async def http(p: dict[str, str] = params, a: str = accept) -> Any:
-                            r = await client.get(
-                                "/v1/reports/usage", params=p, headers={"Accept": a}
-                            )
-                            r.raise_for_status()
-                            return r.content.splitlines() if a == "text/csv" else r.json()["items"]
+                            # The whole body read as bytes, not parsed: the service's
+                            # answer, not the bench client's JSON decoding (76 MB of
+                            # `employee,model,project` took it about a second more).
+                            # (Its size: the body's bytes.)
+                            size = 0
+                            async with client.stream(
+                                "GET", "/v1/reports/usage", params=p, headers={"Accept": a}
+                            ) as r:
+                                r.raise_for_status()
+                                async for chunk in r.aiter_raw():
+                                    size += len(chunk)
+                            return range(size)
 
                         row[f"http_{fmt}_seconds"], _ = await timed(runs, http)
 
                     # The first rows of the whole answer, as the HTTP answer reads them
                     # before it starts (a first batch of usage_report_after): its first
                     # bytes. (The in-process client buffers a whole body, so the HTTP
-                    # figures above are the whole answer's.)
+                    # figures above are the whole answer's, to its last byte.)
                     async def first(
                         s: datetime = start, e: datetime = end, k: tuple[str, ...] = keys
                     ) -> Any:
