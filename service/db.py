@@ -100,23 +100,19 @@ def load_queries() -> dict[str, str]:
         f'({value}) COLLATE "C" >= ($10::text COLLATE "C")'
         f' AND (({value}) COLLATE "C" <= ($11::text COLLATE "C") OR $11::text IS NULL)'
     )
-    queries["usage_report_range"] = (
-        queries["usage_report"]
-        .replace(mark, f"    WHERE ({ranged}) OR ($12::boolean AND {value} IS NULL)")
-        .removesuffix(";")
-        + "\nLIMIT $14::bigint OFFSET $15::bigint;"
-    )
+    in_range = f"({ranged}) OR ($12::boolean AND {value} IS NULL)"
+
+    def windowed(where: str) -> str:
+        return (
+            queries["usage_report"].replace(mark, f"    WHERE {where}").removesuffix(";")
+            + "\nLIMIT $14::bigint OFFSET $15::bigint;"
+        )
+
+    queries["usage_report_range"] = windowed(in_range)
     # And the same over the accounts $16 only: a page's read of its cursor's value
     # alone, from the cursor's employee on (report_accounts_after).
-    queries["usage_report_range_accounts"] = (
-        queries["usage_report"]
-        .replace(
-            mark,
-            f"    WHERE (({ranged}) OR ($12::boolean AND {value} IS NULL))"
-            " AND r.account_id = ANY ($16::bigint[])",
-        )
-        .removesuffix(";")
-        + "\nLIMIT $14::bigint OFFSET $15::bigint;"
+    queries["usage_report_range_accounts"] = windowed(
+        f"({in_range}) AND r.account_id = ANY ($16::bigint[])"
     )
     return queries
 

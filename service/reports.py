@@ -964,6 +964,7 @@ def _value_range_plan(
         # Rows after the cursor read so far (None once a chunk overflowed its
         # plain read: its rest comes through a cursor this plan does not count).
         got: int | None = 0
+        previous: Any = None  # the lead value of the last row read
 
         async def read(
             chunk: list[str | None], accounts: list[int] | None = None, share: float = 1.0
@@ -990,7 +991,7 @@ def _value_range_plan(
         async def learn(head: list[Any], overflow: bool) -> None:
             """Count the chunk's rows after the cursor, and when the page ends in
             them (its last item and the one after it read), fill `found`."""
-            nonlocal got
+            nonlocal got, previous
             assert found is not None and got is not None
             skip = 0
             if after is not None and not counted[:-1]:
@@ -1000,11 +1001,11 @@ def _value_range_plan(
             if got + new < need:
                 got = None if overflow else got + new
                 if head:
-                    previous[0] = head[-1][column]
+                    previous = head[-1][column]
                 return
             last = skip + need - 2 - got  # the page's last item, in head
             if last < skip:  # the last of the chunk before: its value's last row
-                found.left, value = 0, previous[0]
+                found.left, value = 0, previous
             else:
                 value = head[last][column]
                 end = last + 1
@@ -1019,13 +1020,12 @@ def _value_range_plan(
             rows, values = sum(n for n, _ in counted), sum(v for _, v in counted)
             found.per = max(1, -(-rows // values))
             found.values = after_value(known_values, value)
-            if not found.values and found.left < need and value is not None and listed_all is False:
+            if not found.values and found.left < need and value is not None and not listed_all:
                 ahead, _ = await listing(value, AHEAD_MAX)
                 found.values = after_value(ahead, value)
             got = None
 
         counted: list[tuple[int, int]] = []  # each chunk's rows and values
-        previous: list[Any] = [None]  # the lead value of the last row read
         # The values known in the report's order from the cursor's on, and
         # whether they run to the report's end.
         known_values: list[str | None] = []
@@ -1072,7 +1072,7 @@ def _value_range_plan(
             per = max(1, known.per or 1)
             while size <= len(hinted) and left + (size - 1) * per < need:
                 size += 1
-            values, more, listed_all = known_values[:size], True, False
+            values = known_values[:size]
         # A page that reads its cursor's value alone, led by that value and then the
         # employee, reads the rows of the employees from the cursor's on when they
         # are few enough (RESTRICT_SHARE): all of the value's events are read all

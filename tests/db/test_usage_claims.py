@@ -61,6 +61,18 @@ async def _batch(conn: asyncpg.Connection, events: list[dict[str, Any]]) -> dict
     return {r["event_id"]: r["status"] for r in out["results"]}
 
 
+async def _waits_for_lock(conn: asyncpg.Connection, pid: int) -> bool:
+    """Whether the backend `pid` comes to wait for a lock within about 4 s (asked
+    every 20 ms on `conn`)."""
+    for _ in range(200):
+        if await conn.fetchval(
+            "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid
+        ):
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
 async def test_event_claimed_concurrently_is_a_duplicate_and_the_rest_record(
     database_url: str,
 ) -> None:
@@ -75,14 +87,8 @@ async def test_event_claimed_concurrently_is_a_duplicate_and_the_rest_record(
             assert await _batch(a, [_event("x")]) == {"x": "recorded"}
             b_pid = await b.fetchval("SELECT pg_backend_pid()")
             answer_b = asyncio.create_task(_batch(b, [_event("x"), _event("y")]))
-            for _ in range(200):  # until B waits for A's claim of x
-                waiting = await a.fetchval(
-                    "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", b_pid
-                )
-                if waiting:
-                    break
-                await asyncio.sleep(0.02)
-            assert waiting, "B never waited for A's uncommitted claim"
+            # (until B waits for A's claim of x)
+            assert await _waits_for_lock(a, b_pid), "B never waited for A's uncommitted claim"
         assert await asyncio.wait_for(answer_b, 30) == {"x": "duplicate", "y": "recorded"}
         rows = await a.fetch(
             "SELECT event_id, transaction_id IS NOT NULL AS charged FROM usage_events "

@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 
 from service import db as service_db
-from tests.db.test_usage_claims import CTX, _event, _setup
+from tests.db.test_usage_claims import CTX, _event, _setup, _waits_for_lock
 
 COST = 1000 * 2 + 100 * 8  # an _event at m1's price: 2 + 8 credits per 1k tokens
 CLAIM_Y = """
@@ -65,14 +65,8 @@ async def test_a_batch_claims_its_usage_events_before_it_waits_for_an_account(
         async with a.transaction():
             await a.execute("SELECT 1 FROM accounts WHERE address = 'employee:e1' FOR UPDATE")
             batch = asyncio.create_task(_usage_batch(b, [_event("x"), _event("y")]))
-            for _ in range(200):  # until the batch waits for the wallet
-                waiting = await a.fetchval(
-                    "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", b_pid
-                )
-                if waiting:
-                    break
-                await asyncio.sleep(0.02)
-            assert waiting, "the batch never waited for the wallet"
+            # (until the batch waits for the wallet)
+            assert await _waits_for_lock(a, b_pid), "the batch never waited for the wallet"
             # Another request's claim of y (as tl_record_usage makes it), rolled back.
             async with c.transaction():
                 await c.execute("SET LOCAL lock_timeout = '200ms'")
