@@ -352,6 +352,38 @@ async def test_bigint_sum_fails_loudly_on_overflow(database_url: str) -> None:
         await conn.close()
 
 
+async def test_bigint_sum_adds_partial_sums_from_parallel_workers(database_url: str) -> None:
+    """tl_bigint_sum has a combine function, so a report's arms read with parallel
+    workers (a plain query: the events of a tag key not declared) sum in each worker
+    and add the partial sums, as sum() does; without one, PostgreSQL sends every row
+    to the leader to be summed there."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                "CREATE TABLE bigint_sum_parts AS"
+                " SELECT g % 7 AS k, g::bigint * 1000003 AS v FROM generate_series(1, 20000) g"
+            )
+            await conn.execute("ANALYZE bigint_sum_parts")
+            for setting in (
+                "parallel_setup_cost = 0",
+                "parallel_tuple_cost = 0",
+                "min_parallel_table_scan_size = 0",
+                "max_parallel_workers_per_gather = 2",
+            ):
+                await conn.execute(f"SET LOCAL {setting}")
+            query = "SELECT k, tl_bigint_sum(v) FROM bigint_sum_parts GROUP BY k ORDER BY k"
+            plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {query}")
+            assert '"Partial Mode": "Partial"' in plan and '"Workers Planned"' in plan, plan
+            expected = await conn.fetch(
+                "SELECT k, sum(v)::bigint FROM bigint_sum_parts GROUP BY k ORDER BY k"
+            )
+            assert [tuple(r) for r in await conn.fetch(query)] == [tuple(r) for r in expected]
+            await conn.execute("DROP TABLE bigint_sum_parts")
+    finally:
+        await conn.close()
+
+
 async def test_report_statements_are_planned_for_their_arguments(database_url: str) -> None:
     """A long statement (db.set_local: reports, exports) is planned for its arguments at
     every execution, never by PostgreSQL's generic plan of a statement prepared five
