@@ -476,7 +476,7 @@ homes AS (
     JOIN accounts a ON a.id = d.account_id AND a.type = 'employee'
     LEFT JOIN employees e ON e.id = a.ref
 ),
-keyed AS (
+keyed AS NOT MATERIALIZED (
     SELECT CASE WHEN 'employee' = ANY ($3::text[]) AND a.type = 'employee' THEN a.ref END AS employee,
            -- The department of the time (homes), or the department account's own.
            CASE WHEN 'department' = ANY ($3::text[])
@@ -490,7 +490,14 @@ keyed AS (
            CASE WHEN 'month' = ANY ($3::text[]) THEN to_char(f.bucket, 'YYYY-MM') END AS month,
            f.tag1, f.tag2, f.tag3,
            f.events, f.input_tokens, f.cached_input_tokens, f.output_tokens, f.credits,
-           f.overage, f.violations, f.debits, f.debit_credits
+           f.overage, f.violations, f.debits, f.debit_credits,
+           -- A group of firsts that is a whole group of the answer: an employee's
+           -- account (the only one with that employee), its bucket the asked day or
+           -- month (not a day of a month asked, split because someone moved, $5).
+           -- Every other key of the answer is firsts' own, or (the department)
+           -- follows from the account and the bucket.
+           'employee' = ANY ($3::text[]) AND a.type = 'employee'
+             AND (NOT $5::boolean OR 'day' = ANY ($3::text[])) AS whole
     FROM firsts f
     LEFT JOIN accounts a ON a.id = f.account_id
     LEFT JOIN homes hm ON hm.account_id = f.account_id
@@ -508,11 +515,22 @@ totals AS (
            tl_bigint_sum(debits) AS debits,
            tl_bigint_sum(debit_credits) AS debit_credits
     FROM keyed
+    -- Only the groups of firsts that are not whole groups of the answer are
+    -- aggregated again; the others (every employee's, in a report with the
+    -- employee) pass through below: employee,day over a month hashed its third
+    -- of a million groups a second time for nothing (about 0.5 s of 3.3).
+    WHERE NOT whole
     GROUP BY employee, department, model, project, day, month, tag1, tag2, tag3
     -- A group of subtracted spend only (the corrections, see the header)
     -- sums to zero events and debits: nothing of it is in the period, where
     -- every group has an event or a debit.
     HAVING tl_bigint_sum(events) <> 0 OR tl_bigint_sum(debits) <> 0
+    UNION ALL
+    SELECT employee, department, model, project, day, month, tag1, tag2, tag3,
+           events, input_tokens, cached_input_tokens, output_tokens, credits,
+           overage, violations, debits, debit_credits
+    FROM keyed
+    WHERE whole AND (events <> 0 OR debits <> 0)
 )
 -- Each position's key found once (o.pos), then read from the row's values
 -- (x.v) in the order of that list.
