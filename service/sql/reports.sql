@@ -495,8 +495,10 @@ keyed AS NOT MATERIALIZED (
            -- account (the only one with that employee), its bucket the asked day or
            -- month (not a day of a month asked, split because someone moved, $5).
            -- Every other key of the answer is firsts' own, or (the department)
-           -- follows from the account and the bucket.
-           'employee' = ANY ($3::text[]) AND a.type = 'employee'
+           -- follows from the account and the bucket. Never null (a row without
+           -- an account is not whole), or totals would drop the row from both
+           -- of its branches.
+           'employee' = ANY ($3::text[]) AND coalesce(a.type = 'employee', false)
              AND (NOT $5::boolean OR 'day' = ANY ($3::text[])) AS whole
     FROM firsts f
     LEFT JOIN accounts a ON a.id = f.account_id
