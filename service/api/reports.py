@@ -188,7 +188,7 @@ class ReportsController(Controller):
         if after is not None:
             # CSV from a cursor on: the rows after it, streamed.
             rest = reports.usage_report_after(ledger, from_, to, keys, after)
-            head: list[dict[str, Any]] = await anext(rest, [])
+            head: list[reports.Item] = await anext(rest, [])
             return Stream(  # type: ignore[return-value]  # why: CSV text, not the JSON struct
                 _csv_chunks(keys, head, rest), media_type=CSV_UTF8
             )
@@ -199,7 +199,7 @@ class ReportsController(Controller):
         pages = reports.usage_report_pages(ledger, from_, to, keys)
         # The first rows are read before answering, so that a failing query
         # still answers its problem (503 and the like) instead of a cut body.
-        first: list[dict[str, Any]] = await anext(pages, [])
+        first: list[reports.Item] = await anext(pages, [])
         if wants_csv(request):
             # The CSV form of the same report.
             return Stream(  # type: ignore[return-value]  # why: CSV text, not the JSON struct
@@ -246,7 +246,7 @@ async def _json_export(first: bytes, chunks: AsyncIterator[bytes]) -> AsyncItera
 
 
 async def _csv_chunks(
-    keys: tuple[str, ...], first: list[dict[str, Any]], pages: AsyncIterator[list[dict[str, Any]]]
+    keys: tuple[str, ...], first: list[reports.Item], pages: AsyncIterator[list[reports.Item]]
 ) -> AsyncIterator[bytes]:
     yield reports.to_csv(keys, first).encode()
     async for items in pages:
@@ -254,7 +254,7 @@ async def _csv_chunks(
 
 
 async def _json_chunks(
-    first: list[dict[str, Any]], pages: AsyncIterator[list[dict[str, Any]]]
+    first: list[reports.Item], pages: AsyncIterator[list[reports.Item]]
 ) -> AsyncIterator[bytes]:
     """`{"items": [...]}` written page by page: never the whole report in memory."""
     yield b'{"items":['
