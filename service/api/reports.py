@@ -184,7 +184,7 @@ class ReportsController(Controller):
                 ledger, from_, to, keys, after, limit or PAGE_DEFAULT, known
             )
             body = {"items": items, "next_cursor": _next_cursor(from_, to, keys, nxt, found)}
-            return Response(body)  # type: ignore[arg-type]  # why: the items as UsageReport has them, built as dicts
+            return Response(body)  # type: ignore[arg-type]  # why: the items as UsageReport has them, built as report item structs (reports._item_type)
         if after is not None:
             # CSV from a cursor on: the rows after it, streamed.
             rest = reports.usage_report_after(ledger, from_, to, keys, after)
