@@ -2133,6 +2133,23 @@ LANGUAGE sql STABLE AS $$
         'status', p_status)
 $$;
 
+-- The answer a recorded event (p) was recorded with, without its status (a
+-- replay adds 'duplicate'). Its `result` is `{}` when the answer is the row's
+-- own columns, as every event recorded since 2026-12-07 has it: building and
+-- writing a copy of the answer with each event was about a fifth of a usage
+-- batch's PostgreSQL CPU (bench.sqlbatch, 4 clients), and most of the row.
+-- Otherwise `result` is the answer itself, as earlier versions stored it.
+CREATE OR REPLACE FUNCTION tl_usage_answer(p usage_events) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN p.result = '{}'::jsonb
+                THEN (tl_usage_json(p, NULL) - 'status')
+                     || CASE WHEN p.shortfall = 0 THEN '{}'::jsonb
+                             ELSE jsonb_build_object('shortfall', p.shortfall) END
+                     || CASE WHEN p.violation IS NULL THEN '{}'::jsonb
+                             ELSE jsonb_build_object('violation', p.violation) END
+                ELSE p.result END
+$$;
+
 -- Whether an event posted under the (source, event_id) of a recorded one
 -- says something else (API.md: the same key with another body is 422
 -- idempotency_key_reused, like an Idempotency-Key). occurred_at counts only
@@ -2159,7 +2176,7 @@ BEGIN
         PERFORM tl_raise('TLC01', 'idempotency_key_reused',
                          'this (source, event_id) was recorded with a different event; nothing was changed');
     END IF;
-    RETURN jsonb_build_object('status', 200, 'body', u.result || '{"status": "duplicate"}'::jsonb);
+    RETURN jsonb_build_object('status', 200, 'body', tl_usage_answer(u) || '{"status": "duplicate"}'::jsonb);
 END $$;
 
 -- Recording one usage event is in three steps, so that a coalesced batch
@@ -2324,7 +2341,8 @@ BEGIN
     v_body := tl_usage_json(p_event, 'recorded')
               || CASE WHEN v_shortfall = 0 THEN '{}'::jsonb ELSE jsonb_build_object('shortfall', v_shortfall) END
               || CASE WHEN p_violation IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('violation', p_violation) END;
-    UPDATE usage_events SET transaction_id = v_txn, result = v_body - 'status', shortfall = v_shortfall,
+    -- The answer is the row's columns (tl_usage_answer).
+    UPDATE usage_events SET transaction_id = v_txn, result = '{}'::jsonb, shortfall = v_shortfall,
                             violation = p_violation
      WHERE id = p_event.id;
     IF p_rollup THEN
@@ -2475,21 +2493,29 @@ BEGIN
                    -- built directly (jsonb_strip_nulls builds it twice).
                    CASE WHEN b.status = 'recorded' AND b.txn IS NOT NULL AND b.event_id IS NOT NULL
                         THEN jsonb_build_object('event_id', b.event_id, 'status', 'recorded', 'cost', b.cost,
-                                                'id', b.result -> 'id', 'transaction_id', b.result -> 'transaction_id')
+                                                'id', b.id, 'transaction_id', b.txn)
                              -- Spend policy: what went to system:overage (events recorded one by one).
                              || CASE WHEN b.result ? 'shortfall'
                                      THEN jsonb_build_object('shortfall', b.result -> 'shortfall')
                                      ELSE '{}'::jsonb END
                         ELSE jsonb_strip_nulls(jsonb_build_object(
                             'event_id', b.event_id, 'status', b.status, 'code', b.code,
-                            'cost', (b.result ->> 'cost')::bigint, 'id', b.result ->> 'id',
-                            'transaction_id', b.result ->> 'transaction_id',
+                            'cost', CASE WHEN b.mine THEN b.cost ELSE (b.result ->> 'cost')::bigint END,
+                            'id', b.id, 'transaction_id', b.txn,
                             'shortfall', (b.result ->> 'shortfall')::bigint)) END
                    ORDER BY b.pos)
-        FROM (SELECT w.pos, w.event_id,
-                     CASE WHEN w.status IN ('pending', 'recorded_single') THEN 'recorded' ELSE w.status END AS status,
-                     w.code, w.cost, w.txn, CASE WHEN w.status <> 'rejected' THEN w.result END AS result
-              FROM unnest(p_rows) w) b));
+        -- An event this batch claimed and recorded (mine) has no answer in
+        -- `result`: its id, transaction and cost are the working row's. One
+        -- recorded alone (tl_record_usage), or a duplicate, answers by
+        -- `result`; a rejected one answers no id, transaction nor cost.
+        FROM (SELECT w.pos, w.event_id, s.status, w.code, w.cost, s.mine, s.result,
+                     CASE WHEN s.mine THEN tl_public_id('evt_', w.id) ELSE s.result ->> 'id' END AS id,
+                     CASE WHEN s.mine THEN tl_public_id('txn_', w.txn) ELSE s.result ->> 'transaction_id' END AS txn
+              FROM unnest(p_rows) w
+              CROSS JOIN LATERAL (
+                  SELECT CASE WHEN w.status IN ('pending', 'recorded_single') THEN 'recorded' ELSE w.status END AS status,
+                         w.status IN ('pending', 'recorded') AND w.result IS NULL AS mine,
+                         CASE WHEN w.status <> 'rejected' THEN w.result END AS result) s) b));
 END $$;
 
 -- The roll-up sums (tl_usage_rollup_sums) of the events tl_record_usage_batch
@@ -2590,7 +2616,7 @@ BEGIN
         -- the generic plan a session made while usage_events was small read
         -- the whole table at every batch (tests/db/test_usage_claims.py).
         LEFT JOIN LATERAL (
-            SELECT u.result, tl_usage_differs(u, e.raw) AS differs FROM usage_events u
+            SELECT tl_usage_answer(u) AS result, tl_usage_differs(u, e.raw) AS differs FROM usage_events u
             WHERE u.source = e.source AND u.event_id = e.event_id AND u.result IS NOT NULL
             OFFSET 0) u ON true
         LEFT JOIN a ON a.address = e.account
@@ -2657,25 +2683,10 @@ BEGIN
            w.pos, w.source, w.event_id, w.account, w.model, w.input_tokens, w.cached_input_tokens,
            w.output_tokens, w.occurred_at, w.project, w.tags, w.reservation, w.res_id, w.account_id,
            w.price_id, w.price_model, w.cost, w.id, w.txn, w.status, w.code,
-           -- What tl_usage_json(row, 'recorded') - 'status' gives for the row
-           -- claimed below (the address is the one the account was found by).
-           CASE WHEN w.status = 'duplicate' THEN w.stored
-                WHEN w.status = 'pending' THEN jsonb_build_object(
-                    'id', tl_public_id('evt_', w.id),
-                    'source', w.source,
-                    'event_id', w.event_id,
-                    'account', w.account,
-                    'model', w.model,
-                    'input_tokens', w.input_tokens,
-                    'cached_input_tokens', w.cached_input_tokens,
-                    'output_tokens', w.output_tokens,
-                    'cost', w.cost,
-                    'price_id', tl_public_id('prc_', w.price_id),
-                    'transaction_id', tl_public_id('txn_', w.txn),
-                    'reservation_id', tl_public_id('rsv_', w.res_id),
-                    'project', w.project,
-                    'tags', w.tags,
-                    'occurred_at', tl_ts(w.occurred_at)) END
+           -- A duplicate's stored answer. A claimed event has none: its
+           -- answer is its row (tl_usage_answer), and the batch's answer
+           -- reads its id, transaction and cost from the working row.
+           CASE WHEN w.status = 'duplicate' THEN w.stored END
            )::tl_usage_batch_item ORDER BY w.pos)
     INTO v_rows
     FROM w;
@@ -2870,11 +2881,10 @@ BEGIN
                 PERFORM tl_op_release(jsonb_build_object('reservation', v_e.reservation,
                                                          'reservation_id', v_e.reservation_id), p_ctx);
             END IF;
-            v_res := v_e.result || jsonb_build_object('transaction_id', tl_public_id('txn_', v_txn));
-            UPDATE usage_events SET transaction_id = v_txn, result = v_res WHERE id = v_e.id;
+            -- Recorded: its answer is its row (tl_usage_answer).
+            UPDATE usage_events SET transaction_id = v_txn, result = '{}'::jsonb WHERE id = v_e.id;
             p_rows[v_e.pos].status := 'recorded';
             p_rows[v_e.pos].txn := v_txn;
-            p_rows[v_e.pos].result := v_res;
         EXCEPTION WHEN SQLSTATE 'TLA01' OR SQLSTATE 'TLA02' OR SQLSTATE 'TLA03' OR SQLSTATE 'TLA05'
                      OR SQLSTATE 'TLA08' OR SQLSTATE 'TLB01' OR SQLSTATE 'TLB02' OR SQLSTATE 'TLB04'
                      OR SQLSTATE 'TLD01' THEN
@@ -2909,7 +2919,12 @@ BEGIN
     SELECT array_agg(b.pos),
            array_agg(CASE WHEN o.status IN ('pending', 'recorded', 'recorded_single', 'duplicate') THEN 'duplicate'
                           ELSE o.status END),
-           array_agg(o.code), array_agg(o.result)
+           array_agg(o.code),
+           -- (One this batch recorded has its answer in its row, not in `result`.)
+           array_agg(CASE WHEN o.status IN ('pending', 'recorded') AND o.result IS NULL
+                          THEN jsonb_build_object('id', tl_public_id('evt_', o.id), 'cost', o.cost,
+                                                  'transaction_id', tl_public_id('txn_', o.txn))
+                          ELSE o.result END)
     INTO v_pos, v_statuses, v_codes, v_results
     FROM unnest(p_rows) b JOIN unnest(p_rows) o ON o.source = b.source AND o.event_id = b.event_id
     WHERE b.status = 'repeat' AND o.status <> 'repeat';
@@ -3013,13 +3028,14 @@ BEGIN
                                       project, tags, occurred_at, recorded_at, result)
             SELECT w.id, w.source, w.event_id, w.account_id, w.model, w.price_id, w.input_tokens,
                    w.cached_input_tokens, w.output_tokens, w.cost, w.txn, w.reservation_id, w.project, w.tags,
-                   w.occurred_at, clock_timestamp(), CASE WHEN w.reservation IS NULL THEN w.result END
+                   w.occurred_at, clock_timestamp(), CASE WHEN w.reservation IS NULL THEN '{}'::jsonb END
             FROM unnest(v_rows) w WHERE w.status = 'pending' ORDER BY w.source, w.event_id;
             EXIT;
         EXCEPTION WHEN unique_violation THEN
             -- Claimed by a request that has committed since (the INSERT waited
             -- for it): a duplicate, or a reused key when it says otherwise.
-            SELECT array_agg(w.pos), array_agg(u.result), array_agg(tl_usage_differs(u, p_events -> (w.pos - 1)))
+            SELECT array_agg(w.pos), array_agg(tl_usage_answer(u)),
+                   array_agg(tl_usage_differs(u, p_events -> (w.pos - 1)))
             INTO v_pos, v_results, v_differs
             FROM unnest(v_rows) w JOIN usage_events u ON u.source = w.source AND u.event_id = w.event_id
             WHERE w.status = 'pending';

@@ -8,6 +8,8 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
+
 from service.pricing import PriceRates
 from tests.api.conftest import Api, FakeClock, assert_audit_clean, key, posted, problem, ts
 from tests.api.test_auth import service_key
@@ -305,6 +307,103 @@ async def test_concurrent_duplicates_are_charged_once(
     assert usage_txns.status_code == 200, usage_txns.text
     assert [t["id"] for t in usage_txns.json()["items"]] == [first["transaction_id"]]
     await assert_audit_clean(database_url)
+
+
+async def test_recorded_events_keep_no_copy_of_their_answer(
+    client: Any, api: Api, clock: FakeClock, database_url: str
+) -> None:
+    """A recorded event's row holds its answer as its own columns (`result` is `{}`, not a
+    copy of the answer: building and writing that copy was a fifth of a usage batch's
+    PostgreSQL CPU). A replay rebuilds the same answer from the row, whichever path recorded
+    it: a single event, one with a shortfall, a batch's plain, free, reservation-settling and
+    uncovered events. A row stored before (its full answer in `result`) answers by it."""
+    await setup(client, api, clock, {"e-1": 10_000, "e-2": 5000})
+    price = await add_price(client, P1)
+    single = await recorded(client, event("k-single", project="p", tags={"team": "core"}))
+    short = await recorded(client, event("k-short", 2000, 300, cached=0, account=OTHER))
+    assert (short["cost"], short["shortfall"]) == (8000, 3000)
+    hold = await client.post(
+        "/v1/reservations", json={"account": WALLET, "amount": 1000}, headers=key()
+    )
+    assert hold.status_code == 201, hold.text
+    rsv = hold.json()["id"]
+    events = [
+        event("k-plain", project="q", tags={"env": "prod"}),
+        event("k-free", 0, 0, cached=0),
+        event("k-capture", 0, 100, cached=0, reservation=rsv),
+        event("k-uncovered", account=OTHER),  # e-2 is overdrawn: recorded alone, all overage
+        event("k-plain", project="q", tags={"env": "prod"}),  # a repeat within the batch
+    ]
+    results = await batch(client, events)
+    assert [(r["status"], r.get("cost")) for r in results] == [
+        ("recorded", 4000),
+        ("recorded", 0),
+        ("recorded", 1000),
+        ("recorded", 4000),
+        ("duplicate", 4000),
+    ]
+    assert results[4]["id"] == results[0]["id"]
+    assert results[3]["shortfall"] == 4000
+    conn = await asyncpg.connect(database_url)
+    try:
+        stored = dict(await conn.fetch("SELECT event_id, result::text FROM usage_events"))
+    finally:
+        await conn.close()
+    assert stored == dict.fromkeys(
+        ["k-single", "k-short", "k-plain", "k-free", "k-capture", "k-uncovered"], "{}"
+    )
+    # Replays answer the whole event, rebuilt from its row.
+    for first in (single, short):
+        again = await record(client, event(first["event_id"], **_sent(first)))
+        assert again.status_code == 200, again.text
+        assert again.json() == {**first, "status": "duplicate"}
+    for sent, result in zip(events[:4], results[:4], strict=True):
+        again = await record(client, sent)
+        assert again.status_code == 200, again.text
+        want = {
+            **{k: sent.get(k) for k in ("source", "event_id", "account", "model")},
+            "input_tokens": sent["input_tokens"],
+            "cached_input_tokens": sent.get("cached_input_tokens", 0),
+            "output_tokens": sent["output_tokens"],
+            "cost": result["cost"],
+            "id": result["id"],
+            "transaction_id": result.get("transaction_id"),
+            "price_id": price["id"],
+            "reservation_id": sent.get("reservation"),
+            "project": sent.get("project"),
+            "tags": sent.get("tags", {}),
+            "occurred_at": ts(NOW),
+            "status": "duplicate",
+            **({"shortfall": result["shortfall"]} if "shortfall" in result else {}),
+        }
+        assert again.json() == want
+    replayed = await batch(client, events)
+    assert replayed == [{**r, "status": "duplicate"} for r in results]
+    # A row recorded before this change holds its whole answer, and answers by it.
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "UPDATE usage_events SET result = $1::jsonb WHERE event_id = 'k-free'",
+            '{"legacy": true}',
+        )
+    finally:
+        await conn.close()
+    legacy = await record(client, events[1])
+    assert legacy.json() == {"legacy": True, "status": "duplicate"}
+    assert await usage_total(api) == 4000 + 8000 + 4000 + 1000 + 4000
+    await assert_audit_clean(database_url)
+
+
+def _sent(first: dict[str, Any]) -> dict[str, Any]:
+    """The body fields of an answered event, to post it again."""
+    return {
+        "input_tokens": first["input_tokens"],
+        "output_tokens": first["output_tokens"],
+        "cached": first["cached_input_tokens"],
+        "account": first["account"],
+        **({"project": first["project"]} if first["project"] else {}),
+        **({"tags": first["tags"]} if first["tags"] else {}),
+    }
 
 
 # Unknown models ----------------------------------------------------------------
