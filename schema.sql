@@ -2016,7 +2016,10 @@ END $$;
 
 -- A usage event is idempotent by (source, event_id): the row is claimed
 -- first, so a concurrent duplicate waits for the first to commit and then
--- answers its stored result, and charges nothing.
+-- answers as it was recorded, and charges nothing. `result` is null while
+-- the event is claimed and not yet recorded (inside the claiming
+-- transaction), then `{}`: the answer is the row's columns (tl_usage_answer).
+-- Rows recorded before 2026-12-07 hold their whole answer there instead.
 CREATE TABLE IF NOT EXISTS usage_events (
     id                  uuid PRIMARY KEY,
     source              text NOT NULL,
@@ -2187,7 +2190,7 @@ END $$;
 --   2. the claim: its row inserted (a concurrent request for the same event
 --      waits there for the first one's outcome);
 --   3. tl_usage_settle, under the account's lock: the charge (or the
---      reservation's capture), the answer stored with the event, the roll-ups.
+--      reservation's capture), the event marked recorded, the roll-ups.
 
 -- Step 1. Prices the event at the version in effect at occurred_at (or,
 -- when it settles a reservation made by estimate, at that reservation's
@@ -2272,7 +2275,7 @@ END $$;
 
 -- Step 3. Records a claimed event (p_event, as tl_usage_prepare made it):
 -- charges the account in this transaction (or captures the reservation
--- with the cost), and stores the answer with the event. Returns {status:
+-- with the cost), and marks the event recorded. Returns {status:
 -- 201, body}. p_rollup false leaves the roll-ups to the caller (a coalesced
 -- batch writes all of its events' at once, in key order).
 CREATE OR REPLACE FUNCTION tl_usage_settle(p_event usage_events, p_args jsonb, p_ctx jsonb, p_violation text,
@@ -2353,7 +2356,7 @@ END $$;
 
 -- Records one usage event (the three steps above, in one go): prices it,
 -- claims (source, event_id), charges the account in the same transaction
--- (or captures the reservation with the cost), and stores the answer under
+-- (or captures the reservation with the cost), and marks it recorded under
 -- (source, event_id). Returns {status: 201|200, body}.
 CREATE OR REPLACE FUNCTION tl_record_usage(p_args jsonb, p_ctx jsonb) RETURNS jsonb
 LANGUAGE plpgsql AS $$
@@ -2573,7 +2576,7 @@ BEGIN
     -- answer), unknown or system accounts, unknown reservations, prices
     -- (looked up once per model and instant, not per event). Each new event
     -- gets its id (in claim order) and each account charged directly the id
-    -- of its `usage` transaction, so the answer to store is final: status
+    -- of its `usage` transaction, so the row to claim is final: status
     -- 'pending' here means "claimed, to be recorded".
     WITH e AS (
         SELECT x.pos::integer AS pos, x.v ->> 'source' AS source, x.v ->> 'event_id' AS event_id, x.v ->> 'account' AS account,
@@ -2956,7 +2959,7 @@ END $$;
 -- the same accounts queue for them, so whatever needs no lock is done
 -- before it: the transaction id of each account's `usage` transaction is
 -- chosen up front, so each event is claimed once with its final row (its
--- transaction id and stored answer; the reference to transactions is
+-- transaction id, and `result` `{}`: recorded; the reference to transactions is
 -- deferred to COMMIT for that, the transaction row being written after the
 -- lock), and the answer and the roll-up sums are built before the lock on
 -- the assumption that every claimed event is recorded. In the rare batch
