@@ -20,7 +20,8 @@
 4. Scenarios, each with a request count (times --scale) and a time cap; the
    data they need is set up through the API first and is not timed. The
    reserve_capture scenarios count reserve+capture pairs instead: one op is
-   one pair (two requests), and their ops/s are pairs/s. The usage scenarios
+   one pair (two requests), and their ops/s are pairs/s; reserve_capture_gateway_32
+   sends them as the LiteLLM hook does (by estimate, captured by usage). The usage scenarios
    count usage events: usage_single (16 workers, 32 wallets) and
    usage_single_32 (32 workers) send one per request, usage_batch_500 (4
    workers) and usage_batch_500_c16 (16) --batch-size (500) per POST

@@ -17,6 +17,7 @@ from bench.scenarios.grants_batch import grants_batch
 from bench.scenarios.latency import debit_latency, grant_latency, read_latency
 from bench.scenarios.reservations import (
     prepare_reserve_capture,
+    reserve_capture_gateway,
     reserve_capture_shared,
     reserve_capture_spread,
     reserve_capture_spread_policy,
@@ -37,6 +38,7 @@ SCENARIOS: dict[str, Callable[[Context], Awaitable[Stats]]] = {
     "reserve_capture_spread_32": reserve_capture_spread,
     "reserve_capture_spread_32_policy": reserve_capture_spread_policy,
     "reserve_capture_shared_32": reserve_capture_shared,
+    "reserve_capture_gateway_32": reserve_capture_gateway,
     "usage_single": usage_single,
     "usage_single_32": usage_single_32,
     "usage_batch_500": usage_batch,
@@ -50,6 +52,11 @@ RATIOS = {
     "reserve_capture_shared_over_spread": (
         "reserve_capture_spread_32",
         "reserve_capture_shared_32",
+    ),
+    # Pairs per second, the LiteLLM hook's (by estimate and usage) over by amount.
+    "reserve_capture_gateway_over_amounts": (
+        "reserve_capture_spread_32",
+        "reserve_capture_gateway_32",
     ),
     # Events per second, batch over single.
     "usage_batch_over_single": ("usage_single", "usage_batch_500"),

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.driver import Context, Prepared, run_workers, send, split
+from bench.scenarios.usage import USAGE_MODEL, usage_price
 from bench.stats import Stats
 
 # Reservation scenarios: each pair holds RESERVE_AMOUNT, then captures
@@ -19,6 +20,12 @@ from bench.stats import Stats
 RESERVE_AMOUNT = 10
 OVER_CAPTURE_AMOUNT = 12
 OVER_CAPTURE_EVERY = 10
+# reserve_capture_gateway_32, the LiteLLM hook's shape (README, "What the hook
+# does"): a reservation by estimate of GATEWAY_INPUT_TOKENS in and at most
+# GATEWAY_MAX_OUTPUT_TOKENS out of the bench model (11 credits at its price),
+# captured by usage of 1..GATEWAY_MAX_OUTPUT_TOKENS output tokens (4 to 11).
+GATEWAY_INPUT_TOKENS = 1000
+GATEWAY_MAX_OUTPUT_TOKENS = 500
 
 
 @dataclass
@@ -34,11 +41,18 @@ class PairLog:
 
 
 async def prepare_reserve_capture(
-    ctx: Context, name: str, shared: bool, policy: bool = False, default_count: int = 800
+    ctx: Context,
+    name: str,
+    shared: bool,
+    policy: bool = False,
+    default_count: int = 800,
+    gateway: bool = False,
 ) -> Prepared:
     """Workers each doing sequential pairs: reserve RESERVE_AMOUNT, then
     capture 1..RESERVE_AMOUNT of it, or now and then OVER_CAPTURE_AMOUNT.
-    One op = one pair (both answers 2xx); latencies are per request."""
+    With `gateway`, as the LiteLLM hook does: reserve by estimate, capture by
+    usage (GATEWAY_*). One op = one pair (both answers 2xx); latencies are per
+    request."""
     workers = ctx.workers(32)
     total = ctx.count(default_count)  # pairs
     per_worker = split(total, workers)
@@ -59,6 +73,8 @@ async def prepare_reserve_capture(
     await ctx.api.grants(funding)
     if policy:
         await ctx.api.policies(wallets, funding)
+    if gateway:
+        await usage_price(ctx)
     # What system:usage gained during this scenario's own rounds (another
     # scenario's rounds may run between them: run_interleaved).
     usage_gain = [0]
@@ -67,7 +83,16 @@ async def prepare_reserve_capture(
 
     async def step(w: int, i: int) -> None:
         wallet = wallets[0] if shared else wallets[w]
-        reserve = {"account": f"employee:{wallet}", "amount": RESERVE_AMOUNT}
+        reserve: dict[str, Any] = {"account": f"employee:{wallet}", "amount": RESERVE_AMOUNT}
+        if gateway:
+            reserve = {
+                "account": f"employee:{wallet}",
+                "estimate": {
+                    "model": USAGE_MODEL,
+                    "input_tokens": GATEWAY_INPUT_TOKENS,
+                    "max_output_tokens": GATEWAY_MAX_OUTPUT_TOKENS,
+                },
+            }
         r = await send(
             ctx,
             stats,
@@ -82,15 +107,24 @@ async def prepare_reserve_capture(
             return
         rid = str(r.json()["id"])
         log.created[rid] = wallet
-        over = (w + i) % OVER_CAPTURE_EVERY == 0
+        over = not gateway and (w + i) % OVER_CAPTURE_EVERY == 0
         amount = OVER_CAPTURE_AMOUNT if over else rngs[w].randint(1, RESERVE_AMOUNT)
+        capture: dict[str, Any] = {"amount": amount}
+        if gateway:
+            capture = {
+                "usage": {
+                    "model": USAGE_MODEL,
+                    "input_tokens": GATEWAY_INPUT_TOKENS,
+                    "output_tokens": rngs[w].randint(1, GATEWAY_MAX_OUTPUT_TOKENS),
+                }
+            }
         c = await send(
             ctx,
             stats,
             (
                 "POST",
                 f"/v1/reservations/{rid}/capture",
-                {"amount": amount},
+                capture,
                 ctx.key(name, w, f"{i}-capture"),
             ),
             200,
@@ -101,7 +135,8 @@ async def prepare_reserve_capture(
             return
         if c.status_code == 200:
             log.capture_answers[rid] += 1
-            log.captured[rid] = amount
+            # (By usage, the priced cost is what the capture answers.)
+            log.captured[rid] = int(c.json()["reservation"]["captured"]) if gateway else amount
             log.over_captures += int(over)
             stats.ops_done = (stats.ops_done or 0) + 1
 
@@ -195,6 +230,15 @@ async def pair_check(
 async def reserve_capture_spread(ctx: Context) -> Stats:
     """32 workers, each doing reserve-then-capture pairs on a wallet of its own."""
     return await _reserve_capture(ctx, "reserve_capture_spread_32", shared=False)
+
+
+async def reserve_capture_gateway(ctx: Context) -> Stats:
+    """reserve_capture_spread_32 as the LiteLLM hook sends it: reservations by
+    estimate, captured by usage (each capture records a usage event)."""
+    prepared = await prepare_reserve_capture(
+        ctx, "reserve_capture_gateway_32", shared=False, gateway=True
+    )
+    return await prepared.run_all()
 
 
 async def reserve_capture_spread_policy(ctx: Context) -> Stats:
