@@ -35,6 +35,20 @@ async def create_key(database_url: str, role: str = "meter") -> str:
     return k.secret
 
 
+async def heard_key(database_url: str, replicas: list[Replica], role: str = "meter") -> str:
+    """A new key (create_key), once every replica has heard of it. A new key
+    notifies every replica to drop its cache (an unknown key may be this one).
+    The notification reaches each replica's listener in its own time: one that
+    arrived after a first request had cached the key dropped that entry too, and
+    the next request looked the key up again (it happened once in CI, on a
+    loaded machine: `assert a.lookups == 1` saw 2)."""
+    before = [replica.clears for replica in replicas]
+    secret = await create_key(database_url, role)
+    await until(lambda: all(r.clears > b for r, b in zip(replicas, before, strict=True)), 5.0)
+    assert all(r.clears > b for r, b in zip(replicas, before, strict=True)), "no replica heard"
+    return secret
+
+
 async def revoke(database_url: str, secret: str) -> None:
     conn = await db.connect(database_url)
     try:
@@ -57,6 +71,16 @@ class Replica:
         self.app = app
         self.c = client
         self.lookups = 0
+        # Each time the replica drops its key cache (a notification heard).
+        self.clears = 0
+        cache = app.state.key_cache
+        clear = cache.clear
+
+        def counting_clear() -> None:
+            self.clears += 1
+            clear()
+
+        cache.clear = counting_clear
         ledger = app.state.ledger
         fetchrow = ledger.fetchrow
 
@@ -97,7 +121,7 @@ async def test_a_cached_key_costs_no_database_lookup(
 ) -> None:
     """The second request with a key is authenticated from the replica's cache."""
     a = replicas[0]
-    secret = await create_key(database_url)
+    secret = await heard_key(database_url, replicas)
     assert await a.status(secret) == 200
     assert await a.status(secret) == 200
     assert a.lookups == 1
@@ -107,7 +131,7 @@ async def test_revocation_reaches_a_second_replica_within_a_second(
     replicas: list[Replica], database_url: str
 ) -> None:
     """A key revoked while both replicas have it cached answers 401 on both within 1 s."""
-    secret = await create_key(database_url)
+    secret = await heard_key(database_url, replicas)
     for replica in replicas:
         assert await replica.status(secret) == 200
         assert await replica.status(secret) == 200  # now from the cache
@@ -129,7 +153,7 @@ async def test_revocation_without_notifications_is_bounded_by_the_ttl(
     """With its listener's connection killed, a replica stops caching, so a
     key revoked meanwhile fails within the bound too."""
     a = replicas[0]
-    secret = await create_key(database_url)
+    secret = await heard_key(database_url, replicas)
     assert await a.status(secret) == 200
     assert await a.status(secret) == 200
     assert a.lookups == 1
@@ -154,7 +178,7 @@ async def test_a_wrong_secret_for_a_cached_prefix_is_401(
 ) -> None:
     """The cache is keyed by the whole secret's hash, not by its prefix."""
     a = replicas[0]
-    secret = await create_key(database_url)
+    secret = await heard_key(database_url, replicas)
     assert await a.status(secret) == 200
     assert await a.status(secret[:-3] + "abc") == 401
 
@@ -262,7 +286,7 @@ async def test_concurrent_misses_of_one_key_share_one_lookup(
     """When a key is not in the cache (first use, or its entry expired), the requests that
     arrive while its look-up is on its way wait for that look-up instead of each sending one."""
     a = replicas[0]
-    secret = await create_key(database_url)
+    secret = await heard_key(database_url, replicas)
     statuses = await asyncio.gather(*(a.status(secret) for _ in range(20)))
     assert statuses == [200] * 20
     assert a.lookups == 1
@@ -274,7 +298,7 @@ async def test_a_failed_shared_lookup_makes_the_waiters_ask_on_their_own(
     """The look-up the others wait for fails (the database answered an error to it alone):
     its request fails, and each waiting request looks the key up itself."""
     a = replicas[0]
-    secret = await create_key(database_url)
+    secret = await heard_key(database_url, replicas)
     ledger = a.app.state.ledger
     counting = ledger.fetchrow
     first = asyncio.Event()
