@@ -40,9 +40,9 @@ async def heard_key(database_url: str, replicas: list[Replica], role: str = "met
     notifies every replica to drop its cache (an unknown key may be this one).
     The notification reaches each replica's listener in its own time: one that
     arrived after a first request had cached the key dropped that entry too, and
-    the next request looked the key up again (the likely cause of one CI run on a
-    loaded machine where `assert a.lookups == 1` saw 2; the other, a second
-    request more than the 1 s TTL after the first, was not seen)."""
+    the next request looked the key up again. That is the likely cause of one CI
+    failure on a loaded machine (`assert a.lookups == 1` saw 2); a second request
+    more than the 1 s TTL after the first would do the same, and is not ruled out."""
     before = [replica.clears for replica in replicas]
     secret = await create_key(database_url, role)
     await until(lambda: all(r.clears > b for r, b in zip(replicas, before, strict=True)), 5.0)
