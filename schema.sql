@@ -2153,6 +2153,22 @@ LANGUAGE sql STABLE AS $$
                 ELSE p.result END
 $$;
 
+-- What a usage batch answers of a recorded event (p): its id, cost,
+-- transaction and shortfall (tl_usage_batch_answer reads no more), without
+-- building its whole answer: a replayed batch of 500 events built each one's
+-- (tl_usage_answer, the account's address looked up per event) and cost
+-- PostgreSQL 36 ms instead of 25 when the answer was stored; 23.5 with
+-- this, against 21 to 25.
+CREATE OR REPLACE FUNCTION tl_usage_brief(p usage_events) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN p.result = '{}'::jsonb
+                THEN jsonb_build_object('id', tl_public_id('evt_', p.id), 'cost', p.cost,
+                                        'transaction_id', tl_public_id('txn_', p.transaction_id))
+                     || CASE WHEN p.shortfall = 0 THEN '{}'::jsonb
+                             ELSE jsonb_build_object('shortfall', p.shortfall) END
+                ELSE p.result END
+$$;
+
 -- Whether an event posted under the (source, event_id) of a recorded one
 -- says something else (API.md: the same key with another body is 422
 -- idempotency_key_reused, like an Idempotency-Key). occurred_at counts only
@@ -2619,7 +2635,7 @@ BEGIN
         -- the generic plan a session made while usage_events was small read
         -- the whole table at every batch (tests/db/test_usage_claims.py).
         LEFT JOIN LATERAL (
-            SELECT tl_usage_answer(u) AS result, tl_usage_differs(u, e.raw) AS differs FROM usage_events u
+            SELECT tl_usage_brief(u) AS result, tl_usage_differs(u, e.raw) AS differs FROM usage_events u
             WHERE u.source = e.source AND u.event_id = e.event_id AND u.result IS NOT NULL
             OFFSET 0) u ON true
         LEFT JOIN a ON a.address = e.account
@@ -2686,9 +2702,9 @@ BEGIN
            w.pos, w.source, w.event_id, w.account, w.model, w.input_tokens, w.cached_input_tokens,
            w.output_tokens, w.occurred_at, w.project, w.tags, w.reservation, w.res_id, w.account_id,
            w.price_id, w.price_model, w.cost, w.id, w.txn, w.status, w.code,
-           -- A duplicate's stored answer. A claimed event has none: its
-           -- answer is its row (tl_usage_answer), and the batch's answer
-           -- reads its id, transaction and cost from the working row.
+           -- A duplicate's id, cost, transaction and shortfall
+           -- (tl_usage_brief). A claimed event has none: the batch's answer
+           -- reads them from the working row.
            CASE WHEN w.status = 'duplicate' THEN w.stored END
            )::tl_usage_batch_item ORDER BY w.pos)
     INTO v_rows
@@ -3037,7 +3053,7 @@ BEGIN
         EXCEPTION WHEN unique_violation THEN
             -- Claimed by a request that has committed since (the INSERT waited
             -- for it): a duplicate, or a reused key when it says otherwise.
-            SELECT array_agg(w.pos), array_agg(tl_usage_answer(u)),
+            SELECT array_agg(w.pos), array_agg(tl_usage_brief(u)),
                    array_agg(tl_usage_differs(u, p_events -> (w.pos - 1)))
             INTO v_pos, v_results, v_differs
             FROM unnest(v_rows) w JOIN usage_events u ON u.source = w.source AND u.event_id = w.event_id
