@@ -2357,11 +2357,13 @@ BEGIN
         PERFORM tl_post_entry(v_txn, tl_account_id('system:usage'), v_cost, v_now);
     END IF;
     p_event.transaction_id := v_txn;
-    v_body := tl_usage_json(p_event, 'recorded')
-              || CASE WHEN v_shortfall = 0 THEN '{}'::jsonb ELSE jsonb_build_object('shortfall', v_shortfall) END
-              || CASE WHEN p_violation IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('violation', p_violation) END;
-    -- The answer is the row's columns (tl_usage_answer).
-    UPDATE usage_events SET transaction_id = v_txn, result = '{}'::jsonb, shortfall = v_shortfall,
+    p_event.shortfall := v_shortfall;
+    p_event.violation := p_violation;
+    p_event.result := '{}'::jsonb;
+    -- The answer is the recorded row's columns, built as a replay rebuilds it
+    -- (tl_usage_answer).
+    v_body := tl_usage_answer(p_event) || '{"status": "recorded"}'::jsonb;
+    UPDATE usage_events SET transaction_id = v_txn, result = p_event.result, shortfall = v_shortfall,
                             violation = p_violation
      WHERE id = p_event.id;
     IF p_rollup THEN
