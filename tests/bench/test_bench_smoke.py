@@ -25,9 +25,9 @@ def test_bench_smoke(pg_server: Server, tmp_path: Path, capsys: pytest.CaptureFi
     """Every scenario completes at 20 requests (20 reserve+capture pairs for the
     reservation scenarios, 20 usage events for the usage scenarios: 20 single
     requests, 2 batches of 10; one grants:batch of 20) and 4 workers with no
-    5xx, over 40 spread wallets, after a 2-second pgbench reference; the
-    audit passes, and every issue-10 target is reported without deciding
-    the result."""
+    5xx, over 40 spread wallets, after a 2-second pgbench reference and a
+    warm-up that records a usage batch per connection; the audit passes, and
+    every issue-10 target is reported without deciding the result."""
     out = tmp_path / "bench.json"
     rc = harness.main(
         [
@@ -66,6 +66,9 @@ def test_bench_smoke(pg_server: Server, tmp_path: Path, capsys: pytest.CaptureFi
         assert s["errors"] == 0, (name, s["error_codes"], s["samples"])
         assert s["check"] is None or s["check"]["passed"], (name, s["check"])
     assert result["checks"]["audit"]["passed"], result["checks"]["audit"]["output"]
+    # The warm-up ran the usage batch path on every connection it held (4 workers).
+    warm = result["warm_up"]
+    assert warm["usage_batches"] == {"200": 4} and warm["usage_events_recorded"] == 8, warm
     for name in ("reserve_capture_spread_32", "reserve_capture_shared_32"):
         check = scenarios[name]["check"]
         assert "skipped" not in check, (name, check)
