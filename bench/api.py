@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:
+    from bench.http import Response as LeanResponse
 
 DEPARTMENT = "bench"
 # Setup requests run this many at a time.
@@ -35,7 +38,7 @@ def make_client(base_url: str, concurrency: int, token: str | None = None) -> ht
     )
 
 
-def problem_code(response: httpx.Response) -> str | None:
+def problem_code(response: httpx.Response | LeanResponse) -> str | None:
     if response.status_code < 400:
         return None
     try:

@@ -17,6 +17,7 @@ import httpx
 from bench import RESULTS_DIR
 from bench.api import SETUP_CONCURRENCY, Api, bounded_gather
 from bench.http import LeanClient
+from bench.http import Response as LeanResponse
 from bench.probes import CpuProbe, Statements, add_cpu
 from bench.stats import Stats
 
@@ -142,7 +143,7 @@ async def send(
     request: Request,
     expected: int | None = None,
     label: str | None = None,
-) -> httpx.Response | None:
+) -> httpx.Response | LeanResponse | None:
     """One timed request, recorded in stats; None after a transport error."""
     method, path, body, headers = request
     t0 = time.perf_counter()

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 
 from bench.api import problem_code
+from bench.http import Response as LeanResponse
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float | None:
@@ -75,7 +76,7 @@ class Stats:
 
     def record(
         self,
-        response: httpx.Response,
+        response: httpx.Response | LeanResponse,
         seconds: float,
         expected: int | None = None,
         label: str | None = None,
