@@ -325,7 +325,13 @@ def test_bench_scale_smoke(pg_server: Server, capsys: pytest.CaptureFixture[str]
     table, _, raw = out.partition("\n{")
     result = json.loads("{" + raw)
     for key, _label, _target in scale.ROWS:
-        assert result["fresh"][key] > 0 and result["scale"][key] > 0, (key, table)
+        for db in ("fresh", "scale"):
+            value = result[db][key]
+            # CPU is read from /proc in 10 ms ticks: ten debits can take less
+            # than one tick, so 0 is a measurement there; a wall time never is.
+            # (As `> 0` for every figure this failed once in a full run of the
+            # file, on a figure the short report did not name.)
+            assert value >= 0 if key.startswith("cpu_") else value > 0, (db, key, table)
     assert result["scale"]["audit_routine_s"] > 0
     assert result["scale"]["day_transactions"] > 0
 
