@@ -1772,11 +1772,14 @@ BEGIN
               END;
 END $$;
 
--- Captures a reservation: the amount is drawn from its held lots first (even
--- lots that expired since: a reservation is a promise), then, when it asks
--- for more than was held, from the wallet's live lots. What is held and not
--- captured is released; released credits of an expired lot expire at once.
-CREATE OR REPLACE FUNCTION tl_op_capture(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+-- A capture by amount (p_args: reservation, reservation_id, amount,
+-- metadata), without its answer: the reservation locked and captured, the
+-- capture's transaction posted. tl_op_capture answers it; a usage event
+-- that settles a reservation (tl_usage_settle, tl_usage_batch_settle)
+-- needs only the transaction's id, and building the reservation and the
+-- transaction as JSON for it was work thrown away.
+CREATE OR REPLACE FUNCTION tl_capture(p_args jsonb, p_ctx jsonb, OUT o_reservation uuid, OUT o_txn uuid,
+                                      OUT o_at timestamptz)
 LANGUAGE plpgsql AS $$
 DECLARE
     r reservations;
@@ -1787,23 +1790,7 @@ DECLARE
     v_now timestamptz;
     v_txn uuid;
     v_hold record;
-    v_usage jsonb;
 BEGIN
-    IF jsonb_typeof(p_args -> 'usage') = 'object' THEN
-        -- Capture by usage: record a usage event (source "reservation", the
-        -- reservation's id) priced at the price the reservation was made with.
-        -- A reservation that is not active answers so, before any event.
-        r := tl_lock_reservation(p_args, p_ctx, ARRAY['system:expired', 'system:usage', 'system:issuance']);
-        v_usage := tl_record_usage((p_args -> 'usage') || jsonb_build_object(
-            'source', 'reservation', 'event_id', p_args ->> 'reservation',
-            'account', (SELECT address FROM accounts WHERE id = r.account_id),
-            'reservation', p_args ->> 'reservation', 'reservation_id', r.id), p_ctx);
-        RETURN jsonb_build_object(
-            'reservation', tl_reservation_json(r.id, tl_now(p_ctx)),
-            'transaction', CASE WHEN v_usage #>> '{body,transaction_id}' IS NULL THEN NULL
-                                ELSE tl_transaction_json(replace(v_usage #>> '{body,transaction_id}', 'txn_', '')::uuid) END,
-            'usage', v_usage -> 'body');
-    END IF;
     r := tl_lock_reservation(p_args, p_ctx, ARRAY['system:expired', 'system:usage', 'system:issuance']);
     v_now := tl_now(p_ctx);
     SELECT * INTO w FROM accounts WHERE id = r.account_id;
@@ -1841,8 +1828,40 @@ BEGIN
                             resolved_at = v_now
         WHERE id = r.id;
     PERFORM tl_expire_due(w.id, v_now, p_ctx);
-    RETURN jsonb_build_object('reservation', tl_reservation_json(r.id, v_now),
-                              'transaction', tl_transaction_json(v_txn));
+    o_reservation := r.id;
+    o_txn := v_txn;
+    o_at := v_now;
+END $$;
+
+-- Captures a reservation: the amount is drawn from its held lots first (even
+-- lots that expired since: a reservation is a promise), then, when it asks
+-- for more than was held, from the wallet's live lots. What is held and not
+-- captured is released; released credits of an expired lot expire at once.
+CREATE OR REPLACE FUNCTION tl_op_capture(p_args jsonb, p_ctx jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    r reservations;
+    v_usage jsonb;
+    v_captured record;
+BEGIN
+    IF jsonb_typeof(p_args -> 'usage') = 'object' THEN
+        -- Capture by usage: record a usage event (source "reservation", the
+        -- reservation's id) priced at the price the reservation was made with.
+        -- A reservation that is not active answers so, before any event.
+        r := tl_lock_reservation(p_args, p_ctx, ARRAY['system:expired', 'system:usage', 'system:issuance']);
+        v_usage := tl_record_usage((p_args -> 'usage') || jsonb_build_object(
+            'source', 'reservation', 'event_id', p_args ->> 'reservation',
+            'account', (SELECT address FROM accounts WHERE id = r.account_id),
+            'reservation', p_args ->> 'reservation', 'reservation_id', r.id), p_ctx);
+        RETURN jsonb_build_object(
+            'reservation', tl_reservation_json(r.id, tl_now(p_ctx)),
+            'transaction', CASE WHEN v_usage #>> '{body,transaction_id}' IS NULL THEN NULL
+                                ELSE tl_transaction_json(replace(v_usage #>> '{body,transaction_id}', 'txn_', '')::uuid) END,
+            'usage', v_usage -> 'body');
+    END IF;
+    v_captured := tl_capture(p_args, p_ctx);
+    RETURN jsonb_build_object('reservation', tl_reservation_json(v_captured.o_reservation, v_captured.o_at),
+                              'transaction', tl_transaction_json(v_captured.o_txn));
 END $$;
 
 CREATE OR REPLACE FUNCTION tl_op_release(p_args jsonb, p_ctx jsonb) RETURNS jsonb
@@ -2302,7 +2321,6 @@ DECLARE
     v_cost bigint := p_event.cost;
     v_now timestamptz;
     v_txn uuid;
-    v_capture jsonb;
     v_body jsonb;
     v_cover record;
     v_shortfall bigint := 0;
@@ -2311,11 +2329,10 @@ BEGIN
         -- Settles the reservation: capture with the priced cost (same rules as
         -- a capture), or release it when the call cost nothing.
         IF v_cost > 0 THEN
-            v_capture := tl_op_capture(jsonb_build_object(
+            v_txn := (tl_capture(jsonb_build_object(
                 'reservation', p_args ->> 'reservation', 'reservation_id', p_event.reservation_id, 'amount', v_cost,
                 'metadata', jsonb_build_object('usage_event', p_args ->> 'event_id', 'model', p_event.model)),
-                p_ctx);
-            v_txn := (replace(v_capture #>> '{transaction,id}', 'txn_', ''))::uuid;
+                p_ctx)).o_txn;
         ELSE
             PERFORM tl_op_release(jsonb_build_object('reservation', p_args ->> 'reservation',
                                                      'reservation_id', p_event.reservation_id), p_ctx);
@@ -2893,11 +2910,10 @@ BEGIN
         BEGIN
             v_txn := NULL;
             IF v_e.cost > 0 THEN
-                v_res := tl_op_capture(jsonb_build_object(
+                v_txn := (tl_capture(jsonb_build_object(
                     'reservation', v_e.reservation, 'reservation_id', v_e.reservation_id, 'amount', v_e.cost,
                     'metadata', jsonb_build_object('usage_event', v_e.event_id, 'model', v_e.price_model)),
-                    p_ctx);
-                v_txn := (replace(v_res #>> '{transaction,id}', 'txn_', ''))::uuid;
+                    p_ctx)).o_txn;
             ELSE
                 PERFORM tl_op_release(jsonb_build_object('reservation', v_e.reservation,
                                                          'reservation_id', v_e.reservation_id), p_ctx);
