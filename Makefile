@@ -39,7 +39,7 @@ test: venv ## Run the tests (PYTEST_ARGS passes options through)
 check: venv ## Format check, lint, type check, the tests, then the schema contract at length
 	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
-	$(PY) -m mypy service client/tokenledger_client
+	$(PY) -m mypy service client/tokenledger_client bench
 	$(PY) -m pytest $(PYTEST_ARGS)
 	$(MAKE) contract
 
@@ -56,8 +56,8 @@ fmt: venv ## Format the code and apply safe lint fixes
 lint: venv ## Lint without changing anything
 	$(PY) -m ruff check .
 
-typecheck: venv ## Type check the service and the gateway client
-	$(PY) -m mypy service client/tokenledger_client
+typecheck: venv ## Type check the service, the gateway client and the bench
+	$(PY) -m mypy service client/tokenledger_client bench
 
 audit: venv ## Check the ledger's invariants against the database
 	$(PY) -m service audit

@@ -46,7 +46,8 @@ async def client(
     async with (
         app.lifespan(),
         httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
+            # why: Litestar types its ASGI scope more narrowly than httpx's callable does.
+            transport=httpx.ASGITransport(app=app),  # type: ignore[arg-type]
             base_url="http://bench.local",
             headers={"Authorization": f"Bearer {config.bootstrap_admin_key}", **(headers or {})},
             timeout=timeout_seconds,

@@ -174,7 +174,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     if c16 is not None and c16["statuses"].get("503"):
         note = f"{c16['statuses']['503']} of {c16['requests']} batches answered 503"
         for row in out:
-            if row["target"].startswith("usage_batch_500_c16"):
+            if str(row["target"]).startswith("usage_batch_500_c16"):
                 row["note"] = note
     return out
 

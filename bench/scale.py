@@ -90,8 +90,8 @@ def table(fresh: dict[str, Any], scale: dict[str, Any]) -> str:
         "balance_as_of_errors",
     ):
         value = scale.get(key)
-        shown = f"{value:.3f}" if isinstance(value, float) else str(value)
-        lines.append(f"| {key} | | {shown} | | |")
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        lines.append(f"| {key} | | {text} | | |")
     return "\n".join(lines)
 
 

@@ -299,6 +299,7 @@ async def day_and_routine(
     if not chain:
         return
     row = await conn.fetchrow(db.load_queries()["chain_row_verified"])
+    assert row is not None, "no verified chain row to time the routine verification from"
     started = time.perf_counter()
     problem, verified = await hash_chain.verify_chain_since(
         conn, (int(row["chain_seq"]), bytes(row["chain_hash"]))
