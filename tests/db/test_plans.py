@@ -103,22 +103,25 @@ async def _flushed(db: asyncpg.Connection) -> None:
     await db.execute("SELECT pg_stat_force_next_flush()")
 
 
+async def _add_keys(db: asyncpg.Connection, prefix: str, count: int) -> None:
+    """`count` new idempotency keys, counted in the table's statistics at once."""
+    await db.execute(
+        "INSERT INTO idempotency_keys (caller, key, request_hash, status_code, body) "
+        "SELECT 'c', $1 || g, '\\x00', 200, 'null' FROM generate_series(1, $2::int) g",
+        prefix,
+        count,
+    )
+    await _flushed(db)
+
+
 async def test_tables_that_doubled_are_analyzed_again(db: asyncpg.Connection) -> None:
     """tl_analyze_grown analyzes a hot table once it has grown since the last analysis by
     what it held then (500 rows at least), and then leaves it alone: generic plans made while
     the table was empty are made again with statistics that know its size."""
     await db.execute("ANALYZE idempotency_keys")
-    await db.execute(
-        "INSERT INTO idempotency_keys (caller, key, request_hash, status_code, body) "
-        "SELECT 'c', 'k' || g, '\\x00', 200, 'null' FROM generate_series(1, 400) g"
-    )
-    await _flushed(db)
+    await _add_keys(db, "k", 400)
     assert "idempotency_keys" not in await db.fetchval("SELECT tl_analyze_grown()")  # < 500
-    await db.execute(
-        "INSERT INTO idempotency_keys (caller, key, request_hash, status_code, body) "
-        "SELECT 'c', 'm' || g, '\\x00', 200, 'null' FROM generate_series(1, 200) g"
-    )
-    await _flushed(db)
+    await _add_keys(db, "m", 200)
     assert "idempotency_keys" in await db.fetchval("SELECT tl_analyze_grown()")
     assert (
         await db.fetchval("SELECT reltuples FROM pg_class WHERE relname = 'idempotency_keys'")
@@ -126,12 +129,8 @@ async def test_tables_that_doubled_are_analyzed_again(db: asyncpg.Connection) ->
     )
     await _flushed(db)
     assert "idempotency_keys" not in await db.fetchval("SELECT tl_analyze_grown()")
-    # Doubled again (600 more changes than the 600 rows it held): analyzed again.
-    await db.execute(
-        "INSERT INTO idempotency_keys (caller, key, request_hash, status_code, body) "
-        "SELECT 'c', 'n' || g, '\\x00', 200, 'null' FROM generate_series(1, 600) g"
-    )
-    await _flushed(db)
+    # Doubled again (600 more rows than the 600 it held): analyzed again.
+    await _add_keys(db, "n", 600)
     assert "idempotency_keys" in await db.fetchval("SELECT tl_analyze_grown()")
 
 
@@ -141,22 +140,14 @@ async def test_tables_updated_in_place_are_not_analyzed_again(db: asyncpg.Connec
     connection plan again each statement that reads it. Counting updates as changes
     analyzed those tables at every background pass under load (every 5 s in
     `make bench`, in the middle of its usage batches); this failed then."""
-    await db.execute(
-        "INSERT INTO idempotency_keys (caller, key, request_hash, status_code, body) "
-        "SELECT 'c', 'u' || g, '\\x00', 200, 'null' FROM generate_series(1, 600) g"
-    )
-    await _flushed(db)  # counted before the analysis, which then finds them
+    await _add_keys(db, "u", 600)  # counted before the analysis, which then finds them
     await db.execute("ANALYZE idempotency_keys")
     for _ in range(3):  # 1,800 rows changed, three times what the table holds
         await db.execute("UPDATE idempotency_keys SET status_code = status_code + 1")
     await _flushed(db)
     assert "idempotency_keys" not in await db.fetchval("SELECT tl_analyze_grown()")
     # Grown by what it held: analyzed.
-    await db.execute(
-        "INSERT INTO idempotency_keys (caller, key, request_hash, status_code, body) "
-        "SELECT 'c', 'v' || g, '\\x00', 200, 'null' FROM generate_series(1, 600) g"
-    )
-    await _flushed(db)
+    await _add_keys(db, "v", 600)
     assert "idempotency_keys" in await db.fetchval("SELECT tl_analyze_grown()")
 
 
