@@ -2735,12 +2735,25 @@ END $$;
     -- A capped key's spend rate (tl_key_charge): its row locked before any
     -- event is claimed, the events it would charge counted in batch order,
     -- and each one that would pass the cap rejected alone (key_rate_limited).
+    -- The events of a closed wallet are rejected first (account_closed, as
+    -- tl_usage_batch_fit would under the lock), so that they do not count;
+    -- tl_record_usage_batch gives back the count of any other counted event
+    -- that ends up charging nothing.
 CREATE OR REPLACE FUNCTION tl_usage_batch_key_cap(p_rows tl_usage_batch_item[], p_ctx jsonb)
 RETURNS tl_usage_batch_item[] LANGUAGE plpgsql AS $$
 DECLARE
     v_minute timestamptz;
     v_key_spent bigint;
+    v_closed integer[];
 BEGIN
+    SELECT array_agg(w.pos) INTO v_closed
+      FROM unnest(p_rows) w JOIN accounts a ON a.id = w.account_id
+     WHERE w.status IN ('pending', 'single') AND w.reservation IS NULL AND coalesce(w.cost, 0) > 0
+       AND a.status <> 'open';
+    FOR i IN 1 .. coalesce(cardinality(v_closed), 0) LOOP
+        p_rows[v_closed[i]].status := 'rejected';
+        p_rows[v_closed[i]].code := 'account_closed';
+    END LOOP;
     PERFORM tl_key_lock(ARRAY[p_ctx]);
     v_minute := date_trunc('minute', tl_now(p_ctx), 'UTC');
     SELECT CASE WHEN s.minute = v_minute THEN s.spent ELSE 0 END INTO v_key_spent
@@ -3031,6 +3044,7 @@ DECLARE
     v_differs boolean[];
     v_try integer;
     v_tag_keys text[];
+    v_counted integer[];
 BEGIN
     -- The working rows are an array (v_rows[pos] is event pos), not a
     -- temporary table: emptying one at commit rebuilt its indexes, which
@@ -3041,9 +3055,12 @@ BEGIN
     -- 1. Parse, price and sort out the events (tl_usage_batch_rows).
     v_rows := tl_usage_batch_rows(p_events, p_ctx);
 
-    -- 2. A capped key's spend rate (tl_usage_batch_key_cap).
+    -- 2. A capped key's spend rate (tl_usage_batch_key_cap), and the events
+    -- it counted.
     IF p_ctx ? 'rate_limit' THEN
         v_rows := tl_usage_batch_key_cap(v_rows, p_ctx);
+        v_counted := ARRAY(SELECT pos FROM unnest(v_rows)
+                           WHERE status IN ('pending', 'single') AND reservation IS NULL AND cost > 0);
     END IF;
 
     -- 3. Claim the new events in key order, each with its final row (an event
@@ -3147,6 +3164,17 @@ BEGIN
         v_rows := tl_usage_batch_settle(v_rows, p_events, p_ctx);
         v_answer := tl_usage_batch_answer(v_rows);
         v_rollup := tl_usage_batch_sums(v_rows);
+    END IF;
+
+    -- A capped key's count keeps only what was charged: an event counted in
+    -- step 2 that charged nothing after all (claimed meanwhile by another
+    -- request, its wallet closed while the batch waited for its lock) gives
+    -- its cost back. The key's row is still locked from step 2.
+    IF v_counted IS NOT NULL THEN
+        UPDATE key_spend s SET spent = s.spent - g.cost
+          FROM (SELECT sum(v_rows[p].cost) AS cost FROM unnest(v_counted) p
+                WHERE v_rows[p].status NOT IN ('pending', 'recorded_single')) g
+         WHERE s.actor = p_ctx ->> 'actor' AND g.cost > 0;
     END IF;
 
     PERFORM tl_usage_rollup_sums(v_rollup.days, v_rollup.accounts, v_rollup.models, v_rollup.projects,

@@ -254,6 +254,125 @@ async def test_a_key_capped_per_minute_in_a_usage_batch(
     await assert_audit_clean(database_url)
 
 
+async def test_a_capped_keys_rejected_usage_events_do_not_count(
+    api: Api, clock: FakeClock, database_url: str
+) -> None:
+    """Only what a usage batch charges counts against the key's cap: an event for an
+    offboarded employee's closed wallet is rejected (account_closed) and leaves the key's
+    minute untouched, so the events after it in the batch, and a single one after the
+    batch, still fit the cap of 100."""
+    await world(api, clock)
+    r = await api.c.post("/v1/employees/e-ops/offboard", json={"memo": "left"}, headers=key())
+    assert r.status_code == 200, r.text
+    auth, actor = await limit_key(database_url, "meter", rate_limit=100)
+    h = {"Authorization": auth}
+    events = [usage("x1", 60, "employee:e-ops"), usage("x2", 50), usage("x3", 40)]
+    r = await api.c.post("/v1/usage:batch", json={"events": events}, headers=h)
+    assert r.status_code == 200, r.text
+    results = [(x["status"], x.get("code")) for x in r.json()["results"]]
+    assert results == [("rejected", "account_closed"), ("recorded", None), ("recorded", None)]
+    assert await key_spent(database_url, actor) == 90
+    r = await api.c.post("/v1/usage", json=usage("x4", 10), headers=h)
+    assert r.status_code == 201, r.text
+    r = await api.c.post("/v1/usage", json=usage("x5", 1), headers=h)
+    problem(r, 429, "key_rate_limited")
+    assert await api.available("employee:e-eng") == 10_000 - 100
+    await assert_audit_clean(database_url)
+
+
+async def test_a_wallet_closed_while_a_capped_batch_waits_gives_its_count_back(
+    api: Api, clock: FakeClock, database_url: str
+) -> None:
+    """A wallet closed after a capped key's usage batch counted its event against the cap,
+    while the batch waits for the wallet's lock: the event is rejected (account_closed)
+    and the key's minute counts only what the batch charged."""
+    await world(api, clock)
+    auth, actor = await limit_key(database_url, "meter", rate_limit=100)
+    events = [usage("w1", 30), usage("w2", 45, "employee:e-ops")]
+    holder = await db.connect(database_url)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT 1 FROM accounts WHERE address = 'employee:e-ops' FOR UPDATE")
+        post = asyncio.create_task(
+            api.c.post("/v1/usage:batch", json={"events": events}, headers={"Authorization": auth})
+        )
+        # The batch has counted both events and waits for e-ops's row (the only
+        # lock wait in this database).
+        for _ in range(200):
+            waiting = await holder.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database()"
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.02)
+        assert waiting == 1
+        await holder.execute(
+            "UPDATE accounts SET status = 'closed' WHERE address = 'employee:e-ops'"
+        )
+        await tx.commit()
+        r = await post
+    finally:
+        await holder.close()
+    assert r.status_code == 200, r.text
+    results = [(x["status"], x.get("code")) for x in r.json()["results"]]
+    assert results == [("recorded", None), ("rejected", "account_closed")]
+    assert await key_spent(database_url, actor) == 30
+
+
+async def test_an_event_claimed_meanwhile_gives_a_capped_keys_count_back(
+    api: Api, clock: FakeClock, database_url: str
+) -> None:
+    """An event of a capped key's usage batch that another request claims while the batch
+    runs (its INSERT waits for that request, then finds the event recorded) answers
+    `duplicate`, charges nothing and leaves nothing counted against the key."""
+    await world(api, clock)
+    auth, actor = await limit_key(database_url, "meter", rate_limit=100)
+    events = [usage("m1", 30), usage("m2", 45)]
+    holder = await db.connect(database_url)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        # Another request records m2, uncommitted (as an uncapped caller).
+        await holder.fetchval(
+            "SELECT tl_record_usage_batch($1::jsonb, $2::jsonb)::text",
+            [{**usage("m2", 45), "occurred_at": T.isoformat()}],
+            {"actor": "admin", "now": T.isoformat()},
+        )
+        post = asyncio.create_task(
+            api.c.post("/v1/usage:batch", json={"events": events}, headers={"Authorization": auth})
+        )
+        # The batch has counted both events and its claim of m2 waits for the holder
+        # (the only lock wait in this database).
+        for _ in range(200):
+            waiting = await holder.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database()"
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.02)
+        assert waiting == 1
+        await tx.commit()
+        r = await post
+    finally:
+        await holder.close()
+    assert r.status_code == 200, r.text
+    assert [x["status"] for x in r.json()["results"]] == ["recorded", "duplicate"]
+    assert await key_spent(database_url, actor) == 30
+    assert await api.available("employee:e-eng") == 10_000 - 75
+
+
+async def key_spent(database_url: str, actor: str) -> int:
+    """What the key's current minute has counted (key_spend)."""
+    conn = await db.connect(database_url)
+    try:
+        return int(await conn.fetchval("SELECT spent FROM key_spend WHERE actor = $1", actor))
+    finally:
+        await conn.close()
+
+
 async def test_new_departments_and_cap_reach_a_replica_that_cached_the_key(
     config: Config, api: Api, clock: FakeClock, database_url: str
 ) -> None:
