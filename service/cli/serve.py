@@ -112,7 +112,8 @@ def serve(config: Config) -> int:
             "log_level": "warning",
             "access_log": False,
             "loop": "uvloop",
-            "http": "httptools",
+            # uvicorn's httptools protocol, its writes of one loop turn sent together
+            "http": "service.serving:CorkedHttpToolsProtocol",
             # Requests in flight at a stop get this long to finish.
             "timeout_graceful_shutdown": config.shutdown_grace_seconds,
         }
