@@ -1,0 +1,209 @@
+"""Two versions of the service side by side, under load in turns.
+
+    python -m bench.side_by_side --database-url DSN --a DIR --b DIR
+        [--path /v1/accounts/employee:bench-ab] [--rounds 10] [--seconds 2]
+        [--connections 16]
+
+On this shared 2-core machine a run's throughput moves by ±15 % with the
+other tenants' load, and so does the CPU per request: two versions measured
+one after the other, even alternating, can swap places from one pair of
+runs to the next. Here both run at once (`python -m service` from each
+source tree, one worker each, on the same database) and wrk loads them in
+turns of `--seconds`, A then B, then B then A, for `--rounds`: whatever the
+machine does, it does to both within seconds. For each version: requests,
+requests per second while loaded, and the CPU-seconds of its process tree
+per request (read from /proc before and after each turn).
+
+The path is read with the bootstrap admin key; the default is the balance
+of an employee the tool makes and funds (idempotently) before the turns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+from bench.process import free_port, new_admin_key, service_auth_env
+
+EMPLOYEE = "bench-ab"
+
+
+@dataclass
+class Side:
+    name: str
+    tree: Path
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    requests: int = 0
+    seconds: float = 0.0
+    cpu: float = 0.0
+    turns: list[float] = field(default_factory=list)
+
+    def start(self, dsn: str, admin_key: str) -> None:
+        self.port = free_port()
+        env = {
+            **os.environ,
+            **service_auth_env(admin_key),
+            "DATABASE_URL": dsn,
+            "TOKENLEDGER_DATABASE_URL": dsn,
+            "TOKENLEDGER_HOST": "127.0.0.1",
+            "TOKENLEDGER_PORT": str(self.port),
+            "TOKENLEDGER_WORKERS": "1",
+            "TOKENLEDGER_LOG_LEVEL": "warning",
+            "TOKENLEDGER_SWEEPER_ENABLED": "false",
+        }
+        self.proc = subprocess.Popen(  # noqa: S603  # why: our own interpreter and module
+            [sys.executable, "-m", "service"],
+            cwd=self.tree,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def cpu_seconds(self) -> float:
+        assert self.proc is not None
+        total = 0.0
+        root = psutil.Process(self.proc.pid)
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+
+
+def wait_ready(side: Side, within: float = 60.0) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        assert side.proc is not None
+        if side.proc.poll() is not None:
+            raise SystemExit(f"{side.name}: the service exited with {side.proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{side.port}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{side.name}: not ready within {within} s")
+
+
+def fund(port: int, admin_key: str) -> None:
+    """The employee whose balance the default path reads (idempotent)."""
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=10) as c:
+        for method, url, body, key in (
+            ("PUT", "/v1/departments/bench-ab", {"name": "bench-ab"}, None),
+            (
+                "PUT",
+                f"/v1/employees/{EMPLOYEE}",
+                {"name": EMPLOYEE, "email": f"{EMPLOYEE}@example.com", "department": "bench-ab"},
+                None,
+            ),
+            (
+                "POST",
+                "/v1/grants",
+                {"employee": EMPLOYEE, "amount": 1000, "reason": "spot_bonus"},
+                "bench-ab-grant",
+            ),
+        ):
+            r = c.request(method, url, json=body, headers={"Idempotency-Key": key} if key else {})
+            if r.status_code >= 300:
+                raise SystemExit(f"{method} {url}: {r.status_code} {r.text}")
+
+
+def turn(side: Side, path: str, seconds: int, connections: int, admin_key: str) -> None:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise SystemExit("bench.side_by_side needs wrk (make bench installs it)")
+    before = side.cpu_seconds()
+    started = time.monotonic()
+    out = subprocess.run(  # noqa: S603  # why: wrk with our own arguments
+        [
+            wrk,
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "-H",
+            f"Authorization: Bearer {admin_key}",
+            f"http://127.0.0.1:{side.port}{path}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    elapsed = time.monotonic() - started
+    side.cpu += side.cpu_seconds() - before
+    found = re.search(r"(\d+) requests in", out)
+    if found is None or "Non-2xx" in out:
+        raise SystemExit(f"{side.name}: wrk did not get only 2xx answers:\n{out}")
+    n = int(found.group(1))
+    side.requests += n
+    side.seconds += elapsed
+    side.turns.append(n / elapsed)
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--database-url", required=True)
+    parser.add_argument("--a", type=Path, required=True, help="source tree of version A")
+    parser.add_argument("--b", type=Path, required=True, help="source tree of version B")
+    parser.add_argument("--path", default=f"/v1/accounts/employee:{EMPLOYEE}")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--seconds", type=int, default=2, help="seconds of each turn (whole)")
+    parser.add_argument("--connections", type=int, default=16)
+    opts = parser.parse_args(argv)
+    admin_key = new_admin_key()
+    sides = [Side("A", opts.a.resolve()), Side("B", opts.b.resolve())]
+    try:
+        for side in sides:
+            side.start(opts.database_url, admin_key)
+        for side in sides:
+            wait_ready(side)
+        fund(sides[0].port, admin_key)
+        for r in range(opts.rounds):
+            for side in sides if r % 2 == 0 else sides[::-1]:
+                turn(side, opts.path, opts.seconds, opts.connections, admin_key)
+    finally:
+        for side in sides:
+            side.stop()
+    result: dict[str, object] = {}
+    for side in sides:
+        per_request_us = side.cpu / side.requests * 1e6 if side.requests else float("nan")
+        result[side.name] = {
+            "tree": str(side.tree),
+            "requests": side.requests,
+            "requests_per_s": round(side.requests / side.seconds, 1) if side.seconds else None,
+            "service_cpu_us_per_request": round(per_request_us, 1),
+            "requests_per_s_by_turn": [round(x, 1) for x in side.turns],
+        }
+        print(
+            f"{side.name} ({side.tree}): {side.requests} requests, "
+            f"{side.requests / side.seconds:.0f}/s, "
+            f"{per_request_us:.1f} us of service CPU per request"
+        )
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
