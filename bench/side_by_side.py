@@ -1,8 +1,8 @@
 """Two versions of the service side by side, under load in turns.
 
     python -m bench.side_by_side --database-url DSN --a DIR --b DIR
-        [--path /v1/accounts/employee:bench-ab] [--rounds 10] [--seconds 2]
-        [--connections 16]
+        [--kind read|debit|path] [--path /healthz] [--rounds 10] [--seconds 2]
+        [--connections 16] [--wallets 100]
 
 On this shared 2-core machine a run's throughput moves by ±15 % with the
 other tenants' load, and so does the CPU per request: two versions measured
@@ -14,17 +14,20 @@ machine does, it does to both within seconds. For each version: requests,
 requests per second while loaded, and the CPU-seconds of its process tree
 per request (read from /proc before and after each turn).
 
-The path is read with the bootstrap admin key; the default is the balance
-of an employee the tool makes and funds (idempotently) before the turns.
+`--kind read` (the default) and `debit` are the bench's wrk phases
+(bench/wrk.py: balance reads, or debits of one credit with a fresh
+Idempotency-Key each) over `--wallets` employees the tool makes and funds
+(idempotently) before the turns, with the bootstrap admin key; `path` GETs
+`--path`. Every answer must be 2xx.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -35,9 +38,10 @@ from pathlib import Path
 import httpx
 import psutil
 
+from bench import wrk
 from bench.process import free_port, new_admin_key, service_auth_env
 
-EMPLOYEE = "bench-ab"
+PREFIX = "bench-ab-"
 
 
 @dataclass
@@ -107,56 +111,84 @@ def wait_ready(side: Side, within: float = 60.0) -> None:
     raise SystemExit(f"{side.name}: not ready within {within} s")
 
 
-def fund(port: int, admin_key: str) -> None:
-    """The employee whose balance the default path reads (idempotent)."""
+def fund(port: int, admin_key: str, wallets: int) -> None:
+    """The wallets the read and debit phases use (idempotent)."""
     headers = {"Authorization": f"Bearer {admin_key}"}
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=10) as c:
-        for method, url, body, key in (
-            ("PUT", "/v1/departments/bench-ab", {"name": "bench-ab"}, None),
-            (
-                "PUT",
-                f"/v1/employees/{EMPLOYEE}",
-                {"name": EMPLOYEE, "email": f"{EMPLOYEE}@example.com", "department": "bench-ab"},
-                None,
-            ),
-            (
-                "POST",
-                "/v1/grants",
-                {"employee": EMPLOYEE, "amount": 1000, "reason": "spot_bonus"},
-                "bench-ab-grant",
-            ),
-        ):
-            r = c.request(method, url, json=body, headers={"Idempotency-Key": key} if key else {})
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=30) as c:
+        calls: list[tuple[str, str, dict[str, object]]] = [
+            ("PUT", "/v1/departments/bench-ab", {"name": "bench-ab"})
+        ]
+        for k in range(wallets):
+            emp = f"{PREFIX}{k}"
+            calls.append(
+                (
+                    "PUT",
+                    f"/v1/employees/{emp}",
+                    {"name": emp, "email": f"{emp}@example.com", "department": "bench-ab"},
+                )
+            )
+        for method, url, body in calls:
+            r = c.request(method, url, json=body)
             if r.status_code >= 300:
                 raise SystemExit(f"{method} {url}: {r.status_code} {r.text}")
+        grants = [
+            {
+                "key": f"{PREFIX}{k}",
+                "employee": f"{PREFIX}{k}",
+                "amount": 10**9,
+                "reason": "spot_bonus",
+            }
+            for k in range(wallets)
+        ]
+        r = c.post("/v1/grants:batch", json={"grants": grants})
+        if r.status_code >= 300:
+            raise SystemExit(f"POST /v1/grants:batch: {r.status_code} {r.text}")
 
 
-def turn(side: Side, path: str, seconds: int, connections: int, admin_key: str) -> None:
-    wrk = shutil.which("wrk")
-    if wrk is None:
+def turn(side: Side, opts: argparse.Namespace, admin_key: str, run_id: str) -> None:
+    if wrk.find() is None:
         raise SystemExit("bench.side_by_side needs wrk (make bench installs it)")
     before = side.cpu_seconds()
     started = time.monotonic()
-    out = subprocess.run(  # noqa: S603  # why: wrk with our own arguments
-        [
-            wrk,
-            "-t1",
-            f"-c{connections}",
-            f"-d{seconds}s",
-            "-H",
-            f"Authorization: Bearer {admin_key}",
-            f"http://127.0.0.1:{side.port}{path}",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    if opts.kind == "path":
+        out = subprocess.run(  # noqa: S603  # why: wrk with our own arguments
+            [
+                str(wrk.find()),
+                "-t1",
+                f"-c{opts.connections}",
+                f"-d{opts.seconds}s",
+                "-H",
+                f"Authorization: Bearer {admin_key}",
+                f"http://127.0.0.1:{side.port}{opts.path}",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        found = re.search(r"(\d+) requests in", out)
+        if found is None or "Non-2xx" in out:
+            raise SystemExit(f"{side.name}: wrk did not get only 2xx answers:\n{out}")
+        n = int(found.group(1))
+    else:
+        phase = asyncio.run(
+            wrk.run(
+                f"http://127.0.0.1:{side.port}",
+                admin_key,
+                kind=opts.kind,
+                wallet_prefix=PREFIX,
+                wallets=opts.wallets,
+                seconds=opts.seconds,
+                run_id=run_id,
+                connections=opts.connections,
+                threads=1,
+            )
+        )
+        n = int(phase["requests"])
+        bad = {k: v for k, v in phase["statuses"].items() if not 200 <= k < 300}
+        if bad or phase["unknown"]:
+            raise SystemExit(f"{side.name}: answers other than 2xx: {phase}")
     elapsed = time.monotonic() - started
     side.cpu += side.cpu_seconds() - before
-    found = re.search(r"(\d+) requests in", out)
-    if found is None or "Non-2xx" in out:
-        raise SystemExit(f"{side.name}: wrk did not get only 2xx answers:\n{out}")
-    n = int(found.group(1))
     side.requests += n
     side.seconds += elapsed
     side.turns.append(n / elapsed)
@@ -167,7 +199,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--database-url", required=True)
     parser.add_argument("--a", type=Path, required=True, help="source tree of version A")
     parser.add_argument("--b", type=Path, required=True, help="source tree of version B")
-    parser.add_argument("--path", default=f"/v1/accounts/employee:{EMPLOYEE}")
+    parser.add_argument("--kind", choices=("read", "debit", "path"), default="read")
+    parser.add_argument("--path", default="/healthz", help="what --kind path GETs")
+    parser.add_argument("--wallets", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seconds", type=int, default=2, help="seconds of each turn (whole)")
     parser.add_argument("--connections", type=int, default=16)
@@ -179,10 +213,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             side.start(opts.database_url, admin_key)
         for side in sides:
             wait_ready(side)
-        fund(sides[0].port, admin_key)
+        fund(sides[0].port, admin_key, opts.wallets)
+        stamp = int(time.time())
         for r in range(opts.rounds):
             for side in sides if r % 2 == 0 else sides[::-1]:
-                turn(side, opts.path, opts.seconds, opts.connections, admin_key)
+                turn(side, opts, admin_key, f"ab-{stamp}-{side.name}-{r}")
     finally:
         for side in sides:
             side.stop()

@@ -1,6 +1,6 @@
 """bench.side_by_side: two source trees served at once and loaded by wrk in
-turns, at the smallest scale (one round of one-second turns, the same tree on
-both sides), against a database of the session's test PostgreSQL."""
+turns, at the smallest scale (two rounds of one-second turns, the same tree on
+both sides, five wallets), for balance reads and for debits, against a database of the session's test PostgreSQL."""
 
 from __future__ import annotations
 
@@ -15,11 +15,17 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_side_by_side_reports_both_versions(database_url: str) -> None:
+@pytest.mark.parametrize("kind", ["read", "debit"])
+def test_side_by_side_reports_both_versions(database_url: str, kind: str) -> None:
+    """Both sides answered (every answer 2xx, or the tool exits) and were measured."""
     result = side_by_side.main(
         [
             "--database-url",
             database_url,
+            "--kind",
+            kind,
+            "--wallets",
+            "5",
             "--a",
             str(REPO),
             "--b",
