@@ -141,3 +141,50 @@ async def test_close_sends_what_is_held_first_and_abort_drops_it() -> None:
     corked.abort()
     await asyncio.sleep(0)
     assert fake.writes == [] and fake.aborted
+
+
+async def echo(scope: Any, receive: Any, send: Any) -> None:
+    """Reads the whole body, then answers it."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def test_a_100_continue_leaves_while_the_app_waits_for_the_body() -> None:
+    """A client that sent `Expect: 100-continue` gets its interim answer before it
+    sends the body (held until the turn ends, never until the final answer)."""
+    config = uvicorn.Config(echo, http=serving.CorkedHttpToolsProtocol, lifespan="off")
+    config.load()
+    protocol = serving.CorkedHttpToolsProtocol(
+        config=config, server_state=ServerState(), app_state={}
+    )
+    transport = FakeTransport()
+    protocol.connection_made(transport)
+    protocol.data_received(
+        b"POST / HTTP/1.1\r\nHost: ledger\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+    )
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+        if transport.writes:
+            break
+    assert transport.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    protocol.data_received(b"ok")
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+        if len(transport.writes) > 1:
+            break
+    assert len(transport.writes) == 2
+    assert transport.writes[1].startswith(b"HTTP/1.1 200 OK\r\n") and transport.writes[1].endswith(
+        b"ok"
+    )
