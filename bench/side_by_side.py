@@ -11,8 +11,11 @@ runs to the next. Here both run at once (`python -m service` from each
 source tree, one worker each, on the same database) and wrk loads them in
 turns of `--seconds`, A then B, then B then A, for `--rounds`: whatever the
 machine does, it does to both within seconds. For each version: requests,
-requests per second while loaded, and the CPU-seconds of its process tree
-per request (read from /proc before and after each turn).
+requests per second while loaded, and per request the CPU-seconds of its
+process tree and of its PostgreSQL backends (the server's processes whose
+client is one of its connections: the server must run on this machine),
+read from /proc before and after each turn. The server's shared processes
+(WAL writer, checkpointer, autovacuum) are counted for neither.
 
 `--kind read` (the default) and `debit` are the bench's wrk phases
 (bench/wrk.py: balance reads, or debits of one credit with a fresh
@@ -34,6 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import psutil
@@ -53,6 +57,8 @@ class Side:
     requests: int = 0
     seconds: float = 0.0
     cpu: float = 0.0
+    pg_cpu: float = 0.0
+    pg_seen: bool = False
     turns: list[float] = field(default_factory=list)
 
     def start(self, dsn: str, admin_key: str) -> None:
@@ -90,10 +96,49 @@ class Side:
                 pass
         return total
 
+    def processes(self) -> list[psutil.Process]:
+        assert self.proc is not None
+        root = psutil.Process(self.proc.pid)
+        return [root, *root.children(recursive=True)]
+
+    def backends(self, pg_port: int) -> dict[int, psutil.Process]:
+        """This side's PostgreSQL backends: the server processes whose client
+        is one of this side's connections to the server's port."""
+        ports = set()
+        for p in self.processes():
+            try:
+                for c in p.net_connections(kind="tcp"):
+                    if c.raddr and c.raddr.port == pg_port and c.laddr:
+                        ports.add(c.laddr.port)
+            except psutil.Error:
+                pass
+        found = {}
+        for c in psutil.net_connections(kind="tcp"):
+            if c.laddr and c.laddr.port == pg_port and c.raddr and c.raddr.port in ports and c.pid:
+                try:
+                    p = psutil.Process(c.pid)
+                    # (Not a proxy in front of a server elsewhere.)
+                    if p.name().startswith("postgres"):
+                        found[c.pid] = p
+                except psutil.Error:
+                    pass
+        return found
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=30)
+
+
+def cpu_of(processes: dict[int, psutil.Process]) -> dict[int, float]:
+    out = {}
+    for pid, p in processes.items():
+        try:
+            t = p.cpu_times()
+            out[pid] = t.user + t.system
+        except psutil.Error:
+            pass
+    return out
 
 
 def wait_ready(side: Side, within: float = 60.0) -> None:
@@ -149,6 +194,8 @@ def turn(side: Side, opts: argparse.Namespace, admin_key: str, run_id: str) -> N
     if wrk.find() is None:
         raise SystemExit("bench.side_by_side needs wrk (make bench installs it)")
     before = side.cpu_seconds()
+    pg_before = cpu_of(side.backends(opts.pg_port))
+    side.pg_seen = side.pg_seen or bool(pg_before)
     started = time.monotonic()
     if opts.kind == "path":
         out = subprocess.run(  # noqa: S603  # why: wrk with our own arguments
@@ -189,6 +236,13 @@ def turn(side: Side, opts: argparse.Namespace, admin_key: str, run_id: str) -> N
             raise SystemExit(f"{side.name}: answers other than 2xx: {phase}")
     elapsed = time.monotonic() - started
     side.cpu += side.cpu_seconds() - before
+    # Backends that served the turn (the pool may have grown during it): what
+    # each used since the turn began, or since it started.
+    pg_after = cpu_of(
+        side.backends(opts.pg_port)
+        | {pid: psutil.Process(pid) for pid in pg_before if psutil.pid_exists(pid)}
+    )
+    side.pg_cpu += sum(cpu - pg_before.get(pid, 0.0) for pid, cpu in pg_after.items())
     side.requests += n
     side.seconds += elapsed
     side.turns.append(n / elapsed)
@@ -206,6 +260,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--seconds", type=int, default=2, help="seconds of each turn (whole)")
     parser.add_argument("--connections", type=int, default=16)
     opts = parser.parse_args(argv)
+    opts.pg_port = urlsplit(opts.database_url).port or 5432
     admin_key = new_admin_key()
     sides = [Side("A", opts.a.resolve()), Side("B", opts.b.resolve())]
     try:
@@ -224,17 +279,21 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     result: dict[str, object] = {}
     for side in sides:
         per_request_us = side.cpu / side.requests * 1e6 if side.requests else float("nan")
+        pg_us = side.pg_cpu / side.requests * 1e6 if side.requests and side.pg_seen else None
         result[side.name] = {
             "tree": str(side.tree),
             "requests": side.requests,
             "requests_per_s": round(side.requests / side.seconds, 1) if side.seconds else None,
             "service_cpu_us_per_request": round(per_request_us, 1),
+            "postgres_backend_cpu_us_per_request": None if pg_us is None else round(pg_us, 1),
             "requests_per_s_by_turn": [round(x, 1) for x in side.turns],
         }
         print(
             f"{side.name} ({side.tree}): {side.requests} requests, "
             f"{side.requests / side.seconds:.0f}/s, "
-            f"{per_request_us:.1f} us of service CPU per request"
+            f"{per_request_us:.1f} us of service CPU and "
+            f"{'n/a' if pg_us is None else f'{pg_us:.1f}'} us of its PostgreSQL backends' "
+            "per request"
         )
     print(json.dumps(result))
     return result
