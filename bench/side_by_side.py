@@ -2,7 +2,7 @@
 
     python -m bench.side_by_side --database-url DSN --a DIR --b DIR
         [--kind read|debit|path] [--path /healthz] [--rounds 10] [--seconds 2]
-        [--connections 16] [--wallets 100]
+        [--connections 16] [--wallets 100] [--a-env NAME=VALUE] [--b-env NAME=VALUE]
 
 On this shared 2-core machine a run's throughput moves by ±15 % with the
 other tenants' load, and so does the CPU per request: two versions measured
@@ -60,6 +60,7 @@ class Side:
     pg_cpu: float = 0.0
     pg_seen: bool = False
     turns: list[float] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
     def start(self, dsn: str, admin_key: str) -> None:
         self.port = free_port()
@@ -73,6 +74,7 @@ class Side:
             "TOKENLEDGER_WORKERS": "1",
             "TOKENLEDGER_LOG_LEVEL": "warning",
             "TOKENLEDGER_SWEEPER_ENABLED": "false",
+            **self.env,
         }
         self.proc = subprocess.Popen(  # noqa: S603  # why: our own interpreter and module
             [sys.executable, "-m", "service"],
@@ -256,13 +258,24 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--kind", choices=("read", "debit", "path"), default="read")
     parser.add_argument("--path", default="/healthz", help="what --kind path GETs")
     parser.add_argument("--wallets", type=int, default=100)
+    parser.add_argument(
+        "--a-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for side A only (repeatable): compare configurations of one tree",
+    )
+    parser.add_argument("--b-env", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seconds", type=int, default=2, help="seconds of each turn (whole)")
     parser.add_argument("--connections", type=int, default=16)
     opts = parser.parse_args(argv)
     opts.pg_port = urlsplit(opts.database_url).port or 5432
     admin_key = new_admin_key()
-    sides = [Side("A", opts.a.resolve()), Side("B", opts.b.resolve())]
+    sides = [
+        Side("A", opts.a.resolve(), env=dict(x.split("=", 1) for x in opts.a_env)),
+        Side("B", opts.b.resolve(), env=dict(x.split("=", 1) for x in opts.b_env)),
+    ]
     try:
         for side in sides:
             side.start(opts.database_url, admin_key)
@@ -282,6 +295,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         pg_us = side.pg_cpu / side.requests * 1e6 if side.requests and side.pg_seen else None
         result[side.name] = {
             "tree": str(side.tree),
+            "env": side.env,
             "requests": side.requests,
             "requests_per_s": round(side.requests / side.seconds, 1) if side.seconds else None,
             "service_cpu_us_per_request": round(per_request_us, 1),

@@ -51,8 +51,13 @@ def test_side_by_side_reports_both_versions(database_url: str, kind: str) -> Non
             "1",
             "--connections",
             "4",
+            "--b-env",
+            "TOKENLEDGER_COALESCE_MAX_IN_FLIGHT=2",
         ]
     )
+    # Side B ran with its own setting.
+    assert result["A"]["env"] == {}  # type: ignore[index]
+    assert result["B"]["env"] == {"TOKENLEDGER_COALESCE_MAX_IN_FLIGHT": "2"}  # type: ignore[index]
     for name in ("A", "B"):
         side = result[name]
         assert isinstance(side, dict)
