@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 import httpx
 import psutil
 
-from bench import wrk
+from bench import cpu, wrk
 from bench.process import free_port, new_admin_key, service_auth_env
 
 PREFIX = "bench-ab-"
@@ -87,44 +87,34 @@ class Side:
         )
 
     def cpu_seconds(self) -> float:
+        """Its process tree's CPU so far (bench/cpu.py: exited workers too)."""
         assert self.proc is not None
-        total = 0.0
-        root = psutil.Process(self.proc.pid)
-        for p in [root, *root.children(recursive=True)]:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                pass
-        return total
+        return cpu.tree_cpu_seconds(self.proc.pid) or 0.0
 
-    def processes(self) -> list[psutil.Process]:
-        assert self.proc is not None
-        root = psutil.Process(self.proc.pid)
-        return [root, *root.children(recursive=True)]
-
-    def backends(self, pg_port: int) -> dict[int, psutil.Process]:
+    def backends(self, pg_port: int) -> set[int]:
         """This side's PostgreSQL backends: the server processes whose client
         is one of this side's connections to the server's port."""
+        assert self.proc is not None
+        root = psutil.Process(self.proc.pid)
         ports = set()
-        for p in self.processes():
+        for p in [root, *root.children(recursive=True)]:
             try:
                 for c in p.net_connections(kind="tcp"):
                     if c.raddr and c.raddr.port == pg_port and c.laddr:
                         ports.add(c.laddr.port)
             except psutil.Error:
                 pass
-        found = {}
-        for c in psutil.net_connections(kind="tcp"):
-            if c.laddr and c.laddr.port == pg_port and c.raddr and c.raddr.port in ports and c.pid:
-                try:
-                    p = psutil.Process(c.pid)
-                    # (Not a proxy in front of a server elsewhere.)
-                    if p.name().startswith("postgres"):
-                        found[c.pid] = p
-                except psutil.Error:
-                    pass
-        return found
+        return {
+            c.pid
+            for c in psutil.net_connections(kind="tcp")
+            if c.laddr
+            and c.laddr.port == pg_port
+            and c.raddr
+            and c.raddr.port in ports
+            and c.pid
+            # (Not a proxy in front of a server elsewhere.)
+            and (cpu.comm(c.pid) or "").startswith("postgres")
+        }
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -132,14 +122,13 @@ class Side:
             self.proc.wait(timeout=30)
 
 
-def cpu_of(processes: dict[int, psutil.Process]) -> dict[int, float]:
+def cpu_of(pids: set[int]) -> dict[int, float]:
+    """Each live process's own CPU so far (bench/cpu.py), by pid."""
     out = {}
-    for pid, p in processes.items():
-        try:
-            t = p.cpu_times()
-            out[pid] = t.user + t.system
-        except psutil.Error:
-            pass
+    for pid in pids:
+        stat = cpu.read_stat(pid)
+        if stat is not None:
+            out[pid] = stat[1]
     return out
 
 
@@ -240,11 +229,8 @@ def turn(side: Side, opts: argparse.Namespace, admin_key: str, run_id: str) -> N
     side.cpu += side.cpu_seconds() - before
     # Backends that served the turn (the pool may have grown during it): what
     # each used since the turn began, or since it started.
-    pg_after = cpu_of(
-        side.backends(opts.pg_port)
-        | {pid: psutil.Process(pid) for pid in pg_before if psutil.pid_exists(pid)}
-    )
-    side.pg_cpu += sum(cpu - pg_before.get(pid, 0.0) for pid, cpu in pg_after.items())
+    pg_after = cpu_of(side.backends(opts.pg_port) | set(pg_before))
+    side.pg_cpu += sum(used - pg_before.get(pid, 0.0) for pid, used in pg_after.items())
     side.requests += n
     side.seconds += elapsed
     side.turns.append(n / elapsed)

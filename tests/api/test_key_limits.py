@@ -299,15 +299,7 @@ async def test_a_wallet_closed_while_a_capped_batch_waits_gives_its_count_back(
         )
         # The batch has counted both events and waits for e-ops's row (the only
         # lock wait in this database).
-        for _ in range(200):
-            waiting = await holder.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                " AND datname = current_database()"
-            )
-            if waiting:
-                break
-            await asyncio.sleep(0.02)
-        assert waiting == 1
+        assert await lock_waits(holder) == 1
         await holder.execute(
             "UPDATE accounts SET status = 'closed' WHERE address = 'employee:e-ops'"
         )
@@ -345,15 +337,7 @@ async def test_an_event_claimed_meanwhile_gives_a_capped_keys_count_back(
         )
         # The batch has counted both events and its claim of m2 waits for the holder
         # (the only lock wait in this database).
-        for _ in range(200):
-            waiting = await holder.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                " AND datname = current_database()"
-            )
-            if waiting:
-                break
-            await asyncio.sleep(0.02)
-        assert waiting == 1
+        assert await lock_waits(holder) == 1
         await tx.commit()
         r = await post
     finally:
@@ -362,6 +346,22 @@ async def test_an_event_claimed_meanwhile_gives_a_capped_keys_count_back(
     assert [x["status"] for x in r.json()["results"]] == ["recorded", "duplicate"]
     assert await key_spent(database_url, actor) == 30
     assert await api.available("employee:e-eng") == 10_000 - 75
+
+
+async def lock_waits(conn: Any) -> int:
+    """How many sessions of this database wait for a lock, once one does (or after 4 s)."""
+    waiting = 0
+    for _ in range(200):
+        waiting = int(
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database()"
+            )
+        )
+        if waiting:
+            break
+        await asyncio.sleep(0.02)
+    return waiting
 
 
 async def key_spent(database_url: str, actor: str) -> int:

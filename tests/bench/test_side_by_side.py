@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import psutil
 import pytest
 
-from bench import side_by_side
+from bench import cpu, side_by_side
 
 pytestmark = pytest.mark.slow
 
@@ -23,10 +23,7 @@ def server_is_local(dsn: str) -> bool:
     port = urlsplit(dsn).port or 5432
     for c in psutil.net_connections(kind="tcp"):
         if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
-            try:
-                return psutil.Process(c.pid).name().startswith("postgres")
-            except psutil.Error:
-                return False
+            return (cpu.comm(c.pid) or "").startswith("postgres")
     return False
 
 
